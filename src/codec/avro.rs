@@ -1,0 +1,609 @@
+//! Avro binary decoding into [`Value`], driven by a plan compiled once per
+//! writer schema.
+//!
+//! Why not `apache_avro::from_avro_datum`: it rebuilds its resolved schema on
+//! every call, allocates every field name per record, and trusts lengths in
+//! the input. This decoder compiles the schema once (names interned), checks
+//! every length against the bytes left, bounds nesting and item counts, and
+//! returns an error for any input it cannot read, never a panic.
+
+use std::collections::HashMap;
+
+use apache_avro::schema::{InnerDecimalSchema, Schema, UuidSchema};
+
+use crate::value::{intern, Name, Record, Value};
+
+/// Deepest nesting accepted (recursive schemas could otherwise nest as deep
+/// as the input is long).
+const MAX_DEPTH: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("truncated Avro: needed {needed} more bytes at byte {at}")]
+    Truncated { at: usize, needed: usize },
+    #[error("bad Avro varint at byte {0}")]
+    BadVarint(usize),
+    #[error("negative length {length} at byte {at}")]
+    NegativeLength { at: usize, length: i64 },
+    #[error("string at byte {0} is not UTF-8")]
+    InvalidUtf8(usize),
+    #[error("union branch {index} at byte {at} does not exist (the union has {count})")]
+    BadUnionBranch { at: usize, index: i64, count: usize },
+    #[error("enum symbol {index} at byte {at} does not exist (the enum has {count})")]
+    BadEnumSymbol { at: usize, index: i64, count: usize },
+    #[error("boolean byte {value} at byte {at} is neither 0 nor 1")]
+    BadBoolean { at: usize, value: u8 },
+    #[error("{0} bytes left over after the value: the bytes do not match the schema")]
+    TrailingBytes(usize),
+    #[error("value nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("more items than the payload can hold")]
+    TooManyItems,
+    #[error("decimal of {0} bytes is too large")]
+    DecimalTooLarge(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("schema refers to unknown type `{0}`")]
+    UnknownReference(String),
+}
+
+/// How to read one value.
+#[derive(Debug, Clone)]
+enum Plan {
+    Null,
+    Boolean,
+    /// int and long, and the logical types over them.
+    Long,
+    Float,
+    Double,
+    Bytes,
+    String,
+    Fixed(usize),
+    Decimal {
+        fixed: Option<usize>,
+        scale: usize,
+    },
+    Array(Box<Plan>),
+    Map(Box<Plan>),
+    Union(Vec<Plan>),
+    /// A named type (record or enum), by index, so recursive schemas compile.
+    Named(usize),
+}
+
+#[derive(Debug, Clone)]
+enum NamedPlan {
+    Record {
+        name: Name,
+        fields: Vec<(Name, Plan)>,
+    },
+    Enum {
+        symbols: Vec<String>,
+    },
+    /// Placeholder while a named type's children compile.
+    Pending,
+}
+
+/// A compiled writer schema.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    root: Plan,
+    named: Vec<NamedPlan>,
+    /// Full name of the top-level record (or, for a top-level union,
+    /// resolved per value).
+    type_name: Name,
+}
+
+impl Decoder {
+    /// Compiles `schema`; `references` are the schemas it names by reference.
+    pub fn compile(schema: &Schema, references: &[Schema]) -> Result<Decoder, CompileError> {
+        let mut compiler = Compiler { named: Vec::new(), index: HashMap::new(), definitions: HashMap::new() };
+        for reference in references {
+            compiler.collect_definitions(reference, None);
+        }
+        compiler.collect_definitions(schema, None);
+        let root = compiler.plan(schema, None)?;
+        let type_name = match schema {
+            Schema::Record(record) => intern(&record.name.fullname(None)),
+            other => intern(&primitive_name(other)),
+        };
+        Ok(Decoder { root, named: compiler.named, type_name })
+    }
+
+    /// The full name of the written type, when the top level is not a union.
+    pub fn type_name(&self) -> Name {
+        self.type_name
+    }
+
+    /// Decodes one value and returns it with the full name of its type (for
+    /// a top-level union, the branch that was written).
+    pub fn decode(&self, bytes: &[u8]) -> Result<(Name, Value), DecodeError> {
+        let mut reader = Reader { bytes, at: 0, budget: bytes.len().saturating_mul(2) + 1024 };
+        let (name, value) = match &self.root {
+            Plan::Union(branches) => {
+                let at = reader.at;
+                let index = reader.long()?;
+                let branch = usize::try_from(index)
+                    .ok()
+                    .and_then(|i| branches.get(i))
+                    .ok_or(DecodeError::BadUnionBranch { at, index, count: branches.len() })?;
+                let name = match branch {
+                    Plan::Named(i) => match &self.named[*i] {
+                        NamedPlan::Record { name, .. } => *name,
+                        _ => self.type_name,
+                    },
+                    _ => self.type_name,
+                };
+                (name, self.read(branch, &mut reader, 0)?)
+            }
+            root => (self.type_name, self.read(root, &mut reader, 0)?),
+        };
+        let left = bytes.len() - reader.at;
+        if left > 0 {
+            return Err(DecodeError::TrailingBytes(left));
+        }
+        Ok((name, value))
+    }
+
+    fn read(&self, plan: &Plan, reader: &mut Reader, depth: usize) -> Result<Value, DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        Ok(match plan {
+            Plan::Null => Value::Null,
+            Plan::Boolean => {
+                let at = reader.at;
+                match reader.take(1)?[0] {
+                    0 => Value::Bool(false),
+                    1 => Value::Bool(true),
+                    value => return Err(DecodeError::BadBoolean { at, value }),
+                }
+            }
+            Plan::Long => Value::Int(reader.long()?),
+            Plan::Float => {
+                let bytes = reader.take(4)?;
+                Value::Float(f64::from(f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])))
+            }
+            Plan::Double => {
+                let bytes = reader.take(8)?;
+                let mut array = [0u8; 8];
+                array.copy_from_slice(bytes);
+                Value::Float(f64::from_le_bytes(array))
+            }
+            Plan::Bytes => Value::Bytes(reader.length_prefixed()?.to_vec()),
+            Plan::String => Value::Str(reader.string()?),
+            Plan::Fixed(size) => Value::Bytes(reader.take(*size)?.to_vec()),
+            Plan::Decimal { fixed, scale } => {
+                let bytes = match fixed {
+                    Some(size) => reader.take(*size)?,
+                    None => reader.length_prefixed()?,
+                };
+                Value::Str(decimal_text(bytes, *scale)?)
+            }
+            Plan::Array(items) => {
+                let mut out = Vec::new();
+                reader.blocks(|reader| {
+                    out.push(self.read(items, reader, depth + 1)?);
+                    Ok(())
+                })?;
+                Value::Array(out)
+            }
+            Plan::Map(values) => {
+                let mut out = Vec::new();
+                reader.blocks(|reader| {
+                    let key = reader.string()?;
+                    out.push((key, self.read(values, reader, depth + 1)?));
+                    Ok(())
+                })?;
+                Value::Map(out)
+            }
+            Plan::Union(branches) => {
+                let at = reader.at;
+                let index = reader.long()?;
+                let branch = usize::try_from(index)
+                    .ok()
+                    .and_then(|i| branches.get(i))
+                    .ok_or(DecodeError::BadUnionBranch { at, index, count: branches.len() })?;
+                self.read(branch, reader, depth + 1)?
+            }
+            Plan::Named(index) => match &self.named[*index] {
+                NamedPlan::Record { fields, .. } => {
+                    let mut record = Record::with_capacity(fields.len());
+                    for (name, field) in fields {
+                        record.push(name, self.read(field, reader, depth + 1)?);
+                    }
+                    Value::Record(record)
+                }
+                NamedPlan::Enum { symbols } => {
+                    let at = reader.at;
+                    let index = reader.long()?;
+                    let symbol = usize::try_from(index)
+                        .ok()
+                        .and_then(|i| symbols.get(i))
+                        .ok_or(DecodeError::BadEnumSymbol { at, index, count: symbols.len() })?;
+                    Value::Str(symbol.clone())
+                }
+                NamedPlan::Pending => unreachable!("compilation finishes every named type"),
+            },
+        })
+    }
+}
+
+fn primitive_name(schema: &Schema) -> String {
+    match schema {
+        Schema::Enum(e) => e.name.fullname(None),
+        Schema::Fixed(f) => f.name.fullname(None),
+        other => other.to_string().to_lowercase(),
+    }
+}
+
+struct Compiler {
+    named: Vec<NamedPlan>,
+    /// Full name → index in `named`, once compilation of it has started.
+    index: HashMap<String, usize>,
+    /// Full name → definition, for references to types defined elsewhere
+    /// (schema references, or a name used before its definition).
+    definitions: HashMap<String, (Schema, Option<String>)>,
+}
+
+impl Compiler {
+    fn collect_definitions(&mut self, schema: &Schema, namespace: Option<&str>) {
+        match schema {
+            Schema::Record(record) => {
+                let full = record.name.fullname(namespace);
+                let inner = record.name.namespace().map(str::to_string).or(namespace.map(str::to_string));
+                self.definitions.entry(full).or_insert_with(|| (schema.clone(), inner.clone()));
+                for field in &record.fields {
+                    self.collect_definitions(&field.schema, inner.as_deref());
+                }
+            }
+            Schema::Enum(e) => {
+                let full = e.name.fullname(namespace);
+                self.definitions.entry(full).or_insert_with(|| (schema.clone(), namespace.map(str::to_string)));
+            }
+            Schema::Fixed(f) | Schema::Duration(f) => {
+                let full = f.name.fullname(namespace);
+                self.definitions.entry(full).or_insert_with(|| (schema.clone(), namespace.map(str::to_string)));
+            }
+            Schema::Array(array) => self.collect_definitions(&array.items, namespace),
+            Schema::Map(map) => self.collect_definitions(&map.types, namespace),
+            Schema::Union(union) => {
+                for variant in union.variants() {
+                    self.collect_definitions(variant, namespace);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn plan(&mut self, schema: &Schema, namespace: Option<&str>) -> Result<Plan, CompileError> {
+        Ok(match schema {
+            Schema::Null => Plan::Null,
+            Schema::Boolean => Plan::Boolean,
+            Schema::Int
+            | Schema::Long
+            | Schema::Date
+            | Schema::TimeMillis
+            | Schema::TimeMicros
+            | Schema::TimestampMillis
+            | Schema::TimestampMicros
+            | Schema::TimestampNanos
+            | Schema::LocalTimestampMillis
+            | Schema::LocalTimestampMicros
+            | Schema::LocalTimestampNanos => Plan::Long,
+            Schema::Float => Plan::Float,
+            Schema::Double => Plan::Double,
+            Schema::Bytes | Schema::BigDecimal | Schema::Uuid(UuidSchema::Bytes) => Plan::Bytes,
+            Schema::String | Schema::Uuid(UuidSchema::String) => Plan::String,
+            Schema::Uuid(UuidSchema::Fixed(fixed)) | Schema::Fixed(fixed) | Schema::Duration(fixed) => {
+                Plan::Fixed(fixed.size)
+            }
+            Schema::Decimal(decimal) => Plan::Decimal {
+                fixed: match &decimal.inner {
+                    InnerDecimalSchema::Bytes => None,
+                    InnerDecimalSchema::Fixed(fixed) => Some(fixed.size),
+                },
+                scale: decimal.scale,
+            },
+            Schema::Array(array) => Plan::Array(Box::new(self.plan(&array.items, namespace)?)),
+            Schema::Map(map) => Plan::Map(Box::new(self.plan(&map.types, namespace)?)),
+            Schema::Union(union) => {
+                Plan::Union(union.variants().iter().map(|v| self.plan(v, namespace)).collect::<Result<_, _>>()?)
+            }
+            Schema::Record(record) => {
+                let full = record.name.fullname(namespace);
+                if let Some(&index) = self.index.get(&full) {
+                    return Ok(Plan::Named(index));
+                }
+                let index = self.reserve(&full);
+                let inner = record.name.namespace().map(str::to_string).or(namespace.map(str::to_string));
+                let mut fields = Vec::with_capacity(record.fields.len());
+                for field in &record.fields {
+                    fields.push((intern(&field.name), self.plan(&field.schema, inner.as_deref())?));
+                }
+                self.named[index] = NamedPlan::Record { name: intern(&full), fields };
+                Plan::Named(index)
+            }
+            Schema::Enum(e) => {
+                let full = e.name.fullname(namespace);
+                if let Some(&index) = self.index.get(&full) {
+                    return Ok(Plan::Named(index));
+                }
+                let index = self.reserve(&full);
+                self.named[index] = NamedPlan::Enum { symbols: e.symbols.clone() };
+                Plan::Named(index)
+            }
+            Schema::Ref { name } => {
+                let full = name.fullname(namespace);
+                if let Some(&index) = self.index.get(&full) {
+                    return Ok(Plan::Named(index));
+                }
+                let short = name.fullname(None);
+                let (definition, inner) = self
+                    .definitions
+                    .get(&full)
+                    .or_else(|| self.definitions.get(&short))
+                    .cloned()
+                    .ok_or(CompileError::UnknownReference(full))?;
+                self.plan(&definition, inner.as_deref())?
+            }
+        })
+    }
+
+    fn reserve(&mut self, full: &str) -> usize {
+        let index = self.named.len();
+        self.named.push(NamedPlan::Pending);
+        self.index.insert(full.to_string(), index);
+        index
+    }
+}
+
+/// A big-endian two's-complement integer with `scale` decimal places, as text.
+fn decimal_text(bytes: &[u8], scale: usize) -> Result<String, DecodeError> {
+    if bytes.len() > 16 {
+        return Err(DecodeError::DecimalTooLarge(bytes.len()));
+    }
+    let mut unscaled: i128 = if bytes.first().is_some_and(|b| b & 0x80 != 0) { -1 } else { 0 };
+    for byte in bytes {
+        unscaled = (unscaled << 8) | i128::from(*byte);
+    }
+    let digits = unscaled.unsigned_abs().to_string();
+    let sign = if unscaled < 0 { "-" } else { "" };
+    if scale == 0 {
+        return Ok(format!("{sign}{digits}"));
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - scale);
+    Ok(format!("{sign}{whole}.{fraction}"))
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    /// Items left to read in arrays and maps: items of zero-byte types (null,
+    /// empty records) cost no input, so the count alone must be bounded.
+    budget: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, count: usize) -> Result<&'a [u8], DecodeError> {
+        let left = self.bytes.len() - self.at;
+        if count > left {
+            return Err(DecodeError::Truncated { at: self.at, needed: count - left });
+        }
+        let slice = &self.bytes[self.at..self.at + count];
+        self.at += count;
+        Ok(slice)
+    }
+
+    /// A zig-zag varint of at most 10 bytes.
+    fn long(&mut self) -> Result<i64, DecodeError> {
+        let start = self.at;
+        let mut value: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let Some(&byte) = self.bytes.get(self.at) else {
+                return Err(DecodeError::Truncated { at: self.at, needed: 1 });
+            };
+            self.at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok((value >> 1) as i64 ^ -((value & 1) as i64));
+            }
+        }
+        Err(DecodeError::BadVarint(start))
+    }
+
+    fn length(&mut self) -> Result<usize, DecodeError> {
+        let at = self.at;
+        let length = self.long()?;
+        usize::try_from(length).map_err(|_| DecodeError::NegativeLength { at, length })
+    }
+
+    fn length_prefixed(&mut self) -> Result<&'a [u8], DecodeError> {
+        let length = self.length()?;
+        self.take(length)
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let at = self.at;
+        let bytes = self.length_prefixed()?;
+        std::str::from_utf8(bytes).map(str::to_string).map_err(|_| DecodeError::InvalidUtf8(at))
+    }
+
+    /// Reads Avro blocks (arrays and maps): counts until a zero count; a
+    /// negative count is followed by the block's size in bytes.
+    fn blocks(&mut self, mut item: impl FnMut(&mut Reader<'a>) -> Result<(), DecodeError>) -> Result<(), DecodeError> {
+        loop {
+            let mut count = self.long()?;
+            if count == 0 {
+                return Ok(());
+            }
+            if count < 0 {
+                count = count.checked_neg().ok_or(DecodeError::TooManyItems)?;
+                self.length()?;
+            }
+            let count = usize::try_from(count).map_err(|_| DecodeError::TooManyItems)?;
+            if count > self.budget {
+                return Err(DecodeError::TooManyItems);
+            }
+            self.budget -= count;
+            for _ in 0..count {
+                item(self)?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::types::Value as AvroValue;
+
+    const USER: &str = r#"{
+        "type": "record", "name": "UserRegistered", "namespace": "com.example.users",
+        "fields": [
+            {"name": "id", "type": "string"},
+            {"name": "age", "type": "int"},
+            {"name": "score", "type": "double"},
+            {"name": "ratio", "type": "float"},
+            {"name": "active", "type": "boolean"},
+            {"name": "nickname", "type": ["null", "string"], "default": null},
+            {"name": "tags", "type": {"type": "array", "items": "string"}},
+            {"name": "attributes", "type": {"type": "map", "values": "long"}},
+            {"name": "status", "type": {"type": "enum", "name": "Status", "symbols": ["ACTIVE", "BANNED"]}},
+            {"name": "address", "type": {"type": "record", "name": "Address", "fields": [
+                {"name": "city", "type": "string"}]}},
+            {"name": "previous", "type": ["null", "Address"], "default": null},
+            {"name": "avatar", "type": {"type": "fixed", "name": "Hash", "size": 4}},
+            {"name": "balance", "type": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2}},
+            {"name": "created", "type": {"type": "long", "logicalType": "timestamp-millis"}}
+        ]}"#;
+
+    fn user_value() -> AvroValue {
+        AvroValue::Record(vec![
+            ("id".into(), AvroValue::String("u-1".into())),
+            ("age".into(), AvroValue::Int(-42)),
+            ("score".into(), AvroValue::Double(9.5)),
+            ("ratio".into(), AvroValue::Float(0.25)),
+            ("active".into(), AvroValue::Boolean(true)),
+            ("nickname".into(), AvroValue::Union(1, Box::new(AvroValue::String("ada".into())))),
+            ("tags".into(), AvroValue::Array(vec![AvroValue::String("a".into()), AvroValue::String("b".into())])),
+            ("attributes".into(), AvroValue::Map([("k".to_string(), AvroValue::Long(7))].into_iter().collect())),
+            ("status".into(), AvroValue::Enum(1, "BANNED".into())),
+            ("address".into(), AvroValue::Record(vec![("city".into(), AvroValue::String("Łódź".into()))])),
+            ("previous".into(), AvroValue::Union(0, Box::new(AvroValue::Null))),
+            ("avatar".into(), AvroValue::Fixed(4, vec![1, 2, 3, 4])),
+            ("balance".into(), AvroValue::Decimal(apache_avro::Decimal::from(vec![0xff, 0x85]))),
+            ("created".into(), AvroValue::TimestampMillis(1_700_000_000_123)),
+        ])
+    }
+
+    fn encode(schema: &Schema, value: AvroValue) -> Vec<u8> {
+        apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+            .build()
+            .and_then(|writer| writer.write_value_to_vec(value))
+            .expect("test value matches its schema")
+    }
+
+    #[test]
+    fn decodes_every_type_like_apache_avro_encodes_it() {
+        let schema = Schema::parse_str(USER).unwrap();
+        let bytes = encode(&schema, user_value());
+        let decoder = Decoder::compile(&schema, &[]).unwrap();
+        let (name, value) = decoder.decode(&bytes).unwrap();
+        assert_eq!(name, "com.example.users.UserRegistered");
+        assert_eq!(
+            value.to_json(),
+            serde_json::json!({
+                "id": "u-1", "age": -42, "score": 9.5, "ratio": 0.25, "active": true, "nickname": "ada",
+                "tags": ["a", "b"], "attributes": {"k": 7}, "status": "BANNED", "address": {"city": "Łódź"},
+                "previous": null, "avatar": "\u{1}\u{2}\u{3}\u{4}", "balance": "-1.23", "created": 1_700_000_000_123i64
+            })
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let schema = Schema::parse_str(USER).unwrap();
+        let bytes = encode(&schema, user_value());
+        let decoder = Decoder::compile(&schema, &[]).unwrap();
+        for len in 0..bytes.len() {
+            assert!(decoder.decode(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decoder.decode(&longer), Err(DecodeError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn hostile_lengths_and_indexes_are_errors() {
+        let strings = Schema::parse_str(r#"{"type": "array", "items": "null"}"#).unwrap();
+        let decoder = Decoder::compile(&strings, &[]).unwrap();
+        // 2^62 null items in one block: nothing to read, so the item budget stops it.
+        let huge = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        assert_eq!(decoder.decode(&huge), Err(DecodeError::TooManyItems));
+        let string = Decoder::compile(&Schema::String, &[]).unwrap();
+        assert!(matches!(string.decode(&[0x01]), Err(DecodeError::NegativeLength { .. })));
+        assert!(matches!(string.decode(&[0xfe, 0xff, 0xff, 0x0f]), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(string.decode(&[0x04, 0xff, 0xfe]), Err(DecodeError::InvalidUtf8(_))));
+        let long = Decoder::compile(&Schema::Long, &[]).unwrap();
+        assert!(matches!(long.decode(&[0xff; 11]), Err(DecodeError::BadVarint(0))));
+        let union = Decoder::compile(&Schema::parse_str(r#"["null", "string"]"#).unwrap(), &[]).unwrap();
+        assert!(matches!(union.decode(&[0x04]), Err(DecodeError::BadUnionBranch { index: 2, .. })));
+        let boolean = Decoder::compile(&Schema::Boolean, &[]).unwrap();
+        assert!(matches!(boolean.decode(&[2]), Err(DecodeError::BadBoolean { value: 2, .. })));
+    }
+
+    #[test]
+    fn recursive_schemas_compile_and_nesting_is_bounded() {
+        let schema = Schema::parse_str(
+            r#"{"type": "record", "name": "Node", "fields": [
+                {"name": "value", "type": "long"},
+                {"name": "next", "type": ["null", "Node"]}]}"#,
+        )
+        .unwrap();
+        let decoder = Decoder::compile(&schema, &[]).unwrap();
+        // value 1, next = Node(value 2, next = null)
+        let (_, value) = decoder.decode(&[0x02, 0x02, 0x04, 0x00]).unwrap();
+        assert_eq!(value.to_json(), serde_json::json!({"value": 1, "next": {"value": 2, "next": null}}));
+        let mut deep = Vec::new();
+        for _ in 0..200 {
+            deep.extend_from_slice(&[0x02, 0x02]);
+        }
+        deep.extend_from_slice(&[0x02, 0x00]);
+        assert_eq!(decoder.decode(&deep), Err(DecodeError::TooDeep));
+    }
+
+    #[test]
+    fn top_level_union_reports_the_written_branch() {
+        let schema = Schema::parse_str(
+            r#"[{"type": "record", "name": "A", "namespace": "x", "fields": [{"name": "a", "type": "int"}]},
+                {"type": "record", "name": "B", "namespace": "x", "fields": [{"name": "b", "type": "string"}]}]"#,
+        )
+        .unwrap();
+        let decoder = Decoder::compile(&schema, &[]).unwrap();
+        let (name, value) = decoder.decode(&[0x02, 0x02, b'z']).unwrap();
+        assert_eq!(name, "x.B");
+        assert_eq!(value.to_json(), serde_json::json!({"b": "z"}));
+    }
+
+    #[test]
+    fn schema_references_resolve() {
+        let address = r#"{"type": "record", "name": "Address", "namespace": "com.example", "fields": [{"name": "city", "type": "string"}]}"#;
+        let user = r#"{"type": "record", "name": "User", "namespace": "com.example", "fields": [{"name": "home", "type": "com.example.Address"}]}"#;
+        let (schema, references) = Schema::parse_str_with_list(user, [address]).unwrap();
+        let decoder = Decoder::compile(&schema, &references).unwrap();
+        let (_, value) = decoder.decode(&[0x04, b'P', b'o']).unwrap();
+        assert_eq!(value.to_json(), serde_json::json!({"home": {"city": "Po"}}));
+    }
+
+    #[test]
+    fn decimals_render_with_their_scale() {
+        assert_eq!(decimal_text(&[0x30, 0x39], 2).unwrap(), "123.45");
+        assert_eq!(decimal_text(&[0x05], 3).unwrap(), "0.005");
+        assert_eq!(decimal_text(&[0xff], 0).unwrap(), "-1");
+        assert_eq!(decimal_text(&[], 0).unwrap(), "0");
+        assert!(decimal_text(&[1; 17], 0).is_err());
+    }
+}

@@ -1,0 +1,347 @@
+//! Client of a Confluent-compatible schema registry, with the writer-schema
+//! cache.
+//!
+//! Schema ids are immutable, so a fetched schema is cached for the life of
+//! the process, compiled once into its decoder. Only a definite "not found"
+//! (HTTP 404 with error code 40403) or a schema that cannot be parsed is
+//! permanent; everything else (connection refused, timeouts, 5xx, auth) is
+//! transient, so a registry outage never dead-letters an event.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use apache_avro::Schema;
+use serde::{Deserialize, Serialize};
+
+use super::avro::Decoder;
+use crate::config::RegistryClientSettings;
+use crate::error::ErrorClass;
+
+/// The content type of the Confluent API.
+pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+/// A writer schema fetched by id, parsed and compiled.
+#[derive(Debug)]
+pub struct WriterSchema {
+    pub id: u32,
+    /// The schema text as the registry returned it.
+    pub text: String,
+    pub schema: Schema,
+    /// Schemas named by reference, parsed.
+    pub references: Vec<Schema>,
+    pub decoder: Decoder,
+    /// CRC-64-AVRO (Rabin) fingerprint of the Parsing Canonical Form, with
+    /// references inlined: what the event catalogue matches versions by.
+    pub fingerprint: u64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    #[error("schema id {0} is not in the registry (40403)")]
+    NotFound(u32),
+    #[error("schema id {id} cannot be used: {message}")]
+    Invalid { id: u32, message: String },
+    #[error("schema registry unreachable: {0}")]
+    Unreachable(String),
+    #[error("schema registry answered HTTP {status}: {message}")]
+    Status { status: u16, code: Option<i64>, message: String },
+}
+
+impl RegistryError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            RegistryError::NotFound(_) | RegistryError::Invalid { .. } => ErrorClass::Permanent,
+            RegistryError::Unreachable(_) | RegistryError::Status { .. } => ErrorClass::Transient,
+        }
+    }
+}
+
+/// A schema reference as the Confluent API spells it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SchemaReference {
+    pub name: String,
+    pub subject: String,
+    pub version: i32,
+}
+
+#[derive(Debug, Deserialize)]
+struct SchemaResponse {
+    schema: String,
+    #[serde(default)]
+    references: Vec<SchemaReference>,
+    #[serde(default, rename = "schemaType")]
+    schema_type: Option<String>,
+}
+
+/// One registered version of a subject.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubjectVersion {
+    pub subject: String,
+    pub version: i32,
+    pub id: u32,
+    pub schema: String,
+    #[serde(default)]
+    pub references: Vec<SchemaReference>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error_code: Option<i64>,
+    message: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    base: String,
+    username: Option<String>,
+    password: Option<String>,
+    cache: RwLock<HashMap<u32, Arc<WriterSchema>>>,
+}
+
+impl RegistryClient {
+    pub fn new(settings: &RegistryClientSettings) -> anyhow::Result<RegistryClient> {
+        let mut builder = reqwest::Client::builder().timeout(settings.timeout).pool_idle_timeout(None);
+        if let Some(ca_file) = &settings.ca_file {
+            let pem = std::fs::read(ca_file)
+                .map_err(|e| anyhow::anyhow!("cannot read registry CA file {}: {e}", ca_file.display()))?;
+            for certificate in reqwest::Certificate::from_pem_bundle(&pem)? {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        Ok(RegistryClient {
+            http: builder.build()?,
+            base: settings.url.trim_end_matches('/').to_string(),
+            username: settings.username.clone(),
+            password: settings.password.as_ref().map(|p| p.expose().to_string()),
+            cache: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// The cached writer schema of `id`, if it was fetched before.
+    pub fn cached(&self, id: u32) -> Option<Arc<WriterSchema>> {
+        // A poisoned lock means a panic while inserting; the map is intact.
+        self.cache.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// The writer schema of `id`, from the cache or the registry.
+    pub async fn writer_schema(&self, id: u32) -> Result<Arc<WriterSchema>, RegistryError> {
+        if let Some(schema) = self.cached(id) {
+            return Ok(schema);
+        }
+        let response: SchemaResponse = self.get(&format!("/schemas/ids/{id}"), Some(id)).await?;
+        if let Some(kind) = response.schema_type.as_deref().filter(|k| *k != "AVRO") {
+            return Err(RegistryError::Invalid { id, message: format!("schema type {kind} is not Avro") });
+        }
+        let mut texts = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        self.collect_references(&response.references, &mut texts, &mut seen, id, 0).await?;
+        let writer = Arc::new(compile(id, response.schema, &texts)?);
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        Ok(cache.entry(id).or_insert(writer).clone())
+    }
+
+    /// Fetches the texts of `references` and of theirs, depth first, so that
+    /// each schema comes after the ones it needs.
+    fn collect_references<'a>(
+        &'a self,
+        references: &'a [SchemaReference],
+        texts: &'a mut Vec<String>,
+        seen: &'a mut std::collections::HashSet<SchemaReference>,
+        id: u32,
+        depth: usize,
+    ) -> futures::future::BoxFuture<'a, Result<(), RegistryError>> {
+        Box::pin(async move {
+            if depth > 32 {
+                return Err(RegistryError::Invalid { id, message: "schema references nest too deep".into() });
+            }
+            for reference in references {
+                if !seen.insert(reference.clone()) {
+                    continue;
+                }
+                let version = self.subject_version(&reference.subject, &reference.version.to_string()).await?;
+                self.collect_references(&version.references, texts, seen, id, depth + 1).await?;
+                texts.push(version.schema);
+            }
+            Ok(())
+        })
+    }
+
+    /// `GET /subjects/{subject}/versions/{version}` (`version` may be `latest`).
+    pub async fn subject_version(&self, subject: &str, version: &str) -> Result<SubjectVersion, RegistryError> {
+        self.get(&format!("/subjects/{}/versions/{version}", encode(subject)), None).await
+    }
+
+    /// `GET /subjects/{subject}/versions`.
+    pub async fn subject_versions(&self, subject: &str) -> Result<Vec<i32>, RegistryError> {
+        self.get(&format!("/subjects/{}/versions", encode(subject)), None).await
+    }
+
+    /// `GET /subjects`.
+    pub async fn subjects(&self) -> Result<Vec<String>, RegistryError> {
+        self.get("/subjects", None).await
+    }
+
+    /// Registers `schema` under `subject` and returns its id.
+    pub async fn register(
+        &self,
+        subject: &str,
+        schema: &str,
+        references: &[SchemaReference],
+    ) -> Result<u32, RegistryError> {
+        #[derive(Deserialize)]
+        struct Registered {
+            id: u32,
+        }
+        let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO", "references": references });
+        let request = self.http.post(format!("{}/subjects/{}/versions", self.base, encode(subject))).json(&body);
+        let registered: Registered = self.send(request, None).await?;
+        Ok(registered.id)
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str, id: Option<u32>) -> Result<T, RegistryError> {
+        self.send(self.http.get(format!("{}{path}", self.base)), id).await
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        id: Option<u32>,
+    ) -> Result<T, RegistryError> {
+        let mut request = request.header(reqwest::header::ACCEPT, CONTENT_TYPE);
+        if let Some(user) = &self.username {
+            request = request.basic_auth(user, self.password.as_deref());
+        }
+        let response = request.send().await.map_err(|e| RegistryError::Unreachable(error_chain(&e)))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| RegistryError::Unreachable(error_chain(&e)))?;
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
+                status: status.as_u16(),
+                code: None,
+                message: format!("unreadable response: {e}"),
+            });
+        }
+        let error: Option<ErrorBody> = serde_json::from_slice(&body).ok();
+        let code = error.as_ref().and_then(|e| e.error_code);
+        if let (404, Some(40403), Some(id)) = (status.as_u16(), code, id) {
+            return Err(RegistryError::NotFound(id));
+        }
+        let message =
+            error.and_then(|e| e.message).unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+        Err(RegistryError::Status { status: status.as_u16(), code, message })
+    }
+}
+
+/// Parses and compiles a writer schema with the texts of its references.
+pub fn compile(id: u32, text: String, references: &[String]) -> Result<WriterSchema, RegistryError> {
+    let invalid = |message: String| RegistryError::Invalid { id, message };
+    let (schema, references) = if references.is_empty() {
+        (Schema::parse_str(&text).map_err(|e| invalid(e.to_string()))?, Vec::new())
+    } else {
+        Schema::parse_str_with_list(&text, references).map_err(|e| invalid(e.to_string()))?
+    };
+    let decoder = Decoder::compile(&schema, &references).map_err(|e| invalid(e.to_string()))?;
+    let fingerprint = fingerprint(&schema, &references).map_err(invalid)?;
+    Ok(WriterSchema { id, text, schema, references, decoder, fingerprint })
+}
+
+/// The Rabin fingerprint of the Parsing Canonical Form, references inlined.
+pub fn fingerprint(schema: &Schema, references: &[Schema]) -> Result<u64, String> {
+    let canonical = if references.is_empty() {
+        schema.canonical_form()
+    } else {
+        schema.independent_canonical_form(references).map_err(|e| e.to_string())?
+    };
+    Ok(rabin(canonical.as_bytes()))
+}
+
+/// CRC-64-AVRO, the fingerprint of the Avro specification.
+fn rabin(bytes: &[u8]) -> u64 {
+    const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+    static TABLE: std::sync::OnceLock<[u64; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut table = [0u64; 256];
+        for (i, slot) in table.iter_mut().enumerate() {
+            let mut fp = i as u64;
+            for _ in 0..8 {
+                fp = (fp >> 1) ^ (EMPTY & (fp & 1).wrapping_neg());
+            }
+            *slot = fp;
+        }
+        table
+    });
+    bytes.iter().fold(EMPTY, |fp, &b| (fp >> 8) ^ table[((fp ^ u64::from(b)) & 0xff) as usize])
+}
+
+/// Percent-encodes a subject for a URL path.
+fn encode(subject: &str) -> String {
+    let mut out = String::with_capacity(subject.len());
+    for byte in subject.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
+}
+
+/// An error with its causes, for messages: reqwest hides the useful part
+/// (connection refused, timeout) in the source chain.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_ignore_formatting_and_docs() {
+        let a = Schema::parse_str(r#"{"type":"record","name":"A","fields":[{"name":"x","type":"long","doc":"hi"}]}"#)
+            .unwrap();
+        let b = Schema::parse_str(
+            "{\n \"name\": \"A\", \"type\": \"record\",\n \"fields\": [{\"type\": \"long\", \"name\": \"x\"}]}",
+        )
+        .unwrap();
+        let c = Schema::parse_str(r#"{"type":"record","name":"A","fields":[{"name":"x","type":"int"}]}"#).unwrap();
+        assert_eq!(fingerprint(&a, &[]), fingerprint(&b, &[]));
+        assert_ne!(fingerprint(&a, &[]), fingerprint(&c, &[]));
+    }
+
+    #[test]
+    fn rabin_matches_apache_avro() {
+        let schema =
+            Schema::parse_str(r#"{"type":"record","name":"A","fields":[{"name":"x","type":"long"}]}"#).unwrap();
+        let theirs = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
+        assert_eq!(fingerprint(&schema, &[]).unwrap().to_le_bytes().to_vec(), theirs);
+    }
+
+    #[test]
+    fn subjects_are_encoded_for_paths() {
+        assert_eq!(encode("users-value"), "users-value");
+        assert_eq!(encode("a/b c"), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn only_definite_answers_are_permanent() {
+        assert_eq!(RegistryError::NotFound(3).class(), ErrorClass::Permanent);
+        assert_eq!(RegistryError::Unreachable("refused".into()).class(), ErrorClass::Transient);
+        let status = RegistryError::Status { status: 404, code: Some(40401), message: String::new() };
+        assert_eq!(status.class(), ErrorClass::Transient);
+    }
+}

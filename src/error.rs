@@ -1,0 +1,152 @@
+//! The one error taxonomy: every failure is config, transient or permanent,
+//! and the decisions for errors of the libraries we use live here.
+//!
+//! | class | what happens |
+//! |---|---|
+//! | config | `kawka validate`/`run` exit 2 listing every problem; met at run time (a table lost a column), retried like transient and reported, since the fix is outside kawka |
+//! | transient | retried with capped exponential backoff and jitter, forever; no offset moves |
+//! | permanent | an error of one event: the connector's `on_error` policy (dead letter, skip, stop) |
+
+use std::fmt;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    Config,
+    Transient,
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Config => "config",
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+
+    /// Whether the failed work is tried again (as opposed to handing the
+    /// event to the error policy).
+    pub fn is_retried(self) -> bool {
+        !matches!(self, ErrorClass::Permanent)
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Classifies a Postgres error by its SQLSTATE.
+pub fn classify_sqlx(error: &sqlx::Error) -> ErrorClass {
+    match error {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => classify_sqlstate(&code),
+            None => ErrorClass::Transient,
+        },
+        sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => ErrorClass::Config,
+        // Row/column decoding errors mean kawka's own statement disagrees
+        // with the table: a setup problem, not one event's.
+        sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnDecode { .. } | sqlx::Error::TypeNotFound { .. } => {
+            ErrorClass::Config
+        }
+        // Io, Protocol, PoolTimedOut, PoolClosed, WorkerCrashed and anything
+        // new: retrying is the choice that never loses an event.
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// Classifies a SQLSTATE code.
+pub fn classify_sqlstate(code: &str) -> ErrorClass {
+    match code.get(..2) {
+        // data exception (bad value for a type, out of range, invalid text)
+        // and integrity constraint violation: this row's fault.
+        Some("22") | Some("23") => ErrorClass::Permanent,
+        // syntax error or access rule violation: the table does not match
+        // the connector (a dropped column, missing privileges).
+        Some("42") | Some("3F") | Some("28") => ErrorClass::Config,
+        // connection exceptions, serialization failures, deadlocks,
+        // insufficient resources, operator intervention, lock not available.
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// Classifies an HTTP status of an Elasticsearch item or request.
+pub fn classify_http_status(status: u16) -> ErrorClass {
+    match status {
+        // 408 timeout, 429 backpressure (never an error to drop), 5xx.
+        408 | 429 | 500..=599 => ErrorClass::Transient,
+        401 | 403 => ErrorClass::Config,
+        400..=499 => ErrorClass::Permanent,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// Capped exponential backoff with full jitter: attempt 0 waits up to
+/// `base`, each attempt doubles it, never past `cap`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(30) }
+    }
+}
+
+impl Backoff {
+    /// The ceiling of the wait before retry number `attempt` (from 0).
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// A random wait between half the ceiling and the ceiling: jitter spreads
+    /// retries of many connectors, the floor keeps the backoff meaningful.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        let half = ceiling / 2;
+        half + ceiling.saturating_sub(half).mul_f64(rand::random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates() {
+        assert_eq!(classify_sqlstate("23505"), ErrorClass::Permanent, "unique violation");
+        assert_eq!(classify_sqlstate("22P02"), ErrorClass::Permanent, "invalid text representation");
+        assert_eq!(classify_sqlstate("40001"), ErrorClass::Transient, "serialization failure");
+        assert_eq!(classify_sqlstate("40P01"), ErrorClass::Transient, "deadlock");
+        assert_eq!(classify_sqlstate("57P01"), ErrorClass::Transient, "admin shutdown");
+        assert_eq!(classify_sqlstate("08006"), ErrorClass::Transient, "connection failure");
+        assert_eq!(classify_sqlstate("42703"), ErrorClass::Config, "undefined column");
+    }
+
+    #[test]
+    fn http_statuses() {
+        assert_eq!(classify_http_status(429), ErrorClass::Transient);
+        assert_eq!(classify_http_status(503), ErrorClass::Transient);
+        assert_eq!(classify_http_status(400), ErrorClass::Permanent);
+        assert_eq!(classify_http_status(403), ErrorClass::Config);
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(2) };
+        assert_eq!(backoff.ceiling(0), Duration::from_millis(100));
+        assert_eq!(backoff.ceiling(3), Duration::from_millis(800));
+        assert_eq!(backoff.ceiling(10), Duration::from_secs(2));
+        assert_eq!(backoff.ceiling(u32::MAX), Duration::from_secs(2));
+        for attempt in 0..12 {
+            let delay = backoff.delay(attempt);
+            assert!(delay <= backoff.ceiling(attempt) && delay >= backoff.ceiling(attempt) / 2);
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! kawka keeps read models up to date from event streams: it consumes Avro
+//! events from Kafka through a Confluent-compatible schema registry, upcasts
+//! old event versions to the current ones, projects them, and writes them to
+//! Elasticsearch or Postgres, committing offsets only after the writes are
+//! durable.
+//!
+//! kawka is a daemon (`kawka run`) and a library: a custom daemon registers
+//! Rust upcasters and projections on the builder and runs the same pipeline.
+//!
+//! # Layout
+//!
+//! Data flows one way: `source → codec → upcast → projection → sink`, with
+//! the pipeline wiring them.
+//!
+//! * [`config`]: the daemon and connector files: YAML with positions,
+//!   `${VAR}` interpolation, serde structs, `validate` → runtime settings.
+//! * [`source`]: reading Kafka records.
+//! * [`codec`]: Confluent framing, the registry client and its schema cache,
+//!   Avro decoding into [`event::Event`].
+//! * [`projection`]: the expression language and the ops of connectors.
+//! * [`sink`]: the read-model stores (Postgres column types so far).
+//! * [`registry`]: the `kawka registry` server (Confluent API, Postgres storage).
+//! * [`event`], [`value`]: the event and the value tree every stage shares.
+//! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.
+//! * [`telemetry`]: tracing setup.
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod projection;
+pub mod registry;
+pub mod sink;
+pub mod source;
+pub mod telemetry;
+pub mod value;

@@ -1,0 +1,3 @@
+//! Projections: what each event does to the read model.
+
+pub mod expr;

@@ -1,0 +1,75 @@
+//! `kawka registry`: a Confluent Schema Registry-compatible server for Avro
+//! schemas, stored in Postgres.
+//!
+//! No registry server can be installed on every machine kawka runs on, and
+//! teams without one get a light registry this way. It speaks the subset of
+//! the Confluent API that producers, consumers and kawka itself use
+//! (subjects, versions, ids, references, compatibility, config), with
+//! Confluent's status codes and error bodies.
+
+mod api;
+pub mod compat;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+pub use store::Store;
+
+/// Settings of `kawka registry`.
+#[derive(Debug, Clone)]
+pub struct RegistryServerSettings {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    /// Postgres schema of the registry's tables (default: the search path).
+    pub schema: Option<String>,
+}
+
+/// A registry bound to its port and serving in the background.
+pub struct RunningRegistry {
+    pub address: SocketAddr,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl RunningRegistry {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Stops accepting, finishes in-flight requests and waits.
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+}
+
+/// Connects to Postgres (creating the tables), binds, and serves in the
+/// background. With port 0 the address says which port was taken.
+pub async fn start(settings: &RegistryServerSettings) -> anyhow::Result<RunningRegistry> {
+    let store = Store::connect(&settings.database_url, settings.schema.as_deref()).await?;
+    let listener = TcpListener::bind(settings.listen).await?;
+    let address = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = api::router(store);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tracing::info!(%address, "schema registry listening");
+    Ok(RunningRegistry { address, task, stop })
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(settings: &RegistryServerSettings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let running = start(settings).await?;
+    shutdown.await;
+    tracing::info!("schema registry stopping");
+    running.stop().await?;
+    Ok(())
+}

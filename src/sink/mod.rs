@@ -1,0 +1,3 @@
+//! Writing read models.
+
+pub mod postgres;

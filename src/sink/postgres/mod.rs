@@ -1,0 +1,3 @@
+//! The Postgres sink.
+
+pub mod types;

@@ -1,0 +1,5 @@
+//! Reading from Kafka.
+
+mod record;
+
+pub use record::RawRecord;

@@ -1,0 +1,22 @@
+//! A record as it left Kafka, owned so it can cross threads.
+
+use crate::event::Position;
+
+/// One Kafka record, copied out of librdkafka's buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRecord {
+    pub position: Position,
+    /// Milliseconds since the epoch (create or log-append time).
+    pub timestamp: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    /// `None` for a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl RawRecord {
+    /// Bytes of key and value: what batch and prefetch limits count.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len)
+    }
+}

@@ -1,0 +1,355 @@
+//! The in-memory value of an event, shared by every stage.
+//!
+//! Avro values are decoded into this small tree rather than into
+//! `apache_avro::types::Value`: record field names are interned `&'static str`
+//! (a schema's names are few and live as long as the process, since schema
+//! ids are immutable), so a decoded record allocates nothing for its names and
+//! a field lookup is a short scan of pointer-sized names.
+//!
+//! Avro type → value: null → `Null`; boolean → `Bool`; int, long (and the
+//! date/time/timestamp logical types over them) → `Int`; float, double →
+//! `Float`; string, enum symbol, uuid → `Str`; bytes, fixed → `Bytes`
+//! (decimal logical types → `Str` in plain decimal notation); array → `Array`;
+//! map → `Map`; record → `Record`; union → the written branch's value.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Mutex, OnceLock};
+
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::Serialize;
+
+/// An interned field name.
+pub type Name = &'static str;
+
+/// Returns the one `&'static str` for `name`.
+///
+/// Names come from schemas, the catalogue and connector files: a bounded set.
+/// Never intern data (map keys, string values) here.
+pub fn intern(name: &str) -> Name {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let names = NAMES.get_or_init(Default::default);
+    // A poisoned lock only means another thread panicked while inserting;
+    // the set itself is still a valid set of leaked names.
+    let mut names = names.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(existing) = names.get(name) {
+        return existing;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.insert(leaked);
+    leaked
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Value {
+    #[default]
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Array(Vec<Value>),
+    /// An Avro map: keys are data.
+    Map(Vec<(String, Value)>),
+    Record(Record),
+}
+
+/// The fields of a record, in order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Record {
+    fields: Vec<(Name, Value)>,
+}
+
+impl Record {
+    pub fn new() -> Record {
+        Record::default()
+    }
+
+    pub fn with_capacity(capacity: usize) -> Record {
+        Record { fields: Vec::with_capacity(capacity) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.fields.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Value> {
+        self.fields.iter_mut().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.fields.iter().any(|(n, _)| *n == name)
+    }
+
+    /// Sets `name`, keeping its place if it exists, appending otherwise.
+    pub fn set(&mut self, name: Name, value: Value) {
+        match self.get_mut(name) {
+            Some(slot) => *slot = value,
+            None => self.fields.push((name, value)),
+        }
+    }
+
+    /// Appends without looking for an existing field: for decoders that
+    /// know names are unique.
+    pub fn push(&mut self, name: Name, value: Value) {
+        self.fields.push((name, value));
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Value> {
+        let index = self.fields.iter().position(|(n, _)| *n == name)?;
+        Some(self.fields.remove(index).1)
+    }
+
+    /// Renames a field in place; false when `from` is absent.
+    pub fn rename(&mut self, from: &str, to: Name) -> bool {
+        match self.fields.iter_mut().find(|(n, _)| *n == from) {
+            Some(field) => {
+                field.0 = to;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Name, &Value)> {
+        self.fields.iter().map(|(n, v)| (*n, v))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = Name> + '_ {
+        self.fields.iter().map(|(n, _)| *n)
+    }
+}
+
+impl FromIterator<(Name, Value)> for Record {
+    fn from_iter<I: IntoIterator<Item = (Name, Value)>>(iter: I) -> Record {
+        let mut record = Record::new();
+        for (name, value) in iter {
+            record.set(name, value);
+        }
+        record
+    }
+}
+
+impl IntoIterator for Record {
+    type Item = (Name, Value);
+    type IntoIter = std::vec::IntoIter<(Name, Value)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.fields.into_iter()
+    }
+}
+
+impl Value {
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    pub fn as_record(&self) -> Option<&Record> {
+        match self {
+            Value::Record(record) => Some(record),
+            _ => None,
+        }
+    }
+
+    pub fn as_record_mut(&mut self) -> Option<&mut Record> {
+        match self {
+            Value::Record(record) => Some(record),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(text) => Some(text),
+            _ => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(value) => Some(*value),
+            _ => None,
+        }
+    }
+
+    /// Follows a dotted path of record fields (`address.city`).
+    pub fn path<'v>(&'v self, path: &[Name]) -> Option<&'v Value> {
+        let mut current = self;
+        for name in path {
+            current = current.as_record()?.get(name)?;
+        }
+        Some(current)
+    }
+
+    /// A short name of the kind of value, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Int(_) => "integer",
+            Value::Float(_) => "number",
+            Value::Str(_) => "string",
+            Value::Bytes(_) => "bytes",
+            Value::Array(_) => "array",
+            Value::Map(_) => "map",
+            Value::Record(_) => "record",
+        }
+    }
+
+    /// The value as JSON. Bytes become a string of their Latin-1 code points
+    /// (what Avro's JSON encoding does).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Reads JSON: objects become records (their keys interned), integers
+    /// `Int`, other numbers `Float`.
+    ///
+    /// Only for bounded input (a catalogue default, `kawka upcast` stdin):
+    /// object keys are interned.
+    pub fn from_json(json: &serde_json::Value) -> Value {
+        match json {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(*b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            serde_json::Value::String(s) => Value::Str(s.clone()),
+            serde_json::Value::Array(items) => Value::Array(items.iter().map(Value::from_json).collect()),
+            serde_json::Value::Object(map) => {
+                Value::Record(map.iter().map(|(k, v)| (intern(k), Value::from_json(v))).collect())
+            }
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Value::Str(text) => f.write_str(text),
+            other => write!(f, "{}", other.to_json()),
+        }
+    }
+}
+
+impl From<&str> for Value {
+    fn from(text: &str) -> Value {
+        Value::Str(text.to_string())
+    }
+}
+
+impl From<String> for Value {
+    fn from(text: String) -> Value {
+        Value::Str(text)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(value: i64) -> Value {
+        Value::Int(value)
+    }
+}
+
+impl From<f64> for Value {
+    fn from(value: f64) -> Value {
+        Value::Float(value)
+    }
+}
+
+impl From<bool> for Value {
+    fn from(value: bool) -> Value {
+        Value::Bool(value)
+    }
+}
+
+impl From<Record> for Value {
+    fn from(record: Record) -> Value {
+        Value::Record(record)
+    }
+}
+
+impl Serialize for Value {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => serializer.serialize_unit(),
+            Value::Bool(b) => serializer.serialize_bool(*b),
+            Value::Int(i) => serializer.serialize_i64(*i),
+            // JSON has no NaN or infinity; null is what serde_json writes too.
+            Value::Float(x) if !x.is_finite() => serializer.serialize_unit(),
+            Value::Float(x) => serializer.serialize_f64(*x),
+            Value::Str(s) => serializer.serialize_str(s),
+            Value::Bytes(bytes) => {
+                let text: String = bytes.iter().map(|&b| char::from(b)).collect();
+                serializer.serialize_str(&text)
+            }
+            Value::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Value::Map(entries) => {
+                let mut map = serializer.serialize_map(Some(entries.len()))?;
+                for (key, value) in entries {
+                    map.serialize_entry(key, value)?;
+                }
+                map.end()
+            }
+            Value::Record(record) => record.serialize(serializer),
+        }
+    }
+}
+
+impl Serialize for Record {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.fields.len()))?;
+        for (name, value) in &self.fields {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interning_returns_one_pointer_per_name() {
+        let a = intern("order_id");
+        let b = intern(&String::from("order_id"));
+        assert!(std::ptr::eq(a, b));
+    }
+
+    #[test]
+    fn record_set_rename_remove_keep_order() {
+        let mut record: Record = [(intern("a"), Value::Int(1)), (intern("b"), Value::Int(2))].into_iter().collect();
+        record.set(intern("a"), Value::Int(3));
+        assert!(record.rename("b", intern("c")));
+        assert!(!record.rename("missing", intern("d")));
+        record.set(intern("e"), Value::Null);
+        assert_eq!(record.names().collect::<Vec<_>>(), vec!["a", "c", "e"]);
+        assert_eq!(record.remove("c"), Some(Value::Int(2)));
+        assert_eq!(record.get("a"), Some(&Value::Int(3)));
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let json = serde_json::json!({"id": 7, "name": "x", "tags": ["a"], "nested": {"ok": true, "score": 1.5}});
+        let value = Value::from_json(&json);
+        assert_eq!(value.path(&[intern("nested"), intern("ok")]), Some(&Value::Bool(true)));
+        assert_eq!(value.to_json(), json);
+        assert_eq!(Value::Float(f64::NAN).to_json(), serde_json::Value::Null);
+        assert_eq!(Value::Bytes(vec![0x41, 0xff]).to_json(), serde_json::json!("A\u{ff}"));
+    }
+}

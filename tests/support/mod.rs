@@ -1,0 +1,179 @@
+//! Helpers shared by the integration tests: where the local stack is, unique
+//! names so tests run in parallel, the Confluent Python producer, a registry
+//! of the test's own.
+//!
+//! The stack is started by `deploy/local/up.sh` (README's test command does
+//! it); a test that cannot reach a service fails with a message saying so.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::TopicPartitionList;
+use serde_json::Value as Json;
+
+use kawka::registry::{RegistryServerSettings, RunningRegistry};
+
+pub fn kafka_bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
+}
+
+pub fn elasticsearch_url() -> String {
+    std::env::var("ELASTICSEARCH_URL").unwrap_or_else(|_| "http://127.0.0.1:9200".to_string())
+}
+
+pub fn database_url() -> String {
+    std::env::var("KAWKA_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/kawka_test".to_string())
+}
+
+/// The Python of the stack's virtualenv (with the Confluent client).
+pub fn python() -> PathBuf {
+    if let Ok(path) = std::env::var("KAWKA_PYTHON") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".to_string());
+    PathBuf::from(home).join(".cache/kawka/venv/bin/python")
+}
+
+pub fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A name no other test (or earlier run) uses: lowercase, digits and `_`.
+pub fn unique(prefix: &str) -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+    format!("{prefix}_{}_{:06x}", std::process::id(), (nanos as u64 ^ rand::random::<u64>()) & 0xff_ffff)
+}
+
+/// A registry of this test's own, on a free port, with its tables in a
+/// Postgres schema of its own (so global config changes stay in the test).
+pub async fn start_registry() -> RunningRegistry {
+    let settings = RegistryServerSettings {
+        listen: "127.0.0.1:0".parse().expect("valid address"),
+        database_url: database_url(),
+        schema: Some(unique("registry")),
+    };
+    kawka::registry::start(&settings).await.unwrap_or_else(|e| {
+        panic!("cannot start a registry on {} (is the stack up? deploy/local/up.sh): {e:#}", database_url())
+    })
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).create().expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .await
+        .unwrap_or_else(|e| panic!("cannot create topic {name} on {} (is the stack up?): {e}", kafka_bootstrap()));
+    for result in results {
+        result.unwrap_or_else(|(topic, error)| panic!("cannot create topic {topic}: {error}"));
+    }
+}
+
+/// What `tests/py/produce.py` reports.
+#[derive(Debug, serde::Deserialize)]
+pub struct Produced {
+    pub produced: usize,
+    pub ids: std::collections::HashMap<String, u32>,
+}
+
+/// Produces `records` with the Confluent Python client (AvroSerializer).
+/// `spec` is the first line of `produce.py`'s input (see the script).
+///
+/// Runs on a blocking thread: the registry the script talks to may be
+/// served by this very test's runtime.
+pub async fn produce_with_python(spec: &Json, records: Vec<Json>) -> Produced {
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || produce_blocking(&spec, records)).await.expect("producer thread")
+}
+
+fn produce_blocking(spec: &Json, records: Vec<Json>) -> Produced {
+    let mut child = Command::new(python())
+        .arg(project_root().join("tests/py/produce.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {} (deploy/local/install.sh installs it): {e}", python().display()));
+    {
+        let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("piped stdin"));
+        writeln!(stdin, "{spec}").expect("write spec");
+        for record in records {
+            writeln!(stdin, "{record}").expect("write record");
+        }
+    }
+    let output = child.wait_with_output().expect("producer finishes");
+    assert!(
+        output.status.success(),
+        "produce.py failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("unreadable produce.py output {:?}: {e}", String::from_utf8_lossy(&output.stdout)))
+}
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Reads `count` records of `topic` from the beginning of all its partitions
+/// (fewer if `timeout` passes first).
+pub async fn consume(topic: &str, count: usize, timeout: Duration) -> Vec<Consumed> {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || consume_blocking(&topic, count, timeout)).await.expect("consumer thread")
+}
+
+fn consume_blocking(topic: &str, count: usize, timeout: Duration) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("topic metadata");
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        assignment.add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning).expect("add partition");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let deadline = std::time::Instant::now() + timeout;
+    let mut records = Vec::with_capacity(count);
+    while records.len() < count && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                use rdkafka::message::Headers;
+                let headers = message
+                    .headers()
+                    .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+                    .unwrap_or_default();
+                records.push(Consumed {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    value: message.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+            Some(Err(error)) => panic!("consume {topic}: {error}"),
+            None => {}
+        }
+    }
+    records
+}

@@ -14,20 +14,27 @@
 //!
 //! * [`config`]: the daemon and connector files: YAML with positions,
 //!   `${VAR}` interpolation, serde structs, `validate` → runtime settings.
-//! * [`source`]: reading Kafka records.
+//! * [`app`]: the daemon: builds every connector, runs them, drains on a signal.
+//! * [`pipeline`]: one connector's loop (decode → project → batch → write →
+//!   commit) and the error policy with its dead-letter producer.
+//! * [`source`]: the Kafka consumer thread, rebalances, bounded prefetch.
 //! * [`codec`]: Confluent framing, the registry client and its schema cache,
 //!   Avro decoding into [`event::Event`].
-//! * [`projection`]: the expression language and the ops of connectors.
-//! * [`sink`]: the read-model stores (Postgres column types so far).
+//! * [`projection`]: the expression language, the ops of connectors
+//!   ([`projection::WriteOp`]) and per-key compaction.
+//! * [`sink`]: the read-model stores: Postgres (exactly-once, positions in
+//!   `kawka_offsets`).
 //! * [`registry`]: the `kawka registry` server (Confluent API, Postgres storage).
 //! * [`event`], [`value`]: the event and the value tree every stage shares.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.
 //! * [`telemetry`]: tracing setup.
 
+pub mod app;
 pub mod codec;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod pipeline;
 pub mod projection;
 pub mod registry;
 pub mod sink;

@@ -68,11 +68,13 @@ fn main() -> ExitCode {
                 }
             };
             kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), &settings.log.level);
-            eprintln!(
-                "kawka run: {} connector(s) configured; the pipeline is not built yet",
-                settings.connectors.len()
-            );
-            ExitCode::FAILURE
+            match runtime.block_on(kawka::app::run(settings, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("kawka run: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Registry { listen, database_url, schema } => {
             kawka::telemetry::init(cli.log_format.unwrap_or_default(), "info");

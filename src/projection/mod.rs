@@ -1,3 +1,292 @@
 //! Projections: what each event does to the read model.
+//!
+//! * [`expr`]: the expression language of connector files (pure).
+//! * [`compact`]: folding the ops of one key within a batch into one net op (pure).
+//!
+//! A projection turns one current event into zero or more [`WriteOp`]s. The
+//! connector files give [`RulesProjection`]; library users may implement
+//! [`Projection`] in Rust instead.
 
+pub mod compact;
 pub mod expr;
+
+use std::collections::HashMap;
+use std::fmt;
+
+use crate::config::{ConnectorSettings, OpKind, TombstonePolicy, UnknownEventPolicy};
+use crate::event::{Event, Position};
+use crate::value::{intern, Name, Value};
+use expr::{EvalError, Expr};
+
+/// One change to one row or document of the read model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteOp {
+    /// Values of the key parts, in the connector's key order.
+    pub key: Vec<Value>,
+    pub kind: OpKind,
+    /// Target columns or document fields and their values. For
+    /// `increment` the values are the deltas (`decrement` is already negated).
+    pub fields: Vec<(Name, Value)>,
+    /// The domain version of the event, when the connector names one.
+    pub version: Option<i64>,
+    /// The event it came from: ops of one key apply in this order.
+    pub position: Position,
+}
+
+/// Why an event could not be projected: a permanent error of that event.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("key `{part}`: {error}")]
+    Key { part: String, error: EvalError },
+    #[error("key `{part}` is null")]
+    NullKey { part: String },
+    #[error("field `{field}`: {error}")]
+    Field { field: String, error: EvalError },
+    #[error("{kind} of `{field}` needs a number, found {found}")]
+    NotANumber { kind: &'static str, field: String, found: String },
+    #[error("version: {0}")]
+    Version(EvalError),
+    #[error("version must be an integer, found {0}")]
+    VersionNotInteger(String),
+    #[error("event type `{0}` has no rule in this connector")]
+    UnknownEvent(String),
+    #[error("a tombstone gives no key: {0}")]
+    TombstoneKey(Box<ProjectionError>),
+    #[error("{0}")]
+    Custom(String),
+}
+
+/// What a projection did with one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Projected {
+    Ops(Vec<WriteOp>),
+    /// The connector has no rule for this event type and skips it (counted).
+    Skipped,
+}
+
+/// What library users implement to project in Rust.
+pub trait Projection: Send + Sync + fmt::Debug {
+    /// The ops of one event, at the newest version of its type.
+    fn project(&self, event: &Event) -> Result<Projected, ProjectionError>;
+
+    /// The ops of a tombstone (a record with a null value) with this key.
+    fn tombstone(&self, key: &Value, position: Position) -> Result<Projected, ProjectionError>;
+}
+
+/// The projection a connector file declares in `events:`.
+#[derive(Debug, Clone)]
+pub struct RulesProjection {
+    key: Vec<(String, Expr)>,
+    version: Option<Expr>,
+    rules: HashMap<Name, Rule>,
+    tombstones: TombstonePolicy,
+    unknown_events: UnknownEventPolicy,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    kind: OpKind,
+    fields: Vec<(Name, Expr)>,
+}
+
+impl RulesProjection {
+    pub fn new(connector: &ConnectorSettings) -> RulesProjection {
+        let rules = connector
+            .events
+            .iter()
+            .map(|rule| {
+                let fields = rule.op.fields.iter().map(|(name, expr)| (intern(name), expr.clone())).collect();
+                (intern(&rule.event_type), Rule { kind: rule.op.kind, fields })
+            })
+            .collect();
+        RulesProjection {
+            key: connector.key.clone(),
+            version: connector.version.clone(),
+            rules,
+            tombstones: connector.tombstones,
+            unknown_events: connector.unknown_events,
+        }
+    }
+
+    fn key(&self, event: &Event) -> Result<Vec<Value>, ProjectionError> {
+        self.key
+            .iter()
+            .map(|(part, expr)| match expr.eval(event) {
+                Ok(Value::Null) => Err(ProjectionError::NullKey { part: part.clone() }),
+                Ok(value) => Ok(value),
+                Err(error) => Err(ProjectionError::Key { part: part.clone(), error }),
+            })
+            .collect()
+    }
+}
+
+impl Projection for RulesProjection {
+    fn project(&self, event: &Event) -> Result<Projected, ProjectionError> {
+        let Some(rule) = self.rules.get(event.event_type) else {
+            return match self.unknown_events {
+                UnknownEventPolicy::Skip => Ok(Projected::Skipped),
+                UnknownEventPolicy::Error => Err(ProjectionError::UnknownEvent(event.event_type.to_string())),
+            };
+        };
+        let key = self.key(event)?;
+        let version = match &self.version {
+            None => None,
+            Some(expr) => match expr.eval(event).map_err(ProjectionError::Version)? {
+                Value::Int(version) => Some(version),
+                Value::Null => None,
+                other => return Err(ProjectionError::VersionNotInteger(other.kind().to_string())),
+            },
+        };
+        let mut fields = Vec::with_capacity(rule.fields.len());
+        for (name, expr) in &rule.fields {
+            let value = expr.eval(event).map_err(|error| ProjectionError::Field { field: name.to_string(), error })?;
+            let value = match rule.kind {
+                OpKind::Increment | OpKind::Decrement => delta(rule.kind, name, value)?,
+                _ => value,
+            };
+            fields.push((*name, value));
+        }
+        let kind = if rule.kind == OpKind::Decrement { OpKind::Increment } else { rule.kind };
+        Ok(Projected::Ops(vec![WriteOp { key, kind, fields, version, position: event.position }]))
+    }
+
+    fn tombstone(&self, key: &Value, position: Position) -> Result<Projected, ProjectionError> {
+        if self.tombstones == TombstonePolicy::Ignore {
+            return Ok(Projected::Skipped);
+        }
+        // Key expressions run against an event with an empty payload: `$key`
+        // keys work, keys taken from payload fields cannot.
+        let event = Event {
+            event_type: "",
+            version: 0,
+            payload: Value::Record(Default::default()),
+            key: key.clone(),
+            position,
+            timestamp: None,
+        };
+        let key = self.key(&event).map_err(|error| ProjectionError::TombstoneKey(Box::new(error)))?;
+        Ok(Projected::Ops(vec![WriteOp { key, kind: OpKind::Delete, fields: Vec::new(), version: None, position }]))
+    }
+}
+
+/// The signed delta of an increment (`decrement` negates).
+fn delta(kind: OpKind, field: &str, value: Value) -> Result<Value, ProjectionError> {
+    let negate = kind == OpKind::Decrement;
+    match value {
+        Value::Int(i) if negate => i.checked_neg().map(Value::Int).ok_or_else(|| ProjectionError::NotANumber {
+            kind: kind.name(),
+            field: field.to_string(),
+            found: "an integer too large to negate".to_string(),
+        }),
+        Value::Float(x) if negate => Ok(Value::Float(-x)),
+        value @ (Value::Int(_) | Value::Float(_)) => Ok(value),
+        other => Err(ProjectionError::NotANumber {
+            kind: kind.name(),
+            field: field.to_string(),
+            found: format!("a {}", other.kind()),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BatchSettings, ErrorPolicy, EventRule, OpTemplate, SourceSettings, Target};
+    use crate::value::Record;
+
+    fn connector(key: &[(&str, &str)], rules: &[(&str, OpKind, &[(&str, &str)])]) -> ConnectorSettings {
+        ConnectorSettings {
+            name: "test".into(),
+            file: "test.yaml".into(),
+            source: SourceSettings {
+                topics: vec!["t".into()],
+                start: Default::default(),
+                group_id: "kawka.test".into(),
+                key_format: Default::default(),
+                properties: Default::default(),
+                max_prefetch_bytes: 1 << 20,
+            },
+            connection: "db".into(),
+            target: Target::Postgres(crate::config::PostgresTarget {
+                schema: "public".into(),
+                table: "t".into(),
+                columns: Vec::new(),
+                primary_key: Vec::new(),
+                create: true,
+            }),
+            key: key.iter().map(|(n, e)| (n.to_string(), expr::parse(e).expect("test key parses"))).collect(),
+            version: None,
+            on_error: ErrorPolicy::DeadLetter,
+            dead_letter_topic: "t.dlq".into(),
+            tombstones: TombstonePolicy::Delete,
+            unknown_events: UnknownEventPolicy::Skip,
+            batch: BatchSettings::default(),
+            events: rules
+                .iter()
+                .map(|(event_type, kind, fields)| EventRule {
+                    event_type: event_type.to_string(),
+                    op: OpTemplate {
+                        kind: *kind,
+                        fields: fields
+                            .iter()
+                            .map(|(n, e)| (n.to_string(), expr::parse(e).expect("test field parses")))
+                            .collect(),
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    fn event(event_type: &'static str, fields: &[(&str, Value)]) -> Event {
+        Event {
+            event_type,
+            version: 1,
+            payload: Value::Record(fields.iter().map(|(n, v)| (intern(n), v.clone())).collect::<Record>()),
+            key: Value::Str("k1".into()),
+            position: Position { topic: "t", partition: 0, offset: 7 },
+            timestamp: Some(1000),
+        }
+    }
+
+    #[test]
+    fn decrement_becomes_a_negative_increment_with_a_composite_key() {
+        let projection = RulesProjection::new(&connector(
+            &[("store_id", "store_id"), ("item_id", "item_id")],
+            &[("Sold", OpKind::Decrement, &[("on_hand", "quantity")])],
+        ));
+        let sold = event("Sold", &[("store_id", "s1".into()), ("item_id", "i1".into()), ("quantity", Value::Int(3))]);
+        let Projected::Ops(ops) = projection.project(&sold).expect("projects") else { panic!("skipped") };
+        assert_eq!(ops.len(), 1);
+        assert_eq!(ops[0].key, vec![Value::from("s1"), Value::from("i1")]);
+        assert_eq!(ops[0].kind, OpKind::Increment);
+        assert_eq!(ops[0].fields, vec![("on_hand", Value::Int(-3))]);
+    }
+
+    #[test]
+    fn unknown_events_are_skipped_or_errors_and_bad_values_are_errors() {
+        let mut settings = connector(&[("id", "$key")], &[("Known", OpKind::Increment, &[("n", "quantity")])]);
+        let projection = RulesProjection::new(&settings);
+        assert_eq!(projection.project(&event("Other", &[])), Ok(Projected::Skipped));
+        let text = event("Known", &[("quantity", "many".into())]);
+        assert!(matches!(projection.project(&text), Err(ProjectionError::NotANumber { .. })));
+        let missing = event("Known", &[]);
+        assert!(matches!(projection.project(&missing), Err(ProjectionError::Field { .. })));
+        settings.unknown_events = UnknownEventPolicy::Error;
+        let strict = RulesProjection::new(&settings);
+        assert!(matches!(strict.project(&event("Other", &[])), Err(ProjectionError::UnknownEvent(_))));
+    }
+
+    #[test]
+    fn tombstones_delete_by_key_or_fail_without_one() {
+        let position = Position { topic: "t", partition: 0, offset: 1 };
+        let by_key = RulesProjection::new(&connector(&[("_id", "$key")], &[]));
+        let Projected::Ops(ops) = by_key.tombstone(&Value::from("u1"), position).expect("deletes") else {
+            panic!("skipped")
+        };
+        assert_eq!(ops[0].kind, OpKind::Delete);
+        assert_eq!(ops[0].key, vec![Value::from("u1")]);
+        assert!(matches!(by_key.tombstone(&Value::Null, position), Err(ProjectionError::TombstoneKey(_))));
+        let by_field = RulesProjection::new(&connector(&[("store_id", "store_id")], &[]));
+        assert!(by_field.tombstone(&Value::from("x"), position).is_err());
+    }
+}

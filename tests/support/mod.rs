@@ -177,3 +177,122 @@ fn consume_blocking(topic: &str, count: usize, timeout: Duration) -> Vec<Consume
     }
     records
 }
+
+/// A throwaway project directory: `config/kawka.yaml` pointing at the stack
+/// (and at `registry_url`), `connectors/` with the given files, and the
+/// shipped `schemas/`.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new(registry_url: &str, connectors: &[(&str, &str)]) -> Project {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("config")).expect("mkdir config");
+        std::fs::create_dir_all(root.join("connectors")).expect("mkdir connectors");
+        std::fs::create_dir_all(root.join("schemas")).expect("mkdir schemas");
+        let config = format!(
+            "kafka:\n  bootstrap_servers: {}\n  properties: {{}}\nschema_registry:\n  url: {registry_url}\n\
+             sinks:\n  readdb: {{ type: postgres, url: \"{}\" }}\n  search: {{ type: elasticsearch, url: \"{}\" }}\n\
+             http:\n  listen: 127.0.0.1:0\nconnectors: connectors/\nschemas: schemas/\nlog:\n  level: info\n",
+            kafka_bootstrap(),
+            database_url(),
+            elasticsearch_url()
+        );
+        std::fs::write(root.join("config/kawka.yaml"), config).expect("write config");
+        for (name, text) in connectors {
+            std::fs::write(root.join("connectors").join(format!("{name}.yaml")), text).expect("write connector");
+        }
+        Project { dir }
+    }
+
+    pub fn root(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Starts `kawka run` here; its log goes to `kawka-<n>.log`.
+    pub fn start(&self, n: usize) -> Kawka {
+        let log_path = self.root().join(format!("kawka-{n}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_kawka"))
+            .args(["run", "--config", "config/kawka.yaml"])
+            .current_dir(self.root())
+            .env_remove("KAWKA_CONFIG")
+            .env("KAWKA_LOG", "info,kawka=debug")
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("kawka run starts");
+        Kawka { child: Some(child), log_path }
+    }
+}
+
+/// A `kawka run` child process; killed when dropped.
+pub struct Kawka {
+    child: Option<std::process::Child>,
+    pub log_path: PathBuf,
+}
+
+impl Kawka {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// `kill -9`: no chance to flush or commit.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit code.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        tokio::task::spawn_blocking(move || child.wait().ok().and_then(|s| s.code())).await.ok().flatten()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Kawka {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn postgres() -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&database_url())
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach {} (is the stack up? deploy/local/up.sh): {e}", database_url()))
+}
+
+/// A schema of the shipped catalogue, as JSON.
+pub fn catalogue_schema(event_type: &str, version: u32) -> Json {
+    let path = project_root().join("schemas").join(event_type).join(format!("v{version}.avsc"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("catalogue schema is JSON")
+}
+
+/// Polls `check` every 250 ms until it returns `Some`, or panics with
+/// `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,3 +1,199 @@
-//! The Postgres sink.
+//! The Postgres sink: exactly-once effects.
+//!
+//! A batch is one transaction: first the positions move in `kawka_offsets`
+//! (fenced by the epoch this owner got when it was assigned the partitions,
+//! which also row-locks them so a new owner's claim waits for this commit),
+//! then the net ops of the batch. Since the positions and the effects commit
+//! together, and a newly assigned consumer starts at the stored positions,
+//! every event's effect lands once, increments included.
+//!
+//! * [`types`]: declared column types (pure).
+//! * [`sql`]: statements and bound arrays (pure).
 
+pub mod sql;
 pub mod types;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgArguments, PgPoolOptions};
+use sqlx::query::Query;
+use sqlx::{Arguments, Executor, PgPool, Postgres, Row};
+
+use super::{Batch, Claim, SinkError};
+use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
+use crate::projection::compact::{compact, NetOp};
+use crate::projection::WriteOp;
+use crate::value::{intern, Name};
+use sql::{ColumnArray, Statement, TableSql};
+
+#[derive(Debug, Clone)]
+pub struct PostgresSink {
+    pool: PgPool,
+    table: TableSql,
+    connector: String,
+}
+
+impl PostgresSink {
+    /// A sink with a lazy pool: nothing is reached until the first use.
+    pub fn new(
+        connection: &PostgresConnection,
+        connector: &ConnectorSettings,
+        target: &PostgresTarget,
+    ) -> Result<PostgresSink, SinkError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(connection.max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy(connection.url.expose())
+            .map_err(SinkError::Postgres)?;
+        Ok(PostgresSink {
+            pool,
+            table: TableSql::new(target, connector.version.is_some()),
+            connector: connector.name.clone(),
+        })
+    }
+
+    pub fn table(&self) -> &TableSql {
+        &self.table
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the positions table, and the read-model table when the
+    /// connector asks for it. Concurrent daemons serialize on an advisory
+    /// lock: `CREATE TABLE IF NOT EXISTS` alone races on the type catalog.
+    pub async fn prepare(&self) -> Result<(), SinkError> {
+        let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+        tx.execute("SELECT pg_advisory_xact_lock(7306073)").await.map_err(SinkError::Postgres)?;
+        tx.execute(self.table.create_offsets_table().as_str()).await.map_err(SinkError::Postgres)?;
+        if self.table.target().create {
+            tx.execute(self.table.create_table().as_str()).await.map_err(SinkError::Postgres)?;
+        }
+        tx.commit().await.map_err(SinkError::Postgres)
+    }
+
+    /// Takes ownership of partitions: bumps their epochs and returns the
+    /// stored positions to start from.
+    pub async fn claim(&self, partitions: &[(Name, i32)]) -> Result<Vec<Claim>, SinkError> {
+        let topics: Vec<&str> = partitions.iter().map(|(t, _)| *t).collect();
+        let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        let rows = sqlx::query(&self.table.claim())
+            .bind(&self.connector)
+            .bind(&topics)
+            .bind(&numbers)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(SinkError::Postgres)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Claim {
+                    topic: intern(row.try_get::<&str, _>(0).map_err(SinkError::Postgres)?),
+                    partition: row.try_get(1).map_err(SinkError::Postgres)?,
+                    next_offset: row.try_get(2).map_err(SinkError::Postgres)?,
+                    epoch: Some(row.try_get(3).map_err(SinkError::Postgres)?),
+                })
+            })
+            .collect()
+    }
+
+    /// Applies a batch and its positions in one transaction.
+    pub async fn write(&self, batch: &Batch, net: &[NetOp]) -> Result<(), SinkError> {
+        let statements = self.table.plan(net).map_err(|error| SinkError::Rejected(error.to_string()))?;
+        let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+        self.advance(&mut tx, batch).await?;
+        for statement in &statements {
+            bind(statement).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+        }
+        tx.commit().await.map_err(SinkError::Postgres)
+    }
+
+    async fn advance(&self, tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<(), SinkError> {
+        if batch.offsets.is_empty() {
+            return Ok(());
+        }
+        let topics: Vec<&str> = batch.offsets.iter().map(|o| o.topic).collect();
+        let partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
+        let next: Vec<i64> = batch.offsets.iter().map(|o| o.next_offset).collect();
+        let epochs: Vec<Option<i64>> = batch.offsets.iter().map(|o| o.epoch).collect();
+        let updated = sqlx::query(&self.table.advance())
+            .bind(&self.connector)
+            .bind(&topics)
+            .bind(&partitions)
+            .bind(&next)
+            .bind(&epochs)
+            .execute(&mut *tx)
+            .await
+            .map_err(SinkError::Postgres)?
+            .rows_affected();
+        if updated != batch.offsets.len() as u64 {
+            return Err(SinkError::Fenced);
+        }
+        Ok(())
+    }
+
+    /// Finds the ops the table refuses, each alone in a savepoint of one
+    /// transaction that is then rolled back: nothing is written. Returns
+    /// the index of each refused op and why.
+    pub async fn find_rejected(&self, ops: &[WriteOp]) -> Result<Vec<(usize, String)>, SinkError> {
+        let mut rejected = Vec::new();
+        let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+        for (index, op) in ops.iter().enumerate() {
+            let (net, errors) = compact(vec![op.clone()]);
+            if let Some(error) = errors.first() {
+                rejected.push((index, error.to_string()));
+                continue;
+            }
+            let statements = match self.table.plan(&net) {
+                Ok(statements) => statements,
+                Err(error) => {
+                    rejected.push((index, error.to_string()));
+                    continue;
+                }
+            };
+            tx.execute("SAVEPOINT kawka_op").await.map_err(SinkError::Postgres)?;
+            for statement in &statements {
+                if let Err(error) = bind(statement).execute(&mut *tx).await {
+                    match crate::error::classify_sqlx(&error) {
+                        crate::error::ErrorClass::Permanent => {
+                            rejected.push((index, database_message(&error)));
+                            tx.execute("ROLLBACK TO SAVEPOINT kawka_op").await.map_err(SinkError::Postgres)?;
+                            break;
+                        }
+                        _ => return Err(SinkError::Postgres(error)),
+                    }
+                }
+            }
+        }
+        tx.rollback().await.map_err(SinkError::Postgres)?;
+        Ok(rejected)
+    }
+}
+
+/// The message of a database error without sqlx's prefix.
+pub fn database_message(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn bind(statement: &Statement) -> Query<'_, Postgres, PgArguments> {
+    let mut arguments = PgArguments::default();
+    for array in &statement.arrays {
+        // Adding an array of a supported type cannot fail; the error type
+        // exists for encoders that can.
+        let added = match array {
+            ColumnArray::Int(values) => arguments.add(values),
+            ColumnArray::Float(values) => arguments.add(values),
+            ColumnArray::Bool(values) => arguments.add(values),
+            ColumnArray::Bytes(values) => arguments.add(values),
+            ColumnArray::Text(values) => arguments.add(values),
+        };
+        debug_assert!(added.is_ok(), "binding an array of a built-in type");
+    }
+    sqlx::query_with(&statement.sql, arguments)
+}

@@ -1,0 +1,528 @@
+//! One connector's loop: poll → decode → project → batch → write → commit.
+//!
+//! * [`dead_letter`]: the dead-letter producer.
+//!
+//! Records are processed one at a time in the order the source hands them
+//! over, so within a partition every record below the batch's last one has
+//! been written, dead-lettered or skipped by the time the batch commits:
+//! the batch's positions (last processed + 1 per partition) are a
+//! contiguous watermark by construction.
+
+pub mod dead_letter;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::codec::{Codec, Decoded};
+use crate::config::{ConnectorSettings, ErrorPolicy, KafkaSettings};
+use crate::error::{Backoff, ErrorClass};
+use crate::event::Position;
+use crate::projection::compact::compact;
+use crate::projection::{Projected, Projection, WriteOp};
+use crate::sink::{Batch, Claim, PartitionOffset, Sink, SinkError};
+use crate::source::{ClaimFn, KafkaSource, RawRecord, SourceMessage};
+use crate::value::Name;
+use dead_letter::{DeadLetters, Failure};
+
+/// How long a shutdown waits for an unreachable sink before abandoning the
+/// in-flight batch (its events are consumed again on the next start).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Counters of one connector.
+#[derive(Debug, Default)]
+pub struct ConnectorStats {
+    pub consumed: AtomicU64,
+    pub written: AtomicU64,
+    pub skipped: AtomicU64,
+    pub unknown: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub batches: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+/// Why a connector's loop ended.
+#[derive(Debug)]
+pub enum Halt {
+    /// The daemon is stopping.
+    Shutdown,
+    /// The `stop` error policy met a bad event: nothing past it is committed.
+    Stopped(Failure),
+    /// Another consumer took over a partition while a batch was in flight.
+    Fenced,
+    /// The consumer could not be created or its thread ended.
+    Source(String),
+}
+
+/// Everything one connector needs, built once.
+#[derive(Clone)]
+pub struct ConnectorRuntime {
+    pub settings: Arc<ConnectorSettings>,
+    pub kafka: KafkaSettings,
+    pub codec: Codec,
+    pub projection: Arc<dyn Projection>,
+    pub sink: Sink,
+    pub dead_letters: DeadLetters,
+    pub stats: Arc<ConnectorStats>,
+}
+
+impl ConnectorRuntime {
+    /// Runs until shutdown or a `stop`; restarts its consumer after fencing.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Halt {
+        let name = self.settings.name.clone();
+        loop {
+            let halt = self.run_once(&mut shutdown).await;
+            match halt {
+                Halt::Fenced | Halt::Source(_) => {
+                    tracing::warn!(connector = %name, reason = ?halt, "restarting the consumer");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stopped(&mut shutdown) => return Halt::Shutdown,
+                    }
+                }
+                Halt::Stopped(ref failure) => {
+                    tracing::error!(connector = %name, stage = failure.stage, error = %failure.message,
+                        "connector stopped by its error policy; fix the cause and restart");
+                    return halt;
+                }
+                Halt::Shutdown => return halt,
+            }
+        }
+    }
+
+    async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Halt {
+        let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(5) };
+        let mut attempt = 0;
+        while let Err(error) = self.sink.prepare().await {
+            if error.class() == ErrorClass::Permanent {
+                return Halt::Source(error.to_string());
+            }
+            tracing::warn!(connector = %self.settings.name, %error, class = %error.class(), "sink not ready; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.delay(attempt)) => {}
+                _ = stopped(shutdown) => return Halt::Shutdown,
+            }
+            attempt += 1;
+        }
+        let claim = self.sink.stores_positions().then(|| self.claim_fn());
+        let (source, rx) = match KafkaSource::start(&self.settings.name, &self.kafka, &self.settings.source, claim) {
+            Ok(started) => started,
+            Err(error) => return Halt::Source(error.to_string()),
+        };
+        let mut worker = Worker {
+            runtime: self,
+            source: &source,
+            pending: Pending::default(),
+            epochs: HashMap::new(),
+            generation: None,
+            shutdown: shutdown.clone(),
+        };
+        let (halt, rx) = worker.consume(rx).await;
+        source.stop(rx).await;
+        halt
+    }
+
+    /// Claims in the sink, retrying transient errors until they pass.
+    fn claim_fn(&self) -> ClaimFn {
+        let sink = self.sink.clone();
+        let name = self.settings.name.clone();
+        Arc::new(move |partitions: Vec<(Name, i32)>| {
+            let sink = sink.clone();
+            let name = name.clone();
+            Box::pin(async move {
+                let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(5) };
+                let mut attempt = 0;
+                loop {
+                    match sink.claim(&partitions).await {
+                        Ok(claims) => return claims,
+                        Err(error) => {
+                            tracing::warn!(connector = %name, %error, "claiming partitions failed; retrying");
+                            tokio::time::sleep(backoff.delay(attempt)).await;
+                            attempt += 1;
+                        }
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// The records and ops of the batch being built.
+#[derive(Default)]
+struct Pending {
+    /// Every record processed since the last commit, in order (also those
+    /// dead-lettered or skipped: they move the positions too).
+    records: Vec<RawRecord>,
+    ops: Vec<WriteOp>,
+    /// Index into `records` of each op's event.
+    origins: Vec<usize>,
+    bytes: usize,
+    deadline: Option<Instant>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+        self.ops.clear();
+        self.origins.clear();
+        self.bytes = 0;
+        self.deadline = None;
+    }
+
+    /// Drops the ops of the events at `rejected` (indexes into `records`).
+    fn remove_events(&mut self, rejected: &[usize]) {
+        let mut keep = self.origins.iter().map(|origin| !rejected.contains(origin));
+        self.ops.retain(|_| keep.next().unwrap_or(true));
+        self.origins.retain(|origin| !rejected.contains(origin));
+    }
+
+    /// Forgets the records from `index` on (for `stop`: commit nothing past it).
+    fn truncate(&mut self, index: usize) {
+        self.records.truncate(index);
+        let mut keep = self.origins.iter().map(|origin| *origin < index);
+        self.ops.retain(|_| keep.next().unwrap_or(true));
+        self.origins.retain(|origin| *origin < index);
+    }
+}
+
+struct Worker<'a> {
+    runtime: &'a ConnectorRuntime,
+    source: &'a KafkaSource,
+    pending: Pending,
+    epochs: HashMap<(Name, i32), Option<i64>>,
+    generation: Option<u64>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Worker<'_> {
+    fn name(&self) -> &str {
+        &self.runtime.settings.name
+    }
+
+    async fn consume(&mut self, mut rx: mpsc::Receiver<SourceMessage>) -> (Halt, mpsc::Receiver<SourceMessage>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let deadline = self.pending.deadline;
+            let message = tokio::select! {
+                biased;
+                _ = stopped(&mut shutdown) => {
+                    let halt = match self.flush().await { Ok(()) => Halt::Shutdown, Err(halt) => halt };
+                    return (halt, rx);
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    if let Err(halt) = self.flush().await { return (halt, rx) }
+                    continue;
+                }
+                message = rx.recv() => message,
+            };
+            let result = match message {
+                None => Err(Halt::Source("the consumer thread ended".into())),
+                Some(SourceMessage::Assigned { generation, claims }) => {
+                    self.assigned(generation, &claims);
+                    Ok(())
+                }
+                Some(SourceMessage::Revoked { ack }) => {
+                    let flushed = self.flush().await;
+                    self.epochs.clear();
+                    self.generation = None;
+                    let _ = ack.send(());
+                    flushed
+                }
+                Some(SourceMessage::Records { generation, records }) => self.records(generation, records).await,
+            };
+            if let Err(halt) = result {
+                if let Halt::Stopped(_) = halt {
+                    // Commit the events before the bad one, nothing past it.
+                    if let Err(flush_halt) = self.flush().await {
+                        return (flush_halt, rx);
+                    }
+                }
+                return (halt, rx);
+            }
+        }
+    }
+
+    fn assigned(&mut self, generation: u64, claims: &[Claim]) {
+        self.generation = Some(generation);
+        self.epochs = claims.iter().map(|c| ((c.topic, c.partition), c.epoch)).collect();
+    }
+
+    async fn records(&mut self, generation: u64, records: Vec<RawRecord>) -> Result<(), Halt> {
+        if self.generation != Some(generation) {
+            // Fetched for an assignment that has since changed.
+            return Ok(());
+        }
+        let batch = &self.runtime.settings.batch;
+        for record in records {
+            if !self.epochs.contains_key(&(record.position.topic, record.position.partition)) {
+                continue;
+            }
+            self.runtime.stats.consumed.fetch_add(1, Ordering::Relaxed);
+            self.process(record).await?;
+            if self.pending.ops.len() >= batch.max_events || self.pending.bytes >= batch.max_bytes {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes and projects one record into the pending batch.
+    async fn process(&mut self, record: RawRecord) -> Result<(), Halt> {
+        let decoded = self.decode(&record).await?;
+        let index = self.pending.records.len();
+        let projected = match decoded {
+            Ok(Decoded::Event(event)) => self.runtime.projection.project(&event),
+            Ok(Decoded::Tombstone { key }) => self.runtime.projection.tombstone(&key, record.position),
+            Err(failure) => {
+                self.fail(&record, failure).await?;
+                self.push(record);
+                return Ok(());
+            }
+        };
+        match projected {
+            Ok(Projected::Ops(ops)) => {
+                if let Some(message) = ops.iter().find_map(|op| self.runtime.sink.check(op).err()) {
+                    let failure = Failure { class: ErrorClass::Permanent, stage: "sink", message };
+                    self.fail(&record, failure).await?;
+                } else {
+                    self.pending.origins.extend(std::iter::repeat_n(index, ops.len()));
+                    self.pending.ops.extend(ops);
+                }
+            }
+            Ok(Projected::Skipped) => {
+                self.runtime.stats.unknown.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                let failure = Failure { class: ErrorClass::Permanent, stage: "projection", message: error.to_string() };
+                self.fail(&record, failure).await?;
+            }
+        }
+        self.push(record);
+        Ok(())
+    }
+
+    fn push(&mut self, record: RawRecord) {
+        self.pending.bytes += record.size();
+        self.pending.records.push(record);
+        if self.pending.deadline.is_none() {
+            self.pending.deadline = Some(Instant::now() + self.runtime.settings.batch.max_wait);
+        }
+    }
+
+    /// Decodes, waiting out transient (registry) errors.
+    async fn decode(&mut self, record: &RawRecord) -> Result<Result<Decoded, Failure>, Halt> {
+        let mut attempt = 0;
+        loop {
+            match self.runtime.codec.decode(record).await {
+                Ok(decoded) => return Ok(Ok(decoded)),
+                Err(error) if error.class() == ErrorClass::Permanent => {
+                    return Ok(Err(Failure {
+                        class: ErrorClass::Permanent,
+                        stage: "decode",
+                        message: error.to_string(),
+                    }))
+                }
+                Err(error) => {
+                    tracing::warn!(connector = %self.name(), position = %record.position, %error, "decode waits for the registry");
+                    self.pause(attempt).await?;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Waits before a retry; returns `Halt::Shutdown` if the daemon stops.
+    async fn pause(&mut self, attempt: u32) -> Result<(), Halt> {
+        self.runtime.stats.retries.fetch_add(1, Ordering::Relaxed);
+        let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(5) };
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.delay(attempt)) => Ok(()),
+            _ = stopped(&mut self.shutdown) => Err(Halt::Shutdown),
+        }
+    }
+
+    /// Applies the error policy to one bad event.
+    async fn fail(&mut self, record: &RawRecord, failure: Failure) -> Result<(), Halt> {
+        let settings = &self.runtime.settings;
+        match settings.on_error {
+            ErrorPolicy::Skip => {
+                tracing::warn!(connector = %settings.name, position = %record.position, stage = failure.stage,
+                    error = %failure.message, "bad event skipped");
+                self.runtime.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            ErrorPolicy::Stop => Err(Halt::Stopped(failure)),
+            ErrorPolicy::DeadLetter => {
+                let mut attempt = 0;
+                loop {
+                    match self
+                        .runtime
+                        .dead_letters
+                        .send(&settings.dead_letter_topic, &settings.name, record, &failure)
+                        .await
+                    {
+                        Ok(()) => break,
+                        Err(error) => {
+                            tracing::warn!(connector = %settings.name, %error, "dead letter not delivered; retrying");
+                            // A shutdown here leaves the event unconsumed: it is read again.
+                            self.pause(attempt).await?;
+                            attempt += 1;
+                        }
+                    }
+                }
+                tracing::warn!(connector = %settings.name, position = %record.position, stage = failure.stage,
+                    error = %failure.message, topic = %settings.dead_letter_topic, "bad event dead-lettered");
+                self.runtime.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Positions after the pending records: last processed + 1 per partition.
+    fn offsets(&self) -> Vec<PartitionOffset> {
+        let mut next: Vec<PartitionOffset> = Vec::new();
+        for record in &self.pending.records {
+            let Position { topic, partition, offset } = record.position;
+            match next.iter_mut().find(|o| o.topic == topic && o.partition == partition) {
+                Some(found) => found.next_offset = found.next_offset.max(offset + 1),
+                None => next.push(PartitionOffset {
+                    topic,
+                    partition,
+                    next_offset: offset + 1,
+                    epoch: self.epochs.get(&(topic, partition)).copied().flatten(),
+                }),
+            }
+        }
+        next
+    }
+
+    /// Writes the pending batch until it is durable, dead-lettering the
+    /// events the sink refuses.
+    async fn flush(&mut self) -> Result<(), Halt> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut attempt = 0;
+        let mut give_up_at: Option<Instant> = None;
+        let mut stop_after: Option<Failure> = None;
+        loop {
+            let (net, fold_errors) = compact(self.pending.ops.clone());
+            if !fold_errors.is_empty() {
+                let mut rejected = Vec::new();
+                for error in fold_errors {
+                    if let Some(at) = self.pending.ops.iter().position(|op| op.position == error.position) {
+                        rejected.push((at, error.to_string()));
+                    }
+                }
+                if let Some(failure) = self.reject(rejected).await? {
+                    stop_after.get_or_insert(failure);
+                }
+                continue;
+            }
+            let batch = Batch { ops: Vec::new(), offsets: self.offsets() };
+            match self.runtime.sink.write(&batch, &net).await {
+                Ok(()) => {
+                    let stats = &self.runtime.stats;
+                    stats.written.fetch_add(self.pending.ops.len() as u64, Ordering::Relaxed);
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(connector = %self.name(), events = self.pending.records.len(),
+                        ops = self.pending.ops.len(), rows = net.len(), "batch written");
+                    self.source.durable(&batch.offsets);
+                    self.pending.clear();
+                    return match stop_after {
+                        Some(failure) => Err(Halt::Stopped(failure)),
+                        None => Ok(()),
+                    };
+                }
+                Err(SinkError::Fenced) => {
+                    self.pending.clear();
+                    return Err(Halt::Fenced);
+                }
+                Err(error) if error.class() == ErrorClass::Permanent => {
+                    let rejected = match self.runtime.sink.find_rejected(&self.pending.ops).await {
+                        Ok(rejected) => rejected,
+                        Err(error) => {
+                            tracing::warn!(connector = %self.name(), %error, "isolating a bad row failed; retrying");
+                            Vec::new()
+                        }
+                    };
+                    if rejected.is_empty() {
+                        // The batch fails as a whole but no op alone does:
+                        // retry rather than guess which event to drop.
+                        tracing::warn!(connector = %self.name(), %error, "batch refused without a culprit; retrying");
+                        self.pause(attempt).await?;
+                        attempt += 1;
+                    } else if let Some(failure) = self.reject(rejected).await? {
+                        stop_after.get_or_insert(failure);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(connector = %self.name(), %error, class = %error.class(), attempt,
+                        "sink write failed; retrying");
+                    let stopping = *self.shutdown.borrow();
+                    if stopping {
+                        let deadline = *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
+                        if Instant::now() >= deadline {
+                            tracing::warn!(connector = %self.name(), "abandoning the in-flight batch at shutdown");
+                            self.pending.clear();
+                            return Err(Halt::Shutdown);
+                        }
+                        self.runtime.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    } else {
+                        self.pause(attempt).await?;
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Hands refused ops' events (indexes into `ops`) to the error policy
+    /// and drops their ops. With `stop`, the batch is cut before the first
+    /// refused event and the failure is returned to halt after writing.
+    async fn reject(&mut self, rejected: Vec<(usize, String)>) -> Result<Option<Failure>, Halt> {
+        let mut events: Vec<(usize, String)> = Vec::new();
+        for (op, message) in rejected {
+            let origin = self.pending.origins[op];
+            if !events.iter().any(|(e, _)| *e == origin) {
+                events.push((origin, message));
+            }
+        }
+        events.sort_by_key(|(origin, _)| *origin);
+        if self.runtime.settings.on_error == ErrorPolicy::Stop {
+            let (first, message) = events.swap_remove(0);
+            self.pending.truncate(first);
+            return Ok(Some(Failure { class: ErrorClass::Permanent, stage: "sink", message }));
+        }
+        for (origin, message) in &events {
+            let record = self.pending.records[*origin].clone();
+            let failure = Failure { class: ErrorClass::Permanent, stage: "sink", message: message.clone() };
+            self.fail(&record, failure).await?;
+        }
+        let origins: Vec<usize> = events.into_iter().map(|(origin, _)| origin).collect();
+        self.pending.remove_events(&origins);
+        Ok(None)
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes once the daemon is stopping (the guard `wait_for` returns is
+/// not `Send`, so it must not live in a `select!` branch that awaits).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,334 @@
+//! Per-key compaction: the ops of one key within a batch, folded in
+//! partition order into one net op, so that a batch touches a row or a
+//! document once and a replay of a long history writes each key few times.
+//!
+//! Fold rules (state ∘ next op → state):
+//!
+//! | state \ op       | upsert f      | merge f                 | increment d                  | delete |
+//! |------------------|---------------|-------------------------|------------------------------|--------|
+//! | none             | Replace f     | Patch{set f}            | Patch{add d}                 | Delete |
+//! | Replace r        | Replace f     | Replace r⊕f             | Replace r with r.c + d       | Delete |
+//! | Patch{set, add}  | Replace f     | Patch{set⊕f, add − f}   | set.c + d, or add.c + d      | Delete |
+//! | Delete           | Replace f     | Replace f               | Replace {c: d}               | Delete |
+//!
+//! `Replace` means "the row is exactly these fields" (missing ones null),
+//! `Patch` "create the row if missing, set these fields, add these deltas
+//! (a missing or null field counts as 0)". A delete followed by a merge or an
+//! increment is a `Replace`: the row starts again from nothing.
+
+use std::collections::HashMap;
+
+use crate::config::OpKind;
+use crate::event::Position;
+use crate::value::{Name, Value};
+
+use super::WriteOp;
+
+/// The net effect on one key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Replace(Vec<(Name, Value)>),
+    Patch { set: Vec<(Name, Value)>, add: Vec<(Name, Value)> },
+    Delete,
+}
+
+/// The folded ops of one key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetOp {
+    pub key: Vec<Value>,
+    pub effect: Effect,
+    /// The highest domain version among the folded ops.
+    pub version: Option<i64>,
+    /// Position of every op folded in, in order: guards and dead letters
+    /// need them.
+    pub positions: Vec<Position>,
+}
+
+/// An op that cannot be folded: adding to a value that is not a number.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("cannot add {delta} to field `{field}` holding {found}")]
+pub struct CompactError {
+    pub position: Position,
+    pub field: String,
+    pub delta: String,
+    pub found: String,
+}
+
+/// A hashable identity of a key: values are not `Eq` (floats), their
+/// canonical encodings are.
+pub fn key_identity(key: &[Value], out: &mut Vec<u8>) {
+    out.clear();
+    for part in key {
+        encode(part, out);
+    }
+}
+
+fn encode(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Null => out.push(0),
+        Value::Bool(b) => out.extend([1, u8::from(*b)]),
+        Value::Int(i) => {
+            out.push(2);
+            out.extend(i.to_be_bytes());
+        }
+        Value::Float(x) => {
+            out.push(3);
+            out.extend(x.to_bits().to_be_bytes());
+        }
+        Value::Str(s) => {
+            out.push(4);
+            out.extend((s.len() as u64).to_be_bytes());
+            out.extend(s.as_bytes());
+        }
+        Value::Bytes(b) => {
+            out.push(5);
+            out.extend((b.len() as u64).to_be_bytes());
+            out.extend(b);
+        }
+        // Composite values as keys: rare; their JSON text is canonical enough.
+        other => {
+            let text = other.to_json().to_string();
+            out.push(6);
+            out.extend((text.len() as u64).to_be_bytes());
+            out.extend(text.as_bytes());
+        }
+    }
+}
+
+/// Folds `ops` (in partition order per key) into one net op per key, in the
+/// order keys first appear. Ops that cannot be folded are returned apart,
+/// each with its error; the other ops of their key still fold.
+///
+/// With a domain version, an op whose version is not above the highest seen
+/// for its key in this batch is stale and dropped (its position is kept).
+pub fn compact(ops: Vec<WriteOp>) -> (Vec<NetOp>, Vec<CompactError>) {
+    let mut index: HashMap<Vec<u8>, usize> = HashMap::with_capacity(ops.len());
+    let mut net: Vec<NetOp> = Vec::with_capacity(ops.len());
+    let mut errors = Vec::new();
+    let mut identity = Vec::with_capacity(64);
+    for op in ops {
+        key_identity(&op.key, &mut identity);
+        match index.get(&identity) {
+            None => {
+                index.insert(identity.clone(), net.len());
+                net.push(NetOp {
+                    key: op.key,
+                    effect: first(op.kind, op.fields),
+                    version: op.version,
+                    positions: vec![op.position],
+                });
+            }
+            Some(&at) => {
+                let current = &mut net[at];
+                current.positions.push(op.position);
+                if let (Some(seen), Some(version)) = (current.version, op.version) {
+                    if version <= seen {
+                        continue;
+                    }
+                }
+                current.version = current.version.max(op.version);
+                if let Err(error) = fold(&mut current.effect, op.kind, op.fields, op.position) {
+                    current.positions.pop();
+                    errors.push(error);
+                }
+            }
+        }
+    }
+    (net, errors)
+}
+
+fn first(kind: OpKind, fields: Vec<(Name, Value)>) -> Effect {
+    match kind {
+        OpKind::Upsert => Effect::Replace(fields),
+        OpKind::Merge => Effect::Patch { set: fields, add: Vec::new() },
+        OpKind::Increment | OpKind::Decrement => Effect::Patch { set: Vec::new(), add: fields },
+        OpKind::Delete => Effect::Delete,
+    }
+}
+
+/// Applies one more op to a net effect. On error the effect is unchanged.
+fn fold(effect: &mut Effect, kind: OpKind, fields: Vec<(Name, Value)>, position: Position) -> Result<(), CompactError> {
+    match (kind, &mut *effect) {
+        (OpKind::Upsert, _) => *effect = Effect::Replace(fields),
+        (OpKind::Delete, _) => *effect = Effect::Delete,
+        (OpKind::Merge, Effect::Replace(row)) => overlay(row, fields),
+        (OpKind::Merge, Effect::Patch { set, add }) => {
+            add.retain(|(name, _)| !fields.iter().any(|(n, _)| n == name));
+            overlay(set, fields);
+        }
+        (OpKind::Merge, Effect::Delete) => *effect = Effect::Replace(fields),
+        (OpKind::Increment | OpKind::Decrement, Effect::Replace(row)) => {
+            let mut next = row.clone();
+            add_into(&mut next, &fields, position)?;
+            *row = next;
+        }
+        (OpKind::Increment | OpKind::Decrement, Effect::Patch { set, add }) => {
+            let (mut next_set, mut next_add) = (set.clone(), add.clone());
+            for (name, delta) in fields {
+                if next_set.iter().any(|(n, _)| *n == name) {
+                    add_into(&mut next_set, &[(name, delta)], position)?;
+                } else {
+                    add_into(&mut next_add, &[(name, delta)], position)?;
+                }
+            }
+            (*set, *add) = (next_set, next_add);
+        }
+        (OpKind::Increment | OpKind::Decrement, Effect::Delete) => *effect = Effect::Replace(fields),
+    }
+    Ok(())
+}
+
+/// Sets each field, replacing an earlier value of the same name in place.
+fn overlay(target: &mut Vec<(Name, Value)>, fields: Vec<(Name, Value)>) {
+    for (name, value) in fields {
+        match target.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => target.push((name, value)),
+        }
+    }
+}
+
+/// Adds each delta to the field of the same name (missing or null = 0).
+fn add_into(target: &mut Vec<(Name, Value)>, deltas: &[(Name, Value)], position: Position) -> Result<(), CompactError> {
+    for (name, delta) in deltas {
+        match target.iter_mut().find(|(n, _)| n == name) {
+            None => target.push((name, delta.clone())),
+            Some(slot) => {
+                slot.1 = add(&slot.1, delta).ok_or_else(|| CompactError {
+                    position,
+                    field: name.to_string(),
+                    delta: delta.to_string(),
+                    found: format!("a {}", slot.1.kind()),
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Numeric addition; integers stay integers unless they overflow.
+pub fn add(current: &Value, delta: &Value) -> Option<Value> {
+    match (current, delta) {
+        (Value::Null, d @ (Value::Int(_) | Value::Float(_))) => Some(d.clone()),
+        (Value::Int(a), Value::Int(b)) => {
+            Some(a.checked_add(*b).map_or(Value::Float(*a as f64 + *b as f64), Value::Int))
+        }
+        (Value::Int(a), Value::Float(b)) => Some(Value::Float(*a as f64 + b)),
+        (Value::Float(a), Value::Int(b)) => Some(Value::Float(a + *b as f64)),
+        (Value::Float(a), Value::Float(b)) => Some(Value::Float(a + b)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(offset: i64, kind: OpKind, fields: &[(Name, Value)]) -> WriteOp {
+        WriteOp {
+            key: vec![Value::from("k")],
+            kind,
+            fields: fields.to_vec(),
+            version: None,
+            position: Position { topic: "t", partition: 0, offset },
+        }
+    }
+
+    fn net(ops: Vec<WriteOp>) -> Effect {
+        let (mut net, errors) = compact(ops);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(net.len(), 1);
+        net.remove(0).effect
+    }
+
+    fn up(offset: i64, fields: &[(Name, Value)]) -> WriteOp {
+        op(offset, OpKind::Upsert, fields)
+    }
+    fn merge(offset: i64, fields: &[(Name, Value)]) -> WriteOp {
+        op(offset, OpKind::Merge, fields)
+    }
+    fn inc(offset: i64, field: Name, delta: i64) -> WriteOp {
+        op(offset, OpKind::Increment, &[(field, Value::Int(delta))])
+    }
+    fn del(offset: i64) -> WriteOp {
+        op(offset, OpKind::Delete, &[])
+    }
+
+    #[test]
+    fn every_pair_of_ops_folds_as_the_table_says() {
+        let a = ("a", Value::Int(1));
+        let b = ("b", Value::from("x"));
+        // upsert ∘ …
+        assert_eq!(net(vec![up(0, &[a.clone()]), up(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
+        assert_eq!(net(vec![up(0, &[a.clone()]), merge(1, &[b.clone()])]), Effect::Replace(vec![a.clone(), b.clone()]));
+        assert_eq!(net(vec![up(0, &[a.clone()]), inc(1, "a", 4)]), Effect::Replace(vec![("a", Value::Int(5))]));
+        assert_eq!(
+            net(vec![up(0, &[b.clone()]), inc(1, "a", 4)]),
+            Effect::Replace(vec![b.clone(), ("a", Value::Int(4))])
+        );
+        assert_eq!(net(vec![up(0, &[a.clone()]), del(1)]), Effect::Delete);
+        // merge ∘ …
+        assert_eq!(net(vec![merge(0, &[a.clone()]), up(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
+        assert_eq!(
+            net(vec![merge(0, &[a.clone()]), merge(1, &[("a", Value::Int(9)), b.clone()])]),
+            Effect::Patch { set: vec![("a", Value::Int(9)), b.clone()], add: vec![] }
+        );
+        assert_eq!(
+            net(vec![merge(0, &[a.clone()]), inc(1, "a", 2), inc(2, "c", 3)]),
+            Effect::Patch { set: vec![("a", Value::Int(3))], add: vec![("c", Value::Int(3))] }
+        );
+        assert_eq!(net(vec![merge(0, &[a.clone()]), del(1)]), Effect::Delete);
+        // increment ∘ …
+        assert_eq!(net(vec![inc(0, "a", 2), up(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
+        assert_eq!(
+            net(vec![inc(0, "a", 2), merge(1, &[("a", Value::Int(7))])]),
+            Effect::Patch { set: vec![("a", Value::Int(7))], add: vec![] }
+        );
+        assert_eq!(
+            net(vec![inc(0, "a", 2), inc(1, "a", -5)]),
+            Effect::Patch { set: vec![], add: vec![("a", Value::Int(-3))] }
+        );
+        assert_eq!(net(vec![inc(0, "a", 2), del(1)]), Effect::Delete);
+        // delete ∘ …
+        assert_eq!(net(vec![del(0), up(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
+        assert_eq!(net(vec![del(0), merge(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
+        assert_eq!(net(vec![del(0), inc(1, "a", 6)]), Effect::Replace(vec![("a", Value::Int(6))]));
+        assert_eq!(net(vec![del(0), del(1)]), Effect::Delete);
+    }
+
+    #[test]
+    fn keys_stay_apart_in_first_seen_order_and_positions_are_kept() {
+        let mut other = inc(1, "a", 1);
+        other.key = vec![Value::from("other")];
+        let (net, errors) = compact(vec![inc(0, "a", 1), other, inc(2, "a", 1)]);
+        assert!(errors.is_empty());
+        assert_eq!(net.len(), 2);
+        assert_eq!(net[0].key, vec![Value::from("k")]);
+        assert_eq!(net[0].effect, Effect::Patch { set: vec![], add: vec![("a", Value::Int(2))] });
+        assert_eq!(net[0].positions.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(net[1].key, vec![Value::from("other")]);
+    }
+
+    #[test]
+    fn adding_to_text_is_an_error_of_that_op_only() {
+        let (net, errors) = compact(vec![up(0, &[("a", Value::from("text"))]), inc(1, "a", 1), inc(2, "b", 1)]);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].position.offset, 1);
+        assert_eq!(net[0].effect, Effect::Replace(vec![("a", Value::from("text")), ("b", Value::Int(1))]));
+        assert_eq!(net[0].positions.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![0, 2]);
+    }
+
+    #[test]
+    fn stale_versions_are_dropped_and_integers_overflow_into_floats() {
+        let mut newer = merge(0, &[("a", Value::Int(2))]);
+        newer.version = Some(5);
+        let mut stale = merge(1, &[("a", Value::Int(1))]);
+        stale.version = Some(4);
+        let (net, _) = compact(vec![newer, stale]);
+        assert_eq!(net[0].effect, Effect::Patch { set: vec![("a", Value::Int(2))], add: vec![] });
+        assert_eq!(net[0].version, Some(5));
+        assert_eq!(add(&Value::Int(i64::MAX), &Value::Int(1)), Some(Value::Float(i64::MAX as f64 + 1.0)));
+        assert_eq!(add(&Value::Null, &Value::Int(3)), Some(Value::Int(3)));
+        assert_eq!(add(&Value::Bool(true), &Value::Int(3)), None);
+    }
+}

@@ -1,0 +1,584 @@
+//! The SQL of a Postgres read model and the arrays bound to it (pure).
+//!
+//! Every statement binds one typed array per column and reads them back with
+//! `UNNEST`, so a batch of any size is a handful of statements with a few
+//! parameters each (multi-row `VALUES` would hit the 65,535-parameter limit).
+//! Compaction guarantees each key appears once per batch, which
+//! `INSERT … ON CONFLICT DO UPDATE` requires.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::types::{BindKind, ColumnType};
+use crate::config::PostgresTarget;
+use crate::projection::compact::{Effect, NetOp};
+use crate::value::{Name, Value};
+
+/// The hidden column that holds the domain version when the connector names one.
+pub const VERSION_COLUMN: &str = "kawka_version";
+
+/// Values of one column across the rows of a statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnArray {
+    Int(Vec<Option<i64>>),
+    Float(Vec<Option<f64>>),
+    Bool(Vec<Option<bool>>),
+    Bytes(Vec<Option<Vec<u8>>>),
+    Text(Vec<Option<String>>),
+}
+
+impl ColumnArray {
+    fn new(kind: BindKind, capacity: usize) -> ColumnArray {
+        match kind {
+            BindKind::Int => ColumnArray::Int(Vec::with_capacity(capacity)),
+            BindKind::Float => ColumnArray::Float(Vec::with_capacity(capacity)),
+            BindKind::Bool => ColumnArray::Bool(Vec::with_capacity(capacity)),
+            BindKind::Bytes => ColumnArray::Bytes(Vec::with_capacity(capacity)),
+            BindKind::Text => ColumnArray::Text(Vec::with_capacity(capacity)),
+        }
+    }
+
+    fn array_type(&self) -> &'static str {
+        match self {
+            ColumnArray::Int(_) => "bigint[]",
+            ColumnArray::Float(_) => "float8[]",
+            ColumnArray::Bool(_) => "bool[]",
+            ColumnArray::Bytes(_) => "bytea[]",
+            ColumnArray::Text(_) => "text[]",
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            ColumnArray::Int(v) => v.len(),
+            ColumnArray::Float(v) => v.len(),
+            ColumnArray::Bool(v) => v.len(),
+            ColumnArray::Bytes(v) => v.len(),
+            ColumnArray::Text(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends one value converted for `ty`; `Err` says why it does not fit.
+    fn push(&mut self, ty: ColumnType, value: &Value) -> Result<(), String> {
+        match self {
+            ColumnArray::Int(v) => v.push(to_int(value)?),
+            ColumnArray::Float(v) => v.push(to_float(value)?),
+            ColumnArray::Bool(v) => v.push(to_bool(value)?),
+            ColumnArray::Bytes(v) => v.push(to_bytes(value)?),
+            ColumnArray::Text(v) => v.push(to_text(ty, value)?),
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `value` fits a column of type `ty` (what `push` would say).
+pub fn check_value(ty: ColumnType, value: &Value) -> Result<(), String> {
+    ColumnArray::new(ty.bind_kind(), 1).push(ty, value)
+}
+
+fn mismatch(value: &Value, what: &str) -> String {
+    match value {
+        Value::Str(s) if s.chars().count() <= 40 => format!("{what} cannot hold the string {s:?}"),
+        other => format!("{what} cannot hold a {}", other.kind()),
+    }
+}
+
+fn to_int(value: &Value) -> Result<Option<i64>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Int(i) => Ok(Some(*i)),
+        Value::Float(x) if x.fract() == 0.0 && x.abs() < 9.2e18 => Ok(Some(*x as i64)),
+        Value::Str(s) => s.trim().parse().map(Some).map_err(|_| mismatch(value, "an integer column")),
+        other => Err(mismatch(other, "an integer column")),
+    }
+}
+
+fn to_float(value: &Value) -> Result<Option<f64>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Int(i) => Ok(Some(*i as f64)),
+        Value::Float(x) => Ok(Some(*x)),
+        Value::Str(s) => s.trim().parse().map(Some).map_err(|_| mismatch(value, "a float column")),
+        other => Err(mismatch(other, "a float column")),
+    }
+}
+
+fn to_bool(value: &Value) -> Result<Option<bool>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        Value::Str(s) if s == "true" || s == "false" => Ok(Some(s == "true")),
+        other => Err(mismatch(other, "a boolean column")),
+    }
+}
+
+fn to_bytes(value: &Value) -> Result<Option<Vec<u8>>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Bytes(b) => Ok(Some(b.clone())),
+        Value::Str(s) => Ok(Some(s.as_bytes().to_vec())),
+        other => Err(mismatch(other, "a bytea column")),
+    }
+}
+
+/// Text sent to Postgres and cast there to the column type.
+fn to_text(ty: ColumnType, value: &Value) -> Result<Option<String>, String> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    let what = format!("a {} column", ty.sql());
+    match ty {
+        ColumnType::Json | ColumnType::Jsonb => Ok(Some(value.to_json().to_string())),
+        // Integers in timestamp columns are milliseconds since the epoch
+        // (`$timestamp`, Avro timestamp-millis); in date columns, days.
+        ColumnType::TimestampTz | ColumnType::Timestamp => match value {
+            Value::Int(millis) => Ok(Some(format_millis(*millis))),
+            Value::Str(s) => Ok(Some(s.clone())),
+            other => Err(mismatch(other, &what)),
+        },
+        ColumnType::Date => match value {
+            Value::Int(days) => Ok(Some(format_days(*days))),
+            Value::Str(s) => Ok(Some(s.clone())),
+            other => Err(mismatch(other, &what)),
+        },
+        ColumnType::Numeric => match value {
+            Value::Int(_) | Value::Float(_) | Value::Str(_) => Ok(Some(value.to_string())),
+            other => Err(mismatch(other, &what)),
+        },
+        _ => match value {
+            Value::Str(s) => Ok(Some(s.clone())),
+            Value::Int(_) | Value::Float(_) | Value::Bool(_) => Ok(Some(value.to_string())),
+            Value::Record(_) | Value::Map(_) | Value::Array(_) if ty == ColumnType::Text => {
+                Ok(Some(value.to_json().to_string()))
+            }
+            other => Err(mismatch(other, &what)),
+        },
+    }
+}
+
+/// `1970-01-01T00:00:00.000Z` for milliseconds since the epoch.
+pub fn format_millis(millis: i64) -> String {
+    let days = millis.div_euclid(86_400_000);
+    let in_day = millis.rem_euclid(86_400_000);
+    let (h, m, s, ms) = (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
+    format!("{}T{h:02}:{m:02}:{s:02}.{ms:03}Z", format_days(days))
+}
+
+/// `YYYY-MM-DD` for days since 1970-01-01 (proleptic Gregorian).
+pub fn format_days(days: i64) -> String {
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Double-quotes an identifier.
+pub fn quote(identifier: &str) -> String {
+    format!("\"{}\"", identifier.replace('"', "\"\""))
+}
+
+/// One statement and its arrays, `$1…$n` in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    pub sql: String,
+    pub arrays: Vec<ColumnArray>,
+    /// Index into the planned net ops of each row, to name the culprit.
+    pub rows: Vec<usize>,
+}
+
+/// A net op whose values do not fit the table.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("column `{column}`: {message}")]
+pub struct BindError {
+    /// Index of the net op.
+    pub op: usize,
+    pub column: String,
+    pub message: String,
+}
+
+/// Builds the statements of one table.
+#[derive(Debug, Clone)]
+pub struct TableSql {
+    target: PostgresTarget,
+    /// `"schema"."table"`.
+    pub qualified: String,
+    /// `"schema"."kawka_offsets"`.
+    pub offsets_table: String,
+    versioned: bool,
+}
+
+impl TableSql {
+    pub fn new(target: &PostgresTarget, versioned: bool) -> TableSql {
+        TableSql {
+            qualified: format!("{}.{}", quote(&target.schema), quote(&target.table)),
+            offsets_table: format!("{}.kawka_offsets", quote(&target.schema)),
+            target: target.clone(),
+            versioned,
+        }
+    }
+
+    pub fn target(&self) -> &PostgresTarget {
+        &self.target
+    }
+
+    pub fn create_table(&self) -> String {
+        let mut sql = format!("CREATE TABLE IF NOT EXISTS {} (", self.qualified);
+        for column in &self.target.columns {
+            let not_null = if self.target.primary_key.contains(&column.name) { " NOT NULL" } else { "" };
+            let _ = write!(sql, "{} {}{not_null}, ", quote(&column.name), column.ty.sql());
+        }
+        if self.versioned {
+            let _ = write!(sql, "{VERSION_COLUMN} bigint, ");
+        }
+        let _ = write!(sql, "PRIMARY KEY ({}))", self.key_list());
+        sql
+    }
+
+    /// The positions table: `next_offset` is the offset of the first record
+    /// whose effect is not in the table (last applied + 1); `epoch` fences
+    /// owners: each assignment bumps it, and a write only commits while the
+    /// epoch it read is still current.
+    pub fn create_offsets_table(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (connector text NOT NULL, topic text NOT NULL, partition integer NOT NULL, \
+             next_offset bigint, epoch bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
+             PRIMARY KEY (connector, topic, partition))",
+            self.offsets_table
+        )
+    }
+
+    /// Takes ownership of partitions: `$1` connector, `$2` topics, `$3` partitions.
+    pub fn claim(&self) -> String {
+        format!(
+            "INSERT INTO {t} AS o (connector, topic, partition, next_offset, epoch) \
+             SELECT $1, u.topic, u.partition, NULL, 1 FROM UNNEST($2::text[], $3::int[]) AS u(topic, partition) \
+             ON CONFLICT (connector, topic, partition) DO UPDATE SET epoch = o.epoch + 1, updated_at = now() \
+             RETURNING topic, partition, next_offset, epoch",
+            t = self.offsets_table
+        )
+    }
+
+    /// Moves positions, only where the epoch is still ours: `$1` connector,
+    /// `$2` topics, `$3` partitions, `$4` next offsets, `$5` epochs. Fewer
+    /// rows updated than partitions given means another owner took over.
+    pub fn advance(&self) -> String {
+        format!(
+            "UPDATE {t} AS o SET next_offset = u.next_offset, updated_at = now() \
+             FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS u(topic, partition, next_offset, epoch) \
+             WHERE o.connector = $1 AND o.topic = u.topic AND o.partition = u.partition AND o.epoch = u.epoch",
+            t = self.offsets_table
+        )
+    }
+
+    fn key_list(&self) -> String {
+        self.target.primary_key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ")
+    }
+
+    fn column_type(&self, name: &str) -> ColumnType {
+        self.target.column(name).map_or(ColumnType::Text, |c| c.ty)
+    }
+
+    /// The statements that apply `net` (deletes, replaces, then one patch
+    /// statement per shape of set and added columns). Each key is in
+    /// exactly one statement, so their order does not matter.
+    pub fn plan(&self, net: &[NetOp]) -> Result<Vec<Statement>, BindError> {
+        let mut deletes = Vec::new();
+        let mut replaces = Vec::new();
+        let mut patches: BTreeMap<(Vec<Name>, Vec<Name>), Vec<usize>> = BTreeMap::new();
+        for (index, op) in net.iter().enumerate() {
+            match &op.effect {
+                Effect::Delete => deletes.push(index),
+                Effect::Replace(_) => replaces.push(index),
+                Effect::Patch { set, add } => {
+                    let mut set_names: Vec<Name> = set.iter().map(|(n, _)| *n).collect();
+                    let mut add_names: Vec<Name> = add.iter().map(|(n, _)| *n).collect();
+                    set_names.sort_unstable();
+                    add_names.sort_unstable();
+                    patches.entry((set_names, add_names)).or_default().push(index);
+                }
+            }
+        }
+        let mut statements = Vec::new();
+        if !deletes.is_empty() {
+            statements.push(self.delete(net, deletes)?);
+        }
+        if !replaces.is_empty() {
+            statements.push(self.replace(net, replaces)?);
+        }
+        for ((set, add), rows) in patches {
+            statements.push(self.patch(net, rows, &set, &add)?);
+        }
+        Ok(statements)
+    }
+
+    fn key_arrays(&self, net: &[NetOp], rows: &[usize]) -> Result<Vec<ColumnArray>, BindError> {
+        let mut arrays = Vec::with_capacity(self.target.primary_key.len());
+        for (part, name) in self.target.primary_key.iter().enumerate() {
+            let ty = self.column_type(name);
+            let mut array = ColumnArray::new(ty.bind_kind(), rows.len());
+            for &row in rows {
+                let value = net[row].key.get(part).unwrap_or(&Value::Null);
+                if value.is_null() {
+                    return Err(BindError { op: row, column: name.clone(), message: "key is null".into() });
+                }
+                array.push(ty, value).map_err(|message| BindError { op: row, column: name.clone(), message })?;
+            }
+            arrays.push(array);
+        }
+        Ok(arrays)
+    }
+
+    fn version_array(&self, net: &[NetOp], rows: &[usize]) -> ColumnArray {
+        ColumnArray::Int(rows.iter().map(|&row| net[row].version).collect())
+    }
+
+    fn delete(&self, net: &[NetOp], rows: Vec<usize>) -> Result<Statement, BindError> {
+        let mut arrays = self.key_arrays(net, &rows)?;
+        let keys = &self.target.primary_key;
+        let mut sql = format!("DELETE FROM {} AS t USING (SELECT ", self.qualified);
+        let casts: Vec<String> =
+            keys.iter().enumerate().map(|(i, k)| format!("u.c{i}::{} AS c{i}", self.column_type(k).sql())).collect();
+        sql.push_str(&casts.join(", "));
+        if self.versioned {
+            let _ = write!(sql, ", u.v");
+            arrays.push(self.version_array(net, &rows));
+        }
+        let _ = write!(sql, " FROM UNNEST({}) AS u(", unnest_params(&arrays));
+        let mut names: Vec<String> = (0..keys.len()).map(|i| format!("c{i}")).collect();
+        if self.versioned {
+            names.push("v".into());
+        }
+        let _ = write!(sql, "{})) AS d WHERE ", names.join(", "));
+        let matches: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("t.{} = d.c{i}", quote(k))).collect();
+        sql.push_str(&matches.join(" AND "));
+        if self.versioned {
+            let _ = write!(sql, " AND (d.v IS NULL OR t.{VERSION_COLUMN} IS NULL OR t.{VERSION_COLUMN} < d.v)");
+        }
+        Ok(Statement { sql, arrays, rows })
+    }
+
+    /// Replace: every column, unlisted ones null.
+    fn replace(&self, net: &[NetOp], rows: Vec<usize>) -> Result<Statement, BindError> {
+        let value_columns: Vec<&str> = self
+            .target
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .filter(|name| !self.target.primary_key.iter().any(|k| k == name))
+            .collect();
+        let mut arrays = self.key_arrays(net, &rows)?;
+        for name in &value_columns {
+            let ty = self.column_type(name);
+            let mut array = ColumnArray::new(ty.bind_kind(), rows.len());
+            for &row in &rows {
+                let Effect::Replace(fields) = &net[row].effect else { unreachable!("rows are replaces") };
+                let value = fields.iter().find(|(n, _)| n == name).map_or(&Value::Null, |(_, v)| v);
+                array.push(ty, value).map_err(|message| BindError { op: row, column: name.to_string(), message })?;
+            }
+            arrays.push(array);
+        }
+        let updates: Vec<String> = value_columns.iter().map(|c| format!("{0} = EXCLUDED.{0}", quote(c))).collect();
+        Ok(self.upsert(net, rows, arrays, &value_columns, updates))
+    }
+
+    /// Patch: set some columns, add to others; the row is created if missing.
+    fn patch(&self, net: &[NetOp], rows: Vec<usize>, set: &[Name], add: &[Name]) -> Result<Statement, BindError> {
+        let mut arrays = self.key_arrays(net, &rows)?;
+        let mut columns: Vec<&str> = Vec::with_capacity(set.len() + add.len());
+        for (names, adding) in [(set, false), (add, true)] {
+            for name in names {
+                let ty = self.column_type(name);
+                let mut array = ColumnArray::new(ty.bind_kind(), rows.len());
+                for &row in &rows {
+                    let Effect::Patch { set, add } = &net[row].effect else { unreachable!("rows are patches") };
+                    let fields = if adding { add } else { set };
+                    let value = fields.iter().find(|(n, _)| n == name).map_or(&Value::Null, |(_, v)| v);
+                    array.push(ty, value).map_err(|message| BindError {
+                        op: row,
+                        column: name.to_string(),
+                        message,
+                    })?;
+                }
+                arrays.push(array);
+                columns.push(name);
+            }
+        }
+        let mut updates: Vec<String> = set.iter().map(|c| format!("{0} = EXCLUDED.{0}", quote(c))).collect();
+        // A missing row starts from the delta; an existing null counts as 0.
+        updates.extend(add.iter().map(|c| format!("{0} = COALESCE(t.{0}, 0) + EXCLUDED.{0}", quote(c))));
+        Ok(self.upsert(net, rows, arrays, &columns, updates))
+    }
+
+    fn upsert(
+        &self,
+        net: &[NetOp],
+        rows: Vec<usize>,
+        mut arrays: Vec<ColumnArray>,
+        value_columns: &[&str],
+        mut updates: Vec<String>,
+    ) -> Statement {
+        let keys = &self.target.primary_key;
+        let mut columns: Vec<String> = keys.iter().map(|k| quote(k)).collect();
+        columns.extend(value_columns.iter().map(|c| quote(c)));
+        let mut casts: Vec<String> = keys
+            .iter()
+            .map(String::as_str)
+            .chain(value_columns.iter().copied())
+            .enumerate()
+            .map(|(i, name)| format!("u.c{i}::{}", self.column_type(name).sql()))
+            .collect();
+        if self.versioned {
+            columns.push(VERSION_COLUMN.to_string());
+            casts.push(format!("u.c{}", casts.len()));
+            updates.push(format!("{VERSION_COLUMN} = EXCLUDED.{VERSION_COLUMN}"));
+            arrays.push(self.version_array(net, &rows));
+        }
+        let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
+        let mut sql = format!(
+            "INSERT INTO {} AS t ({}) SELECT {} FROM UNNEST({}) AS u({}) ON CONFLICT ({}) ",
+            self.qualified,
+            columns.join(", "),
+            casts.join(", "),
+            unnest_params(&arrays),
+            names.join(", "),
+            self.key_list()
+        );
+        if updates.is_empty() {
+            sql.push_str("DO NOTHING");
+        } else {
+            let _ = write!(sql, "DO UPDATE SET {}", updates.join(", "));
+            if self.versioned {
+                let _ = write!(
+                    sql,
+                    " WHERE t.{VERSION_COLUMN} IS NULL OR EXCLUDED.{VERSION_COLUMN} IS NULL \
+                     OR t.{VERSION_COLUMN} < EXCLUDED.{VERSION_COLUMN}"
+                );
+            }
+        }
+        Statement { sql, arrays, rows }
+    }
+}
+
+fn unnest_params(arrays: &[ColumnArray]) -> String {
+    arrays.iter().enumerate().map(|(i, a)| format!("${}::{}", i + 1, a.array_type())).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Column;
+    use crate::event::Position;
+
+    fn inventory() -> TableSql {
+        TableSql::new(
+            &PostgresTarget {
+                schema: "public".into(),
+                table: "inventory".into(),
+                columns: vec![
+                    Column { name: "store_id".into(), ty: ColumnType::Text },
+                    Column { name: "item_id".into(), ty: ColumnType::Text },
+                    Column { name: "on_hand".into(), ty: ColumnType::BigInt },
+                    Column { name: "seen_at".into(), ty: ColumnType::TimestampTz },
+                ],
+                primary_key: vec!["store_id".into(), "item_id".into()],
+                create: true,
+            },
+            false,
+        )
+    }
+
+    fn net(store: &str, effect: Effect) -> NetOp {
+        NetOp {
+            key: vec![Value::from(store), Value::from("i1")],
+            effect,
+            version: None,
+            positions: vec![Position { topic: "t", partition: 0, offset: 0 }],
+        }
+    }
+
+    #[test]
+    fn patches_add_with_coalesce_and_group_by_shape() {
+        let ops = vec![
+            net("s1", Effect::Patch { set: vec![], add: vec![("on_hand", Value::Int(5))] }),
+            net("s2", Effect::Patch { set: vec![], add: vec![("on_hand", Value::Int(-2))] }),
+            net("s3", Effect::Patch { set: vec![("seen_at", Value::Int(0))], add: vec![] }),
+        ];
+        let statements = inventory().plan(&ops).expect("binds");
+        assert_eq!(statements.len(), 2);
+        assert_eq!(
+            statements[0].sql,
+            "INSERT INTO \"public\".\"inventory\" AS t (\"store_id\", \"item_id\", \"on_hand\") \
+             SELECT u.c0::text, u.c1::text, u.c2::bigint FROM UNNEST($1::text[], $2::text[], $3::bigint[]) \
+             AS u(c0, c1, c2) ON CONFLICT (\"store_id\", \"item_id\") \
+             DO UPDATE SET \"on_hand\" = COALESCE(t.\"on_hand\", 0) + EXCLUDED.\"on_hand\""
+        );
+        assert_eq!(statements[0].arrays[2], ColumnArray::Int(vec![Some(5), Some(-2)]));
+        assert_eq!(statements[0].rows, vec![0, 1]);
+        assert!(statements[1].sql.contains("DO UPDATE SET \"seen_at\" = EXCLUDED.\"seen_at\""));
+        assert_eq!(statements[1].arrays[2], ColumnArray::Text(vec![Some("1970-01-01T00:00:00.000Z".into())]));
+    }
+
+    #[test]
+    fn replaces_write_every_column_and_deletes_match_the_key() {
+        let ops = vec![net("s1", Effect::Replace(vec![("on_hand", Value::Int(1))])), net("s2", Effect::Delete)];
+        let statements = inventory().plan(&ops).expect("binds");
+        assert_eq!(
+            statements[0].sql,
+            "DELETE FROM \"public\".\"inventory\" AS t USING (SELECT u.c0::text AS c0, u.c1::text AS c1 \
+             FROM UNNEST($1::text[], $2::text[]) AS u(c0, c1)) AS d WHERE t.\"store_id\" = d.c0 AND t.\"item_id\" = d.c1"
+        );
+        assert!(statements[1]
+            .sql
+            .ends_with("DO UPDATE SET \"on_hand\" = EXCLUDED.\"on_hand\", \"seen_at\" = EXCLUDED.\"seen_at\""));
+        assert_eq!(statements[1].arrays[3], ColumnArray::Text(vec![None]));
+    }
+
+    #[test]
+    fn values_that_do_not_fit_name_the_op_and_column() {
+        let ops = vec![
+            net("s1", Effect::Patch { set: vec![], add: vec![("on_hand", Value::Int(1))] }),
+            net("s2", Effect::Patch { set: vec![], add: vec![("on_hand", Value::from("lots"))] }),
+        ];
+        let error = inventory().plan(&ops).expect_err("text in bigint");
+        assert_eq!(error.op, 1);
+        assert_eq!(error.column, "on_hand");
+        assert!(error.message.contains("\"lots\""), "{error}");
+        let mut null_key = net("s1", Effect::Delete);
+        null_key.key[1] = Value::Null;
+        assert_eq!(inventory().plan(&[null_key]).expect_err("null key").message, "key is null");
+    }
+
+    #[test]
+    fn versions_guard_updates_and_deletes() {
+        let mut table = inventory();
+        table.versioned = true;
+        let mut op = net("s1", Effect::Replace(vec![]));
+        op.version = Some(3);
+        let statements = table.plan(&[op.clone(), NetOp { effect: Effect::Delete, ..op }]).expect("binds");
+        assert!(statements[0].sql.contains("t.kawka_version < d.v"), "{}", statements[0].sql);
+        assert!(statements[1].sql.contains("kawka_version = EXCLUDED.kawka_version WHERE t.kawka_version IS NULL"));
+        assert_eq!(statements[1].arrays.last(), Some(&ColumnArray::Int(vec![Some(3)])));
+        assert!(table.create_table().contains("kawka_version bigint"));
+    }
+
+    #[test]
+    fn dates_and_timestamps_from_integers() {
+        assert_eq!(format_millis(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(format_millis(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(format_days(19_723), "2024-01-01");
+        assert_eq!(format_days(11_016), "2000-02-29");
+        assert!(check_value(ColumnType::Boolean, &Value::Int(1)).is_err());
+        assert!(check_value(ColumnType::Jsonb, &Value::Array(vec![Value::Int(1)])).is_ok());
+    }
+}

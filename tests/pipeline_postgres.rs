@@ -1,0 +1,311 @@
+//! `kawka run` end to end into Postgres, against the real stack: events
+//! from the Confluent Python producer, every op, a consumer group split
+//! over two processes, and `kill -9` crashes that must not lose or repeat
+//! an effect.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{json, Value as Json};
+use sqlx::Row;
+
+use support::{eventually, Project};
+
+fn ops_schemas() -> Json {
+    let record =
+        |name: &str, fields: Json| json!({"type": "record", "name": name, "namespace": "test.ops", "fields": fields});
+    json!({
+        "created": record("Created", json!([{"name": "id", "type": "string"}, {"name": "name", "type": "string"}, {"name": "email", "type": "string"}])),
+        "renamed": record("Renamed", json!([{"name": "id", "type": "string"}, {"name": "new_name", "type": "string"}])),
+        "visited": record("Visited", json!([{"name": "id", "type": "string"}, {"name": "count", "type": "int"}])),
+        "unvisited": record("Unvisited", json!([{"name": "id", "type": "string"}, {"name": "count", "type": "int"}])),
+        "removed": record("Removed", json!([{"name": "id", "type": "string"}])),
+        "ignored": record("Ignored", json!([{"name": "id", "type": "string"}])),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_op_lands_with_the_right_values() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("ops");
+    let table = support::unique("ops");
+    support::create_topic(&topic, 1).await;
+    let connector = format!(
+        r#"name: {table}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink:
+  to: readdb
+  table: {table}
+  columns: {{ id: text, name: text, email: text, visits: bigint, created_at: timestamptz, last_offset: bigint }}
+  primary_key: [id]
+key: {{ id: $key }}
+tombstones: delete
+events:
+  test.ops.Created:   {{ upsert: {{ name: name, email: lower(email), visits: 0, created_at: $timestamp, last_offset: $offset }} }}
+  test.ops.Renamed:   {{ merge: {{ name: new_name, last_offset: $offset }} }}
+  test.ops.Visited:   {{ increment: {{ visits: count }} }}
+  test.ops.Unvisited: {{ decrement: {{ visits: count }} }}
+  test.ops.Removed:   {{ delete: {{}} }}
+"#
+    );
+    let project = Project::new(&registry.url(), &[(&table, &connector)]);
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": ops_schemas()});
+    let event = |schema: &str, id: &str, value: Json| json!({"schema": schema, "key": id, "value": value});
+    let first = vec![
+        event("created", "a", json!({"id": "a", "name": "Ann", "email": "ANN@X.COM"})),
+        event("visited", "a", json!({"id": "a", "count": 3})),
+        event("visited", "a", json!({"id": "a", "count": 2})),
+        event("unvisited", "a", json!({"id": "a", "count": 1})),
+        event("created", "b", json!({"id": "b", "name": "Bob", "email": "b@x"})),
+        event("visited", "c", json!({"id": "c", "count": 5})),
+        event("created", "d", json!({"id": "d", "name": "Dee", "email": "d@x"})),
+        json!({"key": "d", "value": null}),
+        event("removed", "e", json!({"id": "e"})),
+        event("ignored", "g", json!({"id": "g"})),
+    ];
+    support::produce_with_python(&spec, first).await;
+    let mut kawka = project.start(0);
+    let pool = support::postgres().await;
+    let offsets_query = "SELECT next_offset FROM kawka_offsets WHERE connector = $1 AND topic = $2 AND partition = 0";
+    eventually(Duration::from_secs(60), "the first events to be written", || async {
+        let next: Option<i64> = sqlx::query_scalar(offsets_query)
+            .bind(&table)
+            .bind(&topic)
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+            .flatten();
+        (next == Some(10)).then_some(())
+    })
+    .await;
+    // A second round while kawka runs: ops on rows written by earlier batches.
+    let second = vec![
+        event("renamed", "a", json!({"id": "a", "new_name": "Annie"})),
+        event("removed", "b", json!({"id": "b"})),
+        event("renamed", "e", json!({"id": "e", "new_name": "Eve"})),
+        event("created", "f", json!({"id": "f", "name": "Fay", "email": "f@x"})),
+        event("renamed", "f", json!({"id": "f", "new_name": "Fiona"})),
+        event("visited", "f", json!({"id": "f", "count": 7})),
+        event("created", "f", json!({"id": "f", "name": "Fay2", "email": "F2@X"})),
+    ];
+    support::produce_with_python(&spec, second).await;
+    eventually(Duration::from_secs(60), "the second events to be written", || async {
+        let next: Option<i64> = sqlx::query_scalar(offsets_query)
+            .bind(&table)
+            .bind(&topic)
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+            .flatten();
+        (next == Some(17)).then_some(())
+    })
+    .await;
+    let rows = sqlx::query(&format!(
+        "SELECT id, name, email, visits, created_at IS NOT NULL AND created_at > now() - interval '1 hour' AS fresh, \
+         last_offset FROM \"{table}\" ORDER BY id"
+    ))
+    .fetch_all(&pool)
+    .await
+    .expect("read the table");
+    let table_rows: Vec<(String, Option<String>, Option<String>, Option<i64>, Option<bool>, Option<i64>)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))).collect();
+    let s = |t: &str| Some(t.to_string());
+    assert_eq!(
+        table_rows,
+        vec![
+            // upsert, increments, decrement, then a merge in a later batch
+            ("a".into(), s("Annie"), s("ann@x.com"), Some(4), Some(true), Some(10)),
+            // increment of a missing row creates it with the delta
+            ("c".into(), None, None, Some(5), Some(false), None),
+            // delete then merge: the row starts again from nothing
+            ("e".into(), s("Eve"), None, None, Some(false), Some(12)),
+            // upsert, merge, increment, upsert: the last upsert replaces all
+            ("f".into(), s("Fay2"), s("f2@x"), Some(0), Some(true), Some(16)),
+        ],
+        "b deleted by an event, d by a tombstone, g's event type is not in the connector"
+    );
+    assert_eq!(kawka.terminate().await, Some(0), "SIGTERM drains and exits 0; log:\n{}", kawka.log());
+    registry.stop().await.expect("registry stops");
+}
+
+/// Inventory events: (topic, key, store, item, signed quantity).
+fn inventory_events(count: usize, stores: usize, items: usize) -> Vec<(bool, String, String, i64)> {
+    let mut rng = rand::rng();
+    (0..count)
+        .map(|_| {
+            let store = format!("s{}", rng.random_range(0..stores));
+            let item = format!("i{}", rng.random_range(0..items));
+            let shipment = rng.random_bool(0.5);
+            (shipment, store, item, rng.random_range(1..20))
+        })
+        .collect()
+}
+
+fn inventory_records(events: &[(bool, String, String, i64)], first_id: usize) -> (Vec<Json>, Vec<Json>) {
+    let (mut shipments, mut sales) = (Vec::new(), Vec::new());
+    for (n, (shipment, store, item, quantity)) in events.iter().enumerate() {
+        let id = format!("e{}", first_id + n);
+        let key = format!("{store}:{item}");
+        if *shipment {
+            shipments.push(json!({"schema": "shipment", "key": key, "value": {"shipment_id": id, "store_id": store,
+                "item_id": item, "quantity": quantity, "received_at": 1_700_000_000_000i64}}));
+        } else {
+            sales.push(json!({"schema": "sale", "key": key, "value": {"sale_id": id, "store_id": store,
+                "item_id": item, "quantity": quantity, "sold_at": 1_700_000_000_000i64}}));
+        }
+    }
+    (shipments, sales)
+}
+
+/// Shipments minus sales per (store, item): the fold the table must equal.
+fn expected_on_hand(events: &[(bool, String, String, i64)]) -> BTreeMap<(String, String), i64> {
+    let mut expected = BTreeMap::new();
+    for (shipment, store, item, quantity) in events {
+        *expected.entry((store.clone(), item.clone())).or_insert(0) += if *shipment { *quantity } else { -quantity };
+    }
+    expected
+}
+
+fn inventory_connector(name: &str, table: &str, shipments: &str, sales: &str, max_events: usize) -> String {
+    format!(
+        r#"name: {name}
+source: {{ topics: [{shipments}, {sales}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "1000" }} }}
+sink:
+  to: readdb
+  table: {table}
+  columns: {{ store_id: text, item_id: text, on_hand: bigint }}
+  primary_key: [store_id, item_id]
+key: {{ store_id: store_id, item_id: item_id }}
+batch: {{ max_events: {max_events}, max_wait: 100ms }}
+events:
+  com.example.retail.ShipmentReceived: {{ increment: {{ on_hand: quantity }} }}
+  com.example.retail.ItemSold:         {{ decrement: {{ on_hand: quantity }} }}
+"#
+    )
+}
+
+async fn produce_inventory(registry: &str, shipments: &str, sales: &str, records: (Vec<Json>, Vec<Json>)) {
+    let schemas = |name: &str, event_type: &str| json!({ name: support::catalogue_schema(event_type, 1) });
+    let shipment_spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry, "topic": shipments,
+        "schemas": schemas("shipment", "com.example.retail.ShipmentReceived")});
+    let sale_spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry, "topic": sales,
+        "schemas": schemas("sale", "com.example.retail.ItemSold")});
+    let (a, b) = tokio::join!(
+        support::produce_with_python(&shipment_spec, records.0),
+        support::produce_with_python(&sale_spec, records.1)
+    );
+    assert!(a.produced + b.produced > 0);
+}
+
+async fn read_on_hand(pool: &sqlx::PgPool, table: &str) -> BTreeMap<(String, String), i64> {
+    sqlx::query(&format!("SELECT store_id, item_id, on_hand FROM \"{table}\""))
+        .fetch_all(pool)
+        .await
+        .map(|rows| rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect())
+        .unwrap_or_default()
+}
+
+async fn positions(pool: &sqlx::PgPool, connector: &str) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>(
+        "SELECT COALESCE(sum(next_offset), 0)::bigint FROM kawka_offsets WHERE connector = $1",
+    )
+    .bind(connector)
+    .fetch_one(pool)
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_in_one_group_split_the_partitions_and_agree_with_one() {
+    let registry = support::start_registry().await;
+    let (shipments, sales) = (support::unique("shipments"), support::unique("sales"));
+    support::create_topic(&shipments, 3).await;
+    support::create_topic(&sales, 3).await;
+    let events = inventory_events(6000, 5, 20);
+    produce_inventory(&registry.url(), &shipments, &sales, inventory_records(&events, 0)).await;
+    let expected = expected_on_hand(&events);
+
+    let (pair, single) = (support::unique("pair"), support::unique("single"));
+    let pair_project =
+        Project::new(&registry.url(), &[(&pair, &inventory_connector(&pair, &pair, &shipments, &sales, 500))]);
+    let single_project =
+        Project::new(&registry.url(), &[(&single, &inventory_connector(&single, &single, &shipments, &sales, 500))]);
+    let mut first = pair_project.start(0);
+    let mut second = pair_project.start(1);
+    let mut alone = single_project.start(0);
+    let pool = support::postgres().await;
+    eventually(Duration::from_secs(120), "both tables to hold every event", || async {
+        (positions(&pool, &pair).await == 6000 && positions(&pool, &single).await == 6000).then_some(())
+    })
+    .await;
+    assert_eq!(read_on_hand(&pool, &pair).await, expected, "two processes: shipments minus sales");
+    assert_eq!(read_on_hand(&pool, &single).await, expected, "one process: shipments minus sales");
+    for (n, process) in [&first, &second].iter().enumerate() {
+        let log = process.log();
+        assert!(
+            log.lines().any(|line| line.contains("partitions assigned") && line.contains(&format!("{shipments}/"))
+                || line.contains("partitions assigned") && line.contains(&format!("{sales}/"))),
+            "process {n} never got a partition:\n{log}"
+        );
+    }
+    for process in [&mut first, &mut second, &mut alone] {
+        assert_eq!(process.terminate().await, Some(0), "clean exit; log:\n{}", process.log());
+    }
+    registry.stop().await.expect("registry stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
+    const ROUNDS: usize = 10;
+    const PER_ROUND: usize = 10_000;
+    let registry = support::start_registry().await;
+    let (shipments, sales) = (support::unique("shipments"), support::unique("sales"));
+    support::create_topic(&shipments, 3).await;
+    support::create_topic(&sales, 3).await;
+    let name = support::unique("crash");
+    let project =
+        Project::new(&registry.url(), &[(&name, &inventory_connector(&name, &name, &shipments, &sales, 400))]);
+    let pool = support::postgres().await;
+    let registry_url = registry.url();
+    let mut all_events = Vec::new();
+    let mut kills = 0;
+    let mut progress_at_kills = Vec::new();
+    for round in 0..ROUNDS {
+        let events = inventory_events(PER_ROUND, 20, 50);
+        let records = inventory_records(&events, round * PER_ROUND);
+        all_events.extend(events);
+        let producing = produce_inventory(&registry_url, &shipments, &sales, records);
+        let mut kawka = project.start(round);
+        let wait = Duration::from_millis(rand::rng().random_range(1500..6000));
+        tokio::join!(producing, tokio::time::sleep(wait));
+        kawka.kill9();
+        kills += 1;
+        progress_at_kills.push(positions(&pool, &name).await);
+    }
+    let total = (ROUNDS * PER_ROUND) as i64;
+    assert!(
+        progress_at_kills.iter().any(|&p| p > 0 && p < total),
+        "no kill landed mid-run: positions at kills {progress_at_kills:?}"
+    );
+    let mut last = project.start(ROUNDS);
+    eventually(Duration::from_secs(180), "every event to be written after the last restart", || async {
+        (positions(&pool, &name).await == total).then_some(())
+    })
+    .await;
+    assert_eq!(last.terminate().await, Some(0), "clean exit; log:\n{}", last.log());
+    let expected = expected_on_hand(&all_events);
+    let actual = read_on_hand(&pool, &name).await;
+    let wrong: Vec<_> = expected.iter().filter(|(key, value)| actual.get(*key) != Some(value)).take(5).collect();
+    assert!(wrong.is_empty(), "after {kills} kills, rows differ from shipments minus sales: {wrong:?}");
+    assert_eq!(actual.len(), expected.len());
+    eprintln!("{kills} kills, positions at each kill: {progress_at_kills:?}");
+    registry.stop().await.expect("registry stops");
+}

@@ -113,7 +113,8 @@ events:
     .fetch_all(&pool)
     .await
     .expect("read the table");
-    let table_rows: Vec<(String, Option<String>, Option<String>, Option<i64>, Option<bool>, Option<i64>)> =
+    type Row6 = (String, Option<String>, Option<String>, Option<i64>, Option<bool>, Option<i64>);
+    let table_rows: Vec<Row6> =
         rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))).collect();
     let s = |t: &str| Some(t.to_string());
     assert_eq!(
@@ -131,7 +132,7 @@ events:
         "b deleted by an event, d by a tombstone, g's event type is not in the connector"
     );
     assert_eq!(kawka.terminate().await, Some(0), "SIGTERM drains and exits 0; log:\n{}", kawka.log());
-    registry.stop().await.expect("registry stops");
+    let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
 }
 
 /// Inventory events: (topic, key, store, item, signed quantity).
@@ -259,7 +260,7 @@ async fn two_processes_in_one_group_split_the_partitions_and_agree_with_one() {
     for process in [&mut first, &mut second, &mut alone] {
         assert_eq!(process.terminate().await, Some(0), "clean exit; log:\n{}", process.log());
     }
-    registry.stop().await.expect("registry stops");
+    let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,29 +272,35 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     support::create_topic(&shipments, 3).await;
     support::create_topic(&sales, 3).await;
     let name = support::unique("crash");
+    // Small batches: many commits for the kills to fall between.
     let project =
-        Project::new(&registry.url(), &[(&name, &inventory_connector(&name, &name, &shipments, &sales, 400))]);
+        Project::new(&registry.url(), &[(&name, &inventory_connector(&name, &name, &shipments, &sales, 200))]);
     let pool = support::postgres().await;
-    let registry_url = registry.url();
-    let mut all_events = Vec::new();
+    let all_events = inventory_events(ROUNDS * PER_ROUND, 20, 50);
+    produce_inventory(&registry.url(), &shipments, &sales, inventory_records(&all_events, 0)).await;
+    let total = (ROUNDS * PER_ROUND) as i64;
+    // Each round starts kawka, waits until it has written something new,
+    // then kills it at a random moment of its writing.
     let mut kills = 0;
     let mut progress_at_kills = Vec::new();
+    let mut before = 0;
     for round in 0..ROUNDS {
-        let events = inventory_events(PER_ROUND, 20, 50);
-        let records = inventory_records(&events, round * PER_ROUND);
-        all_events.extend(events);
-        let producing = produce_inventory(&registry_url, &shipments, &sales, records);
         let mut kawka = project.start(round);
-        let wait = Duration::from_millis(rand::rng().random_range(1500..6000));
-        tokio::join!(producing, tokio::time::sleep(wait));
+        let started = eventually(Duration::from_secs(60), "kawka to write after a restart", || async {
+            let now = positions(&pool, &name).await;
+            (now > before).then_some(now)
+        })
+        .await;
+        assert!(started < total, "round {round}: the run finished before the kill; make it longer");
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..600))).await;
         kawka.kill9();
         kills += 1;
-        progress_at_kills.push(positions(&pool, &name).await);
+        before = positions(&pool, &name).await;
+        progress_at_kills.push(before);
     }
-    let total = (ROUNDS * PER_ROUND) as i64;
     assert!(
-        progress_at_kills.iter().any(|&p| p > 0 && p < total),
-        "no kill landed mid-run: positions at kills {progress_at_kills:?}"
+        progress_at_kills.iter().all(|&p| p > 0 && p < total),
+        "every kill must land mid-run: positions at kills {progress_at_kills:?} of {total}"
     );
     let mut last = project.start(ROUNDS);
     eventually(Duration::from_secs(180), "every event to be written after the last restart", || async {
@@ -307,5 +314,5 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     assert!(wrong.is_empty(), "after {kills} kills, rows differ from shipments minus sales: {wrong:?}");
     assert_eq!(actual.len(), expected.len());
     eprintln!("{kills} kills, positions at each kill: {progress_at_kills:?}");
-    registry.stop().await.expect("registry stops");
+    let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
 }

@@ -22,9 +22,8 @@ use crate::codec::{Codec, Decoded};
 use crate::config::{ConnectorSettings, ErrorPolicy, KafkaSettings};
 use crate::error::{Backoff, ErrorClass};
 use crate::event::Position;
-use crate::projection::compact::compact;
 use crate::projection::{Projected, Projection, WriteOp};
-use crate::sink::{Batch, Claim, PartitionOffset, Sink, SinkError};
+use crate::sink::{Claim, PartitionOffset, Sink, SinkError};
 use crate::source::{ClaimFn, KafkaSource, RawRecord, SourceMessage};
 use crate::value::Name;
 use dead_letter::{DeadLetters, Failure};
@@ -41,6 +40,8 @@ pub struct ConnectorStats {
     pub skipped: AtomicU64,
     pub unknown: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Writes the sink found already applied (replays, duplicates).
+    pub duplicates: AtomicU64,
     pub batches: AtomicU64,
     pub retries: AtomicU64,
 }
@@ -414,33 +415,26 @@ impl Worker<'_> {
         let mut give_up_at: Option<Instant> = None;
         let mut stop_after: Option<Failure> = None;
         loop {
-            let (net, fold_errors) = compact(self.pending.ops.clone());
-            if !fold_errors.is_empty() {
-                let mut rejected = Vec::new();
-                for error in fold_errors {
-                    if let Some(at) = self.pending.ops.iter().position(|op| op.position == error.position) {
-                        rejected.push((at, error.to_string()));
-                    }
-                }
-                if let Some(failure) = self.reject(rejected).await? {
-                    stop_after.get_or_insert(failure);
-                }
-                continue;
-            }
-            let batch = Batch { ops: Vec::new(), offsets: self.offsets() };
-            match self.runtime.sink.write(&batch, &net).await {
-                Ok(()) => {
+            let offsets = self.offsets();
+            match self.runtime.sink.write(&self.pending.ops, &offsets).await {
+                Ok(duplicates) => {
                     let stats = &self.runtime.stats;
                     stats.written.fetch_add(self.pending.ops.len() as u64, Ordering::Relaxed);
+                    stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
                     stats.batches.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(connector = %self.name(), events = self.pending.records.len(),
-                        ops = self.pending.ops.len(), rows = net.len(), "batch written");
-                    self.source.durable(&batch.offsets);
+                        ops = self.pending.ops.len(), duplicates, "batch written");
+                    self.source.durable(&offsets);
                     self.pending.clear();
                     return match stop_after {
                         Some(failure) => Err(Halt::Stopped(failure)),
                         None => Ok(()),
                     };
+                }
+                Err(SinkError::RejectedOps(rejected)) => {
+                    if let Some(failure) = self.reject(rejected).await? {
+                        stop_after.get_or_insert(failure);
+                    }
                 }
                 Err(SinkError::Fenced) => {
                     self.pending.clear();

@@ -48,6 +48,8 @@ pub struct NetOp {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("cannot add {delta} to field `{field}` holding {found}")]
 pub struct CompactError {
+    /// Index of the op in the input.
+    pub op: usize,
     pub position: Position,
     pub field: String,
     pub delta: String,
@@ -101,19 +103,19 @@ fn encode(value: &Value, out: &mut Vec<u8>) {
 ///
 /// With a domain version, an op whose version is not above the highest seen
 /// for its key in this batch is stale and dropped (its position is kept).
-pub fn compact(ops: Vec<WriteOp>) -> (Vec<NetOp>, Vec<CompactError>) {
+pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp>, Vec<CompactError>) {
     let mut index: HashMap<Vec<u8>, usize> = HashMap::with_capacity(ops.len());
     let mut net: Vec<NetOp> = Vec::with_capacity(ops.len());
     let mut errors = Vec::new();
     let mut identity = Vec::with_capacity(64);
-    for op in ops {
+    for (op_index, op) in ops.iter().enumerate() {
         key_identity(&op.key, &mut identity);
         match index.get(&identity) {
             None => {
                 index.insert(identity.clone(), net.len());
                 net.push(NetOp {
-                    key: op.key,
-                    effect: first(op.kind, op.fields),
+                    key: op.key.clone(),
+                    effect: first(op.kind, op.fields.clone()),
                     version: op.version,
                     positions: vec![op.position],
                 });
@@ -127,8 +129,9 @@ pub fn compact(ops: Vec<WriteOp>) -> (Vec<NetOp>, Vec<CompactError>) {
                     }
                 }
                 current.version = current.version.max(op.version);
-                if let Err(error) = fold(&mut current.effect, op.kind, op.fields, op.position) {
+                if let Err(mut error) = fold(&mut current.effect, op.kind, op.fields.clone(), op.position) {
                     current.positions.pop();
+                    error.op = op_index;
                     errors.push(error);
                 }
             }
@@ -195,6 +198,7 @@ fn add_into(target: &mut Vec<(Name, Value)>, deltas: &[(Name, Value)], position:
             None => target.push((name, delta.clone())),
             Some(slot) => {
                 slot.1 = add(&slot.1, delta).ok_or_else(|| CompactError {
+                    op: 0,
                     position,
                     field: name.to_string(),
                     delta: delta.to_string(),
@@ -235,7 +239,7 @@ mod tests {
     }
 
     fn net(ops: Vec<WriteOp>) -> Effect {
-        let (mut net, errors) = compact(ops);
+        let (mut net, errors) = compact(&ops);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(net.len(), 1);
         net.remove(0).effect
@@ -256,30 +260,27 @@ mod tests {
 
     #[test]
     fn every_pair_of_ops_folds_as_the_table_says() {
-        let a = ("a", Value::Int(1));
-        let b = ("b", Value::from("x"));
+        let a = || ("a", Value::Int(1));
+        let b = || ("b", Value::from("x"));
         // upsert ∘ …
-        assert_eq!(net(vec![up(0, &[a.clone()]), up(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
-        assert_eq!(net(vec![up(0, &[a.clone()]), merge(1, &[b.clone()])]), Effect::Replace(vec![a.clone(), b.clone()]));
-        assert_eq!(net(vec![up(0, &[a.clone()]), inc(1, "a", 4)]), Effect::Replace(vec![("a", Value::Int(5))]));
-        assert_eq!(
-            net(vec![up(0, &[b.clone()]), inc(1, "a", 4)]),
-            Effect::Replace(vec![b.clone(), ("a", Value::Int(4))])
-        );
-        assert_eq!(net(vec![up(0, &[a.clone()]), del(1)]), Effect::Delete);
+        assert_eq!(net(vec![up(0, &[a()]), up(1, &[b()])]), Effect::Replace(vec![b()]));
+        assert_eq!(net(vec![up(0, &[a()]), merge(1, &[b()])]), Effect::Replace(vec![a(), b()]));
+        assert_eq!(net(vec![up(0, &[a()]), inc(1, "a", 4)]), Effect::Replace(vec![("a", Value::Int(5))]));
+        assert_eq!(net(vec![up(0, &[b()]), inc(1, "a", 4)]), Effect::Replace(vec![b(), ("a", Value::Int(4))]));
+        assert_eq!(net(vec![up(0, &[a()]), del(1)]), Effect::Delete);
         // merge ∘ …
-        assert_eq!(net(vec![merge(0, &[a.clone()]), up(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
+        assert_eq!(net(vec![merge(0, &[a()]), up(1, &[b()])]), Effect::Replace(vec![b()]));
         assert_eq!(
-            net(vec![merge(0, &[a.clone()]), merge(1, &[("a", Value::Int(9)), b.clone()])]),
-            Effect::Patch { set: vec![("a", Value::Int(9)), b.clone()], add: vec![] }
+            net(vec![merge(0, &[a()]), merge(1, &[("a", Value::Int(9)), b()])]),
+            Effect::Patch { set: vec![("a", Value::Int(9)), b()], add: vec![] }
         );
         assert_eq!(
-            net(vec![merge(0, &[a.clone()]), inc(1, "a", 2), inc(2, "c", 3)]),
+            net(vec![merge(0, &[a()]), inc(1, "a", 2), inc(2, "c", 3)]),
             Effect::Patch { set: vec![("a", Value::Int(3))], add: vec![("c", Value::Int(3))] }
         );
-        assert_eq!(net(vec![merge(0, &[a.clone()]), del(1)]), Effect::Delete);
+        assert_eq!(net(vec![merge(0, &[a()]), del(1)]), Effect::Delete);
         // increment ∘ …
-        assert_eq!(net(vec![inc(0, "a", 2), up(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
+        assert_eq!(net(vec![inc(0, "a", 2), up(1, &[b()])]), Effect::Replace(vec![b()]));
         assert_eq!(
             net(vec![inc(0, "a", 2), merge(1, &[("a", Value::Int(7))])]),
             Effect::Patch { set: vec![("a", Value::Int(7))], add: vec![] }
@@ -290,8 +291,8 @@ mod tests {
         );
         assert_eq!(net(vec![inc(0, "a", 2), del(1)]), Effect::Delete);
         // delete ∘ …
-        assert_eq!(net(vec![del(0), up(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
-        assert_eq!(net(vec![del(0), merge(1, &[b.clone()])]), Effect::Replace(vec![b.clone()]));
+        assert_eq!(net(vec![del(0), up(1, &[b()])]), Effect::Replace(vec![b()]));
+        assert_eq!(net(vec![del(0), merge(1, &[b()])]), Effect::Replace(vec![b()]));
         assert_eq!(net(vec![del(0), inc(1, "a", 6)]), Effect::Replace(vec![("a", Value::Int(6))]));
         assert_eq!(net(vec![del(0), del(1)]), Effect::Delete);
     }
@@ -300,7 +301,7 @@ mod tests {
     fn keys_stay_apart_in_first_seen_order_and_positions_are_kept() {
         let mut other = inc(1, "a", 1);
         other.key = vec![Value::from("other")];
-        let (net, errors) = compact(vec![inc(0, "a", 1), other, inc(2, "a", 1)]);
+        let (net, errors) = compact(&[inc(0, "a", 1), other, inc(2, "a", 1)]);
         assert!(errors.is_empty());
         assert_eq!(net.len(), 2);
         assert_eq!(net[0].key, vec![Value::from("k")]);
@@ -311,9 +312,9 @@ mod tests {
 
     #[test]
     fn adding_to_text_is_an_error_of_that_op_only() {
-        let (net, errors) = compact(vec![up(0, &[("a", Value::from("text"))]), inc(1, "a", 1), inc(2, "b", 1)]);
+        let (net, errors) = compact(&[up(0, &[("a", Value::from("text"))]), inc(1, "a", 1), inc(2, "b", 1)]);
         assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].position.offset, 1);
+        assert_eq!((errors[0].op, errors[0].position.offset), (1, 1));
         assert_eq!(net[0].effect, Effect::Replace(vec![("a", Value::from("text")), ("b", Value::Int(1))]));
         assert_eq!(net[0].positions.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![0, 2]);
     }
@@ -324,7 +325,7 @@ mod tests {
         newer.version = Some(5);
         let mut stale = merge(1, &[("a", Value::Int(1))]);
         stale.version = Some(4);
-        let (net, _) = compact(vec![newer, stale]);
+        let (net, _) = compact(&[newer, stale]);
         assert_eq!(net[0].effect, Effect::Patch { set: vec![("a", Value::Int(2))], add: vec![] });
         assert_eq!(net[0].version, Some(5));
         assert_eq!(add(&Value::Int(i64::MAX), &Value::Int(1)), Some(Value::Float(i64::MAX as f64 + 1.0)));

@@ -194,7 +194,10 @@ mod tests {
     use crate::config::{BatchSettings, ErrorPolicy, EventRule, OpTemplate, SourceSettings, Target};
     use crate::value::Record;
 
-    fn connector(key: &[(&str, &str)], rules: &[(&str, OpKind, &[(&str, &str)])]) -> ConnectorSettings {
+    /// (event type, op, [(field, expression)])
+    type RuleSpec<'a> = (&'a str, OpKind, &'a [(&'a str, &'a str)]);
+
+    fn connector(key: &[(&str, &str)], rules: &[RuleSpec]) -> ConnectorSettings {
         ConnectorSettings {
             name: "test".into(),
             file: "test.yaml".into(),

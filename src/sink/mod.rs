@@ -1,18 +1,22 @@
 //! Writing read models.
 //!
 //! * [`postgres`]: exactly-once effects (positions stored with the rows).
+//! * [`elasticsearch`]: idempotent effects (guards stored in the documents;
+//!   positions in Kafka's committed offsets).
 //!
 //! A [`Sink`] is one of a closed set, dispatched by an enum. The pipeline
-//! hands it a [`Batch`]: the compacted ops of some events and the positions
-//! those events end at.
+//! hands it the ops of some events and the positions those events end at;
+//! each sink folds the ops per key itself (see [`crate::projection::compact`]).
 
+pub mod elasticsearch;
 pub mod postgres;
 
 use crate::config::{ConnectorSettings, SinkConnection, Target};
+use crate::error::classify_http_status;
 use crate::error::{classify_sqlx, ErrorClass};
-use crate::projection::compact::NetOp;
 use crate::projection::WriteOp;
 use crate::value::{Name, Value};
+use elasticsearch::ElasticsearchSink;
 use postgres::PostgresSink;
 
 /// Where one partition ends after a batch.
@@ -37,13 +41,6 @@ pub struct Claim {
     pub epoch: Option<i64>,
 }
 
-/// What one write covers.
-#[derive(Debug, Clone, Default)]
-pub struct Batch {
-    pub ops: Vec<WriteOp>,
-    pub offsets: Vec<PartitionOffset>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("postgres: {}", postgres::database_message(.0))]
@@ -51,11 +48,18 @@ pub enum SinkError {
     /// Another consumer owns one of the batch's partitions now.
     #[error("fenced: another consumer took over a partition of this batch")]
     Fenced,
-    /// Values that do not fit the read model.
+    /// Values that do not fit the read model; which op is unknown.
     #[error("{0}")]
     Rejected(String),
-    #[error("sink `{0}` is not available in this build")]
-    Unsupported(&'static str),
+    /// These ops (indexes into the batch) were refused, with the reason;
+    /// the rest of the batch may have been applied (idempotently).
+    #[error("{} op(s) refused, first: {}", .0.len(), .0.first().map_or("", |(_, m)| m.as_str()))]
+    RejectedOps(Vec<(usize, String)>),
+    #[error("elasticsearch: {message}")]
+    Elasticsearch { status: Option<u16>, message: String },
+    /// The sink cannot be used as configured (bad URL, a bare index).
+    #[error("{0}")]
+    Setup(String),
 }
 
 impl SinkError {
@@ -64,8 +68,19 @@ impl SinkError {
             SinkError::Postgres(error) => classify_sqlx(error),
             // Fencing is handled by restarting the connector's consumer.
             SinkError::Fenced => ErrorClass::Transient,
-            SinkError::Rejected(_) => ErrorClass::Permanent,
-            SinkError::Unsupported(_) => ErrorClass::Config,
+            SinkError::Rejected(_) | SinkError::RejectedOps(_) => ErrorClass::Permanent,
+            // Without a status the server was not reached: retry.
+            SinkError::Elasticsearch { status, .. } => match status {
+                Some(status) if *status >= 400 && *status < 500 && *status != 408 && *status != 429 => {
+                    match classify_http_status(*status) {
+                        // A whole request refused is not one event's fault.
+                        ErrorClass::Permanent => ErrorClass::Config,
+                        other => other,
+                    }
+                }
+                _ => ErrorClass::Transient,
+            },
+            SinkError::Setup(_) => ErrorClass::Config,
         }
     }
 }
@@ -74,6 +89,7 @@ impl SinkError {
 #[derive(Debug, Clone)]
 pub enum Sink {
     Postgres(PostgresSink),
+    Elasticsearch(ElasticsearchSink),
 }
 
 impl Sink {
@@ -83,13 +99,25 @@ impl Sink {
             (SinkConnection::Postgres(connection), Target::Postgres(target)) => {
                 Ok(Sink::Postgres(PostgresSink::new(connection, connector, target)?))
             }
-            _ => Err(SinkError::Unsupported("elasticsearch")),
+            (SinkConnection::Elasticsearch(connection), Target::Elasticsearch(target)) => {
+                Ok(Sink::Elasticsearch(ElasticsearchSink::new(connection, connector, target)?))
+            }
+            _ => Err(SinkError::Setup(format!(
+                "connector {} targets a {} sink through connection `{}`",
+                connector.name,
+                match connector.target {
+                    Target::Postgres(_) => "postgres",
+                    Target::Elasticsearch(_) => "elasticsearch",
+                },
+                connector.connection
+            ))),
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
             Sink::Postgres(_) => "postgres",
+            Sink::Elasticsearch(_) => "elasticsearch",
         }
     }
 
@@ -97,6 +125,7 @@ impl Sink {
     pub async fn prepare(&self) -> Result<(), SinkError> {
         match self {
             Sink::Postgres(sink) => sink.prepare().await,
+            Sink::Elasticsearch(sink) => sink.prepare().await,
         }
     }
 
@@ -106,23 +135,34 @@ impl Sink {
         matches!(self, Sink::Postgres(_))
     }
 
+    /// Claims partitions for a sink that stores positions (no claim
+    /// otherwise: every partition starts from Kafka's committed offset).
     pub async fn claim(&self, partitions: &[(Name, i32)]) -> Result<Vec<Claim>, SinkError> {
         match self {
             Sink::Postgres(sink) => sink.claim(partitions).await,
+            Sink::Elasticsearch(_) => Ok(partitions
+                .iter()
+                .map(|&(topic, partition)| Claim { topic, partition, next_offset: None, epoch: None })
+                .collect()),
         }
     }
 
-    /// Writes a batch; on `Ok` its effects and positions are durable.
-    pub async fn write(&self, batch: &Batch, net: &[NetOp]) -> Result<(), SinkError> {
+    /// Writes the ops of a batch; on `Ok` their effects (and, for sinks
+    /// that store them, the positions) are durable. Returns how many writes
+    /// were found already applied (replays, duplicates).
+    pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<u64, SinkError> {
         match self {
-            Sink::Postgres(sink) => sink.write(batch, net).await,
+            Sink::Postgres(sink) => sink.write(ops, offsets).await.map(|()| 0),
+            Sink::Elasticsearch(sink) => sink.write(ops).await.map(|counts| counts.duplicates),
         }
     }
 
-    /// After a permanent error of a batch: which ops the sink refuses.
+    /// After a permanent error of a batch without a culprit: which ops the
+    /// sink refuses, found without writing anything.
     pub async fn find_rejected(&self, ops: &[WriteOp]) -> Result<Vec<(usize, String)>, SinkError> {
         match self {
             Sink::Postgres(sink) => sink.find_rejected(ops).await,
+            Sink::Elasticsearch(_) => Ok(Vec::new()),
         }
     }
 
@@ -139,6 +179,13 @@ impl Sink {
                 }
                 for (name, value) in &op.fields {
                     check_column(target, name, value)?;
+                }
+                Ok(())
+            }
+            Sink::Elasticsearch(_) => {
+                elasticsearch::bulk::doc_id(&op.key)?;
+                if op.fields.iter().any(|(name, _)| *name == elasticsearch::bulk::GUARD_FIELD) {
+                    return Err(format!("field `{}` is kawka's own", elasticsearch::bulk::GUARD_FIELD));
                 }
                 Ok(())
             }

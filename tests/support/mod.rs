@@ -296,3 +296,84 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Sum over the partitions of `topics` of the offsets `group` committed.
+pub async fn committed_total(group: &str, topics: &[String]) -> i64 {
+    let (group, topics) = (group.to_string(), topics.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_bootstrap())
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut wanted = TopicPartitionList::new();
+        for topic in &topics {
+            let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) else { return 0 };
+            for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                wanted.add_partition(topic, partition.id());
+            }
+        }
+        let total = match consumer.committed_offsets(wanted, Duration::from_secs(10)) {
+            Ok(committed) => {
+                let total = committed
+                    .elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        rdkafka::Offset::Offset(n) => n,
+                        _ => 0,
+                    })
+                    .sum();
+                // Drop the list before the consumer (see STACK.md).
+                drop(committed);
+                total
+            }
+            Err(_) => 0,
+        };
+        drop(consumer);
+        total
+    })
+    .await
+    .expect("committed offsets thread")
+}
+
+/// The raw text of `GET <index>/_doc/<id>` (status, body): byte-for-byte
+/// comparisons of documents use it.
+pub async fn es_get_raw(index: &str, id: &str) -> (u16, String) {
+    let url = format!("{}/{index}/_doc/{id}", elasticsearch_url());
+    let response = reqwest::get(&url).await.unwrap_or_else(|e| panic!("GET {url} (is the stack up?): {e}"));
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// `_source` of a document, `None` when missing.
+pub async fn es_source(index: &str, id: &str) -> Option<Json> {
+    let (status, body) = es_get_raw(index, id).await;
+    if status == 404 {
+        return None;
+    }
+    let doc: Json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {index}/{id}: {e}: {body}"));
+    doc.get("_source").cloned()
+}
+
+/// Runs a search (after a refresh) and returns the ids of the hits.
+pub async fn es_search_ids(index: &str, query: Json) -> Vec<String> {
+    let client = reqwest::Client::new();
+    let base = elasticsearch_url();
+    let _ = client.post(format!("{base}/{index}/_refresh")).send().await;
+    let reply: Json = client
+        .post(format!("{base}/{index}/_search"))
+        .json(&serde_json::json!({"query": query, "size": 1000}))
+        .send()
+        .await
+        .expect("search")
+        .json()
+        .await
+        .expect("search reply");
+    let mut ids: Vec<String> = reply["hits"]["hits"]
+        .as_array()
+        .map(|hits| hits.iter().filter_map(|h| h["_id"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}

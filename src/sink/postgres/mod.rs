@@ -19,9 +19,9 @@ use sqlx::postgres::{PgArguments, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{Arguments, Executor, PgPool, Postgres, Row};
 
-use super::{Batch, Claim, SinkError};
+use super::{Claim, PartitionOffset, SinkError};
 use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
-use crate::projection::compact::{compact, NetOp};
+use crate::projection::compact::compact;
 use crate::projection::WriteOp;
 use crate::value::{intern, Name};
 use sql::{ColumnArray, Statement, TableSql};
@@ -97,25 +97,30 @@ impl PostgresSink {
             .collect()
     }
 
-    /// Applies a batch and its positions in one transaction.
-    pub async fn write(&self, batch: &Batch, net: &[NetOp]) -> Result<(), SinkError> {
-        let statements = self.table.plan(net).map_err(|error| SinkError::Rejected(error.to_string()))?;
+    /// Applies the ops of a batch, folded per key, and the positions in
+    /// one transaction.
+    pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
+        let (net, fold_errors) = compact(ops);
+        if !fold_errors.is_empty() {
+            return Err(SinkError::RejectedOps(fold_errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
+        }
+        let statements = self.table.plan(&net).map_err(|error| SinkError::Rejected(error.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
-        self.advance(&mut tx, batch).await?;
+        self.advance(&mut tx, offsets).await?;
         for statement in &statements {
             bind(statement).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
         }
         tx.commit().await.map_err(SinkError::Postgres)
     }
 
-    async fn advance(&self, tx: &mut sqlx::PgConnection, batch: &Batch) -> Result<(), SinkError> {
-        if batch.offsets.is_empty() {
+    async fn advance(&self, tx: &mut sqlx::PgConnection, offsets: &[PartitionOffset]) -> Result<(), SinkError> {
+        if offsets.is_empty() {
             return Ok(());
         }
-        let topics: Vec<&str> = batch.offsets.iter().map(|o| o.topic).collect();
-        let partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
-        let next: Vec<i64> = batch.offsets.iter().map(|o| o.next_offset).collect();
-        let epochs: Vec<Option<i64>> = batch.offsets.iter().map(|o| o.epoch).collect();
+        let topics: Vec<&str> = offsets.iter().map(|o| o.topic).collect();
+        let partitions: Vec<i32> = offsets.iter().map(|o| o.partition).collect();
+        let next: Vec<i64> = offsets.iter().map(|o| o.next_offset).collect();
+        let epochs: Vec<Option<i64>> = offsets.iter().map(|o| o.epoch).collect();
         let updated = sqlx::query(&self.table.advance())
             .bind(&self.connector)
             .bind(&topics)
@@ -126,7 +131,7 @@ impl PostgresSink {
             .await
             .map_err(SinkError::Postgres)?
             .rows_affected();
-        if updated != batch.offsets.len() as u64 {
+        if updated != offsets.len() as u64 {
             return Err(SinkError::Fenced);
         }
         Ok(())
@@ -139,7 +144,7 @@ impl PostgresSink {
         let mut rejected = Vec::new();
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
         for (index, op) in ops.iter().enumerate() {
-            let (net, errors) = compact(vec![op.clone()]);
+            let (net, errors) = compact(std::slice::from_ref(op));
             if let Some(error) = errors.first() {
                 rejected.push((index, error.to_string()));
                 continue;

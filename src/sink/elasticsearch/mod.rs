@@ -1,0 +1,340 @@
+//! The Elasticsearch sink: idempotent effects through the `_bulk` API.
+//!
+//! A connector writes to an alias over a versioned index (`<alias>-v<N>`),
+//! created with the connector's mappings and settings when missing. Every
+//! write is guarded (see [`bulk`]), so positions can live in Kafka's
+//! committed offsets: after a crash the events since the last commit are
+//! applied again and change nothing.
+//!
+//! * [`bulk`]: actions, the update script, item results (pure).
+
+pub mod bulk;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use elasticsearch::auth::Credentials;
+use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use elasticsearch::http::Url;
+use elasticsearch::indices::{IndicesCreateParts, IndicesExistsAliasParts, IndicesExistsParts};
+use elasticsearch::{BulkParts, Elasticsearch};
+use futures::future::join_all;
+
+use super::SinkError;
+use crate::config::{ConnectorSettings, ElasticsearchConnection, ElasticsearchTarget};
+use crate::error::Backoff;
+use crate::projection::WriteOp;
+use bulk::{Action, GuardMode, ItemOutcome};
+
+/// Retries of failed items inside one write, before the pipeline's own
+/// retry of the batch takes over (which also watches for shutdown).
+const ITEM_ATTEMPTS: u32 = 6;
+
+#[derive(Debug, Clone)]
+pub struct ElasticsearchSink {
+    client: Elasticsearch,
+    target: ElasticsearchTarget,
+    mode: GuardMode,
+}
+
+/// What one write achieved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteCounts {
+    pub applied: u64,
+    pub duplicates: u64,
+}
+
+impl ElasticsearchSink {
+    pub fn new(
+        connection: &ElasticsearchConnection,
+        connector: &ConnectorSettings,
+        target: &ElasticsearchTarget,
+    ) -> Result<ElasticsearchSink, SinkError> {
+        let url = Url::parse(&connection.url)
+            .map_err(|e| SinkError::Setup(format!("elasticsearch url {}: {e}", connection.url)))?;
+        let mut builder =
+            TransportBuilder::new(SingleNodeConnectionPool::new(url)).timeout(connection.timeout).disable_proxy();
+        if let (Some(user), Some(password)) = (&connection.username, &connection.password) {
+            builder = builder.auth(Credentials::Basic(user.clone(), password.expose().to_string()));
+        }
+        if let Some(key) = &connection.api_key {
+            let (id, secret) = key
+                .expose()
+                .split_once(':')
+                .ok_or_else(|| SinkError::Setup("elasticsearch api_key must be `id:secret`".to_string()))?;
+            builder = builder.auth(Credentials::ApiKey(id.to_string(), secret.to_string()));
+        }
+        let transport = builder.build().map_err(|e| SinkError::Setup(format!("elasticsearch client: {e}")))?;
+        // External versions order writes by offset, which only works when
+        // one partition (of one topic) holds all of a document's events.
+        let mode = if connector.source.topics.len() == 1 && connector.version.is_none() {
+            GuardMode::ExternalVersions
+        } else {
+            GuardMode::Scripted
+        };
+        Ok(ElasticsearchSink { client: Elasticsearch::new(transport), target: target.clone(), mode })
+    }
+
+    pub fn client(&self) -> &Elasticsearch {
+        &self.client
+    }
+
+    pub fn alias(&self) -> &str {
+        &self.target.alias
+    }
+
+    /// Creates `<alias>-v1` with the alias when the alias is missing.
+    /// Refuses a concrete index that has the alias's name: kawka never
+    /// writes to a bare index behind the user's back.
+    pub async fn prepare(&self) -> Result<(), SinkError> {
+        let alias = self.target.alias.as_str();
+        if self.alias_exists(alias).await? {
+            return Ok(());
+        }
+        let exists = self
+            .client
+            .indices()
+            .exists(IndicesExistsParts::Index(&[alias]))
+            .send()
+            .await
+            .map_err(transport_error)?
+            .status_code()
+            .as_u16();
+        if exists == 200 {
+            return Err(SinkError::Setup(format!(
+                "`{alias}` is an index, not an alias; kawka writes through an alias over `{alias}-v<N>` \
+                 (reindex it into `{alias}-v1` and add the alias, or pick another index name)"
+            )));
+        }
+        let index = format!("{alias}-v1");
+        let body = create_body(&self.target, alias);
+        let response = self
+            .client
+            .indices()
+            .create(IndicesCreateParts::Index(&index))
+            .body(body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status_code().as_u16();
+        if status == 200 {
+            tracing::info!(index = %index, alias, "index created");
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        // Another daemon created it meanwhile: fine if the alias is there now.
+        if text.contains("resource_already_exists_exception") && self.alias_exists(alias).await? {
+            return Ok(());
+        }
+        Err(SinkError::Elasticsearch { status: Some(status), message: format!("creating {index}: {text}") })
+    }
+
+    async fn alias_exists(&self, alias: &str) -> Result<bool, SinkError> {
+        let response = self
+            .client
+            .indices()
+            .exists_alias(IndicesExistsAliasParts::Name(&[alias]))
+            .send()
+            .await
+            .map_err(transport_error)?;
+        Ok(response.status_code().as_u16() == 200)
+    }
+
+    /// Applies the ops of a batch. Documents are spread over `in_flight`
+    /// lanes by id, so one document's actions stay in order in one lane;
+    /// lanes run concurrently, each sending its requests one after another.
+    pub async fn write(&self, ops: &[WriteOp]) -> Result<WriteCounts, SinkError> {
+        let (actions, mut rejected) = bulk::plan(ops, &self.target.alias, self.mode);
+        let lanes = self.target.in_flight.max(1);
+        let mut by_lane: Vec<Vec<Action>> = (0..lanes).map(|_| Vec::new()).collect();
+        for action in actions {
+            by_lane[lane_of(&action.doc_id, lanes)].push(action);
+        }
+        let results = join_all(by_lane.into_iter().map(|actions| self.write_lane(actions))).await;
+        let mut counts = WriteCounts::default();
+        let mut failure = None;
+        for result in results {
+            match result {
+                Ok((lane_counts, lane_rejected)) => {
+                    counts.applied += lane_counts.applied;
+                    counts.duplicates += lane_counts.duplicates;
+                    rejected.extend(lane_rejected);
+                }
+                Err(error) => failure = Some(error),
+            }
+        }
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        if !rejected.is_empty() {
+            return Err(SinkError::RejectedOps(rejected));
+        }
+        Ok(counts)
+    }
+
+    async fn write_lane(&self, actions: Vec<Action>) -> Result<(WriteCounts, Vec<(usize, String)>), SinkError> {
+        let mut counts = WriteCounts::default();
+        let mut rejected = Vec::new();
+        let mut start = 0;
+        while start < actions.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < actions.len()
+                && (end == start
+                    || (end - start < self.target.max_bulk_actions
+                        && bytes + actions[end].lines.len() <= self.target.max_bulk_bytes))
+            {
+                bytes += actions[end].lines.len();
+                end += 1;
+            }
+            let (chunk_counts, chunk_rejected) = self.send_with_retries(&actions[start..end]).await?;
+            counts.applied += chunk_counts.applied;
+            counts.duplicates += chunk_counts.duplicates;
+            rejected.extend(chunk_rejected);
+            start = end;
+        }
+        Ok((counts, rejected))
+    }
+
+    /// Sends one request; items that failed transiently are sent again
+    /// (alone) with backoff.
+    async fn send_with_retries(&self, actions: &[Action]) -> Result<(WriteCounts, Vec<(usize, String)>), SinkError> {
+        let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(3) };
+        let mut counts = WriteCounts::default();
+        let mut rejected = Vec::new();
+        let mut pending: Vec<&Action> = actions.iter().collect();
+        let mut attempt = 0;
+        loop {
+            let outcomes = self.send(&pending).await?;
+            let mut retry = Vec::new();
+            let mut last_reason = String::new();
+            for (action, outcome) in pending.iter().zip(outcomes) {
+                match outcome {
+                    ItemOutcome::Applied => counts.applied += 1,
+                    ItemOutcome::Duplicate => counts.duplicates += 1,
+                    ItemOutcome::Reject(reason) => rejected.extend(action.ops.iter().map(|&op| (op, reason.clone()))),
+                    ItemOutcome::Retry(reason) => {
+                        last_reason = reason;
+                        retry.push(*action);
+                    }
+                }
+            }
+            if retry.is_empty() {
+                return Ok((counts, rejected));
+            }
+            if attempt + 1 >= ITEM_ATTEMPTS {
+                return Err(SinkError::Elasticsearch {
+                    status: None,
+                    message: format!("{} item(s) still failing: {last_reason}", retry.len()),
+                });
+            }
+            tracing::debug!(items = retry.len(), reason = %last_reason, "retrying bulk items");
+            tokio::time::sleep(backoff.delay(attempt)).await;
+            attempt += 1;
+            pending = retry;
+        }
+    }
+
+    async fn send(&self, actions: &[&Action]) -> Result<Vec<ItemOutcome>, SinkError> {
+        let mut body = Vec::with_capacity(actions.iter().map(|a| a.lines.len()).sum());
+        for action in actions {
+            body.extend_from_slice(&action.lines);
+        }
+        let response =
+            self.client.bulk(BulkParts::None).body(vec![Bytes::from(body)]).send().await.map_err(transport_error)?;
+        let status = response.status_code().as_u16();
+        if !(200..300).contains(&status) {
+            let text = response.text().await.unwrap_or_default();
+            return Err(SinkError::Elasticsearch { status: Some(status), message: truncate(&text) });
+        }
+        let reply: serde_json::Value = response.json().await.map_err(transport_error)?;
+        let items = reply.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
+        if items.len() != actions.len() {
+            return Err(SinkError::Elasticsearch {
+                status: Some(status),
+                message: format!("bulk reply has {} items for {} actions", items.len(), actions.len()),
+            });
+        }
+        Ok(items
+            .iter()
+            .map(|item| {
+                let Some((kind, result)) = item.as_object().and_then(|o| o.iter().next()) else {
+                    return ItemOutcome::Retry("unreadable bulk item".to_string());
+                };
+                let status = result.get("status").and_then(|s| s.as_u64()).unwrap_or(500) as u16;
+                bulk::classify_item(kind, status, result.get("error"))
+            })
+            .collect())
+    }
+}
+
+/// The body that creates `<alias>-v<N>`: the connector's mappings with the
+/// guard field added (stored, never indexed), its settings, the alias.
+pub fn create_body(target: &ElasticsearchTarget, alias: &str) -> serde_json::Value {
+    let mut mappings = target.mappings.clone().unwrap_or_else(|| serde_json::json!({}));
+    if let Some(object) = mappings.as_object_mut() {
+        let properties = object.entry("properties").or_insert_with(|| serde_json::json!({}));
+        if let Some(properties) = properties.as_object_mut() {
+            properties.insert(bulk::GUARD_FIELD.to_string(), serde_json::json!({"type": "object", "enabled": false}));
+        }
+    }
+    let mut body = serde_json::json!({
+        "mappings": mappings,
+        "aliases": { alias: { "is_write_index": true } },
+    });
+    if let Some(settings) = &target.settings {
+        body["settings"] = settings.clone();
+    }
+    body
+}
+
+fn lane_of(doc_id: &str, lanes: usize) -> usize {
+    // FNV-1a: stable and cheap; any stable hash keeps a document in one lane.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in doc_id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % lanes as u64) as usize
+}
+
+fn truncate(text: &str) -> String {
+    match text.char_indices().nth(500) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+fn transport_error(error: elasticsearch::Error) -> SinkError {
+    SinkError::Elasticsearch { status: error.status_code().map(|s| s.as_u16()), message: error.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_gets_the_guard_field_and_the_alias() {
+        let target = ElasticsearchTarget {
+            alias: "profiles".into(),
+            mappings: Some(serde_json::json!({"dynamic": "strict", "properties": {"email": {"type": "keyword"}}})),
+            settings: Some(serde_json::json!({"number_of_shards": 1})),
+            max_bulk_bytes: 5 << 20,
+            max_bulk_actions: 1000,
+            in_flight: 2,
+        };
+        let body = create_body(&target, "profiles");
+        assert_eq!(body["mappings"]["dynamic"], "strict");
+        assert_eq!(body["mappings"]["properties"]["kawka"], serde_json::json!({"type": "object", "enabled": false}));
+        assert_eq!(body["mappings"]["properties"]["email"]["type"], "keyword");
+        assert_eq!(body["aliases"]["profiles"]["is_write_index"], true);
+        assert_eq!(body["settings"]["number_of_shards"], 1);
+    }
+
+    #[test]
+    fn a_document_always_lands_in_the_same_lane() {
+        assert_eq!(lane_of("user-1", 4), lane_of("user-1", 4));
+        let lanes: std::collections::HashSet<usize> = (0..100).map(|n| lane_of(&format!("u{n}"), 4)).collect();
+        assert_eq!(lanes.len(), 4, "ids spread over every lane");
+    }
+}

@@ -1,0 +1,263 @@
+//! `kawka run` into the Elasticsearch API server of the stack: the profile
+//! read model, replays and duplicates that change nothing, and `kill -9`
+//! crashes that end in documents equal to a fold of the log.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{json, Value as Json};
+
+use support::{eventually, Project};
+
+fn profiles_connector(name: &str, topic: &str, group: &str) -> String {
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, group: {group}, properties: {{ session.timeout.ms: "6000" }} }}
+sink:
+  to: search
+  index: {name}
+  mappings:
+    properties:
+      name: {{ type: text }}
+      email: {{ type: keyword }}
+      country: {{ type: keyword }}
+      registered_at: {{ type: date, format: epoch_millis }}
+key: $key
+version: seq
+dead_letter_topic: {name}.dlq
+tombstones: delete
+batch: {{ max_wait: 100ms }}
+events:
+  com.example.users.UserRegistered:   {{ upsert: {{ name: name, email: lower(email), country: country, registered_at: $timestamp }} }}
+  com.example.users.UserEmailChanged: {{ merge: {{ email: lower(new_email) }} }}
+  com.example.users.UserDeleted:      {{ delete: {{}} }}
+"#
+    )
+}
+
+fn profile_schemas() -> Json {
+    json!({
+        "registered": support::catalogue_schema("com.example.users.UserRegistered", 2),
+        "email": support::catalogue_schema("com.example.users.UserEmailChanged", 1),
+        "deleted": support::catalogue_schema("com.example.users.UserDeleted", 1),
+    })
+}
+
+fn registered(id: &str, seq: i64, name: &str, email: &str, country: &str) -> Json {
+    json!({"schema": "registered", "key": id,
+        "value": {"user_id": id, "seq": seq, "name": name, "email": email, "country": country}})
+}
+
+fn email_changed(id: &str, seq: i64, email: &str) -> Json {
+    json!({"schema": "email", "key": id, "value": {"user_id": id, "seq": seq, "new_email": email}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_are_searchable_and_replays_and_duplicates_change_nothing() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("users");
+    let name = support::unique("profiles");
+    support::create_topic(&topic, 2).await;
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": profile_schemas()});
+    let events = vec![
+        registered("u1", 1, "Ann", "Ann@Example.com", "PL"),
+        email_changed("u1", 2, "ANN.NEW@example.com"),
+        registered("u2", 1, "Bob", "bob@example.com", "DE"),
+        json!({"schema": "deleted", "key": "u2", "value": {"user_id": "u2", "seq": 2}}),
+        registered("u3", 1, "Cy", "cy@example.com", "FR"),
+        email_changed("u3", 2, "cy2@example.com"),
+        email_changed("u3", 3, "cy3@example.com"),
+        registered("u4", 1, "Dee", "dee@example.com", "IT"),
+        json!({"key": "u4", "value": null}),
+        // a stale event (an older sequence number) changes nothing
+        email_changed("u3", 2, "stale@example.com"),
+    ];
+    let total = events.len() as i64;
+    support::produce_with_python(&spec, events).await;
+
+    let live_group = format!("kawka.{name}");
+    let live = Project::new(&registry.url(), &[(&name, &profiles_connector(&name, &topic, &live_group))]);
+    let mut kawka = live.start(0);
+    let topics = vec![topic.clone()];
+    eventually(Duration::from_secs(60), "every event to be committed", || async {
+        (support::committed_total(&live_group, &topics).await == total).then_some(())
+    })
+    .await;
+    assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
+
+    let u1 = support::es_source(&name, "u1").await.expect("u1 exists");
+    assert_eq!(
+        (u1["name"].as_str(), u1["email"].as_str(), u1["country"].as_str()),
+        (Some("Ann"), Some("ann.new@example.com"), Some("PL"))
+    );
+    assert!(u1["registered_at"].as_i64().is_some_and(|t| t > 1_600_000_000_000), "{u1}");
+    let u3 = support::es_source(&name, "u3").await.expect("u3 exists");
+    assert_eq!(u3["email"], "cy3@example.com", "the stale change was ignored: {u3}");
+    assert_eq!(support::es_source(&name, "u2").await, None, "deleted by an event");
+    assert_eq!(support::es_source(&name, "u4").await, None, "deleted by a tombstone");
+    assert_eq!(
+        support::es_search_ids(&name, json!({"term": {"email": "ann.new@example.com"}})).await,
+        vec!["u1".to_string()],
+        "a search for the changed email finds the user"
+    );
+    assert!(support::es_search_ids(&name, json!({"term": {"email": "ann@example.com"}})).await.is_empty());
+    let (status, index_info) = {
+        let response = reqwest::get(format!("{}/_alias/{name}", support::elasticsearch_url())).await.expect("alias");
+        (response.status().as_u16(), response.text().await.unwrap_or_default())
+    };
+    assert_eq!(status, 200);
+    assert!(index_info.contains(&format!("{name}-v1")), "the alias points at a versioned index: {index_info}");
+
+    let ids = ["u1", "u2", "u3", "u4"];
+    let mut before = Vec::new();
+    for id in ids {
+        before.push(support::es_get_raw(&name, id).await);
+    }
+
+    // A replay of the whole topic from offset 0, by a new consumer group.
+    let replay_group = format!("kawka.{name}.replay");
+    let replay = Project::new(&registry.url(), &[(&name, &profiles_connector(&name, &topic, &replay_group))]);
+    let mut replaying = replay.start(0);
+    eventually(Duration::from_secs(60), "the replay to be committed", || async {
+        (support::committed_total(&replay_group, &topics).await == total).then_some(())
+    })
+    .await;
+    for (id, earlier) in ids.iter().zip(&before) {
+        assert_eq!(&support::es_get_raw(&name, id).await, earlier, "{id} changed by the replay");
+    }
+
+    // Duplicates injected into the topic: new offsets, same events.
+    let duplicates = vec![
+        registered("u1", 1, "Ann", "Ann@Example.com", "PL"),
+        email_changed("u1", 2, "ANN.NEW@example.com"),
+        email_changed("u3", 3, "cy3@example.com"),
+    ];
+    support::produce_with_python(&spec, duplicates).await;
+    eventually(Duration::from_secs(60), "the duplicates to be committed", || async {
+        (support::committed_total(&replay_group, &topics).await == total + 3).then_some(())
+    })
+    .await;
+    for (id, earlier) in ids.iter().zip(&before) {
+        assert_eq!(&support::es_get_raw(&name, id).await, earlier, "{id} changed by a duplicate");
+    }
+    assert_eq!(replaying.terminate().await, Some(0), "clean exit; log:\n{}", replaying.log());
+    let _ = registry.stop().await; // cleanup only
+}
+
+fn stats_connector(name: &str, topic: &str) -> String {
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "1000" }} }}
+sink: {{ to: search, index: {name}, mappings: {{ properties: {{ email: {{ type: keyword }} }} }}, bulk: {{ max_actions: 200 }} }}
+key: $key
+batch: {{ max_events: 300, max_wait: 100ms }}
+events:
+  test.stats.Registered:   {{ upsert: {{ name: name, email: email, logins: 0 }} }}
+  test.stats.EmailChanged: {{ merge: {{ email: email }} }}
+  test.stats.LoggedIn:     {{ increment: {{ logins: count }} }}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_run_with_merges_and_increments_ends_in_the_fold_of_the_log() {
+    const EVENTS: usize = 50_000;
+    const USERS: usize = 1000;
+    const KILLS: usize = 10;
+    let registry = support::start_registry().await;
+    let topic = support::unique("stats");
+    let name = support::unique("stats");
+    support::create_topic(&topic, 3).await;
+    let record =
+        |n: &str, fields: Json| json!({"type": "record", "name": n, "namespace": "test.stats", "fields": fields});
+    let schemas = json!({
+        "registered": record("Registered", json!([{"name": "user_id", "type": "string"}, {"name": "name", "type": "string"}, {"name": "email", "type": "string"}])),
+        "email": record("EmailChanged", json!([{"name": "user_id", "type": "string"}, {"name": "email", "type": "string"}])),
+        "login": record("LoggedIn", json!([{"name": "user_id", "type": "string"}, {"name": "count", "type": "int"}])),
+    });
+    // The log, and its fold computed here: per user, in order.
+    let mut rng = rand::rng();
+    let mut records = Vec::with_capacity(EVENTS);
+    let mut expected: BTreeMap<String, Json> = BTreeMap::new();
+    for n in 0..EVENTS {
+        let user = format!("user{}", rng.random_range(0..USERS));
+        let roll = rng.random_range(0..10);
+        let doc = expected.entry(user.clone()).or_insert_with(|| json!({}));
+        if roll == 0 || doc.get("name").is_none() && roll < 3 {
+            let (full_name, email) = (format!("Name {n}"), format!("{user}.{n}@example.com"));
+            *doc = json!({"name": full_name, "email": email, "logins": 0});
+            records.push(json!({"schema": "registered", "key": user, "value": {"user_id": user, "name": full_name, "email": email}}));
+        } else if roll < 4 {
+            let email = format!("{user}.changed{n}@example.com");
+            doc["email"] = json!(email);
+            records.push(json!({"schema": "email", "key": user, "value": {"user_id": user, "email": email}}));
+        } else {
+            let count = rng.random_range(1..5);
+            doc["logins"] = json!(doc["logins"].as_i64().unwrap_or(0) + count);
+            records.push(json!({"schema": "login", "key": user, "value": {"user_id": user, "count": count}}));
+        }
+    }
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": schemas});
+    support::produce_with_python(&spec, records).await;
+
+    let project = Project::new(&registry.url(), &[(&name, &stats_connector(&name, &topic))]);
+    let group = format!("kawka.{name}");
+    let topics = vec![topic.clone()];
+    let total = EVENTS as i64;
+    let mut progress_at_kills = Vec::new();
+    let mut before = 0;
+    for round in 0..KILLS {
+        let mut kawka = project.start(round);
+        let started = eventually(Duration::from_secs(60), "kawka to commit after a restart", || async {
+            let now = support::committed_total(&group, &topics).await;
+            (now > before).then_some(now)
+        })
+        .await;
+        assert!(started < total, "round {round}: the run finished before the kill; make it longer");
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..700))).await;
+        kawka.kill9();
+        before = support::committed_total(&group, &topics).await;
+        progress_at_kills.push(before);
+    }
+    assert!(
+        progress_at_kills.iter().all(|&p| p > 0 && p < total),
+        "every kill must land mid-run: committed at kills {progress_at_kills:?} of {total}"
+    );
+    let mut last = project.start(KILLS);
+    eventually(Duration::from_secs(240), "every event to be committed after the last restart", || async {
+        (support::committed_total(&group, &topics).await == total).then_some(())
+    })
+    .await;
+    assert_eq!(last.terminate().await, Some(0), "clean exit; log:\n{}", last.log());
+
+    let client = reqwest::Client::new();
+    let base = support::elasticsearch_url();
+    let _ = client.post(format!("{base}/{name}/_refresh")).send().await;
+    let reply: Json = client
+        .post(format!("{base}/{name}/_search"))
+        .json(&json!({"query": {"match_all": {}}, "size": 10000}))
+        .send()
+        .await
+        .expect("search")
+        .json()
+        .await
+        .expect("search reply");
+    let mut actual: BTreeMap<String, Json> = BTreeMap::new();
+    for hit in reply["hits"]["hits"].as_array().expect("hits") {
+        let mut source = hit["_source"].clone();
+        if let Some(object) = source.as_object_mut() {
+            object.remove("kawka");
+        }
+        actual.insert(hit["_id"].as_str().expect("id").to_string(), source);
+    }
+    let wrong: Vec<_> = expected.iter().filter(|(id, doc)| actual.get(*id) != Some(doc)).take(5).collect();
+    assert!(wrong.is_empty(), "documents differ from the fold of the log (expected side shown): {wrong:?}");
+    assert_eq!(actual.len(), expected.len());
+    eprintln!("{KILLS} kills, committed at each kill: {progress_at_kills:?}");
+    let _ = registry.stop().await; // cleanup only
+}

@@ -1,6 +1,10 @@
 //! The daemon: settings → connectors → spawn → wait for a signal → drain.
+//!
+//! [`Builder`] is the library's entry point for a custom daemon: it adds
+//! Rust upcasters and projections to what the files declare.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -8,14 +12,95 @@ use tokio::sync::watch;
 
 use crate::codec::registry::RegistryClient;
 use crate::codec::Codec;
-use crate::config::Settings;
+use crate::config::{Problems, Settings};
+use crate::event::Event;
 use crate::pipeline::dead_letter::DeadLetters;
 use crate::pipeline::{ConnectorRuntime, ConnectorStats, Halt};
 use crate::projection::{Projection, RulesProjection};
 use crate::sink::Sink;
+use crate::upcast::{FnUpcaster, Upcaster, Upcasting};
 
-/// Builds every connector's runtime without reaching any service.
+/// A daemon with Rust upcasters and projections of its own.
+///
+/// ```no_run
+/// # async fn example() -> anyhow::Result<()> {
+/// let builder = kawka::app::Builder::new().upcast_fn("com.example.Old", 1, |mut event| {
+///     event.version = 2;
+///     Ok(vec![event])
+/// });
+/// let settings = builder.load(std::path::Path::new("config/kawka.yaml"))?;
+/// builder.run(settings, async { let _ = tokio::signal::ctrl_c().await; }).await
+/// # }
+/// ```
+#[derive(Default)]
+pub struct Builder {
+    upcasters: Vec<Arc<dyn Upcaster>>,
+    projections: Vec<(String, Arc<dyn Projection>)>,
+}
+
+impl Builder {
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// Adds an upcaster; it replaces a declarative one for the same
+    /// (event type, version).
+    pub fn upcaster(mut self, upcaster: impl Upcaster + 'static) -> Builder {
+        self.upcasters.push(Arc::new(upcaster));
+        self
+    }
+
+    /// Adds an upcaster from a closure that turns an event of `event_type`
+    /// at version `from` into events one version newer (setting `version`).
+    pub fn upcast_fn<F>(self, event_type: &str, from: u32, function: F) -> Builder
+    where
+        F: Fn(Event) -> Result<Vec<Event>, String> + Send + Sync + 'static,
+    {
+        self.upcaster(FnUpcaster { event_type: event_type.to_string(), from, function })
+    }
+
+    /// Replaces the `events:` rules of one connector with Rust code.
+    pub fn projection(mut self, connector: &str, projection: impl Projection + 'static) -> Builder {
+        self.projections.push((connector.to_string(), Arc::new(projection)));
+        self
+    }
+
+    /// Loads and validates the files, counting this builder's upcasters in
+    /// the upcast path check.
+    pub fn load(&self, config_file: &Path) -> Result<Settings, Problems> {
+        crate::config::load_with_upcasters(config_file, &crate::config::process_env, &self.upcasters)
+    }
+
+    /// The upcast stage: declared upcasters, then this builder's.
+    pub fn upcasting(&self, settings: &Settings) -> Arc<Upcasting> {
+        let mut chain: Vec<Arc<dyn Upcaster>> =
+            settings.upcasters.iter().map(|d| Arc::new(d.clone()) as Arc<dyn Upcaster>).collect();
+        chain.extend(self.upcasters.iter().cloned());
+        Arc::new(Upcasting::new(settings.catalogue.clone(), chain))
+    }
+
+    /// Builds every connector's runtime without reaching any service.
+    pub fn connectors(&self, settings: &Settings) -> anyhow::Result<Vec<ConnectorRuntime>> {
+        connectors_with(settings, self.upcasting(settings), &self.projections)
+    }
+
+    /// Runs every connector until `shutdown` completes, then drains.
+    pub async fn run(self, settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let runtimes = self.connectors(&settings)?;
+        run_connectors(runtimes, shutdown).await
+    }
+}
+
+/// Builds every connector's runtime from the files alone.
 pub fn connectors(settings: &Settings) -> anyhow::Result<Vec<ConnectorRuntime>> {
+    Builder::new().connectors(settings)
+}
+
+fn connectors_with(
+    settings: &Settings,
+    upcasting: Arc<Upcasting>,
+    projections: &[(String, Arc<dyn Projection>)],
+) -> anyhow::Result<Vec<ConnectorRuntime>> {
     let registry = Arc::new(RegistryClient::new(&settings.schema_registry)?);
     let dead_letters = DeadLetters::new(&settings.kafka).context("creating the dead-letter producer")?;
     settings
@@ -26,11 +111,15 @@ pub fn connectors(settings: &Settings) -> anyhow::Result<Vec<ConnectorRuntime>> 
                 format!("connector {}: no sink connection {}", connector.name, connector.connection)
             })?;
             let sink = Sink::new(connection, connector).with_context(|| format!("connector {}", connector.name))?;
-            let projection: Arc<dyn Projection> = Arc::new(RulesProjection::new(connector));
+            let projection: Arc<dyn Projection> = match projections.iter().find(|(name, _)| *name == connector.name) {
+                Some((_, projection)) => projection.clone(),
+                None => Arc::new(RulesProjection::new(connector)),
+            };
             Ok(ConnectorRuntime {
                 settings: Arc::new(connector.clone()),
                 kafka: settings.kafka.clone(),
                 codec: Codec::new(registry.clone(), connector.source.key_format),
+                upcasting: upcasting.clone(),
                 projection,
                 sink,
                 dead_letters: dead_letters.clone(),
@@ -44,7 +133,10 @@ pub fn connectors(settings: &Settings) -> anyhow::Result<Vec<ConnectorRuntime>> 
 /// each finishes or abandons its in-flight batch, commits what is durable
 /// and leaves its consumer group.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let runtimes = connectors(&settings)?;
+    Builder::new().run(settings, shutdown).await
+}
+
+async fn run_connectors(runtimes: Vec<ConnectorRuntime>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let (stop, stopping) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for runtime in runtimes {

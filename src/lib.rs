@@ -20,6 +20,8 @@
 //! * [`source`]: the Kafka consumer thread, rebalances, bounded prefetch.
 //! * [`codec`]: Confluent framing, the registry client and its schema cache,
 //!   Avro decoding into [`event::Event`].
+//! * [`upcast`]: the event catalogue (`schemas/`), declarative and Rust
+//!   upcasters, the chain that brings every event to its newest version.
 //! * [`projection`]: the expression language, the ops of connectors
 //!   ([`projection::WriteOp`]) and per-key compaction.
 //! * [`sink`]: the read-model stores: Postgres (exactly-once, positions in
@@ -40,4 +42,5 @@ pub mod registry;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod upcast;
 pub mod value;

@@ -34,6 +34,22 @@ enum Command {
         #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
         config: PathBuf,
     },
+    /// Run the upcast chain on one event: reads it as JSON on stdin, prints
+    /// the event(s) it becomes at the newest catalogue version.
+    Upcast {
+        /// The event type, e.g. com.example.users.UserRegistered.
+        event_type: String,
+        /// The catalogue version of the input.
+        #[arg(long)]
+        from: u32,
+        #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
+        config: PathBuf,
+    },
+    /// Schema tools.
+    Schemas {
+        #[command(subcommand)]
+        command: SchemasCommand,
+    },
     /// Serve a Confluent-compatible schema registry (Avro) stored in Postgres.
     Registry {
         /// Address to listen on.
@@ -45,6 +61,17 @@ enum Command {
         /// Postgres schema of the registry's tables (created when missing).
         #[arg(long, env = "KAWKA_REGISTRY_SCHEMA")]
         schema: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemasCommand {
+    /// Check every schema registered under the connectors' subjects against
+    /// the catalogue (matched by fingerprint, or readable as the newest
+    /// version); exits 2 when one cannot be read.
+    Check {
+        #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
+        config: PathBuf,
     },
 }
 
@@ -75,6 +102,17 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Upcast { event_type, from, config } => upcast(&config, &event_type, from),
+        Command::Schemas { command: SchemasCommand::Check { config } } => {
+            let settings = match config::load(&config) {
+                Ok(settings) => settings,
+                Err(problems) => {
+                    eprint!("{problems}");
+                    return ExitCode::from(2);
+                }
+            };
+            runtime.block_on(schemas_check(&settings))
         }
         Command::Registry { listen, database_url, schema } => {
             kawka::telemetry::init(cli.log_format.unwrap_or_default(), "info");
@@ -107,6 +145,83 @@ fn validate(config: &std::path::Path) -> ExitCode {
         Err(problems) => {
             eprint!("{problems}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn upcast(config: &std::path::Path, event_type: &str, from: u32) -> ExitCode {
+    let settings = match config::load(config) {
+        Ok(settings) => settings,
+        Err(problems) => {
+            eprint!("{problems}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut input = String::new();
+    if let Err(error) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
+        eprintln!("kawka upcast: cannot read stdin: {error}");
+        return ExitCode::FAILURE;
+    }
+    let json: serde_json::Value = match serde_json::from_str(&input) {
+        Ok(json) => json,
+        Err(error) => {
+            eprintln!("kawka upcast: stdin is not one JSON event: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if settings.catalogue.version(event_type, from).is_none() {
+        eprintln!("kawka upcast: the catalogue has no v{from} of {event_type}");
+        return ExitCode::from(2);
+    }
+    let event = kawka::event::Event {
+        event_type: kawka::value::intern(event_type),
+        version: from,
+        payload: kawka::value::Value::from_json(&json),
+        key: kawka::value::Value::Null,
+        position: kawka::event::Position { topic: "stdin", partition: 0, offset: 0 },
+        timestamp: None,
+    };
+    let upcasting = kawka::app::Builder::new().upcasting(&settings);
+    match upcasting.to_newest(event) {
+        Ok(events) => {
+            for event in events {
+                let out = serde_json::json!({"type": event.event_type, "version": event.version, "event": event.payload.to_json()});
+                println!("{out}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kawka upcast: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn schemas_check(settings: &kawka::config::Settings) -> ExitCode {
+    let client = match kawka::codec::registry::RegistryClient::new(&settings.schema_registry) {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("kawka schemas check: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match kawka::upcast::online::check(settings, &client).await {
+        Ok(findings) => {
+            for f in &findings {
+                let mark = if f.ok { "ok " } else { "BAD" };
+                println!("{mark} {} v{} (id {}): {}: {}", f.subject, f.version, f.id, f.event_type, f.verdict);
+            }
+            let bad = findings.iter().filter(|f| !f.ok).count();
+            println!("{} schema(s) checked, {bad} unreadable", findings.len());
+            if bad > 0 {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(error) => {
+            eprintln!("kawka schemas check: registry {}: {error}", settings.schema_registry.url);
+            ExitCode::FAILURE
         }
     }
 }

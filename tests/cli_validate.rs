@@ -68,9 +68,12 @@ fn broken_files_list_every_problem_with_file_and_line_and_exit_2() {
 
     let (code, _stdout, stderr) = kawka_validate(root, "config/kawka.yaml");
     assert_eq!(code, 2, "{stderr}");
+    let profiles = std::fs::read_to_string(root.join("connectors/user-profiles.yaml")).expect("read");
+    let on_error_line = profiles.lines().position(|l| l.starts_with("on_error:")).expect("on_error line") + 1;
+    let on_error = format!("connectors/user-profiles.yaml:{on_error_line}:11: on_error: unknown value `retry_forever`");
     let expected = [
         "config/kawka.yaml:7:3: kafka.retries: unknown field `retries`",
-        "connectors/user-profiles.yaml:14:11: on_error: unknown value `retry_forever`",
+        on_error.as_str(),
         // Files are read in name order: the copy comes first.
         "connectors/copy.yaml:5:7: sink.to: no sink named `warehouse` in the daemon config (known: readdb, search)",
         "connectors/inventory.yaml:2:7: name: connector `inventory` is already defined in connectors/copy.yaml",

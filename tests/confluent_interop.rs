@@ -73,7 +73,7 @@ async fn confluent_python_producer_to_kawka_decoder() {
     }
 
     let event = |index: usize| match &decoded[index] {
-        Ok(Decoded::Event(event)) => event.clone(),
+        Ok(Decoded::Event { event, .. }) => event.clone(),
         other => panic!("record {index}: expected an event, got {other:?}"),
     };
     let first = event(0);

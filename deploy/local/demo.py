@@ -51,6 +51,9 @@ def user_events():
         return {"schema": "registered", "key": user, "value": {
             "user_id": user, "seq": seq, "name": name, "email": email, "country": country}}
     return [
+        # Written by the first release of the sign-up service: v1 (fullName, no country).
+        {"schema": "registered_v1", "key": "u0", "value": {
+            "user_id": "u0", "seq": 1, "fullName": "Charles Babbage", "email": "charles@example.com"}},
         registered("u1", 1, "Ada Lovelace", "ada@example.com", "GB"),
         registered("u2", 1, "Alan Turing", "alan@example.com", "GB"),
         registered("u3", 1, "Grace Hopper", "grace@example.com", "US"),
@@ -76,6 +79,14 @@ def produce(topic, schemas, records):
     lines = "\n".join(json.dumps(x) for x in [spec] + records) + "\n"
     script = os.path.join(ROOT, "tests", "py", "produce.py")
     subprocess.run([sys.executable, script], input=lines.encode(), check=True, stdout=subprocess.DEVNULL)
+
+
+def set_compatibility(subject, level):
+    import urllib.request
+    request = urllib.request.Request(
+        f"{REGISTRY}/config/{subject}", data=json.dumps({"compatibility": level}).encode(), method="PUT",
+        headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
+    urllib.request.urlopen(request, timeout=10).read()
 
 
 def topics_are_empty():
@@ -106,7 +117,11 @@ def main():
         shipments, sales = retail_events()
         produce("shipments", {"received": schema("com.example.retail.ShipmentReceived", 1)}, shipments)
         produce("sales", {"sold": schema("com.example.retail.ItemSold", 1)}, sales)
+        # Both versions of UserRegistered live in the log: compatibility
+        # checks of the subject are off; kawka's catalogue reads both.
+        set_compatibility("users-com.example.users.UserRegistered", "NONE")
         produce("users", {
+            "registered_v1": schema("com.example.users.UserRegistered", 1),
             "registered": schema("com.example.users.UserRegistered", 2),
             "email": schema("com.example.users.UserEmailChanged", 1),
             "deleted": schema("com.example.users.UserDeleted", 1),

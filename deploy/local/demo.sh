@@ -4,7 +4,8 @@
 # config/ and connectors/, then shows both read models:
 #   * Postgres `inventory`: shipments minus sales per store and item, checked
 #     against the same sum computed from the events;
-#   * Elasticsearch `user-profiles`: a search for a changed email finds the user.
+#   * Elasticsearch `user-profiles`: a search for a changed email finds the
+#     user, and a profile written as UserRegistered v1 looks like the v2 ones.
 # Safe to run again: events are produced only into empty topics.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -58,5 +59,12 @@ hits = json.load(sys.stdin)["hits"]["hits"]
 for hit in hits:
     print(hit["_id"], json.dumps(hit["_source"], sort_keys=True))
 print(f"{len(hits)} hit(s)")'
+echo
+echo "== Elasticsearch: every profile (u0 was written as UserRegistered v1: fullName, no country) =="
+curl -fsS -H 'Content-Type: application/json' "$ELASTICSEARCH_URL/user-profiles/_search" \
+    -d '{"query": {"match_all": {}}, "size": 100, "_source": ["name", "email", "country"]}' \
+    | "$PYTHON" -c 'import json, sys
+for hit in sorted(json.load(sys.stdin)["hits"]["hits"], key=lambda h: h["_id"]):
+    print(hit["_id"], json.dumps(hit["_source"], sort_keys=True))'
 echo
 echo "kawka stops now (SIGTERM: it drains, commits and leaves its groups)."

@@ -46,11 +46,11 @@ impl CodecError {
 /// What a record decodes to.
 #[derive(Debug)]
 pub enum Decoded {
-    Event(Event),
+    /// An event and the writer schema it was decoded with (the catalogue
+    /// matches versions by it).
+    Event { event: Event, writer: Arc<WriterSchema> },
     /// A record with a null value: a delete of its key, if the connector says so.
-    Tombstone {
-        key: Value,
-    },
+    Tombstone { key: Value },
 }
 
 /// Decodes the records of one connector.
@@ -82,14 +82,9 @@ impl Codec {
             .decoder
             .decode(framed.body)
             .map_err(|error| CodecError::Avro { schema_id: framed.schema_id, error })?;
-        Ok(Decoded::Event(Event {
-            event_type,
-            version: 0,
-            payload,
-            key,
-            position: record.position,
-            timestamp: record.timestamp,
-        }))
+        let event =
+            Event { event_type, version: 0, payload, key, position: record.position, timestamp: record.timestamp };
+        Ok(Decoded::Event { event, writer })
     }
 
     /// The writer schema of an id: cached ids never wait.

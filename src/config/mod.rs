@@ -72,6 +72,16 @@ pub fn load(config_file: &Path) -> Result<Settings, Problems> {
 }
 
 pub fn load_with(config_file: &Path, lookup: Lookup) -> Result<Settings, Problems> {
+    load_with_upcasters(config_file, lookup, &[])
+}
+
+/// Like [`load_with`], with the Rust upcasters of a custom daemon taken
+/// into account by the upcast path check.
+pub fn load_with_upcasters(
+    config_file: &Path,
+    lookup: Lookup,
+    rust_upcasters: &[std::sync::Arc<dyn crate::upcast::Upcaster>],
+) -> Result<Settings, Problems> {
     let mut problems = Vec::new();
     let daemon_node = read_tree(config_file, lookup, &mut problems);
     let daemon = match &daemon_node {
@@ -108,6 +118,7 @@ pub fn load_with(config_file: &Path, lookup: Lookup) -> Result<Settings, Problem
             Err(Problems(settings::check_connectors(config_file, sinks, connectors)))
         }
     };
+    let validated = validated.and_then(|settings| load_catalogue(settings, rust_upcasters));
     match validated {
         Ok(settings) if problems.is_empty() => Ok(settings),
         Ok(_) => Err(Problems(problems)),
@@ -116,6 +127,59 @@ pub fn load_with(config_file: &Path, lookup: Lookup) -> Result<Settings, Problem
             Err(Problems(problems))
         }
     }
+}
+
+/// Loads the catalogue and the declarative upcasters, and proves that each
+/// upcaster fits the schemas it runs between and that every catalogue
+/// version of every event a connector handles reaches the newest.
+fn load_catalogue(
+    mut settings: Settings,
+    rust_upcasters: &[std::sync::Arc<dyn crate::upcast::Upcaster>],
+) -> Result<Settings, Problems> {
+    use crate::upcast::{catalogue::Catalogue, steps, Upcaster, Upcasting};
+    let at_file = |file: PathBuf, line: usize, column: usize, field: &str, message: String| Problem {
+        file,
+        line,
+        column,
+        field: field.to_string(),
+        message,
+    };
+    let catalogue = Catalogue::load(&settings.schemas_dir)
+        .map_err(|found| Problems(found.into_iter().map(|p| at_file(p.file, 0, 0, "schema", p.message)).collect()))?;
+    let upcasters = steps::load(&settings.schemas_dir.join("upcasters.yaml")).map_err(|found| {
+        Problems(found.into_iter().map(|p| at_file(p.file, p.mark.line, p.mark.column, &p.field, p.message)).collect())
+    })?;
+    let mut problems: Vec<Problem> = Vec::new();
+    for declared in &upcasters {
+        // A Rust upcaster for the same step replaces the declared one.
+        if rust_upcasters.iter().any(|r| r.event_type() == declared.event_type && r.reads_version() == declared.from) {
+            continue;
+        }
+        problems.extend(
+            declared
+                .check(&catalogue)
+                .into_iter()
+                .map(|p| at_file(p.file, p.mark.line, p.mark.column, &p.field, p.message)),
+        );
+    }
+    let catalogue = std::sync::Arc::new(catalogue);
+    let mut chain: Vec<std::sync::Arc<dyn Upcaster>> =
+        upcasters.iter().map(|d| std::sync::Arc::new(d.clone()) as std::sync::Arc<dyn Upcaster>).collect();
+    chain.extend(rust_upcasters.iter().cloned());
+    let upcasting = Upcasting::new(catalogue.clone(), chain);
+    let mut handled: Vec<&str> =
+        settings.connectors.iter().flat_map(|c| c.events.iter().map(|e| e.event_type.as_str())).collect();
+    handled.sort_unstable();
+    handled.dedup();
+    problems.extend(
+        upcasting.check_paths(handled).into_iter().map(|(file, message)| at_file(file, 1, 1, "upcast path", message)),
+    );
+    if !problems.is_empty() {
+        return Err(Problems(problems));
+    }
+    settings.catalogue = catalogue;
+    settings.upcasters = upcasters;
+    Ok(settings)
 }
 
 /// The `*.yaml` and `*.yml` files of a directory, sorted by name.

@@ -98,6 +98,10 @@ pub struct Settings {
     pub connectors_dir: PathBuf,
     pub schemas_dir: PathBuf,
     pub connectors: Vec<ConnectorSettings>,
+    /// The event catalogue under `schemas_dir`.
+    pub catalogue: std::sync::Arc<crate::upcast::catalogue::Catalogue>,
+    /// The declarative upcasters of `schemas_dir/upcasters.yaml`.
+    pub upcasters: Vec<crate::upcast::steps::Declared>,
 }
 
 #[derive(Debug, Clone)]
@@ -452,6 +456,8 @@ pub fn validate(
         connectors_dir: PathBuf::from(&daemon.connectors.value),
         schemas_dir: PathBuf::from(&daemon.schemas.value),
         connectors,
+        catalogue: Default::default(),
+        upcasters: Vec::new(),
     })
 }
 

@@ -65,6 +65,7 @@ pub struct ConnectorRuntime {
     pub settings: Arc<ConnectorSettings>,
     pub kafka: KafkaSettings,
     pub codec: Codec,
+    pub upcasting: Arc<crate::upcast::Upcasting>,
     pub projection: Arc<dyn Projection>,
     pub sink: Sink,
     pub dead_letters: DeadLetters,
@@ -280,7 +281,15 @@ impl Worker<'_> {
         let decoded = self.decode(&record).await?;
         let index = self.pending.records.len();
         let projected = match decoded {
-            Ok(Decoded::Event(event)) => self.runtime.projection.project(&event),
+            Ok(Decoded::Event { event, writer }) => match self.runtime.upcasting.upcast(event, &writer) {
+                Ok(events) => project_all(self.runtime.projection.as_ref(), &events),
+                Err(error) => {
+                    let failure = Failure { class: ErrorClass::Permanent, stage: "upcast", message: error.to_string() };
+                    self.fail(&record, failure).await?;
+                    self.push(record);
+                    return Ok(());
+                }
+            },
             Ok(Decoded::Tombstone { key }) => self.runtime.projection.tombstone(&key, record.position),
             Err(failure) => {
                 self.fail(&record, failure).await?;
@@ -506,6 +515,23 @@ impl Worker<'_> {
         self.pending.remove_events(&origins);
         Ok(None)
     }
+}
+
+/// Projects the events one record became (several after a split): their
+/// ops together, or the first error. Skipped only if every event is.
+fn project_all(
+    projection: &dyn Projection,
+    events: &[crate::event::Event],
+) -> Result<Projected, crate::projection::ProjectionError> {
+    let mut ops = Vec::new();
+    let mut any = false;
+    for event in events {
+        if let Projected::Ops(more) = projection.project(event)? {
+            any = true;
+            ops.extend(more);
+        }
+    }
+    Ok(if any { Projected::Ops(ops) } else { Projected::Skipped })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

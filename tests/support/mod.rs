@@ -204,6 +204,7 @@ impl Project {
         for (name, text) in connectors {
             std::fs::write(root.join("connectors").join(format!("{name}.yaml")), text).expect("write connector");
         }
+        copy_dir(&project_root().join("schemas"), &root.join("schemas"));
         Project { dir }
     }
 
@@ -225,6 +226,21 @@ impl Project {
             .spawn()
             .expect("kawka run starts");
         Kawka { child: Some(child), log_path }
+    }
+}
+
+/// Copies a directory tree (the shipped catalogue into a test project).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    let Ok(entries) = std::fs::read_dir(from) else { return };
+    for entry in entries {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("name"));
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy");
+        }
     }
 }
 

@@ -1,0 +1,329 @@
+//! The event catalogue: `schemas/<event type>/v<N>.avsc`, and how a writer
+//! schema finds its version in it.
+//!
+//! A writer schema is matched by the fingerprint of its Parsing Canonical
+//! Form. One that is not in the catalogue is read as the newest version by
+//! Avro schema resolution when that is legal (fields by name, defaults for
+//! missing ones, numeric promotions), and is otherwise an error of its events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use apache_avro::schema::{RecordSchema, Schema, SchemaKind};
+use apache_avro::schema_compatibility::SchemaCompatibility;
+
+use crate::codec::registry::fingerprint;
+use crate::value::{intern, Name, Record, Value};
+
+/// One version of an event type.
+#[derive(Debug, Clone)]
+pub struct CatalogueVersion {
+    pub version: u32,
+    pub schema: Schema,
+    pub fingerprint: u64,
+    pub file: PathBuf,
+}
+
+/// Every known version of every event type.
+#[derive(Debug, Clone, Default)]
+pub struct Catalogue {
+    types: BTreeMap<String, Vec<CatalogueVersion>>,
+    by_fingerprint: HashMap<u64, (Name, u32)>,
+}
+
+/// How a writer schema reaches the catalogue.
+#[derive(Debug, Clone)]
+pub enum Resolution {
+    /// The writer schema is this catalogue version.
+    Version(u32),
+    /// Not in the catalogue, readable as the newest version.
+    Resolved { version: u32, reader: Schema },
+    /// The event type is not in the catalogue: events pass as they are.
+    Uncatalogued,
+    /// Neither: an error of every event written with it.
+    Unreadable(String),
+}
+
+/// A problem with a catalogue file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogueProblem {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+impl Catalogue {
+    /// Reads every `<event type>/v<N>.avsc` under `dir` (a missing
+    /// directory is an empty catalogue).
+    pub fn load(dir: &Path) -> Result<Catalogue, Vec<CatalogueProblem>> {
+        let mut catalogue = Catalogue::default();
+        let mut problems = Vec::new();
+        let Ok(entries) = std::fs::read_dir(dir) else { return Ok(catalogue) };
+        let mut type_dirs: Vec<PathBuf> =
+            entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        type_dirs.sort();
+        for type_dir in type_dirs {
+            let event_type = type_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let Ok(files) = std::fs::read_dir(&type_dir) else { continue };
+            let mut versions = Vec::new();
+            for file in files.filter_map(Result::ok).map(|e| e.path()) {
+                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let problem = |message: String| CatalogueProblem { file: file.clone(), message };
+                let Some(version) = name.strip_prefix('v').and_then(|n| n.strip_suffix(".avsc")) else {
+                    continue;
+                };
+                let Ok(version) = version.parse::<u32>() else {
+                    problems.push(problem(format!("`{name}` is not named v<N>.avsc")));
+                    continue;
+                };
+                let schema = match std::fs::read_to_string(&file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| Schema::parse_str(&text).map_err(|e| format!("not a valid Avro schema: {e}")))
+                {
+                    Ok(schema) => schema,
+                    Err(message) => {
+                        problems.push(problem(message));
+                        continue;
+                    }
+                };
+                match &schema {
+                    Schema::Record(RecordSchema { name, .. }) if name.fullname(None) == event_type => {}
+                    Schema::Record(RecordSchema { name, .. }) => {
+                        problems.push(problem(format!(
+                            "the record is `{}` but its directory says `{event_type}`",
+                            name.fullname(None)
+                        )));
+                        continue;
+                    }
+                    _ => {
+                        problems.push(problem("an event schema must be a record".into()));
+                        continue;
+                    }
+                }
+                let fingerprint = match fingerprint(&schema, &[]) {
+                    Ok(fingerprint) => fingerprint,
+                    Err(message) => {
+                        problems.push(problem(message));
+                        continue;
+                    }
+                };
+                versions.push(CatalogueVersion { version, schema, fingerprint, file });
+            }
+            versions.sort_by_key(|v| v.version);
+            for (expected, found) in (1..).zip(&versions) {
+                if found.version != expected {
+                    problems.push(CatalogueProblem {
+                        file: found.file.clone(),
+                        message: format!(
+                            "versions of {event_type} must be v1, v2, … without gaps; v{expected} is missing"
+                        ),
+                    });
+                    break;
+                }
+            }
+            let name = intern(&event_type);
+            for version in &versions {
+                catalogue.by_fingerprint.entry(version.fingerprint).or_insert((name, version.version));
+            }
+            if !versions.is_empty() {
+                catalogue.types.insert(event_type, versions);
+            }
+        }
+        if problems.is_empty() {
+            Ok(catalogue)
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn event_types(&self) -> impl Iterator<Item = &str> {
+        self.types.keys().map(String::as_str)
+    }
+
+    pub fn versions(&self, event_type: &str) -> &[CatalogueVersion] {
+        self.types.get(event_type).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn newest(&self, event_type: &str) -> Option<&CatalogueVersion> {
+        self.versions(event_type).last()
+    }
+
+    pub fn version(&self, event_type: &str, version: u32) -> Option<&CatalogueVersion> {
+        self.versions(event_type).iter().find(|v| v.version == version)
+    }
+
+    /// Finds the version a writer schema's record `event_type` is.
+    pub fn resolve(&self, writer: &Schema, references: &[Schema], event_type: &str) -> Resolution {
+        let Some(newest) = self.newest(event_type) else { return Resolution::Uncatalogued };
+        let Some(record) = branch(writer, event_type) else {
+            return Resolution::Unreadable(format!("the writer schema has no record {event_type}"));
+        };
+        if let Ok(print) = fingerprint(record, references) {
+            if let Some(&(name, version)) = self.by_fingerprint.get(&print) {
+                if name == event_type {
+                    return Resolution::Version(version);
+                }
+            }
+        }
+        match SchemaCompatibility::can_read(record, &newest.schema) {
+            Ok(_) => Resolution::Resolved { version: newest.version, reader: newest.schema.clone() },
+            Err(error) => Resolution::Unreadable(format!(
+                "the writer schema of {event_type} is in no catalogue version and v{} cannot read it: {error}",
+                newest.version
+            )),
+        }
+    }
+}
+
+/// The record of a writer schema that an event type names: the schema
+/// itself, or a branch of a top-level union.
+fn branch<'s>(writer: &'s Schema, event_type: &str) -> Option<&'s Schema> {
+    match writer {
+        Schema::Record(RecordSchema { name, .. }) if name.fullname(None) == event_type => Some(writer),
+        Schema::Union(union) => union.variants().iter().find(|v| match v {
+            Schema::Record(RecordSchema { name, .. }) => name.fullname(None) == event_type,
+            _ => false,
+        }),
+        _ => None,
+    }
+}
+
+/// Reads a value decoded with its writer schema as `reader` (Avro schema
+/// resolution on decoded values): record fields by name or alias, reader
+/// defaults for missing fields, writer-only fields dropped, int → long →
+/// float → double promotions, string ↔ bytes.
+pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
+    match (value, reader) {
+        (Value::Record(record), Schema::Record(schema)) => {
+            let mut fields: Vec<(Name, Value)> = record.into_iter().collect();
+            let mut out = Record::with_capacity(schema.fields.len());
+            for field in &schema.fields {
+                let found = fields
+                    .iter()
+                    .position(|(name, _)| *name == field.name || field.aliases.iter().any(|alias| alias == name));
+                let value = match found {
+                    Some(at) => resolve_value(fields.swap_remove(at).1, &field.schema)?,
+                    None => match &field.default {
+                        Some(default) => Value::from_json(default),
+                        None => return Err(format!("field `{}` is missing and has no default", field.name)),
+                    },
+                };
+                out.push(intern(&field.name), value);
+            }
+            Ok(Value::Record(out))
+        }
+        (Value::Int(i), Schema::Float | Schema::Double) => Ok(Value::Float(i as f64)),
+        (Value::Str(s), Schema::Bytes) => Ok(Value::Bytes(s.into_bytes())),
+        (Value::Bytes(b), Schema::String) => {
+            String::from_utf8(b).map(Value::Str).map_err(|_| "bytes are not UTF-8".into())
+        }
+        (Value::Array(items), Schema::Array(array)) => {
+            items.into_iter().map(|item| resolve_value(item, &array.items)).collect::<Result<_, _>>().map(Value::Array)
+        }
+        (Value::Map(entries), Schema::Map(map)) => entries
+            .into_iter()
+            .map(|(k, v)| resolve_value(v, &map.types).map(|v| (k, v)))
+            .collect::<Result<_, _>>()
+            .map(Value::Map),
+        (Value::Str(symbol), Schema::Enum(schema)) => {
+            if schema.symbols.contains(&symbol) {
+                Ok(Value::Str(symbol))
+            } else {
+                schema
+                    .default
+                    .clone()
+                    .map(Value::Str)
+                    .ok_or_else(|| format!("enum symbol `{symbol}` is unknown to the reader"))
+            }
+        }
+        (value, Schema::Union(union)) => {
+            // The written branch's value: the first reader branch that takes it.
+            if value.is_null() {
+                return Ok(value);
+            }
+            for variant in union.variants() {
+                if variant_takes(&value, variant) {
+                    return resolve_value(value, variant);
+                }
+            }
+            Ok(value)
+        }
+        (value, _) => Ok(value),
+    }
+}
+
+fn variant_takes(value: &Value, schema: &Schema) -> bool {
+    matches!(
+        (value, SchemaKind::from(schema)),
+        (Value::Record(_), SchemaKind::Record)
+            | (Value::Int(_), SchemaKind::Int | SchemaKind::Long | SchemaKind::Float | SchemaKind::Double)
+            | (Value::Float(_), SchemaKind::Float | SchemaKind::Double)
+            | (Value::Str(_), SchemaKind::String | SchemaKind::Enum | SchemaKind::Uuid)
+            | (Value::Bytes(_), SchemaKind::Bytes | SchemaKind::Fixed)
+            | (Value::Bool(_), SchemaKind::Boolean)
+            | (Value::Array(_), SchemaKind::Array)
+            | (Value::Map(_), SchemaKind::Map)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, event_type: &str, version: u32, schema: &str) {
+        let type_dir = dir.join(event_type);
+        std::fs::create_dir_all(&type_dir).expect("mkdir");
+        std::fs::write(type_dir.join(format!("v{version}.avsc")), schema).expect("write");
+    }
+
+    const V1: &str = r#"{"type":"record","name":"Reg","namespace":"t","fields":[{"name":"id","type":"string"},{"name":"fullName","type":"string"}]}"#;
+    const V2: &str = r#"{"type":"record","name":"Reg","namespace":"t","fields":[{"name":"id","type":"string"},{"name":"name","type":"string"},{"name":"country","type":"string","default":"unknown"}]}"#;
+
+    #[test]
+    fn writer_schemas_match_by_fingerprint_or_resolve_against_the_newest() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write(dir.path(), "t.Reg", 1, V1);
+        write(dir.path(), "t.Reg", 2, V2);
+        let catalogue = Catalogue::load(dir.path()).expect("loads");
+        // Same canonical form, different whitespace and a doc: still v1.
+        let v1 =
+            Schema::parse_str(&V1.replace(",", ", ").replace("\"fields\"", "\"doc\":\"x\",\"fields\"")).expect("v1");
+        assert!(matches!(catalogue.resolve(&v1, &[], "t.Reg"), Resolution::Version(1)));
+        // Not in the catalogue, but v2 can read it (country has a default).
+        let other = Schema::parse_str(
+            r#"{"type":"record","name":"Reg","namespace":"t","fields":[{"name":"id","type":"string"},{"name":"name","type":"string"},{"name":"extra","type":"int"}]}"#,
+        )
+        .expect("other");
+        let Resolution::Resolved { version, reader } = catalogue.resolve(&other, &[], "t.Reg") else {
+            panic!("resolvable")
+        };
+        assert_eq!(version, 2);
+        let value = Value::Record(
+            [(intern("id"), Value::from("1")), (intern("name"), Value::from("Ann")), (intern("extra"), Value::Int(3))]
+                .into_iter()
+                .collect(),
+        );
+        let resolved = resolve_value(value, &reader).expect("resolves");
+        assert_eq!(resolved.to_json(), serde_json::json!({"id": "1", "name": "Ann", "country": "unknown"}));
+        // Unreadable: `name` missing without a default.
+        let bad = Schema::parse_str(
+            r#"{"type":"record","name":"Reg","namespace":"t","fields":[{"name":"id","type":"string"}]}"#,
+        )
+        .expect("bad");
+        assert!(matches!(catalogue.resolve(&bad, &[], "t.Reg"), Resolution::Unreadable(_)));
+        assert!(matches!(catalogue.resolve(&bad, &[], "t.Other"), Resolution::Uncatalogued));
+    }
+
+    #[test]
+    fn broken_catalogues_name_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write(dir.path(), "t.Reg", 1, V1);
+        write(dir.path(), "t.Reg", 3, V2);
+        write(dir.path(), "t.Other", 1, V1);
+        write(dir.path(), "t.Bad", 1, "{not json");
+        let problems = Catalogue::load(dir.path()).expect_err("broken");
+        let text: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.file.display(), p.message)).collect();
+        assert!(text.iter().any(|t| t.contains("t.Reg/v3.avsc") && t.contains("v2 is missing")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("t.Other/v1.avsc") && t.contains("directory says")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("t.Bad/v1.avsc") && t.contains("not a valid Avro schema")), "{text:?}");
+    }
+}

@@ -1,0 +1,291 @@
+//! Upcasting: every event reaches its projection at the newest catalogue
+//! version of its type.
+//!
+//! * [`catalogue`]: `schemas/<type>/v<N>.avsc`, writer schema → version.
+//! * [`steps`]: declarative upcasters from `schemas/upcasters.yaml`.
+//! * [`online`]: `kawka schemas check` against the registry.
+//!
+//! An [`Upcaster`] moves one (type, version) one step on; Rust upcasters
+//! (registered on [`crate::app::Builder`]) and declarative ones share the
+//! trait, and a Rust upcaster replaces a declarative one for the same
+//! (type, version). The chain runs until every event is at its type's
+//! newest version.
+
+pub mod catalogue;
+pub mod online;
+pub mod steps;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::codec::registry::WriterSchema;
+use crate::event::Event;
+use crate::value::Name;
+use catalogue::{resolve_value, Catalogue, Resolution};
+
+/// Turns events of one (type, version) into events one step newer.
+pub trait Upcaster: Send + Sync + fmt::Debug {
+    /// The event type it reads.
+    fn event_type(&self) -> &str;
+    /// The version it reads.
+    fn reads_version(&self) -> u32;
+    /// The events this one becomes (each with its type and version set).
+    fn upcast(&self, event: Event) -> Result<Vec<Event>, String>;
+    /// The (type, version) pairs it writes; for the offline path check.
+    fn targets(&self) -> Vec<(String, u32)> {
+        vec![(self.event_type().to_string(), self.reads_version() + 1)]
+    }
+}
+
+impl Upcaster for steps::Declared {
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    fn reads_version(&self) -> u32 {
+        self.from
+    }
+
+    fn upcast(&self, event: Event) -> Result<Vec<Event>, String> {
+        self.apply(event)
+    }
+
+    fn targets(&self) -> Vec<(String, u32)> {
+        steps::Declared::targets(self)
+    }
+}
+
+/// An upcaster from a closure, for the builder.
+pub struct FnUpcaster<F> {
+    pub event_type: String,
+    pub from: u32,
+    pub function: F,
+}
+
+impl<F> fmt::Debug for FnUpcaster<F> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "FnUpcaster({} v{})", self.event_type, self.from)
+    }
+}
+
+impl<F> Upcaster for FnUpcaster<F>
+where
+    F: Fn(Event) -> Result<Vec<Event>, String> + Send + Sync,
+{
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    fn reads_version(&self) -> u32 {
+        self.from
+    }
+
+    fn upcast(&self, event: Event) -> Result<Vec<Event>, String> {
+        (self.function)(event)
+    }
+}
+
+/// Why an event could not be brought to the newest version: a permanent
+/// error of that event.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UpcastError {
+    #[error("{0}")]
+    Unreadable(String),
+    #[error("{event_type} v{version} has no upcaster to v{newest}")]
+    NoPath { event_type: String, version: u32, newest: u32 },
+    #[error("upcasting {event_type} v{version}: {message}")]
+    Failed { event_type: String, version: u32, message: String },
+    #[error("resolving against the newest schema: {0}")]
+    Resolution(String),
+}
+
+/// The upcast stage: the catalogue, the chain, and the resolution of each
+/// writer schema (computed once per schema id and event type).
+#[derive(Debug)]
+pub struct Upcasting {
+    catalogue: Arc<Catalogue>,
+    chain: HashMap<(String, u32), Arc<dyn Upcaster>>,
+    resolutions: Mutex<HashMap<(u32, Name), Resolution>>,
+}
+
+/// Steps a chain may take before it is declared a loop.
+const MAX_STEPS: usize = 1000;
+
+impl Upcasting {
+    /// Later upcasters replace earlier ones for the same (type, version).
+    pub fn new(catalogue: Arc<Catalogue>, upcasters: Vec<Arc<dyn Upcaster>>) -> Upcasting {
+        let chain = upcasters.into_iter().map(|u| ((u.event_type().to_string(), u.reads_version()), u)).collect();
+        Upcasting { catalogue, chain, resolutions: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
+    }
+
+    /// Sets the event's catalogue version from its writer schema, then
+    /// upcasts it to the newest version.
+    pub fn upcast(&self, mut event: Event, writer: &WriterSchema) -> Result<Vec<Event>, UpcastError> {
+        let resolution = {
+            let key = (writer.id, event.event_type);
+            let mut resolutions = self.resolutions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            resolutions
+                .entry(key)
+                .or_insert_with(|| self.catalogue.resolve(&writer.schema, &writer.references, event.event_type))
+                .clone()
+        };
+        match resolution {
+            Resolution::Uncatalogued => return Ok(vec![event]),
+            Resolution::Unreadable(message) => return Err(UpcastError::Unreadable(message)),
+            Resolution::Version(version) => event.version = version,
+            Resolution::Resolved { version, reader } => {
+                event.payload =
+                    resolve_value(std::mem::take(&mut event.payload), &reader).map_err(UpcastError::Resolution)?;
+                event.version = version;
+            }
+        }
+        self.to_newest(event)
+    }
+
+    /// Runs the chain from the event's version to the newest of its type
+    /// (and of every type it becomes).
+    pub fn to_newest(&self, event: Event) -> Result<Vec<Event>, UpcastError> {
+        let mut done = Vec::with_capacity(1);
+        let mut work = vec![event];
+        let mut steps = 0;
+        while let Some(event) = work.pop() {
+            let newest = match self.catalogue.newest(event.event_type) {
+                None => {
+                    done.push(event);
+                    continue;
+                }
+                Some(newest) => newest.version,
+            };
+            if event.version >= newest {
+                done.push(event);
+                continue;
+            }
+            steps += 1;
+            let (event_type, version) = (event.event_type.to_string(), event.version);
+            let Some(upcaster) = self.chain.get(&(event_type.clone(), version)) else {
+                return Err(UpcastError::NoPath { event_type, version, newest });
+            };
+            if steps > MAX_STEPS {
+                return Err(UpcastError::Failed { event_type, version, message: "the chain loops".into() });
+            }
+            let mut next = upcaster.upcast(event).map_err(|message| UpcastError::Failed {
+                event_type: event_type.clone(),
+                version,
+                message,
+            })?;
+            // Keep the order of split outputs: the work list is a stack.
+            next.reverse();
+            work.extend(next);
+        }
+        Ok(done)
+    }
+
+    /// Proves offline that every catalogue version of `event_types` has a
+    /// path to the newest. Returns the catalogue file and message of each gap.
+    pub fn check_paths<'a>(&self, event_types: impl IntoIterator<Item = &'a str>) -> Vec<(PathBuf, String)> {
+        let mut problems = Vec::new();
+        for event_type in event_types {
+            for start in self.catalogue.versions(event_type) {
+                let mut seen = HashSet::new();
+                let mut work = vec![(event_type.to_string(), start.version)];
+                while let Some((current, version)) = work.pop() {
+                    let Some(newest) = self.catalogue.newest(&current) else {
+                        problems.push((start.file.clone(), format!("{current} is not in the catalogue")));
+                        continue;
+                    };
+                    if version >= newest.version || !seen.insert((current.clone(), version)) {
+                        continue;
+                    }
+                    match self.chain.get(&(current.clone(), version)) {
+                        Some(upcaster) => work.extend(upcaster.targets()),
+                        None => problems.push((
+                            start.file.clone(),
+                            format!(
+                                "{event_type} v{} has no upcast path to the newest version: no upcaster for {current} v{version}",
+                                start.version
+                            ),
+                        )),
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Position;
+    use crate::value::{intern, Value};
+
+    fn catalogue(versions: &[u32]) -> (tempfile::TempDir, Arc<Catalogue>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let type_dir = dir.path().join("t.E");
+        std::fs::create_dir_all(&type_dir).expect("mkdir");
+        for v in versions {
+            let schema =
+                format!(r#"{{"type":"record","name":"E","namespace":"t","fields":[{{"name":"f{v}","type":"int"}}]}}"#);
+            std::fs::write(type_dir.join(format!("v{v}.avsc")), schema).expect("write");
+        }
+        let catalogue = Arc::new(Catalogue::load(dir.path()).expect("loads"));
+        (dir, catalogue)
+    }
+
+    fn rename(from: u32) -> Arc<dyn Upcaster> {
+        Arc::new(FnUpcaster {
+            event_type: "t.E".into(),
+            from,
+            function: move |mut event: Event| {
+                if let Some(record) = event.payload.as_record_mut() {
+                    record.rename(&format!("f{from}"), intern(&format!("f{}", from + 1)));
+                }
+                event.version = from + 1;
+                Ok(vec![event])
+            },
+        })
+    }
+
+    fn event(version: u32) -> Event {
+        Event {
+            event_type: "t.E",
+            version,
+            payload: Value::from_json(&serde_json::json!({ format!("f{version}"): 7 })),
+            key: Value::Null,
+            position: Position { topic: "t", partition: 0, offset: 0 },
+            timestamp: None,
+        }
+    }
+
+    #[test]
+    fn the_chain_runs_to_the_newest_version() {
+        let (_dir, catalogue) = catalogue(&[1, 2, 3]);
+        let upcasting = Upcasting::new(catalogue, vec![rename(1), rename(2)]);
+        let out = upcasting.to_newest(event(1)).expect("upcasts");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].version, 3);
+        assert_eq!(out[0].payload.to_json(), serde_json::json!({"f3": 7}));
+        assert_eq!(upcasting.to_newest(event(3)).expect("current").len(), 1);
+        assert!(upcasting.check_paths(["t.E"]).is_empty());
+    }
+
+    #[test]
+    fn a_gap_is_an_error_of_the_event_and_a_problem_offline() {
+        let (_dir, catalogue) = catalogue(&[1, 2, 3]);
+        let upcasting = Upcasting::new(catalogue, vec![rename(1)]);
+        assert_eq!(
+            upcasting.to_newest(event(1)),
+            Err(UpcastError::NoPath { event_type: "t.E".into(), version: 2, newest: 3 })
+        );
+        let problems = upcasting.check_paths(["t.E"]);
+        assert_eq!(problems.len(), 2, "v1 and v2 both lack a path: {problems:?}");
+        assert!(problems[0].0.ends_with("t.E/v1.avsc"));
+        assert!(problems[0].1.contains("no upcaster for t.E v2"), "{problems:?}");
+    }
+}

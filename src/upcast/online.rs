@@ -1,0 +1,79 @@
+//! `kawka schemas check`: every schema registered under a connector's
+//! subjects must reach the catalogue (by fingerprint, or by resolution
+//! against the newest version).
+
+use apache_avro::schema::{RecordSchema, Schema};
+
+use super::catalogue::{Catalogue, Resolution};
+use crate::codec::registry::{RegistryClient, RegistryError};
+use crate::config::Settings;
+
+/// What one registered schema is to the catalogue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub subject: String,
+    pub version: i32,
+    pub id: u32,
+    pub event_type: String,
+    /// `v1`, `resolved as v2`, or why it cannot be read.
+    pub verdict: String,
+    pub ok: bool,
+}
+
+/// The subjects a connector's events may be registered under: the topic
+/// strategies (`<topic>-value`, `<topic>-<record>`) and the record strategy.
+fn subjects_of(settings: &Settings, all: &[String]) -> Vec<String> {
+    let mut wanted = Vec::new();
+    for connector in &settings.connectors {
+        for topic in &connector.source.topics {
+            let prefix = format!("{topic}-");
+            wanted.extend(all.iter().filter(|s| s.starts_with(&prefix) && !s.ends_with("-key")).cloned());
+        }
+        for rule in &connector.events {
+            if all.contains(&rule.event_type) {
+                wanted.push(rule.event_type.clone());
+            }
+        }
+    }
+    wanted.sort();
+    wanted.dedup();
+    wanted
+}
+
+fn records(schema: &Schema) -> Vec<String> {
+    match schema {
+        Schema::Record(RecordSchema { name, .. }) => vec![name.fullname(None)],
+        Schema::Union(union) => union.variants().iter().flat_map(records).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Checks every version of every subject of the connectors.
+pub async fn check(settings: &Settings, client: &RegistryClient) -> Result<Vec<Finding>, RegistryError> {
+    let catalogue: &Catalogue = &settings.catalogue;
+    let subjects = subjects_of(settings, &client.subjects().await?);
+    let mut findings = Vec::new();
+    for subject in subjects {
+        for version in client.subject_versions(&subject).await? {
+            let registered = client.subject_version(&subject, &version.to_string()).await?;
+            let writer = client.writer_schema(registered.id).await?;
+            for event_type in records(&writer.schema) {
+                let (verdict, ok) = match catalogue.resolve(&writer.schema, &writer.references, &event_type) {
+                    Resolution::Version(v) => (format!("v{v}"), true),
+                    Resolution::Resolved { version, .. } => (format!("not in the catalogue; read as v{version}"), true),
+                    Resolution::Uncatalogued => ("not in the catalogue (passes as written)".to_string(), true),
+                    Resolution::Unreadable(message) => (message, false),
+                };
+                findings.push(Finding {
+                    subject: subject.clone(),
+                    version,
+                    id: registered.id,
+                    event_type,
+                    verdict,
+                    ok,
+                });
+            }
+        }
+    }
+    Ok(findings)
+}

@@ -14,10 +14,12 @@ use crate::codec::registry::RegistryClient;
 use crate::codec::Codec;
 use crate::config::{Problems, Settings};
 use crate::event::Event;
+use crate::http::Daemon;
 use crate::pipeline::dead_letter::DeadLetters;
-use crate::pipeline::{ConnectorRuntime, ConnectorStats, Halt};
+use crate::pipeline::{ConnectorRuntime, Halt};
 use crate::projection::{Projection, RulesProjection};
 use crate::sink::Sink;
+use crate::status::ConnectorStatus;
 use crate::upcast::{FnUpcaster, Upcaster, Upcasting};
 
 /// A daemon with Rust upcasters and projections of its own.
@@ -87,7 +89,7 @@ impl Builder {
     /// Runs every connector until `shutdown` completes, then drains.
     pub async fn run(self, settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let runtimes = self.connectors(&settings)?;
-        run_connectors(runtimes, shutdown).await
+        run_connectors(&settings, runtimes, shutdown).await
     }
 }
 
@@ -111,6 +113,7 @@ fn connectors_with(
                 format!("connector {}: no sink connection {}", connector.name, connector.connection)
             })?;
             let sink = Sink::new(connection, connector).with_context(|| format!("connector {}", connector.name))?;
+            let status = Arc::new(ConnectorStatus::new(&connector.name, sink.kind()));
             let projection: Arc<dyn Projection> = match projections.iter().find(|(name, _)| *name == connector.name) {
                 Some((_, projection)) => projection.clone(),
                 None => Arc::new(RulesProjection::new(connector)),
@@ -123,7 +126,7 @@ fn connectors_with(
                 projection,
                 sink,
                 dead_letters: dead_letters.clone(),
-                stats: Arc::new(ConnectorStats::default()),
+                status,
             })
         })
         .collect()
@@ -136,8 +139,26 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     Builder::new().run(settings, shutdown).await
 }
 
-async fn run_connectors(runtimes: Vec<ConnectorRuntime>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+async fn run_connectors(
+    settings: &Settings,
+    runtimes: Vec<ConnectorRuntime>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (stop, stopping) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(settings.http.listen)
+        .await
+        .with_context(|| format!("http.listen {}", settings.http.listen))?;
+    let address = listener.local_addr()?;
+    let daemon = Arc::new(Daemon {
+        connectors: runtimes.iter().map(|r| r.status.clone()).collect(),
+        registry: runtimes.first().map(|r| r.codec.registry().clone()),
+        token: settings.http.token.clone(),
+    });
+    let mut http_stopping = stopping.clone();
+    let http = tokio::spawn(crate::http::serve(listener, daemon, async move {
+        let _ = http_stopping.wait_for(|stop| *stop).await;
+    }));
+    tracing::info!(%address, "http listening");
     let mut tasks = tokio::task::JoinSet::new();
     for runtime in runtimes {
         let name = runtime.settings.name.clone();
@@ -171,5 +192,6 @@ async fn run_connectors(runtimes: Vec<ConnectorRuntime>, shutdown: impl Future<O
             Err(error) => tracing::error!(%error, "connector task failed"),
         }
     }
+    let _ = http.await;
     Ok(())
 }

@@ -29,6 +29,9 @@
 //! * [`registry`]: the `kawka registry` server (Confluent API, Postgres storage).
 //! * [`event`], [`value`]: the event and the value tree every stage shares.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.
+//! * [`status`]: each connector's state, counters and histograms: what the
+//!   HTTP API and `/metrics` show; one method per happening logs and counts.
+//! * [`http`]: health, readiness, metrics, connector control.
 //! * [`telemetry`]: tracing setup.
 
 pub mod app;
@@ -36,11 +39,13 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod http;
 pub mod pipeline;
 pub mod projection;
 pub mod registry;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod telemetry;
 pub mod upcast;
 pub mod value;

@@ -45,6 +45,13 @@ enum Command {
         #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
         config: PathBuf,
     },
+    /// Show every connector of a running daemon (state, partitions, lag,
+    /// rate, last error) from its HTTP API.
+    Status {
+        /// The daemon's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "KAWKA_URL")]
+        url: String,
+    },
     /// Schema tools.
     Schemas {
         #[command(subcommand)]
@@ -103,6 +110,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { url } => runtime.block_on(status(&url)),
         Command::Upcast { event_type, from, config } => upcast(&config, &event_type, from),
         Command::Schemas { command: SchemasCommand::Check { config } } => {
             let settings = match config::load(&config) {
@@ -224,6 +232,47 @@ async fn schemas_check(settings: &kawka::config::Settings) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn status(url: &str) -> ExitCode {
+    let url = format!("{}/connectors", url.trim_end_matches('/'));
+    let fetch = || async {
+        let response = reqwest::get(&url).await?.error_for_status()?;
+        response.json::<Vec<serde_json::Value>>().await
+    };
+    let first = match fetch().await {
+        Ok(first) => first,
+        Err(error) => {
+            eprintln!("kawka status: {url}: {}", kawka::codec::registry::error_chain(&error));
+            return ExitCode::FAILURE;
+        }
+    };
+    // A second sample a second later gives the rate.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let second = fetch().await.unwrap_or_else(|_| first.clone());
+    println!(
+        "{:<24} {:<10} {:<8} {:>10} {:>10} {:>12}  LAST ERROR",
+        "CONNECTOR", "STATE", "SINK", "PARTITIONS", "LAG", "EVENTS/S"
+    );
+    for connector in &second {
+        let name = connector["name"].as_str().unwrap_or("?");
+        let written = |c: &serde_json::Value| c["counters"]["written"].as_u64().unwrap_or(0);
+        let before = first.iter().find(|c| c["name"] == connector["name"]).map_or(written(connector), written);
+        let rate = written(connector).saturating_sub(before);
+        let lag = connector["lag"].as_i64().map_or("-".to_string(), |lag| lag.to_string());
+        let error = connector["last_error"]["message"].as_str().unwrap_or("");
+        println!(
+            "{:<24} {:<10} {:<8} {:>10} {:>10} {:>12}  {}",
+            name,
+            connector["state"].as_str().unwrap_or("?"),
+            connector["sink"].as_str().unwrap_or("?"),
+            connector["partitions"].as_array().map_or(0, Vec::len),
+            lag,
+            rate,
+            error.chars().take(60).collect::<String>()
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -89,10 +89,8 @@ impl Codec {
 
     /// The writer schema of an id: cached ids never wait.
     pub async fn writer_schema(&self, id: u32) -> Result<Arc<WriterSchema>, RegistryError> {
-        match self.registry.cached(id) {
-            Some(writer) => Ok(writer),
-            None => self.registry.writer_schema(id).await,
-        }
+        // `writer_schema` looks in the cache first (and counts hits and misses).
+        self.registry.writer_schema(id).await
     }
 
     async fn decode_key(&self, key: Option<&[u8]>) -> Result<Value, CodecError> {

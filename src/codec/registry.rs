@@ -97,6 +97,8 @@ pub struct RegistryClient {
     username: Option<String>,
     password: Option<String>,
     cache: RwLock<HashMap<u32, Arc<WriterSchema>>>,
+    cache_hits: std::sync::atomic::AtomicU64,
+    cache_misses: std::sync::atomic::AtomicU64,
 }
 
 impl RegistryClient {
@@ -115,6 +117,8 @@ impl RegistryClient {
             username: settings.username.clone(),
             password: settings.password.as_ref().map(|p| p.expose().to_string()),
             cache: RwLock::new(HashMap::new()),
+            cache_hits: Default::default(),
+            cache_misses: Default::default(),
         })
     }
 
@@ -124,8 +128,18 @@ impl RegistryClient {
 
     /// The cached writer schema of `id`, if it was fetched before.
     pub fn cached(&self, id: u32) -> Option<Arc<WriterSchema>> {
+        use std::sync::atomic::Ordering;
         // A poisoned lock means a panic while inserting; the map is intact.
-        self.cache.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+        let found = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
+        let counter = if found.is_some() { &self.cache_hits } else { &self.cache_misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Cache hits and misses so far.
+    pub fn cache_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (self.cache_hits.load(Ordering::Relaxed), self.cache_misses.load(Ordering::Relaxed))
     }
 
     /// The writer schema of `id`, from the cache or the registry.

@@ -11,7 +11,6 @@
 pub mod dead_letter;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,26 +24,17 @@ use crate::event::Position;
 use crate::projection::{Projected, Projection, WriteOp};
 use crate::sink::{Claim, PartitionOffset, Sink, SinkError};
 use crate::source::{ClaimFn, KafkaSource, RawRecord, SourceMessage};
+use crate::status::{ConnectorStatus, Outcome, State};
 use crate::value::Name;
 use dead_letter::{DeadLetters, Failure};
+
+/// The event type counted for tombstones and undecodable records.
+const TOMBSTONE: Name = "(tombstone)";
+const UNDECODABLE: Name = "(undecodable)";
 
 /// How long a shutdown waits for an unreachable sink before abandoning the
 /// in-flight batch (its events are consumed again on the next start).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Counters of one connector.
-#[derive(Debug, Default)]
-pub struct ConnectorStats {
-    pub consumed: AtomicU64,
-    pub written: AtomicU64,
-    pub skipped: AtomicU64,
-    pub unknown: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    /// Writes the sink found already applied (replays, duplicates).
-    pub duplicates: AtomicU64,
-    pub batches: AtomicU64,
-    pub retries: AtomicU64,
-}
 
 /// Why a connector's loop ended.
 #[derive(Debug)]
@@ -69,7 +59,7 @@ pub struct ConnectorRuntime {
     pub projection: Arc<dyn Projection>,
     pub sink: Sink,
     pub dead_letters: DeadLetters,
-    pub stats: Arc<ConnectorStats>,
+    pub status: Arc<ConnectorStatus>,
 }
 
 impl ConnectorRuntime {
@@ -87,11 +77,13 @@ impl ConnectorRuntime {
                     }
                 }
                 Halt::Stopped(ref failure) => {
-                    tracing::error!(connector = %name, stage = failure.stage, error = %failure.message,
-                        "connector stopped by its error policy; fix the cause and restart");
+                    self.status.stopped(failure);
                     return halt;
                 }
-                Halt::Shutdown => return halt,
+                Halt::Shutdown => {
+                    self.status.set_state(State::Drained);
+                    return halt;
+                }
             }
         }
     }
@@ -103,7 +95,7 @@ impl ConnectorRuntime {
             if error.class() == ErrorClass::Permanent {
                 return Halt::Source(error.to_string());
             }
-            tracing::warn!(connector = %self.settings.name, %error, class = %error.class(), "sink not ready; retrying");
+            self.status.retrying("sink", error.class(), &error.to_string(), attempt);
             tokio::select! {
                 _ = tokio::time::sleep(backoff.delay(attempt)) => {}
                 _ = stopped(shutdown) => return Halt::Shutdown,
@@ -111,7 +103,10 @@ impl ConnectorRuntime {
             attempt += 1;
         }
         let claim = self.sink.stores_positions().then(|| self.claim_fn());
-        let (source, rx) = match KafkaSource::start(&self.settings.name, &self.kafka, &self.settings.source, claim) {
+        self.status.recovered();
+        let started =
+            KafkaSource::start(&self.settings.name, &self.kafka, &self.settings.source, claim, self.status.clone());
+        let (source, rx) = match started {
             Ok(started) => started,
             Err(error) => return Halt::Source(error.to_string()),
         };
@@ -159,6 +154,8 @@ struct Pending {
     /// Every record processed since the last commit, in order (also those
     /// dead-lettered or skipped: they move the positions too).
     records: Vec<RawRecord>,
+    /// Event type of each record (for per-type counts), aligned with `records`.
+    types: Vec<Name>,
     ops: Vec<WriteOp>,
     /// Index into `records` of each op's event.
     origins: Vec<usize>,
@@ -173,6 +170,7 @@ impl Pending {
 
     fn clear(&mut self) {
         self.records.clear();
+        self.types.clear();
         self.ops.clear();
         self.origins.clear();
         self.bytes = 0;
@@ -189,6 +187,7 @@ impl Pending {
     /// Forgets the records from `index` on (for `stop`: commit nothing past it).
     fn truncate(&mut self, index: usize) {
         self.records.truncate(index);
+        self.types.truncate(index);
         let mut keep = self.origins.iter().map(|origin| *origin < index);
         self.ops.retain(|_| keep.next().unwrap_or(true));
         self.origins.retain(|origin| *origin < index);
@@ -211,8 +210,10 @@ impl Worker<'_> {
 
     async fn consume(&mut self, mut rx: mpsc::Receiver<SourceMessage>) -> (Halt, mpsc::Receiver<SourceMessage>) {
         let mut shutdown = self.shutdown.clone();
+        let mut paused = self.runtime.status.paused();
         loop {
             let deadline = self.pending.deadline;
+            let is_paused = *paused.borrow_and_update();
             let message = tokio::select! {
                 biased;
                 _ = stopped(&mut shutdown) => {
@@ -223,7 +224,10 @@ impl Worker<'_> {
                     if let Err(halt) = self.flush().await { return (halt, rx) }
                     continue;
                 }
-                message = rx.recv() => message,
+                // Paused: nothing is taken from the channel, so the consumer
+                // thread fills it and pauses its partitions.
+                _ = paused.changed() => continue,
+                message = rx.recv(), if !is_paused => message,
             };
             let result = match message {
                 None => Err(Halt::Source("the consumer thread ended".into())),
@@ -233,6 +237,7 @@ impl Worker<'_> {
                 }
                 Some(SourceMessage::Revoked { ack }) => {
                     let flushed = self.flush().await;
+                    self.runtime.status.revoked();
                     self.epochs.clear();
                     self.generation = None;
                     let _ = ack.send(());
@@ -255,6 +260,9 @@ impl Worker<'_> {
     fn assigned(&mut self, generation: u64, claims: &[Claim]) {
         self.generation = Some(generation);
         self.epochs = claims.iter().map(|c| ((c.topic, c.partition), c.epoch)).collect();
+        let partitions: Vec<(Name, i32, Option<i64>)> =
+            claims.iter().map(|c| (c.topic, c.partition, c.next_offset)).collect();
+        self.runtime.status.assigned(&partitions);
     }
 
     async fn records(&mut self, generation: u64, records: Vec<RawRecord>) -> Result<(), Halt> {
@@ -267,7 +275,6 @@ impl Worker<'_> {
             if !self.epochs.contains_key(&(record.position.topic, record.position.partition)) {
                 continue;
             }
-            self.runtime.stats.consumed.fetch_add(1, Ordering::Relaxed);
             self.process(record).await?;
             if self.pending.ops.len() >= batch.max_events || self.pending.bytes >= batch.max_bytes {
                 self.flush().await?;
@@ -280,20 +287,29 @@ impl Worker<'_> {
     async fn process(&mut self, record: RawRecord) -> Result<(), Halt> {
         let decoded = self.decode(&record).await?;
         let index = self.pending.records.len();
-        let projected = match decoded {
-            Ok(Decoded::Event { event, writer }) => match self.runtime.upcasting.upcast(event, &writer) {
-                Ok(events) => project_all(self.runtime.projection.as_ref(), &events),
-                Err(error) => {
-                    let failure = Failure { class: ErrorClass::Permanent, stage: "upcast", message: error.to_string() };
-                    self.fail(&record, failure).await?;
-                    self.push(record);
-                    return Ok(());
+        let (event_type, projected) = match decoded {
+            Ok(Decoded::Event { event, writer }) => {
+                let event_type = event.event_type;
+                self.runtime.status.count(event_type, Outcome::Consumed);
+                match self.runtime.upcasting.upcast(event, &writer) {
+                    Ok(events) => (event_type, project_all(self.runtime.projection.as_ref(), &events)),
+                    Err(error) => {
+                        let failure =
+                            Failure { class: ErrorClass::Permanent, stage: "upcast", message: error.to_string() };
+                        self.fail(&record, event_type, failure).await?;
+                        self.push(record, event_type);
+                        return Ok(());
+                    }
                 }
-            },
-            Ok(Decoded::Tombstone { key }) => self.runtime.projection.tombstone(&key, record.position),
+            }
+            Ok(Decoded::Tombstone { key }) => {
+                self.runtime.status.count(TOMBSTONE, Outcome::Consumed);
+                (TOMBSTONE, self.runtime.projection.tombstone(&key, record.position))
+            }
             Err(failure) => {
-                self.fail(&record, failure).await?;
-                self.push(record);
+                self.runtime.status.count(UNDECODABLE, Outcome::Consumed);
+                self.fail(&record, UNDECODABLE, failure).await?;
+                self.push(record, UNDECODABLE);
                 return Ok(());
             }
         };
@@ -301,27 +317,26 @@ impl Worker<'_> {
             Ok(Projected::Ops(ops)) => {
                 if let Some(message) = ops.iter().find_map(|op| self.runtime.sink.check(op).err()) {
                     let failure = Failure { class: ErrorClass::Permanent, stage: "sink", message };
-                    self.fail(&record, failure).await?;
+                    self.fail(&record, event_type, failure).await?;
                 } else {
                     self.pending.origins.extend(std::iter::repeat_n(index, ops.len()));
                     self.pending.ops.extend(ops);
                 }
             }
-            Ok(Projected::Skipped) => {
-                self.runtime.stats.unknown.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(Projected::Skipped) => self.runtime.status.count(event_type, Outcome::Unknown),
             Err(error) => {
                 let failure = Failure { class: ErrorClass::Permanent, stage: "projection", message: error.to_string() };
-                self.fail(&record, failure).await?;
+                self.fail(&record, event_type, failure).await?;
             }
         }
-        self.push(record);
+        self.push(record, event_type);
         Ok(())
     }
 
-    fn push(&mut self, record: RawRecord) {
+    fn push(&mut self, record: RawRecord, event_type: Name) {
         self.pending.bytes += record.size();
         self.pending.records.push(record);
+        self.pending.types.push(event_type);
         if self.pending.deadline.is_none() {
             self.pending.deadline = Some(Instant::now() + self.runtime.settings.batch.max_wait);
         }
@@ -341,7 +356,7 @@ impl Worker<'_> {
                     }))
                 }
                 Err(error) => {
-                    tracing::warn!(connector = %self.name(), position = %record.position, %error, "decode waits for the registry");
+                    self.runtime.status.retrying("decode", error.class(), &error.to_string(), attempt);
                     self.pause(attempt).await?;
                     attempt += 1;
                 }
@@ -351,7 +366,6 @@ impl Worker<'_> {
 
     /// Waits before a retry; returns `Halt::Shutdown` if the daemon stops.
     async fn pause(&mut self, attempt: u32) -> Result<(), Halt> {
-        self.runtime.stats.retries.fetch_add(1, Ordering::Relaxed);
         let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(5) };
         tokio::select! {
             _ = tokio::time::sleep(backoff.delay(attempt)) => Ok(()),
@@ -360,37 +374,40 @@ impl Worker<'_> {
     }
 
     /// Applies the error policy to one bad event.
-    async fn fail(&mut self, record: &RawRecord, failure: Failure) -> Result<(), Halt> {
-        let settings = &self.runtime.settings;
+    async fn fail(&mut self, record: &RawRecord, event_type: Name, failure: Failure) -> Result<(), Halt> {
+        let settings = self.runtime.settings.clone();
+        let status = self.runtime.status.clone();
         match settings.on_error {
             ErrorPolicy::Skip => {
-                tracing::warn!(connector = %settings.name, position = %record.position, stage = failure.stage,
-                    error = %failure.message, "bad event skipped");
-                self.runtime.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                status.failed_event(event_type, record.position, &failure, Outcome::Skipped, "");
                 Ok(())
             }
             ErrorPolicy::Stop => Err(Halt::Stopped(failure)),
             ErrorPolicy::DeadLetter => {
                 let mut attempt = 0;
                 loop {
-                    match self
+                    let sent = self
                         .runtime
                         .dead_letters
                         .send(&settings.dead_letter_topic, &settings.name, record, &failure)
-                        .await
-                    {
+                        .await;
+                    match sent {
                         Ok(()) => break,
                         Err(error) => {
-                            tracing::warn!(connector = %settings.name, %error, "dead letter not delivered; retrying");
+                            status.retrying("dead_letter", ErrorClass::Transient, &error.to_string(), attempt);
                             // A shutdown here leaves the event unconsumed: it is read again.
                             self.pause(attempt).await?;
                             attempt += 1;
                         }
                     }
                 }
-                tracing::warn!(connector = %settings.name, position = %record.position, stage = failure.stage,
-                    error = %failure.message, topic = %settings.dead_letter_topic, "bad event dead-lettered");
-                self.runtime.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                status.failed_event(
+                    event_type,
+                    record.position,
+                    &failure,
+                    Outcome::DeadLettered,
+                    &settings.dead_letter_topic,
+                );
                 Ok(())
             }
         }
@@ -425,14 +442,32 @@ impl Worker<'_> {
         let mut stop_after: Option<Failure> = None;
         loop {
             let offsets = self.offsets();
+            let started = std::time::Instant::now();
             match self.runtime.sink.write(&self.pending.ops, &offsets).await {
                 Ok(duplicates) => {
-                    let stats = &self.runtime.stats;
-                    stats.written.fetch_add(self.pending.ops.len() as u64, Ordering::Relaxed);
-                    stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
-                    stats.batches.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(connector = %self.name(), events = self.pending.records.len(),
-                        ops = self.pending.ops.len(), duplicates, "batch written");
+                    let status = &self.runtime.status;
+                    let mut written: HashMap<Name, u64> = HashMap::new();
+                    let mut last_origin = usize::MAX;
+                    for &origin in &self.pending.origins {
+                        if origin != last_origin {
+                            *written.entry(self.pending.types[origin]).or_insert(0) += 1;
+                            last_origin = origin;
+                        }
+                    }
+                    for (event_type, n) in written {
+                        status.count_many(event_type, Outcome::Written, n);
+                    }
+                    let newest = self.pending.records.iter().filter_map(|r| r.timestamp).max();
+                    status.batch_written(
+                        self.pending.records.len(),
+                        self.pending.ops.len(),
+                        duplicates,
+                        started.elapsed().as_secs_f64(),
+                        newest,
+                    );
+                    let positions: Vec<(Name, i32, i64)> =
+                        offsets.iter().map(|o| (o.topic, o.partition, o.next_offset)).collect();
+                    status.positions(&positions);
                     self.source.durable(&offsets);
                     self.pending.clear();
                     return match stop_after {
@@ -460,7 +495,12 @@ impl Worker<'_> {
                     if rejected.is_empty() {
                         // The batch fails as a whole but no op alone does:
                         // retry rather than guess which event to drop.
-                        tracing::warn!(connector = %self.name(), %error, "batch refused without a culprit; retrying");
+                        self.runtime.status.retrying(
+                            "sink",
+                            ErrorClass::Transient,
+                            &format!("batch refused without a culprit: {error}"),
+                            attempt,
+                        );
                         self.pause(attempt).await?;
                         attempt += 1;
                     } else if let Some(failure) = self.reject(rejected).await? {
@@ -468,8 +508,7 @@ impl Worker<'_> {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(connector = %self.name(), %error, class = %error.class(), attempt,
-                        "sink write failed; retrying");
+                    self.runtime.status.retrying("sink", error.class(), &error.to_string(), attempt);
                     let stopping = *self.shutdown.borrow();
                     if stopping {
                         let deadline = *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
@@ -478,7 +517,6 @@ impl Worker<'_> {
                             self.pending.clear();
                             return Err(Halt::Shutdown);
                         }
-                        self.runtime.stats.retries.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     } else {
                         self.pause(attempt).await?;
@@ -509,7 +547,7 @@ impl Worker<'_> {
         for (origin, message) in &events {
             let record = self.pending.records[*origin].clone();
             let failure = Failure { class: ErrorClass::Permanent, stage: "sink", message: message.clone() };
-            self.fail(&record, failure).await?;
+            self.fail(&record, self.pending.types[*origin], failure).await?;
         }
         let origins: Vec<usize> = events.into_iter().map(|(origin, _)| origin).collect();
         self.pending.remove_events(&origins);

@@ -31,12 +31,15 @@ use super::RawRecord;
 use crate::config::{KafkaSettings, SourceSettings, StartPosition};
 use crate::event::Position;
 use crate::sink::Claim;
+use crate::status::ConnectorStatus;
 use crate::value::{intern, Name};
 
 /// Records per chunk sent to the pipeline.
 const CHUNK: usize = 1000;
 /// Chunks the channel holds.
 const CHANNEL_CHUNKS: usize = 8;
+/// How often the high watermarks are fetched (for lag).
+const WATERMARK_EVERY: Duration = Duration::from_secs(5);
 /// How long a revoke waits for the pipeline to flush.
 const REVOKE_WAIT: Duration = Duration::from_secs(30);
 
@@ -176,6 +179,7 @@ impl KafkaSource {
         kafka: &KafkaSettings,
         source: &SourceSettings,
         claim: Option<ClaimFn>,
+        status: Arc<ConnectorStatus>,
     ) -> KafkaResult<(KafkaSource, mpsc::Receiver<SourceMessage>)> {
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
         let stopping = Arc::new(AtomicBool::new(false));
@@ -200,7 +204,7 @@ impl KafkaSource {
             let name = connector.to_string();
             std::thread::Builder::new()
                 .name(format!("kafka-{connector}"))
-                .spawn(move || poll_loop(&name, &consumer, &tx, &stopping))
+                .spawn(move || poll_loop(&name, &consumer, &tx, &stopping, &status))
                 .map_err(|error| rdkafka::error::KafkaError::ClientCreation(error.to_string()))?
         };
         Ok((KafkaSource { consumer, stopping, thread: Some(thread) }, rx))
@@ -274,11 +278,17 @@ fn poll_loop(
     consumer: &BaseConsumer<SourceContext>,
     tx: &mpsc::Sender<SourceMessage>,
     stopping: &AtomicBool,
+    status: &ConnectorStatus,
 ) {
     let context = consumer.context();
     let mut chunk: Vec<RawRecord> = Vec::with_capacity(CHUNK);
     let mut chunk_generation = 0;
+    let mut watermarks_at = std::time::Instant::now();
     while !stopping.load(Ordering::SeqCst) {
+        if watermarks_at.elapsed() >= WATERMARK_EVERY {
+            watermarks_at = std::time::Instant::now();
+            report_watermarks(consumer, status);
+        }
         let mut timeout = Duration::from_millis(100);
         while chunk.len() < CHUNK {
             match consumer.poll(timeout) {
@@ -306,6 +316,20 @@ fn poll_loop(
         let records = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
         chunk = send_or_wait(consumer, tx, stopping, SourceMessage::Records { generation: chunk_generation, records });
     }
+}
+
+/// Asks the broker for the high watermarks of the assignment, for lag.
+fn report_watermarks(consumer: &BaseConsumer<SourceContext>, status: &ConnectorStatus) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    let mut marks = Vec::new();
+    for element in assignment.elements() {
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_millis(500))
+        {
+            marks.push((intern(element.topic()), element.partition(), high));
+        }
+    }
+    status.high_watermarks(&marks);
 }
 
 /// Sends a chunk; while the channel is full, pauses the assignment and

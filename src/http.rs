@@ -1,0 +1,295 @@
+//! The daemon's HTTP port: health, readiness, Prometheus metrics, and
+//! connector status and control.
+//!
+//! | path | |
+//! |---|---|
+//! | `GET /healthz` | the process is alive |
+//! | `GET /readyz` | every connector joined its group and none is stopped or retrying past [`crate::status::STUCK_AFTER`] |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /connectors`, `GET /connectors/{name}` | state, partitions, positions, lag, last error, counters |
+//! | `POST /connectors/{name}/pause`, `/resume` | stop / start taking events (bearer token when `http.token` is set) |
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+
+use crate::codec::registry::RegistryClient;
+use crate::config::Secret;
+use crate::status::ConnectorStatus;
+
+/// What the HTTP port serves from.
+#[derive(Debug)]
+pub struct Daemon {
+    pub connectors: Vec<Arc<ConnectorStatus>>,
+    pub registry: Option<Arc<RegistryClient>>,
+    pub token: Option<Secret>,
+}
+
+impl Daemon {
+    fn connector(&self, name: &str) -> Option<&Arc<ConnectorStatus>> {
+        self.connectors.iter().find(|c| c.name == name)
+    }
+}
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/connectors", get(list))
+        .route("/connectors/{name}", get(one))
+        .route("/connectors/{name}/pause", post(pause))
+        .route("/connectors/{name}/resume", post(resume))
+        .with_state(daemon)
+}
+
+/// Serves on `listener` until `shutdown` completes.
+pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, shutdown: impl Future<Output = ()> + Send + 'static) {
+    if let Err(error) = axum::serve(listener, router(daemon)).with_graceful_shutdown(shutdown).await {
+        tracing::error!(%error, "http server failed");
+    }
+}
+
+async fn readyz(State(daemon): State<Arc<Daemon>>) -> Response {
+    let not_ready: Vec<serde_json::Value> = daemon
+        .connectors
+        .iter()
+        .filter(|c| !c.is_ready())
+        .map(|c| {
+            serde_json::json!({"connector": c.name, "state": c.state(), "joined": c.has_joined(),
+            "retrying_for_seconds": c.retrying_for().map(|d| d.as_secs_f64()), "last_error": c.last_error()})
+        })
+        .collect();
+    if not_ready.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "connectors": not_ready})))
+            .into_response()
+    }
+}
+
+async fn list(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
+    Json(serde_json::Value::Array(daemon.connectors.iter().map(|c| c.to_json()).collect()))
+}
+
+async fn one(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    match daemon.connector(&name) {
+        Some(connector) => Json(connector.to_json()).into_response(),
+        None => not_found(&name),
+    }
+}
+
+fn not_found(name: &str) -> Response {
+    (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": format!("no connector named {name}")}))).into_response()
+}
+
+/// Whether the request carries the configured bearer token (if any).
+fn authorized(daemon: &Daemon, headers: &HeaderMap) -> bool {
+    let Some(token) = &daemon.token else { return true };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Length first, then every byte: no early exit on the first difference.
+    given.is_some_and(|given| {
+        given.len() == token.expose().len()
+            && given.bytes().zip(token.expose().bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    })
+}
+
+async fn pause(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    set_paused(&daemon, &headers, &name, true)
+}
+
+async fn resume(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    set_paused(&daemon, &headers, &name, false)
+}
+
+fn set_paused(daemon: &Daemon, headers: &HeaderMap, name: &str, paused: bool) -> Response {
+    if !authorized(daemon, headers) {
+        return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "a valid bearer token is required"})))
+            .into_response();
+    }
+    let Some(connector) = daemon.connector(name) else { return not_found(name) };
+    connector.pause(paused);
+    tracing::info!(connector = name, paused, "connector {}", if paused { "paused" } else { "resumed" });
+    Json(connector.to_json()).into_response()
+}
+
+async fn metrics(State(daemon): State<Arc<Daemon>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&daemon)).into_response()
+}
+
+/// Escapes a label value for the Prometheus text format.
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The Prometheus text of every metric.
+pub fn render(daemon: &Daemon) -> String {
+    let mut out = String::with_capacity(4096);
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(&mut out, "kawka_events_total", "counter", "Events by connector, event type and outcome.");
+    for c in &daemon.connectors {
+        for ((event_type, outcome), n) in c.events_snapshot() {
+            let _ = writeln!(
+                out,
+                "kawka_events_total{{connector=\"{}\",event_type=\"{}\",outcome=\"{}\"}} {n}",
+                label(&c.name),
+                label(event_type),
+                outcome.name()
+            );
+        }
+    }
+    family(&mut out, "kawka_duplicates_total", "counter", "Writes the sink found already applied.");
+    for c in &daemon.connectors {
+        let _ = writeln!(
+            out,
+            "kawka_duplicates_total{{connector=\"{}\"}} {}",
+            label(&c.name),
+            c.duplicates.load(Ordering::Relaxed)
+        );
+    }
+    family(&mut out, "kawka_retries_total", "counter", "Retries of transient failures by stage and class.");
+    for c in &daemon.connectors {
+        for ((stage, class), n) in c.retries_snapshot() {
+            let _ = writeln!(
+                out,
+                "kawka_retries_total{{connector=\"{}\",stage=\"{stage}\",class=\"{class}\"}} {n}",
+                label(&c.name)
+            );
+        }
+    }
+    for (name, help, pick) in [
+        ("kawka_batch_events", "Events per written batch.", 0),
+        ("kawka_sink_write_seconds", "Time to make one batch durable in the sink.", 1),
+    ] {
+        family(&mut out, name, "histogram", help);
+        for c in &daemon.connectors {
+            let histogram = if pick == 0 { &c.batch_events } else { &c.write_seconds };
+            let (buckets, sum, count) = histogram.snapshot();
+            let connector = label(&c.name);
+            for (bound, n) in buckets {
+                let _ = writeln!(out, "{name}_bucket{{connector=\"{connector}\",le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{connector=\"{connector}\",le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{connector=\"{connector}\"}} {sum}");
+            let _ = writeln!(out, "{name}_count{{connector=\"{connector}\"}} {count}");
+        }
+    }
+    family(
+        &mut out,
+        "kawka_consumer_lag",
+        "gauge",
+        "High watermark minus durable position, per partition (where the broker reports it).",
+    );
+    for c in &daemon.connectors {
+        for p in c.partitions() {
+            if let Some(lag) = p.lag {
+                let _ = writeln!(
+                    out,
+                    "kawka_consumer_lag{{connector=\"{}\",topic=\"{}\",partition=\"{}\"}} {lag}",
+                    label(&c.name),
+                    label(&p.topic),
+                    p.partition
+                );
+            }
+        }
+    }
+    family(&mut out, "kawka_position", "gauge", "Next offset whose effect is not durable yet, per partition.");
+    for c in &daemon.connectors {
+        for p in c.partitions() {
+            if let Some(position) = p.position {
+                let _ = writeln!(
+                    out,
+                    "kawka_position{{connector=\"{}\",topic=\"{}\",partition=\"{}\"}} {position}",
+                    label(&c.name),
+                    label(&p.topic),
+                    p.partition
+                );
+            }
+        }
+    }
+    family(&mut out, "kawka_freshness_seconds", "gauge", "Now minus the timestamp of the newest written event.");
+    for c in &daemon.connectors {
+        if let Some(seconds) = c.freshness_seconds() {
+            let _ = writeln!(out, "kawka_freshness_seconds{{connector=\"{}\"}} {seconds}", label(&c.name));
+        }
+    }
+    family(&mut out, "kawka_connector_ready", "gauge", "1 when the connector is ready (see /readyz).");
+    for c in &daemon.connectors {
+        let state =
+            serde_json::to_value(c.state()).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "kawka_connector_ready{{connector=\"{}\",state=\"{state}\"}} {}",
+            label(&c.name),
+            u8::from(c.is_ready())
+        );
+    }
+    if let Some(registry) = &daemon.registry {
+        let (hits, misses) = registry.cache_counts();
+        family(&mut out, "kawka_registry_cache_hits_total", "counter", "Writer schemas found in the cache.");
+        let _ = writeln!(out, "kawka_registry_cache_hits_total {hits}");
+        family(&mut out, "kawka_registry_cache_misses_total", "counter", "Writer schemas fetched from the registry.");
+        let _ = writeln!(out, "kawka_registry_cache_misses_total {misses}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::Outcome;
+
+    fn daemon(token: Option<&str>) -> Daemon {
+        let status = Arc::new(ConnectorStatus::new("inv\"entory", "postgres"));
+        status.count("com.example.Sold", Outcome::Written);
+        status.count("com.example.Sold", Outcome::Written);
+        status.assigned(&[("sales", 0, Some(3))]);
+        status.high_watermarks(&[("sales", 0, 10)]);
+        status.batch_written(2, 2, 0, 0.003, None);
+        Daemon { connectors: vec![status], registry: None, token: token.map(Secret::new) }
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text_with_escaped_labels() {
+        let text = render(&daemon(None));
+        assert!(text.contains("# TYPE kawka_events_total counter"), "{text}");
+        assert!(
+            text.contains(
+                "kawka_events_total{connector=\"inv\\\"entory\",event_type=\"com.example.Sold\",outcome=\"written\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kawka_consumer_lag{connector=\"inv\\\"entory\",topic=\"sales\",partition=\"0\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("kawka_sink_write_seconds_bucket{connector=\"inv\\\"entory\",le=\"0.005\"} 1"), "{text}");
+        assert!(text.contains("kawka_batch_events_count{connector=\"inv\\\"entory\"} 1"), "{text}");
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().expect("a value");
+            assert!(value.parse::<f64>().is_ok(), "not a sample line: {line}");
+        }
+    }
+
+    #[test]
+    fn the_token_guards_control() {
+        let mut headers = HeaderMap::new();
+        assert!(authorized(&daemon(None), &headers));
+        assert!(!authorized(&daemon(Some("s3cret")), &headers));
+        headers.insert(header::AUTHORIZATION, "Bearer s3cre".parse().expect("header"));
+        assert!(!authorized(&daemon(Some("s3cret")), &headers));
+        headers.insert(header::AUTHORIZATION, "Bearer s3cret".parse().expect("header"));
+        assert!(authorized(&daemon(Some("s3cret")), &headers));
+    }
+}

@@ -1,0 +1,430 @@
+//! What each connector is doing, for the HTTP API, `/metrics` and logs.
+//!
+//! Every happening worth a metric is a method here that counts it *and*
+//! logs it, so the two never disagree.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::ErrorClass;
+use crate::event::Position;
+use crate::pipeline::dead_letter::Failure;
+use crate::value::Name;
+
+/// A connector retrying longer than this makes `/readyz` fail.
+pub const STUCK_AFTER: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Preparing the sink, joining the group.
+    Starting,
+    Running,
+    Paused,
+    /// A transient failure is being retried.
+    Retrying,
+    /// Halted by the `stop` error policy.
+    Stopped,
+    /// Ended by the daemon's shutdown.
+    Drained,
+}
+
+/// Latency and size histogram with fixed buckets (Prometheus style).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    /// Sum in micro-units, to stay atomic.
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            if value <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add((value * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Cumulative bucket counts, sum and count.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        let buckets = self.bounds.iter().zip(&self.counts).map(|(b, c)| (*b, c.load(Ordering::Relaxed))).collect();
+        (buckets, self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6, self.count.load(Ordering::Relaxed))
+    }
+}
+
+const BATCH_BOUNDS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 50000.0];
+const SECONDS_BOUNDS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Where one assigned partition is.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    /// Next offset whose effect is not durable yet.
+    pub position: Option<i64>,
+    /// As the broker reports it (some brokers misreport it).
+    pub high_watermark: Option<i64>,
+    pub lag: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LastError {
+    pub at_ms: i64,
+    pub class: ErrorClass,
+    pub stage: String,
+    pub message: String,
+}
+
+/// Counters of events by outcome and event type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Consumed,
+    Written,
+    Skipped,
+    DeadLettered,
+    Unknown,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Consumed => "consumed",
+            Outcome::Written => "written",
+            Outcome::Skipped => "skipped",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Unknown => "unknown",
+        }
+    }
+}
+
+/// The live status of one connector.
+#[derive(Debug)]
+pub struct ConnectorStatus {
+    pub name: String,
+    pub sink: &'static str,
+    state: Mutex<State>,
+    paused: watch::Sender<bool>,
+    assigned: Mutex<bool>,
+    events: Mutex<HashMap<(Name, Outcome), u64>>,
+    retries: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    pub duplicates: AtomicU64,
+    pub batches: AtomicU64,
+    pub batch_events: Histogram,
+    pub write_seconds: Histogram,
+    partitions: Mutex<BTreeMap<(Name, i32), PartitionStatus>>,
+    last_error: Mutex<Option<LastError>>,
+    retrying_since: Mutex<Option<Instant>>,
+    /// Kafka timestamp (ms) of the newest event whose effect is durable.
+    last_written_timestamp: AtomicI64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; the data is counters.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl ConnectorStatus {
+    pub fn new(name: &str, sink: &'static str) -> ConnectorStatus {
+        ConnectorStatus {
+            name: name.to_string(),
+            sink,
+            state: Mutex::new(State::Starting),
+            paused: watch::channel(false).0,
+            assigned: Mutex::new(false),
+            events: Mutex::new(HashMap::new()),
+            retries: Mutex::new(BTreeMap::new()),
+            duplicates: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            batch_events: Histogram::new(BATCH_BOUNDS),
+            write_seconds: Histogram::new(SECONDS_BOUNDS),
+            partitions: Mutex::new(BTreeMap::new()),
+            last_error: Mutex::new(None),
+            retrying_since: Mutex::new(None),
+            last_written_timestamp: AtomicI64::new(0),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        *lock(&self.state)
+    }
+
+    pub fn set_state(&self, state: State) {
+        *lock(&self.state) = state;
+        if state != State::Retrying {
+            *lock(&self.retrying_since) = None;
+        }
+    }
+
+    pub fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
+        let mut state = lock(&self.state);
+        if paused && matches!(*state, State::Running | State::Retrying | State::Starting) {
+            *state = State::Paused;
+        } else if !paused && *state == State::Paused {
+            *state = State::Running;
+        }
+    }
+
+    pub fn paused(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    pub fn count(&self, event_type: Name, outcome: Outcome) {
+        *lock(&self.events).entry((event_type, outcome)).or_insert(0) += 1;
+    }
+
+    pub fn count_many(&self, event_type: Name, outcome: Outcome, n: u64) {
+        *lock(&self.events).entry((event_type, outcome)).or_insert(0) += n;
+    }
+
+    /// Total of one outcome over every event type.
+    pub fn total(&self, outcome: Outcome) -> u64 {
+        lock(&self.events).iter().filter(|((_, o), _)| *o == outcome).map(|(_, n)| n).sum()
+    }
+
+    pub fn events_snapshot(&self) -> Vec<((Name, Outcome), u64)> {
+        let mut all: Vec<_> = lock(&self.events).iter().map(|(k, v)| (*k, *v)).collect();
+        all.sort();
+        all
+    }
+
+    /// A transient failure is being retried: counted, logged, and the
+    /// connector shows it until the next success.
+    pub fn retrying(&self, stage: &'static str, class: ErrorClass, message: &str, attempt: u32) {
+        *lock(&self.retries).entry((stage, class.name())).or_insert(0) += 1;
+        lock(&self.retrying_since).get_or_insert_with(Instant::now);
+        {
+            let mut state = lock(&self.state);
+            if matches!(*state, State::Running | State::Starting) {
+                *state = State::Retrying;
+            }
+        }
+        self.record_error(class, stage, message);
+        tracing::warn!(connector = %self.name, stage, class = %class, attempt, error = message, "retrying");
+    }
+
+    /// Work went through again after retries.
+    pub fn recovered(&self) {
+        let was = lock(&self.retrying_since).take();
+        let mut state = lock(&self.state);
+        if *state == State::Retrying {
+            *state = State::Running;
+        }
+        if let Some(since) = was {
+            tracing::info!(connector = %self.name, after_seconds = since.elapsed().as_secs_f64(), "recovered");
+        }
+    }
+
+    pub fn retries_snapshot(&self) -> Vec<((&'static str, &'static str), u64)> {
+        lock(&self.retries).iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    pub fn retrying_for(&self) -> Option<Duration> {
+        lock(&self.retrying_since).map(|since| since.elapsed())
+    }
+
+    fn record_error(&self, class: ErrorClass, stage: &str, message: &str) {
+        *lock(&self.last_error) =
+            Some(LastError { at_ms: now_ms(), class, stage: stage.to_string(), message: message.to_string() });
+    }
+
+    pub fn last_error(&self) -> Option<LastError> {
+        lock(&self.last_error).clone()
+    }
+
+    /// One bad event handed to the error policy.
+    pub fn failed_event(&self, event_type: Name, position: Position, failure: &Failure, outcome: Outcome, topic: &str) {
+        self.count(event_type, outcome);
+        self.record_error(failure.class, failure.stage, &failure.message);
+        match outcome {
+            Outcome::DeadLettered => tracing::warn!(connector = %self.name, %position, stage = failure.stage,
+                error = %failure.message, dead_letter_topic = topic, "bad event dead-lettered"),
+            _ => tracing::warn!(connector = %self.name, %position, stage = failure.stage,
+                error = %failure.message, "bad event skipped"),
+        }
+    }
+
+    /// The `stop` policy halted the connector.
+    pub fn stopped(&self, failure: &Failure) {
+        self.set_state(State::Stopped);
+        self.record_error(failure.class, failure.stage, &failure.message);
+        tracing::error!(connector = %self.name, stage = failure.stage, error = %failure.message,
+            "connector stopped by its error policy; fix the cause and restart");
+    }
+
+    /// A batch is durable.
+    pub fn batch_written(
+        &self,
+        events: usize,
+        ops: usize,
+        duplicates: u64,
+        seconds: f64,
+        newest_timestamp: Option<i64>,
+    ) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        self.batch_events.observe(events as f64);
+        self.write_seconds.observe(seconds);
+        if let Some(timestamp) = newest_timestamp {
+            self.last_written_timestamp.fetch_max(timestamp, Ordering::Relaxed);
+        }
+        self.recovered();
+        tracing::debug!(connector = %self.name, events, ops, duplicates, seconds, "batch written");
+    }
+
+    /// Seconds between now and the Kafka timestamp of the newest written event.
+    pub fn freshness_seconds(&self) -> Option<f64> {
+        match self.last_written_timestamp.load(Ordering::Relaxed) {
+            0 => None,
+            ts => Some((now_ms() - ts).max(0) as f64 / 1000.0),
+        }
+    }
+
+    pub fn assigned(&self, partitions: &[(Name, i32, Option<i64>)]) {
+        *lock(&self.assigned) = true;
+        let mut current = lock(&self.partitions);
+        current.clear();
+        for &(topic, partition, position) in partitions {
+            current.insert(
+                (topic, partition),
+                PartitionStatus { topic: topic.to_string(), partition, position, ..Default::default() },
+            );
+        }
+        let mut state = lock(&self.state);
+        if *state == State::Starting {
+            *state = if self.is_paused() { State::Paused } else { State::Running };
+        }
+    }
+
+    pub fn revoked(&self) {
+        lock(&self.partitions).clear();
+    }
+
+    pub fn has_joined(&self) -> bool {
+        *lock(&self.assigned)
+    }
+
+    pub fn positions(&self, offsets: &[(Name, i32, i64)]) {
+        let mut current = lock(&self.partitions);
+        for &(topic, partition, next) in offsets {
+            if let Some(status) = current.get_mut(&(topic, partition)) {
+                status.position = Some(next);
+                status.lag = status.high_watermark.map(|high| (high - next).max(0));
+            }
+        }
+    }
+
+    pub fn high_watermarks(&self, marks: &[(Name, i32, i64)]) {
+        let mut current = lock(&self.partitions);
+        for &(topic, partition, high) in marks {
+            if let Some(status) = current.get_mut(&(topic, partition)) {
+                status.high_watermark = Some(high);
+                status.lag = status.position.map(|position| (high - position).max(0));
+            }
+        }
+    }
+
+    pub fn partitions(&self) -> Vec<PartitionStatus> {
+        lock(&self.partitions).values().cloned().collect()
+    }
+
+    /// The JSON of `GET /connectors/{name}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let partitions = self.partitions();
+        let lag: Option<i64> = partitions.iter().map(|p| p.lag).sum();
+        serde_json::json!({
+            "name": self.name,
+            "sink": self.sink,
+            "state": self.state(),
+            "paused": self.is_paused(),
+            "partitions": partitions,
+            "lag": lag,
+            "retrying_for_seconds": self.retrying_for().map(|d| d.as_secs_f64()),
+            "last_error": self.last_error(),
+            "freshness_seconds": self.freshness_seconds(),
+            "counters": {
+                "consumed": self.total(Outcome::Consumed),
+                "written": self.total(Outcome::Written),
+                "skipped": self.total(Outcome::Skipped),
+                "unknown": self.total(Outcome::Unknown),
+                "dead_lettered": self.total(Outcome::DeadLettered),
+                "duplicates": self.duplicates.load(Ordering::Relaxed),
+                "batches": self.batches.load(Ordering::Relaxed),
+                "retries": self.retries_snapshot().iter().map(|(_, n)| n).sum::<u64>(),
+            },
+        })
+    }
+
+    /// Ready: joined its group, and not stuck retrying or stopped.
+    pub fn is_ready(&self) -> bool {
+        self.has_joined()
+            && self.state() != State::Stopped
+            && self.retrying_for().is_none_or(|elapsed| elapsed < STUCK_AFTER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let histogram = Histogram::new(&[1.0, 10.0]);
+        histogram.observe(0.5);
+        histogram.observe(5.0);
+        histogram.observe(50.0);
+        let (buckets, sum, count) = histogram.snapshot();
+        assert_eq!(buckets, vec![(1.0, 1), (10.0, 2)]);
+        assert_eq!(count, 3);
+        assert!((sum - 55.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn retries_show_until_recovery_and_lag_follows_positions() {
+        let status = ConnectorStatus::new("c", "postgres");
+        status.assigned(&[("t", 0, Some(5))]);
+        assert_eq!(status.state(), State::Running);
+        status.retrying("sink", ErrorClass::Transient, "connection refused", 0);
+        assert_eq!(status.state(), State::Retrying);
+        assert!(status.retrying_for().is_some() && status.is_ready());
+        status.batch_written(10, 10, 0, 0.01, Some(1));
+        assert_eq!(status.state(), State::Running);
+        assert!(status.retrying_for().is_none());
+        status.high_watermarks(&[("t", 0, 20)]);
+        status.positions(&[("t", 0, 15)]);
+        assert_eq!(status.partitions()[0].lag, Some(5));
+        assert_eq!(status.to_json()["last_error"]["message"], "connection refused");
+        status.pause(true);
+        assert_eq!(status.state(), State::Paused);
+        status.pause(false);
+        assert_eq!(status.state(), State::Running);
+    }
+}

@@ -436,7 +436,7 @@ pub fn validate(
         );
         SocketAddr::from(([127, 0, 0, 1], 8080))
     });
-    let http = HttpSettings { listen, token: daemon.http.token.clone().map(Secret) };
+    let http = HttpSettings { listen, token: daemon.http.token.clone().filter(|t| !t.is_empty()).map(Secret) };
     let log = LogSettings {
         format: daemon.log.format,
         level: daemon.log.level.clone().unwrap_or_else(|| "info".to_string()),

@@ -1,0 +1,250 @@
+//! The Kubernetes manifests under `deploy/k8s/`: valid against the
+//! Kubernetes schemas (offline, `kubernetes-validate`), and consistent with
+//! what `kawka` serves and reads: probe paths, ports, args, config paths,
+//! every config/connector/schema file mounted where the config expects it.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml::Value as Yaml;
+
+fn k8s() -> PathBuf {
+    support::project_root().join("deploy/k8s")
+}
+
+fn documents(path: &Path) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect()
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml") {
+            out.push(path);
+        }
+    }
+}
+
+fn str_of(value: &Yaml) -> &str {
+    value.as_str().unwrap_or_default()
+}
+
+fn kawka_deployment() -> Yaml {
+    documents(&k8s().join("base/deployment.yaml")).remove(0)
+}
+
+fn kawka_container(deployment: &Yaml) -> &Yaml {
+    &deployment["spec"]["template"]["spec"]["containers"][0]
+}
+
+#[test]
+fn every_manifest_is_valid_against_the_kubernetes_schemas() {
+    let mut files = Vec::new();
+    yaml_files(&k8s(), &mut files);
+    files.sort();
+    let mut resources = Vec::new();
+    for file in &files {
+        let docs = documents(file);
+        assert!(!docs.is_empty(), "{} is empty", file.display());
+        let kustomization = docs.iter().any(|d| str_of(&d["kind"]) == "Kustomization");
+        if kustomization {
+            // Every file a kustomization names exists.
+            let dir = file.parent().expect("parent");
+            for doc in &docs {
+                for key in ["resources", "patches"] {
+                    for entry in doc[key].as_sequence().into_iter().flatten() {
+                        let path = entry.as_str().or_else(|| entry["path"].as_str()).expect("a path");
+                        assert!(dir.join(path).exists(), "{} names missing {path}", file.display());
+                    }
+                }
+            }
+            continue;
+        }
+        // Patches are partial resources; the kustomization checks they exist.
+        if file.file_name().is_some_and(|n| n.to_string_lossy().ends_with("-patch.yaml")) {
+            continue;
+        }
+        resources.push(file.clone());
+    }
+    let validator = support::python().with_file_name("kubernetes-validate");
+    let output =
+        Command::new(&validator).arg("--strict").args(&resources).output().unwrap_or_else(|e| {
+            panic!("cannot run {} (deploy/local/install.sh installs it): {e}", validator.display())
+        });
+    let report = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    for line in report.lines() {
+        assert!(!line.starts_with("ERROR"), "{line}\n{report}");
+        if line.starts_with("WARN") {
+            assert!(line.contains("ScaledObject"), "only the KEDA CRD lacks a schema: {line}");
+        }
+    }
+    let passed = report.lines().filter(|l| l.contains(" passed for resource ")).count();
+    assert!(passed >= 5, "expected every resource to pass:\n{report}");
+}
+
+#[test]
+fn probes_ports_and_args_match_what_kawka_serves() {
+    let deployment = kawka_deployment();
+    let container = kawka_container(&deployment);
+    let args: Vec<&str> = container["args"].as_sequence().expect("args").iter().map(str_of).collect();
+    assert_eq!(args, ["run", "--config", "/etc/kawka/config/kawka.yaml"]);
+    assert_eq!(str_of(&container["workingDir"]), "/etc/kawka", "connectors/ and schemas/ are relative to it");
+    let port = container["ports"][0]["containerPort"].as_u64().expect("port");
+
+    // The listen address comes from the env ConfigMap through the config file.
+    let kustomization = documents(&k8s().join("base/kustomization.yaml")).remove(0);
+    let env: BTreeMap<String, String> = kustomization["configMapGenerator"]
+        .as_sequence()
+        .expect("generators")
+        .iter()
+        .find(|g| str_of(&g["name"]) == "kawka-env")
+        .expect("kawka-env")["literals"]
+        .as_sequence()
+        .expect("literals")
+        .iter()
+        .filter_map(|l| str_of(l).split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    assert_eq!(env.get("KAWKA_HTTP_LISTEN").map(String::as_str), Some(format!("0.0.0.0:{port}").as_str()));
+    let config = std::fs::read_to_string(support::project_root().join("config/kawka.yaml")).expect("config");
+    assert!(config.contains("listen: ${KAWKA_HTTP_LISTEN"), "the config reads the listen address from the env");
+
+    // Probe paths answer on a real kawka HTTP server (200 or 503, never 404).
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let daemon = std::sync::Arc::new(kawka::http::Daemon { connectors: Vec::new(), registry: None, token: None });
+        tokio::spawn(kawka::http::serve(listener, daemon, std::future::pending()));
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            let path = str_of(&container[probe]["httpGet"]["path"]);
+            assert_eq!(str_of(&container[probe]["httpGet"]["port"]), "http", "{probe} uses the named port");
+            let status = reqwest::get(format!("http://{address}{path}")).await.expect("probe").status().as_u16();
+            assert!(status == 200 || status == 503, "{probe} {path} answered {status}");
+        }
+        let metrics = reqwest::get(format!("http://{address}/metrics")).await.expect("metrics");
+        assert_eq!(metrics.status().as_u16(), 200);
+    });
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(str_of(&annotations["prometheus.io/path"]), "/metrics");
+    assert_eq!(str_of(&annotations["prometheus.io/port"]), port.to_string());
+
+    // Secrets come from a Secret, never from a ConfigMap literal.
+    let secret_env: Vec<&str> = container["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .filter(|e| !e["valueFrom"]["secretKeyRef"].is_null())
+        .map(|e| str_of(&e["name"]))
+        .collect();
+    assert!(secret_env.contains(&"DATABASE_URL"), "{secret_env:?}");
+    assert!(!env.contains_key("DATABASE_URL"));
+    // Non-root with a read-only root filesystem, like the image.
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    let dockerfile =
+        std::fs::read_to_string(support::project_root().join("deploy/docker/Dockerfile")).expect("Dockerfile");
+    assert!(dockerfile.contains("USER 10001"), "the image runs as the uid the manifests require");
+    assert!(dockerfile.contains("WORKDIR /etc/kawka"));
+    assert!(dockerfile.contains(r#"CMD ["run", "--config", "/etc/kawka/config/kawka.yaml"]"#));
+}
+
+/// Rebuilds the pod's /etc/kawka from the generators and volume items, and
+/// runs `kawka validate` in it: every file the config needs is mounted
+/// where the config looks.
+#[test]
+fn the_mounted_files_are_a_valid_kawka_configuration() {
+    let kustomization = documents(&k8s().join("base/kustomization.yaml")).remove(0);
+    let generators: BTreeMap<String, Vec<(String, PathBuf)>> = kustomization["configMapGenerator"]
+        .as_sequence()
+        .expect("generators")
+        .iter()
+        .map(|g| {
+            let files = g["files"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .map(|f| {
+                    let (key, path) = str_of(f).split_once('=').expect("key=path");
+                    (key.to_string(), k8s().join("base").join(path))
+                })
+                .collect();
+            (str_of(&g["name"]).to_string(), files)
+        })
+        .collect();
+    // Every shipped file is in a generator.
+    let mut shipped = Vec::new();
+    for dir in ["config", "connectors", "schemas"] {
+        let mut files = Vec::new();
+        collect(&support::project_root().join(dir), &mut files);
+        shipped.extend(files);
+    }
+    let generated: Vec<PathBuf> =
+        generators.values().flatten().map(|(_, p)| p.canonicalize().expect("generated file exists")).collect();
+    for file in &shipped {
+        assert!(generated.contains(&file.canonicalize().expect("file")), "{} is not in any ConfigMap", file.display());
+    }
+
+    let deployment = kawka_deployment();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let root = tempfile::tempdir().expect("temp dir");
+    let working_dir = str_of(&kawka_container(&deployment)["workingDir"]).to_string();
+    for mount in kawka_container(&deployment)["volumeMounts"].as_sequence().expect("mounts") {
+        let volume = pod["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("the mounted volume");
+        let config_map = str_of(&volume["configMap"]["name"]);
+        let files = &generators[config_map];
+        let relative = str_of(&mount["mountPath"]).strip_prefix(&working_dir).expect("mounted under workingDir");
+        let target = root.path().join(relative.trim_start_matches('/'));
+        let items = volume["configMap"]["items"].as_sequence();
+        if let Some(items) = items {
+            assert_eq!(items.len(), files.len(), "{config_map}: every key has an item");
+        }
+        for (key, source) in files {
+            let path = match items {
+                Some(items) => {
+                    str_of(&items.iter().find(|i| str_of(&i["key"]) == key).expect("an item per key")["path"])
+                        .to_string()
+                }
+                None => key.clone(),
+            };
+            let destination = target.join(path);
+            std::fs::create_dir_all(destination.parent().expect("parent")).expect("mkdir");
+            std::fs::copy(source, &destination).expect("copy");
+        }
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_kawka"))
+        .args(["validate", "--config", "/etc/kawka/config/kawka.yaml".trim_start_matches("/etc/kawka/")])
+        .current_dir(root.path())
+        .env_remove("KAWKA_CONFIG")
+        .output()
+        .expect("kawka validate");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            collect(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}

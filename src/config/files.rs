@@ -192,6 +192,9 @@ pub struct SourceConfig {
     pub properties: BTreeMap<String, String>,
     /// Cap on records fetched ahead of processing, e.g. `64MiB` (default).
     pub max_prefetch_bytes: Option<Spanned<String>>,
+    /// Largest record (key + value) accepted, e.g. `1MiB` (default); a
+    /// larger one is an error of that event.
+    pub max_record_bytes: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]

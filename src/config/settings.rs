@@ -204,6 +204,7 @@ pub struct SourceSettings {
     pub key_format: KeyFormat,
     pub properties: BTreeMap<String, String>,
     pub max_prefetch_bytes: u64,
+    pub max_record_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -580,6 +581,7 @@ fn validate_connector(
         key_format: source.key_format,
         properties: source.properties.clone(),
         max_prefetch_bytes: at.size(&source.max_prefetch_bytes, "source.max_prefetch_bytes", 64 << 20),
+        max_record_bytes: at.size(&source.max_record_bytes, "source.max_record_bytes", 1 << 20) as usize,
     };
 
     let connection = file.sink.to.value.clone();

@@ -31,6 +31,7 @@ use dead_letter::{DeadLetters, Failure};
 /// The event type counted for tombstones and undecodable records.
 const TOMBSTONE: Name = "(tombstone)";
 const UNDECODABLE: Name = "(undecodable)";
+const OVERSIZED: Name = "(oversized)";
 
 /// How long a shutdown waits for an unreachable sink before abandoning the
 /// in-flight batch (its events are consumed again on the next start).
@@ -285,6 +286,14 @@ impl Worker<'_> {
 
     /// Decodes and projects one record into the pending batch.
     async fn process(&mut self, record: RawRecord) -> Result<(), Halt> {
+        let limit = self.runtime.settings.source.max_record_bytes;
+        if record.size() > limit {
+            self.runtime.status.count(OVERSIZED, Outcome::Consumed);
+            let message = format!("a record of {} bytes exceeds source.max_record_bytes ({limit})", record.size());
+            self.fail(&record, OVERSIZED, Failure { class: ErrorClass::Permanent, stage: "source", message }).await?;
+            self.push(record, OVERSIZED);
+            return Ok(());
+        }
         let decoded = self.decode(&record).await?;
         let index = self.pending.records.len();
         let (event_type, projected) = match decoded {
@@ -357,6 +366,9 @@ impl Worker<'_> {
                 }
                 Err(error) => {
                     self.runtime.status.retrying("decode", error.class(), &error.to_string(), attempt);
+                    // What came before this record is done: make it durable
+                    // rather than hold it for as long as the registry is away.
+                    self.flush().await?;
                     self.pause(attempt).await?;
                     attempt += 1;
                 }

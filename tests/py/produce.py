@@ -5,12 +5,17 @@ stdin: a JSON spec on the first line, then one JSON record per line:
            "topic": "users", "subject_strategy": "topic" | "record" | "topic_record",
            "schemas": {"<name>": <Avro schema (JSON)>}}
   record: {"schema": "<name>", "key": "k" | null, "value": {...} | null, "partition": 0?,
-           "raw_value_hex": "..."? (bytes sent as they are, no serializer)}
+           "raw_value_hex": "..."? (bytes sent as they are, no serializer),
+           "schema_id": N? (framed with this id by hand: no registry call)}
 Each schema is registered by AvroSerializer (auto.register.schemas) under the
 subject of the strategy. Prints {"produced": N, "ids": {"<name>": id}} on stdout.
 """
+import io
 import json
+import struct
 import sys
+
+import fastavro
 
 from confluent_kafka import Producer
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -63,6 +68,11 @@ def main():
         record = json.loads(line)
         if "raw_value_hex" in record:
             value = bytes.fromhex(record["raw_value_hex"])
+        elif "schema_id" in record:
+            # Framed by hand with a given id: no registry needed (it may be down).
+            body = io.BytesIO()
+            fastavro.schemaless_writer(body, fastavro.parse_schema(spec["schemas"][record["schema"]]), record["value"])
+            value = b"\x00" + struct.pack(">I", record["schema_id"]) + body.getvalue()
         elif record.get("value") is None:
             value = None
         else:

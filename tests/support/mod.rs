@@ -393,3 +393,77 @@ pub async fn es_search_ids(index: &str, query: Json) -> Vec<String> {
     ids.sort();
     ids
 }
+
+/// A port that was free a moment ago (for services that must come back on
+/// the same address after a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A registry on a given address and Postgres schema: restarting it with
+/// the same arguments serves the same ids.
+pub async fn start_registry_on(port: u16, schema: &str) -> RunningRegistry {
+    let settings = RegistryServerSettings {
+        listen: format!("127.0.0.1:{port}").parse().expect("valid address"),
+        database_url: database_url(),
+        schema: Some(schema.to_string()),
+    };
+    kawka::registry::start(&settings).await.unwrap_or_else(|e| panic!("cannot start a registry on port {port}: {e:#}"))
+}
+
+/// The machine's Postgres cluster, stopped for a fault test and started
+/// again when this is dropped (also when the test fails).
+pub struct PostgresOutage {
+    version: String,
+}
+
+fn pg_ctl(version: &str, action: &str) -> bool {
+    let mut args = vec!["--skip-systemctl-redirect", version, "main", action];
+    if action == "stop" {
+        args.extend(["-m", "fast"]);
+    }
+    let direct = Command::new("pg_ctlcluster").args(&args).status().is_ok_and(|s| s.success());
+    direct || Command::new("sudo").arg("-n").arg("pg_ctlcluster").args(&args).status().is_ok_and(|s| s.success())
+}
+
+impl PostgresOutage {
+    pub fn begin() -> PostgresOutage {
+        let version = std::fs::read_dir("/etc/postgresql")
+            .expect("a Debian Postgres cluster")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+            .expect("a Postgres version");
+        assert!(pg_ctl(&version, "stop"), "cannot stop Postgres {version}");
+        PostgresOutage { version }
+    }
+
+    /// Starts Postgres again and waits until it accepts connections.
+    pub fn end(&mut self) {
+        if self.version.is_empty() {
+            return;
+        }
+        assert!(pg_ctl(&self.version, "start"), "cannot start Postgres {} again", self.version);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect("127.0.0.1:5432").is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.version.clear();
+    }
+}
+
+impl Drop for PostgresOutage {
+    fn drop(&mut self) {
+        if !self.version.is_empty() {
+            let _ = pg_ctl(&self.version, "start");
+        }
+    }
+}
+
+/// The address `kawka run` logged for its HTTP port.
+pub fn http_address(log: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("http listening"))
+        .and_then(|l| l.split("address=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
+}

@@ -1,0 +1,339 @@
+//! Fault tests against the real stack: bad input of every kind goes to the
+//! dead-letter topic with its reasons while the good events around it are
+//! written; a registry outage and a Postgres outage lose nothing, apply
+//! nothing twice, and the connector resumes by itself.
+//!
+//! These tests stop shared services, so they run one at a time.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value as Json};
+use sqlx::Row;
+
+use support::{eventually, Project};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn zigzag(n: i64, out: &mut Vec<u8>) {
+    let mut v = ((n << 1) ^ (n >> 63)) as u64;
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Avro binary of an ItemSold v1.
+fn item_sold_body(sale: &str, store: &str, item: &str, quantity: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for text in [sale, store, item] {
+        zigzag(text.len() as i64, &mut out);
+        out.extend(text.as_bytes());
+    }
+    zigzag(quantity, &mut out);
+    zigzag(1_700_000_000_000, &mut out);
+    out
+}
+
+fn framed(id: u32, body: &[u8]) -> String {
+    let mut bytes = vec![0u8];
+    bytes.extend(id.to_be_bytes());
+    bytes.extend(body);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sold(n: usize, quantity: i64) -> Json {
+    json!({"schema": "sold", "key": "s1:i1", "value": {"sale_id": format!("sale{n}"), "store_id": "s1",
+        "item_id": "i1", "quantity": quantity, "sold_at": 1_700_000_000_000i64}})
+}
+
+fn connector(name: &str, topic: &str, extra_events: &str) -> String {
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, max_record_bytes: 1KiB, properties: {{ session.timeout.ms: "6000" }} }}
+sink: {{ to: readdb, table: {name}, columns: {{ store_id: text, item_id: text, on_hand: bigint }}, primary_key: [store_id, item_id] }}
+key: {{ store_id: store_id, item_id: item_id }}
+dead_letter_topic: {name}.dlq
+batch: {{ max_events: 50, max_wait: 50ms }}
+events:
+  com.example.retail.ItemSold: {{ decrement: {{ on_hand: quantity }} }}
+{extra_events}"#
+    )
+}
+
+async fn position(pool: &sqlx::PgPool, name: &str) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>("SELECT sum(next_offset)::bigint FROM kawka_offsets WHERE connector = $1")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+async fn on_hand(pool: &sqlx::PgPool, name: &str) -> Option<i64> {
+    sqlx::query(&format!("SELECT on_hand FROM \"{name}\" WHERE store_id = 's1' AND item_id = 'i1'"))
+        .fetch_optional(pool)
+        .await
+        .ok()
+        .flatten()
+        .map(|row| row.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_poison_is_dead_lettered_and_its_neighbours_are_written() {
+    let _serial = SERIAL.lock().await;
+    let registry = support::start_registry().await;
+    let topic = support::unique("poison");
+    let name = support::unique("poison");
+    support::create_topic(&topic, 1).await;
+    support::create_topic(&format!("{name}.dlq"), 1).await;
+    let record =
+        |n: &str, fields: Json| json!({"type": "record", "name": n, "namespace": "test.poison", "fields": fields});
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+    "subject_strategy": "topic_record", "schemas": {
+        "sold": support::catalogue_schema("com.example.retail.ItemSold", 1),
+        "loose": record("Loose", json!([{"name": "store_id", "type": ["null", "string"]}, {"name": "item_id", "type": "string"}, {"name": "quantity", "type": "int"}])),
+        "counted": record("Counted", json!([{"name": "store_id", "type": "string"}, {"name": "item_id", "type": "string"}, {"name": "label", "type": "string"}])),
+    }});
+    // Offset 0: a good event, which also registers the ItemSold schema.
+    let id = support::produce_with_python(&spec, vec![sold(0, 1)]).await.ids["sold"];
+    let body = item_sold_body("x", "s1", "i1", 5);
+    let poison: Vec<(Json, &str, &str)> = vec![
+        (json!({"key": "s1:i1", "raw_value_hex": ""}), "decode", "empty value"),
+        (sold(2, 2), "", "good"),
+        (
+            json!({"key": "s1:i1", "raw_value_hex": format!("01{}", &framed(id, &body)[2..])}),
+            "decode",
+            "wrong magic byte",
+        ),
+        (json!({"key": "s1:i1", "raw_value_hex": framed(id, &body[..body.len() - 3])}), "decode", "truncated Avro"),
+        (json!({"key": "s1:i1", "raw_value_hex": framed(1_000_000, &body)}), "decode", "unknown schema id"),
+        (json!({"key": "s1:i1", "raw_value_hex": framed(id, &[0xff; 12])}), "decode", "value not matching its schema"),
+        (
+            json!({"schema": "loose", "key": "s1:i1", "value": {"store_id": null, "item_id": "i1", "quantity": 1}}),
+            "projection",
+            "missing key field",
+        ),
+        (
+            json!({"schema": "counted", "key": "s1:i1", "value": {"store_id": "s1", "item_id": "i1", "label": "many"}}),
+            "sink",
+            "wrong type for a column",
+        ),
+        (json!({"key": "s1:i1", "raw_value_hex": framed(id, &vec![0u8; 2000])}), "source", "oversized message"),
+        (json!({"key": "s1:i1", "value": null}), "projection", "tombstone without key"),
+        (
+            json!({"raw_key_hex": "fffe", "schema": "sold", "value": {"sale_id": "k", "store_id": "s1", "item_id": "i1", "quantity": 7, "sold_at": 0}}),
+            "decode",
+            "invalid UTF-8 key",
+        ),
+        (sold(12, 3), "", "good"),
+    ];
+    let records: Vec<Json> = poison.iter().map(|(r, _, _)| r.clone()).collect();
+    support::produce_with_python(&spec, records).await;
+    let total = 1 + poison.len() as i64;
+    let extra = "  test.poison.Loose: { decrement: { on_hand: quantity } }\n  test.poison.Counted: { upsert: { on_hand: label } }\n";
+    let project = Project::new(&registry.url(), &[(&name, &connector(&name, &topic, extra))]);
+    let mut kawka = project.start(0);
+    let pool = support::postgres().await;
+    eventually(Duration::from_secs(60), "every record to be consumed", || async {
+        (position(&pool, &name).await == total).then_some(())
+    })
+    .await;
+    assert_eq!(on_hand(&pool, &name).await, Some(-6), "the three good events (1 + 2 + 3) are written");
+    let bad: Vec<(i64, &str, &str)> = poison
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, stage, _))| !stage.is_empty())
+        .map(|(n, (_, stage, what))| (n as i64 + 1, *stage, *what))
+        .collect();
+    assert!(bad.len() >= 10, "at least ten kinds of bad input");
+    let dead = support::consume(&format!("{name}.dlq"), bad.len(), Duration::from_secs(30)).await;
+    assert_eq!(dead.len(), bad.len(), "one dead letter per bad record");
+    let produced = support::consume(&topic, total as usize, Duration::from_secs(30)).await;
+    for (letter, (offset, stage, what)) in dead.iter().zip(&bad) {
+        let header = |key: &str| {
+            letter
+                .headers
+                .iter()
+                .find(|(k, _)| k == key)
+                .and_then(|(_, v)| v.clone())
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        };
+        assert_eq!(header("kawka.error.offset"), Some(offset.to_string()), "{what}: dead letters keep log order");
+        assert_eq!(header("kawka.error.stage").as_deref(), Some(*stage), "{what}: {:?}", header("kawka.error.message"));
+        assert_eq!(header("kawka.error.class").as_deref(), Some("permanent"), "{what}");
+        assert_eq!(header("kawka.error.connector").as_deref(), Some(name.as_str()), "{what}");
+        assert_eq!(header("kawka.error.topic").as_deref(), Some(topic.as_str()), "{what}");
+        assert_eq!(header("kawka.error.partition").as_deref(), Some("0"), "{what}");
+        assert!(header("kawka.error.timestamp").is_some_and(|t| t.parse::<i64>().is_ok()), "{what}");
+        assert!(header("kawka.error.message").is_some_and(|m| !m.is_empty()), "{what}");
+        let original = &produced[*offset as usize];
+        assert_eq!((&letter.key, &letter.value), (&original.key, &original.value), "{what}: the original bytes");
+        eprintln!("{what:32} -> {stage:10} {}", header("kawka.error.message").unwrap_or_default());
+    }
+    let status =
+        reqwest::get(format!("http://{}/connectors/{name}", support::http_address(&kawka.log()).expect("address")))
+            .await
+            .expect("status")
+            .json::<Json>()
+            .await
+            .expect("json");
+    assert_eq!(status["counters"]["dead_lettered"], bad.len(), "{status}");
+    assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
+    let _ = registry.stop().await; // cleanup only
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_outage_lets_cached_ids_flow_and_new_ids_wait() {
+    let _serial = SERIAL.lock().await;
+    let port = support::free_port();
+    let registry_schema = support::unique("registry");
+    let registry = support::start_registry_on(port, &registry_schema).await;
+    let url = registry.url();
+    let topic = support::unique("outage");
+    let name = support::unique("regout");
+    support::create_topic(&topic, 1).await;
+    let v1 = support::catalogue_schema("com.example.retail.ItemSold", 1);
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": url, "topic": topic,
+        "subject_strategy": "topic_record", "schemas": {"sold": v1.clone()}});
+    let id1 = support::produce_with_python(&spec, (0..50).map(|n| sold(n, 1)).collect()).await.ids["sold"];
+    let project = Project::new(&url, &[(&name, &connector(&name, &topic, ""))]);
+    let mut kawka = project.start(0);
+    let pool = support::postgres().await;
+    eventually(Duration::from_secs(60), "the first 50 events", || async {
+        (position(&pool, &name).await == 50).then_some(())
+    })
+    .await;
+    // A writer schema kawka has not seen: registered now, used after the outage began.
+    let mut v1b = v1.clone();
+    v1b["fields"].as_array_mut().expect("fields").push(json!({"name": "note", "type": "string", "default": ""}));
+    let subject = format!("{topic}-com.example.retail.ItemSold");
+    let client = reqwest::Client::new();
+    client.put(format!("{url}/config/{subject}")).json(&json!({"compatibility": "NONE"})).send().await.expect("config");
+    let registered: Json = client
+        .post(format!("{url}/subjects/{subject}/versions"))
+        .json(&json!({"schema": v1b.to_string()}))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("id");
+    let id2 = registered["id"].as_u64().expect("an id") as u32;
+    assert_ne!(id1, id2);
+
+    registry.stop().await.expect("registry stops");
+    // Cached id first, then the new id, in one partition: the first flow,
+    // the second wait (and so does everything behind them).
+    let cached: Vec<Json> = (50..80)
+        .map(|n| {
+            json!({"schema": "sold", "key": "s1:i1", "schema_id": id1,
+        "value": {"sale_id": format!("sale{n}"), "store_id": "s1", "item_id": "i1", "quantity": 1, "sold_at": 0}})
+        })
+        .collect();
+    let new: Vec<Json> = (80..100).map(|n| json!({"schema": "sold_b", "key": "s1:i1", "schema_id": id2,
+        "value": {"sale_id": format!("sale{n}"), "store_id": "s1", "item_id": "i1", "quantity": 1, "sold_at": 0, "note": "n"}})).collect();
+    let offline = json!({"bootstrap": support::kafka_bootstrap(), "registry": "http://127.0.0.1:9", "topic": topic,
+        "schemas": {"sold": v1, "sold_b": v1b}});
+    support::produce_with_python(&offline, cached.into_iter().chain(new).collect()).await;
+    eventually(Duration::from_secs(60), "the events with the cached id", || async {
+        (position(&pool, &name).await == 80).then_some(())
+    })
+    .await;
+    let base = format!("http://{}", support::http_address(&kawka.log()).expect("address"));
+    let status: Json = eventually(Duration::from_secs(30), "the connector to show its retries", || async {
+        let status: Json = reqwest::get(format!("{base}/connectors/{name}")).await.ok()?.json().await.ok()?;
+        (status["state"] == "retrying").then_some(status)
+    })
+    .await;
+    assert_eq!(status["last_error"]["stage"], "decode", "{status}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(position(&pool, &name).await, 80, "the new id waits");
+    assert_eq!(status["counters"]["dead_lettered"], 0);
+
+    let registry = support::start_registry_on(port, &registry_schema).await;
+    eventually(Duration::from_secs(60), "the events with the new id after the registry returns", || async {
+        (position(&pool, &name).await == 100).then_some(())
+    })
+    .await;
+    assert_eq!(on_hand(&pool, &name).await, Some(-100), "every event applied once");
+    let status: Json =
+        reqwest::get(format!("{base}/connectors/{name}")).await.expect("status").json().await.expect("json");
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(status["counters"]["dead_lettered"], 0, "nothing dead-lettered: {status}");
+    assert!(support::consume(&format!("{name}.dlq"), 1, Duration::from_secs(2)).await.is_empty());
+    eprintln!("registry outage: sent 100, written 100, dead-lettered 0, duplicated 0, lost 0");
+    assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
+    let _ = registry.stop().await; // cleanup only
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_of_30_seconds_loses_nothing_and_applies_nothing_twice() {
+    let _serial = SERIAL.lock().await;
+    let registry = support::start_registry().await;
+    let topic = support::unique("pgdown");
+    let name = support::unique("pgdown");
+    support::create_topic(&topic, 2).await;
+    let v1 = support::catalogue_schema("com.example.retail.ItemSold", 1);
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": {"sold": v1.clone()}});
+    let id = support::produce_with_python(&spec, (0..2000).map(|n| sold(n, 1)).collect()).await.ids["sold"];
+    let project = Project::new(&registry.url(), &[(&name, &connector(&name, &topic, ""))]);
+    let mut kawka = project.start(0);
+    let pool = support::postgres().await;
+    eventually(Duration::from_secs(60), "the first 2000 events", || async {
+        (position(&pool, &name).await == 2000).then_some(())
+    })
+    .await;
+    pool.close().await;
+
+    let mut outage = support::PostgresOutage::begin();
+    let started = std::time::Instant::now();
+    // Events keep arriving while Postgres is down (framed by hand: the
+    // registry stores its schemas in Postgres too).
+    let offline = json!({"bootstrap": support::kafka_bootstrap(), "registry": "http://127.0.0.1:9", "topic": topic,
+        "schemas": {"sold": v1}});
+    let more: Vec<Json> = (2000..4000).map(|n| json!({"schema": "sold", "key": format!("s1:i{}", n % 2), "schema_id": id,
+        "value": {"sale_id": format!("sale{n}"), "store_id": "s1", "item_id": format!("i{}", n % 2), "quantity": 1, "sold_at": 0}})).collect();
+    support::produce_with_python(&offline, more).await;
+    let base = format!("http://{}", support::http_address(&kawka.log()).expect("address"));
+    let status: Json = eventually(Duration::from_secs(30), "the connector to show its retries", || async {
+        let status: Json = reqwest::get(format!("{base}/connectors/{name}")).await.ok()?.json().await.ok()?;
+        (status["state"] == "retrying").then_some(status)
+    })
+    .await;
+    assert_eq!(status["last_error"]["class"], "transient", "{status}");
+    let metrics = reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(
+        metrics.contains(&format!("kawka_retries_total{{connector=\"{name}\",stage=\"sink\",class=\"transient\"}}")),
+        "{metrics}"
+    );
+    if let Some(rest) = Duration::from_secs(30).checked_sub(started.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    outage.end();
+
+    let pool = support::postgres().await;
+    eventually(Duration::from_secs(90), "every event after Postgres returns", || async {
+        (position(&pool, &name).await == 4000).then_some(())
+    })
+    .await;
+    let total: i64 = sqlx::query_scalar(&format!("SELECT sum(on_hand)::bigint FROM \"{name}\""))
+        .fetch_one(&pool)
+        .await
+        .expect("sum");
+    assert_eq!(total, -4000, "4000 sales of one item each: every effect exactly once");
+    let status: Json =
+        reqwest::get(format!("{base}/connectors/{name}")).await.expect("status").json().await.expect("json");
+    assert_eq!(status["state"], "running", "resumed by itself: {status}");
+    assert_eq!(status["counters"]["dead_lettered"], 0, "{status}");
+    eprintln!(
+        "postgres outage of {:?}: sent 4000, written 4000, dead-lettered 0, duplicated 0, lost 0",
+        started.elapsed()
+    );
+    assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
+    let _ = registry.stop().await; // cleanup only
+}

@@ -127,6 +127,7 @@ fn connectors_with(
                 sink,
                 dead_letters: dead_letters.clone(),
                 status,
+                replay: None,
             })
         })
         .collect()

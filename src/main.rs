@@ -52,6 +52,11 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080", env = "KAWKA_URL")]
         url: String,
     },
+    /// Dead-letter tools.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Schema tools.
     Schemas {
         #[command(subcommand)]
@@ -69,6 +74,28 @@ enum Command {
         #[arg(long, env = "KAWKA_REGISTRY_SCHEMA")]
         schema: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Feed a connector's dead letters back through it (after the cause is
+    /// fixed). Events that fail again are dead-lettered again.
+    Replay {
+        /// The connector's name.
+        connector: String,
+        /// Say what each dead letter would do now; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop after this long without a new dead letter.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        idle: std::time::Duration,
+        #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    kawka::config::parse_duration(text)
 }
 
 #[derive(Subcommand)]
@@ -111,6 +138,17 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { url } => runtime.block_on(status(&url)),
+        Command::Dlq { command: DlqCommand::Replay { connector, dry_run, idle, config } } => {
+            let settings = match config::load(&config) {
+                Ok(settings) => settings,
+                Err(problems) => {
+                    eprint!("{problems}");
+                    return ExitCode::from(2);
+                }
+            };
+            kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), "warn");
+            runtime.block_on(dlq_replay(settings, &connector, dry_run, idle))
+        }
         Command::Upcast { event_type, from, config } => upcast(&config, &event_type, from),
         Command::Schemas { command: SchemasCommand::Check { config } } => {
             let settings = match config::load(&config) {
@@ -272,6 +310,67 @@ async fn status(url: &str) -> ExitCode {
             error.chars().take(60).collect::<String>()
         );
     }
+    ExitCode::SUCCESS
+}
+
+async fn dlq_replay(
+    settings: kawka::config::Settings,
+    connector: &str,
+    dry_run: bool,
+    idle: std::time::Duration,
+) -> ExitCode {
+    use kawka::pipeline::replay;
+    let runtimes = match kawka::app::connectors(&settings) {
+        Ok(runtimes) => runtimes,
+        Err(error) => {
+            eprintln!("kawka dlq replay: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(runtime) = runtimes.into_iter().find(|r| r.settings.name == connector) else {
+        eprintln!("kawka dlq replay: no connector named {connector}");
+        return ExitCode::from(2);
+    };
+    let topic = runtime.settings.dead_letter_topic.clone();
+    if dry_run {
+        return match replay::dry_run(&runtime, idle).await {
+            Ok(lines) => {
+                let ok = lines.iter().filter(|l| l.outcome.is_ok()).count();
+                for line in &lines {
+                    match &line.outcome {
+                        Ok(ops) => println!("{}: would write {ops} op(s)", line.position),
+                        Err(failure) => {
+                            println!("{}: fails again at {}: {}", line.position, failure.stage, failure.message)
+                        }
+                    }
+                }
+                println!(
+                    "{topic}: {} dead letter(s), {ok} would be written, {} would fail again (dry run: nothing written)",
+                    lines.len(),
+                    lines.len() - ok
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("kawka dlq replay: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let replaying = replay::run(replay::replay_runtime(runtime, idle), stopping);
+    tokio::pin!(replaying);
+    let summary = tokio::select! {
+        summary = &mut replaying => summary,
+        _ = shutdown_signal() => {
+            let _ = stop.send(true);
+            replaying.await
+        }
+    };
+    println!(
+        "{topic}: read {}, written {}, failed again {} (dead-lettered again), skipped {}",
+        summary.read, summary.written, summary.failed_again, summary.skipped
+    );
     ExitCode::SUCCESS
 }
 

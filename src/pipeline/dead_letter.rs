@@ -55,12 +55,19 @@ impl DeadLetters {
         connector: &str,
         record: &RawRecord,
         failure: &Failure,
+        replay_run: Option<&str>,
     ) -> Result<(), KafkaError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis().to_string();
         let (partition, offset) = (record.position.partition.to_string(), record.position.offset.to_string());
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 8);
-        for (key, value) in &record.headers {
+        // The record's own headers, without those of an earlier failure.
+        for (key, value) in
+            record.headers.iter().filter(|(k, _)| !k.starts_with("kawka.error.") && k != "kawka.replay.run")
+        {
             headers = headers.insert(Header { key, value: value.as_deref() });
+        }
+        if let Some(run) = replay_run {
+            headers = headers.insert(Header { key: "kawka.replay.run", value: Some(run.as_bytes()) });
         }
         for (key, value) in [
             ("kawka.error.class", failure.class.name()),

@@ -1,6 +1,7 @@
 //! One connector's loop: poll → decode → project → batch → write → commit.
 //!
 //! * [`dead_letter`]: the dead-letter producer.
+//! * [`replay`]: `kawka dlq replay`: the connector run over its dead letters.
 //!
 //! Records are processed one at a time in the order the source hands them
 //! over, so within a partition every record below the batch's last one has
@@ -9,6 +10,7 @@
 //! contiguous watermark by construction.
 
 pub mod dead_letter;
+pub mod replay;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,7 +63,22 @@ pub struct ConnectorRuntime {
     pub sink: Sink,
     pub dead_letters: DeadLetters,
     pub status: Arc<ConnectorStatus>,
+    /// Set when this runtime replays the dead-letter topic (`kawka dlq replay`).
+    pub replay: Option<ReplayRun>,
 }
+
+/// One `kawka dlq replay` run: it reads the dead-letter topic and ends when
+/// it is idle or meets the records it dead-lettered again itself.
+#[derive(Debug, Clone)]
+pub struct ReplayRun {
+    /// Written as `kawka.replay.run` on events that fail again.
+    pub id: String,
+    /// The run ends after this long without a record.
+    pub idle: Duration,
+}
+
+/// The header that marks a dead letter written by a replay run.
+pub const REPLAY_HEADER: &str = "kawka.replay.run";
 
 impl ConnectorRuntime {
     /// Runs until shutdown or a `stop`; restarts its consumer after fencing.
@@ -118,6 +135,7 @@ impl ConnectorRuntime {
             epochs: HashMap::new(),
             generation: None,
             shutdown: shutdown.clone(),
+            replay_done: std::collections::HashSet::new(),
         };
         let (halt, rx) = worker.consume(rx).await;
         source.stop(rx).await;
@@ -202,6 +220,8 @@ struct Worker<'a> {
     epochs: HashMap<(Name, i32), Option<i64>>,
     generation: Option<u64>,
     shutdown: watch::Receiver<bool>,
+    /// Replay: partitions that reached records this run wrote itself.
+    replay_done: std::collections::HashSet<(Name, i32)>,
 }
 
 impl Worker<'_> {
@@ -212,9 +232,12 @@ impl Worker<'_> {
     async fn consume(&mut self, mut rx: mpsc::Receiver<SourceMessage>) -> (Halt, mpsc::Receiver<SourceMessage>) {
         let mut shutdown = self.shutdown.clone();
         let mut paused = self.runtime.status.paused();
+        let idle = self.runtime.replay.as_ref().map(|r| r.idle);
+        let mut last_record = Instant::now();
         loop {
             let deadline = self.pending.deadline;
             let is_paused = *paused.borrow_and_update();
+            let idle_at = idle.filter(|_| self.generation.is_some()).map(|idle| last_record + idle);
             let message = tokio::select! {
                 biased;
                 _ = stopped(&mut shutdown) => {
@@ -228,8 +251,16 @@ impl Worker<'_> {
                 // Paused: nothing is taken from the channel, so the consumer
                 // thread fills it and pauses its partitions.
                 _ = paused.changed() => continue,
+                // A replay ends when nothing more comes.
+                _ = sleep_until(idle_at), if idle_at.is_some() => {
+                    let halt = match self.flush().await { Ok(()) => Halt::Shutdown, Err(halt) => halt };
+                    return (halt, rx);
+                }
                 message = rx.recv(), if !is_paused => message,
             };
+            if matches!(message, Some(SourceMessage::Records { .. }) | Some(SourceMessage::Assigned { .. })) {
+                last_record = Instant::now();
+            }
             let result = match message {
                 None => Err(Halt::Source("the consumer thread ended".into())),
                 Some(SourceMessage::Assigned { generation, claims }) => {
@@ -272,9 +303,27 @@ impl Worker<'_> {
             return Ok(());
         }
         let batch = &self.runtime.settings.batch;
-        for record in records {
-            if !self.epochs.contains_key(&(record.position.topic, record.position.partition)) {
+        for mut record in records {
+            let partition = (record.position.topic, record.position.partition);
+            if !self.epochs.contains_key(&partition) || self.replay_done.contains(&partition) {
                 continue;
+            }
+            if let Some(run) = &self.runtime.replay {
+                // Records this run dead-lettered again come after every
+                // record it was asked to replay: this partition is done
+                // (its position stays before them, for the next run).
+                let mine =
+                    record.headers.iter().any(|(k, v)| k == REPLAY_HEADER && v.as_deref() == Some(run.id.as_bytes()));
+                if mine {
+                    self.replay_done.insert(partition);
+                    if self.replay_done.len() == self.epochs.len() {
+                        self.flush().await?;
+                        return Err(Halt::Shutdown);
+                    }
+                    continue;
+                }
+                // The headers of the earlier failure are not part of the event.
+                record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER);
             }
             self.process(record).await?;
             if self.pending.ops.len() >= batch.max_events || self.pending.bytes >= batch.max_bytes {
@@ -398,10 +447,11 @@ impl Worker<'_> {
             ErrorPolicy::DeadLetter => {
                 let mut attempt = 0;
                 loop {
+                    let run = self.runtime.replay.as_ref().map(|r| r.id.as_str());
                     let sent = self
                         .runtime
                         .dead_letters
-                        .send(&settings.dead_letter_topic, &settings.name, record, &failure)
+                        .send(&settings.dead_letter_topic, &settings.name, record, &failure, run)
                         .await;
                     match sent {
                         Ok(()) => break,

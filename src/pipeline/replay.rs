@@ -1,0 +1,168 @@
+//! `kawka dlq replay`: feeds a connector's dead letters back through it
+//! once the cause is fixed.
+//!
+//! The replay is the connector itself reading its dead-letter topic (its
+//! own consumer group, `<group>.dlq-replay`; for Postgres its own rows in
+//! `kawka_offsets`, so replayed effects also land exactly once). Events that
+//! fail again are dead-lettered again, marked with the run's id; the run
+//! stops when it meets them, or when the topic is idle, so it never loops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use super::dead_letter::Failure;
+use super::{ConnectorRuntime, ReplayRun, REPLAY_HEADER};
+use crate::codec::Decoded;
+use crate::config::StartPosition;
+use crate::error::ErrorClass;
+use crate::event::Position;
+use crate::projection::Projected;
+use crate::source::RawRecord;
+use crate::status::Outcome;
+use crate::value::intern;
+
+/// What a replay did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub read: u64,
+    pub written: u64,
+    pub failed_again: u64,
+    pub skipped: u64,
+}
+
+/// Turns a connector's runtime into the runtime that replays its dead letters.
+pub fn replay_runtime(mut runtime: ConnectorRuntime, idle: Duration) -> ConnectorRuntime {
+    let mut settings = (*runtime.settings).clone();
+    settings.source.topics = vec![settings.dead_letter_topic.clone()];
+    settings.source.group_id = format!("{}.dlq-replay", settings.source.group_id);
+    settings.source.start = StartPosition::Earliest;
+    runtime.settings = Arc::new(settings);
+    let id = format!("{:016x}", rand::random::<u64>());
+    runtime.replay = Some(ReplayRun { id, idle });
+    runtime
+}
+
+/// Runs the replay until the dead-letter topic has nothing more for it.
+pub async fn run(runtime: ConnectorRuntime, shutdown: watch::Receiver<bool>) -> ReplaySummary {
+    let status = runtime.status.clone();
+    let _ = runtime.run(shutdown).await;
+    ReplaySummary {
+        read: status.total(Outcome::Consumed),
+        written: status.total(Outcome::Written),
+        failed_again: status.total(Outcome::DeadLettered),
+        skipped: status.total(Outcome::Skipped) + status.total(Outcome::Unknown),
+    }
+}
+
+/// What one dead letter would do now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DryRunLine {
+    pub position: Position,
+    /// Ops it would write (0: its event type has no rule), or why it fails.
+    pub outcome: Result<usize, Failure>,
+}
+
+/// Reads the dead-letter topic from the beginning, without a group and
+/// without writing, and says what each dead letter would do now.
+pub async fn dry_run(runtime: &ConnectorRuntime, idle: Duration) -> anyhow::Result<Vec<DryRunLine>> {
+    let topic = runtime.settings.dead_letter_topic.clone();
+    let kafka = runtime.kafka.clone();
+    let records = tokio::task::spawn_blocking(move || read_all(&kafka, &topic, idle)).await??;
+    let mut lines = Vec::with_capacity(records.len());
+    for mut record in records {
+        record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER);
+        let outcome = evaluate(runtime, &record).await;
+        lines.push(DryRunLine { position: record.position, outcome });
+    }
+    Ok(lines)
+}
+
+fn read_all(kafka: &crate::config::KafkaSettings, topic: &str, idle: Duration) -> anyhow::Result<Vec<RawRecord>> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .set("group.id", "kawka-dlq-dry-run")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config.create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let mut records = Vec::new();
+    let mut last = std::time::Instant::now();
+    while last.elapsed() < idle {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            last = std::time::Instant::now();
+            let headers = message
+                .headers()
+                .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+                .unwrap_or_default();
+            records.push(RawRecord {
+                position: Position {
+                    topic: intern(message.topic()),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                },
+                timestamp: message.timestamp().to_millis(),
+                key: message.key().map(<[u8]>::to_vec),
+                value: message.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+    }
+    Ok(records)
+}
+
+/// Decode → upcast → project → check, without writing.
+async fn evaluate(runtime: &ConnectorRuntime, record: &RawRecord) -> Result<usize, Failure> {
+    let fail = |stage: &'static str, class: ErrorClass, message: String| Failure { class, stage, message };
+    if record.size() > runtime.settings.source.max_record_bytes {
+        return Err(fail("source", ErrorClass::Permanent, format!("a record of {} bytes is too large", record.size())));
+    }
+    let projected = match runtime.codec.decode(record).await {
+        Ok(Decoded::Event { event, writer }) => {
+            let events = runtime
+                .upcasting
+                .upcast(event, &writer)
+                .map_err(|e| fail("upcast", ErrorClass::Permanent, e.to_string()))?;
+            let mut ops = Vec::new();
+            for event in &events {
+                if let Projected::Ops(more) = runtime
+                    .projection
+                    .project(event)
+                    .map_err(|e| fail("projection", ErrorClass::Permanent, e.to_string()))?
+                {
+                    ops.extend(more);
+                }
+            }
+            ops
+        }
+        Ok(Decoded::Tombstone { key }) => {
+            match runtime
+                .projection
+                .tombstone(&key, record.position)
+                .map_err(|e| fail("projection", ErrorClass::Permanent, e.to_string()))?
+            {
+                Projected::Ops(ops) => ops,
+                Projected::Skipped => Vec::new(),
+            }
+        }
+        Err(error) => return Err(fail("decode", error.class(), error.to_string())),
+    };
+    for op in &projected {
+        runtime.sink.check(op).map_err(|message| fail("sink", ErrorClass::Permanent, message))?;
+    }
+    Ok(projected.len())
+}

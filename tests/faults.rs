@@ -337,3 +337,88 @@ async fn a_postgres_outage_of_30_seconds_loses_nothing_and_applies_nothing_twice
     assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
     let _ = registry.stop().await; // cleanup only
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elasticsearch_outage_loses_nothing_and_duplicates_have_no_visible_effect() {
+    let _serial = SERIAL.lock().await;
+    let registry = support::start_registry().await;
+    let topic = support::unique("esdown");
+    let name = support::unique("esdown");
+    support::create_topic(&topic, 2).await;
+    let login = json!({"type": "record", "name": "LoggedIn", "namespace": "test.esdown",
+        "fields": [{"name": "user_id", "type": "string"}, {"name": "count", "type": "int"}]});
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": {"login": login}});
+    let events = |range: std::ops::Range<usize>| -> Vec<Json> {
+        range.map(|n| json!({"schema": "login", "key": format!("u{}", n % 50), "value": {"user_id": format!("u{}", n % 50), "count": 1}})).collect()
+    };
+    support::produce_with_python(&spec, events(0..2000)).await;
+    let connector = format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink: {{ to: search, index: {name} }}
+key: $key
+batch: {{ max_events: 100, max_wait: 50ms }}
+events:
+  test.esdown.LoggedIn: {{ increment: {{ logins: count }} }}
+"#
+    );
+    let project = Project::new(&registry.url(), &[(&name, &connector)]);
+    let mut kawka = project.start(0);
+    let group = format!("kawka.{name}");
+    let topics = vec![topic.clone()];
+    eventually(Duration::from_secs(60), "the first 2000 events", || async {
+        (support::committed_total(&group, &topics).await == 2000).then_some(())
+    })
+    .await;
+    // noida-db snapshots its data 1-10 s after writes: let it, so the
+    // restart below tests kawka, not the server's own durability.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    tokio::task::spawn_blocking(support::stop_elasticsearch).await.expect("stop");
+    let started = std::time::Instant::now();
+    support::produce_with_python(&spec, events(2000..4000)).await;
+    let base = format!("http://{}", support::http_address(&kawka.log()).expect("address"));
+    let status: Json = eventually(Duration::from_secs(30), "the connector to show its retries", || async {
+        let status: Json = reqwest::get(format!("{base}/connectors/{name}")).await.ok()?.json().await.ok()?;
+        (status["state"] == "retrying").then_some(status)
+    })
+    .await;
+    assert_eq!(status["last_error"]["class"], "transient", "{status}");
+    if let Some(rest) = Duration::from_secs(20).checked_sub(started.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    assert_eq!(support::committed_total(&group, &topics).await, 2000, "no offset moves while the sink is down");
+    tokio::task::spawn_blocking(support::start_elasticsearch_keeping_data).await.expect("start");
+    eventually(Duration::from_secs(90), "every event after the server returns", || async {
+        (support::committed_total(&group, &topics).await == 4000).then_some(())
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let es = support::elasticsearch_url();
+    let _ = client.post(format!("{es}/{name}/_refresh")).send().await;
+    let reply: Json = client
+        .post(format!("{es}/{name}/_search"))
+        .json(&json!({"query": {"match_all": {}}, "size": 100}))
+        .send()
+        .await
+        .expect("search")
+        .json()
+        .await
+        .expect("reply");
+    let hits = reply["hits"]["hits"].as_array().expect("hits");
+    assert_eq!(hits.len(), 50);
+    for hit in hits {
+        assert_eq!(hit["_source"]["logins"], 80, "80 logins per user, each counted once: {hit}");
+    }
+    let status: Json =
+        reqwest::get(format!("{base}/connectors/{name}")).await.expect("status").json().await.expect("json");
+    assert_eq!(status["state"], "running", "resumed by itself: {status}");
+    eprintln!(
+        "elasticsearch outage of {:?}: sent 4000, written 4000, dead-lettered {}, visible duplicates 0, lost 0",
+        started.elapsed(),
+        status["counters"]["dead_lettered"]
+    );
+    assert_eq!(status["counters"]["dead_lettered"], 0);
+    assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
+    let _ = registry.stop().await; // cleanup only
+}

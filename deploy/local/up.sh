@@ -56,7 +56,10 @@ start_noida() {
     if running noida && curl -fsS "http://127.0.0.1:$ELASTICSEARCH_PORT/" >/dev/null 2>&1; then return; fi
     tcp_open "$ELASTICSEARCH_PORT" && die "port $ELASTICSEARCH_PORT is taken by another process"
     local data="$KAWKA_STATE/noida-data"
-    rm -rf "$data" && mkdir -p "$data"
+    # A fresh data dir on each start, unless a test restarts the server on
+    # purpose (KAWKA_NOIDA_KEEP_DATA=1: the fault tests).
+    if [ "${KAWKA_NOIDA_KEEP_DATA:-0}" != 1 ]; then rm -rf "$data"; fi
+    mkdir -p "$data"
     log "starting noida-db (Elasticsearch API) on :$ELASTICSEARCH_PORT"
     nohup "$NOIDA" start --only elasticsearch --host 127.0.0.1 \
         --elasticsearch-port "$ELASTICSEARCH_PORT" --data-dir "$data" >"$KAWKA_STATE/logs/noida.log" 2>&1 &

@@ -467,3 +467,24 @@ pub fn http_address(log: &str) -> Option<String> {
         .and_then(|l| l.split("address=").nth(1))
         .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
 }
+
+/// Runs a bash snippet with the stack's `env.sh` sourced.
+pub fn stack_shell(script: &str) {
+    let env = project_root().join("deploy/local/env.sh");
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail; source '{}'; {script}", env.display()))
+        .status()
+        .expect("bash");
+    assert!(status.success(), "stack command failed: {script}");
+}
+
+/// Stops the stack's Elasticsearch API server (waiting for it to exit).
+pub fn stop_elasticsearch() {
+    stack_shell("stop_service noida");
+}
+
+/// Starts it again on the same data.
+pub fn start_elasticsearch_keeping_data() {
+    stack_shell("KAWKA_NOIDA_KEEP_DATA=1 \"$KAWKA_ROOT/deploy/local/up.sh\" >/dev/null");
+}

@@ -1,0 +1,228 @@
+//! The hot path, stage by stage: framing + Avro decode, the upcast chain,
+//! projection, per-key compaction, Postgres parameter building and
+//! Elasticsearch bulk encoding. `cargo bench --bench hot_path`.
+//!
+//! Events are ~10-field records (`bench.Order` v2; a share of them written
+//! as v1 and upcast), keys drawn so that a batch touches each key ~5 times.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+use kawka::codec::avro::Decoder;
+use kawka::codec::framing;
+use kawka::config::{ConnectorSettings, Settings, Target};
+use kawka::event::{Event, Position};
+use kawka::projection::compact::compact;
+use kawka::projection::{Projected, Projection, RulesProjection, WriteOp};
+use kawka::sink::elasticsearch::bulk::{self, GuardMode};
+use kawka::sink::postgres::sql::TableSql;
+use kawka::upcast::Upcasting;
+use kawka::value::{intern, Value};
+
+const BATCH: usize = 5000;
+
+const V1: &str = r#"{"type":"record","name":"Order","namespace":"bench","fields":[
+ {"name":"order_id","type":"string"},{"name":"customer","type":"string"},{"name":"store","type":"string"},
+ {"name":"item","type":"string"},{"name":"quantity","type":"int"},{"name":"price_cents","type":"long"},
+ {"name":"currency","type":"string"},{"name":"placed_at","type":"long"},{"name":"express","type":"boolean"}]}"#;
+const V2: &str = r#"{"type":"record","name":"Order","namespace":"bench","fields":[
+ {"name":"order_id","type":"string"},{"name":"customer_id","type":"string"},{"name":"store","type":"string"},
+ {"name":"item","type":"string"},{"name":"quantity","type":"int"},{"name":"price_cents","type":"long"},
+ {"name":"currency","type":"string"},{"name":"placed_at","type":"long"},{"name":"express","type":"boolean"},
+ {"name":"channel","type":"string","default":"web"}]}"#;
+
+fn zigzag(n: i64, out: &mut Vec<u8>) {
+    let mut v = ((n << 1) ^ (n >> 63)) as u64;
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn string(text: &str, out: &mut Vec<u8>) {
+    zigzag(text.len() as i64, out);
+    out.extend(text.as_bytes());
+}
+
+/// A framed v2 Order.
+fn order(n: usize) -> Vec<u8> {
+    let mut out = vec![0, 0, 0, 0, 2];
+    string(&format!("order-{n:08}"), &mut out);
+    string(&format!("customer-{}", n % 1000), &mut out);
+    string(&format!("store-{}", n % 17), &mut out);
+    string(&format!("item-{}", n % 250), &mut out);
+    zigzag((n % 9 + 1) as i64, &mut out);
+    zigzag(1999 + (n % 500) as i64, &mut out);
+    string("EUR", &mut out);
+    zigzag(1_700_000_000_000 + n as i64, &mut out);
+    out.push(u8::from(n % 3 == 0));
+    string("app", &mut out);
+    out
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    settings: Settings,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let write = |path: &str, text: &str| {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    };
+    // Relative directories are relative to the working directory: name them in full.
+    let config = format!(
+        "kafka: {{ bootstrap_servers: 127.0.0.1:9092 }}\nschema_registry: {{ url: http://127.0.0.1:8081 }}\n\
+         sinks:\n  db: {{ type: postgres, url: postgres://localhost/db }}\n  es: {{ type: elasticsearch, url: http://127.0.0.1:9200 }}\n\
+         connectors: {0}/connectors/\nschemas: {0}/schemas/\n",
+        root.display()
+    );
+    write("config/kawka.yaml", &config);
+    write(
+        "connectors/orders.yaml",
+        "name: orders\nsource: { topics: [orders] }\nsink:\n  to: db\n  table: customer_orders\n  columns: { customer_id: text, store: text, item: text, quantity: bigint, spent_cents: bigint, currency: text, last_order: text, placed_at: timestamptz, express: boolean, channel: text }\n  primary_key: [customer_id]\n\
+         key: { customer_id: customer_id }\nevents:\n  bench.Order: { merge: { store: store, item: item, currency: currency, last_order: order_id, placed_at: placed_at, express: express, channel: channel } }\n",
+    );
+    write(
+        "connectors/order-search.yaml",
+        "name: order-search\nsource: { topics: [orders] }\nsink: { to: es, index: orders }\nkey: $key\n\
+         events:\n  bench.Order: { upsert: { customer: customer_id, store: store, item: item, quantity: quantity, price: price_cents, currency: currency, placed_at: placed_at, express: express, channel: channel } }\n",
+    );
+    write("schemas/bench.Order/v1.avsc", V1);
+    write("schemas/bench.Order/v2.avsc", V2);
+    write(
+        "schemas/upcasters.yaml",
+        "- event: bench.Order\n  from: 1\n  steps:\n    - rename: { customer: customer_id }\n    - add: { channel: web }\n",
+    );
+    let settings = kawka::config::load(&root.join("config/kawka.yaml")).expect("bench config is valid");
+    Fixture { _dir: dir, settings }
+}
+
+fn connector<'a>(settings: &'a Settings, name: &str) -> &'a ConnectorSettings {
+    settings.connectors.iter().find(|c| c.name == name).expect("connector")
+}
+
+fn decoded(decoder: &Decoder, framed: &[Vec<u8>]) -> Vec<Event> {
+    framed
+        .iter()
+        .enumerate()
+        .map(|(n, bytes)| {
+            let frame = framing::parse(bytes).expect("framed");
+            let (event_type, payload) = decoder.decode(frame.body).expect("decodes");
+            Event {
+                event_type,
+                version: 2,
+                payload,
+                key: Value::Str(format!("customer-{}", n % 1000)),
+                position: Position { topic: "orders", partition: 0, offset: n as i64 },
+                timestamp: Some(1_700_000_000_000),
+            }
+        })
+        .collect()
+}
+
+fn benches(c: &mut Criterion) {
+    let fixture = fixture();
+    let settings = &fixture.settings;
+    let schema = apache_avro::Schema::parse_str(V2).expect("schema");
+    let decoder = Decoder::compile(&schema, &[]).expect("decoder");
+    let framed: Vec<Vec<u8>> = (0..BATCH).map(order).collect();
+    let upcasting: Arc<Upcasting> = kawka::app::Builder::new().upcasting(settings);
+    let projection = RulesProjection::new(connector(settings, "orders"));
+    let events = decoded(&decoder, &framed);
+    let ops: Vec<WriteOp> = events
+        .iter()
+        .flat_map(|e| match projection.project(e).expect("projects") {
+            Projected::Ops(ops) => ops,
+            Projected::Skipped => Vec::new(),
+        })
+        .collect();
+
+    let mut group = c.benchmark_group("hot_path");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.sample_size(20);
+    group.bench_function("framing_and_decode", |b| {
+        b.iter(|| {
+            for bytes in &framed {
+                let frame = framing::parse(bytes).expect("framed");
+                black_box(decoder.decode(frame.body).expect("decodes"));
+            }
+        })
+    });
+    // v1 events: one declared upcaster step each.
+    let v1_events: Vec<Event> = events
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.version = 1;
+            if let Some(record) = e.payload.as_record_mut() {
+                record.rename("customer_id", intern("customer"));
+                record.remove("channel");
+            }
+            e
+        })
+        .collect();
+    group.bench_function("upcast_v1_to_v2", |b| {
+        b.iter_batched(
+            || v1_events.clone(),
+            |events| {
+                for event in events {
+                    black_box(upcasting.to_newest(event).expect("upcasts"));
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.bench_function("project", |b| {
+        b.iter(|| {
+            for event in &events {
+                black_box(projection.project(event).expect("projects"));
+            }
+        })
+    });
+    group.bench_function("decode_upcast_project", |b| {
+        b.iter(|| {
+            for (n, bytes) in framed.iter().enumerate() {
+                let frame = framing::parse(bytes).expect("framed");
+                let (event_type, payload) = decoder.decode(frame.body).expect("decodes");
+                let event = Event {
+                    event_type,
+                    version: 0,
+                    payload,
+                    key: Value::Null,
+                    position: Position { topic: "orders", partition: 0, offset: n as i64 },
+                    timestamp: None,
+                };
+                let mut event = event;
+                event.version = 2;
+                for event in upcasting.to_newest(event).expect("upcasts") {
+                    black_box(projection.project(&event).expect("projects"));
+                }
+            }
+        })
+    });
+    group.bench_function("compact", |b| b.iter(|| black_box(compact(&ops))));
+    let Target::Postgres(target) = &connector(settings, "orders").target else { panic!("postgres target") };
+    let table = TableSql::new(target, false);
+    let (net, _) = compact(&ops);
+    group.bench_function("postgres_parameters", |b| b.iter(|| black_box(table.plan(&net).expect("binds"))));
+    let search = RulesProjection::new(connector(settings, "order-search"));
+    let search_ops: Vec<WriteOp> = events
+        .iter()
+        .flat_map(|e| match search.project(e).expect("projects") {
+            Projected::Ops(ops) => ops,
+            Projected::Skipped => Vec::new(),
+        })
+        .collect();
+    group.bench_function("bulk_body", |b| b.iter(|| black_box(bulk::plan(&search_ops, "orders", GuardMode::ExternalVersions))));
+    group.finish();
+}
+
+criterion_group!(hot_path, benches);
+criterion_main!(hot_path);

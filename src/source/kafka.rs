@@ -38,6 +38,9 @@ use crate::value::{intern, Name};
 const CHUNK: usize = 1000;
 /// Chunks the channel holds.
 const CHANNEL_CHUNKS: usize = 8;
+/// How long a full channel is waited on before the partitions are paused
+/// (well below `max.poll.interval.ms`: rebalances are served only by polls).
+const PATIENCE: Duration = Duration::from_secs(5);
 /// How often the high watermarks are fetched (for lag).
 const WATERMARK_EVERY: Duration = Duration::from_secs(5);
 /// How long a revoke waits for the pipeline to flush.
@@ -332,7 +335,7 @@ fn report_watermarks(consumer: &BaseConsumer<SourceContext>, status: &ConnectorS
     status.high_watermarks(&marks);
 }
 
-/// Sends a chunk; while the channel is full, pauses the assignment and
+/// Sends a chunk; while the channel stays full, pauses the assignment and
 /// keeps polling so rebalances and liveness are still served. Returns the
 /// records polled meanwhile (librdkafka purges paused partitions' queues,
 /// but one fetched just before the pause may still come): they follow the
@@ -347,6 +350,19 @@ fn send_or_wait(
         Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Vec::new(),
         Err(mpsc::error::TrySendError::Full(message)) => message,
     };
+    // Short waits first: the pipeline usually takes a chunk within a batch
+    // write. Pausing would purge librdkafka's fetched data and refetch it
+    // on resume, which costs more than it saves when the wait is short.
+    let patient_until = std::time::Instant::now() + PATIENCE;
+    let mut nap = Duration::from_micros(200);
+    while std::time::Instant::now() < patient_until && !stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(20));
+        match tx.try_send(message) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Vec::new(),
+            Err(mpsc::error::TrySendError::Full(back)) => message = back,
+        }
+    }
     let context = consumer.context();
     let mut overflow = Vec::new();
     let paused = consumer.assignment().ok();

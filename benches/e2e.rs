@@ -1,0 +1,506 @@
+//! End-to-end benchmark against the local stack, with its baselines
+//! measured in the same run:
+//!
+//! * a bare consumer reading the topic;
+//! * Postgres `COPY` of the equivalent rows into an identical table;
+//! * a plain `_bulk` client indexing the same documents;
+//! * kawka (`target/release/kawka run`) from its first commit to its last,
+//!   for fresh keys, for updates (each key written 10×) and for
+//!   Elasticsearch, with its peak RSS.
+//!
+//! `deploy/local/bench.sh [--events N] [--es-events N]` runs it (N: 1M by
+//! default); it prints a table and writes `target/bench-e2e.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+
+const SCHEMA: &str = r#"{"type":"record","name":"OrderPlaced","namespace":"bench","fields":[
+ {"name":"order_id","type":"string"},{"name":"customer_id","type":"string"},{"name":"store","type":"string"},
+ {"name":"item","type":"string"},{"name":"quantity","type":"int"},{"name":"price_cents","type":"long"},
+ {"name":"currency","type":"string"},{"name":"placed_at","type":"long"},{"name":"express","type":"boolean"},
+ {"name":"channel","type":"string"}]}"#;
+const UPDATED: &str = r#"{"type":"record","name":"OrderUpdated","namespace":"bench","fields":[
+ {"name":"order_id","type":"string"},{"name":"customer_id","type":"string"},{"name":"quantity","type":"int"}]}"#;
+const PARTITIONS: i32 = 3;
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn zigzag(n: i64, out: &mut Vec<u8>) {
+    let mut v = ((n << 1) ^ (n >> 63)) as u64;
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn string(text: &str, out: &mut Vec<u8>) {
+    zigzag(text.len() as i64, out);
+    out.extend(text.as_bytes());
+}
+
+/// One order of the stream: every tenth event updates an earlier order of
+/// the same customer; customers are n % (N/10), so each is written ~10×.
+struct Order {
+    order_id: String,
+    customer_id: String,
+    store: String,
+    item: String,
+    quantity: i64,
+    price_cents: i64,
+    placed_at: i64,
+    express: bool,
+    update: bool,
+}
+
+fn order(n: usize, total: usize) -> Order {
+    let customers = (total / 10).max(1);
+    let update = n % 10 == 9;
+    // An update names the order placed 9 events earlier (same customer).
+    let order_no = if update { n - 9 } else { n };
+    Order {
+        order_id: format!("order-{order_no:09}"),
+        customer_id: format!("customer-{:07}", order_no % customers),
+        store: format!("store-{}", n % 37),
+        item: format!("item-{}", n % 500),
+        quantity: (n % 7 + 1) as i64,
+        price_cents: 100 + (n % 9000) as i64,
+        placed_at: 1_700_000_000_000 + n as i64,
+        express: n % 3 == 0,
+        update,
+    }
+}
+
+fn encode(o: &Order, placed_id: u32, updated_id: u32) -> Vec<u8> {
+    let mut out = vec![0];
+    if o.update {
+        out.extend(updated_id.to_be_bytes());
+        string(&o.order_id, &mut out);
+        string(&o.customer_id, &mut out);
+        zigzag(o.quantity, &mut out);
+        return out;
+    }
+    out.extend(placed_id.to_be_bytes());
+    for text in [&o.order_id, &o.customer_id, &o.store, &o.item] {
+        string(text, &mut out);
+    }
+    zigzag(o.quantity, &mut out);
+    zigzag(o.price_cents, &mut out);
+    string("EUR", &mut out);
+    zigzag(o.placed_at, &mut out);
+    out.push(u8::from(o.express));
+    string("web", &mut out);
+    out
+}
+
+struct Run {
+    events: usize,
+    seconds: f64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds
+    }
+}
+
+async fn produce(bootstrap: &str, topic: &str, total: usize, placed_id: u32, updated_id: u32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin");
+    admin
+        .create_topics(&[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "lz4")
+        .create()
+        .expect("producer");
+    for n in 0..total {
+        let o = order(n, total);
+        let value = encode(&o, placed_id, updated_id);
+        let mut record = BaseRecord::to(topic).key(o.customer_id.as_bytes()).payload(&value);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120)).expect("flush");
+}
+
+fn bare_consumer(bootstrap: &str, topic: &str, total: usize) -> Run {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bench-bare-{}", rand::random::<u32>()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let started = Instant::now();
+    let mut seen = 0;
+    let mut bytes = 0usize;
+    while seen < total && started.elapsed() < Duration::from_secs(600) {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            use rdkafka::Message;
+            bytes += message.payload().map_or(0, <[u8]>::len);
+            seen += 1;
+        }
+    }
+    std::hint::black_box(bytes);
+    Run { events: seen, seconds: started.elapsed().as_secs_f64() }
+}
+
+fn copy_escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n")
+}
+
+async fn copy_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(pool).await.expect("drop");
+    sqlx::query(&format!("CREATE TABLE {table} ({})", columns_sql("order_id"))).execute(pool).await.expect("create");
+    // The rows kawka's fresh-keys table ends with: one per placed order.
+    let mut data = Vec::with_capacity(total * 120);
+    let mut rows = 0;
+    for n in 0..total {
+        let o = order(n, total);
+        if o.update {
+            continue;
+        }
+        rows += 1;
+        let line = format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\tEUR\t{}\t{}\tweb\n",
+            copy_escape(&o.order_id),
+            copy_escape(&o.customer_id),
+            o.store,
+            o.item,
+            o.quantity,
+            o.price_cents,
+            kawka::sink::postgres::sql::format_millis(o.placed_at),
+            o.express
+        );
+        data.extend(line.as_bytes());
+    }
+    let started = Instant::now();
+    let mut connection = pool.acquire().await.expect("connection");
+    let mut copy = connection.copy_in_raw(&format!("COPY {table} FROM STDIN")).await.expect("copy");
+    for chunk in data.chunks(1 << 20) {
+        copy.send(chunk.to_vec()).await.expect("copy data");
+    }
+    copy.finish().await.expect("copy finish");
+    Run { events: rows, seconds: started.elapsed().as_secs_f64() }
+}
+
+fn columns_sql(key: &str) -> String {
+    format!(
+        "order_id text NOT NULL, customer_id text NOT NULL, store text, item text, quantity bigint, price_cents bigint, \
+         currency text, placed_at timestamptz, express boolean, channel text, PRIMARY KEY ({key})"
+    )
+}
+
+async fn bulk_baseline(es: &str, index: &str, total: usize) -> Run {
+    let client = reqwest::Client::new();
+    let _ = client.delete(format!("{es}/{index}")).send().await;
+    let started = Instant::now();
+    let mut body = String::with_capacity(1000 * 300);
+    let mut sent = 0;
+    for n in 0..total {
+        let o = order(n, total);
+        if o.update {
+            continue;
+        }
+        body.push_str(&json!({"index": {"_index": index, "_id": o.order_id}}).to_string());
+        body.push('\n');
+        let doc = json!({"customer": o.customer_id, "store": o.store, "item": o.item, "quantity": o.quantity,
+            "price": o.price_cents, "currency": "EUR", "placed_at": o.placed_at, "express": o.express, "channel": "web"});
+        body.push_str(&doc.to_string());
+        body.push('\n');
+        sent += 1;
+        if sent % 1000 == 0 {
+            bulk(&client, es, std::mem::take(&mut body)).await;
+        }
+    }
+    if !body.is_empty() {
+        bulk(&client, es, body).await;
+    }
+    Run { events: sent, seconds: started.elapsed().as_secs_f64() }
+}
+
+async fn bulk(client: &reqwest::Client, es: &str, body: String) {
+    let reply: serde_json::Value = client
+        .post(format!("{es}/_bulk"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .expect("bulk")
+        .json()
+        .await
+        .expect("bulk reply");
+    assert_eq!(reply["errors"], false, "baseline bulk failed: {reply}");
+}
+
+struct Kawka {
+    run: Run,
+    peak_rss_mb: f64,
+}
+
+/// Runs `kawka run` with one connector until `done()` reports every event.
+async fn run_kawka<F, Fut>(project: &Path, total: usize, mut progress: F) -> Kawka
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = usize>,
+{
+    let binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/kawka");
+    assert!(binary.exists(), "build it first: cargo build --release --bin kawka");
+    let log = std::fs::File::create(project.join("kawka.log")).expect("log");
+    let mut child = std::process::Command::new(&binary)
+        .args(["run", "--config", "config/kawka.yaml"])
+        .current_dir(project)
+        .stderr(log)
+        .spawn()
+        .expect("kawka run");
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let (mut first, mut first_count) = (None, 0);
+    let mut peak_kb = 0u64;
+    loop {
+        if let Ok(Some(exit)) = child.try_wait() {
+            let log = std::fs::read_to_string(project.join("kawka.log")).unwrap_or_default();
+            panic!("kawka run exited with {exit}:\n{log}");
+        }
+        let done = progress().await;
+        if first.is_none() && done > 0 {
+            first = Some(Instant::now());
+            first_count = done;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
+            if let Some(kb) = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)) {
+                peak_kb = peak_kb.max(kb.parse().unwrap_or(0));
+            }
+        }
+        if done >= total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = first.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    Kawka { run: Run { events: total - first_count, seconds }, peak_rss_mb: peak_kb as f64 / 1024.0 }
+}
+
+fn project(registry: &str, connector: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("config")).expect("mkdir");
+    std::fs::create_dir_all(root.join("connectors")).expect("mkdir");
+    std::fs::create_dir_all(root.join("schemas")).expect("mkdir");
+    let config = format!(
+        "kafka: {{ bootstrap_servers: \"{}\" }}\nschema_registry: {{ url: \"{registry}\" }}\nsinks:\n  readdb: {{ type: postgres, url: \"{}\", max_connections: 4 }}\n  search: {{ type: elasticsearch, url: \"{}\" }}\nhttp: {{ listen: 127.0.0.1:0 }}\nconnectors: {}/connectors/\nschemas: {}/schemas/\nlog: {{ level: warn }}\n",
+        env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        env("KAWKA_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kawka_test"),
+        env("ELASTICSEARCH_URL", "http://127.0.0.1:9200"),
+        root.display(),
+        root.display()
+    );
+    std::fs::write(root.join("config/kawka.yaml"), config).expect("config");
+    std::fs::write(root.join("connectors/bench.yaml"), connector).expect("connector");
+    dir
+}
+
+fn pg_connector(name: &str, topic: &str, key: &str) -> String {
+    // Every column but the key (which comes from `key:`).
+    let fields: Vec<String> = ["order_id", "customer_id", "store", "item", "quantity", "price_cents", "currency", "placed_at", "express", "channel"]
+        .iter()
+        .filter(|c| **c != key)
+        .map(|c| format!("{c}: {c}"))
+        .collect();
+    let fields = fields.join(", ");
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink:
+  to: readdb
+  table: {name}
+  columns: {{ order_id: text, customer_id: text, store: text, item: text, quantity: bigint, price_cents: bigint, currency: text, placed_at: timestamptz, express: boolean, channel: text }}
+  primary_key: [{key}]
+key: {{ {key}: {key} }}
+batch: {{ max_events: 10000, max_wait: 500ms }}
+events:
+  bench.OrderPlaced: {{ upsert: {{ {fields} }} }}
+  bench.OrderUpdated: {{ merge: {{ quantity: quantity }} }}
+"#
+    )
+}
+
+fn es_connector(name: &str, topic: &str) -> String {
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink: {{ to: search, index: {name}, bulk: {{ max_actions: 2000, in_flight: 2 }} }}
+key: {{ order_id: order_id }}
+batch: {{ max_events: 10000, max_wait: 500ms }}
+events:
+  bench.OrderPlaced: {{ upsert: {{ customer: customer_id, store: store, item: item, quantity: quantity, price: price_cents, currency: currency, placed_at: placed_at, express: express, channel: channel }} }}
+  bench.OrderUpdated: {{ merge: {{ quantity: quantity }} }}
+"#
+    )
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let total = arg("--events", 1_000_000);
+    let es_total = arg("--es-events", total);
+    let bootstrap = env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092");
+    let es = env("ELASTICSEARCH_URL", "http://127.0.0.1:9200");
+    let database = env("KAWKA_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kawka_test");
+    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let registry = kawka::registry::start(&kawka::registry::RegistryServerSettings {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        database_url: database.clone(),
+        schema: Some(format!("bench_registry_{tag}")),
+    })
+    .await
+    .expect("registry (is the stack up? deploy/local/up.sh)");
+    let client = kawka::codec::registry::RegistryClient::new(&kawka::config::RegistryClientSettings::plain(registry.url()))
+        .expect("client");
+    let placed_id = client.register("bench.OrderPlaced", SCHEMA, &[]).await.expect("register");
+    let updated_id = client.register("bench.OrderUpdated", UPDATED, &[]).await.expect("register");
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&database).await.expect("postgres");
+    let mut results = BTreeMap::new();
+
+    let topic = format!("bench_orders_{tag}");
+    eprintln!("producing {total} events to {topic}…");
+    produce(&bootstrap, &topic, total, placed_id, updated_id).await;
+
+    let bare = bare_consumer(&bootstrap, &topic, total);
+    let copy = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
+    let progress = |connector: String| {
+        let pool = pool.clone();
+        move || {
+            let (pool, connector) = (pool.clone(), connector.clone());
+            async move {
+                sqlx::query_scalar::<_, Option<i64>>("SELECT sum(next_offset)::bigint FROM kawka_offsets WHERE connector = $1")
+                    .bind(connector)
+                    .fetch_one(&pool)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0) as usize
+            }
+        }
+    };
+    let fresh_name = format!("bench_fresh_{tag}");
+    let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id"));
+    let fresh = run_kawka(fresh_project.path(), total, progress(fresh_name.clone())).await;
+    let updates_name = format!("bench_updates_{tag}");
+    let updates_project = project(&registry.url(), &pg_connector(&updates_name, &topic, "customer_id"));
+    let updates = run_kawka(updates_project.path(), total, progress(updates_name.clone())).await;
+
+    let row = |name: &str, run: &Run, baseline: Option<&Run>, rss: Option<f64>| {
+        let ratio = baseline.map(|b| run.rate() / b.rate());
+        println!(
+            "{name:<34} {:>10} {:>9.2} s {:>12.0} /s {:>8} {:>10}",
+            run.events,
+            run.seconds,
+            run.rate(),
+            ratio.map_or("-".to_string(), |r| format!("{r:.2}×")),
+            rss.map_or("-".to_string(), |r| format!("{r:.0} MB"))
+        );
+        json!({"events": run.events, "seconds": run.seconds, "per_second": run.rate(), "ratio": ratio, "peak_rss_mb": rss})
+    };
+    println!("\n{:<34} {:>10} {:>11} {:>15} {:>8} {:>10}", "run", "events", "time", "rate", "ratio", "peak RSS");
+    results.insert("bare_consumer", row("bare consumer (baseline)", &bare, None, None));
+    results.insert("postgres_copy", row("postgres COPY (baseline)", &copy, None, None));
+    results.insert("kawka_postgres_fresh", row("kawka → postgres, fresh keys", &fresh.run, Some(&copy), Some(fresh.peak_rss_mb)));
+    results.insert("kawka_postgres_updates", row("kawka → postgres, 10× updates", &updates.run, Some(&copy), Some(updates.peak_rss_mb)));
+    results.insert("kawka_vs_bare_consumer", json!({"ratio": fresh.run.rate() / bare.rate()}));
+
+    if es_total > 0 {
+        let es_topic = if es_total == total {
+            topic.clone()
+        } else {
+            let es_topic = format!("bench_es_orders_{tag}");
+            produce(&bootstrap, &es_topic, es_total, placed_id, updated_id).await;
+            es_topic
+        };
+        let plain = bulk_baseline(&es, &format!("bench_bulk_{tag}"), es_total).await;
+        let es_name = format!("bench_es_{tag}");
+        let es_project = project(&registry.url(), &es_connector(&es_name, &es_topic));
+        let group = format!("kawka.{es_name}");
+        let (b, t) = (bootstrap.clone(), es_topic.clone());
+        let committed = move || {
+            let (b, t, g) = (b.clone(), t.clone(), group.clone());
+            async move { tokio::task::spawn_blocking(move || committed(&b, &g, &t)).await.unwrap_or(0) }
+        };
+        let es_run = run_kawka(es_project.path(), es_total, committed).await;
+        results.insert("elasticsearch_bulk", row("plain _bulk client (baseline)", &plain, None, None));
+        results.insert("kawka_elasticsearch", row("kawka → elasticsearch", &es_run.run, Some(&plain), Some(es_run.peak_rss_mb)));
+    }
+    let report = json!({"events": total, "es_events": es_total, "results": results});
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report).expect("json")).expect("write report");
+    println!("\n{}", serde_json::to_string(&report).expect("json"));
+    let _ = registry.stop().await;
+}
+
+fn committed(bootstrap: &str, group: &str, topic: &str) -> usize {
+    let Ok(consumer) = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create::<BaseConsumer>()
+    else {
+        return 0;
+    };
+    let mut wanted = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        wanted.add_partition(topic, partition);
+    }
+    let total = match consumer.committed_offsets(wanted, Duration::from_secs(5)) {
+        Ok(list) => {
+            let sum = list
+                .elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    Offset::Offset(n) => n as usize,
+                    _ => 0,
+                })
+                .sum();
+            drop(list);
+            sum
+        }
+        Err(_) => 0,
+    };
+    drop(consumer);
+    total
+}

@@ -19,7 +19,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
@@ -295,7 +295,8 @@ where
             first_count = done;
         }
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
-            if let Some(kb) = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)) {
+            if let Some(kb) = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1))
+            {
                 peak_kb = peak_kb.max(kb.parse().unwrap_or(0));
             }
         }
@@ -331,11 +332,22 @@ fn project(registry: &str, connector: &str) -> tempfile::TempDir {
 
 fn pg_connector(name: &str, topic: &str, key: &str) -> String {
     // Every column but the key (which comes from `key:`).
-    let fields: Vec<String> = ["order_id", "customer_id", "store", "item", "quantity", "price_cents", "currency", "placed_at", "express", "channel"]
-        .iter()
-        .filter(|c| **c != key)
-        .map(|c| format!("{c}: {c}"))
-        .collect();
+    let fields: Vec<String> = [
+        "order_id",
+        "customer_id",
+        "store",
+        "item",
+        "quantity",
+        "price_cents",
+        "currency",
+        "placed_at",
+        "express",
+        "channel",
+    ]
+    .iter()
+    .filter(|c| **c != key)
+    .map(|c| format!("{c}: {c}"))
+    .collect();
     let fields = fields.join(", ");
     format!(
         r#"name: {name}
@@ -370,11 +382,7 @@ events:
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 #[tokio::main]
@@ -392,8 +400,9 @@ async fn main() {
     })
     .await
     .expect("registry (is the stack up? deploy/local/up.sh)");
-    let client = kawka::codec::registry::RegistryClient::new(&kawka::config::RegistryClientSettings::plain(registry.url()))
-        .expect("client");
+    let client =
+        kawka::codec::registry::RegistryClient::new(&kawka::config::RegistryClientSettings::plain(registry.url()))
+            .expect("client");
     let placed_id = client.register("bench.OrderPlaced", SCHEMA, &[]).await.expect("register");
     let updated_id = client.register("bench.OrderUpdated", UPDATED, &[]).await.expect("register");
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&database).await.expect("postgres");
@@ -410,13 +419,15 @@ async fn main() {
         move || {
             let (pool, connector) = (pool.clone(), connector.clone());
             async move {
-                sqlx::query_scalar::<_, Option<i64>>("SELECT sum(next_offset)::bigint FROM kawka_offsets WHERE connector = $1")
-                    .bind(connector)
-                    .fetch_one(&pool)
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0) as usize
+                sqlx::query_scalar::<_, Option<i64>>(
+                    "SELECT sum(next_offset)::bigint FROM kawka_offsets WHERE connector = $1",
+                )
+                .bind(connector)
+                .fetch_one(&pool)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0) as usize
             }
         }
     };
@@ -442,8 +453,14 @@ async fn main() {
     println!("\n{:<34} {:>10} {:>11} {:>15} {:>8} {:>10}", "run", "events", "time", "rate", "ratio", "peak RSS");
     results.insert("bare_consumer", row("bare consumer (baseline)", &bare, None, None));
     results.insert("postgres_copy", row("postgres COPY (baseline)", &copy, None, None));
-    results.insert("kawka_postgres_fresh", row("kawka → postgres, fresh keys", &fresh.run, Some(&copy), Some(fresh.peak_rss_mb)));
-    results.insert("kawka_postgres_updates", row("kawka → postgres, 10× updates", &updates.run, Some(&copy), Some(updates.peak_rss_mb)));
+    results.insert(
+        "kawka_postgres_fresh",
+        row("kawka → postgres, fresh keys", &fresh.run, Some(&copy), Some(fresh.peak_rss_mb)),
+    );
+    results.insert(
+        "kawka_postgres_updates",
+        row("kawka → postgres, 10× updates", &updates.run, Some(&copy), Some(updates.peak_rss_mb)),
+    );
     results.insert("kawka_vs_bare_consumer", json!({"ratio": fresh.run.rate() / bare.rate()}));
 
     if es_total > 0 {
@@ -465,7 +482,10 @@ async fn main() {
         };
         let es_run = run_kawka(es_project.path(), es_total, committed).await;
         results.insert("elasticsearch_bulk", row("plain _bulk client (baseline)", &plain, None, None));
-        results.insert("kawka_elasticsearch", row("kawka → elasticsearch", &es_run.run, Some(&plain), Some(es_run.peak_rss_mb)));
+        results.insert(
+            "kawka_elasticsearch",
+            row("kawka → elasticsearch", &es_run.run, Some(&plain), Some(es_run.peak_rss_mb)),
+        );
     }
     let report = json!({"events": total, "es_events": es_total, "results": results});
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
@@ -475,10 +495,8 @@ async fn main() {
 }
 
 fn committed(bootstrap: &str, group: &str, topic: &str) -> usize {
-    let Ok(consumer) = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .create::<BaseConsumer>()
+    let Ok(consumer) =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create::<BaseConsumer>()
     else {
         return 0;
     };

@@ -220,7 +220,9 @@ fn benches(c: &mut Criterion) {
             Projected::Skipped => Vec::new(),
         })
         .collect();
-    group.bench_function("bulk_body", |b| b.iter(|| black_box(bulk::plan(&search_ops, "orders", GuardMode::ExternalVersions))));
+    group.bench_function("bulk_body", |b| {
+        b.iter(|| black_box(bulk::plan(&search_ops, "orders", GuardMode::ExternalVersions)))
+    });
     group.finish();
 }
 

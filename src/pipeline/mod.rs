@@ -136,6 +136,7 @@ impl ConnectorRuntime {
             generation: None,
             shutdown: shutdown.clone(),
             replay_done: std::collections::HashSet::new(),
+            in_flight: None,
         };
         let (halt, rx) = worker.consume(rx).await;
         source.stop(rx).await;
@@ -222,7 +223,11 @@ struct Worker<'a> {
     shutdown: watch::Receiver<bool>,
     /// Replay: partitions that reached records this run wrote itself.
     replay_done: std::collections::HashSet<(Name, i32)>,
+    /// The batch being written in the background, and when it started.
+    in_flight: Option<(InFlightWrite, std::time::Instant)>,
 }
+
+type InFlightWrite = tokio::task::JoinHandle<(Pending, Vec<PartitionOffset>, Result<u64, SinkError>)>;
 
 impl Worker<'_> {
     fn name(&self) -> &str {
@@ -327,7 +332,7 @@ impl Worker<'_> {
             }
             self.process(record).await?;
             if self.pending.ops.len() >= batch.max_events || self.pending.bytes >= batch.max_bytes {
-                self.flush().await?;
+                self.flush_pipelined().await?;
             }
         }
         Ok(())
@@ -475,10 +480,10 @@ impl Worker<'_> {
         }
     }
 
-    /// Positions after the pending records: last processed + 1 per partition.
-    fn offsets(&self) -> Vec<PartitionOffset> {
+    /// Positions after a batch's records: last processed + 1 per partition.
+    fn offsets(&self, batch: &Pending) -> Vec<PartitionOffset> {
         let mut next: Vec<PartitionOffset> = Vec::new();
-        for record in &self.pending.records {
+        for record in &batch.records {
             let Position { topic, partition, offset } = record.position;
             match next.iter_mut().find(|o| o.topic == topic && o.partition == partition) {
                 Some(found) => found.next_offset = found.next_offset.max(offset + 1),
@@ -493,44 +498,98 @@ impl Worker<'_> {
         next
     }
 
+    /// Makes everything so far durable: the batch in flight, then the
+    /// pending one.
+    async fn flush(&mut self) -> Result<(), Halt> {
+        self.settle().await?;
+        self.write_pending().await
+    }
+
+    /// Hands the pending batch to a background write and goes on
+    /// collecting the next one (decode and project overlap the sink's
+    /// work). At most one write is in flight, so batches commit in order.
+    async fn flush_pipelined(&mut self) -> Result<(), Halt> {
+        self.settle().await?;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        let offsets = self.offsets(&batch);
+        let sink = self.runtime.sink.clone();
+        let started = std::time::Instant::now();
+        let handle = tokio::spawn(async move {
+            let result = sink.write(&batch.ops, &offsets).await;
+            (batch, offsets, result)
+        });
+        self.in_flight = Some((handle, started));
+        // The deadline also settles the write in flight when no more
+        // records come (its positions reach Kafka and the counters then).
+        self.pending.deadline = Some(Instant::now() + self.runtime.settings.batch.max_wait);
+        Ok(())
+    }
+
+    /// Waits for the write in flight. On success its positions become
+    /// durable; on failure it is written again here, with the retries and
+    /// rejections of the synchronous path, before anything newer.
+    async fn settle(&mut self) -> Result<(), Halt> {
+        let Some((handle, started)) = self.in_flight.take() else { return Ok(()) };
+        let (batch, offsets, result) = match handle.await {
+            Ok(done) => done,
+            Err(error) => return Err(Halt::Source(format!("a sink write task failed: {error}"))),
+        };
+        match result {
+            Ok(duplicates) => {
+                self.batch_done(&batch, &offsets, duplicates, started.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(SinkError::Fenced) => Err(Halt::Fenced),
+            Err(_) => {
+                let next = std::mem::replace(&mut self.pending, batch);
+                let written = self.write_pending().await;
+                self.pending = next;
+                written
+            }
+        }
+    }
+
+    /// Counts, logs and commits a durable batch.
+    fn batch_done(&self, batch: &Pending, offsets: &[PartitionOffset], duplicates: u64, seconds: f64) {
+        let status = &self.runtime.status;
+        let mut written: HashMap<Name, u64> = HashMap::new();
+        let mut last_origin = usize::MAX;
+        for &origin in &batch.origins {
+            if origin != last_origin {
+                *written.entry(batch.types[origin]).or_insert(0) += 1;
+                last_origin = origin;
+            }
+        }
+        for (event_type, n) in written {
+            status.count_many(event_type, Outcome::Written, n);
+        }
+        let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
+        status.batch_written(batch.records.len(), batch.ops.len(), duplicates, seconds, newest);
+        let positions: Vec<(Name, i32, i64)> = offsets.iter().map(|o| (o.topic, o.partition, o.next_offset)).collect();
+        status.positions(&positions);
+        self.source.durable(offsets);
+    }
+
     /// Writes the pending batch until it is durable, dead-lettering the
     /// events the sink refuses.
-    async fn flush(&mut self) -> Result<(), Halt> {
+    async fn write_pending(&mut self) -> Result<(), Halt> {
         if self.pending.is_empty() {
+            // A deadline set only to settle the write in flight is spent.
+            self.pending.deadline = None;
             return Ok(());
         }
         let mut attempt = 0;
         let mut give_up_at: Option<Instant> = None;
         let mut stop_after: Option<Failure> = None;
         loop {
-            let offsets = self.offsets();
+            let offsets = self.offsets(&self.pending);
             let started = std::time::Instant::now();
             match self.runtime.sink.write(&self.pending.ops, &offsets).await {
                 Ok(duplicates) => {
-                    let status = &self.runtime.status;
-                    let mut written: HashMap<Name, u64> = HashMap::new();
-                    let mut last_origin = usize::MAX;
-                    for &origin in &self.pending.origins {
-                        if origin != last_origin {
-                            *written.entry(self.pending.types[origin]).or_insert(0) += 1;
-                            last_origin = origin;
-                        }
-                    }
-                    for (event_type, n) in written {
-                        status.count_many(event_type, Outcome::Written, n);
-                    }
-                    let newest = self.pending.records.iter().filter_map(|r| r.timestamp).max();
-                    status.batch_written(
-                        self.pending.records.len(),
-                        self.pending.ops.len(),
-                        duplicates,
-                        started.elapsed().as_secs_f64(),
-                        newest,
-                    );
-                    let positions: Vec<(Name, i32, i64)> =
-                        offsets.iter().map(|o| (o.topic, o.partition, o.next_offset)).collect();
-                    status.positions(&positions);
-                    self.source.durable(&offsets);
+                    self.batch_done(&self.pending, &offsets, duplicates, started.elapsed().as_secs_f64());
                     self.pending.clear();
                     return match stop_after {
                         Some(failure) => Err(Halt::Stopped(failure)),

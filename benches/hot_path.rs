@@ -104,6 +104,46 @@ fn fixture() -> Fixture {
     Fixture { _dir: dir, settings }
 }
 
+/// `bench.Chain` v1 → v2 → v3 → v4, one declared upcaster per step
+/// (rename + add, a move into a nested record, a remove and a map).
+fn three_step_chain() -> (tempfile::TempDir, Upcasting) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().join("schemas");
+    let fields = |extra: &str| {
+        format!(
+            r#"{{"type":"record","name":"Chain","namespace":"bench","fields":[{{"name":"order_id","type":"string"}},{{"name":"store","type":"string"}},{{"name":"item","type":"string"}},{{"name":"quantity","type":"int"}},{{"name":"price_cents","type":"long"}},{{"name":"currency","type":"string"}},{{"name":"placed_at","type":"long"}},{{"name":"express","type":"boolean"}}{extra}]}}"#
+        )
+    };
+    let versions = [
+        fields(r#",{"name":"customer","type":"string"}"#),
+        fields(r#",{"name":"customer_id","type":"string"},{"name":"channel","type":"string"}"#),
+        fields(
+            r#",{"name":"buyer","type":{"type":"record","name":"Buyer","fields":[{"name":"customer_id","type":"string"}]}},{"name":"channel","type":"string"}"#,
+        ),
+        fields(
+            r#",{"name":"buyer","type":{"type":"record","name":"Buyer","fields":[{"name":"customer_id","type":"string"}]}}"#,
+        ),
+    ];
+    std::fs::create_dir_all(root.join("bench.Chain")).expect("mkdir");
+    for (n, schema) in versions.iter().enumerate() {
+        std::fs::write(root.join(format!("bench.Chain/v{}.avsc", n + 1)), schema).expect("write");
+    }
+    std::fs::write(
+        root.join("upcasters.yaml"),
+        "- event: bench.Chain\n  from: 1\n  steps: [ { rename: { customer: customer_id } }, { add: { channel: web } } ]\n\
+         - event: bench.Chain\n  from: 2\n  steps: [ { move: { from: customer_id, to: buyer.customer_id } }, { map: { currency: { EUR: EUR } } } ]\n\
+         - event: bench.Chain\n  from: 3\n  steps: [ { remove: [channel] } ]\n",
+    )
+    .expect("write");
+    let catalogue = kawka::upcast::catalogue::Catalogue::load(&root).expect("chain catalogue");
+    let declared = kawka::upcast::steps::load(&root.join("upcasters.yaml")).expect("chain upcasters");
+    for step in &declared {
+        assert!(step.check(&catalogue).is_empty(), "{:?}", step.check(&catalogue));
+    }
+    let chain = declared.into_iter().map(|d| Arc::new(d) as Arc<dyn kawka::upcast::Upcaster>).collect();
+    (dir, Upcasting::new(Arc::new(catalogue), chain))
+}
+
 fn connector<'a>(settings: &'a Settings, name: &str) -> &'a ConnectorSettings {
     settings.connectors.iter().find(|c| c.name == name).expect("connector")
 }
@@ -222,6 +262,26 @@ fn benches(c: &mut Criterion) {
         .collect();
     group.bench_function("bulk_body", |b| {
         b.iter(|| black_box(bulk::plan(&search_ops, "orders", GuardMode::ExternalVersions)))
+    });
+    let (_chain_dir, chain) = three_step_chain();
+    let chain_v1: Vec<Event> = v1_events
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.event_type = intern("bench.Chain");
+            e
+        })
+        .collect();
+    group.bench_function("upcast_3_step_chain_v1_to_v4", |b| {
+        b.iter_batched(
+            || chain_v1.clone(),
+            |events| {
+                for event in events {
+                    black_box(chain.to_newest(event).expect("upcasts"));
+                }
+            },
+            BatchSize::LargeInput,
+        )
     });
     group.finish();
 }

@@ -118,3 +118,57 @@ events:
     assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
     let _ = registry.stop().await; // cleanup only
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_run_exits_0_with_the_durable_positions_committed() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("drain");
+    let name = support::unique("drain");
+    support::create_topic(&topic, 2).await;
+    let connector = format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink: {{ to: readdb, table: {name}, columns: {{ store_id: text, item_id: text, on_hand: bigint }}, primary_key: [store_id, item_id] }}
+key: {{ store_id: store_id, item_id: item_id }}
+batch: {{ max_events: 200, max_wait: 50ms }}
+events:
+  com.example.retail.ItemSold: {{ decrement: {{ on_hand: quantity }} }}
+"#
+    );
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "schemas": {"sold": support::catalogue_schema("com.example.retail.ItemSold", 1)}});
+    let total = 60_000;
+    support::produce_with_python(&spec, (0..total).map(|n| sold(n, &format!("s{}", n % 40))).collect()).await;
+    let project = Project::new(&registry.url(), &[(&name, &connector)]);
+    let mut kawka = project.start(0);
+    let pool = support::postgres().await;
+    let positions = || async {
+        sqlx::query_scalar::<_, Option<i64>>("SELECT sum(next_offset)::bigint FROM kawka_offsets WHERE connector = $1")
+            .bind(&name)
+            .fetch_one(&pool)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(60), "kawka to be writing", || async { (positions().await > 0).then_some(()) })
+        .await;
+    let signalled = std::time::Instant::now();
+    let code = kawka.terminate().await;
+    let drained_in = signalled.elapsed();
+    assert_eq!(code, Some(0), "exit 0 on SIGTERM; log:\n{}", kawka.log());
+    assert!(drained_in < Duration::from_secs(30), "drained within the grace period: {drained_in:?}");
+    let durable = positions().await;
+    assert!(durable > 0 && durable < total as i64, "stopped mid-run: {durable} of {total}");
+    let group = format!("kawka.{name}");
+    let committed = support::committed_total(&group, std::slice::from_ref(&topic)).await;
+    assert_eq!(committed, durable, "the last durable positions are committed to Kafka too");
+    let on_hand: i64 = sqlx::query_scalar(&format!("SELECT COALESCE(sum(on_hand), 0)::bigint FROM \"{name}\""))
+        .fetch_one(&pool)
+        .await
+        .expect("sum");
+    assert_eq!(on_hand, -durable, "exactly the events below the positions are applied");
+    assert!(kawka.log().contains("connector drained"), "{}", kawka.log());
+    eprintln!("SIGTERM after {durable} of {total} events: drained in {drained_in:?}, exit 0");
+    let _ = registry.stop().await; // cleanup only
+}

@@ -197,3 +197,96 @@ fn validate_proves_upcasters_fit_and_every_version_has_a_path() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_v2_and_v3_events_project_like_events_written_at_v3() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("users3");
+    let name = support::unique("three");
+    support::create_topic(&topic, 1).await;
+    let v2 = support::catalogue_schema("com.example.users.UserRegistered", 2);
+    let mut v3 = v2.clone();
+    v3["fields"].as_array_mut().expect("fields").push(json!({"name": "locale", "type": "string", "default": "en"}));
+    let connector = format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink: {{ to: search, index: {name} }}
+key: $key
+batch: {{ max_wait: 100ms }}
+events:
+  com.example.users.UserRegistered: {{ upsert: {{ name: name, email: email, country: country, locale: locale, seq: seq }} }}
+"#
+    );
+    let project = Project::new(&registry.url(), &[(&name, &connector)]);
+    // This project's catalogue has a v3, and an upcaster from v2.
+    std::fs::write(project.root().join("schemas/com.example.users.UserRegistered/v3.avsc"), v3.to_string())
+        .expect("v3");
+    let upcasters = project.root().join("schemas/upcasters.yaml");
+    let mut text = std::fs::read_to_string(&upcasters).expect("upcasters");
+    text.push_str("- event: com.example.users.UserRegistered\n  from: 2\n  steps:\n    - add: { locale: en }\n");
+    std::fs::write(&upcasters, text).expect("write upcasters");
+
+    let _ = reqwest::Client::new()
+        .put(format!("{}/config/{topic}-value", registry.url()))
+        .json(&json!({"compatibility": "NONE"}))
+        .send()
+        .await
+        .expect("set compatibility");
+    let v1 = support::catalogue_schema("com.example.users.UserRegistered", 1);
+    for (schema, records) in [
+        (
+            v1,
+            vec![
+                json!({"schema": "s", "key": "a", "value": {"user_id": "a", "seq": 1, "fullName": "Ann", "email": "a@x"}}),
+            ],
+        ),
+        (
+            v2,
+            vec![
+                json!({"schema": "s", "key": "b", "value": {"user_id": "b", "seq": 1, "name": "Bob", "email": "b@x", "country": "unknown"}}),
+            ],
+        ),
+        (
+            v3.clone(),
+            vec![
+                json!({"schema": "s", "key": "c", "value": {"user_id": "c", "seq": 1, "name": "Cy", "email": "c@x", "country": "unknown", "locale": "en"}}),
+                // The same users, written at v3: what the others must become.
+                json!({"schema": "s", "key": "ref-a", "value": {"user_id": "a", "seq": 1, "name": "Ann", "email": "a@x", "country": "unknown", "locale": "en"}}),
+                json!({"schema": "s", "key": "ref-b", "value": {"user_id": "b", "seq": 1, "name": "Bob", "email": "b@x", "country": "unknown", "locale": "en"}}),
+                json!({"schema": "s", "key": "ref-c", "value": {"user_id": "c", "seq": 1, "name": "Cy", "email": "c@x", "country": "unknown", "locale": "en"}}),
+            ],
+        ),
+    ] {
+        let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+            "subject_strategy": "topic", "schemas": {"s": schema}});
+        support::produce_with_python(&spec, records).await;
+    }
+    let versions: Vec<i32> = reqwest::get(format!("{}/subjects/{topic}-value/versions", registry.url()))
+        .await
+        .expect("versions")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(versions, vec![1, 2, 3], "each version is registered");
+    let mut kawka_run = project.start(0);
+    let group = format!("kawka.{name}");
+    eventually(Duration::from_secs(60), "every event to be committed", || async {
+        (support::committed_total(&group, std::slice::from_ref(&topic)).await == 6).then_some(())
+    })
+    .await;
+    assert_eq!(kawka_run.terminate().await, Some(0), "clean exit; log:\n{}", kawka_run.log());
+    let doc = |id: String| {
+        let name = name.clone();
+        async move {
+            let mut source = support::es_source(&name, &id).await.unwrap_or_else(|| panic!("{id} is missing"));
+            source.as_object_mut().expect("object").remove("kawka");
+            source
+        }
+    };
+    for id in ["a", "b", "c"] {
+        let (upcast, reference) = (doc(id.to_string()).await, doc(format!("ref-{id}")).await);
+        assert_eq!(upcast, reference, "{id} reaches the projection as v3");
+        assert_eq!(upcast["locale"], "en");
+    }
+    let _ = registry.stop().await; // cleanup only
+}

@@ -422,3 +422,68 @@ events:
     assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
     let _ = registry.stop().await; // cleanup only
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_with_persistent_storage_resumes_consumption() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let _serial = SERIAL.lock().await;
+    let mut broker = tokio::task::spawn_blocking(support::PersistentBroker::start).await.expect("broker");
+    let bootstrap = broker.bootstrap();
+    let registry = support::start_registry().await;
+    let topic = support::unique("brk");
+    let name = support::unique("brk");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::config::ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("admin");
+    for result in admin
+        .create_topics([&NewTopic::new(&topic, 2, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("create topic")
+    {
+        result.expect("topic created");
+    }
+    let spec = json!({"bootstrap": bootstrap, "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": {"sold": support::catalogue_schema("com.example.retail.ItemSold", 1)}});
+    let first = 20_000;
+    support::produce_with_python(&spec, (0..first).map(|n| sold(n, 1)).collect()).await;
+    let project = Project::new(&registry.url(), &[(&name, &connector(&name, &topic, ""))]);
+    let config = project.root().join("config/kawka.yaml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace(&support::kafka_bootstrap(), &bootstrap)).expect("write config");
+    let mut kawka = project.start(0);
+    let pool = support::postgres().await;
+    let at_stop = eventually(Duration::from_secs(60), "kawka to be consuming", || async {
+        let now = position(&pool, &name).await;
+        (now > 0).then_some(now)
+    })
+    .await;
+    broker = tokio::task::spawn_blocking(move || {
+        broker.stop();
+        std::thread::sleep(Duration::from_secs(10));
+        broker.restart();
+        broker
+    })
+    .await
+    .expect("restart");
+    let second = 1_000;
+    support::produce_with_python(&spec, (first..first + second).map(|n| sold(n, 1)).collect()).await;
+    let total = (first + second) as i64;
+    eventually(Duration::from_secs(120), "every event after the broker restart", || async {
+        (position(&pool, &name).await == total).then_some(())
+    })
+    .await;
+    let sum: i64 = sqlx::query_scalar(&format!("SELECT sum(on_hand)::bigint FROM \"{name}\""))
+        .fetch_one(&pool)
+        .await
+        .expect("sum");
+    assert_eq!(sum, -total, "every event applied once across the restart");
+    let base = format!("http://{}", support::http_address(&kawka.log()).expect("address"));
+    let status: Json =
+        reqwest::get(format!("{base}/connectors/{name}")).await.expect("status").json().await.expect("json");
+    assert_eq!(status["counters"]["dead_lettered"], 0, "{status}");
+    eprintln!(
+        "broker restart (at {at_stop} of {first}): sent {total}, written {total}, dead-lettered 0, duplicated 0, lost 0"
+    );
+    assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
+    drop(broker);
+    let _ = registry.stop().await; // cleanup only
+}

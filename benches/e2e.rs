@@ -418,6 +418,12 @@ fn arg(name: &str, default: usize) -> usize {
 
 #[tokio::main]
 async fn main() {
+    // `cargo test --all-targets` runs bench targets too, without `--bench`:
+    // this one needs the stack and minutes, so it only runs as a benchmark.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("e2e is a benchmark: run it with deploy/local/bench.sh (or cargo bench --bench e2e)");
+        return;
+    }
     let total = arg("--events", 1_000_000);
     let es_total = arg("--es-events", total);
     let bootstrap = env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092");

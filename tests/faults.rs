@@ -63,6 +63,15 @@ events:
     )
 }
 
+/// Waits until the connector's HTTP status shows it retrying; returns it.
+async fn retrying(base: &str, name: &str) -> Json {
+    eventually(Duration::from_secs(30), "the connector to show its retries", || async {
+        let status: Json = reqwest::get(format!("{base}/connectors/{name}")).await.ok()?.json().await.ok()?;
+        (status["state"] == "retrying").then_some(status)
+    })
+    .await
+}
+
 async fn position(pool: &sqlx::PgPool, name: &str) -> i64 {
     sqlx::query_scalar::<_, Option<i64>>("SELECT sum(next_offset)::bigint FROM kawka_offsets WHERE connector = $1")
         .bind(name)
@@ -244,11 +253,7 @@ async fn a_registry_outage_lets_cached_ids_flow_and_new_ids_wait() {
     })
     .await;
     let base = format!("http://{}", support::http_address(&kawka.log()).expect("address"));
-    let status: Json = eventually(Duration::from_secs(30), "the connector to show its retries", || async {
-        let status: Json = reqwest::get(format!("{base}/connectors/{name}")).await.ok()?.json().await.ok()?;
-        (status["state"] == "retrying").then_some(status)
-    })
-    .await;
+    let status = retrying(&base, &name).await;
     assert_eq!(status["last_error"]["stage"], "decode", "{status}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(position(&pool, &name).await, 80, "the new id waits");
@@ -300,11 +305,7 @@ async fn a_postgres_outage_of_30_seconds_loses_nothing_and_applies_nothing_twice
         "value": {"sale_id": format!("sale{n}"), "store_id": "s1", "item_id": format!("i{}", n % 2), "quantity": 1, "sold_at": 0}})).collect();
     support::produce_with_python(&offline, more).await;
     let base = format!("http://{}", support::http_address(&kawka.log()).expect("address"));
-    let status: Json = eventually(Duration::from_secs(30), "the connector to show its retries", || async {
-        let status: Json = reqwest::get(format!("{base}/connectors/{name}")).await.ok()?.json().await.ok()?;
-        (status["state"] == "retrying").then_some(status)
-    })
-    .await;
+    let status = retrying(&base, &name).await;
     assert_eq!(status["last_error"]["class"], "transient", "{status}");
     let metrics = reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("text");
     assert!(
@@ -378,11 +379,7 @@ events:
     let started = std::time::Instant::now();
     support::produce_with_python(&spec, events(2000..4000)).await;
     let base = format!("http://{}", support::http_address(&kawka.log()).expect("address"));
-    let status: Json = eventually(Duration::from_secs(30), "the connector to show its retries", || async {
-        let status: Json = reqwest::get(format!("{base}/connectors/{name}")).await.ok()?.json().await.ok()?;
-        (status["state"] == "retrying").then_some(status)
-    })
-    .await;
+    let status = retrying(&base, &name).await;
     assert_eq!(status["last_error"]["class"], "transient", "{status}");
     if let Some(rest) = Duration::from_secs(20).checked_sub(started.elapsed()) {
         tokio::time::sleep(rest).await;

@@ -154,7 +154,7 @@ fn stats_connector(name: &str, topic: &str) -> String {
 source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "1000" }} }}
 sink: {{ to: search, index: {name}, mappings: {{ properties: {{ email: {{ type: keyword }} }} }}, bulk: {{ max_actions: 200 }} }}
 key: $key
-batch: {{ max_events: 300, max_wait: 100ms }}
+batch: {{ max_events: 100, max_wait: 100ms }}
 events:
   test.stats.Registered:   {{ upsert: {{ name: name, email: email, logins: 0 }} }}
   test.stats.EmailChanged: {{ merge: {{ email: email }} }}
@@ -219,7 +219,7 @@ async fn kill_9_during_a_run_with_merges_and_increments_ends_in_the_fold_of_the_
         })
         .await;
         assert!(started < total, "round {round}: the run finished before the kill; make it longer");
-        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..700))).await;
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..300))).await;
         kawka.kill9();
         before = support::committed_total(&group, &topics).await;
         progress_at_kills.push(before);

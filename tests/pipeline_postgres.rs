@@ -71,16 +71,13 @@ events:
     let mut kawka = project.start(0);
     let pool = support::postgres().await;
     let offsets_query = "SELECT next_offset FROM kawka_offsets WHERE connector = $1 AND topic = $2 AND partition = 0";
+    let next_offset = || async {
+        let next: Option<Option<i64>> =
+            sqlx::query_scalar(offsets_query).bind(&table).bind(&topic).fetch_optional(&pool).await.ok().flatten();
+        next.flatten()
+    };
     eventually(Duration::from_secs(60), "the first events to be written", || async {
-        let next: Option<i64> = sqlx::query_scalar(offsets_query)
-            .bind(&table)
-            .bind(&topic)
-            .fetch_optional(&pool)
-            .await
-            .ok()
-            .flatten()
-            .flatten();
-        (next == Some(10)).then_some(())
+        (next_offset().await == Some(10)).then_some(())
     })
     .await;
     // A second round while kawka runs: ops on rows written by earlier batches.
@@ -95,15 +92,7 @@ events:
     ];
     support::produce_with_python(&spec, second).await;
     eventually(Duration::from_secs(60), "the second events to be written", || async {
-        let next: Option<i64> = sqlx::query_scalar(offsets_query)
-            .bind(&table)
-            .bind(&topic)
-            .fetch_optional(&pool)
-            .await
-            .ok()
-            .flatten()
-            .flatten();
-        (next == Some(17)).then_some(())
+        (next_offset().await == Some(17)).then_some(())
     })
     .await;
     let rows = sqlx::query(&format!(
@@ -273,8 +262,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     support::create_topic(&sales, 3).await;
     let name = support::unique("crash");
     // Small batches: many commits for the kills to fall between.
-    let project =
-        Project::new(&registry.url(), &[(&name, &inventory_connector(&name, &name, &shipments, &sales, 200))]);
+    let project = Project::new(&registry.url(), &[(&name, &inventory_connector(&name, &name, &shipments, &sales, 50))]);
     let pool = support::postgres().await;
     let all_events = inventory_events(ROUNDS * PER_ROUND, 20, 50);
     produce_inventory(&registry.url(), &shipments, &sales, inventory_records(&all_events, 0)).await;
@@ -286,13 +274,18 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     let mut before = 0;
     for round in 0..ROUNDS {
         let mut kawka = project.start(round);
-        let started = eventually(Duration::from_secs(60), "kawka to write after a restart", || async {
+        // Polled closely: the kill must come while this run is writing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let started = loop {
             let now = positions(&pool, &name).await;
-            (now > before).then_some(now)
-        })
-        .await;
+            if now > before {
+                break now;
+            }
+            assert!(std::time::Instant::now() < deadline, "round {round}: kawka wrote nothing after a restart");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         assert!(started < total, "round {round}: the run finished before the kill; make it longer");
-        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..600))).await;
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..300))).await;
         kawka.kill9();
         kills += 1;
         before = positions(&pool, &name).await;

@@ -15,8 +15,9 @@
 //! * [`config`]: the daemon and connector files: YAML with positions,
 //!   `${VAR}` interpolation, serde structs, `validate` → runtime settings.
 //! * [`app`]: the daemon: builds every connector, runs them, drains on a signal.
-//! * [`pipeline`]: one connector's loop (decode → project → batch → write →
-//!   commit) and the error policy with its dead-letter producer.
+//! * [`pipeline`]: one connector's loop (decode → upcast → project → batch →
+//!   pipelined write → commit), the error policy with its dead-letter
+//!   producer, and `kawka dlq replay`.
 //! * [`source`]: the Kafka consumer thread, rebalances, bounded prefetch.
 //! * [`codec`]: Confluent framing, the registry client and its schema cache,
 //!   Avro decoding into [`event::Event`].
@@ -25,7 +26,7 @@
 //! * [`projection`]: the expression language, the ops of connectors
 //!   ([`projection::WriteOp`]) and per-key compaction.
 //! * [`sink`]: the read-model stores: Postgres (exactly-once, positions in
-//!   `kawka_offsets`).
+//!   `kawka_offsets`) and Elasticsearch (idempotent guarded bulk writes).
 //! * [`registry`]: the `kawka registry` server (Confluent API, Postgres storage).
 //! * [`event`], [`value`]: the event and the value tree every stage shares.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.

@@ -27,6 +27,8 @@
 //!   ([`projection::WriteOp`]) and per-key compaction.
 //! * [`sink`]: the read-model stores: Postgres (exactly-once, positions in
 //!   `kawka_offsets`) and Elasticsearch (idempotent guarded bulk writes).
+//! * [`rebuild`]: `kawka rebuild`: a new table version beside the live one,
+//!   atomic cut-over, rollback.
 //! * [`registry`]: the `kawka registry` server (Confluent API, Postgres storage).
 //! * [`event`], [`value`]: the event and the value tree every stage shares.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.
@@ -43,6 +45,7 @@ pub mod event;
 pub mod http;
 pub mod pipeline;
 pub mod projection;
+pub mod rebuild;
 pub mod registry;
 pub mod sink;
 pub mod source;

@@ -52,6 +52,20 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080", env = "KAWKA_URL")]
         url: String,
     },
+    /// Replay the whole log into the next version of a Postgres read model
+    /// beside the live one, then swap them atomically (readers never see a
+    /// half-built table); the previous version is kept for --rollback.
+    Rebuild {
+        connector: String,
+        /// Swap back to the previous version.
+        #[arg(long, conflicts_with = "cleanup")]
+        rollback: bool,
+        /// Drop the previous version kept for rollback.
+        #[arg(long)]
+        cleanup: bool,
+        #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
+        config: PathBuf,
+    },
     /// Dead-letter tools.
     Dlq {
         #[command(subcommand)]
@@ -138,6 +152,17 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { url } => runtime.block_on(status(&url)),
+        Command::Rebuild { connector, rollback, cleanup, config } => {
+            let settings = match config::load(&config) {
+                Ok(settings) => settings,
+                Err(problems) => {
+                    eprint!("{problems}");
+                    return ExitCode::from(2);
+                }
+            };
+            kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), "warn");
+            runtime.block_on(rebuild(settings, &connector, rollback, cleanup))
+        }
         Command::Dlq { command: DlqCommand::Replay { connector, dry_run, idle, config } } => {
             let settings = match config::load(&config) {
                 Ok(settings) => settings,
@@ -372,6 +397,50 @@ async fn dlq_replay(
         summary.read, summary.written, summary.failed_again, summary.skipped
     );
     ExitCode::SUCCESS
+}
+
+async fn rebuild(settings: kawka::config::Settings, connector: &str, rollback: bool, cleanup: bool) -> ExitCode {
+    use kawka::rebuild;
+    let runtime = match rebuild::runtime_of(&settings, connector) {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kawka rebuild: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = if rollback {
+        rebuild::rollback(&runtime).await.map(|table| format!("rolled back: the rebuilt version is kept as {table}"))
+    } else if cleanup {
+        rebuild::cleanup(&runtime).await.map(|table| match table {
+            Some(table) => format!("dropped {table}"),
+            None => "no previous version to drop".to_string(),
+        })
+    } else {
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        rebuild::rebuild(runtime, stopping, rebuild::print_progress).await.map(|report| {
+            format!(
+                "\nrebuilt {} in {:.1} s ({:.0} events/s); the previous version is kept as {} (kawka rebuild --rollback / --cleanup)",
+                report.new_table,
+                report.seconds,
+                report.events as f64 / report.seconds.max(1e-3),
+                report.previous_table
+            )
+        })
+    };
+    match result {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kawka rebuild: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -35,6 +35,10 @@ const TOMBSTONE: Name = "(tombstone)";
 const UNDECODABLE: Name = "(undecodable)";
 const OVERSIZED: Name = "(oversized)";
 
+/// How long a connector may sit idle before it checks that its partitions
+/// are still its own (a rebuild's cut-over or rollback moves them).
+const OWNERSHIP_CHECK: Duration = Duration::from_secs(3);
+
 /// How long a shutdown waits for an unreachable sink before abandoning the
 /// in-flight batch (its events are consumed again on the next start).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -256,6 +260,16 @@ impl Worker<'_> {
                 // Paused: nothing is taken from the channel, so the consumer
                 // thread fills it and pauses its partitions.
                 _ = paused.changed() => continue,
+                // While idle, check that the partitions are still ours.
+                _ = tokio::time::sleep(OWNERSHIP_CHECK), if self.pending.is_empty() && self.in_flight.is_none() && !self.epochs.is_empty() => {
+                    let epochs: Vec<(Name, i32, i64)> =
+                        self.epochs.iter().filter_map(|(&(t, p), e)| e.map(|e| (t, p, e))).collect();
+                    if let Ok(false) = self.runtime.sink.owns(&epochs).await {
+                        tracing::info!(connector = %self.name(), "partitions were taken over while idle; restarting the consumer");
+                        return (Halt::Fenced, rx);
+                    }
+                    continue;
+                }
                 // A replay ends when nothing more comes.
                 _ = sleep_until(idle_at), if idle_at.is_some() => {
                     let halt = match self.flush().await { Ok(()) => Halt::Shutdown, Err(halt) => halt };

@@ -147,6 +147,16 @@ impl Sink {
         }
     }
 
+    /// For sinks that store positions: whether this owner still holds the
+    /// partitions it claimed (checked while idle, so a cut-over or rollback
+    /// by `kawka rebuild` is noticed without waiting for the next write).
+    pub async fn owns(&self, epochs: &[(Name, i32, i64)]) -> Result<bool, SinkError> {
+        match self {
+            Sink::Postgres(sink) => sink.owns(epochs).await,
+            Sink::Elasticsearch(_) => Ok(true),
+        }
+    }
+
     /// Writes the ops of a batch; on `Ok` their effects (and, for sinks
     /// that store them, the positions) are durable. Returns how many writes
     /// were found already applied (replays, duplicates).

@@ -52,6 +52,15 @@ impl PostgresSink {
         })
     }
 
+    /// A sink on an existing pool (a rebuild writes beside the live table).
+    pub fn with_pool(pool: PgPool, connector: &ConnectorSettings, target: &PostgresTarget) -> PostgresSink {
+        PostgresSink {
+            pool,
+            table: TableSql::new(target, connector.version.is_some()),
+            connector: connector.name.clone(),
+        }
+    }
+
     pub fn table(&self) -> &TableSql {
         &self.table
     }
@@ -95,6 +104,30 @@ impl PostgresSink {
                 })
             })
             .collect()
+    }
+
+    /// Whether these partitions still carry these epochs (no other owner,
+    /// no rebuild cut-over or rollback moved them since the claim).
+    pub async fn owns(&self, epochs: &[(Name, i32, i64)]) -> Result<bool, SinkError> {
+        if epochs.is_empty() {
+            return Ok(true);
+        }
+        let topics: Vec<&str> = epochs.iter().map(|e| e.0).collect();
+        let partitions: Vec<i32> = epochs.iter().map(|e| e.1).collect();
+        let values: Vec<i64> = epochs.iter().map(|e| e.2).collect();
+        let held: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {t} AS o JOIN UNNEST($2::text[], $3::int[], $4::bigint[]) AS u(topic, partition, epoch) \
+             ON o.topic = u.topic AND o.partition = u.partition AND o.epoch = u.epoch WHERE o.connector = $1",
+            t = self.table.offsets_table
+        ))
+        .bind(&self.connector)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&values)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(SinkError::Postgres)?;
+        Ok(held == epochs.len() as i64)
     }
 
     /// Applies the ops of a batch, folded per key, and the positions in

@@ -135,12 +135,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { config } => validate(&config),
         Command::Run { config } => {
-            let settings = match config::load(&config) {
+            let settings = match load(&config) {
                 Ok(settings) => settings,
-                Err(problems) => {
-                    eprint!("{problems}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), &settings.log.level);
             match runtime.block_on(kawka::app::run(settings, shutdown_signal())) {
@@ -153,35 +150,26 @@ fn main() -> ExitCode {
         }
         Command::Status { url } => runtime.block_on(status(&url)),
         Command::Rebuild { connector, rollback, cleanup, config } => {
-            let settings = match config::load(&config) {
+            let settings = match load(&config) {
                 Ok(settings) => settings,
-                Err(problems) => {
-                    eprint!("{problems}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), "warn");
             runtime.block_on(rebuild(settings, &connector, rollback, cleanup))
         }
         Command::Dlq { command: DlqCommand::Replay { connector, dry_run, idle, config } } => {
-            let settings = match config::load(&config) {
+            let settings = match load(&config) {
                 Ok(settings) => settings,
-                Err(problems) => {
-                    eprint!("{problems}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), "warn");
             runtime.block_on(dlq_replay(settings, &connector, dry_run, idle))
         }
         Command::Upcast { event_type, from, config } => upcast(&config, &event_type, from),
         Command::Schemas { command: SchemasCommand::Check { config } } => {
-            let settings = match config::load(&config) {
+            let settings = match load(&config) {
                 Ok(settings) => settings,
-                Err(problems) => {
-                    eprint!("{problems}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             runtime.block_on(schemas_check(&settings))
         }
@@ -197,6 +185,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Loads the configuration, or prints every problem and gives exit code 2.
+fn load(config: &std::path::Path) -> Result<kawka::config::Settings, ExitCode> {
+    config::load(config).map_err(|problems| {
+        eprint!("{problems}");
+        ExitCode::from(2)
+    })
 }
 
 fn validate(config: &std::path::Path) -> ExitCode {
@@ -221,12 +217,9 @@ fn validate(config: &std::path::Path) -> ExitCode {
 }
 
 fn upcast(config: &std::path::Path, event_type: &str, from: u32) -> ExitCode {
-    let settings = match config::load(config) {
+    let settings = match load(config) {
         Ok(settings) => settings,
-        Err(problems) => {
-            eprint!("{problems}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let mut input = String::new();
     if let Err(error) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {

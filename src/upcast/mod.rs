@@ -107,7 +107,8 @@ pub enum UpcastError {
 pub struct Upcasting {
     catalogue: Arc<Catalogue>,
     chain: HashMap<(String, u32), Arc<dyn Upcaster>>,
-    resolutions: Mutex<HashMap<(u32, Name), Resolution>>,
+    /// Shared, not cloned: a resolved reader schema is a whole schema tree.
+    resolutions: Mutex<HashMap<(u32, Name), Arc<Resolution>>>,
 }
 
 /// Steps a chain may take before it is declared a loop.
@@ -132,17 +133,19 @@ impl Upcasting {
             let mut resolutions = self.resolutions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             resolutions
                 .entry(key)
-                .or_insert_with(|| self.catalogue.resolve(&writer.schema, &writer.references, event.event_type))
+                .or_insert_with(|| {
+                    Arc::new(self.catalogue.resolve(&writer.schema, &writer.references, event.event_type))
+                })
                 .clone()
         };
-        match resolution {
+        match resolution.as_ref() {
             Resolution::Uncatalogued => return Ok(vec![event]),
-            Resolution::Unreadable(message) => return Err(UpcastError::Unreadable(message)),
-            Resolution::Version(version) => event.version = version,
+            Resolution::Unreadable(message) => return Err(UpcastError::Unreadable(message.clone())),
+            Resolution::Version(version) => event.version = *version,
             Resolution::Resolved { version, reader } => {
                 event.payload =
-                    resolve_value(std::mem::take(&mut event.payload), &reader).map_err(UpcastError::Resolution)?;
-                event.version = version;
+                    resolve_value(std::mem::take(&mut event.payload), reader).map_err(UpcastError::Resolution)?;
+                event.version = *version;
             }
         }
         self.to_newest(event)

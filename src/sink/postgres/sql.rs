@@ -6,6 +6,7 @@
 //! Compaction guarantees each key appears once per batch, which
 //! `INSERT … ON CONFLICT DO UPDATE` requires.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -69,15 +70,25 @@ impl ColumnArray {
             ColumnArray::Float(v) => v.push(to_float(value)?),
             ColumnArray::Bool(v) => v.push(to_bool(value)?),
             ColumnArray::Bytes(v) => v.push(to_bytes(value)?),
-            ColumnArray::Text(v) => v.push(to_text(ty, value)?),
+            ColumnArray::Text(v) => v.push(to_text(ty, value)?.map(Cow::into_owned)),
         }
         Ok(())
     }
 }
 
-/// Checks that `value` fits a column of type `ty` (what `push` would say).
+/// Checks that `value` fits a column of type `ty` (what `push` would say),
+/// without building the bound value: it runs once per op before batching.
 pub fn check_value(ty: ColumnType, value: &Value) -> Result<(), String> {
-    ColumnArray::new(ty.bind_kind(), 1).push(ty, value)
+    match ty.bind_kind() {
+        BindKind::Int => to_int(value).map(drop),
+        BindKind::Float => to_float(value).map(drop),
+        BindKind::Bool => to_bool(value).map(drop),
+        BindKind::Bytes => match value {
+            Value::Null | Value::Bytes(_) | Value::Str(_) => Ok(()),
+            other => Err(mismatch(other, "a bytea column")),
+        },
+        BindKind::Text => to_text(ty, value).map(drop),
+    }
 }
 
 fn mismatch(value: &Value, what: &str) -> String {
@@ -125,39 +136,30 @@ fn to_bytes(value: &Value) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
-/// Text sent to Postgres and cast there to the column type.
-fn to_text(ty: ColumnType, value: &Value) -> Result<Option<String>, String> {
+/// Text sent to Postgres and cast there to the column type; strings are
+/// borrowed (only the arrays bound to a statement own them).
+fn to_text(ty: ColumnType, value: &Value) -> Result<Option<Cow<'_, str>>, String> {
     if value.is_null() {
         return Ok(None);
     }
-    let what = format!("a {} column", ty.sql());
-    match ty {
-        ColumnType::Json | ColumnType::Jsonb => Ok(Some(value.to_json().to_string())),
+    let wrong = |other: &Value| mismatch(other, &format!("a {} column", ty.sql()));
+    let text = match (ty, value) {
+        (ColumnType::Json | ColumnType::Jsonb, value) => Cow::Owned(value.to_json().to_string()),
+        (_, Value::Str(s)) => Cow::Borrowed(s.as_str()),
         // Integers in timestamp columns are milliseconds since the epoch
         // (`$timestamp`, Avro timestamp-millis); in date columns, days.
-        ColumnType::TimestampTz | ColumnType::Timestamp => match value {
-            Value::Int(millis) => Ok(Some(format_millis(*millis))),
-            Value::Str(s) => Ok(Some(s.clone())),
-            other => Err(mismatch(other, &what)),
-        },
-        ColumnType::Date => match value {
-            Value::Int(days) => Ok(Some(format_days(*days))),
-            Value::Str(s) => Ok(Some(s.clone())),
-            other => Err(mismatch(other, &what)),
-        },
-        ColumnType::Numeric => match value {
-            Value::Int(_) | Value::Float(_) | Value::Str(_) => Ok(Some(value.to_string())),
-            other => Err(mismatch(other, &what)),
-        },
-        _ => match value {
-            Value::Str(s) => Ok(Some(s.clone())),
-            Value::Int(_) | Value::Float(_) | Value::Bool(_) => Ok(Some(value.to_string())),
-            Value::Record(_) | Value::Map(_) | Value::Array(_) if ty == ColumnType::Text => {
-                Ok(Some(value.to_json().to_string()))
-            }
-            other => Err(mismatch(other, &what)),
-        },
-    }
+        (ColumnType::TimestampTz | ColumnType::Timestamp, Value::Int(millis)) => Cow::Owned(format_millis(*millis)),
+        (ColumnType::Date, Value::Int(days)) => Cow::Owned(format_days(*days)),
+        (ColumnType::TimestampTz | ColumnType::Timestamp | ColumnType::Date, other) => return Err(wrong(other)),
+        (ColumnType::Numeric, Value::Int(_) | Value::Float(_)) => Cow::Owned(value.to_string()),
+        (ColumnType::Numeric, other) => return Err(wrong(other)),
+        (_, Value::Int(_) | Value::Float(_) | Value::Bool(_)) => Cow::Owned(value.to_string()),
+        (ColumnType::Text, Value::Record(_) | Value::Map(_) | Value::Array(_)) => {
+            Cow::Owned(value.to_json().to_string())
+        }
+        (_, other) => return Err(wrong(other)),
+    };
+    Ok(Some(text))
 }
 
 /// `1970-01-01T00:00:00.000Z` for milliseconds since the epoch.

@@ -390,22 +390,10 @@ events:
         (support::committed_total(&group, &topics).await == 4000).then_some(())
     })
     .await;
-    let client = reqwest::Client::new();
-    let es = support::elasticsearch_url();
-    let _ = client.post(format!("{es}/{name}/_refresh")).send().await;
-    let reply: Json = client
-        .post(format!("{es}/{name}/_search"))
-        .json(&json!({"query": {"match_all": {}}, "size": 100}))
-        .send()
-        .await
-        .expect("search")
-        .json()
-        .await
-        .expect("reply");
-    let hits = reply["hits"]["hits"].as_array().expect("hits");
-    assert_eq!(hits.len(), 50);
-    for hit in hits {
-        assert_eq!(hit["_source"]["logins"], 80, "80 logins per user, each counted once: {hit}");
+    let documents = support::es_documents(&name, 100).await;
+    assert_eq!(documents.len(), 50);
+    for (id, document) in &documents {
+        assert_eq!(document["logins"], 80, "80 logins per user, each counted once: {id} {document}");
     }
     let status: Json =
         reqwest::get(format!("{base}/connectors/{name}")).await.expect("status").json().await.expect("json");

@@ -235,26 +235,7 @@ async fn kill_9_during_a_run_with_merges_and_increments_ends_in_the_fold_of_the_
     .await;
     assert_eq!(last.terminate().await, Some(0), "clean exit; log:\n{}", last.log());
 
-    let client = reqwest::Client::new();
-    let base = support::elasticsearch_url();
-    let _ = client.post(format!("{base}/{name}/_refresh")).send().await;
-    let reply: Json = client
-        .post(format!("{base}/{name}/_search"))
-        .json(&json!({"query": {"match_all": {}}, "size": 10000}))
-        .send()
-        .await
-        .expect("search")
-        .json()
-        .await
-        .expect("search reply");
-    let mut actual: BTreeMap<String, Json> = BTreeMap::new();
-    for hit in reply["hits"]["hits"].as_array().expect("hits") {
-        let mut source = hit["_source"].clone();
-        if let Some(object) = source.as_object_mut() {
-            object.remove("kawka");
-        }
-        actual.insert(hit["_id"].as_str().expect("id").to_string(), source);
-    }
+    let actual = support::es_documents(&name, 10_000).await;
     let wrong: Vec<_> = expected.iter().filter(|(id, doc)| actual.get(*id) != Some(doc)).take(5).collect();
     assert!(wrong.is_empty(), "documents differ from the fold of the log (expected side shown): {wrong:?}");
     assert_eq!(actual.len(), expected.len());

@@ -356,7 +356,6 @@ impl Worker<'_> {
     async fn process(&mut self, record: RawRecord) -> Result<(), Halt> {
         let limit = self.runtime.settings.source.max_record_bytes;
         if record.size() > limit {
-            self.runtime.status.count(OVERSIZED, Outcome::Consumed);
             let message = format!("a record of {} bytes exceeds source.max_record_bytes ({limit})", record.size());
             self.fail(&record, OVERSIZED, Failure { class: ErrorClass::Permanent, stage: "source", message }).await?;
             self.push(record, OVERSIZED);
@@ -367,7 +366,6 @@ impl Worker<'_> {
         let (event_type, projected) = match decoded {
             Ok(Decoded::Event { event, writer }) => {
                 let event_type = event.event_type;
-                self.runtime.status.count(event_type, Outcome::Consumed);
                 match self.runtime.upcasting.upcast(event, &writer) {
                     Ok(events) => (event_type, project_all(self.runtime.projection.as_ref(), &events)),
                     Err(error) => {
@@ -379,12 +377,8 @@ impl Worker<'_> {
                     }
                 }
             }
-            Ok(Decoded::Tombstone { key }) => {
-                self.runtime.status.count(TOMBSTONE, Outcome::Consumed);
-                (TOMBSTONE, self.runtime.projection.tombstone(&key, record.position))
-            }
+            Ok(Decoded::Tombstone { key }) => (TOMBSTONE, self.runtime.projection.tombstone(&key, record.position)),
             Err(failure) => {
-                self.runtime.status.count(UNDECODABLE, Outcome::Consumed);
                 self.fail(&record, UNDECODABLE, failure).await?;
                 self.push(record, UNDECODABLE);
                 return Ok(());
@@ -569,6 +563,16 @@ impl Worker<'_> {
     /// Counts, logs and commits a durable batch.
     fn batch_done(&self, batch: &Pending, offsets: &[PartitionOffset], duplicates: u64, seconds: f64) {
         let status = &self.runtime.status;
+        // Counted once the batch is durable, per batch rather than per
+        // event (the counters sit behind a lock): a record consumed again
+        // after a crash or a fence is not counted twice.
+        let mut consumed: HashMap<Name, u64> = HashMap::new();
+        for &event_type in &batch.types {
+            *consumed.entry(event_type).or_insert(0) += 1;
+        }
+        for (event_type, n) in consumed {
+            status.count_many(event_type, Outcome::Consumed, n);
+        }
         let mut written: HashMap<Name, u64> = HashMap::new();
         let mut last_origin = usize::MAX;
         for &origin in &batch.origins {

@@ -372,26 +372,44 @@ pub async fn es_source(index: &str, id: &str) -> Option<Json> {
     doc.get("_source").cloned()
 }
 
-/// Runs a search (after a refresh) and returns the ids of the hits.
-pub async fn es_search_ids(index: &str, query: Json) -> Vec<String> {
+/// Runs a search (after a refresh) and returns the hits.
+pub async fn es_search(index: &str, query: Json, size: usize) -> Vec<Json> {
     let client = reqwest::Client::new();
     let base = elasticsearch_url();
     let _ = client.post(format!("{base}/{index}/_refresh")).send().await;
     let reply: Json = client
         .post(format!("{base}/{index}/_search"))
-        .json(&serde_json::json!({"query": query, "size": 1000}))
+        .json(&serde_json::json!({"query": query, "size": size}))
         .send()
         .await
         .expect("search")
         .json()
         .await
         .expect("search reply");
-    let mut ids: Vec<String> = reply["hits"]["hits"]
-        .as_array()
-        .map(|hits| hits.iter().filter_map(|h| h["_id"].as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
+    reply["hits"]["hits"].as_array().cloned().unwrap_or_default()
+}
+
+/// The sorted ids of a search's hits.
+pub async fn es_search_ids(index: &str, query: Json) -> Vec<String> {
+    let mut ids: Vec<String> =
+        es_search(index, query, 1000).await.iter().filter_map(|h| h["_id"].as_str().map(str::to_string)).collect();
     ids.sort();
     ids
+}
+
+/// Every document of an index (up to `size`) by id, without kawka's guard field.
+pub async fn es_documents(index: &str, size: usize) -> std::collections::BTreeMap<String, Json> {
+    es_search(index, serde_json::json!({"match_all": {}}), size)
+        .await
+        .into_iter()
+        .map(|hit| {
+            let mut source = hit["_source"].clone();
+            if let Some(object) = source.as_object_mut() {
+                object.remove("kawka");
+            }
+            (hit["_id"].as_str().expect("an id").to_string(), source)
+        })
+        .collect()
 }
 
 /// A port that was free a moment ago (for services that must come back on

@@ -154,6 +154,7 @@ async fn run_connectors(
         connectors: runtimes.iter().map(|r| r.status.clone()).collect(),
         registry: runtimes.first().map(|r| r.codec.registry().clone()),
         token: settings.http.token.clone(),
+        rebuilds: Some(crate::rebuild::Rebuilds::new(runtimes.clone(), stopping.clone())),
     });
     let mut http_stopping = stopping.clone();
     let http = tokio::spawn(crate::http::serve(listener, daemon, async move {

@@ -8,6 +8,8 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /connectors`, `GET /connectors/{name}` | state, partitions, positions, lag, last error, counters |
 //! | `POST /connectors/{name}/pause`, `/resume` | stop / start taking events (bearer token when `http.token` is set) |
+//! | `POST /connectors/{name}/rebuild` | start `kawka rebuild` inside the daemon (202); progress shows under `rebuild` in `GET /connectors/{name}` (token) |
+//! | `POST /connectors/{name}/rebuild/rollback`, `/rebuild/cleanup` | `kawka rebuild --rollback` / `--cleanup` (token) |
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -23,6 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::codec::registry::RegistryClient;
 use crate::config::Secret;
+use crate::rebuild::{Rebuilds, StartError};
 use crate::status::ConnectorStatus;
 
 /// What the HTTP port serves from.
@@ -31,6 +34,8 @@ pub struct Daemon {
     pub connectors: Vec<Arc<ConnectorStatus>>,
     pub registry: Option<Arc<RegistryClient>>,
     pub token: Option<Secret>,
+    /// Rebuilds over HTTP; `None` where the daemon offers none.
+    pub rebuilds: Option<Rebuilds>,
 }
 
 impl Daemon {
@@ -48,6 +53,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/connectors/{name}", get(one))
         .route("/connectors/{name}/pause", post(pause))
         .route("/connectors/{name}/resume", post(resume))
+        .route("/connectors/{name}/rebuild", post(rebuild))
+        .route("/connectors/{name}/rebuild/rollback", post(rebuild_rollback))
+        .route("/connectors/{name}/rebuild/cleanup", post(rebuild_cleanup))
         .with_state(daemon)
 }
 
@@ -103,6 +111,70 @@ fn authorized(daemon: &Daemon, headers: &HeaderMap) -> bool {
     })
 }
 
+fn unauthorized() -> Response {
+    (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "a valid bearer token is required"}))).into_response()
+}
+
+fn start_error(error: StartError) -> Response {
+    let status = match error {
+        StartError::NotFound(_) => StatusCode::NOT_FOUND,
+        StartError::Running(_) => StatusCode::CONFLICT,
+    };
+    (status, Json(serde_json::json!({"error": error.to_string()}))).into_response()
+}
+
+/// The rebuilds a request may start, or the response refusing it.
+fn rebuilds_for<'a>(daemon: &'a Daemon, headers: &HeaderMap) -> Result<&'a Rebuilds, Box<Response>> {
+    if !authorized(daemon, headers) {
+        return Err(Box::new(unauthorized()));
+    }
+    daemon.rebuilds.as_ref().ok_or_else(|| {
+        Box::new(
+            (StatusCode::NOT_IMPLEMENTED, Json(serde_json::json!({"error": "this daemon offers no rebuilds"})))
+                .into_response(),
+        )
+    })
+}
+
+async fn rebuild(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    let rebuilds = match rebuilds_for(&daemon, &headers) {
+        Ok(rebuilds) => rebuilds,
+        Err(response) => return *response,
+    };
+    match rebuilds.start(&name) {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(
+                serde_json::json!({"connector": name, "rebuild": "started", "progress": format!("/connectors/{name}")}),
+            ),
+        )
+            .into_response(),
+        Err(error) => start_error(error),
+    }
+}
+
+async fn rebuild_rollback(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    rebuild_step(&daemon, &headers, &name, true).await
+}
+
+async fn rebuild_cleanup(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    rebuild_step(&daemon, &headers, &name, false).await
+}
+
+async fn rebuild_step(daemon: &Daemon, headers: &HeaderMap, name: &str, rollback: bool) -> Response {
+    let rebuilds = match rebuilds_for(daemon, headers) {
+        Ok(rebuilds) => rebuilds,
+        Err(response) => return *response,
+    };
+    let outcome = if rollback { rebuilds.rollback(name).await } else { rebuilds.cleanup(name).await };
+    match outcome {
+        Ok(Ok(message)) => Json(serde_json::json!({"connector": name, "result": message})).into_response(),
+        Ok(Err(error)) => (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({"error": format!("{error:#}")})))
+            .into_response(),
+        Err(error) => start_error(error),
+    }
+}
+
 async fn pause(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
     set_paused(&daemon, &headers, &name, true)
 }
@@ -113,8 +185,7 @@ async fn resume(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name
 
 fn set_paused(daemon: &Daemon, headers: &HeaderMap, name: &str, paused: bool) -> Response {
     if !authorized(daemon, headers) {
-        return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "a valid bearer token is required"})))
-            .into_response();
+        return unauthorized();
     }
     let Some(connector) = daemon.connector(name) else { return not_found(name) };
     connector.pause(paused);
@@ -235,6 +306,33 @@ pub fn render(daemon: &Daemon) -> String {
             u8::from(c.is_ready())
         );
     }
+    family(
+        &mut out,
+        "kawka_rebuild_done_ratio",
+        "gauge",
+        "Share of the log the running or last rebuild has made durable.",
+    );
+    for c in &daemon.connectors {
+        if let Some(rebuild) = c.rebuild() {
+            let _ = writeln!(
+                out,
+                "kawka_rebuild_done_ratio{{connector=\"{}\"}} {}",
+                label(&c.name),
+                rebuild.percent / 100.0
+            );
+        }
+    }
+    family(&mut out, "kawka_rebuild_events_per_second", "gauge", "Rate of the running or last rebuild.");
+    for c in &daemon.connectors {
+        if let Some(rebuild) = c.rebuild() {
+            let _ = writeln!(
+                out,
+                "kawka_rebuild_events_per_second{{connector=\"{}\"}} {}",
+                label(&c.name),
+                rebuild.events_per_second
+            );
+        }
+    }
     if let Some(registry) = &daemon.registry {
         let (hits, misses) = registry.cache_counts();
         family(&mut out, "kawka_registry_cache_hits_total", "counter", "Writer schemas found in the cache.");
@@ -257,7 +355,8 @@ mod tests {
         status.assigned(&[("sales", 0, Some(3))]);
         status.high_watermarks(&[("sales", 0, 10)]);
         status.batch_written(2, 2, 0, 0.003, None);
-        Daemon { connectors: vec![status], registry: None, token: token.map(Secret::new) }
+        status.set_rebuild(crate::status::RebuildProgress::new(25, 100, 1000.0, 0));
+        Daemon { connectors: vec![status], registry: None, token: token.map(Secret::new), rebuilds: None }
     }
 
     #[test]
@@ -276,6 +375,7 @@ mod tests {
         );
         assert!(text.contains("kawka_sink_write_seconds_bucket{connector=\"inv\\\"entory\",le=\"0.005\"} 1"), "{text}");
         assert!(text.contains("kawka_batch_events_count{connector=\"inv\\\"entory\"} 1"), "{text}");
+        assert!(text.contains("kawka_rebuild_done_ratio{connector=\"inv\\\"entory\"} 0.25"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().expect("a value");
             assert!(value.parse::<f64>().is_ok(), "not a sample line: {line}");

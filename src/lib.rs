@@ -27,14 +27,15 @@
 //!   ([`projection::WriteOp`]) and per-key compaction.
 //! * [`sink`]: the read-model stores: Postgres (exactly-once, positions in
 //!   `kawka_offsets`) and Elasticsearch (idempotent guarded bulk writes).
-//! * [`rebuild`]: `kawka rebuild`: a new table version beside the live one,
-//!   atomic cut-over, rollback.
+//! * [`rebuild`]: `kawka rebuild`: a new table or index version beside the
+//!   live one, atomic cut-over (Postgres renames, an ES alias move),
+//!   rollback; also run inside the daemon over HTTP, with progress.
 //! * [`registry`]: the `kawka registry` server (Confluent API, Postgres storage).
 //! * [`event`], [`value`]: the event and the value tree every stage shares.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.
 //! * [`status`]: each connector's state, counters and histograms: what the
 //!   HTTP API and `/metrics` show; one method per happening logs and counts.
-//! * [`http`]: health, readiness, metrics, connector control.
+//! * [`http`]: health, readiness, metrics, connector control, rebuilds.
 //! * [`telemetry`]: tracing setup.
 
 pub mod app;

@@ -52,9 +52,10 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080", env = "KAWKA_URL")]
         url: String,
     },
-    /// Replay the whole log into the next version of a Postgres read model
-    /// beside the live one, then swap them atomically (readers never see a
-    /// half-built table); the previous version is kept for --rollback.
+    /// Replay the whole log into the next version of a read model (a
+    /// Postgres table or an Elasticsearch index) beside the live one, then
+    /// swap them atomically (readers never see a half-built model); the
+    /// previous version is kept for --rollback.
     Rebuild {
         connector: String,
         /// Swap back to the previous version.
@@ -328,6 +329,18 @@ async fn status(url: &str) -> ExitCode {
             error.chars().take(60).collect::<String>()
         );
     }
+    for connector in &second {
+        let rebuild = &connector["rebuild"];
+        if rebuild.is_null() {
+            continue;
+        }
+        let state = rebuild["state"].as_str().unwrap_or("?");
+        let line = match serde_json::from_value::<kawka::status::RebuildProgress>(rebuild.clone()) {
+            Ok(progress) if state == "running" => kawka::rebuild::progress_line(&progress),
+            _ => rebuild["message"].as_str().unwrap_or("").to_string(),
+        };
+        println!("rebuild of {} ({state}): {line}", connector["name"].as_str().unwrap_or("?"));
+    }
     ExitCode::SUCCESS
 }
 
@@ -401,28 +414,19 @@ async fn rebuild(settings: kawka::config::Settings, connector: &str, rollback: b
             return ExitCode::from(2);
         }
     };
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
     let result = if rollback {
-        rebuild::rollback(&runtime).await.map(|table| format!("rolled back: the rebuilt version is kept as {table}"))
+        rebuild::rollback(&runtime, stopping).await.map(|table| rebuild::rolled_back(&table))
     } else if cleanup {
-        rebuild::cleanup(&runtime).await.map(|table| match table {
-            Some(table) => format!("dropped {table}"),
-            None => "no previous version to drop".to_string(),
-        })
+        rebuild::cleanup(&runtime).await.map(|table| rebuild::cleaned_up(table.as_deref()))
     } else {
-        let (stop, stopping) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            let _ = stop.send(true);
-        });
-        rebuild::rebuild(runtime, stopping, rebuild::print_progress).await.map(|report| {
-            format!(
-                "\nrebuilt {} in {:.1} s ({:.0} events/s); the previous version is kept as {} (kawka rebuild --rollback / --cleanup)",
-                report.new_table,
-                report.seconds,
-                report.events as f64 / report.seconds.max(1e-3),
-                report.previous_table
-            )
-        })
+        rebuild::rebuild(runtime, stopping, rebuild::print_progress)
+            .await
+            .map(|report| format!("\n{} (kawka rebuild --rollback / --cleanup)", report.summary()))
     };
     match result {
         Ok(message) => {

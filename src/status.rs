@@ -117,6 +117,49 @@ impl Outcome {
     }
 }
 
+/// Where a rebuild of a connector's read model is (`kawka rebuild`, or
+/// `POST /connectors/{name}/rebuild`).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct RebuildProgress {
+    pub state: RebuildState,
+    /// Events the rebuild has made durable.
+    pub done: u64,
+    /// Events up to the live connector's positions (moves while it runs).
+    pub target: u64,
+    pub percent: f64,
+    pub events_per_second: f64,
+    pub eta_seconds: Option<f64>,
+    pub started_at_ms: i64,
+    /// The outcome once it ended: what was swapped, or why it failed.
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebuildState {
+    Running,
+    Done,
+    Failed,
+}
+
+impl RebuildProgress {
+    pub fn new(done: u64, target: u64, events_per_second: f64, started_at_ms: i64) -> RebuildProgress {
+        let percent = if target == 0 { 0.0 } else { (done as f64 / target as f64 * 100.0).min(100.0) };
+        let eta_seconds =
+            (events_per_second > 0.0 && target > done).then(|| (target - done) as f64 / events_per_second);
+        RebuildProgress {
+            state: RebuildState::Running,
+            done,
+            target,
+            percent,
+            events_per_second,
+            eta_seconds,
+            started_at_ms,
+            message: None,
+        }
+    }
+}
+
 /// The live status of one connector.
 #[derive(Debug)]
 pub struct ConnectorStatus {
@@ -136,6 +179,7 @@ pub struct ConnectorStatus {
     retrying_since: Mutex<Option<Instant>>,
     /// Kafka timestamp (ms) of the newest event whose effect is durable.
     last_written_timestamp: AtomicI64,
+    rebuild: Mutex<Option<RebuildProgress>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,7 +187,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
@@ -165,6 +209,7 @@ impl ConnectorStatus {
             last_error: Mutex::new(None),
             retrying_since: Mutex::new(None),
             last_written_timestamp: AtomicI64::new(0),
+            rebuild: Mutex::new(None),
         }
     }
 
@@ -357,6 +402,35 @@ impl ConnectorStatus {
     }
 
     /// The JSON of `GET /connectors/{name}`.
+    /// Records a rebuild's progress (or its end).
+    pub fn set_rebuild(&self, progress: RebuildProgress) {
+        *lock(&self.rebuild) = Some(progress);
+    }
+
+    /// Ends the rebuild in progress, logging how.
+    pub fn rebuild_ended(&self, outcome: Result<String, String>) {
+        let mut rebuild = lock(&self.rebuild);
+        let progress = rebuild.get_or_insert_with(|| RebuildProgress::new(0, 0, 0.0, now_ms()));
+        progress.eta_seconds = None;
+        match outcome {
+            Ok(message) => {
+                tracing::info!(connector = %self.name, %message, "rebuild done");
+                progress.state = RebuildState::Done;
+                progress.percent = 100.0;
+                progress.message = Some(message);
+            }
+            Err(message) => {
+                tracing::error!(connector = %self.name, %message, "rebuild failed");
+                progress.state = RebuildState::Failed;
+                progress.message = Some(message);
+            }
+        }
+    }
+
+    pub fn rebuild(&self) -> Option<RebuildProgress> {
+        lock(&self.rebuild).clone()
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let partitions = self.partitions();
         let lag: Option<i64> = partitions.iter().map(|p| p.lag).sum();
@@ -370,6 +444,7 @@ impl ConnectorStatus {
             "retrying_for_seconds": self.retrying_for().map(|d| d.as_secs_f64()),
             "last_error": self.last_error(),
             "freshness_seconds": self.freshness_seconds(),
+            "rebuild": self.rebuild(),
             "counters": {
                 "consumed": self.total(Outcome::Consumed),
                 "written": self.total(Outcome::Written),

@@ -121,7 +121,12 @@ fn probes_ports_and_args_match_what_kawka_serves() {
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        let daemon = std::sync::Arc::new(kawka::http::Daemon { connectors: Vec::new(), registry: None, token: None });
+        let daemon = std::sync::Arc::new(kawka::http::Daemon {
+            connectors: Vec::new(),
+            registry: None,
+            token: None,
+            rebuilds: None,
+        });
         tokio::spawn(kawka::http::serve(listener, daemon, std::future::pending()));
         for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
             let path = str_of(&container[probe]["httpGet"]["path"]);

@@ -276,6 +276,60 @@ fn consumer_config(connector: &str, kafka: &KafkaSettings, source: &SourceSettin
     config
 }
 
+/// A consumer of `group` that never joins it: for reading and setting the
+/// group's committed offsets from outside (rebuilds).
+fn group_client(kafka: &KafkaSettings, group: &str) -> KafkaResult<BaseConsumer> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.bootstrap_servers).set("group.id", group).set("enable.auto.commit", "false");
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+    config.create()
+}
+
+/// The offsets `group` has committed on the partitions of `topics`
+/// (partitions without a commit are left out). Blocking: call it from
+/// `spawn_blocking`.
+pub fn committed_offsets(
+    kafka: &KafkaSettings,
+    group: &str,
+    topics: &[String],
+) -> KafkaResult<Vec<(String, i32, i64)>> {
+    let consumer = group_client(kafka, group)?;
+    let mut wanted = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            wanted.add_partition(topic, partition.id());
+        }
+    }
+    let committed = consumer.committed_offsets(wanted, Duration::from_secs(10))?;
+    let offsets = committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(n) => Some((e.topic().to_string(), e.partition(), n)),
+            _ => None,
+        })
+        .collect();
+    // The list goes before the consumer (see STACK.md).
+    drop(committed);
+    Ok(offsets)
+}
+
+/// Commits `positions` (next offsets) for `group`, which has no members:
+/// a group made to start a consumer at chosen positions. Blocking.
+pub fn commit_offsets(kafka: &KafkaSettings, group: &str, positions: &[(String, i32, i64)]) -> KafkaResult<()> {
+    let consumer = group_client(kafka, group)?;
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, next) in positions {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
+    }
+    let result = consumer.commit(&tpl, CommitMode::Sync);
+    drop(tpl);
+    result
+}
+
 fn poll_loop(
     connector: &str,
     consumer: &BaseConsumer<SourceContext>,

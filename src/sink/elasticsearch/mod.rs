@@ -35,6 +35,8 @@ pub struct ElasticsearchSink {
     client: Elasticsearch,
     target: ElasticsearchTarget,
     mode: GuardMode,
+    /// Writes go straight to an index a rebuild made, not through the alias.
+    concrete: bool,
 }
 
 /// What one write achieved.
@@ -72,7 +74,7 @@ impl ElasticsearchSink {
         } else {
             GuardMode::Scripted
         };
-        Ok(ElasticsearchSink { client: Elasticsearch::new(transport), target: target.clone(), mode })
+        Ok(ElasticsearchSink { client: Elasticsearch::new(transport), target: target.clone(), mode, concrete: false })
     }
 
     pub fn client(&self) -> &Elasticsearch {
@@ -83,10 +85,26 @@ impl ElasticsearchSink {
         &self.target.alias
     }
 
+    pub fn target(&self) -> &ElasticsearchTarget {
+        &self.target
+    }
+
+    /// The same sink writing straight to `index`, which must exist (a
+    /// rebuild's new version, or the previous one during a rollback).
+    pub fn writing_to(&self, index: &str) -> ElasticsearchSink {
+        let mut sink = self.clone();
+        sink.target.alias = index.to_string();
+        sink.concrete = true;
+        sink
+    }
+
     /// Creates `<alias>-v1` with the alias when the alias is missing.
     /// Refuses a concrete index that has the alias's name: kawka never
     /// writes to a bare index behind the user's back.
     pub async fn prepare(&self) -> Result<(), SinkError> {
+        if self.concrete {
+            return Ok(());
+        }
         let alias = self.target.alias.as_str();
         if self.alias_exists(alias).await? {
             return Ok(());

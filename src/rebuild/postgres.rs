@@ -1,6 +1,5 @@
-//! `kawka rebuild <connector>` for Postgres read models: replay the whole
-//! log into the next version of the table beside the live one, then swap
-//! them atomically.
+//! Rebuilds of Postgres read models: replay the whole log into the next
+//! version of the table beside the live one, then swap them atomically.
 //!
 //! * The rebuild is the connector's own runtime with another table
 //!   (`<table>_v<N+1>`), another consumer group and its own rows in
@@ -16,27 +15,16 @@
 //!   where the previous table stopped, so the events since the cut-over are
 //!   applied to it again; `--cleanup` drops the previous table.
 
-use std::io::Write as _;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use anyhow::{bail, Context as _};
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 
-use crate::config::{ErrorPolicy, Settings, Target};
+use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, RebuildReport, Started};
+use crate::config::Target;
 use crate::pipeline::ConnectorRuntime;
 use crate::sink::postgres::sql::quote;
 use crate::sink::Sink;
-
-/// What a rebuild did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RebuildReport {
-    pub events: u64,
-    pub seconds: f64,
-    pub new_table: String,
-    pub previous_table: String,
-}
+use crate::status::RebuildProgress;
 
 struct Names {
     schema: String,
@@ -100,17 +88,12 @@ async fn positions(pool: &PgPool, names: &Names, connector: &str) -> anyhow::Res
     Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
 }
 
-/// Whether the rebuild has reached the live positions on every partition.
-fn caught_up(live: &[(String, i32, i64)], rebuild: &[(String, i32, i64)]) -> bool {
-    live.iter().all(|(t, p, next)| rebuild.iter().any(|(rt, rp, rnext)| rt == t && rp == p && rnext >= next))
-}
-
-/// Runs a rebuild of `runtime`'s table and cuts over. `progress` gets
-/// (events done, events to reach the live positions, events/s).
+/// Runs a rebuild of `runtime`'s table and cuts over. `progress` is told
+/// where it is about four times a second.
 pub async fn rebuild(
     runtime: ConnectorRuntime,
     shutdown: watch::Receiver<bool>,
-    mut progress: impl FnMut(u64, u64, f64),
+    mut progress: impl FnMut(&RebuildProgress),
 ) -> anyhow::Result<RebuildReport> {
     let names = names(&runtime)?;
     let pool = pool(&runtime)?;
@@ -129,67 +112,31 @@ pub async fn rebuild(
         .await
         .ok();
 
-    // The rebuild: the connector's projection and upcasters, another table,
-    // group and positions; bulk batches; bad events were dead-lettered by
-    // the live run already, so here they are skipped and counted.
-    let mut settings = (*runtime.settings).clone();
-    settings.name = names.rebuild_connector.clone();
-    settings.source.group_id = format!("{}.rebuild-v{}", settings.source.group_id, version + 1);
-    settings.source.start = crate::config::StartPosition::Earliest;
-    settings.on_error = ErrorPolicy::Skip;
-    settings.batch.max_events = settings.batch.max_events.max(20_000);
-    settings.batch.max_bytes = settings.batch.max_bytes.max(32 << 20);
-    if let Target::Postgres(target) = &mut settings.target {
-        target.table = new_table.clone();
-        target.create = true;
-    }
-    let sink = match &runtime.sink {
-        Sink::Postgres(_) => {
-            let crate::config::Target::Postgres(target) = &settings.target else { unreachable!("postgres target") };
-            Sink::Postgres(crate::sink::postgres::PostgresSink::with_pool(pool.clone(), &settings, target))
+    let settings = rebuild_settings(&runtime, &names.rebuild_connector, i64::from(version) + 1, |target| {
+        if let Target::Postgres(target) = target {
+            target.table = new_table.clone();
+            target.create = true;
         }
-        Sink::Elasticsearch(_) => bail!("kawka rebuild handles Postgres connectors"),
-    };
-    let status = Arc::new(crate::status::ConnectorStatus::new(&settings.name, "postgres"));
-    let rebuild_runtime = ConnectorRuntime {
-        settings: Arc::new(settings),
-        sink,
-        status: status.clone(),
-        replay: None,
-        ..runtime.clone()
-    };
+    });
+    let Target::Postgres(target) = &settings.target else { bail!("{} is not a Postgres connector", names.connector) };
+    let sink = Sink::Postgres(crate::sink::postgres::PostgresSink::with_pool(pool.clone(), &settings, target));
+    let rebuild_runtime = runtime_with(&runtime, settings, sink);
 
-    let started = Instant::now();
+    let started = Started::now();
     loop {
-        let (stop, stopping) = watch::channel(false);
-        let task = tokio::spawn(rebuild_runtime.clone().run(stopping));
-        // Follow until caught up with the live positions.
-        loop {
-            if *shutdown.borrow() {
-                let _ = stop.send(true);
-                let _ = task.await;
-                bail!("interrupted: the live table is unchanged; run the rebuild again");
-            }
-            let live = positions(&pool, &names, &names.connector).await?;
-            let done = positions(&pool, &names, &names.rebuild_connector).await?;
-            let (done_events, target): (i64, i64) = (done.iter().map(|r| r.2).sum(), live.iter().map(|r| r.2).sum());
-            let seconds = started.elapsed().as_secs_f64();
-            progress(done_events.max(0) as u64, target.max(0) as u64, done_events as f64 / seconds.max(1e-3));
-            if !live.is_empty() && caught_up(&live, &done) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        let _ = stop.send(true);
-        let _ = task.await;
+        let follower = Follower::start(&rebuild_runtime);
+        let followed = follow(&shutdown, &started, &mut progress, || async {
+            Ok((
+                positions(&pool, &names, &names.connector).await?,
+                positions(&pool, &names, &names.rebuild_connector).await?,
+            ))
+        })
+        .await;
+        follower.stop().await;
+        followed.context("the live table is unchanged; run the rebuild again")?;
         if cut_over(&pool, &names, &new_table, &previous_table, version + 1).await? {
             let events = positions(&pool, &names, &names.connector).await?.iter().map(|r| r.2 as u64).sum();
-            return Ok(RebuildReport {
-                events,
-                seconds: started.elapsed().as_secs_f64(),
-                new_table: names.table.clone(),
-                previous_table,
-            });
+            return Ok(started.report(events, names.table.clone(), previous_table));
         }
         // The live connector moved on meanwhile: catch up again.
     }
@@ -347,46 +294,4 @@ pub async fn cleanup(runtime: &ConnectorRuntime) -> anyhow::Result<Option<String
     .execute(&pool)
     .await?;
     Ok(Some(previous))
-}
-
-/// A progress line for a terminal: percent, events/s, ETA.
-pub fn progress_line(done: u64, target: u64, rate: f64) -> String {
-    let percent = if target == 0 { 0.0 } else { (done as f64 / target as f64 * 100.0).min(100.0) };
-    let filled = (percent / 5.0) as usize;
-    let eta = if rate > 0.0 && target > done { format!("{:.0}s", (target - done) as f64 / rate) } else { "-".into() };
-    format!(
-        "[{}{}] {percent:5.1}% {done}/{target} events, {rate:.0} events/s, ETA {eta}",
-        "#".repeat(filled),
-        " ".repeat(20 - filled.min(20))
-    )
-}
-
-/// Prints progress on one terminal line.
-pub fn print_progress(done: u64, target: u64, rate: f64) {
-    eprint!("\r{}", progress_line(done, target, rate));
-    let _ = std::io::stderr().flush();
-}
-
-/// Builds the runtime of one connector and checks it can be rebuilt.
-pub fn runtime_of(settings: &Settings, connector: &str) -> anyhow::Result<ConnectorRuntime> {
-    let runtime = crate::app::connectors(settings)?
-        .into_iter()
-        .find(|r| r.settings.name == connector)
-        .with_context(|| format!("no connector named {connector}"))?;
-    names(&runtime)?;
-    Ok(runtime)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn caught_up_means_every_live_partition_reached() {
-        let live = vec![("t".to_string(), 0, 10), ("t".to_string(), 1, 5)];
-        assert!(caught_up(&live, &[("t".into(), 0, 10), ("t".into(), 1, 7)]));
-        assert!(!caught_up(&live, &[("t".into(), 0, 10), ("t".into(), 1, 4)]));
-        assert!(!caught_up(&live, &[("t".into(), 0, 12)]));
-        assert!(progress_line(50, 100, 10.0).contains(" 50.0% 50/100 events, 10 events/s, ETA 5s"));
-    }
 }

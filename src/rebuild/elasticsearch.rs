@@ -1,0 +1,412 @@
+//! Rebuilds of Elasticsearch read models: replay the whole log into
+//! `<alias>-v<N+1>` beside the live `<alias>-v<N>`, then move the alias.
+//!
+//! * The new index is created with the connector's mappings and settings,
+//!   but with `refresh_interval: -1` and no replicas while it loads; the
+//!   live index's values are put back before the swap.
+//! * Positions live in Kafka's committed offsets: the live connector's group
+//!   and a fresh group per rebuild attempt (an earlier attempt's index is
+//!   dropped, so its offsets must not be reused).
+//! * Cut-over: once the rebuild has reached the live positions, the live
+//!   index gets a write block. The live connector's writes then fail and are
+//!   retried (a block is not the document's fault), so its committed
+//!   positions stop moving; once they have been still for [`SETTLED`], the
+//!   rebuild catches up to them exactly, and one `_aliases` call moves the
+//!   alias. The block is lifted whatever happens; the live connector's
+//!   retried writes then land in the new index, in order: every write is
+//!   guarded by its position, so what the rebuild already applied is a
+//!   duplicate.
+//! * Rollback is the same dance backwards: block the current index, let the
+//!   previous one catch up from where it stopped (a group whose offsets are
+//!   set to the positions saved at cut-over), move the alias back.
+//! * State (previous index, its positions) is one document per connector in
+//!   the `kawka-rebuilds` index.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use elasticsearch::indices::{
+    IndicesCreateParts, IndicesDeleteParts, IndicesGetAliasParts, IndicesGetSettingsParts, IndicesPutSettingsParts,
+    IndicesRefreshParts,
+};
+use elasticsearch::params::Refresh;
+use elasticsearch::{Elasticsearch, GetParts, IndexParts};
+use serde_json::{json, Value as Json};
+use tokio::sync::watch;
+
+use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, Position, RebuildReport, Started};
+use crate::config::{ElasticsearchTarget, KafkaSettings, Target};
+use crate::pipeline::ConnectorRuntime;
+use crate::sink::elasticsearch::{create_body, ElasticsearchSink};
+use crate::sink::Sink;
+use crate::status::RebuildProgress;
+
+/// The index that holds one rebuild-state document per connector.
+pub const STATE_INDEX: &str = "kawka-rebuilds";
+
+/// How long the live positions must stay still under the write block
+/// before they count as final. The live connector commits right after each
+/// durable write, so a few seconds cover a commit in flight.
+const SETTLED: Duration = Duration::from_secs(3);
+
+fn sink(runtime: &ConnectorRuntime) -> anyhow::Result<&ElasticsearchSink> {
+    match &runtime.sink {
+        Sink::Elasticsearch(sink) => Ok(sink),
+        Sink::Postgres(_) => bail!("{} is not an Elasticsearch connector", runtime.settings.name),
+    }
+}
+
+/// The body of a successful response, or an error naming `what`.
+async fn call(
+    response: Result<elasticsearch::http::response::Response, elasticsearch::Error>,
+    what: &str,
+) -> anyhow::Result<Json> {
+    let response = response.with_context(|| what.to_string())?;
+    let status = response.status_code().as_u16();
+    let text = response.text().await.with_context(|| what.to_string())?;
+    if !(200..300).contains(&status) {
+        bail!("{what}: status {status}: {}", text.chars().take(500).collect::<String>());
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(Json::Null))
+}
+
+/// The index the alias writes to.
+async fn current_index(client: &Elasticsearch, alias: &str) -> anyhow::Result<String> {
+    let reply = call(
+        client.indices().get_alias(IndicesGetAliasParts::Name(&[alias])).send().await,
+        &format!("reading alias {alias}"),
+    )
+    .await?;
+    let indices = reply.as_object().context("an alias reply is an object")?;
+    let write_index = |index: &&String| indices[*index]["aliases"][alias]["is_write_index"] == true;
+    match indices.keys().find(write_index).or_else(|| (indices.len() == 1).then(|| indices.keys().next()).flatten()) {
+        Some(index) => Ok(index.clone()),
+        None => bail!("alias {alias} points at {} indices and none is its write index", indices.len()),
+    }
+}
+
+/// N of `<alias>-v<N>`.
+fn version_of(alias: &str, index: &str) -> anyhow::Result<i64> {
+    index
+        .strip_prefix(&format!("{alias}-v"))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("alias {alias} points at {index}, not at {alias}-v<N>"))
+}
+
+async fn put_settings(client: &Elasticsearch, index: &str, settings: Json) -> anyhow::Result<()> {
+    call(
+        client.indices().put_settings(IndicesPutSettingsParts::Index(&[index])).body(settings).send().await,
+        &format!("updating the settings of {index}"),
+    )
+    .await
+    .map(drop)
+}
+
+/// Sets or lifts the write block of `index`.
+async fn block_writes(client: &Elasticsearch, index: &str, blocked: bool) -> anyhow::Result<()> {
+    put_settings(client, index, json!({"index": {"blocks": {"write": blocked}}})).await
+}
+
+/// The live index's refresh interval and replica count, to put on the new
+/// index once it is loaded.
+async fn serving_settings(client: &Elasticsearch, index: &str) -> anyhow::Result<Json> {
+    let reply = call(
+        client.indices().get_settings(IndicesGetSettingsParts::Index(&[index])).send().await,
+        &format!("reading the settings of {index}"),
+    )
+    .await?;
+    let live = &reply[index]["settings"]["index"];
+    let value = |key: &str, default: Json| live.get(key).filter(|v| !v.is_null()).cloned().unwrap_or(default);
+    Ok(json!({"index": {
+        "refresh_interval": value("refresh_interval", json!("1s")),
+        "number_of_replicas": value("number_of_replicas", json!(1)),
+    }}))
+}
+
+/// The body that creates the new version: the connector's mappings and
+/// settings, no alias yet, no refreshes and no replicas while it loads.
+fn load_body(target: &ElasticsearchTarget) -> Json {
+    let mut body = create_body(target, &target.alias);
+    if let Some(object) = body.as_object_mut() {
+        object.remove("aliases");
+    }
+    let settings = body
+        .as_object_mut()
+        .and_then(|b| b.entry("settings").or_insert_with(|| json!({})).as_object_mut().map(std::mem::take));
+    let mut settings = settings.unwrap_or_default();
+    // The same setting may be written flat or under `index`: keep one.
+    for key in ["refresh_interval", "number_of_replicas", "index.refresh_interval", "index.number_of_replicas"] {
+        settings.remove(key);
+    }
+    let index = settings.entry("index").or_insert_with(|| json!({}));
+    if let Some(index) = index.as_object_mut() {
+        index.insert("refresh_interval".into(), json!("-1"));
+        index.insert("number_of_replicas".into(), json!(0));
+    }
+    body["settings"] = Json::Object(settings);
+    body
+}
+
+async fn delete_index(client: &Elasticsearch, index: &str) -> anyhow::Result<()> {
+    let response = client.indices().delete(IndicesDeleteParts::Index(&[index])).send().await?;
+    let status = response.status_code().as_u16();
+    if status != 404 {
+        call(Ok(response), &format!("deleting {index}")).await?;
+    }
+    Ok(())
+}
+
+/// One `_aliases` call: readers see one index or the other, never neither.
+async fn move_alias(client: &Elasticsearch, alias: &str, from: &str, to: &str) -> anyhow::Result<()> {
+    let actions = json!({"actions": [
+        {"remove": {"index": from, "alias": alias}},
+        {"add": {"index": to, "alias": alias, "is_write_index": true}},
+    ]});
+    call(client.indices().update_aliases().body(actions).send().await, &format!("moving alias {alias} to {to}"))
+        .await
+        .map(drop)
+}
+
+/// What a connector's last rebuild left.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct RebuildState {
+    version: i64,
+    previous_index: Option<String>,
+    /// Where the previous index stopped (JSON text: the document's fields
+    /// stay plain for dynamic mappings).
+    previous_positions: Option<String>,
+}
+
+async fn load_state(client: &Elasticsearch, connector: &str) -> anyhow::Result<Option<RebuildState>> {
+    let response = client.get(GetParts::IndexId(STATE_INDEX, connector)).send().await?;
+    if response.status_code().as_u16() == 404 {
+        return Ok(None);
+    }
+    let reply = call(Ok(response), &format!("reading the rebuild state of {connector}")).await?;
+    Ok(Some(serde_json::from_value(reply["_source"].clone()).context("the rebuild state document")?))
+}
+
+async fn save_state(client: &Elasticsearch, connector: &str, state: &RebuildState) -> anyhow::Result<()> {
+    let create = client
+        .indices()
+        .create(IndicesCreateParts::Index(STATE_INDEX))
+        .body(json!({"mappings": {"dynamic": false, "properties": {}}}))
+        .send()
+        .await?;
+    if create.status_code().as_u16() != 400 {
+        call(Ok(create), &format!("creating {STATE_INDEX}")).await?;
+    }
+    call(
+        client.index(IndexParts::IndexId(STATE_INDEX, connector)).refresh(Refresh::True).body(state).send().await,
+        &format!("saving the rebuild state of {connector}"),
+    )
+    .await
+    .map(drop)
+}
+
+async fn committed(kafka: &KafkaSettings, group: &str, topics: &[String]) -> anyhow::Result<Vec<Position>> {
+    let (kafka, group, topics) = (kafka.clone(), group.to_string(), topics.to_vec());
+    let what = format!("the committed offsets of group {group}");
+    let mut offsets =
+        tokio::task::spawn_blocking(move || crate::source::kafka::committed_offsets(&kafka, &group, &topics))
+            .await?
+            .context(what)?;
+    offsets.sort();
+    Ok(offsets)
+}
+
+/// The live positions once they have stopped moving (the live index is
+/// write-blocked, so only a commit already in flight can still land).
+async fn settled(
+    kafka: &KafkaSettings,
+    group: &str,
+    topics: &[String],
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<Position>> {
+    let mut last = committed(kafka, group, topics).await?;
+    let mut still_since = Instant::now();
+    loop {
+        if *shutdown.borrow() {
+            bail!("interrupted");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = committed(kafka, group, topics).await?;
+        if now != last {
+            (last, still_since) = (now, Instant::now());
+        } else if still_since.elapsed() >= SETTLED {
+            return Ok(last);
+        }
+    }
+}
+
+/// Runs `runtime` (writing to one index) until its group's positions reach
+/// `live`, then stops it.
+async fn catch_up(
+    runtime: &ConnectorRuntime,
+    live: &[Position],
+    shutdown: &watch::Receiver<bool>,
+    started: &Started,
+    progress: &mut impl FnMut(&RebuildProgress),
+) -> anyhow::Result<()> {
+    let (kafka, group, topics) = (&runtime.kafka, &runtime.settings.source.group_id, &runtime.settings.source.topics);
+    let follower = Follower::start(runtime);
+    let followed =
+        follow(shutdown, started, progress, || async { Ok((live.to_vec(), committed(kafka, group, topics).await?)) })
+            .await;
+    follower.stop().await;
+    followed
+}
+
+/// A connector like the live one writing straight to `index`, in its own
+/// fresh consumer group.
+fn writer_to(runtime: &ConnectorRuntime, sink: &ElasticsearchSink, index: &str, role: &str) -> ConnectorRuntime {
+    let name = format!("{}.{role}", runtime.settings.name);
+    let mut settings = rebuild_settings(runtime, &name, 0, |target| {
+        if let Target::Elasticsearch(target) = target {
+            target.alias = index.to_string();
+        }
+    });
+    settings.source.group_id =
+        format!("{}.{role}-{index}-{}", runtime.settings.source.group_id, crate::status::now_ms());
+    runtime_with(runtime, settings, Sink::Elasticsearch(sink.writing_to(index)))
+}
+
+pub async fn rebuild(
+    runtime: ConnectorRuntime,
+    shutdown: watch::Receiver<bool>,
+    mut progress: impl FnMut(&RebuildProgress),
+) -> anyhow::Result<RebuildReport> {
+    let live_sink = sink(&runtime)?;
+    let (client, alias) = (live_sink.client(), live_sink.alias());
+    let (kafka, live_group, topics) =
+        (&runtime.kafka, &runtime.settings.source.group_id, &runtime.settings.source.topics);
+    let live_index = current_index(client, alias).await?;
+    let new_index = format!("{alias}-v{}", version_of(alias, &live_index)? + 1);
+    // Left over from an interrupted rebuild: start again.
+    delete_index(client, &new_index).await?;
+    let serving = serving_settings(client, &live_index).await?;
+    call(
+        client.indices().create(IndicesCreateParts::Index(&new_index)).body(load_body(live_sink.target())).send().await,
+        &format!("creating {new_index}"),
+    )
+    .await?;
+    tracing::info!(connector = %runtime.settings.name, index = %new_index, "rebuild started");
+    let rebuilder = writer_to(&runtime, live_sink, &new_index, "rebuild");
+    let rebuild_group = rebuilder.settings.source.group_id.clone();
+    let started = Started::now();
+
+    // The bulk of the work, while the live connector goes on.
+    let follower = Follower::start(&rebuilder);
+    let followed = follow(&shutdown, &started, &mut progress, || async {
+        Ok((committed(kafka, live_group, topics).await?, committed(kafka, &rebuild_group, topics).await?))
+    })
+    .await;
+    follower.stop().await;
+    followed.context("the alias is unchanged; run the rebuild again")?;
+
+    // The cut-over, with the live index write-blocked.
+    block_writes(client, &live_index, true).await?;
+    let swapped = async {
+        let live = settled(kafka, live_group, topics, &shutdown).await?;
+        catch_up(&rebuilder, &live, &shutdown, &started, &mut progress).await?;
+        put_settings(client, &new_index, serving.clone()).await?;
+        call(
+            client.indices().refresh(IndicesRefreshParts::Index(&[&new_index])).send().await,
+            &format!("refreshing {new_index}"),
+        )
+        .await?;
+        move_alias(client, alias, &live_index, &new_index).await?;
+        Ok::<_, anyhow::Error>(live)
+    }
+    .await;
+    let unblocked = block_writes(client, &live_index, false).await;
+    let live = swapped.context("the alias is unchanged; run the rebuild again")?;
+    unblocked.with_context(|| format!("the alias moved, but {live_index} is still write-blocked"))?;
+    let state = RebuildState {
+        version: version_of(alias, &new_index)?,
+        previous_index: Some(live_index.clone()),
+        previous_positions: Some(serde_json::to_string(&live)?),
+    };
+    save_state(client, &runtime.settings.name, &state).await?;
+    let events = live.iter().map(|p| p.2.max(0) as u64).sum();
+    Ok(started.report(events, new_index, live_index))
+}
+
+/// Moves the alias back to the previous index once it has caught up with
+/// the events since the cut-over; returns the index rolled out (kept).
+pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool>) -> anyhow::Result<String> {
+    let live_sink = sink(runtime)?;
+    let (client, alias) = (live_sink.client(), live_sink.alias());
+    let connector = &runtime.settings.name;
+    let Some(state) = load_state(client, connector).await? else { bail!("{connector} has never been rebuilt") };
+    let (Some(previous), Some(stopped_at)) = (&state.previous_index, &state.previous_positions) else {
+        bail!("no previous version of {alias} is kept (cleaned up?)")
+    };
+    let stopped_at: Vec<Position> = serde_json::from_str(stopped_at).context("the saved positions")?;
+    let current = current_index(client, alias).await?;
+    let (kafka, live_group, topics) =
+        (&runtime.kafka, &runtime.settings.source.group_id, &runtime.settings.source.topics);
+    block_writes(client, &current, true).await?;
+    let swapped = async {
+        let live = settled(kafka, live_group, topics, &shutdown).await?;
+        if !caught_up(&live, &stopped_at) {
+            let writer = writer_to(runtime, live_sink, previous, "rollback");
+            let (group, from) = (writer.settings.source.group_id.clone(), stopped_at.clone());
+            let kafka = kafka.clone();
+            tokio::task::spawn_blocking(move || crate::source::kafka::commit_offsets(&kafka, &group, &from))
+                .await?
+                .context("setting the catch-up group's offsets")?;
+            catch_up(&writer, &live, &shutdown, &Started::now(), &mut |_| {}).await?;
+        }
+        move_alias(client, alias, &current, previous).await
+    }
+    .await;
+    let unblocked = block_writes(client, &current, false).await;
+    swapped.context("the alias is unchanged")?;
+    unblocked?;
+    let state = RebuildState { version: version_of(alias, previous)?, previous_index: None, previous_positions: None };
+    save_state(client, connector, &state).await?;
+    Ok(current)
+}
+
+/// Deletes the previous index kept for rollback.
+pub async fn cleanup(runtime: &ConnectorRuntime) -> anyhow::Result<Option<String>> {
+    let live_sink = sink(runtime)?;
+    let client = live_sink.client();
+    let connector = &runtime.settings.name;
+    let Some(state) = load_state(client, connector).await? else { return Ok(None) };
+    let Some(previous) = state.previous_index.clone() else { return Ok(None) };
+    delete_index(client, &previous).await?;
+    save_state(client, connector, &RebuildState { previous_index: None, previous_positions: None, ..state }).await?;
+    Ok(Some(previous))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_come_from_the_index_name() {
+        assert_eq!(version_of("orders", "orders-v7").expect("a version"), 7);
+        assert!(version_of("orders", "orders").is_err());
+        assert!(version_of("orders", "orders-vx").is_err());
+    }
+
+    #[test]
+    fn the_new_version_loads_without_refreshes_or_replicas_and_without_the_alias() {
+        let target = ElasticsearchTarget {
+            alias: "orders".into(),
+            mappings: Some(json!({"properties": {"total": {"type": "long"}}})),
+            settings: Some(json!({"number_of_shards": 2, "refresh_interval": "5s"})),
+            max_bulk_bytes: 1 << 20,
+            max_bulk_actions: 1000,
+            in_flight: 2,
+        };
+        let body = load_body(&target);
+        assert!(body.get("aliases").is_none(), "{body}");
+        assert_eq!(body["settings"]["number_of_shards"], 2);
+        assert!(body["settings"].get("refresh_interval").is_none(), "one form of each setting: {body}");
+        assert_eq!(body["settings"]["index"], json!({"refresh_interval": "-1", "number_of_replicas": 0}));
+        assert_eq!(body["mappings"]["properties"]["total"]["type"], "long");
+    }
+}

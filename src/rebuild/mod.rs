@@ -1,0 +1,303 @@
+//! `kawka rebuild <connector>`: replay the whole log into the next version
+//! of a read model beside the live one, then swap them atomically; the
+//! previous version is kept for `--rollback` until `--cleanup`.
+//!
+//! * [`postgres`]: `<table>_v<N+1>`, positions in `kawka_offsets`, the swap
+//!   is renames in one transaction that also moves the live positions.
+//! * [`elasticsearch`]: `<alias>-v<N+1>` loaded with refresh off and no
+//!   replicas, positions in Kafka's committed offsets, the swap is one
+//!   `_aliases` call while the live index is write-blocked.
+//!
+//! Both run the connector's own projection and upcasters with another
+//! consumer group, in large batches, and cut over only once the rebuild has
+//! reached the live connector's positions (never the broker's high
+//! watermarks, which some brokers misreport). [`Rebuilds`] runs them inside
+//! the daemon for the HTTP API; progress goes to the live connector's status.
+
+pub mod elasticsearch;
+pub mod postgres;
+
+use std::future::Future;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use tokio::sync::watch;
+
+use crate::config::{ConnectorSettings, ErrorPolicy, Settings, Target};
+use crate::pipeline::ConnectorRuntime;
+use crate::sink::Sink;
+use crate::status::{ConnectorStatus, RebuildProgress, RebuildState};
+
+/// A (topic, partition, next offset) position.
+pub type Position = (String, i32, i64);
+
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RebuildReport {
+    pub events: u64,
+    pub seconds: f64,
+    /// What readers now query (the table, or the index behind the alias).
+    pub new_version: String,
+    pub previous_version: String,
+}
+
+impl RebuildReport {
+    pub fn summary(&self) -> String {
+        format!(
+            "rebuilt {} in {:.1} s ({:.0} events/s); the previous version is kept as {}",
+            self.new_version,
+            self.seconds,
+            self.events as f64 / self.seconds.max(1e-3),
+            self.previous_version
+        )
+    }
+}
+
+/// Rebuilds `runtime`'s read model and cuts over.
+pub async fn rebuild(
+    runtime: ConnectorRuntime,
+    shutdown: watch::Receiver<bool>,
+    progress: impl FnMut(&RebuildProgress),
+) -> anyhow::Result<RebuildReport> {
+    match &runtime.sink {
+        Sink::Postgres(_) => postgres::rebuild(runtime, shutdown, progress).await,
+        Sink::Elasticsearch(_) => elasticsearch::rebuild(runtime, shutdown, progress).await,
+    }
+}
+
+/// Swaps back to the previous version; returns the name the rolled-out
+/// version is kept under.
+pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool>) -> anyhow::Result<String> {
+    match &runtime.sink {
+        Sink::Postgres(_) => postgres::rollback(runtime).await,
+        Sink::Elasticsearch(_) => elasticsearch::rollback(runtime, shutdown).await,
+    }
+}
+
+/// Drops the previous version kept for rollback.
+pub async fn cleanup(runtime: &ConnectorRuntime) -> anyhow::Result<Option<String>> {
+    match &runtime.sink {
+        Sink::Postgres(_) => postgres::cleanup(runtime).await,
+        Sink::Elasticsearch(_) => elasticsearch::cleanup(runtime).await,
+    }
+}
+
+/// Whether the rebuild has reached the live positions on every partition.
+fn caught_up(live: &[(String, i32, i64)], rebuild: &[(String, i32, i64)]) -> bool {
+    live.iter().all(|(t, p, next)| rebuild.iter().any(|(rt, rp, rnext)| rt == t && rp == p && rnext >= next))
+}
+
+/// The rebuild's settings: the connector's, under another name and group,
+/// from the earliest offsets, in large batches. Bad events were
+/// dead-lettered by the live run already, so here they are skipped and
+/// counted.
+fn rebuild_settings(
+    runtime: &ConnectorRuntime,
+    name: &str,
+    version: i64,
+    retarget: impl FnOnce(&mut Target),
+) -> ConnectorSettings {
+    let mut settings = (*runtime.settings).clone();
+    settings.name = name.to_string();
+    settings.source.group_id = format!("{}.rebuild-v{version}", settings.source.group_id);
+    settings.source.start = crate::config::StartPosition::Earliest;
+    settings.on_error = ErrorPolicy::Skip;
+    settings.batch.max_events = settings.batch.max_events.max(20_000);
+    settings.batch.max_bytes = settings.batch.max_bytes.max(32 << 20);
+    retarget(&mut settings.target);
+    settings
+}
+
+fn runtime_with(runtime: &ConnectorRuntime, settings: ConnectorSettings, sink: Sink) -> ConnectorRuntime {
+    let status = Arc::new(ConnectorStatus::new(&settings.name, sink.kind()));
+    ConnectorRuntime { settings: Arc::new(settings), sink, status, replay: None, ..runtime.clone() }
+}
+
+/// A rebuild connector running in the background.
+struct Follower {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<crate::pipeline::Halt>,
+}
+
+impl Follower {
+    fn start(runtime: &ConnectorRuntime) -> Follower {
+        let (stop, stopping) = watch::channel(false);
+        Follower { stop, task: tokio::spawn(runtime.clone().run(stopping)) }
+    }
+
+    /// Stops it; what it made durable stays, its positions included.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// When a rebuild started, for its rate and report.
+struct Started {
+    at: Instant,
+    at_ms: i64,
+}
+
+impl Started {
+    fn now() -> Started {
+        Started { at: Instant::now(), at_ms: crate::status::now_ms() }
+    }
+
+    fn report(&self, events: u64, new_version: String, previous_version: String) -> RebuildReport {
+        RebuildReport { events, seconds: self.at.elapsed().as_secs_f64(), new_version, previous_version }
+    }
+}
+
+/// Reports progress every 250 ms until `read` (live positions, rebuild
+/// positions) says the rebuild has caught up; fails when `shutdown` is set.
+async fn follow<F, Fut>(
+    shutdown: &watch::Receiver<bool>,
+    started: &Started,
+    progress: &mut impl FnMut(&RebuildProgress),
+    mut read: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<(Vec<Position>, Vec<Position>)>>,
+{
+    loop {
+        if *shutdown.borrow() {
+            bail!("interrupted");
+        }
+        let (live, done) = read().await?;
+        let (done_events, target): (i64, i64) = (done.iter().map(|r| r.2).sum(), live.iter().map(|r| r.2).sum());
+        progress(&RebuildProgress::new(
+            done_events.max(0) as u64,
+            target.max(0) as u64,
+            done_events as f64 / started.at.elapsed().as_secs_f64().max(1e-3),
+            started.at_ms,
+        ));
+        if !live.is_empty() && caught_up(&live, &done) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A progress line for a terminal: a bar, percent, events/s, ETA.
+pub fn progress_line(progress: &RebuildProgress) -> String {
+    let RebuildProgress { done, target, percent, events_per_second, eta_seconds, .. } = progress;
+    let filled = ((percent / 5.0) as usize).min(20);
+    let eta = eta_seconds.map_or("-".to_string(), |s| format!("{s:.0}s"));
+    format!(
+        "[{}{}] {percent:5.1}% {done}/{target} events, {events_per_second:.0} events/s, ETA {eta}",
+        "#".repeat(filled),
+        " ".repeat(20 - filled)
+    )
+}
+
+/// Prints progress on one terminal line.
+pub fn print_progress(progress: &RebuildProgress) {
+    eprint!("\r{}", progress_line(progress));
+    let _ = std::io::stderr().flush();
+}
+
+/// Why a rebuild asked for over HTTP did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no connector named {0}")]
+    NotFound(String),
+    #[error("a rebuild of {0} is already running")]
+    Running(String),
+}
+
+/// Rebuilds run inside the daemon (`POST /connectors/{name}/rebuild`): one
+/// at a time per connector; progress and outcome go to the live
+/// connector's status, so `GET /connectors/{name}` and `kawka status`
+/// show them.
+#[derive(Clone)]
+pub struct Rebuilds {
+    runtimes: Vec<ConnectorRuntime>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Rebuilds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rebuilds").field("connectors", &self.runtimes.len()).finish()
+    }
+}
+
+impl Rebuilds {
+    pub fn new(runtimes: Vec<ConnectorRuntime>, shutdown: watch::Receiver<bool>) -> Rebuilds {
+        Rebuilds { runtimes, shutdown }
+    }
+
+    fn runtime(&self, name: &str) -> Result<&ConnectorRuntime, StartError> {
+        let runtime = self
+            .runtimes
+            .iter()
+            .find(|r| r.settings.name == name)
+            .ok_or_else(|| StartError::NotFound(name.to_string()))?;
+        if runtime.status.rebuild().is_some_and(|p| p.state == RebuildState::Running) {
+            return Err(StartError::Running(name.to_string()));
+        }
+        Ok(runtime)
+    }
+
+    /// Starts a rebuild of `name` in the background.
+    pub fn start(&self, name: &str) -> Result<(), StartError> {
+        let runtime = self.runtime(name)?.clone();
+        let status = runtime.status.clone();
+        let started_at_ms = crate::status::now_ms();
+        status.set_rebuild(RebuildProgress::new(0, 0, 0.0, started_at_ms));
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let outcome = rebuild(runtime, shutdown, |progress| status.set_rebuild(progress.clone())).await;
+            status.rebuild_ended(outcome.map(|report| report.summary()).map_err(|error| format!("{error:#}")));
+        });
+        Ok(())
+    }
+
+    /// `kawka rebuild --rollback`, unless a rebuild is running.
+    pub async fn rollback(&self, name: &str) -> Result<anyhow::Result<String>, StartError> {
+        Ok(rollback(self.runtime(name)?, self.shutdown.clone()).await.map(|table| rolled_back(&table)))
+    }
+
+    /// `kawka rebuild --cleanup`, unless a rebuild is running.
+    pub async fn cleanup(&self, name: &str) -> Result<anyhow::Result<String>, StartError> {
+        Ok(cleanup(self.runtime(name)?).await.map(|table| cleaned_up(table.as_deref())))
+    }
+}
+
+pub fn rolled_back(table: &str) -> String {
+    format!("rolled back: the rebuilt version is kept as {table}")
+}
+
+pub fn cleaned_up(table: Option<&str>) -> String {
+    match table {
+        Some(table) => format!("dropped {table}"),
+        None => "no previous version to drop".to_string(),
+    }
+}
+
+/// Builds the runtime of one connector.
+pub fn runtime_of(settings: &Settings, connector: &str) -> anyhow::Result<ConnectorRuntime> {
+    crate::app::connectors(settings)?
+        .into_iter()
+        .find(|r| r.settings.name == connector)
+        .with_context(|| format!("no connector named {connector}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caught_up_means_every_live_partition_reached() {
+        let live = vec![("t".to_string(), 0, 10), ("t".to_string(), 1, 5)];
+        assert!(caught_up(&live, &[("t".into(), 0, 10), ("t".into(), 1, 7)]));
+        assert!(!caught_up(&live, &[("t".into(), 0, 10), ("t".into(), 1, 4)]));
+        assert!(!caught_up(&live, &[("t".into(), 0, 12)]));
+        let line = progress_line(&RebuildProgress::new(50, 100, 10.0, 0));
+        assert!(line.starts_with("[##########          ]  50.0% 50/100 events, 10 events/s, ETA 5s"), "{line}");
+        let line = progress_line(&RebuildProgress::new(150, 100, 10.0, 0));
+        assert!(line.starts_with("[####################] 100.0% 150/100 events, 10 events/s, ETA -"), "{line}");
+    }
+}

@@ -1,0 +1,223 @@
+//! `kawka rebuild` of an Elasticsearch read model with merges and
+//! increments (order-sensitive, position-guarded writes): `<alias>-v2` is
+//! built beside `<alias>-v1` while a reader counts documents through the
+//! alias and a producer keeps writing; the alias moves in one call; after
+//! cut-over the documents equal the fold of the whole log; rollback moves
+//! the alias back once v1 has caught up; cleanup drops v2.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::{json, Value as Json};
+
+use support::{eventually, Project};
+
+fn stats_connector(name: &str, topic: &str) -> String {
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "1000" }} }}
+sink: {{ to: search, index: {name}, mappings: {{ properties: {{ email: {{ type: keyword }} }} }} }}
+key: $key
+batch: {{ max_events: 1000, max_wait: 100ms }}
+events:
+  test.stats.Registered:   {{ upsert: {{ name: name, email: email, logins: 0 }} }}
+  test.stats.EmailChanged: {{ merge: {{ email: email }} }}
+  test.stats.LoggedIn:     {{ increment: {{ logins: count }} }}
+"#
+    )
+}
+
+/// A random log over `users` users: registrations, email changes, logins.
+fn log(events: usize, users: usize) -> Vec<Json> {
+    let mut rng = rand::rng();
+    let mut registered = std::collections::BTreeSet::new();
+    (0..events)
+        .map(|n| {
+            let user = format!("user{}", rng.random_range(0..users));
+            let roll = rng.random_range(0..10);
+            if roll == 0 || !registered.contains(&user) && roll < 3 {
+                registered.insert(user.clone());
+                let (full_name, email) = (format!("Name {n}"), format!("{user}.{n}@example.com"));
+                json!({"schema": "registered", "key": user, "value": {"user_id": user, "name": full_name, "email": email}})
+            } else if roll < 4 {
+                let email = format!("{user}.changed{n}@example.com");
+                json!({"schema": "email", "key": user, "value": {"user_id": user, "email": email}})
+            } else {
+                json!({"schema": "login", "key": user, "value": {"user_id": user, "count": rng.random_range(1..5)}})
+            }
+        })
+        .collect()
+}
+
+/// The documents the log must end in, folded here in order.
+fn fold_of(records: &[Json]) -> BTreeMap<String, Json> {
+    let mut fold: BTreeMap<String, Json> = BTreeMap::new();
+    for record in records {
+        let (user, value) = (record["key"].as_str().expect("key").to_string(), &record["value"]);
+        let doc = fold.entry(user).or_insert_with(|| json!({}));
+        match record["schema"].as_str() {
+            Some("registered") => *doc = json!({"name": value["name"], "email": value["email"], "logins": 0}),
+            Some("email") => doc["email"] = value["email"].clone(),
+            _ => doc["logins"] = json!(doc["logins"].as_i64().unwrap_or(0) + value["count"].as_i64().expect("count")),
+        }
+    }
+    fold
+}
+
+async fn alias_targets(alias: &str) -> String {
+    reqwest::get(format!("{}/_alias/{alias}", support::elasticsearch_url()))
+        .await
+        .expect("alias")
+        .text()
+        .await
+        .expect("text")
+}
+
+async fn count(index: &str) -> Result<u64, String> {
+    let reply: Json = reqwest::get(format!("{}/{index}/_count", support::elasticsearch_url()))
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    reply["count"].as_u64().ok_or_else(|| format!("no count in {reply}"))
+}
+
+async fn assert_fold(index: &str, expected: &BTreeMap<String, Json>, when: &str) {
+    let actual = support::es_documents(index, 10_000).await;
+    let wrong: Vec<_> = expected.iter().filter(|(id, doc)| actual.get(*id) != Some(doc)).take(5).collect();
+    assert!(wrong.is_empty(), "{when}: documents differ from the fold of the log (expected side shown): {wrong:?}");
+    assert_eq!(actual.len(), expected.len(), "{when}");
+}
+
+fn kawka(project: &Project, args: &[&str]) -> String {
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_kawka")).args(args).current_dir(project.root()).output().expect("kawka");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "kawka {args:?}: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_is_rebuilt_beside_the_live_one_swapped_by_alias_and_rolled_back() {
+    const FIRST: usize = 20_000;
+    const DURING: usize = 4_000;
+    const AFTER: usize = 2_000;
+    const USERS: usize = 500;
+    let registry = support::start_registry().await;
+    let topic = support::unique("stats");
+    let name = support::unique("rebuilt-stats");
+    support::create_topic(&topic, 2).await;
+    let record =
+        |n: &str, fields: Json| json!({"type": "record", "name": n, "namespace": "test.stats", "fields": fields});
+    let schemas = json!({
+        "registered": record("Registered", json!([{"name": "user_id", "type": "string"}, {"name": "name", "type": "string"}, {"name": "email", "type": "string"}])),
+        "email": record("EmailChanged", json!([{"name": "user_id", "type": "string"}, {"name": "email", "type": "string"}])),
+        "login": record("LoggedIn", json!([{"name": "user_id", "type": "string"}, {"name": "count", "type": "int"}])),
+    });
+    let records = log(FIRST + DURING + AFTER, USERS);
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": schemas});
+    support::produce_with_python(&spec, records[..FIRST].to_vec()).await;
+
+    let project = Project::new(&registry.url(), &[(&name, &stats_connector(&name, &topic))]);
+    let mut live = project.start(0);
+    let (group, topics) = (format!("kawka.{name}"), vec![topic.clone()]);
+    let live_started = Instant::now();
+    eventually(Duration::from_secs(240), "the live index to hold the first events", || async {
+        (support::committed_total(&group, &topics).await == FIRST as i64).then_some(())
+    })
+    .await;
+    let live_seconds = live_started.elapsed().as_secs_f64();
+    assert!(alias_targets(&name).await.contains(&format!("{name}-v1")));
+
+    // A reader through the alias: documents are never deleted here, so the
+    // count can only grow, and the alias always answers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, alias) = (stop.clone(), name.clone());
+        tokio::spawn(async move {
+            let (mut reads, mut last, mut problems) = (0u64, 0u64, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                match count(&alias).await {
+                    Ok(now) if now < last => problems.push(format!("the count went down from {last} to {now}")),
+                    Ok(now) => last = now,
+                    Err(error) => problems.push(format!("read failed: {error}")),
+                }
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (reads, problems)
+        })
+    };
+    let producer = {
+        let (spec, during) = (spec.clone(), records[FIRST..FIRST + DURING].to_vec());
+        tokio::spawn(async move {
+            for chunk in during.chunks(1000) {
+                support::produce_with_python(&spec, chunk.to_vec()).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let rebuild_started = Instant::now();
+    let stdout = {
+        let (project_root, name) = (project.root().to_path_buf(), name.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_kawka")).args(["rebuild", &name]).current_dir(project_root).output()
+        })
+        .await
+        .expect("thread")
+        .expect("kawka rebuild")
+    };
+    let rebuild_seconds = rebuild_started.elapsed().as_secs_f64();
+    let out = String::from_utf8_lossy(&stdout.stdout).into_owned();
+    assert!(stdout.status.success(), "{out}\n{}", String::from_utf8_lossy(&stdout.stderr));
+    assert!(out.contains(&format!("rebuilt {name}-v2")) && out.contains(&format!("kept as {name}-v1")), "{out}");
+    producer.await.expect("producer");
+    let during_total = (FIRST + DURING) as i64;
+    eventually(Duration::from_secs(240), "the live connector to go on after the cut-over", || async {
+        (support::committed_total(&group, &topics).await == during_total).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let (reads, problems) = reader.await.expect("reader");
+    assert!(problems.is_empty(), "over {reads} reads: {problems:?}");
+    assert!(reads > 20, "the reader kept reading: {reads}");
+    let alias = alias_targets(&name).await;
+    assert!(alias.contains(&format!("{name}-v2")) && !alias.contains(&format!("{name}-v1")), "{alias}");
+    let expected = fold_of(&records[..FIRST + DURING]);
+    assert_fold(&name, &expected, "after the cut-over").await;
+    eprintln!("{out}");
+    eprintln!(
+        "live connector: {FIRST} events in {live_seconds:.1} s ({:.0} events/s); `kawka rebuild` took {rebuild_seconds:.1} s; \
+         reader: {reads} reads through the alias, none missing or shrinking",
+        FIRST as f64 / live_seconds
+    );
+
+    // Events after the cut-over land in v2; the rollback brings v1 up to
+    // them before the alias moves back.
+    support::produce_with_python(&spec, records[FIRST + DURING..].to_vec()).await;
+    let total = records.len() as i64;
+    eventually(Duration::from_secs(120), "the events after the cut-over", || async {
+        (support::committed_total(&group, &topics).await == total).then_some(())
+    })
+    .await;
+    let out = kawka(&project, &["rebuild", &name, "--rollback"]);
+    assert!(out.contains(&format!("kept as {name}-v2")), "{out}");
+    let alias = alias_targets(&name).await;
+    assert!(alias.contains(&format!("{name}-v1")) && !alias.contains(&format!("{name}-v2")), "{alias}");
+    let expected = fold_of(&records);
+    assert_fold(&name, &expected, "after the rollback").await;
+    assert_fold(&format!("{name}-v2"), &expected, "the rolled-out version").await;
+
+    let out = kawka(&project, &["rebuild", &name, "--cleanup"]);
+    assert!(out.contains(&format!("dropped {name}-v2")), "{out}");
+    assert_eq!(live.terminate().await, Some(0), "clean exit; log:\n{}", live.log());
+    let _ = registry.stop().await; // cleanup only
+}

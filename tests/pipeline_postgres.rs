@@ -309,3 +309,82 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     eprintln!("{kills} kills, positions at each kill: {progress_at_kills:?}");
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
 }
+
+/// A batch whose partitions committed only in part (a crash, or one
+/// partition's transaction failing) is written again by the retry: the
+/// shares that committed are skipped, the others applied, nothing twice;
+/// and a batch from a fenced owner changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_retried_after_a_partial_commit_applies_each_partition_once() {
+    use kawka::config::OpKind;
+    use kawka::event::Position;
+    use kawka::projection::WriteOp;
+    use kawka::sink::{PartitionOffset, Sink, SinkError};
+    use kawka::value::{intern, Value};
+
+    let name = support::unique("partial");
+    let connector = inventory_connector(&name, &name, "unused-shipments", "unused-sales", 100);
+    let project = Project::new("http://127.0.0.1:9", &[(&name, &connector)]);
+    // Directories in the config are relative to the working directory,
+    // which is the repository's here: make them absolute.
+    let config = project.root().join("config/kawka.yaml");
+    let text = std::fs::read_to_string(&config).expect("config").replace(
+        "connectors: connectors/\nschemas: schemas/",
+        &format!("connectors: {0}/connectors/\nschemas: {0}/schemas/", project.root().display()),
+    );
+    std::fs::write(&config, text).expect("config");
+    let settings = kawka::config::load(&config).expect("config");
+    let runtime = kawka::app::connectors(&settings).expect("runtime").into_iter().next().expect("one connector");
+    assert_eq!(runtime.settings.name, name);
+    let Sink::Postgres(sink) = &runtime.sink else { panic!("a postgres connector") };
+    sink.prepare().await.expect("prepare");
+    let topic = intern("shipments");
+    let claims = sink.claim(&[(topic, 0), (topic, 1)]).await.expect("claim");
+    let epoch = |partition: i32| claims.iter().find(|c| c.partition == partition).and_then(|c| c.epoch);
+    // Five increments of one key per partition.
+    let ops: Vec<WriteOp> = (0..10)
+        .map(|n| WriteOp {
+            key: vec![Value::Str(format!("s{}", n % 2)), Value::Str("i".into())],
+            kind: OpKind::Increment,
+            fields: vec![(intern("on_hand"), Value::Int(1))],
+            version: None,
+            position: Position { topic, partition: (n % 2) as i32, offset: (n / 2) as i64 },
+        })
+        .collect();
+    let offsets: Vec<PartitionOffset> =
+        (0..2).map(|p| PartitionOffset { topic, partition: p, next_offset: 5, epoch: epoch(p) }).collect();
+    sink.write(&ops, &offsets).await.expect("first write");
+
+    // Partition 1's share "did not commit": undo its effect and position.
+    let pool = support::postgres().await;
+    sqlx::query(&format!("DELETE FROM \"{name}\" WHERE store_id = 's1'")).execute(&pool).await.expect("undo rows");
+    sqlx::query("UPDATE kawka_offsets SET next_offset = NULL WHERE connector = $1 AND partition = 1")
+        .bind(&name)
+        .execute(&pool)
+        .await
+        .expect("undo position");
+    sink.write(&ops, &offsets).await.expect("the retry");
+    assert_eq!(
+        read_on_hand(&pool, &name).await,
+        BTreeMap::from([(("s0".into(), "i".into()), 5), (("s1".into(), "i".into()), 5)]),
+        "each partition's increments applied once"
+    );
+
+    // Another owner claims partition 0: this owner's next batch is refused whole.
+    sink.claim(&[(topic, 0)]).await.expect("a new owner");
+    let later: Vec<PartitionOffset> =
+        (0..2).map(|p| PartitionOffset { topic, partition: p, next_offset: 10, epoch: epoch(p) }).collect();
+    let mut more = ops.clone();
+    more.iter_mut().for_each(|op| op.position.offset += 5);
+    assert!(matches!(sink.write(&more, &later).await, Err(SinkError::Fenced)));
+    let s0: i64 = sqlx::query_scalar(&format!("SELECT on_hand FROM \"{name}\" WHERE store_id = 's0'"))
+        .fetch_one(&pool)
+        .await
+        .expect("s0");
+    assert_eq!(s0, 5, "the fenced partition's share was not applied");
+    let s1: i64 = sqlx::query_scalar(&format!("SELECT on_hand FROM \"{name}\" WHERE store_id = 's1'"))
+        .fetch_one(&pool)
+        .await
+        .expect("s1");
+    assert_eq!(s1, 10, "the partition still owned went on");
+}

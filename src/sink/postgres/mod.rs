@@ -1,11 +1,19 @@
 //! The Postgres sink: exactly-once effects.
 //!
-//! A batch is one transaction: first the positions move in `kawka_offsets`
-//! (fenced by the epoch this owner got when it was assigned the partitions,
-//! which also row-locks them so a new owner's claim waits for this commit),
-//! then the net ops of the batch. Since the positions and the effects commit
-//! together, and a newly assigned consumer starts at the stored positions,
-//! every event's effect lands once, increments included.
+//! A partition's share of a batch is one transaction: first its position
+//! moves in `kawka_offsets` (fenced by the epoch this owner got when it was
+//! assigned the partition, which also row-locks it so a new owner's claim
+//! waits for this commit), then its net ops. Since the position and the
+//! effects commit together, and a newly assigned consumer starts at the
+//! stored positions, every event's effect lands once, increments included.
+//!
+//! The partitions of a batch are written concurrently, on separate
+//! connections (one backend is the bottleneck otherwise). A partition's
+//! transaction only moves its position forward: when a retried batch finds
+//! it already there, that share committed before and is skipped, so a batch
+//! that failed half-way is retried without applying anything twice. A batch
+//! in which one key has events from several partitions is written in one
+//! transaction instead (its compacted op cannot be split).
 //!
 //! * [`types`]: declared column types (pure).
 //! * [`sql`]: statements and bound arrays (pure).
@@ -21,7 +29,7 @@ use sqlx::{Arguments, Executor, PgPool, Postgres, Row};
 
 use super::{Claim, PartitionOffset, SinkError};
 use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
-use crate::projection::compact::compact;
+use crate::projection::compact::{compact, NetOp};
 use crate::projection::WriteOp;
 use crate::value::{intern, Name};
 use sql::{ColumnArray, Statement, TableSql};
@@ -130,17 +138,71 @@ impl PostgresSink {
         Ok(held == epochs.len() as i64)
     }
 
-    /// Applies the ops of a batch, folded per key, and the positions in
-    /// one transaction.
+    /// Applies the ops of a batch, folded per key, and the positions: per
+    /// partition, concurrently, when no key spans partitions.
     pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
         let (net, fold_errors) = compact(ops);
         if !fold_errors.is_empty() {
             return Err(SinkError::RejectedOps(fold_errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
         }
+        let net = match by_partition(net, offsets) {
+            Ok(shares) => {
+                // Every statement is planned before anything is written.
+                let planned = shares
+                    .iter()
+                    .map(|(offset, net)| Ok((*offset, self.table.plan(net)?)))
+                    .collect::<Result<Vec<_>, sql::BindError>>()
+                    .map_err(|error| SinkError::Rejected(error.to_string()))?;
+                let results = futures::future::join_all(
+                    planned.iter().map(|(offset, statements)| self.write_partition(offset, statements)),
+                )
+                .await;
+                // Fenced first: the caller must stop, not retry.
+                if results.iter().any(|r| matches!(r, Err(SinkError::Fenced))) {
+                    return Err(SinkError::Fenced);
+                }
+                return results.into_iter().collect();
+            }
+            Err(net) => net,
+        };
         let statements = self.table.plan(&net).map_err(|error| SinkError::Rejected(error.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
         self.advance(&mut tx, offsets).await?;
         for statement in &statements {
+            bind(statement).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+        }
+        tx.commit().await.map_err(SinkError::Postgres)
+    }
+
+    /// One partition's share in its own transaction, skipped when its
+    /// position is already at or past `offset` (it committed before).
+    async fn write_partition(&self, offset: &PartitionOffset, statements: &[Statement]) -> Result<(), SinkError> {
+        let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+        let moved = sqlx::query(&self.table.advance_one())
+            .bind(&self.connector)
+            .bind(offset.topic)
+            .bind(offset.partition)
+            .bind(offset.next_offset)
+            .bind(offset.epoch)
+            .execute(&mut *tx)
+            .await
+            .map_err(SinkError::Postgres)?
+            .rows_affected();
+        if moved == 0 {
+            let stored: Option<(i64, Option<i64>)> = sqlx::query_as(&self.table.position_of())
+                .bind(&self.connector)
+                .bind(offset.topic)
+                .bind(offset.partition)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(SinkError::Postgres)?;
+            tx.rollback().await.map_err(SinkError::Postgres)?;
+            return match stored {
+                Some((epoch, Some(next))) if Some(epoch) == offset.epoch && next >= offset.next_offset => Ok(()),
+                _ => Err(SinkError::Fenced),
+            };
+        }
+        for statement in statements {
             bind(statement).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
         }
         tx.commit().await.map_err(SinkError::Postgres)
@@ -208,6 +270,30 @@ impl PostgresSink {
     }
 }
 
+/// The net ops of a batch split by the partition of their events, each
+/// share with its partition's position; `Err` gives `net` back when there
+/// is one partition only, or a key has events from several.
+fn by_partition(
+    net: Vec<NetOp>,
+    offsets: &[PartitionOffset],
+) -> Result<Vec<(&PartitionOffset, Vec<NetOp>)>, Vec<NetOp>> {
+    let partition_of = |op: &NetOp| {
+        let first = op.positions.first()?;
+        let same = op.positions.iter().all(|p| p.partition == first.partition && p.topic == first.topic);
+        let share = offsets.iter().position(|o| o.partition == first.partition && o.topic == first.topic);
+        share.filter(|_| same)
+    };
+    if offsets.len() < 2 || !net.iter().all(|op| partition_of(op).is_some()) {
+        return Err(net);
+    }
+    let mut shares: Vec<(&PartitionOffset, Vec<NetOp>)> = offsets.iter().map(|o| (o, Vec::new())).collect();
+    for op in net {
+        let share = partition_of(&op).expect("every op was checked to belong to one partition of the batch");
+        shares[share].1.push(op);
+    }
+    Ok(shares)
+}
+
 /// The message of a database error without sqlx's prefix.
 pub fn database_message(error: &sqlx::Error) -> String {
     match error {
@@ -234,4 +320,40 @@ fn bind(statement: &Statement) -> Query<'_, Postgres, PgArguments> {
         debug_assert!(added.is_ok(), "binding an array of a built-in type");
     }
     sqlx::query_with(&statement.sql, arguments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Position;
+    use crate::projection::compact::Effect;
+    use crate::value::Value;
+
+    fn net(key: &str, partitions: &[i32]) -> NetOp {
+        NetOp {
+            key: vec![Value::from(key)],
+            effect: Effect::Delete,
+            version: None,
+            positions: partitions.iter().map(|&partition| Position { topic: "t", partition, offset: 0 }).collect(),
+        }
+    }
+
+    fn offset(partition: i32) -> PartitionOffset {
+        PartitionOffset { topic: "t", partition, next_offset: 10, epoch: Some(1) }
+    }
+
+    #[test]
+    fn batches_split_by_partition_unless_a_key_spans_partitions() {
+        let offsets = [offset(0), offset(1), offset(2)];
+        let shares = by_partition(vec![net("a", &[0, 0]), net("b", &[1]), net("c", &[0])], &offsets).expect("split");
+        let keys: Vec<(i32, Vec<&Value>)> =
+            shares.iter().map(|(o, ops)| (o.partition, ops.iter().map(|op| &op.key[0]).collect())).collect();
+        assert_eq!(
+            keys,
+            vec![(0, vec![&Value::from("a"), &Value::from("c")]), (1, vec![&Value::from("b")]), (2, vec![])],
+            "every partition of the batch gets its share, even an empty one (its position still moves)"
+        );
+        assert_eq!(by_partition(vec![net("a", &[0, 1])], &offsets).expect_err("spans").len(), 1);
+        assert!(by_partition(vec![net("a", &[0])], &offsets[..1]).is_err(), "one partition: one transaction");
+    }
 }

@@ -283,6 +283,26 @@ impl TableSql {
         )
     }
 
+    /// Moves one partition's position forward only, where the epoch is
+    /// still ours: `$1` connector, `$2` topic, `$3` partition, `$4` next
+    /// offset, `$5` epoch. No row updated means fenced, or already there.
+    pub fn advance_one(&self) -> String {
+        format!(
+            "UPDATE {t} SET next_offset = $4, updated_at = now() \
+             WHERE connector = $1 AND topic = $2 AND partition = $3 AND epoch = $5 \
+             AND (next_offset IS NULL OR next_offset < $4)",
+            t = self.offsets_table
+        )
+    }
+
+    /// The epoch and position of one partition: `$1` connector, `$2` topic, `$3` partition.
+    pub fn position_of(&self) -> String {
+        format!(
+            "SELECT epoch, next_offset FROM {t} WHERE connector = $1 AND topic = $2 AND partition = $3",
+            t = self.offsets_table
+        )
+    }
+
     fn key_list(&self) -> String {
         self.target.primary_key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ")
     }

@@ -348,7 +348,7 @@ async fn a_batch_retried_after_a_partial_commit_applies_each_partition_once() {
             kind: OpKind::Increment,
             fields: vec![(intern("on_hand"), Value::Int(1))],
             version: None,
-            position: Position { topic, partition: (n % 2) as i32, offset: (n / 2) as i64 },
+            position: Position { topic, partition: n % 2, offset: i64::from(n / 2) },
         })
         .collect();
     let offsets: Vec<PartitionOffset> =

@@ -340,7 +340,7 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
     let connector = &runtime.settings.name;
     let Some(state) = load_state(client, connector).await? else { bail!("{connector} has never been rebuilt") };
     let (Some(previous), Some(stopped_at)) = (&state.previous_index, &state.previous_positions) else {
-        bail!("no previous version of {alias} is kept (cleaned up?)")
+        bail!("no previous version of {alias} to roll back to (rolled back already, or cleaned up)")
     };
     let stopped_at: Vec<Position> = serde_json::from_str(stopped_at).context("the saved positions")?;
     let current = current_index(client, alias).await?;
@@ -364,7 +364,13 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
     let unblocked = block_writes(client, &current, false).await;
     swapped.context("the alias is unchanged")?;
     unblocked?;
-    let state = RebuildState { version: version_of(alias, previous)?, previous_index: None, previous_positions: None };
+    // The rolled-out index is kept until cleanup; there is nothing to roll
+    // forward to.
+    let state = RebuildState {
+        version: version_of(alias, previous)?,
+        previous_index: Some(current.clone()),
+        previous_positions: None,
+    };
     save_state(client, connector, &state).await?;
     Ok(current)
 }

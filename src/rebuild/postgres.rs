@@ -233,7 +233,8 @@ async fn move_positions(tx: &mut sqlx::PgConnection, names: &Names, to: &[(Strin
 }
 
 /// Swaps back to the previous table; the live connector goes on from where
-/// that table stopped.
+/// that table stopped. The rolled-out table is kept until `--cleanup` (a
+/// second rollback is refused: there is nothing to roll forward to).
 pub async fn rollback(runtime: &ConnectorRuntime) -> anyhow::Result<String> {
     let names = names(runtime)?;
     let pool = pool(runtime)?;
@@ -246,10 +247,12 @@ pub async fn rollback(runtime: &ConnectorRuntime) -> anyhow::Result<String> {
     .fetch_optional(&pool)
     .await?;
     let Some(row) = row else { bail!("{} has never been rebuilt", names.connector) };
-    let (version, previous): (i32, Option<String>) = (row.get(0), row.get(1));
-    let Some(previous_table) = previous else { bail!("no previous version of {} is kept (cleaned up?)", names.table) };
-    let positions: Vec<(String, i32, i64)> =
-        serde_json::from_value(row.get::<serde_json::Value, _>(2)).context("stored positions")?;
+    let (version, previous, positions): (i32, Option<String>, Option<serde_json::Value>) =
+        (row.get(0), row.get(1), row.get(2));
+    let (Some(previous_table), Some(positions)) = (previous, positions) else {
+        bail!("no previous version of {} to roll back to (rolled back already, or cleaned up)", names.table)
+    };
+    let positions: Vec<(String, i32, i64)> = serde_json::from_value(positions).context("stored positions")?;
     let rolled_out = format!("{}_v{}", names.table, version);
     let mut tx = pool.begin().await?;
     sqlx::query(&format!("SELECT 1 FROM {} WHERE connector = $1 FOR UPDATE", names.offsets()))
@@ -264,10 +267,11 @@ pub async fn rollback(runtime: &ConnectorRuntime) -> anyhow::Result<String> {
         .await?;
     move_positions(&mut tx, &names, &positions).await?;
     sqlx::query(&format!(
-        "UPDATE {} SET version = version - 1, previous_table = NULL, previous_positions = NULL WHERE connector = $1",
+        "UPDATE {} SET version = version - 1, previous_table = $2, previous_positions = NULL WHERE connector = $1",
         names.rebuilds()
     ))
     .bind(&names.connector)
+    .bind(&rolled_out)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

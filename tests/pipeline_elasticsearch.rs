@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand::Rng;
@@ -172,37 +171,11 @@ async fn kill_9_during_a_run_with_merges_and_increments_ends_in_the_fold_of_the_
     let topic = support::unique("stats");
     let name = support::unique("stats");
     support::create_topic(&topic, 3).await;
-    let record =
-        |n: &str, fields: Json| json!({"type": "record", "name": n, "namespace": "test.stats", "fields": fields});
-    let schemas = json!({
-        "registered": record("Registered", json!([{"name": "user_id", "type": "string"}, {"name": "name", "type": "string"}, {"name": "email", "type": "string"}])),
-        "email": record("EmailChanged", json!([{"name": "user_id", "type": "string"}, {"name": "email", "type": "string"}])),
-        "login": record("LoggedIn", json!([{"name": "user_id", "type": "string"}, {"name": "count", "type": "int"}])),
-    });
     // The log, and its fold computed here: per user, in order.
-    let mut rng = rand::rng();
-    let mut records = Vec::with_capacity(EVENTS);
-    let mut expected: BTreeMap<String, Json> = BTreeMap::new();
-    for n in 0..EVENTS {
-        let user = format!("user{}", rng.random_range(0..USERS));
-        let roll = rng.random_range(0..10);
-        let doc = expected.entry(user.clone()).or_insert_with(|| json!({}));
-        if roll == 0 || doc.get("name").is_none() && roll < 3 {
-            let (full_name, email) = (format!("Name {n}"), format!("{user}.{n}@example.com"));
-            *doc = json!({"name": full_name, "email": email, "logins": 0});
-            records.push(json!({"schema": "registered", "key": user, "value": {"user_id": user, "name": full_name, "email": email}}));
-        } else if roll < 4 {
-            let email = format!("{user}.changed{n}@example.com");
-            doc["email"] = json!(email);
-            records.push(json!({"schema": "email", "key": user, "value": {"user_id": user, "email": email}}));
-        } else {
-            let count = rng.random_range(1..5);
-            doc["logins"] = json!(doc["logins"].as_i64().unwrap_or(0) + count);
-            records.push(json!({"schema": "login", "key": user, "value": {"user_id": user, "count": count}}));
-        }
-    }
+    let records = support::stats::log(EVENTS, USERS);
+    let expected = support::stats::fold(&records);
     let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
-        "subject_strategy": "topic_record", "schemas": schemas});
+        "subject_strategy": "topic_record", "schemas": support::stats::schemas()});
     support::produce_with_python(&spec, records).await;
 
     let project = Project::new(&registry.url(), &[(&name, &stats_connector(&name, &topic))]);

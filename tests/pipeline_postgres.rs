@@ -201,18 +201,6 @@ async fn read_on_hand(pool: &sqlx::PgPool, table: &str) -> BTreeMap<(String, Str
         .unwrap_or_default()
 }
 
-async fn positions(pool: &sqlx::PgPool, connector: &str) -> i64 {
-    sqlx::query_scalar::<_, Option<i64>>(
-        "SELECT COALESCE(sum(next_offset), 0)::bigint FROM kawka_offsets WHERE connector = $1",
-    )
-    .bind(connector)
-    .fetch_one(pool)
-    .await
-    .ok()
-    .flatten()
-    .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_in_one_group_split_the_partitions_and_agree_with_one() {
     let registry = support::start_registry().await;
@@ -233,7 +221,9 @@ async fn two_processes_in_one_group_split_the_partitions_and_agree_with_one() {
     let mut alone = single_project.start(0);
     let pool = support::postgres().await;
     eventually(Duration::from_secs(120), "both tables to hold every event", || async {
-        (positions(&pool, &pair).await == 6000 && positions(&pool, &single).await == 6000).then_some(())
+        (support::stored_positions(&pool, &pair).await == 6000
+            && support::stored_positions(&pool, &single).await == 6000)
+            .then_some(())
     })
     .await;
     assert_eq!(read_on_hand(&pool, &pair).await, expected, "two processes: shipments minus sales");
@@ -277,7 +267,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         // Polled closely: the kill must come while this run is writing.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let started = loop {
-            let now = positions(&pool, &name).await;
+            let now = support::stored_positions(&pool, &name).await;
             if now > before {
                 break now;
             }
@@ -288,7 +278,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..300))).await;
         kawka.kill9();
         kills += 1;
-        before = positions(&pool, &name).await;
+        before = support::stored_positions(&pool, &name).await;
         progress_at_kills.push(before);
     }
     assert!(
@@ -297,7 +287,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     );
     let mut last = project.start(ROUNDS);
     eventually(Duration::from_secs(180), "every event to be written after the last restart", || async {
-        (positions(&pool, &name).await == total).then_some(())
+        (support::stored_positions(&pool, &name).await == total).then_some(())
     })
     .await;
     assert_eq!(last.terminate().await, Some(0), "clean exit; log:\n{}", last.log());

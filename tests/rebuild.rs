@@ -37,17 +37,6 @@ events:
     )
 }
 
-/// The sum of a connector's stored positions: events made durable.
-async fn positions(pool: &sqlx::PgPool, connector: &str) -> i64 {
-    sqlx::query_scalar::<_, Option<i64>>("SELECT sum(next_offset)::bigint FROM kawka_offsets WHERE connector = $1")
-        .bind(connector)
-        .fetch_one(pool)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(0)
-}
-
 async fn sum_on_hand(pool: &sqlx::PgPool, table: &str) -> i64 {
     sqlx::query_scalar::<_, Option<i64>>(&format!("SELECT sum(on_hand)::bigint FROM \"{table}\""))
         .fetch_one(pool)
@@ -73,7 +62,7 @@ async fn a_rebuild_swaps_atomically_while_reads_and_writes_go_on_and_rolls_back(
     let pool = support::postgres().await;
     let live_started = Instant::now();
     eventually(Duration::from_secs(240), "the live model to hold the first events", || async {
-        (positions(&pool, &name).await == FIRST as i64).then_some(())
+        (support::stored_positions(&pool, &name).await == FIRST as i64).then_some(())
     })
     .await;
     let live_seconds = live_started.elapsed().as_secs_f64();
@@ -125,7 +114,7 @@ async fn a_rebuild_swaps_atomically_while_reads_and_writes_go_on_and_rolls_back(
     producer.await.expect("producer");
     let total = (FIRST + DURING) as i64;
     eventually(Duration::from_secs(240), "the live connector to go on in the new table", || async {
-        (positions(&pool, &name).await == total).then_some(())
+        (support::stored_positions(&pool, &name).await == total).then_some(())
     })
     .await;
     stop.store(true, Ordering::SeqCst);
@@ -198,7 +187,7 @@ async fn a_rebuild_over_http_reports_progress_and_rolls_back() {
     let mut live = project.start(0);
     let pool = support::postgres().await;
     eventually(Duration::from_secs(120), "the live model to hold the first events", || async {
-        (positions(&pool, &name).await == FIRST as i64).then_some(())
+        (support::stored_positions(&pool, &name).await == FIRST as i64).then_some(())
     })
     .await;
     let address =

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use serde_json::{json, Value as Json};
 
 use support::{eventually, Project};
@@ -31,43 +30,6 @@ events:
   test.stats.LoggedIn:     {{ increment: {{ logins: count }} }}
 "#
     )
-}
-
-/// A random log over `users` users: registrations, email changes, logins.
-fn log(events: usize, users: usize) -> Vec<Json> {
-    let mut rng = rand::rng();
-    let mut registered = std::collections::BTreeSet::new();
-    (0..events)
-        .map(|n| {
-            let user = format!("user{}", rng.random_range(0..users));
-            let roll = rng.random_range(0..10);
-            if roll == 0 || !registered.contains(&user) && roll < 3 {
-                registered.insert(user.clone());
-                let (full_name, email) = (format!("Name {n}"), format!("{user}.{n}@example.com"));
-                json!({"schema": "registered", "key": user, "value": {"user_id": user, "name": full_name, "email": email}})
-            } else if roll < 4 {
-                let email = format!("{user}.changed{n}@example.com");
-                json!({"schema": "email", "key": user, "value": {"user_id": user, "email": email}})
-            } else {
-                json!({"schema": "login", "key": user, "value": {"user_id": user, "count": rng.random_range(1..5)}})
-            }
-        })
-        .collect()
-}
-
-/// The documents the log must end in, folded here in order.
-fn fold_of(records: &[Json]) -> BTreeMap<String, Json> {
-    let mut fold: BTreeMap<String, Json> = BTreeMap::new();
-    for record in records {
-        let (user, value) = (record["key"].as_str().expect("key").to_string(), &record["value"]);
-        let doc = fold.entry(user).or_insert_with(|| json!({}));
-        match record["schema"].as_str() {
-            Some("registered") => *doc = json!({"name": value["name"], "email": value["email"], "logins": 0}),
-            Some("email") => doc["email"] = value["email"].clone(),
-            _ => doc["logins"] = json!(doc["logins"].as_i64().unwrap_or(0) + value["count"].as_i64().expect("count")),
-        }
-    }
-    fold
 }
 
 async fn alias_targets(alias: &str) -> String {
@@ -114,16 +76,9 @@ async fn an_index_is_rebuilt_beside_the_live_one_swapped_by_alias_and_rolled_bac
     let topic = support::unique("stats");
     let name = support::unique("rebuilt-stats");
     support::create_topic(&topic, 2).await;
-    let record =
-        |n: &str, fields: Json| json!({"type": "record", "name": n, "namespace": "test.stats", "fields": fields});
-    let schemas = json!({
-        "registered": record("Registered", json!([{"name": "user_id", "type": "string"}, {"name": "name", "type": "string"}, {"name": "email", "type": "string"}])),
-        "email": record("EmailChanged", json!([{"name": "user_id", "type": "string"}, {"name": "email", "type": "string"}])),
-        "login": record("LoggedIn", json!([{"name": "user_id", "type": "string"}, {"name": "count", "type": "int"}])),
-    });
-    let records = log(FIRST + DURING + AFTER, USERS);
+    let records = support::stats::log(FIRST + DURING + AFTER, USERS);
     let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
-        "subject_strategy": "topic_record", "schemas": schemas});
+        "subject_strategy": "topic_record", "schemas": support::stats::schemas()});
     support::produce_with_python(&spec, records[..FIRST].to_vec()).await;
 
     let project = Project::new(&registry.url(), &[(&name, &stats_connector(&name, &topic))]);
@@ -191,7 +146,7 @@ async fn an_index_is_rebuilt_beside_the_live_one_swapped_by_alias_and_rolled_bac
     assert!(reads > 20, "the reader kept reading: {reads}");
     let alias = alias_targets(&name).await;
     assert!(alias.contains(&format!("{name}-v2")) && !alias.contains(&format!("{name}-v1")), "{alias}");
-    let expected = fold_of(&records[..FIRST + DURING]);
+    let expected = support::stats::fold(&records[..FIRST + DURING]);
     assert_fold(&name, &expected, "after the cut-over").await;
     eprintln!("{out}");
     eprintln!(
@@ -212,7 +167,7 @@ async fn an_index_is_rebuilt_beside_the_live_one_swapped_by_alias_and_rolled_bac
     assert!(out.contains(&format!("kept as {name}-v2")), "{out}");
     let alias = alias_targets(&name).await;
     assert!(alias.contains(&format!("{name}-v1")) && !alias.contains(&format!("{name}-v2")), "{alias}");
-    let expected = fold_of(&records);
+    let expected = support::stats::fold(&records);
     assert_fold(&name, &expected, "after the rollback").await;
     assert_fold(&format!("{name}-v2"), &expected, "the rolled-out version").await;
 

@@ -269,7 +269,12 @@ fn consumer_config(connector: &str, kafka: &KafkaSettings, source: &SourceSettin
                 StartPosition::Latest => "latest",
             },
         )
-        .set("queued.max.messages.kbytes", (source.max_prefetch_bytes / 1024).max(1).to_string());
+        .set("queued.max.messages.kbytes", (source.max_prefetch_bytes / 1024).max(1).to_string())
+        // Smaller per-partition fetches interleave the partitions in the
+        // queue, so a batch holds several of them and the Postgres sink
+        // writes their shares concurrently (1 MiB would give ~10k records
+        // of one partition in a row).
+        .set("max.partition.fetch.bytes", "262144");
     for (key, value) in kafka.properties.iter().chain(&source.properties) {
         config.set(key, value);
     }

@@ -289,6 +289,19 @@ pub async fn postgres() -> sqlx::PgPool {
         .unwrap_or_else(|e| panic!("cannot reach {} (is the stack up? deploy/local/up.sh): {e}", database_url()))
 }
 
+/// The sum of a Postgres connector's stored positions: events made durable.
+pub async fn stored_positions(pool: &sqlx::PgPool, connector: &str) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>(
+        "SELECT COALESCE(sum(next_offset), 0)::bigint FROM kawka_offsets WHERE connector = $1",
+    )
+    .bind(connector)
+    .fetch_one(pool)
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+}
+
 /// A schema of the shipped catalogue, as JSON.
 pub fn catalogue_schema(event_type: &str, version: u32) -> Json {
     let path = project_root().join("schemas").join(event_type).join(format!("v{version}.avsc"));
@@ -568,5 +581,65 @@ impl Drop for PersistentBroker {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// The "stats" read model of the Elasticsearch tests: registrations (full
+/// replaces), email changes (merges) and logins (increments), whose order
+/// matters, over a few users.
+pub mod stats {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use rand::Rng;
+    use serde_json::{json, Value as Json};
+
+    /// The producer's schemas of the three events.
+    pub fn schemas() -> Json {
+        let record =
+            |n: &str, fields: Json| json!({"type": "record", "name": n, "namespace": "test.stats", "fields": fields});
+        json!({
+            "registered": record("Registered", json!([{"name": "user_id", "type": "string"}, {"name": "name", "type": "string"}, {"name": "email", "type": "string"}])),
+            "email": record("EmailChanged", json!([{"name": "user_id", "type": "string"}, {"name": "email", "type": "string"}])),
+            "login": record("LoggedIn", json!([{"name": "user_id", "type": "string"}, {"name": "count", "type": "int"}])),
+        })
+    }
+
+    /// A random log of `events` over `users` users (Kafka key = user).
+    pub fn log(events: usize, users: usize) -> Vec<Json> {
+        let mut rng = rand::rng();
+        let mut registered = BTreeSet::new();
+        (0..events)
+            .map(|n| {
+                let user = format!("user{}", rng.random_range(0..users));
+                let roll = rng.random_range(0..10);
+                if roll == 0 || !registered.contains(&user) && roll < 3 {
+                    registered.insert(user.clone());
+                    let (full_name, email) = (format!("Name {n}"), format!("{user}.{n}@example.com"));
+                    json!({"schema": "registered", "key": user, "value": {"user_id": user, "name": full_name, "email": email}})
+                } else if roll < 4 {
+                    let email = format!("{user}.changed{n}@example.com");
+                    json!({"schema": "email", "key": user, "value": {"user_id": user, "email": email}})
+                } else {
+                    json!({"schema": "login", "key": user, "value": {"user_id": user, "count": rng.random_range(1..5)}})
+                }
+            })
+            .collect()
+    }
+
+    /// The documents a log must end in, folded here in order.
+    pub fn fold(records: &[Json]) -> BTreeMap<String, Json> {
+        let mut fold: BTreeMap<String, Json> = BTreeMap::new();
+        for record in records {
+            let (user, value) = (record["key"].as_str().expect("key").to_string(), &record["value"]);
+            let doc = fold.entry(user).or_insert_with(|| json!({}));
+            match record["schema"].as_str() {
+                Some("registered") => *doc = json!({"name": value["name"], "email": value["email"], "logins": 0}),
+                Some("email") => doc["email"] = value["email"].clone(),
+                _ => {
+                    doc["logins"] = json!(doc["logins"].as_i64().unwrap_or(0) + value["count"].as_i64().expect("count"))
+                }
+            }
+        }
+        fold
     }
 }

@@ -546,30 +546,8 @@ async fn main() {
 }
 
 fn committed(bootstrap: &str, group: &str, topic: &str) -> usize {
-    let Ok(consumer) =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create::<BaseConsumer>()
-    else {
-        return 0;
-    };
-    let mut wanted = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        wanted.add_partition(topic, partition);
-    }
-    let total = match consumer.committed_offsets(wanted, Duration::from_secs(5)) {
-        Ok(list) => {
-            let sum = list
-                .elements()
-                .iter()
-                .map(|e| match e.offset() {
-                    Offset::Offset(n) => n as usize,
-                    _ => 0,
-                })
-                .sum();
-            drop(list);
-            sum
-        }
-        Err(_) => 0,
-    };
-    drop(consumer);
-    total
+    let kafka =
+        kawka::config::KafkaSettings { bootstrap_servers: bootstrap.to_string(), properties: Default::default() };
+    kawka::source::kafka::committed_offsets(&kafka, group, &[topic.to_string()])
+        .map_or(0, |offsets| offsets.iter().map(|(_, _, next)| *next as usize).sum())
 }

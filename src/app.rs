@@ -150,11 +150,12 @@ async fn run_connectors(
         .await
         .with_context(|| format!("http.listen {}", settings.http.listen))?;
     let address = listener.local_addr()?;
+    let rebuilds = crate::rebuild::Rebuilds::new(runtimes.clone(), stopping.clone());
     let daemon = Arc::new(Daemon {
         connectors: runtimes.iter().map(|r| r.status.clone()).collect(),
         registry: runtimes.first().map(|r| r.codec.registry().clone()),
         token: settings.http.token.clone(),
-        rebuilds: Some(crate::rebuild::Rebuilds::new(runtimes.clone(), stopping.clone())),
+        rebuilds: Some(rebuilds.clone()),
     });
     let mut http_stopping = stopping.clone();
     let http = tokio::spawn(crate::http::serve(listener, daemon, async move {
@@ -194,6 +195,7 @@ async fn run_connectors(
             Err(error) => tracing::error!(%error, "connector task failed"),
         }
     }
+    rebuilds.finish().await;
     let _ = http.await;
     Ok(())
 }

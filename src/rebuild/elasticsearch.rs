@@ -282,8 +282,10 @@ pub async fn rebuild(
         (&runtime.kafka, &runtime.settings.source.group_id, &runtime.settings.source.topics);
     let live_index = current_index(client, alias).await?;
     let new_index = format!("{alias}-v{}", version_of(alias, &live_index)? + 1);
-    // Left over from an interrupted rebuild: start again.
+    // Left over from an interrupted rebuild (killed during a cut-over, it
+    // may have left the live index write-blocked): start again.
     delete_index(client, &new_index).await?;
+    block_writes(client, &live_index, false).await?;
     let serving = serving_settings(client, &live_index).await?;
     call(
         client.indices().create(IndicesCreateParts::Index(&new_index)).body(load_body(live_sink.target())).send().await,

@@ -216,6 +216,9 @@ pub enum StartError {
 pub struct Rebuilds {
     runtimes: Vec<ConnectorRuntime>,
     shutdown: watch::Receiver<bool>,
+    /// Running rebuilds: the daemon waits for them on shutdown, so one
+    /// interrupted mid-cut-over still lifts its write block.
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Rebuilds {
@@ -226,7 +229,7 @@ impl std::fmt::Debug for Rebuilds {
 
 impl Rebuilds {
     pub fn new(runtimes: Vec<ConnectorRuntime>, shutdown: watch::Receiver<bool>) -> Rebuilds {
-        Rebuilds { runtimes, shutdown }
+        Rebuilds { runtimes, shutdown, tasks: Arc::default() }
     }
 
     fn runtime(&self, name: &str) -> Result<&ConnectorRuntime, StartError> {
@@ -248,11 +251,23 @@ impl Rebuilds {
         let started_at_ms = crate::status::now_ms();
         status.set_rebuild(RebuildProgress::new(0, 0, 0.0, started_at_ms));
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let outcome = rebuild(runtime, shutdown, |progress| status.set_rebuild(progress.clone())).await;
             status.rebuild_ended(outcome.map(|report| report.summary()).map_err(|error| format!("{error:#}")));
         });
+        let mut tasks = self.tasks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(task);
         Ok(())
+    }
+
+    /// Waits for running rebuilds to end (after the shutdown signal they
+    /// stop within a second, cleaning up).
+    pub async fn finish(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 
     /// `kawka rebuild --rollback`, unless a rebuild is running.

@@ -329,38 +329,10 @@ where
 /// Sum over the partitions of `topics` of the offsets `group` committed.
 pub async fn committed_total(group: &str, topics: &[String]) -> i64 {
     let (group, topics) = (group.to_string(), topics.to_vec());
+    let kafka = kawka::config::KafkaSettings { bootstrap_servers: kafka_bootstrap(), properties: Default::default() };
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_bootstrap())
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-        let mut wanted = TopicPartitionList::new();
-        for topic in &topics {
-            let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) else { return 0 };
-            for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-                wanted.add_partition(topic, partition.id());
-            }
-        }
-        let total = match consumer.committed_offsets(wanted, Duration::from_secs(10)) {
-            Ok(committed) => {
-                let total = committed
-                    .elements()
-                    .iter()
-                    .map(|e| match e.offset() {
-                        rdkafka::Offset::Offset(n) => n,
-                        _ => 0,
-                    })
-                    .sum();
-                // Drop the list before the consumer (see STACK.md).
-                drop(committed);
-                total
-            }
-            Err(_) => 0,
-        };
-        drop(consumer);
-        total
+        kawka::source::kafka::committed_offsets(&kafka, &group, &topics)
+            .map_or(0, |offsets| offsets.iter().map(|(_, _, next)| next).sum())
     })
     .await
     .expect("committed offsets thread")

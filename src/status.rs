@@ -401,7 +401,6 @@ impl ConnectorStatus {
         lock(&self.partitions).values().cloned().collect()
     }
 
-    /// The JSON of `GET /connectors/{name}`.
     /// Records a rebuild's progress (or its end).
     pub fn set_rebuild(&self, progress: RebuildProgress) {
         *lock(&self.rebuild) = Some(progress);
@@ -431,6 +430,7 @@ impl ConnectorStatus {
         lock(&self.rebuild).clone()
     }
 
+    /// The JSON of `GET /connectors/{name}`.
     pub fn to_json(&self) -> serde_json::Value {
         let partitions = self.partitions();
         let lag: Option<i64> = partitions.iter().map(|p| p.lag).sum();

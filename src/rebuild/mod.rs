@@ -246,6 +246,8 @@ impl Rebuilds {
 
     /// Starts a rebuild of `name` in the background.
     pub fn start(&self, name: &str) -> Result<(), StartError> {
+        // Held from the check to the start: two requests cannot both start one.
+        let mut tasks = self.tasks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let runtime = self.runtime(name)?.clone();
         let status = runtime.status.clone();
         let started_at_ms = crate::status::now_ms();
@@ -255,7 +257,6 @@ impl Rebuilds {
             let outcome = rebuild(runtime, shutdown, |progress| status.set_rebuild(progress.clone())).await;
             status.rebuild_ended(outcome.map(|report| report.summary()).map_err(|error| format!("{error:#}")));
         });
-        let mut tasks = self.tasks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         tasks.retain(|task| !task.is_finished());
         tasks.push(task);
         Ok(())

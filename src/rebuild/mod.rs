@@ -167,6 +167,10 @@ where
             bail!("interrupted");
         }
         let (live, done) = read().await?;
+        // Nothing to reach: waiting would never end.
+        if live.is_empty() {
+            bail!("the live connector has no positions yet (has it run?); there is nothing to catch up with");
+        }
         let (done_events, target): (i64, i64) = (done.iter().map(|r| r.2).sum(), live.iter().map(|r| r.2).sum());
         progress(&RebuildProgress::new(
             done_events.max(0) as u64,
@@ -174,7 +178,7 @@ where
             done_events as f64 / started.at.elapsed().as_secs_f64().max(1e-3),
             started.at_ms,
         ));
-        if !live.is_empty() && caught_up(&live, &done) {
+        if caught_up(&live, &done) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -315,5 +319,23 @@ mod tests {
         assert!(line.starts_with("[##########          ]  50.0% 50/100 events, 10 events/s, ETA 5s"), "{line}");
         let line = progress_line(&RebuildProgress::new(150, 100, 10.0, 0));
         assert!(line.starts_with("[####################] 100.0% 150/100 events, 10 events/s, ETA -"), "{line}");
+    }
+
+    #[tokio::test]
+    async fn following_reports_progress_until_caught_up_and_refuses_an_empty_target() {
+        let (_stop, shutdown) = watch::channel(false);
+        let started = Started::now();
+        let mut seen = Vec::new();
+        let mut reads = 0;
+        let followed = follow(&shutdown, &started, &mut |p: &RebuildProgress| seen.push((p.done, p.target)), || {
+            reads += 1;
+            let done = if reads < 3 { 4 } else { 10 };
+            async move { Ok((vec![("t".to_string(), 0, 10)], vec![("t".to_string(), 0, done)])) }
+        })
+        .await;
+        assert!(followed.is_ok());
+        assert_eq!(seen, vec![(4, 10), (4, 10), (10, 10)]);
+        let empty = follow(&shutdown, &started, &mut |_: &RebuildProgress| {}, || async { Ok((vec![], vec![])) }).await;
+        assert!(empty.expect_err("no live positions").to_string().contains("no positions yet"));
     }
 }

@@ -22,6 +22,7 @@
 //! * State (previous index, its positions) is one document per connector in
 //!   the `kawka-rebuilds` index.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -35,10 +36,11 @@ use serde_json::{json, Value as Json};
 use tokio::sync::watch;
 
 use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, Position, RebuildReport, Started};
-use crate::config::{ElasticsearchTarget, KafkaSettings, Target};
+use crate::config::{ElasticsearchTarget, Target};
 use crate::pipeline::ConnectorRuntime;
 use crate::sink::elasticsearch::{create_body, ElasticsearchSink};
 use crate::sink::Sink;
+use crate::source::kafka::GroupOffsets;
 use crate::status::RebuildProgress;
 
 /// The index that holds one rebuild-state document per connector.
@@ -204,33 +206,47 @@ async fn save_state(client: &Elasticsearch, connector: &str, state: &RebuildStat
     .map(drop)
 }
 
-async fn committed(kafka: &KafkaSettings, group: &str, topics: &[String]) -> anyhow::Result<Vec<Position>> {
-    let (kafka, group, topics) = (kafka.clone(), group.to_string(), topics.to_vec());
-    let what = format!("the committed offsets of group {group}");
-    let mut offsets =
-        tokio::task::spawn_blocking(move || crate::source::kafka::committed_offsets(&kafka, &group, &topics))
+/// One group's committed offsets, read through one Kafka client for the
+/// whole rebuild (they are polled several times a second).
+#[derive(Clone)]
+struct Committed {
+    group: String,
+    reader: Arc<GroupOffsets>,
+}
+
+impl Committed {
+    /// The group `runtime`'s connector consumes in, on its topics.
+    async fn of(runtime: &ConnectorRuntime) -> anyhow::Result<Committed> {
+        let (kafka, group, topics) =
+            (runtime.kafka.clone(), runtime.settings.source.group_id.clone(), runtime.settings.source.topics.clone());
+        let name = group.clone();
+        let reader = tokio::task::spawn_blocking(move || GroupOffsets::new(&kafka, &name, &topics))
             .await?
-            .context(what)?;
-    offsets.sort();
-    Ok(offsets)
+            .with_context(|| format!("reading the offsets of group {group}"))?;
+        Ok(Committed { group, reader: Arc::new(reader) })
+    }
+
+    async fn read(&self) -> anyhow::Result<Vec<Position>> {
+        let reader = self.reader.clone();
+        let mut offsets = tokio::task::spawn_blocking(move || reader.read())
+            .await?
+            .with_context(|| format!("the committed offsets of group {}", self.group))?;
+        offsets.sort();
+        Ok(offsets)
+    }
 }
 
 /// The live positions once they have stopped moving (the live index is
 /// write-blocked, so only a commit already in flight can still land).
-async fn settled(
-    kafka: &KafkaSettings,
-    group: &str,
-    topics: &[String],
-    shutdown: &watch::Receiver<bool>,
-) -> anyhow::Result<Vec<Position>> {
-    let mut last = committed(kafka, group, topics).await?;
+async fn settled(live: &Committed, shutdown: &watch::Receiver<bool>) -> anyhow::Result<Vec<Position>> {
+    let mut last = live.read().await?;
     let mut still_since = Instant::now();
     loop {
         if *shutdown.borrow() {
             bail!("interrupted");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = committed(kafka, group, topics).await?;
+        let now = live.read().await?;
         if now != last {
             (last, still_since) = (now, Instant::now());
         } else if still_since.elapsed() >= SETTLED {
@@ -239,20 +255,18 @@ async fn settled(
     }
 }
 
-/// Runs `runtime` (writing to one index) until its group's positions reach
-/// `live`, then stops it.
+/// Runs `runtime` (writing to one index) until its group's positions
+/// (`done`) reach `live`, then stops it.
 async fn catch_up(
     runtime: &ConnectorRuntime,
+    done: &Committed,
     live: &[Position],
     shutdown: &watch::Receiver<bool>,
     started: &Started,
     progress: &mut impl FnMut(&RebuildProgress),
 ) -> anyhow::Result<()> {
-    let (kafka, group, topics) = (&runtime.kafka, &runtime.settings.source.group_id, &runtime.settings.source.topics);
     let follower = Follower::start(runtime);
-    let followed =
-        follow(shutdown, started, progress, || async { Ok((live.to_vec(), committed(kafka, group, topics).await?)) })
-            .await;
+    let followed = follow(shutdown, started, progress, || async { Ok((live.to_vec(), done.read().await?)) }).await;
     follower.stop().await;
     followed
 }
@@ -278,8 +292,6 @@ pub async fn rebuild(
 ) -> anyhow::Result<RebuildReport> {
     let live_sink = sink(&runtime)?;
     let (client, alias) = (live_sink.client(), live_sink.alias());
-    let (kafka, live_group, topics) =
-        (&runtime.kafka, &runtime.settings.source.group_id, &runtime.settings.source.topics);
     let live_index = current_index(client, alias).await?;
     let new_index = format!("{alias}-v{}", version_of(alias, &live_index)? + 1);
     // Left over from an interrupted rebuild (killed during a cut-over, it
@@ -294,13 +306,13 @@ pub async fn rebuild(
     .await?;
     tracing::info!(connector = %runtime.settings.name, index = %new_index, "rebuild started");
     let rebuilder = writer_to(&runtime, live_sink, &new_index, "rebuild");
-    let rebuild_group = rebuilder.settings.source.group_id.clone();
+    let (live_offsets, rebuild_offsets) = (Committed::of(&runtime).await?, Committed::of(&rebuilder).await?);
     let started = Started::now();
 
     // The bulk of the work, while the live connector goes on.
     let follower = Follower::start(&rebuilder);
     let followed = follow(&shutdown, &started, &mut progress, || async {
-        Ok((committed(kafka, live_group, topics).await?, committed(kafka, &rebuild_group, topics).await?))
+        Ok((live_offsets.read().await?, rebuild_offsets.read().await?))
     })
     .await;
     follower.stop().await;
@@ -309,8 +321,8 @@ pub async fn rebuild(
     // The cut-over, with the live index write-blocked.
     block_writes(client, &live_index, true).await?;
     let swapped = async {
-        let live = settled(kafka, live_group, topics, &shutdown).await?;
-        catch_up(&rebuilder, &live, &shutdown, &started, &mut progress).await?;
+        let live = settled(&live_offsets, &shutdown).await?;
+        catch_up(&rebuilder, &rebuild_offsets, &live, &shutdown, &started, &mut progress).await?;
         put_settings(client, &new_index, serving.clone()).await?;
         call(
             client.indices().refresh(IndicesRefreshParts::Index(&[&new_index])).send().await,
@@ -346,19 +358,18 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
     };
     let stopped_at: Vec<Position> = serde_json::from_str(stopped_at).context("the saved positions")?;
     let current = current_index(client, alias).await?;
-    let (kafka, live_group, topics) =
-        (&runtime.kafka, &runtime.settings.source.group_id, &runtime.settings.source.topics);
+    let live_offsets = Committed::of(runtime).await?;
     block_writes(client, &current, true).await?;
     let swapped = async {
-        let live = settled(kafka, live_group, topics, &shutdown).await?;
+        let live = settled(&live_offsets, &shutdown).await?;
         if !caught_up(&live, &stopped_at) {
             let writer = writer_to(runtime, live_sink, previous, "rollback");
             let (group, from) = (writer.settings.source.group_id.clone(), stopped_at.clone());
-            let kafka = kafka.clone();
+            let kafka = runtime.kafka.clone();
             tokio::task::spawn_blocking(move || crate::source::kafka::commit_offsets(&kafka, &group, &from))
                 .await?
                 .context("setting the catch-up group's offsets")?;
-            catch_up(&writer, &live, &shutdown, &Started::now(), &mut |_| {}).await?;
+            catch_up(&writer, &Committed::of(&writer).await?, &live, &shutdown, &Started::now(), &mut |_| {}).await?;
         }
         move_alias(client, alias, &current, previous).await
     }

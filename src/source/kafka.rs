@@ -292,34 +292,53 @@ fn group_client(kafka: &KafkaSettings, group: &str) -> KafkaResult<BaseConsumer>
     config.create()
 }
 
-/// The offsets `group` has committed on the partitions of `topics`
-/// (partitions without a commit are left out). Blocking: call it from
-/// `spawn_blocking`.
+/// Reads one group's committed offsets on the partitions of some topics,
+/// again and again through one client (a rebuild polls them several times
+/// a second). Blocking: call it from `spawn_blocking`.
+pub struct GroupOffsets {
+    // Declared before the consumer so it is dropped first (see STACK.md).
+    wanted: TopicPartitionList,
+    consumer: BaseConsumer,
+}
+
+impl GroupOffsets {
+    pub fn new(kafka: &KafkaSettings, group: &str, topics: &[String]) -> KafkaResult<GroupOffsets> {
+        let consumer = group_client(kafka, group)?;
+        let mut wanted = TopicPartitionList::new();
+        for topic in topics {
+            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                wanted.add_partition(topic, partition.id());
+            }
+        }
+        Ok(GroupOffsets { wanted, consumer })
+    }
+
+    /// (topic, partition, next offset) of every partition with a commit.
+    pub fn read(&self) -> KafkaResult<Vec<(String, i32, i64)>> {
+        let committed = self.consumer.committed_offsets(self.wanted.clone(), Duration::from_secs(10))?;
+        let offsets = committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(n) => Some((e.topic().to_string(), e.partition(), n)),
+                _ => None,
+            })
+            .collect();
+        // The list goes before the consumer (see STACK.md).
+        drop(committed);
+        Ok(offsets)
+    }
+}
+
+/// The offsets `group` has committed on the partitions of `topics`, once.
+/// Blocking.
 pub fn committed_offsets(
     kafka: &KafkaSettings,
     group: &str,
     topics: &[String],
 ) -> KafkaResult<Vec<(String, i32, i64)>> {
-    let consumer = group_client(kafka, group)?;
-    let mut wanted = TopicPartitionList::new();
-    for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            wanted.add_partition(topic, partition.id());
-        }
-    }
-    let committed = consumer.committed_offsets(wanted, Duration::from_secs(10))?;
-    let offsets = committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(n) => Some((e.topic().to_string(), e.partition(), n)),
-            _ => None,
-        })
-        .collect();
-    // The list goes before the consumer (see STACK.md).
-    drop(committed);
-    Ok(offsets)
+    GroupOffsets::new(kafka, group, topics)?.read()
 }
 
 /// Commits `positions` (next offsets) for `group`, which has no members:

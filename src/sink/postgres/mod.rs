@@ -277,21 +277,19 @@ fn by_partition(
     net: Vec<NetOp>,
     offsets: &[PartitionOffset],
 ) -> Result<Vec<(&PartitionOffset, Vec<NetOp>)>, Vec<NetOp>> {
-    let partition_of = |op: &NetOp| {
+    let share_of = |op: &NetOp| {
         let first = op.positions.first()?;
         let same = op.positions.iter().all(|p| p.partition == first.partition && p.topic == first.topic);
         let share = offsets.iter().position(|o| o.partition == first.partition && o.topic == first.topic);
         share.filter(|_| same)
     };
-    if offsets.len() < 2 || !net.iter().all(|op| partition_of(op).is_some()) {
-        return Err(net);
+    let shares: Option<Vec<usize>> = net.iter().map(share_of).collect();
+    let Some(shares) = shares.filter(|_| offsets.len() >= 2) else { return Err(net) };
+    let mut split: Vec<(&PartitionOffset, Vec<NetOp>)> = offsets.iter().map(|o| (o, Vec::new())).collect();
+    for (op, share) in net.into_iter().zip(shares) {
+        split[share].1.push(op);
     }
-    let mut shares: Vec<(&PartitionOffset, Vec<NetOp>)> = offsets.iter().map(|o| (o, Vec::new())).collect();
-    for op in net {
-        let share = partition_of(&op).expect("every op was checked to belong to one partition of the batch");
-        shares[share].1.push(op);
-    }
-    Ok(shares)
+    Ok(split)
 }
 
 /// The message of a database error without sqlx's prefix.

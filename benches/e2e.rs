@@ -15,6 +15,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use apache_avro::types::Value as AvroValue;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::Schema;
+use kawka::codec::framing;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -34,20 +38,6 @@ const PARTITIONS: i32 = 3;
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn zigzag(n: i64, out: &mut Vec<u8>) {
-    let mut v = ((n << 1) ^ (n >> 63)) as u64;
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn string(text: &str, out: &mut Vec<u8>) {
-    zigzag(text.len() as i64, out);
-    out.extend(text.as_bytes());
 }
 
 /// One order of the stream: every tenth event updates an earlier order of
@@ -82,25 +72,46 @@ fn order(n: usize, total: usize) -> Order {
     }
 }
 
-fn encode(o: &Order, placed_id: u32, updated_id: u32) -> Vec<u8> {
-    let mut out = vec![0];
-    if o.update {
-        out.extend(updated_id.to_be_bytes());
-        string(&o.order_id, &mut out);
-        string(&o.customer_id, &mut out);
-        zigzag(o.quantity, &mut out);
-        return out;
-    }
-    out.extend(placed_id.to_be_bytes());
-    for text in [&o.order_id, &o.customer_id, &o.store, &o.item] {
-        string(text, &mut out);
-    }
-    zigzag(o.quantity, &mut out);
-    zigzag(o.price_cents, &mut out);
-    string("EUR", &mut out);
-    zigzag(o.placed_at, &mut out);
-    out.push(u8::from(o.express));
-    string("web", &mut out);
+/// A writer of one event type and its registry id.
+type Writer<'s> = (GenericDatumWriter<'s>, u32);
+
+fn writer(schema: &Schema, id: u32) -> Writer<'_> {
+    (GenericDatumWriter::builder(schema).build().expect("a writer of the bench schema"), id)
+}
+
+/// The framed Avro of one order event.
+fn encode(o: &Order, placed: &Writer, updated: &Writer) -> Vec<u8> {
+    let text = |s: &str| AvroValue::String(s.to_string());
+    let ((writer, id), fields) = if o.update {
+        (
+            updated,
+            vec![
+                ("order_id", text(&o.order_id)),
+                ("customer_id", text(&o.customer_id)),
+                ("quantity", AvroValue::Int(o.quantity as i32)),
+            ],
+        )
+    } else {
+        (
+            placed,
+            vec![
+                ("order_id", text(&o.order_id)),
+                ("customer_id", text(&o.customer_id)),
+                ("store", text(&o.store)),
+                ("item", text(&o.item)),
+                ("quantity", AvroValue::Int(o.quantity as i32)),
+                ("price_cents", AvroValue::Long(o.price_cents)),
+                ("currency", text("EUR")),
+                ("placed_at", AvroValue::Long(o.placed_at)),
+                ("express", AvroValue::Boolean(o.express)),
+                ("channel", text("web")),
+            ],
+        )
+    };
+    let record = AvroValue::Record(fields.into_iter().map(|(name, value)| (name.to_string(), value)).collect());
+    let body = writer.write_value_to_vec(record).expect("an order matches its schema");
+    let mut out = Vec::with_capacity(body.len() + 5);
+    framing::frame_into(*id, &body, &mut out);
     out
 }
 
@@ -130,9 +141,11 @@ async fn produce(bootstrap: &str, topic: &str, total: usize, placed_id: u32, upd
         .set("compression.type", "lz4")
         .create()
         .expect("producer");
+    let schemas = [SCHEMA, UPDATED].map(|text| Schema::parse_str(text).expect("a bench schema"));
+    let (placed, updated) = (writer(&schemas[0], placed_id), writer(&schemas[1], updated_id));
     for n in 0..total {
         let o = order(n, total);
-        let value = encode(&o, placed_id, updated_id);
+        let value = encode(&o, &placed, &updated);
         let mut record = BaseRecord::to(topic).key(o.customer_id.as_bytes()).payload(&value);
         loop {
             match producer.send(record) {

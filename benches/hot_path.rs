@@ -8,6 +8,8 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
+use apache_avro::types::Value as AvroValue;
+use apache_avro::writer::datum::GenericDatumWriter;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 use kawka::codec::avro::Decoder;
@@ -33,33 +35,24 @@ const V2: &str = r#"{"type":"record","name":"Order","namespace":"bench","fields"
  {"name":"currency","type":"string"},{"name":"placed_at","type":"long"},{"name":"express","type":"boolean"},
  {"name":"channel","type":"string","default":"web"}]}"#;
 
-fn zigzag(n: i64, out: &mut Vec<u8>) {
-    let mut v = ((n << 1) ^ (n >> 63)) as u64;
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn string(text: &str, out: &mut Vec<u8>) {
-    zigzag(text.len() as i64, out);
-    out.extend(text.as_bytes());
-}
-
-/// A framed v2 Order.
-fn order(n: usize) -> Vec<u8> {
-    let mut out = vec![0, 0, 0, 0, 2];
-    string(&format!("order-{n:08}"), &mut out);
-    string(&format!("customer-{}", n % 1000), &mut out);
-    string(&format!("store-{}", n % 17), &mut out);
-    string(&format!("item-{}", n % 250), &mut out);
-    zigzag((n % 9 + 1) as i64, &mut out);
-    zigzag(1999 + (n % 500) as i64, &mut out);
-    string("EUR", &mut out);
-    zigzag(1_700_000_000_000 + n as i64, &mut out);
-    out.push(u8::from(n % 3 == 0));
-    string("app", &mut out);
+/// A framed v2 Order (schema id 2).
+fn order(writer: &GenericDatumWriter, n: usize) -> Vec<u8> {
+    let text = |s: String| AvroValue::String(s);
+    let record = AvroValue::Record(vec![
+        ("order_id".into(), text(format!("order-{n:08}"))),
+        ("customer_id".into(), text(format!("customer-{}", n % 1000))),
+        ("store".into(), text(format!("store-{}", n % 17))),
+        ("item".into(), text(format!("item-{}", n % 250))),
+        ("quantity".into(), AvroValue::Int((n % 9 + 1) as i32)),
+        ("price_cents".into(), AvroValue::Long(1999 + (n % 500) as i64)),
+        ("currency".into(), text("EUR".into())),
+        ("placed_at".into(), AvroValue::Long(1_700_000_000_000 + n as i64)),
+        ("express".into(), AvroValue::Boolean(n % 3 == 0)),
+        ("channel".into(), text("app".into())),
+    ]);
+    let body = writer.write_value_to_vec(record).expect("an order matches v2");
+    let mut out = Vec::new();
+    framing::frame_into(2, &body, &mut out);
     out
 }
 
@@ -172,7 +165,8 @@ fn benches(c: &mut Criterion) {
     let settings = &fixture.settings;
     let schema = apache_avro::Schema::parse_str(V2).expect("schema");
     let decoder = Decoder::compile(&schema, &[]).expect("decoder");
-    let framed: Vec<Vec<u8>> = (0..BATCH).map(order).collect();
+    let writer = GenericDatumWriter::builder(&schema).build().expect("a v2 writer");
+    let framed: Vec<Vec<u8>> = (0..BATCH).map(|n| order(&writer, n)).collect();
     let upcasting: Arc<Upcasting> = kawka::app::Builder::new().upcasting(settings);
     let projection = RulesProjection::new(connector(settings, "orders"));
     let events = decoded(&decoder, &framed);

@@ -16,31 +16,28 @@ use support::{eventually, Project};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn zigzag(n: i64, out: &mut Vec<u8>) {
-    let mut v = ((n << 1) ^ (n >> 63)) as u64;
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+/// Avro binary of an ItemSold v1 (the catalogue's schema).
+fn item_sold_body(sale: &str, store: &str, item: &str, quantity: i32) -> Vec<u8> {
+    use apache_avro::types::Value;
+    let schema = apache_avro::Schema::parse(&support::catalogue_schema("com.example.retail.ItemSold", 1))
+        .expect("the catalogue's ItemSold v1");
+    let record = Value::Record(vec![
+        ("sale_id".into(), Value::String(sale.into())),
+        ("store_id".into(), Value::String(store.into())),
+        ("item_id".into(), Value::String(item.into())),
+        ("quantity".into(), Value::Int(quantity)),
+        ("sold_at".into(), Value::TimestampMillis(1_700_000_000_000)),
+    ]);
+    apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+        .build()
+        .and_then(|writer| writer.write_value_to_vec(record))
+        .expect("an ItemSold v1")
 }
 
-/// Avro binary of an ItemSold v1.
-fn item_sold_body(sale: &str, store: &str, item: &str, quantity: i64) -> Vec<u8> {
-    let mut out = Vec::new();
-    for text in [sale, store, item] {
-        zigzag(text.len() as i64, &mut out);
-        out.extend(text.as_bytes());
-    }
-    zigzag(quantity, &mut out);
-    zigzag(1_700_000_000_000, &mut out);
-    out
-}
-
+/// The Confluent framing of `body` under schema `id`, as hex.
 fn framed(id: u32, body: &[u8]) -> String {
-    let mut bytes = vec![0u8];
-    bytes.extend(id.to_be_bytes());
-    bytes.extend(body);
+    let mut bytes = Vec::new();
+    kawka::codec::framing::frame_into(id, body, &mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

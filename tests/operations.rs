@@ -9,13 +9,6 @@ use serde_json::{json, Value as Json};
 
 use support::{eventually, Project};
 
-fn http_address(log: &str) -> Option<String> {
-    log.lines()
-        .find(|l| l.contains("http listening"))
-        .and_then(|l| l.split("address=").nth(1))
-        .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
-}
-
 fn sold(n: usize, store: &str) -> Json {
     json!({"schema": "sold", "key": store, "value": {"sale_id": format!("s{n}"), "store_id": store,
         "item_id": "i1", "quantity": 1, "sold_at": 1_700_000_000_000i64}})
@@ -47,9 +40,10 @@ events:
     support::produce_with_python(&spec, (0..20).map(|n| sold(n, "s1")).collect()).await;
 
     let mut kawka = project.start(0);
-    let address =
-        eventually(Duration::from_secs(30), "the http address in the log", || async { http_address(&kawka.log()) })
-            .await;
+    let address = eventually(Duration::from_secs(30), "the http address in the log", || async {
+        support::http_address(&kawka.log())
+    })
+    .await;
     let base = format!("http://{address}");
     let client = reqwest::Client::new();
     let get = |path: &str| {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use support::{eventually, Project};
+use support::Project;
 
 fn kawka(dir: &std::path::Path, args: &[&str], stdin: &str) -> (i32, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kawka"))
@@ -96,21 +96,8 @@ async fn v1_and_v2_events_in_one_topic_reach_the_read_model_uniformly() {
         support::produce_with_python(&spec, records).await;
     }
     let project = Project::new(&registry.url(), &[(&name, &profiles(&name, &topic))]);
-    let mut kawka_run = project.start(0);
-    let group = format!("kawka.{name}");
-    eventually(Duration::from_secs(60), "every event to be committed", || async {
-        (support::committed_total(&group, std::slice::from_ref(&topic)).await == 4).then_some(())
-    })
-    .await;
-    assert_eq!(kawka_run.terminate().await, Some(0), "clean exit; log:\n{}", kawka_run.log());
-    let doc = |id: &'static str| {
-        let name = name.clone();
-        async move {
-            let mut source = support::es_source(&name, id).await?;
-            source.as_object_mut()?.remove("kawka");
-            Some(source)
-        }
-    };
+    support::run_until_committed(&project, &format!("kawka.{name}"), std::slice::from_ref(&topic), 4).await;
+    let doc = |id: &'static str| support::es_document(&name, id);
     assert_eq!(
         doc("u1").await,
         Some(json!({"name": "Old Timer", "email": "old@x.org", "country": "unknown"})),
@@ -268,20 +255,10 @@ events:
         .await
         .expect("json");
     assert_eq!(versions, vec![1, 2, 3], "each version is registered");
-    let mut kawka_run = project.start(0);
-    let group = format!("kawka.{name}");
-    eventually(Duration::from_secs(60), "every event to be committed", || async {
-        (support::committed_total(&group, std::slice::from_ref(&topic)).await == 6).then_some(())
-    })
-    .await;
-    assert_eq!(kawka_run.terminate().await, Some(0), "clean exit; log:\n{}", kawka_run.log());
+    support::run_until_committed(&project, &format!("kawka.{name}"), std::slice::from_ref(&topic), 6).await;
     let doc = |id: String| {
         let name = name.clone();
-        async move {
-            let mut source = support::es_source(&name, &id).await.unwrap_or_else(|| panic!("{id} is missing"));
-            source.as_object_mut().expect("object").remove("kawka");
-            source
-        }
+        async move { support::es_document(&name, &id).await.unwrap_or_else(|| panic!("{id} is missing")) }
     };
     for id in ["a", "b", "c"] {
         let (upcast, reference) = (doc(id.to_string()).await, doc(format!("ref-{id}")).await);

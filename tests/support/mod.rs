@@ -387,14 +387,31 @@ pub async fn es_documents(index: &str, size: usize) -> std::collections::BTreeMa
     es_search(index, serde_json::json!({"match_all": {}}), size)
         .await
         .into_iter()
-        .map(|hit| {
-            let mut source = hit["_source"].clone();
-            if let Some(object) = source.as_object_mut() {
-                object.remove("kawka");
-            }
-            (hit["_id"].as_str().expect("an id").to_string(), source)
-        })
+        .map(|hit| (hit["_id"].as_str().expect("an id").to_string(), without_guard(hit["_source"].clone())))
         .collect()
+}
+
+/// One document's `_source` without kawka's guard field, `None` when missing.
+pub async fn es_document(index: &str, id: &str) -> Option<Json> {
+    es_source(index, id).await.map(without_guard)
+}
+
+fn without_guard(mut source: Json) -> Json {
+    if let Some(object) = source.as_object_mut() {
+        object.remove("kawka");
+    }
+    source
+}
+
+/// Runs `kawka run` in `project` until `group` has committed `total`
+/// offsets on `topics`, then stops it, which must exit 0.
+pub async fn run_until_committed(project: &Project, group: &str, topics: &[String], total: i64) {
+    let mut kawka = project.start(0);
+    eventually(Duration::from_secs(60), "every event to be committed", || async {
+        (committed_total(group, topics).await == total).then_some(())
+    })
+    .await;
+    assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
 }
 
 /// A port that was free a moment ago (for services that must come back on

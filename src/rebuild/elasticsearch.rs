@@ -343,7 +343,7 @@ pub async fn rebuild(
     };
     save_state(client, &runtime.settings.name, &state).await?;
     let events = live.iter().map(|p| p.2.max(0) as u64).sum();
-    Ok(started.report(events, new_index, live_index))
+    Ok(started.report(&rebuilder, events, new_index, live_index))
 }
 
 /// Moves the alias back to the previous index once it has caught up with

@@ -41,12 +41,19 @@ pub struct RebuildReport {
     /// What readers now query (the table, or the index behind the alias).
     pub new_version: String,
     pub previous_version: String,
+    /// Events the rebuild skipped: they failed (and were dead-lettered by
+    /// the live run), so the new version lacks them as the live one does.
+    pub skipped: u64,
 }
 
 impl RebuildReport {
     pub fn summary(&self) -> String {
+        let skipped = match self.skipped {
+            0 => String::new(),
+            n => format!(", {n} failing event(s) skipped (the live run dead-lettered them)"),
+        };
         format!(
-            "rebuilt {} in {:.1} s ({:.0} events/s); the previous version is kept as {}",
+            "rebuilt {} in {:.1} s ({:.0} events/s{skipped}); the previous version is kept as {}",
             self.new_version,
             self.seconds,
             self.events as f64 / self.seconds.max(1e-3),
@@ -145,8 +152,21 @@ impl Started {
         Started { at: Instant::now(), at_ms: crate::status::now_ms() }
     }
 
-    fn report(&self, events: u64, new_version: String, previous_version: String) -> RebuildReport {
-        RebuildReport { events, seconds: self.at.elapsed().as_secs_f64(), new_version, previous_version }
+    /// The report of a rebuild done by `rebuilder`.
+    fn report(
+        &self,
+        rebuilder: &ConnectorRuntime,
+        events: u64,
+        new_version: String,
+        previous_version: String,
+    ) -> RebuildReport {
+        RebuildReport {
+            events,
+            seconds: self.at.elapsed().as_secs_f64(),
+            new_version,
+            previous_version,
+            skipped: rebuilder.status.total(crate::status::Outcome::Skipped),
+        }
     }
 }
 
@@ -319,6 +339,20 @@ mod tests {
         assert!(line.starts_with("[##########          ]  50.0% 50/100 events, 10 events/s, ETA 5s"), "{line}");
         let line = progress_line(&RebuildProgress::new(150, 100, 10.0, 0));
         assert!(line.starts_with("[####################] 100.0% 150/100 events, 10 events/s, ETA -"), "{line}");
+    }
+
+    #[test]
+    fn the_summary_says_what_was_skipped() {
+        let report = RebuildReport {
+            events: 100,
+            seconds: 2.0,
+            new_version: "t".into(),
+            previous_version: "t_v1".into(),
+            skipped: 0,
+        };
+        assert_eq!(report.summary(), "rebuilt t in 2.0 s (50 events/s); the previous version is kept as t_v1");
+        let report = RebuildReport { skipped: 3, ..report };
+        assert!(report.summary().contains("(50 events/s, 3 failing event(s) skipped"), "{}", report.summary());
     }
 
     #[tokio::test]

@@ -136,7 +136,7 @@ pub async fn rebuild(
         followed.context("the live table is unchanged; run the rebuild again")?;
         if cut_over(&pool, &names, &new_table, &previous_table, version + 1).await? {
             let events = positions(&pool, &names, &names.connector).await?.iter().map(|r| r.2 as u64).sum();
-            return Ok(started.report(events, names.table.clone(), previous_table));
+            return Ok(started.report(&rebuild_runtime, events, names.table.clone(), previous_table));
         }
         // The live connector moved on meanwhile: catch up again.
     }

@@ -227,11 +227,13 @@ struct Worker<'a> {
     shutdown: watch::Receiver<bool>,
     /// Replay: partitions that reached records this run wrote itself.
     replay_done: std::collections::HashSet<(Name, i32)>,
-    /// The batch being written in the background, and when it started.
-    in_flight: Option<(InFlightWrite, std::time::Instant)>,
+    /// The batch being written in the background.
+    in_flight: Option<InFlightWrite>,
 }
 
-type InFlightWrite = tokio::task::JoinHandle<(Pending, Vec<PartitionOffset>, Result<u64, SinkError>)>;
+/// A background write: its batch, positions, result and the seconds the
+/// sink took (timed in the task: the worker may look only much later).
+type InFlightWrite = tokio::task::JoinHandle<(Pending, Vec<PartitionOffset>, Result<u64, SinkError>, f64)>;
 
 impl Worker<'_> {
     fn name(&self) -> &str {
@@ -524,12 +526,12 @@ impl Worker<'_> {
         let batch = std::mem::take(&mut self.pending);
         let offsets = self.offsets(&batch);
         let sink = self.runtime.sink.clone();
-        let started = std::time::Instant::now();
         let handle = tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let result = sink.write(&batch.ops, &offsets).await;
-            (batch, offsets, result)
+            (batch, offsets, result, started.elapsed().as_secs_f64())
         });
-        self.in_flight = Some((handle, started));
+        self.in_flight = Some(handle);
         // The deadline also settles the write in flight when no more
         // records come (its positions reach Kafka and the counters then).
         self.pending.deadline = Some(Instant::now() + self.runtime.settings.batch.max_wait);
@@ -540,14 +542,14 @@ impl Worker<'_> {
     /// durable; on failure it is written again here, with the retries and
     /// rejections of the synchronous path, before anything newer.
     async fn settle(&mut self) -> Result<(), Halt> {
-        let Some((handle, started)) = self.in_flight.take() else { return Ok(()) };
-        let (batch, offsets, result) = match handle.await {
+        let Some(handle) = self.in_flight.take() else { return Ok(()) };
+        let (batch, offsets, result, seconds) = match handle.await {
             Ok(done) => done,
             Err(error) => return Err(Halt::Source(format!("a sink write task failed: {error}"))),
         };
         match result {
             Ok(duplicates) => {
-                self.batch_done(&batch, &offsets, duplicates, started.elapsed().as_secs_f64());
+                self.batch_done(&batch, &offsets, duplicates, seconds);
                 Ok(())
             }
             Err(SinkError::Fenced) => Err(Halt::Fenced),

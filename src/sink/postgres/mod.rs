@@ -15,12 +15,22 @@
 //! in which one key has events from several partitions is written in one
 //! transaction instead (its compacted op cannot be split).
 //!
+//! Upserts of keys the table does not have yet are written with `COPY`
+//! (several times the rate of `INSERT … ON CONFLICT`): each upsert statement
+//! first tries `COPY` of all its rows in a savepoint when recent batches
+//! were mostly new keys, otherwise runs a plain `UPDATE … RETURNING` for the
+//! keys that exist and copies the rest. A `COPY` that meets an existing key
+//! (a concurrent writer, a wrong guess) is rolled back to its savepoint and
+//! the upsert runs instead, so the effect is always the upsert's.
+//!
 //! * [`types`]: declared column types (pure).
 //! * [`sql`]: statements and bound arrays (pure).
 
 pub mod sql;
 pub mod types;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgArguments, PgPoolOptions};
@@ -32,13 +42,16 @@ use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
 use crate::projection::compact::{compact, NetOp};
 use crate::projection::WriteOp;
 use crate::value::{intern, Name};
-use sql::{ColumnArray, Statement, TableSql};
+use sql::{ColumnArray, Insert, Statement, TableSql};
 
 #[derive(Debug, Clone)]
 pub struct PostgresSink {
     pool: PgPool,
     table: TableSql,
     connector: String,
+    /// Whether the last upsert found mostly new keys: then the next one
+    /// tries `COPY` of all its rows first. A hint shared by the clones.
+    new_keys: Arc<AtomicBool>,
 }
 
 impl PostgresSink {
@@ -53,11 +66,7 @@ impl PostgresSink {
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy(connection.url.expose())
             .map_err(SinkError::Postgres)?;
-        Ok(PostgresSink {
-            pool,
-            table: TableSql::new(target, connector.version.is_some()),
-            connector: connector.name.clone(),
-        })
+        Ok(PostgresSink::with_pool(pool, connector, target))
     }
 
     /// A sink on an existing pool (a rebuild writes beside the live table).
@@ -66,6 +75,7 @@ impl PostgresSink {
             pool,
             table: TableSql::new(target, connector.version.is_some()),
             connector: connector.name.clone(),
+            new_keys: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -169,7 +179,7 @@ impl PostgresSink {
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
         self.advance(&mut tx, offsets).await?;
         for statement in &statements {
-            bind(statement).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+            self.apply(&mut tx, statement).await?;
         }
         tx.commit().await.map_err(SinkError::Postgres)
     }
@@ -203,9 +213,102 @@ impl PostgresSink {
             };
         }
         for statement in statements {
-            bind(statement).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+            self.apply(&mut tx, statement).await?;
         }
         tx.commit().await.map_err(SinkError::Postgres)
+    }
+
+    /// Runs one statement; an upsert's new keys go in by `COPY`.
+    async fn apply(&self, tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
+        let Some(insert) = &statement.insert else {
+            return bind(&statement.sql, &statement.arrays)
+                .execute(&mut *tx)
+                .await
+                .map(drop)
+                .map_err(SinkError::Postgres);
+        };
+        let everything = 0..statement.rows.len();
+        if self.new_keys.load(Ordering::Relaxed) {
+            if self.copy_new(tx, insert, &statement.arrays, everything.clone(), true).await? {
+                return Ok(());
+            }
+            self.new_keys.store(false, Ordering::Relaxed);
+        }
+        let Some(update) = &insert.update else {
+            return bind(&statement.sql, &statement.arrays)
+                .execute(&mut *tx)
+                .await
+                .map(drop)
+                .map_err(SinkError::Postgres);
+        };
+        // One savepoint around the update and the copy: if the copy meets a
+        // key after all (inserted since by another writer), both are undone
+        // and the upsert runs, so no row is updated twice (adds!).
+        tx.execute("SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
+        let updated: Vec<i64> = bind(update, &statement.arrays)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(SinkError::Postgres)?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(SinkError::Postgres)?;
+        let mut exists = vec![false; statement.rows.len()];
+        for ordinal in &updated {
+            // Ordinals are 1-based positions in the bound arrays.
+            if let Some(flag) = usize::try_from(*ordinal - 1).ok().and_then(|i| exists.get_mut(i)) {
+                *flag = true;
+            }
+        }
+        let new: Vec<usize> = everything.filter(|&row| !exists[row]).collect();
+        self.new_keys.store(new.len() > updated.len(), Ordering::Relaxed);
+        if !new.is_empty() && !self.copy_new(tx, insert, &statement.arrays, new, false).await? {
+            tx.execute("ROLLBACK TO SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
+            bind(&statement.sql, &statement.arrays).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+        }
+        tx.execute("RELEASE SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
+        Ok(())
+    }
+
+    /// `COPY` of `rows`: `false` when a key exists (unique violation), the
+    /// copy undone. With `own_savepoint` it sets and settles its savepoint;
+    /// otherwise the caller's encloses it and rolls back.
+    async fn copy_new(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        insert: &Insert,
+        arrays: &[ColumnArray],
+        rows: impl IntoIterator<Item = usize>,
+        own_savepoint: bool,
+    ) -> Result<bool, SinkError> {
+        let mut data = Vec::new();
+        sql::copy_rows(arrays, &insert.types, rows, &mut data);
+        if own_savepoint {
+            tx.execute("SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
+        }
+        let copied = async {
+            let mut copy = tx.copy_in_raw(&insert.copy).await?;
+            copy.send(data).await?;
+            copy.finish().await
+        }
+        .await;
+        match copied {
+            Ok(_) => {
+                if own_savepoint {
+                    tx.execute("RELEASE SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
+                }
+                Ok(true)
+            }
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                if own_savepoint {
+                    tx.execute("ROLLBACK TO SAVEPOINT kawka_copy; RELEASE SAVEPOINT kawka_copy")
+                        .await
+                        .map_err(SinkError::Postgres)?;
+                }
+                Ok(false)
+            }
+            Err(error) => Err(SinkError::Postgres(error)),
+        }
     }
 
     async fn advance(&self, tx: &mut sqlx::PgConnection, offsets: &[PartitionOffset]) -> Result<(), SinkError> {
@@ -253,7 +356,7 @@ impl PostgresSink {
             };
             tx.execute("SAVEPOINT kawka_op").await.map_err(SinkError::Postgres)?;
             for statement in &statements {
-                if let Err(error) = bind(statement).execute(&mut *tx).await {
+                if let Err(error) = bind(&statement.sql, &statement.arrays).execute(&mut *tx).await {
                     match crate::error::classify_sqlx(&error) {
                         crate::error::ErrorClass::Permanent => {
                             rejected.push((index, database_message(&error)));
@@ -303,9 +406,12 @@ pub fn database_message(error: &sqlx::Error) -> String {
     }
 }
 
-fn bind(statement: &Statement) -> Query<'_, Postgres, PgArguments> {
+/// SQLSTATE of a unique violation: a `COPY` met an existing key.
+const UNIQUE_VIOLATION: &str = "23505";
+
+fn bind<'q>(sql: &'q str, arrays: &'q [ColumnArray]) -> Query<'q, Postgres, PgArguments> {
     let mut arguments = PgArguments::default();
-    for array in &statement.arrays {
+    for array in arrays {
         // Adding an array of a supported type cannot fail; the error type
         // exists for encoders that can.
         let added = match array {
@@ -317,7 +423,7 @@ fn bind(statement: &Statement) -> Query<'_, Postgres, PgArguments> {
         };
         debug_assert!(added.is_ok(), "binding an array of a built-in type");
     }
-    sqlx::query_with(&statement.sql, arguments)
+    sqlx::query_with(sql, arguments)
 }
 
 #[cfg(test)]

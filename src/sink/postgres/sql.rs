@@ -5,6 +5,11 @@
 //! parameters each (multi-row `VALUES` would hit the 65,535-parameter limit).
 //! Compaction guarantees each key appears once per batch, which
 //! `INSERT … ON CONFLICT DO UPDATE` requires.
+//!
+//! An upsert also carries an [`Insert`]: the same rows as `COPY` text and an
+//! `UPDATE … RETURNING` of the rows whose key exists. `COPY` checks no
+//! conflicts and inserts at several times the rate of an upsert, so the sink
+//! writes new keys with it and keeps the upsert for when a key turns up.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -197,6 +202,25 @@ pub struct Statement {
     pub arrays: Vec<ColumnArray>,
     /// Index into the planned net ops of each row, to name the culprit.
     pub rows: Vec<usize>,
+    /// For an upsert: how to write the same rows without conflict checks.
+    pub insert: Option<Insert>,
+}
+
+/// The rows of an upsert written as plain inserts. Equal in effect to the
+/// upsert only for keys no row has yet: the sink runs `copy` in a savepoint
+/// and falls back to the upsert when it meets an existing key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Insert {
+    /// `COPY t (…) FROM STDIN`, one column per array, in order.
+    pub copy: String,
+    /// The type of the column each array fills (`None`: the version column).
+    pub types: Vec<Option<ColumnType>>,
+    /// `UPDATE t … FROM UNNEST(…) WITH ORDINALITY … RETURNING u.n`: applies
+    /// the rows whose key exists and returns their 1-based ordinals, so the
+    /// rest can be copied. `None` when a row can exist and still not be
+    /// updated (a version guard) or there is nothing to set: a missing
+    /// ordinal would not mean a missing row.
+    pub update: Option<String>,
 }
 
 /// A net op whose values do not fit the table.
@@ -387,7 +411,7 @@ impl TableSql {
         if self.versioned {
             let _ = write!(sql, " AND (d.v IS NULL OR t.{VERSION_COLUMN} IS NULL OR t.{VERSION_COLUMN} < d.v)");
         }
-        Ok(Statement { sql, arrays, rows })
+        Ok(Statement { sql, arrays, rows, insert: None })
     }
 
     /// Replace: every column, unlisted ones null.
@@ -410,8 +434,8 @@ impl TableSql {
             }
             arrays.push(array);
         }
-        let updates: Vec<String> = value_columns.iter().map(|c| format!("{0} = EXCLUDED.{0}", quote(c))).collect();
-        Ok(self.upsert(net, rows, arrays, &value_columns, updates))
+        let set = value_columns.len();
+        Ok(self.upsert(net, rows, arrays, &value_columns, set))
     }
 
     /// Patch: set some columns, add to others; the row is created if missing.
@@ -436,33 +460,70 @@ impl TableSql {
                 columns.push(name);
             }
         }
-        let mut updates: Vec<String> = set.iter().map(|c| format!("{0} = EXCLUDED.{0}", quote(c))).collect();
-        // A missing row starts from the delta; an existing null counts as 0.
-        updates.extend(add.iter().map(|c| format!("{0} = COALESCE(t.{0}, 0) + EXCLUDED.{0}", quote(c))));
-        Ok(self.upsert(net, rows, arrays, &columns, updates))
+        Ok(self.upsert(net, rows, arrays, &columns, set.len()))
     }
 
+    /// Insert-or-update of `value_columns`: the first `set` of them are set,
+    /// the others added to (a missing row starts from the delta; an existing
+    /// null counts as 0).
     fn upsert(
         &self,
         net: &[NetOp],
         rows: Vec<usize>,
         mut arrays: Vec<ColumnArray>,
         value_columns: &[&str],
-        mut updates: Vec<String>,
+        set: usize,
     ) -> Statement {
         let keys = &self.target.primary_key;
         let mut columns: Vec<String> = keys.iter().map(|k| quote(k)).collect();
         columns.extend(value_columns.iter().map(|c| quote(c)));
-        let mut casts: Vec<String> = keys
+        let mut types: Vec<Option<ColumnType>> = keys
             .iter()
             .map(String::as_str)
             .chain(value_columns.iter().copied())
-            .enumerate()
-            .map(|(i, name)| format!("u.c{i}::{}", self.column_type(name).sql()))
+            .map(|n| Some(self.column_type(n)))
             .collect();
+        let mut casts: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("u.c{i}::{}", ty.map_or("bigint", ColumnType::sql)))
+            .collect();
+        // The new value of each column, from the proposed one (`EXCLUDED.c`
+        // in the upsert, the bound array in the plain update).
+        let assign = |proposed: &dyn Fn(usize, &str) -> String| -> Vec<String> {
+            value_columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let (c, value) = (quote(c), proposed(keys.len() + i, c));
+                    if i < set {
+                        format!("{c} = {value}")
+                    } else {
+                        format!("{c} = COALESCE(t.{c}, 0) + {value}")
+                    }
+                })
+                .collect()
+        };
+        let mut updates = assign(&|_, c| format!("EXCLUDED.{}", quote(c)));
+        // Without a version guard an existing key's row is always updated,
+        // so the rows `UPDATE` does not return are exactly the new keys.
+        let update = (!self.versioned && !updates.is_empty()).then(|| {
+            let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
+            let matches: Vec<String> =
+                keys.iter().enumerate().map(|(i, k)| format!("t.{} = {}", quote(k), casts[i])).collect();
+            format!(
+                "UPDATE {} AS t SET {} FROM UNNEST({}) WITH ORDINALITY AS u({}, n) WHERE {} RETURNING u.n",
+                self.qualified,
+                assign(&|i, _| casts[i].clone()).join(", "),
+                unnest_params(&arrays),
+                names.join(", "),
+                matches.join(" AND ")
+            )
+        });
         if self.versioned {
             columns.push(VERSION_COLUMN.to_string());
             casts.push(format!("u.c{}", casts.len()));
+            types.push(None);
             updates.push(format!("{VERSION_COLUMN} = EXCLUDED.{VERSION_COLUMN}"));
             arrays.push(self.version_array(net, &rows));
         }
@@ -488,12 +549,100 @@ impl TableSql {
                 );
             }
         }
-        Statement { sql, arrays, rows }
+        let copy = format!("COPY {} ({}) FROM STDIN", self.qualified, columns.join(", "));
+        Statement { sql, arrays, rows, insert: Some(Insert { copy, types, update }) }
     }
 }
 
 fn unnest_params(arrays: &[ColumnArray]) -> String {
     arrays.iter().enumerate().map(|(i, a)| format!("${}::{}", i + 1, a.array_type())).collect::<Vec<_>>().join(", ")
+}
+
+/// Appends `rows` (indexes into the arrays) as `COPY … FROM STDIN` text:
+/// each value as the text its column's input function reads to what the
+/// upsert's cast of the bound value gives.
+pub fn copy_rows(
+    arrays: &[ColumnArray],
+    types: &[Option<ColumnType>],
+    rows: impl IntoIterator<Item = usize>,
+    out: &mut Vec<u8>,
+) {
+    for row in rows {
+        for (column, array) in arrays.iter().enumerate() {
+            if column > 0 {
+                out.push(b'\t');
+            }
+            copy_value(array, row, types.get(column).copied().flatten(), out);
+        }
+        out.push(b'\n');
+    }
+}
+
+fn copy_value(array: &ColumnArray, row: usize, ty: Option<ColumnType>, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    // Writing to a Vec cannot fail.
+    let _ = match array {
+        ColumnArray::Int(v) => match v[row] {
+            Some(i) => write!(out, "{i}"),
+            None => write!(out, "\\N"),
+        },
+        ColumnArray::Float(v) => match v[row] {
+            Some(x) => write_float(out, x, ty),
+            None => write!(out, "\\N"),
+        },
+        ColumnArray::Bool(v) => match v[row] {
+            Some(b) => write!(out, "{}", if b { 't' } else { 'f' }),
+            None => write!(out, "\\N"),
+        },
+        ColumnArray::Bytes(v) => match &v[row] {
+            Some(bytes) => {
+                // bytea's hex input, its backslash escaped for COPY.
+                out.extend_from_slice(b"\\\\x");
+                bytes.iter().try_for_each(|byte| write!(out, "{byte:02x}"))
+            }
+            None => write!(out, "\\N"),
+        },
+        ColumnArray::Text(v) => match &v[row] {
+            Some(text) => {
+                escape_copy(text, out);
+                Ok(())
+            }
+            None => write!(out, "\\N"),
+        },
+    };
+}
+
+/// A float as `float8in`/`float4in` read it back exactly. A `real` column
+/// gets the value rounded to `f32` first, as the upsert's `float8::real`
+/// cast does, unless that overflows or underflows: then the full value,
+/// which `float4in` refuses as the cast would.
+fn write_float(out: &mut Vec<u8>, x: f64, ty: Option<ColumnType>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if x.is_nan() {
+        return write!(out, "NaN");
+    }
+    if x.is_infinite() {
+        return write!(out, "{}Infinity", if x < 0.0 { "-" } else { "" });
+    }
+    let narrow = x as f32;
+    if ty == Some(ColumnType::Real) && narrow.is_finite() && (narrow != 0.0 || x == 0.0) {
+        write!(out, "{narrow:?}")
+    } else {
+        write!(out, "{x:?}")
+    }
+}
+
+/// Text with COPY's escapes for backslash, newline, carriage return and tab.
+fn escape_copy(text: &str, out: &mut Vec<u8>) {
+    for &byte in text.as_bytes() {
+        match byte {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            other => out.push(other),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -564,6 +713,67 @@ mod tests {
             .sql
             .ends_with("DO UPDATE SET \"on_hand\" = EXCLUDED.\"on_hand\", \"seen_at\" = EXCLUDED.\"seen_at\""));
         assert_eq!(statements[1].arrays[3], ColumnArray::Text(vec![None]));
+    }
+
+    #[test]
+    fn upserts_carry_a_copy_and_an_update_of_existing_keys() {
+        let ops = vec![net(
+            "s1",
+            Effect::Patch { set: vec![("seen_at", Value::Int(0))], add: vec![("on_hand", Value::Int(5))] },
+        )];
+        let statement = &inventory().plan(&ops).expect("binds")[0];
+        let insert = statement.insert.as_ref().expect("an upsert can be copied");
+        assert_eq!(
+            insert.copy,
+            "COPY \"public\".\"inventory\" (\"store_id\", \"item_id\", \"seen_at\", \"on_hand\") FROM STDIN"
+        );
+        assert_eq!(
+            insert.update.as_deref(),
+            Some(
+                "UPDATE \"public\".\"inventory\" AS t SET \"seen_at\" = u.c2::timestamptz, \
+                 \"on_hand\" = COALESCE(t.\"on_hand\", 0) + u.c3::bigint \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(c0, c1, c2, c3, n) \
+                 WHERE t.\"store_id\" = u.c0::text AND t.\"item_id\" = u.c1::text RETURNING u.n"
+            )
+        );
+        let mut versioned = inventory();
+        versioned.versioned = true;
+        let statement = &versioned.plan(&ops).expect("binds")[0];
+        let insert = statement.insert.as_ref().expect("copied too");
+        assert!(insert.copy.contains("\"on_hand\", kawka_version) FROM STDIN"), "{}", insert.copy);
+        assert_eq!(insert.update, None, "a guarded update may skip a row that exists");
+        assert_eq!(insert.types.last(), Some(&None));
+        let delete = &inventory().plan(&[net("s1", Effect::Delete)]).expect("binds")[0];
+        assert_eq!(delete.insert, None);
+    }
+
+    #[test]
+    fn copy_text_escapes_and_writes_what_the_casts_read() {
+        let arrays = vec![
+            ColumnArray::Text(vec![Some("a\tb\\c\nd\re".into()), None]),
+            ColumnArray::Int(vec![Some(-12), None]),
+            ColumnArray::Float(vec![Some(0.1), Some(f64::NEG_INFINITY)]),
+            ColumnArray::Float(vec![Some(0.1), Some(1e300)]),
+            ColumnArray::Bool(vec![Some(true), Some(false)]),
+            ColumnArray::Bytes(vec![Some(vec![0, 0x5c, 0xff]), Some(vec![])]),
+        ];
+        let types = [
+            ColumnType::Text,
+            ColumnType::BigInt,
+            ColumnType::Double,
+            ColumnType::Real,
+            ColumnType::Boolean,
+            ColumnType::Bytea,
+        ]
+        .map(Some);
+        let mut out = Vec::new();
+        copy_rows(&arrays, &types, [1, 0], &mut out);
+        assert_eq!(
+            String::from_utf8(out).expect("text"),
+            "\\N\t\\N\t-Infinity\t1e300\tf\t\\\\x\n\
+             a\\tb\\\\c\\nd\\re\t-12\t0.1\t0.1\tt\t\\\\x005cff\n",
+            "a real is rounded to f32 first (0.1), unless that overflows (1e300 is refused as the cast would)"
+        );
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! order. Each group becomes one bulk action, guarded so that a replay or a
 //! duplicate changes nothing:
 //!
-//! * a group that ends in an upsert, on a connector reading one topic with
-//!   no domain version, is an `index` with `version_type=external` and
-//!   version = offset + 1: a replay carries a version that is not higher
-//!   than the stored one and gets a conflict (a duplicate, counted as done).
+//! * a group that leaves a whole document whatever was stored (it ends in
+//!   an upsert, or has an upsert or a delete followed by anything but a
+//!   delete: its ops fold to a replacement), on a connector reading one
+//!   topic with no domain version, is an `index` of the folded document
+//!   with `version_type=external` and version = last offset + 1: a replay
+//!   of any part of the group carries a version that is not higher than the
+//!   stored one and gets a conflict (a duplicate, counted as done).
 //!   Scripted updates raise a document's version by one per applied action,
 //!   and each applied action covers at least one new offset, so a stored
 //!   version never exceeds the last applied offset + 1;
@@ -25,6 +28,7 @@
 //! idempotent, so it is correct even when the stored position falls inside
 //! the run. Increments are not idempotent and stay one step per event.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write as _;
 
@@ -163,18 +167,23 @@ fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, members
     let tp = format!("{}/{}", last.position.topic, last.position.partition);
     let mut lines = Vec::with_capacity(256);
     let version = last.position.offset + 1;
-    match (mode, last.kind) {
-        (GuardMode::ExternalVersions, OpKind::Upsert) => {
+    let replaced = match (mode, last.kind) {
+        (GuardMode::ExternalVersions, OpKind::Upsert) if members.len() == 1 => Some(Cow::Borrowed(&last.fields[..])),
+        (GuardMode::ExternalVersions, _) if members.len() > 1 => replacement(ops, &members).map(Cow::Owned),
+        _ => None,
+    };
+    match (mode, last.kind, replaced) {
+        (GuardMode::ExternalVersions, _, Some(fields)) => {
             let header = serde_json::json!({"index": {"_index": index, "_id": doc_id, "version": version, "version_type": "external"}});
             write_line(&mut lines, &header);
             let mut doc = serde_json::Map::new();
-            for (name, value) in &last.fields {
+            for (name, value) in fields.iter() {
                 doc.insert(name.to_string(), value.to_json());
             }
             doc.insert(GUARD_FIELD.into(), serde_json::json!({"pos": {tp: last.position.offset}}));
             write_line(&mut lines, &doc);
         }
-        (GuardMode::ExternalVersions, OpKind::Delete) => {
+        (GuardMode::ExternalVersions, OpKind::Delete, None) => {
             let header = serde_json::json!({"delete": {"_index": index, "_id": doc_id, "version": version, "version_type": "external"}});
             write_line(&mut lines, &header);
         }
@@ -192,6 +201,19 @@ fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, members
         }
     }
     Action { doc_id, ops: members, lines }
+}
+
+/// The whole document a group leaves, when it leaves one whatever was
+/// there before (an upsert, or a delete, then anything but a delete): the
+/// group is then one `index` at its last offset, applied whole or, on a
+/// replay of any part of it, not at all.
+fn replacement(ops: &[WriteOp], members: &[usize]) -> Option<Vec<(Name, Value)>> {
+    let group: Vec<WriteOp> = members.iter().map(|&at| ops[at].clone()).collect();
+    let (mut net, errors) = compact(&group);
+    match (errors.is_empty(), net.pop().map(|n| n.effect)) {
+        (true, Some(Effect::Replace(fields))) => Some(fields),
+        _ => None,
+    }
 }
 
 /// The script steps of a group: runs of set ops folded, increments one by one.
@@ -317,6 +339,33 @@ mod tests {
     }
 
     #[test]
+    fn a_group_that_leaves_a_whole_document_is_one_index_at_its_last_offset() {
+        let ops = vec![
+            op("u1", 0, 4, OpKind::Upsert, &[("name", "Ann".into()), ("visits", Value::Int(1))]),
+            op("u1", 0, 6, OpKind::Merge, &[("email", "ann@x".into())]),
+            op("u1", 0, 7, OpKind::Increment, &[("visits", Value::Int(2))]),
+            op("u2", 0, 5, OpKind::Delete, &[]),
+            op("u2", 0, 8, OpKind::Merge, &[("name", "Bo".into())]),
+            op("u3", 0, 9, OpKind::Merge, &[("name", "Cy".into())]),
+            op("u3", 0, 10, OpKind::Increment, &[("visits", Value::Int(1))]),
+        ];
+        let (actions, _) = plan(&ops, "profiles", GuardMode::ExternalVersions);
+        let u1 = lines(&actions[0]);
+        assert_eq!(u1[0]["index"]["version"], 8, "version = last offset + 1");
+        assert_eq!(
+            u1[1],
+            serde_json::json!({"name": "Ann", "visits": 3, "email": "ann@x", "kawka": {"pos": {"users/0": 7}}})
+        );
+        assert_eq!(lines(&actions[1])[1], serde_json::json!({"name": "Bo", "kawka": {"pos": {"users/0": 8}}}));
+        assert!(
+            lines(&actions[2])[0].get("update").is_some(),
+            "without an upsert or delete it depends on the stored document"
+        );
+        let (scripted, _) = plan(&ops[..3], "profiles", GuardMode::Scripted);
+        assert!(lines(&scripted[0])[0].get("update").is_some(), "domain versions: always the script");
+    }
+
+    #[test]
     fn deletes_last_are_external_version_deletes_and_scripted_mode_scripts_everything() {
         let ops = vec![op("u1", 0, 2, OpKind::Upsert, &[]), op("u1", 0, 3, OpKind::Delete, &[])];
         let (actions, _) = plan(&ops, "p", GuardMode::ExternalVersions);
@@ -344,7 +393,8 @@ mod tests {
             op("u2", 1, 6, OpKind::Merge, &[("b", Value::Bool(false))]),
             op("u1", 1, 7, OpKind::Increment, &[("n", Value::Int(5))]),
         ];
-        let (actions, _) = plan(&ops, "p", GuardMode::ExternalVersions);
+        // Scripted: with external versions u1's first group is one `index`.
+        let (actions, _) = plan(&ops, "p", GuardMode::Scripted);
         assert_eq!(
             actions.iter().map(|a| (a.doc_id.as_str(), a.ops.clone())).collect::<Vec<_>>(),
             vec![("u1", vec![0, 1, 2, 3, 4]), ("u2", vec![5]), ("u1", vec![6]),]

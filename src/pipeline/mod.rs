@@ -233,7 +233,8 @@ struct Worker<'a> {
 
 /// A background write: its batch, positions, result and the seconds the
 /// sink took (timed in the task: the worker may look only much later).
-type InFlightWrite = tokio::task::JoinHandle<(Pending, Vec<PartitionOffset>, Result<u64, SinkError>, f64)>;
+type InFlightWrite = tokio::task::JoinHandle<WriteDone>;
+type WriteDone = (Pending, Vec<PartitionOffset>, Result<u64, SinkError>, f64);
 
 impl Worker<'_> {
     fn name(&self) -> &str {
@@ -257,6 +258,13 @@ impl Worker<'_> {
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     if let Err(halt) = self.flush().await { return (halt, rx) }
+                    continue;
+                }
+                // The write in flight is done: its positions reach Kafka now,
+                // not when the next batch is handed over.
+                done = finished(&mut self.in_flight), if self.in_flight.is_some() => {
+                    self.in_flight = None;
+                    if let Err(halt) = self.settled(done).await { return (halt, rx) }
                     continue;
                 }
                 // Paused: nothing is taken from the channel, so the consumer
@@ -532,9 +540,6 @@ impl Worker<'_> {
             (batch, offsets, result, started.elapsed().as_secs_f64())
         });
         self.in_flight = Some(handle);
-        // The deadline also settles the write in flight when no more
-        // records come (its positions reach Kafka and the counters then).
-        self.pending.deadline = Some(Instant::now() + self.runtime.settings.batch.max_wait);
         Ok(())
     }
 
@@ -543,7 +548,12 @@ impl Worker<'_> {
     /// rejections of the synchronous path, before anything newer.
     async fn settle(&mut self) -> Result<(), Halt> {
         let Some(handle) = self.in_flight.take() else { return Ok(()) };
-        let (batch, offsets, result, seconds) = match handle.await {
+        self.settled(handle.await).await
+    }
+
+    /// Settles a finished background write (see [`Worker::settle`]).
+    async fn settled(&mut self, done: Result<WriteDone, tokio::task::JoinError>) -> Result<(), Halt> {
+        let (batch, offsets, result, seconds) = match done {
             Ok(done) => done,
             Err(error) => return Err(Halt::Source(format!("a sink write task failed: {error}"))),
         };
@@ -597,7 +607,7 @@ impl Worker<'_> {
     /// events the sink refuses.
     async fn write_pending(&mut self) -> Result<(), Halt> {
         if self.pending.is_empty() {
-            // A deadline set only to settle the write in flight is spent.
+            // Nothing to write: a deadline, if one was set, is spent.
             self.pending.deadline = None;
             return Ok(());
         }
@@ -711,6 +721,15 @@ fn project_all(
         }
     }
     Ok(if any { Projected::Ops(ops) } else { Projected::Skipped })
+}
+
+/// The result of the write in flight; pending forever when there is none
+/// (the `select!` branch is disabled then anyway).
+async fn finished(in_flight: &mut Option<InFlightWrite>) -> Result<WriteDone, tokio::task::JoinError> {
+    match in_flight {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -4,11 +4,13 @@
 # Postgres COPY, plain _bulk) and kawka in the same run, then prints the
 # rates, the ratios and kawka's peak RSS (JSON in target/bench-e2e.json).
 #   deploy/local/bench.sh [--events 1000000] [--es-events N]
-# tansu's memory storage keeps every record in RAM: the broker is restarted
-# first so earlier runs do not weigh on this one.
+# tansu's memory storage keeps every record in RAM, and noida-db slows down
+# as it holds more documents: both are restarted first (noida-db with an
+# empty data directory) so earlier runs and tests do not weigh on this one.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 stop_service tansu
+stop_service noida
 "$KAWKA_ROOT/deploy/local/up.sh"
 cd "$KAWKA_ROOT"
 cargo build --release --bin kawka

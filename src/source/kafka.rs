@@ -431,17 +431,22 @@ fn send_or_wait(
     // Short waits first: the pipeline usually takes a chunk within a batch
     // write. Pausing would purge librdkafka's fetched data and refetch it
     // on resume, which costs more than it saves when the wait is short.
+    // The wait ends the moment a slot frees (sleeping and retrying instead
+    // left the pipeline idle for up to a nap after it drained the channel).
+    let context = consumer.context();
     let patient_until = std::time::Instant::now() + PATIENCE;
-    let mut nap = Duration::from_micros(200);
     while std::time::Instant::now() < patient_until && !stopping.load(Ordering::SeqCst) {
-        std::thread::sleep(nap);
-        nap = (nap * 2).min(Duration::from_millis(20));
-        match tx.try_send(message) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Vec::new(),
-            Err(mpsc::error::TrySendError::Full(back)) => message = back,
+        // This is the consumer's own thread, outside the runtime.
+        let slot = context.runtime.block_on(tokio::time::timeout(Duration::from_millis(100), tx.reserve()));
+        match slot {
+            Ok(Ok(permit)) => {
+                permit.send(message);
+                return Vec::new();
+            }
+            Ok(Err(_closed)) => return Vec::new(),
+            Err(_still_full) => {}
         }
     }
-    let context = consumer.context();
     let mut overflow = Vec::new();
     let paused = consumer.assignment().ok();
     if let Some(assignment) = &paused {

@@ -558,7 +558,7 @@ async fn main() {
         // longer than a poll interval and would delay the last reading).
         let kafka = kawka::config::KafkaSettings { bootstrap_servers: bootstrap.clone(), properties: Default::default() };
         let group = std::sync::Arc::new(
-            kawka::source::kafka::GroupOffsets::new(&kafka, &format!("kawka.{es_name}"), &[es_topic.clone()])
+            kawka::source::kafka::GroupOffsets::new(&kafka, &format!("kawka.{es_name}"), std::slice::from_ref(&es_topic))
                 .expect("a group client"),
         );
         let committed = move || {

@@ -436,8 +436,10 @@ fn send_or_wait(
     let context = consumer.context();
     let patient_until = std::time::Instant::now() + PATIENCE;
     while std::time::Instant::now() < patient_until && !stopping.load(Ordering::SeqCst) {
-        // This is the consumer's own thread, outside the runtime.
-        let slot = context.runtime.block_on(tokio::time::timeout(Duration::from_millis(100), tx.reserve()));
+        // This is the consumer's own thread, outside the runtime; the
+        // timer is made inside it (tokio's timers need the runtime).
+        let slot =
+            context.runtime.block_on(async { tokio::time::timeout(Duration::from_millis(100), tx.reserve()).await });
         match slot {
             Ok(Ok(permit)) => {
                 permit.send(message);

@@ -556,10 +556,15 @@ async fn main() {
         let es_project = project(&registry.url(), &es_connector(&es_name, &es_topic));
         // One group client polled throughout (a new client per poll takes
         // longer than a poll interval and would delay the last reading).
-        let kafka = kawka::config::KafkaSettings { bootstrap_servers: bootstrap.clone(), properties: Default::default() };
+        let kafka =
+            kawka::config::KafkaSettings { bootstrap_servers: bootstrap.clone(), properties: Default::default() };
         let group = std::sync::Arc::new(
-            kawka::source::kafka::GroupOffsets::new(&kafka, &format!("kawka.{es_name}"), std::slice::from_ref(&es_topic))
-                .expect("a group client"),
+            kawka::source::kafka::GroupOffsets::new(
+                &kafka,
+                &format!("kawka.{es_name}"),
+                std::slice::from_ref(&es_topic),
+            )
+            .expect("a group client"),
         );
         let committed = move || {
             let group = group.clone();

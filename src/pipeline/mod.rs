@@ -305,6 +305,7 @@ impl Worker<'_> {
                     flushed
                 }
                 Some(SourceMessage::Records { generation, records }) => self.records(generation, records).await,
+                Some(SourceMessage::Ended { reason }) => Err(Halt::Source(reason)),
             };
             if let Err(halt) = result {
                 if let Halt::Stopped(_) = halt {

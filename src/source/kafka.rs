@@ -66,6 +66,11 @@ pub enum SourceMessage {
     Revoked {
         ack: std::sync::mpsc::SyncSender<()>,
     },
+    /// The consumer thread failed and stopped polling (the context keeps a
+    /// sender, so the channel alone would never say so).
+    Ended {
+        reason: String,
+    },
 }
 
 struct SourceContext {
@@ -207,7 +212,21 @@ impl KafkaSource {
             let name = connector.to_string();
             std::thread::Builder::new()
                 .name(format!("kafka-{connector}"))
-                .spawn(move || poll_loop(&name, &consumer, &tx, &stopping, &status))
+                .spawn(move || {
+                    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        poll_loop(&name, &consumer, &tx, &stopping, &status)
+                    }));
+                    if let Err(panic) = polled {
+                        let reason = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        let reason = format!("the kafka consumer thread failed: {reason}");
+                        tracing::error!(connector = %name, %reason, "consumer thread failed");
+                        let _ = tx.blocking_send(SourceMessage::Ended { reason });
+                    }
+                })
                 .map_err(|error| rdkafka::error::KafkaError::ClientCreation(error.to_string()))?
         };
         Ok((KafkaSource { consumer, stopping, thread: Some(thread) }, rx))

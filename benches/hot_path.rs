@@ -19,7 +19,7 @@ use kawka::event::{Event, Position};
 use kawka::projection::compact::compact;
 use kawka::projection::{Projected, Projection, RulesProjection, WriteOp};
 use kawka::sink::elasticsearch::bulk::{self, GuardMode};
-use kawka::sink::postgres::sql::TableSql;
+use kawka::sink::postgres::sql::{copy_rows, TableSql};
 use kawka::upcast::Upcasting;
 use kawka::value::{intern, Value};
 
@@ -246,6 +246,19 @@ fn benches(c: &mut Criterion) {
     let table = TableSql::new(target, false);
     let (net, _) = compact(&ops);
     group.bench_function("postgres_parameters", |b| b.iter(|| black_box(table.plan(&net).expect("binds"))));
+    // The text a COPY of new keys sends, from the planned arrays.
+    let statements = table.plan(&net).expect("binds");
+    group.bench_function("postgres_copy_text", |b| {
+        b.iter(|| {
+            let mut out = Vec::new();
+            for statement in &statements {
+                if let Some(insert) = &statement.insert {
+                    copy_rows(&statement.arrays, &insert.types, 0..statement.rows.len(), &mut out);
+                }
+            }
+            black_box(out)
+        })
+    });
     let search = RulesProjection::new(connector(settings, "order-search"));
     let search_ops: Vec<WriteOp> = events
         .iter()

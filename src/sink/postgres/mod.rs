@@ -220,13 +220,7 @@ impl PostgresSink {
 
     /// Runs one statement; an upsert's new keys go in by `COPY`.
     async fn apply(&self, tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
-        let Some(insert) = &statement.insert else {
-            return bind(&statement.sql, &statement.arrays)
-                .execute(&mut *tx)
-                .await
-                .map(drop)
-                .map_err(SinkError::Postgres);
-        };
+        let Some(insert) = &statement.insert else { return execute(tx, statement).await };
         let everything = 0..statement.rows.len();
         if self.new_keys.load(Ordering::Relaxed) {
             if self.copy_new(tx, insert, &statement.arrays, everything.clone(), true).await? {
@@ -234,13 +228,7 @@ impl PostgresSink {
             }
             self.new_keys.store(false, Ordering::Relaxed);
         }
-        let Some(update) = &insert.update else {
-            return bind(&statement.sql, &statement.arrays)
-                .execute(&mut *tx)
-                .await
-                .map(drop)
-                .map_err(SinkError::Postgres);
-        };
+        let Some(update) = &insert.update else { return execute(tx, statement).await };
         // One savepoint around the update and the copy: if the copy meets a
         // key after all (inserted since by another writer), both are undone
         // and the upsert runs, so no row is updated twice (adds!).
@@ -264,7 +252,7 @@ impl PostgresSink {
         self.new_keys.store(new.len() > updated.len(), Ordering::Relaxed);
         if !new.is_empty() && !self.copy_new(tx, insert, &statement.arrays, new, false).await? {
             tx.execute("ROLLBACK TO SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
-            bind(&statement.sql, &statement.arrays).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+            execute(tx, statement).await?;
         }
         tx.execute("RELEASE SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
         Ok(())
@@ -404,6 +392,11 @@ pub fn database_message(error: &sqlx::Error) -> String {
         },
         other => other.to_string(),
     }
+}
+
+/// Runs a statement as planned (for an upsert: `INSERT … ON CONFLICT`).
+async fn execute(tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
+    bind(&statement.sql, &statement.arrays).execute(&mut *tx).await.map(drop).map_err(SinkError::Postgres)
 }
 
 /// SQLSTATE of a unique violation: a `COPY` met an existing key.

@@ -96,8 +96,7 @@ async fn every_kind_of_poison_is_dead_lettered_and_its_neighbours_are_written() 
     let name = support::unique("poison");
     support::create_topic(&topic, 1).await;
     support::create_topic(&format!("{name}.dlq"), 1).await;
-    let record =
-        |n: &str, fields: Json| json!({"type": "record", "name": n, "namespace": "test.poison", "fields": fields});
+    let record = |name: &str, fields: Json| support::record_schema("test.poison", name, fields);
     let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
     "subject_strategy": "topic_record", "schemas": {
         "sold": support::catalogue_schema("com.example.retail.ItemSold", 1),

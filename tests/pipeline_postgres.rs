@@ -15,8 +15,7 @@ use sqlx::Row;
 use support::{eventually, Project};
 
 fn ops_schemas() -> Json {
-    let record =
-        |name: &str, fields: Json| json!({"type": "record", "name": name, "namespace": "test.ops", "fields": fields});
+    let record = |name: &str, fields: Json| support::record_schema("test.ops", name, fields);
     json!({
         "created": record("Created", json!([{"name": "id", "type": "string"}, {"name": "name", "type": "string"}, {"name": "email", "type": "string"}])),
         "renamed": record("Renamed", json!([{"name": "id", "type": "string"}, {"name": "new_name", "type": "string"}])),

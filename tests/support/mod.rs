@@ -302,6 +302,11 @@ pub async fn stored_positions(pool: &sqlx::PgPool, connector: &str) -> i64 {
     .unwrap_or(0)
 }
 
+/// An Avro record schema, as JSON.
+pub fn record_schema(namespace: &str, name: &str, fields: Json) -> Json {
+    serde_json::json!({"type": "record", "name": name, "namespace": namespace, "fields": fields})
+}
+
 /// A schema of the shipped catalogue, as JSON.
 pub fn catalogue_schema(event_type: &str, version: u32) -> Json {
     let path = project_root().join("schemas").join(event_type).join(format!("v{version}.avsc"));
@@ -584,8 +589,7 @@ pub mod stats {
 
     /// The producer's schemas of the three events.
     pub fn schemas() -> Json {
-        let record =
-            |n: &str, fields: Json| json!({"type": "record", "name": n, "namespace": "test.stats", "fields": fields});
+        let record = |name: &str, fields: Json| super::record_schema("test.stats", name, fields);
         json!({
             "registered": record("Registered", json!([{"name": "user_id", "type": "string"}, {"name": "name", "type": "string"}, {"name": "email", "type": "string"}])),
             "email": record("EmailChanged", json!([{"name": "user_id", "type": "string"}, {"name": "email", "type": "string"}])),

@@ -167,10 +167,9 @@ fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, members
     let tp = format!("{}/{}", last.position.topic, last.position.partition);
     let mut lines = Vec::with_capacity(256);
     let version = last.position.offset + 1;
-    let replaced = match (mode, last.kind) {
-        (GuardMode::ExternalVersions, OpKind::Upsert) if members.len() == 1 => Some(Cow::Borrowed(&last.fields[..])),
-        (GuardMode::ExternalVersions, _) if members.len() > 1 => replacement(ops, &members).map(Cow::Owned),
-        _ => None,
+    let replaced = match mode {
+        GuardMode::ExternalVersions => replacement(ops, &members),
+        GuardMode::Scripted => None,
     };
     match (mode, last.kind, replaced) {
         (GuardMode::ExternalVersions, _, Some(fields)) => {
@@ -207,12 +206,21 @@ fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, members
 /// there before (an upsert, or a delete, then anything but a delete): the
 /// group is then one `index` at its last offset, applied whole or, on a
 /// replay of any part of it, not at all.
-fn replacement(ops: &[WriteOp], members: &[usize]) -> Option<Vec<(Name, Value)>> {
-    let group: Vec<WriteOp> = members.iter().map(|&at| ops[at].clone()).collect();
-    let (mut net, errors) = compact(&group);
-    match (errors.is_empty(), net.pop().map(|n| n.effect)) {
-        (true, Some(Effect::Replace(fields))) => Some(fields),
-        _ => None,
+fn replacement<'a>(ops: &'a [WriteOp], members: &[usize]) -> Option<Cow<'a, [(Name, Value)]>> {
+    // What came before the last upsert or delete cannot show in the document.
+    let from = members.iter().rposition(|&at| matches!(ops[at].kind, OpKind::Upsert | OpKind::Delete))?;
+    match &members[from..] {
+        [only] if ops[*only].kind == OpKind::Upsert => Some(Cow::Borrowed(&ops[*only].fields)),
+        // A delete last is an external-version delete.
+        [_] => None,
+        tail => {
+            let tail: Vec<WriteOp> = tail.iter().map(|&at| ops[at].clone()).collect();
+            let (mut net, errors) = compact(&tail);
+            match (errors.is_empty(), net.pop().map(|n| n.effect)) {
+                (true, Some(Effect::Replace(fields))) => Some(Cow::Owned(fields)),
+                _ => None,
+            }
+        }
     }
 }
 

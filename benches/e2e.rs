@@ -160,13 +160,16 @@ async fn produce(bootstrap: &str, topic: &str, total: usize, placed_id: u32, upd
     producer.flush(Duration::from_secs(120)).expect("flush");
 }
 
-fn bare_consumer(bootstrap: &str, topic: &str, total: usize) -> Run {
-    let consumer: BaseConsumer = ClientConfig::new()
+fn bare_consumer(bootstrap: &str, topic: &str, total: usize, properties: &[(String, String)]) -> Run {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("bench-bare-{}", rand::random::<u32>()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+        .set("enable.auto.commit", "false");
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config.create().expect("consumer");
     let mut assignment = TopicPartitionList::new();
     for partition in 0..PARTITIONS {
         assignment.add_partition_offset(topic, partition, Offset::Beginning).expect("partition");
@@ -382,7 +385,13 @@ fn project(registry: &str, connector: &str) -> tempfile::TempDir {
     dir
 }
 
-fn pg_connector(name: &str, topic: &str, key: &str) -> String {
+/// The YAML of extra source properties (`, key: "value"` each).
+fn yaml_properties(properties: &[(String, String)]) -> String {
+    properties.iter().map(|(k, v)| format!(", {k}: \"{v}\"")).collect()
+}
+
+fn pg_connector(name: &str, topic: &str, key: &str, properties: &[(String, String)]) -> String {
+    let extra = yaml_properties(properties);
     // Every column but the key (which comes from `key:`).
     let fields: Vec<String> = [
         "order_id",
@@ -403,7 +412,7 @@ fn pg_connector(name: &str, topic: &str, key: &str) -> String {
     let fields = fields.join(", ");
     format!(
         r#"name: {name}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000"{extra} }} }}
 sink:
   to: readdb
   table: {name}
@@ -418,10 +427,11 @@ events:
     )
 }
 
-fn es_connector(name: &str, topic: &str) -> String {
+fn es_connector(name: &str, topic: &str, properties: &[(String, String)]) -> String {
+    let extra = yaml_properties(properties);
     format!(
         r#"name: {name}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000"{extra} }} }}
 sink: {{ to: search, index: {name}, bulk: {{ max_actions: 1000, in_flight: 2 }} }}
 key: {{ order_id: order_id }}
 batch: {{ max_events: 10000, max_wait: 500ms }}
@@ -430,6 +440,16 @@ events:
   bench.OrderUpdated: {{ merge: {{ quantity: quantity }} }}
 "#
     )
+}
+
+/// Every `--property key=value`: consumer properties for the bare consumer
+/// and kawka's connectors alike (for A/B runs of fetch settings).
+fn properties() -> Vec<(String, String)> {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .filter(|w| w[0] == "--property")
+        .filter_map(|w| w[1].split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
 }
 
 fn arg(name: &str, default: usize) -> usize {
@@ -470,7 +490,8 @@ async fn main() {
     eprintln!("producing {total} events to {topic}…");
     produce(&bootstrap, &topic, total, placed_id, updated_id).await;
 
-    let bare = bare_consumer(&bootstrap, &topic, total);
+    let properties = properties();
+    let bare = bare_consumer(&bootstrap, &topic, total, &properties);
     let copy = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
     let progress = |connector: String| {
         let pool = pool.clone();
@@ -490,10 +511,10 @@ async fn main() {
         }
     };
     let fresh_name = format!("bench_fresh_{tag}");
-    let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id"));
+    let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id", &properties));
     let fresh = run_kawka(fresh_project.path(), total, progress(fresh_name.clone())).await;
     let updates_name = format!("bench_updates_{tag}");
-    let updates_project = project(&registry.url(), &pg_connector(&updates_name, &topic, "customer_id"));
+    let updates_project = project(&registry.url(), &pg_connector(&updates_name, &topic, "customer_id", &properties));
     let updates = run_kawka(updates_project.path(), total, progress(updates_name.clone())).await;
 
     let row = |name: &str, run: &Run, baseline: Option<&Run>, rss: Option<f64>| {
@@ -553,7 +574,7 @@ async fn main() {
         };
         let plain = bulk_baseline(&es, &format!("bench_bulk_{tag}"), es_total).await;
         let es_name = format!("bench_es_{tag}");
-        let es_project = project(&registry.url(), &es_connector(&es_name, &es_topic));
+        let es_project = project(&registry.url(), &es_connector(&es_name, &es_topic, &properties));
         // One group client polled throughout (a new client per poll takes
         // longer than a poll interval and would delay the last reading).
         let kafka =

@@ -140,7 +140,7 @@ impl ConnectorRuntime {
             generation: None,
             shutdown: shutdown.clone(),
             replay_done: std::collections::HashSet::new(),
-            in_flight: None,
+            in_flight: Vec::new(),
         };
         let (halt, rx) = worker.consume(rx).await;
         source.stop(rx).await;
@@ -227,13 +227,19 @@ struct Worker<'a> {
     shutdown: watch::Receiver<bool>,
     /// Replay: partitions that reached records this run wrote itself.
     replay_done: std::collections::HashSet<(Name, i32)>,
-    /// The batch being written in the background.
-    in_flight: Option<InFlightWrite>,
+    /// Batches being written in the background, oldest first; no two
+    /// share a partition.
+    in_flight: Vec<InFlightWrite>,
 }
 
-/// A background write: its batch, positions, result and the seconds the
+/// A background write and the partitions its batch has records of.
+struct InFlightWrite {
+    task: tokio::task::JoinHandle<WriteDone>,
+    partitions: Vec<(Name, i32)>,
+}
+
+/// A finished write: its batch, positions, result and the seconds the
 /// sink took (timed in the task: the worker may look only much later).
-type InFlightWrite = tokio::task::JoinHandle<WriteDone>;
 type WriteDone = (Pending, Vec<PartitionOffset>, Result<u64, SinkError>, f64);
 
 impl Worker<'_> {
@@ -260,10 +266,10 @@ impl Worker<'_> {
                     if let Err(halt) = self.flush().await { return (halt, rx) }
                     continue;
                 }
-                // The write in flight is done: its positions reach Kafka now,
+                // A write in flight is done: its positions reach Kafka now,
                 // not when the next batch is handed over.
-                done = finished(&mut self.in_flight), if self.in_flight.is_some() => {
-                    self.in_flight = None;
+                (index, done) = finished(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    self.in_flight.remove(index);
                     if let Err(halt) = self.settled(done).await { return (halt, rx) }
                     continue;
                 }
@@ -271,7 +277,7 @@ impl Worker<'_> {
                 // thread fills it and pauses its partitions.
                 _ = paused.changed() => continue,
                 // While idle, check that the partitions are still ours.
-                _ = tokio::time::sleep(OWNERSHIP_CHECK), if self.pending.is_empty() && self.in_flight.is_none() && !self.epochs.is_empty() => {
+                _ = tokio::time::sleep(OWNERSHIP_CHECK), if self.pending.is_empty() && self.in_flight.is_empty() && !self.epochs.is_empty() => {
                     let epochs: Vec<(Name, i32, i64)> =
                         self.epochs.iter().filter_map(|(&(t, p), e)| e.map(|e| (t, p, e))).collect();
                     if let Ok(false) = self.runtime.sink.owns(&epochs).await {
@@ -517,7 +523,7 @@ impl Worker<'_> {
         next
     }
 
-    /// Makes everything so far durable: the batch in flight, then the
+    /// Makes everything so far durable: the batches in flight, then the
     /// pending one.
     async fn flush(&mut self) -> Result<(), Halt> {
         self.settle().await?;
@@ -526,30 +532,53 @@ impl Worker<'_> {
 
     /// Hands the pending batch to a background write and goes on
     /// collecting the next one (decode and project overlap the sink's
-    /// work). At most one write is in flight, so batches commit in order.
+    /// work). Batches of different partitions are written concurrently,
+    /// up to what the sink takes at once: the source hands records over in
+    /// runs of one partition, so consecutive batches often have disjoint
+    /// partitions. A partition's batches still commit in order: a batch
+    /// waits for every write in flight that shares a partition with it.
     async fn flush_pipelined(&mut self) -> Result<(), Halt> {
-        self.settle().await?;
+        let offsets = self.offsets(&self.pending);
+        let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
+        while let Some(index) =
+            self.in_flight.iter().position(|write| write.partitions.iter().any(|p| partitions.contains(p)))
+        {
+            self.settle_one(index).await?;
+        }
+        while !self.in_flight.is_empty() && self.in_flight.len() >= self.runtime.sink.concurrent_writes() {
+            self.settle_one(0).await?;
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.pending);
+        // Recomputed: settling a failed write may have dead-lettered and
+        // cut the batch (the `stop` policy).
         let offsets = self.offsets(&batch);
         let sink = self.runtime.sink.clone();
-        let handle = tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = sink.write(&batch.ops, &offsets).await;
             (batch, offsets, result, started.elapsed().as_secs_f64())
         });
-        self.in_flight = Some(handle);
+        self.in_flight.push(InFlightWrite { task, partitions });
         Ok(())
     }
 
-    /// Waits for the write in flight. On success its positions become
-    /// durable; on failure it is written again here, with the retries and
-    /// rejections of the synchronous path, before anything newer.
+    /// Waits for the writes in flight, oldest first. On success a write's
+    /// positions become durable; on failure it is written again here, with
+    /// the retries and rejections of the synchronous path, before anything
+    /// newer of its partitions.
     async fn settle(&mut self) -> Result<(), Halt> {
-        let Some(handle) = self.in_flight.take() else { return Ok(()) };
-        self.settled(handle.await).await
+        while !self.in_flight.is_empty() {
+            self.settle_one(0).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self, index: usize) -> Result<(), Halt> {
+        let write = self.in_flight.remove(index);
+        self.settled(write.task.await).await
     }
 
     /// Settles a finished background write (see [`Worker::settle`]).
@@ -724,13 +753,14 @@ fn project_all(
     Ok(if any { Projected::Ops(ops) } else { Projected::Skipped })
 }
 
-/// The result of the write in flight; pending forever when there is none
-/// (the `select!` branch is disabled then anyway).
-async fn finished(in_flight: &mut Option<InFlightWrite>) -> Result<WriteDone, tokio::task::JoinError> {
-    match in_flight {
-        Some(handle) => handle.await,
-        None => std::future::pending().await,
+/// The first write in flight to finish: its index and result; pending
+/// forever when there is none (the `select!` branch is disabled then anyway).
+async fn finished(in_flight: &mut [InFlightWrite]) -> (usize, Result<WriteDone, tokio::task::JoinError>) {
+    if in_flight.is_empty() {
+        return std::future::pending().await;
     }
+    let (done, index, _) = futures::future::select_all(in_flight.iter_mut().map(|write| &mut write.task)).await;
+    (index, done)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -157,6 +157,17 @@ impl Sink {
         }
     }
 
+    /// How many batches (of disjoint partitions) may be written at once.
+    /// Postgres: one per connection of the pool, each share of a batch is
+    /// its own transaction. Elasticsearch: one, its sink spreads a batch
+    /// over concurrent bulk requests itself.
+    pub fn concurrent_writes(&self) -> usize {
+        match self {
+            Sink::Postgres(sink) => sink.pool().options().get_max_connections().max(1) as usize,
+            Sink::Elasticsearch(_) => 1,
+        }
+    }
+
     /// Writes the ops of a batch; on `Ok` their effects (and, for sinks
     /// that store them, the positions) are durable. Returns how many writes
     /// were found already applied (replays, duplicates).

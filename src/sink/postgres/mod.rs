@@ -17,8 +17,8 @@
 //!
 //! Upserts of keys the table does not have yet are written with `COPY`
 //! (several times the rate of `INSERT … ON CONFLICT`): each upsert statement
-//! first tries `COPY` of all its rows in a savepoint when recent batches
-//! were mostly new keys, otherwise runs a plain `UPDATE … RETURNING` for the
+//! first tries `COPY` of all its rows in a savepoint when the last
+//! statement of its shape (its columns) found mostly new keys, otherwise runs a plain `UPDATE … RETURNING` for the
 //! keys that exist and copies the rest. A `COPY` that meets an existing key
 //! (a concurrent writer, a wrong guess) is rolled back to its savepoint and
 //! the upsert runs instead, so the effect is always the upsert's.
@@ -29,8 +29,8 @@
 pub mod sql;
 pub mod types;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgArguments, PgPoolOptions};
@@ -49,9 +49,12 @@ pub struct PostgresSink {
     pool: PgPool,
     table: TableSql,
     connector: String,
-    /// Whether the last upsert found mostly new keys: then the next one
-    /// tries `COPY` of all its rows first. A hint shared by the clones.
-    new_keys: Arc<AtomicBool>,
+    /// Per statement shape (its `COPY`): whether the last such upsert found
+    /// mostly new keys, so the next one tries `COPY` of all its rows first.
+    /// Per shape, since an event type that creates rows and one that
+    /// changes them are written by different statements (one hint for
+    /// both would flip at every batch). Shared by the clones.
+    new_keys: Arc<Mutex<HashMap<String, bool>>>,
 }
 
 impl PostgresSink {
@@ -75,7 +78,7 @@ impl PostgresSink {
             pool,
             table: TableSql::new(target, connector.version.is_some()),
             connector: connector.name.clone(),
-            new_keys: Arc::new(AtomicBool::new(true)),
+            new_keys: Arc::default(),
         }
     }
 
@@ -222,11 +225,11 @@ impl PostgresSink {
     async fn apply(&self, tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
         let Some(insert) = &statement.insert else { return execute(tx, statement).await };
         let everything = 0..statement.rows.len();
-        if self.new_keys.load(Ordering::Relaxed) {
+        if self.guess_new_keys(insert) {
             if self.copy_new(tx, insert, &statement.arrays, everything.clone(), true).await? {
                 return Ok(());
             }
-            self.new_keys.store(false, Ordering::Relaxed);
+            self.found_new_keys(insert, false);
         }
         let Some(update) = &insert.update else { return execute(tx, statement).await };
         // One savepoint around the update and the copy: if the copy meets a
@@ -249,13 +252,30 @@ impl PostgresSink {
             }
         }
         let new: Vec<usize> = everything.filter(|&row| !exists[row]).collect();
-        self.new_keys.store(new.len() > updated.len(), Ordering::Relaxed);
+        self.found_new_keys(insert, new.len() > updated.len());
         if !new.is_empty() && !self.copy_new(tx, insert, &statement.arrays, new, false).await? {
             tx.execute("ROLLBACK TO SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
             execute(tx, statement).await?;
         }
         tx.execute("RELEASE SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
         Ok(())
+    }
+
+    /// Whether an upsert of this shape should try `COPY` of all its rows
+    /// (yes until one finds existing keys).
+    fn guess_new_keys(&self, insert: &Insert) -> bool {
+        let hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        hints.get(&insert.copy).copied().unwrap_or(true)
+    }
+
+    fn found_new_keys(&self, insert: &Insert, mostly_new: bool) {
+        let mut hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match hints.get_mut(&insert.copy) {
+            Some(hint) => *hint = mostly_new,
+            None => {
+                hints.insert(insert.copy.clone(), mostly_new);
+            }
+        }
     }
 
     /// `COPY` of `rows`: `false` when a key exists (unique violation), the

@@ -12,7 +12,8 @@
 pub mod dead_letter;
 pub mod replay;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -228,14 +229,39 @@ struct Worker<'a> {
     /// Replay: partitions that reached records this run wrote itself.
     replay_done: std::collections::HashSet<(Name, i32)>,
     /// Batches being written in the background, oldest first; no two
-    /// share a partition.
+    /// share a partition or a key.
     in_flight: Vec<InFlightWrite>,
 }
 
-/// A background write and the partitions its batch has records of.
+/// A background write, the partitions its batch has records of and the
+/// hashes of the keys it writes (empty when writes are not concurrent).
 struct InFlightWrite {
     task: tokio::task::JoinHandle<WriteDone>,
     partitions: Vec<(Name, i32)>,
+    keys: HashSet<u64>,
+}
+
+impl InFlightWrite {
+    /// Whether a batch of these partitions and keys must wait for this
+    /// write: a shared partition (its positions commit in order) or a
+    /// shared key (two transactions locking the same rows in different
+    /// orders would deadlock; a hash collision only costs a wait).
+    fn blocks(&self, partitions: &[(Name, i32)], keys: &HashSet<u64>) -> bool {
+        self.partitions.iter().any(|p| partitions.contains(p)) || !self.keys.is_disjoint(keys)
+    }
+}
+
+/// Hashes of the keys `ops` write.
+fn key_hashes(ops: &[WriteOp]) -> HashSet<u64> {
+    let mut identity = Vec::with_capacity(64);
+    ops.iter()
+        .map(|op| {
+            crate::projection::compact::key_identity(&op.key, &mut identity);
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            identity.hash(&mut hasher);
+            hasher.finish()
+        })
+        .collect()
 }
 
 /// A finished write: its batch, positions, result and the seconds the
@@ -532,17 +558,18 @@ impl Worker<'_> {
 
     /// Hands the pending batch to a background write and goes on
     /// collecting the next one (decode and project overlap the sink's
-    /// work). Batches of different partitions are written concurrently,
-    /// up to what the sink takes at once: the source hands records over in
-    /// runs of one partition, so consecutive batches often have disjoint
-    /// partitions. A partition's batches still commit in order: a batch
-    /// waits for every write in flight that shares a partition with it.
+    /// work). Batches with no partition and no key in common are written
+    /// concurrently, up to what the sink takes at once: the source hands
+    /// records over in runs of one partition, so consecutive batches often
+    /// have disjoint partitions. A partition's batches still commit in
+    /// order: a batch waits for every write in flight it shares a
+    /// partition or a key with.
     async fn flush_pipelined(&mut self) -> Result<(), Halt> {
         let offsets = self.offsets(&self.pending);
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
-        while let Some(index) =
-            self.in_flight.iter().position(|write| write.partitions.iter().any(|p| partitions.contains(p)))
-        {
+        let concurrent = self.runtime.sink.concurrent_writes() > 1;
+        let keys = if concurrent { key_hashes(&self.pending.ops) } else { HashSet::new() };
+        while let Some(index) = self.in_flight.iter().position(|write| write.blocks(&partitions, &keys)) {
             self.settle_one(index).await?;
         }
         while !self.in_flight.is_empty() && self.in_flight.len() >= self.runtime.sink.concurrent_writes() {
@@ -551,17 +578,16 @@ impl Worker<'_> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        // (Settling a failed write rewrites it through `pending` but puts
+        // this batch back as it was: `offsets` still holds.)
         let batch = std::mem::take(&mut self.pending);
-        // Recomputed: settling a failed write may have dead-lettered and
-        // cut the batch (the `stop` policy).
-        let offsets = self.offsets(&batch);
         let sink = self.runtime.sink.clone();
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = sink.write(&batch.ops, &offsets).await;
             (batch, offsets, result, started.elapsed().as_secs_f64())
         });
-        self.in_flight.push(InFlightWrite { task, partitions });
+        self.in_flight.push(InFlightWrite { task, partitions, keys });
         Ok(())
     }
 
@@ -774,4 +800,46 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// not `Send`, so it must not live in a `select!` branch that awaits).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OpKind;
+    use crate::value::Value;
+
+    fn ops(partition: i32, keys: &[&str]) -> Vec<WriteOp> {
+        keys.iter()
+            .enumerate()
+            .map(|(n, key)| WriteOp {
+                key: vec![Value::from(*key), Value::Int(1)],
+                kind: OpKind::Upsert,
+                fields: Vec::new(),
+                version: None,
+                position: Position { topic: "t", partition, offset: n as i64 },
+            })
+            .collect()
+    }
+
+    fn in_flight(partitions: &[i32], keys: &[&str]) -> InFlightWrite {
+        // A task that never runs to completion: only the bookkeeping is tested.
+        let task = tokio::spawn(std::future::pending());
+        let partitions = partitions.iter().map(|&p| ("t", p)).collect();
+        InFlightWrite { task, partitions, keys: key_hashes(&ops(0, keys)) }
+    }
+
+    #[tokio::test]
+    async fn a_batch_waits_for_writes_that_share_a_partition_or_a_key() {
+        let write = in_flight(&[0, 1], &["a", "b"]);
+        let (other_keys, same_key) = (key_hashes(&ops(2, &["c", "d"])), key_hashes(&ops(2, &["d", "b"])));
+        assert!(!write.blocks(&[("t", 2)], &other_keys), "disjoint partitions and keys run concurrently");
+        assert!(write.blocks(&[("t", 2), ("t", 1)], &other_keys), "a shared partition commits in order");
+        assert!(write.blocks(&[("t", 2)], &same_key), "a shared key waits (rows locked in another order)");
+        assert!(!write.blocks(&[("u", 0)], &HashSet::new()), "partitions are per topic");
+        // Keys are compared whole: ("a", 1) is not ("a", 2).
+        let mut shifted = ops(2, &["a"]);
+        shifted[0].key[1] = Value::Int(2);
+        assert!(!write.blocks(&[("t", 2)], &key_hashes(&shifted)));
+        write.task.abort();
+    }
 }

@@ -559,11 +559,11 @@ impl Worker<'_> {
     /// Hands the pending batch to a background write and goes on
     /// collecting the next one (decode and project overlap the sink's
     /// work). Batches with no partition and no key in common are written
-    /// concurrently, up to what the sink takes at once: the source hands
-    /// records over in runs of one partition, so consecutive batches often
-    /// have disjoint partitions. A partition's batches still commit in
-    /// order: a batch waits for every write in flight it shares a
-    /// partition or a key with.
+    /// concurrently, up to what the sink takes at once (the source hands
+    /// records over in runs of one partition; where a run is about a batch
+    /// long, consecutive batches have disjoint partitions). A partition's
+    /// batches still commit in order: a batch waits for every write in
+    /// flight it shares a partition or a key with.
     async fn flush_pipelined(&mut self) -> Result<(), Halt> {
         let offsets = self.offsets(&self.pending);
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();

@@ -12,8 +12,8 @@
 pub mod dead_letter;
 pub mod replay;
 
-use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -234,11 +234,12 @@ struct Worker<'a> {
 }
 
 /// A background write, the partitions its batch has records of and the
-/// hashes of the keys it writes (empty when writes are not concurrent).
+/// sorted hashes of the keys it writes (empty when writes are not
+/// concurrent).
 struct InFlightWrite {
     task: tokio::task::JoinHandle<WriteDone>,
     partitions: Vec<(Name, i32)>,
-    keys: HashSet<u64>,
+    keys: Vec<u64>,
 }
 
 impl InFlightWrite {
@@ -246,22 +247,39 @@ impl InFlightWrite {
     /// write: a shared partition (its positions commit in order) or a
     /// shared key (two transactions locking the same rows in different
     /// orders would deadlock; a hash collision only costs a wait).
-    fn blocks(&self, partitions: &[(Name, i32)], keys: &HashSet<u64>) -> bool {
-        self.partitions.iter().any(|p| partitions.contains(p)) || !self.keys.is_disjoint(keys)
+    fn blocks(&self, partitions: &[(Name, i32)], keys: &[u64]) -> bool {
+        self.partitions.iter().any(|p| partitions.contains(p)) || share_any(&self.keys, keys)
     }
 }
 
-/// Hashes of the keys `ops` write.
-fn key_hashes(ops: &[WriteOp]) -> HashSet<u64> {
+/// Hashes of the keys `ops` write, sorted. Built for every batch on the
+/// worker's own path, so a sorted list (one hash per key, one allocation)
+/// rather than a hash set, which would hash each value again.
+fn key_hashes(ops: &[WriteOp]) -> Vec<u64> {
+    let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
     let mut identity = Vec::with_capacity(64);
-    ops.iter()
+    let mut hashes: Vec<u64> = ops
+        .iter()
         .map(|op| {
             crate::projection::compact::key_identity(&op.key, &mut identity);
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            identity.hash(&mut hasher);
-            hasher.finish()
+            hasher.hash_one(&identity)
         })
-        .collect()
+        .collect();
+    hashes.sort_unstable();
+    hashes
+}
+
+/// Whether two sorted lists have a value in common.
+fn share_any(a: &[u64], b: &[u64]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    while let (Some(x), Some(y)) = (a.get(i), b.get(j)) {
+        match x.cmp(y) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => return true,
+        }
+    }
+    false
 }
 
 /// A finished write: its batch, positions, result and the seconds the
@@ -567,12 +585,12 @@ impl Worker<'_> {
     async fn flush_pipelined(&mut self) -> Result<(), Halt> {
         let offsets = self.offsets(&self.pending);
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
-        let concurrent = self.runtime.sink.concurrent_writes() > 1;
-        let keys = if concurrent { key_hashes(&self.pending.ops) } else { HashSet::new() };
+        let most = self.runtime.sink.concurrent_writes();
+        let keys = if most > 1 { key_hashes(&self.pending.ops) } else { Vec::new() };
         while let Some(index) = self.in_flight.iter().position(|write| write.blocks(&partitions, &keys)) {
             self.settle_one(index).await?;
         }
-        while !self.in_flight.is_empty() && self.in_flight.len() >= self.runtime.sink.concurrent_writes() {
+        while !self.in_flight.is_empty() && self.in_flight.len() >= most {
             self.settle_one(0).await?;
         }
         if self.pending.is_empty() {
@@ -835,7 +853,7 @@ mod tests {
         assert!(!write.blocks(&[("t", 2)], &other_keys), "disjoint partitions and keys run concurrently");
         assert!(write.blocks(&[("t", 2), ("t", 1)], &other_keys), "a shared partition commits in order");
         assert!(write.blocks(&[("t", 2)], &same_key), "a shared key waits (rows locked in another order)");
-        assert!(!write.blocks(&[("u", 0)], &HashSet::new()), "partitions are per topic");
+        assert!(!write.blocks(&[("u", 0)], &[]), "partitions are per topic");
         // Keys are compared whole: ("a", 1) is not ("a", 2).
         let mut shifted = ops(2, &["a"]);
         shifted[0].key[1] = Value::Int(2);

@@ -18,10 +18,11 @@
 //! Upserts of keys the table does not have yet are written with `COPY`
 //! (several times the rate of `INSERT … ON CONFLICT`): each upsert statement
 //! first tries `COPY` of all its rows in a savepoint when the last
-//! statement of its shape (its columns) found mostly new keys, otherwise runs a plain `UPDATE … RETURNING` for the
-//! keys that exist and copies the rest. A `COPY` that meets an existing key
-//! (a concurrent writer, a wrong guess) is rolled back to its savepoint and
-//! the upsert runs instead, so the effect is always the upsert's.
+//! statement of its shape (its columns) found mostly new keys, otherwise
+//! runs a plain `UPDATE … RETURNING` for the keys that exist and copies
+//! the rest. A `COPY` that meets an existing key (a concurrent writer, a
+//! wrong guess) is rolled back to its savepoint and the upsert runs
+//! instead, so the effect is always the upsert's.
 //!
 //! * [`types`]: declared column types (pure).
 //! * [`sql`]: statements and bound arrays (pure).

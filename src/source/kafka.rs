@@ -6,6 +6,10 @@
 //! changes, so it blocks. Keeping the consumer on a thread of its own lets
 //! it block without stalling the async runtime.
 //!
+//! Records are read from a queue of their own, a chunk per call (see
+//! [`super::queue`]); the consumer's queue keeps the events (rebalances,
+//! errors), served by `poll` as before.
+//!
 //! Records travel to the pipeline in chunks over a bounded channel. When
 //! the channel is full the thread pauses its partitions and keeps polling
 //! (so the group keeps it as a member) until there is room: memory is
@@ -27,6 +31,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 
+use super::queue::{self, QueueHandle, RecordQueue};
 use super::RawRecord;
 use crate::config::{KafkaSettings, SourceSettings, StartPosition};
 use crate::event::Position;
@@ -82,6 +87,9 @@ struct SourceContext {
     stopping: Arc<AtomicBool>,
     /// Positions durable in the sink, committed to Kafka on revoke.
     durable: Mutex<HashMap<(Name, i32), i64>>,
+    /// The record queue of the consumer thread, while it runs: assigned
+    /// partitions are forwarded to it.
+    records: Mutex<Option<QueueHandle>>,
     connector: String,
 }
 
@@ -123,6 +131,17 @@ impl SourceContext {
                 .map(|&(topic, partition)| Claim { topic, partition, next_offset: None, epoch: None })
                 .collect(),
         };
+        let records = *self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(records) = records {
+            // Before `assign`: the fetchers then start with the forward in
+            // place (see `queue`).
+            // SAFETY: the handle is set only while the consumer thread's
+            // `RecordQueue` lives, and this callback runs on that thread.
+            let missed = unsafe { queue::forward(consumer, records, &partitions) };
+            if !missed.is_empty() {
+                tracing::warn!(connector = %self.connector, partitions = ?missed, "partitions not forwarded; their records come one by one");
+            }
+        }
         tracing::info!(
             connector = %self.connector,
             partitions = ?claims.iter().map(|c| format!("{}/{}@{:?}", c.topic, c.partition, c.next_offset)).collect::<Vec<_>>(),
@@ -199,6 +218,7 @@ impl KafkaSource {
             generation: AtomicU64::new(0),
             stopping: stopping.clone(),
             durable: Mutex::new(HashMap::new()),
+            records: Mutex::new(None),
             connector: connector.to_string(),
         };
         let config = consumer_config(connector, kafka, source);
@@ -293,7 +313,14 @@ fn consumer_config(connector: &str, kafka: &KafkaSettings, source: &SourceSettin
         // queue, so a batch holds several of them and the Postgres sink
         // writes their shares concurrently (1 MiB would give ~10k records
         // of one partition in a row).
-        .set("max.partition.fetch.bytes", "262144");
+        .set("max.partition.fetch.bytes", "262144")
+        // Once a partition holds `queued.min.messages` (100k) fetched
+        // records, librdkafka waits this long before fetching it again
+        // (1 s by default): the pipeline then drains the queue and idles.
+        // That capped a consumer at ~185k records/s on the benchmark
+        // machine whatever it did with them; with 10 ms, 1.6M/s. The
+        // queue stays bounded by `queued.max.messages.kbytes`.
+        .set("fetch.queue.backoff.ms", "10");
     for (key, value) in kafka.properties.iter().chain(&source.properties) {
         config.set(key, value);
     }
@@ -381,40 +408,84 @@ fn poll_loop(
     status: &ConnectorStatus,
 ) {
     let context = consumer.context();
+    let mut records = RecordQueue::new(consumer);
+    // Unset when this thread ends, even by a panic: the queue goes first.
+    let _published = Published::new(context, &records);
     let mut chunk: Vec<RawRecord> = Vec::with_capacity(CHUNK);
-    let mut chunk_generation = 0;
+    let mut chunk_generation = context.generation.load(Ordering::SeqCst);
     let mut watermarks_at = std::time::Instant::now();
     while !stopping.load(Ordering::SeqCst) {
         if watermarks_at.elapsed() >= WATERMARK_EVERY {
             watermarks_at = std::time::Instant::now();
             report_watermarks(consumer, status);
         }
-        let mut timeout = Duration::from_millis(100);
-        while chunk.len() < CHUNK {
-            match consumer.poll(timeout) {
-                None => break,
-                Some(Ok(message)) => {
-                    let generation = context.generation.load(Ordering::SeqCst);
-                    if generation != chunk_generation && !chunk.is_empty() {
-                        // A rebalance ran during this poll: what was
-                        // gathered belongs to the old assignment.
-                        chunk.clear();
-                    }
-                    chunk_generation = generation;
-                    chunk.push(raw_record(&message));
-                }
-                Some(Err(error)) => {
-                    tracing::warn!(connector, %error, "kafka consumer error");
-                    break;
-                }
+        // Events first: a rebalance they run makes what was gathered stale.
+        serve_events(connector, consumer, &mut chunk, &mut chunk_generation, Duration::ZERO);
+        let room = CHUNK - chunk.len();
+        if records.read(&mut chunk, room, Duration::ZERO, connector) == 0 && chunk.is_empty() {
+            // Nothing waiting: wait for one record (the batch call waits
+            // for all it is asked for), then take what came with it.
+            if records.read(&mut chunk, 1, Duration::from_millis(100), connector) == 0 {
+                continue;
             }
-            timeout = Duration::ZERO;
+            let room = CHUNK - chunk.len();
+            records.read(&mut chunk, room, Duration::ZERO, connector);
         }
         if chunk.is_empty() {
             continue;
         }
-        let records = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-        chunk = send_or_wait(consumer, tx, stopping, SourceMessage::Records { generation: chunk_generation, records });
+        let batch = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+        let message = SourceMessage::Records { generation: chunk_generation, records: batch };
+        (chunk, chunk_generation) = send_or_wait(consumer, &mut records, tx, stopping, message, chunk_generation);
+    }
+}
+
+/// Publishes the record queue to the rebalance handler for as long as it
+/// lives.
+struct Published<'a> {
+    context: &'a SourceContext,
+}
+
+impl<'a> Published<'a> {
+    fn new(context: &'a SourceContext, records: &RecordQueue) -> Published<'a> {
+        *context.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(records.handle());
+        Published { context }
+    }
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        *self.context.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+}
+
+/// Serves the consumer queue's events (rebalances, errors) until it is
+/// empty, waiting up to `timeout` for the first. A record found there (a
+/// partition librdkafka would not forward) joins `chunk`: its partition's
+/// records all come this way, so their order holds. A rebalance (run
+/// inside `poll`) makes what `chunk` holds stale: it is cleared and
+/// `generation` moves to the new assignment's.
+fn serve_events(
+    connector: &str,
+    consumer: &BaseConsumer<SourceContext>,
+    chunk: &mut Vec<RawRecord>,
+    generation: &mut u64,
+    timeout: Duration,
+) {
+    let mut timeout = timeout;
+    loop {
+        let polled = consumer.poll(timeout);
+        let now = consumer.context().generation.load(Ordering::SeqCst);
+        if now != *generation {
+            chunk.clear();
+            *generation = now;
+        }
+        match polled {
+            None => break,
+            Some(Ok(message)) => chunk.push(raw_record(&message)),
+            Some(Err(error)) => tracing::warn!(connector, %error, "kafka consumer error"),
+        }
+        timeout = Duration::ZERO;
     }
 }
 
@@ -436,15 +507,19 @@ fn report_watermarks(consumer: &BaseConsumer<SourceContext>, status: &ConnectorS
 /// keeps polling so rebalances and liveness are still served. Returns the
 /// records polled meanwhile (librdkafka purges paused partitions' queues,
 /// but one fetched just before the pause may still come): they follow the
-/// chunk, in order.
+/// chunk, in order, with the generation they belong to (a rebalance served
+/// meanwhile drops the chunk: the new assignment starts from the stored
+/// positions).
 fn send_or_wait(
     consumer: &BaseConsumer<SourceContext>,
+    records: &mut RecordQueue,
     tx: &mpsc::Sender<SourceMessage>,
     stopping: &AtomicBool,
     message: SourceMessage,
-) -> Vec<RawRecord> {
+    generation: u64,
+) -> (Vec<RawRecord>, u64) {
     let mut message = match tx.try_send(message) {
-        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Vec::new(),
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return (Vec::new(), generation),
         Err(mpsc::error::TrySendError::Full(message)) => message,
     };
     // Short waits first: the pipeline usually takes a chunk within a batch
@@ -462,29 +537,29 @@ fn send_or_wait(
         match slot {
             Ok(Ok(permit)) => {
                 permit.send(message);
-                return Vec::new();
+                return (Vec::new(), generation);
             }
-            Ok(Err(_closed)) => return Vec::new(),
+            Ok(Err(_closed)) => return (Vec::new(), generation),
             Err(_still_full) => {}
         }
     }
     let mut overflow = Vec::new();
+    let mut overflow_generation = generation;
     let paused = consumer.assignment().ok();
     if let Some(assignment) = &paused {
         let _ = consumer.pause(assignment);
     }
+    let connector = context.connector.as_str();
     while !stopping.load(Ordering::SeqCst) {
-        if let Some(Ok(record)) = consumer.poll(Duration::from_millis(50)) {
-            overflow.push(raw_record(&record));
+        serve_events(connector, consumer, &mut overflow, &mut overflow_generation, Duration::ZERO);
+        if overflow_generation != generation {
+            // A rebalance ran: the chunk is stale, and the new assignment
+            // is not paused.
+            return (overflow, overflow_generation);
         }
-        if let SourceMessage::Records { generation, .. } = &message {
-            if *generation != context.generation.load(Ordering::SeqCst) {
-                // A rebalance ran: the chunk belongs to the old assignment,
-                // and the new one starts from the stored positions.
-                overflow.clear();
-                return overflow;
-            }
-        }
+        records.read(&mut overflow, 1, Duration::from_millis(50), connector);
+        let room = CHUNK.saturating_sub(overflow.len());
+        records.read(&mut overflow, room, Duration::ZERO, connector);
         match tx.try_send(message) {
             Ok(()) => break,
             Err(mpsc::error::TrySendError::Closed(_)) => break,
@@ -494,7 +569,7 @@ fn send_or_wait(
     if let Some(assignment) = paused {
         let _ = consumer.resume(&assignment);
     }
-    overflow
+    (overflow, overflow_generation)
 }
 
 fn raw_record<M: Message>(message: &M) -> RawRecord {

@@ -587,6 +587,11 @@ impl Worker<'_> {
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
         let most = self.runtime.sink.concurrent_writes();
         let keys = if most > 1 { key_hashes(&self.pending.ops) } else { Vec::new() };
+        // Planned (folded, SQL built) before waiting for the writes ahead:
+        // the planning overlaps them, and the write is only I/O. A batch
+        // that fails to plan is written, and fails, in its task, so its
+        // error takes the settling path of any failed write.
+        let plan = self.runtime.sink.plan(&self.pending.ops, &offsets);
         while let Some(index) = self.in_flight.iter().position(|write| write.blocks(&partitions, &keys)) {
             self.settle_one(index).await?;
         }
@@ -602,10 +607,18 @@ impl Worker<'_> {
         let sink = self.runtime.sink.clone();
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let result = sink.write(&batch.ops, &offsets).await;
+            let result = match plan {
+                Ok(plan) => sink.write_planned(&plan, &batch.ops, &offsets).await,
+                Err(error) => Err(error),
+            };
             (batch, offsets, result, started.elapsed().as_secs_f64())
         });
         self.in_flight.push(InFlightWrite { task, partitions, keys });
+        // The new task sits in this worker's LIFO slot, which the other
+        // workers cannot steal from: without a yield it would start only
+        // when this loop next waits (at the next batch, for this one),
+        // and decode and write would take turns instead of overlapping.
+        tokio::task::yield_now().await;
         Ok(())
     }
 

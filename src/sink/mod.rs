@@ -86,6 +86,14 @@ impl SinkError {
 }
 
 /// The sinks kawka has.
+/// A batch planned for its sink (see [`Sink::plan`]).
+#[derive(Debug)]
+pub enum Plan {
+    Postgres(postgres::PostgresPlan),
+    /// Planned as it is written.
+    Elasticsearch,
+}
+
 #[derive(Debug, Clone)]
 pub enum Sink {
     Postgres(PostgresSink),
@@ -175,6 +183,30 @@ impl Sink {
         match self {
             Sink::Postgres(sink) => sink.write(ops, offsets).await.map(|()| 0),
             Sink::Elasticsearch(sink) => sink.write(ops).await.map(|counts| counts.duplicates),
+        }
+    }
+
+    /// The CPU part of a write, done before it (see [`PostgresSink::plan`]):
+    /// the pipeline plans a batch while the writes it must wait for run.
+    /// Elasticsearch's bulk bodies are built as its requests go out.
+    pub fn plan(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<Plan, SinkError> {
+        match self {
+            Sink::Postgres(sink) => sink.plan(ops, offsets).map(Plan::Postgres),
+            Sink::Elasticsearch(_) => Ok(Plan::Elasticsearch),
+        }
+    }
+
+    /// [`Sink::write`] of a planned batch: `ops` and `offsets` are the
+    /// ones it was planned from.
+    pub async fn write_planned(
+        &self,
+        plan: &Plan,
+        ops: &[WriteOp],
+        offsets: &[PartitionOffset],
+    ) -> Result<u64, SinkError> {
+        match (self, plan) {
+            (Sink::Postgres(sink), Plan::Postgres(plan)) => sink.write_planned(plan).await.map(|()| 0),
+            _ => self.write(ops, offsets).await,
         }
     }
 

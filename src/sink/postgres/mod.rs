@@ -45,6 +45,16 @@ use crate::projection::WriteOp;
 use crate::value::{intern, Name};
 use sql::{ColumnArray, Insert, Statement, TableSql};
 
+/// A batch's statements, ready to run (see [`PostgresSink::plan`]).
+#[derive(Debug)]
+pub enum PostgresPlan {
+    /// Each partition's share, in a transaction of its own.
+    PerPartition(Vec<(PartitionOffset, Vec<Statement>)>),
+    /// One transaction for all (a key has events from several partitions,
+    /// or there is one partition).
+    Whole(Vec<Statement>, Vec<PartitionOffset>),
+}
+
 #[derive(Debug, Clone)]
 pub struct PostgresSink {
     pool: PgPool,
@@ -155,37 +165,56 @@ impl PostgresSink {
     /// Applies the ops of a batch, folded per key, and the positions: per
     /// partition, concurrently, when no key spans partitions.
     pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
+        let plan = self.plan(ops, offsets)?;
+        self.write_planned(&plan).await
+    }
+
+    /// Folds a batch's ops per key and builds its statements: CPU only, no
+    /// I/O, so the pipeline does it while the batches before it are still
+    /// being written, and the write itself is just the SQL. Every statement
+    /// is planned before anything is written.
+    pub fn plan(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<PostgresPlan, SinkError> {
         let (net, fold_errors) = compact(ops);
         if !fold_errors.is_empty() {
             return Err(SinkError::RejectedOps(fold_errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
         }
-        let net = match by_partition(net, offsets) {
+        let rejected = |error: sql::BindError| SinkError::Rejected(error.to_string());
+        match by_partition(net, offsets) {
             Ok(shares) => {
-                // Every statement is planned before anything is written.
-                let planned = shares
+                let shares = shares
                     .iter()
-                    .map(|(offset, net)| Ok((*offset, self.table.plan(net)?)))
+                    .map(|(offset, net)| Ok((**offset, self.table.plan(net)?)))
                     .collect::<Result<Vec<_>, sql::BindError>>()
-                    .map_err(|error| SinkError::Rejected(error.to_string()))?;
+                    .map_err(rejected)?;
+                Ok(PostgresPlan::PerPartition(shares))
+            }
+            Err(net) => Ok(PostgresPlan::Whole(self.table.plan(&net).map_err(rejected)?, offsets.to_vec())),
+        }
+    }
+
+    /// Writes a planned batch and its positions.
+    pub async fn write_planned(&self, plan: &PostgresPlan) -> Result<(), SinkError> {
+        match plan {
+            PostgresPlan::PerPartition(shares) => {
                 let results = futures::future::join_all(
-                    planned.iter().map(|(offset, statements)| self.write_partition(offset, statements)),
+                    shares.iter().map(|(offset, statements)| self.write_partition(offset, statements)),
                 )
                 .await;
                 // Fenced first: the caller must stop, not retry.
                 if results.iter().any(|r| matches!(r, Err(SinkError::Fenced))) {
                     return Err(SinkError::Fenced);
                 }
-                return results.into_iter().collect();
+                results.into_iter().collect()
             }
-            Err(net) => net,
-        };
-        let statements = self.table.plan(&net).map_err(|error| SinkError::Rejected(error.to_string()))?;
-        let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
-        self.advance(&mut tx, offsets).await?;
-        for statement in &statements {
-            self.apply(&mut tx, statement).await?;
+            PostgresPlan::Whole(statements, offsets) => {
+                let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+                self.advance(&mut tx, offsets).await?;
+                for statement in statements {
+                    self.apply(&mut tx, statement).await?;
+                }
+                tx.commit().await.map_err(SinkError::Postgres)
+            }
         }
-        tx.commit().await.map_err(SinkError::Postgres)
     }
 
     /// One partition's share in its own transaction, skipped when its
@@ -290,7 +319,10 @@ impl PostgresSink {
         rows: impl IntoIterator<Item = usize>,
         own_savepoint: bool,
     ) -> Result<bool, SinkError> {
-        let mut data = Vec::new();
+        // Sized for ~16 bytes a value up front: growing a buffer of
+        // megabytes by doubling copies it and churns the allocator.
+        let rows = rows.into_iter();
+        let mut data = Vec::with_capacity(rows.size_hint().0 * arrays.len() * 16);
         sql::copy_rows(arrays, &insert.types, rows, &mut data);
         if own_savepoint {
             tx.execute("SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;

@@ -168,15 +168,33 @@ fn to_text(ty: ColumnType, value: &Value) -> Result<Option<Cow<'_, str>>, String
 }
 
 /// `1970-01-01T00:00:00.000Z` for milliseconds since the epoch.
+///
+/// Written digit by digit: every timestamp of a batch passes here, and
+/// `format!` made it a tenth of the Postgres sink's CPU.
 pub fn format_millis(millis: i64) -> String {
-    let days = millis.div_euclid(86_400_000);
+    let mut out = String::with_capacity(24);
     let in_day = millis.rem_euclid(86_400_000);
-    let (h, m, s, ms) = (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
-    format!("{}T{h:02}:{m:02}:{s:02}.{ms:03}Z", format_days(days))
+    push_days(millis.div_euclid(86_400_000), &mut out);
+    out.push('T');
+    push_digits(&mut out, in_day / 3_600_000, 2);
+    out.push(':');
+    push_digits(&mut out, in_day / 60_000 % 60, 2);
+    out.push(':');
+    push_digits(&mut out, in_day / 1000 % 60, 2);
+    out.push('.');
+    push_digits(&mut out, in_day % 1000, 3);
+    out.push('Z');
+    out
 }
 
 /// `YYYY-MM-DD` for days since 1970-01-01 (proleptic Gregorian).
 pub fn format_days(days: i64) -> String {
+    let mut out = String::with_capacity(10);
+    push_days(days, &mut out);
+    out
+}
+
+fn push_days(days: i64, out: &mut String) {
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -187,7 +205,25 @@ pub fn format_days(days: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+    if (0..=9999).contains(&year) {
+        push_digits(out, year, 4);
+    } else {
+        // Years Postgres mostly refuses anyway; the rare path may format.
+        out.push_str(&format!("{year:04}"));
+    }
+    out.push('-');
+    push_digits(out, month, 2);
+    out.push('-');
+    push_digits(out, day, 2);
+}
+
+/// `n` (0 ≤ n < 10^width) in exactly `width` digits.
+fn push_digits(out: &mut String, n: i64, width: u32) {
+    let mut divisor = 10i64.pow(width - 1);
+    while divisor > 0 {
+        out.push(char::from(b'0' + (n / divisor % 10) as u8));
+        divisor /= 10;
+    }
 }
 
 /// Double-quotes an identifier.
@@ -583,7 +619,10 @@ fn copy_value(array: &ColumnArray, row: usize, ty: Option<ColumnType>, out: &mut
     // Writing to a Vec cannot fail.
     let _ = match array {
         ColumnArray::Int(v) => match v[row] {
-            Some(i) => write!(out, "{i}"),
+            Some(i) => {
+                out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
+                Ok(())
+            }
             None => write!(out, "\\N"),
         },
         ColumnArray::Float(v) => match v[row] {
@@ -808,6 +847,22 @@ mod tests {
     fn dates_and_timestamps_from_integers() {
         assert_eq!(format_millis(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(format_millis(-1), "1969-12-31T23:59:59.999Z");
+        // Against the `format!` it replaced, over four centuries by odd steps.
+        let reference = |millis: i64| {
+            let days = millis.div_euclid(86_400_000);
+            let in_day = millis.rem_euclid(86_400_000);
+            let (h, m, s, ms) = (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
+            format!("{}T{h:02}:{m:02}:{s:02}.{ms:03}Z", format_days(days))
+        };
+        let mut millis = -12_219_292_800_000i64; // 1582-10-15
+        while millis < 253_402_300_799_999 {
+            assert_eq!(format_millis(millis), reference(millis), "{millis}");
+            millis += 7_777_777_777;
+        }
+        assert_eq!(format_days(-719_528), "0000-01-01");
+        assert_eq!(format_days(2_932_896), "9999-12-31");
+        assert_eq!(format_days(2_932_897), "10000-01-01");
+        assert_eq!(format_days(-719_529), "-001-12-31");
         assert_eq!(format_days(19_723), "2024-01-01");
         assert_eq!(format_days(11_016), "2000-02-29");
         assert!(check_value(ColumnType::Boolean, &Value::Int(1)).is_err());

@@ -204,6 +204,8 @@ pub struct SourceSettings {
     pub key_format: KeyFormat,
     pub properties: BTreeMap<String, String>,
     pub max_prefetch_bytes: u64,
+    /// Records fetched ahead of processing, at most: two batches.
+    pub max_prefetch_records: usize,
     pub max_record_bytes: usize,
 }
 
@@ -581,6 +583,8 @@ fn validate_connector(
         key_format: source.key_format,
         properties: source.properties.clone(),
         max_prefetch_bytes: at.size(&source.max_prefetch_bytes, "source.max_prefetch_bytes", 64 << 20),
+        // Set with the batch size below.
+        max_prefetch_records: 0,
         max_record_bytes: at.size(&source.max_record_bytes, "source.max_record_bytes", 1 << 20) as usize,
     };
 
@@ -629,6 +633,9 @@ fn validate_connector(
         max_bytes: at.size(&batch.max_bytes, "batch.max_bytes", defaults.max_bytes as u64) as usize,
         max_wait: at.duration(&batch.max_wait, "batch.max_wait", defaults.max_wait),
     };
+
+    let mut source_settings = source_settings;
+    source_settings.max_prefetch_records = 2 * batch.max_events;
 
     if file.events.is_empty() {
         at.at(file.name.mark, "events", "map at least one event type to an op");

@@ -90,6 +90,8 @@ fn the_shipped_shape_loads() {
     assert_eq!(inventory.dead_letter_topic, "inventory.dlq");
     assert_eq!(inventory.batch.max_wait, std::time::Duration::from_millis(50));
     assert_eq!(inventory.batch.max_bytes, 1 << 20);
+    // librdkafka fetches two batches ahead (its 100k records by default).
+    assert_eq!(inventory.source.max_prefetch_records, 2000);
     let Target::Postgres(table) = &inventory.target else { panic!("postgres target") };
     assert_eq!(table.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["store_id", "item_id", "on_hand"]);
     assert_eq!(inventory.key.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["store_id", "item_id"]);

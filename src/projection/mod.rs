@@ -208,6 +208,7 @@ mod tests {
                 key_format: Default::default(),
                 properties: Default::default(),
                 max_prefetch_bytes: 1 << 20,
+                max_prefetch_records: 2000,
                 max_record_bytes: 1 << 20,
             },
             connection: "db".into(),

@@ -319,12 +319,12 @@ fn consumer_config(connector: &str, kafka: &KafkaSettings, source: &SourceSettin
         // writes their shares concurrently (1 MiB would give ~10k records
         // of one partition in a row).
         .set("max.partition.fetch.bytes", "262144")
-        // Once a partition holds `queued.min.messages` (100k) fetched
-        // records, librdkafka waits this long before fetching it again
-        // (1 s by default): the pipeline then drains the queue and idles.
-        // That capped a consumer at ~185k records/s on the benchmark
-        // machine whatever it did with them; with 10 ms, 1.6M/s. The
-        // queue stays bounded by `queued.max.messages.kbytes`.
+        // Once a partition holds `queued.min.messages` fetched records,
+        // librdkafka waits this long before fetching it again (1 s by
+        // default): the pipeline then drains the queue and idles. That
+        // capped a consumer at ~185k records/s on the benchmark machine
+        // whatever it did with them; with 10 ms, 1.6M/s. The queue stays
+        // bounded by the two settings above.
         .set("fetch.queue.backoff.ms", "10");
     for (key, value) in kafka.properties.iter().chain(&source.properties) {
         config.set(key, value);
@@ -426,14 +426,15 @@ fn poll_loop(
         }
         // Events first: a rebalance they run makes what was gathered stale.
         serve_events(connector, consumer, &mut chunk, &mut chunk_generation, Duration::ZERO);
-        let room = CHUNK - chunk.len();
+        // (What `serve_events` or a full channel left may exceed a chunk.)
+        let room = CHUNK.saturating_sub(chunk.len());
         if records.read(&mut chunk, room, Duration::ZERO, connector) == 0 && chunk.is_empty() {
             // Nothing waiting: wait for one record (the batch call waits
             // for all it is asked for), then take what came with it.
             if records.read(&mut chunk, 1, Duration::from_millis(100), connector) == 0 {
                 continue;
             }
-            let room = CHUNK - chunk.len();
+            let room = CHUNK.saturating_sub(chunk.len());
             records.read(&mut chunk, room, Duration::ZERO, connector);
         }
         if chunk.is_empty() {

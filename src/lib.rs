@@ -15,10 +15,11 @@
 //! * [`config`]: the daemon and connector files: YAML with positions,
 //!   `${VAR}` interpolation, serde structs, `validate` → runtime settings.
 //! * [`app`]: the daemon: builds every connector, runs them, drains on a signal.
-//! * [`pipeline`]: one connector's loop (decode → upcast → project → batch →
+//! * [`pipeline`]: one connector's loop (decode → upcast → project → batch → plan →
 //!   pipelined write → commit), the error policy with its dead-letter
 //!   producer, and `kawka dlq replay`.
-//! * [`source`]: the Kafka consumer thread, rebalances, bounded prefetch.
+//! * [`source`]: the Kafka consumer thread, rebalances, records read a chunk
+//!   per call, bounded prefetch.
 //! * [`codec`]: Confluent framing, the registry client and its schema cache,
 //!   Avro decoding into [`event::Event`].
 //! * [`upcast`]: the event catalogue (`schemas/`), declarative and Rust

@@ -576,7 +576,7 @@ fn validate_connector(
             at.at(source.topics.mark, "source.topics", format!("`{topic}` is not a valid topic name"));
         }
     }
-    let source_settings = SourceSettings {
+    let mut source_settings = SourceSettings {
         topics: source.topics.value.clone(),
         start: source.start,
         group_id: source.group.clone().unwrap_or_else(|| format!("kawka.{name}")),
@@ -634,7 +634,6 @@ fn validate_connector(
         max_wait: at.duration(&batch.max_wait, "batch.max_wait", defaults.max_wait),
     };
 
-    let mut source_settings = source_settings;
     source_settings.max_prefetch_records = 2 * batch.max_events;
 
     if file.events.is_empty() {

@@ -85,7 +85,6 @@ impl SinkError {
     }
 }
 
-/// The sinks kawka has.
 /// A batch planned for its sink (see [`Sink::plan`]).
 #[derive(Debug)]
 pub enum Plan {
@@ -94,6 +93,7 @@ pub enum Plan {
     Elasticsearch,
 }
 
+/// The sinks kawka has.
 #[derive(Debug, Clone)]
 pub enum Sink {
     Postgres(PostgresSink),

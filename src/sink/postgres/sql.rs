@@ -170,7 +170,7 @@ fn to_text(ty: ColumnType, value: &Value) -> Result<Option<Cow<'_, str>>, String
 /// `1970-01-01T00:00:00.000Z` for milliseconds since the epoch.
 ///
 /// Written digit by digit: every timestamp of a batch passes here, and
-/// `format!` made it a tenth of the Postgres sink's CPU.
+/// with `format!` this was 7 % of kawka's CPU profile.
 pub fn format_millis(millis: i64) -> String {
     let mut out = String::with_capacity(24);
     let in_day = millis.rem_euclid(86_400_000);

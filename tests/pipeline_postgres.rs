@@ -542,3 +542,72 @@ async fn copied_updated_and_upserted_rows_are_the_same() {
         "each increment once; k8's update skipped by its trigger on every path"
     );
 }
+
+/// `on_error: stop` with the bad event found by Postgres itself (a check
+/// constraint), while the next batch is already built: the events before
+/// the bad one are written, nothing from it on, and the position stays at
+/// the bad event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_commits_nothing_past_an_event_postgres_refuses() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("stop");
+    let table = support::unique("stop");
+    support::create_topic(&topic, 1).await;
+    let pool = support::postgres().await;
+    sqlx::query(&format!("CREATE TABLE \"{table}\" (id text PRIMARY KEY, n bigint CHECK (n < 1000))"))
+        .execute(&pool)
+        .await
+        .expect("create the table with its check");
+    let connector = format!(
+        r#"name: {table}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink:
+  to: readdb
+  table: {table}
+  columns: {{ id: text, n: bigint }}
+  primary_key: [id]
+key: {{ id: $key }}
+on_error: stop
+batch: {{ max_events: 2, max_wait: 5s }}
+events:
+  test.stop.Set: {{ upsert: {{ n: n }} }}
+"#
+    );
+    let project = Project::new(&registry.url(), &[(&table, &connector)]);
+    let schemas = json!({"set": support::record_schema("test.stop", "Set",
+        json!([{"name": "id", "type": "string"}, {"name": "n", "type": "long"}]))});
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": schemas});
+    // Offsets 0..10; offset 3 breaks the check. With batches of two, the
+    // batch after [2, 3] is built while [2, 3] is being written.
+    let events: Vec<Json> = (0..10)
+        .map(|i| {
+            let n = if i == 3 { 5000 } else { i };
+            json!({"schema": "set", "key": format!("k{i}"), "value": {"id": format!("k{i}"), "n": n}})
+        })
+        .collect();
+    support::produce_with_python(&spec, events).await;
+    let mut kawka = project.start(0);
+    let position = "SELECT next_offset FROM kawka_offsets WHERE connector = $1 AND topic = $2 AND partition = 0";
+    let next_offset = || async {
+        let next: Option<Option<i64>> =
+            sqlx::query_scalar(position).bind(&table).bind(&topic).fetch_optional(&pool).await.ok().flatten();
+        next.flatten()
+    };
+    eventually(Duration::from_secs(60), "the events before the bad one", || async {
+        (next_offset().await == Some(3)).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the connector to stop", || async {
+        kawka.log().contains("connector stopped").then_some(())
+    })
+    .await;
+    let ids: Vec<String> = sqlx::query_scalar(&format!("SELECT id FROM \"{table}\" ORDER BY id"))
+        .fetch_all(&pool)
+        .await
+        .expect("read the table");
+    assert_eq!(ids, ["k0", "k1", "k2"], "nothing from the bad event on; log:\n{}", kawka.log());
+    assert_eq!(next_offset().await, Some(3), "the position stays at the bad event");
+    let _ = kawka.terminate().await;
+    let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
+}

@@ -601,8 +601,9 @@ impl Worker<'_> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        // (Settling a failed write rewrites it through `pending` but puts
-        // this batch back as it was: `offsets` still holds.)
+        // (Settling a failed write rewrites it through `pending` and puts
+        // this batch back as it was, so `offsets` and `plan` still hold,
+        // unless it halts: then this batch is dropped, unwritten.)
         let batch = std::mem::take(&mut self.pending);
         let sink = self.runtime.sink.clone();
         let task = tokio::spawn(async move {
@@ -653,7 +654,12 @@ impl Worker<'_> {
             Err(_) => {
                 let next = std::mem::replace(&mut self.pending, batch);
                 let written = self.write_pending().await;
-                self.pending = next;
+                // Under `stop`, the batch being built comes after the bad
+                // event: it must not be written (the halt flushes what is
+                // pending), only read again when the connector restarts.
+                if !matches!(written, Err(Halt::Stopped(_))) {
+                    self.pending = next;
+                }
                 written
             }
         }

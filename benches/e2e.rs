@@ -248,6 +248,67 @@ async fn copy_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
     Run { events: rows, seconds: started.elapsed().as_secs_f64() }
 }
 
+/// What one connection doing nothing but the updates reaches: the table
+/// keyed by customer is filled first (untimed), then every 10k events are
+/// applied as the one `UPDATE … FROM UNNEST` of their net rows (the last
+/// order of each customer, its quantity merged), each in a transaction of
+/// its own: kawka's updates run without decoding, compaction or positions.
+async fn update_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(pool).await.expect("drop");
+    sqlx::query(&format!("CREATE TABLE {table} ({})", columns_sql("customer_id"))).execute(pool).await.expect("create");
+    let customers = (total / 10).max(1);
+    let fill = format!(
+        "INSERT INTO {table} SELECT 'order-' || n, 'customer-' || lpad(n::text, 7, '0'), 'store', 'item', 1, 100, 'EUR', now(), false, 'web' \
+         FROM generate_series(0, $1 - 1) AS n"
+    );
+    sqlx::query(&fill).bind(customers as i64).execute(pool).await.expect("fill");
+    sqlx::query(&format!("VACUUM ANALYZE {table}")).execute(pool).await.expect("vacuum");
+    let update = format!(
+        "UPDATE {table} AS t SET order_id = u.c1::text, store = u.c2::text, item = u.c3::text, quantity = u.c4::bigint, \
+         price_cents = u.c5::bigint, currency = u.c6::text, placed_at = u.c7::timestamptz, express = u.c8::boolean, channel = u.c9::text \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::boolean[], $10::text[]) \
+         AS u(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9) WHERE t.customer_id = u.c0::text"
+    );
+    // The net rows of each 10k events, built before the clock starts.
+    let mut chunks = Vec::new();
+    for start in (0..total).step_by(10_000) {
+        let mut net: Vec<Order> = Vec::new();
+        let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for n in start..(start + 10_000).min(total) {
+            let o = order(n, total);
+            match at.get(&o.customer_id) {
+                Some(&i) if o.update => net[i].quantity = o.quantity,
+                Some(&i) => net[i] = o,
+                None => {
+                    at.insert(o.customer_id.clone(), net.len());
+                    net.push(o);
+                }
+            }
+        }
+        chunks.push(net);
+    }
+    let mut connection = pool.acquire().await.expect("connection");
+    let started = Instant::now();
+    for net in &chunks {
+        let texts = |f: &dyn Fn(&Order) -> String| net.iter().map(f).collect::<Vec<String>>();
+        sqlx::query(&update)
+            .bind(texts(&|o| o.customer_id.clone()))
+            .bind(texts(&|o| o.order_id.clone()))
+            .bind(texts(&|o| o.store.clone()))
+            .bind(texts(&|o| o.item.clone()))
+            .bind(net.iter().map(|o| o.quantity).collect::<Vec<i64>>())
+            .bind(net.iter().map(|o| o.price_cents).collect::<Vec<i64>>())
+            .bind(texts(&|_| "EUR".to_string()))
+            .bind(texts(&|o| kawka::sink::postgres::sql::format_millis(o.placed_at)))
+            .bind(net.iter().map(|o| o.express).collect::<Vec<bool>>())
+            .bind(texts(&|_| "web".to_string()))
+            .execute(&mut *connection)
+            .await
+            .expect("update");
+    }
+    Run { events: total, seconds: started.elapsed().as_secs_f64() }
+}
+
 fn columns_sql(key: &str) -> String {
     format!(
         "order_id text NOT NULL, customer_id text NOT NULL, store text, item text, quantity bigint, price_cents bigint, \
@@ -304,6 +365,10 @@ async fn bulk(client: &reqwest::Client, es: &str, body: String) {
 struct Kawka {
     run: Run,
     peak_rss_mb: f64,
+    /// CPU seconds between the first commit and the last: kawka's own, and
+    /// the server's (every process named `server`: Postgres' backends).
+    cpu_seconds: f64,
+    server_cpu_seconds: f64,
     /// Seconds the sink spent making batches durable (from /metrics), and batches.
     sink_seconds: f64,
     batches: f64,
@@ -317,8 +382,38 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Clock ticks a second in `/proc/*/stat` (`USER_HZ`: 100 on Linux
+/// whatever the kernel's own tick).
+const USER_HZ: f64 = 100.0;
+
+/// User + system CPU seconds of one process, from `/proc/<pid>/stat`.
+fn cpu_of(pid: &str) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name sits in parentheses and may hold spaces: split after it.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_string();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime and stime are fields 14 and 15.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((name, ticks / USER_HZ))
+}
+
+/// CPU seconds of every process named `name` (a server's processes).
+fn cpu_of_named(name: &str) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|pid| cpu_of(&pid))
+        .filter(|(comm, _)| comm == name)
+        .map(|(_, seconds)| seconds)
+        .sum()
+}
+
 /// Runs `kawka run` with one connector until `done()` reports every event.
-async fn run_kawka<F, Fut>(project: &Path, total: usize, mut progress: F) -> Kawka
+/// With `KAWKA_BENCH_PERF=<dir>` the run is profiled by `perf record --call-graph dwarf`
+/// into `<dir>/<label>.data`.
+async fn run_kawka<F, Fut>(project: &Path, label: &str, server: &str, total: usize, mut progress: F) -> Kawka
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = usize>,
@@ -332,8 +427,19 @@ where
         .stderr(log)
         .spawn()
         .expect("kawka run");
+    let pid = child.id().to_string();
+    let mut perf = std::env::var("KAWKA_BENCH_PERF").ok().map(|dir| {
+        std::process::Command::new("perf")
+            .args(["record", "-q", "-F", "299", "--call-graph", "dwarf,16384", "-p", &pid, "-o"])
+            .arg(Path::new(&dir).join(format!("{label}.data")))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("perf record (KAWKA_BENCH_PERF is set)")
+    });
     let deadline = Instant::now() + Duration::from_secs(1800);
     let (mut first, mut first_count) = (None, 0);
+    let (mut cpu_at_first, mut server_at_first) = (0.0, 0.0);
+    let mut cpu_at_last;
     let mut peak_kb = 0u64;
     loop {
         if let Ok(Some(exit)) = child.try_wait() {
@@ -341,10 +447,13 @@ where
             panic!("kawka run exited with {exit}:\n{log}");
         }
         let done = progress().await;
+        let cpu = cpu_of(&pid).map_or(0.0, |(_, seconds)| seconds);
         if first.is_none() && done > 0 {
             first = Some(Instant::now());
             first_count = done;
+            (cpu_at_first, server_at_first) = (cpu, cpu_of_named(server));
         }
+        cpu_at_last = cpu;
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
             if let Some(kb) = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1))
             {
@@ -357,6 +466,11 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seconds = first.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+    let server_cpu_seconds = cpu_of_named(server) - server_at_first;
+    if let Some(perf) = perf.as_mut() {
+        let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
+        let _ = perf.wait();
+    }
     let log = std::fs::read_to_string(project.join("kawka.log")).unwrap_or_default();
     let address = log
         .lines()
@@ -377,9 +491,24 @@ where
     Kawka {
         run: Run { events: total - first_count, seconds },
         peak_rss_mb: peak_kb as f64 / 1024.0,
+        cpu_seconds: cpu_at_last - cpu_at_first,
+        server_cpu_seconds,
         sink_seconds,
         batches,
     }
+}
+
+/// Where a run's CPU went: kawka's and the server's, in cores and per event
+/// (the machine's cores bound their sum).
+fn cpu_line(kawka: &Kawka, server: &str) -> String {
+    let per_event = |seconds: f64| 1e6 * seconds / kawka.run.events.max(1) as f64;
+    format!(
+        "CPU: kawka {:.2} cores ({:.2} µs per event), {server} {:.2} cores ({:.2} µs per event)",
+        kawka.cpu_seconds / kawka.run.seconds,
+        per_event(kawka.cpu_seconds),
+        kawka.server_cpu_seconds / kawka.run.seconds,
+        per_event(kawka.server_cpu_seconds)
+    )
 }
 
 fn project(registry: &str, connector: &str) -> tempfile::TempDir {
@@ -509,6 +638,7 @@ async fn main() {
     let properties = properties();
     let bare = bare_consumer(&bootstrap, &topic, total, &properties);
     let copy = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
+    let update = update_baseline(&pool, &format!("bench_update_{tag}"), total).await;
     let progress = |connector: String| {
         let pool = pool.clone();
         move || {
@@ -528,10 +658,10 @@ async fn main() {
     };
     let fresh_name = format!("bench_fresh_{tag}");
     let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id", &properties));
-    let fresh = run_kawka(fresh_project.path(), total, progress(fresh_name.clone())).await;
+    let fresh = run_kawka(fresh_project.path(), "postgres_fresh", "postgres", total, progress(fresh_name.clone())).await;
     let updates_name = format!("bench_updates_{tag}");
     let updates_project = project(&registry.url(), &pg_connector(&updates_name, &topic, "customer_id", &properties));
-    let updates = run_kawka(updates_project.path(), total, progress(updates_name.clone())).await;
+    let updates = run_kawka(updates_project.path(), "postgres_updates", "postgres", total, progress(updates_name.clone())).await;
 
     let row = |name: &str, run: &Run, baseline: Option<&Run>, rss: Option<f64>| {
         let ratio = baseline.map(|b| run.rate() / b.rate());
@@ -548,6 +678,9 @@ async fn main() {
     println!("\n{:<34} {:>10} {:>11} {:>15} {:>8} {:>10}", "run", "events", "time", "rate", "ratio", "peak RSS");
     results.insert("bare_consumer", row("bare consumer (baseline)", &bare, None, None));
     results.insert("postgres_copy", row("postgres COPY (baseline)", &copy, None, None));
+    // Ratio to COPY: the most any one-connection writer of these updates
+    // can reach on this machine, beside the target's 0.45.
+    results.insert("postgres_update", row("postgres UPDATE (baseline)", &update, Some(&copy), None));
     results.insert(
         "kawka_postgres_fresh",
         row("kawka → postgres, fresh keys", &fresh.run, Some(&copy), Some(fresh.peak_rss_mb)),
@@ -570,6 +703,7 @@ async fn main() {
             100.0 * kawka.sink_seconds / kawka.run.seconds,
             1000.0 * kawka.sink_seconds / kawka.batches.max(1.0)
         );
+        println!("    {}", cpu_line(kawka, "postgres"));
     }
     println!(
         "  the bare consumer (kawka's source without the pipeline) reads at {:.2}× COPY",
@@ -613,16 +747,21 @@ async fn main() {
                 .unwrap_or(0)
             }
         };
-        let es_run = run_kawka(es_project.path(), es_total, committed).await;
+        let es_run = run_kawka(es_project.path(), "elasticsearch", "noida-db", es_total, committed).await;
         results.insert("elasticsearch_bulk", row("plain _bulk client (baseline)", &plain, None, None));
         results.insert(
             "kawka_elasticsearch",
             row("kawka → elasticsearch", &es_run.run, Some(&plain), Some(es_run.peak_rss_mb)),
         );
+        println!("  elasticsearch: {}", cpu_line(&es_run, "noida-db"));
         // The server keeps what it holds in memory: leave it as found.
         let _ = reqwest::Client::new().delete(format!("{es}/{es_name}-v1")).send().await;
     }
-    for table in [format!("bench_copy_{tag}"), fresh_name, updates_name] {
+    results.insert(
+        "cpu_seconds",
+        json!({"fresh": [fresh.cpu_seconds, fresh.server_cpu_seconds], "updates": [updates.cpu_seconds, updates.server_cpu_seconds]}),
+    );
+    for table in [format!("bench_copy_{tag}"), format!("bench_update_{tag}"), fresh_name, updates_name] {
         let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(&pool).await;
     }
     let report = json!({"events": total, "es_events": es_total, "results": results});

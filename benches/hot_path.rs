@@ -236,7 +236,7 @@ fn benches(c: &mut Criterion) {
                 let mut event = event;
                 event.version = 2;
                 for event in upcasting.to_newest(event).expect("upcasts") {
-                    black_box(projection.project(&event).expect("projects"));
+                    black_box(projection.project_owned(event).expect("projects"));
                 }
             }
         })

@@ -189,6 +189,15 @@ impl Value {
         Some(current)
     }
 
+    /// The value at `path`, to change or take (see [`Value::path`]).
+    pub fn path_mut(&mut self, path: &[Name]) -> Option<&mut Value> {
+        let mut current = self;
+        for name in path {
+            current = current.as_record_mut()?.get_mut(name)?;
+        }
+        Some(current)
+    }
+
     /// A short name of the kind of value, for error messages.
     pub fn kind(&self) -> &'static str {
         match self {

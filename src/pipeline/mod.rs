@@ -428,7 +428,7 @@ impl Worker<'_> {
             Ok(Decoded::Event { event, writer }) => {
                 let event_type = event.event_type;
                 match self.runtime.upcasting.upcast(event, &writer) {
-                    Ok(events) => (event_type, project_all(self.runtime.projection.as_ref(), &events)),
+                    Ok(events) => (event_type, project_all(self.runtime.projection.as_ref(), events)),
                     Err(error) => {
                         let failure =
                             Failure { class: ErrorClass::Permanent, stage: "upcast", message: error.to_string() };
@@ -800,20 +800,23 @@ impl Worker<'_> {
 }
 
 /// Projects the events one record became (several after a split): their
-/// ops together, or the first error. Skipped only if every event is.
+/// ops together, or the first error. Skipped only if every event is. The
+/// events are spent: their values move into the ops.
 fn project_all(
     projection: &dyn Projection,
-    events: &[crate::event::Event],
+    events: Vec<crate::event::Event>,
 ) -> Result<Projected, crate::projection::ProjectionError> {
-    let mut ops = Vec::new();
-    let mut any = false;
+    let mut all: Option<Vec<WriteOp>> = None;
     for event in events {
-        if let Projected::Ops(more) = projection.project(event)? {
-            any = true;
-            ops.extend(more);
+        if let Projected::Ops(ops) = projection.project_owned(event)? {
+            match all.as_mut() {
+                // The usual case, one event: its ops as they are.
+                None => all = Some(ops),
+                Some(all) => all.extend(ops),
+            }
         }
     }
-    Ok(if any { Projected::Ops(ops) } else { Projected::Skipped })
+    Ok(all.map_or(Projected::Skipped, Projected::Ops))
 }
 
 /// The first write in flight to finish: its index and result; pending

@@ -16,7 +16,9 @@
 //! (a missing or null field counts as 0)". A delete followed by a merge or an
 //! increment is a `Replace`: the row starts again from nothing.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 use crate::config::OpKind;
 use crate::event::Position;
@@ -24,19 +26,24 @@ use crate::value::{Name, Value};
 
 use super::WriteOp;
 
+/// Fields of a net effect: those of the op they came from, borrowed, until
+/// a fold changes them (a batch's keys mostly have one op, and copying
+/// every value once more was a good part of a batch's cost).
+pub type Fields<'a> = Cow<'a, [(Name, Value)]>;
+
 /// The net effect on one key.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Effect {
-    Replace(Vec<(Name, Value)>),
-    Patch { set: Vec<(Name, Value)>, add: Vec<(Name, Value)> },
+pub enum Effect<'a> {
+    Replace(Fields<'a>),
+    Patch { set: Fields<'a>, add: Fields<'a> },
     Delete,
 }
 
 /// The folded ops of one key.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NetOp {
-    pub key: Vec<Value>,
-    pub effect: Effect,
+pub struct NetOp<'a> {
+    pub key: Cow<'a, [Value]>,
+    pub effect: Effect<'a>,
     /// The highest domain version among the folded ops.
     pub version: Option<i64>,
     /// Position of every op folded in, in order: guards and dead letters
@@ -97,25 +104,86 @@ fn encode(value: &Value, out: &mut Vec<u8>) {
     }
 }
 
+/// A key as a hash map key, hashed and compared as [`key_identity`]
+/// encodes it, without encoding it.
+struct KeyRef<'a>(&'a [Value]);
+
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_usize(self.0.len());
+        for part in self.0 {
+            match part {
+                Value::Null => state.write_u8(0),
+                Value::Bool(b) => {
+                    state.write_u8(1);
+                    state.write_u8(u8::from(*b));
+                }
+                Value::Int(i) => {
+                    state.write_u8(2);
+                    state.write_i64(*i);
+                }
+                Value::Float(x) => {
+                    state.write_u8(3);
+                    state.write_u64(x.to_bits());
+                }
+                Value::Str(s) => {
+                    state.write_u8(4);
+                    state.write(s.as_bytes());
+                    state.write_usize(s.len());
+                }
+                Value::Bytes(b) => {
+                    state.write_u8(5);
+                    state.write(b);
+                    state.write_usize(b.len());
+                }
+                other => {
+                    state.write_u8(6);
+                    state.write(other.to_json().to_string().as_bytes());
+                }
+            }
+        }
+    }
+}
+
+impl PartialEq for KeyRef<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(other.0).all(|pair| match pair {
+                (Value::Null, Value::Null) => true,
+                (Value::Bool(a), Value::Bool(b)) => a == b,
+                (Value::Int(a), Value::Int(b)) => a == b,
+                // By bits, as the identity: NaN is a key like any other.
+                (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
+                (Value::Str(a), Value::Str(b)) => a == b,
+                (Value::Bytes(a), Value::Bytes(b)) => a == b,
+                (a @ (Value::Array(_) | Value::Map(_) | Value::Record(_)), b) => {
+                    std::mem::discriminant(a) == std::mem::discriminant(b) && a.to_json() == b.to_json()
+                }
+                _ => false,
+            })
+    }
+}
+
+impl Eq for KeyRef<'_> {}
+
 /// Folds `ops` (in partition order per key) into one net op per key, in the
 /// order keys first appear. Ops that cannot be folded are returned apart,
-/// each with its error; the other ops of their key still fold.
+/// each with its error; the other ops of their key still fold. The net ops
+/// borrow keys and values from `ops` where no fold changed them.
 ///
 /// With a domain version, an op whose version is not above the highest seen
 /// for its key in this batch is stale and dropped (its position is kept).
-pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp>, Vec<CompactError>) {
-    let mut index: HashMap<Vec<u8>, usize> = HashMap::with_capacity(ops.len());
+pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp<'_>>, Vec<CompactError>) {
+    let mut index: HashMap<KeyRef, usize> = HashMap::with_capacity(ops.len());
     let mut net: Vec<NetOp> = Vec::with_capacity(ops.len());
     let mut errors = Vec::new();
-    let mut identity = Vec::with_capacity(64);
     for (op_index, op) in ops.iter().enumerate() {
-        key_identity(&op.key, &mut identity);
-        match index.get(&identity) {
+        match index.get(&KeyRef(&op.key)) {
             None => {
-                index.insert(identity.clone(), net.len());
+                index.insert(KeyRef(&op.key), net.len());
                 net.push(NetOp {
-                    key: op.key.clone(),
-                    effect: first(op.kind, op.fields.clone()),
+                    key: Cow::Borrowed(&op.key),
+                    effect: first(op.kind, &op.fields),
                     version: op.version,
                     positions: vec![op.position],
                 });
@@ -129,7 +197,7 @@ pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp>, Vec<CompactError>) {
                     }
                 }
                 current.version = current.version.max(op.version);
-                if let Err(mut error) = fold(&mut current.effect, op.kind, op.fields.clone(), op.position) {
+                if let Err(mut error) = fold(&mut current.effect, op.kind, &op.fields, op.position) {
                     current.positions.pop();
                     error.op = op_index;
                     errors.push(error);
@@ -140,53 +208,58 @@ pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp>, Vec<CompactError>) {
     (net, errors)
 }
 
-fn first(kind: OpKind, fields: Vec<(Name, Value)>) -> Effect {
+fn first(kind: OpKind, fields: &[(Name, Value)]) -> Effect<'_> {
+    let none = || Cow::Borrowed(&[][..]);
     match kind {
-        OpKind::Upsert => Effect::Replace(fields),
-        OpKind::Merge => Effect::Patch { set: fields, add: Vec::new() },
-        OpKind::Increment | OpKind::Decrement => Effect::Patch { set: Vec::new(), add: fields },
+        OpKind::Upsert => Effect::Replace(Cow::Borrowed(fields)),
+        OpKind::Merge => Effect::Patch { set: Cow::Borrowed(fields), add: none() },
+        OpKind::Increment | OpKind::Decrement => Effect::Patch { set: none(), add: Cow::Borrowed(fields) },
         OpKind::Delete => Effect::Delete,
     }
 }
 
 /// Applies one more op to a net effect. On error the effect is unchanged.
-fn fold(effect: &mut Effect, kind: OpKind, fields: Vec<(Name, Value)>, position: Position) -> Result<(), CompactError> {
+fn fold<'a>(
+    effect: &mut Effect<'a>,
+    kind: OpKind,
+    fields: &'a [(Name, Value)],
+    position: Position,
+) -> Result<(), CompactError> {
     match (kind, &mut *effect) {
-        (OpKind::Upsert, _) => *effect = Effect::Replace(fields),
+        (OpKind::Upsert, _) => *effect = Effect::Replace(Cow::Borrowed(fields)),
         (OpKind::Delete, _) => *effect = Effect::Delete,
-        (OpKind::Merge, Effect::Replace(row)) => overlay(row, fields),
+        (OpKind::Merge, Effect::Replace(row)) => overlay(row.to_mut(), fields),
         (OpKind::Merge, Effect::Patch { set, add }) => {
-            add.retain(|(name, _)| !fields.iter().any(|(n, _)| n == name));
-            overlay(set, fields);
+            if add.iter().any(|(name, _)| fields.iter().any(|(n, _)| n == name)) {
+                add.to_mut().retain(|(name, _)| !fields.iter().any(|(n, _)| n == name));
+            }
+            overlay(set.to_mut(), fields);
         }
-        (OpKind::Merge, Effect::Delete) => *effect = Effect::Replace(fields),
+        (OpKind::Merge, Effect::Delete) => *effect = Effect::Replace(Cow::Borrowed(fields)),
         (OpKind::Increment | OpKind::Decrement, Effect::Replace(row)) => {
-            let mut next = row.clone();
-            add_into(&mut next, &fields, position)?;
-            *row = next;
+            let mut next = row.to_vec();
+            add_into(&mut next, fields, position)?;
+            *row = Cow::Owned(next);
         }
         (OpKind::Increment | OpKind::Decrement, Effect::Patch { set, add }) => {
-            let (mut next_set, mut next_add) = (set.clone(), add.clone());
-            for (name, delta) in fields {
-                if next_set.iter().any(|(n, _)| *n == name) {
-                    add_into(&mut next_set, &[(name, delta)], position)?;
-                } else {
-                    add_into(&mut next_add, &[(name, delta)], position)?;
-                }
+            let (mut next_set, mut next_add) = (set.to_vec(), add.to_vec());
+            for delta in fields {
+                let target = if next_set.iter().any(|(n, _)| *n == delta.0) { &mut next_set } else { &mut next_add };
+                add_into(target, std::slice::from_ref(delta), position)?;
             }
-            (*set, *add) = (next_set, next_add);
+            (*set, *add) = (Cow::Owned(next_set), Cow::Owned(next_add));
         }
-        (OpKind::Increment | OpKind::Decrement, Effect::Delete) => *effect = Effect::Replace(fields),
+        (OpKind::Increment | OpKind::Decrement, Effect::Delete) => *effect = Effect::Replace(Cow::Borrowed(fields)),
     }
     Ok(())
 }
 
 /// Sets each field, replacing an earlier value of the same name in place.
-fn overlay(target: &mut Vec<(Name, Value)>, fields: Vec<(Name, Value)>) {
+fn overlay(target: &mut Vec<(Name, Value)>, fields: &[(Name, Value)]) {
     for (name, value) in fields {
-        match target.iter_mut().find(|(n, _)| *n == name) {
-            Some(slot) => slot.1 = value,
-            None => target.push((name, value)),
+        match target.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = value.clone(),
+            None => target.push((name, value.clone())),
         }
     }
 }
@@ -228,6 +301,14 @@ pub fn add(current: &Value, delta: &Value) -> Option<Value> {
 mod tests {
     use super::*;
 
+    fn replace(fields: Vec<(Name, Value)>) -> Effect<'static> {
+        Effect::Replace(fields.into())
+    }
+
+    fn patch(set: Vec<(Name, Value)>, add: Vec<(Name, Value)>) -> Effect<'static> {
+        Effect::Patch { set: set.into(), add: add.into() }
+    }
+
     fn op(offset: i64, kind: OpKind, fields: &[(Name, Value)]) -> WriteOp {
         WriteOp {
             key: vec![Value::from("k")],
@@ -238,11 +319,15 @@ mod tests {
         }
     }
 
-    fn net(ops: Vec<WriteOp>) -> Effect {
+    fn net(ops: Vec<WriteOp>) -> Effect<'static> {
         let (mut net, errors) = compact(&ops);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(net.len(), 1);
-        net.remove(0).effect
+        match net.remove(0).effect {
+            Effect::Replace(fields) => replace(fields.into_owned()),
+            Effect::Patch { set, add } => patch(set.into_owned(), add.into_owned()),
+            Effect::Delete => Effect::Delete,
+        }
     }
 
     fn up(offset: i64, fields: &[(Name, Value)]) -> WriteOp {
@@ -263,37 +348,37 @@ mod tests {
         let a = || ("a", Value::Int(1));
         let b = || ("b", Value::from("x"));
         // upsert ∘ …
-        assert_eq!(net(vec![up(0, &[a()]), up(1, &[b()])]), Effect::Replace(vec![b()]));
-        assert_eq!(net(vec![up(0, &[a()]), merge(1, &[b()])]), Effect::Replace(vec![a(), b()]));
-        assert_eq!(net(vec![up(0, &[a()]), inc(1, "a", 4)]), Effect::Replace(vec![("a", Value::Int(5))]));
-        assert_eq!(net(vec![up(0, &[b()]), inc(1, "a", 4)]), Effect::Replace(vec![b(), ("a", Value::Int(4))]));
+        assert_eq!(net(vec![up(0, &[a()]), up(1, &[b()])]), replace(vec![b()]));
+        assert_eq!(net(vec![up(0, &[a()]), merge(1, &[b()])]), replace(vec![a(), b()]));
+        assert_eq!(net(vec![up(0, &[a()]), inc(1, "a", 4)]), replace(vec![("a", Value::Int(5))]));
+        assert_eq!(net(vec![up(0, &[b()]), inc(1, "a", 4)]), replace(vec![b(), ("a", Value::Int(4))]));
         assert_eq!(net(vec![up(0, &[a()]), del(1)]), Effect::Delete);
         // merge ∘ …
-        assert_eq!(net(vec![merge(0, &[a()]), up(1, &[b()])]), Effect::Replace(vec![b()]));
+        assert_eq!(net(vec![merge(0, &[a()]), up(1, &[b()])]), replace(vec![b()]));
         assert_eq!(
             net(vec![merge(0, &[a()]), merge(1, &[("a", Value::Int(9)), b()])]),
-            Effect::Patch { set: vec![("a", Value::Int(9)), b()], add: vec![] }
+            patch(vec![("a", Value::Int(9)), b()], vec![])
         );
         assert_eq!(
             net(vec![merge(0, &[a()]), inc(1, "a", 2), inc(2, "c", 3)]),
-            Effect::Patch { set: vec![("a", Value::Int(3))], add: vec![("c", Value::Int(3))] }
+            patch(vec![("a", Value::Int(3))], vec![("c", Value::Int(3))])
         );
         assert_eq!(net(vec![merge(0, &[a()]), del(1)]), Effect::Delete);
         // increment ∘ …
-        assert_eq!(net(vec![inc(0, "a", 2), up(1, &[b()])]), Effect::Replace(vec![b()]));
+        assert_eq!(net(vec![inc(0, "a", 2), up(1, &[b()])]), replace(vec![b()]));
         assert_eq!(
             net(vec![inc(0, "a", 2), merge(1, &[("a", Value::Int(7))])]),
-            Effect::Patch { set: vec![("a", Value::Int(7))], add: vec![] }
+            patch(vec![("a", Value::Int(7))], vec![])
         );
         assert_eq!(
             net(vec![inc(0, "a", 2), inc(1, "a", -5)]),
-            Effect::Patch { set: vec![], add: vec![("a", Value::Int(-3))] }
+            patch(vec![], vec![("a", Value::Int(-3))])
         );
         assert_eq!(net(vec![inc(0, "a", 2), del(1)]), Effect::Delete);
         // delete ∘ …
-        assert_eq!(net(vec![del(0), up(1, &[b()])]), Effect::Replace(vec![b()]));
-        assert_eq!(net(vec![del(0), merge(1, &[b()])]), Effect::Replace(vec![b()]));
-        assert_eq!(net(vec![del(0), inc(1, "a", 6)]), Effect::Replace(vec![("a", Value::Int(6))]));
+        assert_eq!(net(vec![del(0), up(1, &[b()])]), replace(vec![b()]));
+        assert_eq!(net(vec![del(0), merge(1, &[b()])]), replace(vec![b()]));
+        assert_eq!(net(vec![del(0), inc(1, "a", 6)]), replace(vec![("a", Value::Int(6))]));
         assert_eq!(net(vec![del(0), del(1)]), Effect::Delete);
     }
 
@@ -301,21 +386,23 @@ mod tests {
     fn keys_stay_apart_in_first_seen_order_and_positions_are_kept() {
         let mut other = inc(1, "a", 1);
         other.key = vec![Value::from("other")];
-        let (net, errors) = compact(&[inc(0, "a", 1), other, inc(2, "a", 1)]);
+        let ops = [inc(0, "a", 1), other, inc(2, "a", 1)];
+        let (net, errors) = compact(&ops);
         assert!(errors.is_empty());
         assert_eq!(net.len(), 2);
         assert_eq!(net[0].key, vec![Value::from("k")]);
-        assert_eq!(net[0].effect, Effect::Patch { set: vec![], add: vec![("a", Value::Int(2))] });
+        assert_eq!(net[0].effect, patch(vec![], vec![("a", Value::Int(2))]));
         assert_eq!(net[0].positions.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![0, 2]);
         assert_eq!(net[1].key, vec![Value::from("other")]);
     }
 
     #[test]
     fn adding_to_text_is_an_error_of_that_op_only() {
-        let (net, errors) = compact(&[up(0, &[("a", Value::from("text"))]), inc(1, "a", 1), inc(2, "b", 1)]);
+        let ops = [up(0, &[("a", Value::from("text"))]), inc(1, "a", 1), inc(2, "b", 1)];
+        let (net, errors) = compact(&ops);
         assert_eq!(errors.len(), 1);
         assert_eq!((errors[0].op, errors[0].position.offset), (1, 1));
-        assert_eq!(net[0].effect, Effect::Replace(vec![("a", Value::from("text")), ("b", Value::Int(1))]));
+        assert_eq!(net[0].effect, replace(vec![("a", Value::from("text")), ("b", Value::Int(1))]));
         assert_eq!(net[0].positions.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![0, 2]);
     }
 
@@ -325,8 +412,9 @@ mod tests {
         newer.version = Some(5);
         let mut stale = merge(1, &[("a", Value::Int(1))]);
         stale.version = Some(4);
-        let (net, _) = compact(&[newer, stale]);
-        assert_eq!(net[0].effect, Effect::Patch { set: vec![("a", Value::Int(2))], add: vec![] });
+        let ops = [newer, stale];
+        let (net, _) = compact(&ops);
+        assert_eq!(net[0].effect, patch(vec![("a", Value::Int(2))], vec![]));
         assert_eq!(net[0].version, Some(5));
         assert_eq!(add(&Value::Int(i64::MAX), &Value::Int(1)), Some(Value::Float(i64::MAX as f64 + 1.0)));
         assert_eq!(add(&Value::Null, &Value::Int(3)), Some(Value::Int(3)));

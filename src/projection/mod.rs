@@ -69,6 +69,13 @@ pub trait Projection: Send + Sync + fmt::Debug {
     /// The ops of one event, at the newest version of its type.
     fn project(&self, event: &Event) -> Result<Projected, ProjectionError>;
 
+    /// The same, given the event to keep: its values may move into the ops
+    /// rather than be copied (the pipeline has no use for an event once it
+    /// is projected). The default borrows.
+    fn project_owned(&self, event: Event) -> Result<Projected, ProjectionError> {
+        self.project(&event)
+    }
+
     /// The ops of a tombstone (a record with a null value) with this key.
     fn tombstone(&self, key: &Value, position: Position) -> Result<Projected, ProjectionError>;
 }
@@ -87,6 +94,33 @@ pub struct RulesProjection {
 struct Rule {
     kind: OpKind,
     fields: Vec<(Name, Expr)>,
+    /// Fields whose value is an event field as it is, by index into
+    /// `fields`, with its path: an owned event's value moves into the op
+    /// (no two of them overlap, so one never takes what another reads;
+    /// every other expression is evaluated before anything moves).
+    moves: Vec<(usize, Vec<Name>)>,
+}
+
+impl Rule {
+    fn new(kind: OpKind, fields: Vec<(Name, Expr)>) -> Rule {
+        let mut moves: Vec<(usize, Vec<Name>)> = Vec::new();
+        // Deltas are checked and negated as they are evaluated: never moved.
+        if !matches!(kind, OpKind::Increment | OpKind::Decrement) {
+            for (index, (_, expr)) in fields.iter().enumerate() {
+                let Expr::Field(path) = expr else { continue };
+                // `a` and `a.b` overlap: taking either changes the other.
+                let overlaps = |other: &[Name]| other.iter().zip(path).all(|(x, y)| x == y);
+                if !moves.iter().any(|(_, other)| overlaps(other)) {
+                    moves.push((index, path.clone()));
+                }
+            }
+        }
+        Rule { kind, fields, moves }
+    }
+
+    fn moves(&self, index: usize) -> bool {
+        self.moves.iter().any(|(i, _)| *i == index)
+    }
 }
 
 impl RulesProjection {
@@ -96,7 +130,7 @@ impl RulesProjection {
             .iter()
             .map(|rule| {
                 let fields = rule.op.fields.iter().map(|(name, expr)| (intern(name), expr.clone())).collect();
-                (intern(&rule.event_type), Rule { kind: rule.op.kind, fields })
+                (intern(&rule.event_type), Rule::new(rule.op.kind, fields))
             })
             .collect();
         RulesProjection {
@@ -120,11 +154,13 @@ impl RulesProjection {
     }
 }
 
-impl Projection for RulesProjection {
-    fn project(&self, event: &Event) -> Result<Projected, ProjectionError> {
+impl RulesProjection {
+    /// The op of `event`, but for the fields its rule moves, which are left
+    /// null (checked to exist): the caller fills them, by copy or by move.
+    fn op_but_moves<'r>(&'r self, event: &Event) -> Result<Option<(&'r Rule, WriteOp)>, ProjectionError> {
         let Some(rule) = self.rules.get(event.event_type) else {
             return match self.unknown_events {
-                UnknownEventPolicy::Skip => Ok(Projected::Skipped),
+                UnknownEventPolicy::Skip => Ok(None),
                 UnknownEventPolicy::Error => Err(ProjectionError::UnknownEvent(event.event_type.to_string())),
             };
         };
@@ -138,8 +174,18 @@ impl Projection for RulesProjection {
             },
         };
         let mut fields = Vec::with_capacity(rule.fields.len());
-        for (name, expr) in &rule.fields {
-            let value = expr.eval(event).map_err(|error| ProjectionError::Field { field: name.to_string(), error })?;
+        for (index, (name, expr)) in rule.fields.iter().enumerate() {
+            let field_error = |error| ProjectionError::Field { field: name.to_string(), error };
+            if rule.moves(index) {
+                if let Expr::Field(path) = expr {
+                    if event.payload.path(path).is_none() {
+                        return Err(field_error(EvalError::MissingField(path.join("."))));
+                    }
+                }
+                fields.push((*name, Value::Null));
+                continue;
+            }
+            let value = expr.eval(event).map_err(field_error)?;
             let value = match rule.kind {
                 OpKind::Increment | OpKind::Decrement => delta(rule.kind, name, value)?,
                 _ => value,
@@ -147,7 +193,26 @@ impl Projection for RulesProjection {
             fields.push((*name, value));
         }
         let kind = if rule.kind == OpKind::Decrement { OpKind::Increment } else { rule.kind };
-        Ok(Projected::Ops(vec![WriteOp { key, kind, fields, version, position: event.position }]))
+        Ok(Some((rule, WriteOp { key, kind, fields, version, position: event.position })))
+    }
+}
+
+impl Projection for RulesProjection {
+    fn project(&self, event: &Event) -> Result<Projected, ProjectionError> {
+        let Some((rule, mut op)) = self.op_but_moves(event)? else { return Ok(Projected::Skipped) };
+        for (index, path) in &rule.moves {
+            // Checked to exist by `op_but_moves`.
+            op.fields[*index].1 = event.payload.path(path).cloned().unwrap_or_default();
+        }
+        Ok(Projected::Ops(vec![op]))
+    }
+
+    fn project_owned(&self, mut event: Event) -> Result<Projected, ProjectionError> {
+        let Some((rule, mut op)) = self.op_but_moves(&event)? else { return Ok(Projected::Skipped) };
+        for (index, path) in &rule.moves {
+            op.fields[*index].1 = event.payload.path_mut(path).map(std::mem::take).unwrap_or_default();
+        }
+        Ok(Projected::Ops(vec![op]))
     }
 
     fn tombstone(&self, key: &Value, position: Position) -> Result<Projected, ProjectionError> {
@@ -279,6 +344,51 @@ mod tests {
         settings.unknown_events = UnknownEventPolicy::Error;
         let strict = RulesProjection::new(&settings);
         assert!(matches!(strict.project(&event("Other", &[])), Err(ProjectionError::UnknownEvent(_))));
+    }
+
+    #[test]
+    fn an_owned_event_moves_its_values_and_projects_as_a_borrowed_one() {
+        let projection = RulesProjection::new(&connector(
+            &[("id", "id")],
+            &[(
+                "Placed",
+                OpKind::Upsert,
+                // `id` is the key and a field; `name` twice; `address` and
+                // `address.zip` overlap; `upper(name)` reads a moved field.
+                &[
+                    ("id", "id"),
+                    ("name", "name"),
+                    ("again", "name"),
+                    ("address", "address"),
+                    ("zip", "address.zip"),
+                    ("shout", "upper(name)"),
+                ],
+            )],
+        ));
+        let address: Record = [(intern("zip"), Value::from("12345"))].into_iter().collect();
+        let placed = event(
+            "Placed",
+            &[("id", "p1".into()), ("name", "ada".into()), ("address", Value::Record(address.clone()))],
+        );
+        let borrowed = projection.project(&placed).expect("projects");
+        let owned = projection.project_owned(placed.clone()).expect("projects");
+        assert_eq!(owned, borrowed);
+        let Projected::Ops(ops) = owned else { panic!("skipped") };
+        assert_eq!(ops[0].key, vec![Value::from("p1")]);
+        assert_eq!(
+            ops[0].fields,
+            vec![
+                ("id", Value::from("p1")),
+                ("name", Value::from("ada")),
+                ("again", Value::from("ada")),
+                ("address", Value::Record(address)),
+                ("zip", Value::from("12345")),
+                ("shout", Value::from("ADA")),
+            ]
+        );
+        // A field that a moved value would come from must still exist.
+        let missing = event("Placed", &[("id", "p1".into()), ("address", Value::Null)]);
+        assert!(matches!(projection.project_owned(missing), Err(ProjectionError::Field { .. })));
     }
 
     #[test]

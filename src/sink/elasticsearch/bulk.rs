@@ -217,7 +217,7 @@ fn replacement<'a>(ops: &'a [WriteOp], members: &[usize]) -> Option<Cow<'a, [(Na
             let tail: Vec<WriteOp> = tail.iter().map(|&at| ops[at].clone()).collect();
             let (mut net, errors) = compact(&tail);
             match (errors.is_empty(), net.pop().map(|n| n.effect)) {
-                (true, Some(Effect::Replace(fields))) => Some(Cow::Owned(fields)),
+                (true, Some(Effect::Replace(fields))) => Some(Cow::Owned(fields.into_owned())),
                 _ => None,
             }
         }

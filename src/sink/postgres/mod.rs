@@ -417,10 +417,10 @@ impl PostgresSink {
 /// The net ops of a batch split by the partition of their events, each
 /// share with its partition's position; `Err` gives `net` back when there
 /// is one partition only, or a key has events from several.
-fn by_partition(
-    net: Vec<NetOp>,
-    offsets: &[PartitionOffset],
-) -> Result<Vec<(&PartitionOffset, Vec<NetOp>)>, Vec<NetOp>> {
+fn by_partition<'n, 'o>(
+    net: Vec<NetOp<'n>>,
+    offsets: &'o [PartitionOffset],
+) -> Result<Vec<(&'o PartitionOffset, Vec<NetOp<'n>>)>, Vec<NetOp<'n>>> {
     let share_of = |op: &NetOp| {
         let first = op.positions.first()?;
         let same = op.positions.iter().all(|p| p.partition == first.partition && p.topic == first.topic);
@@ -465,7 +465,7 @@ fn bind<'q>(sql: &'q str, arrays: &'q [ColumnArray]) -> Query<'q, Postgres, PgAr
             ColumnArray::Float(values) => arguments.add(values),
             ColumnArray::Bool(values) => arguments.add(values),
             ColumnArray::Bytes(values) => arguments.add(values),
-            ColumnArray::Text(values) => arguments.add(values),
+            ColumnArray::Text(values) => arguments.add(values.iter().collect::<Vec<Option<&str>>>()),
         };
         debug_assert!(added.is_ok(), "binding an array of a built-in type");
     }
@@ -479,9 +479,9 @@ mod tests {
     use crate::projection::compact::Effect;
     use crate::value::Value;
 
-    fn net(key: &str, partitions: &[i32]) -> NetOp {
+    fn net(key: &str, partitions: &[i32]) -> NetOp<'static> {
         NetOp {
-            key: vec![Value::from(key)],
+            key: vec![Value::from(key)].into(),
             effect: Effect::Delete,
             version: None,
             positions: partitions.iter().map(|&partition| Position { topic: "t", partition, offset: 0 }).collect(),

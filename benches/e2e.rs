@@ -255,7 +255,8 @@ async fn copy_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
 /// its own: kawka's updates run without decoding, compaction or positions.
 async fn update_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
     sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(pool).await.expect("drop");
-    sqlx::query(&format!("CREATE TABLE {table} ({})", columns_sql("customer_id"))).execute(pool).await.expect("create");
+    let create = format!("CREATE TABLE {table} ({}) WITH (fillfactor = {UPDATES_FILLFACTOR})", columns_sql("customer_id"));
+    sqlx::query(&create).execute(pool).await.expect("create");
     let customers = (total / 10).max(1);
     let fill = format!(
         "INSERT INTO {table} SELECT 'order-' || n, 'customer-' || lpad(n::text, 7, '0'), 'store', 'item', 1, 100, 'EUR', now(), false, 'web' \
@@ -535,8 +536,14 @@ fn yaml_properties(properties: &[(String, String)]) -> String {
     properties.iter().map(|(k, v)| format!(", {k}: \"{v}\"")).collect()
 }
 
-fn pg_connector(name: &str, topic: &str, key: &str, properties: &[(String, String)]) -> String {
+/// Fill factor of the tables keyed by customer (kawka's and the UPDATE
+/// baseline's): rows updated in place leave room on their page for the
+/// next version, as a user would set for such a read model.
+const UPDATES_FILLFACTOR: u32 = 70;
+
+fn pg_connector(name: &str, topic: &str, key: &str, fillfactor: Option<u32>, properties: &[(String, String)]) -> String {
     let extra = yaml_properties(properties);
+    let fillfactor = fillfactor.map_or(String::new(), |f| format!("\n  fillfactor: {f}"));
     // Every column but the key (which comes from `key:`).
     let fields: Vec<String> = [
         "order_id",
@@ -562,7 +569,7 @@ sink:
   to: readdb
   table: {name}
   columns: {{ order_id: text, customer_id: text, store: text, item: text, quantity: bigint, price_cents: bigint, currency: text, placed_at: timestamptz, express: boolean, channel: text }}
-  primary_key: [{key}]
+  primary_key: [{key}]{fillfactor}
 key: {{ {key}: {key} }}
 batch: {{ max_events: 10000, max_wait: 500ms }}
 events:
@@ -657,10 +664,10 @@ async fn main() {
         }
     };
     let fresh_name = format!("bench_fresh_{tag}");
-    let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id", &properties));
+    let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id", None, &properties));
     let fresh = run_kawka(fresh_project.path(), "postgres_fresh", "postgres", total, progress(fresh_name.clone())).await;
     let updates_name = format!("bench_updates_{tag}");
-    let updates_project = project(&registry.url(), &pg_connector(&updates_name, &topic, "customer_id", &properties));
+    let updates_project = project(&registry.url(), &pg_connector(&updates_name, &topic, "customer_id", Some(UPDATES_FILLFACTOR), &properties));
     let updates = run_kawka(updates_project.path(), "postgres_updates", "postgres", total, progress(updates_name.clone())).await;
 
     let row = |name: &str, run: &Run, baseline: Option<&Run>, rss: Option<f64>| {

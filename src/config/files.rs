@@ -239,6 +239,11 @@ pub struct TargetConfig {
     pub primary_key: Option<Spanned<Vec<String>>>,
     /// Postgres: create the table when missing (default true).
     pub create: Option<bool>,
+    /// Postgres: the `fillfactor` (10–100) of a table kawka creates. Below
+    /// 100 each page keeps room for new row versions, so an update can stay
+    /// on its page (a HOT update: no new index entry): for read models whose
+    /// rows are updated often. Default: Postgres' own (100).
+    pub fillfactor: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

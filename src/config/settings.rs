@@ -234,6 +234,8 @@ pub struct PostgresTarget {
     pub columns: Vec<Column>,
     pub primary_key: Vec<String>,
     pub create: bool,
+    /// Of a created table (10–100); `None`: Postgres' default.
+    pub fillfactor: Option<u32>,
 }
 
 impl PostgresTarget {
@@ -678,6 +680,7 @@ fn elasticsearch_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Ta
         (sink.columns.is_some(), "columns"),
         (sink.primary_key.is_some(), "primary_key"),
         (sink.create.is_some(), "create"),
+        (sink.fillfactor.is_some(), "fillfactor"),
     ] {
         if present {
             at.at(
@@ -791,12 +794,16 @@ fn postgres_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Target>
             at.at(primary_key.mark, "sink.primary_key", format!("`{column}` is not in `columns`"));
         }
     }
+    if let Some(fillfactor) = sink.fillfactor.as_ref().filter(|f| !(10..=100).contains(&f.value)) {
+        at.at(fillfactor.mark, "sink.fillfactor", format!("{} is not a fillfactor (10 to 100)", fillfactor.value));
+    }
     Some(Target::Postgres(PostgresTarget {
         schema,
         table: table.value.clone(),
         columns,
         primary_key: primary_key.value.clone(),
         create: sink.create.unwrap_or(true),
+        fillfactor: sink.fillfactor.as_ref().map(|f| f.value),
     }))
 }
 

@@ -283,6 +283,7 @@ mod tests {
                 columns: Vec::new(),
                 primary_key: Vec::new(),
                 create: true,
+                fillfactor: None,
             }),
             key: key.iter().map(|(n, e)| (n.to_string(), expr::parse(e).expect("test key parses"))).collect(),
             version: None,

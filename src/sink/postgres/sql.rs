@@ -369,6 +369,9 @@ impl TableSql {
             let _ = write!(sql, "{VERSION_COLUMN} bigint, ");
         }
         let _ = write!(sql, "PRIMARY KEY ({}))", self.key_list());
+        if let Some(fillfactor) = self.target.fillfactor {
+            let _ = write!(sql, " WITH (fillfactor = {fillfactor})");
+        }
         sql
     }
 
@@ -752,6 +755,8 @@ fn escape_copy(text: &str, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Column;
+    use crate::event::Position;
 
     fn replace(fields: Vec<(Name, Value)>) -> Effect<'static> {
         Effect::Replace(fields.into())
@@ -760,8 +765,6 @@ mod tests {
     fn patch(set: Vec<(Name, Value)>, add: Vec<(Name, Value)>) -> Effect<'static> {
         Effect::Patch { set: set.into(), add: add.into() }
     }
-    use crate::config::Column;
-    use crate::event::Position;
 
     fn inventory() -> TableSql {
         TableSql::new(
@@ -776,6 +779,7 @@ mod tests {
                 ],
                 primary_key: vec!["store_id".into(), "item_id".into()],
                 create: true,
+                fillfactor: None,
             },
             false,
         )
@@ -914,6 +918,14 @@ mod tests {
         assert!(statements[1].sql.contains("kawka_version = EXCLUDED.kawka_version WHERE t.kawka_version IS NULL"));
         assert_eq!(statements[1].arrays.last(), Some(&ColumnArray::Int(vec![Some(3)])));
         assert!(table.create_table().contains("kawka_version bigint"));
+    }
+
+    #[test]
+    fn a_created_table_takes_its_fillfactor() {
+        let mut table = inventory();
+        assert!(!table.create_table().contains("WITH"), "{}", table.create_table());
+        table.target.fillfactor = Some(70);
+        assert!(table.create_table().ends_with("PRIMARY KEY (\"store_id\", \"item_id\")) WITH (fillfactor = 70)"));
     }
 
     #[test]

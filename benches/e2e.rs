@@ -255,7 +255,8 @@ async fn copy_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
 /// its own: kawka's updates run without decoding, compaction or positions.
 async fn update_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
     sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(pool).await.expect("drop");
-    let create = format!("CREATE TABLE {table} ({}) WITH (fillfactor = {UPDATES_FILLFACTOR})", columns_sql("customer_id"));
+    let create =
+        format!("CREATE TABLE {table} ({}) WITH (fillfactor = {UPDATES_FILLFACTOR})", columns_sql("customer_id"));
     sqlx::query(&create).execute(pool).await.expect("create");
     let customers = (total / 10).max(1);
     let fill = format!(
@@ -541,7 +542,13 @@ fn yaml_properties(properties: &[(String, String)]) -> String {
 /// next version, as a user would set for such a read model.
 const UPDATES_FILLFACTOR: u32 = 70;
 
-fn pg_connector(name: &str, topic: &str, key: &str, fillfactor: Option<u32>, properties: &[(String, String)]) -> String {
+fn pg_connector(
+    name: &str,
+    topic: &str,
+    key: &str,
+    fillfactor: Option<u32>,
+    properties: &[(String, String)],
+) -> String {
     let extra = yaml_properties(properties);
     let fillfactor = fillfactor.map_or(String::new(), |f| format!("\n  fillfactor: {f}"));
     // Every column but the key (which comes from `key:`).
@@ -665,10 +672,15 @@ async fn main() {
     };
     let fresh_name = format!("bench_fresh_{tag}");
     let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id", None, &properties));
-    let fresh = run_kawka(fresh_project.path(), "postgres_fresh", "postgres", total, progress(fresh_name.clone())).await;
+    let fresh =
+        run_kawka(fresh_project.path(), "postgres_fresh", "postgres", total, progress(fresh_name.clone())).await;
     let updates_name = format!("bench_updates_{tag}");
-    let updates_project = project(&registry.url(), &pg_connector(&updates_name, &topic, "customer_id", Some(UPDATES_FILLFACTOR), &properties));
-    let updates = run_kawka(updates_project.path(), "postgres_updates", "postgres", total, progress(updates_name.clone())).await;
+    let updates_project = project(
+        &registry.url(),
+        &pg_connector(&updates_name, &topic, "customer_id", Some(UPDATES_FILLFACTOR), &properties),
+    );
+    let updates =
+        run_kawka(updates_project.path(), "postgres_updates", "postgres", total, progress(updates_name.clone())).await;
 
     let row = |name: &str, run: &Run, baseline: Option<&Run>, rss: Option<f64>| {
         let ratio = baseline.map(|b| run.rate() / b.rate());

@@ -606,3 +606,87 @@ events:
     let _ = kawka.terminate().await;
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
 }
+
+/// Consecutive batches of one partition are written concurrently, each
+/// committing after the one before it. When one of them fails (Postgres
+/// refuses an event), the batches chained to it roll back and are written
+/// again after it: every other event is applied exactly once.
+#[tokio::test]
+async fn a_batch_chained_to_one_that_fails_is_written_after_it_exactly_once() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("chain");
+    let table = support::unique("chain");
+    support::create_topic(&topic, 1).await;
+    let pool = support::postgres().await;
+    sqlx::query(&format!("CREATE TABLE \"{table}\" (id text PRIMARY KEY, n bigint)"))
+        .execute(&pool)
+        .await
+        .expect("create the table");
+    // Refuses a large n as a check would, but only after half a second:
+    // the batches after the bad one are cut and chained to its write
+    // before it fails.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION \"{table}_slow_check\"() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.n >= 1000 THEN PERFORM pg_sleep(0.5); \
+             RAISE EXCEPTION 'n is too large' USING ERRCODE = 'check_violation'; END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER slow_check BEFORE INSERT OR UPDATE ON \"{table}\" \
+           FOR EACH ROW EXECUTE FUNCTION \"{table}_slow_check\"();"
+    ))
+    .execute(&pool)
+    .await
+    .expect("create the slow check");
+    let connector = format!(
+        r#"name: {table}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink:
+  to: readdb
+  table: {table}
+  columns: {{ id: text, n: bigint }}
+  primary_key: [id]
+key: {{ id: $key }}
+on_error: dead_letter
+dead_letter_topic: {topic}.dlq
+batch: {{ max_events: 5, max_wait: 5s }}
+events:
+  test.chain.Add: {{ increment: {{ n: n }} }}
+"#
+    );
+    let project = Project::new(&registry.url(), &[(&table, &connector)]);
+    let schemas = json!({"add": support::record_schema("test.chain", "Add",
+        json!([{"name": "id", "type": "string"}, {"name": "n", "type": "long"}]))});
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": schemas});
+    // 200 keys, one event each (batches share no key, so they chain);
+    // offset 12 breaks the check, in the third batch of five.
+    let total = 200;
+    let events: Vec<Json> = (0..total)
+        .map(|i| {
+            let n = if i == 12 { 5000 } else { 1 };
+            json!({"schema": "add", "key": format!("k{i:03}"), "value": {"id": format!("k{i:03}"), "n": n}})
+        })
+        .collect();
+    support::produce_with_python(&spec, events).await;
+    let mut kawka = project.start(0);
+    eventually(Duration::from_secs(90), "every event", || async {
+        (support::stored_positions(&pool, &table).await == total).then_some(())
+    })
+    .await;
+    let rows: Vec<(String, i64)> = sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id"))
+        .fetch_all(&pool)
+        .await
+        .expect("read the table");
+    let expected: Vec<(String, i64)> = (0..total).filter(|&i| i != 12).map(|i| (format!("k{i:03}"), 1)).collect();
+    assert_eq!(rows, expected, "each good event once, the bad one not at all; log:\n{}", kawka.log());
+    let dead = support::consume(&format!("{topic}.dlq"), 1, Duration::from_secs(30)).await;
+    assert_eq!(dead.len(), 1, "the refused event is dead-lettered");
+    // The batches written behind the failed one did fail, and were written
+    // again: the test did exercise the chaining it is about.
+    assert!(
+        kawka.log().contains("an earlier batch of a partition of this batch was not written"),
+        "no batch followed the failed one; log:\n{}",
+        kawka.log()
+    );
+    let _ = kawka.terminate().await;
+    let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
+}

@@ -146,10 +146,12 @@ fn bad_types_are_reported() {
 
 #[test]
 fn a_fillfactor_out_of_range_names_its_line() {
-    let inventory = INVENTORY.replace("  primary_key: [store_id, item_id]\n", "  primary_key: [store_id, item_id]\n  fillfactor: 5\n");
+    let inventory = INVENTORY
+        .replace("  primary_key: [store_id, item_id]\n", "  primary_key: [store_id, item_id]\n  fillfactor: 5\n");
     let problems = Project::new(DAEMON, &[("inventory.yaml", &inventory)]).problems();
     assert_eq!(problems, vec!["inventory.yaml:8 sink.fillfactor: 5 is not a fillfactor (10 to 100)"]);
-    let inventory = INVENTORY.replace("  primary_key: [store_id, item_id]\n", "  primary_key: [store_id, item_id]\n  fillfactor: 70\n");
+    let inventory = INVENTORY
+        .replace("  primary_key: [store_id, item_id]\n", "  primary_key: [store_id, item_id]\n  fillfactor: 70\n");
     let settings = Project::new(DAEMON, &[("inventory.yaml", &inventory)]).load().expect("70 is a fillfactor");
     let Target::Postgres(target) = &settings.connectors[0].target else { panic!("a postgres target") };
     assert_eq!(target.fillfactor, Some(70));

@@ -25,7 +25,7 @@ use crate::config::{ConnectorSettings, ErrorPolicy, KafkaSettings};
 use crate::error::{Backoff, ErrorClass};
 use crate::event::Position;
 use crate::projection::{Projected, Projection, WriteOp};
-use crate::sink::{Claim, PartitionOffset, Sink, SinkError};
+use crate::sink::{Claim, Committed, PartitionOffset, Plan, Sink, SinkError};
 use crate::source::{ClaimFn, KafkaSource, RawRecord, SourceMessage};
 use crate::status::{ConnectorStatus, Outcome, State};
 use crate::value::Name;
@@ -39,6 +39,9 @@ const OVERSIZED: Name = "(oversized)";
 /// How long a connector may sit idle before it checks that its partitions
 /// are still its own (a rebuild's cut-over or rollback moves them).
 const OWNERSHIP_CHECK: Duration = Duration::from_secs(3);
+
+/// Writes of one partition in flight at once, when the sink chains them.
+const CHAIN_DEPTH: usize = 2;
 
 /// How long a shutdown waits for an unreachable sink before abandoning the
 /// in-flight batch (its events are consumed again on the next start).
@@ -142,6 +145,7 @@ impl ConnectorRuntime {
             shutdown: shutdown.clone(),
             replay_done: std::collections::HashSet::new(),
             in_flight: Vec::new(),
+            stopping: false,
         };
         let (halt, rx) = worker.consume(rx).await;
         source.stop(rx).await;
@@ -229,26 +233,38 @@ struct Worker<'a> {
     /// Replay: partitions that reached records this run wrote itself.
     replay_done: std::collections::HashSet<(Name, i32)>,
     /// Batches being written in the background, oldest first; no two
-    /// share a partition or a key.
+    /// share a key, nor a partition unless the sink chains writes.
     in_flight: Vec<InFlightWrite>,
+    /// Set once a rewritten write halted under `stop`: the writes in
+    /// flight behind it that fail are dropped, not written again (their
+    /// events come after the bad one; they are read again on restart).
+    stopping: bool,
 }
 
-/// A background write, the partitions its batch has records of and the
+/// A background write, the partitions its batch has records of, the
 /// sorted hashes of the keys it writes (empty when writes are not
-/// concurrent).
+/// concurrent), whether it committed (for the writes that follow it) and
+/// the connections it holds.
 struct InFlightWrite {
     task: tokio::task::JoinHandle<WriteDone>,
     partitions: Vec<(Name, i32)>,
     keys: Vec<u64>,
+    committed: Committed,
+    connections: usize,
 }
 
 impl InFlightWrite {
+    fn shares_partition(&self, partitions: &[(Name, i32)]) -> bool {
+        self.partitions.iter().any(|p| partitions.contains(p))
+    }
+
     /// Whether a batch of these partitions and keys must wait for this
-    /// write: a shared partition (its positions commit in order) or a
-    /// shared key (two transactions locking the same rows in different
-    /// orders would deadlock; a hash collision only costs a wait).
-    fn blocks(&self, partitions: &[(Name, i32)], keys: &[u64]) -> bool {
-        self.partitions.iter().any(|p| partitions.contains(p)) || share_any(&self.keys, keys)
+    /// write to finish: a shared key (two transactions locking the same
+    /// rows in different orders would deadlock; a hash collision only
+    /// costs a wait), or a shared partition when the sink cannot chain
+    /// writes (its positions commit in order).
+    fn blocks(&self, partitions: &[(Name, i32)], keys: &[u64], chains: bool) -> bool {
+        (!chains && self.shares_partition(partitions)) || share_any(&self.keys, keys)
     }
 }
 
@@ -313,8 +329,7 @@ impl Worker<'_> {
                 // A write in flight is done: its positions reach Kafka now,
                 // not when the next batch is handed over.
                 (index, done) = finished(&mut self.in_flight), if !self.in_flight.is_empty() => {
-                    self.in_flight.remove(index);
-                    if let Err(halt) = self.settled(done).await { return (halt, rx) }
+                    if let Err(halt) = self.settle_finished(index, done).await { return (halt, rx) }
                     continue;
                 }
                 // Paused: nothing is taken from the channel, so the consumer
@@ -576,31 +591,53 @@ impl Worker<'_> {
 
     /// Hands the pending batch to a background write and goes on
     /// collecting the next one (decode and project overlap the sink's
-    /// work). Batches with no partition and no key in common are written
-    /// concurrently, up to what the sink takes at once (the source hands
-    /// records over in runs of one partition; where a run is about a batch
-    /// long, consecutive batches have disjoint partitions). A partition's
-    /// batches still commit in order: a batch waits for every write in
-    /// flight it shares a partition or a key with.
+    /// work). Batches with no key in common are written concurrently, up to
+    /// the connections the sink has: those of other partitions freely,
+    /// those of the same partition when the sink chains writes (each
+    /// commits only after the one before it; the source hands records over
+    /// in long runs of one partition, so that is where the overlap is).
+    /// Otherwise a batch waits for every write in flight it shares a
+    /// partition or a key with.
     async fn flush_pipelined(&mut self) -> Result<(), Halt> {
         let offsets = self.offsets(&self.pending);
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
         let most = self.runtime.sink.concurrent_writes();
+        let chains = self.runtime.sink.chains_writes();
         let keys = if most > 1 { key_hashes(&self.pending.ops) } else { Vec::new() };
         // Planned (folded, SQL built) before waiting for the writes ahead:
         // the planning overlaps them, and the write is only I/O. A batch
         // that fails to plan is written, and fails, in its task, so its
         // error takes the settling path of any failed write.
         let plan = self.runtime.sink.plan(&self.pending.ops, &offsets);
-        while let Some(index) = self.in_flight.iter().position(|write| write.blocks(&partitions, &keys)) {
+        let connections = plan.as_ref().map_or(1, Plan::connections);
+        while let Some(index) = self.in_flight.iter().position(|write| write.blocks(&partitions, &keys, chains)) {
             self.settle_one(index).await?;
         }
-        while !self.in_flight.is_empty() && self.in_flight.len() >= most {
+        // A batch follows at most one write of its partitions: one batch
+        // committing while the next runs its statements keeps the sink
+        // busy, and each batch held in flight is memory.
+        while self.in_flight.iter().filter(|write| write.shares_partition(&partitions)).count() >= CHAIN_DEPTH {
+            let oldest = self.in_flight.iter().position(|write| write.shares_partition(&partitions));
+            self.settle_one(oldest.expect("counted at least one such write")).await?;
+        }
+        // A write that follows another holds its connections while it
+        // waits: with connections for every write in flight, the one it
+        // waits for never waits for a connection itself.
+        while !self.in_flight.is_empty()
+            && self.in_flight.iter().map(|write| write.connections).sum::<usize>() + connections > most
+        {
             self.settle_one(0).await?;
         }
         if self.pending.is_empty() {
             return Ok(());
         }
+        let after: Vec<Committed> = self
+            .in_flight
+            .iter()
+            .filter(|write| write.shares_partition(&partitions))
+            .map(|write| write.committed.clone())
+            .collect();
+        let (signal, committed) = Committed::channel();
         // (Settling a failed write rewrites it through `pending` and puts
         // this batch back as it was, so `offsets` and `plan` still hold,
         // unless it halts: then this batch is dropped, unwritten.)
@@ -609,12 +646,13 @@ impl Worker<'_> {
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = match plan {
-                Ok(plan) => sink.write_planned(&plan, &batch.ops, &offsets).await,
+                Ok(plan) => sink.write_planned(&plan, &batch.ops, &offsets, &after).await,
                 Err(error) => Err(error),
             };
+            signal.send(result.is_ok());
             (batch, offsets, result, started.elapsed().as_secs_f64())
         });
-        self.in_flight.push(InFlightWrite { task, partitions, keys });
+        self.in_flight.push(InFlightWrite { task, partitions, keys, committed, connections });
         // The new task sits in this worker's LIFO slot, which the other
         // workers cannot steal from: without a yield it would start only
         // when this loop next waits (at the next batch, for this one),
@@ -639,6 +677,21 @@ impl Worker<'_> {
         self.settled(write.task.await).await
     }
 
+    /// Settles the write at `index`, which is done, after the older ones:
+    /// positions become durable in the order the batches were cut (a
+    /// chained write can finish just before the one it followed is seen to).
+    async fn settle_finished(
+        &mut self,
+        index: usize,
+        done: Result<WriteDone, tokio::task::JoinError>,
+    ) -> Result<(), Halt> {
+        self.in_flight.remove(index);
+        for _ in 0..index {
+            self.settle_one(0).await?;
+        }
+        self.settled(done).await
+    }
+
     /// Settles a finished background write (see [`Worker::settle`]).
     async fn settled(&mut self, done: Result<WriteDone, tokio::task::JoinError>) -> Result<(), Halt> {
         let (batch, offsets, result, seconds) = match done {
@@ -651,13 +704,21 @@ impl Worker<'_> {
                 Ok(())
             }
             Err(SinkError::Fenced) => Err(Halt::Fenced),
-            Err(_) => {
+            // Nothing of it was written (a write that follows one that
+            // failed rolls back); its events are read again on restart.
+            Err(_) if self.stopping => Ok(()),
+            Err(error) => {
+                tracing::info!(connector = %self.name(), %error, "a batch write failed; writing it again");
                 let next = std::mem::replace(&mut self.pending, batch);
                 let written = self.write_pending().await;
-                // Under `stop`, the batch being built comes after the bad
-                // event: it must not be written (the halt flushes what is
-                // pending), only read again when the connector restarts.
-                if !matches!(written, Err(Halt::Stopped(_))) {
+                // Under `stop`, the batch being built and the writes in
+                // flight after this one come after the bad event: they
+                // must not be written (the halt flushes what is pending
+                // and settles what is in flight), only read again when the
+                // connector restarts.
+                if matches!(written, Err(Halt::Stopped(_))) {
+                    self.stopping = true;
+                } else {
                     self.pending = next;
                 }
                 written
@@ -865,21 +926,27 @@ mod tests {
         // A task that never runs to completion: only the bookkeeping is tested.
         let task = tokio::spawn(std::future::pending());
         let partitions = partitions.iter().map(|&p| ("t", p)).collect();
-        InFlightWrite { task, partitions, keys: key_hashes(&ops(0, keys)) }
+        let (_, committed) = Committed::channel();
+        InFlightWrite { task, partitions, keys: key_hashes(&ops(0, keys)), committed, connections: 1 }
     }
 
     #[tokio::test]
-    async fn a_batch_waits_for_writes_that_share_a_partition_or_a_key() {
+    async fn a_batch_waits_for_writes_that_share_a_key_or_an_unchained_partition() {
         let write = in_flight(&[0, 1], &["a", "b"]);
         let (other_keys, same_key) = (key_hashes(&ops(2, &["c", "d"])), key_hashes(&ops(2, &["d", "b"])));
-        assert!(!write.blocks(&[("t", 2)], &other_keys), "disjoint partitions and keys run concurrently");
-        assert!(write.blocks(&[("t", 2), ("t", 1)], &other_keys), "a shared partition commits in order");
-        assert!(write.blocks(&[("t", 2)], &same_key), "a shared key waits (rows locked in another order)");
-        assert!(!write.blocks(&[("u", 0)], &[]), "partitions are per topic");
-        // Keys are compared whole: ("a", 1) is not ("a", 2).
-        let mut shifted = ops(2, &["a"]);
-        shifted[0].key[1] = Value::Int(2);
-        assert!(!write.blocks(&[("t", 2)], &key_hashes(&shifted)));
+        for chains in [false, true] {
+            assert!(!write.blocks(&[("t", 2)], &other_keys, chains), "disjoint partitions and keys run concurrently");
+            assert!(write.blocks(&[("t", 2)], &same_key, chains), "a shared key waits (rows locked in another order)");
+            assert!(!write.blocks(&[("u", 0)], &[], chains), "partitions are per topic");
+            // Keys are compared whole: ("a", 1) is not ("a", 2).
+            let mut shifted = ops(2, &["a"]);
+            shifted[0].key[1] = Value::Int(2);
+            assert!(!write.blocks(&[("t", 2)], &key_hashes(&shifted), chains));
+        }
+        // A shared partition commits in order: after the write, or chained to it.
+        assert!(write.blocks(&[("t", 2), ("t", 1)], &other_keys, false));
+        assert!(!write.blocks(&[("t", 2), ("t", 1)], &other_keys, true));
+        assert!(write.shares_partition(&[("t", 2), ("t", 1)]));
         write.task.abort();
     }
 }

@@ -370,10 +370,7 @@ mod tests {
             net(vec![inc(0, "a", 2), merge(1, &[("a", Value::Int(7))])]),
             patch(vec![("a", Value::Int(7))], vec![])
         );
-        assert_eq!(
-            net(vec![inc(0, "a", 2), inc(1, "a", -5)]),
-            patch(vec![], vec![("a", Value::Int(-3))])
-        );
+        assert_eq!(net(vec![inc(0, "a", 2), inc(1, "a", -5)]), patch(vec![], vec![("a", Value::Int(-3))]));
         assert_eq!(net(vec![inc(0, "a", 2), del(1)]), Effect::Delete);
         // delete ∘ …
         assert_eq!(net(vec![del(0), up(1, &[b()])]), replace(vec![b()]));

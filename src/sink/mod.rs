@@ -60,6 +60,10 @@ pub enum SinkError {
     /// The sink cannot be used as configured (bad URL, a bare index).
     #[error("{0}")]
     Setup(String),
+    /// A batch written ahead of this one, of one of its partitions, did not
+    /// commit: this one was rolled back, to be written again after it.
+    #[error("an earlier batch of a partition of this batch was not written")]
+    Predecessor,
 }
 
 impl SinkError {
@@ -81,8 +85,49 @@ impl SinkError {
                 _ => ErrorClass::Transient,
             },
             SinkError::Setup(_) => ErrorClass::Config,
+            SinkError::Predecessor => ErrorClass::Transient,
         }
     }
+}
+
+/// Whether a write in flight committed: sent by its task once it knows,
+/// read by the writes that follow it (see [`Sink::write_planned`]).
+#[derive(Debug, Clone)]
+pub struct Committed(tokio::sync::watch::Receiver<Option<bool>>);
+
+/// The sending side of [`Committed`]: dropped unsent (a task that ended
+/// early), it reads as not committed.
+#[derive(Debug)]
+pub struct CommitSignal(tokio::sync::watch::Sender<Option<bool>>);
+
+impl Committed {
+    pub fn channel() -> (CommitSignal, Committed) {
+        let (sender, receiver) = tokio::sync::watch::channel(None);
+        (CommitSignal(sender), Committed(receiver))
+    }
+
+    /// Waits until the write is over: whether it committed.
+    pub async fn wait(&self) -> bool {
+        let mut receiver = self.0.clone();
+        matches!(receiver.wait_for(Option::is_some).await.map(|seen| *seen), Ok(Some(true)))
+    }
+}
+
+impl CommitSignal {
+    pub fn send(self, committed: bool) {
+        // Nobody left to tell is fine: no write follows this one.
+        let _ = self.0.send(Some(committed));
+    }
+}
+
+/// Waits for the writes `after`: `Predecessor` unless every one committed.
+pub async fn committed_all(after: &[Committed]) -> Result<(), SinkError> {
+    for write in after {
+        if !write.wait().await {
+            return Err(SinkError::Predecessor);
+        }
+    }
+    Ok(())
 }
 
 /// A batch planned for its sink (see [`Sink::plan`]).
@@ -91,6 +136,16 @@ pub enum Plan {
     Postgres(postgres::PostgresPlan),
     /// Planned as it is written.
     Elasticsearch,
+}
+
+impl Plan {
+    /// How many connections its write holds at once.
+    pub fn connections(&self) -> usize {
+        match self {
+            Plan::Postgres(postgres::PostgresPlan::PerPartition(shares)) => shares.len().max(1),
+            Plan::Postgres(postgres::PostgresPlan::Whole(..)) | Plan::Elasticsearch => 1,
+        }
+    }
 }
 
 /// The sinks kawka has.
@@ -165,15 +220,23 @@ impl Sink {
         }
     }
 
-    /// How many batches (of disjoint partitions) may be written at once.
-    /// Postgres: one per connection of the pool, each share of a batch is
-    /// its own transaction. Elasticsearch: one, its sink spreads a batch
-    /// over concurrent bulk requests itself.
+    /// How many connections the writes in flight may hold together (each
+    /// holds [`Plan::connections`]). Postgres: its pool, each share of a
+    /// batch is its own transaction. Elasticsearch: one batch at a time, its
+    /// sink spreads a batch over concurrent bulk requests itself.
     pub fn concurrent_writes(&self) -> usize {
         match self {
             Sink::Postgres(sink) => sink.pool().options().get_max_connections().max(1) as usize,
             Sink::Elasticsearch(_) => 1,
         }
+    }
+
+    /// Whether a batch may be written while an earlier batch of one of its
+    /// partitions still is ([`Sink::write_planned`] with that write's
+    /// [`Committed`]): Postgres commits a batch only once the ones it
+    /// follows have, and stores the positions in the same transactions.
+    pub fn chains_writes(&self) -> bool {
+        matches!(self, Sink::Postgres(_))
     }
 
     /// Writes the ops of a batch; on `Ok` their effects (and, for sinks
@@ -197,16 +260,24 @@ impl Sink {
     }
 
     /// [`Sink::write`] of a planned batch: `ops` and `offsets` are the
-    /// ones it was planned from.
+    /// ones it was planned from. It commits only once every write in
+    /// `after` has (batches of the same partitions written ahead of it,
+    /// still in flight); if one of them fails, so does this one, with
+    /// [`SinkError::Predecessor`], having changed nothing.
     pub async fn write_planned(
         &self,
         plan: &Plan,
         ops: &[WriteOp],
         offsets: &[PartitionOffset],
+        after: &[Committed],
     ) -> Result<u64, SinkError> {
         match (self, plan) {
-            (Sink::Postgres(sink), Plan::Postgres(plan)) => sink.write_planned(plan).await.map(|()| 0),
-            _ => self.write(ops, offsets).await,
+            (Sink::Postgres(sink), Plan::Postgres(plan)) => sink.write_planned(plan, after).await.map(|()| 0),
+            _ => {
+                // Sinks that do not chain writes are never given any to follow.
+                debug_assert!(after.is_empty(), "only chaining sinks follow writes in flight");
+                self.write(ops, offsets).await
+            }
         }
     }
 
@@ -252,5 +323,36 @@ fn check_column(target: &crate::config::PostgresTarget, name: &str, value: &Valu
             postgres::sql::check_value(column.ty, value).map_err(|message| format!("column `{name}`: {message}"))
         }
         None => Err(format!("column `{name}` is not in table {}", target.table)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_follows_only_writes_that_committed() {
+        let (first, first_committed) = Committed::channel();
+        let (second, second_committed) = Committed::channel();
+        let (third, third_committed) = Committed::channel();
+        // Waiting starts before the outcome is known.
+        let waiting = tokio::spawn({
+            let after = vec![first_committed.clone(), second_committed.clone()];
+            async move { committed_all(&after).await }
+        });
+        first.send(true);
+        second.send(true);
+        assert!(waiting.await.expect("joins").is_ok());
+        third.send(false);
+        assert!(matches!(
+            committed_all(&[first_committed.clone(), third_committed]).await,
+            Err(SinkError::Predecessor)
+        ));
+        // A task that ended without saying counts as not committed.
+        let (dropped, dropped_committed) = Committed::channel();
+        drop(dropped);
+        assert!(!dropped_committed.wait().await);
+        assert!(committed_all(&[]).await.is_ok());
+        assert_eq!(SinkError::Predecessor.class(), ErrorClass::Transient);
     }
 }

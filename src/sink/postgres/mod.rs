@@ -1,18 +1,22 @@
 //! The Postgres sink: exactly-once effects.
 //!
-//! A partition's share of a batch is one transaction: first its position
-//! moves in `kawka_offsets` (fenced by the epoch this owner got when it was
-//! assigned the partition, which also row-locks it so a new owner's claim
-//! waits for this commit), then its net ops. Since the position and the
-//! effects commit together, and a newly assigned consumer starts at the
-//! stored positions, every event's effect lands once, increments included.
+//! A partition's share of a batch is one transaction: its net ops, then its
+//! position moves in `kawka_offsets` (fenced by the epoch this owner got
+//! when it was assigned the partition; the row lock it takes makes a new
+//! owner's claim wait for this commit). Since the position and the effects
+//! commit together, and a newly assigned consumer starts at the stored
+//! positions, every event's effect lands once, increments included.
 //!
 //! The partitions of a batch are written concurrently, on separate
-//! connections (one backend is the bottleneck otherwise). A partition's
-//! transaction only moves its position forward: when a retried batch finds
-//! it already there, that share committed before and is skipped, so a batch
-//! that failed half-way is retried without applying anything twice. A batch
-//! in which one key has events from several partitions is written in one
+//! connections (one backend is the bottleneck otherwise), and so are
+//! consecutive batches of one partition: a batch's transaction runs its
+//! statements while the one before it is still in flight, and moves its
+//! position and commits only once that one has committed (a batch that
+//! follows a failed one rolls back). A partition's transaction only moves
+//! its position forward: when a retried batch finds it already there, that
+//! share committed before and is rolled back, so a batch that failed
+//! half-way is retried without applying anything twice. A batch in which
+//! one key has events from several partitions is written in one
 //! transaction instead (its compacted op cannot be split).
 //!
 //! Upserts of keys the table does not have yet are written with `COPY`
@@ -30,6 +34,7 @@
 pub mod sql;
 pub mod types;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +43,7 @@ use sqlx::postgres::{PgArguments, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{Arguments, Executor, PgPool, Postgres, Row};
 
-use super::{Claim, PartitionOffset, SinkError};
+use super::{committed_all, Claim, Committed, PartitionOffset, SinkError};
 use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
 use crate::projection::compact::{compact, NetOp};
 use crate::projection::WriteOp;
@@ -166,7 +171,7 @@ impl PostgresSink {
     /// partition, concurrently, when no key spans partitions.
     pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
         let plan = self.plan(ops, offsets)?;
-        self.write_planned(&plan).await
+        self.write_planned(&plan, &[]).await
     }
 
     /// Folds a batch's ops per key and builds its statements: CPU only, no
@@ -179,25 +184,49 @@ impl PostgresSink {
             return Err(SinkError::RejectedOps(fold_errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
         }
         let rejected = |error: sql::BindError| SinkError::Rejected(error.to_string());
+        let statements = |net: &[NetOp]| {
+            let mut statements = self.table.plan(net).map_err(rejected)?;
+            self.render_copies(&mut statements);
+            Ok::<_, SinkError>(statements)
+        };
         match by_partition(net, offsets) {
             Ok(shares) => {
                 let shares = shares
                     .iter()
-                    .map(|(offset, net)| Ok((**offset, self.table.plan(net)?)))
-                    .collect::<Result<Vec<_>, sql::BindError>>()
-                    .map_err(rejected)?;
+                    .map(|(offset, net)| Ok((**offset, statements(net)?)))
+                    .collect::<Result<Vec<_>, SinkError>>()?;
                 Ok(PostgresPlan::PerPartition(shares))
             }
-            Err(net) => Ok(PostgresPlan::Whole(self.table.plan(&net).map_err(rejected)?, offsets.to_vec())),
+            Err(net) => Ok(PostgresPlan::Whole(statements(&net)?, offsets.to_vec())),
         }
     }
 
-    /// Writes a planned batch and its positions.
-    pub async fn write_planned(&self, plan: &PostgresPlan) -> Result<(), SinkError> {
+    /// Renders the `COPY` text of the upserts expected to find new keys, so
+    /// that it is built while the writes ahead run, not in this batch's.
+    fn render_copies(&self, statements: &mut [Statement]) {
+        for statement in statements {
+            let Some(insert) = statement.insert.as_mut() else { continue };
+            if self.guess_new_keys(insert) {
+                insert.rendered = Some(copy_text(&statement.arrays, insert, 0..statement.rows.len()));
+            }
+        }
+    }
+
+    /// Writes a planned batch and its positions, committing only once
+    /// every write `after` has (see [`crate::sink::Sink::write_planned`]).
+    ///
+    /// Each transaction runs its statements first and moves its positions
+    /// last, just before it commits: the positions' rows are what the
+    /// transactions of one partition share, and a row lock taken first
+    /// would hold a batch back until the one before it commits, where now
+    /// the two overlap. Fencing still holds: the epoch is checked in the
+    /// same statement, and a claim made while the statements run bumps it,
+    /// so this transaction rolls back.
+    pub async fn write_planned(&self, plan: &PostgresPlan, after: &[Committed]) -> Result<(), SinkError> {
         match plan {
             PostgresPlan::PerPartition(shares) => {
                 let results = futures::future::join_all(
-                    shares.iter().map(|(offset, statements)| self.write_partition(offset, statements)),
+                    shares.iter().map(|(offset, statements)| self.write_partition(offset, statements, after)),
                 )
                 .await;
                 // Fenced first: the caller must stop, not retry.
@@ -208,19 +237,34 @@ impl PostgresSink {
             }
             PostgresPlan::Whole(statements, offsets) => {
                 let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
-                self.advance(&mut tx, offsets).await?;
                 for statement in statements {
                     self.apply(&mut tx, statement).await?;
                 }
-                tx.commit().await.map_err(SinkError::Postgres)
+                // Dropping `tx` on an error rolls it back.
+                committed_all(after).await?;
+                if self.advance(&mut tx, offsets).await? {
+                    tx.commit().await.map_err(SinkError::Postgres)
+                } else {
+                    tx.rollback().await.map_err(SinkError::Postgres)
+                }
             }
         }
     }
 
-    /// One partition's share in its own transaction, skipped when its
-    /// position is already at or past `offset` (it committed before).
-    async fn write_partition(&self, offset: &PartitionOffset, statements: &[Statement]) -> Result<(), SinkError> {
+    /// One partition's share in its own transaction, rolled back (and
+    /// `Ok`) when its position is already at or past `offset`: it committed
+    /// before.
+    async fn write_partition(
+        &self,
+        offset: &PartitionOffset,
+        statements: &[Statement],
+        after: &[Committed],
+    ) -> Result<(), SinkError> {
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+        for statement in statements {
+            self.apply(&mut tx, statement).await?;
+        }
+        committed_all(after).await?;
         let moved = sqlx::query(&self.table.advance_one())
             .bind(&self.connector)
             .bind(offset.topic)
@@ -232,23 +276,24 @@ impl PostgresSink {
             .map_err(SinkError::Postgres)?
             .rows_affected();
         if moved == 0 {
-            let stored: Option<(i64, Option<i64>)> = sqlx::query_as(&self.table.position_of())
-                .bind(&self.connector)
-                .bind(offset.topic)
-                .bind(offset.partition)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(SinkError::Postgres)?;
+            let committed_before = self.reached(&mut tx, offset).await?;
             tx.rollback().await.map_err(SinkError::Postgres)?;
-            return match stored {
-                Some((epoch, Some(next))) if Some(epoch) == offset.epoch && next >= offset.next_offset => Ok(()),
-                _ => Err(SinkError::Fenced),
-            };
-        }
-        for statement in statements {
-            self.apply(&mut tx, statement).await?;
+            return if committed_before { Ok(()) } else { Err(SinkError::Fenced) };
         }
         tx.commit().await.map_err(SinkError::Postgres)
+    }
+
+    /// Whether a partition's stored position is at or past `offset` under
+    /// the same epoch: the batch ending there committed before.
+    async fn reached(&self, tx: &mut sqlx::PgConnection, offset: &PartitionOffset) -> Result<bool, SinkError> {
+        let stored: Option<(i64, Option<i64>)> = sqlx::query_as(&self.table.position_of())
+            .bind(&self.connector)
+            .bind(offset.topic)
+            .bind(offset.partition)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(SinkError::Postgres)?;
+        Ok(matches!(stored, Some((epoch, Some(next))) if Some(epoch) == offset.epoch && next >= offset.next_offset))
     }
 
     /// Runs one statement; an upsert's new keys go in by `COPY`.
@@ -256,7 +301,11 @@ impl PostgresSink {
         let Some(insert) = &statement.insert else { return execute(tx, statement).await };
         let everything = 0..statement.rows.len();
         if self.guess_new_keys(insert) {
-            if self.copy_new(tx, insert, &statement.arrays, everything.clone(), true).await? {
+            let rendered = match &insert.rendered {
+                Some(rendered) => Cow::Borrowed(rendered.as_slice()),
+                None => Cow::Owned(copy_text(&statement.arrays, insert, everything.clone())),
+            };
+            if self.copy_new(tx, insert, &rendered, true).await? {
                 return Ok(());
             }
             self.found_new_keys(insert, false);
@@ -283,7 +332,7 @@ impl PostgresSink {
         }
         let new: Vec<usize> = everything.filter(|&row| !exists[row]).collect();
         self.found_new_keys(insert, new.len() > updated.len());
-        if !new.is_empty() && !self.copy_new(tx, insert, &statement.arrays, new, false).await? {
+        if !new.is_empty() && !self.copy_new(tx, insert, &copy_text(&statement.arrays, insert, new), false).await? {
             tx.execute("ROLLBACK TO SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
             execute(tx, statement).await?;
         }
@@ -315,15 +364,9 @@ impl PostgresSink {
         &self,
         tx: &mut sqlx::PgConnection,
         insert: &Insert,
-        arrays: &[ColumnArray],
-        rows: impl IntoIterator<Item = usize>,
+        data: &[u8],
         own_savepoint: bool,
     ) -> Result<bool, SinkError> {
-        // Sized for ~16 bytes a value up front: growing a buffer of
-        // megabytes by doubling copies it and churns the allocator.
-        let rows = rows.into_iter();
-        let mut data = Vec::with_capacity(rows.size_hint().0 * arrays.len() * 16);
-        sql::copy_rows(arrays, &insert.types, rows, &mut data);
         if own_savepoint {
             tx.execute("SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
         }
@@ -352,9 +395,12 @@ impl PostgresSink {
         }
     }
 
-    async fn advance(&self, tx: &mut sqlx::PgConnection, offsets: &[PartitionOffset]) -> Result<(), SinkError> {
+    /// Moves the positions of one transaction's partitions: `false` when
+    /// the batch committed before (every position already there; the
+    /// caller rolls back), `Fenced` when another owner took one over.
+    async fn advance(&self, tx: &mut sqlx::PgConnection, offsets: &[PartitionOffset]) -> Result<bool, SinkError> {
         if offsets.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let topics: Vec<&str> = offsets.iter().map(|o| o.topic).collect();
         let partitions: Vec<i32> = offsets.iter().map(|o| o.partition).collect();
@@ -370,10 +416,21 @@ impl PostgresSink {
             .await
             .map_err(SinkError::Postgres)?
             .rows_affected();
-        if updated != offsets.len() as u64 {
+        if updated == offsets.len() as u64 {
+            return Ok(true);
+        }
+        // A transaction moves all its positions or none: the batch committed
+        // before if every one is already there (later batches may have
+        // moved some further). Anything else means another owner.
+        if updated > 0 {
             return Err(SinkError::Fenced);
         }
-        Ok(())
+        for offset in offsets {
+            if !self.reached(tx, offset).await? {
+                return Err(SinkError::Fenced);
+            }
+        }
+        Ok(false)
     }
 
     /// Finds the ops the table refuses, each alone in a savepoint of one
@@ -434,6 +491,16 @@ fn by_partition<'n, 'o>(
         split[share].1.push(op);
     }
     Ok(split)
+}
+
+/// The `COPY` text of `rows` of an upsert's arrays.
+fn copy_text(arrays: &[ColumnArray], insert: &Insert, rows: impl IntoIterator<Item = usize>) -> Vec<u8> {
+    // Sized for ~16 bytes a value up front: growing a buffer of megabytes
+    // by doubling copies it and churns the allocator.
+    let rows = rows.into_iter();
+    let mut data = Vec::with_capacity(rows.size_hint().0 * arrays.len() * 16);
+    sql::copy_rows(arrays, &insert.types, rows, &mut data);
+    data
 }
 
 /// The message of a database error without sqlx's prefix.

@@ -322,6 +322,9 @@ pub struct Insert {
     /// updated (a version guard) or there is nothing to set: a missing
     /// ordinal would not mean a missing row.
     pub update: Option<String>,
+    /// The `COPY` text of every row, when the sink rendered it while
+    /// planning (it expected new keys): the write is then only I/O.
+    pub rendered: Option<Vec<u8>>,
 }
 
 /// A net op whose values do not fit the table.
@@ -399,14 +402,16 @@ impl TableSql {
         )
     }
 
-    /// Moves positions, only where the epoch is still ours: `$1` connector,
-    /// `$2` topics, `$3` partitions, `$4` next offsets, `$5` epochs. Fewer
-    /// rows updated than partitions given means another owner took over.
+    /// Moves positions forward only, where the epoch is still ours: `$1`
+    /// connector, `$2` topics, `$3` partitions, `$4` next offsets, `$5`
+    /// epochs. Fewer rows updated than partitions given means another owner
+    /// took over, or the batch committed before.
     pub fn advance(&self) -> String {
         format!(
             "UPDATE {t} AS o SET next_offset = u.next_offset, updated_at = now() \
              FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS u(topic, partition, next_offset, epoch) \
-             WHERE o.connector = $1 AND o.topic = u.topic AND o.partition = u.partition AND o.epoch = u.epoch",
+             WHERE o.connector = $1 AND o.topic = u.topic AND o.partition = u.partition AND o.epoch = u.epoch \
+             AND (o.next_offset IS NULL OR o.next_offset < u.next_offset)",
             t = self.offsets_table
         )
     }
@@ -654,7 +659,7 @@ impl TableSql {
             }
         }
         let copy = format!("COPY {} ({}) FROM STDIN", self.qualified, columns.join(", "));
-        Statement { sql, arrays, rows, insert: Some(Insert { copy, types, update }) }
+        Statement { sql, arrays, rows, insert: Some(Insert { copy, types, update, rendered: None }) }
     }
 }
 
@@ -813,7 +818,10 @@ mod tests {
         assert_eq!(statements[0].arrays[2], ColumnArray::Int(vec![Some(5), Some(-2)]));
         assert_eq!(statements[0].rows, vec![0, 1]);
         assert!(statements[1].sql.contains("DO UPDATE SET \"seen_at\" = EXCLUDED.\"seen_at\""));
-        assert_eq!(statements[1].arrays[2], ColumnArray::Text([Some("1970-01-01T00:00:00.000Z")].into_iter().collect()));
+        assert_eq!(
+            statements[1].arrays[2],
+            ColumnArray::Text([Some("1970-01-01T00:00:00.000Z")].into_iter().collect())
+        );
     }
 
     #[test]
@@ -833,10 +841,7 @@ mod tests {
 
     #[test]
     fn upserts_carry_a_copy_and_an_update_of_existing_keys() {
-        let ops = vec![net(
-            "s1",
-            patch(vec![("seen_at", Value::Int(0))], vec![("on_hand", Value::Int(5))]),
-        )];
+        let ops = vec![net("s1", patch(vec![("seen_at", Value::Int(0))], vec![("on_hand", Value::Int(5))]))];
         let statement = &inventory().plan(&ops).expect("binds")[0];
         let insert = statement.insert.as_ref().expect("an upsert can be copied");
         assert_eq!(

@@ -79,15 +79,26 @@ impl Record {
     }
 
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.fields.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+        self.position(name).map(|index| &self.fields[index].1)
     }
 
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Value> {
-        self.fields.iter_mut().find(|(n, _)| *n == name).map(|(_, v)| v)
+        self.position(name).map(|index| &mut self.fields[index].1)
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.fields.iter().any(|(n, _)| *n == name)
+        self.position(name).is_some()
+    }
+
+    /// Where `name` is: by address first, since field names and the names
+    /// expressions look up are both interned (one compare per field instead
+    /// of a string compare each, on every event's path), then by content
+    /// for a name that is not.
+    fn position(&self, name: &str) -> Option<usize> {
+        self.fields
+            .iter()
+            .position(|(n, _)| std::ptr::eq(*n, name))
+            .or_else(|| self.fields.iter().position(|(n, _)| *n == name))
     }
 
     /// Sets `name`, keeping its place if it exists, appending otherwise.

@@ -272,7 +272,8 @@ impl InFlightWrite {
 /// worker's own path, so a sorted list (one hash per key, one allocation)
 /// rather than a hash set, which would hash each value again.
 fn key_hashes(ops: &[WriteOp]) -> Vec<u64> {
-    let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    // Fixed, so that hashes compare across batches.
+    let hasher = foldhash::fast::FixedState::default();
     let mut identity = Vec::with_capacity(64);
     let mut hashes: Vec<u64> = ops
         .iter()

@@ -174,7 +174,10 @@ impl Eq for KeyRef<'_> {}
 /// With a domain version, an op whose version is not above the highest seen
 /// for its key in this batch is stale and dropped (its position is kept).
 pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp<'_>>, Vec<CompactError>) {
-    let mut index: HashMap<KeyRef, usize> = HashMap::with_capacity(ops.len());
+    // foldhash rather than SipHash: keys come from the batch's own events,
+    // and hashing every key was a visible part of a batch's planning.
+    let mut index: HashMap<KeyRef, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(ops.len(), Default::default());
     let mut net: Vec<NetOp> = Vec::with_capacity(ops.len());
     let mut errors = Vec::new();
     for (op_index, op) in ops.iter().enumerate() {

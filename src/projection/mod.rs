@@ -85,7 +85,8 @@ pub trait Projection: Send + Sync + fmt::Debug {
 pub struct RulesProjection {
     key: Vec<(String, Expr)>,
     version: Option<Expr>,
-    rules: HashMap<Name, Rule>,
+    /// Looked up for every event: foldhash rather than SipHash.
+    rules: HashMap<Name, Rule, foldhash::fast::RandomState>,
     tombstones: TombstonePolicy,
     unknown_events: UnknownEventPolicy,
 }

@@ -15,7 +15,7 @@ use crate::config::{ConnectorSettings, SinkConnection, Target};
 use crate::error::classify_http_status;
 use crate::error::{classify_sqlx, ErrorClass};
 use crate::projection::WriteOp;
-use crate::value::{Name, Value};
+use crate::value::Name;
 use elasticsearch::ElasticsearchSink;
 use postgres::PostgresSink;
 
@@ -293,19 +293,7 @@ impl Sink {
     /// Checks one op against the read model before it joins a batch.
     pub fn check(&self, op: &WriteOp) -> Result<(), String> {
         match self {
-            Sink::Postgres(sink) => {
-                let target = sink.table().target();
-                for (part, name) in op.key.iter().zip(&target.primary_key) {
-                    if part.is_null() {
-                        return Err(format!("key column `{name}` is null"));
-                    }
-                    check_column(target, name, part)?;
-                }
-                for (name, value) in &op.fields {
-                    check_column(target, name, value)?;
-                }
-                Ok(())
-            }
+            Sink::Postgres(sink) => sink.check(op),
             Sink::Elasticsearch(_) => {
                 elasticsearch::bulk::doc_id(&op.key)?;
                 if op.fields.iter().any(|(name, _)| *name == elasticsearch::bulk::GUARD_FIELD) {
@@ -314,15 +302,6 @@ impl Sink {
                 Ok(())
             }
         }
-    }
-}
-
-fn check_column(target: &crate::config::PostgresTarget, name: &str, value: &Value) -> Result<(), String> {
-    match target.column(name) {
-        Some(column) => {
-            postgres::sql::check_value(column.ty, value).map_err(|message| format!("column `{name}`: {message}"))
-        }
-        None => Err(format!("column `{name}` is not in table {}", target.table)),
     }
 }
 

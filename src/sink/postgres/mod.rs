@@ -49,6 +49,7 @@ use crate::projection::compact::{compact, NetOp};
 use crate::projection::WriteOp;
 use crate::value::{intern, Name};
 use sql::{ColumnArray, Insert, Statement, TableSql};
+use types::ColumnType;
 
 /// A batch's statements, ready to run (see [`PostgresSink::plan`]).
 #[derive(Debug)]
@@ -71,6 +72,9 @@ pub struct PostgresSink {
     /// changes them are written by different statements (one hint for
     /// both would flip at every batch). Shared by the clones.
     new_keys: Arc<Mutex<HashMap<String, bool>>>,
+    /// The table's columns by interned name: every op's fields are checked
+    /// against them, and op field names are interned too.
+    columns: Arc<[(Name, ColumnType)]>,
 }
 
 impl PostgresSink {
@@ -95,6 +99,36 @@ impl PostgresSink {
             table: TableSql::new(target, connector.version.is_some()),
             connector: connector.name.clone(),
             new_keys: Arc::default(),
+            columns: target.columns.iter().map(|c| (intern(&c.name), c.ty)).collect(),
+        }
+    }
+
+    /// Checks one op against the table before it joins a batch: key parts
+    /// present, every field a column whose type can hold its value.
+    pub fn check(&self, op: &WriteOp) -> Result<(), String> {
+        let target = self.table.target();
+        for (part, name) in op.key.iter().zip(&target.primary_key) {
+            if part.is_null() {
+                return Err(format!("key column `{name}` is null"));
+            }
+            self.check_column(name, part)?;
+        }
+        for (name, value) in &op.fields {
+            self.check_column(name, value)?;
+        }
+        Ok(())
+    }
+
+    fn check_column(&self, name: &str, value: &crate::value::Value) -> Result<(), String> {
+        // By address first (both sides interned), by content otherwise.
+        let column = self
+            .columns
+            .iter()
+            .find(|(n, _)| std::ptr::eq(*n, name))
+            .or_else(|| self.columns.iter().find(|(n, _)| *n == name));
+        match column {
+            Some((_, ty)) => sql::check_value(*ty, value).map_err(|message| format!("column `{name}`: {message}")),
+            None => Err(format!("column `{name}` is not in table {}", self.table.target().table)),
         }
     }
 

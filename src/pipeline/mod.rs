@@ -612,14 +612,14 @@ impl Worker<'_> {
         let plan = self.runtime.sink.plan(&self.pending.ops, &offsets);
         let connections = plan.as_ref().map_or(1, Plan::connections);
         while let Some(index) = self.in_flight.iter().position(|write| write.blocks(&partitions, &keys, chains)) {
-            self.settle_one(index).await?;
+            self.settle_through(index).await?;
         }
         // A batch follows at most one write of its partitions: one batch
         // committing while the next runs its statements keeps the sink
         // busy, and each batch held in flight is memory.
         while self.in_flight.iter().filter(|write| write.shares_partition(&partitions)).count() >= CHAIN_DEPTH {
             let oldest = self.in_flight.iter().position(|write| write.shares_partition(&partitions));
-            self.settle_one(oldest.expect("counted at least one such write")).await?;
+            self.settle_through(oldest.expect("counted at least one such write")).await?;
         }
         // A write that follows another holds its connections while it
         // waits: with connections for every write in flight, the one it
@@ -627,7 +627,7 @@ impl Worker<'_> {
         while !self.in_flight.is_empty()
             && self.in_flight.iter().map(|write| write.connections).sum::<usize>() + connections > most
         {
-            self.settle_one(0).await?;
+            self.settle_oldest().await?;
         }
         if self.pending.is_empty() {
             return Ok(());
@@ -668,14 +668,26 @@ impl Worker<'_> {
     /// newer of its partitions.
     async fn settle(&mut self) -> Result<(), Halt> {
         while !self.in_flight.is_empty() {
-            self.settle_one(0).await?;
+            self.settle_oldest().await?;
         }
         Ok(())
     }
 
-    async fn settle_one(&mut self, index: usize) -> Result<(), Halt> {
-        let write = self.in_flight.remove(index);
+    /// Settles the oldest write in flight (see [`Worker::settled`]).
+    async fn settle_oldest(&mut self) -> Result<(), Halt> {
+        let write = self.in_flight.remove(0);
         self.settled(write.task.await).await
+    }
+
+    /// Settles the writes in flight up to `index`, oldest first. Never one
+    /// alone out of order: a failed write is written again as it settles,
+    /// and one of a partition written again before the failed one it
+    /// followed would move the position past that one's events.
+    async fn settle_through(&mut self, index: usize) -> Result<(), Halt> {
+        for _ in 0..=index {
+            self.settle_oldest().await?;
+        }
+        Ok(())
     }
 
     /// Settles the write at `index`, which is done, after the older ones:
@@ -688,7 +700,7 @@ impl Worker<'_> {
     ) -> Result<(), Halt> {
         self.in_flight.remove(index);
         for _ in 0..index {
-            self.settle_one(0).await?;
+            self.settle_oldest().await?;
         }
         self.settled(done).await
     }

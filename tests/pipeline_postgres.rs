@@ -558,32 +558,15 @@ async fn stop_commits_nothing_past_an_event_postgres_refuses() {
         .execute(&pool)
         .await
         .expect("create the table with its check");
-    let connector = format!(
-        r#"name: {table}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
-sink:
-  to: readdb
-  table: {table}
-  columns: {{ id: text, n: bigint }}
-  primary_key: [id]
-key: {{ id: $key }}
-on_error: stop
-batch: {{ max_events: 2, max_wait: 5s }}
-events:
-  test.stop.Set: {{ upsert: {{ n: n }} }}
-"#
-    );
+    let connector = id_n_connector(&table, &topic, "on_error: stop", 2, "test.stop.Set: { upsert: { n: n } }");
     let project = Project::new(&registry.url(), &[(&table, &connector)]);
-    let schemas = json!({"set": support::record_schema("test.stop", "Set",
-        json!([{"name": "id", "type": "string"}, {"name": "n", "type": "long"}]))});
-    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
-        "subject_strategy": "topic_record", "schemas": schemas});
+    let spec = id_n_spec(&registry.url(), &topic, "test.stop", "Set");
     // Offsets 0..10; offset 3 breaks the check. With batches of two, the
     // batch after [2, 3] is built while [2, 3] is being written.
     let events: Vec<Json> = (0..10)
         .map(|i| {
             let n = if i == 3 { 5000 } else { i };
-            json!({"schema": "set", "key": format!("k{i}"), "value": {"id": format!("k{i}"), "n": n}})
+            json!({"schema": "event", "key": format!("k{i}"), "value": {"id": format!("k{i}"), "n": n}})
         })
         .collect();
     support::produce_with_python(&spec, events).await;
@@ -636,34 +619,17 @@ async fn a_batch_chained_to_one_that_fails_is_written_after_it_exactly_once() {
     .execute(&pool)
     .await
     .expect("create the slow check");
-    let connector = format!(
-        r#"name: {table}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
-sink:
-  to: readdb
-  table: {table}
-  columns: {{ id: text, n: bigint }}
-  primary_key: [id]
-key: {{ id: $key }}
-on_error: dead_letter
-dead_letter_topic: {topic}.dlq
-batch: {{ max_events: 5, max_wait: 5s }}
-events:
-  test.chain.Add: {{ increment: {{ n: n }} }}
-"#
-    );
+    let policy = format!("on_error: dead_letter\ndead_letter_topic: {topic}.dlq");
+    let connector = id_n_connector(&table, &topic, &policy, 5, "test.chain.Add: { increment: { n: n } }");
     let project = Project::new(&registry.url(), &[(&table, &connector)]);
-    let schemas = json!({"add": support::record_schema("test.chain", "Add",
-        json!([{"name": "id", "type": "string"}, {"name": "n", "type": "long"}]))});
-    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
-        "subject_strategy": "topic_record", "schemas": schemas});
+    let spec = id_n_spec(&registry.url(), &topic, "test.chain", "Add");
     // 200 keys, one event each (batches share no key, so they chain);
     // offset 12 breaks the check, in the third batch of five.
     let total = 200;
     let events: Vec<Json> = (0..total)
         .map(|i| {
             let n = if i == 12 { 5000 } else { 1 };
-            json!({"schema": "add", "key": format!("k{i:03}"), "value": {"id": format!("k{i:03}"), "n": n}})
+            json!({"schema": "event", "key": format!("k{i:03}"), "value": {"id": format!("k{i:03}"), "n": n}})
         })
         .collect();
     support::produce_with_python(&spec, events).await;
@@ -689,4 +655,33 @@ events:
     );
     let _ = kawka.terminate().await;
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
+}
+
+/// A connector of `topic` into `table (id text, n bigint)` keyed by the
+/// Kafka key: `policy` is its error lines, `rule` its one event rule.
+fn id_n_connector(table: &str, topic: &str, policy: &str, max_events: usize, rule: &str) -> String {
+    format!(
+        r#"name: {table}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink:
+  to: readdb
+  table: {table}
+  columns: {{ id: text, n: bigint }}
+  primary_key: [id]
+key: {{ id: $key }}
+{policy}
+batch: {{ max_events: {max_events}, max_wait: 5s }}
+events:
+  {rule}
+"#
+    )
+}
+
+/// The producer spec of that connector's topic: schema `event` is the
+/// record `<namespace>.<name>` of `id` and `n`.
+fn id_n_spec(registry: &str, topic: &str, namespace: &str, name: &str) -> Json {
+    let schemas = json!({"event": support::record_schema(namespace, name,
+        json!([{"name": "id", "type": "string"}, {"name": "n", "type": "long"}]))});
+    json!({"bootstrap": support::kafka_bootstrap(), "registry": registry, "topic": topic,
+        "subject_strategy": "topic_record", "schemas": schemas})
 }

@@ -203,9 +203,13 @@ impl PostgresSink {
 
     /// Applies the ops of a batch, folded per key, and the positions: per
     /// partition, concurrently, when no key spans partitions.
+    /// This is also how a failed batch is written again: a share that
+    /// committed before is recognised before its statements run, so they
+    /// are not tried twice (a check constraint could refuse the second
+    /// application of a decrement that the first one made).
     pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
         let plan = self.plan(ops, offsets)?;
-        self.write_planned(&plan, &[]).await
+        self.write_plan(&plan, &[], true).await
     }
 
     /// Folds a batch's ops per key and builds its statements: CPU only, no
@@ -257,10 +261,17 @@ impl PostgresSink {
     /// same statement, and a claim made while the statements run bumps it,
     /// so this transaction rolls back.
     pub async fn write_planned(&self, plan: &PostgresPlan, after: &[Committed]) -> Result<(), SinkError> {
+        // A batch's first write: nothing of it can have committed yet.
+        self.write_plan(plan, after, false).await
+    }
+
+    /// [`PostgresSink::write_planned`]; with `retry`, each transaction
+    /// first reads whether its positions are already there.
+    async fn write_plan(&self, plan: &PostgresPlan, after: &[Committed], retry: bool) -> Result<(), SinkError> {
         match plan {
             PostgresPlan::PerPartition(shares) => {
                 let results = futures::future::join_all(
-                    shares.iter().map(|(offset, statements)| self.write_partition(offset, statements, after)),
+                    shares.iter().map(|(offset, statements)| self.write_partition(offset, statements, after, retry)),
                 )
                 .await;
                 // Fenced first: the caller must stop, not retry.
@@ -271,6 +282,9 @@ impl PostgresSink {
             }
             PostgresPlan::Whole(statements, offsets) => {
                 let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+                if retry && !offsets.is_empty() && self.reached_all(&mut tx, offsets).await? {
+                    return tx.rollback().await.map_err(SinkError::Postgres);
+                }
                 for statement in statements {
                     self.apply(&mut tx, statement).await?;
                 }
@@ -293,8 +307,12 @@ impl PostgresSink {
         offset: &PartitionOffset,
         statements: &[Statement],
         after: &[Committed],
+        retry: bool,
     ) -> Result<(), SinkError> {
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+        if retry && self.reached(&mut tx, offset).await? {
+            return tx.rollback().await.map_err(SinkError::Postgres);
+        }
         for statement in statements {
             self.apply(&mut tx, statement).await?;
         }
@@ -456,15 +474,20 @@ impl PostgresSink {
         // A transaction moves all its positions or none: the batch committed
         // before if every one is already there (later batches may have
         // moved some further). Anything else means another owner.
-        if updated > 0 {
-            return Err(SinkError::Fenced);
+        if updated == 0 && self.reached_all(tx, offsets).await? {
+            return Ok(false);
         }
+        Err(SinkError::Fenced)
+    }
+
+    /// Whether every one of these positions is already there ([`PostgresSink::reached`]).
+    async fn reached_all(&self, tx: &mut sqlx::PgConnection, offsets: &[PartitionOffset]) -> Result<bool, SinkError> {
         for offset in offsets {
             if !self.reached(tx, offset).await? {
-                return Err(SinkError::Fenced);
+                return Ok(false);
             }
         }
-        Ok(false)
+        Ok(true)
     }
 
     /// Finds the ops the table refuses, each alone in a savepoint of one

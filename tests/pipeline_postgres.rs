@@ -341,12 +341,18 @@ async fn a_batch_retried_after_a_partial_commit_applies_each_partition_once() {
         .execute(&pool)
         .await
         .expect("undo position");
+    // The retry must not even try partition 0's share again: a check that
+    // its second application would break does not refuse the batch.
+    let cap = format!("ALTER TABLE \"{name}\" ADD CONSTRAINT at_most_five CHECK (on_hand <= 5)");
+    sqlx::query(&cap).execute(&pool).await.expect("add the check");
     sink.write(&ops, &offsets).await.expect("the retry");
     assert_eq!(
         read_on_hand(&pool, &name).await,
         BTreeMap::from([(("s0".into(), "i".into()), 5), (("s1".into(), "i".into()), 5)]),
         "each partition's increments applied once"
     );
+    let uncap = format!("ALTER TABLE \"{name}\" DROP CONSTRAINT at_most_five");
+    sqlx::query(&uncap).execute(&pool).await.expect("drop the check");
 
     // Another owner claims partition 0: this owner's next batch is refused whole.
     sink.claim(&[(topic, 0)]).await.expect("a new owner");

@@ -24,6 +24,7 @@ use crate::codec::{Codec, Decoded};
 use crate::config::{ConnectorSettings, ErrorPolicy, KafkaSettings};
 use crate::error::{Backoff, ErrorClass};
 use crate::event::Position;
+use crate::projection::compact::KeyRef;
 use crate::projection::{Projected, Projection, WriteOp};
 use crate::sink::{Claim, Committed, PartitionOffset, Plan, Sink, SinkError};
 use crate::source::{ClaimFn, KafkaSource, RawRecord, SourceMessage};
@@ -272,16 +273,10 @@ impl InFlightWrite {
 /// worker's own path, so a sorted list (one hash per key, one allocation)
 /// rather than a hash set, which would hash each value again.
 fn key_hashes(ops: &[WriteOp]) -> Vec<u64> {
-    // Fixed, so that hashes compare across batches.
+    // Fixed, so that hashes compare across batches; keys hash as
+    // compaction's index does.
     let hasher = foldhash::fast::FixedState::default();
-    let mut identity = Vec::with_capacity(64);
-    let mut hashes: Vec<u64> = ops
-        .iter()
-        .map(|op| {
-            crate::projection::compact::key_identity(&op.key, &mut identity);
-            hasher.hash_one(&identity)
-        })
-        .collect();
+    let mut hashes: Vec<u64> = ops.iter().map(|op| hasher.hash_one(KeyRef(&op.key))).collect();
     hashes.sort_unstable();
     hashes
 }

@@ -63,50 +63,10 @@ pub struct CompactError {
     pub found: String,
 }
 
-/// A hashable identity of a key: values are not `Eq` (floats), their
-/// canonical encodings are.
-pub fn key_identity(key: &[Value], out: &mut Vec<u8>) {
-    out.clear();
-    for part in key {
-        encode(part, out);
-    }
-}
-
-fn encode(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Null => out.push(0),
-        Value::Bool(b) => out.extend([1, u8::from(*b)]),
-        Value::Int(i) => {
-            out.push(2);
-            out.extend(i.to_be_bytes());
-        }
-        Value::Float(x) => {
-            out.push(3);
-            out.extend(x.to_bits().to_be_bytes());
-        }
-        Value::Str(s) => {
-            out.push(4);
-            out.extend((s.len() as u64).to_be_bytes());
-            out.extend(s.as_bytes());
-        }
-        Value::Bytes(b) => {
-            out.push(5);
-            out.extend((b.len() as u64).to_be_bytes());
-            out.extend(b);
-        }
-        // Composite values as keys: rare; their JSON text is canonical enough.
-        other => {
-            let text = other.to_json().to_string();
-            out.push(6);
-            out.extend((text.len() as u64).to_be_bytes());
-            out.extend(text.as_bytes());
-        }
-    }
-}
-
-/// A key as a hash map key, hashed and compared as [`key_identity`]
-/// encodes it, without encoding it.
-struct KeyRef<'a>(&'a [Value]);
+/// A key as a hash map key. Values are not `Eq` (floats): parts compare
+/// by kind and content, floats by their bits (NaN is a key like any
+/// other), composite values by their JSON text (rare as keys).
+pub struct KeyRef<'a>(pub &'a [Value]);
 
 impl Hash for KeyRef<'_> {
     fn hash<H: Hasher>(&self, state: &mut H) {
@@ -152,7 +112,6 @@ impl PartialEq for KeyRef<'_> {
                 (Value::Null, Value::Null) => true,
                 (Value::Bool(a), Value::Bool(b)) => a == b,
                 (Value::Int(a), Value::Int(b)) => a == b,
-                // By bits, as the identity: NaN is a key like any other.
                 (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
                 (Value::Str(a), Value::Str(b)) => a == b,
                 (Value::Bytes(a), Value::Bytes(b)) => a == b,

@@ -95,32 +95,43 @@ pub struct RulesProjection {
 struct Rule {
     kind: OpKind,
     fields: Vec<(Name, Expr)>,
-    /// Fields whose value is an event field as it is, by index into
-    /// `fields`, with its path: an owned event's value moves into the op
-    /// (no two of them overlap, so one never takes what another reads;
-    /// every other expression is evaluated before anything moves).
-    moves: Vec<(usize, Vec<Name>)>,
+    /// Aligned with `fields`: whether the field's value is an event field
+    /// as it is, which an owned event moves into the op (no two moved
+    /// fields overlap, so one never takes what another reads; every other
+    /// expression is evaluated before anything moves).
+    moved: Vec<bool>,
 }
 
 impl Rule {
     fn new(kind: OpKind, fields: Vec<(Name, Expr)>) -> Rule {
-        let mut moves: Vec<(usize, Vec<Name>)> = Vec::new();
+        let mut moved = vec![false; fields.len()];
         // Deltas are checked and negated as they are evaluated: never moved.
         if !matches!(kind, OpKind::Increment | OpKind::Decrement) {
-            for (index, (_, expr)) in fields.iter().enumerate() {
-                let Expr::Field(path) = expr else { continue };
+            for index in 0..fields.len() {
+                let Expr::Field(path) = &fields[index].1 else { continue };
                 // `a` and `a.b` overlap: taking either changes the other.
                 let overlaps = |other: &[Name]| other.iter().zip(path).all(|(x, y)| x == y);
-                if !moves.iter().any(|(_, other)| overlaps(other)) {
-                    moves.push((index, path.clone()));
-                }
+                moved[index] = !(0..index).any(|earlier| moved[earlier] && overlaps(moved_path(&fields[earlier].1)));
             }
         }
-        Rule { kind, fields, moves }
+        Rule { kind, fields, moved }
     }
 
-    fn moves(&self, index: usize) -> bool {
-        self.moves.iter().any(|(i, _)| *i == index)
+    /// The moved fields: index into the op's fields, and the event path.
+    fn moves(&self) -> impl Iterator<Item = (usize, &[Name])> {
+        self.fields
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| self.moved[*index])
+            .map(|(index, (_, expr))| (index, moved_path(expr)))
+    }
+}
+
+/// The path of a moved field's expression (always a plain field).
+fn moved_path(expr: &Expr) -> &[Name] {
+    match expr {
+        Expr::Field(path) => path,
+        _ => &[],
     }
 }
 
@@ -175,13 +186,12 @@ impl RulesProjection {
             },
         };
         let mut fields = Vec::with_capacity(rule.fields.len());
-        for (index, (name, expr)) in rule.fields.iter().enumerate() {
+        for ((name, expr), &moved) in rule.fields.iter().zip(&rule.moved) {
             let field_error = |error| ProjectionError::Field { field: name.to_string(), error };
-            if rule.moves(index) {
-                if let Expr::Field(path) = expr {
-                    if event.payload.path(path).is_none() {
-                        return Err(field_error(EvalError::MissingField(path.join("."))));
-                    }
+            if moved {
+                let path = moved_path(expr);
+                if event.payload.path(path).is_none() {
+                    return Err(field_error(EvalError::MissingField(path.join("."))));
                 }
                 fields.push((*name, Value::Null));
                 continue;
@@ -201,17 +211,17 @@ impl RulesProjection {
 impl Projection for RulesProjection {
     fn project(&self, event: &Event) -> Result<Projected, ProjectionError> {
         let Some((rule, mut op)) = self.op_but_moves(event)? else { return Ok(Projected::Skipped) };
-        for (index, path) in &rule.moves {
+        for (index, path) in rule.moves() {
             // Checked to exist by `op_but_moves`.
-            op.fields[*index].1 = event.payload.path(path).cloned().unwrap_or_default();
+            op.fields[index].1 = event.payload.path(path).cloned().unwrap_or_default();
         }
         Ok(Projected::Ops(vec![op]))
     }
 
     fn project_owned(&self, mut event: Event) -> Result<Projected, ProjectionError> {
         let Some((rule, mut op)) = self.op_but_moves(&event)? else { return Ok(Projected::Skipped) };
-        for (index, path) in &rule.moves {
-            op.fields[*index].1 = event.payload.path_mut(path).map(std::mem::take).unwrap_or_default();
+        for (index, path) in rule.moves() {
+            op.fields[index].1 = event.payload.path_mut(path).map(std::mem::take).unwrap_or_default();
         }
         Ok(Projected::Ops(vec![op]))
     }

@@ -11,7 +11,6 @@
 //! conflicts and inserts at several times the rate of an upsert, so the sink
 //! writes new keys with it and keeps the upsert for when a key turns up.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -129,13 +128,10 @@ impl ColumnArray {
             ColumnArray::Float(v) => v.push(to_float(value)?),
             ColumnArray::Bool(v) => v.push(to_bool(value)?),
             ColumnArray::Bytes(v) => v.push(to_bytes(value)?),
-            ColumnArray::Text(v) => match (ty, value) {
-                // Formatted straight into the buffer (every timestamp of a
-                // batch passes here).
-                (ColumnType::TimestampTz | ColumnType::Timestamp, Value::Int(millis)) => {
-                    v.push_with(|text| push_millis(*millis, text))
-                }
-                _ => v.push(to_text(ty, value)?.as_deref()),
+            // Written straight into the column's buffer.
+            ColumnArray::Text(v) => match text_of(ty, value)? {
+                Some(text) => v.push_with(|out| text.write(out)),
+                None => v.push(None),
             },
         }
         Ok(())
@@ -153,7 +149,7 @@ pub fn check_value(ty: ColumnType, value: &Value) -> Result<(), String> {
             Value::Null | Value::Bytes(_) | Value::Str(_) => Ok(()),
             other => Err(mismatch(other, "a bytea column")),
         },
-        BindKind::Text => to_text(ty, value).map(drop),
+        BindKind::Text => text_of(ty, value).map(drop),
     }
 }
 
@@ -202,27 +198,57 @@ fn to_bytes(value: &Value) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
-/// Text sent to Postgres and cast there to the column type; strings are
-/// borrowed (only the arrays bound to a statement own them).
-fn to_text(ty: ColumnType, value: &Value) -> Result<Option<Cow<'_, str>>, String> {
+/// How a value goes to Postgres as text, to be cast there to the column
+/// type: decided without building the text, so that checking an op (for
+/// every op, before batching) allocates nothing; [`Text::write`] builds it.
+enum Text<'v> {
+    Str(&'v str),
+    /// Integers in timestamp columns are milliseconds since the epoch
+    /// (`$timestamp`, Avro timestamp-millis).
+    Millis(i64),
+    /// Integers in date columns are days since the epoch.
+    Days(i64),
+    Json(&'v Value),
+    /// Numbers and booleans as they display.
+    Shown(&'v Value),
+}
+
+impl Text<'_> {
+    fn write(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        // Writing to a String cannot fail.
+        let _ = match self {
+            Text::Str(s) => out.write_str(s),
+            Text::Millis(millis) => {
+                push_millis(*millis, out);
+                Ok(())
+            }
+            Text::Days(days) => {
+                push_days(*days, out);
+                Ok(())
+            }
+            Text::Json(value) => write!(out, "{}", value.to_json()),
+            Text::Shown(value) => write!(out, "{value}"),
+        };
+    }
+}
+
+/// The text form of `value` for a column of type `ty`; `None` for null.
+fn text_of(ty: ColumnType, value: &Value) -> Result<Option<Text<'_>>, String> {
     if value.is_null() {
         return Ok(None);
     }
     let wrong = |other: &Value| mismatch(other, &format!("a {} column", ty.sql()));
     let text = match (ty, value) {
-        (ColumnType::Json | ColumnType::Jsonb, value) => Cow::Owned(value.to_json().to_string()),
-        (_, Value::Str(s)) => Cow::Borrowed(s.as_str()),
-        // Integers in timestamp columns are milliseconds since the epoch
-        // (`$timestamp`, Avro timestamp-millis); in date columns, days.
-        (ColumnType::TimestampTz | ColumnType::Timestamp, Value::Int(millis)) => Cow::Owned(format_millis(*millis)),
-        (ColumnType::Date, Value::Int(days)) => Cow::Owned(format_days(*days)),
+        (ColumnType::Json | ColumnType::Jsonb, value) => Text::Json(value),
+        (_, Value::Str(s)) => Text::Str(s),
+        (ColumnType::TimestampTz | ColumnType::Timestamp, Value::Int(millis)) => Text::Millis(*millis),
+        (ColumnType::Date, Value::Int(days)) => Text::Days(*days),
         (ColumnType::TimestampTz | ColumnType::Timestamp | ColumnType::Date, other) => return Err(wrong(other)),
-        (ColumnType::Numeric, Value::Int(_) | Value::Float(_)) => Cow::Owned(value.to_string()),
+        (ColumnType::Numeric, Value::Int(_) | Value::Float(_)) => Text::Shown(value),
         (ColumnType::Numeric, other) => return Err(wrong(other)),
-        (_, Value::Int(_) | Value::Float(_) | Value::Bool(_)) => Cow::Owned(value.to_string()),
-        (ColumnType::Text, Value::Record(_) | Value::Map(_) | Value::Array(_)) => {
-            Cow::Owned(value.to_json().to_string())
-        }
+        (_, Value::Int(_) | Value::Float(_) | Value::Bool(_)) => Text::Shown(value),
+        (ColumnType::Text, Value::Record(_) | Value::Map(_) | Value::Array(_)) => Text::Json(value),
         (_, other) => return Err(wrong(other)),
     };
     Ok(Some(text))

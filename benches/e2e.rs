@@ -11,7 +11,7 @@
 //! `deploy/local/bench.sh [--events N] [--es-events N]` runs it (N: 1M by
 //! default); it prints a table and writes `target/bench-e2e.json`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -371,6 +371,13 @@ struct Kawka {
     /// the server's (every process named `server`: Postgres' backends).
     cpu_seconds: f64,
     server_cpu_seconds: f64,
+    /// kawka's CPU seconds over the same window per thread name (tokio's
+    /// workers share one), most first: which thread bounds the run.
+    threads: Vec<(String, f64)>,
+    /// Busy CPU seconds of the whole machine (every process: the broker,
+    /// this harness) and of the broker alone, over the same window.
+    machine_cpu_seconds: f64,
+    broker_cpu_seconds: f64,
     /// Seconds the sink spent making batches durable (from /metrics), and batches.
     sink_seconds: f64,
     batches: f64,
@@ -400,6 +407,31 @@ fn cpu_of(pid: &str) -> Option<(String, f64)> {
     Some((name, ticks / USER_HZ))
 }
 
+/// CPU seconds of a process's threads, summed per thread name (threads
+/// that ended are not counted).
+fn cpu_of_threads(pid: &str) -> HashMap<String, f64> {
+    let mut by_name = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return by_name };
+    for tid in entries.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+        if let Some((name, seconds)) = cpu_of(&format!("{pid}/task/{tid}")) {
+            *by_name.entry(name).or_insert(0.0) += seconds;
+        }
+    }
+    by_name
+}
+
+/// Busy CPU seconds of the whole machine, all cores (`/proc/stat`: every
+/// state but idle and iowait).
+fn machine_cpu() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return 0.0 };
+    let Some(line) = stat.lines().next() else { return 0.0 };
+    let ticks: Vec<f64> = line.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user).
+    let busy: f64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    busy / USER_HZ
+}
+
 /// CPU seconds of every process named `name` (a server's processes).
 fn cpu_of_named(name: &str) -> f64 {
     let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
@@ -420,8 +452,10 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = usize>,
 {
-    let binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/kawka");
-    assert!(binary.exists(), "build it first: cargo build --release --bin kawka");
+    // `KAWKA_BENCH_BINARY` runs another build (an A/B against a saved one).
+    let binary = std::env::var_os("KAWKA_BENCH_BINARY")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/kawka"), PathBuf::from);
+    assert!(binary.exists(), "build it first: cargo build --release --bin kawka ({})", binary.display());
     let log = std::fs::File::create(project.join("kawka.log")).expect("log");
     let mut child = std::process::Command::new(&binary)
         .args(["run", "--config", "config/kawka.yaml"])
@@ -441,6 +475,8 @@ where
     let deadline = Instant::now() + Duration::from_secs(1800);
     let (mut first, mut first_count) = (None, 0);
     let (mut cpu_at_first, mut server_at_first) = (0.0, 0.0);
+    let (mut threads_at_first, mut threads_at_last) = (HashMap::new(), HashMap::new());
+    let (mut machine_at_first, mut broker_at_first) = (0.0, 0.0);
     let mut cpu_at_last;
     let mut peak_kb = 0u64;
     loop {
@@ -454,8 +490,13 @@ where
             first = Some(Instant::now());
             first_count = done;
             (cpu_at_first, server_at_first) = (cpu, cpu_of_named(server));
+            threads_at_first = cpu_of_threads(&pid);
+            (machine_at_first, broker_at_first) = (machine_cpu(), cpu_of_named("tansu"));
         }
         cpu_at_last = cpu;
+        if first.is_some() {
+            threads_at_last = cpu_of_threads(&pid);
+        }
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
             if let Some(kb) = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1))
             {
@@ -469,6 +510,16 @@ where
     }
     let seconds = first.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
     let server_cpu_seconds = cpu_of_named(server) - server_at_first;
+    let machine_cpu_seconds = machine_cpu() - machine_at_first;
+    let broker_cpu_seconds = cpu_of_named("tansu") - broker_at_first;
+    let mut threads: Vec<(String, f64)> = threads_at_last
+        .into_iter()
+        .map(|(name, seconds)| {
+            let before = threads_at_first.get(&name).copied().unwrap_or(0.0);
+            (name, seconds - before)
+        })
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
     if let Some(perf) = perf.as_mut() {
         let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
         let _ = perf.wait();
@@ -495,6 +546,9 @@ where
         peak_rss_mb: peak_kb as f64 / 1024.0,
         cpu_seconds: cpu_at_last - cpu_at_first,
         server_cpu_seconds,
+        threads,
+        machine_cpu_seconds,
+        broker_cpu_seconds,
         sink_seconds,
         batches,
     }
@@ -504,13 +558,30 @@ where
 /// (the machine's cores bound their sum).
 fn cpu_line(kawka: &Kawka, server: &str) -> String {
     let per_event = |seconds: f64| 1e6 * seconds / kawka.run.events.max(1) as f64;
+    let cores = |seconds: f64| seconds / kawka.run.seconds;
     format!(
-        "CPU: kawka {:.2} cores ({:.2} µs per event), {server} {:.2} cores ({:.2} µs per event)",
-        kawka.cpu_seconds / kawka.run.seconds,
+        "CPU: kawka {:.2} cores ({:.2} µs per event), {server} {:.2} cores ({:.2} µs per event), broker {:.2} cores; \
+         the machine {:.2} of {} cores busy",
+        cores(kawka.cpu_seconds),
         per_event(kawka.cpu_seconds),
-        kawka.server_cpu_seconds / kawka.run.seconds,
-        per_event(kawka.server_cpu_seconds)
+        cores(kawka.server_cpu_seconds),
+        per_event(kawka.server_cpu_seconds),
+        cores(kawka.broker_cpu_seconds),
+        cores(kawka.machine_cpu_seconds),
+        std::thread::available_parallelism().map_or(0, usize::from),
     )
+}
+
+/// kawka's CPU per thread name, in cores over the run (the busiest first).
+fn threads_line(kawka: &Kawka) -> String {
+    let shown: Vec<String> = kawka
+        .threads
+        .iter()
+        .filter(|(_, seconds)| *seconds > 0.0)
+        .take(6)
+        .map(|(name, seconds)| format!("{name} {:.2}", seconds / kawka.run.seconds))
+        .collect();
+    format!("kawka's threads (cores): {}", shown.join(", "))
 }
 
 fn project(registry: &str, connector: &str) -> tempfile::TempDir {
@@ -723,6 +794,7 @@ async fn main() {
             1000.0 * kawka.sink_seconds / kawka.batches.max(1.0)
         );
         println!("    {}", cpu_line(kawka, "postgres"));
+        println!("    {}", threads_line(kawka));
     }
     println!(
         "  the bare consumer (kawka's source without the pipeline) reads at {:.2}× COPY",
@@ -773,6 +845,7 @@ async fn main() {
             row("kawka → elasticsearch", &es_run.run, Some(&plain), Some(es_run.peak_rss_mb)),
         );
         println!("  elasticsearch: {}", cpu_line(&es_run, "noida-db"));
+        println!("  elasticsearch: {}", threads_line(&es_run));
         // The server keeps what it holds in memory: leave it as found.
         let _ = reqwest::Client::new().delete(format!("{es}/{es_name}-v1")).send().await;
     }
@@ -780,6 +853,7 @@ async fn main() {
         "cpu_seconds",
         json!({"fresh": [fresh.cpu_seconds, fresh.server_cpu_seconds], "updates": [updates.cpu_seconds, updates.server_cpu_seconds]}),
     );
+    results.insert("thread_cpu_seconds", json!({"fresh": fresh.threads, "updates": updates.threads}));
     for table in [format!("bench_copy_{tag}"), format!("bench_update_{tag}"), fresh_name, updates_name] {
         let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(&pool).await;
     }

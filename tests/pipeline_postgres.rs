@@ -663,6 +663,68 @@ async fn a_batch_chained_to_one_that_fails_is_written_after_it_exactly_once() {
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chained_batches_sharing_keys_apply_in_order_without_deadlocks() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("share");
+    let table = support::unique("share");
+    support::create_topic(&topic, 1).await;
+    let pool = support::postgres().await;
+    sqlx::query(&format!("CREATE TABLE \"{table}\" (id text PRIMARY KEY, n bigint)"))
+        .execute(&pool)
+        .await
+        .expect("create the table");
+    // Every row write takes a while, so each batch is still running its
+    // statements when the next one, which writes the same two keys in the
+    // other order, is handed to the sink.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION \"{table}_slow\"() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           PERFORM pg_sleep(0.02); RETURN NEW; END $$; \
+         CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON \"{table}\" \
+           FOR EACH ROW EXECUTE FUNCTION \"{table}_slow\"();"
+    ))
+    .execute(&pool)
+    .await
+    .expect("create the slow trigger");
+    let connector = id_n_connector(&table, &topic, "on_error: stop", 2, "test.share.Set: { upsert: { n: n } }");
+    let project = Project::new(&registry.url(), &[(&table, &connector)]);
+    let spec = id_n_spec(&registry.url(), &topic, "test.share", "Set");
+    // Batch j (two events) sets a and b, in the other order from batch j - 1.
+    let total = 40;
+    let events: Vec<Json> = (0..total)
+        .map(|i| {
+            let first = if (i / 2) % 2 == 0 { "a" } else { "b" };
+            let key = if i % 2 == 0 {
+                first
+            } else if first == "a" {
+                "b"
+            } else {
+                "a"
+            };
+            json!({"schema": "event", "key": key, "value": {"id": key, "n": i}})
+        })
+        .collect();
+    support::produce_with_python(&spec, events).await;
+    let mut kawka = project.start(0);
+    eventually(Duration::from_secs(60), "every event", || async {
+        (support::stored_positions(&pool, &table).await == total).then_some(())
+    })
+    .await;
+    let rows: Vec<(String, i64)> = sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id"))
+        .fetch_all(&pool)
+        .await
+        .expect("read the table");
+    // The last batch (19) wrote b = 38, then a = 39: the newest values won.
+    assert_eq!(rows, vec![("a".to_string(), 39), ("b".to_string(), 38)], "log:\n{}", kawka.log());
+    // A batch that ran its statements beside the one before it would lock
+    // the rows in the other order: Postgres would find a deadlock and
+    // abort one, and the batch would be written again.
+    let log = kawka.log();
+    assert!(!log.contains("deadlock") && !log.contains("writing it again"), "log:\n{log}");
+    let _ = kawka.terminate().await;
+    let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
+}
+
 /// A connector of `topic` into `table (id text, n bigint)` keyed by the
 /// Kafka key: `policy` is its error lines, `rule` its one event rule.
 fn id_n_connector(table: &str, topic: &str, policy: &str, max_events: usize, rule: &str) -> String {

@@ -26,7 +26,7 @@ use crate::error::{Backoff, ErrorClass};
 use crate::event::Position;
 use crate::projection::compact::KeyRef;
 use crate::projection::{Projected, Projection, WriteOp};
-use crate::sink::{Claim, Committed, PartitionOffset, Plan, Sink, SinkError};
+use crate::sink::{Claim, Committed, Follows, PartitionOffset, Plan, Sink, SinkError};
 use crate::source::{ClaimFn, KafkaSource, RawRecord, SourceMessage};
 use crate::status::{ConnectorStatus, Outcome, State};
 use crate::value::Name;
@@ -244,12 +244,13 @@ struct Worker<'a> {
 
 /// A background write, the partitions its batch has records of, the
 /// sorted hashes of the keys it writes (empty when writes are not
-/// concurrent), whether it committed (for the writes that follow it) and
-/// the connections it holds.
+/// concurrent), whether its statements ran and whether it committed (for
+/// the writes that follow it) and the connections it holds.
 struct InFlightWrite {
     task: tokio::task::JoinHandle<WriteDone>,
     partitions: Vec<(Name, i32)>,
     keys: Vec<u64>,
+    ran: Committed,
     committed: Committed,
     connections: usize,
 }
@@ -260,13 +261,32 @@ impl InFlightWrite {
     }
 
     /// Whether a batch of these partitions and keys must wait for this
-    /// write to finish: a shared key (two transactions locking the same
-    /// rows in different orders would deadlock; a hash collision only
-    /// costs a wait), or a shared partition when the sink cannot chain
-    /// writes (its positions commit in order).
+    /// write to finish, when the sink cannot chain writes: a shared
+    /// partition (its positions commit in order) or a shared key (two
+    /// transactions locking the same rows in different orders would
+    /// deadlock; a hash collision only costs a wait). A sink that chains
+    /// writes follows such a write instead ([`follows`]).
     fn blocks(&self, partitions: &[(Name, i32)], keys: &[u64], chains: bool) -> bool {
-        (!chains && self.shares_partition(partitions)) || share_any(&self.keys, keys)
+        !chains && (self.shares_partition(partitions) || share_any(&self.keys, keys))
     }
+}
+
+/// What a batch of these partitions and keys follows of the writes in
+/// flight, when the sink chains writes: it runs its statements after those
+/// it shares a key with ran theirs, and commits after those it shares a
+/// partition or a key with committed.
+fn follows(in_flight: &[InFlightWrite], partitions: &[(Name, i32)], keys: &[u64]) -> Follows {
+    let mut follows = Follows::default();
+    for write in in_flight {
+        let shares_key = share_any(&write.keys, keys);
+        if shares_key {
+            follows.ran.push(write.ran.clone());
+        }
+        if shares_key || write.shares_partition(partitions) {
+            follows.committed.push(write.committed.clone());
+        }
+    }
+    follows
 }
 
 /// Hashes of the keys `ops` write, sorted. Built for every batch on the
@@ -587,13 +607,14 @@ impl Worker<'_> {
 
     /// Hands the pending batch to a background write and goes on
     /// collecting the next one (decode and project overlap the sink's
-    /// work). Batches with no key in common are written concurrently, up to
-    /// the connections the sink has: those of other partitions freely,
-    /// those of the same partition when the sink chains writes (each
+    /// work). Batches are written concurrently, up to the connections the
+    /// sink has: those of other partitions with no key in common freely;
+    /// when the sink chains writes, also those of the same partition (each
     /// commits only after the one before it; the source hands records over
-    /// in long runs of one partition, so that is where the overlap is).
-    /// Otherwise a batch waits for every write in flight it shares a
-    /// partition or a key with.
+    /// in long runs of one partition, so that is where the overlap is) and
+    /// those sharing a key (statements after the other's, see [`follows`]:
+    /// the worker goes on decoding instead of waiting). Otherwise a batch
+    /// waits for every write in flight it shares a partition or a key with.
     async fn flush_pipelined(&mut self) -> Result<(), Halt> {
         let offsets = self.offsets(&self.pending);
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
@@ -627,12 +648,8 @@ impl Worker<'_> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let after: Vec<Committed> = self
-            .in_flight
-            .iter()
-            .filter(|write| write.shares_partition(&partitions))
-            .map(|write| write.committed.clone())
-            .collect();
+        let follows = follows(&self.in_flight, &partitions, &keys);
+        let (ran_signal, ran) = Committed::channel();
         let (signal, committed) = Committed::channel();
         // (Settling a failed write rewrites it through `pending` and puts
         // this batch back as it was, so `offsets` and `plan` still hold,
@@ -642,13 +659,13 @@ impl Worker<'_> {
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = match plan {
-                Ok(plan) => sink.write_planned(&plan, &batch.ops, &offsets, &after).await,
+                Ok(plan) => sink.write_planned(&plan, &batch.ops, &offsets, &follows, ran_signal).await,
                 Err(error) => Err(error),
             };
             signal.send(result.is_ok());
             (batch, offsets, result, started.elapsed().as_secs_f64())
         });
-        self.in_flight.push(InFlightWrite { task, partitions, keys, committed, connections });
+        self.in_flight.push(InFlightWrite { task, partitions, keys, ran, committed, connections });
         // The new task sits in this worker's LIFO slot, which the other
         // workers cannot steal from: without a yield it would start only
         // when this loop next waits (at the next batch, for this one),
@@ -934,27 +951,48 @@ mod tests {
         // A task that never runs to completion: only the bookkeeping is tested.
         let task = tokio::spawn(std::future::pending());
         let partitions = partitions.iter().map(|&p| ("t", p)).collect();
+        let (_, ran) = Committed::channel();
         let (_, committed) = Committed::channel();
-        InFlightWrite { task, partitions, keys: key_hashes(&ops(0, keys)), committed, connections: 1 }
+        InFlightWrite { task, partitions, keys: key_hashes(&ops(0, keys)), ran, committed, connections: 1 }
     }
 
     #[tokio::test]
     async fn a_batch_waits_for_writes_that_share_a_key_or_an_unchained_partition() {
         let write = in_flight(&[0, 1], &["a", "b"]);
         let (other_keys, same_key) = (key_hashes(&ops(2, &["c", "d"])), key_hashes(&ops(2, &["d", "b"])));
-        for chains in [false, true] {
-            assert!(!write.blocks(&[("t", 2)], &other_keys, chains), "disjoint partitions and keys run concurrently");
-            assert!(write.blocks(&[("t", 2)], &same_key, chains), "a shared key waits (rows locked in another order)");
-            assert!(!write.blocks(&[("u", 0)], &[], chains), "partitions are per topic");
-            // Keys are compared whole: ("a", 1) is not ("a", 2).
-            let mut shifted = ops(2, &["a"]);
-            shifted[0].key[1] = Value::Int(2);
-            assert!(!write.blocks(&[("t", 2)], &key_hashes(&shifted), chains));
-        }
-        // A shared partition commits in order: after the write, or chained to it.
+        assert!(!write.blocks(&[("t", 2)], &other_keys, false), "disjoint partitions and keys run concurrently");
+        assert!(write.blocks(&[("t", 2)], &same_key, false), "a shared key waits (rows locked in another order)");
+        assert!(!write.blocks(&[("u", 0)], &[], false), "partitions are per topic");
+        // Keys are compared whole: ("a", 1) is not ("a", 2).
+        let mut shifted = ops(2, &["a"]);
+        shifted[0].key[1] = Value::Int(2);
+        assert!(!write.blocks(&[("t", 2)], &key_hashes(&shifted), false));
+        // A shared partition commits in order: after the write.
         assert!(write.blocks(&[("t", 2), ("t", 1)], &other_keys, false));
-        assert!(!write.blocks(&[("t", 2), ("t", 1)], &other_keys, true));
         assert!(write.shares_partition(&[("t", 2), ("t", 1)]));
+        // A sink that chains writes never waits here: it follows them.
+        for (partitions, keys) in [(&[("t", 2)][..], &same_key), (&[("t", 2), ("t", 1)][..], &other_keys)] {
+            assert!(!write.blocks(partitions, keys, true));
+        }
         write.task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_chained_batch_runs_after_writes_sharing_a_key_and_commits_after_those_sharing_a_partition() {
+        let first = in_flight(&[0], &["a", "b"]);
+        let second = in_flight(&[1], &["c"]);
+        let writes = [first, second];
+        let count = |f: &Follows| (f.ran.len(), f.committed.len());
+        // Another partition, other keys: free.
+        assert_eq!(count(&follows(&writes, &[("t", 2)], &key_hashes(&ops(2, &["x"])))), (0, 0));
+        // The first's partition: commits after it, statements at once.
+        assert_eq!(count(&follows(&writes, &[("t", 0)], &key_hashes(&ops(0, &["x"])))), (0, 1));
+        // A key of the first from another partition: both waits, on it alone.
+        assert_eq!(count(&follows(&writes, &[("t", 2)], &key_hashes(&ops(2, &["b"])))), (1, 1));
+        // A key of each, and the second's partition.
+        assert_eq!(count(&follows(&writes, &[("t", 1)], &key_hashes(&ops(1, &["a", "c"])))), (2, 2));
+        for write in writes {
+            write.task.abort();
+        }
     }
 }

@@ -90,8 +90,9 @@ impl SinkError {
     }
 }
 
-/// Whether a write in flight committed: sent by its task once it knows,
-/// read by the writes that follow it (see [`Sink::write_planned`]).
+/// A one-shot outcome of a write in flight, read by the writes that follow
+/// it (see [`Sink::write_planned`]): whether it committed, or whether its
+/// statements ran.
 #[derive(Debug, Clone)]
 pub struct Committed(tokio::sync::watch::Receiver<Option<bool>>);
 
@@ -120,7 +121,8 @@ impl CommitSignal {
     }
 }
 
-/// Waits for the writes `after`: `Predecessor` unless every one committed.
+/// Waits for the writes `after`: `Predecessor` unless every one committed
+/// (or, for [`Follows::ran`], ran its statements).
 pub async fn committed_all(after: &[Committed]) -> Result<(), SinkError> {
     for write in after {
         if !write.wait().await {
@@ -128,6 +130,21 @@ pub async fn committed_all(after: &[Committed]) -> Result<(), SinkError> {
         }
     }
     Ok(())
+}
+
+/// The writes in flight a write follows (see [`Sink::write_planned`]).
+#[derive(Debug, Default)]
+pub struct Follows {
+    /// Writes it shares a key with: its statements start only once theirs
+    /// have run. Its row locks then wait in Postgres for their commits,
+    /// while they never wait for it: two transactions that took the same
+    /// rows in different orders would deadlock, one of them waiting in
+    /// kawka where Postgres cannot see it.
+    pub ran: Vec<Committed>,
+    /// Writes of its partitions or keys: it commits only once they have,
+    /// so positions move in order and one that fails is written again
+    /// before this one's effects on a shared key.
+    pub committed: Vec<Committed>,
 }
 
 /// A batch planned for its sink (see [`Sink::plan`]).
@@ -260,23 +277,30 @@ impl Sink {
     }
 
     /// [`Sink::write`] of a planned batch: `ops` and `offsets` are the
-    /// ones it was planned from. It commits only once every write in
-    /// `after` has (batches of the same partitions written ahead of it,
-    /// still in flight); if one of them fails, so does this one, with
-    /// [`SinkError::Predecessor`], having changed nothing.
+    /// ones it was planned from. It runs its statements once every write
+    /// in `follows.ran` has run its own, then sends `ran` (true once every
+    /// statement ran), and commits only once every write in
+    /// `follows.committed` has. If one of them fails, so does this one,
+    /// with [`SinkError::Predecessor`], having changed nothing.
     pub async fn write_planned(
         &self,
         plan: &Plan,
         ops: &[WriteOp],
         offsets: &[PartitionOffset],
-        after: &[Committed],
+        follows: &Follows,
+        ran: CommitSignal,
     ) -> Result<u64, SinkError> {
         match (self, plan) {
-            (Sink::Postgres(sink), Plan::Postgres(plan)) => sink.write_planned(plan, after).await.map(|()| 0),
+            (Sink::Postgres(sink), Plan::Postgres(plan)) => sink.write_planned(plan, follows, ran).await.map(|()| 0),
             _ => {
                 // Sinks that do not chain writes are never given any to follow.
-                debug_assert!(after.is_empty(), "only chaining sinks follow writes in flight");
-                self.write(ops, offsets).await
+                debug_assert!(
+                    follows.ran.is_empty() && follows.committed.is_empty(),
+                    "only chaining sinks follow writes in flight"
+                );
+                let result = self.write(ops, offsets).await;
+                ran.send(result.is_ok());
+                result
             }
         }
     }

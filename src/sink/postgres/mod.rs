@@ -43,7 +43,7 @@ use sqlx::postgres::{PgArguments, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{Arguments, Executor, PgPool, Postgres, Row};
 
-use super::{committed_all, Claim, Committed, PartitionOffset, SinkError};
+use super::{committed_all, Claim, CommitSignal, Committed, Follows, PartitionOffset, SinkError};
 use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
 use crate::projection::compact::{compact, NetOp};
 use crate::projection::WriteOp;
@@ -209,7 +209,7 @@ impl PostgresSink {
     /// application of a decrement that the first one made).
     pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
         let plan = self.plan(ops, offsets)?;
-        self.write_plan(&plan, &[], true).await
+        self.write_plan(&plan, &Follows::default(), None, true).await
     }
 
     /// Folds a batch's ops per key and builds its statements: CPU only, no
@@ -250,8 +250,10 @@ impl PostgresSink {
         }
     }
 
-    /// Writes a planned batch and its positions, committing only once
-    /// every write `after` has (see [`crate::sink::Sink::write_planned`]).
+    /// Writes a planned batch and its positions (see
+    /// [`crate::sink::Sink::write_planned`]): statements once the writes
+    /// in `follows.ran` ran theirs, then `ran`, then the commit once those
+    /// in `follows.committed` have.
     ///
     /// Each transaction runs its statements first and moves its positions
     /// last, just before it commits: the positions' rows are what the
@@ -260,19 +262,46 @@ impl PostgresSink {
     /// the two overlap. Fencing still holds: the epoch is checked in the
     /// same statement, and a claim made while the statements run bumps it,
     /// so this transaction rolls back.
-    pub async fn write_planned(&self, plan: &PostgresPlan, after: &[Committed]) -> Result<(), SinkError> {
+    pub async fn write_planned(
+        &self,
+        plan: &PostgresPlan,
+        follows: &Follows,
+        ran: CommitSignal,
+    ) -> Result<(), SinkError> {
         // A batch's first write: nothing of it can have committed yet.
-        self.write_plan(plan, after, false).await
+        self.write_plan(plan, follows, Some(ran), false).await
     }
 
     /// [`PostgresSink::write_planned`]; with `retry`, each transaction
-    /// first reads whether its positions are already there.
-    async fn write_plan(&self, plan: &PostgresPlan, after: &[Committed], retry: bool) -> Result<(), SinkError> {
+    /// first reads whether its positions are already there. `ran`, when
+    /// dropped unsent (an early error), reads as not ran.
+    async fn write_plan(
+        &self,
+        plan: &PostgresPlan,
+        follows: &Follows,
+        ran: Option<CommitSignal>,
+        retry: bool,
+    ) -> Result<(), SinkError> {
+        committed_all(&follows.ran).await?;
         match plan {
             PostgresPlan::PerPartition(shares) => {
-                let results = futures::future::join_all(
-                    shares.iter().map(|(offset, statements)| self.write_partition(offset, statements, after, retry)),
+                // Every share runs its statements, then the batch tells the
+                // writes that wait for that, then each share commits.
+                let started = futures::future::join_all(
+                    shares.iter().map(|(offset, statements)| self.run_share(offset, statements, retry)),
                 )
+                .await;
+                if let Some(ran) = ran {
+                    ran.send(started.iter().all(Result::is_ok));
+                }
+                let results = futures::future::join_all(started.into_iter().zip(shares).map(
+                    |(started, (offset, _))| async move {
+                        match started? {
+                            Some(tx) => self.commit_share(tx, offset, &follows.committed).await,
+                            None => Ok(()),
+                        }
+                    },
+                ))
                 .await;
                 // Fenced first: the caller must stop, not retry.
                 if results.iter().any(|r| matches!(r, Err(SinkError::Fenced))) {
@@ -288,8 +317,11 @@ impl PostgresSink {
                 for statement in statements {
                     self.apply(&mut tx, statement).await?;
                 }
+                if let Some(ran) = ran {
+                    ran.send(true);
+                }
                 // Dropping `tx` on an error rolls it back.
-                committed_all(after).await?;
+                committed_all(&follows.committed).await?;
                 if self.advance(&mut tx, offsets).await? {
                     tx.commit().await.map_err(SinkError::Postgres)
                 } else {
@@ -299,23 +331,33 @@ impl PostgresSink {
         }
     }
 
-    /// One partition's share in its own transaction, rolled back (and
-    /// `Ok`) when its position is already at or past `offset`: it committed
-    /// before.
-    async fn write_partition(
+    /// One partition's share: its transaction with the statements run, or
+    /// `None` (rolled back) when its position is already at or past
+    /// `offset`: it committed before.
+    async fn run_share(
         &self,
         offset: &PartitionOffset,
         statements: &[Statement],
-        after: &[Committed],
         retry: bool,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, SinkError> {
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
         if retry && self.reached(&mut tx, offset).await? {
-            return tx.rollback().await.map_err(SinkError::Postgres);
+            tx.rollback().await.map_err(SinkError::Postgres)?;
+            return Ok(None);
         }
         for statement in statements {
             self.apply(&mut tx, statement).await?;
         }
+        Ok(Some(tx))
+    }
+
+    /// Moves a share's position and commits, once the writes `after` have.
+    async fn commit_share(
+        &self,
+        mut tx: sqlx::Transaction<'static, Postgres>,
+        offset: &PartitionOffset,
+        after: &[Committed],
+    ) -> Result<(), SinkError> {
         committed_all(after).await?;
         let moved = sqlx::query(&self.table.advance_one())
             .bind(&self.connector)

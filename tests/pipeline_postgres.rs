@@ -607,24 +607,16 @@ async fn a_batch_chained_to_one_that_fails_is_written_after_it_exactly_once() {
     let table = support::unique("chain");
     support::create_topic(&topic, 1).await;
     let pool = support::postgres().await;
-    sqlx::query(&format!("CREATE TABLE \"{table}\" (id text PRIMARY KEY, n bigint)"))
-        .execute(&pool)
-        .await
-        .expect("create the table");
     // Refuses a large n as a check would, but only after half a second:
     // the batches after the bad one are cut and chained to its write
     // before it fails.
-    sqlx::raw_sql(&format!(
-        "CREATE FUNCTION \"{table}_slow_check\"() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-           IF NEW.n >= 1000 THEN PERFORM pg_sleep(0.5); \
-             RAISE EXCEPTION 'n is too large' USING ERRCODE = 'check_violation'; END IF; \
-           RETURN NEW; END $$; \
-         CREATE TRIGGER slow_check BEFORE INSERT OR UPDATE ON \"{table}\" \
-           FOR EACH ROW EXECUTE FUNCTION \"{table}_slow_check\"();"
-    ))
-    .execute(&pool)
-    .await
-    .expect("create the slow check");
+    id_n_table(
+        &pool,
+        &table,
+        "IF NEW.n >= 1000 THEN PERFORM pg_sleep(0.5); \
+           RAISE EXCEPTION 'n is too large' USING ERRCODE = 'check_violation'; END IF;",
+    )
+    .await;
     let policy = format!("on_error: dead_letter\ndead_letter_topic: {topic}.dlq");
     let connector = id_n_connector(&table, &topic, &policy, 5, "test.chain.Add: { increment: { n: n } }");
     let project = Project::new(&registry.url(), &[(&table, &connector)]);
@@ -670,22 +662,10 @@ async fn chained_batches_sharing_keys_apply_in_order_without_deadlocks() {
     let table = support::unique("share");
     support::create_topic(&topic, 1).await;
     let pool = support::postgres().await;
-    sqlx::query(&format!("CREATE TABLE \"{table}\" (id text PRIMARY KEY, n bigint)"))
-        .execute(&pool)
-        .await
-        .expect("create the table");
     // Every row write takes a while, so each batch is still running its
     // statements when the next one, which writes the same two keys in the
     // other order, is handed to the sink.
-    sqlx::raw_sql(&format!(
-        "CREATE FUNCTION \"{table}_slow\"() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-           PERFORM pg_sleep(0.02); RETURN NEW; END $$; \
-         CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON \"{table}\" \
-           FOR EACH ROW EXECUTE FUNCTION \"{table}_slow\"();"
-    ))
-    .execute(&pool)
-    .await
-    .expect("create the slow trigger");
+    id_n_table(&pool, &table, "PERFORM pg_sleep(0.02);").await;
     let connector = id_n_connector(&table, &topic, "on_error: stop", 2, "test.share.Set: { upsert: { n: n } }");
     let project = Project::new(&registry.url(), &[(&table, &connector)]);
     let spec = id_n_spec(&registry.url(), &topic, "test.share", "Set");
@@ -723,6 +703,21 @@ async fn chained_batches_sharing_keys_apply_in_order_without_deadlocks() {
     assert!(!log.contains("deadlock") && !log.contains("writing it again"), "log:\n{log}");
     let _ = kawka.terminate().await;
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
+}
+
+/// Creates `table (id text PRIMARY KEY, n bigint)` with a trigger that
+/// runs `body` (PL/pgSQL) before each row is inserted or updated.
+async fn id_n_table(pool: &sqlx::PgPool, table: &str, body: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE \"{table}\" (id text PRIMARY KEY, n bigint); \
+         CREATE FUNCTION \"{table}_before\"() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           {body} RETURN NEW; END $$; \
+         CREATE TRIGGER before_write BEFORE INSERT OR UPDATE ON \"{table}\" \
+           FOR EACH ROW EXECUTE FUNCTION \"{table}_before\"();"
+    ))
+    .execute(pool)
+    .await
+    .expect("create the table and its trigger");
 }
 
 /// A connector of `topic` into `table (id text, n bigint)` keyed by the

@@ -630,16 +630,7 @@ async fn a_batch_chained_to_one_that_fails_is_written_after_it_exactly_once() {
             json!({"schema": "event", "key": format!("k{i:03}"), "value": {"id": format!("k{i:03}"), "n": n}})
         })
         .collect();
-    support::produce_with_python(&spec, events).await;
-    let mut kawka = project.start(0);
-    eventually(Duration::from_secs(90), "every event", || async {
-        (support::stored_positions(&pool, &table).await == total).then_some(())
-    })
-    .await;
-    let rows: Vec<(String, i64)> = sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id"))
-        .fetch_all(&pool)
-        .await
-        .expect("read the table");
+    let (mut kawka, rows) = write_all_and_read(&project, &spec, events, &pool, &table).await;
     let expected: Vec<(String, i64)> = (0..total).filter(|&i| i != 12).map(|i| (format!("k{i:03}"), 1)).collect();
     assert_eq!(rows, expected, "each good event once, the bad one not at all; log:\n{}", kawka.log());
     let dead = support::consume(&format!("{topic}.dlq"), 1, Duration::from_secs(30)).await;
@@ -684,16 +675,7 @@ async fn chained_batches_sharing_keys_apply_in_order_without_deadlocks() {
             json!({"schema": "event", "key": key, "value": {"id": key, "n": i}})
         })
         .collect();
-    support::produce_with_python(&spec, events).await;
-    let mut kawka = project.start(0);
-    eventually(Duration::from_secs(60), "every event", || async {
-        (support::stored_positions(&pool, &table).await == total).then_some(())
-    })
-    .await;
-    let rows: Vec<(String, i64)> = sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id"))
-        .fetch_all(&pool)
-        .await
-        .expect("read the table");
+    let (mut kawka, rows) = write_all_and_read(&project, &spec, events, &pool, &table).await;
     // The last batch (19) wrote b = 38, then a = 39: the newest values won.
     assert_eq!(rows, vec![("a".to_string(), 39), ("b".to_string(), 38)], "log:\n{}", kawka.log());
     // A batch that ran its statements beside the one before it would lock
@@ -703,6 +685,29 @@ async fn chained_batches_sharing_keys_apply_in_order_without_deadlocks() {
     assert!(!log.contains("deadlock") && !log.contains("writing it again"), "log:\n{log}");
     let _ = kawka.terminate().await;
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
+}
+
+/// Produces `events`, runs kawka until every one's position is stored, and
+/// reads the `(id, n)` table by id.
+async fn write_all_and_read(
+    project: &Project,
+    spec: &Json,
+    events: Vec<Json>,
+    pool: &sqlx::PgPool,
+    table: &str,
+) -> (support::Kawka, Vec<(String, i64)>) {
+    let total = events.len() as i64;
+    support::produce_with_python(spec, events).await;
+    let kawka = project.start(0);
+    eventually(Duration::from_secs(90), "every event", || async {
+        (support::stored_positions(pool, table).await == total).then_some(())
+    })
+    .await;
+    let rows = sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id"))
+        .fetch_all(pool)
+        .await
+        .expect("read the table");
+    (kawka, rows)
 }
 
 /// Creates `table (id text PRIMARY KEY, n bigint)` with a trigger that

@@ -121,9 +121,9 @@ impl CommitSignal {
     }
 }
 
-/// Waits for the writes `after`: `Predecessor` unless every one committed
-/// (or, for [`Follows::ran`], ran its statements).
-pub async fn committed_all(after: &[Committed]) -> Result<(), SinkError> {
+/// Waits for the signals of the writes `after`: `Predecessor` unless every
+/// one succeeded (committed, or for [`Follows::ran`], ran its statements).
+pub async fn succeeded_all(after: &[Committed]) -> Result<(), SinkError> {
     for write in after {
         if !write.wait().await {
             return Err(SinkError::Predecessor);
@@ -341,21 +341,21 @@ mod tests {
         // Waiting starts before the outcome is known.
         let waiting = tokio::spawn({
             let after = vec![first_committed.clone(), second_committed.clone()];
-            async move { committed_all(&after).await }
+            async move { succeeded_all(&after).await }
         });
         first.send(true);
         second.send(true);
         assert!(waiting.await.expect("joins").is_ok());
         third.send(false);
         assert!(matches!(
-            committed_all(&[first_committed.clone(), third_committed]).await,
+            succeeded_all(&[first_committed.clone(), third_committed]).await,
             Err(SinkError::Predecessor)
         ));
         // A task that ended without saying counts as not committed.
         let (dropped, dropped_committed) = Committed::channel();
         drop(dropped);
         assert!(!dropped_committed.wait().await);
-        assert!(committed_all(&[]).await.is_ok());
+        assert!(succeeded_all(&[]).await.is_ok());
         assert_eq!(SinkError::Predecessor.class(), ErrorClass::Transient);
     }
 }

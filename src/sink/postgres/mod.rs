@@ -43,7 +43,7 @@ use sqlx::postgres::{PgArguments, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{Arguments, Executor, PgPool, Postgres, Row};
 
-use super::{committed_all, Claim, CommitSignal, Committed, Follows, PartitionOffset, SinkError};
+use super::{succeeded_all, Claim, CommitSignal, Committed, Follows, PartitionOffset, SinkError};
 use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
 use crate::projection::compact::{compact, NetOp};
 use crate::projection::WriteOp;
@@ -282,7 +282,7 @@ impl PostgresSink {
         ran: Option<CommitSignal>,
         retry: bool,
     ) -> Result<(), SinkError> {
-        committed_all(&follows.ran).await?;
+        succeeded_all(&follows.ran).await?;
         match plan {
             PostgresPlan::PerPartition(shares) => {
                 // Every share runs its statements, then the batch tells the
@@ -321,7 +321,7 @@ impl PostgresSink {
                     ran.send(true);
                 }
                 // Dropping `tx` on an error rolls it back.
-                committed_all(&follows.committed).await?;
+                succeeded_all(&follows.committed).await?;
                 if self.advance(&mut tx, offsets).await? {
                     tx.commit().await.map_err(SinkError::Postgres)
                 } else {
@@ -358,7 +358,7 @@ impl PostgresSink {
         offset: &PartitionOffset,
         after: &[Committed],
     ) -> Result<(), SinkError> {
-        committed_all(after).await?;
+        succeeded_all(after).await?;
         let moved = sqlx::query(&self.table.advance_one())
             .bind(&self.connector)
             .bind(offset.topic)

@@ -475,7 +475,7 @@ where
     let deadline = Instant::now() + Duration::from_secs(1800);
     let (mut first, mut first_count) = (None, 0);
     let (mut cpu_at_first, mut server_at_first) = (0.0, 0.0);
-    let (mut threads_at_first, mut threads_at_last) = (HashMap::new(), HashMap::new());
+    let mut threads_at_first = HashMap::new();
     let (mut machine_at_first, mut broker_at_first) = (0.0, 0.0);
     let mut cpu_at_last;
     let mut peak_kb = 0u64;
@@ -494,9 +494,6 @@ where
             (machine_at_first, broker_at_first) = (machine_cpu(), cpu_of_named("tansu"));
         }
         cpu_at_last = cpu;
-        if first.is_some() {
-            threads_at_last = cpu_of_threads(&pid);
-        }
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
             if let Some(kb) = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1))
             {
@@ -512,7 +509,9 @@ where
     let server_cpu_seconds = cpu_of_named(server) - server_at_first;
     let machine_cpu_seconds = machine_cpu() - machine_at_first;
     let broker_cpu_seconds = cpu_of_named("tansu") - broker_at_first;
-    let mut threads: Vec<(String, f64)> = threads_at_last
+    // Read once the last event is in, not at every poll: kawka is idle
+    // from then on, and the harness's own reads stay off the measured run.
+    let mut threads: Vec<(String, f64)> = cpu_of_threads(&pid)
         .into_iter()
         .map(|(name, seconds)| {
             let before = threads_at_first.get(&name).copied().unwrap_or(0.0);

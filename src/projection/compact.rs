@@ -17,8 +17,11 @@
 //! increment is a `Replace`: the row starts again from nothing.
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+
+use smallvec::{smallvec, SmallVec};
 
 use crate::config::OpKind;
 use crate::event::Position;
@@ -47,8 +50,9 @@ pub struct NetOp<'a> {
     /// The highest domain version among the folded ops.
     pub version: Option<i64>,
     /// Position of every op folded in, in order: guards and dead letters
-    /// need them.
-    pub positions: Vec<Position>,
+    /// need them. Inline for one (most keys of a batch have one op: an
+    /// allocation each was a visible part of compaction).
+    pub positions: SmallVec<[Position; 1]>,
 }
 
 /// An op that cannot be folded: adding to a value that is not a number.
@@ -140,18 +144,30 @@ pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp<'_>>, Vec<CompactError>) {
     let mut net: Vec<NetOp> = Vec::with_capacity(ops.len());
     let mut errors = Vec::new();
     for (op_index, op) in ops.iter().enumerate() {
-        match index.get(&KeyRef(&op.key)) {
+        // One hash per op: the entry is looked up and, for a new key, filled.
+        let at = match index.entry(KeyRef(&op.key)) {
+            Entry::Occupied(entry) => Some(*entry.get()),
+            Entry::Vacant(entry) => {
+                entry.insert(net.len());
+                None
+            }
+        };
+        match at {
             None => {
-                index.insert(KeyRef(&op.key), net.len());
                 net.push(NetOp {
                     key: Cow::Borrowed(&op.key),
                     effect: first(op.kind, &op.fields),
                     version: op.version,
-                    positions: vec![op.position],
+                    positions: smallvec![op.position],
                 });
             }
-            Some(&at) => {
+            Some(at) => {
                 let current = &mut net[at];
+                if !current.positions.spilled() {
+                    // Leaving the inline slot: room for four, as a `Vec`
+                    // would take, rather than growing one by one.
+                    current.positions.reserve(3);
+                }
                 current.positions.push(op.position);
                 if let (Some(seen), Some(version)) = (current.version, op.version) {
                     if version <= seen {

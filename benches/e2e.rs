@@ -119,6 +119,9 @@ fn encode(o: &Order, placed: &Writer, updated: &Writer) -> Vec<u8> {
 struct Run {
     events: usize,
     seconds: f64,
+    /// CPU seconds of the server's processes over the timed part of a
+    /// baseline (0 where not read): what the raw write costs the server.
+    server_cpu_seconds: f64,
 }
 
 impl Run {
@@ -206,7 +209,7 @@ fn bare_consumer(bootstrap: &str, topic: &str, total: usize, properties: &[(Stri
         chunk.clear();
     }
     std::hint::black_box(bytes);
-    Run { events: seen, seconds: started.elapsed().as_secs_f64() }
+    Run { events: seen, seconds: started.elapsed().as_secs_f64(), server_cpu_seconds: 0.0 }
 }
 
 fn copy_escape(text: &str) -> String {
@@ -238,6 +241,7 @@ async fn copy_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
         );
         data.extend(line.as_bytes());
     }
+    let server_at_start = cpu_of_named("postgres");
     let started = Instant::now();
     let mut connection = pool.acquire().await.expect("connection");
     let mut copy = connection.copy_in_raw(&format!("COPY {table} FROM STDIN")).await.expect("copy");
@@ -245,7 +249,8 @@ async fn copy_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
         copy.send(chunk.to_vec()).await.expect("copy data");
     }
     copy.finish().await.expect("copy finish");
-    Run { events: rows, seconds: started.elapsed().as_secs_f64() }
+    let seconds = started.elapsed().as_secs_f64();
+    Run { events: rows, seconds, server_cpu_seconds: cpu_of_named("postgres") - server_at_start }
 }
 
 /// What one connection doing nothing but the updates reaches: the table
@@ -290,6 +295,7 @@ async fn update_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run 
         chunks.push(net);
     }
     let mut connection = pool.acquire().await.expect("connection");
+    let server_at_start = cpu_of_named("postgres");
     let started = Instant::now();
     for net in &chunks {
         let texts = |f: &dyn Fn(&Order) -> String| net.iter().map(f).collect::<Vec<String>>();
@@ -308,7 +314,8 @@ async fn update_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run 
             .await
             .expect("update");
     }
-    Run { events: total, seconds: started.elapsed().as_secs_f64() }
+    let seconds = started.elapsed().as_secs_f64();
+    Run { events: total, seconds, server_cpu_seconds: cpu_of_named("postgres") - server_at_start }
 }
 
 fn columns_sql(key: &str) -> String {
@@ -347,7 +354,7 @@ async fn bulk_baseline(es: &str, index: &str, total: usize) -> Run {
     // noida-db slows down as it holds more documents: kawka's run starts
     // from the same server state as this one did.
     let _ = client.delete(format!("{es}/{index}")).send().await;
-    Run { events: sent, seconds }
+    Run { events: sent, seconds, server_cpu_seconds: 0.0 }
 }
 
 async fn bulk(client: &reqwest::Client, es: &str, body: String) {
@@ -367,10 +374,9 @@ async fn bulk(client: &reqwest::Client, es: &str, body: String) {
 struct Kawka {
     run: Run,
     peak_rss_mb: f64,
-    /// CPU seconds between the first commit and the last: kawka's own, and
-    /// the server's (every process named `server`: Postgres' backends).
+    /// CPU seconds between the first commit and the last: kawka's own (the
+    /// server's, every process named `server`, is the run's).
     cpu_seconds: f64,
-    server_cpu_seconds: f64,
     /// kawka's CPU seconds over the same window per thread name (tokio's
     /// workers share one), most first: which thread bounds the run.
     threads: Vec<(String, f64)>,
@@ -541,10 +547,9 @@ where
     let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
     Kawka {
-        run: Run { events: total - first_count, seconds },
+        run: Run { events: total - first_count, seconds, server_cpu_seconds },
         peak_rss_mb: peak_kb as f64 / 1024.0,
         cpu_seconds: cpu_at_last - cpu_at_first,
-        server_cpu_seconds,
         threads,
         machine_cpu_seconds,
         broker_cpu_seconds,
@@ -563,8 +568,8 @@ fn cpu_line(kawka: &Kawka, server: &str) -> String {
          the machine {:.2} of {} cores busy",
         cores(kawka.cpu_seconds),
         per_event(kawka.cpu_seconds),
-        cores(kawka.server_cpu_seconds),
-        per_event(kawka.server_cpu_seconds),
+        cores(kawka.run.server_cpu_seconds),
+        per_event(kawka.run.server_cpu_seconds),
         cores(kawka.broker_cpu_seconds),
         cores(kawka.machine_cpu_seconds),
         std::thread::available_parallelism().map_or(0, usize::from),
@@ -721,7 +726,7 @@ async fn main() {
 
     let properties = properties();
     let bare = bare_consumer(&bootstrap, &topic, total, &properties);
-    let copy = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
+    let copy_before = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
     let update = update_baseline(&pool, &format!("bench_update_{tag}"), total).await;
     let progress = |connector: String| {
         let pool = pool.clone();
@@ -751,6 +756,15 @@ async fn main() {
     );
     let updates =
         run_kawka(updates_project.path(), "postgres_updates", "postgres", total, progress(updates_name.clone())).await;
+    // COPY again after kawka's runs: on a shared machine the rate drifts
+    // (runs here differed by a third), and the ratios take both readings,
+    // as one run of the rows of both.
+    let copy_after = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
+    let copy = Run {
+        events: copy_before.events + copy_after.events,
+        seconds: copy_before.seconds + copy_after.seconds,
+        server_cpu_seconds: copy_before.server_cpu_seconds + copy_after.server_cpu_seconds,
+    };
 
     let row = |name: &str, run: &Run, baseline: Option<&Run>, rss: Option<f64>| {
         let ratio = baseline.map(|b| run.rate() / b.rate());
@@ -766,7 +780,9 @@ async fn main() {
     };
     println!("\n{:<34} {:>10} {:>11} {:>15} {:>8} {:>10}", "run", "events", "time", "rate", "ratio", "peak RSS");
     results.insert("bare_consumer", row("bare consumer (baseline)", &bare, None, None));
-    results.insert("postgres_copy", row("postgres COPY (baseline)", &copy, None, None));
+    results.insert("postgres_copy_before", row("postgres COPY, before kawka", &copy_before, None, None));
+    results.insert("postgres_copy_after", row("postgres COPY, after kawka", &copy_after, None, None));
+    results.insert("postgres_copy", row("postgres COPY (baseline: both)", &copy, None, None));
     // Ratio to COPY: the most any one-connection writer of these updates
     // can reach on this machine, beside the target's 0.45.
     results.insert("postgres_update", row("postgres UPDATE (baseline)", &update, Some(&copy), None));
@@ -798,6 +814,19 @@ async fn main() {
     println!(
         "  the bare consumer (kawka's source without the pipeline) reads at {:.2}× COPY",
         bare.rate() / copy.rate()
+    );
+    // What the raw writes cost the server, beside what kawka's cost it above.
+    let server_per_event = |run: &Run| 1e6 * run.server_cpu_seconds / run.events.max(1) as f64;
+    println!(
+        "  postgres CPU in the baselines: COPY {:.2} µs per row ({:.2} cores), UPDATE {:.2} µs per event ({:.2} cores)",
+        server_per_event(&copy),
+        copy.server_cpu_seconds / copy.seconds,
+        server_per_event(&update),
+        update.server_cpu_seconds / update.seconds
+    );
+    results.insert(
+        "postgres_baseline_cpu_seconds",
+        json!({"copy": copy.server_cpu_seconds, "update": update.server_cpu_seconds}),
     );
     results.insert(
         "postgres_sink_seconds",
@@ -850,7 +879,7 @@ async fn main() {
     }
     results.insert(
         "cpu_seconds",
-        json!({"fresh": [fresh.cpu_seconds, fresh.server_cpu_seconds], "updates": [updates.cpu_seconds, updates.server_cpu_seconds]}),
+        json!({"fresh": [fresh.cpu_seconds, fresh.run.server_cpu_seconds], "updates": [updates.cpu_seconds, updates.run.server_cpu_seconds]}),
     );
     results.insert("thread_cpu_seconds", json!({"fresh": fresh.threads, "updates": updates.threads}));
     for table in [format!("bench_copy_{tag}"), format!("bench_update_{tag}"), fresh_name, updates_name] {

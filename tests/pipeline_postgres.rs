@@ -687,6 +687,48 @@ async fn chained_batches_sharing_keys_apply_in_order_without_deadlocks() {
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
 }
 
+/// A sink with one connection writes a batch of several partitions in one
+/// transaction: split per partition, the first share held the connection
+/// (its commit waits for every share to run) while the next waited for
+/// one, until the pool timed out, on every retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_writes_batches_of_several_partitions() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("onecon");
+    let table = support::unique("onecon");
+    support::create_topic(&topic, 3).await;
+    let pool = support::postgres().await;
+    id_n_table(&pool, &table, "").await;
+    // One batch of every event: flushed by its deadline, after the source
+    // has handed over the records of all three partitions.
+    let connector = id_n_connector(&table, &topic, "on_error: stop", 1000, "test.onecon.Set: { upsert: { n: n } }");
+    let project = Project::new(&registry.url(), &[(&table, &connector)]);
+    let config = project.root().join("config/kawka.yaml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let one = text.replacen("type: postgres, url: ", "type: postgres, max_connections: 1, url: ", 1);
+    assert_ne!(one, text, "the sink's line is where this test expects it");
+    std::fs::write(&config, one).expect("config");
+    let spec = id_n_spec(&registry.url(), &topic, "test.onecon", "Set");
+    let events: Vec<Json> = (0..60)
+        .map(|i| json!({"schema": "event", "key": format!("k{i}"), "value": {"id": format!("k{i}"), "n": i}}))
+        .collect();
+    let (mut kawka, rows) = write_all_and_read(&project, &spec, events, &pool, &table).await;
+    assert_eq!(rows.len(), 60, "log:\n{}", kawka.log());
+    let partitions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kawka_offsets WHERE connector = $1 AND next_offset > 0")
+            .bind(&table)
+            .fetch_one(&pool)
+            .await
+            .expect("positions");
+    assert_eq!(partitions, 3, "the events were spread over the three partitions");
+    // Split per partition, the write failed with the pool's timeout and was
+    // retried, committing one partition's share a time.
+    let log = kawka.log();
+    assert!(!log.contains("retrying") && !log.contains("writing it again"), "log:\n{log}");
+    let _ = kawka.terminate().await;
+    let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
+}
+
 /// Produces `events`, runs kawka until every one's position is stored, and
 /// reads the `(id, n)` table by id.
 async fn write_all_and_read(

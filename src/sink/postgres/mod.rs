@@ -227,7 +227,8 @@ impl PostgresSink {
             self.render_copies(&mut statements);
             Ok::<_, SinkError>(statements)
         };
-        match by_partition(net, offsets) {
+        let connections = self.pool.options().get_max_connections() as usize;
+        match by_partition(net, offsets, connections) {
             Ok(shares) => {
                 let shares = shares
                     .iter()
@@ -572,11 +573,19 @@ impl PostgresSink {
 
 /// The net ops of a batch split by the partition of their events, each
 /// share with its partition's position; `Err` gives `net` back when there
-/// is one partition only, or a key has events from several.
+/// is one partition only, a key has events from several, or there are more
+/// partitions than `connections`. The shares' transactions are all open at
+/// once (each commits only after every share ran), so with more shares
+/// than the pool's connections the first would hold its connection while
+/// the next waited for one, until the pool timed out, on every retry.
 fn by_partition<'n, 'o>(
     net: Vec<NetOp<'n>>,
     offsets: &'o [PartitionOffset],
+    connections: usize,
 ) -> Result<Vec<(&'o PartitionOffset, Vec<NetOp<'n>>)>, Vec<NetOp<'n>>> {
+    if offsets.len() < 2 || offsets.len() > connections {
+        return Err(net);
+    }
     let share_of = |op: &NetOp| {
         let first = op.positions.first()?;
         let same = op.positions.iter().all(|p| p.partition == first.partition && p.topic == first.topic);
@@ -584,7 +593,7 @@ fn by_partition<'n, 'o>(
         share.filter(|_| same)
     };
     let shares: Option<Vec<usize>> = net.iter().map(share_of).collect();
-    let Some(shares) = shares.filter(|_| offsets.len() >= 2) else { return Err(net) };
+    let Some(shares) = shares else { return Err(net) };
     let mut split: Vec<(&PartitionOffset, Vec<NetOp>)> = offsets.iter().map(|o| (o, Vec::new())).collect();
     for (op, share) in net.into_iter().zip(shares) {
         split[share].1.push(op);
@@ -661,7 +670,7 @@ mod tests {
     #[test]
     fn batches_split_by_partition_unless_a_key_spans_partitions() {
         let offsets = [offset(0), offset(1), offset(2)];
-        let shares = by_partition(vec![net("a", &[0, 0]), net("b", &[1]), net("c", &[0])], &offsets).expect("split");
+        let shares = by_partition(vec![net("a", &[0, 0]), net("b", &[1]), net("c", &[0])], &offsets, 3).expect("split");
         let keys: Vec<(i32, Vec<&Value>)> =
             shares.iter().map(|(o, ops)| (o.partition, ops.iter().map(|op| &op.key[0]).collect())).collect();
         assert_eq!(
@@ -669,7 +678,11 @@ mod tests {
             vec![(0, vec![&Value::from("a"), &Value::from("c")]), (1, vec![&Value::from("b")]), (2, vec![])],
             "every partition of the batch gets its share, even an empty one (its position still moves)"
         );
-        assert_eq!(by_partition(vec![net("a", &[0, 1])], &offsets).expect_err("spans").len(), 1);
-        assert!(by_partition(vec![net("a", &[0])], &offsets[..1]).is_err(), "one partition: one transaction");
+        assert_eq!(by_partition(vec![net("a", &[0, 1])], &offsets, 3).expect_err("spans").len(), 1);
+        assert!(by_partition(vec![net("a", &[0])], &offsets[..1], 3).is_err(), "one partition: one transaction");
+        assert!(
+            by_partition(vec![net("a", &[0]), net("b", &[1])], &offsets, 2).is_err(),
+            "more partitions than connections: one transaction, not shares waiting for each other's connections"
+        );
     }
 }

@@ -749,39 +749,34 @@ pub fn copy_rows(
 
 fn copy_value(array: &ColumnArray, row: usize, ty: Option<ColumnType>, out: &mut Vec<u8>) {
     use std::io::Write as _;
-    // Writing to a Vec cannot fail.
-    let _ = match array {
+    const NULL: &[u8] = b"\\N";
+    match array {
         ColumnArray::Int(v) => match v[row] {
-            Some(i) => {
-                out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
-                Ok(())
-            }
-            None => write!(out, "\\N"),
+            Some(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+            None => out.extend_from_slice(NULL),
         },
         ColumnArray::Float(v) => match v[row] {
-            Some(x) => write_float(out, x, ty),
-            None => write!(out, "\\N"),
+            // Writing to a Vec cannot fail.
+            Some(x) => drop(write_float(out, x, ty)),
+            None => out.extend_from_slice(NULL),
         },
         ColumnArray::Bool(v) => match v[row] {
-            Some(b) => write!(out, "{}", if b { 't' } else { 'f' }),
-            None => write!(out, "\\N"),
+            Some(b) => out.push(if b { b't' } else { b'f' }),
+            None => out.extend_from_slice(NULL),
         },
         ColumnArray::Bytes(v) => match &v[row] {
             Some(bytes) => {
                 // bytea's hex input, its backslash escaped for COPY.
                 out.extend_from_slice(b"\\\\x");
-                bytes.iter().try_for_each(|byte| write!(out, "{byte:02x}"))
+                bytes.iter().for_each(|byte| drop(write!(out, "{byte:02x}")));
             }
-            None => write!(out, "\\N"),
+            None => out.extend_from_slice(NULL),
         },
         ColumnArray::Text(v) => match v.get(row) {
-            Some(text) => {
-                escape_copy(text, out);
-                Ok(())
-            }
-            None => write!(out, "\\N"),
+            Some(text) => escape_copy(text, out),
+            None => out.extend_from_slice(NULL),
         },
-    };
+    }
 }
 
 /// A float as `float8in`/`float4in` read it back exactly. A `real` column
@@ -805,16 +800,21 @@ fn write_float(out: &mut Vec<u8>, x: f64, ty: Option<ColumnType>) -> std::io::Re
 }
 
 /// Text with COPY's escapes for backslash, newline, carriage return and tab.
+/// Copied a run at a time: most values have nothing to escape, and a push
+/// per byte was most of rendering a batch's `COPY` text.
 fn escape_copy(text: &str, out: &mut Vec<u8>) {
-    for &byte in text.as_bytes() {
-        match byte {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            other => out.push(other),
-        }
+    let mut rest = text.as_bytes();
+    while let Some(at) = rest.iter().position(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t')) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(match rest[at] {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => b"\\t",
+        });
+        rest = &rest[at + 1..];
     }
+    out.extend_from_slice(rest);
 }
 
 #[cfg(test)]

@@ -40,6 +40,15 @@ pub fn intern(name: &str) -> Name {
     leaked
 }
 
+/// Where `name` is among named entries (a record's fields, an op's fields,
+/// a table's columns): by address first, since those names and the names
+/// looked up are both interned (one compare per entry instead of a string
+/// compare each, on every event's path), then by content for a name that
+/// is not.
+pub fn name_position<T>(entries: &[(Name, T)], name: &str) -> Option<usize> {
+    entries.iter().position(|(n, _)| std::ptr::eq(*n, name)).or_else(|| entries.iter().position(|(n, _)| *n == name))
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Value {
     #[default]
@@ -90,15 +99,8 @@ impl Record {
         self.position(name).is_some()
     }
 
-    /// Where `name` is: by address first, since field names and the names
-    /// expressions look up are both interned (one compare per field instead
-    /// of a string compare each, on every event's path), then by content
-    /// for a name that is not.
     fn position(&self, name: &str) -> Option<usize> {
-        self.fields
-            .iter()
-            .position(|(n, _)| std::ptr::eq(*n, name))
-            .or_else(|| self.fields.iter().position(|(n, _)| *n == name))
+        name_position(&self.fields, name)
     }
 
     /// Sets `name`, keeping its place if it exists, appending otherwise.

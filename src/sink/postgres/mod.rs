@@ -47,7 +47,7 @@ use super::{succeeded_all, Claim, CommitSignal, Committed, Follows, PartitionOff
 use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
 use crate::projection::compact::{compact, NetOp};
 use crate::projection::WriteOp;
-use crate::value::{intern, Name};
+use crate::value::{intern, name_position, Name};
 use sql::{ColumnArray, Insert, Statement, TableSql};
 use types::ColumnType;
 
@@ -120,13 +120,7 @@ impl PostgresSink {
     }
 
     fn check_column(&self, name: &str, value: &crate::value::Value) -> Result<(), String> {
-        // By address first (both sides interned), by content otherwise.
-        let column = self
-            .columns
-            .iter()
-            .find(|(n, _)| std::ptr::eq(*n, name))
-            .or_else(|| self.columns.iter().find(|(n, _)| *n == name));
-        match column {
+        match name_position(&self.columns, name).map(|at| &self.columns[at]) {
             Some((_, ty)) => sql::check_value(*ty, value).map_err(|message| format!("column `{name}`: {message}")),
             None => Err(format!("column `{name}` is not in table {}", self.table.target().table)),
         }

@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use super::types::{BindKind, ColumnType};
 use crate::config::PostgresTarget;
 use crate::projection::compact::{Effect, NetOp};
-use crate::value::{intern, Name, Value};
+use crate::value::{intern, name_position, Name, Value};
 
 /// The hidden column that holds the domain version when the connector names one.
 pub const VERSION_COLUMN: &str = "kawka_version";
@@ -703,18 +703,15 @@ impl TableSql {
 }
 
 /// The value of field `name` (null when absent): the field at `*hint`
-/// first, then by address, as column and field names are both interned
-/// (this runs for every column of every row), then by content. `*hint`
-/// becomes where it was found.
+/// first (this runs for every column of every row), then as
+/// [`name_position`] finds it. `*hint` becomes where it was found.
 fn field_value_from<'v>(fields: &'v [(Name, Value)], name: &str, hint: &mut usize) -> &'v Value {
     if let Some((n, value)) = fields.get(*hint) {
         if std::ptr::eq(*n, name) {
             return value;
         }
     }
-    let found =
-        fields.iter().position(|(n, _)| std::ptr::eq(*n, name)).or_else(|| fields.iter().position(|(n, _)| *n == name));
-    match found {
+    match name_position(fields, name) {
         Some(index) => {
             *hint = index;
             &fields[index].1

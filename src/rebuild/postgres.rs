@@ -23,6 +23,7 @@ use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, Rebuild
 use crate::config::Target;
 use crate::pipeline::ConnectorRuntime;
 use crate::sink::postgres::sql::quote;
+use crate::sink::postgres::PostgresSink;
 use crate::sink::Sink;
 use crate::status::RebuildProgress;
 
@@ -59,9 +60,9 @@ fn names(runtime: &ConnectorRuntime) -> anyhow::Result<Names> {
     })
 }
 
-fn pool(runtime: &ConnectorRuntime) -> anyhow::Result<PgPool> {
+fn live_sink(runtime: &ConnectorRuntime) -> anyhow::Result<&PostgresSink> {
     match &runtime.sink {
-        Sink::Postgres(sink) => Ok(sink.pool().clone()),
+        Sink::Postgres(sink) => Ok(sink),
         Sink::Elasticsearch(_) => bail!("kawka rebuild handles Postgres connectors"),
     }
 }
@@ -96,7 +97,8 @@ pub async fn rebuild(
     mut progress: impl FnMut(&RebuildProgress),
 ) -> anyhow::Result<RebuildReport> {
     let names = names(&runtime)?;
-    let pool = pool(&runtime)?;
+    let live = live_sink(&runtime)?;
+    let pool = live.pool().clone();
     ensure_state(&pool, &names).await?;
     let version: i32 = sqlx::query_scalar(&format!("SELECT version FROM {} WHERE connector = $1", names.rebuilds()))
         .bind(&names.connector)
@@ -119,7 +121,7 @@ pub async fn rebuild(
         }
     });
     let Target::Postgres(target) = &settings.target else { bail!("{} is not a Postgres connector", names.connector) };
-    let sink = Sink::Postgres(crate::sink::postgres::PostgresSink::with_pool(pool.clone(), &settings, target));
+    let sink = Sink::Postgres(live.beside(&settings, target));
     let rebuild_runtime = runtime_with(&runtime, settings, sink);
 
     let started = Started::now();
@@ -237,7 +239,7 @@ async fn move_positions(tx: &mut sqlx::PgConnection, names: &Names, to: &[(Strin
 /// second rollback is refused: there is nothing to roll forward to).
 pub async fn rollback(runtime: &ConnectorRuntime) -> anyhow::Result<String> {
     let names = names(runtime)?;
-    let pool = pool(runtime)?;
+    let pool = live_sink(runtime)?.pool().clone();
     ensure_state(&pool, &names).await?;
     let row = sqlx::query(&format!(
         "SELECT version, previous_table, previous_positions FROM {} WHERE connector = $1",
@@ -281,7 +283,7 @@ pub async fn rollback(runtime: &ConnectorRuntime) -> anyhow::Result<String> {
 /// Drops the previous version kept for rollback.
 pub async fn cleanup(runtime: &ConnectorRuntime) -> anyhow::Result<Option<String>> {
     let names = names(runtime)?;
-    let pool = pool(runtime)?;
+    let pool = live_sink(runtime)?.pool().clone();
     ensure_state(&pool, &names).await?;
     let previous: Option<Option<String>> =
         sqlx::query_scalar(&format!("SELECT previous_table FROM {} WHERE connector = $1", names.rebuilds()))

@@ -243,7 +243,7 @@ impl Sink {
     /// sink spreads a batch over concurrent bulk requests itself.
     pub fn concurrent_writes(&self) -> usize {
         match self {
-            Sink::Postgres(sink) => sink.pool().options().get_max_connections().max(1) as usize,
+            Sink::Postgres(sink) => sink.max_connections(),
             Sink::Elasticsearch(_) => 1,
         }
     }

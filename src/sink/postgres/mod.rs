@@ -84,16 +84,26 @@ impl PostgresSink {
         connector: &ConnectorSettings,
         target: &PostgresTarget,
     ) -> Result<PostgresSink, SinkError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(connection.max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+        let pool = pool_options(connection.max_connections)
             .connect_lazy(connection.url.expose())
             .map_err(SinkError::Postgres)?;
         Ok(PostgresSink::with_pool(pool, connector, target))
     }
 
-    /// A sink on an existing pool (a rebuild writes beside the live table).
-    pub fn with_pool(pool: PgPool, connector: &ConnectorSettings, target: &PostgresTarget) -> PostgresSink {
+    /// A sink for another connector's table (a rebuild writes beside the
+    /// live connector) on a lazy pool of its own, with this one's server
+    /// and size. Not on this sink's pool: each pipeline keeps its writes'
+    /// connections within its pool's size, but two pipelines on one pool
+    /// could each hold part of it while their writes of several partitions
+    /// (whose transactions stay open until all have run) waited for the
+    /// rest, until the pool timed out.
+    pub fn beside(&self, connector: &ConnectorSettings, target: &PostgresTarget) -> PostgresSink {
+        let pool = pool_options(self.pool.options().get_max_connections())
+            .connect_lazy_with(self.pool.connect_options().as_ref().clone());
+        PostgresSink::with_pool(pool, connector, target)
+    }
+
+    fn with_pool(pool: PgPool, connector: &ConnectorSettings, target: &PostgresTarget) -> PostgresSink {
         PostgresSink {
             pool,
             table: TableSql::new(target, connector.version.is_some()),
@@ -132,6 +142,11 @@ impl PostgresSink {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The most connections this sink's writes hold at once: its pool's size.
+    pub fn max_connections(&self) -> usize {
+        self.pool.options().get_max_connections().max(1) as usize
     }
 
     /// Creates the positions table, and the read-model table when the
@@ -221,8 +236,7 @@ impl PostgresSink {
             self.render_copies(&mut statements);
             Ok::<_, SinkError>(statements)
         };
-        let connections = self.pool.options().get_max_connections() as usize;
-        match by_partition(net, offsets, connections) {
+        match by_partition(net, offsets, self.max_connections()) {
             Ok(shares) => {
                 let shares = shares
                     .iter()
@@ -563,6 +577,11 @@ impl PostgresSink {
         tx.rollback().await.map_err(SinkError::Postgres)?;
         Ok(rejected)
     }
+}
+
+/// A pool of `max_connections` that gives up on a connection after 10 s.
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10))
 }
 
 /// The net ops of a batch split by the partition of their events, each

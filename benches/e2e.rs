@@ -128,6 +128,16 @@ impl Run {
     fn rate(&self) -> f64 {
         self.events as f64 / self.seconds
     }
+
+    /// `cpu_seconds` spent over this run, in µs per event.
+    fn per_event(&self, cpu_seconds: f64) -> f64 {
+        1e6 * cpu_seconds / self.events.max(1) as f64
+    }
+
+    /// `cpu_seconds` spent over this run, in cores.
+    fn cores(&self, cpu_seconds: f64) -> f64 {
+        cpu_seconds / self.seconds
+    }
 }
 
 async fn produce(bootstrap: &str, topic: &str, total: usize, placed_id: u32, updated_id: u32) {
@@ -561,8 +571,7 @@ where
 /// Where a run's CPU went: kawka's and the server's, in cores and per event
 /// (the machine's cores bound their sum).
 fn cpu_line(kawka: &Kawka, server: &str) -> String {
-    let per_event = |seconds: f64| 1e6 * seconds / kawka.run.events.max(1) as f64;
-    let cores = |seconds: f64| seconds / kawka.run.seconds;
+    let (per_event, cores) = (|seconds| kawka.run.per_event(seconds), |seconds| kawka.run.cores(seconds));
     format!(
         "CPU: kawka {:.2} cores ({:.2} µs per event), {server} {:.2} cores ({:.2} µs per event), broker {:.2} cores; \
          the machine {:.2} of {} cores busy",
@@ -816,13 +825,12 @@ async fn main() {
         bare.rate() / copy.rate()
     );
     // What the raw writes cost the server, beside what kawka's cost it above.
-    let server_per_event = |run: &Run| 1e6 * run.server_cpu_seconds / run.events.max(1) as f64;
     println!(
         "  postgres CPU in the baselines: COPY {:.2} µs per row ({:.2} cores), UPDATE {:.2} µs per event ({:.2} cores)",
-        server_per_event(&copy),
-        copy.server_cpu_seconds / copy.seconds,
-        server_per_event(&update),
-        update.server_cpu_seconds / update.seconds
+        copy.per_event(copy.server_cpu_seconds),
+        copy.cores(copy.server_cpu_seconds),
+        update.per_event(update.server_cpu_seconds),
+        update.cores(update.server_cpu_seconds)
     );
     results.insert(
         "postgres_baseline_cpu_seconds",

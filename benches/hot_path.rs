@@ -152,7 +152,7 @@ fn decoded(decoder: &Decoder, framed: &[Vec<u8>]) -> Vec<Event> {
                 event_type,
                 version: 2,
                 payload,
-                key: Value::Str(format!("customer-{}", n % 1000)),
+                key: Value::from(format!("customer-{}", n % 1000)),
                 position: Position { topic: "orders", partition: 0, offset: n as i64 },
                 timestamp: Some(1_700_000_000_000),
             }

@@ -29,7 +29,7 @@ fn registered_v1_to_v2(mut event: Event) -> Result<Vec<Event>, String> {
         .and_then(|email| email.rsplit('.').next())
         .filter(|tld| tld.len() == 2)
         .map_or_else(|| "unknown".to_string(), str::to_uppercase);
-    record.set(intern("country"), Value::Str(country));
+    record.set(intern("country"), Value::from(country));
     event.version = 2;
     Ok(vec![event])
 }

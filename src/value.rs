@@ -18,6 +18,7 @@ use std::sync::{Mutex, OnceLock};
 
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::Serialize;
+pub use smol_str::SmolStr;
 
 /// An interned field name.
 pub type Name = &'static str;
@@ -56,7 +57,10 @@ pub enum Value {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
+    /// Text; up to 23 bytes inline (most of an event's strings), longer
+    /// shared: decoding and copying a string allocates nothing in the usual
+    /// case.
+    Str(SmolStr),
     Bytes(Vec<u8>),
     Array(Vec<Value>),
     /// An Avro map: keys are data.
@@ -245,7 +249,7 @@ impl Value {
                 Some(i) => Value::Int(i),
                 None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
             },
-            serde_json::Value::String(s) => Value::Str(s.clone()),
+            serde_json::Value::String(s) => Value::Str(s.into()),
             serde_json::Value::Array(items) => Value::Array(items.iter().map(Value::from_json).collect()),
             serde_json::Value::Object(map) => {
                 Value::Record(map.iter().map(|(k, v)| (intern(k), Value::from_json(v))).collect())
@@ -265,13 +269,13 @@ impl fmt::Display for Value {
 
 impl From<&str> for Value {
     fn from(text: &str) -> Value {
-        Value::Str(text.to_string())
+        Value::Str(text.into())
     }
 }
 
 impl From<String> for Value {
     fn from(text: String) -> Value {
-        Value::Str(text)
+        Value::Str(text.into())
     }
 }
 

@@ -322,7 +322,7 @@ async fn a_batch_retried_after_a_partial_commit_applies_each_partition_once() {
     // Five increments of one key per partition.
     let ops: Vec<WriteOp> = (0..10)
         .map(|n| WriteOp {
-            key: vec![Value::Str(format!("s{}", n % 2)), Value::Str("i".into())],
+            key: vec![Value::from(format!("s{}", n % 2)), Value::Str("i".into())],
             kind: OpKind::Increment,
             fields: vec![(intern("on_hand"), Value::Int(1))],
             version: None,
@@ -435,7 +435,7 @@ async fn copied_updated_and_upserted_rows_are_the_same() {
         sink.claim(&[(topic, 0)]).await.expect("claim");
     }
     let pool = support::postgres().await;
-    let text = |s: &str| Value::Str(s.to_string());
+    let text = |s: &str| Value::from(s);
     let row = |id: &str, label: Value, ratio: f64, r: f64, blob: &[u8], doc: Value| -> Vec<(&'static str, Value)> {
         vec![
             ("label", label),

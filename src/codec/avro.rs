@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use apache_avro::schema::{InnerDecimalSchema, Schema, UuidSchema};
 
-use crate::value::{intern, Name, Record, Value};
+use crate::value::{intern, Name, Record, SmolStr, Value};
 
 /// Deepest nesting accepted (recursive schemas could otherwise nest as deep
 /// as the input is long).
@@ -79,7 +79,7 @@ enum NamedPlan {
         fields: Vec<(Name, Plan)>,
     },
     Enum {
-        symbols: Vec<String>,
+        symbols: Vec<SmolStr>,
     },
     /// Placeholder while a named type's children compile.
     Pending,
@@ -172,14 +172,14 @@ impl Decoder {
                 Value::Float(f64::from_le_bytes(array))
             }
             Plan::Bytes => Value::Bytes(reader.length_prefixed()?.to_vec()),
-            Plan::String => Value::Str(reader.string()?),
+            Plan::String => Value::Str(reader.str()?.into()),
             Plan::Fixed(size) => Value::Bytes(reader.take(*size)?.to_vec()),
             Plan::Decimal { fixed, scale } => {
                 let bytes = match fixed {
                     Some(size) => reader.take(*size)?,
                     None => reader.length_prefixed()?,
                 };
-                Value::Str(decimal_text(bytes, *scale)?)
+                Value::Str(decimal_text(bytes, *scale)?.into())
             }
             Plan::Array(items) => {
                 let mut out = Vec::new();
@@ -331,7 +331,7 @@ impl Compiler {
                     return Ok(Plan::Named(index));
                 }
                 let index = self.reserve(&full);
-                self.named[index] = NamedPlan::Enum { symbols: e.symbols.clone() };
+                self.named[index] = NamedPlan::Enum { symbols: e.symbols.iter().map(SmolStr::new).collect() };
                 Plan::Named(index)
             }
             Schema::Ref { name } => {
@@ -426,9 +426,15 @@ impl<'a> Reader<'a> {
     }
 
     fn string(&mut self) -> Result<String, DecodeError> {
+        self.str().map(str::to_string)
+    }
+
+    /// A string borrowed from the input (most become a `SmolStr` inline,
+    /// without an allocation).
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
         let at = self.at;
         let bytes = self.length_prefixed()?;
-        std::str::from_utf8(bytes).map(str::to_string).map_err(|_| DecodeError::InvalidUtf8(at))
+        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8(at))
     }
 
     /// Reads Avro blocks (arrays and maps): counts until a zero count; a

@@ -98,7 +98,7 @@ impl Codec {
         match self.key_format {
             KeyFormat::None => Ok(Value::Null),
             KeyFormat::String => {
-                std::str::from_utf8(bytes).map(|text| Value::Str(text.to_string())).map_err(|_| CodecError::KeyNotUtf8)
+                std::str::from_utf8(bytes).map(|text| Value::Str(text.into())).map_err(|_| CodecError::KeyNotUtf8)
             }
             KeyFormat::Avro => {
                 let framed = framing::parse(bytes).map_err(CodecError::KeyFraming)?;

@@ -224,7 +224,7 @@ impl ExprParser<'_> {
                 }
                 Some('\'') => {
                     self.at += 1;
-                    return Ok(Expr::Literal(Value::Str(text)));
+                    return Ok(Expr::Literal(Value::Str(text.into())));
                 }
                 Some(c) => {
                     text.push(c);
@@ -301,11 +301,11 @@ impl Expr {
             }
             Expr::Meta(meta) => Ok(match meta {
                 Meta::Key => event.key.clone(),
-                Meta::Topic => Value::Str(event.position.topic.to_string()),
+                Meta::Topic => Value::Str(event.position.topic.into()),
                 Meta::Partition => Value::Int(i64::from(event.position.partition)),
                 Meta::Offset => Value::Int(event.position.offset),
                 Meta::Timestamp => event.timestamp.map_or(Value::Null, Value::Int),
-                Meta::EventType => Value::Str(event.event_type.to_string()),
+                Meta::EventType => Value::Str(event.event_type.into()),
             }),
             Expr::Call(function, args) => call(*function, args, event),
         }
@@ -348,7 +348,7 @@ fn call(function: Function, args: &[Expr], event: &Event) -> Result<Value, EvalE
                     other => return Err(bad(&other)),
                 }
             }
-            Ok(Value::Str(out))
+            Ok(Value::Str(out.into()))
         }
         _ => {
             let value = args[0].eval(event)?;
@@ -356,11 +356,11 @@ fn call(function: Function, args: &[Expr], event: &Event) -> Result<Value, EvalE
                 return Ok(Value::Null);
             }
             match (function, value) {
-                (Function::Lower, Value::Str(s)) => Ok(Value::Str(s.to_lowercase())),
-                (Function::Upper, Value::Str(s)) => Ok(Value::Str(s.to_uppercase())),
-                (Function::Trim, Value::Str(s)) => Ok(Value::Str(s.trim().to_string())),
+                (Function::Lower, Value::Str(s)) => Ok(Value::Str(s.to_lowercase().into())),
+                (Function::Upper, Value::Str(s)) => Ok(Value::Str(s.to_uppercase().into())),
+                (Function::Trim, Value::Str(s)) => Ok(Value::Str(s.trim().into())),
                 (Function::ToString, value @ (Value::Str(_) | Value::Int(_) | Value::Float(_) | Value::Bool(_))) => {
-                    Ok(Value::Str(value.to_string()))
+                    Ok(Value::Str(value.to_string().into()))
                 }
                 (Function::ToInt, Value::Int(i)) => Ok(Value::Int(i)),
                 (Function::ToInt, Value::Float(x)) if x.is_finite() => Ok(Value::Int(x.trunc() as i64)),

@@ -212,9 +212,9 @@ pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
             Ok(Value::Record(out))
         }
         (Value::Int(i), Schema::Float | Schema::Double) => Ok(Value::Float(i as f64)),
-        (Value::Str(s), Schema::Bytes) => Ok(Value::Bytes(s.into_bytes())),
+        (Value::Str(s), Schema::Bytes) => Ok(Value::Bytes(s.as_bytes().to_vec())),
         (Value::Bytes(b), Schema::String) => {
-            String::from_utf8(b).map(Value::Str).map_err(|_| "bytes are not UTF-8".into())
+            String::from_utf8(b).map(Value::from).map_err(|_| "bytes are not UTF-8".into())
         }
         (Value::Array(items), Schema::Array(array)) => {
             items.into_iter().map(|item| resolve_value(item, &array.items)).collect::<Result<_, _>>().map(Value::Array)
@@ -225,13 +225,13 @@ pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
             .collect::<Result<_, _>>()
             .map(Value::Map),
         (Value::Str(symbol), Schema::Enum(schema)) => {
-            if schema.symbols.contains(&symbol) {
+            if schema.symbols.iter().any(|s| *s == symbol) {
                 Ok(Value::Str(symbol))
             } else {
                 schema
                     .default
-                    .clone()
-                    .map(Value::Str)
+                    .as_deref()
+                    .map(Value::from)
                     .ok_or_else(|| format!("enum symbol `{symbol}` is unknown to the reader"))
             }
         }

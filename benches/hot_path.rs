@@ -259,6 +259,11 @@ fn benches(c: &mut Criterion) {
             black_box(out)
         })
     });
+    // What the sink plans when it expects new keys: the COPY text straight
+    // from the net ops, no arrays (against the two above together).
+    group.bench_function("postgres_copy_from_ops", |b| {
+        b.iter(|| black_box(table.plan_rendering(&net, &|_| true).expect("binds")))
+    });
     let search = RulesProjection::new(connector(settings, "order-search"));
     let search_ops: Vec<WriteOp> = events
         .iter()

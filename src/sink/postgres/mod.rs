@@ -231,11 +231,11 @@ impl PostgresSink {
             return Err(SinkError::RejectedOps(fold_errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
         }
         let rejected = |error: sql::BindError| SinkError::Rejected(error.to_string());
-        let statements = |net: &[NetOp]| {
-            let mut statements = self.table.plan(net).map_err(rejected)?;
-            self.render_copies(&mut statements);
-            Ok::<_, SinkError>(statements)
-        };
+        // The upserts expected to find new keys are planned straight into
+        // their `COPY` text, built while the writes ahead run, not in this
+        // batch's.
+        let statements =
+            |net: &[NetOp]| self.table.plan_rendering(net, &|copy| self.guess_new_keys(copy)).map_err(rejected);
         match by_partition(net, offsets, self.max_connections()) {
             Ok(shares) => {
                 let shares = shares
@@ -245,17 +245,6 @@ impl PostgresSink {
                 Ok(PostgresPlan::PerPartition(shares))
             }
             Err(net) => Ok(PostgresPlan::Whole(statements(&net)?, offsets.to_vec())),
-        }
-    }
-
-    /// Renders the `COPY` text of the upserts expected to find new keys, so
-    /// that it is built while the writes ahead run, not in this batch's.
-    fn render_copies(&self, statements: &mut [Statement]) {
-        for statement in statements {
-            let Some(insert) = statement.insert.as_mut() else { continue };
-            if self.guess_new_keys(insert) {
-                insert.rendered = Some(copy_text(&statement.arrays, insert, 0..statement.rows.len()));
-            }
         }
     }
 
@@ -401,9 +390,9 @@ impl PostgresSink {
 
     /// Runs one statement; an upsert's new keys go in by `COPY`.
     async fn apply(&self, tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
-        let Some(insert) = &statement.insert else { return execute(tx, statement).await };
+        let Some(insert) = &statement.insert else { return execute(tx, &statement.sql, &statement.arrays).await };
         let everything = 0..statement.rows.len();
-        if self.guess_new_keys(insert) {
+        if self.guess_new_keys(&insert.copy) {
             let rendered = match &insert.rendered {
                 Some(rendered) => Cow::Borrowed(rendered.as_slice()),
                 None => Cow::Owned(copy_text(&statement.arrays, insert, everything.clone())),
@@ -413,12 +402,17 @@ impl PostgresSink {
             }
             self.found_new_keys(insert, false);
         }
-        let Some(update) = &insert.update else { return execute(tx, statement).await };
+        // Rows planned into `COPY` text alone are read back into arrays: the
+        // text is this sink's own, so not reading is a bug, not bad data.
+        let arrays = statement.bound_arrays().map_err(|error| {
+            SinkError::Setup(format!("bug: the planned COPY text of {} does not read back: {error}", insert.copy))
+        })?;
+        let Some(update) = &insert.update else { return execute(tx, &statement.sql, &arrays).await };
         // One savepoint around the update and the copy: if the copy meets a
         // key after all (inserted since by another writer), both are undone
         // and the upsert runs, so no row is updated twice (adds!).
         tx.execute("SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
-        let updated: Vec<i64> = bind(update, &statement.arrays)
+        let updated: Vec<i64> = bind(update, &arrays)
             .fetch_all(&mut *tx)
             .await
             .map_err(SinkError::Postgres)?
@@ -435,9 +429,9 @@ impl PostgresSink {
         }
         let new: Vec<usize> = everything.filter(|&row| !exists[row]).collect();
         self.found_new_keys(insert, new.len() > updated.len());
-        if !new.is_empty() && !self.copy_new(tx, insert, &copy_text(&statement.arrays, insert, new), false).await? {
+        if !new.is_empty() && !self.copy_new(tx, insert, &copy_text(&arrays, insert, new), false).await? {
             tx.execute("ROLLBACK TO SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
-            execute(tx, statement).await?;
+            execute(tx, &statement.sql, &arrays).await?;
         }
         tx.execute("RELEASE SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
         Ok(())
@@ -445,9 +439,9 @@ impl PostgresSink {
 
     /// Whether an upsert of this shape should try `COPY` of all its rows
     /// (yes until one finds existing keys).
-    fn guess_new_keys(&self, insert: &Insert) -> bool {
+    fn guess_new_keys(&self, copy: &str) -> bool {
         let hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        hints.get(&insert.copy).copied().unwrap_or(true)
+        hints.get(copy).copied().unwrap_or(true)
     }
 
     fn found_new_keys(&self, insert: &Insert, mostly_new: bool) {
@@ -635,9 +629,9 @@ pub fn database_message(error: &sqlx::Error) -> String {
     }
 }
 
-/// Runs a statement as planned (for an upsert: `INSERT … ON CONFLICT`).
-async fn execute(tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
-    bind(&statement.sql, &statement.arrays).execute(&mut *tx).await.map(drop).map_err(SinkError::Postgres)
+/// Runs a statement's SQL (for an upsert: `INSERT … ON CONFLICT`) with its arrays.
+async fn execute(tx: &mut sqlx::PgConnection, sql: &str, arrays: &[ColumnArray]) -> Result<(), SinkError> {
+    bind(sql, arrays).execute(&mut *tx).await.map(drop).map_err(SinkError::Postgres)
 }
 
 /// SQLSTATE of a unique violation: a `COPY` met an existing key.

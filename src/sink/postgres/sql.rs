@@ -121,6 +121,55 @@ impl ColumnArray {
         self.len() == 0
     }
 
+    /// An empty array of the same kind, with room for `capacity` values.
+    fn empty_like(&self, capacity: usize) -> ColumnArray {
+        let kind = match self {
+            ColumnArray::Int(_) => BindKind::Int,
+            ColumnArray::Float(_) => BindKind::Float,
+            ColumnArray::Bool(_) => BindKind::Bool,
+            ColumnArray::Bytes(_) => BindKind::Bytes,
+            ColumnArray::Text(_) => BindKind::Text,
+        };
+        ColumnArray::new(kind, capacity)
+    }
+
+    /// Appends the value one field of `COPY` text holds (as
+    /// [`copy_value`] wrote it).
+    fn push_copy_field(&mut self, field: &[u8]) -> Result<(), String> {
+        if field == COPY_NULL {
+            match self {
+                ColumnArray::Int(v) => v.push(None),
+                ColumnArray::Float(v) => v.push(None),
+                ColumnArray::Bool(v) => v.push(None),
+                ColumnArray::Bytes(v) => v.push(None),
+                ColumnArray::Text(v) => v.push(None),
+            }
+            return Ok(());
+        }
+        let text = unescape_copy(field);
+        let text = std::str::from_utf8(&text).map_err(|_| "not UTF-8".to_string())?;
+        match self {
+            ColumnArray::Int(v) => v.push(Some(text.parse().map_err(|_| format!("not an integer: {text:?}"))?)),
+            ColumnArray::Float(v) => v.push(Some(text.parse().map_err(|_| format!("not a number: {text:?}"))?)),
+            ColumnArray::Bool(v) => v.push(Some(match text {
+                "t" => true,
+                "f" => false,
+                _ => return Err(format!("not a boolean: {text:?}")),
+            })),
+            ColumnArray::Bytes(v) => {
+                let hex = text.strip_prefix("\\x").ok_or_else(|| format!("not hex bytea: {text:?}"))?;
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|at| hex.get(at..at + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+                    .collect::<Option<Vec<u8>>>()
+                    .ok_or_else(|| format!("not hex bytea: {text:?}"))?;
+                v.push(Some(bytes));
+            }
+            ColumnArray::Text(v) => v.push(Some(text)),
+        }
+        Ok(())
+    }
+
     /// Appends one value converted for `ty`; `Err` says why it does not fit.
     fn push(&mut self, ty: ColumnType, value: &Value) -> Result<(), String> {
         match self {
@@ -323,6 +372,9 @@ pub fn quote(identifier: &str) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Statement {
     pub sql: String,
+    /// The bound values; empty arrays of the right kinds when the rows were
+    /// planned straight into `COPY` text ([`Insert::rendered`]), read back
+    /// from it by [`Statement::bound_arrays`] if the upsert is needed after all.
     pub arrays: Vec<ColumnArray>,
     /// Index into the planned net ops of each row, to name the culprit.
     pub rows: Vec<usize>,
@@ -345,9 +397,25 @@ pub struct Insert {
     /// updated (a version guard) or there is nothing to set: a missing
     /// ordinal would not mean a missing row.
     pub update: Option<String>,
-    /// The `COPY` text of every row, when the sink rendered it while
-    /// planning (it expected new keys): the write is then only I/O.
+    /// The `COPY` text of every row, when the plan was asked for it (the
+    /// sink expects new keys): written straight from the net ops, without
+    /// the bound arrays, which the usual write (a `COPY` of new keys) does
+    /// not need. The write is then only I/O.
     pub rendered: Option<Vec<u8>>,
+}
+
+impl Statement {
+    /// The bound arrays: as planned, or read back from the `COPY` text when
+    /// the rows were planned into that alone (a `COPY` that met an existing
+    /// key, or a guess that changed, needs the upsert's arrays after all).
+    pub fn bound_arrays(&self) -> Result<std::borrow::Cow<'_, [ColumnArray]>, String> {
+        match &self.insert {
+            Some(Insert { rendered: Some(text), .. }) => {
+                arrays_from_copy(text, &self.arrays, self.rows.len()).map(std::borrow::Cow::Owned)
+            }
+            _ => Ok(std::borrow::Cow::Borrowed(&self.arrays)),
+        }
+    }
 }
 
 /// A net op whose values do not fit the table.
@@ -471,19 +539,42 @@ impl TableSql {
     /// statement per shape of set and added columns). Each key is in
     /// exactly one statement, so their order does not matter.
     pub fn plan(&self, net: &[NetOp]) -> Result<Vec<Statement>, BindError> {
+        self.plan_rendering(net, &|_| false)
+    }
+
+    /// [`TableSql::plan`], with the upserts whose `COPY` statement `render`
+    /// picks planned straight into `COPY` text ([`Insert::rendered`]).
+    pub fn plan_rendering(&self, net: &[NetOp], render: &dyn Fn(&str) -> bool) -> Result<Vec<Statement>, BindError> {
         let mut deletes = Vec::new();
         let mut replaces = Vec::new();
-        let mut patches: BTreeMap<(Vec<Name>, Vec<Name>), Vec<usize>> = BTreeMap::new();
+        // Patches grouped by shape (sorted set and added names), each shape
+        // once in `shapes`, found by `by_shape`. An op naming the same fields
+        // in the same order as the patch before it (ops of one rule do) joins
+        // its shape without sorting and comparing the names again.
+        let mut shapes: Vec<(Shape, Vec<usize>)> = Vec::new();
+        let mut by_shape: BTreeMap<Shape, usize> = BTreeMap::new();
+        let mut last: Option<(usize, usize)> = None;
         for (index, op) in net.iter().enumerate() {
             match &op.effect {
                 Effect::Delete => deletes.push(index),
                 Effect::Replace(_) => replaces.push(index),
                 Effect::Patch { set, add } => {
-                    let mut set_names: Vec<Name> = set.iter().map(|(n, _)| *n).collect();
-                    let mut add_names: Vec<Name> = add.iter().map(|(n, _)| *n).collect();
-                    set_names.sort_unstable();
-                    add_names.sort_unstable();
-                    patches.entry((set_names, add_names)).or_default().push(index);
+                    let shape = match last {
+                        Some((before, shape)) if same_names(&net[before].effect, set, add) => shape,
+                        _ => {
+                            let names = |fields: &[(Name, Value)]| {
+                                let mut names: Vec<Name> = fields.iter().map(|(n, _)| *n).collect();
+                                names.sort_unstable();
+                                names
+                            };
+                            *by_shape.entry((names(set), names(add))).or_insert_with_key(|key| {
+                                shapes.push((key.clone(), Vec::new()));
+                                shapes.len() - 1
+                            })
+                        }
+                    };
+                    shapes[shape].1.push(index);
+                    last = Some((index, shape));
                 }
             }
         }
@@ -492,10 +583,11 @@ impl TableSql {
             statements.push(self.delete(net, deletes)?);
         }
         if !replaces.is_empty() {
-            statements.push(self.replace(net, replaces)?);
+            statements.push(self.replace(net, replaces, render)?);
         }
-        for ((set, add), rows) in patches {
-            statements.push(self.patch(net, rows, &set, &add)?);
+        for shape in by_shape.into_values() {
+            let ((set, add), rows) = std::mem::take(&mut shapes[shape]);
+            statements.push(self.patch(net, rows, &set, &add, render)?);
         }
         Ok(statements)
     }
@@ -506,10 +598,7 @@ impl TableSql {
             let ty = self.column_type(name);
             let mut array = ColumnArray::new(ty.bind_kind(), rows.len());
             for &row in rows {
-                let value = net[row].key.get(part).unwrap_or(&Value::Null);
-                if value.is_null() {
-                    return Err(BindError { op: row, column: name.clone(), message: "key is null".into() });
-                }
+                let value = key_part(net, row, part, name)?;
                 array.push(ty, value).map_err(|message| BindError { op: row, column: name.clone(), message })?;
             }
             arrays.push(array);
@@ -584,45 +673,49 @@ impl TableSql {
     }
 
     /// Replace: every column, unlisted ones null.
-    fn replace(&self, net: &[NetOp], rows: Vec<usize>) -> Result<Statement, BindError> {
+    fn replace(&self, net: &[NetOp], rows: Vec<usize>, render: &dyn Fn(&str) -> bool) -> Result<Statement, BindError> {
         // Interned, as the ops' field names are: `field_value_from` then finds
         // each by address.
-        let value_columns: Vec<&str> = self
+        let columns: Vec<(Name, bool)> = self
             .target
             .columns
             .iter()
             .filter(|c| !self.target.primary_key.contains(&c.name))
-            .map(|c| intern(&c.name))
+            .map(|c| (intern(&c.name), false))
             .collect();
-        let mut arrays = self.key_arrays(net, &rows)?;
-        let columns: Vec<(Name, bool)> = value_columns.iter().map(|name| (*name, false)).collect();
-        arrays.extend(self.value_arrays(net, &rows, &columns)?);
-        let set = value_columns.len();
-        Ok(self.upsert(net, rows, arrays, &value_columns, set))
+        let set = columns.len();
+        self.upsert(net, rows, &columns, set, render)
     }
 
     /// Patch: set some columns, add to others; the row is created if missing.
-    fn patch(&self, net: &[NetOp], rows: Vec<usize>, set: &[Name], add: &[Name]) -> Result<Statement, BindError> {
-        let mut arrays = self.key_arrays(net, &rows)?;
+    fn patch(
+        &self,
+        net: &[NetOp],
+        rows: Vec<usize>,
+        set: &[Name],
+        add: &[Name],
+        render: &dyn Fn(&str) -> bool,
+    ) -> Result<Statement, BindError> {
         let columns: Vec<(Name, bool)> =
             set.iter().map(|name| (*name, false)).chain(add.iter().map(|name| (*name, true))).collect();
-        arrays.extend(self.value_arrays(net, &rows, &columns)?);
-        let columns: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
-        Ok(self.upsert(net, rows, arrays, &columns, set.len()))
+        self.upsert(net, rows, &columns, set.len(), render)
     }
 
-    /// Insert-or-update of `value_columns`: the first `set` of them are set,
-    /// the others added to (a missing row starts from the delta; an existing
-    /// null counts as 0).
+    /// Insert-or-update of the `bound` value columns (name, and whether it
+    /// is added to): the first `set` of them are set, the others added to (a missing
+    /// row starts from the delta; an existing null counts as 0). With
+    /// `render` picking its `COPY`, the rows become `COPY` text and the
+    /// arrays stay empty ([`Insert::rendered`]).
     fn upsert(
         &self,
         net: &[NetOp],
         rows: Vec<usize>,
-        mut arrays: Vec<ColumnArray>,
-        value_columns: &[&str],
+        bound: &[(Name, bool)],
         set: usize,
-    ) -> Statement {
+        render: &dyn Fn(&str) -> bool,
+    ) -> Result<Statement, BindError> {
         let keys = &self.target.primary_key;
+        let value_columns: Vec<&str> = bound.iter().map(|(name, _)| *name).collect();
         let mut columns: Vec<String> = keys.iter().map(|k| quote(k)).collect();
         columns.extend(value_columns.iter().map(|c| quote(c)));
         let mut types: Vec<Option<ColumnType>> = keys
@@ -631,6 +724,10 @@ impl TableSql {
             .chain(value_columns.iter().copied())
             .map(|n| Some(self.column_type(n)))
             .collect();
+        // The SQL needs only the arrays' kinds: empty ones until the rows
+        // are bound (below, unless rendered).
+        let mut arrays: Vec<ColumnArray> =
+            types.iter().flatten().map(|ty| ColumnArray::new(ty.bind_kind(), 0)).collect();
         let mut casts: Vec<String> = types
             .iter()
             .enumerate()
@@ -673,7 +770,7 @@ impl TableSql {
             casts.push(format!("u.c{}", casts.len()));
             types.push(None);
             updates.push(format!("{VERSION_COLUMN} = EXCLUDED.{VERSION_COLUMN}"));
-            arrays.push(self.version_array(net, &rows));
+            arrays.push(ColumnArray::Int(Vec::new()));
         }
         let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
         let mut sql = format!(
@@ -698,7 +795,92 @@ impl TableSql {
             }
         }
         let copy = format!("COPY {} ({}) FROM STDIN", self.qualified, columns.join(", "));
-        Statement { sql, arrays, rows, insert: Some(Insert { copy, types, update, rendered: None }) }
+        let rendered = if render(&copy) {
+            Some(self.copy_text_of(net, &rows, bound, &types)?)
+        } else {
+            arrays = self.key_arrays(net, &rows)?;
+            arrays.extend(self.value_arrays(net, &rows, bound)?);
+            if self.versioned {
+                arrays.push(self.version_array(net, &rows));
+            }
+            None
+        };
+        Ok(Statement { sql, arrays, rows, insert: Some(Insert { copy, types, update, rendered }) })
+    }
+
+    /// The `COPY` text of `rows` (keys, `columns`, then the version when
+    /// versioned), straight from the net ops: the same text as binding them
+    /// ([`ColumnArray::push`]) and rendering the arrays ([`copy_rows`]), the
+    /// same errors, without building the arrays in between. `types` are the
+    /// upsert's, one per column of the text.
+    fn copy_text_of(
+        &self,
+        net: &[NetOp],
+        rows: &[usize],
+        columns: &[(Name, bool)],
+        types: &[Option<ColumnType>],
+    ) -> Result<Vec<u8>, BindError> {
+        let keys = &self.target.primary_key;
+        // Sized for ~16 bytes a value up front: growing a buffer of
+        // megabytes by doubling copies it and churns the allocator.
+        let mut out = Vec::with_capacity(rows.len() * types.len() * 16);
+        let mut scratch = String::new();
+        let mut hints = vec![0; columns.len()];
+        let column_type = |at: usize| types[at].expect("key and value columns have a type");
+        for &row in rows {
+            let op = &net[row];
+            for (part, name) in keys.iter().enumerate() {
+                if part > 0 {
+                    out.push(b'\t');
+                }
+                let value = key_part(net, row, part, name)?;
+                copy_field(column_type(part), value, &mut scratch, &mut out).map_err(|message| BindError {
+                    op: row,
+                    column: name.clone(),
+                    message,
+                })?;
+            }
+            let (set, add) = match &op.effect {
+                Effect::Replace(fields) => (&fields[..], &[][..]),
+                Effect::Patch { set, add } => (&set[..], &add[..]),
+                Effect::Delete => unreachable!("rows of an upsert are replaces or patches"),
+            };
+            for (column, &(name, adding)) in columns.iter().enumerate() {
+                out.push(b'\t');
+                let value = field_value_from(if adding { add } else { set }, name, &mut hints[column]);
+                copy_field(column_type(keys.len() + column), value, &mut scratch, &mut out)
+                    .map_err(|message| BindError { op: row, column: name.to_string(), message })?;
+            }
+            if self.versioned {
+                out.push(b'\t');
+                match op.version {
+                    Some(version) => out.extend_from_slice(itoa::Buffer::new().format(version).as_bytes()),
+                    None => out.extend_from_slice(COPY_NULL),
+                }
+            }
+            out.push(b'\n');
+        }
+        Ok(out)
+    }
+}
+
+/// The shape of a patch: its set and its added column names, each sorted.
+type Shape = (Vec<Name>, Vec<Name>);
+
+/// Whether `effect` is a patch naming the fields of `set` and `add`, in the
+/// same order (names are interned: compared by address, then by content).
+fn same_names(effect: &Effect, set: &[(Name, Value)], add: &[(Name, Value)]) -> bool {
+    let same = |a: &[(Name, Value)], b: &[(Name, Value)]| {
+        a.len() == b.len() && a.iter().zip(b).all(|((x, _), (y, _))| std::ptr::eq(*x, *y) || x == y)
+    };
+    matches!(effect, Effect::Patch { set: before_set, add: before_add } if same(before_set, set) && same(before_add, add))
+}
+
+/// Key part `part` of net op `row`, which must not be null.
+fn key_part<'v>(net: &'v [NetOp], row: usize, part: usize, name: &str) -> Result<&'v Value, BindError> {
+    match net[row].key.get(part) {
+        Some(value) if !value.is_null() => Ok(value),
+        _ => Err(BindError { op: row, column: name.to_string(), message: "key is null".into() }),
     }
 }
 
@@ -744,9 +926,11 @@ pub fn copy_rows(
     }
 }
 
+/// How `COPY` text spells null.
+const COPY_NULL: &[u8] = b"\\N";
+
 fn copy_value(array: &ColumnArray, row: usize, ty: Option<ColumnType>, out: &mut Vec<u8>) {
-    use std::io::Write as _;
-    const NULL: &[u8] = b"\\N";
+    const NULL: &[u8] = COPY_NULL;
     match array {
         ColumnArray::Int(v) => match v[row] {
             Some(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
@@ -762,11 +946,7 @@ fn copy_value(array: &ColumnArray, row: usize, ty: Option<ColumnType>, out: &mut
             None => out.extend_from_slice(NULL),
         },
         ColumnArray::Bytes(v) => match &v[row] {
-            Some(bytes) => {
-                // bytea's hex input, its backslash escaped for COPY.
-                out.extend_from_slice(b"\\\\x");
-                bytes.iter().for_each(|byte| drop(write!(out, "{byte:02x}")));
-            }
+            Some(bytes) => copy_bytes(bytes, out),
             None => out.extend_from_slice(NULL),
         },
         ColumnArray::Text(v) => match v.get(row) {
@@ -774,6 +954,90 @@ fn copy_value(array: &ColumnArray, row: usize, ty: Option<ColumnType>, out: &mut
             None => out.extend_from_slice(NULL),
         },
     }
+}
+
+/// bytea's hex input, its backslash escaped for COPY.
+fn copy_bytes(bytes: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(b"\\\\x");
+    for byte in bytes {
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0xf)]);
+    }
+}
+
+/// One value of a column of type `ty` as `COPY` text: what binding it
+/// ([`ColumnArray::push`]) and rendering that ([`copy_value`]) write, with
+/// the same errors. `scratch` holds text that needs escaping after it is
+/// built (timestamps, JSON, numbers in text columns).
+fn copy_field(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut Vec<u8>) -> Result<(), String> {
+    let null = |out: &mut Vec<u8>| out.extend_from_slice(COPY_NULL);
+    match ty.bind_kind() {
+        BindKind::Int => match to_int(value)? {
+            Some(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+            None => null(out),
+        },
+        BindKind::Float => match to_float(value)? {
+            // Writing to a Vec cannot fail.
+            Some(x) => drop(write_float(out, x, Some(ty))),
+            None => null(out),
+        },
+        BindKind::Bool => match to_bool(value)? {
+            Some(b) => out.push(if b { b't' } else { b'f' }),
+            None => null(out),
+        },
+        BindKind::Bytes => match to_bytes(value)? {
+            Some(bytes) => copy_bytes(&bytes, out),
+            None => null(out),
+        },
+        BindKind::Text => match text_of(ty, value)? {
+            Some(Text::Str(text)) => escape_copy(text, out),
+            Some(text) => {
+                scratch.clear();
+                text.write(scratch);
+                escape_copy(scratch, out);
+            }
+            None => null(out),
+        },
+    }
+    Ok(())
+}
+
+/// Reads `COPY` text written by [`TableSql::copy_text_of`] back into
+/// arrays of the kinds of `kinds` (`rows` lines). `Err` says where it does
+/// not read, which would be a bug in the writing.
+fn arrays_from_copy(text: &[u8], kinds: &[ColumnArray], rows: usize) -> Result<Vec<ColumnArray>, String> {
+    let mut arrays: Vec<ColumnArray> = kinds.iter().map(|kind| kind.empty_like(rows)).collect();
+    let mut lines = text.split(|&b| b == b'\n');
+    for row in 0..rows {
+        let line = lines.next().ok_or_else(|| format!("COPY text ends before row {row}"))?;
+        let mut fields = line.split(|&b| b == b'\t');
+        for (column, array) in arrays.iter_mut().enumerate() {
+            let field = fields.next().ok_or_else(|| format!("row {row} ends before column {column}"))?;
+            array.push_copy_field(field).map_err(|message| format!("row {row}, column {column}: {message}"))?;
+        }
+    }
+    Ok(arrays)
+}
+
+/// Undoes [`escape_copy`].
+fn unescape_copy(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut bytes = field.iter();
+    while let Some(&byte) = bytes.next() {
+        if byte != b'\\' {
+            out.push(byte);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b't') => out.push(b'\t'),
+            Some(&other) => out.push(other),
+            None => out.push(b'\\'),
+        }
+    }
+    out
 }
 
 /// A float as `float8in`/`float4in` read it back exactly. A `real` column
@@ -819,6 +1083,7 @@ mod tests {
     use super::*;
     use crate::config::Column;
     use crate::event::Position;
+    use crate::value::Record;
 
     fn replace(fields: Vec<(Name, Value)>) -> Effect<'static> {
         Effect::Replace(fields.into())
@@ -879,6 +1144,22 @@ mod tests {
             statements[1].arrays[2],
             ColumnArray::Text([Some("1970-01-01T00:00:00.000Z")].into_iter().collect())
         );
+    }
+
+    #[test]
+    fn patches_of_one_shape_in_any_field_order_are_one_statement() {
+        let both = |first: (Name, Value), second: (Name, Value)| patch(vec![first, second], vec![]);
+        let ops = vec![
+            net("s1", both(("on_hand", Value::Int(1)), ("seen_at", Value::Int(0)))),
+            net("s2", both(("on_hand", Value::Int(2)), ("seen_at", Value::Int(0)))),
+            net("s3", patch(vec![("on_hand", Value::Int(3))], vec![])),
+            net("s4", both(("seen_at", Value::Int(0)), ("on_hand", Value::Int(4)))),
+            net("s5", patch(vec![], vec![("on_hand", Value::Int(5))])),
+        ];
+        let statements = inventory().plan(&ops).expect("binds");
+        let rows: Vec<&[usize]> = statements.iter().map(|s| &s.rows[..]).collect();
+        assert_eq!(rows, [&[4][..], &[2], &[0, 1, 3]], "shapes in the order of their sorted names: add, set");
+        assert_eq!(statements[2].arrays[2], ColumnArray::Int(vec![Some(1), Some(2), Some(4)]));
     }
 
     #[test]
@@ -952,6 +1233,130 @@ mod tests {
              a\\tb\\\\c\\nd\\re\t-12\t0.1\t0.1\tt\t\\\\x005cff\n",
             "a real is rounded to f32 first (0.1), unless that overflows (1e300 is refused as the cast would)"
         );
+    }
+
+    /// A table with a column of every kind of text conversion.
+    fn every_type(versioned: bool) -> TableSql {
+        let column = |name: &str, ty| Column { name: name.into(), ty };
+        TableSql::new(
+            &PostgresTarget {
+                schema: "public".into(),
+                table: "every".into(),
+                columns: vec![
+                    column("id", ColumnType::Text),
+                    column("n", ColumnType::BigInt),
+                    column("small", ColumnType::SmallInt),
+                    column("x", ColumnType::Double),
+                    column("r", ColumnType::Real),
+                    column("b", ColumnType::Boolean),
+                    column("bytes", ColumnType::Bytea),
+                    column("t", ColumnType::Text),
+                    column("at", ColumnType::TimestampTz),
+                    column("day", ColumnType::Date),
+                    column("doc", ColumnType::Jsonb),
+                    column("amount", ColumnType::Numeric),
+                ],
+                primary_key: vec!["id".into()],
+                create: true,
+                fillfactor: None,
+            },
+            versioned,
+        )
+    }
+
+    fn every_row(id: &str, version: Option<i64>, fields: Vec<(Name, Value)>) -> NetOp<'static> {
+        NetOp {
+            key: vec![Value::from(id)].into(),
+            effect: replace(fields),
+            version,
+            positions: smallvec::smallvec![Position { topic: "t", partition: 0, offset: 0 }],
+        }
+    }
+
+    #[test]
+    fn copy_text_planned_from_the_ops_is_the_arrays_text_and_reads_back_into_them() {
+        let mut record = Record::new();
+        record.push("k", Value::from("v\tw"));
+        let full = vec![
+            (intern("n"), Value::Int(-7)),
+            (intern("small"), Value::Int(3)),
+            (intern("x"), Value::Float(f64::NEG_INFINITY)),
+            (intern("r"), Value::Float(0.5)),
+            (intern("b"), Value::Bool(false)),
+            (intern("bytes"), Value::Bytes(vec![0, 0x5c, 0xff, b'\t'])),
+            (intern("t"), Value::from("a\tb\\c\nd\re \\N")),
+            (intern("at"), Value::Int(1_700_000_000_123)),
+            (intern("day"), Value::Int(-1)),
+            (intern("doc"), Value::Record(record)),
+            (intern("amount"), Value::Float(12.25)),
+        ];
+        // Fields in another order, some absent (null), numbers in text columns.
+        let sparse = vec![
+            (intern("t"), Value::Int(42)),
+            (intern("x"), Value::Float(f64::NAN)),
+            (intern("bytes"), Value::from("\\x")),
+            (intern("amount"), Value::Int(-3)),
+            (intern("b"), Value::Null),
+        ];
+        let ops = vec![every_row("a\nb", Some(3), full), every_row("", None, sparse), every_row("c", Some(1), vec![])];
+        for versioned in [false, true] {
+            let table = every_type(versioned);
+            let bound = table.plan(&ops).expect("binds");
+            let rendered = table.plan_rendering(&ops, &|copy| copy.starts_with("COPY")).expect("binds");
+            assert_eq!(bound.len(), 1);
+            let insert = bound[0].insert.as_ref().expect("an upsert");
+            let mut expected = Vec::new();
+            copy_rows(&bound[0].arrays, &insert.types, 0..3, &mut expected);
+            let text = rendered[0].insert.as_ref().and_then(|i| i.rendered.clone()).expect("rendered");
+            assert_eq!(String::from_utf8_lossy(&text), String::from_utf8_lossy(&expected), "versioned: {versioned}");
+            assert!(rendered[0].arrays.iter().all(ColumnArray::is_empty), "no arrays bound beside the text");
+            assert_eq!(rendered[0].sql, bound[0].sql);
+            assert_eq!(rendered[0].insert.as_ref().map(|i| &i.update), Some(&insert.update));
+            // NaN != NaN: compare what the arrays read back render to, and the
+            // arrays themselves without the float column.
+            let read_back = rendered[0].bound_arrays().expect("reads back");
+            let mut again = Vec::new();
+            copy_rows(&read_back, &insert.types, 0..3, &mut again);
+            assert_eq!(again, expected);
+            for (column, array) in read_back.iter().enumerate() {
+                if !matches!(array, ColumnArray::Float(_)) {
+                    assert_eq!(array, &bound[0].arrays[column], "column {column}, versioned: {versioned}");
+                }
+            }
+            assert!(
+                matches!(bound[0].bound_arrays(), Ok(std::borrow::Cow::Borrowed(arrays)) if std::ptr::eq(arrays, &bound[0].arrays[..])),
+                "arrays planned as such are used as they are"
+            );
+        }
+    }
+
+    #[test]
+    fn copy_text_planned_from_the_ops_refuses_what_binding_refuses() {
+        let ops = vec![
+            every_row("ok", None, vec![(intern("n"), Value::Int(1))]),
+            every_row("bad", None, vec![(intern("at"), Value::Bool(true))]),
+        ];
+        let table = every_type(false);
+        let bound = table.plan(&ops).expect_err("a bool is no timestamp");
+        let rendered = table.plan_rendering(&ops, &|_| true).expect_err("a bool is no timestamp");
+        assert_eq!(rendered, bound);
+        assert_eq!(rendered.op, 1);
+        let null_key = vec![NetOp { key: vec![Value::Null].into(), ..every_row("", None, vec![]) }];
+        assert_eq!(table.plan_rendering(&null_key, &|_| true), table.plan(&null_key));
+        assert!(table.plan(&null_key).is_err());
+    }
+
+    #[test]
+    fn copy_text_that_does_not_read_back_is_an_error() {
+        let kinds = [ColumnArray::Int(Vec::new()), ColumnArray::Bytes(Vec::new())];
+        assert_eq!(
+            arrays_from_copy(b"1\t\\\\x00\n2\t\\N\n", &kinds, 2),
+            Ok(vec![ColumnArray::Int(vec![Some(1), Some(2)]), ColumnArray::Bytes(vec![Some(vec![0]), None])])
+        );
+        assert!(arrays_from_copy(b"1\t\\\\x00\n", &kinds, 2).is_err(), "a row short");
+        assert!(arrays_from_copy(b"x\t\\N\n", &kinds, 1).is_err(), "not an integer");
+        assert!(arrays_from_copy(b"1\t\\\\x0\n", &kinds, 1).is_err(), "odd hex");
+        assert!(arrays_from_copy(b"1\n", &kinds, 1).is_err(), "a column short");
     }
 
     #[test]

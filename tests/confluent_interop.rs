@@ -15,7 +15,7 @@ use kawka::codec::registry::RegistryClient;
 use kawka::codec::{Codec, CodecError, Decoded};
 use kawka::config::{KeyFormat, RegistryClientSettings};
 use kawka::event::Position;
-use kawka::source::RawRecord;
+use kawka::source::{KeyBytes, RawRecord};
 use kawka::value::intern;
 
 #[tokio::test]
@@ -65,7 +65,7 @@ async fn confluent_python_producer_to_kawka_decoder() {
         let raw = RawRecord {
             position: Position { topic: intern(&topic), partition: record.partition, offset: record.offset },
             timestamp: None,
-            key: record.key.clone(),
+            key: record.key.as_deref().map(KeyBytes::from_slice),
             value: record.value.clone(),
             headers: Vec::new(),
         };

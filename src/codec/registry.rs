@@ -96,7 +96,8 @@ pub struct RegistryClient {
     base: String,
     username: Option<String>,
     password: Option<String>,
-    cache: RwLock<HashMap<u32, Arc<WriterSchema>>>,
+    /// Read for every record: foldhash rather than SipHash.
+    cache: RwLock<HashMap<u32, Arc<WriterSchema>, foldhash::fast::RandomState>>,
     cache_hits: std::sync::atomic::AtomicU64,
     cache_misses: std::sync::atomic::AtomicU64,
 }
@@ -116,7 +117,7 @@ impl RegistryClient {
             base: settings.url.trim_end_matches('/').to_string(),
             username: settings.username.clone(),
             password: settings.password.as_ref().map(|p| p.expose().to_string()),
-            cache: RwLock::new(HashMap::new()),
+            cache: RwLock::default(),
             cache_hits: Default::default(),
             cache_misses: Default::default(),
         })

@@ -23,7 +23,7 @@ use crate::config::StartPosition;
 use crate::error::ErrorClass;
 use crate::event::Position;
 use crate::projection::Projected;
-use crate::source::RawRecord;
+use crate::source::{KeyBytes, RawRecord};
 use crate::status::Outcome;
 use crate::value::intern;
 
@@ -116,7 +116,7 @@ fn read_all(kafka: &crate::config::KafkaSettings, topic: &str, idle: Duration) -
                     offset: message.offset(),
                 },
                 timestamp: message.timestamp().to_millis(),
-                key: message.key().map(<[u8]>::to_vec),
+                key: message.key().map(KeyBytes::from_slice),
                 value: message.payload().map(<[u8]>::to_vec),
                 headers,
             });

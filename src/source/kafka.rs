@@ -32,7 +32,7 @@ use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 
 use super::queue::{self, QueueHandle, RecordQueue};
-use super::RawRecord;
+use super::{KeyBytes, RawRecord};
 use crate::config::{KafkaSettings, SourceSettings, StartPosition};
 use crate::event::Position;
 use crate::sink::Claim;
@@ -586,7 +586,7 @@ fn raw_record<M: Message>(message: &M) -> RawRecord {
     RawRecord {
         position: Position { topic: intern(message.topic()), partition: message.partition(), offset: message.offset() },
         timestamp: message.timestamp().to_millis(),
-        key: message.key().map(<[u8]>::to_vec),
+        key: message.key().map(KeyBytes::from_slice),
         value: message.payload().map(<[u8]>::to_vec),
         headers,
     }

@@ -10,4 +10,4 @@ pub mod queue;
 mod record;
 
 pub use kafka::{ClaimFn, KafkaSource, SourceMessage};
-pub use record::RawRecord;
+pub use record::{KeyBytes, RawRecord};

@@ -31,7 +31,7 @@ use rdkafka::bindings as rdsys;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaRespErr;
 
-use super::RawRecord;
+use super::{KeyBytes, RawRecord};
 use crate::event::Position;
 use crate::value::{intern, Name};
 
@@ -124,8 +124,8 @@ impl RecordQueue {
         RawRecord {
             position: Position { topic, partition: m.partition, offset: m.offset },
             timestamp,
-            key: bytes(m.key as *const u8, m.key_len),
-            value: bytes(m.payload as *const u8, m.len),
+            key: bytes(m.key as *const u8, m.key_len).map(KeyBytes::from_slice),
+            value: bytes(m.payload as *const u8, m.len).map(<[u8]>::to_vec),
             headers: headers(message),
         }
     }
@@ -177,15 +177,16 @@ pub unsafe fn forward<C: ConsumerContext>(
     missed
 }
 
-/// A copy of `len` bytes at `ptr`, `None` for a null pointer.
+/// The `len` bytes at `ptr`, `None` for a null pointer; the caller copies
+/// them out before the message is destroyed.
 ///
 /// # Safety
-/// A non-null `ptr` must point to `len` readable bytes.
-unsafe fn bytes(ptr: *const u8, len: usize) -> Option<Vec<u8>> {
+/// A non-null `ptr` must point to `len` readable bytes that stay valid for `'m`.
+unsafe fn bytes<'m>(ptr: *const u8, len: usize) -> Option<&'m [u8]> {
     if ptr.is_null() {
         return None;
     }
-    Some(std::slice::from_raw_parts(ptr, len).to_vec())
+    Some(std::slice::from_raw_parts(ptr, len))
 }
 
 /// # Safety
@@ -207,7 +208,10 @@ unsafe fn headers(message: *const rdsys::rd_kafka_message_t) -> Vec<(String, Opt
         {
             break;
         }
-        headers.push((CStr::from_ptr(name).to_string_lossy().into_owned(), bytes(value as *const u8, size)));
+        headers.push((
+            CStr::from_ptr(name).to_string_lossy().into_owned(),
+            bytes(value as *const u8, size).map(<[u8]>::to_vec),
+        ));
     }
     headers
 }

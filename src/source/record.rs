@@ -2,13 +2,17 @@
 
 use crate::event::Position;
 
+/// A record's key bytes: inline up to 24 bytes (most keys are an id), so
+/// copying a record out of librdkafka allocates for its value only.
+pub type KeyBytes = smallvec::SmallVec<[u8; 24]>;
+
 /// One Kafka record, copied out of librdkafka's buffers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawRecord {
     pub position: Position,
     /// Milliseconds since the epoch (create or log-append time).
     pub timestamp: Option<i64>,
-    pub key: Option<Vec<u8>>,
+    pub key: Option<KeyBytes>,
     /// `None` for a tombstone.
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
@@ -17,6 +21,6 @@ pub struct RawRecord {
 impl RawRecord {
     /// Bytes of key and value: what batch and prefetch limits count.
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len)
+        self.key.as_ref().map_or(0, |key| key.len()) + self.value.as_ref().map_or(0, Vec::len)
     }
 }

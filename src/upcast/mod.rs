@@ -108,7 +108,8 @@ pub struct Upcasting {
     catalogue: Arc<Catalogue>,
     chain: HashMap<(String, u32), Arc<dyn Upcaster>>,
     /// Shared, not cloned: a resolved reader schema is a whole schema tree.
-    resolutions: Mutex<HashMap<(u32, Name), Arc<Resolution>>>,
+    /// Looked up for every event: foldhash rather than SipHash.
+    resolutions: Mutex<HashMap<(u32, Name), Arc<Resolution>, foldhash::fast::RandomState>>,
 }
 
 /// Steps a chain may take before it is declared a loop.
@@ -118,7 +119,7 @@ impl Upcasting {
     /// Later upcasters replace earlier ones for the same (type, version).
     pub fn new(catalogue: Arc<Catalogue>, upcasters: Vec<Arc<dyn Upcaster>>) -> Upcasting {
         let chain = upcasters.into_iter().map(|u| ((u.event_type().to_string(), u.reads_version()), u)).collect();
-        Upcasting { catalogue, chain, resolutions: Mutex::new(HashMap::new()) }
+        Upcasting { catalogue, chain, resolutions: Mutex::default() }
     }
 
     pub fn catalogue(&self) -> &Catalogue {
@@ -154,6 +155,10 @@ impl Upcasting {
     /// Runs the chain from the event's version to the newest of its type
     /// (and of every type it becomes).
     pub fn to_newest(&self, event: Event) -> Result<Vec<Event>, UpcastError> {
+        // Most events are written at the newest version: one allocation.
+        if self.catalogue.newest(event.event_type).is_none_or(|newest| event.version >= newest.version) {
+            return Ok(vec![event]);
+        }
         let mut done = Vec::with_capacity(1);
         let mut work = vec![event];
         let mut steps = 0;

@@ -1237,25 +1237,22 @@ mod tests {
 
     /// A table with a column of every kind of text conversion.
     fn every_type(versioned: bool) -> TableSql {
-        let column = |name: &str, ty| Column { name: name.into(), ty };
+        use ColumnType::*;
+        let columns = [("id", Text), ("n", BigInt), ("small", SmallInt), ("x", Double), ("r", Real), ("b", Boolean)]
+            .into_iter()
+            .chain([
+                ("bytes", Bytea),
+                ("t", Text),
+                ("at", TimestampTz),
+                ("day", Date),
+                ("doc", Jsonb),
+                ("amount", Numeric),
+            ]);
         TableSql::new(
             &PostgresTarget {
                 schema: "public".into(),
                 table: "every".into(),
-                columns: vec![
-                    column("id", ColumnType::Text),
-                    column("n", ColumnType::BigInt),
-                    column("small", ColumnType::SmallInt),
-                    column("x", ColumnType::Double),
-                    column("r", ColumnType::Real),
-                    column("b", ColumnType::Boolean),
-                    column("bytes", ColumnType::Bytea),
-                    column("t", ColumnType::Text),
-                    column("at", ColumnType::TimestampTz),
-                    column("day", ColumnType::Date),
-                    column("doc", ColumnType::Jsonb),
-                    column("amount", ColumnType::Numeric),
-                ],
+                columns: columns.map(|(name, ty)| Column { name: name.into(), ty }).collect(),
                 primary_key: vec!["id".into()],
                 create: true,
                 fillfactor: None,

@@ -141,10 +141,10 @@ impl ConnectorRuntime {
             runtime: self,
             source: &source,
             pending: Pending::default(),
-            epochs: HashMap::new(),
+            epochs: HashMap::default(),
             generation: None,
             shutdown: shutdown.clone(),
-            replay_done: std::collections::HashSet::new(),
+            replay_done: std::collections::HashSet::default(),
             in_flight: Vec::new(),
             stopping: false,
         };
@@ -241,11 +241,13 @@ struct Worker<'a> {
     runtime: &'a ConnectorRuntime,
     source: &'a KafkaSource,
     pending: Pending,
-    epochs: HashMap<(Name, i32), Option<i64>>,
+    /// The epoch of each assigned partition; looked up for every record
+    /// (as is `replay_done`): foldhash rather than SipHash.
+    epochs: HashMap<(Name, i32), Option<i64>, foldhash::fast::RandomState>,
     generation: Option<u64>,
     shutdown: watch::Receiver<bool>,
     /// Replay: partitions that reached records this run wrote itself.
-    replay_done: std::collections::HashSet<(Name, i32)>,
+    replay_done: std::collections::HashSet<(Name, i32), foldhash::fast::RandomState>,
     /// Batches being written in the background, oldest first; no two
     /// share a key, nor a partition unless the sink chains writes.
     in_flight: Vec<InFlightWrite>,

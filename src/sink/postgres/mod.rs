@@ -610,10 +610,8 @@ fn by_partition<'n, 'o>(
 
 /// The `COPY` text of `rows` of an upsert's arrays.
 fn copy_text(arrays: &[ColumnArray], insert: &Insert, rows: impl IntoIterator<Item = usize>) -> Vec<u8> {
-    // Sized for ~16 bytes a value up front: growing a buffer of megabytes
-    // by doubling copies it and churns the allocator.
     let rows = rows.into_iter();
-    let mut data = Vec::with_capacity(rows.size_hint().0 * arrays.len() * 16);
+    let mut data = sql::copy_buffer(rows.size_hint().0, arrays.len());
     sql::copy_rows(arrays, &insert.types, rows, &mut data);
     data
 }

@@ -821,9 +821,7 @@ impl TableSql {
         types: &[Option<ColumnType>],
     ) -> Result<Vec<u8>, BindError> {
         let keys = &self.target.primary_key;
-        // Sized for ~16 bytes a value up front: growing a buffer of
-        // megabytes by doubling copies it and churns the allocator.
-        let mut out = Vec::with_capacity(rows.len() * types.len() * 16);
+        let mut out = copy_buffer(rows.len(), types.len());
         let mut scratch = String::new();
         let mut hints = vec![0; columns.len()];
         let column_type = |at: usize| types[at].expect("key and value columns have a type");
@@ -853,10 +851,7 @@ impl TableSql {
             }
             if self.versioned {
                 out.push(b'\t');
-                match op.version {
-                    Some(version) => out.extend_from_slice(itoa::Buffer::new().format(version).as_bytes()),
-                    None => out.extend_from_slice(COPY_NULL),
-                }
+                write_copy(op.version.map_or(CopyValue::Null, CopyValue::Int), None, &mut out);
             }
             out.push(b'\n');
         }
@@ -926,33 +921,49 @@ pub fn copy_rows(
     }
 }
 
+/// A buffer for the `COPY` text of `rows` rows of `columns` values, sized
+/// for ~16 bytes a value up front: growing a buffer of megabytes by
+/// doubling copies it and churns the allocator.
+pub fn copy_buffer(rows: usize, columns: usize) -> Vec<u8> {
+    Vec::with_capacity(rows * columns * 16)
+}
+
 /// How `COPY` text spells null.
 const COPY_NULL: &[u8] = b"\\N";
 
 fn copy_value(array: &ColumnArray, row: usize, ty: Option<ColumnType>, out: &mut Vec<u8>) {
-    const NULL: &[u8] = COPY_NULL;
-    match array {
-        ColumnArray::Int(v) => match v[row] {
-            Some(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
-            None => out.extend_from_slice(NULL),
-        },
-        ColumnArray::Float(v) => match v[row] {
-            // Writing to a Vec cannot fail.
-            Some(x) => drop(write_float(out, x, ty)),
-            None => out.extend_from_slice(NULL),
-        },
-        ColumnArray::Bool(v) => match v[row] {
-            Some(b) => out.push(if b { b't' } else { b'f' }),
-            None => out.extend_from_slice(NULL),
-        },
-        ColumnArray::Bytes(v) => match &v[row] {
-            Some(bytes) => copy_bytes(bytes, out),
-            None => out.extend_from_slice(NULL),
-        },
-        ColumnArray::Text(v) => match v.get(row) {
-            Some(text) => escape_copy(text, out),
-            None => out.extend_from_slice(NULL),
-        },
+    let value = match array {
+        ColumnArray::Int(v) => v[row].map_or(CopyValue::Null, CopyValue::Int),
+        ColumnArray::Float(v) => v[row].map_or(CopyValue::Null, CopyValue::Float),
+        ColumnArray::Bool(v) => v[row].map_or(CopyValue::Null, CopyValue::Bool),
+        ColumnArray::Bytes(v) => v[row].as_deref().map_or(CopyValue::Null, CopyValue::Bytes),
+        ColumnArray::Text(v) => v.get(row).map_or(CopyValue::Null, CopyValue::Text),
+    };
+    write_copy(value, ty, out);
+}
+
+/// One value as bound, whether read from a bound array ([`copy_value`]) or
+/// converted from an op's value ([`copy_field`]): both write it with
+/// [`write_copy`], so the two give the same text.
+enum CopyValue<'a> {
+    Null,
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Bytes(&'a [u8]),
+    Text(&'a str),
+}
+
+/// `value` as `COPY` text for a column of type `ty` (`None`: the version column).
+fn write_copy(value: CopyValue, ty: Option<ColumnType>, out: &mut Vec<u8>) {
+    match value {
+        CopyValue::Null => out.extend_from_slice(COPY_NULL),
+        CopyValue::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+        // Writing to a Vec cannot fail.
+        CopyValue::Float(x) => drop(write_float(out, x, ty)),
+        CopyValue::Bool(b) => out.push(if b { b't' } else { b'f' }),
+        CopyValue::Bytes(bytes) => copy_bytes(bytes, out),
+        CopyValue::Text(text) => escape_copy(text, out),
     }
 }
 
@@ -971,35 +982,26 @@ fn copy_bytes(bytes: &[u8], out: &mut Vec<u8>) {
 /// the same errors. `scratch` holds text that needs escaping after it is
 /// built (timestamps, JSON, numbers in text columns).
 fn copy_field(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut Vec<u8>) -> Result<(), String> {
-    let null = |out: &mut Vec<u8>| out.extend_from_slice(COPY_NULL);
-    match ty.bind_kind() {
-        BindKind::Int => match to_int(value)? {
-            Some(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
-            None => null(out),
-        },
-        BindKind::Float => match to_float(value)? {
-            // Writing to a Vec cannot fail.
-            Some(x) => drop(write_float(out, x, Some(ty))),
-            None => null(out),
-        },
-        BindKind::Bool => match to_bool(value)? {
-            Some(b) => out.push(if b { b't' } else { b'f' }),
-            None => null(out),
-        },
-        BindKind::Bytes => match to_bytes(value)? {
-            Some(bytes) => copy_bytes(&bytes, out),
-            None => null(out),
-        },
+    let bytes;
+    let value = match ty.bind_kind() {
+        BindKind::Int => to_int(value)?.map_or(CopyValue::Null, CopyValue::Int),
+        BindKind::Float => to_float(value)?.map_or(CopyValue::Null, CopyValue::Float),
+        BindKind::Bool => to_bool(value)?.map_or(CopyValue::Null, CopyValue::Bool),
+        BindKind::Bytes => {
+            bytes = to_bytes(value)?;
+            bytes.as_deref().map_or(CopyValue::Null, CopyValue::Bytes)
+        }
         BindKind::Text => match text_of(ty, value)? {
-            Some(Text::Str(text)) => escape_copy(text, out),
+            None => CopyValue::Null,
+            Some(Text::Str(text)) => CopyValue::Text(text),
             Some(text) => {
                 scratch.clear();
                 text.write(scratch);
-                escape_copy(scratch, out);
+                CopyValue::Text(scratch)
             }
-            None => null(out),
         },
-    }
+    };
+    write_copy(value, Some(ty), out);
     Ok(())
 }
 

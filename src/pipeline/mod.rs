@@ -13,7 +13,6 @@ pub mod dead_letter;
 pub mod replay;
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +23,7 @@ use crate::codec::{Codec, Decoded};
 use crate::config::{ConnectorSettings, ErrorPolicy, KafkaSettings};
 use crate::error::{Backoff, ErrorClass};
 use crate::event::Position;
-use crate::projection::compact::KeyRef;
+use crate::projection::compact;
 use crate::projection::{Projected, Projection, WriteOp};
 use crate::sink::{Claim, Committed, Follows, PartitionOffset, Plan, Sink, SinkError};
 use crate::source::{ClaimFn, KafkaSource, RawRecord, SourceMessage};
@@ -304,16 +303,13 @@ fn follows(in_flight: &[InFlightWrite], partitions: &[(Name, i32)], keys: &[u64]
     follows
 }
 
-/// Hashes of the keys `ops` write, sorted. Built for every batch on the
-/// worker's own path, so a sorted list (one hash per key, one allocation)
-/// rather than a hash set, which would hash each value again.
-fn key_hashes(ops: &[WriteOp]) -> Vec<u64> {
-    // Fixed, so that hashes compare across batches; keys hash as
-    // compaction's index does.
-    let hasher = foldhash::fast::FixedState::default();
-    let mut hashes: Vec<u64> = ops.iter().map(|op| hasher.hash_one(KeyRef(&op.key))).collect();
-    hashes.sort_unstable();
-    hashes
+/// `hashes` (of a batch's keys, [`compact::key_hashes`]) sorted. A sorted
+/// list (one allocation) rather than a hash set, which would hash each
+/// value again: built for every batch on the worker's own path.
+fn sorted(hashes: &[u64]) -> Vec<u64> {
+    let mut sorted = hashes.to_vec();
+    sorted.sort_unstable();
+    sorted
 }
 
 /// Whether two sorted lists have a value in common.
@@ -635,12 +631,14 @@ impl Worker<'_> {
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
         let most = self.runtime.sink.concurrent_writes();
         let chains = self.runtime.sink.chains_writes();
-        let keys = if most > 1 { key_hashes(&self.pending.ops) } else { Vec::new() };
+        // Each key hashed once, for compaction and for the writes in flight.
+        let hashes = compact::key_hashes(&self.pending.ops);
+        let keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
         // Planned (folded, SQL built) before waiting for the writes ahead:
         // the planning overlaps them, and the write is only I/O. A batch
         // that fails to plan is written, and fails, in its task, so its
         // error takes the settling path of any failed write.
-        let plan = self.runtime.sink.plan(&self.pending.ops, &offsets);
+        let plan = self.runtime.sink.plan(&self.pending.ops, &hashes, &offsets);
         let connections = plan.as_ref().map_or(1, Plan::connections);
         while let Some(index) = self.in_flight.iter().position(|write| write.blocks(&partitions, &keys, chains)) {
             self.settle_through(index).await?;
@@ -952,6 +950,10 @@ mod tests {
     use crate::config::OpKind;
     use crate::value::Value;
 
+    fn hashed(ops: &[WriteOp]) -> Vec<u64> {
+        sorted(&compact::key_hashes(ops))
+    }
+
     fn ops(partition: i32, keys: &[&str]) -> Vec<WriteOp> {
         keys.iter()
             .enumerate()
@@ -971,20 +973,20 @@ mod tests {
         let partitions = partitions.iter().map(|&p| ("t", p)).collect();
         let (_, ran) = Committed::channel();
         let (_, committed) = Committed::channel();
-        InFlightWrite { task, partitions, keys: key_hashes(&ops(0, keys)), ran, committed, connections: 1 }
+        InFlightWrite { task, partitions, keys: hashed(&ops(0, keys)), ran, committed, connections: 1 }
     }
 
     #[tokio::test]
     async fn a_batch_waits_for_writes_that_share_a_key_or_an_unchained_partition() {
         let write = in_flight(&[0, 1], &["a", "b"]);
-        let (other_keys, same_key) = (key_hashes(&ops(2, &["c", "d"])), key_hashes(&ops(2, &["d", "b"])));
+        let (other_keys, same_key) = (hashed(&ops(2, &["c", "d"])), hashed(&ops(2, &["d", "b"])));
         assert!(!write.blocks(&[("t", 2)], &other_keys, false), "disjoint partitions and keys run concurrently");
         assert!(write.blocks(&[("t", 2)], &same_key, false), "a shared key waits (rows locked in another order)");
         assert!(!write.blocks(&[("u", 0)], &[], false), "partitions are per topic");
         // Keys are compared whole: ("a", 1) is not ("a", 2).
         let mut shifted = ops(2, &["a"]);
         shifted[0].key[1] = Value::Int(2);
-        assert!(!write.blocks(&[("t", 2)], &key_hashes(&shifted), false));
+        assert!(!write.blocks(&[("t", 2)], &hashed(&shifted), false));
         // A shared partition commits in order: after the write.
         assert!(write.blocks(&[("t", 2), ("t", 1)], &other_keys, false));
         assert!(write.shares_partition(&[("t", 2), ("t", 1)]));
@@ -1002,13 +1004,13 @@ mod tests {
         let writes = [first, second];
         let count = |f: &Follows| (f.ran.len(), f.committed.len());
         // Another partition, other keys: free.
-        assert_eq!(count(&follows(&writes, &[("t", 2)], &key_hashes(&ops(2, &["x"])))), (0, 0));
+        assert_eq!(count(&follows(&writes, &[("t", 2)], &hashed(&ops(2, &["x"])))), (0, 0));
         // The first's partition: commits after it, statements at once.
-        assert_eq!(count(&follows(&writes, &[("t", 0)], &key_hashes(&ops(0, &["x"])))), (0, 1));
+        assert_eq!(count(&follows(&writes, &[("t", 0)], &hashed(&ops(0, &["x"])))), (0, 1));
         // A key of the first from another partition: both waits, on it alone.
-        assert_eq!(count(&follows(&writes, &[("t", 2)], &key_hashes(&ops(2, &["b"])))), (1, 1));
+        assert_eq!(count(&follows(&writes, &[("t", 2)], &hashed(&ops(2, &["b"])))), (1, 1));
         // A key of each, and the second's partition.
-        assert_eq!(count(&follows(&writes, &[("t", 1)], &key_hashes(&ops(1, &["a", "c"])))), (2, 2));
+        assert_eq!(count(&follows(&writes, &[("t", 1)], &hashed(&ops(1, &["a", "c"])))), (2, 2));
         for write in writes {
             write.task.abort();
         }

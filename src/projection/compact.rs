@@ -19,9 +19,7 @@
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-
-use smallvec::{smallvec, SmallVec};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
 use crate::config::OpKind;
 use crate::event::Position;
@@ -49,10 +47,12 @@ pub struct NetOp<'a> {
     pub effect: Effect<'a>,
     /// The highest domain version among the folded ops.
     pub version: Option<i64>,
-    /// Position of every op folded in, in order: guards and dead letters
-    /// need them. Inline for one (most keys of a batch have one op: an
-    /// allocation each was a visible part of compaction).
-    pub positions: SmallVec<[Position; 1]>,
+    /// The partition of the events folded in (stale ones included, those
+    /// that failed to fold not), `None` when they came from several: a
+    /// key's net op goes in its partition's transaction, unless it cannot
+    /// be split. Only the partition, not every position: a batch's net ops
+    /// are written and moved for each key, and their size showed.
+    pub partition: Option<(Name, i32)>,
 }
 
 /// An op that cannot be folded: adding to a value that is not a number.
@@ -129,23 +129,81 @@ impl PartialEq for KeyRef<'_> {
 
 impl Eq for KeyRef<'_> {}
 
+/// A key with its hash, computed once ([`key_hashes`]).
+struct Hashed<'a> {
+    hash: u64,
+    key: KeyRef<'a>,
+}
+
+impl Hash for Hashed<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialEq for Hashed<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.key == other.key
+    }
+}
+
+impl Eq for Hashed<'_> {}
+
+/// Passes a [`Hashed`] key's hash through (it is a full 64-bit hash).
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only Hashed keys, which write their u64, go through Prehashed");
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The hash of every op's key, in op order: compaction indexes keys by
+/// them, and the pipeline compares a batch's keys with those of the
+/// batches in flight (see [`compact_hashed`]). Hashed with one seed for
+/// the process, so hashes compare across batches, drawn at random so a
+/// producer cannot choose keys that collide.
+pub fn key_hashes(ops: &[WriteOp]) -> Vec<u64> {
+    static HASHER: std::sync::OnceLock<foldhash::fast::FixedState> = std::sync::OnceLock::new();
+    let hasher = HASHER.get_or_init(|| {
+        let seed = foldhash::fast::RandomState::default().hash_one(0u8);
+        foldhash::fast::FixedState::with_seed(seed)
+    });
+    ops.iter().map(|op| hasher.hash_one(KeyRef(&op.key))).collect()
+}
+
 /// Folds `ops` (in partition order per key) into one net op per key, in the
 /// order keys first appear. Ops that cannot be folded are returned apart,
 /// each with its error; the other ops of their key still fold. The net ops
 /// borrow keys and values from `ops` where no fold changed them.
 ///
 /// With a domain version, an op whose version is not above the highest seen
-/// for its key in this batch is stale and dropped (its position is kept).
+/// for its key in this batch is stale and dropped.
 pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp<'_>>, Vec<CompactError>) {
-    // foldhash rather than SipHash: keys come from the batch's own events,
-    // and hashing every key was a visible part of a batch's planning.
-    let mut index: HashMap<KeyRef, usize, foldhash::fast::RandomState> =
+    compact_hashed(ops, &key_hashes(ops))
+}
+
+/// [`compact`] with the ops' [`key_hashes`], when the caller has them
+/// already: hashing each key was a visible part of a batch's cost, and
+/// the pipeline needs them too.
+pub fn compact_hashed<'a>(ops: &'a [WriteOp], hashes: &[u64]) -> (Vec<NetOp<'a>>, Vec<CompactError>) {
+    debug_assert_eq!(ops.len(), hashes.len(), "one hash per op");
+    let mut index: HashMap<Hashed, usize, BuildHasherDefault<Prehashed>> =
         HashMap::with_capacity_and_hasher(ops.len(), Default::default());
     let mut net: Vec<NetOp> = Vec::with_capacity(ops.len());
     let mut errors = Vec::new();
-    for (op_index, op) in ops.iter().enumerate() {
-        // One hash per op: the entry is looked up and, for a new key, filled.
-        let at = match index.entry(KeyRef(&op.key)) {
+    for ((op_index, op), &hash) in ops.iter().enumerate().zip(hashes) {
+        // One lookup per op: the entry is found and, for a new key, filled.
+        let at = match index.entry(Hashed { hash, key: KeyRef(&op.key) }) {
             Entry::Occupied(entry) => Some(*entry.get()),
             Entry::Vacant(entry) => {
                 entry.insert(net.len());
@@ -158,27 +216,22 @@ pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp<'_>>, Vec<CompactError>) {
                     key: Cow::Borrowed(&op.key),
                     effect: first(op.kind, &op.fields),
                     version: op.version,
-                    positions: smallvec![op.position],
+                    partition: Some((op.position.topic, op.position.partition)),
                 });
             }
             Some(at) => {
                 let current = &mut net[at];
-                if !current.positions.spilled() {
-                    // Leaving the inline slot: room for four, as a `Vec`
-                    // would take, rather than growing one by one.
-                    current.positions.reserve(3);
-                }
-                current.positions.push(op.position);
-                if let (Some(seen), Some(version)) = (current.version, op.version) {
-                    if version <= seen {
+                let stale = matches!((current.version, op.version), (Some(seen), Some(version)) if version <= seen);
+                if !stale {
+                    current.version = current.version.max(op.version);
+                    if let Err(mut error) = fold(&mut current.effect, op.kind, &op.fields, op.position) {
+                        error.op = op_index;
+                        errors.push(error);
                         continue;
                     }
                 }
-                current.version = current.version.max(op.version);
-                if let Err(mut error) = fold(&mut current.effect, op.kind, &op.fields, op.position) {
-                    current.positions.pop();
-                    error.op = op_index;
-                    errors.push(error);
+                if current.partition != Some((op.position.topic, op.position.partition)) {
+                    current.partition = None;
                 }
             }
         }
@@ -358,27 +411,34 @@ mod tests {
     }
 
     #[test]
-    fn keys_stay_apart_in_first_seen_order_and_positions_are_kept() {
+    fn keys_stay_apart_in_first_seen_order_with_the_partition_of_their_events() {
         let mut other = inc(1, "a", 1);
         other.key = vec![Value::from("other")];
-        let ops = [inc(0, "a", 1), other, inc(2, "a", 1)];
+        let mut elsewhere = inc(3, "a", 1);
+        (elsewhere.key, elsewhere.position.partition) = (vec![Value::from("other")], 1);
+        let ops = [inc(0, "a", 1), other, inc(2, "a", 1), elsewhere];
         let (net, errors) = compact(&ops);
         assert!(errors.is_empty());
         assert_eq!(net.len(), 2);
         assert_eq!(net[0].key, vec![Value::from("k")]);
         assert_eq!(net[0].effect, patch(vec![], vec![("a", Value::Int(2))]));
-        assert_eq!(net[0].positions.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(net[0].partition, Some(("t", 0)));
         assert_eq!(net[1].key, vec![Value::from("other")]);
+        assert_eq!(net[1].effect, patch(vec![], vec![("a", Value::Int(2))]));
+        assert_eq!(net[1].partition, None, "events of two partitions");
     }
 
     #[test]
     fn adding_to_text_is_an_error_of_that_op_only() {
-        let ops = [up(0, &[("a", Value::from("text"))]), inc(1, "a", 1), inc(2, "b", 1)];
+        let mut failing = inc(1, "a", 1);
+        failing.position.partition = 1;
+        let ops = [up(0, &[("a", Value::from("text"))]), failing, inc(2, "b", 1)];
         let (net, errors) = compact(&ops);
         assert_eq!(errors.len(), 1);
         assert_eq!((errors[0].op, errors[0].position.offset), (1, 1));
         assert_eq!(net[0].effect, replace(vec![("a", Value::from("text")), ("b", Value::Int(1))]));
-        assert_eq!(net[0].positions.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![0, 2]);
+        // The op that failed is not part of the net op, nor its partition.
+        assert_eq!(net[0].partition, Some(("t", 0)));
     }
 
     #[test]

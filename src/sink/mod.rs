@@ -269,9 +269,10 @@ impl Sink {
     /// The CPU part of a write, done before it (see [`PostgresSink::plan`]):
     /// the pipeline plans a batch while the writes it must wait for run.
     /// Elasticsearch's bulk bodies are built as its requests go out.
-    pub fn plan(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<Plan, SinkError> {
+    /// `hashes` are the ops' [`crate::projection::compact::key_hashes`].
+    pub fn plan(&self, ops: &[WriteOp], hashes: &[u64], offsets: &[PartitionOffset]) -> Result<Plan, SinkError> {
         match self {
-            Sink::Postgres(sink) => sink.plan(ops, offsets).map(Plan::Postgres),
+            Sink::Postgres(sink) => sink.plan(ops, hashes, offsets).map(Plan::Postgres),
             Sink::Elasticsearch(_) => Ok(Plan::Elasticsearch),
         }
     }

@@ -45,7 +45,7 @@ use sqlx::{Arguments, Executor, PgPool, Postgres, Row};
 
 use super::{succeeded_all, Claim, CommitSignal, Committed, Follows, PartitionOffset, SinkError};
 use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
-use crate::projection::compact::{compact, NetOp};
+use crate::projection::compact::{self, compact, NetOp};
 use crate::projection::WriteOp;
 use crate::value::{intern, name_position, Name};
 use sql::{ColumnArray, Insert, Statement, TableSql};
@@ -217,16 +217,22 @@ impl PostgresSink {
     /// are not tried twice (a check constraint could refuse the second
     /// application of a decrement that the first one made).
     pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
-        let plan = self.plan(ops, offsets)?;
+        let plan = self.plan(ops, &compact::key_hashes(ops), offsets)?;
         self.write_plan(&plan, &Follows::default(), None, true).await
     }
 
     /// Folds a batch's ops per key and builds its statements: CPU only, no
     /// I/O, so the pipeline does it while the batches before it are still
     /// being written, and the write itself is just the SQL. Every statement
-    /// is planned before anything is written.
-    pub fn plan(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<PostgresPlan, SinkError> {
-        let (net, fold_errors) = compact(ops);
+    /// is planned before anything is written. `hashes` are the ops'
+    /// [`compact::key_hashes`].
+    pub fn plan(
+        &self,
+        ops: &[WriteOp],
+        hashes: &[u64],
+        offsets: &[PartitionOffset],
+    ) -> Result<PostgresPlan, SinkError> {
+        let (net, fold_errors) = compact::compact_hashed(ops, hashes);
         if !fold_errors.is_empty() {
             return Err(SinkError::RejectedOps(fold_errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
         }
@@ -594,14 +600,16 @@ fn by_partition<'n, 'o>(
         return Err(net);
     }
     let share_of = |op: &NetOp| {
-        let first = op.positions.first()?;
-        let same = op.positions.iter().all(|p| p.partition == first.partition && p.topic == first.topic);
-        let share = offsets.iter().position(|o| o.partition == first.partition && o.topic == first.topic);
-        share.filter(|_| same)
+        let (topic, partition) = op.partition?;
+        offsets.iter().position(|o| o.partition == partition && o.topic == topic)
     };
     let shares: Option<Vec<usize>> = net.iter().map(share_of).collect();
     let Some(shares) = shares else { return Err(net) };
-    let mut split: Vec<(&PartitionOffset, Vec<NetOp>)> = offsets.iter().map(|o| (o, Vec::new())).collect();
+    // Sized up front: net ops are large, and growing moved them again.
+    let mut sizes = vec![0; offsets.len()];
+    shares.iter().for_each(|&share| sizes[share] += 1);
+    let mut split: Vec<(&PartitionOffset, Vec<NetOp>)> =
+        offsets.iter().zip(sizes).map(|(o, size)| (o, Vec::with_capacity(size))).collect();
     for (op, share) in net.into_iter().zip(shares) {
         split[share].1.push(op);
     }
@@ -655,7 +663,6 @@ fn bind<'q>(sql: &'q str, arrays: &'q [ColumnArray]) -> Query<'q, Postgres, PgAr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Position;
     use crate::projection::compact::Effect;
     use crate::value::Value;
 
@@ -664,7 +671,8 @@ mod tests {
             key: vec![Value::from(key)].into(),
             effect: Effect::Delete,
             version: None,
-            positions: partitions.iter().map(|&partition| Position { topic: "t", partition, offset: 0 }).collect(),
+            // Events of several partitions: none.
+            partition: partitions.iter().all(|&p| p == partitions[0]).then(|| ("t", partitions[0])),
         }
     }
 

@@ -1084,7 +1084,6 @@ fn escape_copy(text: &str, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::config::Column;
-    use crate::event::Position;
     use crate::value::Record;
 
     fn replace(fields: Vec<(Name, Value)>) -> Effect<'static> {
@@ -1119,7 +1118,7 @@ mod tests {
             key: vec![Value::from(store), Value::from("i1")].into(),
             effect,
             version: None,
-            positions: smallvec::smallvec![Position { topic: "t", partition: 0, offset: 0 }],
+            partition: Some(("t", 0)),
         }
     }
 
@@ -1264,12 +1263,7 @@ mod tests {
     }
 
     fn every_row(id: &str, version: Option<i64>, fields: Vec<(Name, Value)>) -> NetOp<'static> {
-        NetOp {
-            key: vec![Value::from(id)].into(),
-            effect: replace(fields),
-            version,
-            positions: smallvec::smallvec![Position { topic: "t", partition: 0, offset: 0 }],
-        }
+        NetOp { key: vec![Value::from(id)].into(), effect: replace(fields), version, partition: Some(("t", 0)) }
     }
 
     #[test]

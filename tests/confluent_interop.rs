@@ -66,7 +66,7 @@ async fn confluent_python_producer_to_kawka_decoder() {
             position: Position { topic: intern(&topic), partition: record.partition, offset: record.offset },
             timestamp: None,
             key: record.key.as_deref().map(KeyBytes::from_slice),
-            value: record.value.clone(),
+            value: record.value.clone().map(Into::into),
             headers: Vec::new(),
         };
         decoded.push(codec.decode(&raw).await);
@@ -109,7 +109,7 @@ async fn confluent_python_producer_to_kawka_decoder() {
         position: Position { topic: intern(&topic), partition: 0, offset: 99 },
         timestamp: None,
         key: None,
-        value: Some(unknown),
+        value: Some(unknown.into()),
         headers: Vec::new(),
     };
     let error = codec.decode(&raw).await.expect_err("unknown id");

@@ -86,7 +86,7 @@ impl DeadLetters {
             message = message.key(key.as_slice());
         }
         if let Some(value) = &record.value {
-            message = message.payload(value.as_slice());
+            message = message.payload(&value[..]);
         }
         if let Some(timestamp) = record.timestamp {
             message = message.timestamp(timestamp);

@@ -117,7 +117,7 @@ fn read_all(kafka: &crate::config::KafkaSettings, topic: &str, idle: Duration) -
                 },
                 timestamp: message.timestamp().to_millis(),
                 key: message.key().map(KeyBytes::from_slice),
-                value: message.payload().map(<[u8]>::to_vec),
+                value: message.payload().map(bytes::Bytes::copy_from_slice),
                 headers,
             });
         }

@@ -587,7 +587,7 @@ fn raw_record<M: Message>(message: &M) -> RawRecord {
         position: Position { topic: intern(message.topic()), partition: message.partition(), offset: message.offset() },
         timestamp: message.timestamp().to_millis(),
         key: message.key().map(KeyBytes::from_slice),
-        value: message.payload().map(<[u8]>::to_vec),
+        value: message.payload().map(bytes::Bytes::copy_from_slice),
         headers,
     }
 }

@@ -27,6 +27,7 @@ use std::ffi::{CStr, CString};
 use std::ptr::NonNull;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use rdkafka::bindings as rdsys;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaRespErr;
@@ -87,11 +88,19 @@ impl RecordQueue {
         };
         let n = usize::try_from(n).unwrap_or(0);
         let before = out.len();
+        // One buffer for the chunk's values, each record holding its slice.
+        // SAFETY: the first `n` pointers are live messages we own.
+        let size = messages[..n]
+            .iter()
+            .filter(|&&m| unsafe { (*m).err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && !(*m).payload.is_null() })
+            .map(|&m| unsafe { (*m).len })
+            .sum();
+        let mut values = BytesMut::with_capacity(size);
         for &message in &messages[..n] {
             // SAFETY: each pointer is a live message we own until destroyed.
             unsafe {
                 if (*message).err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
-                    out.push(self.record(message));
+                    out.push(self.record(message, &mut values));
                 } else {
                     let error = CStr::from_ptr(rdsys::rd_kafka_err2str((*message).err)).to_string_lossy();
                     tracing::warn!(connector, %error, "kafka consumer error");
@@ -103,11 +112,12 @@ impl RecordQueue {
         out.len() - before
     }
 
-    /// Copies one message out of librdkafka's buffers.
+    /// Copies one message out of librdkafka's buffers, its value into
+    /// `values` (sized for it: a slice of it needs no allocation).
     ///
     /// # Safety
     /// `message` must be a live message without an error.
-    unsafe fn record(&mut self, message: *const rdsys::rd_kafka_message_t) -> RawRecord {
+    unsafe fn record(&mut self, message: *const rdsys::rd_kafka_message_t, values: &mut BytesMut) -> RawRecord {
         let m = &*message;
         let topic = match self.topic {
             Some((handle, name)) if std::ptr::eq(handle, m.rkt) => name,
@@ -125,7 +135,10 @@ impl RecordQueue {
             position: Position { topic, partition: m.partition, offset: m.offset },
             timestamp,
             key: bytes(m.key as *const u8, m.key_len).map(KeyBytes::from_slice),
-            value: bytes(m.payload as *const u8, m.len).map(<[u8]>::to_vec),
+            value: bytes(m.payload as *const u8, m.len).map(|value| {
+                values.extend_from_slice(value);
+                values.split().freeze()
+            }),
             headers: headers(message),
         }
     }

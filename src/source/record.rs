@@ -3,7 +3,7 @@
 use crate::event::Position;
 
 /// A record's key bytes: inline up to 24 bytes (most keys are an id), so
-/// copying a record out of librdkafka allocates for its value only.
+/// copying a record out of librdkafka does not allocate for it.
 pub type KeyBytes = smallvec::SmallVec<[u8; 24]>;
 
 /// One Kafka record, copied out of librdkafka's buffers.
@@ -13,14 +13,16 @@ pub struct RawRecord {
     /// Milliseconds since the epoch (create or log-append time).
     pub timestamp: Option<i64>,
     pub key: Option<KeyBytes>,
-    /// `None` for a tombstone.
-    pub value: Option<Vec<u8>>,
+    /// `None` for a tombstone. The values of records read together share
+    /// one buffer (one allocation per chunk rather than per record: the
+    /// worker frees a batch's records at once, on another thread).
+    pub value: Option<bytes::Bytes>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl RawRecord {
     /// Bytes of key and value: what batch and prefetch limits count.
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, |key| key.len()) + self.value.as_ref().map_or(0, Vec::len)
+        self.key.as_ref().map_or(0, |key| key.len()) + self.value.as_ref().map_or(0, bytes::Bytes::len)
     }
 }

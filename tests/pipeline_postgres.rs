@@ -322,7 +322,7 @@ async fn a_batch_retried_after_a_partial_commit_applies_each_partition_once() {
     // Five increments of one key per partition.
     let ops: Vec<WriteOp> = (0..10)
         .map(|n| WriteOp {
-            key: vec![Value::from(format!("s{}", n % 2)), Value::Str("i".into())],
+            key: vec![Value::from(format!("s{}", n % 2)), Value::Str("i".into())].into(),
             kind: OpKind::Increment,
             fields: vec![(intern("on_hand"), Value::Int(1))],
             version: None,
@@ -472,7 +472,7 @@ async fn copied_updated_and_upserted_rows_are_the_same() {
         .iter()
         .enumerate()
         .map(|(n, (id, fields))| WriteOp {
-            key: vec![text(id)],
+            key: vec![text(id)].into(),
             kind: OpKind::Upsert,
             fields: fields.iter().map(|(name, value)| (intern(name), value.clone())).collect(),
             version: None,
@@ -515,7 +515,7 @@ async fn copied_updated_and_upserted_rows_are_the_same() {
     // Increments: k0 exists, k9 is new. The first table's sink expects new
     // keys, tries COPY, meets k0 and goes on with UPDATE + COPY.
     let count = |id: &str, n: i64, offset: i64| WriteOp {
-        key: vec![text(id)],
+        key: vec![text(id)].into(),
         kind: OpKind::Increment,
         fields: vec![(intern("n"), Value::Int(n))],
         version: None,

@@ -958,7 +958,7 @@ mod tests {
         keys.iter()
             .enumerate()
             .map(|(n, key)| WriteOp {
-                key: vec![Value::from(*key), Value::Int(1)],
+                key: smallvec::smallvec![Value::from(*key), Value::Int(1)],
                 kind: OpKind::Upsert,
                 fields: Vec::new(),
                 version: None,

@@ -342,7 +342,7 @@ mod tests {
 
     fn op(offset: i64, kind: OpKind, fields: &[(Name, Value)]) -> WriteOp {
         WriteOp {
-            key: vec![Value::from("k")],
+            key: smallvec::smallvec![Value::from("k")],
             kind,
             fields: fields.to_vec(),
             version: None,
@@ -413,9 +413,9 @@ mod tests {
     #[test]
     fn keys_stay_apart_in_first_seen_order_with_the_partition_of_their_events() {
         let mut other = inc(1, "a", 1);
-        other.key = vec![Value::from("other")];
+        other.key = smallvec::smallvec![Value::from("other")];
         let mut elsewhere = inc(3, "a", 1);
-        (elsewhere.key, elsewhere.position.partition) = (vec![Value::from("other")], 1);
+        (elsewhere.key, elsewhere.position.partition) = (smallvec::smallvec![Value::from("other")], 1);
         let ops = [inc(0, "a", 1), other, inc(2, "a", 1), elsewhere];
         let (net, errors) = compact(&ops);
         assert!(errors.is_empty());

@@ -18,11 +18,15 @@ use crate::event::{Event, Position};
 use crate::value::{intern, Name, Value};
 use expr::{EvalError, Expr};
 
+/// A key's values: inline for one part (most keys), which saves an
+/// allocation per op and its free when the batch settles.
+pub type KeyValues = smallvec::SmallVec<[Value; 1]>;
+
 /// One change to one row or document of the read model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteOp {
     /// Values of the key parts, in the connector's key order.
-    pub key: Vec<Value>,
+    pub key: KeyValues,
     pub kind: OpKind,
     /// Target columns or document fields and their values. For
     /// `increment` the values are the deltas (`decrement` is already negated).
@@ -154,7 +158,7 @@ impl RulesProjection {
         }
     }
 
-    fn key(&self, event: &Event) -> Result<Vec<Value>, ProjectionError> {
+    fn key(&self, event: &Event) -> Result<KeyValues, ProjectionError> {
         self.key
             .iter()
             .map(|(part, expr)| match expr.eval(event) {
@@ -339,7 +343,7 @@ mod tests {
         let sold = event("Sold", &[("store_id", "s1".into()), ("item_id", "i1".into()), ("quantity", Value::Int(3))]);
         let Projected::Ops(ops) = projection.project(&sold).expect("projects") else { panic!("skipped") };
         assert_eq!(ops.len(), 1);
-        assert_eq!(ops[0].key, vec![Value::from("s1"), Value::from("i1")]);
+        assert_eq!(ops[0].key[..], [Value::from("s1"), Value::from("i1")]);
         assert_eq!(ops[0].kind, OpKind::Increment);
         assert_eq!(ops[0].fields, vec![("on_hand", Value::Int(-3))]);
     }
@@ -386,7 +390,7 @@ mod tests {
         let owned = projection.project_owned(placed.clone()).expect("projects");
         assert_eq!(owned, borrowed);
         let Projected::Ops(ops) = owned else { panic!("skipped") };
-        assert_eq!(ops[0].key, vec![Value::from("p1")]);
+        assert_eq!(ops[0].key[..], [Value::from("p1")]);
         assert_eq!(
             ops[0].fields,
             vec![
@@ -411,7 +415,7 @@ mod tests {
             panic!("skipped")
         };
         assert_eq!(ops[0].kind, OpKind::Delete);
-        assert_eq!(ops[0].key, vec![Value::from("u1")]);
+        assert_eq!(ops[0].key[..], [Value::from("u1")]);
         assert!(matches!(by_key.tombstone(&Value::Null, position), Err(ProjectionError::TombstoneKey(_))));
         let by_field = RulesProjection::new(&connector(&[("store_id", "store_id")], &[]));
         assert!(by_field.tombstone(&Value::from("x"), position).is_err());

@@ -311,7 +311,7 @@ mod tests {
 
     fn op(key: &str, partition: i32, offset: i64, kind: OpKind, fields: &[(Name, Value)]) -> WriteOp {
         WriteOp {
-            key: vec![Value::from(key)],
+            key: smallvec::smallvec![Value::from(key)],
             kind,
             fields: fields.to_vec(),
             version: None,
@@ -425,7 +425,7 @@ mod tests {
     fn composite_ids_join_and_null_ids_are_refused() {
         assert_eq!(doc_id(&[Value::from("a"), Value::Int(7)]), Ok("a|7".to_string()));
         let mut bad = op("x", 0, 0, OpKind::Upsert, &[]);
-        bad.key = vec![Value::Null];
+        bad.key = smallvec::smallvec![Value::Null];
         let (actions, rejected) = plan(&[bad], "p", GuardMode::Scripted);
         assert!(actions.is_empty());
         assert_eq!(rejected, vec![(0, "the document id is null".to_string())]);

@@ -418,14 +418,13 @@ impl PostgresSink {
         // key after all (inserted since by another writer), both are undone
         // and the upsert runs, so no row is updated twice (adds!).
         tx.execute("SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
-        let updated: Vec<i64> = bind(update, &arrays)
-            .fetch_all(&mut *tx)
+        // `array_agg` of no rows is null: no key exists.
+        let updated: Option<Vec<i64>> = bind(update, &arrays)
+            .fetch_one(&mut *tx)
             .await
-            .map_err(SinkError::Postgres)?
-            .iter()
-            .map(|row| row.try_get(0))
-            .collect::<Result<_, _>>()
+            .and_then(|row| row.try_get(0))
             .map_err(SinkError::Postgres)?;
+        let updated = updated.unwrap_or_default();
         let mut exists = vec![false; statement.rows.len()];
         for ordinal in &updated {
             // Ordinals are 1-based positions in the bound arrays.

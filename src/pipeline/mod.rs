@@ -631,8 +631,13 @@ impl Worker<'_> {
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
         let most = self.runtime.sink.concurrent_writes();
         let chains = self.runtime.sink.chains_writes();
-        // Each key hashed once, for compaction and for the writes in flight.
-        let hashes = compact::key_hashes(&self.pending.ops);
+        // Each key hashed once, for compaction and for the writes in flight,
+        // and only when one of them needs it.
+        let hashes = if most > 1 || self.runtime.sink.folds_in_plan() {
+            compact::key_hashes(&self.pending.ops)
+        } else {
+            Vec::new()
+        };
         let keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
         // Planned (folded, SQL built) before waiting for the writes ahead:
         // the planning overlaps them, and the write is only I/O. A batch

@@ -194,9 +194,18 @@ pub fn compact(ops: &[WriteOp]) -> (Vec<NetOp<'_>>, Vec<CompactError>) {
 
 /// [`compact`] with the ops' [`key_hashes`], when the caller has them
 /// already: hashing each key was a visible part of a batch's cost, and
-/// the pipeline needs them too.
+/// the pipeline needs them too. A list of another length than `ops` is
+/// not used (the keys are hashed here).
 pub fn compact_hashed<'a>(ops: &'a [WriteOp], hashes: &[u64]) -> (Vec<NetOp<'a>>, Vec<CompactError>) {
-    debug_assert_eq!(ops.len(), hashes.len(), "one hash per op");
+    // Zipped below: a list that does not match would drop ops silently, so
+    // it is not trusted.
+    let own;
+    let hashes = if hashes.len() == ops.len() {
+        hashes
+    } else {
+        own = key_hashes(ops);
+        &own[..]
+    };
     let mut index: HashMap<Hashed, usize, BuildHasherDefault<Prehashed>> =
         HashMap::with_capacity_and_hasher(ops.len(), Default::default());
     let mut net: Vec<NetOp> = Vec::with_capacity(ops.len());
@@ -426,6 +435,16 @@ mod tests {
         assert_eq!(net[1].key, vec![Value::from("other")]);
         assert_eq!(net[1].effect, patch(vec![], vec![("a", Value::Int(2))]));
         assert_eq!(net[1].partition, None, "events of two partitions");
+    }
+
+    #[test]
+    fn hashes_that_do_not_match_the_ops_are_not_trusted() {
+        let mut other = up(1, &[]);
+        other.key = smallvec::smallvec![Value::from("other")];
+        let ops = [up(0, &[]), other];
+        let (net, errors) = compact_hashed(&ops, &key_hashes(&ops[..1]));
+        assert!(errors.is_empty());
+        assert_eq!(net.len(), 2, "no op dropped");
     }
 
     #[test]

@@ -256,6 +256,13 @@ impl Sink {
         matches!(self, Sink::Postgres(_))
     }
 
+    /// Whether [`Sink::plan`] folds the batch, and so needs its ops' key
+    /// hashes: Postgres plans its statements ahead, Elasticsearch builds
+    /// its bulk bodies as its requests go out.
+    pub fn folds_in_plan(&self) -> bool {
+        matches!(self, Sink::Postgres(_))
+    }
+
     /// Writes the ops of a batch; on `Ok` their effects (and, for sinks
     /// that store them, the positions) are durable. Returns how many writes
     /// were found already applied (replays, duplicates).
@@ -269,7 +276,8 @@ impl Sink {
     /// The CPU part of a write, done before it (see [`PostgresSink::plan`]):
     /// the pipeline plans a batch while the writes it must wait for run.
     /// Elasticsearch's bulk bodies are built as its requests go out.
-    /// `hashes` are the ops' [`crate::projection::compact::key_hashes`].
+    /// `hashes` are the ops' [`crate::projection::compact::key_hashes`]
+    /// when [`Sink::folds_in_plan`] (otherwise unread).
     pub fn plan(&self, ops: &[WriteOp], hashes: &[u64], offsets: &[PartitionOffset]) -> Result<Plan, SinkError> {
         match self {
             Sink::Postgres(sink) => sink.plan(ops, hashes, offsets).map(Plan::Postgres),

@@ -92,14 +92,14 @@ impl RecordQueue {
         // SAFETY: the first `n` pointers are live messages we own.
         let size = messages[..n]
             .iter()
-            .filter(|&&m| unsafe { (*m).err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && !(*m).payload.is_null() })
+            .filter(|&&m| unsafe { is_record(m) && !(*m).payload.is_null() })
             .map(|&m| unsafe { (*m).len })
             .sum();
         let mut values = BytesMut::with_capacity(size);
         for &message in &messages[..n] {
             // SAFETY: each pointer is a live message we own until destroyed.
             unsafe {
-                if (*message).err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+                if is_record(message) {
                     out.push(self.record(message, &mut values));
                 } else {
                     let error = CStr::from_ptr(rdsys::rd_kafka_err2str((*message).err)).to_string_lossy();
@@ -188,6 +188,14 @@ pub unsafe fn forward<C: ConsumerContext>(
         rdsys::rd_kafka_queue_destroy(queue);
     }
     missed
+}
+
+/// Whether a message is a record rather than an error.
+///
+/// # Safety
+/// `message` must be a live message.
+unsafe fn is_record(message: *const rdsys::rd_kafka_message_t) -> bool {
+    (*message).err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
 }
 
 /// The `len` bytes at `ptr`, `None` for a null pointer; the caller copies

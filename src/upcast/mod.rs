@@ -156,24 +156,17 @@ impl Upcasting {
     /// (and of every type it becomes).
     pub fn to_newest(&self, event: Event) -> Result<Vec<Event>, UpcastError> {
         // Most events are written at the newest version: one allocation.
-        if self.catalogue.newest(event.event_type).is_none_or(|newest| event.version >= newest.version) {
+        if self.behind(&event).is_none() {
             return Ok(vec![event]);
         }
         let mut done = Vec::with_capacity(1);
         let mut work = vec![event];
         let mut steps = 0;
         while let Some(event) = work.pop() {
-            let newest = match self.catalogue.newest(event.event_type) {
-                None => {
-                    done.push(event);
-                    continue;
-                }
-                Some(newest) => newest.version,
-            };
-            if event.version >= newest {
+            let Some(newest) = self.behind(&event) else {
                 done.push(event);
                 continue;
-            }
+            };
             steps += 1;
             let (event_type, version) = (event.event_type.to_string(), event.version);
             let Some(upcaster) = self.chain.get(&(event_type.clone(), version)) else {
@@ -192,6 +185,13 @@ impl Upcasting {
             work.extend(next);
         }
         Ok(done)
+    }
+
+    /// The newest version of the event's type when the event is older
+    /// (`None`: at the newest, or a type the catalogue does not know).
+    fn behind(&self, event: &Event) -> Option<u32> {
+        let newest = self.catalogue.newest(event.event_type)?.version;
+        (event.version < newest).then_some(newest)
     }
 
     /// Proves offline that every catalogue version of `event_types` has a

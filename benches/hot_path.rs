@@ -16,7 +16,7 @@ use kawka::codec::avro::Decoder;
 use kawka::codec::framing;
 use kawka::config::{ConnectorSettings, Settings, Target};
 use kawka::event::{Event, Position};
-use kawka::projection::compact::compact;
+use kawka::projection::compact::{fold, GroupBy};
 use kawka::projection::{Projected, Projection, RulesProjection, WriteOp};
 use kawka::sink::elasticsearch::bulk::{self, GuardMode};
 use kawka::sink::postgres::sql::{copy_rows, TableSql};
@@ -241,10 +241,10 @@ fn benches(c: &mut Criterion) {
             }
         })
     });
-    group.bench_function("compact", |b| b.iter(|| black_box(compact(&ops))));
+    group.bench_function("compact", |b| b.iter(|| black_box(fold(&ops, &[], GroupBy::Key))));
     let Target::Postgres(target) = &connector(settings, "orders").target else { panic!("postgres target") };
     let table = TableSql::new(target, false);
-    let (net, _) = compact(&ops);
+    let net = fold(&ops, &[], GroupBy::Key).net;
     group.bench_function("postgres_parameters", |b| b.iter(|| black_box(table.plan(&net).expect("binds"))));
     // The text a COPY of new keys sends, from the planned arrays.
     let statements = table.plan(&net).expect("binds");
@@ -273,7 +273,7 @@ fn benches(c: &mut Criterion) {
         })
         .collect();
     group.bench_function("bulk_body", |b| {
-        b.iter(|| black_box(bulk::plan(&search_ops, "orders", GuardMode::ExternalVersions)))
+        b.iter(|| black_box(bulk::plan(&search_ops, &[], "orders", GuardMode::ExternalVersions)))
     });
     let (_chain_dir, chain) = three_step_chain();
     let chain_v1: Vec<Event> = v1_events

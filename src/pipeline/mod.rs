@@ -128,7 +128,7 @@ impl ConnectorRuntime {
             }
             attempt += 1;
         }
-        let claim = self.sink.stores_positions().then(|| self.claim_fn());
+        let claim = self.sink.capabilities().stores_positions.then(|| self.claim_fn());
         self.status.recovered();
         let started =
             KafkaSource::start(&self.settings.name, &self.kafka, &self.settings.source, claim, self.status.clone());
@@ -629,15 +629,10 @@ impl Worker<'_> {
     async fn flush_pipelined(&mut self) -> Result<(), Halt> {
         let offsets = self.offsets(&self.pending);
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
-        let most = self.runtime.sink.concurrent_writes();
-        let chains = self.runtime.sink.chains_writes();
-        // Each key hashed once, for compaction and for the writes in flight,
-        // and only when one of them needs it.
-        let hashes = if most > 1 || self.runtime.sink.folds_in_plan() {
-            compact::key_hashes(&self.pending.ops)
-        } else {
-            Vec::new()
-        };
+        let capabilities = self.runtime.sink.capabilities();
+        let (most, chains) = (capabilities.concurrent_writes, capabilities.chains_writes);
+        // Each key hashed once, for the fold and for the writes in flight.
+        let hashes = compact::key_hashes(&self.pending.ops);
         let keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
         // Planned (folded, SQL built) before waiting for the writes ahead:
         // the planning overlaps them, and the write is only I/O. A batch
@@ -678,7 +673,7 @@ impl Worker<'_> {
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = match plan {
-                Ok(plan) => sink.write_planned(&plan, &batch.ops, &offsets, &follows, ran_signal).await,
+                Ok(plan) => sink.write_planned(&plan, &follows, ran_signal).await,
                 Err(error) => Err(error),
             };
             signal.send(result.is_ok());

@@ -6,7 +6,9 @@
 //!
 //! A [`Sink`] is one of a closed set, dispatched by an enum. The pipeline
 //! hands it the ops of some events and the positions those events end at;
-//! each sink folds the ops per key itself (see [`crate::projection::compact`]).
+//! [`Sink::plan`] folds them (the one fold, [`crate::projection::compact`])
+//! and turns the net ops into the sink's own writes. What a sink can do
+//! that decides how the pipeline drives it is its [`Capabilities`].
 
 pub mod elasticsearch;
 pub mod postgres;
@@ -151,8 +153,7 @@ pub struct Follows {
 #[derive(Debug)]
 pub enum Plan {
     Postgres(postgres::PostgresPlan),
-    /// Planned as it is written.
-    Elasticsearch,
+    Elasticsearch(elasticsearch::ElasticsearchPlan),
 }
 
 impl Plan {
@@ -160,9 +161,29 @@ impl Plan {
     pub fn connections(&self) -> usize {
         match self {
             Plan::Postgres(postgres::PostgresPlan::PerPartition(shares)) => shares.len().max(1),
-            Plan::Postgres(postgres::PostgresPlan::Whole(..)) | Plan::Elasticsearch => 1,
+            Plan::Postgres(postgres::PostgresPlan::Whole(..)) | Plan::Elasticsearch(_) => 1,
         }
     }
+}
+
+/// What a sink can do, which decides how the pipeline drives it; one
+/// value per sink ([`Sink::capabilities`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Positions live in the sink, written with the effects: assignments
+    /// are claimed ([`Sink::claim`]) and start from the stored positions,
+    /// and Kafka's committed offsets are only for monitoring. (Postgres.)
+    pub stores_positions: bool,
+    /// A batch may be written while an earlier batch of one of its
+    /// partitions still is: the sink commits it only once the writes it
+    /// follows have ([`Sink::write_planned`] with their [`Committed`]),
+    /// positions being stored in the same transactions. (Postgres.)
+    pub chains_writes: bool,
+    /// How many connections the writes in flight may hold together, each
+    /// holding [`Plan::connections`]. Postgres: its pool, each share of a
+    /// batch is its own transaction. Elasticsearch: one batch at a time;
+    /// the sink spreads a batch over concurrent bulk requests itself.
+    pub concurrent_writes: usize,
 }
 
 /// The sinks kawka has.
@@ -209,10 +230,16 @@ impl Sink {
         }
     }
 
-    /// Whether positions live in the sink (then assignments start from
-    /// them, and Kafka's committed offsets are only for monitoring).
-    pub fn stores_positions(&self) -> bool {
-        matches!(self, Sink::Postgres(_))
+    /// What the sink can do (see [`Capabilities`]).
+    pub fn capabilities(&self) -> Capabilities {
+        match self {
+            Sink::Postgres(sink) => {
+                Capabilities { stores_positions: true, chains_writes: true, concurrent_writes: sink.max_connections() }
+            }
+            Sink::Elasticsearch(_) => {
+                Capabilities { stores_positions: false, chains_writes: false, concurrent_writes: 1 }
+            }
+        }
     }
 
     /// Claims partitions for a sink that stores positions (no claim
@@ -237,32 +264,6 @@ impl Sink {
         }
     }
 
-    /// How many connections the writes in flight may hold together (each
-    /// holds [`Plan::connections`]). Postgres: its pool, each share of a
-    /// batch is its own transaction. Elasticsearch: one batch at a time, its
-    /// sink spreads a batch over concurrent bulk requests itself.
-    pub fn concurrent_writes(&self) -> usize {
-        match self {
-            Sink::Postgres(sink) => sink.max_connections(),
-            Sink::Elasticsearch(_) => 1,
-        }
-    }
-
-    /// Whether a batch may be written while an earlier batch of one of its
-    /// partitions still is ([`Sink::write_planned`] with that write's
-    /// [`Committed`]): Postgres commits a batch only once the ones it
-    /// follows have, and stores the positions in the same transactions.
-    pub fn chains_writes(&self) -> bool {
-        matches!(self, Sink::Postgres(_))
-    }
-
-    /// Whether [`Sink::plan`] folds the batch, and so needs its ops' key
-    /// hashes: Postgres plans its statements ahead, Elasticsearch builds
-    /// its bulk bodies as its requests go out.
-    pub fn folds_in_plan(&self) -> bool {
-        matches!(self, Sink::Postgres(_))
-    }
-
     /// Writes the ops of a batch; on `Ok` their effects (and, for sinks
     /// that store them, the positions) are durable. Returns how many writes
     /// were found already applied (replays, duplicates).
@@ -273,15 +274,15 @@ impl Sink {
         }
     }
 
-    /// The CPU part of a write, done before it (see [`PostgresSink::plan`]):
-    /// the pipeline plans a batch while the writes it must wait for run.
-    /// Elasticsearch's bulk bodies are built as its requests go out.
-    /// `hashes` are the ops' [`crate::projection::compact::key_hashes`]
-    /// when [`Sink::folds_in_plan`] (otherwise unread).
+    /// The CPU part of a write, done before it: the batch folded and turned
+    /// into the sink's writes (statements, bulk actions). The pipeline
+    /// plans a batch while the writes it must wait for run. `hashes` are
+    /// the ops' [`crate::projection::compact::key_hashes`] when the caller
+    /// has them (they are computed otherwise).
     pub fn plan(&self, ops: &[WriteOp], hashes: &[u64], offsets: &[PartitionOffset]) -> Result<Plan, SinkError> {
         match self {
             Sink::Postgres(sink) => sink.plan(ops, hashes, offsets).map(Plan::Postgres),
-            Sink::Elasticsearch(_) => Ok(Plan::Elasticsearch),
+            Sink::Elasticsearch(sink) => Ok(Plan::Elasticsearch(sink.plan(ops, hashes))),
         }
     }
 
@@ -291,25 +292,23 @@ impl Sink {
     /// statement ran), and commits only once every write in
     /// `follows.committed` has. If one of them fails, so does this one,
     /// with [`SinkError::Predecessor`], having changed nothing.
-    pub async fn write_planned(
-        &self,
-        plan: &Plan,
-        ops: &[WriteOp],
-        offsets: &[PartitionOffset],
-        follows: &Follows,
-        ran: CommitSignal,
-    ) -> Result<u64, SinkError> {
+    pub async fn write_planned(&self, plan: &Plan, follows: &Follows, ran: CommitSignal) -> Result<u64, SinkError> {
         match (self, plan) {
             (Sink::Postgres(sink), Plan::Postgres(plan)) => sink.write_planned(plan, follows, ran).await.map(|()| 0),
-            _ => {
+            (Sink::Elasticsearch(sink), Plan::Elasticsearch(plan)) => {
                 // Sinks that do not chain writes are never given any to follow.
                 debug_assert!(
                     follows.ran.is_empty() && follows.committed.is_empty(),
                     "only chaining sinks follow writes in flight"
                 );
-                let result = self.write(ops, offsets).await;
+                let result = sink.write_plan(plan).await.map(|counts| counts.duplicates);
                 ran.send(result.is_ok());
                 result
+            }
+            // A plan is written by the sink that made it.
+            _ => {
+                ran.send(false);
+                Err(SinkError::Setup(format!("a batch planned for another sink than {}", self.kind())))
             }
         }
     }

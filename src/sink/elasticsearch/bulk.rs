@@ -1,51 +1,41 @@
 //! Bulk requests and their responses (pure).
 //!
-//! The ops of a batch are grouped by document and source partition, in
-//! order. Each group becomes one bulk action, guarded so that a replay or a
-//! duplicate changes nothing:
+//! A batch's ops are folded by [`crate::projection::compact::fold`], per
+//! document and source partition; each net op becomes one bulk action,
+//! guarded so that a replay or a duplicate changes nothing:
 //!
-//! * a group that leaves a whole document whatever was stored (it ends in
-//!   an upsert, or has an upsert or a delete followed by anything but a
-//!   delete: its ops fold to a replacement), on a connector reading one
-//!   topic with no domain version, is an `index` of the folded document
-//!   with `version_type=external` and version = last offset + 1: a replay
-//!   of any part of the group carries a version that is not higher than the
-//!   stored one and gets a conflict (a duplicate, counted as done).
-//!   Scripted updates raise a document's version by one per applied action,
-//!   and each applied action covers at least one new offset, so a stored
-//!   version never exceeds the last applied offset + 1;
-//! * a group that ends in a delete, likewise, is a `delete` with an external version;
-//! * anything else is a scripted update ([`SCRIPT`]) with `scripted_upsert`,
-//!   whose steps carry their offsets: the script skips the steps at or below
-//!   the position stored in the document (`kawka.pos["topic/partition"]`)
-//!   and, when the connector names a domain version, the steps at or below
-//!   the stored version (`kawka.v`): that also makes a duplicate event at a
-//!   new offset change nothing. When no step applies the update is a noop:
-//!   the document, its version and its sequence number stay as they were.
-//!
-//! Runs of set ops (upsert, merge, delete) within a group fold into one step
-//! by the compaction rules: re-applying a folded run of set ops is
-//! idempotent, so it is correct even when the stored position falls inside
-//! the run. Increments are not idempotent and stay one step per event.
+//! * with [`GuardMode::ExternalVersions`], a net op that replaces the whole
+//!   document is an `index` with `version_type=external` and version = its
+//!   last offset + 1, and one that deletes it a `delete` likewise: a replay
+//!   carries a version that is not higher than the stored one and gets a
+//!   conflict (already applied);
+//! * anything else is a scripted update ([`SCRIPT`]) with `scripted_upsert`.
+//!   The document keeps the last applied offset of each partition
+//!   (`kawka.pos["topic/partition"]`) and, when the connector names a domain
+//!   version, the highest applied version (`kawka.v`). The script follows
+//!   [`crate::projection::compact::NetOp::against`]: when none of the net
+//!   op's events was applied it applies the net effect (`params.whole`),
+//!   otherwise each event's own effect (`params.steps`), skipping those at
+//!   or below the stored offset or version. When nothing applies the
+//!   update is a noop: the document, its version and its sequence number
+//!   stay as they were.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::io::Write as _;
 
 use serde::Serialize;
 
-use crate::config::OpKind;
 use crate::error::{classify_http_status, ErrorClass};
-use crate::projection::compact::{compact, Effect};
+use crate::projection::compact::{fold, Effect, GroupBy, NetOp};
 use crate::projection::WriteOp;
 use crate::value::{Name, Value};
 
 /// Field of every document that holds kawka's guards; not indexed.
 pub const GUARD_FIELD: &str = "kawka";
 
-/// The Painless script of guarded updates. Written for value semantics
-/// too (some ES-API servers copy maps on read): nested maps are written
-/// back explicitly.
+/// The Painless script of guarded updates (see the module doc). Written
+/// for value semantics too (some ES-API servers copy maps on read): nested
+/// maps are written back explicitly. A delete clears the document, so what
+/// follows it in the same update starts from nothing, as the fold says.
 pub const SCRIPT: &str = "\
 def kawka = ctx._source.kawka;
 if (kawka == null) { kawka = new HashMap(); }
@@ -55,16 +45,18 @@ def pos = kawka.pos;
 if (pos == null) { pos = new HashMap(); }
 def applied = pos.containsKey(params.tp) ? pos[params.tp] : -1;
 def version = kawka.v;
+def first = params.whole[0];
+def todo = params.steps;
+if (first.b > applied && (first.w == null || version == null || first.w > version)) { todo = params.whole; }
 def last = applied;
 boolean changed = false;
 boolean del = false;
-for (def step : params.steps) {
+for (def step : todo) {
   if (step.o <= applied) { continue; }
   if (step.v != null && version != null && step.v <= version) { continue; }
   if (step.k == 'r') { ctx._source.clear(); ctx._source.putAll(step.f); del = false; }
-  else if (step.k == 'm') { ctx._source.putAll(step.f); del = false; }
-  else if (step.k == 'i') { for (def name : step.f.keySet()) { def cur = ctx._source[name]; ctx._source[name] = (cur == null ? 0 : cur) + step.f[name]; } del = false; }
-  else if (step.k == 'd') { del = true; }
+  else if (step.k == 'p') { ctx._source.putAll(step.f); for (def name : step.a.keySet()) { def cur = ctx._source[name]; ctx._source[name] = (cur == null ? 0 : cur) + step.a[name]; } del = false; }
+  else if (step.k == 'd') { ctx._source.clear(); del = true; }
   if (step.v != null) { version = step.v; }
   last = step.o;
   changed = true;
@@ -112,13 +104,35 @@ pub fn doc_id(key: &[Value]) -> Result<String, String> {
     Ok(id)
 }
 
+/// One step of a scripted update: an effect and where its events end.
 #[derive(Serialize)]
 struct Step<'a> {
+    /// The last offset of its events.
     o: i64,
-    k: &'static str,
-    f: FieldMap<'a>,
+    /// The domain version of its last event.
     #[serde(skip_serializing_if = "Option::is_none")]
     v: Option<i64>,
+    /// For the whole net op only: its first offset and first version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    b: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    w: Option<i64>,
+    /// `r` replace with `f`, `p` set `f` and add `a`, `d` delete.
+    k: &'static str,
+    f: FieldMap<'a>,
+    a: FieldMap<'a>,
+}
+
+impl<'a> Step<'a> {
+    fn new(effect: &'a Effect, o: i64, v: Option<i64>) -> Step<'a> {
+        let none = FieldMap(&[]);
+        let (k, f, a) = match effect {
+            Effect::Replace(fields) => ("r", FieldMap(fields), none),
+            Effect::Patch { set, add } => ("p", FieldMap(set), FieldMap(add)),
+            Effect::Delete => ("d", none, FieldMap(&[])),
+        };
+        Step { o, v, b: None, w: None, k, f, a }
+    }
 }
 
 /// Fields as a JSON object.
@@ -135,63 +149,58 @@ impl Serialize for FieldMap<'_> {
     }
 }
 
-/// Builds the actions of a batch. Ops whose key is no document id are
-/// returned apart with the reason.
-pub fn plan(ops: &[WriteOp], index: &str, mode: GuardMode) -> (Vec<Action>, Vec<(usize, String)>) {
-    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut by_group: HashMap<(String, Name, i32), usize> = HashMap::new();
-    let mut rejected = Vec::new();
-    for (at, op) in ops.iter().enumerate() {
-        let id = match doc_id(&op.key) {
-            Ok(id) => id,
-            Err(message) => {
-                rejected.push((at, message));
-                continue;
-            }
-        };
-        let group_key = (id.clone(), op.position.topic, op.position.partition);
-        match by_group.get(&group_key) {
-            Some(&group) => groups[group].1.push(at),
-            None => {
-                by_group.insert(group_key, groups.len());
-                groups.push((id, vec![at]));
-            }
+/// Builds the actions of a batch from its net ops. `hashes` are the ops'
+/// [`crate::projection::compact::key_hashes`] when the caller has them.
+/// Ops that cannot be written (no document id, a fold error) are returned
+/// apart with the reason.
+pub fn plan(ops: &[WriteOp], hashes: &[u64], index: &str, mode: GuardMode) -> (Vec<Action>, Vec<(usize, String)>) {
+    let folded = fold(ops, hashes, GroupBy::KeyAndPartition);
+    let mut rejected: Vec<(usize, String)> = folded.errors.iter().map(|error| (error.op, error.to_string())).collect();
+    let mut actions = Vec::with_capacity(folded.net.len());
+    for (net, members) in folded.net.iter().zip(folded.members_of_each()) {
+        match doc_id(&net.key) {
+            Ok(doc_id) => actions.push(action(ops, index, mode, doc_id, net, members)),
+            Err(message) => rejected.extend(members.into_iter().map(|op| (op, message.clone()))),
         }
     }
-    let actions = groups.into_iter().map(|(doc_id, members)| action(ops, index, mode, doc_id, members)).collect();
     (actions, rejected)
 }
 
-fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, members: Vec<usize>) -> Action {
-    let last = &ops[*members.last().expect("a group has at least one op")];
-    let tp = format!("{}/{}", last.position.topic, last.position.partition);
+fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, net: &NetOp, members: Vec<usize>) -> Action {
+    let (topic, partition) = net.partition.expect("ops grouped by partition have one");
+    let tp = format!("{topic}/{partition}");
     let mut lines = Vec::with_capacity(256);
-    let version = last.position.offset + 1;
-    let replaced = match mode {
-        GuardMode::ExternalVersions => replacement(ops, &members),
-        GuardMode::Scripted => None,
-    };
-    match (mode, last.kind, replaced) {
-        (GuardMode::ExternalVersions, _, Some(fields)) => {
+    let version = net.last_offset + 1;
+    match (mode, &net.effect) {
+        (GuardMode::ExternalVersions, Effect::Replace(fields)) => {
             let header = serde_json::json!({"index": {"_index": index, "_id": doc_id, "version": version, "version_type": "external"}});
             write_line(&mut lines, &header);
             let mut doc = serde_json::Map::new();
             for (name, value) in fields.iter() {
                 doc.insert(name.to_string(), value.to_json());
             }
-            doc.insert(GUARD_FIELD.into(), serde_json::json!({"pos": {tp: last.position.offset}}));
+            doc.insert(GUARD_FIELD.into(), serde_json::json!({"pos": {tp: net.last_offset}}));
             write_line(&mut lines, &doc);
         }
-        (GuardMode::ExternalVersions, OpKind::Delete, None) => {
+        (GuardMode::ExternalVersions, Effect::Delete) => {
             let header = serde_json::json!({"delete": {"_index": index, "_id": doc_id, "version": version, "version_type": "external"}});
             write_line(&mut lines, &header);
         }
         _ => {
             let header = serde_json::json!({"update": {"_index": index, "_id": doc_id}});
             write_line(&mut lines, &header);
-            let steps = steps(ops, &members);
+            let mut whole = Step::new(&net.effect, net.last_offset, net.version);
+            (whole.b, whole.w) = (Some(net.first_offset), net.first_version);
+            // One event: its effect is the net op's, and the script never
+            // needs it apart.
+            let effects: Vec<(Effect, &WriteOp)> = match members.as_slice() {
+                [_] => Vec::new(),
+                _ => members.iter().map(|&at| (Effect::of(ops[at].kind, &ops[at].fields), &ops[at])).collect(),
+            };
+            let steps: Vec<Step> =
+                effects.iter().map(|(effect, op)| Step::new(effect, op.position.offset, op.version)).collect();
             let body = serde_json::json!({
-                "script": {"source": SCRIPT, "lang": "painless", "params": {"tp": tp, "steps": steps}},
+                "script": {"source": SCRIPT, "lang": "painless", "params": {"tp": tp, "whole": [whole], "steps": steps}},
                 "scripted_upsert": true,
                 // Marks a document that did not exist: deleting it is a noop.
                 "upsert": {GUARD_FIELD: {"missing": true}},
@@ -200,61 +209,6 @@ fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, members
         }
     }
     Action { doc_id, ops: members, lines }
-}
-
-/// The whole document a group leaves, when it leaves one whatever was
-/// there before (an upsert, or a delete, then anything but a delete): the
-/// group is then one `index` at its last offset, applied whole or, on a
-/// replay of any part of it, not at all.
-fn replacement<'a>(ops: &'a [WriteOp], members: &[usize]) -> Option<Cow<'a, [(Name, Value)]>> {
-    // What came before the last upsert or delete cannot show in the document.
-    let from = members.iter().rposition(|&at| matches!(ops[at].kind, OpKind::Upsert | OpKind::Delete))?;
-    match &members[from..] {
-        [only] if ops[*only].kind == OpKind::Upsert => Some(Cow::Borrowed(&ops[*only].fields)),
-        // A delete last is an external-version delete.
-        [_] => None,
-        tail => {
-            let tail: Vec<WriteOp> = tail.iter().map(|&at| ops[at].clone()).collect();
-            let (mut net, errors) = compact(&tail);
-            match (errors.is_empty(), net.pop().map(|n| n.effect)) {
-                (true, Some(Effect::Replace(fields))) => Some(Cow::Owned(fields.into_owned())),
-                _ => None,
-            }
-        }
-    }
-}
-
-/// The script steps of a group: runs of set ops folded, increments one by one.
-fn steps(ops: &[WriteOp], members: &[usize]) -> Vec<serde_json::Value> {
-    let mut steps = Vec::new();
-    let mut run: Vec<WriteOp> = Vec::new();
-    let flush = |run: &mut Vec<WriteOp>, steps: &mut Vec<serde_json::Value>| {
-        if run.is_empty() {
-            return;
-        }
-        let (net, _) = compact(run);
-        let last = run.last().expect("run is not empty");
-        let (o, v) = (last.position.offset, net[0].version);
-        let step = match &net[0].effect {
-            Effect::Replace(fields) => Step { o, k: "r", f: FieldMap(fields), v },
-            Effect::Patch { set, .. } => Step { o, k: "m", f: FieldMap(set), v },
-            Effect::Delete => Step { o, k: "d", f: FieldMap(&[]), v },
-        };
-        steps.push(serde_json::to_value(&step).unwrap_or(serde_json::Value::Null));
-        run.clear();
-    };
-    for &at in members {
-        let op = &ops[at];
-        if matches!(op.kind, OpKind::Increment | OpKind::Decrement) {
-            flush(&mut run, &mut steps);
-            let step = Step { o: op.position.offset, k: "i", f: FieldMap(&op.fields), v: op.version };
-            steps.push(serde_json::to_value(&step).unwrap_or(serde_json::Value::Null));
-        } else {
-            run.push(op.clone());
-        }
-    }
-    flush(&mut run, &mut steps);
-    steps
 }
 
 fn write_line(out: &mut Vec<u8>, value: &impl Serialize) {
@@ -307,6 +261,7 @@ pub fn classify_item(kind: &str, status: u16, error: Option<&serde_json::Value>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::OpKind;
     use crate::event::Position;
 
     fn op(key: &str, partition: i32, offset: i64, kind: OpKind, fields: &[(Name, Value)]) -> WriteOp {
@@ -333,7 +288,7 @@ mod tests {
             op("u1", 0, 4, OpKind::Merge, &[("email", "old@x".into())]),
             op("u1", 0, 9, OpKind::Upsert, &[("name", "Ann".into())]),
         ];
-        let (actions, rejected) = plan(&ops, "profiles", GuardMode::ExternalVersions);
+        let (actions, rejected) = plan(&ops, &[], "profiles", GuardMode::ExternalVersions);
         assert!(rejected.is_empty());
         assert_eq!(actions.len(), 1);
         assert_eq!(actions[0].ops, vec![0, 1]);
@@ -357,7 +312,7 @@ mod tests {
             op("u3", 0, 9, OpKind::Merge, &[("name", "Cy".into())]),
             op("u3", 0, 10, OpKind::Increment, &[("visits", Value::Int(1))]),
         ];
-        let (actions, _) = plan(&ops, "profiles", GuardMode::ExternalVersions);
+        let (actions, _) = plan(&ops, &[], "profiles", GuardMode::ExternalVersions);
         let u1 = lines(&actions[0]);
         assert_eq!(u1[0]["index"]["version"], 8, "version = last offset + 1");
         assert_eq!(
@@ -369,29 +324,35 @@ mod tests {
             lines(&actions[2])[0].get("update").is_some(),
             "without an upsert or delete it depends on the stored document"
         );
-        let (scripted, _) = plan(&ops[..3], "profiles", GuardMode::Scripted);
+        let (scripted, _) = plan(&ops[..3], &[], "profiles", GuardMode::Scripted);
         assert!(lines(&scripted[0])[0].get("update").is_some(), "domain versions: always the script");
     }
 
     #[test]
     fn deletes_last_are_external_version_deletes_and_scripted_mode_scripts_everything() {
         let ops = vec![op("u1", 0, 2, OpKind::Upsert, &[]), op("u1", 0, 3, OpKind::Delete, &[])];
-        let (actions, _) = plan(&ops, "p", GuardMode::ExternalVersions);
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::ExternalVersions);
         let lines_of = lines(&actions[0]);
         assert_eq!(lines_of.len(), 1);
         assert_eq!(lines_of[0]["delete"]["version"], 4);
-        let (actions, _) = plan(&ops, "p", GuardMode::Scripted);
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted);
         let lines_of = lines(&actions[0]);
         assert_eq!(lines_of[0], serde_json::json!({"update": {"_index": "p", "_id": "u1"}}));
         assert_eq!(lines_of[1]["scripted_upsert"], true);
         assert_eq!(lines_of[1]["params"]["tp"], serde_json::Value::Null, "params live inside script");
-        assert_eq!(lines_of[1]["script"]["params"]["tp"], "users/0");
-        // upsert then delete folds into one delete step at the last offset
-        assert_eq!(lines_of[1]["script"]["params"]["steps"], serde_json::json!([{"o": 3, "k": "d", "f": {}}]));
+        let params = &lines_of[1]["script"]["params"];
+        assert_eq!(params["tp"], "users/0");
+        // upsert then delete folds into one delete at the last offset; each
+        // event's own effect rides along for a replay from inside the run.
+        assert_eq!(params["whole"], serde_json::json!([{"o": 3, "b": 2, "k": "d", "f": {}, "a": {}}]));
+        assert_eq!(
+            params["steps"],
+            serde_json::json!([{"o": 2, "k": "r", "f": {}, "a": {}}, {"o": 3, "k": "d", "f": {}, "a": {}}])
+        );
     }
 
     #[test]
-    fn set_runs_fold_and_increments_keep_their_offsets() {
+    fn a_document_gets_its_net_op_whole_and_each_event_apart() {
         let ops = vec![
             op("u1", 0, 1, OpKind::Upsert, &[("n", Value::Int(0)), ("a", "x".into())]),
             op("u1", 0, 2, OpKind::Merge, &[("a", "y".into())]),
@@ -401,24 +362,45 @@ mod tests {
             op("u2", 1, 6, OpKind::Merge, &[("b", Value::Bool(false))]),
             op("u1", 1, 7, OpKind::Increment, &[("n", Value::Int(5))]),
         ];
-        // Scripted: with external versions u1's first group is one `index`.
-        let (actions, _) = plan(&ops, "p", GuardMode::Scripted);
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted);
         assert_eq!(
             actions.iter().map(|a| (a.doc_id.as_str(), a.ops.clone())).collect::<Vec<_>>(),
             vec![("u1", vec![0, 1, 2, 3, 4]), ("u2", vec![5]), ("u1", vec![6]),]
         );
-        let first = lines(&actions[0]);
+        let first = &lines(&actions[0])[1]["script"]["params"];
         assert_eq!(
-            first[1]["script"]["params"]["steps"],
-            serde_json::json!([
-                {"o": 2, "k": "r", "f": {"n": 0, "a": "y"}},
-                {"o": 3, "k": "i", "f": {"n": 2}},
-                {"o": 4, "k": "i", "f": {"n": -1}},
-                {"o": 5, "k": "m", "f": {"b": true}},
-            ])
+            first["whole"],
+            serde_json::json!([{"o": 5, "b": 1, "k": "r", "f": {"n": 1, "a": "y", "b": true}, "a": {}}])
         );
-        assert_eq!(lines(&actions[2])[1]["script"]["params"]["tp"], "users/1");
-        assert!(SCRIPT.contains("step.o <= applied"));
+        assert_eq!(first["steps"].as_array().map(Vec::len), Some(5));
+        assert_eq!(first["steps"][2], serde_json::json!({"o": 3, "k": "p", "f": {}, "a": {"n": 2}}));
+        let third = &lines(&actions[2])[1]["script"]["params"];
+        assert_eq!(third["tp"], "users/1");
+        assert_eq!(third["whole"], serde_json::json!([{"o": 7, "b": 7, "k": "p", "f": {}, "a": {"n": 5}}]));
+        assert_eq!(third["steps"], serde_json::json!([]), "one event: its effect is the whole");
+    }
+
+    #[test]
+    fn stale_versions_are_folded_out_but_sent_apart_with_their_versions() {
+        // The issue's sequence: Registered(seq 1), PointsEarned(seq 2), a
+        // duplicate Registered(seq 1), EmailChanged(seq 3).
+        let mut ops = vec![
+            op("u1", 0, 0, OpKind::Upsert, &[("name", "Ann".into()), ("points", Value::Int(0))]),
+            op("u1", 0, 1, OpKind::Increment, &[("points", Value::Int(10))]),
+            op("u1", 0, 2, OpKind::Upsert, &[("name", "Ann".into()), ("points", Value::Int(0))]),
+            op("u1", 0, 3, OpKind::Merge, &[("email", "a@x".into())]),
+        ];
+        for (op, version) in ops.iter_mut().zip([1, 2, 1, 3]) {
+            op.version = Some(version);
+        }
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted);
+        let params = &lines(&actions[0])[1]["script"]["params"];
+        assert_eq!(
+            params["whole"],
+            serde_json::json!([{"o": 3, "v": 3, "b": 0, "w": 1, "k": "r",
+                "f": {"name": "Ann", "points": 10, "email": "a@x"}, "a": {}}])
+        );
+        assert_eq!(params["steps"][2]["v"], 1, "the duplicate keeps its version, for the script to skip");
     }
 
     #[test]
@@ -426,7 +408,7 @@ mod tests {
         assert_eq!(doc_id(&[Value::from("a"), Value::Int(7)]), Ok("a|7".to_string()));
         let mut bad = op("x", 0, 0, OpKind::Upsert, &[]);
         bad.key = smallvec::smallvec![Value::Null];
-        let (actions, rejected) = plan(&[bad], "p", GuardMode::Scripted);
+        let (actions, rejected) = plan(&[bad], &[], "p", GuardMode::Scripted);
         assert!(actions.is_empty());
         assert_eq!(rejected, vec![(0, "the document id is null".to_string())]);
     }

@@ -39,6 +39,14 @@ pub struct ElasticsearchSink {
     concrete: bool,
 }
 
+/// A batch planned for Elasticsearch: its bulk actions, and the ops that
+/// cannot be written (with the reason), reported once the rest is.
+#[derive(Debug)]
+pub struct ElasticsearchPlan {
+    actions: Vec<Action>,
+    rejected: Vec<(usize, String)>,
+}
+
 /// What one write achieved.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WriteCounts {
@@ -158,18 +166,32 @@ impl ElasticsearchSink {
         Ok(response.status_code().as_u16() == 200)
     }
 
-    /// Applies the ops of a batch. Documents are spread over `in_flight`
-    /// lanes by id, so one document's actions stay in order in one lane;
-    /// lanes run concurrently, each sending its requests one after another.
+    /// The CPU part of a write: the batch folded into its bulk actions.
+    /// `hashes` are the ops' [`crate::projection::compact::key_hashes`]
+    /// when the caller has them.
+    pub fn plan(&self, ops: &[WriteOp], hashes: &[u64]) -> ElasticsearchPlan {
+        let (actions, rejected) = bulk::plan(ops, hashes, &self.target.alias, self.mode);
+        ElasticsearchPlan { actions, rejected }
+    }
+
+    /// Applies the ops of a batch ([`ElasticsearchSink::plan`], then
+    /// [`ElasticsearchSink::write_plan`]).
     pub async fn write(&self, ops: &[WriteOp]) -> Result<WriteCounts, SinkError> {
-        let (actions, mut rejected) = bulk::plan(ops, &self.target.alias, self.mode);
+        self.write_plan(&self.plan(ops, &[])).await
+    }
+
+    /// Sends a planned batch. Documents are spread over `in_flight` lanes
+    /// by id, so one document's actions stay in order in one lane; lanes
+    /// run concurrently, each sending its requests one after another.
+    pub async fn write_plan(&self, plan: &ElasticsearchPlan) -> Result<WriteCounts, SinkError> {
         let lanes = self.target.in_flight.max(1);
-        let mut by_lane: Vec<Vec<Action>> = (0..lanes).map(|_| Vec::new()).collect();
-        for action in actions {
+        let mut by_lane: Vec<Vec<&Action>> = (0..lanes).map(|_| Vec::new()).collect();
+        for action in &plan.actions {
             by_lane[lane_of(&action.doc_id, lanes)].push(action);
         }
         let results = join_all(by_lane.into_iter().map(|actions| self.write_lane(actions))).await;
         let mut counts = WriteCounts::default();
+        let mut rejected = plan.rejected.clone();
         let mut failure = None;
         for result in results {
             match result {
@@ -190,7 +212,7 @@ impl ElasticsearchSink {
         Ok(counts)
     }
 
-    async fn write_lane(&self, actions: Vec<Action>) -> Result<(WriteCounts, Vec<(usize, String)>), SinkError> {
+    async fn write_lane(&self, actions: Vec<&Action>) -> Result<(WriteCounts, Vec<(usize, String)>), SinkError> {
         let mut counts = WriteCounts::default();
         let mut rejected = Vec::new();
         let mut start = 0;
@@ -216,11 +238,11 @@ impl ElasticsearchSink {
 
     /// Sends one request; items that failed transiently are sent again
     /// (alone) with backoff.
-    async fn send_with_retries(&self, actions: &[Action]) -> Result<(WriteCounts, Vec<(usize, String)>), SinkError> {
+    async fn send_with_retries(&self, actions: &[&Action]) -> Result<(WriteCounts, Vec<(usize, String)>), SinkError> {
         let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(3) };
         let mut counts = WriteCounts::default();
         let mut rejected = Vec::new();
-        let mut pending: Vec<&Action> = actions.iter().collect();
+        let mut pending: Vec<&Action> = actions.to_vec();
         let mut attempt = 0;
         loop {
             let outcomes = self.send(&pending).await?;

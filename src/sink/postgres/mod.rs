@@ -45,7 +45,7 @@ use sqlx::{Arguments, Executor, PgPool, Postgres, Row};
 
 use super::{succeeded_all, Claim, CommitSignal, Committed, Follows, PartitionOffset, SinkError};
 use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
-use crate::projection::compact::{self, compact, NetOp};
+use crate::projection::compact::{self, fold, GroupBy, NetOp};
 use crate::projection::WriteOp;
 use crate::value::{intern, name_position, Name};
 use sql::{ColumnArray, Insert, Statement, TableSql};
@@ -232,10 +232,11 @@ impl PostgresSink {
         hashes: &[u64],
         offsets: &[PartitionOffset],
     ) -> Result<PostgresPlan, SinkError> {
-        let (net, fold_errors) = compact::compact_hashed(ops, hashes);
-        if !fold_errors.is_empty() {
-            return Err(SinkError::RejectedOps(fold_errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
+        let folded = fold(ops, hashes, GroupBy::Key);
+        if !folded.errors.is_empty() {
+            return Err(SinkError::RejectedOps(folded.errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
         }
+        let net = folded.net;
         let rejected = |error: sql::BindError| SinkError::Rejected(error.to_string());
         // The upserts expected to find new keys are planned straight into
         // their `COPY` text, built while the writes ahead run, not in this
@@ -547,7 +548,8 @@ impl PostgresSink {
         let mut rejected = Vec::new();
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
         for (index, op) in ops.iter().enumerate() {
-            let (net, errors) = compact(std::slice::from_ref(op));
+            let folded = fold(std::slice::from_ref(op), &[], GroupBy::Key);
+            let (net, errors) = (folded.net, folded.errors);
             if let Some(error) = errors.first() {
                 rejected.push((index, error.to_string()));
                 continue;
@@ -670,8 +672,11 @@ mod tests {
             key: vec![Value::from(key)].into(),
             effect: Effect::Delete,
             version: None,
+            first_version: None,
             // Events of several partitions: none.
             partition: partitions.iter().all(|&p| p == partitions[0]).then(|| ("t", partitions[0])),
+            first_offset: 0,
+            last_offset: 0,
         }
     }
 

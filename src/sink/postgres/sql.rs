@@ -1121,7 +1121,10 @@ mod tests {
             key: vec![Value::from(store), Value::from("i1")].into(),
             effect,
             version: None,
+            first_version: None,
             partition: Some(("t", 0)),
+            first_offset: 0,
+            last_offset: 0,
         }
     }
 
@@ -1267,7 +1270,15 @@ mod tests {
     }
 
     fn every_row(id: &str, version: Option<i64>, fields: Vec<(Name, Value)>) -> NetOp<'static> {
-        NetOp { key: vec![Value::from(id)].into(), effect: replace(fields), version, partition: Some(("t", 0)) }
+        NetOp {
+            key: vec![Value::from(id)].into(),
+            effect: replace(fields),
+            version,
+            first_version: version,
+            partition: Some(("t", 0)),
+            first_offset: 0,
+            last_offset: 0,
+        }
     }
 
     #[test]

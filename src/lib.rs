@@ -31,7 +31,8 @@
 //! * [`rebuild`]: `kawka rebuild`: a new table or index version beside the
 //!   live one, atomic cut-over (Postgres renames, an ES alias move),
 //!   rollback; also run inside the daemon over HTTP, with progress.
-//! * [`registry`]: the `kawka registry` server (Confluent API, Postgres storage).
+//! * The `kawka registry` server (Confluent API, Postgres storage) is its own
+//!   crate, `kawka_registry`, under `crates/kawka-registry`.
 //! * [`event`], [`value`]: the event and the value tree every stage shares.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.
 //! * [`status`]: each connector's state, counters and histograms: what the
@@ -48,7 +49,6 @@ pub mod http;
 pub mod pipeline;
 pub mod projection;
 pub mod rebuild;
-pub mod registry;
 pub mod sink;
 pub mod source;
 pub mod status;

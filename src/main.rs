@@ -176,8 +176,8 @@ fn main() -> ExitCode {
         }
         Command::Registry { listen, database_url, schema } => {
             kawka::telemetry::init(cli.log_format.unwrap_or_default(), "info");
-            let settings = kawka::registry::RegistryServerSettings { listen, database_url, schema };
-            match runtime.block_on(kawka::registry::serve(&settings, shutdown_signal())) {
+            let settings = kawka_registry::RegistryServerSettings { listen, database_url, schema };
+            match runtime.block_on(kawka_registry::serve(&settings, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("kawka registry: {error:#}");

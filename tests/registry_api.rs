@@ -68,7 +68,7 @@ fn error_code(body: &Json) -> i64 {
     body["error_code"].as_i64().unwrap_or_else(|| panic!("no error_code in {body}"))
 }
 
-async fn api() -> (Api, kawka::registry::RunningRegistry) {
+async fn api() -> (Api, kawka_registry::RunningRegistry) {
     let registry = support::start_registry().await;
     (Api { http: reqwest::Client::new(), base: registry.url() }, registry)
 }

@@ -10,4 +10,4 @@ cleanup() { for service in "${started[@]}"; do stop_service "$service"; done; }
 trap cleanup EXIT
 "$KAWKA_ROOT/deploy/local/up.sh"
 cd "$KAWKA_ROOT"
-cargo test --all-targets -- "$@"
+cargo test --workspace --all-targets -- "$@"

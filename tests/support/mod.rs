@@ -19,7 +19,7 @@ use rdkafka::message::Message;
 use rdkafka::TopicPartitionList;
 use serde_json::Value as Json;
 
-use kawka::registry::{RegistryServerSettings, RunningRegistry};
+use kawka_registry::{RegistryServerSettings, RunningRegistry};
 
 pub fn kafka_bootstrap() -> String {
     std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
@@ -62,7 +62,7 @@ pub async fn start_registry() -> RunningRegistry {
         database_url: database_url(),
         schema: Some(unique("registry")),
     };
-    kawka::registry::start(&settings).await.unwrap_or_else(|e| {
+    kawka_registry::start(&settings).await.unwrap_or_else(|e| {
         panic!("cannot start a registry on {} (is the stack up? deploy/local/up.sh): {e:#}", database_url())
     })
 }
@@ -433,7 +433,7 @@ pub async fn start_registry_on(port: u16, schema: &str) -> RunningRegistry {
         database_url: database_url(),
         schema: Some(schema.to_string()),
     };
-    kawka::registry::start(&settings).await.unwrap_or_else(|e| panic!("cannot start a registry on port {port}: {e:#}"))
+    kawka_registry::start(&settings).await.unwrap_or_else(|e| panic!("cannot start a registry on port {port}: {e:#}"))
 }
 
 /// The machine's Postgres cluster, stopped for a fault test and started

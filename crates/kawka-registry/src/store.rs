@@ -11,7 +11,7 @@
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use crate::codec::registry::SchemaReference;
+use crate::wire::SchemaReference;
 
 /// A stored schema.
 #[derive(Debug, Clone)]

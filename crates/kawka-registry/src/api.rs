@@ -21,9 +21,9 @@ use serde::Deserialize;
 use serde_json::{json, Value as Json};
 use sqlx::PgConnection;
 
-use super::compat::{self, Level};
-use super::store::{self, Store, StoredSchema, StoredVersion};
-use crate::codec::registry::{SchemaReference, CONTENT_TYPE};
+use crate::compat::{self, Level};
+use crate::store::{self, Store, StoredSchema, StoredVersion};
+use crate::wire::{SchemaReference, CONTENT_TYPE};
 
 const DEFAULT_LEVEL: Level = Level::Backward;
 

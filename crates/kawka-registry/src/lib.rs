@@ -6,10 +6,26 @@
 //! the Confluent API that producers, consumers and kawka itself use
 //! (subjects, versions, ids, references, compatibility, config), with
 //! Confluent's status codes and error bodies.
+//!
+//! This crate is the server only: it does not depend on the `kawka` daemon,
+//! whose pipeline talks to any registry (this one or Confluent's) over HTTP.
+//! The `kawka` binary runs it as `kawka registry` through [`serve`].
+//!
+//! # Layout
+//!
+//! * `api`: the HTTP routes, Confluent's error bodies and codes, reference
+//!   resolution and schema normalization.
+//! * [`compat`]: compatibility levels and checks by the Avro resolution rules.
+//! * [`store`]: the Postgres tables (global schema ids, subject versions,
+//!   compatibility settings) and their queries.
+//! * [`wire`]: the Confluent API's content type and schema references.
+//! * `lib.rs`: [`start`] and [`serve`], with [`RegistryServerSettings`] and
+//!   [`RunningRegistry`].
 
 mod api;
 pub mod compat;
 pub mod store;
+pub mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;

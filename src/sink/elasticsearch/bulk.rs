@@ -84,18 +84,32 @@ pub struct Action {
     pub lines: Vec<u8>,
 }
 
-/// The document id of a key: one part as text, several joined by `|`.
+/// The document id of a key: one part as text, several joined by `|`, each
+/// part's `\` and `|` escaped with a `\` so that two keys never share an id
+/// (`("a|b", "c")` is `a\|b|c`, `("a", "b|c")` is `a|b\|c`). One part is
+/// never escaped: ids of single-part keys are the part as it is.
 pub fn doc_id(key: &[Value]) -> Result<String, String> {
     let mut id = String::new();
+    let escape = key.len() > 1;
     for (n, part) in key.iter().enumerate() {
         if n > 0 {
             id.push('|');
         }
-        match part {
+        let text = match part {
             Value::Null => return Err("the document id is null".into()),
-            Value::Str(s) => id.push_str(s),
-            Value::Int(_) | Value::Float(_) | Value::Bool(_) => id.push_str(&part.to_string()),
-            other => id.push_str(&other.to_json().to_string()),
+            Value::Str(s) => std::borrow::Cow::Borrowed(s.as_str()),
+            Value::Int(_) | Value::Float(_) | Value::Bool(_) => part.to_string().into(),
+            other => other.to_json().to_string().into(),
+        };
+        if escape {
+            for c in text.chars() {
+                if matches!(c, '\\' | '|') {
+                    id.push('\\');
+                }
+                id.push(c);
+            }
+        } else {
+            id.push_str(&text);
         }
     }
     if id.is_empty() || id.len() > 512 {
@@ -249,6 +263,11 @@ pub fn classify_item(kind: &str, status: u16, error: Option<&serde_json::Value>)
         200..=299 => ItemOutcome::Applied,
         // Deleting what is not there: the effect holds.
         404 if kind == "delete" => ItemOutcome::Applied,
+        // A scripted update's conflict is another writer's update landing
+        // between its read and its write: nothing of it was applied, and it
+        // is sent again (its guards then see what the other wrote). Only an
+        // external version's conflict says "already applied".
+        409 if kind == "update" => ItemOutcome::Retry(format!("{} (another writer)", describe())),
         409 => ItemOutcome::Duplicate,
         _ => match classify_http_status(status) {
             ErrorClass::Permanent => ItemOutcome::Reject(describe()),
@@ -406,6 +425,16 @@ mod tests {
     #[test]
     fn composite_ids_join_and_null_ids_are_refused() {
         assert_eq!(doc_id(&[Value::from("a"), Value::Int(7)]), Ok("a|7".to_string()));
+        assert_eq!(doc_id(&[Value::from("a|b")]), Ok("a|b".to_string()), "one part: as it is");
+        let ids = [
+            doc_id(&[Value::from("a|b"), Value::from("c")]),
+            doc_id(&[Value::from("a"), Value::from("b|c")]),
+            doc_id(&[Value::from("a\\"), Value::from("|c")]),
+            doc_id(&[Value::from("a\\|"), Value::from("c")]),
+        ];
+        assert_eq!(ids[0], Ok("a\\|b|c".to_string()));
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "{ids:?}");
         let mut bad = op("x", 0, 0, OpKind::Upsert, &[]);
         bad.key = smallvec::smallvec![Value::Null];
         let (actions, rejected) = plan(&[bad], &[], "p", GuardMode::Scripted);
@@ -421,6 +450,8 @@ mod tests {
         assert_eq!(classify_item("update", 200, None), ItemOutcome::Applied);
         assert_eq!(classify_item("delete", 404, None), ItemOutcome::Applied);
         assert_eq!(classify_item("index", 409, None), ItemOutcome::Duplicate);
+        assert_eq!(classify_item("delete", 409, None), ItemOutcome::Duplicate);
+        assert!(matches!(classify_item("update", 409, None), ItemOutcome::Retry(_)), "a lost race is not applied");
         assert!(matches!(classify_item("index", 429, None), ItemOutcome::Retry(_)));
         assert!(matches!(classify_item("index", 503, None), ItemOutcome::Retry(_)));
         assert!(matches!(classify_item("index", 408, None), ItemOutcome::Retry(_)));

@@ -59,18 +59,29 @@ pub fn classify_sqlx(error: &sqlx::Error) -> ErrorClass {
     }
 }
 
-/// Classifies a SQLSTATE code.
+/// Classifies a SQLSTATE code. Transient are only the classes about the
+/// server, the connection or a lock, which waiting can fix; config the
+/// ones that say the table does not match the connector. Every other
+/// class (data exceptions, constraints, a row too large for an index
+/// (54), a trigger's `RAISE` (P0), a cardinality violation (21), …) is
+/// permanent: the batch is then isolated op by op, and what fails alone
+/// while its neighbours succeed is that op's error, whatever its code.
 pub fn classify_sqlstate(code: &str) -> ErrorClass {
     match code.get(..2) {
-        // data exception (bad value for a type, out of range, invalid text)
-        // and integrity constraint violation: this row's fault.
-        Some("22") | Some("23") => ErrorClass::Permanent,
-        // syntax error or access rule violation: the table does not match
-        // the connector (a dropped column, missing privileges).
+        // syntax error or access rule violation, invalid schema or
+        // authorization: the table does not match the connector (a dropped
+        // column, missing privileges).
         Some("42") | Some("3F") | Some("28") => ErrorClass::Config,
-        // connection exceptions, serialization failures, deadlocks,
-        // insufficient resources, operator intervention, lock not available.
-        _ => ErrorClass::Transient,
+        // connection exceptions, transaction rollbacks (serialization
+        // failures, deadlocks), insufficient resources, objects in use or
+        // locks not available, operator intervention, system errors,
+        // internal errors.
+        Some("08") | Some("40") | Some("53") | Some("55") | Some("57") | Some("58") | Some("XX") => {
+            ErrorClass::Transient
+        }
+        // An unreadable code: the server said something kawka does not
+        // know; isolation tells whether one op causes it.
+        _ => ErrorClass::Permanent,
     }
 }
 
@@ -128,6 +139,11 @@ mod tests {
         assert_eq!(classify_sqlstate("57P01"), ErrorClass::Transient, "admin shutdown");
         assert_eq!(classify_sqlstate("08006"), ErrorClass::Transient, "connection failure");
         assert_eq!(classify_sqlstate("42703"), ErrorClass::Config, "undefined column");
+        assert_eq!(classify_sqlstate("55P03"), ErrorClass::Transient, "lock not available");
+        assert_eq!(classify_sqlstate("53300"), ErrorClass::Transient, "too many connections");
+        assert_eq!(classify_sqlstate("54000"), ErrorClass::Permanent, "index row too large");
+        assert_eq!(classify_sqlstate("P0001"), ErrorClass::Permanent, "a trigger's RAISE EXCEPTION");
+        assert_eq!(classify_sqlstate("21000"), ErrorClass::Permanent, "cardinality violation");
     }
 
     #[test]

@@ -1,0 +1,313 @@
+//! The consume loop: records → decode → upcast → project → the pending
+//! batch, flushed when it is full, due, revoked or the daemon stops.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::batch::{Epochs, Pending};
+use super::dead_letter::Failure;
+use super::in_flight::{finished, InFlightWrite};
+use super::{stopped, ConnectorRuntime, Halt, REPLAY_HEADER};
+use crate::codec::Decoded;
+use crate::error::{Backoff, ErrorClass};
+use crate::projection::{Projected, Projection, WriteOp};
+use crate::sink::Claim;
+use crate::source::{KafkaSource, RawRecord, SourceMessage};
+use crate::status::Outcome;
+use crate::value::Name;
+
+/// The event type counted for tombstones and undecodable records.
+const TOMBSTONE: Name = "(tombstone)";
+const UNDECODABLE: Name = "(undecodable)";
+const OVERSIZED: Name = "(oversized)";
+
+/// How long a connector may sit idle before it checks that its partitions
+/// are still its own (a rebuild's cut-over or rollback moves them).
+const OWNERSHIP_CHECK: Duration = Duration::from_secs(3);
+
+/// One run of a connector's consumer: the records it hands over, the batch
+/// being built and the writes in flight.
+pub(super) struct Worker<'a> {
+    pub(super) runtime: &'a ConnectorRuntime,
+    pub(super) source: &'a KafkaSource,
+    pub(super) pending: Pending,
+    /// The epoch of each assigned partition.
+    pub(super) epochs: Epochs,
+    generation: Option<u64>,
+    pub(super) shutdown: watch::Receiver<bool>,
+    /// Replay: partitions that reached records this run wrote itself (foldhash: looked up per record).
+    replay_done: std::collections::HashSet<(Name, i32), foldhash::fast::RandomState>,
+    /// Batches being written in the background, oldest first; no two
+    /// share a key, nor a partition unless the sink chains writes.
+    pub(super) in_flight: Vec<InFlightWrite>,
+    /// Set once a rewritten write halted under `stop`: the writes in
+    /// flight behind it that fail are dropped, not written again (their
+    /// events come after the bad one; they are read again on restart).
+    pub(super) stopping: bool,
+}
+
+impl<'a> Worker<'a> {
+    pub(super) fn new(
+        runtime: &'a ConnectorRuntime,
+        source: &'a KafkaSource,
+        shutdown: watch::Receiver<bool>,
+    ) -> Worker<'a> {
+        Worker {
+            runtime,
+            source,
+            pending: Pending::default(),
+            epochs: Epochs::default(),
+            generation: None,
+            shutdown,
+            replay_done: std::collections::HashSet::default(),
+            in_flight: Vec::new(),
+            stopping: false,
+        }
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.runtime.settings.name
+    }
+
+    pub(super) async fn consume(
+        &mut self,
+        mut rx: mpsc::Receiver<SourceMessage>,
+    ) -> (Halt, mpsc::Receiver<SourceMessage>) {
+        let mut shutdown = self.shutdown.clone();
+        let mut paused = self.runtime.status.paused();
+        let idle = self.runtime.replay.as_ref().map(|r| r.idle);
+        let mut last_record = Instant::now();
+        loop {
+            let deadline = self.pending.deadline;
+            let is_paused = *paused.borrow_and_update();
+            let idle_at = idle.filter(|_| self.generation.is_some()).map(|idle| last_record + idle);
+            let message = tokio::select! {
+                biased;
+                _ = stopped(&mut shutdown) => {
+                    let halt = match self.flush().await { Ok(()) => Halt::Shutdown, Err(halt) => halt };
+                    return (halt, rx);
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    if let Err(halt) = self.flush().await { return (halt, rx) }
+                    continue;
+                }
+                // A write in flight is done: its positions reach Kafka now,
+                // not when the next batch is handed over.
+                (index, done) = finished(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    if let Err(halt) = self.settle_finished(index, done).await { return (halt, rx) }
+                    continue;
+                }
+                // Paused: nothing is taken from the channel, so the consumer
+                // thread fills it and pauses its partitions.
+                _ = paused.changed() => continue,
+                // While idle, check that the partitions are still ours.
+                _ = tokio::time::sleep(OWNERSHIP_CHECK), if self.pending.is_empty() && self.in_flight.is_empty() && !self.epochs.is_empty() => {
+                    let epochs: Vec<(Name, i32, i64)> =
+                        self.epochs.iter().filter_map(|(&(t, p), e)| e.map(|e| (t, p, e))).collect();
+                    if let Ok(false) = self.runtime.sink.owns(&epochs).await {
+                        tracing::info!(connector = %self.name(), "partitions were taken over while idle; restarting the consumer");
+                        return (Halt::Fenced, rx);
+                    }
+                    continue;
+                }
+                // A replay ends when nothing more comes.
+                _ = sleep_until(idle_at), if idle_at.is_some() => {
+                    let halt = match self.flush().await { Ok(()) => Halt::Shutdown, Err(halt) => halt };
+                    return (halt, rx);
+                }
+                message = rx.recv(), if !is_paused => message,
+            };
+            if matches!(message, Some(SourceMessage::Records { .. }) | Some(SourceMessage::Assigned { .. })) {
+                last_record = Instant::now();
+            }
+            let result = match message {
+                None => Err(Halt::Source("the consumer thread ended".into())),
+                Some(SourceMessage::Assigned { generation, claims }) => {
+                    self.assigned(generation, &claims);
+                    Ok(())
+                }
+                Some(SourceMessage::Revoked { ack }) => {
+                    let flushed = self.flush().await;
+                    self.runtime.status.revoked();
+                    self.epochs.clear();
+                    self.generation = None;
+                    let _ = ack.send(());
+                    flushed
+                }
+                Some(SourceMessage::Records { generation, records }) => self.records(generation, records).await,
+                Some(SourceMessage::Ended { reason }) => Err(Halt::Source(reason)),
+            };
+            if let Err(halt) = result {
+                if let Halt::Stopped(_) = halt {
+                    // Commit the events before the bad one, nothing past it.
+                    if let Err(flush_halt) = self.flush().await {
+                        return (flush_halt, rx);
+                    }
+                }
+                return (halt, rx);
+            }
+        }
+    }
+
+    fn assigned(&mut self, generation: u64, claims: &[Claim]) {
+        self.generation = Some(generation);
+        self.epochs = claims.iter().map(|c| ((c.topic, c.partition), c.epoch)).collect();
+        let partitions: Vec<(Name, i32, Option<i64>)> =
+            claims.iter().map(|c| (c.topic, c.partition, c.next_offset)).collect();
+        self.runtime.status.assigned(&partitions);
+    }
+
+    async fn records(&mut self, generation: u64, records: Vec<RawRecord>) -> Result<(), Halt> {
+        if self.generation != Some(generation) {
+            // Fetched for an assignment that has since changed.
+            return Ok(());
+        }
+        let batch = &self.runtime.settings.batch;
+        for mut record in records {
+            let partition = (record.position.topic, record.position.partition);
+            if !self.epochs.contains_key(&partition) || self.replay_done.contains(&partition) {
+                continue;
+            }
+            if let Some(run) = &self.runtime.replay {
+                // Records this run dead-lettered again come after every
+                // record it was asked to replay: this partition is done
+                // (its position stays before them, for the next run).
+                let mine =
+                    record.headers.iter().any(|(k, v)| k == REPLAY_HEADER && v.as_deref() == Some(run.id.as_bytes()));
+                if mine {
+                    self.replay_done.insert(partition);
+                    if self.replay_done.len() == self.epochs.len() {
+                        self.flush().await?;
+                        return Err(Halt::Shutdown);
+                    }
+                    continue;
+                }
+                // The headers of the earlier failure are not part of the event.
+                record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER);
+            }
+            self.process(record).await?;
+            if self.pending.ops.len() >= batch.max_events || self.pending.bytes >= batch.max_bytes {
+                self.flush_pipelined().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes and projects one record into the pending batch.
+    async fn process(&mut self, record: RawRecord) -> Result<(), Halt> {
+        let limit = self.runtime.settings.source.max_record_bytes;
+        if record.size() > limit {
+            let message = format!("a record of {} bytes exceeds source.max_record_bytes ({limit})", record.size());
+            self.fail(&record, OVERSIZED, Failure { class: ErrorClass::Permanent, stage: "source", message }).await?;
+            self.push(record, OVERSIZED);
+            return Ok(());
+        }
+        let decoded = self.decode(&record).await?;
+        let index = self.pending.records.len();
+        let (event_type, projected) = match decoded {
+            Ok(Decoded::Event { event, writer }) => {
+                let event_type = event.event_type;
+                match self.runtime.upcasting.upcast(event, &writer) {
+                    Ok(events) => (event_type, project_all(self.runtime.projection.as_ref(), events)),
+                    Err(error) => {
+                        let failure =
+                            Failure { class: ErrorClass::Permanent, stage: "upcast", message: error.to_string() };
+                        self.fail(&record, event_type, failure).await?;
+                        self.push(record, event_type);
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(Decoded::Tombstone { key }) => (TOMBSTONE, self.runtime.projection.tombstone(&key, record.position)),
+            Err(failure) => {
+                self.fail(&record, UNDECODABLE, failure).await?;
+                self.push(record, UNDECODABLE);
+                return Ok(());
+            }
+        };
+        match projected {
+            Ok(Projected::Ops(ops)) => {
+                if let Some(message) = ops.iter().find_map(|op| self.runtime.sink.check(op).err()) {
+                    let failure = Failure { class: ErrorClass::Permanent, stage: "sink", message };
+                    self.fail(&record, event_type, failure).await?;
+                } else {
+                    self.pending.add_ops(index, ops);
+                }
+            }
+            Ok(Projected::Skipped) => self.runtime.status.count(event_type, Outcome::Unknown),
+            Err(error) => {
+                let failure = Failure { class: ErrorClass::Permanent, stage: "projection", message: error.to_string() };
+                self.fail(&record, event_type, failure).await?;
+            }
+        }
+        self.push(record, event_type);
+        Ok(())
+    }
+
+    fn push(&mut self, record: RawRecord, event_type: Name) {
+        self.pending.push(record, event_type, self.runtime.settings.batch.max_wait);
+    }
+
+    /// Decodes, waiting out transient (registry) errors.
+    async fn decode(&mut self, record: &RawRecord) -> Result<Result<Decoded, Failure>, Halt> {
+        let mut attempt = 0;
+        loop {
+            match self.runtime.codec.decode(record).await {
+                Ok(decoded) => return Ok(Ok(decoded)),
+                Err(error) if error.class() == ErrorClass::Permanent => {
+                    return Ok(Err(Failure {
+                        class: ErrorClass::Permanent,
+                        stage: "decode",
+                        message: error.to_string(),
+                    }))
+                }
+                Err(error) => {
+                    self.runtime.status.retrying("decode", error.class(), &error.to_string(), attempt);
+                    // What came before this record is done: make it durable
+                    // rather than hold it for as long as the registry is away.
+                    self.flush().await?;
+                    self.pause(attempt).await?;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Waits before a retry; returns `Halt::Shutdown` if the daemon stops.
+    pub(super) async fn pause(&mut self, attempt: u32) -> Result<(), Halt> {
+        let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(5) };
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.delay(attempt)) => Ok(()),
+            _ = stopped(&mut self.shutdown) => Err(Halt::Shutdown),
+        }
+    }
+}
+
+/// Projects the events one record became (several after a split): their
+/// ops together, or the first error. Skipped only if every event is. The
+/// events are spent: their values move into the ops.
+fn project_all(
+    projection: &dyn Projection,
+    events: Vec<crate::event::Event>,
+) -> Result<Projected, crate::projection::ProjectionError> {
+    let mut all: Option<Vec<WriteOp>> = None;
+    for event in events {
+        if let Projected::Ops(ops) = projection.project_owned(event)? {
+            match all.as_mut() {
+                // The usual case, one event: its ops as they are.
+                None => all = Some(ops),
+                Some(all) => all.extend(ops),
+            }
+        }
+    }
+    Ok(all.map_or(Projected::Skipped, Projected::Ops))
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

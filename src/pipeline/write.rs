@@ -1,0 +1,288 @@
+//! Writing the pending batch: at once with retries (a flush), or handed to
+//! a background write (a pipelined flush), and the writes in flight settled
+//! in the order their batches were cut.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::batch::Pending;
+use super::dead_letter::Failure;
+use super::in_flight::{follows, sorted, InFlightWrite, WriteDone, CHAIN_DEPTH};
+use super::worker::Worker;
+use super::Halt;
+use crate::error::ErrorClass;
+use crate::projection::compact;
+use crate::sink::{Committed, PartitionOffset, Plan, SinkError};
+use crate::status::Outcome;
+use crate::value::Name;
+
+/// How long a shutdown waits for an unreachable sink before abandoning the
+/// in-flight batch (its events are consumed again on the next start).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+impl Worker<'_> {
+    /// Makes everything so far durable: the batches in flight, then the
+    /// pending one.
+    pub(super) async fn flush(&mut self) -> Result<(), Halt> {
+        self.settle().await?;
+        self.write_pending().await
+    }
+
+    /// Hands the pending batch to a background write and goes on
+    /// collecting the next one (decode and project overlap the sink's
+    /// work). Batches are written concurrently, up to the connections the
+    /// sink has: those of other partitions with no key in common freely;
+    /// when the sink chains writes, also those of the same partition (each
+    /// commits only after the one before it; the source hands records over
+    /// in long runs of one partition, so that is where the overlap is) and
+    /// those sharing a key (statements after the other's, see [`follows`]:
+    /// the worker goes on decoding instead of waiting). Otherwise a batch
+    /// waits for every write in flight it shares a partition or a key with.
+    pub(super) async fn flush_pipelined(&mut self) -> Result<(), Halt> {
+        let offsets = self.pending.offsets(&self.epochs);
+        let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
+        let capabilities = self.runtime.sink.capabilities();
+        let (most, chains) = (capabilities.concurrent_writes, capabilities.chains_writes);
+        // Each key hashed once, for the fold and for the writes in flight.
+        let hashes = compact::key_hashes(&self.pending.ops);
+        let keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
+        // Planned (folded, SQL built) before waiting for the writes ahead:
+        // the planning overlaps them, and the write is only I/O. A batch
+        // that fails to plan is written, and fails, in its task, so its
+        // error takes the settling path of any failed write.
+        let plan = self.runtime.sink.plan(&self.pending.ops, &hashes, &offsets);
+        let connections = plan.as_ref().map_or(1, Plan::connections);
+        while let Some(index) = self.in_flight.iter().position(|write| write.blocks(&partitions, &keys, chains)) {
+            self.settle_through(index).await?;
+        }
+        // A batch follows at most one write of its partitions: one batch
+        // committing while the next runs its statements keeps the sink
+        // busy, and each batch held in flight is memory.
+        while self.in_flight.iter().filter(|write| write.shares_partition(&partitions)).count() >= CHAIN_DEPTH {
+            let oldest = self.in_flight.iter().position(|write| write.shares_partition(&partitions));
+            self.settle_through(oldest.expect("counted at least one such write")).await?;
+        }
+        // A write that follows another holds its connections while it
+        // waits: with connections for every write in flight, the one it
+        // waits for never waits for a connection itself.
+        while !self.in_flight.is_empty()
+            && self.in_flight.iter().map(|write| write.connections).sum::<usize>() + connections > most
+        {
+            self.settle_oldest().await?;
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let follows = follows(&self.in_flight, &partitions, &keys);
+        let (ran_signal, ran) = Committed::channel();
+        let (signal, committed) = Committed::channel();
+        // (Settling a failed write rewrites it through `pending` and puts
+        // this batch back as it was, so `offsets` and `plan` still hold,
+        // unless it halts: then this batch is dropped, unwritten.)
+        let next = self.pending.empty_like();
+        let batch = std::mem::replace(&mut self.pending, next);
+        let sink = self.runtime.sink.clone();
+        let task = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = match plan {
+                Ok(plan) => sink.write_planned(&plan, &follows, ran_signal).await,
+                Err(error) => Err(error),
+            };
+            signal.send(result.is_ok());
+            (batch, offsets, result, started.elapsed().as_secs_f64())
+        });
+        self.in_flight.push(InFlightWrite { task, partitions, keys, ran, committed, connections });
+        // The new task sits in this worker's LIFO slot, which the other
+        // workers cannot steal from: without a yield it would start only
+        // when this loop next waits (at the next batch, for this one),
+        // and decode and write would take turns instead of overlapping.
+        tokio::task::yield_now().await;
+        Ok(())
+    }
+
+    /// Waits for the writes in flight, oldest first. On success a write's
+    /// positions become durable; on failure it is written again here, with
+    /// the retries and rejections of the synchronous path, before anything
+    /// newer of its partitions.
+    async fn settle(&mut self) -> Result<(), Halt> {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Settles the oldest write in flight (see [`Worker::settled`]).
+    async fn settle_oldest(&mut self) -> Result<(), Halt> {
+        let write = self.in_flight.remove(0);
+        self.settled(write.task.await).await
+    }
+
+    /// Settles the writes in flight up to `index`, oldest first. Never one
+    /// alone out of order: a failed write is written again as it settles,
+    /// and one of a partition written again before the failed one it
+    /// followed would move the position past that one's events.
+    async fn settle_through(&mut self, index: usize) -> Result<(), Halt> {
+        for _ in 0..=index {
+            self.settle_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Settles the write at `index`, which is done, after the older ones:
+    /// positions become durable in the order the batches were cut (a
+    /// chained write can finish just before the one it followed is seen to).
+    pub(super) async fn settle_finished(
+        &mut self,
+        index: usize,
+        done: Result<WriteDone, tokio::task::JoinError>,
+    ) -> Result<(), Halt> {
+        self.in_flight.remove(index);
+        for _ in 0..index {
+            self.settle_oldest().await?;
+        }
+        self.settled(done).await
+    }
+
+    /// Settles a finished background write (see [`Worker::settle`]).
+    async fn settled(&mut self, done: Result<WriteDone, tokio::task::JoinError>) -> Result<(), Halt> {
+        let (batch, offsets, result, seconds) = match done {
+            Ok(done) => done,
+            Err(error) => return Err(Halt::Sink(format!("a sink write task failed: {error}"))),
+        };
+        match result {
+            Ok(duplicates) => {
+                self.batch_done(&batch, &offsets, duplicates, seconds);
+                Ok(())
+            }
+            Err(SinkError::Fenced) => Err(Halt::Fenced),
+            // Nothing of it was written (a write that follows one that
+            // failed rolls back); its events are read again on restart.
+            Err(_) if self.stopping => Ok(()),
+            Err(error) => {
+                tracing::info!(connector = %self.name(), %error, "a batch write failed; writing it again");
+                let next = std::mem::replace(&mut self.pending, batch);
+                let written = self.write_pending().await;
+                // Under `stop`, the batch being built and the writes in
+                // flight after this one come after the bad event: they
+                // must not be written (the halt flushes what is pending
+                // and settles what is in flight), only read again when the
+                // connector restarts.
+                if matches!(written, Err(Halt::Stopped(_))) {
+                    self.stopping = true;
+                } else {
+                    self.pending = next;
+                }
+                written
+            }
+        }
+    }
+
+    /// Counts, logs and commits a durable batch.
+    fn batch_done(&self, batch: &Pending, offsets: &[PartitionOffset], duplicates: u64, seconds: f64) {
+        let status = &self.runtime.status;
+        // Counted once the batch is durable, per batch rather than per
+        // event (the counters sit behind a lock): a record consumed again
+        // after a crash or a fence is not counted twice.
+        // foldhash: these run once per event of every batch.
+        let mut consumed: HashMap<Name, u64, foldhash::fast::RandomState> = HashMap::default();
+        for &event_type in &batch.types {
+            *consumed.entry(event_type).or_insert(0) += 1;
+        }
+        for (event_type, n) in consumed {
+            status.count_many(event_type, Outcome::Consumed, n);
+        }
+        let mut written: HashMap<Name, u64, foldhash::fast::RandomState> = HashMap::default();
+        let mut last_origin = usize::MAX;
+        for &origin in &batch.origins {
+            if origin != last_origin {
+                *written.entry(batch.types[origin]).or_insert(0) += 1;
+                last_origin = origin;
+            }
+        }
+        for (event_type, n) in written {
+            status.count_many(event_type, Outcome::Written, n);
+        }
+        let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
+        status.batch_written(batch.records.len(), batch.ops.len(), duplicates, seconds, newest);
+        let positions: Vec<(Name, i32, i64)> = offsets.iter().map(|o| (o.topic, o.partition, o.next_offset)).collect();
+        status.positions(&positions);
+        self.source.durable(offsets);
+    }
+
+    /// Writes the pending batch until it is durable, dead-lettering the
+    /// events the sink refuses.
+    async fn write_pending(&mut self) -> Result<(), Halt> {
+        if self.pending.is_empty() {
+            // Nothing to write: a deadline, if one was set, is spent.
+            self.pending.deadline = None;
+            return Ok(());
+        }
+        let mut attempt = 0;
+        let mut give_up_at: Option<Instant> = None;
+        let mut stop_after: Option<Failure> = None;
+        loop {
+            let offsets = self.pending.offsets(&self.epochs);
+            let started = std::time::Instant::now();
+            match self.runtime.sink.write(&self.pending.ops, &offsets).await {
+                Ok(duplicates) => {
+                    self.batch_done(&self.pending, &offsets, duplicates, started.elapsed().as_secs_f64());
+                    self.pending.clear();
+                    return match stop_after {
+                        Some(failure) => Err(Halt::Stopped(failure)),
+                        None => Ok(()),
+                    };
+                }
+                Err(SinkError::RejectedOps(rejected)) => {
+                    if let Some(failure) = self.reject(rejected).await? {
+                        stop_after.get_or_insert(failure);
+                    }
+                }
+                Err(SinkError::Fenced) => {
+                    self.pending.clear();
+                    return Err(Halt::Fenced);
+                }
+                Err(error) if error.class() == ErrorClass::Permanent => {
+                    let rejected = match self.runtime.sink.find_rejected(&self.pending.ops).await {
+                        Ok(rejected) => rejected,
+                        Err(error) => {
+                            tracing::warn!(connector = %self.name(), %error, "isolating a bad row failed; retrying");
+                            Vec::new()
+                        }
+                    };
+                    if rejected.is_empty() {
+                        // The batch fails as a whole but no op alone does:
+                        // retry rather than guess which event to drop.
+                        self.runtime.status.retrying(
+                            "sink",
+                            ErrorClass::Transient,
+                            &format!("batch refused without a culprit: {error}"),
+                            attempt,
+                        );
+                        self.pause(attempt).await?;
+                        attempt += 1;
+                    } else if let Some(failure) = self.reject(rejected).await? {
+                        stop_after.get_or_insert(failure);
+                    }
+                }
+                Err(error) => {
+                    self.runtime.status.retrying("sink", error.class(), &error.to_string(), attempt);
+                    let stopping = *self.shutdown.borrow();
+                    if stopping {
+                        let deadline = *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
+                        if Instant::now() >= deadline {
+                            tracing::warn!(connector = %self.name(), "abandoning the in-flight batch at shutdown");
+                            self.pending.clear();
+                            return Err(Halt::Shutdown);
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    } else {
+                        self.pause(attempt).await?;
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}

@@ -768,7 +768,15 @@ mod tests {
                 };
                 reference[key].apply_one(op);
             }
-            let rows = |store: &[Stored; 3]| store.iter().map(|s| s.row.clone()).collect::<Vec<_>>();
+            // Fields in name order: a row is a set of columns.
+            let rows = |store: &[Stored; 3]| {
+                let sorted = |row: &Vec<(Name, Value)>| {
+                    let mut row = row.clone();
+                    row.sort_by_key(|(name, _)| *name);
+                    row
+                };
+                store.iter().map(|s| s.row.as_ref().map(sorted)).collect::<Vec<_>>()
+            };
             let mut store: [Stored; 3] = Default::default();
             // `applied`: the events written so far; `from`: where the
             // consumer reads next (a crash sends it back to a committed

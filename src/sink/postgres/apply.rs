@@ -1,0 +1,152 @@
+//! One planned statement run: an upsert's new keys go in by `COPY`, the
+//! keys that exist by `UPDATE`, and the upsert runs when a `COPY` meets a key.
+
+use std::borrow::Cow;
+
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{Arguments, Executor, Postgres, Row};
+
+use super::arrays::ColumnArray;
+use super::copy::{copy_buffer, copy_rows};
+use super::statements::{Insert, Statement};
+use super::PostgresSink;
+use crate::sink::SinkError;
+
+impl PostgresSink {
+    /// Runs one statement; an upsert's new keys go in by `COPY`.
+    pub(super) async fn apply(&self, tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
+        let Some(insert) = &statement.insert else { return execute(tx, &statement.sql, &statement.arrays).await };
+        let everything = 0..statement.rows.len();
+        if self.guess_new_keys(&insert.copy) {
+            let rendered = match &insert.rendered {
+                Some(rendered) => Cow::Borrowed(rendered.as_slice()),
+                None => Cow::Owned(copy_text(&statement.arrays, insert, everything.clone())),
+            };
+            if self.copy_new(tx, insert, &rendered, true).await? {
+                return Ok(());
+            }
+            self.found_new_keys(insert, false);
+        }
+        // Rows planned into `COPY` text alone are read back into arrays: the
+        // text is this sink's own, so not reading is a bug, not bad data.
+        let arrays = statement.bound_arrays().map_err(|error| {
+            SinkError::Setup(format!("bug: the planned COPY text of {} does not read back: {error}", insert.copy))
+        })?;
+        let Some(update) = &insert.update else { return execute(tx, &statement.sql, &arrays).await };
+        // One savepoint around the update and the copy: if the copy meets a
+        // key after all (inserted since by another writer), both are undone
+        // and the upsert runs, so no row is updated twice (adds!).
+        tx.execute("SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
+        // `array_agg` of no rows is null: no key exists.
+        let updated: Option<Vec<i64>> = bind(update, &arrays)
+            .fetch_one(&mut *tx)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(SinkError::Postgres)?;
+        let updated = updated.unwrap_or_default();
+        let mut exists = vec![false; statement.rows.len()];
+        for ordinal in &updated {
+            // Ordinals are 1-based positions in the bound arrays.
+            if let Some(flag) = usize::try_from(*ordinal - 1).ok().and_then(|i| exists.get_mut(i)) {
+                *flag = true;
+            }
+        }
+        let new: Vec<usize> = everything.filter(|&row| !exists[row]).collect();
+        self.found_new_keys(insert, new.len() > updated.len());
+        if !new.is_empty() && !self.copy_new(tx, insert, &copy_text(&arrays, insert, new), false).await? {
+            tx.execute("ROLLBACK TO SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
+            execute(tx, &statement.sql, &arrays).await?;
+        }
+        tx.execute("RELEASE SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
+        Ok(())
+    }
+
+    /// Whether an upsert of this shape should try `COPY` of all its rows
+    /// (yes until one finds existing keys).
+    pub(super) fn guess_new_keys(&self, copy: &str) -> bool {
+        let hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        hints.get(copy).copied().unwrap_or(true)
+    }
+
+    fn found_new_keys(&self, insert: &Insert, mostly_new: bool) {
+        let mut hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match hints.get_mut(&insert.copy) {
+            Some(hint) => *hint = mostly_new,
+            None => {
+                hints.insert(insert.copy.clone(), mostly_new);
+            }
+        }
+    }
+
+    /// `COPY` of `rows`: `false` when a key exists (unique violation), the
+    /// copy undone. With `own_savepoint` it sets and settles its savepoint;
+    /// otherwise the caller's encloses it and rolls back.
+    async fn copy_new(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        insert: &Insert,
+        data: &[u8],
+        own_savepoint: bool,
+    ) -> Result<bool, SinkError> {
+        if own_savepoint {
+            tx.execute("SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
+        }
+        let copied = async {
+            let mut copy = tx.copy_in_raw(&insert.copy).await?;
+            copy.send(data).await?;
+            copy.finish().await
+        }
+        .await;
+        match copied {
+            Ok(_) => {
+                if own_savepoint {
+                    tx.execute("RELEASE SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
+                }
+                Ok(true)
+            }
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                if own_savepoint {
+                    tx.execute("ROLLBACK TO SAVEPOINT kawka_copy; RELEASE SAVEPOINT kawka_copy")
+                        .await
+                        .map_err(SinkError::Postgres)?;
+                }
+                Ok(false)
+            }
+            Err(error) => Err(SinkError::Postgres(error)),
+        }
+    }
+}
+
+/// The `COPY` text of `rows` of an upsert's arrays.
+fn copy_text(arrays: &[ColumnArray], insert: &Insert, rows: impl IntoIterator<Item = usize>) -> Vec<u8> {
+    let rows = rows.into_iter();
+    let mut data = copy_buffer(rows.size_hint().0, arrays.len());
+    copy_rows(arrays, &insert.types, rows, &mut data);
+    data
+}
+
+/// Runs a statement's SQL (for an upsert: `INSERT … ON CONFLICT`) with its arrays.
+async fn execute(tx: &mut sqlx::PgConnection, sql: &str, arrays: &[ColumnArray]) -> Result<(), SinkError> {
+    bind(sql, arrays).execute(&mut *tx).await.map(drop).map_err(SinkError::Postgres)
+}
+
+/// SQLSTATE of a unique violation: a `COPY` met an existing key.
+const UNIQUE_VIOLATION: &str = "23505";
+
+pub(super) fn bind<'q>(sql: &'q str, arrays: &'q [ColumnArray]) -> Query<'q, Postgres, PgArguments> {
+    let mut arguments = PgArguments::default();
+    for array in arrays {
+        // Adding an array of a supported type cannot fail; the error type
+        // exists for encoders that can.
+        let added = match array {
+            ColumnArray::Int(values) => arguments.add(values),
+            ColumnArray::Float(values) => arguments.add(values),
+            ColumnArray::Bool(values) => arguments.add(values),
+            ColumnArray::Bytes(values) => arguments.add(values),
+            ColumnArray::Text(values) => arguments.add(values.iter().collect::<Vec<Option<&str>>>()),
+        };
+        debug_assert!(added.is_ok(), "binding an array of a built-in type");
+    }
+    sqlx::query_with(sql, arguments)
+}

@@ -1,0 +1,269 @@
+//! A statement's rows filled from the net ops: as bound arrays, or straight
+//! as `COPY` text (pure).
+
+use super::arrays::ColumnArray;
+use super::copy::{copy_buffer, copy_field, write_copy, CopyValue};
+use super::statements::BindError;
+use super::table::TableSql;
+use super::types::ColumnType;
+use crate::projection::compact::{Effect, NetOp};
+use crate::value::{name_position, Name, Value};
+
+impl TableSql {
+    pub(super) fn key_arrays(&self, net: &[NetOp], rows: &[usize]) -> Result<Vec<ColumnArray>, BindError> {
+        let mut arrays = Vec::with_capacity(self.target.primary_key.len());
+        for (part, name) in self.target.primary_key.iter().enumerate() {
+            let ty = self.column_type(name);
+            let mut array = ColumnArray::new(ty.bind_kind(), rows.len());
+            for &row in rows {
+                let value = key_part(net, row, part, name)?;
+                array.push(ty, value).map_err(|message| BindError { op: row, column: name.clone(), message })?;
+            }
+            arrays.push(array);
+        }
+        Ok(arrays)
+    }
+
+    pub(super) fn version_array(&self, net: &[NetOp], rows: &[usize]) -> ColumnArray {
+        ColumnArray::Int(rows.iter().map(|&row| net[row].version).collect())
+    }
+
+    /// One array per column of `columns` (name, and whether it is an
+    /// added column of a patch) over `rows`, which are all replaces or all
+    /// patches. Filled row by row, so each op's fields are read while they
+    /// are in cache, not once per column. Each column remembers where
+    /// its field was in the row before: ops of one rule list their fields in
+    /// one order, so most lookups take one compare.
+    pub(super) fn value_arrays(
+        &self,
+        net: &[NetOp],
+        rows: &[usize],
+        columns: &[(Name, bool)],
+    ) -> Result<Vec<ColumnArray>, BindError> {
+        let types: Vec<ColumnType> = columns.iter().map(|(name, _)| self.column_type(name)).collect();
+        let mut arrays: Vec<ColumnArray> =
+            types.iter().map(|ty| ColumnArray::new(ty.bind_kind(), rows.len())).collect();
+        let mut hints = vec![0; columns.len()];
+        for &row in rows {
+            let (set, add) = match &net[row].effect {
+                Effect::Replace(fields) => (&fields[..], &[][..]),
+                Effect::Patch { set, add } => (&set[..], &add[..]),
+                Effect::Delete => unreachable!("rows are replaces or patches"),
+            };
+            for (column, &(name, adding)) in columns.iter().enumerate() {
+                let fields = if adding { add } else { set };
+                let value = field_value_from(fields, name, &mut hints[column]);
+                arrays[column].push(types[column], value).map_err(|message| BindError {
+                    op: row,
+                    column: name.to_string(),
+                    message,
+                })?;
+            }
+        }
+        Ok(arrays)
+    }
+
+    /// The `COPY` text of `rows` (keys, `columns`, then the version when
+    /// versioned), straight from the net ops: the same text as binding them
+    /// ([`ColumnArray::push`]) and rendering the arrays
+    /// ([`copy_rows`](super::copy::copy_rows)), the same errors, without
+    /// building the arrays in between. `types` are the upsert's, one per
+    /// column of the text.
+    pub(super) fn copy_text_of(
+        &self,
+        net: &[NetOp],
+        rows: &[usize],
+        columns: &[(Name, bool)],
+        types: &[Option<ColumnType>],
+    ) -> Result<Vec<u8>, BindError> {
+        let keys = &self.target.primary_key;
+        let mut out = copy_buffer(rows.len(), types.len());
+        let mut scratch = String::new();
+        let mut hints = vec![0; columns.len()];
+        let column_type = |at: usize| types[at].expect("key and value columns have a type");
+        for &row in rows {
+            let op = &net[row];
+            for (part, name) in keys.iter().enumerate() {
+                if part > 0 {
+                    out.push(b'\t');
+                }
+                let value = key_part(net, row, part, name)?;
+                copy_field(column_type(part), value, &mut scratch, &mut out).map_err(|message| BindError {
+                    op: row,
+                    column: name.clone(),
+                    message,
+                })?;
+            }
+            let (set, add) = match &op.effect {
+                Effect::Replace(fields) => (&fields[..], &[][..]),
+                Effect::Patch { set, add } => (&set[..], &add[..]),
+                Effect::Delete => unreachable!("rows of an upsert are replaces or patches"),
+            };
+            for (column, &(name, adding)) in columns.iter().enumerate() {
+                out.push(b'\t');
+                let value = field_value_from(if adding { add } else { set }, name, &mut hints[column]);
+                copy_field(column_type(keys.len() + column), value, &mut scratch, &mut out)
+                    .map_err(|message| BindError { op: row, column: name.to_string(), message })?;
+            }
+            if self.versioned {
+                out.push(b'\t');
+                write_copy(op.version.map_or(CopyValue::Null, CopyValue::Int), None, &mut out);
+            }
+            out.push(b'\n');
+        }
+        Ok(out)
+    }
+}
+
+/// Key part `part` of net op `row`, which must not be null.
+fn key_part<'v>(net: &'v [NetOp], row: usize, part: usize, name: &str) -> Result<&'v Value, BindError> {
+    match net[row].key.get(part) {
+        Some(value) if !value.is_null() => Ok(value),
+        _ => Err(BindError { op: row, column: name.to_string(), message: "key is null".into() }),
+    }
+}
+
+/// The value of field `name` (null when absent): the field at `*hint`
+/// first (this runs for every column of every row), then as
+/// [`name_position`] finds it. `*hint` becomes where it was found.
+fn field_value_from<'v>(fields: &'v [(Name, Value)], name: &str, hint: &mut usize) -> &'v Value {
+    if let Some((n, value)) = fields.get(*hint) {
+        if std::ptr::eq(*n, name) {
+            return value;
+        }
+    }
+    match name_position(fields, name) {
+        Some(index) => {
+            *hint = index;
+            &fields[index].1
+        }
+        None => &Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::copy::copy_rows;
+    use super::super::fixtures::{inventory, net, net_op, patch, replace};
+    use super::*;
+    use crate::config::{Column, PostgresTarget};
+    use crate::value::{intern, Record};
+
+    /// A table with a column of every kind of text conversion.
+    fn every_type(versioned: bool) -> TableSql {
+        use ColumnType::*;
+        let columns = [("id", Text), ("n", BigInt), ("small", SmallInt), ("x", Double), ("r", Real), ("b", Boolean)]
+            .into_iter()
+            .chain([
+                ("bytes", Bytea),
+                ("t", Text),
+                ("at", TimestampTz),
+                ("day", Date),
+                ("doc", Jsonb),
+                ("amount", Numeric),
+            ]);
+        TableSql::new(
+            &PostgresTarget {
+                schema: "public".into(),
+                table: "every".into(),
+                columns: columns.map(|(name, ty)| Column { name: name.into(), ty }).collect(),
+                primary_key: vec!["id".into()],
+                create: true,
+                fillfactor: None,
+            },
+            versioned,
+        )
+    }
+
+    fn every_row(id: &str, version: Option<i64>, fields: Vec<(Name, Value)>) -> NetOp<'static> {
+        net_op(vec![Value::from(id)], replace(fields), version)
+    }
+
+    #[test]
+    fn copy_text_planned_from_the_ops_is_the_arrays_text_and_reads_back_into_them() {
+        let mut record = Record::new();
+        record.push("k", Value::from("v\tw"));
+        let full = vec![
+            (intern("n"), Value::Int(-7)),
+            (intern("small"), Value::Int(3)),
+            (intern("x"), Value::Float(f64::NEG_INFINITY)),
+            (intern("r"), Value::Float(0.5)),
+            (intern("b"), Value::Bool(false)),
+            (intern("bytes"), Value::Bytes(vec![0, 0x5c, 0xff, b'\t'])),
+            (intern("t"), Value::from("a\tb\\c\nd\re \\N")),
+            (intern("at"), Value::Int(1_700_000_000_123)),
+            (intern("day"), Value::Int(-1)),
+            (intern("doc"), Value::Record(record)),
+            (intern("amount"), Value::Float(12.25)),
+        ];
+        // Fields in another order, some absent (null), numbers in text columns.
+        let sparse = vec![
+            (intern("t"), Value::Int(42)),
+            (intern("x"), Value::Float(f64::NAN)),
+            (intern("bytes"), Value::from("\\x")),
+            (intern("amount"), Value::Int(-3)),
+            (intern("b"), Value::Null),
+        ];
+        let ops = vec![every_row("a\nb", Some(3), full), every_row("", None, sparse), every_row("c", Some(1), vec![])];
+        for versioned in [false, true] {
+            let table = every_type(versioned);
+            let bound = table.plan(&ops).expect("binds");
+            let rendered = table.plan_rendering(&ops, &|copy| copy.starts_with("COPY")).expect("binds");
+            assert_eq!(bound.len(), 1);
+            let insert = bound[0].insert.as_ref().expect("an upsert");
+            let mut expected = Vec::new();
+            copy_rows(&bound[0].arrays, &insert.types, 0..3, &mut expected);
+            let text = rendered[0].insert.as_ref().and_then(|i| i.rendered.clone()).expect("rendered");
+            assert_eq!(String::from_utf8_lossy(&text), String::from_utf8_lossy(&expected), "versioned: {versioned}");
+            assert!(rendered[0].arrays.iter().all(ColumnArray::is_empty), "no arrays bound beside the text");
+            assert_eq!(rendered[0].sql, bound[0].sql);
+            assert_eq!(rendered[0].insert.as_ref().map(|i| &i.update), Some(&insert.update));
+            // NaN != NaN: compare what the arrays read back render to, and the
+            // arrays themselves without the float column.
+            let read_back = rendered[0].bound_arrays().expect("reads back");
+            let mut again = Vec::new();
+            copy_rows(&read_back, &insert.types, 0..3, &mut again);
+            assert_eq!(again, expected);
+            for (column, array) in read_back.iter().enumerate() {
+                if !matches!(array, ColumnArray::Float(_)) {
+                    assert_eq!(array, &bound[0].arrays[column], "column {column}, versioned: {versioned}");
+                }
+            }
+            assert!(
+                matches!(bound[0].bound_arrays(), Ok(std::borrow::Cow::Borrowed(arrays)) if std::ptr::eq(arrays, &bound[0].arrays[..])),
+                "arrays planned as such are used as they are"
+            );
+        }
+    }
+
+    #[test]
+    fn copy_text_planned_from_the_ops_refuses_what_binding_refuses() {
+        let ops = vec![
+            every_row("ok", None, vec![(intern("n"), Value::Int(1))]),
+            every_row("bad", None, vec![(intern("at"), Value::Bool(true))]),
+        ];
+        let table = every_type(false);
+        let bound = table.plan(&ops).expect_err("a bool is no timestamp");
+        let rendered = table.plan_rendering(&ops, &|_| true).expect_err("a bool is no timestamp");
+        assert_eq!(rendered, bound);
+        assert_eq!(rendered.op, 1);
+        let null_key = vec![NetOp { key: vec![Value::Null].into(), ..every_row("", None, vec![]) }];
+        assert_eq!(table.plan_rendering(&null_key, &|_| true), table.plan(&null_key));
+        assert!(table.plan(&null_key).is_err());
+    }
+
+    #[test]
+    fn values_that_do_not_fit_name_the_op_and_column() {
+        let ops = vec![
+            net("s1", patch(vec![], vec![("on_hand", Value::Int(1))])),
+            net("s2", patch(vec![], vec![("on_hand", Value::from("lots"))])),
+        ];
+        let error = inventory().plan(&ops).expect_err("text in bigint");
+        assert_eq!(error.op, 1);
+        assert_eq!(error.column, "on_hand");
+        assert!(error.message.contains("\"lots\""), "{error}");
+        let mut null_key = net("s1", Effect::Delete);
+        null_key.key.to_mut()[1] = Value::Null;
+        assert_eq!(inventory().plan(&[null_key]).expect_err("null key").message, "key is null");
+    }
+}

@@ -1,0 +1,272 @@
+//! `COPY … FROM STDIN` text: written from bound arrays or from an op's
+//! values, and read back into arrays (pure).
+
+use super::arrays::ColumnArray;
+use super::coerce::{text_of, to_bool, to_bytes, to_float, to_int, Text};
+use super::types::{BindKind, ColumnType};
+use crate::value::Value;
+
+/// Appends `rows` (indexes into the arrays) as `COPY … FROM STDIN` text:
+/// each value as the text its column's input function reads to what the
+/// upsert's cast of the bound value gives.
+pub fn copy_rows(
+    arrays: &[ColumnArray],
+    types: &[Option<ColumnType>],
+    rows: impl IntoIterator<Item = usize>,
+    out: &mut Vec<u8>,
+) {
+    for row in rows {
+        for (column, array) in arrays.iter().enumerate() {
+            if column > 0 {
+                out.push(b'\t');
+            }
+            copy_value(array, row, types.get(column).copied().flatten(), out);
+        }
+        out.push(b'\n');
+    }
+}
+
+/// A buffer for the `COPY` text of `rows` rows of `columns` values, sized
+/// for ~16 bytes a value up front: growing a buffer of megabytes by
+/// doubling copies it and churns the allocator.
+pub fn copy_buffer(rows: usize, columns: usize) -> Vec<u8> {
+    Vec::with_capacity(rows * columns * 16)
+}
+
+/// How `COPY` text spells null.
+const COPY_NULL: &[u8] = b"\\N";
+
+fn copy_value(array: &ColumnArray, row: usize, ty: Option<ColumnType>, out: &mut Vec<u8>) {
+    let value = match array {
+        ColumnArray::Int(v) => v[row].map_or(CopyValue::Null, CopyValue::Int),
+        ColumnArray::Float(v) => v[row].map_or(CopyValue::Null, CopyValue::Float),
+        ColumnArray::Bool(v) => v[row].map_or(CopyValue::Null, CopyValue::Bool),
+        ColumnArray::Bytes(v) => v[row].as_deref().map_or(CopyValue::Null, CopyValue::Bytes),
+        ColumnArray::Text(v) => v.get(row).map_or(CopyValue::Null, CopyValue::Text),
+    };
+    write_copy(value, ty, out);
+}
+
+/// One value as bound, whether read from a bound array ([`copy_value`]) or
+/// converted from an op's value ([`copy_field`]): both write it with
+/// [`write_copy`], so the two give the same text.
+pub(super) enum CopyValue<'a> {
+    Null,
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Bytes(&'a [u8]),
+    Text(&'a str),
+}
+
+/// `value` as `COPY` text for a column of type `ty` (`None`: the version column).
+pub(super) fn write_copy(value: CopyValue, ty: Option<ColumnType>, out: &mut Vec<u8>) {
+    match value {
+        CopyValue::Null => out.extend_from_slice(COPY_NULL),
+        CopyValue::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+        // Writing to a Vec cannot fail.
+        CopyValue::Float(x) => drop(write_float(out, x, ty)),
+        CopyValue::Bool(b) => out.push(if b { b't' } else { b'f' }),
+        CopyValue::Bytes(bytes) => copy_bytes(bytes, out),
+        CopyValue::Text(text) => escape_copy(text, out),
+    }
+}
+
+/// bytea's hex input, its backslash escaped for COPY.
+fn copy_bytes(bytes: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(b"\\\\x");
+    for byte in bytes {
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0xf)]);
+    }
+}
+
+/// One value of a column of type `ty` as `COPY` text: what binding it
+/// ([`ColumnArray::push`]) and rendering that ([`copy_value`]) write, with
+/// the same errors. `scratch` holds text that needs escaping after it is
+/// built (timestamps, JSON, numbers in text columns).
+pub(super) fn copy_field(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut Vec<u8>) -> Result<(), String> {
+    let bytes;
+    let value = match ty.bind_kind() {
+        BindKind::Int => to_int(value)?.map_or(CopyValue::Null, CopyValue::Int),
+        BindKind::Float => to_float(value)?.map_or(CopyValue::Null, CopyValue::Float),
+        BindKind::Bool => to_bool(value)?.map_or(CopyValue::Null, CopyValue::Bool),
+        BindKind::Bytes => {
+            bytes = to_bytes(value)?;
+            bytes.as_deref().map_or(CopyValue::Null, CopyValue::Bytes)
+        }
+        BindKind::Text => match text_of(ty, value)? {
+            None => CopyValue::Null,
+            Some(Text::Str(text)) => CopyValue::Text(text),
+            Some(text) => {
+                scratch.clear();
+                text.write(scratch);
+                CopyValue::Text(scratch)
+            }
+        },
+    };
+    write_copy(value, Some(ty), out);
+    Ok(())
+}
+
+/// Reads `COPY` text written by
+/// [`TableSql::copy_text_of`](super::table::TableSql::copy_text_of) back
+/// into arrays of the kinds of `kinds` (`rows` lines). `Err` says where it
+/// does not read, which would be a bug in the writing.
+pub(super) fn arrays_from_copy(text: &[u8], kinds: &[ColumnArray], rows: usize) -> Result<Vec<ColumnArray>, String> {
+    let mut arrays: Vec<ColumnArray> = kinds.iter().map(|kind| kind.empty_like(rows)).collect();
+    let mut lines = text.split(|&b| b == b'\n');
+    for row in 0..rows {
+        let line = lines.next().ok_or_else(|| format!("COPY text ends before row {row}"))?;
+        let mut fields = line.split(|&b| b == b'\t');
+        for (column, array) in arrays.iter_mut().enumerate() {
+            let field = fields.next().ok_or_else(|| format!("row {row} ends before column {column}"))?;
+            array.push_copy_field(field).map_err(|message| format!("row {row}, column {column}: {message}"))?;
+        }
+    }
+    Ok(arrays)
+}
+
+/// Undoes [`escape_copy`].
+fn unescape_copy(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut bytes = field.iter();
+    while let Some(&byte) = bytes.next() {
+        if byte != b'\\' {
+            out.push(byte);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b't') => out.push(b'\t'),
+            Some(&other) => out.push(other),
+            None => out.push(b'\\'),
+        }
+    }
+    out
+}
+
+/// A float as `float8in`/`float4in` read it back exactly. A `real` column
+/// gets the value rounded to `f32` first, as the upsert's `float8::real`
+/// cast does, unless that overflows or underflows: then the full value,
+/// which `float4in` refuses as the cast would.
+fn write_float(out: &mut Vec<u8>, x: f64, ty: Option<ColumnType>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if x.is_nan() {
+        return write!(out, "NaN");
+    }
+    if x.is_infinite() {
+        return write!(out, "{}Infinity", if x < 0.0 { "-" } else { "" });
+    }
+    let narrow = x as f32;
+    if ty == Some(ColumnType::Real) && narrow.is_finite() && (narrow != 0.0 || x == 0.0) {
+        write!(out, "{narrow:?}")
+    } else {
+        write!(out, "{x:?}")
+    }
+}
+
+/// Text with COPY's escapes for backslash, newline, carriage return and tab.
+/// Copied a run at a time, not a push per byte: most values have nothing to escape.
+fn escape_copy(text: &str, out: &mut Vec<u8>) {
+    let mut rest = text.as_bytes();
+    while let Some(at) = rest.iter().position(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t')) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(match rest[at] {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => b"\\t",
+        });
+        rest = &rest[at + 1..];
+    }
+    out.extend_from_slice(rest);
+}
+
+impl ColumnArray {
+    /// Appends the value one field of `COPY` text holds (as
+    /// [`copy_value`] wrote it).
+    fn push_copy_field(&mut self, field: &[u8]) -> Result<(), String> {
+        if field == COPY_NULL {
+            match self {
+                ColumnArray::Int(v) => v.push(None),
+                ColumnArray::Float(v) => v.push(None),
+                ColumnArray::Bool(v) => v.push(None),
+                ColumnArray::Bytes(v) => v.push(None),
+                ColumnArray::Text(v) => v.push(None),
+            }
+            return Ok(());
+        }
+        let text = unescape_copy(field);
+        let text = std::str::from_utf8(&text).map_err(|_| "not UTF-8".to_string())?;
+        match self {
+            ColumnArray::Int(v) => v.push(Some(text.parse().map_err(|_| format!("not an integer: {text:?}"))?)),
+            ColumnArray::Float(v) => v.push(Some(text.parse().map_err(|_| format!("not a number: {text:?}"))?)),
+            ColumnArray::Bool(v) => v.push(Some(match text {
+                "t" => true,
+                "f" => false,
+                _ => return Err(format!("not a boolean: {text:?}")),
+            })),
+            ColumnArray::Bytes(v) => {
+                let hex = text.strip_prefix("\\x").ok_or_else(|| format!("not hex bytea: {text:?}"))?;
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|at| hex.get(at..at + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+                    .collect::<Option<Vec<u8>>>()
+                    .ok_or_else(|| format!("not hex bytea: {text:?}"))?;
+                v.push(Some(bytes));
+            }
+            ColumnArray::Text(v) => v.push(Some(text)),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_and_writes_what_the_casts_read() {
+        let arrays = vec![
+            ColumnArray::Text([Some("a\tb\\c\nd\re"), None].into_iter().collect()),
+            ColumnArray::Int(vec![Some(-12), None]),
+            ColumnArray::Float(vec![Some(0.1), Some(f64::NEG_INFINITY)]),
+            ColumnArray::Float(vec![Some(0.1), Some(1e300)]),
+            ColumnArray::Bool(vec![Some(true), Some(false)]),
+            ColumnArray::Bytes(vec![Some(vec![0, 0x5c, 0xff]), Some(vec![])]),
+        ];
+        let types = [
+            ColumnType::Text,
+            ColumnType::BigInt,
+            ColumnType::Double,
+            ColumnType::Real,
+            ColumnType::Boolean,
+            ColumnType::Bytea,
+        ]
+        .map(Some);
+        let mut out = Vec::new();
+        copy_rows(&arrays, &types, [1, 0], &mut out);
+        assert_eq!(
+            String::from_utf8(out).expect("text"),
+            "\\N\t\\N\t-Infinity\t1e300\tf\t\\\\x\n\
+             a\\tb\\\\c\\nd\\re\t-12\t0.1\t0.1\tt\t\\\\x005cff\n",
+            "a real is rounded to f32 first (0.1), unless that overflows (1e300 is refused as the cast would)"
+        );
+    }
+
+    #[test]
+    fn copy_text_that_does_not_read_back_is_an_error() {
+        let kinds = [ColumnArray::Int(Vec::new()), ColumnArray::Bytes(Vec::new())];
+        assert_eq!(
+            arrays_from_copy(b"1\t\\\\x00\n2\t\\N\n", &kinds, 2),
+            Ok(vec![ColumnArray::Int(vec![Some(1), Some(2)]), ColumnArray::Bytes(vec![Some(vec![0]), None])])
+        );
+        assert!(arrays_from_copy(b"1\t\\\\x00\n", &kinds, 2).is_err(), "a row short");
+        assert!(arrays_from_copy(b"x\t\\N\n", &kinds, 1).is_err(), "not an integer");
+        assert!(arrays_from_copy(b"1\t\\\\x0\n", &kinds, 1).is_err(), "odd hex");
+        assert!(arrays_from_copy(b"1\n", &kinds, 1).is_err(), "a column short");
+    }
+}

@@ -1,0 +1,52 @@
+//! Tables and net ops the unit tests of the statement modules share.
+
+use super::table::TableSql;
+use super::types::ColumnType;
+use crate::config::{Column, PostgresTarget};
+use crate::projection::compact::{Effect, NetOp};
+use crate::value::{Name, Value};
+
+pub fn replace(fields: Vec<(Name, Value)>) -> Effect<'static> {
+    Effect::Replace(fields.into())
+}
+
+pub fn patch(set: Vec<(Name, Value)>, add: Vec<(Name, Value)>) -> Effect<'static> {
+    Effect::Patch { set: set.into(), add: add.into() }
+}
+
+pub fn inventory() -> TableSql {
+    TableSql::new(
+        &PostgresTarget {
+            schema: "public".into(),
+            table: "inventory".into(),
+            columns: vec![
+                Column { name: "store_id".into(), ty: ColumnType::Text },
+                Column { name: "item_id".into(), ty: ColumnType::Text },
+                Column { name: "on_hand".into(), ty: ColumnType::BigInt },
+                Column { name: "seen_at".into(), ty: ColumnType::TimestampTz },
+            ],
+            primary_key: vec!["store_id".into(), "item_id".into()],
+            create: true,
+            fillfactor: None,
+        },
+        false,
+    )
+}
+
+/// A net op of store `store`'s item `i1`.
+pub fn net(store: &str, effect: Effect<'static>) -> NetOp<'static> {
+    net_op(vec![Value::from(store), Value::from("i1")], effect, None)
+}
+
+/// A net op of partition `t`/0: every test net op is built here.
+pub fn net_op(key: Vec<Value>, effect: Effect<'static>, version: Option<i64>) -> NetOp<'static> {
+    NetOp {
+        key: key.into(),
+        effect,
+        version,
+        first_version: version,
+        partition: Some(("t", 0)),
+        first_offset: 0,
+        last_offset: 0,
+    }
+}

@@ -1,0 +1,425 @@
+//! The statements that apply a batch's net ops to a table (pure).
+//!
+//! Every statement binds one typed array per column and reads them back with
+//! `UNNEST`, so a batch of any size is a handful of statements with a few
+//! parameters each (multi-row `VALUES` would hit the 65,535-parameter limit).
+//! Compaction guarantees each key appears once per batch, which
+//! `INSERT … ON CONFLICT DO UPDATE` requires.
+//!
+//! An upsert also carries an [`Insert`]: the same rows as `COPY` text and an
+//! `UPDATE … RETURNING` of the rows whose key exists. `COPY` checks no
+//! conflicts and inserts at several times the rate of an upsert, so the sink
+//! writes new keys with it and keeps the upsert for when a key turns up.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::arrays::ColumnArray;
+use super::copy::arrays_from_copy;
+use super::table::{quote, TableSql, VERSION_COLUMN};
+use super::types::ColumnType;
+use crate::projection::compact::{Effect, NetOp};
+use crate::value::{intern, Name, Value};
+
+/// One statement and its arrays, `$1…$n` in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    pub sql: String,
+    /// The bound values; empty arrays of the right kinds when the rows were
+    /// planned straight into `COPY` text ([`Insert::rendered`]), read back
+    /// from it by [`Statement::bound_arrays`] if the upsert is needed after all.
+    pub arrays: Vec<ColumnArray>,
+    /// Index into the planned net ops of each row, to name the culprit.
+    pub rows: Vec<usize>,
+    /// For an upsert: how to write the same rows without conflict checks.
+    pub insert: Option<Insert>,
+}
+
+/// The rows of an upsert written as plain inserts. Equal in effect to the
+/// upsert only for keys no row has yet: the sink runs `copy` in a savepoint
+/// and falls back to the upsert when it meets an existing key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Insert {
+    /// `COPY t (…) FROM STDIN`, one column per array, in order.
+    pub copy: String,
+    /// The type of the column each array fills (`None`: the version column).
+    pub types: Vec<Option<ColumnType>>,
+    /// `UPDATE t … FROM UNNEST(…) WITH ORDINALITY … RETURNING u.n` and
+    /// `array_agg` of those: applies the rows whose key exists and returns
+    /// their 1-based ordinals, so the rest can be copied. In one array, not
+    /// a row each: receiving a row per key is costly. `None` when a row can
+    /// exist and still not be updated (a version guard) or there is nothing
+    /// to set: a missing ordinal would not mean a missing row.
+    pub update: Option<String>,
+    /// The `COPY` text of every row, when the plan was asked for it (the
+    /// sink expects new keys): written straight from the net ops, without
+    /// the bound arrays, which the usual write (a `COPY` of new keys) does
+    /// not need. The write is then only I/O.
+    pub rendered: Option<Vec<u8>>,
+}
+
+impl Statement {
+    /// The bound arrays: as planned, or read back from the `COPY` text when
+    /// the rows were planned into that alone (a `COPY` that met an existing
+    /// key, or a guess that changed, needs the upsert's arrays after all).
+    pub fn bound_arrays(&self) -> Result<std::borrow::Cow<'_, [ColumnArray]>, String> {
+        match &self.insert {
+            Some(Insert { rendered: Some(text), .. }) => {
+                arrays_from_copy(text, &self.arrays, self.rows.len()).map(std::borrow::Cow::Owned)
+            }
+            _ => Ok(std::borrow::Cow::Borrowed(&self.arrays)),
+        }
+    }
+}
+
+/// A net op whose values do not fit the table.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("column `{column}`: {message}")]
+pub struct BindError {
+    /// Index of the net op.
+    pub op: usize,
+    pub column: String,
+    pub message: String,
+}
+
+impl TableSql {
+    /// The statements that apply `net` (deletes, replaces, then one patch
+    /// statement per shape of set and added columns). Each key is in
+    /// exactly one statement, so their order does not matter.
+    pub fn plan(&self, net: &[NetOp]) -> Result<Vec<Statement>, BindError> {
+        self.plan_rendering(net, &|_| false)
+    }
+
+    /// [`TableSql::plan`], with the upserts whose `COPY` statement `render`
+    /// picks planned straight into `COPY` text ([`Insert::rendered`]).
+    pub fn plan_rendering(&self, net: &[NetOp], render: &dyn Fn(&str) -> bool) -> Result<Vec<Statement>, BindError> {
+        let mut deletes = Vec::new();
+        let mut replaces = Vec::new();
+        // Patches grouped by shape (sorted set and added names), each shape
+        // once in `shapes`, found by `by_shape`. An op naming the same fields
+        // in the same order as the patch before it (ops of one rule do) joins
+        // its shape without sorting and comparing the names again.
+        let mut shapes: Vec<(Shape, Vec<usize>)> = Vec::new();
+        let mut by_shape: BTreeMap<Shape, usize> = BTreeMap::new();
+        let mut last: Option<(usize, usize)> = None;
+        for (index, op) in net.iter().enumerate() {
+            match &op.effect {
+                Effect::Delete => deletes.push(index),
+                Effect::Replace(_) => replaces.push(index),
+                Effect::Patch { set, add } => {
+                    let shape = match last {
+                        Some((before, shape)) if same_names(&net[before].effect, set, add) => shape,
+                        _ => {
+                            let names = |fields: &[(Name, Value)]| {
+                                let mut names: Vec<Name> = fields.iter().map(|(n, _)| *n).collect();
+                                names.sort_unstable();
+                                names
+                            };
+                            *by_shape.entry((names(set), names(add))).or_insert_with_key(|key| {
+                                shapes.push((key.clone(), Vec::new()));
+                                shapes.len() - 1
+                            })
+                        }
+                    };
+                    shapes[shape].1.push(index);
+                    last = Some((index, shape));
+                }
+            }
+        }
+        let mut statements = Vec::new();
+        if !deletes.is_empty() {
+            statements.push(self.delete(net, deletes)?);
+        }
+        if !replaces.is_empty() {
+            statements.push(self.replace(net, replaces, render)?);
+        }
+        for shape in by_shape.into_values() {
+            let ((set, add), rows) = std::mem::take(&mut shapes[shape]);
+            statements.push(self.patch(net, rows, &set, &add, render)?);
+        }
+        Ok(statements)
+    }
+
+    fn delete(&self, net: &[NetOp], rows: Vec<usize>) -> Result<Statement, BindError> {
+        let mut arrays = self.key_arrays(net, &rows)?;
+        let keys = &self.target.primary_key;
+        let mut sql = format!("DELETE FROM {} AS t USING (SELECT ", self.qualified);
+        let casts: Vec<String> =
+            keys.iter().enumerate().map(|(i, k)| format!("u.c{i}::{} AS c{i}", self.column_type(k).sql())).collect();
+        sql.push_str(&casts.join(", "));
+        if self.versioned {
+            let _ = write!(sql, ", u.v");
+            arrays.push(self.version_array(net, &rows));
+        }
+        let _ = write!(sql, " FROM UNNEST({}) AS u(", unnest_params(&arrays));
+        let mut names: Vec<String> = (0..keys.len()).map(|i| format!("c{i}")).collect();
+        if self.versioned {
+            names.push("v".into());
+        }
+        let _ = write!(sql, "{})) AS d WHERE ", names.join(", "));
+        let matches: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("t.{} = d.c{i}", quote(k))).collect();
+        sql.push_str(&matches.join(" AND "));
+        if self.versioned {
+            let _ = write!(sql, " AND (d.v IS NULL OR t.{VERSION_COLUMN} IS NULL OR t.{VERSION_COLUMN} < d.v)");
+        }
+        Ok(Statement { sql, arrays, rows, insert: None })
+    }
+
+    /// Replace: every column, unlisted ones null.
+    fn replace(&self, net: &[NetOp], rows: Vec<usize>, render: &dyn Fn(&str) -> bool) -> Result<Statement, BindError> {
+        // Interned, as the ops' field names are: `field_value_from` then finds
+        // each by address.
+        let columns: Vec<(Name, bool)> = self
+            .target
+            .columns
+            .iter()
+            .filter(|c| !self.target.primary_key.contains(&c.name))
+            .map(|c| (intern(&c.name), false))
+            .collect();
+        let set = columns.len();
+        self.upsert(net, rows, &columns, set, render)
+    }
+
+    /// Patch: set some columns, add to others; the row is created if missing.
+    fn patch(
+        &self,
+        net: &[NetOp],
+        rows: Vec<usize>,
+        set: &[Name],
+        add: &[Name],
+        render: &dyn Fn(&str) -> bool,
+    ) -> Result<Statement, BindError> {
+        let columns: Vec<(Name, bool)> =
+            set.iter().map(|name| (*name, false)).chain(add.iter().map(|name| (*name, true))).collect();
+        self.upsert(net, rows, &columns, set.len(), render)
+    }
+
+    /// Insert-or-update of the `bound` value columns (name, and whether it
+    /// is added to): the first `set` of them are set, the others added to (a missing
+    /// row starts from the delta; an existing null counts as 0). With
+    /// `render` picking its `COPY`, the rows become `COPY` text and the
+    /// arrays stay empty ([`Insert::rendered`]).
+    fn upsert(
+        &self,
+        net: &[NetOp],
+        rows: Vec<usize>,
+        bound: &[(Name, bool)],
+        set: usize,
+        render: &dyn Fn(&str) -> bool,
+    ) -> Result<Statement, BindError> {
+        let keys = &self.target.primary_key;
+        let value_columns: Vec<&str> = bound.iter().map(|(name, _)| *name).collect();
+        let mut columns: Vec<String> = keys.iter().map(|k| quote(k)).collect();
+        columns.extend(value_columns.iter().map(|c| quote(c)));
+        let mut types: Vec<Option<ColumnType>> = keys
+            .iter()
+            .map(String::as_str)
+            .chain(value_columns.iter().copied())
+            .map(|n| Some(self.column_type(n)))
+            .collect();
+        // The SQL needs only the arrays' kinds: empty ones until the rows
+        // are bound (below, unless rendered).
+        let mut arrays: Vec<ColumnArray> =
+            types.iter().flatten().map(|ty| ColumnArray::new(ty.bind_kind(), 0)).collect();
+        let mut casts: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("u.c{i}::{}", ty.map_or("bigint", ColumnType::sql)))
+            .collect();
+        // The new value of each column, from the proposed one (`EXCLUDED.c`
+        // in the upsert, the bound array in the plain update).
+        let assign = |proposed: &dyn Fn(usize, &str) -> String| -> Vec<String> {
+            value_columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let (c, value) = (quote(c), proposed(keys.len() + i, c));
+                    if i < set {
+                        format!("{c} = {value}")
+                    } else {
+                        format!("{c} = COALESCE(t.{c}, 0) + {value}")
+                    }
+                })
+                .collect()
+        };
+        let mut updates = assign(&|_, c| format!("EXCLUDED.{}", quote(c)));
+        // Without a version guard an existing key's row is always updated,
+        // so the rows `UPDATE` does not return are exactly the new keys.
+        let update = (!self.versioned && !updates.is_empty()).then(|| {
+            let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
+            let matches: Vec<String> =
+                keys.iter().enumerate().map(|(i, k)| format!("t.{} = {}", quote(k), casts[i])).collect();
+            format!(
+                "WITH updated AS (UPDATE {} AS t SET {} FROM UNNEST({}) WITH ORDINALITY AS u({}, n) WHERE {} \
+                 RETURNING u.n) SELECT array_agg(n) FROM updated",
+                self.qualified,
+                assign(&|i, _| casts[i].clone()).join(", "),
+                unnest_params(&arrays),
+                names.join(", "),
+                matches.join(" AND ")
+            )
+        });
+        if self.versioned {
+            columns.push(VERSION_COLUMN.to_string());
+            casts.push(format!("u.c{}", casts.len()));
+            types.push(None);
+            updates.push(format!("{VERSION_COLUMN} = EXCLUDED.{VERSION_COLUMN}"));
+            arrays.push(ColumnArray::Int(Vec::new()));
+        }
+        let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
+        let mut sql = format!(
+            "INSERT INTO {} AS t ({}) SELECT {} FROM UNNEST({}) AS u({}) ON CONFLICT ({}) ",
+            self.qualified,
+            columns.join(", "),
+            casts.join(", "),
+            unnest_params(&arrays),
+            names.join(", "),
+            self.key_list()
+        );
+        if updates.is_empty() {
+            sql.push_str("DO NOTHING");
+        } else {
+            let _ = write!(sql, "DO UPDATE SET {}", updates.join(", "));
+            if self.versioned {
+                let _ = write!(
+                    sql,
+                    " WHERE t.{VERSION_COLUMN} IS NULL OR EXCLUDED.{VERSION_COLUMN} IS NULL \
+                     OR t.{VERSION_COLUMN} < EXCLUDED.{VERSION_COLUMN}"
+                );
+            }
+        }
+        let copy = format!("COPY {} ({}) FROM STDIN", self.qualified, columns.join(", "));
+        let rendered = if render(&copy) {
+            Some(self.copy_text_of(net, &rows, bound, &types)?)
+        } else {
+            arrays = self.key_arrays(net, &rows)?;
+            arrays.extend(self.value_arrays(net, &rows, bound)?);
+            if self.versioned {
+                arrays.push(self.version_array(net, &rows));
+            }
+            None
+        };
+        Ok(Statement { sql, arrays, rows, insert: Some(Insert { copy, types, update, rendered }) })
+    }
+}
+
+/// The shape of a patch: its set and its added column names, each sorted.
+type Shape = (Vec<Name>, Vec<Name>);
+
+/// Whether `effect` is a patch naming the fields of `set` and `add`, in the
+/// same order (names are interned: compared by address, then by content).
+fn same_names(effect: &Effect, set: &[(Name, Value)], add: &[(Name, Value)]) -> bool {
+    let same = |a: &[(Name, Value)], b: &[(Name, Value)]| {
+        a.len() == b.len() && a.iter().zip(b).all(|((x, _), (y, _))| std::ptr::eq(*x, *y) || x == y)
+    };
+    matches!(effect, Effect::Patch { set: before_set, add: before_add } if same(before_set, set) && same(before_add, add))
+}
+
+fn unnest_params(arrays: &[ColumnArray]) -> String {
+    arrays.iter().enumerate().map(|(i, a)| format!("${}::{}", i + 1, a.array_type())).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{inventory, net, patch, replace};
+    use super::*;
+
+    #[test]
+    fn patches_add_with_coalesce_and_group_by_shape() {
+        let ops = vec![
+            net("s1", patch(vec![], vec![("on_hand", Value::Int(5))])),
+            net("s2", patch(vec![], vec![("on_hand", Value::Int(-2))])),
+            net("s3", patch(vec![("seen_at", Value::Int(0))], vec![])),
+        ];
+        let statements = inventory().plan(&ops).expect("binds");
+        assert_eq!(statements.len(), 2);
+        assert_eq!(
+            statements[0].sql,
+            "INSERT INTO \"public\".\"inventory\" AS t (\"store_id\", \"item_id\", \"on_hand\") \
+             SELECT u.c0::text, u.c1::text, u.c2::bigint FROM UNNEST($1::text[], $2::text[], $3::bigint[]) \
+             AS u(c0, c1, c2) ON CONFLICT (\"store_id\", \"item_id\") \
+             DO UPDATE SET \"on_hand\" = COALESCE(t.\"on_hand\", 0) + EXCLUDED.\"on_hand\""
+        );
+        assert_eq!(statements[0].arrays[2], ColumnArray::Int(vec![Some(5), Some(-2)]));
+        assert_eq!(statements[0].rows, vec![0, 1]);
+        assert!(statements[1].sql.contains("DO UPDATE SET \"seen_at\" = EXCLUDED.\"seen_at\""));
+        assert_eq!(
+            statements[1].arrays[2],
+            ColumnArray::Text([Some("1970-01-01T00:00:00.000Z")].into_iter().collect())
+        );
+    }
+
+    #[test]
+    fn patches_of_one_shape_in_any_field_order_are_one_statement() {
+        let both = |first: (Name, Value), second: (Name, Value)| patch(vec![first, second], vec![]);
+        let ops = vec![
+            net("s1", both(("on_hand", Value::Int(1)), ("seen_at", Value::Int(0)))),
+            net("s2", both(("on_hand", Value::Int(2)), ("seen_at", Value::Int(0)))),
+            net("s3", patch(vec![("on_hand", Value::Int(3))], vec![])),
+            net("s4", both(("seen_at", Value::Int(0)), ("on_hand", Value::Int(4)))),
+            net("s5", patch(vec![], vec![("on_hand", Value::Int(5))])),
+        ];
+        let statements = inventory().plan(&ops).expect("binds");
+        let rows: Vec<&[usize]> = statements.iter().map(|s| &s.rows[..]).collect();
+        assert_eq!(rows, [&[4][..], &[2], &[0, 1, 3]], "shapes in the order of their sorted names: add, set");
+        assert_eq!(statements[2].arrays[2], ColumnArray::Int(vec![Some(1), Some(2), Some(4)]));
+    }
+
+    #[test]
+    fn replaces_write_every_column_and_deletes_match_the_key() {
+        let ops = vec![net("s1", replace(vec![("on_hand", Value::Int(1))])), net("s2", Effect::Delete)];
+        let statements = inventory().plan(&ops).expect("binds");
+        assert_eq!(
+            statements[0].sql,
+            "DELETE FROM \"public\".\"inventory\" AS t USING (SELECT u.c0::text AS c0, u.c1::text AS c1 \
+             FROM UNNEST($1::text[], $2::text[]) AS u(c0, c1)) AS d WHERE t.\"store_id\" = d.c0 AND t.\"item_id\" = d.c1"
+        );
+        assert!(statements[1]
+            .sql
+            .ends_with("DO UPDATE SET \"on_hand\" = EXCLUDED.\"on_hand\", \"seen_at\" = EXCLUDED.\"seen_at\""));
+        assert_eq!(statements[1].arrays[3], ColumnArray::Text([None].into_iter().collect()));
+    }
+
+    #[test]
+    fn upserts_carry_a_copy_and_an_update_of_existing_keys() {
+        let ops = vec![net("s1", patch(vec![("seen_at", Value::Int(0))], vec![("on_hand", Value::Int(5))]))];
+        let statement = &inventory().plan(&ops).expect("binds")[0];
+        let insert = statement.insert.as_ref().expect("an upsert can be copied");
+        assert_eq!(
+            insert.copy,
+            "COPY \"public\".\"inventory\" (\"store_id\", \"item_id\", \"seen_at\", \"on_hand\") FROM STDIN"
+        );
+        assert_eq!(
+            insert.update.as_deref(),
+            Some(
+                "WITH updated AS (UPDATE \"public\".\"inventory\" AS t SET \"seen_at\" = u.c2::timestamptz, \
+                 \"on_hand\" = COALESCE(t.\"on_hand\", 0) + u.c3::bigint \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(c0, c1, c2, c3, n) \
+                 WHERE t.\"store_id\" = u.c0::text AND t.\"item_id\" = u.c1::text \
+                 RETURNING u.n) SELECT array_agg(n) FROM updated"
+            )
+        );
+        let mut versioned = inventory();
+        versioned.versioned = true;
+        let statement = &versioned.plan(&ops).expect("binds")[0];
+        let insert = statement.insert.as_ref().expect("copied too");
+        assert!(insert.copy.contains("\"on_hand\", kawka_version) FROM STDIN"), "{}", insert.copy);
+        assert_eq!(insert.update, None, "a guarded update may skip a row that exists");
+        assert_eq!(insert.types.last(), Some(&None));
+        let delete = &inventory().plan(&[net("s1", Effect::Delete)]).expect("binds")[0];
+        assert_eq!(delete.insert, None);
+    }
+
+    #[test]
+    fn versions_guard_updates_and_deletes() {
+        let mut table = inventory();
+        table.versioned = true;
+        let mut op = net("s1", replace(vec![]));
+        op.version = Some(3);
+        let statements = table.plan(&[op.clone(), NetOp { effect: Effect::Delete, ..op }]).expect("binds");
+        assert!(statements[0].sql.contains("t.kawka_version < d.v"), "{}", statements[0].sql);
+        assert!(statements[1].sql.contains("kawka_version = EXCLUDED.kawka_version WHERE t.kawka_version IS NULL"));
+        assert_eq!(statements[1].arrays.last(), Some(&ColumnArray::Int(vec![Some(3)])));
+        assert!(table.create_table().contains("kawka_version bigint"));
+    }
+}

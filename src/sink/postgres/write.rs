@@ -1,0 +1,269 @@
+//! A batch planned and written with its positions: each partition's share
+//! in a transaction of its own, concurrently, or the whole batch in one.
+
+use sqlx::Postgres;
+
+use super::statements::{BindError, Statement};
+use super::PostgresSink;
+use crate::projection::compact::{self, fold, GroupBy, NetOp};
+use crate::projection::WriteOp;
+use crate::sink::{succeeded_all, CommitSignal, Committed, Follows, PartitionOffset, SinkError};
+
+/// A batch's statements, ready to run (see [`PostgresSink::plan`]).
+#[derive(Debug)]
+pub enum PostgresPlan {
+    /// Each partition's share, in a transaction of its own.
+    PerPartition(Vec<(PartitionOffset, Vec<Statement>)>),
+    /// One transaction for all (a key has events from several partitions,
+    /// or there is one partition).
+    Whole(Vec<Statement>, Vec<PartitionOffset>),
+}
+
+impl PostgresSink {
+    /// Applies the ops of a batch, folded per key, and the positions: per
+    /// partition, concurrently, when no key spans partitions.
+    /// This is also how a failed batch is written again: a share that
+    /// committed before is recognised before its statements run, so they
+    /// are not tried twice (a check constraint could refuse the second
+    /// application of a decrement that the first one made).
+    pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
+        let plan = self.plan(ops, &compact::key_hashes(ops), offsets)?;
+        self.write_plan(&plan, &Follows::default(), None, true).await
+    }
+
+    /// Folds a batch's ops per key and builds its statements: CPU only, no
+    /// I/O, so the pipeline does it while the batches before it are still
+    /// being written, and the write itself is just the SQL. Every statement
+    /// is planned before anything is written. `hashes` are the ops'
+    /// [`compact::key_hashes`].
+    pub fn plan(
+        &self,
+        ops: &[WriteOp],
+        hashes: &[u64],
+        offsets: &[PartitionOffset],
+    ) -> Result<PostgresPlan, SinkError> {
+        let folded = fold(ops, hashes, GroupBy::Key);
+        if !folded.errors.is_empty() {
+            return Err(SinkError::RejectedOps(folded.errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
+        }
+        let net = folded.net;
+        let rejected = |error: BindError| SinkError::Rejected(error.to_string());
+        // The upserts expected to find new keys are planned straight into
+        // their `COPY` text, built while the writes ahead run, not in this
+        // batch's.
+        let statements =
+            |net: &[NetOp]| self.table.plan_rendering(net, &|copy| self.guess_new_keys(copy)).map_err(rejected);
+        match by_partition(net, offsets, self.max_connections()) {
+            Ok(shares) => {
+                let shares = shares
+                    .iter()
+                    .map(|(offset, net)| Ok((**offset, statements(net)?)))
+                    .collect::<Result<Vec<_>, SinkError>>()?;
+                Ok(PostgresPlan::PerPartition(shares))
+            }
+            Err(net) => Ok(PostgresPlan::Whole(statements(&net)?, offsets.to_vec())),
+        }
+    }
+
+    /// Writes a planned batch and its positions (see
+    /// [`crate::sink::Sink::write_planned`]): statements once the writes
+    /// in `follows.ran` ran theirs, then `ran`, then the commit once those
+    /// in `follows.committed` have.
+    ///
+    /// Each transaction runs its statements first and moves its positions
+    /// last, just before it commits: the positions' rows are what the
+    /// transactions of one partition share, and a row lock taken first
+    /// would hold a batch back until the one before it commits, where now
+    /// the two overlap. Fencing still holds: the epoch is checked in the
+    /// same statement, and a claim made while the statements run bumps it,
+    /// so this transaction rolls back.
+    pub async fn write_planned(
+        &self,
+        plan: &PostgresPlan,
+        follows: &Follows,
+        ran: CommitSignal,
+    ) -> Result<(), SinkError> {
+        // A batch's first write: nothing of it can have committed yet.
+        self.write_plan(plan, follows, Some(ran), false).await
+    }
+
+    /// [`PostgresSink::write_planned`]; with `retry`, each transaction
+    /// first reads whether its positions are already there. `ran`, when
+    /// dropped unsent (an early error), reads as not ran.
+    async fn write_plan(
+        &self,
+        plan: &PostgresPlan,
+        follows: &Follows,
+        ran: Option<CommitSignal>,
+        retry: bool,
+    ) -> Result<(), SinkError> {
+        succeeded_all(&follows.ran).await?;
+        match plan {
+            PostgresPlan::PerPartition(shares) => {
+                // Every share runs its statements, then the batch tells the
+                // writes that wait for that, then each share commits.
+                let started = futures::future::join_all(
+                    shares.iter().map(|(offset, statements)| self.run_share(offset, statements, retry)),
+                )
+                .await;
+                if let Some(ran) = ran {
+                    ran.send(started.iter().all(Result::is_ok));
+                }
+                let results = futures::future::join_all(started.into_iter().zip(shares).map(
+                    |(started, (offset, _))| async move {
+                        match started? {
+                            Some(tx) => self.commit_share(tx, offset, &follows.committed).await,
+                            None => Ok(()),
+                        }
+                    },
+                ))
+                .await;
+                // Fenced first: the caller must stop, not retry.
+                if results.iter().any(|r| matches!(r, Err(SinkError::Fenced))) {
+                    return Err(SinkError::Fenced);
+                }
+                results.into_iter().collect()
+            }
+            PostgresPlan::Whole(statements, offsets) => {
+                let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+                if retry && !offsets.is_empty() && self.reached_all(&mut tx, offsets).await? {
+                    return tx.rollback().await.map_err(SinkError::Postgres);
+                }
+                for statement in statements {
+                    self.apply(&mut tx, statement).await?;
+                }
+                if let Some(ran) = ran {
+                    ran.send(true);
+                }
+                // Dropping `tx` on an error rolls it back.
+                succeeded_all(&follows.committed).await?;
+                if self.advance(&mut tx, offsets).await? {
+                    tx.commit().await.map_err(SinkError::Postgres)
+                } else {
+                    tx.rollback().await.map_err(SinkError::Postgres)
+                }
+            }
+        }
+    }
+
+    /// One partition's share: its transaction with the statements run, or
+    /// `None` (rolled back) when its position is already at or past
+    /// `offset`: it committed before.
+    async fn run_share(
+        &self,
+        offset: &PartitionOffset,
+        statements: &[Statement],
+        retry: bool,
+    ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, SinkError> {
+        let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+        if retry && self.reached(&mut tx, offset).await? {
+            tx.rollback().await.map_err(SinkError::Postgres)?;
+            return Ok(None);
+        }
+        for statement in statements {
+            self.apply(&mut tx, statement).await?;
+        }
+        Ok(Some(tx))
+    }
+
+    /// Moves a share's position and commits, once the writes `after` have.
+    async fn commit_share(
+        &self,
+        mut tx: sqlx::Transaction<'static, Postgres>,
+        offset: &PartitionOffset,
+        after: &[Committed],
+    ) -> Result<(), SinkError> {
+        succeeded_all(after).await?;
+        let moved = sqlx::query(&self.table.advance_one())
+            .bind(&self.connector)
+            .bind(offset.topic)
+            .bind(offset.partition)
+            .bind(offset.next_offset)
+            .bind(offset.epoch)
+            .execute(&mut *tx)
+            .await
+            .map_err(SinkError::Postgres)?
+            .rows_affected();
+        if moved == 0 {
+            let committed_before = self.reached(&mut tx, offset).await?;
+            tx.rollback().await.map_err(SinkError::Postgres)?;
+            return if committed_before { Ok(()) } else { Err(SinkError::Fenced) };
+        }
+        tx.commit().await.map_err(SinkError::Postgres)
+    }
+}
+
+/// The net ops of a batch split by the partition of their events, each
+/// share with its partition's position; `Err` gives `net` back when there
+/// is one partition only, a key has events from several, or there are more
+/// partitions than `connections`. The shares' transactions are all open at
+/// once (each commits only after every share ran), so with more shares
+/// than the pool's connections the first would hold its connection while
+/// the next waited for one, until the pool timed out, on every retry.
+fn by_partition<'n, 'o>(
+    net: Vec<NetOp<'n>>,
+    offsets: &'o [PartitionOffset],
+    connections: usize,
+) -> Result<Vec<(&'o PartitionOffset, Vec<NetOp<'n>>)>, Vec<NetOp<'n>>> {
+    if offsets.len() < 2 || offsets.len() > connections {
+        return Err(net);
+    }
+    let share_of = |op: &NetOp| {
+        let (topic, partition) = op.partition?;
+        offsets.iter().position(|o| o.partition == partition && o.topic == topic)
+    };
+    let shares: Option<Vec<usize>> = net.iter().map(share_of).collect();
+    let Some(shares) = shares else { return Err(net) };
+    // Sized up front: net ops are large, and growing moved them again.
+    let mut sizes = vec![0; offsets.len()];
+    shares.iter().for_each(|&share| sizes[share] += 1);
+    let mut split: Vec<(&PartitionOffset, Vec<NetOp>)> =
+        offsets.iter().zip(sizes).map(|(o, size)| (o, Vec::with_capacity(size))).collect();
+    for (op, share) in net.into_iter().zip(shares) {
+        split[share].1.push(op);
+    }
+    Ok(split)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::compact::Effect;
+    use crate::value::Value;
+
+    fn net(key: &str, partitions: &[i32]) -> NetOp<'static> {
+        NetOp {
+            key: vec![Value::from(key)].into(),
+            effect: Effect::Delete,
+            version: None,
+            first_version: None,
+            // Events of several partitions: none.
+            partition: partitions.iter().all(|&p| p == partitions[0]).then(|| ("t", partitions[0])),
+            first_offset: 0,
+            last_offset: 0,
+        }
+    }
+
+    fn offset(partition: i32) -> PartitionOffset {
+        PartitionOffset { topic: "t", partition, next_offset: 10, epoch: Some(1) }
+    }
+
+    #[test]
+    fn batches_split_by_partition_unless_a_key_spans_partitions() {
+        let offsets = [offset(0), offset(1), offset(2)];
+        let shares = by_partition(vec![net("a", &[0, 0]), net("b", &[1]), net("c", &[0])], &offsets, 3).expect("split");
+        let keys: Vec<(i32, Vec<&Value>)> =
+            shares.iter().map(|(o, ops)| (o.partition, ops.iter().map(|op| &op.key[0]).collect())).collect();
+        assert_eq!(
+            keys,
+            vec![(0, vec![&Value::from("a"), &Value::from("c")]), (1, vec![&Value::from("b")]), (2, vec![])],
+            "every partition of the batch gets its share, even an empty one (its position still moves)"
+        );
+        assert_eq!(by_partition(vec![net("a", &[0, 1])], &offsets, 3).expect_err("spans").len(), 1);
+        assert!(by_partition(vec![net("a", &[0])], &offsets[..1], 3).is_err(), "one partition: one transaction");
+        assert!(
+            by_partition(vec![net("a", &[0]), net("b", &[1])], &offsets, 2).is_err(),
+            "more partitions than connections: one transaction, not shares waiting for each other's connections"
+        );
+    }
+}

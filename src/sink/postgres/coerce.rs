@@ -77,6 +77,9 @@ pub(super) enum Text<'v> {
     Json(&'v Value),
     /// Numbers and booleans as they display.
     Shown(&'v Value),
+    /// NaN and the infinities, as Postgres spells them (JSON has no
+    /// spelling for them and would write `null`).
+    NonFinite(f64),
 }
 
 impl Text<'_> {
@@ -90,6 +93,7 @@ impl Text<'_> {
             // Writing to a String cannot fail.
             Text::Json(value) => drop(write!(out, "{}", value.to_json())),
             Text::Shown(value) => drop(write!(out, "{value}")),
+            Text::NonFinite(x) => out.push_str(non_finite(*x)),
         }
     }
 }
@@ -106,6 +110,11 @@ pub(super) fn text_of(ty: ColumnType, value: &Value) -> Result<Option<Text<'_>>,
         (ColumnType::TimestampTz | ColumnType::Timestamp, Value::Int(millis)) => Text::Millis(*millis),
         (ColumnType::Date, Value::Int(days)) => Text::Days(*days),
         (ColumnType::TimestampTz | ColumnType::Timestamp | ColumnType::Date, other) => return Err(wrong(other)),
+        (_, Value::Float(x))
+            if !x.is_finite() && !matches!(ty, ColumnType::TimestampTz | ColumnType::Timestamp | ColumnType::Date) =>
+        {
+            Text::NonFinite(*x)
+        }
         (ColumnType::Numeric, Value::Int(_) | Value::Float(_)) => Text::Shown(value),
         (ColumnType::Numeric, other) => return Err(wrong(other)),
         (_, Value::Int(_) | Value::Float(_) | Value::Bool(_)) => Text::Shown(value),
@@ -115,7 +124,20 @@ pub(super) fn text_of(ty: ColumnType, value: &Value) -> Result<Option<Text<'_>>,
     Ok(Some(text))
 }
 
-/// `1970-01-01T00:00:00.000Z` for milliseconds since the epoch.
+/// `NaN`, `Infinity` or `-Infinity`: how Postgres reads a float that is
+/// not finite (`numeric` too, since Postgres 14).
+pub(super) fn non_finite(x: f64) -> &'static str {
+    if x.is_nan() {
+        "NaN"
+    } else if x < 0.0 {
+        "-Infinity"
+    } else {
+        "Infinity"
+    }
+}
+
+/// `1970-01-01T00:00:00.000Z` for milliseconds since the epoch; years
+/// before 1 as Postgres writes them (`0001-12-31T…Z BC` is year 0).
 ///
 /// Written digit by digit, not with `format!`: every timestamp of a batch passes here.
 pub fn format_millis(millis: i64) -> String {
@@ -136,17 +158,35 @@ fn push_millis(millis: i64, out: &mut String) {
     out.push('.');
     push_digits(out, in_day % 1000, 3);
     out.push('Z');
+    if before_year_one(millis.div_euclid(86_400_000)) {
+        out.push_str(" BC");
+    }
 }
 
-/// `YYYY-MM-DD` for days since 1970-01-01 (proleptic Gregorian).
+/// `YYYY-MM-DD` for days since 1970-01-01 (proleptic Gregorian); years
+/// before 1 with ` BC`, as Postgres writes and reads them (astronomical
+/// year 0 is 1 BC).
 pub fn format_days(days: i64) -> String {
     let mut out = String::with_capacity(10);
     push_days(days, &mut out);
+    if before_year_one(days) {
+        out.push_str(" BC");
+    }
     out
 }
 
+/// Whether a day is before 0001-01-01 (day -719,162).
+fn before_year_one(days: i64) -> bool {
+    days < -719_162
+}
+
+/// The date part of a day, the era left to the caller (` BC`).
+
 fn push_days(days: i64, out: &mut String) {
-    // Howard Hinnant's civil_from_days.
+    // Howard Hinnant's civil_from_days; saturating, so that no day (an
+    // event's i64) overflows: years beyond what Postgres holds are refused
+    // by Postgres, as that event's error.
+    let days = days.clamp(-(1 << 40), 1 << 40);
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -156,6 +196,8 @@ fn push_days(days: i64, out: &mut String) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    // Year 0 is 1 BC, -1 is 2 BC.
+    let year = if year <= 0 { 1 - year } else { year };
     if (0..=9999).contains(&year) {
         push_digits(out, year, 4);
     } else {
@@ -197,13 +239,27 @@ mod tests {
             assert_eq!(format_millis(millis), reference(millis), "{millis}");
             millis += 7_777_777_777;
         }
-        assert_eq!(format_days(-719_528), "0000-01-01");
+        assert_eq!(format_days(-719_528), "0001-01-01 BC");
+        assert_eq!(format_days(-719_162), "0001-01-01");
+        assert_eq!(format_days(-719_163), "0001-12-31 BC");
+        assert_eq!(format_millis(-62_135_596_800_001), "0001-12-31T23:59:59.999Z BC");
+        assert!(format_days(i64::MIN).len() > 10, "no overflow");
+        assert!(format_millis(i64::MAX).ends_with('Z'));
         assert_eq!(format_days(2_932_896), "9999-12-31");
         assert_eq!(format_days(2_932_897), "10000-01-01");
-        assert_eq!(format_days(-719_529), "-001-12-31");
+        assert_eq!(format_days(-719_529), "0002-12-31 BC");
         assert_eq!(format_days(19_723), "2024-01-01");
         assert_eq!(format_days(11_016), "2000-02-29");
         assert!(check_value(ColumnType::Boolean, &Value::Int(1)).is_err());
+        let text = |ty, x: f64| {
+            let mut out = String::new();
+            text_of(ty, &Value::Float(x)).expect("fits").expect("not null").write(&mut out);
+            out
+        };
+        assert_eq!(text(ColumnType::Text, f64::NAN), "NaN");
+        assert_eq!(text(ColumnType::Numeric, f64::INFINITY), "Infinity");
+        assert_eq!(text(ColumnType::Text, f64::NEG_INFINITY), "-Infinity");
+        assert_eq!(text(ColumnType::Text, 1.5), "1.5");
         assert!(check_value(ColumnType::Jsonb, &Value::Array(vec![Value::Int(1)])).is_ok());
     }
 }

@@ -181,7 +181,6 @@ fn before_year_one(days: i64) -> bool {
 }
 
 /// The date part of a day, the era left to the caller (` BC`).
-
 fn push_days(days: i64, out: &mut String) {
     // Howard Hinnant's civil_from_days; saturating, so that no day (an
     // event's i64) overflows: years beyond what Postgres holds are refused

@@ -33,6 +33,8 @@
 //!   rollback; also run inside the daemon over HTTP, with progress.
 //! * [`registry`]: the `kawka registry` server (Confluent API, Postgres storage).
 //! * [`event`], [`value`]: the event and the value tree every stage shares.
+//! * [`yaml`]: YAML with positions and a deserializer that records every
+//!   problem; what [`config`] and the declarative upcasters read files with.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.
 //! * [`status`]: each connector's state, counters and histograms: what the
 //!   HTTP API and `/metrics` show; one method per happening logs and counts.
@@ -55,3 +57,4 @@ pub mod status;
 pub mod telemetry;
 pub mod upcast;
 pub mod value;
+pub mod yaml;

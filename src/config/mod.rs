@@ -8,7 +8,6 @@
 pub mod files;
 mod interpolate;
 mod settings;
-pub mod yaml;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -16,8 +15,8 @@ use std::path::{Path, PathBuf};
 pub use interpolate::interpolate;
 pub use settings::*;
 
+use crate::yaml::{self, Mark, Node};
 use files::{ConnectorFile, DaemonFile};
-use yaml::{Mark, Node};
 
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +113,7 @@ pub fn load_with_upcasters(
             let sinks = daemon_node
                 .as_ref()
                 .and_then(|(node, _)| node.get("sinks"))
-                .and_then(|node| yaml::from_node::<files::OrderedMap<yaml::Spanned<files::SinkConfig>>>(node).ok());
+                .and_then(|node| yaml::from_node::<yaml::OrderedMap<yaml::Spanned<files::SinkConfig>>>(node).ok());
             Err(Problems(settings::check_connectors(config_file, sinks, connectors)))
         }
     };

@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::files::{ConnectorFile, DaemonFile, KeyConfig, OpConfig, OrderedMap, SinkConfig, TargetConfig};
+use super::files::{ConnectorFile, DaemonFile, KeyConfig, OpConfig, SinkConfig, TargetConfig};
 pub use super::files::{ErrorPolicy, KeyFormat, LogFormat, StartPosition, TombstonePolicy, UnknownEventPolicy};
-use super::yaml::{Mark, Spanned};
 use super::{Problem, Problems};
 use crate::projection::expr::{self, Expr};
 use crate::sink::postgres::types::ColumnType;
+use crate::yaml::{Mark, OrderedMap, Spanned};
 
 /// A secret value: printed as `***` by `Debug` and `Display`.
 #[derive(Clone, PartialEq, Eq)]

@@ -25,8 +25,8 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::codec::registry::RegistryClient;
-use crate::config::Secret;
 use crate::rebuild::{Rebuilds, StartError};
+use crate::secret::Secret;
 use crate::status::ConnectorStatus;
 
 /// What the HTTP port serves from.

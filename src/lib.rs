@@ -36,6 +36,7 @@
 //! * [`yaml`]: YAML with positions and a deserializer that records every
 //!   problem; what [`config`] and the declarative upcasters read files with.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.
+//! * [`secret`]: secrets in settings, hidden when printed.
 //! * [`status`]: each connector's state, counters and histograms: what the
 //!   HTTP API and `/metrics` show; one method per happening logs and counts.
 //! * [`http`]: health, readiness, metrics, connector control, rebuilds.
@@ -51,6 +52,7 @@ pub mod pipeline;
 pub mod projection;
 pub mod rebuild;
 pub mod registry;
+pub mod secret;
 pub mod sink;
 pub mod source;
 pub mod status;

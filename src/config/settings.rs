@@ -2,7 +2,6 @@
 //! Building them does no I/O; reaching the services is checked separately.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,82 +10,9 @@ use super::files::{ConnectorFile, DaemonFile, KeyConfig, OpConfig, SinkConfig, T
 pub use super::files::{ErrorPolicy, KeyFormat, LogFormat, StartPosition, TombstonePolicy, UnknownEventPolicy};
 use super::{Problem, Problems};
 use crate::projection::expr::{self, Expr};
+use crate::secret::{redact_url, Secret, SecretUrl};
 use crate::sink::postgres::types::ColumnType;
 use crate::yaml::{Mark, OrderedMap, Spanned};
-
-/// A secret value: printed as `***` by `Debug` and `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// A URL that may carry a password: `Debug`/`Display` hide the password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(String);
-
-impl SecretUrl {
-    pub fn new(url: impl Into<String>) -> SecretUrl {
-        SecretUrl(url.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with any `user:password@` password replaced by `***`.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.0)
-    }
-}
-
-/// Hides the password of `scheme://user:password@host…`.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
-    let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..].find(['/', '?', '#']).map_or(url.len(), |i| authority_start + i);
-    let authority = &url[authority_start..authority_end];
-    match authority.rfind('@') {
-        Some(at) => match authority[..at].find(':') {
-            Some(colon) => {
-                format!("{}{}:***{}", &url[..authority_start], &authority[..colon], &url[authority_start + at..])
-            }
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{:?}", self.redacted())
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -426,7 +352,7 @@ pub fn validate(
     let schema_registry = RegistryClientSettings {
         url: registry.url.trim_end_matches('/').to_string(),
         username: registry.username.clone(),
-        password: registry.password.clone().map(Secret),
+        password: registry.password.clone().map(Secret::new),
         ca_file: registry.ca_file.as_ref().map(|f| PathBuf::from(&f.value)),
         timeout: at.duration(&registry.timeout, "schema_registry.timeout", Duration::from_secs(10)),
     };
@@ -441,7 +367,7 @@ pub fn validate(
         );
         SocketAddr::from(([127, 0, 0, 1], 8080))
     });
-    let http = HttpSettings { listen, token: daemon.http.token.clone().filter(|t| !t.is_empty()).map(Secret) };
+    let http = HttpSettings { listen, token: daemon.http.token.clone().filter(|t| !t.is_empty()).map(Secret::new) };
     let log = LogSettings {
         format: daemon.log.format,
         level: daemon.log.level.clone().unwrap_or_else(|| "info".to_string()),
@@ -483,8 +409,8 @@ fn sink_connections(
                 SinkConnection::Elasticsearch(ElasticsearchConnection {
                     url: url.trim_end_matches('/').to_string(),
                     username: username.clone(),
-                    password: password.clone().map(Secret),
-                    api_key: api_key.clone().map(Secret),
+                    password: password.clone().map(Secret::new),
+                    api_key: api_key.clone().map(Secret::new),
                     ca_file: ca_file.as_ref().map(PathBuf::from),
                     timeout: at.duration(&timeout, &format!("{field}.timeout"), Duration::from_secs(30)),
                 })
@@ -501,7 +427,7 @@ fn sink_connections(
                     at.at(sink.mark, &format!("{field}.max_connections"), "must be at least 1");
                 }
                 SinkConnection::Postgres(PostgresConnection {
-                    url: SecretUrl(url.clone()),
+                    url: SecretUrl::new(url.clone()),
                     max_connections: max_connections.unwrap_or(8).max(1),
                 })
             }
@@ -937,14 +863,5 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("5 MiBs").is_err());
         assert!(parse_size("lots").is_err());
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact_url("postgres://kawka:s3cret@db:5432/x"), "postgres://kawka:***@db:5432/x");
-        assert_eq!(redact_url("postgres://kawka@db/x"), "postgres://kawka@db/x");
-        assert_eq!(redact_url("http://host:9200"), "http://host:9200");
-        assert_eq!(format!("{:?}", Secret::new("pw")), "***");
-        assert_eq!(SecretUrl::new("http://a:b@c/d?e=f@g").to_string(), "http://a:***@c/d?e=f@g");
     }
 }

@@ -16,7 +16,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 
 use super::avro::Decoder;
-use crate::config::RegistryClientSettings;
+use crate::codec::RegistryClientSettings;
 use crate::error::ErrorClass;
 
 /// The content type of the Confluent API.

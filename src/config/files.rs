@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::codec::KeyFormat;
+use crate::projection::{TombstonePolicy, UnknownEventPolicy};
+use crate::source::StartPosition;
 use crate::yaml::{OrderedMap, Spanned};
 
 /// `config/kawka.yaml`.
@@ -196,23 +199,6 @@ pub struct SourceConfig {
     pub max_record_bytes: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StartPosition {
-    #[default]
-    Earliest,
-    Latest,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyFormat {
-    #[default]
-    String,
-    Avro,
-    None,
-}
-
 /// `sink:` of a connector. Which fields apply depends on the type of the
 /// named connection; `validate` says which are missing or misplaced.
 #[derive(Debug, Deserialize)]
@@ -270,22 +256,6 @@ pub enum ErrorPolicy {
     DeadLetter,
     Skip,
     Stop,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TombstonePolicy {
-    #[default]
-    Delete,
-    Ignore,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UnknownEventPolicy {
-    #[default]
-    Skip,
-    Error,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,11 +7,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::files::{ConnectorFile, DaemonFile, KeyConfig, OpConfig, SinkConfig, TargetConfig};
-pub use super::files::{ErrorPolicy, KeyFormat, LogFormat, StartPosition, TombstonePolicy, UnknownEventPolicy};
+pub use super::files::{ErrorPolicy, LogFormat};
 use super::{Problem, Problems};
+use crate::codec::{KeyFormat, RegistryClientSettings};
 use crate::projection::expr::{self, Expr};
+use crate::projection::{EventRule, OpKind, OpTemplate, ProjectionSettings, TombstonePolicy, UnknownEventPolicy};
 use crate::secret::{redact_url, Secret, SecretUrl};
+use crate::sink::elasticsearch::{ElasticsearchConnection, ElasticsearchTarget};
 use crate::sink::postgres::types::ColumnType;
+use crate::sink::postgres::{Column, PostgresConnection, PostgresTarget};
+use crate::sink::{SinkConnection, SinkSettings, Target};
+use crate::source::{KafkaSettings, SourceSettings};
+use crate::upcast::online::Consumed;
 use crate::yaml::{Mark, OrderedMap, Spanned};
 
 #[derive(Debug, Clone)]
@@ -30,63 +37,14 @@ pub struct Settings {
     pub upcasters: Vec<crate::upcast::steps::Declared>,
 }
 
-#[derive(Debug, Clone)]
-pub struct KafkaSettings {
-    pub bootstrap_servers: String,
-    pub properties: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct RegistryClientSettings {
-    pub url: String,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub ca_file: Option<PathBuf>,
-    pub timeout: Duration,
-}
-
-impl RegistryClientSettings {
-    /// Settings for a registry at `url` with no auth and default timeouts.
-    pub fn plain(url: impl Into<String>) -> RegistryClientSettings {
-        RegistryClientSettings {
-            url: url.into(),
-            username: None,
-            password: None,
-            ca_file: None,
-            timeout: Duration::from_secs(10),
+impl Settings {
+    /// What `kawka schemas check` looks for in the registry.
+    pub fn consumed(&self) -> Consumed {
+        Consumed {
+            topics: self.connectors.iter().flat_map(|c| c.source.topics.iter().cloned()).collect(),
+            event_types: self.connectors.iter().flat_map(|c| c.events.iter().map(|e| e.event_type.clone())).collect(),
         }
     }
-}
-
-#[derive(Debug, Clone)]
-pub enum SinkConnection {
-    Elasticsearch(ElasticsearchConnection),
-    Postgres(PostgresConnection),
-}
-
-impl SinkConnection {
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            SinkConnection::Elasticsearch(_) => "elasticsearch",
-            SinkConnection::Postgres(_) => "postgres",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ElasticsearchConnection {
-    pub url: String,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub api_key: Option<Secret>,
-    pub ca_file: Option<PathBuf>,
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct PostgresConnection {
-    pub url: SecretUrl,
-    pub max_connections: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -101,12 +59,15 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// One connector file, checked: the settings of each of its stages.
 #[derive(Debug, Clone)]
 pub struct ConnectorSettings {
     pub name: String,
     /// The file it came from, for messages.
     pub file: PathBuf,
     pub source: SourceSettings,
+    /// How record keys are read (`source.key_format` in the file).
+    pub key_format: KeyFormat,
     /// The named connection in `sinks:`.
     pub connection: String,
     pub target: Target,
@@ -122,58 +83,28 @@ pub struct ConnectorSettings {
     pub events: Vec<EventRule>,
 }
 
-#[derive(Debug, Clone)]
-pub struct SourceSettings {
-    pub topics: Vec<String>,
-    pub start: StartPosition,
-    pub group_id: String,
-    pub key_format: KeyFormat,
-    pub properties: BTreeMap<String, String>,
-    pub max_prefetch_bytes: u64,
-    /// Records fetched ahead of processing, at most: two batches.
-    pub max_prefetch_records: usize,
-    pub max_record_bytes: usize,
-}
-
-#[derive(Debug, Clone)]
-pub enum Target {
-    Elasticsearch(ElasticsearchTarget),
-    Postgres(PostgresTarget),
-}
-
-#[derive(Debug, Clone)]
-pub struct ElasticsearchTarget {
-    /// The alias readers query.
-    pub alias: String,
-    pub mappings: Option<serde_json::Value>,
-    pub settings: Option<serde_json::Value>,
-    pub max_bulk_bytes: usize,
-    pub max_bulk_actions: usize,
-    pub in_flight: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct PostgresTarget {
-    pub schema: String,
-    pub table: String,
-    /// In table order; key columns included.
-    pub columns: Vec<Column>,
-    pub primary_key: Vec<String>,
-    pub create: bool,
-    /// Of a created table (10–100); `None`: Postgres' default.
-    pub fillfactor: Option<u32>,
-}
-
-impl PostgresTarget {
-    pub fn column(&self, name: &str) -> Option<&Column> {
-        self.columns.iter().find(|c| c.name == name)
+impl ConnectorSettings {
+    /// What its [`RulesProjection`](crate::projection::RulesProjection) is built from.
+    pub fn projection_settings(&self) -> ProjectionSettings {
+        ProjectionSettings {
+            key: self.key.clone(),
+            version: self.version.clone(),
+            tombstones: self.tombstones,
+            unknown_events: self.unknown_events,
+            events: self.events.clone(),
+        }
     }
-}
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Column {
-    pub name: String,
-    pub ty: ColumnType,
+    /// What its [`Sink`](crate::sink::Sink) is built from.
+    pub fn sink_settings(&self) -> SinkSettings {
+        SinkSettings {
+            name: self.name.clone(),
+            connection: self.connection.clone(),
+            target: self.target.clone(),
+            versioned: self.version.is_some(),
+            topics: self.source.topics.len(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -187,41 +118,6 @@ impl Default for BatchSettings {
     fn default() -> Self {
         BatchSettings { max_events: 5000, max_bytes: 8 << 20, max_wait: Duration::from_millis(200) }
     }
-}
-
-/// What one event type does.
-#[derive(Debug, Clone)]
-pub struct EventRule {
-    pub event_type: String,
-    pub op: OpTemplate,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpKind {
-    Upsert,
-    Merge,
-    Increment,
-    Decrement,
-    Delete,
-}
-
-impl OpKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            OpKind::Upsert => "upsert",
-            OpKind::Merge => "merge",
-            OpKind::Increment => "increment",
-            OpKind::Decrement => "decrement",
-            OpKind::Delete => "delete",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct OpTemplate {
-    pub kind: OpKind,
-    /// Target field (column or document field) and its expression.
-    pub fields: Vec<(String, Expr)>,
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h`, `1m30s`; a bare number is milliseconds.
@@ -508,7 +404,6 @@ fn validate_connector(
         topics: source.topics.value.clone(),
         start: source.start,
         group_id: source.group.clone().unwrap_or_else(|| format!("kawka.{name}")),
-        key_format: source.key_format,
         properties: source.properties.clone(),
         max_prefetch_bytes: at.size(&source.max_prefetch_bytes, "source.max_prefetch_bytes", 64 << 20),
         // Set with the batch size below.
@@ -586,6 +481,7 @@ fn validate_connector(
         name,
         file: at.file.to_path_buf(),
         source: source_settings,
+        key_format: source.key_format,
         connection,
         target: target?,
         key,

@@ -7,8 +7,8 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::config::KafkaSettings;
 use crate::error::ErrorClass;
+use crate::source::KafkaSettings;
 use crate::source::RawRecord;
 
 /// Why one event could not be written.

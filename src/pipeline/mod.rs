@@ -20,13 +20,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::codec::{Codec, Decoded};
-use crate::config::{ConnectorSettings, ErrorPolicy, KafkaSettings};
+use crate::config::{ConnectorSettings, ErrorPolicy};
 use crate::error::{Backoff, ErrorClass};
 use crate::event::Position;
 use crate::projection::compact;
 use crate::projection::{Projected, Projection, WriteOp};
 use crate::sink::{Claim, Committed, Follows, PartitionOffset, Plan, Sink, SinkError};
-use crate::source::{ClaimFn, KafkaSource, RawRecord, SourceMessage};
+use crate::source::{ClaimFn, KafkaSettings, KafkaSource, RawRecord, SourceMessage};
 use crate::status::{ConnectorStatus, Outcome, State};
 use crate::value::Name;
 use dead_letter::{DeadLetters, Failure};
@@ -952,7 +952,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::OpKind;
+    use crate::projection::OpKind;
     use crate::value::Value;
 
     fn hashed(ops: &[WriteOp]) -> Vec<u64> {

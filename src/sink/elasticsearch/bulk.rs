@@ -34,9 +34,9 @@ use std::io::Write as _;
 
 use serde::Serialize;
 
-use crate::config::OpKind;
 use crate::error::{classify_http_status, ErrorClass};
 use crate::projection::compact::{compact, Effect};
+use crate::projection::OpKind;
 use crate::projection::WriteOp;
 use crate::value::{Name, Value};
 

@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::types::{BindKind, ColumnType};
-use crate::config::PostgresTarget;
 use crate::projection::compact::{Effect, NetOp};
+use crate::sink::postgres::PostgresTarget;
 use crate::value::{intern, name_position, Name, Value};
 
 /// The hidden column that holds the domain version when the connector names one.
@@ -1086,7 +1086,7 @@ fn escape_copy(text: &str, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Column;
+    use crate::sink::postgres::Column;
     use crate::value::Record;
 
     fn replace(fields: Vec<(Name, Value)>) -> Effect<'static> {

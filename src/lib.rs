@@ -10,10 +10,15 @@
 //! # Layout
 //!
 //! Data flows one way: `source → codec → upcast → projection → sink`, with
-//! the pipeline wiring them.
+//! the pipeline wiring them. Imports run one way too: each stage defines the
+//! settings it is built from; [`config`] builds them from the files; the
+//! [`pipeline`] wires the stages; the daemon ([`app`], [`http`], [`rebuild`])
+//! sits on top. No stage imports config, the pipeline or the daemon; the
+//! leaves ([`event`], [`value`], [`error`], [`status`], [`secret`], [`yaml`])
+//! import none of them.
 //!
 //! * [`config`]: the daemon and connector files: YAML with positions,
-//!   `${VAR}` interpolation, serde structs, `validate` → runtime settings.
+//!   `${VAR}` interpolation, serde structs, validation → each stage's settings.
 //! * [`app`]: the daemon: builds every connector, runs them, drains on a signal.
 //! * [`pipeline`]: one connector's loop (decode → upcast → project → batch → plan →
 //!   pipelined write → commit), the error policy with its dead-letter

@@ -2,8 +2,8 @@
 //!
 //! Every struct denies unknown fields and documents each field; values that
 //! need checking beyond their YAML type (durations, sizes, expressions, names
-//! of other things) are kept as [`Spanned`] text and checked by
-//! [`super::validate`], which reports them at their line.
+//! of other things) are kept as [`Spanned`] text and checked in
+//! `validate/`, which reports them at their line.
 
 use std::collections::BTreeMap;
 

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::codec::{Codec, Decoded};
 use crate::config::{ConnectorSettings, ErrorPolicy};
-use crate::error::{Backoff, ErrorClass};
+use crate::error::{Backoff, ErrorClass, Failure};
 use crate::event::Position;
 use crate::projection::compact;
 use crate::projection::{Projected, Projection, WriteOp};
@@ -29,7 +29,7 @@ use crate::sink::{Claim, Committed, Follows, PartitionOffset, Plan, Sink, SinkEr
 use crate::source::{ClaimFn, KafkaSettings, KafkaSource, RawRecord, SourceMessage};
 use crate::status::{ConnectorStatus, Outcome, State};
 use crate::value::Name;
-use dead_letter::{DeadLetters, Failure};
+use dead_letter::DeadLetters;
 
 /// The event type counted for tombstones and undecodable records.
 const TOMBSTONE: Name = "(tombstone)";

@@ -16,10 +16,9 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use super::dead_letter::Failure;
 use super::{ConnectorRuntime, ReplayRun, REPLAY_HEADER};
 use crate::codec::Decoded;
-use crate::error::ErrorClass;
+use crate::error::{ErrorClass, Failure};
 use crate::event::Position;
 use crate::projection::Projected;
 use crate::source::{KafkaSettings, KeyBytes, RawRecord, StartPosition};

@@ -722,7 +722,7 @@ async fn main() {
     .await
     .expect("registry (is the stack up? deploy/local/up.sh)");
     let client =
-        kawka::codec::registry::RegistryClient::new(&kawka::config::RegistryClientSettings::plain(registry.url()))
+        kawka::codec::registry::RegistryClient::new(&kawka::codec::RegistryClientSettings::plain(registry.url()))
             .expect("client");
     let placed_id = client.register("bench.OrderPlaced", SCHEMA, &[]).await.expect("register");
     let updated_id = client.register("bench.OrderUpdated", UPDATED, &[]).await.expect("register");
@@ -855,7 +855,7 @@ async fn main() {
         // One group client polled throughout (a new client per poll takes
         // longer than a poll interval and would delay the last reading).
         let kafka =
-            kawka::config::KafkaSettings { bootstrap_servers: bootstrap.clone(), properties: Default::default() };
+            kawka::source::KafkaSettings { bootstrap_servers: bootstrap.clone(), properties: Default::default() };
         let group = std::sync::Arc::new(
             kawka::source::kafka::GroupOffsets::new(
                 &kafka,

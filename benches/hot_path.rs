@@ -14,12 +14,13 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 
 use kawka::codec::avro::Decoder;
 use kawka::codec::framing;
-use kawka::config::{ConnectorSettings, Settings, Target};
+use kawka::config::{ConnectorSettings, Settings};
 use kawka::event::{Event, Position};
 use kawka::projection::compact::{fold, GroupBy};
 use kawka::projection::{Projected, Projection, RulesProjection, WriteOp};
 use kawka::sink::elasticsearch::bulk::{self, GuardMode};
 use kawka::sink::postgres::sql::{copy_rows, TableSql};
+use kawka::sink::Target;
 use kawka::upcast::Upcasting;
 use kawka::value::{intern, Value};
 
@@ -168,7 +169,7 @@ fn benches(c: &mut Criterion) {
     let writer = GenericDatumWriter::builder(&schema).build().expect("a v2 writer");
     let framed: Vec<Vec<u8>> = (0..BATCH).map(|n| order(&writer, n)).collect();
     let upcasting: Arc<Upcasting> = kawka::app::Builder::new().upcasting(settings);
-    let projection = RulesProjection::new(connector(settings, "orders"));
+    let projection = RulesProjection::new(&connector(settings, "orders").projection_settings());
     let events = decoded(&decoder, &framed);
     let ops: Vec<WriteOp> = events
         .iter()
@@ -264,7 +265,7 @@ fn benches(c: &mut Criterion) {
     group.bench_function("postgres_copy_from_ops", |b| {
         b.iter(|| black_box(table.plan_rendering(&net, &|_| true).expect("binds")))
     });
-    let search = RulesProjection::new(connector(settings, "order-search"));
+    let search = RulesProjection::new(&connector(settings, "order-search").projection_settings());
     let search_ops: Vec<WriteOp> = events
         .iter()
         .flat_map(|e| match search.project(e).expect("projects") {

@@ -112,16 +112,17 @@ fn connectors_with(
             let connection = settings.sinks.get(&connector.connection).with_context(|| {
                 format!("connector {}: no sink connection {}", connector.name, connector.connection)
             })?;
-            let sink = Sink::new(connection, connector).with_context(|| format!("connector {}", connector.name))?;
+            let sink = Sink::new(connection, &connector.sink_settings())
+                .with_context(|| format!("connector {}", connector.name))?;
             let status = Arc::new(ConnectorStatus::new(&connector.name, sink.kind()));
             let projection: Arc<dyn Projection> = match projections.iter().find(|(name, _)| *name == connector.name) {
                 Some((_, projection)) => projection.clone(),
-                None => Arc::new(RulesProjection::new(connector)),
+                None => Arc::new(RulesProjection::new(&connector.projection_settings())),
             };
             Ok(ConnectorRuntime {
                 settings: Arc::new(connector.clone()),
                 kafka: settings.kafka.clone(),
-                codec: Codec::new(registry.clone(), connector.source.key_format),
+                codec: Codec::new(registry.clone(), connector.key_format),
                 upcasting: upcasting.clone(),
                 projection,
                 sink,

@@ -34,6 +34,16 @@ impl ErrorClass {
     }
 }
 
+/// Why one event could not be written: what the error policy, the
+/// dead-letter headers and the connector's status report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub class: ErrorClass,
+    /// `decode`, `upcast`, `projection` or `sink`.
+    pub stage: &'static str,
+    pub message: String,
+}
+
 impl fmt::Display for ErrorClass {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str(self.name())

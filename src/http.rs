@@ -21,11 +21,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::codec::registry::RegistryClient;
-use crate::config::Secret;
 use crate::rebuild::{Rebuilds, StartError};
+use crate::secret::Secret;
 use crate::status::ConnectorStatus;
 
 /// What the HTTP port serves from.
@@ -104,11 +105,8 @@ fn authorized(daemon: &Daemon, headers: &HeaderMap) -> bool {
     let Some(token) = &daemon.token else { return true };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    // Length first, then every byte: no early exit on the first difference.
-    given.is_some_and(|given| {
-        given.len() == token.expose().len()
-            && given.bytes().zip(token.expose().bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    })
+    // Constant time: no early exit on the first difference (only the length shows).
+    given.is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())))
 }
 
 fn unauthorized() -> Response {
@@ -388,6 +386,8 @@ mod tests {
         assert!(authorized(&daemon(None), &headers));
         assert!(!authorized(&daemon(Some("s3cret")), &headers));
         headers.insert(header::AUTHORIZATION, "Bearer s3cre".parse().expect("header"));
+        assert!(!authorized(&daemon(Some("s3cret")), &headers));
+        headers.insert(header::AUTHORIZATION, "Bearer s3creT".parse().expect("header"));
         assert!(!authorized(&daemon(Some("s3cret")), &headers));
         headers.insert(header::AUTHORIZATION, "Bearer s3cret".parse().expect("header"));
         assert!(authorized(&daemon(Some("s3cret")), &headers));

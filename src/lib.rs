@@ -10,10 +10,15 @@
 //! # Layout
 //!
 //! Data flows one way: `source → codec → upcast → projection → sink`, with
-//! the pipeline wiring them.
+//! the pipeline wiring them. Imports run one way too: each stage defines the
+//! settings it is built from; [`config`] builds them from the files; the
+//! [`pipeline`] wires the stages; the daemon ([`app`], [`http`], [`rebuild`])
+//! sits on top. No stage imports config, the pipeline or the daemon; the
+//! leaves ([`event`], [`value`], [`error`], [`status`], [`secret`], [`yaml`])
+//! import none of them.
 //!
 //! * [`config`]: the daemon and connector files: YAML with positions,
-//!   `${VAR}` interpolation, serde structs, `validate` → runtime settings.
+//!   `${VAR}` interpolation, serde structs, validation → each stage's settings.
 //! * [`app`]: the daemon: builds every connector, runs them, drains on a signal.
 //! * [`pipeline`]: one connector's loop (decode → upcast → project → batch → plan →
 //!   pipelined write → commit), the error policy with its dead-letter
@@ -34,7 +39,10 @@
 //! * The `kawka registry` server (Confluent API, Postgres storage) is its own
 //!   crate, `kawka_registry`, under `crates/kawka-registry`.
 //! * [`event`], [`value`]: the event and the value tree every stage shares.
+//! * [`yaml`]: YAML with positions and a deserializer that records every
+//!   problem; what [`config`] and the declarative upcasters read files with.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.
+//! * [`secret`]: secrets in settings, hidden when printed.
 //! * [`status`]: each connector's state, counters and histograms: what the
 //!   HTTP API and `/metrics` show; one method per happening logs and counts.
 //! * [`http`]: health, readiness, metrics, connector control, rebuilds.
@@ -49,9 +57,11 @@ pub mod http;
 pub mod pipeline;
 pub mod projection;
 pub mod rebuild;
+pub mod secret;
 pub mod sink;
 pub mod source;
 pub mod status;
 pub mod telemetry;
 pub mod upcast;
 pub mod value;
+pub mod yaml;

@@ -270,7 +270,7 @@ async fn schemas_check(settings: &kawka::config::Settings) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match kawka::upcast::online::check(settings, &client).await {
+    match kawka::upcast::online::check(&settings.catalogue, &settings.consumed(), &client).await {
         Ok(findings) => {
             for f in &findings {
                 let mark = if f.ok { "ok " } else { "BAD" };

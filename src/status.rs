@@ -11,9 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::error::ErrorClass;
+use crate::error::{ErrorClass, Failure};
 use crate::event::Position;
-use crate::pipeline::dead_letter::Failure;
 use crate::value::Name;
 
 /// A connector retrying longer than this makes `/readyz` fail.

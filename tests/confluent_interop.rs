@@ -13,7 +13,7 @@ use serde_json::json;
 use kawka::codec::framing::FramingError;
 use kawka::codec::registry::RegistryClient;
 use kawka::codec::{Codec, CodecError, Decoded};
-use kawka::config::{KeyFormat, RegistryClientSettings};
+use kawka::codec::{KeyFormat, RegistryClientSettings};
 use kawka::event::Position;
 use kawka::source::{KeyBytes, RawRecord};
 use kawka::value::intern;

@@ -305,8 +305,8 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
 /// and a batch from a fenced owner changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_retried_after_a_partial_commit_applies_each_partition_once() {
-    use kawka::config::OpKind;
     use kawka::event::Position;
+    use kawka::projection::OpKind;
     use kawka::projection::WriteOp;
     use kawka::sink::{PartitionOffset, SinkError};
     use kawka::value::{intern, Value};
@@ -417,8 +417,8 @@ events:
 /// and an increment lands once whichever path wrote it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copied_updated_and_upserted_rows_are_the_same() {
-    use kawka::config::OpKind;
     use kawka::event::Position;
+    use kawka::projection::OpKind;
     use kawka::projection::WriteOp;
     use kawka::sink::PartitionOffset;
     use kawka::value::{intern, Value};

@@ -265,7 +265,7 @@ async fn references_resolve_and_are_reported() {
 
     // kawka's own client resolves the references and decodes.
     let client =
-        kawka::codec::registry::RegistryClient::new(&kawka::config::RegistryClientSettings::plain(registry.url()))
+        kawka::codec::registry::RegistryClient::new(&kawka::codec::RegistryClientSettings::plain(registry.url()))
             .expect("client");
     let writer = client.writer_schema(id as u32).await.expect("writer schema");
     let (name, value) = writer.decoder.decode(&[0x06, b'R', b'i', b'o']).expect("decodes");

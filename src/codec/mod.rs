@@ -4,19 +4,21 @@
 //! * [`framing`]: the wire format header (pure).
 //! * [`avro`]: the compiled decoder (pure).
 //! * [`registry`]: the registry client and the writer-schema cache.
+//! * [`KeyFormat`], [`RegistryClientSettings`]: what a codec is built from.
 
 pub mod avro;
 pub mod framing;
 pub mod registry;
+mod settings;
 
 use std::sync::Arc;
 
-use crate::config::KeyFormat;
 use crate::error::ErrorClass;
 use crate::event::Event;
 use crate::source::RawRecord;
 use crate::value::Value;
 use registry::{RegistryClient, RegistryError, WriterSchema};
+pub use settings::{KeyFormat, RegistryClientSettings};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CodecError {

@@ -10,11 +10,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use apache_avro::rabin::Rabin;
 use apache_avro::Schema;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 
 use super::avro::Decoder;
-use crate::config::RegistryClientSettings;
+use crate::codec::RegistryClientSettings;
 use crate::error::ErrorClass;
 
 /// The content type of the Confluent API.
@@ -267,42 +269,24 @@ pub fn compile(id: u32, text: String, references: &[String]) -> Result<WriterSch
 
 /// The Rabin fingerprint of the Parsing Canonical Form, references inlined.
 pub fn fingerprint(schema: &Schema, references: &[Schema]) -> Result<u64, String> {
-    let canonical = if references.is_empty() {
-        schema.canonical_form()
+    let digest = if references.is_empty() {
+        schema.fingerprint::<Rabin>()
     } else {
-        schema.independent_canonical_form(references).map_err(|e| e.to_string())?
+        let mut inlined = schema.clone();
+        inlined.denormalize(references).map_err(|e| e.to_string())?;
+        inlined.fingerprint::<Rabin>()
     };
-    Ok(rabin(canonical.as_bytes()))
+    // Rabin's digest is the 8-byte little-endian form of the fingerprint.
+    let bytes: [u8; 8] = digest.bytes.as_slice().try_into().expect("a Rabin digest is 8 bytes");
+    Ok(u64::from_le_bytes(bytes))
 }
 
-/// CRC-64-AVRO, the fingerprint of the Avro specification.
-fn rabin(bytes: &[u8]) -> u64 {
-    const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
-    static TABLE: std::sync::OnceLock<[u64; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut table = [0u64; 256];
-        for (i, slot) in table.iter_mut().enumerate() {
-            let mut fp = i as u64;
-            for _ in 0..8 {
-                fp = (fp >> 1) ^ (EMPTY & (fp & 1).wrapping_neg());
-            }
-            *slot = fp;
-        }
-        table
-    });
-    bytes.iter().fold(EMPTY, |fp, &b| (fp >> 8) ^ table[((fp ^ u64::from(b)) & 0xff) as usize])
-}
+/// What stays as it is in a path segment: RFC 3986's unreserved characters.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
 /// Percent-encodes a subject for a URL path.
 fn encode(subject: &str) -> String {
-    let mut out = String::with_capacity(subject.len());
-    for byte in subject.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
-            other => out.push_str(&format!("%{other:02X}")),
-        }
-    }
-    out
+    utf8_percent_encode(subject, PATH_SEGMENT).to_string()
 }
 
 /// An error with its causes, for messages: reqwest hides the useful part
@@ -339,11 +323,20 @@ mod tests {
     }
 
     #[test]
-    fn rabin_matches_apache_avro() {
-        let schema =
-            Schema::parse_str(r#"{"type":"record","name":"A","fields":[{"name":"x","type":"long"}]}"#).unwrap();
-        let theirs = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
-        assert_eq!(fingerprint(&schema, &[]).unwrap().to_le_bytes().to_vec(), theirs);
+    fn fingerprints_are_crc_64_avro_with_references_inlined() {
+        // The Avro project's published fingerprint of `"int"` (share/test/data/schema-tests.txt).
+        assert_eq!(fingerprint(&Schema::Int, &[]), Ok(8_247_732_601_305_521_295));
+        let a = r#"{"type":"record","name":"A","fields":[{"name":"x","type":"long"}]}"#;
+        // What the catalogue holds: a change here would orphan every stored fingerprint.
+        assert_eq!(fingerprint(&Schema::parse_str(a).unwrap(), &[]), Ok(0x643a_5d29_3ad1_7708));
+        let (b, references) =
+            Schema::parse_str_with_list(r#"{"type":"record","name":"B","fields":[{"name":"a","type":"A"}]}"#, [a])
+                .unwrap();
+        let inlined =
+            Schema::parse_str(&format!(r#"{{"type":"record","name":"B","fields":[{{"name":"a","type":{a}}}]}}"#))
+                .unwrap();
+        assert_eq!(fingerprint(&b, &references), Ok(0x6801_936b_b8be_ae87));
+        assert_eq!(fingerprint(&b, &references), fingerprint(&inlined, &[]));
     }
 
     #[test]

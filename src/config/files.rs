@@ -2,15 +2,17 @@
 //!
 //! Every struct denies unknown fields and documents each field; values that
 //! need checking beyond their YAML type (durations, sizes, expressions, names
-//! of other things) are kept as [`Spanned`] text and checked by
-//! [`super::validate`], which reports them at their line.
+//! of other things) are kept as [`Spanned`] text and checked in
+//! `validate/`, which reports them at their line.
 
 use std::collections::BTreeMap;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::yaml::Spanned;
+use crate::codec::KeyFormat;
+use crate::projection::{TombstonePolicy, UnknownEventPolicy};
+use crate::source::StartPosition;
+use crate::yaml::{OrderedMap, Spanned};
 
 /// `config/kawka.yaml`.
 #[derive(Debug, Deserialize)]
@@ -197,23 +199,6 @@ pub struct SourceConfig {
     pub max_record_bytes: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StartPosition {
-    #[default]
-    Earliest,
-    Latest,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyFormat {
-    #[default]
-    String,
-    Avro,
-    None,
-}
-
 /// `sink:` of a connector. Which fields apply depends on the type of the
 /// named connection; `validate` says which are missing or misplaced.
 #[derive(Debug, Deserialize)]
@@ -273,22 +258,6 @@ pub enum ErrorPolicy {
     Stop,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TombstonePolicy {
-    #[default]
-    Delete,
-    Ignore,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UnknownEventPolicy {
-    #[default]
-    Skip,
-    Error,
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
@@ -320,54 +289,3 @@ pub enum OpConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NoFields {}
-
-/// A mapping that keeps its keys in file order (columns, fields, events).
-#[derive(Debug, Clone, PartialEq)]
-pub struct OrderedMap<V>(pub Vec<(String, V)>);
-
-impl<V> Default for OrderedMap<V> {
-    fn default() -> Self {
-        OrderedMap(Vec::new())
-    }
-}
-
-impl<V> OrderedMap<V> {
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &V)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v))
-    }
-
-    pub fn get(&self, key: &str) -> Option<&V> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct OrderedVisitor<V>(std::marker::PhantomData<V>);
-        impl<'de, V: Deserialize<'de>> Visitor<'de> for OrderedVisitor<V> {
-            type Value = OrderedMap<V>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a mapping")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut entries = Vec::new();
-                while let Some((key, value)) = map.next_entry::<String, V>()? {
-                    entries.push((key, value));
-                }
-                Ok(OrderedMap(entries))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(OrderedMap(Vec::new()))
-            }
-        }
-        deserializer.deserialize_map(OrderedVisitor(Default::default()))
-    }
-}

@@ -1,23 +1,37 @@
 //! Configuration: the daemon file, the connector files, and their validation.
 //!
-//! Loading goes file → YAML tree with positions → `${VAR}` interpolation →
-//! serde structs ([`files`]) → [`validate`](settings::validate) → [`Settings`].
+//! Loading goes file → YAML tree with positions ([`crate::yaml`]) → `${VAR}`
+//! interpolation → serde structs ([`files`]) → validation → [`Settings`].
 //! Every step collects problems instead of stopping, so `kawka validate`
 //! lists them all, each with file, line and field.
+//!
+//! Config sits above the stages: it builds each stage's settings (defined in
+//! that stage, e.g. [`crate::source::SourceSettings`]); no stage imports it.
+//!
+//! * `mod.rs`: [`load`], [`Problem`]s, the catalogue and upcast path checks.
+//! * [`files`]: the shape of the files, as serde reads them.
+//! * `interpolate.rs`: `${VAR}` interpolation ([`interpolate()`]).
+//! * `validate/mod.rs`: files → settings; the daemon file and its `sinks:`.
+//! * `validate/connector.rs`: one connector file: source, target, key, ops.
+//! * `settings.rs`: [`Settings`] and [`ConnectorSettings`], made of the stages' settings.
+//! * `units.rs`: durations and sizes ([`parse_duration`], [`parse_size`]).
+//! * `tests.rs`: one test per kind of configuration mistake, on real files.
 
 pub mod files;
 mod interpolate;
 mod settings;
-pub mod yaml;
+mod units;
+mod validate;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use interpolate::interpolate;
 pub use settings::*;
+pub use units::{parse_duration, parse_size};
 
+use crate::yaml::{self, Mark, Node};
 use files::{ConnectorFile, DaemonFile};
-use yaml::{Mark, Node};
 
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,13 +123,13 @@ pub fn load_with_upcasters(
     }
 
     let validated = match daemon {
-        Some(daemon) => settings::validate(config_file, daemon, connectors),
+        Some(daemon) => validate::validate(config_file, daemon, connectors),
         None => {
             let sinks = daemon_node
                 .as_ref()
                 .and_then(|(node, _)| node.get("sinks"))
-                .and_then(|node| yaml::from_node::<files::OrderedMap<yaml::Spanned<files::SinkConfig>>>(node).ok());
-            Err(Problems(settings::check_connectors(config_file, sinks, connectors)))
+                .and_then(|node| yaml::from_node::<yaml::OrderedMap<yaml::Spanned<files::SinkConfig>>>(node).ok());
+            Err(Problems(validate::check_connectors(config_file, sinks, connectors)))
         }
     };
     let validated = validated.and_then(|settings| load_catalogue(settings, rust_upcasters));

@@ -1,6 +1,8 @@
 //! One test per kind of configuration mistake, on real files.
 
 use super::*;
+use crate::projection::OpKind;
+use crate::sink::{SinkConnection, Target};
 
 const DAEMON: &str = "\
 kafka:

@@ -7,18 +7,9 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::config::KafkaSettings;
-use crate::error::ErrorClass;
+use crate::error::Failure;
+use crate::source::KafkaSettings;
 use crate::source::RawRecord;
-
-/// Why one event could not be written.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Failure {
-    pub class: ErrorClass,
-    /// `decode`, `upcast`, `projection` or `sink`.
-    pub stage: &'static str,
-    pub message: String,
-}
 
 /// A producer shared by every connector of the daemon.
 #[derive(Clone)]

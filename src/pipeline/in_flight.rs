@@ -92,8 +92,8 @@ pub(super) async fn finished(in_flight: &mut [InFlightWrite]) -> (usize, Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::OpKind;
     use crate::event::Position;
+    use crate::projection::OpKind;
     use crate::projection::{compact, WriteOp};
     use crate::value::Value;
 

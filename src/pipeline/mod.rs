@@ -28,14 +28,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::codec::Codec;
-use crate::config::{ConnectorSettings, KafkaSettings};
+use crate::config::ConnectorSettings;
+use crate::error::Failure;
 use crate::error::{Backoff, ErrorClass};
 use crate::projection::Projection;
 use crate::sink::Sink;
-use crate::source::{ClaimFn, KafkaSource};
+use crate::source::{ClaimFn, KafkaSettings, KafkaSource};
 use crate::status::{ConnectorStatus, State};
 use crate::value::Name;
-use dead_letter::{DeadLetters, Failure};
+use dead_letter::DeadLetters;
 use worker::Worker;
 
 /// Why a connector's loop ended.

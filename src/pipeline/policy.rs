@@ -1,11 +1,11 @@
 //! The error policy (`on_error`): a bad event is skipped, dead-lettered
 //! or stops the connector, and so are the events the sink refuses.
 
-use super::dead_letter::Failure;
 use super::worker::Worker;
 use super::Halt;
 use crate::config::ErrorPolicy;
 use crate::error::ErrorClass;
+use crate::error::Failure;
 use crate::source::RawRecord;
 use crate::status::Outcome;
 use crate::value::Name;

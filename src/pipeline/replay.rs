@@ -16,14 +16,12 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use super::dead_letter::Failure;
 use super::{ConnectorRuntime, ReplayRun, REPLAY_HEADER};
 use crate::codec::Decoded;
-use crate::config::StartPosition;
-use crate::error::ErrorClass;
+use crate::error::{ErrorClass, Failure};
 use crate::event::Position;
 use crate::projection::Projected;
-use crate::source::{KeyBytes, RawRecord};
+use crate::source::{KafkaSettings, KeyBytes, RawRecord, StartPosition};
 use crate::status::Outcome;
 use crate::value::intern;
 
@@ -83,7 +81,7 @@ pub async fn dry_run(runtime: &ConnectorRuntime, idle: Duration) -> anyhow::Resu
     Ok(lines)
 }
 
-fn read_all(kafka: &crate::config::KafkaSettings, topic: &str, idle: Duration) -> anyhow::Result<Vec<RawRecord>> {
+fn read_all(kafka: &KafkaSettings, topic: &str, idle: Duration) -> anyhow::Result<Vec<RawRecord>> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.bootstrap_servers)

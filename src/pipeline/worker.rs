@@ -7,10 +7,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::batch::{Epochs, Pending};
-use super::dead_letter::Failure;
 use super::in_flight::{finished, InFlightWrite};
 use super::{stopped, ConnectorRuntime, Halt, REPLAY_HEADER};
 use crate::codec::Decoded;
+use crate::error::Failure;
 use crate::error::{Backoff, ErrorClass};
 use crate::projection::{Projected, Projection, WriteOp};
 use crate::sink::Claim;

@@ -8,11 +8,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::batch::Pending;
-use super::dead_letter::Failure;
 use super::in_flight::{follows, sorted, InFlightWrite, WriteDone, CHAIN_DEPTH};
 use super::worker::Worker;
 use super::Halt;
 use crate::error::ErrorClass;
+use crate::error::Failure;
 use crate::projection::compact;
 use crate::sink::{Committed, PartitionOffset, Plan, SinkError};
 use crate::status::Outcome;

@@ -34,8 +34,8 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
-use crate::config::OpKind;
 use crate::event::Position;
+use crate::projection::OpKind;
 use crate::value::{Name, Value};
 
 use super::WriteOp;

@@ -2,6 +2,7 @@
 //!
 //! * [`expr`]: the expression language of connector files (pure).
 //! * [`compact`]: folding the ops of one key within a batch into one net op (pure).
+//! * [`ProjectionSettings`]: what a [`RulesProjection`] is built from.
 //!
 //! A projection turns one current event into zero or more [`WriteOp`]s. The
 //! connector files give [`RulesProjection`]; library users may implement
@@ -9,14 +10,15 @@
 
 pub mod compact;
 pub mod expr;
+mod settings;
 
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::config::{ConnectorSettings, OpKind, TombstonePolicy, UnknownEventPolicy};
 use crate::event::{Event, Position};
 use crate::value::{intern, Name, Value};
 use expr::{EvalError, Expr};
+pub use settings::{EventRule, OpKind, OpTemplate, ProjectionSettings, TombstonePolicy, UnknownEventPolicy};
 
 /// A key's values: inline for one part (most keys), which saves an
 /// allocation per op and its free when the batch settles.
@@ -140,8 +142,8 @@ fn moved_path(expr: &Expr) -> &[Name] {
 }
 
 impl RulesProjection {
-    pub fn new(connector: &ConnectorSettings) -> RulesProjection {
-        let rules = connector
+    pub fn new(settings: &ProjectionSettings) -> RulesProjection {
+        let rules = settings
             .events
             .iter()
             .map(|rule| {
@@ -150,11 +152,11 @@ impl RulesProjection {
             })
             .collect();
         RulesProjection {
-            key: connector.key.clone(),
-            version: connector.version.clone(),
+            key: settings.key.clone(),
+            version: settings.version.clone(),
             rules,
-            tombstones: connector.tombstones,
-            unknown_events: connector.unknown_events,
+            tombstones: settings.tombstones,
+            unknown_events: settings.unknown_events,
         }
     }
 
@@ -271,42 +273,17 @@ fn delta(kind: OpKind, field: &str, value: Value) -> Result<Value, ProjectionErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BatchSettings, ErrorPolicy, EventRule, OpTemplate, SourceSettings, Target};
     use crate::value::Record;
 
     /// (event type, op, [(field, expression)])
     type RuleSpec<'a> = (&'a str, OpKind, &'a [(&'a str, &'a str)]);
 
-    fn connector(key: &[(&str, &str)], rules: &[RuleSpec]) -> ConnectorSettings {
-        ConnectorSettings {
-            name: "test".into(),
-            file: "test.yaml".into(),
-            source: SourceSettings {
-                topics: vec!["t".into()],
-                start: Default::default(),
-                group_id: "kawka.test".into(),
-                key_format: Default::default(),
-                properties: Default::default(),
-                max_prefetch_bytes: 1 << 20,
-                max_prefetch_records: 2000,
-                max_record_bytes: 1 << 20,
-            },
-            connection: "db".into(),
-            target: Target::Postgres(crate::config::PostgresTarget {
-                schema: "public".into(),
-                table: "t".into(),
-                columns: Vec::new(),
-                primary_key: Vec::new(),
-                create: true,
-                fillfactor: None,
-            }),
+    fn connector(key: &[(&str, &str)], rules: &[RuleSpec]) -> ProjectionSettings {
+        ProjectionSettings {
             key: key.iter().map(|(n, e)| (n.to_string(), expr::parse(e).expect("test key parses"))).collect(),
             version: None,
-            on_error: ErrorPolicy::DeadLetter,
-            dead_letter_topic: "t.dlq".into(),
             tombstones: TombstonePolicy::Delete,
             unknown_events: UnknownEventPolicy::Skip,
-            batch: BatchSettings::default(),
             events: rules
                 .iter()
                 .map(|(event_type, kind, fields)| EventRule {

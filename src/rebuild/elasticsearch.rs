@@ -36,10 +36,9 @@ use serde_json::{json, Value as Json};
 use tokio::sync::watch;
 
 use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, Position, RebuildReport, Started};
-use crate::config::{ElasticsearchTarget, Target};
 use crate::pipeline::ConnectorRuntime;
-use crate::sink::elasticsearch::{create_body, ElasticsearchSink};
-use crate::sink::Sink;
+use crate::sink::elasticsearch::{create_body, ElasticsearchSink, ElasticsearchTarget};
+use crate::sink::{Sink, Target};
 use crate::source::kafka::GroupOffsets;
 use crate::status::RebuildProgress;
 

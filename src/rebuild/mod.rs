@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use tokio::sync::watch;
 
-use crate::config::{ConnectorSettings, ErrorPolicy, Settings, Target};
+use crate::config::{ConnectorSettings, ErrorPolicy, Settings};
 use crate::pipeline::ConnectorRuntime;
-use crate::sink::Sink;
+use crate::sink::{Sink, Target};
 use crate::status::{ConnectorStatus, RebuildProgress, RebuildState};
 
 /// A (topic, partition, next offset) position.
@@ -109,7 +109,7 @@ fn rebuild_settings(
     let mut settings = (*runtime.settings).clone();
     settings.name = name.to_string();
     settings.source.group_id = format!("{}.rebuild-v{version}", settings.source.group_id);
-    settings.source.start = crate::config::StartPosition::Earliest;
+    settings.source.start = crate::source::StartPosition::Earliest;
     settings.on_error = ErrorPolicy::Skip;
     settings.batch.max_events = settings.batch.max_events.max(20_000);
     settings.batch.max_bytes = settings.batch.max_bytes.max(32 << 20);

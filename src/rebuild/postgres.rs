@@ -20,11 +20,11 @@ use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 
 use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, RebuildReport, Started};
-use crate::config::Target;
 use crate::pipeline::ConnectorRuntime;
 use crate::sink::postgres::sql::quote;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::Sink;
+use crate::sink::Target;
 use crate::status::RebuildProgress;
 
 struct Names {
@@ -121,7 +121,7 @@ pub async fn rebuild(
         }
     });
     let Target::Postgres(target) = &settings.target else { bail!("{} is not a Postgres connector", names.connector) };
-    let sink = Sink::Postgres(live.beside(&settings, target));
+    let sink = Sink::Postgres(live.beside(&settings.sink_settings(), target));
     let rebuild_runtime = runtime_with(&runtime, settings, sink);
 
     let started = Started::now();

@@ -12,14 +12,15 @@
 
 pub mod elasticsearch;
 pub mod postgres;
+mod settings;
 
-use crate::config::{ConnectorSettings, SinkConnection, Target};
 use crate::error::classify_http_status;
 use crate::error::{classify_sqlx, ErrorClass};
 use crate::projection::WriteOp;
 use crate::value::Name;
 use elasticsearch::ElasticsearchSink;
 use postgres::PostgresSink;
+pub use settings::{SinkConnection, SinkSettings, Target};
 
 /// Where one partition ends after a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +196,7 @@ pub enum Sink {
 
 impl Sink {
     /// Builds the sink of a connector without reaching it.
-    pub fn new(connection: &SinkConnection, connector: &ConnectorSettings) -> Result<Sink, SinkError> {
+    pub fn new(connection: &SinkConnection, connector: &SinkSettings) -> Result<Sink, SinkError> {
         match (connection, &connector.target) {
             (SinkConnection::Postgres(connection), Target::Postgres(target)) => {
                 Ok(Sink::Postgres(PostgresSink::new(connection, connector, target)?))

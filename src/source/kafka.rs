@@ -33,9 +33,9 @@ use tokio::sync::mpsc;
 
 use super::queue::{self, QueueHandle, RecordQueue};
 use super::{KeyBytes, RawRecord};
-use crate::config::{KafkaSettings, SourceSettings, StartPosition};
 use crate::event::Position;
 use crate::sink::Claim;
+use crate::source::{KafkaSettings, SourceSettings, StartPosition};
 use crate::status::ConnectorStatus;
 use crate::value::{intern, Name};
 

@@ -6,7 +6,6 @@ use apache_avro::schema::{RecordSchema, Schema};
 
 use super::catalogue::{Catalogue, Resolution};
 use crate::codec::registry::{RegistryClient, RegistryError};
-use crate::config::Settings;
 
 /// What one registered schema is to the catalogue.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,19 +19,25 @@ pub struct Finding {
     pub ok: bool,
 }
 
-/// The subjects a connector's events may be registered under: the topic
+/// What connectors read: the topics they consume and the event types they
+/// handle (a type or topic may repeat).
+#[derive(Debug, Clone, Default)]
+pub struct Consumed {
+    pub topics: Vec<String>,
+    pub event_types: Vec<String>,
+}
+
+/// The subjects the connectors' events may be registered under: the topic
 /// strategies (`<topic>-value`, `<topic>-<record>`) and the record strategy.
-fn subjects_of(settings: &Settings, all: &[String]) -> Vec<String> {
+fn subjects_of(consumed: &Consumed, all: &[String]) -> Vec<String> {
     let mut wanted = Vec::new();
-    for connector in &settings.connectors {
-        for topic in &connector.source.topics {
-            let prefix = format!("{topic}-");
-            wanted.extend(all.iter().filter(|s| s.starts_with(&prefix) && !s.ends_with("-key")).cloned());
-        }
-        for rule in &connector.events {
-            if all.contains(&rule.event_type) {
-                wanted.push(rule.event_type.clone());
-            }
+    for topic in &consumed.topics {
+        let prefix = format!("{topic}-");
+        wanted.extend(all.iter().filter(|s| s.starts_with(&prefix) && !s.ends_with("-key")).cloned());
+    }
+    for event_type in &consumed.event_types {
+        if all.contains(event_type) {
+            wanted.push(event_type.clone());
         }
     }
     wanted.sort();
@@ -49,9 +54,12 @@ fn records(schema: &Schema) -> Vec<String> {
 }
 
 /// Checks every version of every subject of the connectors.
-pub async fn check(settings: &Settings, client: &RegistryClient) -> Result<Vec<Finding>, RegistryError> {
-    let catalogue: &Catalogue = &settings.catalogue;
-    let subjects = subjects_of(settings, &client.subjects().await?);
+pub async fn check(
+    catalogue: &Catalogue,
+    consumed: &Consumed,
+    client: &RegistryClient,
+) -> Result<Vec<Finding>, RegistryError> {
+    let subjects = subjects_of(consumed, &client.subjects().await?);
     let mut findings = Vec::new();
     for subject in subjects {
         for version in client.subject_versions(&subject).await? {

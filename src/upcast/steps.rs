@@ -23,10 +23,9 @@ use apache_avro::schema::Schema;
 use serde::Deserialize;
 
 use super::catalogue::Catalogue;
-use crate::config::files::OrderedMap;
-use crate::config::yaml::{self, Mark, Spanned};
 use crate::event::Event;
 use crate::value::{intern, Record, Value};
+use crate::yaml::{self, Mark, OrderedMap, Spanned};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -334,7 +334,7 @@ where
 /// Sum over the partitions of `topics` of the offsets `group` committed.
 pub async fn committed_total(group: &str, topics: &[String]) -> i64 {
     let (group, topics) = (group.to_string(), topics.to_vec());
-    let kafka = kawka::config::KafkaSettings { bootstrap_servers: kafka_bootstrap(), properties: Default::default() };
+    let kafka = kawka::source::KafkaSettings { bootstrap_servers: kafka_bootstrap(), properties: Default::default() };
     tokio::task::spawn_blocking(move || {
         kawka::source::kafka::committed_offsets(&kafka, &group, &topics)
             .map_or(0, |offsets| offsets.iter().map(|(_, _, next)| next).sum())

@@ -280,8 +280,8 @@ pub fn classify_item(kind: &str, status: u16, error: Option<&serde_json::Value>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::OpKind;
     use crate::event::Position;
+    use crate::projection::OpKind;
 
     fn op(key: &str, partition: i32, offset: i64, kind: OpKind, fields: &[(Name, Value)]) -> WriteOp {
         WriteOp {

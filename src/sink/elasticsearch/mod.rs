@@ -9,6 +9,7 @@
 //! * [`bulk`]: actions, the update script, item results (pure).
 
 pub mod bulk;
+mod settings;
 
 use std::time::Duration;
 
@@ -20,11 +21,11 @@ use elasticsearch::indices::{IndicesCreateParts, IndicesExistsAliasParts, Indice
 use elasticsearch::{BulkParts, Elasticsearch};
 use futures::future::join_all;
 
-use super::SinkError;
-use crate::config::{ConnectorSettings, ElasticsearchConnection, ElasticsearchTarget};
+use super::{SinkError, SinkSettings};
 use crate::error::Backoff;
 use crate::projection::WriteOp;
 use bulk::{Action, GuardMode, ItemOutcome};
+pub use settings::{ElasticsearchConnection, ElasticsearchTarget};
 
 /// Retries of failed items inside one write, before the pipeline's own
 /// retry of the batch takes over (which also watches for shutdown).
@@ -57,7 +58,7 @@ pub struct WriteCounts {
 impl ElasticsearchSink {
     pub fn new(
         connection: &ElasticsearchConnection,
-        connector: &ConnectorSettings,
+        connector: &SinkSettings,
         target: &ElasticsearchTarget,
     ) -> Result<ElasticsearchSink, SinkError> {
         let url = Url::parse(&connection.url)
@@ -77,7 +78,7 @@ impl ElasticsearchSink {
         let transport = builder.build().map_err(|e| SinkError::Setup(format!("elasticsearch client: {e}")))?;
         // External versions order writes by offset, which only works when
         // one partition (of one topic) holds all of a document's events.
-        let mode = if connector.source.topics.len() == 1 && connector.version.is_none() {
+        let mode = if connector.topics == 1 && !connector.versioned {
             GuardMode::ExternalVersions
         } else {
             GuardMode::Scripted

@@ -146,7 +146,7 @@ mod tests {
     use super::super::copy::copy_rows;
     use super::super::fixtures::{inventory, net, net_op, patch, replace};
     use super::*;
-    use crate::config::{Column, PostgresTarget};
+    use crate::sink::postgres::{Column, PostgresTarget};
     use crate::value::{intern, Record};
 
     /// A table with a column of every kind of text conversion.

@@ -2,8 +2,8 @@
 
 use super::table::TableSql;
 use super::types::ColumnType;
-use crate::config::{Column, PostgresTarget};
 use crate::projection::compact::{Effect, NetOp};
+use crate::sink::postgres::{Column, PostgresTarget};
 use crate::value::{Name, Value};
 
 pub fn replace(fields: Vec<(Name, Value)>) -> Effect<'static> {

@@ -52,6 +52,7 @@ mod copy;
 mod fixtures;
 mod positions;
 mod rejected;
+mod settings;
 pub mod sql;
 mod statements;
 mod table;
@@ -65,10 +66,10 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool};
 
-use super::SinkError;
-use crate::config::{ConnectorSettings, PostgresConnection, PostgresTarget};
+use super::{SinkError, SinkSettings};
 use crate::projection::WriteOp;
 use crate::value::{intern, name_position, Name};
+pub use settings::{Column, PostgresConnection, PostgresTarget};
 use table::TableSql;
 use types::ColumnType;
 pub use write::PostgresPlan;
@@ -93,7 +94,7 @@ impl PostgresSink {
     /// A sink with a lazy pool: nothing is reached until the first use.
     pub fn new(
         connection: &PostgresConnection,
-        connector: &ConnectorSettings,
+        connector: &SinkSettings,
         target: &PostgresTarget,
     ) -> Result<PostgresSink, SinkError> {
         let pool = pool_options(connection.max_connections)
@@ -109,16 +110,16 @@ impl PostgresSink {
     /// could each hold part of it while their writes of several partitions
     /// (whose transactions stay open until all have run) waited for the
     /// rest, until the pool timed out.
-    pub fn beside(&self, connector: &ConnectorSettings, target: &PostgresTarget) -> PostgresSink {
+    pub fn beside(&self, connector: &SinkSettings, target: &PostgresTarget) -> PostgresSink {
         let pool = pool_options(self.pool.options().get_max_connections())
             .connect_lazy_with(self.pool.connect_options().as_ref().clone());
         PostgresSink::with_pool(pool, connector, target)
     }
 
-    fn with_pool(pool: PgPool, connector: &ConnectorSettings, target: &PostgresTarget) -> PostgresSink {
+    fn with_pool(pool: PgPool, connector: &SinkSettings, target: &PostgresTarget) -> PostgresSink {
         PostgresSink {
             pool,
-            table: TableSql::new(target, connector.version.is_some()),
+            table: TableSql::new(target, connector.versioned),
             connector: connector.name.clone(),
             new_keys: Arc::default(),
             columns: target.columns.iter().map(|c| (intern(&c.name), c.ty)).collect(),

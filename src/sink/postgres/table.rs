@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::types::ColumnType;
-use crate::config::PostgresTarget;
+use crate::sink::postgres::PostgresTarget;
 
 /// The hidden column that holds the domain version when the connector names one.
 pub const VERSION_COLUMN: &str = "kawka_version";

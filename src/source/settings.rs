@@ -1,0 +1,35 @@
+//! What a source is built from: the Kafka cluster and one connector's
+//! topics, group and prefetch limits (`config` fills them in from the files).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The Kafka cluster every connector reads from (and dead letters go to).
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub properties: BTreeMap<String, String>,
+}
+
+/// One connector's consumer.
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    pub topics: Vec<String>,
+    pub start: StartPosition,
+    pub group_id: String,
+    pub properties: BTreeMap<String, String>,
+    pub max_prefetch_bytes: u64,
+    /// Records fetched ahead of processing, at most: two batches.
+    pub max_prefetch_records: usize,
+    pub max_record_bytes: usize,
+}
+
+/// Where a group with no stored position starts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPosition {
+    #[default]
+    Earliest,
+    Latest,
+}

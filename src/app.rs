@@ -10,16 +10,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use crate::codec::registry::RegistryClient;
-use crate::codec::Codec;
 use crate::config::{Problems, Settings};
 use crate::event::Event;
 use crate::http::Daemon;
-use crate::pipeline::dead_letter::DeadLetters;
-use crate::pipeline::{ConnectorRuntime, Halt};
-use crate::projection::{Projection, RulesProjection};
-use crate::sink::Sink;
-use crate::status::ConnectorStatus;
+use crate::pipeline::{build, ConnectorRuntime, Halt};
+use crate::projection::Projection;
 use crate::upcast::{FnUpcaster, Upcaster, Upcasting};
 
 /// A daemon with Rust upcasters and projections of its own.
@@ -75,15 +70,12 @@ impl Builder {
 
     /// The upcast stage: declared upcasters, then this builder's.
     pub fn upcasting(&self, settings: &Settings) -> Arc<Upcasting> {
-        let mut chain: Vec<Arc<dyn Upcaster>> =
-            settings.upcasters.iter().map(|d| Arc::new(d.clone()) as Arc<dyn Upcaster>).collect();
-        chain.extend(self.upcasters.iter().cloned());
-        Arc::new(Upcasting::new(settings.catalogue.clone(), chain))
+        build::upcasting(settings, &self.upcasters)
     }
 
     /// Builds every connector's runtime without reaching any service.
     pub fn connectors(&self, settings: &Settings) -> anyhow::Result<Vec<ConnectorRuntime>> {
-        connectors_with(settings, self.upcasting(settings), &self.projections)
+        build::connectors(settings, self.upcasting(settings), &self.projections)
     }
 
     /// Runs every connector until `shutdown` completes, then drains.
@@ -96,42 +88,6 @@ impl Builder {
 /// Builds every connector's runtime from the files alone.
 pub fn connectors(settings: &Settings) -> anyhow::Result<Vec<ConnectorRuntime>> {
     Builder::new().connectors(settings)
-}
-
-fn connectors_with(
-    settings: &Settings,
-    upcasting: Arc<Upcasting>,
-    projections: &[(String, Arc<dyn Projection>)],
-) -> anyhow::Result<Vec<ConnectorRuntime>> {
-    let registry = Arc::new(RegistryClient::new(&settings.schema_registry)?);
-    let dead_letters = DeadLetters::new(&settings.kafka).context("creating the dead-letter producer")?;
-    settings
-        .connectors
-        .iter()
-        .map(|connector| {
-            let connection = settings.sinks.get(&connector.connection).with_context(|| {
-                format!("connector {}: no sink connection {}", connector.name, connector.connection)
-            })?;
-            let sink = Sink::new(connection, &connector.sink_settings())
-                .with_context(|| format!("connector {}", connector.name))?;
-            let status = Arc::new(ConnectorStatus::new(&connector.name, sink.kind()));
-            let projection: Arc<dyn Projection> = match projections.iter().find(|(name, _)| *name == connector.name) {
-                Some((_, projection)) => projection.clone(),
-                None => Arc::new(RulesProjection::new(&connector.projection_settings())),
-            };
-            Ok(ConnectorRuntime {
-                settings: Arc::new(connector.clone()),
-                kafka: settings.kafka.clone(),
-                codec: Codec::new(registry.clone(), connector.key_format),
-                upcasting: upcasting.clone(),
-                projection,
-                sink,
-                dead_letters: dead_letters.clone(),
-                status,
-                replay: None,
-            })
-        })
-        .collect()
 }
 
 /// Runs every connector until `shutdown` completes, then drains them:

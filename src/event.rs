@@ -19,6 +19,28 @@ impl fmt::Display for Position {
     }
 }
 
+/// Where one partition ends after a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionOffset {
+    pub topic: Name,
+    pub partition: i32,
+    /// Offset of the first record not covered: every record below it was
+    /// written, dead-lettered or skipped (last processed + 1).
+    pub next_offset: i64,
+    /// The owner's fencing epoch, when the sink stores positions (Postgres).
+    pub epoch: Option<i64>,
+}
+
+/// A claimed partition: where to start and the fencing epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub topic: Name,
+    pub partition: i32,
+    /// `None` when nothing was ever written from this partition.
+    pub next_offset: Option<i64>,
+    pub epoch: Option<i64>,
+}
+
 /// One decoded (and, once upcast, current) event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {

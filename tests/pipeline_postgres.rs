@@ -305,10 +305,11 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
 /// and a batch from a fenced owner changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_retried_after_a_partial_commit_applies_each_partition_once() {
+    use kawka::event::PartitionOffset;
     use kawka::event::Position;
     use kawka::projection::OpKind;
     use kawka::projection::WriteOp;
-    use kawka::sink::{PartitionOffset, SinkError};
+    use kawka::sink::SinkError;
     use kawka::value::{intern, Value};
 
     let name = support::unique("partial");
@@ -417,10 +418,10 @@ events:
 /// and an increment lands once whichever path wrote it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copied_updated_and_upserted_rows_are_the_same() {
+    use kawka::event::PartitionOffset;
     use kawka::event::Position;
     use kawka::projection::OpKind;
     use kawka::projection::WriteOp;
-    use kawka::sink::PartitionOffset;
     use kawka::value::{intern, Value};
 
     let (fresh, existing) = (support::unique("typed_fresh"), support::unique("typed_existing"));

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::event::PartitionOffset;
 use crate::event::Position;
 use crate::projection::WriteOp;
-use crate::sink::PartitionOffset;
 use crate::source::RawRecord;
 use crate::value::Name;
 

@@ -2,7 +2,8 @@
 //! batch must wait for (no chaining) or follow (chaining).
 
 use super::batch::Pending;
-use crate::sink::{Committed, Follows, PartitionOffset, SinkError};
+use crate::event::PartitionOffset;
+use crate::sink::{Committed, Follows, SinkError};
 use crate::value::Name;
 
 /// Writes of one partition in flight at once, when the sink chains them.

@@ -1,5 +1,6 @@
 //! One connector's loop: poll → decode → project → batch → write → commit.
 //!
+//! * [`build`]: wiring: each connector's runtime, its stages built from the settings.
 //! * `worker.rs`: the consume loop: records → decode → upcast → project → the pending batch.
 //! * `write.rs`: flushes: the batch written at once or in the background, the writes in flight settled in order.
 //! * `batch.rs`: the batch being built: its records, their ops and the positions it commits.
@@ -15,6 +16,7 @@
 //! contiguous watermark by construction.
 
 mod batch;
+pub mod build;
 pub mod dead_letter;
 mod in_flight;
 mod policy;

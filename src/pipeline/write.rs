@@ -13,8 +13,9 @@ use super::worker::Worker;
 use super::Halt;
 use crate::error::ErrorClass;
 use crate::error::Failure;
+use crate::event::PartitionOffset;
 use crate::projection::compact;
-use crate::sink::{Committed, PartitionOffset, Plan, SinkError};
+use crate::sink::{Committed, Plan, SinkError};
 use crate::status::Outcome;
 use crate::value::Name;
 

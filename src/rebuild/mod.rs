@@ -319,7 +319,7 @@ pub fn cleaned_up(table: Option<&str>) -> String {
 
 /// Builds the runtime of one connector.
 pub fn runtime_of(settings: &Settings, connector: &str) -> anyhow::Result<ConnectorRuntime> {
-    crate::app::connectors(settings)?
+    crate::pipeline::build::connectors(settings, crate::pipeline::build::upcasting(settings, &[]), &[])?
         .into_iter()
         .find(|r| r.settings.name == connector)
         .with_context(|| format!("no connector named {connector}"))

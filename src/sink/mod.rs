@@ -16,33 +16,12 @@ mod settings;
 
 use crate::error::classify_http_status;
 use crate::error::{classify_sqlx, ErrorClass};
+use crate::event::{Claim, PartitionOffset};
 use crate::projection::WriteOp;
 use crate::value::Name;
 use elasticsearch::ElasticsearchSink;
 use postgres::PostgresSink;
 pub use settings::{SinkConnection, SinkSettings, Target};
-
-/// Where one partition ends after a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartitionOffset {
-    pub topic: Name,
-    pub partition: i32,
-    /// Offset of the first record not covered: every record below it was
-    /// written, dead-lettered or skipped (last processed + 1).
-    pub next_offset: i64,
-    /// The owner's fencing epoch (Postgres), from its claim.
-    pub epoch: Option<i64>,
-}
-
-/// A claimed partition: where to start and the fencing epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Claim {
-    pub topic: Name,
-    pub partition: i32,
-    /// `None` when nothing was ever written from this partition.
-    pub next_offset: Option<i64>,
-    pub epoch: Option<i64>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {

@@ -33,8 +33,8 @@ use tokio::sync::mpsc;
 
 use super::queue::{self, QueueHandle, RecordQueue};
 use super::{KeyBytes, RawRecord};
+use crate::event::Claim;
 use crate::event::Position;
-use crate::sink::Claim;
 use crate::source::{KafkaSettings, SourceSettings, StartPosition};
 use crate::status::ConnectorStatus;
 use crate::value::{intern, Name};
@@ -254,7 +254,7 @@ impl KafkaSource {
 
     /// Records positions that are durable in the sink and commits them to
     /// Kafka asynchronously.
-    pub fn durable(&self, offsets: &[crate::sink::PartitionOffset]) {
+    pub fn durable(&self, offsets: &[crate::event::PartitionOffset]) {
         let context = self.consumer.context();
         {
             let mut durable = context.durable.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

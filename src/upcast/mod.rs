@@ -6,7 +6,7 @@
 //! * [`online`]: `kawka schemas check` against the registry.
 //!
 //! An [`Upcaster`] moves one (type, version) one step on; Rust upcasters
-//! (registered on [`crate::app::Builder`]) and declarative ones share the
+//! (registered on the daemon's builder, `kawka::app::Builder`) and declarative ones share the
 //! trait, and a Rust upcaster replaces a declarative one for the same
 //! (type, version). The chain runs until every event is at its type's
 //! newest version.

@@ -4,7 +4,8 @@
 use sqlx::Row;
 
 use super::PostgresSink;
-use crate::sink::{Claim, PartitionOffset, SinkError};
+use crate::event::{Claim, PartitionOffset};
+use crate::sink::SinkError;
 use crate::value::{intern, Name};
 
 impl PostgresSink {

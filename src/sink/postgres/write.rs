@@ -5,9 +5,10 @@ use sqlx::Postgres;
 
 use super::statements::{BindError, Statement};
 use super::PostgresSink;
+use crate::event::PartitionOffset;
 use crate::projection::compact::{self, fold, GroupBy, NetOp};
 use crate::projection::WriteOp;
-use crate::sink::{succeeded_all, CommitSignal, Committed, Follows, PartitionOffset, SinkError};
+use crate::sink::{succeeded_all, CommitSignal, Committed, Follows, SinkError};
 
 /// A batch's statements, ready to run (see [`PostgresSink::plan`]).
 #[derive(Debug)]

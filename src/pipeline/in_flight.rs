@@ -3,7 +3,7 @@
 
 use super::batch::Pending;
 use crate::event::PartitionOffset;
-use crate::sink::{Committed, Follows, SinkError};
+use crate::sink::{Follows, SinkError, StepDone};
 use crate::value::Name;
 
 /// Writes of one partition in flight at once, when the sink chains them.
@@ -21,8 +21,8 @@ pub(super) struct InFlightWrite {
     pub(super) task: tokio::task::JoinHandle<WriteDone>,
     pub(super) partitions: Vec<(Name, i32)>,
     pub(super) keys: Vec<u64>,
-    pub(super) ran: Committed,
-    pub(super) committed: Committed,
+    pub(super) ran: StepDone,
+    pub(super) committed: StepDone,
     pub(super) connections: usize,
 }
 
@@ -119,8 +119,8 @@ mod tests {
         // A task that never runs to completion: only the bookkeeping is tested.
         let task = tokio::spawn(std::future::pending());
         let partitions = partitions.iter().map(|&p| ("t", p)).collect();
-        let (_, ran) = Committed::channel();
-        let (_, committed) = Committed::channel();
+        let (_, ran) = StepDone::channel();
+        let (_, committed) = StepDone::channel();
         InFlightWrite { task, partitions, keys: hashed(&ops(0, keys)), ran, committed, connections: 1 }
     }
 

@@ -15,7 +15,7 @@ use crate::error::ErrorClass;
 use crate::error::Failure;
 use crate::event::PartitionOffset;
 use crate::projection::compact;
-use crate::sink::{Committed, Plan, SinkError};
+use crate::sink::{Plan, SinkError, StepDone};
 use crate::status::Outcome;
 use crate::value::Name;
 
@@ -77,8 +77,8 @@ impl Worker<'_> {
             return Ok(());
         }
         let follows = follows(&self.in_flight, &partitions, &keys);
-        let (ran_signal, ran) = Committed::channel();
-        let (signal, committed) = Committed::channel();
+        let (ran_signal, ran) = StepDone::channel();
+        let (signal, committed) = StepDone::channel();
         // (Settling a failed write rewrites it through `pending` and puts
         // this batch back as it was, so `offsets` and `plan` still hold,
         // unless it halts: then this batch is dropped, unwritten.)

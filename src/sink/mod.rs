@@ -72,40 +72,40 @@ impl SinkError {
     }
 }
 
-/// A one-shot outcome of a write in flight, read by the writes that follow
-/// it (see [`Sink::write_planned`]): whether it committed, or whether its
-/// statements ran.
+/// Whether one step of a write in flight succeeded (its statements ran,
+/// or it committed: [`Follows`] says which), read by the writes that
+/// follow it (see [`Sink::write_planned`]). A one-shot.
 #[derive(Debug, Clone)]
-pub struct Committed(tokio::sync::watch::Receiver<Option<bool>>);
+pub struct StepDone(tokio::sync::watch::Receiver<Option<bool>>);
 
-/// The sending side of [`Committed`]: dropped unsent (a task that ended
-/// early), it reads as not committed.
+/// The sending side of [`StepDone`]: dropped unsent (a task that ended
+/// early), it reads as failed.
 #[derive(Debug)]
-pub struct CommitSignal(tokio::sync::watch::Sender<Option<bool>>);
+pub struct StepSignal(tokio::sync::watch::Sender<Option<bool>>);
 
-impl Committed {
-    pub fn channel() -> (CommitSignal, Committed) {
+impl StepDone {
+    pub fn channel() -> (StepSignal, StepDone) {
         let (sender, receiver) = tokio::sync::watch::channel(None);
-        (CommitSignal(sender), Committed(receiver))
+        (StepSignal(sender), StepDone(receiver))
     }
 
-    /// Waits until the write is over: whether it committed.
+    /// Waits until the step is over: whether it succeeded.
     pub async fn wait(&self) -> bool {
         let mut receiver = self.0.clone();
         matches!(receiver.wait_for(Option::is_some).await.map(|seen| *seen), Ok(Some(true)))
     }
 }
 
-impl CommitSignal {
-    pub fn send(self, committed: bool) {
+impl StepSignal {
+    pub fn send(self, succeeded: bool) {
         // Nobody left to tell is fine: no write follows this one.
-        let _ = self.0.send(Some(committed));
+        let _ = self.0.send(Some(succeeded));
     }
 }
 
 /// Waits for the signals of the writes `after`: `Predecessor` unless every
 /// one succeeded (committed, or for [`Follows::ran`], ran its statements).
-pub async fn succeeded_all(after: &[Committed]) -> Result<(), SinkError> {
+pub async fn succeeded_all(after: &[StepDone]) -> Result<(), SinkError> {
     for write in after {
         if !write.wait().await {
             return Err(SinkError::Predecessor);
@@ -122,11 +122,11 @@ pub struct Follows {
     /// while they never wait for it: two transactions that took the same
     /// rows in different orders would deadlock, one of them waiting in
     /// kawka where Postgres cannot see it.
-    pub ran: Vec<Committed>,
+    pub ran: Vec<StepDone>,
     /// Writes of its partitions or keys: it commits only once they have,
     /// so positions move in order and one that fails is written again
     /// before this one's effects on a shared key.
-    pub committed: Vec<Committed>,
+    pub committed: Vec<StepDone>,
 }
 
 /// A batch planned for its sink (see [`Sink::plan`]).
@@ -156,7 +156,7 @@ pub struct Capabilities {
     pub stores_positions: bool,
     /// A batch may be written while an earlier batch of one of its
     /// partitions still is: the sink commits it only once the writes it
-    /// follows have ([`Sink::write_planned`] with their [`Committed`]),
+    /// follows have ([`Sink::write_planned`] with their [`StepDone`]),
     /// positions being stored in the same transactions. (Postgres.)
     pub chains_writes: bool,
     /// How many connections the writes in flight may hold together, each
@@ -272,7 +272,7 @@ impl Sink {
     /// statement ran), and commits only once every write in
     /// `follows.committed` has. If one of them fails, so does this one,
     /// with [`SinkError::Predecessor`], having changed nothing.
-    pub async fn write_planned(&self, plan: &Plan, follows: &Follows, ran: CommitSignal) -> Result<u64, SinkError> {
+    pub async fn write_planned(&self, plan: &Plan, follows: &Follows, ran: StepSignal) -> Result<u64, SinkError> {
         match (self, plan) {
             (Sink::Postgres(sink), Plan::Postgres(plan)) => sink.write_planned(plan, follows, ran).await.map(|()| 0),
             (Sink::Elasticsearch(sink), Plan::Elasticsearch(plan)) => {
@@ -323,9 +323,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_follows_only_writes_that_committed() {
-        let (first, first_committed) = Committed::channel();
-        let (second, second_committed) = Committed::channel();
-        let (third, third_committed) = Committed::channel();
+        let (first, first_committed) = StepDone::channel();
+        let (second, second_committed) = StepDone::channel();
+        let (third, third_committed) = StepDone::channel();
         // Waiting starts before the outcome is known.
         let waiting = tokio::spawn({
             let after = vec![first_committed.clone(), second_committed.clone()];
@@ -340,7 +340,7 @@ mod tests {
             Err(SinkError::Predecessor)
         ));
         // A task that ended without saying counts as not committed.
-        let (dropped, dropped_committed) = Committed::channel();
+        let (dropped, dropped_committed) = StepDone::channel();
         drop(dropped);
         assert!(!dropped_committed.wait().await);
         assert!(succeeded_all(&[]).await.is_ok());

@@ -8,7 +8,7 @@ use super::PostgresSink;
 use crate::event::PartitionOffset;
 use crate::projection::compact::{self, fold, GroupBy, NetOp};
 use crate::projection::WriteOp;
-use crate::sink::{succeeded_all, CommitSignal, Committed, Follows, SinkError};
+use crate::sink::{succeeded_all, Follows, SinkError, StepDone, StepSignal};
 
 /// A batch's statements, ready to run (see [`PostgresSink::plan`]).
 #[derive(Debug)]
@@ -82,7 +82,7 @@ impl PostgresSink {
         &self,
         plan: &PostgresPlan,
         follows: &Follows,
-        ran: CommitSignal,
+        ran: StepSignal,
     ) -> Result<(), SinkError> {
         // A batch's first write: nothing of it can have committed yet.
         self.write_plan(plan, follows, Some(ran), false).await
@@ -95,7 +95,7 @@ impl PostgresSink {
         &self,
         plan: &PostgresPlan,
         follows: &Follows,
-        ran: Option<CommitSignal>,
+        ran: Option<StepSignal>,
         retry: bool,
     ) -> Result<(), SinkError> {
         succeeded_all(&follows.ran).await?;
@@ -172,7 +172,7 @@ impl PostgresSink {
         &self,
         mut tx: sqlx::Transaction<'static, Postgres>,
         offset: &PartitionOffset,
-        after: &[Committed],
+        after: &[StepDone],
     ) -> Result<(), SinkError> {
         succeeded_all(after).await?;
         let moved = sqlx::query(&self.table.advance_one())

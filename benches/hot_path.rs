@@ -16,7 +16,7 @@ use kawka::codec::avro::Decoder;
 use kawka::codec::framing;
 use kawka::config::{ConnectorSettings, Settings};
 use kawka::event::{Event, Position};
-use kawka::projection::compact::{fold, GroupBy};
+use kawka::projection::fold::{fold, GroupBy};
 use kawka::projection::{Projected, Projection, RulesProjection, WriteOp};
 use kawka::sink::elasticsearch::bulk::{self, GuardMode};
 use kawka::sink::postgres::sql::{copy_rows, TableSql};

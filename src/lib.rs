@@ -30,7 +30,7 @@
 //! * [`upcast`]: the event catalogue (`schemas/`), declarative and Rust
 //!   upcasters, the chain that brings every event to its newest version.
 //! * [`projection`]: the expression language, the ops of connectors
-//!   ([`projection::WriteOp`]) and per-key compaction.
+//!   ([`projection::WriteOp`]) and the one fold of a key's ops that both sinks write.
 //! * [`sink`]: the read-model stores: Postgres (exactly-once, positions in
 //!   `kawka_offsets`) and Elasticsearch (idempotent guarded bulk writes).
 //! * [`rebuild`]: `kawka rebuild`: a new table or index version beside the
@@ -38,7 +38,8 @@
 //!   rollback; also run inside the daemon over HTTP, with progress.
 //! * The `kawka registry` server (Confluent API, Postgres storage) is its own
 //!   crate, `kawka_registry`, under `crates/kawka-registry`.
-//! * [`event`], [`value`]: the event and the value tree every stage shares.
+//! * [`event`], [`value`]: the event and its position, the positions of
+//!   partitions (claims, batch ends), and the value tree every stage shares.
 //! * [`yaml`]: YAML with positions and a deserializer that records every
 //!   problem; what [`config`] and the declarative upcasters read files with.
 //! * [`error`]: the one taxonomy (config / transient / permanent) and backoff.

@@ -60,7 +60,7 @@ pub(super) fn follows(in_flight: &[InFlightWrite], partitions: &[(Name, i32)], k
     follows
 }
 
-/// `hashes` (of a batch's keys, [`crate::projection::compact::key_hashes`]) sorted: one allocation, no rehashing.
+/// `hashes` (of a batch's keys, [`crate::projection::fold::key_hashes`]) sorted: one allocation, no rehashing.
 pub(super) fn sorted(hashes: &[u64]) -> Vec<u64> {
     let mut sorted = hashes.to_vec();
     sorted.sort_unstable();
@@ -95,11 +95,11 @@ mod tests {
     use super::*;
     use crate::event::Position;
     use crate::projection::OpKind;
-    use crate::projection::{compact, WriteOp};
+    use crate::projection::{fold, WriteOp};
     use crate::value::Value;
 
     fn hashed(ops: &[WriteOp]) -> Vec<u64> {
-        sorted(&compact::key_hashes(ops))
+        sorted(&fold::key_hashes(ops))
     }
 
     fn ops(partition: i32, keys: &[&str]) -> Vec<WriteOp> {

@@ -14,7 +14,7 @@ use super::Halt;
 use crate::error::ErrorClass;
 use crate::error::Failure;
 use crate::event::PartitionOffset;
-use crate::projection::compact;
+use crate::projection::fold;
 use crate::sink::{Plan, SinkError, StepDone};
 use crate::status::Outcome;
 use crate::value::Name;
@@ -47,7 +47,7 @@ impl Worker<'_> {
         let capabilities = self.runtime.sink.capabilities();
         let (most, chains) = (capabilities.concurrent_writes, capabilities.chains_writes);
         // Each key hashed once, for the fold and for the writes in flight.
-        let hashes = compact::key_hashes(&self.pending.ops);
+        let hashes = fold::key_hashes(&self.pending.ops);
         let keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
         // Planned (folded, SQL built) before waiting for the writes ahead:
         // the planning overlaps them, and the write is only I/O. A batch

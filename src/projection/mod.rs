@@ -1,15 +1,16 @@
 //! Projections: what each event does to the read model.
 //!
 //! * [`expr`]: the expression language of connector files (pure).
-//! * [`compact`]: folding the ops of one key within a batch into one net op (pure).
+//! * [`fold`]: the one fold: the ops of one key within a batch into one net op,
+//!   and the rule a sink applies it by (pure); both sinks write what it folds.
 //! * [`ProjectionSettings`]: what a [`RulesProjection`] is built from.
 //!
 //! A projection turns one current event into zero or more [`WriteOp`]s. The
 //! connector files give [`RulesProjection`]; library users may implement
 //! [`Projection`] in Rust instead.
 
-pub mod compact;
 pub mod expr;
+pub mod fold;
 mod settings;
 
 use std::collections::HashMap;

@@ -6,7 +6,7 @@
 //!
 //! A [`Sink`] is one of a closed set, dispatched by an enum. The pipeline
 //! hands it the ops of some events and the positions those events end at;
-//! [`Sink::plan`] folds them (the one fold, [`crate::projection::compact`])
+//! [`Sink::plan`] folds them (the one fold, [`crate::projection::fold`])
 //! and turns the net ops into the sink's own writes. What a sink can do
 //! that decides how the pipeline drives it is its [`Capabilities`].
 
@@ -257,7 +257,7 @@ impl Sink {
     /// The CPU part of a write, done before it: the batch folded and turned
     /// into the sink's writes (statements, bulk actions). The pipeline
     /// plans a batch while the writes it must wait for run. `hashes` are
-    /// the ops' [`crate::projection::compact::key_hashes`] when the caller
+    /// the ops' [`crate::projection::fold::key_hashes`] when the caller
     /// has them (they are computed otherwise).
     pub fn plan(&self, ops: &[WriteOp], hashes: &[u64], offsets: &[PartitionOffset]) -> Result<Plan, SinkError> {
         match self {

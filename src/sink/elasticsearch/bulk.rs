@@ -1,6 +1,6 @@
 //! Bulk requests and their responses (pure).
 //!
-//! A batch's ops are folded by [`crate::projection::compact::fold`], per
+//! A batch's ops are folded by [`crate::projection::fold::fold`], per
 //! document and source partition; each net op becomes one bulk action,
 //! guarded so that a replay or a duplicate changes nothing:
 //!
@@ -13,7 +13,7 @@
 //!   The document keeps the last applied offset of each partition
 //!   (`kawka.pos["topic/partition"]`) and, when the connector names a domain
 //!   version, the highest applied version (`kawka.v`). The script follows
-//!   [`crate::projection::compact::NetOp::against`]: when none of the net
+//!   [`crate::projection::fold::NetOp::against`]: when none of the net
 //!   op's events was applied it applies the net effect (`params.whole`),
 //!   otherwise each event's own effect (`params.steps`), skipping those at
 //!   or below the stored offset or version. When nothing applies the
@@ -25,7 +25,7 @@ use std::io::Write as _;
 use serde::Serialize;
 
 use crate::error::{classify_http_status, ErrorClass};
-use crate::projection::compact::{fold, Effect, GroupBy, NetOp};
+use crate::projection::fold::{fold, Effect, GroupBy, NetOp};
 use crate::projection::WriteOp;
 use crate::value::{Name, Value};
 
@@ -164,7 +164,7 @@ impl Serialize for FieldMap<'_> {
 }
 
 /// Builds the actions of a batch from its net ops. `hashes` are the ops'
-/// [`crate::projection::compact::key_hashes`] when the caller has them.
+/// [`crate::projection::fold::key_hashes`] when the caller has them.
 /// Ops that cannot be written (no document id, a fold error) are returned
 /// apart with the reason.
 pub fn plan(ops: &[WriteOp], hashes: &[u64], index: &str, mode: GuardMode) -> (Vec<Action>, Vec<(usize, String)>) {

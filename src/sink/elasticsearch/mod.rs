@@ -168,7 +168,7 @@ impl ElasticsearchSink {
     }
 
     /// The CPU part of a write: the batch folded into its bulk actions.
-    /// `hashes` are the ops' [`crate::projection::compact::key_hashes`]
+    /// `hashes` are the ops' [`crate::projection::fold::key_hashes`]
     /// when the caller has them.
     pub fn plan(&self, ops: &[WriteOp], hashes: &[u64]) -> ElasticsearchPlan {
         let (actions, rejected) = bulk::plan(ops, hashes, &self.target.alias, self.mode);

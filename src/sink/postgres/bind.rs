@@ -6,7 +6,7 @@ use super::copy::{copy_buffer, copy_field, write_copy, CopyValue};
 use super::statements::BindError;
 use super::table::TableSql;
 use super::types::ColumnType;
-use crate::projection::compact::{Effect, NetOp};
+use crate::projection::fold::{Effect, NetOp};
 use crate::value::{name_position, Name, Value};
 
 impl TableSql {

@@ -2,7 +2,7 @@
 
 use super::table::TableSql;
 use super::types::ColumnType;
-use crate::projection::compact::{Effect, NetOp};
+use crate::projection::fold::{Effect, NetOp};
 use crate::sink::postgres::{Column, PostgresTarget};
 use crate::value::{Name, Value};
 

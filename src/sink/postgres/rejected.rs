@@ -5,7 +5,7 @@ use sqlx::Executor;
 
 use super::apply::bind;
 use super::{database_message, PostgresSink};
-use crate::projection::compact::{fold, GroupBy};
+use crate::projection::fold::{fold, GroupBy};
 use crate::projection::WriteOp;
 use crate::sink::SinkError;
 

@@ -18,7 +18,7 @@ use super::arrays::ColumnArray;
 use super::copy::arrays_from_copy;
 use super::table::{quote, TableSql, VERSION_COLUMN};
 use super::types::ColumnType;
-use crate::projection::compact::{Effect, NetOp};
+use crate::projection::fold::{Effect, NetOp};
 use crate::value::{intern, Name, Value};
 
 /// One statement and its arrays, `$1…$n` in order.

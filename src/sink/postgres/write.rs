@@ -6,7 +6,7 @@ use sqlx::Postgres;
 use super::statements::{BindError, Statement};
 use super::PostgresSink;
 use crate::event::PartitionOffset;
-use crate::projection::compact::{self, fold, GroupBy, NetOp};
+use crate::projection::fold::{self, fold, GroupBy, NetOp};
 use crate::projection::WriteOp;
 use crate::sink::{succeeded_all, Follows, SinkError, StepDone, StepSignal};
 
@@ -28,7 +28,7 @@ impl PostgresSink {
     /// are not tried twice (a check constraint could refuse the second
     /// application of a decrement that the first one made).
     pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
-        let plan = self.plan(ops, &compact::key_hashes(ops), offsets)?;
+        let plan = self.plan(ops, &fold::key_hashes(ops), offsets)?;
         self.write_plan(&plan, &Follows::default(), None, true).await
     }
 
@@ -36,7 +36,7 @@ impl PostgresSink {
     /// I/O, so the pipeline does it while the batches before it are still
     /// being written, and the write itself is just the SQL. Every statement
     /// is planned before anything is written. `hashes` are the ops'
-    /// [`compact::key_hashes`].
+    /// [`fold::key_hashes`].
     pub fn plan(
         &self,
         ops: &[WriteOp],
@@ -229,7 +229,7 @@ fn by_partition<'n, 'o>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::projection::compact::Effect;
+    use crate::projection::fold::Effect;
     use crate::value::Value;
 
     fn net(key: &str, partitions: &[i32]) -> NetOp<'static> {

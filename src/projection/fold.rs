@@ -96,7 +96,7 @@ pub struct Folded<'a> {
     /// For each op, the index in `net` of the net op it was folded into
     /// (stale ops too), [`Folded::FAILED`] for an op in `errors`.
     pub members: Vec<u32>,
-    pub errors: Vec<CompactError>,
+    pub errors: Vec<FoldError>,
 }
 
 impl Folded<'_> {
@@ -118,7 +118,7 @@ impl Folded<'_> {
 /// An op that cannot be folded: adding to a value that is not a number.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("cannot add {delta} to field `{field}` holding {found}")]
-pub struct CompactError {
+pub struct FoldError {
     /// Index of the op in the input.
     pub op: usize,
     pub position: Position,
@@ -364,7 +364,7 @@ fn apply<'a>(
     kind: OpKind,
     fields: &'a [(Name, Value)],
     position: Position,
-) -> Result<(), CompactError> {
+) -> Result<(), FoldError> {
     match (kind, &mut *effect) {
         (OpKind::Upsert, _) => *effect = Effect::Replace(Cow::Borrowed(fields)),
         (OpKind::Delete, _) => *effect = Effect::Delete,
@@ -405,12 +405,12 @@ fn overlay(target: &mut Vec<(Name, Value)>, fields: &[(Name, Value)]) {
 }
 
 /// Adds each delta to the field of the same name (missing or null = 0).
-fn add_into(target: &mut Vec<(Name, Value)>, deltas: &[(Name, Value)], position: Position) -> Result<(), CompactError> {
+fn add_into(target: &mut Vec<(Name, Value)>, deltas: &[(Name, Value)], position: Position) -> Result<(), FoldError> {
     for (name, delta) in deltas {
         match target.iter_mut().find(|(n, _)| n == name) {
             None => target.push((name, delta.clone())),
             Some(slot) => {
-                slot.1 = add(&slot.1, delta).ok_or_else(|| CompactError {
+                slot.1 = add(&slot.1, delta).ok_or_else(|| FoldError {
                     op: 0,
                     position,
                     field: name.to_string(),
@@ -459,13 +459,13 @@ mod tests {
         }
     }
 
-    fn compact(ops: &[WriteOp]) -> (Vec<NetOp<'_>>, Vec<CompactError>) {
+    fn fold_keys(ops: &[WriteOp]) -> (Vec<NetOp<'_>>, Vec<FoldError>) {
         let folded = fold(ops, &[], GroupBy::Key);
         (folded.net, folded.errors)
     }
 
     fn net(ops: Vec<WriteOp>) -> Effect<'static> {
-        let (mut net, errors) = compact(&ops);
+        let (mut net, errors) = fold_keys(&ops);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(net.len(), 1);
         match net.remove(0).effect {
@@ -531,7 +531,7 @@ mod tests {
         let mut elsewhere = inc(3, "a", 1);
         (elsewhere.key, elsewhere.position.partition) = (smallvec::smallvec![Value::from("other")], 1);
         let ops = [inc(0, "a", 1), other, inc(2, "a", 1), elsewhere];
-        let (net, errors) = compact(&ops);
+        let (net, errors) = fold_keys(&ops);
         assert!(errors.is_empty());
         assert_eq!(net.len(), 2);
         assert_eq!(net[0].key, vec![Value::from("k")]);
@@ -558,7 +558,7 @@ mod tests {
         let mut failing = inc(1, "a", 1);
         failing.position.partition = 1;
         let ops = [up(0, &[("a", Value::from("text"))]), failing, inc(2, "b", 1)];
-        let (net, errors) = compact(&ops);
+        let (net, errors) = fold_keys(&ops);
         assert_eq!(errors.len(), 1);
         assert_eq!((errors[0].op, errors[0].position.offset), (1, 1));
         assert_eq!(net[0].effect, replace(vec![("a", Value::from("text")), ("b", Value::Int(1))]));
@@ -573,7 +573,7 @@ mod tests {
         let mut stale = merge(1, &[("a", Value::Int(1))]);
         stale.version = Some(4);
         let ops = [newer, stale];
-        let (net, _) = compact(&ops);
+        let (net, _) = fold_keys(&ops);
         assert_eq!(net[0].effect, patch(vec![("a", Value::Int(2))], vec![]));
         assert_eq!(net[0].version, Some(5));
         assert_eq!(add(&Value::Int(i64::MAX), &Value::Int(1)), Some(Value::Float(i64::MAX as f64 + 1.0)));
@@ -604,7 +604,7 @@ mod tests {
                 for version in [4, 5] {
                     let mut ops = state.clone();
                     ops.push(versioned(stale.clone(), version));
-                    let (net_ops, errors) = compact(&ops);
+                    let (net_ops, errors) = fold_keys(&ops);
                     assert!(errors.is_empty());
                     assert_eq!(&net_ops[0].effect, expected, "{:?} then {:?} at v{version}", state[0].kind, stale.kind);
                     assert_eq!((net_ops[0].first_version, net_ops[0].version), (Some(5), Some(5)));
@@ -614,7 +614,7 @@ mod tests {
         }
         // A newer version after a stale one still folds.
         let ops = [versioned(up(0, &[a()]), 2), versioned(up(1, &[b()]), 1), versioned(merge(2, &[b()]), 3)];
-        let (net_ops, _) = compact(&ops);
+        let (net_ops, _) = fold_keys(&ops);
         assert_eq!(net_ops[0].effect, replace(vec![a(), b()]));
         assert_eq!((net_ops[0].first_version, net_ops[0].version), (Some(2), Some(3)));
     }
@@ -645,7 +645,7 @@ mod tests {
     #[test]
     fn a_net_op_meets_a_stored_guard_whole_one_by_one_or_not_at_all() {
         let ops = [versioned(up(10, &[]), 3), versioned(merge(11, &[]), 4), versioned(merge(12, &[]), 6)];
-        let (net_ops, _) = compact(&ops);
+        let (net_ops, _) = fold_keys(&ops);
         let net_op = &net_ops[0];
         assert_eq!(net_op.against(None, None), Against::Whole);
         assert_eq!(net_op.against(Some(9), Some(2)), Against::Whole);

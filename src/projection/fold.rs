@@ -41,8 +41,7 @@ use crate::value::{Name, Value};
 use super::WriteOp;
 
 /// Fields of a net effect: those of the op they came from, borrowed, until
-/// a fold changes them (a batch's keys mostly have one op, and copying
-/// every value once more was a good part of a batch's cost).
+/// a fold changes them (a batch's keys mostly have one op: no copy).
 pub type Fields<'a> = Cow<'a, [(Name, Value)]>;
 
 /// The net effect on one key.

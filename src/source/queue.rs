@@ -1,10 +1,8 @@
 //! The queue a consumer's records are read from, many at a time.
 //!
 //! rust-rdkafka hands out one record per `poll`, and each takes a trip
-//! through librdkafka's queue lock, an event and an `Arc`: the benchmark's
-//! bare consumer used about a core for ~190k records/s that way, while
-//! kawka's consumer thread reading in chunks uses 3–5 % of a core at
-//! ~250k records/s. `rd_kafka_consume_batch_queue` takes up to a chunk
+//! through librdkafka's queue lock, an event and an `Arc` (BENCHMARKS.md
+//! has what that costs). `rd_kafka_consume_batch_queue` takes up to a chunk
 //! per call, but served on the consumer's own queue it would also serve
 //! the rebalance events, without kawka's handler (librdkafka answers them
 //! with an empty assignment). So the records take a queue of their own:

@@ -376,20 +376,9 @@ async fn a_batch_retried_after_a_partial_commit_applies_each_partition_once() {
 
 /// The Postgres sinks of a project's connectors, built as `kawka run` does.
 fn postgres_sinks(project: &Project) -> Vec<kawka::sink::postgres::PostgresSink> {
-    // Directories in the config are relative to the working directory,
-    // which is the repository's here: make them absolute.
-    let config = project.root().join("config/kawka.yaml");
-    let text = std::fs::read_to_string(&config).expect("config").replace(
-        "connectors: connectors/\nschemas: schemas/",
-        &format!("connectors: {0}/connectors/\nschemas: {0}/schemas/", project.root().display()),
-    );
-    std::fs::write(&config, text).expect("config");
-    let settings = kawka::config::load(&config).expect("config");
-    let mut runtimes = kawka::app::connectors(&settings).expect("runtime");
-    runtimes.sort_by(|a, b| a.settings.name.cmp(&b.settings.name));
-    runtimes
+    support::sinks(project)
         .into_iter()
-        .map(|runtime| match runtime.sink {
+        .map(|sink| match sink {
             kawka::sink::Sink::Postgres(sink) => sink,
             _ => panic!("a postgres connector"),
         })

@@ -3,11 +3,18 @@
 
 use std::time::Duration;
 
-/// Parses `500ms`, `5s`, `2m`, `1h`, `1m30s`; a bare number is milliseconds.
+/// The longest duration a file may give.
+const MOST: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses `500ms`, `5s`, `2m`, `1h`, `7d`, `1m30s`; a bare number is
+/// milliseconds. Durations beyond a century are refused: every duration is
+/// added to clock readings somewhere, and those must not overflow.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if let Ok(millis) = text.parse::<u64>() {
-        return Ok(Duration::from_millis(millis));
+        return Some(Duration::from_millis(millis))
+            .filter(|duration| *duration <= MOST)
+            .ok_or_else(|| format!("`{text}` is too long (at most 100 years)"));
     }
     let mut total = Duration::ZERO;
     let mut rest = text;
@@ -25,9 +32,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => number,
             "m" | "min" => number * 60.0,
             "h" => number * 3600.0,
+            "d" => number * 86_400.0,
             _ => return Err(format!("`{text}` is not a duration (examples: 250ms, 5s, 2m, 1h)")),
         };
-        total += Duration::from_secs_f64(seconds);
+        total = Duration::try_from_secs_f64(seconds)
+            .ok()
+            .and_then(|part| total.checked_add(part))
+            .filter(|total| *total <= MOST)
+            .ok_or_else(|| format!("`{text}` is too long (at most 100 years)"))?;
         rest = &rest[unit_end..];
     }
     Ok(total)
@@ -61,6 +73,10 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for huge in ["99999999999999999999s", "1e300s", "18446744073709551615", "36600000d"] {
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("100"), Ok(Duration::from_millis(100)));
         assert!(parse_duration("5 parsecs").is_err());

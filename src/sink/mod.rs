@@ -141,7 +141,8 @@ impl Plan {
     pub fn connections(&self) -> usize {
         match self {
             Plan::Postgres(postgres::PostgresPlan::PerPartition(shares)) => shares.len().max(1),
-            Plan::Postgres(postgres::PostgresPlan::Whole(..)) | Plan::Elasticsearch(_) => 1,
+            Plan::Postgres(postgres::PostgresPlan::Whole(..) | postgres::PostgresPlan::Versioned(..))
+            | Plan::Elasticsearch(_) => 1,
         }
     }
 }

@@ -229,6 +229,23 @@ impl Project {
     }
 }
 
+/// The sinks of a project's connectors (by connector name), built as `kawka
+/// run` builds them, for tests that write through a sink directly.
+pub fn sinks(project: &Project) -> Vec<kawka::sink::Sink> {
+    // Directories in the config are relative to the working directory,
+    // which is the repository's here: make them absolute.
+    let config = project.root().join("config/kawka.yaml");
+    let text = std::fs::read_to_string(&config).expect("config").replace(
+        "connectors: connectors/\nschemas: schemas/",
+        &format!("connectors: {0}/connectors/\nschemas: {0}/schemas/", project.root().display()),
+    );
+    std::fs::write(&config, text).expect("config");
+    let settings = kawka::config::load(&config).expect("config");
+    let mut runtimes = kawka::app::connectors(&settings).expect("runtime");
+    runtimes.sort_by(|a, b| a.settings.name.cmp(&b.settings.name));
+    runtimes.into_iter().map(|runtime| runtime.sink).collect()
+}
+
 /// Copies a directory tree (the shipped catalogue into a test project).
 pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).expect("mkdir");

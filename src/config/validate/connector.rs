@@ -142,6 +142,7 @@ fn elasticsearch_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Ta
         (sink.primary_key.is_some(), "primary_key"),
         (sink.create.is_some(), "create"),
         (sink.fillfactor.is_some(), "fillfactor"),
+        (sink.tombstone_retention.is_some(), "tombstone_retention"),
     ] {
         if present {
             at.at(
@@ -181,6 +182,10 @@ fn elasticsearch_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Ta
         in_flight: bulk.and_then(|b| b.in_flight).unwrap_or(2).max(1),
     }))
 }
+
+/// How long a deleted key's version is kept by default: longer than any
+/// late duplicate or second writer is expected to lag.
+const TOMBSTONE_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
 fn postgres_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Target> {
     for (present, field) in [
@@ -265,6 +270,7 @@ fn postgres_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Target>
         primary_key: primary_key.value.clone(),
         create: sink.create.unwrap_or(true),
         fillfactor: sink.fillfactor.as_ref().map(|f| f.value),
+        tombstone_retention: at.duration(&sink.tombstone_retention, "sink.tombstone_retention", TOMBSTONE_RETENTION),
     }))
 }
 

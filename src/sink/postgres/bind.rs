@@ -170,6 +170,7 @@ mod tests {
                 primary_key: vec!["id".into()],
                 create: true,
                 fillfactor: None,
+                tombstone_retention: std::time::Duration::from_secs(60),
             },
             versioned,
         )

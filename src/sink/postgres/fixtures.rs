@@ -28,6 +28,7 @@ pub fn inventory() -> TableSql {
             primary_key: vec!["store_id".into(), "item_id".into()],
             create: true,
             fillfactor: None,
+            tombstone_retention: std::time::Duration::from_secs(60),
         },
         false,
     )

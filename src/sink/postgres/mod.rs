@@ -172,6 +172,14 @@ impl PostgresSink {
         if self.table.target().create {
             tx.execute(self.table.create_table().as_str()).await.map_err(SinkError::Postgres)?;
         }
+        if self.table.versioned {
+            tx.execute(self.table.create_tombstones().as_str()).await.map_err(SinkError::Postgres)?;
+            sqlx::query(&self.table.expire_tombstones())
+                .bind(self.table.target().tombstone_retention.as_secs_f64())
+                .execute(&mut *tx)
+                .await
+                .map_err(SinkError::Postgres)?;
+        }
         tx.commit().await.map_err(SinkError::Postgres)
     }
 }

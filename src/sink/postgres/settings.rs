@@ -22,6 +22,8 @@ pub struct PostgresTarget {
     pub create: bool,
     /// Of a created table (10–100); `None`: Postgres' default.
     pub fillfactor: Option<u32>,
+    /// How long the version of a deleted key is kept (versioned tables).
+    pub tombstone_retention: std::time::Duration,
 }
 
 impl PostgresTarget {

@@ -128,7 +128,14 @@ impl TableSql {
         }
         let mut statements = Vec::new();
         if !deletes.is_empty() {
-            statements.push(self.delete(net, deletes)?);
+            let delete = self.delete(net, deletes)?;
+            if self.versioned {
+                let tombstones = self.tombstones_of(&delete);
+                statements.push(delete);
+                statements.push(tombstones);
+            } else {
+                statements.push(delete);
+            }
         }
         if !replaces.is_empty() {
             statements.push(self.replace(net, replaces, render)?);
@@ -163,6 +170,51 @@ impl TableSql {
             let _ = write!(sql, " AND (d.v IS NULL OR t.{VERSION_COLUMN} IS NULL OR t.{VERSION_COLUMN} < d.v)");
         }
         Ok(Statement { sql, arrays, rows, insert: None })
+    }
+
+    /// The tombstones of a versioned delete's keys (its arrays: the keys,
+    /// then the versions): each keeps the highest version deleted.
+    fn tombstones_of(&self, delete: &Statement) -> Statement {
+        let keys = &self.target.primary_key;
+        let casts: Vec<String> =
+            keys.iter().enumerate().map(|(i, k)| format!("u.c{i}::{}", self.column_type(k).sql())).collect();
+        let names: Vec<String> = (0..keys.len()).map(|i| format!("c{i}")).collect();
+        let sql = format!(
+            "INSERT INTO {tomb} AS d ({keys}, {VERSION_COLUMN}) SELECT {casts}, u.v FROM UNNEST({params}) AS u({names}, v) \
+             WHERE u.v IS NOT NULL ON CONFLICT ({keys}) DO UPDATE SET {VERSION_COLUMN} = \
+             GREATEST(d.{VERSION_COLUMN}, EXCLUDED.{VERSION_COLUMN}), deleted_at = now()",
+            tomb = self.tombstones,
+            keys = self.key_list(),
+            casts = casts.join(", "),
+            params = unnest_params(&delete.arrays),
+            names = names.join(", "),
+        );
+        Statement { sql, arrays: delete.arrays.clone(), rows: delete.rows.clone(), insert: None }
+    }
+
+    /// The version stored for each of `net`'s keys, in its row or its
+    /// tombstone, whichever is higher: `(ordinal, version)` rows, 1-based
+    /// ordinals into the key arrays ([`TableSql::key_arrays`] of every net op).
+    pub(super) fn stored_versions(&self, arrays: &[ColumnArray]) -> String {
+        let keys = &self.target.primary_key;
+        let names: Vec<String> = (0..keys.len()).map(|i| format!("c{i}")).collect();
+        let on = |alias: &str| {
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| format!("{alias}.{} = u.c{i}::{}", quote(k), self.column_type(k).sql()))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        format!(
+            "SELECT u.n, GREATEST(t.{VERSION_COLUMN}, d.{VERSION_COLUMN}) FROM UNNEST({}) WITH ORDINALITY AS u({}, n) \
+             LEFT JOIN {} AS t ON {} LEFT JOIN {} AS d ON {}",
+            unnest_params(arrays),
+            names.join(", "),
+            self.qualified,
+            on("t"),
+            self.tombstones,
+            on("d"),
+        )
     }
 
     /// Replace: every column, unlisted ones null.

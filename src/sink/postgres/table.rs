@@ -23,6 +23,10 @@ pub struct TableSql {
     pub qualified: String,
     /// `"schema"."kawka_offsets"`.
     pub offsets_table: String,
+    /// `"schema"."<table>_kawka_deleted"`: the versions of deleted keys,
+    /// when versioned (a stale event after a delete must not bring a row
+    /// back).
+    pub tombstones: String,
     pub(super) versioned: bool,
 }
 
@@ -31,6 +35,7 @@ impl TableSql {
         TableSql {
             qualified: format!("{}.{}", quote(&target.schema), quote(&target.table)),
             offsets_table: format!("{}.kawka_offsets", quote(&target.schema)),
+            tombstones: format!("{}.{}", quote(&target.schema), quote(&format!("{}_kawka_deleted", target.table))),
             target: target.clone(),
             versioned,
         }
@@ -54,6 +59,26 @@ impl TableSql {
             let _ = write!(sql, " WITH (fillfactor = {fillfactor})");
         }
         sql
+    }
+
+    /// The tombstones of a versioned table: each deleted key with the
+    /// version of its delete, kept for `retention` after it.
+    pub fn create_tombstones(&self) -> String {
+        let mut sql = format!("CREATE TABLE IF NOT EXISTS {} (", self.tombstones);
+        for key in &self.target.primary_key {
+            let _ = write!(sql, "{} {} NOT NULL, ", quote(key), self.column_type(key).sql());
+        }
+        let _ = write!(
+            sql,
+            "{VERSION_COLUMN} bigint NOT NULL, deleted_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY ({}))",
+            self.key_list()
+        );
+        sql
+    }
+
+    /// Forgets tombstones older than `$1` seconds.
+    pub fn expire_tombstones(&self) -> String {
+        format!("DELETE FROM {} WHERE deleted_at < now() - make_interval(secs => $1)", self.tombstones)
     }
 
     /// The positions table: `next_offset` is the offset of the first record

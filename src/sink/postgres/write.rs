@@ -1,12 +1,13 @@
 //! A batch planned and written with its positions: each partition's share
 //! in a transaction of its own, concurrently, or the whole batch in one.
 
-use sqlx::Postgres;
+use sqlx::{Postgres, Row};
 
+use super::apply::bind;
 use super::statements::{BindError, Statement};
 use super::PostgresSink;
 use crate::event::PartitionOffset;
-use crate::projection::fold::{self, fold, GroupBy, NetOp};
+use crate::projection::fold::{self, fold, Folded, GroupBy, NetOp};
 use crate::projection::WriteOp;
 use crate::sink::{succeeded_all, Follows, SinkError, StepDone, StepSignal};
 
@@ -18,6 +19,11 @@ pub enum PostgresPlan {
     /// One transaction for all (a key has events from several partitions,
     /// or there is one partition).
     Whole(Vec<Statement>, Vec<PartitionOffset>),
+    /// With a domain version: one transaction, whose statements are planned
+    /// in it, once the versions stored for the batch's keys (in rows and
+    /// tombstones) are read: the ops at or below them are stale and left
+    /// out before folding, so the fold of the rest applies whole.
+    Versioned(Vec<WriteOp>, Vec<PartitionOffset>),
 }
 
 impl PostgresSink {
@@ -46,6 +52,9 @@ impl PostgresSink {
         let folded = fold(ops, hashes, GroupBy::Key);
         if !folded.errors.is_empty() {
             return Err(SinkError::RejectedOps(folded.errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
+        }
+        if self.table.versioned {
+            return Ok(PostgresPlan::Versioned(ops.to_vec(), offsets.to_vec()));
         }
         let net = folded.net;
         let rejected = |error: BindError| SinkError::Rejected(error.to_string());
@@ -125,11 +134,21 @@ impl PostgresSink {
                 }
                 results.into_iter().collect()
             }
-            PostgresPlan::Whole(statements, offsets) => {
+            PostgresPlan::Whole(_, offsets) | PostgresPlan::Versioned(_, offsets) => {
                 let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
                 if retry && !offsets.is_empty() && self.reached_all(&mut tx, offsets).await? {
                     return tx.rollback().await.map_err(SinkError::Postgres);
                 }
+                let against_stored;
+                let statements: &[Statement] = match plan {
+                    PostgresPlan::Versioned(ops, _) => {
+                        against_stored = self.plan_against_stored(&mut tx, ops).await?;
+                        &against_stored
+                    }
+                    PostgresPlan::Whole(statements, _) => statements,
+                    // Written share by share above.
+                    PostgresPlan::PerPartition(_) => &[],
+                };
                 for statement in statements {
                     self.apply(&mut tx, statement).await?;
                 }
@@ -145,6 +164,50 @@ impl PostgresSink {
                 }
             }
         }
+    }
+
+    /// The statements of a versioned batch, against what is stored: the
+    /// ops whose version is at or below the one stored for their key (its
+    /// row's, or its tombstone's when it was deleted) are stale and left
+    /// out, so the fold of the others applies whole (see
+    /// [`crate::projection::fold::NetOp::against`]).
+    async fn plan_against_stored(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Statement>, SinkError> {
+        let rejected = |error: BindError| SinkError::Rejected(error.to_string());
+        let folded = fold(ops, &[], GroupBy::Key);
+        if folded.net.is_empty() {
+            return Ok(Vec::new());
+        }
+        let every: Vec<usize> = (0..folded.net.len()).collect();
+        let keys = self.table.key_arrays(&folded.net, &every).map_err(rejected)?;
+        let stored: Vec<(i64, Option<i64>)> = bind(&self.table.stored_versions(&keys), &keys)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(SinkError::Postgres)?
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(SinkError::Postgres)?;
+        let mut floor: Vec<Option<i64>> = vec![None; folded.net.len()];
+        for (ordinal, version) in stored {
+            // Ordinals are 1-based positions in the key arrays.
+            if let Some(slot) = usize::try_from(ordinal - 1).ok().and_then(|i| floor.get_mut(i)) {
+                *slot = version;
+            }
+        }
+        let is_stale = |(op, &net): (&WriteOp, &u32)| {
+            net != Folded::FAILED
+                && matches!((op.version, floor[net as usize]), (Some(mine), Some(stored)) if mine <= stored)
+        };
+        if !ops.iter().zip(&folded.members).any(is_stale) {
+            return self.table.plan(&folded.net).map_err(rejected);
+        }
+        let fresh: Vec<WriteOp> =
+            ops.iter().zip(&folded.members).filter(|pair| !is_stale(*pair)).map(|(op, _)| op.clone()).collect();
+        self.table.plan(&fold(&fresh, &[], GroupBy::Key).net).map_err(rejected)
     }
 
     /// One partition's share: its transaction with the statements run, or

@@ -1,0 +1,261 @@
+//! Every read model equals the fold of its log, one event at a time,
+//! whatever the batching, the duplicates, the stale events and the
+//! replays. Seeded random logs of upserts, merges, increments and deletes
+//! over a few hundred keys (with a domain version: late duplicates and
+//! stale events too) are cut into batches at random points and written
+//! through each sink as the pipeline writes them. Elasticsearch also
+//! crashes: a batch applied for only some of its documents, then the log
+//! read again from the last commit and cut elsewhere. The documents and
+//! rows are then compared with the log applied one event at a time.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value as Json};
+
+use kawka::event::{PartitionOffset, Position};
+use kawka::projection::{OpKind, WriteOp};
+use kawka::sink::Sink;
+use kawka::value::{intern, Value};
+
+use support::Project;
+
+/// How a log is made.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    keys: usize,
+    events: usize,
+    /// A domain version per key (then 20% of the events are an earlier
+    /// event of the key again, at a new offset: duplicates, stale events).
+    versions: bool,
+    /// Only upserts and deletes.
+    whole_only: bool,
+}
+
+/// A random log of one partition.
+fn random_log(rng: &mut StdRng, shape: Shape) -> Vec<WriteOp> {
+    let topic = intern("fold-exact");
+    let mut log: Vec<WriteOp> = Vec::with_capacity(shape.events);
+    let mut by_key: Vec<Vec<usize>> = vec![Vec::new(); shape.keys];
+    let mut next_version = vec![0i64; shape.keys];
+    for offset in 0..shape.events as i64 {
+        let key = rng.random_range(0..shape.keys);
+        if shape.versions && !by_key[key].is_empty() && rng.random_bool(0.2) {
+            let mut again = log[by_key[key][rng.random_range(0..by_key[key].len())]].clone();
+            again.position.offset = offset;
+            by_key[key].push(log.len());
+            log.push(again);
+            continue;
+        }
+        let field = intern(["a", "b"][rng.random_range(0..2usize)]);
+        let number = Value::Int(rng.random_range(-5..10));
+        let roll = if shape.whole_only { [0, 1, 8, 9][rng.random_range(0..4usize)] } else { rng.random_range(0..10) };
+        let (kind, fields) = match roll {
+            0 | 1 => (OpKind::Upsert, vec![(intern("a"), number), (intern("s"), Value::from(format!("u{offset}")))]),
+            2 | 3 => (OpKind::Merge, vec![(field, number)]),
+            4..=7 => (OpKind::Increment, vec![(field, number)]),
+            _ => (OpKind::Delete, vec![]),
+        };
+        let version = shape.versions.then(|| {
+            next_version[key] += rng.random_range(1..3);
+            next_version[key]
+        });
+        by_key[key].push(log.len());
+        log.push(WriteOp {
+            key: smallvec::smallvec![Value::from(format!("k{key}"))],
+            kind,
+            fields,
+            version,
+            position: Position { topic, partition: 0, offset },
+        });
+    }
+    log
+}
+
+/// The log applied one event at a time: each key's fields, or `None` once
+/// deleted. A stale version changes nothing, also after a delete.
+fn reference(log: &[WriteOp]) -> BTreeMap<String, BTreeMap<String, Json>> {
+    let mut rows: BTreeMap<String, (Option<BTreeMap<String, Json>>, Option<i64>)> = BTreeMap::new();
+    for op in log {
+        let Value::Str(key) = &op.key[0] else { unreachable!("keys are strings") };
+        let (row, version) = rows.entry(key.to_string()).or_default();
+        if matches!((op.version, *version), (Some(mine), Some(stored)) if mine <= stored) {
+            continue;
+        }
+        *version = (*version).max(op.version);
+        let fields = op.fields.iter().map(|(name, value)| (name.to_string(), value.to_json()));
+        match op.kind {
+            OpKind::Upsert => *row = Some(fields.collect()),
+            OpKind::Merge => row.get_or_insert_with(BTreeMap::new).extend(fields),
+            OpKind::Increment | OpKind::Decrement => {
+                let row = row.get_or_insert_with(BTreeMap::new);
+                for (name, delta) in fields {
+                    let current = row.get(&name).and_then(Json::as_i64).unwrap_or(0);
+                    row.insert(name, json!(current + delta.as_i64().expect("integer deltas")));
+                }
+            }
+            OpKind::Delete => *row = None,
+        }
+    }
+    rows.into_iter().filter_map(|(key, (row, _))| row.map(|row| (key, row))).collect()
+}
+
+fn connector(name: &str, sink: &str, versions: bool) -> String {
+    let version = if versions { "version: seq\n" } else { "" };
+    let target = match sink {
+        "search" => format!(
+            "  to: search\n  index: {name}\n  mappings: {{ properties: {{ a: {{ type: long }}, b: {{ type: long }}, s: {{ type: keyword }} }} }}\n"
+        ),
+        _ => format!("  to: readdb\n  table: {name}\n  columns: {{ id: text, a: bigint, b: bigint, s: text }}\n  primary_key: [id]\n"),
+    };
+    let key = if sink == "search" { "$key" } else { "{ id: user_id }" };
+    format!(
+        "name: {name}\nsource: {{ topics: [unused-fold-exact] }}\nsink:\n{target}key: {key}\n{version}\
+         events:\n  com.example.users.UserRegistered: {{ upsert: {{ s: name }} }}\n"
+    )
+}
+
+fn one_sink(name: &str, sink: &str, versions: bool) -> (Project, Sink) {
+    let project = Project::new("http://127.0.0.1:9", &[(name, &connector(name, sink, versions))]);
+    let sink = support::sinks(&project).remove(0);
+    (project, sink)
+}
+
+/// Writes `log` through an Elasticsearch sink: random cuts, and crashes
+/// that apply a batch for some of its documents only, after which the log
+/// is read again from the last commit. Returns how many crashes it had.
+async fn write_with_crashes(sink: &Sink, log: &[WriteOp], rng: &mut StdRng) -> usize {
+    let (mut committed, mut crashes) = (0, 0);
+    while committed < log.len() {
+        let to = rng.random_range(committed + 1..=log.len().min(committed + 300));
+        let batch = &log[committed..to];
+        if rng.random_bool(0.25) {
+            // A crash: each document's action lands or not, as a bulk cut short.
+            let mut lands: BTreeMap<String, bool> = BTreeMap::new();
+            let landed: Vec<WriteOp> = batch
+                .iter()
+                .filter(|op| *lands.entry(op.key[0].to_string()).or_insert_with(|| rng.random_bool(0.5)))
+                .cloned()
+                .collect();
+            sink.write(&landed, &[]).await.expect("the part written before the crash");
+            crashes += 1;
+            continue;
+        }
+        sink.write(batch, &[]).await.expect("a batch");
+        committed = to;
+    }
+    crashes
+}
+
+async fn elasticsearch_documents(index: &str) -> BTreeMap<String, BTreeMap<String, Json>> {
+    support::es_documents(index, 10_000)
+        .await
+        .into_iter()
+        .map(|(id, doc)| {
+            let fields = doc.as_object().expect("a document is an object").clone().into_iter().collect();
+            (id, fields)
+        })
+        .collect()
+}
+
+fn differences(
+    got: &BTreeMap<String, BTreeMap<String, Json>>,
+    want: &BTreeMap<String, BTreeMap<String, Json>>,
+) -> Vec<String> {
+    let mut keys: Vec<&String> = got.keys().chain(want.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|key| got.get(*key) != want.get(*key))
+        .map(|key| format!("{key}: got {:?}, the fold says {:?}", got.get(key), want.get(key)))
+        .collect()
+}
+
+async fn elasticsearch_equals_the_fold(shape: Shape, seeds: std::ops::Range<u64>) {
+    for seed in seeds {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let name = support::unique("fold-exact");
+        let (_project, sink) = one_sink(&name, "search", shape.versions);
+        sink.prepare().await.expect("prepare");
+        let log = random_log(&mut rng, shape);
+        let crashes = write_with_crashes(&sink, &log, &mut rng).await;
+        let want = reference(&log);
+        let got = elasticsearch_documents(&name).await;
+        let wrong = differences(&got, &want);
+        println!(
+            "elasticsearch {shape:?} seed {seed}: {} events, {} documents, {crashes} crashes, {} wrong/missing/extra",
+            log.len(),
+            want.len(),
+            wrong.len()
+        );
+        assert!(wrong.is_empty(), "seed {seed}: {} documents differ from the fold:\n{}", wrong.len(), wrong.join("\n"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_with_versions_equals_the_fold_whatever_the_cuts_duplicates_and_crashes() {
+    let shape = Shape { keys: 300, events: 3000, versions: true, whole_only: false };
+    elasticsearch_equals_the_fold(shape, 0..4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_without_versions_equals_the_fold_whatever_the_cuts_and_crashes() {
+    let shape = Shape { keys: 300, events: 3000, versions: false, whole_only: false };
+    elasticsearch_equals_the_fold(shape, 10..14).await;
+    let whole = Shape { whole_only: true, ..shape };
+    elasticsearch_equals_the_fold(whole, 20..24).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_equals_the_fold_whatever_the_cuts_duplicates_and_retries() {
+    let pool = support::postgres().await;
+    for (versions, seeds) in [(true, 0..4u64), (false, 10..14)] {
+        for seed in seeds {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let name = support::unique("fold_exact");
+            let (_project, sink) = one_sink(&name, "readdb", versions);
+            sink.prepare().await.expect("prepare");
+            let topic = intern("fold-exact");
+            let claims = sink.claim(&[(topic, 0)]).await.expect("claim");
+            let epoch = claims[0].epoch;
+            let shape = Shape { keys: 300, events: 3000, versions, whole_only: false };
+            let log = random_log(&mut rng, shape);
+            let mut from = 0;
+            while from < log.len() {
+                let to = rng.random_range(from + 1..=log.len().min(from + 300));
+                let offsets = [PartitionOffset { topic, partition: 0, next_offset: to as i64, epoch }];
+                sink.write(&log[from..to], &offsets).await.expect("a batch");
+                if rng.random_bool(0.1) {
+                    // A retry of a batch that committed changes nothing.
+                    sink.write(&log[from..to], &offsets).await.expect("the same batch again");
+                }
+                from = to;
+            }
+            let rows: Vec<(String, Option<i64>, Option<i64>, Option<String>)> =
+                sqlx::query_as(&format!("SELECT id, a, b, s FROM \"{name}\"")).fetch_all(&pool).await.expect("rows");
+            let got: BTreeMap<String, BTreeMap<String, Json>> = rows
+                .into_iter()
+                .map(|(id, a, b, s)| {
+                    let fields = [("a", json!(a)), ("b", json!(b)), ("s", json!(s))]
+                        .into_iter()
+                        .filter(|(_, value)| !value.is_null())
+                        .map(|(name, value)| (name.to_string(), value))
+                        .collect();
+                    (id, fields)
+                })
+                .collect();
+            let want = reference(&log);
+            let wrong = differences(&got, &want);
+            println!(
+                "postgres versions={versions} seed {seed}: {} events, {} rows, {} wrong/missing/extra",
+                log.len(),
+                want.len(),
+                wrong.len()
+            );
+            assert!(wrong.is_empty(), "seed {seed}: {} rows differ from the fold:\n{}", wrong.len(), wrong.join("\n"));
+        }
+    }
+}

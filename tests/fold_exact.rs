@@ -75,10 +75,16 @@ fn random_log(rng: &mut StdRng, shape: Shape) -> Vec<WriteOp> {
     log
 }
 
+/// Each key's fields (absent: null or never set).
+type Row = BTreeMap<String, Json>;
+
+/// A row of the Postgres read model: its key and columns.
+type TableRow = (String, Option<i64>, Option<i64>, Option<String>);
+
 /// The log applied one event at a time: each key's fields, or `None` once
 /// deleted. A stale version changes nothing, also after a delete.
-fn reference(log: &[WriteOp]) -> BTreeMap<String, BTreeMap<String, Json>> {
-    let mut rows: BTreeMap<String, (Option<BTreeMap<String, Json>>, Option<i64>)> = BTreeMap::new();
+fn reference(log: &[WriteOp]) -> BTreeMap<String, Row> {
+    let mut rows: BTreeMap<String, (Option<Row>, Option<i64>)> = BTreeMap::new();
     for op in log {
         let Value::Str(key) = &op.key[0] else { unreachable!("keys are strings") };
         let (row, version) = rows.entry(key.to_string()).or_default();
@@ -150,7 +156,7 @@ async fn write_with_crashes(sink: &Sink, log: &[WriteOp], rng: &mut StdRng) -> u
     crashes
 }
 
-async fn elasticsearch_documents(index: &str) -> BTreeMap<String, BTreeMap<String, Json>> {
+async fn elasticsearch_documents(index: &str) -> BTreeMap<String, Row> {
     support::es_documents(index, 10_000)
         .await
         .into_iter()
@@ -161,10 +167,7 @@ async fn elasticsearch_documents(index: &str) -> BTreeMap<String, BTreeMap<Strin
         .collect()
 }
 
-fn differences(
-    got: &BTreeMap<String, BTreeMap<String, Json>>,
-    want: &BTreeMap<String, BTreeMap<String, Json>>,
-) -> Vec<String> {
+fn differences(got: &BTreeMap<String, Row>, want: &BTreeMap<String, Row>) -> Vec<String> {
     let mut keys: Vec<&String> = got.keys().chain(want.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -234,9 +237,9 @@ async fn postgres_equals_the_fold_whatever_the_cuts_duplicates_and_retries() {
                 }
                 from = to;
             }
-            let rows: Vec<(String, Option<i64>, Option<i64>, Option<String>)> =
+            let rows: Vec<TableRow> =
                 sqlx::query_as(&format!("SELECT id, a, b, s FROM \"{name}\"")).fetch_all(&pool).await.expect("rows");
-            let got: BTreeMap<String, BTreeMap<String, Json>> = rows
+            let got: BTreeMap<String, Row> = rows
                 .into_iter()
                 .map(|(id, a, b, s)| {
                     let fields = [("a", json!(a)), ("b", json!(b)), ("s", json!(s))]

@@ -229,9 +229,10 @@ pub struct TargetConfig {
     /// on its page (a HOT update: no new index entry): for read models whose
     /// rows are updated often. Default: Postgres' own (100).
     pub fillfactor: Option<Spanned<u32>>,
-    /// How long the version of a deleted key is kept (with `version:`), so
-    /// that a stale event arriving later (a late duplicate, a second
-    /// writer) cannot bring the key back, e.g. `7d` (default).
+    /// How long the guards of a deleted key are kept (Postgres: with
+    /// `version:`; Elasticsearch: with scripted guards), so that a stale
+    /// event arriving later (a late duplicate, a replay, a second writer)
+    /// cannot bring the key back, e.g. `7d` (default).
     pub tombstone_retention: Option<Spanned<String>>,
 }
 

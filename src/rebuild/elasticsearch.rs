@@ -419,6 +419,7 @@ mod tests {
             max_bulk_bytes: 1 << 20,
             max_bulk_actions: 1000,
             in_flight: 2,
+            tombstone_retention: std::time::Duration::from_secs(60),
         };
         let body = load_body(&target);
         assert!(body.get("aliases").is_none(), "{body}");

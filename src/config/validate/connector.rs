@@ -142,7 +142,6 @@ fn elasticsearch_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Ta
         (sink.primary_key.is_some(), "primary_key"),
         (sink.create.is_some(), "create"),
         (sink.fillfactor.is_some(), "fillfactor"),
-        (sink.tombstone_retention.is_some(), "tombstone_retention"),
     ] {
         if present {
             at.at(
@@ -180,6 +179,7 @@ fn elasticsearch_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Ta
         max_bulk_bytes: max_bytes as usize,
         max_bulk_actions: bulk.and_then(|b| b.max_actions).unwrap_or(5000).max(1),
         in_flight: bulk.and_then(|b| b.in_flight).unwrap_or(2).max(1),
+        tombstone_retention: at.duration(&sink.tombstone_retention, "sink.tombstone_retention", TOMBSTONE_RETENTION),
     }))
 }
 

@@ -35,7 +35,9 @@ pub const GUARD_FIELD: &str = "kawka";
 /// The Painless script of guarded updates (see the module doc). Written
 /// for value semantics too (some ES-API servers copy maps on read): nested
 /// maps are written back explicitly. A delete clears the document, so what
-/// follows it in the same update starts from nothing, as the fold says.
+/// follows it in the same update starts from nothing, as the fold says. A
+/// document that is missing starts from its tombstone's guards
+/// (`params._t`, put in by the sink when the document was deleted before).
 pub const SCRIPT: &str = "\
 def kawka = ctx._source.kawka;
 if (kawka == null) { kawka = new HashMap(); }
@@ -43,8 +45,9 @@ boolean missing = kawka.containsKey('missing');
 kawka.remove('missing');
 def pos = kawka.pos;
 if (pos == null) { pos = new HashMap(); }
-def applied = pos.containsKey(params.tp) ? pos[params.tp] : -1;
 def version = kawka.v;
+if (missing && params._t != null) { for (def tp : params._t.pos.keySet()) { pos[tp] = params._t.pos[tp]; } version = params._t.v; }
+def applied = pos.containsKey(params.tp) ? pos[params.tp] : -1;
 def first = params.whole[0];
 def todo = params.steps;
 if (first.b > applied && (first.w == null || version == null || first.w > version)) { todo = params.whole; }
@@ -82,6 +85,12 @@ pub struct Action {
     pub ops: Vec<usize>,
     /// Header line and (except for delete) body line, each ending in `\n`.
     pub lines: Vec<u8>,
+    /// A scripted update's: where in `lines` the `null` of its tombstone
+    /// parameter stands ([`Action::with_tombstone`]).
+    pub tombstone_slot: Option<usize>,
+    /// Whether it records a delete's tombstone (beside the delete; not an
+    /// event's own write).
+    pub records_tombstone: bool,
 }
 
 /// The document id of a key: one part as text, several joined by `|`, each
@@ -163,21 +172,106 @@ impl Serialize for FieldMap<'_> {
     }
 }
 
+/// The tombstone of a deleted document: its guards, kept in an index of
+/// their own (a deleted document has no `kawka` field to keep them in).
+pub const TOMBSTONE_SCRIPT: &str = "\
+def pos = ctx._source.pos;
+if (pos == null) { pos = new HashMap(); }
+if (!pos.containsKey(params.tp) || pos[params.tp] < params.o) { pos[params.tp] = params.o; }
+ctx._source.pos = pos;
+if (params.v != null && (ctx._source.v == null || ctx._source.v < params.v)) { ctx._source.v = params.v; }
+ctx._source.at = params.at;";
+
+/// The body of a scripted update. Its fields are written in this order,
+/// so that the tombstone parameter (`_t`) stands at a known place: where
+/// [`Action::tombstone_slot`] says.
+#[derive(Serialize)]
+struct UpdateBody<'a> {
+    script: Script<'a>,
+    scripted_upsert: bool,
+    upsert: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct Script<'a> {
+    params: Params<'a>,
+    source: &'static str,
+    lang: &'static str,
+}
+
+#[derive(Serialize)]
+struct Params<'a> {
+    /// Always `null` when planned: the sink puts a deleted document's
+    /// tombstone in its place before sending.
+    _t: Option<()>,
+    tp: &'a str,
+    whole: [Step<'a>; 1],
+    steps: Vec<Step<'a>>,
+}
+
+/// Where the `null` of `_t` stands in an update body's line.
+const TOMBSTONE_SLOT: usize = r#"{"script":{"params":{"_t":"#.len();
+
+/// Where tombstones go: the index, and when the deletes were written
+/// (milliseconds since the epoch, for their retention).
+#[derive(Debug, Clone, Copy)]
+pub struct Tombstones<'a> {
+    pub index: &'a str,
+    pub at_millis: i64,
+}
+
 /// Builds the actions of a batch from its net ops. `hashes` are the ops'
 /// [`crate::projection::fold::key_hashes`] when the caller has them.
 /// Ops that cannot be written (no document id, a fold error) are returned
-/// apart with the reason.
-pub fn plan(ops: &[WriteOp], hashes: &[u64], index: &str, mode: GuardMode) -> (Vec<Action>, Vec<(usize, String)>) {
+/// apart with the reason. With `tombstones` (scripted guards), each net op
+/// that deletes a document also records its guards there.
+pub fn plan(
+    ops: &[WriteOp],
+    hashes: &[u64],
+    index: &str,
+    mode: GuardMode,
+    tombstones: Option<Tombstones>,
+) -> (Vec<Action>, Vec<(usize, String)>) {
     let folded = fold(ops, hashes, GroupBy::KeyAndPartition);
     let mut rejected: Vec<(usize, String)> = folded.errors.iter().map(|error| (error.op, error.to_string())).collect();
     let mut actions = Vec::with_capacity(folded.net.len());
     for (net, members) in folded.net.iter().zip(folded.members_of_each()) {
         match doc_id(&net.key) {
-            Ok(doc_id) => actions.push(action(ops, index, mode, doc_id, net, members)),
+            Ok(doc_id) => {
+                let action = action(ops, index, mode, doc_id, net, members);
+                let tombstone = match (tombstones, &net.effect, action.tombstone_slot) {
+                    (Some(tombstones), Effect::Delete, Some(_)) => Some(tombstone(&action, net, tombstones)),
+                    _ => None,
+                };
+                actions.push(action);
+                actions.extend(tombstone);
+            }
             Err(message) => rejected.extend(members.into_iter().map(|op| (op, message.clone()))),
         }
     }
     (actions, rejected)
+}
+
+/// The action that records a delete's guards in the tombstones' index:
+/// the highest offset of each partition and the highest version deleted.
+fn tombstone(deleting: &Action, net: &NetOp, tombstones: Tombstones) -> Action {
+    let (topic, partition) = net.partition.expect("ops grouped by partition have one");
+    let mut lines = Vec::with_capacity(256);
+    write_line(&mut lines, &serde_json::json!({"update": {"_index": tombstones.index, "_id": deleting.doc_id}}));
+    let params = serde_json::json!({"tp": format!("{topic}/{partition}"), "o": net.last_offset, "v": net.version,
+        "at": tombstones.at_millis});
+    write_line(
+        &mut lines,
+        &serde_json::json!({"script": {"source": TOMBSTONE_SCRIPT, "lang": "painless", "params": params},
+            "scripted_upsert": true, "upsert": {}}),
+    );
+    Action {
+        doc_id: deleting.doc_id.clone(),
+        ops: deleting.ops.clone(),
+        lines,
+        tombstone_slot: None,
+        records_tombstone: true,
+    }
 }
 
 fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, net: &NetOp, members: Vec<usize>) -> Action {
@@ -213,16 +307,41 @@ fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, net: &N
             };
             let steps: Vec<Step> =
                 effects.iter().map(|(effect, op)| Step::new(effect, op.position.offset, op.version)).collect();
-            let body = serde_json::json!({
-                "script": {"source": SCRIPT, "lang": "painless", "params": {"tp": tp, "whole": [whole], "steps": steps}},
-                "scripted_upsert": true,
+            let body = UpdateBody {
+                script: Script {
+                    params: Params { _t: None, tp: &tp, whole: [whole], steps },
+                    source: SCRIPT,
+                    lang: "painless",
+                },
+                scripted_upsert: true,
                 // Marks a document that did not exist: deleting it is a noop.
-                "upsert": {GUARD_FIELD: {"missing": true}},
-            });
+                upsert: serde_json::json!({GUARD_FIELD: {"missing": true}}),
+            };
+            let body_starts = lines.len();
             write_line(&mut lines, &body);
+            let slot = body_starts + TOMBSTONE_SLOT;
+            debug_assert_eq!(lines.get(slot..slot + 4), Some(&b"null"[..]), "the tombstone slot");
+            return Action { doc_id, ops: members, lines, tombstone_slot: Some(slot), records_tombstone: false };
         }
     }
-    Action { doc_id, ops: members, lines }
+    Action { doc_id, ops: members, lines, tombstone_slot: None, records_tombstone: false }
+}
+
+impl Action {
+    /// Puts a deleted document's tombstone (its `_source`: `pos`, `v`) in
+    /// a scripted update, which then starts from those guards when the
+    /// document is missing.
+    pub fn with_tombstone(&self, tombstone: &serde_json::Value) -> Option<Action> {
+        let slot = self.tombstone_slot?;
+        let guards = serde_json::json!({"pos": tombstone.get("pos").cloned().unwrap_or_else(|| serde_json::json!({})),
+            "v": tombstone.get("v").cloned().unwrap_or(serde_json::Value::Null)});
+        let mut lines = Vec::with_capacity(self.lines.len() + 64);
+        lines.extend_from_slice(&self.lines[..slot]);
+        // Serializing a JSON value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut lines, &guards);
+        lines.extend_from_slice(&self.lines[slot + "null".len()..]);
+        Some(Action { lines, ..self.clone() })
+    }
 }
 
 fn write_line(out: &mut Vec<u8>, value: &impl Serialize) {
@@ -307,7 +426,7 @@ mod tests {
             op("u1", 0, 4, OpKind::Merge, &[("email", "old@x".into())]),
             op("u1", 0, 9, OpKind::Upsert, &[("name", "Ann".into())]),
         ];
-        let (actions, rejected) = plan(&ops, &[], "profiles", GuardMode::ExternalVersions);
+        let (actions, rejected) = plan(&ops, &[], "profiles", GuardMode::ExternalVersions, None);
         assert!(rejected.is_empty());
         assert_eq!(actions.len(), 1);
         assert_eq!(actions[0].ops, vec![0, 1]);
@@ -331,7 +450,7 @@ mod tests {
             op("u3", 0, 9, OpKind::Merge, &[("name", "Cy".into())]),
             op("u3", 0, 10, OpKind::Increment, &[("visits", Value::Int(1))]),
         ];
-        let (actions, _) = plan(&ops, &[], "profiles", GuardMode::ExternalVersions);
+        let (actions, _) = plan(&ops, &[], "profiles", GuardMode::ExternalVersions, None);
         let u1 = lines(&actions[0]);
         assert_eq!(u1[0]["index"]["version"], 8, "version = last offset + 1");
         assert_eq!(
@@ -343,18 +462,18 @@ mod tests {
             lines(&actions[2])[0].get("update").is_some(),
             "without an upsert or delete it depends on the stored document"
         );
-        let (scripted, _) = plan(&ops[..3], &[], "profiles", GuardMode::Scripted);
+        let (scripted, _) = plan(&ops[..3], &[], "profiles", GuardMode::Scripted, None);
         assert!(lines(&scripted[0])[0].get("update").is_some(), "domain versions: always the script");
     }
 
     #[test]
     fn deletes_last_are_external_version_deletes_and_scripted_mode_scripts_everything() {
         let ops = vec![op("u1", 0, 2, OpKind::Upsert, &[]), op("u1", 0, 3, OpKind::Delete, &[])];
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::ExternalVersions);
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::ExternalVersions, None);
         let lines_of = lines(&actions[0]);
         assert_eq!(lines_of.len(), 1);
         assert_eq!(lines_of[0]["delete"]["version"], 4);
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted);
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted, None);
         let lines_of = lines(&actions[0]);
         assert_eq!(lines_of[0], serde_json::json!({"update": {"_index": "p", "_id": "u1"}}));
         assert_eq!(lines_of[1]["scripted_upsert"], true);
@@ -381,7 +500,7 @@ mod tests {
             op("u2", 1, 6, OpKind::Merge, &[("b", Value::Bool(false))]),
             op("u1", 1, 7, OpKind::Increment, &[("n", Value::Int(5))]),
         ];
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted);
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted, None);
         assert_eq!(
             actions.iter().map(|a| (a.doc_id.as_str(), a.ops.clone())).collect::<Vec<_>>(),
             vec![("u1", vec![0, 1, 2, 3, 4]), ("u2", vec![5]), ("u1", vec![6]),]
@@ -412,7 +531,7 @@ mod tests {
         for (op, version) in ops.iter_mut().zip([1, 2, 1, 3]) {
             op.version = Some(version);
         }
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted);
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted, None);
         let params = &lines(&actions[0])[1]["script"]["params"];
         assert_eq!(
             params["whole"],
@@ -420,6 +539,30 @@ mod tests {
                 "f": {"name": "Ann", "points": 10, "email": "a@x"}, "a": {}}])
         );
         assert_eq!(params["steps"][2]["v"], 1, "the duplicate keeps its version, for the script to skip");
+    }
+
+    #[test]
+    fn a_scripted_delete_records_its_tombstone_and_a_tombstone_goes_into_the_update() {
+        let mut ops = vec![op("u1", 0, 4, OpKind::Merge, &[("a", Value::Int(1))]), op("u1", 0, 5, OpKind::Delete, &[])];
+        ops[1].version = Some(9);
+        let tombstones = Tombstones { index: "p.kawka-deleted", at_millis: 1000 };
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted, Some(tombstones));
+        assert_eq!(actions.len(), 2);
+        assert!(!actions[0].records_tombstone && actions[1].records_tombstone);
+        let tombstone = lines(&actions[1]);
+        assert_eq!(tombstone[0], serde_json::json!({"update": {"_index": "p.kawka-deleted", "_id": "u1"}}));
+        assert_eq!(tombstone[1]["script"]["params"], serde_json::json!({"tp": "users/0", "o": 5, "v": 9, "at": 1000}));
+        assert_eq!(lines(&actions[0])[1]["script"]["params"]["_t"], serde_json::Value::Null);
+        let stored = serde_json::json!({"pos": {"users/0": 7}, "v": 12, "at": 1});
+        let with = actions[0].with_tombstone(&stored).expect("a scripted update");
+        assert_eq!(lines(&with)[1]["script"]["params"]["_t"], serde_json::json!({"pos": {"users/0": 7}, "v": 12}));
+        assert_eq!(lines(&with)[1]["script"]["params"]["whole"], lines(&actions[0])[1]["script"]["params"]["whole"]);
+        // Without a delete, or with external versions, no tombstone.
+        let (actions, _) = plan(&ops[..1], &[], "p", GuardMode::Scripted, Some(tombstones));
+        assert_eq!(actions.len(), 1);
+        let (actions, _) = plan(&ops, &[], "p", GuardMode::ExternalVersions, Some(tombstones));
+        assert_eq!(actions.len(), 1);
+        assert!(actions[0].with_tombstone(&stored).is_none(), "an external-version delete has no slot");
     }
 
     #[test]
@@ -437,7 +580,7 @@ mod tests {
         assert_eq!(distinct.len(), ids.len(), "{ids:?}");
         let mut bad = op("x", 0, 0, OpKind::Upsert, &[]);
         bad.key = smallvec::smallvec![Value::Null];
-        let (actions, rejected) = plan(&[bad], &[], "p", GuardMode::Scripted);
+        let (actions, rejected) = plan(&[bad], &[], "p", GuardMode::Scripted, None);
         assert!(actions.is_empty());
         assert_eq!(rejected, vec![(0, "the document id is null".to_string())]);
     }

@@ -18,13 +18,13 @@ use elasticsearch::auth::Credentials;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::Url;
 use elasticsearch::indices::{IndicesCreateParts, IndicesExistsAliasParts, IndicesExistsParts};
-use elasticsearch::{BulkParts, Elasticsearch};
+use elasticsearch::{BulkParts, DeleteByQueryParts, Elasticsearch, MgetParts};
 use futures::future::join_all;
 
 use super::{SinkError, SinkSettings};
 use crate::error::Backoff;
 use crate::projection::WriteOp;
-use bulk::{Action, GuardMode, ItemOutcome};
+use bulk::{Action, GuardMode, ItemOutcome, Tombstones};
 pub use settings::{ElasticsearchConnection, ElasticsearchTarget};
 
 /// Retries of failed items inside one write, before the pipeline's own
@@ -78,11 +78,7 @@ impl ElasticsearchSink {
         let transport = builder.build().map_err(|e| SinkError::Setup(format!("elasticsearch client: {e}")))?;
         // External versions order writes by offset, which only works when
         // one partition (of one topic) holds all of a document's events.
-        let mode = if connector.topics == 1 && !connector.versioned {
-            GuardMode::ExternalVersions
-        } else {
-            GuardMode::Scripted
-        };
+        let mode = if connector.offsets_order_documents { GuardMode::ExternalVersions } else { GuardMode::Scripted };
         Ok(ElasticsearchSink { client: Elasticsearch::new(transport), target: target.clone(), mode, concrete: false })
     }
 
@@ -111,6 +107,7 @@ impl ElasticsearchSink {
     /// Refuses a concrete index that has the alias's name: kawka never
     /// writes to a bare index behind the user's back.
     pub async fn prepare(&self) -> Result<(), SinkError> {
+        self.prepare_tombstones().await?;
         if self.concrete {
             return Ok(());
         }
@@ -171,8 +168,107 @@ impl ElasticsearchSink {
     /// `hashes` are the ops' [`crate::projection::fold::key_hashes`]
     /// when the caller has them.
     pub fn plan(&self, ops: &[WriteOp], hashes: &[u64]) -> ElasticsearchPlan {
-        let (actions, rejected) = bulk::plan(ops, hashes, &self.target.alias, self.mode);
+        let index = self.tombstones();
+        let tombstones = index.as_deref().map(|index| Tombstones { index, at_millis: now_millis() });
+        let (actions, rejected) = bulk::plan(ops, hashes, &self.target.alias, self.mode, tombstones);
         ElasticsearchPlan { actions, rejected }
+    }
+
+    /// The index of deleted documents' guards, with scripted guards
+    /// (`<alias>.kawka-deleted`; external versions keep their own).
+    pub fn tombstones(&self) -> Option<String> {
+        (self.mode == GuardMode::Scripted).then(|| format!("{}.kawka-deleted", self.target.alias))
+    }
+
+    /// Creates the tombstones' index when missing and forgets the
+    /// tombstones older than the retention.
+    async fn prepare_tombstones(&self) -> Result<(), SinkError> {
+        let Some(index) = self.tombstones() else { return Ok(()) };
+        let body = serde_json::json!({"mappings": {"dynamic": false,
+            "properties": {"at": {"type": "date", "format": "epoch_millis"}}}});
+        let response = self
+            .client
+            .indices()
+            .create(IndicesCreateParts::Index(&index))
+            .body(body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status_code().as_u16();
+        if status != 200 {
+            let text = response.text().await.unwrap_or_default();
+            if !text.contains("resource_already_exists_exception") {
+                return Err(SinkError::Elasticsearch {
+                    status: Some(status),
+                    message: format!("creating {index}: {text}"),
+                });
+            }
+        }
+        let before = now_millis() - self.target.tombstone_retention.as_millis() as i64;
+        let response = self
+            .client
+            .delete_by_query(DeleteByQueryParts::Index(&[&index]))
+            .body(serde_json::json!({"query": {"range": {"at": {"lt": before}}}}))
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status_code().as_u16();
+        if !(200..300).contains(&status) {
+            let text = response.text().await.unwrap_or_default();
+            return Err(SinkError::Elasticsearch {
+                status: Some(status),
+                message: format!("expiring {index}: {text}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The scripted updates of `actions` whose document has a tombstone,
+    /// with it put in (by index in `actions`).
+    async fn with_tombstones(&self, actions: &[Action]) -> Result<Vec<(usize, Action)>, SinkError> {
+        let Some(index) = self.tombstones() else { return Ok(Vec::new()) };
+        let ids: Vec<&str> = actions
+            .iter()
+            .filter(|a| a.tombstone_slot.is_some())
+            .map(|a| a.doc_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let response = self
+            .client
+            .mget(MgetParts::Index(&index))
+            .body(serde_json::json!({"ids": ids}))
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status_code().as_u16();
+        if !(200..300).contains(&status) {
+            let text = response.text().await.unwrap_or_default();
+            return Err(SinkError::Elasticsearch {
+                status: Some(status),
+                message: format!("reading {index}: {}", truncate(&text)),
+            });
+        }
+        let reply: serde_json::Value = response.json().await.map_err(transport_error)?;
+        let mut found: std::collections::HashMap<&str, &serde_json::Value> = std::collections::HashMap::new();
+        for doc in reply.get("docs").and_then(|d| d.as_array()).into_iter().flatten() {
+            if doc.get("found").and_then(|f| f.as_bool()) == Some(true) {
+                if let (Some(id), Some(source)) = (doc.get("_id").and_then(|i| i.as_str()), doc.get("_source")) {
+                    found.insert(id, source);
+                }
+            }
+        }
+        Ok(actions
+            .iter()
+            .enumerate()
+            .filter_map(|(at, action)| {
+                let tombstone = found.get(action.doc_id.as_str())?;
+                Some((at, action.with_tombstone(tombstone)?))
+            })
+            .collect())
     }
 
     /// Applies the ops of a batch ([`ElasticsearchSink::plan`], then
@@ -187,7 +283,16 @@ impl ElasticsearchSink {
     pub async fn write_plan(&self, plan: &ElasticsearchPlan) -> Result<WriteCounts, SinkError> {
         let lanes = self.target.in_flight.max(1);
         let mut by_lane: Vec<Vec<&Action>> = (0..lanes).map(|_| Vec::new()).collect();
-        for action in &plan.actions {
+        let tombstoned = self.with_tombstones(&plan.actions).await?;
+        let mut tombstoned = tombstoned.iter().peekable();
+        for (at, action) in plan.actions.iter().enumerate() {
+            let action = match tombstoned.peek() {
+                Some((with, replaced)) if *with == at => {
+                    tombstoned.next();
+                    replaced
+                }
+                _ => action,
+            };
             by_lane[lane_of(&action.doc_id, lanes)].push(action);
         }
         let results = join_all(by_lane.into_iter().map(|actions| self.write_lane(actions))).await;
@@ -251,6 +356,8 @@ impl ElasticsearchSink {
             let mut last_reason = String::new();
             for (action, outcome) in pending.iter().zip(outcomes) {
                 match outcome {
+                    // A tombstone is not an event's write: not counted.
+                    ItemOutcome::Applied | ItemOutcome::Duplicate if action.records_tombstone => {}
                     ItemOutcome::Applied => counts.applied += 1,
                     ItemOutcome::Duplicate => counts.duplicates += 1,
                     ItemOutcome::Reject(reason) => rejected.extend(action.ops.iter().map(|&op| (op, reason.clone()))),
@@ -329,6 +436,10 @@ pub fn create_body(target: &ElasticsearchTarget, alias: &str) -> serde_json::Val
     body
 }
 
+fn now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 fn lane_of(doc_id: &str, lanes: usize) -> usize {
     // FNV-1a: stable and cheap; any stable hash keeps a document in one lane.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -363,6 +474,7 @@ mod tests {
             max_bulk_bytes: 5 << 20,
             max_bulk_actions: 1000,
             in_flight: 2,
+            tombstone_retention: std::time::Duration::from_secs(60),
         };
         let body = create_body(&target, "profiles");
         assert_eq!(body["mappings"]["dynamic"], "strict");

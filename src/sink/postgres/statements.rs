@@ -470,8 +470,24 @@ mod tests {
         op.version = Some(3);
         let statements = table.plan(&[op.clone(), NetOp { effect: Effect::Delete, ..op }]).expect("binds");
         assert!(statements[0].sql.contains("t.kawka_version < d.v"), "{}", statements[0].sql);
-        assert!(statements[1].sql.contains("kawka_version = EXCLUDED.kawka_version WHERE t.kawka_version IS NULL"));
-        assert_eq!(statements[1].arrays.last(), Some(&ColumnArray::Int(vec![Some(3)])));
+        // A versioned delete keeps its version in the key's tombstone.
+        assert!(
+            statements[1].sql.starts_with("INSERT INTO \"public\".\"inventory_kawka_deleted\""),
+            "{}",
+            statements[1].sql
+        );
+        assert!(
+            statements[1].sql.contains("GREATEST(d.kawka_version, EXCLUDED.kawka_version)"),
+            "{}",
+            statements[1].sql
+        );
+        assert_eq!(statements[1].arrays, statements[0].arrays);
+        assert!(statements[2].sql.contains("kawka_version = EXCLUDED.kawka_version WHERE t.kawka_version IS NULL"));
+        assert_eq!(statements[2].arrays.last(), Some(&ColumnArray::Int(vec![Some(3)])));
         assert!(table.create_table().contains("kawka_version bigint"));
+        assert!(table.create_tombstones().contains("kawka_version bigint NOT NULL"));
+        let stored = table.stored_versions(&statements[0].arrays[..2]);
+        assert!(stored.contains("GREATEST(t.kawka_version, d.kawka_version)"), "{stored}");
+        assert!(stored.contains("WITH ORDINALITY"), "{stored}");
     }
 }

@@ -18,7 +18,14 @@
 //!   otherwise each event's own effect (`params.steps`), skipping those at
 //!   or below the stored offset or version. When nothing applies the
 //!   update is a noop: the document, its version and its sequence number
-//!   stay as they were.
+//!   stay as they were. A net op that leaves a whole document is first
+//!   sent as a `create` of it with the guards the script would store (what
+//!   the script makes of a new document, at the cost of an `index`); when
+//!   the document exists, or a tombstone says it was deleted, the update
+//!   goes instead.
+//! * a net op that deletes, with scripted guards, also records the
+//!   document's guards in the tombstones' index ([`TOMBSTONE_SCRIPT`]):
+//!   the sink reads them back into the update of a missing document.
 
 use std::io::Write as _;
 
@@ -91,6 +98,14 @@ pub struct Action {
     /// Whether it records a delete's tombstone (beside the delete; not an
     /// event's own write).
     pub records_tombstone: bool,
+    /// For a `create` (a whole document, scripted guards): the guarded
+    /// update sent instead when the document exists, or has a tombstone.
+    pub otherwise: Option<Box<Action>>,
+    /// For an external-version `index`: its partition (`topic/partition`)
+    /// and last offset. A tombstone at or past that offset says it was
+    /// applied, and deleted since (Elasticsearch forgets a deleted
+    /// document's version after `index.gc_deletes`).
+    pub covers: Option<(String, i64)>,
 }
 
 /// The document id of a key: one part as text, several joined by `|`, each
@@ -239,8 +254,8 @@ pub fn plan(
         match doc_id(&net.key) {
             Ok(doc_id) => {
                 let action = action(ops, index, mode, doc_id, net, members);
-                let tombstone = match (tombstones, &net.effect, action.tombstone_slot) {
-                    (Some(tombstones), Effect::Delete, Some(_)) => Some(tombstone(&action, net, tombstones)),
+                let tombstone = match (tombstones, &net.effect) {
+                    (Some(tombstones), Effect::Delete) => Some(tombstone(&action, net, tombstones)),
                     _ => None,
                 };
                 actions.push(action);
@@ -271,6 +286,8 @@ fn tombstone(deleting: &Action, net: &NetOp, tombstones: Tombstones) -> Action {
         lines,
         tombstone_slot: None,
         records_tombstone: true,
+        otherwise: None,
+        covers: None,
     }
 }
 
@@ -287,8 +304,18 @@ fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, net: &N
             for (name, value) in fields.iter() {
                 doc.insert(name.to_string(), value.to_json());
             }
-            doc.insert(GUARD_FIELD.into(), serde_json::json!({"pos": {tp: net.last_offset}}));
+            doc.insert(GUARD_FIELD.into(), serde_json::json!({"pos": {&tp: net.last_offset}}));
             write_line(&mut lines, &doc);
+            let covers = Some((tp, net.last_offset));
+            return Action {
+                doc_id,
+                ops: members,
+                lines,
+                tombstone_slot: None,
+                records_tombstone: false,
+                otherwise: None,
+                covers,
+            };
         }
         (GuardMode::ExternalVersions, Effect::Delete) => {
             let header = serde_json::json!({"delete": {"_index": index, "_id": doc_id, "version": version, "version_type": "external"}});
@@ -321,17 +348,80 @@ fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, net: &N
             write_line(&mut lines, &body);
             let slot = body_starts + TOMBSTONE_SLOT;
             debug_assert_eq!(lines.get(slot..slot + 4), Some(&b"null"[..]), "the tombstone slot");
-            return Action { doc_id, ops: members, lines, tombstone_slot: Some(slot), records_tombstone: false };
+            let update = Action {
+                doc_id,
+                ops: members,
+                lines,
+                tombstone_slot: Some(slot),
+                records_tombstone: false,
+                otherwise: None,
+                covers: None,
+            };
+            // A whole document is first tried as a `create`: on a new
+            // document (most of a fresh read model's) it is what the script
+            // would have made, at the cost of an `index`.
+            return match &net.effect {
+                Effect::Replace(fields) => create(index, &tp, fields, net, update),
+                _ => update,
+            };
         }
     }
-    Action { doc_id, ops: members, lines, tombstone_slot: None, records_tombstone: false }
+    Action {
+        doc_id,
+        ops: members,
+        lines,
+        tombstone_slot: None,
+        records_tombstone: false,
+        otherwise: None,
+        covers: None,
+    }
+}
+
+/// A `create` of the document a net op replaces, with the guards the
+/// script would store; `update` is sent instead when it exists.
+fn create(index: &str, tp: &str, fields: &[(Name, Value)], net: &NetOp, update: Action) -> Action {
+    let mut lines = Vec::with_capacity(update.lines.len());
+    write_line(&mut lines, &serde_json::json!({"create": {"_index": index, "_id": update.doc_id}}));
+    let mut doc = serde_json::Map::new();
+    for (name, value) in fields {
+        doc.insert(name.to_string(), value.to_json());
+    }
+    let mut guards = serde_json::json!({"pos": {tp: net.last_offset}});
+    if let Some(version) = net.version {
+        guards["v"] = serde_json::json!(version);
+    }
+    doc.insert(GUARD_FIELD.into(), guards);
+    write_line(&mut lines, &doc);
+    Action {
+        doc_id: update.doc_id.clone(),
+        ops: update.ops.clone(),
+        lines,
+        tombstone_slot: None,
+        records_tombstone: false,
+        otherwise: Some(Box::new(update)),
+        covers: None,
+    }
 }
 
 impl Action {
     /// Puts a deleted document's tombstone (its `_source`: `pos`, `v`) in
     /// a scripted update, which then starts from those guards when the
     /// document is missing.
+    /// Whether a tombstone (its `_source`) says this external-version write
+    /// was applied before its document was deleted.
+    pub fn deleted_since(&self, tombstone: &serde_json::Value) -> bool {
+        let Some((tp, last)) = &self.covers else { return false };
+        tombstone
+            .get("pos")
+            .and_then(|pos| pos.get(tp))
+            .and_then(serde_json::Value::as_i64)
+            .is_some_and(|at| at >= *last)
+    }
+
     pub fn with_tombstone(&self, tombstone: &serde_json::Value) -> Option<Action> {
+        if let Some(update) = &self.otherwise {
+            return update.with_tombstone(tombstone);
+        }
         let slot = self.tombstone_slot?;
         let guards = serde_json::json!({"pos": tombstone.get("pos").cloned().unwrap_or_else(|| serde_json::json!({})),
             "v": tombstone.get("v").cloned().unwrap_or(serde_json::Value::Null)});
@@ -356,6 +446,8 @@ pub enum ItemOutcome {
     Applied,
     /// A guarded write that was applied before (a replay or a duplicate).
     Duplicate,
+    /// A `create` whose document exists: its guarded update goes instead.
+    Exists,
     /// Backpressure (429), a server error or a timeout: send it again.
     Retry(String),
     /// The document was refused (mapping or parsing): an error of its events.
@@ -387,6 +479,7 @@ pub fn classify_item(kind: &str, status: u16, error: Option<&serde_json::Value>)
         // is sent again (its guards then see what the other wrote). Only an
         // external version's conflict says "already applied".
         409 if kind == "update" => ItemOutcome::Retry(format!("{} (another writer)", describe())),
+        409 if kind == "create" => ItemOutcome::Exists,
         409 => ItemOutcome::Duplicate,
         _ => match classify_http_status(status) {
             ErrorClass::Permanent => ItemOutcome::Reject(describe()),
@@ -410,6 +503,12 @@ mod tests {
             version: None,
             position: Position { topic: "users", partition, offset },
         }
+    }
+
+    /// The guarded update of an action: itself, or the one sent instead of
+    /// its create when the document exists.
+    fn update_of(action: &Action) -> &Action {
+        action.otherwise.as_deref().unwrap_or(action)
     }
 
     fn lines(action: &Action) -> Vec<serde_json::Value> {
@@ -463,7 +562,16 @@ mod tests {
             "without an upsert or delete it depends on the stored document"
         );
         let (scripted, _) = plan(&ops[..3], &[], "profiles", GuardMode::Scripted, None);
-        assert!(lines(&scripted[0])[0].get("update").is_some(), "domain versions: always the script");
+        // Scripted guards: a whole document is tried as a create, with the
+        // guarded update for when it exists.
+        assert_eq!(
+            lines(&scripted[0]),
+            vec![
+                serde_json::json!({"create": {"_index": "profiles", "_id": "u1"}}),
+                serde_json::json!({"name": "Ann", "visits": 3, "email": "ann@x", "kawka": {"pos": {"users/0": 7}}}),
+            ]
+        );
+        assert!(lines(update_of(&scripted[0]))[0].get("update").is_some(), "the update when it exists");
     }
 
     #[test]
@@ -505,7 +613,7 @@ mod tests {
             actions.iter().map(|a| (a.doc_id.as_str(), a.ops.clone())).collect::<Vec<_>>(),
             vec![("u1", vec![0, 1, 2, 3, 4]), ("u2", vec![5]), ("u1", vec![6]),]
         );
-        let first = &lines(&actions[0])[1]["script"]["params"];
+        let first = &lines(update_of(&actions[0]))[1]["script"]["params"];
         assert_eq!(
             first["whole"],
             serde_json::json!([{"o": 5, "b": 1, "k": "r", "f": {"n": 1, "a": "y", "b": true}, "a": {}}])
@@ -532,7 +640,13 @@ mod tests {
             op.version = Some(version);
         }
         let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted, None);
-        let params = &lines(&actions[0])[1]["script"]["params"];
+        let create = lines(&actions[0]);
+        assert_eq!(
+            create[1]["kawka"],
+            serde_json::json!({"pos": {"users/0": 3}, "v": 3}),
+            "the guards the script keeps"
+        );
+        let params = &lines(update_of(&actions[0]))[1]["script"]["params"];
         assert_eq!(
             params["whole"],
             serde_json::json!([{"o": 3, "v": 3, "b": 0, "w": 1, "k": "r",
@@ -557,12 +671,21 @@ mod tests {
         let with = actions[0].with_tombstone(&stored).expect("a scripted update");
         assert_eq!(lines(&with)[1]["script"]["params"]["_t"], serde_json::json!({"pos": {"users/0": 7}, "v": 12}));
         assert_eq!(lines(&with)[1]["script"]["params"]["whole"], lines(&actions[0])[1]["script"]["params"]["whole"]);
-        // Without a delete, or with external versions, no tombstone.
+        // Without a delete, no tombstone.
         let (actions, _) = plan(&ops[..1], &[], "p", GuardMode::Scripted, Some(tombstones));
         assert_eq!(actions.len(), 1);
         let (actions, _) = plan(&ops, &[], "p", GuardMode::ExternalVersions, Some(tombstones));
-        assert_eq!(actions.len(), 1);
+        assert_eq!(actions.len(), 2, "external versions: the delete and its tombstone");
         assert!(actions[0].with_tombstone(&stored).is_none(), "an external-version delete has no slot");
+        // An external-version index at or below a tombstone's offset was
+        // applied before the document was deleted.
+        let upserts = [op("u1", 0, 6, OpKind::Upsert, &[]), op("u1", 0, 7, OpKind::Upsert, &[])];
+        let (older, _) = plan(&upserts[..1], &[], "p", GuardMode::ExternalVersions, Some(tombstones));
+        let (newer, _) = plan(&upserts, &[], "p", GuardMode::ExternalVersions, Some(tombstones));
+        let deleted_at_6 = serde_json::json!({"pos": {"users/0": 6}});
+        assert!(older[0].deleted_since(&deleted_at_6));
+        assert!(!newer[0].deleted_since(&deleted_at_6), "offset 7 is after the delete");
+        assert!(!older[0].deleted_since(&serde_json::json!({"pos": {"users/1": 9}})), "another partition's");
     }
 
     #[test]
@@ -594,6 +717,7 @@ mod tests {
         assert_eq!(classify_item("delete", 404, None), ItemOutcome::Applied);
         assert_eq!(classify_item("index", 409, None), ItemOutcome::Duplicate);
         assert_eq!(classify_item("delete", 409, None), ItemOutcome::Duplicate);
+        assert_eq!(classify_item("create", 409, None), ItemOutcome::Exists);
         assert!(matches!(classify_item("update", 409, None), ItemOutcome::Retry(_)), "a lost race is not applied");
         assert!(matches!(classify_item("index", 429, None), ItemOutcome::Retry(_)));
         assert!(matches!(classify_item("index", 503, None), ItemOutcome::Retry(_)));

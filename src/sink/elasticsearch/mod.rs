@@ -169,21 +169,20 @@ impl ElasticsearchSink {
     /// when the caller has them.
     pub fn plan(&self, ops: &[WriteOp], hashes: &[u64]) -> ElasticsearchPlan {
         let index = self.tombstones();
-        let tombstones = index.as_deref().map(|index| Tombstones { index, at_millis: now_millis() });
+        let tombstones = Some(Tombstones { index: &index, at_millis: now_millis() });
         let (actions, rejected) = bulk::plan(ops, hashes, &self.target.alias, self.mode, tombstones);
         ElasticsearchPlan { actions, rejected }
     }
 
-    /// The index of deleted documents' guards, with scripted guards
-    /// (`<alias>.kawka-deleted`; external versions keep their own).
-    pub fn tombstones(&self) -> Option<String> {
-        (self.mode == GuardMode::Scripted).then(|| format!("{}.kawka-deleted", self.target.alias))
+    /// The index of deleted documents' guards (`<alias>.kawka-deleted`).
+    pub fn tombstones(&self) -> String {
+        format!("{}.kawka-deleted", self.target.alias)
     }
 
     /// Creates the tombstones' index when missing and forgets the
     /// tombstones older than the retention.
     async fn prepare_tombstones(&self) -> Result<(), SinkError> {
-        let Some(index) = self.tombstones() else { return Ok(()) };
+        let index = self.tombstones();
         let body = serde_json::json!({"mappings": {"dynamic": false,
             "properties": {"at": {"type": "date", "format": "epoch_millis"}}}});
         let response = self
@@ -223,13 +222,14 @@ impl ElasticsearchSink {
         Ok(())
     }
 
-    /// The scripted updates of `actions` whose document has a tombstone,
-    /// with it put in (by index in `actions`).
-    async fn with_tombstones(&self, actions: &[Action]) -> Result<Vec<(usize, Action)>, SinkError> {
-        let Some(index) = self.tombstones() else { return Ok(Vec::new()) };
+    /// The actions of `actions` (by index) whose document has a tombstone:
+    /// a scripted update with the tombstone put in, or `None` for an
+    /// external-version write the tombstone says was applied before.
+    async fn with_tombstones(&self, actions: &[Action]) -> Result<Vec<(usize, Option<Action>)>, SinkError> {
+        let index = self.tombstones();
         let ids: Vec<&str> = actions
             .iter()
-            .filter(|a| a.tombstone_slot.is_some())
+            .filter(|a| a.tombstone_slot.is_some() || a.otherwise.is_some() || a.covers.is_some())
             .map(|a| a.doc_id.as_str())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
@@ -266,7 +266,10 @@ impl ElasticsearchSink {
             .enumerate()
             .filter_map(|(at, action)| {
                 let tombstone = found.get(action.doc_id.as_str())?;
-                Some((at, action.with_tombstone(tombstone)?))
+                if action.deleted_since(tombstone) {
+                    return Some((at, None));
+                }
+                Some((at, Some(action.with_tombstone(tombstone)?)))
             })
             .collect())
     }
@@ -285,18 +288,26 @@ impl ElasticsearchSink {
         let mut by_lane: Vec<Vec<&Action>> = (0..lanes).map(|_| Vec::new()).collect();
         let tombstoned = self.with_tombstones(&plan.actions).await?;
         let mut tombstoned = tombstoned.iter().peekable();
+        let mut deleted_since = 0;
         for (at, action) in plan.actions.iter().enumerate() {
             let action = match tombstoned.peek() {
                 Some((with, replaced)) if *with == at => {
                     tombstoned.next();
-                    replaced
+                    match replaced {
+                        Some(replaced) => replaced,
+                        None => {
+                            deleted_since += 1;
+                            continue;
+                        }
+                    }
                 }
                 _ => action,
             };
             by_lane[lane_of(&action.doc_id, lanes)].push(action);
         }
         let results = join_all(by_lane.into_iter().map(|actions| self.write_lane(actions))).await;
-        let mut counts = WriteCounts::default();
+        // Applied before, and deleted since: duplicates.
+        let mut counts = WriteCounts { applied: 0, duplicates: deleted_since };
         let mut rejected = plan.rejected.clone();
         let mut failure = None;
         for result in results {
@@ -354,12 +365,18 @@ impl ElasticsearchSink {
             let outcomes = self.send(&pending).await?;
             let mut retry = Vec::new();
             let mut last_reason = String::new();
+            // Updates sent at once in place of creates that met a document.
+            let mut instead = Vec::new();
             for (action, outcome) in pending.iter().zip(outcomes) {
                 match outcome {
                     // A tombstone is not an event's write: not counted.
                     ItemOutcome::Applied | ItemOutcome::Duplicate if action.records_tombstone => {}
                     ItemOutcome::Applied => counts.applied += 1,
                     ItemOutcome::Duplicate => counts.duplicates += 1,
+                    ItemOutcome::Exists => match &action.otherwise {
+                        Some(update) => instead.push(&**update),
+                        None => rejected.extend(action.ops.iter().map(|&op| (op, "the document exists".to_string()))),
+                    },
                     ItemOutcome::Reject(reason) => rejected.extend(action.ops.iter().map(|&op| (op, reason.clone()))),
                     ItemOutcome::Retry(reason) => {
                         last_reason = reason;
@@ -367,19 +384,22 @@ impl ElasticsearchSink {
                     }
                 }
             }
-            if retry.is_empty() {
+            if retry.is_empty() && instead.is_empty() {
                 return Ok((counts, rejected));
             }
-            if attempt + 1 >= ITEM_ATTEMPTS {
-                return Err(SinkError::Elasticsearch {
-                    status: None,
-                    message: format!("{} item(s) still failing: {last_reason}", retry.len()),
-                });
+            if !retry.is_empty() {
+                if attempt + 1 >= ITEM_ATTEMPTS {
+                    return Err(SinkError::Elasticsearch {
+                        status: None,
+                        message: format!("{} item(s) still failing: {last_reason}", retry.len()),
+                    });
+                }
+                tracing::debug!(items = retry.len(), reason = %last_reason, "retrying bulk items");
+                tokio::time::sleep(backoff.delay(attempt)).await;
+                attempt += 1;
             }
-            tracing::debug!(items = retry.len(), reason = %last_reason, "retrying bulk items");
-            tokio::time::sleep(backoff.delay(attempt)).await;
-            attempt += 1;
-            pending = retry;
+            instead.extend(retry);
+            pending = instead;
         }
     }
 

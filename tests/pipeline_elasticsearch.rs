@@ -215,3 +215,83 @@ async fn kill_9_during_a_run_with_merges_and_increments_ends_in_the_fold_of_the_
     eprintln!("{KILLS} kills, committed at each kill: {progress_at_kills:?}");
     let _ = registry.stop().await; // cleanup only
 }
+
+fn versioned_profiles_connector(name: &str, topic: &str) -> String {
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "1000" }} }}
+sink: {{ to: search, index: {name}, mappings: {{ properties: {{ email: {{ type: keyword }} }} }}, bulk: {{ max_actions: 200 }} }}
+key: $key
+batch: {{ max_events: 200, max_wait: 100ms }}
+{}"#,
+        support::profiles::RULES
+    )
+}
+
+/// Two processes of one connector, killed with SIGKILL and restarted at
+/// random moments (each kill and start a rebalance that moves partitions
+/// between them, replaying what was written but not committed), over a
+/// versioned profile log with merges and increments on shared documents,
+/// late duplicates, deletes and re-registrations: every document ends
+/// equal to the log folded one event at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_killed_and_rebalanced_end_in_the_fold_of_a_log_with_duplicates_and_deletes() {
+    const EVENTS: usize = 30_000;
+    const USERS: usize = 500;
+    const KILLS: usize = 6;
+    let registry = support::start_registry().await;
+    let topic = support::unique("profiles");
+    let name = support::unique("profiles");
+    support::create_topic(&topic, 3).await;
+    let records = support::profiles::log(EVENTS, USERS);
+    let expected = support::profiles::fold(&records);
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": support::profiles::schemas()});
+    support::produce_with_python(&spec, records).await;
+
+    let project = Project::new(&registry.url(), &[(&name, &versioned_profiles_connector(&name, &topic))]);
+    let group = format!("kawka.{name}");
+    let topics = vec![topic.clone()];
+    let total = EVENTS as i64;
+    let mut processes = [project.start(0), project.start(1)];
+    let mut progress_at_kills = Vec::new();
+    let mut before = 0;
+    for round in 0..KILLS {
+        let now = eventually(Duration::from_secs(90), "progress between kills", || async {
+            let now = support::committed_total(&group, &topics).await;
+            (now > before).then_some(now)
+        })
+        .await;
+        assert!(now < total, "round {round}: the run finished before the kill; make it longer");
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..500))).await;
+        let victim = rand::rng().random_range(0..2);
+        processes[victim].kill9();
+        before = support::committed_total(&group, &topics).await;
+        progress_at_kills.push(before);
+        processes[victim] = project.start(2 + round);
+    }
+    eventually(Duration::from_secs(300), "every event to be committed", || async {
+        (support::committed_total(&group, &topics).await == total).then_some(())
+    })
+    .await;
+    for process in &mut processes {
+        assert_eq!(process.terminate().await, Some(0), "clean exit; log:\n{}", process.log());
+    }
+    let actual = support::es_documents(&name, 10_000).await;
+    let wrong: Vec<_> = expected.iter().filter(|(id, doc)| actual.get(*id) != Some(doc)).collect();
+    let extra: Vec<_> = actual.keys().filter(|id| !expected.contains_key(*id)).collect();
+    eprintln!(
+        "{EVENTS} events, {} documents, {KILLS} kills (committed at each: {progress_at_kills:?}), \
+         {} wrong or missing, {} extra",
+        expected.len(),
+        wrong.len(),
+        extra.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "documents differ from the fold (expected side shown): {:?}",
+        &wrong[..wrong.len().min(5)]
+    );
+    assert!(extra.is_empty(), "documents the fold deleted: {extra:?}");
+    let _ = registry.stop().await; // cleanup only
+}

@@ -653,3 +653,116 @@ pub mod stats {
         fold
     }
 }
+
+/// A versioned profile log (`version: seq`): registrations, email changes,
+/// logins (increments), deletes followed by re-registrations, and late
+/// duplicates (an earlier event of the user again, with its `seq`).
+pub mod profiles {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use rand::Rng;
+    use serde_json::{json, Value as Json};
+
+    /// The producer's schemas of the four events.
+    pub fn schemas() -> Json {
+        let record = |name: &str, fields: Json| super::record_schema("test.profiles", name, fields);
+        let id_seq = |more: Json| {
+            let mut fields = vec![json!({"name": "user_id", "type": "string"}), json!({"name": "seq", "type": "long"})];
+            fields.extend(more.as_array().cloned().unwrap_or_default());
+            Json::Array(fields)
+        };
+        json!({
+            "registered": record("Registered", id_seq(json!([{"name": "name", "type": "string"}, {"name": "email", "type": "string"}]))),
+            "email": record("EmailChanged", id_seq(json!([{"name": "email", "type": "string"}]))),
+            "login": record("LoggedIn", id_seq(json!([{"name": "count", "type": "int"}]))),
+            "deleted": record("Deleted", id_seq(json!([]))),
+        })
+    }
+
+    /// The connector's rules for these events (with `version: seq`).
+    pub const RULES: &str = "version: seq
+events:
+  test.profiles.Registered:   { upsert: { name: name, email: email, logins: 0 } }
+  test.profiles.EmailChanged: { merge: { email: email } }
+  test.profiles.LoggedIn:     { increment: { logins: count } }
+  test.profiles.Deleted:      { delete: {} }
+";
+
+    /// A random log of `events` over `users` users (Kafka key = user).
+    pub fn log(events: usize, users: usize) -> Vec<Json> {
+        let mut rng = rand::rng();
+        let mut registered = BTreeSet::new();
+        let mut seqs: BTreeMap<String, i64> = BTreeMap::new();
+        let mut by_user: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut log: Vec<Json> = Vec::with_capacity(events);
+        for n in 0..events {
+            let user = format!("user{}", rng.random_range(0..users));
+            let earlier = by_user.entry(user.clone()).or_default();
+            let roll = rng.random_range(0..100);
+            if roll < 4 && !earlier.is_empty() {
+                // A late duplicate: the same event (and seq) again.
+                let again = log[earlier[rng.random_range(0..earlier.len())]].clone();
+                earlier.push(log.len());
+                log.push(again);
+                continue;
+            }
+            let seq = {
+                let seq = seqs.entry(user.clone()).or_default();
+                *seq += 1;
+                *seq
+            };
+            let record = if roll < 12 || !registered.contains(&user) && roll < 40 {
+                registered.insert(user.clone());
+                let (full_name, email) = (format!("Name {n}"), format!("{user}.{n}@example.com"));
+                json!({"schema": "registered", "key": user,
+                    "value": {"user_id": user, "seq": seq, "name": full_name, "email": email}})
+            } else if roll < 17 && registered.contains(&user) {
+                registered.remove(&user);
+                json!({"schema": "deleted", "key": user, "value": {"user_id": user, "seq": seq}})
+            } else if roll < 30 {
+                let email = format!("{user}.changed{n}@example.com");
+                json!({"schema": "email", "key": user, "value": {"user_id": user, "seq": seq, "email": email}})
+            } else {
+                let count = rng.random_range(1..5);
+                json!({"schema": "login", "key": user, "value": {"user_id": user, "seq": seq, "count": count}})
+            };
+            earlier.push(log.len());
+            log.push(record);
+        }
+        log
+    }
+
+    /// The documents a log must end in, folded here one event at a time: an
+    /// event whose seq is not above the highest applied for its user (also
+    /// across a delete) changes nothing.
+    pub fn fold(records: &[Json]) -> BTreeMap<String, Json> {
+        let mut docs: BTreeMap<String, Json> = BTreeMap::new();
+        let mut applied: BTreeMap<String, i64> = BTreeMap::new();
+        for record in records {
+            let (user, value) = (record["key"].as_str().expect("key").to_string(), &record["value"]);
+            let seq = value["seq"].as_i64().expect("seq");
+            let highest = applied.entry(user.clone()).or_insert(0);
+            if seq <= *highest {
+                continue;
+            }
+            *highest = seq;
+            match record["schema"].as_str() {
+                Some("registered") => {
+                    docs.insert(user, json!({"name": value["name"], "email": value["email"], "logins": 0}));
+                }
+                Some("deleted") => {
+                    docs.remove(&user);
+                }
+                Some("email") => {
+                    docs.entry(user).or_insert_with(|| json!({}))["email"] = value["email"].clone();
+                }
+                _ => {
+                    let doc = docs.entry(user).or_insert_with(|| json!({}));
+                    doc["logins"] =
+                        json!(doc["logins"].as_i64().unwrap_or(0) + value["count"].as_i64().expect("count"));
+                }
+            }
+        }
+        docs
+    }
+}

@@ -274,7 +274,7 @@ fn benches(c: &mut Criterion) {
         })
         .collect();
     group.bench_function("bulk_body", |b| {
-        b.iter(|| black_box(bulk::plan(&search_ops, &[], "orders", GuardMode::ExternalVersions, None)))
+        b.iter(|| black_box(bulk::plan(&search_ops, &[], "orders", GuardMode::ExternalVersions, None).actions))
     });
     let (_chain_dir, chain) = three_step_chain();
     let chain_v1: Vec<Event> = v1_events

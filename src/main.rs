@@ -399,8 +399,9 @@ async fn dlq_replay(
         }
     };
     println!(
-        "{topic}: read {}, written {}, failed again {} (dead-lettered again), skipped {}",
-        summary.read, summary.written, summary.failed_again, summary.skipped
+        "{topic}: read {}, written {}, superseded {} (a guard found them applied or overtaken), \
+         failed again {} (dead-lettered again), skipped {}",
+        summary.read, summary.written, summary.superseded, summary.failed_again, summary.skipped
     );
     ExitCode::SUCCESS
 }

@@ -99,6 +99,9 @@ pub struct LastError {
 pub enum Outcome {
     Consumed,
     Written,
+    /// Found applied by a guard: a replay, a duplicate, or an event newer
+    /// ones overtook (a dead letter replayed late). Never counted written.
+    Superseded,
     Skipped,
     DeadLettered,
     Unknown,
@@ -109,6 +112,7 @@ impl Outcome {
         match self {
             Outcome::Consumed => "consumed",
             Outcome::Written => "written",
+            Outcome::Superseded => "superseded",
             Outcome::Skipped => "skipped",
             Outcome::DeadLettered => "dead_lettered",
             Outcome::Unknown => "unknown",
@@ -447,6 +451,7 @@ impl ConnectorStatus {
             "counters": {
                 "consumed": self.total(Outcome::Consumed),
                 "written": self.total(Outcome::Written),
+                "superseded": self.total(Outcome::Superseded),
                 "skipped": self.total(Outcome::Skipped),
                 "unknown": self.total(Outcome::Unknown),
                 "dead_lettered": self.total(Outcome::DeadLettered),

@@ -3,7 +3,7 @@
 
 use super::batch::Pending;
 use crate::event::PartitionOffset;
-use crate::sink::{Follows, SinkError, StepDone};
+use crate::sink::{Follows, SinkError, StepDone, Written};
 use crate::value::Name;
 
 /// Writes of one partition in flight at once, when the sink chains them.
@@ -11,7 +11,7 @@ pub(super) const CHAIN_DEPTH: usize = 2;
 
 /// A finished write: its batch, positions, result and the seconds the
 /// sink took (timed in the task: the worker may look only much later).
-pub(super) type WriteDone = (Pending, Vec<PartitionOffset>, Result<u64, SinkError>, f64);
+pub(super) type WriteDone = (Pending, Vec<PartitionOffset>, Result<Written, SinkError>, f64);
 
 /// A background write, the partitions its batch has records of, the
 /// sorted hashes of the keys it writes (empty when writes are not

@@ -6,6 +6,11 @@
 //! `kawka_offsets`, so replayed effects also land exactly once). Events that
 //! fail again are dead-lettered again, marked with the run's id; the run
 //! stops when it meets them, or when the topic is idle, so it never loops.
+//!
+//! A replayed event keeps its original position (the `kawka.error.topic`,
+//! `.partition` and `.offset` headers): the fold and the guards see it
+//! where it was in the log, so an event newer ones have overtaken is found
+//! superseded (counted, never written) rather than applied over them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +35,9 @@ use crate::value::intern;
 pub struct ReplaySummary {
     pub read: u64,
     pub written: u64,
+    /// Found applied, or overtaken by newer events, by the sink's guards:
+    /// never written.
+    pub superseded: u64,
     pub failed_again: u64,
     pub skipped: u64,
 }
@@ -53,6 +61,7 @@ pub async fn run(runtime: ConnectorRuntime, shutdown: watch::Receiver<bool>) -> 
     ReplaySummary {
         read: status.total(Outcome::Consumed),
         written: status.total(Outcome::Written),
+        superseded: status.total(Outcome::Superseded),
         failed_again: status.total(Outcome::DeadLettered),
         skipped: status.total(Outcome::Skipped) + status.total(Outcome::Unknown),
     }

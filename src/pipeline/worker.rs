@@ -12,7 +12,7 @@ use super::{stopped, ConnectorRuntime, Halt, REPLAY_HEADER};
 use crate::codec::Decoded;
 use crate::error::Failure;
 use crate::error::{Backoff, ErrorClass};
-use crate::event::Claim;
+use crate::event::{Claim, Position};
 use crate::projection::{Projected, Projection, WriteOp};
 use crate::source::{KafkaSource, RawRecord, SourceMessage};
 use crate::status::Outcome;
@@ -167,6 +167,7 @@ impl<'a> Worker<'a> {
         let batch = &self.runtime.settings.batch;
         for mut record in records {
             let partition = (record.position.topic, record.position.partition);
+            let mut original = None;
             if !self.epochs.contains_key(&partition) || self.replay_done.contains(&partition) {
                 continue;
             }
@@ -184,10 +185,13 @@ impl<'a> Worker<'a> {
                     }
                     continue;
                 }
+                // The event keeps the position it had: the guards and the
+                // fold see it where it was in the log, not in the dead letters.
+                original = original_position(&record.headers);
                 // The headers of the earlier failure are not part of the event.
                 record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER);
             }
-            self.process(record).await?;
+            self.process(record, original).await?;
             if self.pending.ops.len() >= batch.max_events || self.pending.bytes >= batch.max_bytes {
                 self.flush_pipelined().await?;
             }
@@ -195,8 +199,11 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Decodes and projects one record into the pending batch.
-    async fn process(&mut self, record: RawRecord) -> Result<(), Halt> {
+    /// Decodes and projects one record into the pending batch; its events
+    /// are at `original` when it is a dead letter replayed (the record's own
+    /// position is where the replay reads).
+    async fn process(&mut self, record: RawRecord, original: Option<Position>) -> Result<(), Halt> {
+        let position = original.unwrap_or(record.position);
         let limit = self.runtime.settings.source.max_record_bytes;
         if record.size() > limit {
             let message = format!("a record of {} bytes exceeds source.max_record_bytes ({limit})", record.size());
@@ -207,7 +214,8 @@ impl<'a> Worker<'a> {
         let decoded = self.decode(&record).await?;
         let index = self.pending.records.len();
         let (event_type, projected) = match decoded {
-            Ok(Decoded::Event { event, writer }) => {
+            Ok(Decoded::Event { mut event, writer }) => {
+                event.position = position;
                 let event_type = event.event_type;
                 match self.runtime.upcasting.upcast(event, &writer) {
                     Ok(events) => (event_type, project_all(self.runtime.projection.as_ref(), events)),
@@ -220,7 +228,7 @@ impl<'a> Worker<'a> {
                     }
                 }
             }
-            Ok(Decoded::Tombstone { key }) => (TOMBSTONE, self.runtime.projection.tombstone(&key, record.position)),
+            Ok(Decoded::Tombstone { key }) => (TOMBSTONE, self.runtime.projection.tombstone(&key, position)),
             Err(failure) => {
                 self.fail(&record, UNDECODABLE, failure).await?;
                 self.push(record, UNDECODABLE);
@@ -310,4 +318,20 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// Where a dead letter's event was, from its `kawka.error.*` headers.
+fn original_position(headers: &[(String, Option<Vec<u8>>)]) -> Option<Position> {
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .and_then(|v| std::str::from_utf8(v).ok())
+    };
+    Some(Position {
+        topic: crate::value::intern(header("kawka.error.topic")?),
+        partition: header("kawka.error.partition")?.parse().ok()?,
+        offset: header("kawka.error.offset")?.parse().ok()?,
+    })
 }

@@ -15,7 +15,7 @@ use crate::error::ErrorClass;
 use crate::error::Failure;
 use crate::event::PartitionOffset;
 use crate::projection::fold;
-use crate::sink::{Plan, SinkError, StepDone};
+use crate::sink::{Plan, SinkError, StepDone, Written};
 use crate::status::Outcome;
 use crate::value::Name;
 
@@ -153,8 +153,8 @@ impl Worker<'_> {
             Err(error) => return Err(Halt::Sink(format!("a sink write task failed: {error}"))),
         };
         match result {
-            Ok(duplicates) => {
-                self.batch_done(&batch, &offsets, duplicates, seconds);
+            Ok(written) => {
+                self.batch_done(&batch, &offsets, &written, seconds);
                 Ok(())
             }
             Err(SinkError::Fenced) => Err(Halt::Fenced),
@@ -181,7 +181,7 @@ impl Worker<'_> {
     }
 
     /// Counts, logs and commits a durable batch.
-    fn batch_done(&self, batch: &Pending, offsets: &[PartitionOffset], duplicates: u64, seconds: f64) {
+    fn batch_done(&self, batch: &Pending, offsets: &[PartitionOffset], done: &Written, seconds: f64) {
         let status = &self.runtime.status;
         // Counted once the batch is durable, per batch rather than per
         // event (the counters sit behind a lock): a record consumed again
@@ -194,19 +194,32 @@ impl Worker<'_> {
         for (event_type, n) in consumed {
             status.count_many(event_type, Outcome::Consumed, n);
         }
-        let mut written: HashMap<Name, u64, foldhash::fast::RandomState> = HashMap::default();
-        let mut last_origin = usize::MAX;
-        for &origin in &batch.origins {
-            if origin != last_origin {
-                *written.entry(batch.types[origin]).or_insert(0) += 1;
-                last_origin = origin;
+        // An event is superseded when a guard found every one of its ops
+        // applied or overtaken; otherwise written.
+        let mut superseded_ops = vec![false; batch.ops.len()];
+        for &op in &done.superseded {
+            if let Some(flag) = superseded_ops.get_mut(op) {
+                *flag = true;
             }
         }
-        for (event_type, n) in written {
-            status.count_many(event_type, Outcome::Written, n);
+        let mut by_event: Vec<bool> = vec![true; batch.types.len()];
+        let mut has_ops = vec![false; batch.types.len()];
+        for (op, &origin) in batch.origins.iter().enumerate() {
+            has_ops[origin] = true;
+            by_event[origin] &= superseded_ops[op];
+        }
+        let mut written: HashMap<(Name, Outcome), u64, foldhash::fast::RandomState> = HashMap::default();
+        for (origin, &event_type) in batch.types.iter().enumerate() {
+            if has_ops[origin] {
+                let outcome = if by_event[origin] { Outcome::Superseded } else { Outcome::Written };
+                *written.entry((event_type, outcome)).or_insert(0) += 1;
+            }
+        }
+        for ((event_type, outcome), n) in written {
+            status.count_many(event_type, outcome, n);
         }
         let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
-        status.batch_written(batch.records.len(), batch.ops.len(), duplicates, seconds, newest);
+        status.batch_written(batch.records.len(), batch.ops.len(), done.duplicates, seconds, newest);
         let positions: Vec<(Name, i32, i64)> = offsets.iter().map(|o| (o.topic, o.partition, o.next_offset)).collect();
         status.positions(&positions);
         self.source.durable(offsets);
@@ -227,8 +240,8 @@ impl Worker<'_> {
             let offsets = self.pending.offsets(&self.epochs);
             let started = std::time::Instant::now();
             match self.runtime.sink.write(&self.pending.ops, &offsets).await {
-                Ok(duplicates) => {
-                    self.batch_done(&self.pending, &offsets, duplicates, started.elapsed().as_secs_f64());
+                Ok(written) => {
+                    self.batch_done(&self.pending, &offsets, &written, started.elapsed().as_secs_f64());
                     self.pending.clear();
                     return match stop_after {
                         Some(failure) => Err(Halt::Stopped(failure)),

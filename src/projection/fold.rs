@@ -96,6 +96,9 @@ pub struct Folded<'a> {
     /// (stale ops too), [`Folded::FAILED`] for an op in `errors`.
     pub members: Vec<u32>,
     pub errors: Vec<FoldError>,
+    /// The ops left out as stale (a version not above the highest folded
+    /// before them for their key): superseded, never written.
+    pub stale: Vec<usize>,
 }
 
 impl Folded<'_> {
@@ -267,6 +270,7 @@ pub fn fold<'a>(ops: &'a [WriteOp], hashes: &[u64], by: GroupBy) -> Folded<'a> {
     let mut net: Vec<NetOp> = Vec::with_capacity(ops.len());
     let mut members = Vec::with_capacity(ops.len());
     let mut errors = Vec::new();
+    let mut stale_ops = Vec::new();
     for ((op_index, op), &hash) in ops.iter().enumerate().zip(hashes) {
         let here = (op.position.topic, op.position.partition);
         let (hash, partition) = match by {
@@ -296,7 +300,9 @@ pub fn fold<'a>(ops: &'a [WriteOp], hashes: &[u64], by: GroupBy) -> Folded<'a> {
         };
         let current = &mut net[at];
         let stale = matches!((current.version, op.version), (Some(seen), Some(version)) if version <= seen);
-        if !stale {
+        if stale {
+            stale_ops.push(op_index);
+        } else {
             if let Err(mut error) = apply(&mut current.effect, op.kind, &op.fields, op.position) {
                 error.op = op_index;
                 errors.push(error);
@@ -311,7 +317,7 @@ pub fn fold<'a>(ops: &'a [WriteOp], hashes: &[u64], by: GroupBy) -> Folded<'a> {
             current.partition = None;
         }
     }
-    Folded { net, members, errors }
+    Folded { net, members, errors, stale: stale_ops }
 }
 
 /// How a net op meets what a sink has stored for its key (and partition).

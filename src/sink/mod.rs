@@ -72,6 +72,23 @@ impl SinkError {
     }
 }
 
+/// What a durable write found beside what it applied.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Writes a guard found applied before (replays, duplicates).
+    pub duplicates: u64,
+    /// The ops (indexes into the batch) whose writes a guard found applied
+    /// or overtaken by newer ones: their events are superseded, not written.
+    pub superseded: Vec<usize>,
+}
+
+impl Written {
+    /// A write whose guards found `ops` applied or overtaken.
+    pub fn superseded(ops: Vec<usize>) -> Written {
+        Written { duplicates: ops.len() as u64, superseded: ops }
+    }
+}
+
 /// Whether one step of a write in flight succeeded (its statements ran,
 /// or it committed: [`Follows`] says which), read by the writes that
 /// follow it (see [`Sink::write_planned`]). A one-shot.
@@ -248,10 +265,10 @@ impl Sink {
     /// Writes the ops of a batch; on `Ok` their effects (and, for sinks
     /// that store them, the positions) are durable. Returns how many writes
     /// were found already applied (replays, duplicates).
-    pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<u64, SinkError> {
+    pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<Written, SinkError> {
         match self {
-            Sink::Postgres(sink) => sink.write(ops, offsets).await.map(|()| 0),
-            Sink::Elasticsearch(sink) => sink.write(ops).await.map(|counts| counts.duplicates),
+            Sink::Postgres(sink) => sink.write(ops, offsets).await.map(Written::superseded),
+            Sink::Elasticsearch(sink) => sink.write(ops).await,
         }
     }
 
@@ -273,16 +290,18 @@ impl Sink {
     /// statement ran), and commits only once every write in
     /// `follows.committed` has. If one of them fails, so does this one,
     /// with [`SinkError::Predecessor`], having changed nothing.
-    pub async fn write_planned(&self, plan: &Plan, follows: &Follows, ran: StepSignal) -> Result<u64, SinkError> {
+    pub async fn write_planned(&self, plan: &Plan, follows: &Follows, ran: StepSignal) -> Result<Written, SinkError> {
         match (self, plan) {
-            (Sink::Postgres(sink), Plan::Postgres(plan)) => sink.write_planned(plan, follows, ran).await.map(|()| 0),
+            (Sink::Postgres(sink), Plan::Postgres(plan)) => {
+                sink.write_planned(plan, follows, ran).await.map(Written::superseded)
+            }
             (Sink::Elasticsearch(sink), Plan::Elasticsearch(plan)) => {
                 // Sinks that do not chain writes are never given any to follow.
                 debug_assert!(
                     follows.ran.is_empty() && follows.committed.is_empty(),
                     "only chaining sinks follow writes in flight"
                 );
-                let result = sink.write_plan(plan).await.map(|counts| counts.duplicates);
+                let result = sink.write_plan(plan).await;
                 ran.send(result.is_ok());
                 result
             }

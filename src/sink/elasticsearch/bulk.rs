@@ -240,13 +240,7 @@ pub struct Tombstones<'a> {
 /// Ops that cannot be written (no document id, a fold error) are returned
 /// apart with the reason. With `tombstones` (scripted guards), each net op
 /// that deletes a document also records its guards there.
-pub fn plan(
-    ops: &[WriteOp],
-    hashes: &[u64],
-    index: &str,
-    mode: GuardMode,
-    tombstones: Option<Tombstones>,
-) -> (Vec<Action>, Vec<(usize, String)>) {
+pub fn plan(ops: &[WriteOp], hashes: &[u64], index: &str, mode: GuardMode, tombstones: Option<Tombstones>) -> Planned {
     let folded = fold(ops, hashes, GroupBy::KeyAndPartition);
     let mut rejected: Vec<(usize, String)> = folded.errors.iter().map(|error| (error.op, error.to_string())).collect();
     let mut actions = Vec::with_capacity(folded.net.len());
@@ -264,7 +258,17 @@ pub fn plan(
             Err(message) => rejected.extend(members.into_iter().map(|op| (op, message.clone()))),
         }
     }
-    (actions, rejected)
+    Planned { actions, rejected, stale: folded.stale }
+}
+
+/// A batch's bulk actions.
+#[derive(Debug, Default)]
+pub struct Planned {
+    pub actions: Vec<Action>,
+    /// Ops that cannot be written, with the reason.
+    pub rejected: Vec<(usize, String)>,
+    /// Ops the fold left out as stale: superseded.
+    pub stale: Vec<usize>,
 }
 
 /// The action that records a delete's guards in the tombstones' index:
@@ -454,8 +458,11 @@ pub enum ItemOutcome {
     Reject(String),
 }
 
-/// Classifies one bulk item from its `status` and `error`.
-pub fn classify_item(kind: &str, status: u16, error: Option<&serde_json::Value>) -> ItemOutcome {
+/// Classifies one bulk item (`kind`: its action; `item`: its result, with
+/// `status`, `result` and `error`).
+pub fn classify_item(kind: &str, item: &serde_json::Value) -> ItemOutcome {
+    let status = item.get("status").and_then(serde_json::Value::as_u64).unwrap_or(500) as u16;
+    let error = item.get("error");
     let describe = || match error {
         Some(error) => {
             let kind = error.get("type").and_then(|t| t.as_str()).unwrap_or("error");
@@ -471,6 +478,12 @@ pub fn classify_item(kind: &str, status: u16, error: Option<&serde_json::Value>)
         None => format!("status {status}"),
     };
     match status {
+        // A guarded update that found nothing to apply: every event of it
+        // was applied before, or overtaken by newer ones (a dead letter
+        // replayed late).
+        200..=299 if kind == "update" && item.get("result").and_then(|r| r.as_str()) == Some("noop") => {
+            ItemOutcome::Duplicate
+        }
         200..=299 => ItemOutcome::Applied,
         // Deleting what is not there: the effect holds.
         404 if kind == "delete" => ItemOutcome::Applied,
@@ -525,7 +538,7 @@ mod tests {
             op("u1", 0, 4, OpKind::Merge, &[("email", "old@x".into())]),
             op("u1", 0, 9, OpKind::Upsert, &[("name", "Ann".into())]),
         ];
-        let (actions, rejected) = plan(&ops, &[], "profiles", GuardMode::ExternalVersions, None);
+        let Planned { actions, rejected, .. } = plan(&ops, &[], "profiles", GuardMode::ExternalVersions, None);
         assert!(rejected.is_empty());
         assert_eq!(actions.len(), 1);
         assert_eq!(actions[0].ops, vec![0, 1]);
@@ -549,7 +562,7 @@ mod tests {
             op("u3", 0, 9, OpKind::Merge, &[("name", "Cy".into())]),
             op("u3", 0, 10, OpKind::Increment, &[("visits", Value::Int(1))]),
         ];
-        let (actions, _) = plan(&ops, &[], "profiles", GuardMode::ExternalVersions, None);
+        let Planned { actions, .. } = plan(&ops, &[], "profiles", GuardMode::ExternalVersions, None);
         let u1 = lines(&actions[0]);
         assert_eq!(u1[0]["index"]["version"], 8, "version = last offset + 1");
         assert_eq!(
@@ -561,7 +574,7 @@ mod tests {
             lines(&actions[2])[0].get("update").is_some(),
             "without an upsert or delete it depends on the stored document"
         );
-        let (scripted, _) = plan(&ops[..3], &[], "profiles", GuardMode::Scripted, None);
+        let Planned { actions: scripted, .. } = plan(&ops[..3], &[], "profiles", GuardMode::Scripted, None);
         // Scripted guards: a whole document is tried as a create, with the
         // guarded update for when it exists.
         assert_eq!(
@@ -577,11 +590,11 @@ mod tests {
     #[test]
     fn deletes_last_are_external_version_deletes_and_scripted_mode_scripts_everything() {
         let ops = vec![op("u1", 0, 2, OpKind::Upsert, &[]), op("u1", 0, 3, OpKind::Delete, &[])];
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::ExternalVersions, None);
+        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::ExternalVersions, None);
         let lines_of = lines(&actions[0]);
         assert_eq!(lines_of.len(), 1);
         assert_eq!(lines_of[0]["delete"]["version"], 4);
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted, None);
+        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::Scripted, None);
         let lines_of = lines(&actions[0]);
         assert_eq!(lines_of[0], serde_json::json!({"update": {"_index": "p", "_id": "u1"}}));
         assert_eq!(lines_of[1]["scripted_upsert"], true);
@@ -608,7 +621,7 @@ mod tests {
             op("u2", 1, 6, OpKind::Merge, &[("b", Value::Bool(false))]),
             op("u1", 1, 7, OpKind::Increment, &[("n", Value::Int(5))]),
         ];
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted, None);
+        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::Scripted, None);
         assert_eq!(
             actions.iter().map(|a| (a.doc_id.as_str(), a.ops.clone())).collect::<Vec<_>>(),
             vec![("u1", vec![0, 1, 2, 3, 4]), ("u2", vec![5]), ("u1", vec![6]),]
@@ -639,7 +652,8 @@ mod tests {
         for (op, version) in ops.iter_mut().zip([1, 2, 1, 3]) {
             op.version = Some(version);
         }
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted, None);
+        let Planned { actions, stale, .. } = plan(&ops, &[], "p", GuardMode::Scripted, None);
+        assert_eq!(stale, vec![2], "the duplicate Registered(seq 1) is superseded");
         let create = lines(&actions[0]);
         assert_eq!(
             create[1]["kawka"],
@@ -660,7 +674,7 @@ mod tests {
         let mut ops = vec![op("u1", 0, 4, OpKind::Merge, &[("a", Value::Int(1))]), op("u1", 0, 5, OpKind::Delete, &[])];
         ops[1].version = Some(9);
         let tombstones = Tombstones { index: "p.kawka-deleted", at_millis: 1000 };
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::Scripted, Some(tombstones));
+        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::Scripted, Some(tombstones));
         assert_eq!(actions.len(), 2);
         assert!(!actions[0].records_tombstone && actions[1].records_tombstone);
         let tombstone = lines(&actions[1]);
@@ -672,16 +686,17 @@ mod tests {
         assert_eq!(lines(&with)[1]["script"]["params"]["_t"], serde_json::json!({"pos": {"users/0": 7}, "v": 12}));
         assert_eq!(lines(&with)[1]["script"]["params"]["whole"], lines(&actions[0])[1]["script"]["params"]["whole"]);
         // Without a delete, no tombstone.
-        let (actions, _) = plan(&ops[..1], &[], "p", GuardMode::Scripted, Some(tombstones));
+        let Planned { actions, .. } = plan(&ops[..1], &[], "p", GuardMode::Scripted, Some(tombstones));
         assert_eq!(actions.len(), 1);
-        let (actions, _) = plan(&ops, &[], "p", GuardMode::ExternalVersions, Some(tombstones));
+        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::ExternalVersions, Some(tombstones));
         assert_eq!(actions.len(), 2, "external versions: the delete and its tombstone");
         assert!(actions[0].with_tombstone(&stored).is_none(), "an external-version delete has no slot");
         // An external-version index at or below a tombstone's offset was
         // applied before the document was deleted.
         let upserts = [op("u1", 0, 6, OpKind::Upsert, &[]), op("u1", 0, 7, OpKind::Upsert, &[])];
-        let (older, _) = plan(&upserts[..1], &[], "p", GuardMode::ExternalVersions, Some(tombstones));
-        let (newer, _) = plan(&upserts, &[], "p", GuardMode::ExternalVersions, Some(tombstones));
+        let Planned { actions: older, .. } =
+            plan(&upserts[..1], &[], "p", GuardMode::ExternalVersions, Some(tombstones));
+        let Planned { actions: newer, .. } = plan(&upserts, &[], "p", GuardMode::ExternalVersions, Some(tombstones));
         let deleted_at_6 = serde_json::json!({"pos": {"users/0": 6}});
         assert!(older[0].deleted_since(&deleted_at_6));
         assert!(!newer[0].deleted_since(&deleted_at_6), "offset 7 is after the delete");
@@ -703,33 +718,49 @@ mod tests {
         assert_eq!(distinct.len(), ids.len(), "{ids:?}");
         let mut bad = op("x", 0, 0, OpKind::Upsert, &[]);
         bad.key = smallvec::smallvec![Value::Null];
-        let (actions, rejected) = plan(&[bad], &[], "p", GuardMode::Scripted, None);
+        let Planned { actions, rejected, .. } = plan(&[bad], &[], "p", GuardMode::Scripted, None);
         assert!(actions.is_empty());
         assert_eq!(rejected, vec![(0, "the document id is null".to_string())]);
     }
 
+    fn item(status: u16, error: Option<&serde_json::Value>) -> serde_json::Value {
+        let mut item = serde_json::json!({"status": status});
+        if let Some(error) = error {
+            item["error"] = error.clone();
+        }
+        item
+    }
+
     #[test]
     fn every_status_class_of_an_item() {
+        let noop = serde_json::json!({"status": 200, "result": "noop"});
+        assert_eq!(classify_item("update", &noop), ItemOutcome::Duplicate, "a guard applied nothing");
         let mapping = serde_json::json!({"type": "mapper_parsing_exception", "reason": "failed to parse field [age]",
             "caused_by": {"type": "illegal_argument_exception", "reason": "For input string: \"x\""}});
-        assert_eq!(classify_item("index", 201, None), ItemOutcome::Applied);
-        assert_eq!(classify_item("update", 200, None), ItemOutcome::Applied);
-        assert_eq!(classify_item("delete", 404, None), ItemOutcome::Applied);
-        assert_eq!(classify_item("index", 409, None), ItemOutcome::Duplicate);
-        assert_eq!(classify_item("delete", 409, None), ItemOutcome::Duplicate);
-        assert_eq!(classify_item("create", 409, None), ItemOutcome::Exists);
-        assert!(matches!(classify_item("update", 409, None), ItemOutcome::Retry(_)), "a lost race is not applied");
-        assert!(matches!(classify_item("index", 429, None), ItemOutcome::Retry(_)));
-        assert!(matches!(classify_item("index", 503, None), ItemOutcome::Retry(_)));
-        assert!(matches!(classify_item("index", 408, None), ItemOutcome::Retry(_)));
-        assert!(matches!(classify_item("index", 403, None), ItemOutcome::Retry(_)));
-        match classify_item("index", 400, Some(&mapping)) {
+        assert_eq!(classify_item("index", &item(201, None)), ItemOutcome::Applied);
+        assert_eq!(classify_item("update", &item(200, None)), ItemOutcome::Applied);
+        assert_eq!(classify_item("delete", &item(404, None)), ItemOutcome::Applied);
+        assert_eq!(classify_item("index", &item(409, None)), ItemOutcome::Duplicate);
+        assert_eq!(classify_item("delete", &item(409, None)), ItemOutcome::Duplicate);
+        assert_eq!(classify_item("create", &item(409, None)), ItemOutcome::Exists);
+        assert!(
+            matches!(classify_item("update", &item(409, None)), ItemOutcome::Retry(_)),
+            "a lost race is not applied"
+        );
+        assert!(matches!(classify_item("index", &item(429, None)), ItemOutcome::Retry(_)));
+        assert!(matches!(classify_item("index", &item(503, None)), ItemOutcome::Retry(_)));
+        assert!(matches!(classify_item("index", &item(408, None)), ItemOutcome::Retry(_)));
+        assert!(matches!(classify_item("index", &item(403, None)), ItemOutcome::Retry(_)));
+        match classify_item("index", &item(400, Some(&mapping))) {
             ItemOutcome::Reject(message) => {
                 assert!(message.starts_with("mapper_parsing_exception: failed to parse field [age]"), "{message}");
                 assert!(message.contains("For input string"), "{message}");
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(classify_item("update", 404, None), ItemOutcome::Reject(_)), "update of a missing index");
+        assert!(
+            matches!(classify_item("update", &item(404, None)), ItemOutcome::Reject(_)),
+            "update of a missing index"
+        );
     }
 }

@@ -21,7 +21,7 @@ use elasticsearch::indices::{IndicesCreateParts, IndicesExistsAliasParts, Indice
 use elasticsearch::{BulkParts, DeleteByQueryParts, Elasticsearch, MgetParts};
 use futures::future::join_all;
 
-use super::{SinkError, SinkSettings};
+use super::{SinkError, SinkSettings, Written};
 use crate::error::Backoff;
 use crate::projection::WriteOp;
 use bulk::{Action, GuardMode, ItemOutcome, Tombstones};
@@ -40,20 +40,11 @@ pub struct ElasticsearchSink {
     concrete: bool,
 }
 
-/// A batch planned for Elasticsearch: its bulk actions, and the ops that
-/// cannot be written (with the reason), reported once the rest is.
+/// A batch planned for Elasticsearch: its bulk actions, the ops that
+/// cannot be written (with the reason, reported once the rest is) and the
+/// ops the fold found stale.
 #[derive(Debug)]
-pub struct ElasticsearchPlan {
-    actions: Vec<Action>,
-    rejected: Vec<(usize, String)>,
-}
-
-/// What one write achieved.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct WriteCounts {
-    pub applied: u64,
-    pub duplicates: u64,
-}
+pub struct ElasticsearchPlan(bulk::Planned);
 
 impl ElasticsearchSink {
     pub fn new(
@@ -170,8 +161,7 @@ impl ElasticsearchSink {
     pub fn plan(&self, ops: &[WriteOp], hashes: &[u64]) -> ElasticsearchPlan {
         let index = self.tombstones();
         let tombstones = Some(Tombstones { index: &index, at_millis: now_millis() });
-        let (actions, rejected) = bulk::plan(ops, hashes, &self.target.alias, self.mode, tombstones);
-        ElasticsearchPlan { actions, rejected }
+        ElasticsearchPlan(bulk::plan(ops, hashes, &self.target.alias, self.mode, tombstones))
     }
 
     /// The index of deleted documents' guards (`<alias>.kawka-deleted`).
@@ -276,27 +266,29 @@ impl ElasticsearchSink {
 
     /// Applies the ops of a batch ([`ElasticsearchSink::plan`], then
     /// [`ElasticsearchSink::write_plan`]).
-    pub async fn write(&self, ops: &[WriteOp]) -> Result<WriteCounts, SinkError> {
+    pub async fn write(&self, ops: &[WriteOp]) -> Result<Written, SinkError> {
         self.write_plan(&self.plan(ops, &[])).await
     }
 
     /// Sends a planned batch. Documents are spread over `in_flight` lanes
     /// by id, so one document's actions stay in order in one lane; lanes
     /// run concurrently, each sending its requests one after another.
-    pub async fn write_plan(&self, plan: &ElasticsearchPlan) -> Result<WriteCounts, SinkError> {
+    pub async fn write_plan(&self, plan: &ElasticsearchPlan) -> Result<Written, SinkError> {
         let lanes = self.target.in_flight.max(1);
         let mut by_lane: Vec<Vec<&Action>> = (0..lanes).map(|_| Vec::new()).collect();
-        let tombstoned = self.with_tombstones(&plan.actions).await?;
+        let tombstoned = self.with_tombstones(&plan.0.actions).await?;
         let mut tombstoned = tombstoned.iter().peekable();
-        let mut deleted_since = 0;
-        for (at, action) in plan.actions.iter().enumerate() {
+        // Applied before, and deleted since: superseded.
+        let mut deleted_since = Written::default();
+        for (at, action) in plan.0.actions.iter().enumerate() {
             let action = match tombstoned.peek() {
                 Some((with, replaced)) if *with == at => {
                     tombstoned.next();
                     match replaced {
                         Some(replaced) => replaced,
                         None => {
-                            deleted_since += 1;
+                            deleted_since.duplicates += 1;
+                            deleted_since.superseded.extend(&action.ops);
                             continue;
                         }
                     }
@@ -306,15 +298,15 @@ impl ElasticsearchSink {
             by_lane[lane_of(&action.doc_id, lanes)].push(action);
         }
         let results = join_all(by_lane.into_iter().map(|actions| self.write_lane(actions))).await;
-        // Applied before, and deleted since: duplicates.
-        let mut counts = WriteCounts { applied: 0, duplicates: deleted_since };
-        let mut rejected = plan.rejected.clone();
+        let mut counts = deleted_since;
+        counts.superseded.extend(&plan.0.stale);
+        let mut rejected = plan.0.rejected.clone();
         let mut failure = None;
         for result in results {
             match result {
                 Ok((lane_counts, lane_rejected)) => {
-                    counts.applied += lane_counts.applied;
                     counts.duplicates += lane_counts.duplicates;
+                    counts.superseded.extend(lane_counts.superseded);
                     rejected.extend(lane_rejected);
                 }
                 Err(error) => failure = Some(error),
@@ -329,8 +321,8 @@ impl ElasticsearchSink {
         Ok(counts)
     }
 
-    async fn write_lane(&self, actions: Vec<&Action>) -> Result<(WriteCounts, Vec<(usize, String)>), SinkError> {
-        let mut counts = WriteCounts::default();
+    async fn write_lane(&self, actions: Vec<&Action>) -> Result<(Written, Vec<(usize, String)>), SinkError> {
+        let mut counts = Written::default();
         let mut rejected = Vec::new();
         let mut start = 0;
         while start < actions.len() {
@@ -345,8 +337,8 @@ impl ElasticsearchSink {
                 end += 1;
             }
             let (chunk_counts, chunk_rejected) = self.send_with_retries(&actions[start..end]).await?;
-            counts.applied += chunk_counts.applied;
             counts.duplicates += chunk_counts.duplicates;
+            counts.superseded.extend(chunk_counts.superseded);
             rejected.extend(chunk_rejected);
             start = end;
         }
@@ -355,9 +347,9 @@ impl ElasticsearchSink {
 
     /// Sends one request; items that failed transiently are sent again
     /// (alone) with backoff.
-    async fn send_with_retries(&self, actions: &[&Action]) -> Result<(WriteCounts, Vec<(usize, String)>), SinkError> {
+    async fn send_with_retries(&self, actions: &[&Action]) -> Result<(Written, Vec<(usize, String)>), SinkError> {
         let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(3) };
-        let mut counts = WriteCounts::default();
+        let mut counts = Written::default();
         let mut rejected = Vec::new();
         let mut pending: Vec<&Action> = actions.to_vec();
         let mut attempt = 0;
@@ -371,8 +363,11 @@ impl ElasticsearchSink {
                 match outcome {
                     // A tombstone is not an event's write: not counted.
                     ItemOutcome::Applied | ItemOutcome::Duplicate if action.records_tombstone => {}
-                    ItemOutcome::Applied => counts.applied += 1,
-                    ItemOutcome::Duplicate => counts.duplicates += 1,
+                    ItemOutcome::Applied => {}
+                    ItemOutcome::Duplicate => {
+                        counts.duplicates += 1;
+                        counts.superseded.extend(&action.ops);
+                    }
                     ItemOutcome::Exists => match &action.otherwise {
                         Some(update) => instead.push(&**update),
                         None => rejected.extend(action.ops.iter().map(|&op| (op, "the document exists".to_string()))),
@@ -429,8 +424,7 @@ impl ElasticsearchSink {
                 let Some((kind, result)) = item.as_object().and_then(|o| o.iter().next()) else {
                     return ItemOutcome::Retry("unreadable bulk item".to_string());
                 };
-                let status = result.get("status").and_then(|s| s.as_u64()).unwrap_or(500) as u16;
-                bulk::classify_item(kind, status, result.get("error"))
+                bulk::classify_item(kind, result)
             })
             .collect())
     }

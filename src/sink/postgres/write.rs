@@ -33,7 +33,7 @@ impl PostgresSink {
     /// committed before is recognised before its statements run, so they
     /// are not tried twice (a check constraint could refuse the second
     /// application of a decrement that the first one made).
-    pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<(), SinkError> {
+    pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<Vec<usize>, SinkError> {
         let plan = self.plan(ops, &fold::key_hashes(ops), offsets)?;
         self.write_plan(&plan, &Follows::default(), None, true).await
     }
@@ -92,21 +92,22 @@ impl PostgresSink {
         plan: &PostgresPlan,
         follows: &Follows,
         ran: StepSignal,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Vec<usize>, SinkError> {
         // A batch's first write: nothing of it can have committed yet.
         self.write_plan(plan, follows, Some(ran), false).await
     }
 
     /// [`PostgresSink::write_planned`]; with `retry`, each transaction
     /// first reads whether its positions are already there. `ran`, when
-    /// dropped unsent (an early error), reads as not ran.
+    /// dropped unsent (an early error), reads as not ran. Returns the ops
+    /// (indexes into the batch) that were superseded: stale versions.
     async fn write_plan(
         &self,
         plan: &PostgresPlan,
         follows: &Follows,
         ran: Option<StepSignal>,
         retry: bool,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Vec<usize>, SinkError> {
         succeeded_all(&follows.ran).await?;
         match plan {
             PostgresPlan::PerPartition(shares) => {
@@ -132,17 +133,18 @@ impl PostgresSink {
                 if results.iter().any(|r| matches!(r, Err(SinkError::Fenced))) {
                     return Err(SinkError::Fenced);
                 }
-                results.into_iter().collect()
+                results.into_iter().collect::<Result<(), _>>().map(|()| Vec::new())
             }
             PostgresPlan::Whole(_, offsets) | PostgresPlan::Versioned(_, offsets) => {
                 let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
                 if retry && !offsets.is_empty() && self.reached_all(&mut tx, offsets).await? {
-                    return tx.rollback().await.map_err(SinkError::Postgres);
+                    return tx.rollback().await.map_err(SinkError::Postgres).map(|()| Vec::new());
                 }
                 let against_stored;
+                let mut superseded = Vec::new();
                 let statements: &[Statement] = match plan {
                     PostgresPlan::Versioned(ops, _) => {
-                        against_stored = self.plan_against_stored(&mut tx, ops).await?;
+                        (against_stored, superseded) = self.plan_against_stored(&mut tx, ops).await?;
                         &against_stored
                     }
                     PostgresPlan::Whole(statements, _) => statements,
@@ -158,9 +160,9 @@ impl PostgresSink {
                 // Dropping `tx` on an error rolls it back.
                 succeeded_all(&follows.committed).await?;
                 if self.advance(&mut tx, offsets).await? {
-                    tx.commit().await.map_err(SinkError::Postgres)
+                    tx.commit().await.map_err(SinkError::Postgres).map(|()| superseded)
                 } else {
-                    tx.rollback().await.map_err(SinkError::Postgres)
+                    tx.rollback().await.map_err(SinkError::Postgres).map(|()| Vec::new())
                 }
             }
         }
@@ -170,16 +172,17 @@ impl PostgresSink {
     /// ops whose version is at or below the one stored for their key (its
     /// row's, or its tombstone's when it was deleted) are stale and left
     /// out, so the fold of the others applies whole (see
-    /// [`crate::projection::fold::NetOp::against`]).
+    /// [`crate::projection::fold::NetOp::against`]). Also returns the ops
+    /// left out, in the batch or against what is stored: superseded.
     async fn plan_against_stored(
         &self,
         tx: &mut sqlx::PgConnection,
         ops: &[WriteOp],
-    ) -> Result<Vec<Statement>, SinkError> {
+    ) -> Result<(Vec<Statement>, Vec<usize>), SinkError> {
         let rejected = |error: BindError| SinkError::Rejected(error.to_string());
         let folded = fold(ops, &[], GroupBy::Key);
         if folded.net.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), folded.stale));
         }
         let every: Vec<usize> = (0..folded.net.len()).collect();
         let keys = self.table.key_arrays(&folded.net, &every).map_err(rejected)?;
@@ -202,12 +205,21 @@ impl PostgresSink {
             net != Folded::FAILED
                 && matches!((op.version, floor[net as usize]), (Some(mine), Some(stored)) if mine <= stored)
         };
-        if !ops.iter().zip(&folded.members).any(is_stale) {
-            return self.table.plan(&folded.net).map_err(rejected);
+        let mut superseded = folded.stale.clone();
+        let mut fresh: Vec<WriteOp> = Vec::new();
+        for (index, pair) in ops.iter().zip(&folded.members).enumerate() {
+            if is_stale(pair) {
+                superseded.push(index);
+            } else {
+                fresh.push(pair.0.clone());
+            }
         }
-        let fresh: Vec<WriteOp> =
-            ops.iter().zip(&folded.members).filter(|pair| !is_stale(*pair)).map(|(op, _)| op.clone()).collect();
-        self.table.plan(&fold(&fresh, &[], GroupBy::Key).net).map_err(rejected)
+        if fresh.len() == ops.len() {
+            return Ok((self.table.plan(&folded.net).map_err(rejected)?, superseded));
+        }
+        superseded.sort_unstable();
+        superseded.dedup();
+        Ok((self.table.plan(&fold(&fresh, &[], GroupBy::Key).net).map_err(rejected)?, superseded))
     }
 
     /// One partition's share: its transaction with the statements run, or

@@ -18,7 +18,7 @@ use kawka::config::{ConnectorSettings, Settings};
 use kawka::event::{Event, Position};
 use kawka::projection::fold::{fold, GroupBy};
 use kawka::projection::{Projected, Projection, RulesProjection, WriteOp};
-use kawka::sink::elasticsearch::bulk::{self, GuardMode};
+use kawka::sink::elasticsearch::bulk::{self, Tombstones};
 use kawka::sink::postgres::sql::{copy_rows, TableSql};
 use kawka::sink::Target;
 use kawka::upcast::Upcasting;
@@ -274,7 +274,10 @@ fn benches(c: &mut Criterion) {
         })
         .collect();
     group.bench_function("bulk_body", |b| {
-        b.iter(|| black_box(bulk::plan(&search_ops, &[], "orders", GuardMode::ExternalVersions, None).actions))
+        b.iter(|| {
+            let tombstones = Tombstones { index: "orders.kawka-deleted", at_millis: 0 };
+            black_box(bulk::plan(&search_ops, &[], "orders", tombstones, true).actions)
+        })
     });
     let (_chain_dir, chain) = three_step_chain();
     let chain_v1: Vec<Event> = v1_events

@@ -109,3 +109,78 @@ async fn dead_letters_are_replayed_once_the_cause_is_fixed() {
     assert_eq!(on_hand().await, Some(57), "nothing applied twice");
     let _ = registry.stop().await; // cleanup only
 }
+
+fn profiles(name: &str, topic: &str, with_email: bool) -> String {
+    let email = if with_email { "  com.example.users.UserEmailChanged: { merge: { email: new_email } }\n" } else { "" };
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink: {{ to: search, index: {name} }}
+key: $key
+dead_letter_topic: {name}.dlq
+unknown_events: error
+batch: {{ max_wait: 50ms }}
+events:
+  com.example.users.UserRegistered: {{ upsert: {{ name: name, email: email }} }}
+{email}"#
+    )
+}
+
+/// Replayed into Elasticsearch, a dead letter is applied where it was in
+/// the log: a fixed event lands once, and one that a newer event of its
+/// document overtook is reported superseded, never written over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_dead_letters_keep_their_place_in_the_log_in_elasticsearch() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("users");
+    let name = support::unique("replayed");
+    support::create_topic(&topic, 1).await;
+    support::create_topic(&format!("{name}.dlq"), 1).await;
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": {
+            "registered": support::catalogue_schema("com.example.users.UserRegistered", 2),
+            "email": support::catalogue_schema("com.example.users.UserEmailChanged", 1)}});
+    let registered = |id: &str, name: &str| {
+        json!({"schema": "registered", "key": id, "value":
+        {"user_id": id, "seq": 1, "name": name, "email": format!("{name}@old"), "country": "PL"}})
+    };
+    let changed = |id: &str, email: &str| {
+        json!({"schema": "email", "key": id, "value":
+        {"user_id": id, "seq": 2, "new_email": email}})
+    };
+    // Email changes have no rule yet (`unknown_events: error`): dead letters.
+    // u2 registers again after its change: the change is overtaken.
+    let records = vec![
+        registered("u1", "ann"),
+        changed("u1", "ann@new"),
+        registered("u2", "bob"),
+        changed("u2", "bob@new"),
+        registered("u2", "bob2"),
+    ];
+    support::produce_with_python(&spec, records).await;
+    let project = Project::new(&registry.url(), &[(&name, &profiles(&name, &topic, false))]);
+    let mut kawka = project.start(0);
+    let dead = support::consume(&format!("{name}.dlq"), 2, Duration::from_secs(60)).await;
+    assert_eq!(dead.len(), 2, "the two email changes");
+    eventually(Duration::from_secs(30), "the registrations to be written", || async {
+        (support::es_document(&name, "u2").await? == json!({"name": "bob2", "email": "bob2@old"})).then_some(())
+    })
+    .await;
+    assert_eq!(kawka.terminate().await, Some(0));
+
+    // The cause is fixed: email changes have a rule now.
+    std::fs::write(project.root().join(format!("connectors/{name}.yaml")), profiles(&name, &topic, true))
+        .expect("write");
+    let first = replay(&project, &name, false);
+    assert!(first.contains("read 2, written 1, superseded 1"), "{first}");
+    assert_eq!(support::es_document(&name, "u1").await, Some(json!({"name": "ann", "email": "ann@new"})));
+    assert_eq!(
+        support::es_document(&name, "u2").await,
+        Some(json!({"name": "bob2", "email": "bob2@old"})),
+        "the change the re-registration overtook is not written over it"
+    );
+    let second = replay(&project, &name, false);
+    assert!(second.contains("read 0, written 0, superseded 0"), "{second}");
+    assert_eq!(support::es_document(&name, "u1").await, Some(json!({"name": "ann", "email": "ann@new"})));
+    let _ = registry.stop().await; // cleanup only
+}

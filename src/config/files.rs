@@ -230,7 +230,7 @@ pub struct TargetConfig {
     /// rows are updated often. Default: Postgres' own (100).
     pub fillfactor: Option<Spanned<u32>>,
     /// How long the guards of a deleted key are kept (Postgres: with
-    /// `version:`; Elasticsearch: with scripted guards), so that a stale
+    /// `version:`; Elasticsearch: always), so that a stale
     /// event arriving later (a late duplicate, a replay, a second writer)
     /// cannot bring the key back, e.g. `7d` (default).
     pub tombstone_retention: Option<Spanned<String>>,

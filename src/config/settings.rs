@@ -9,8 +9,8 @@ use std::time::Duration;
 
 pub use super::files::{ErrorPolicy, LogFormat};
 use crate::codec::{KeyFormat, RegistryClientSettings};
-use crate::projection::expr::{Expr, Meta};
-use crate::projection::{EventRule, OpKind, ProjectionSettings, TombstonePolicy, UnknownEventPolicy};
+use crate::projection::expr::Expr;
+use crate::projection::{EventRule, ProjectionSettings, TombstonePolicy, UnknownEventPolicy};
 use crate::secret::Secret;
 use crate::sink::{SinkConnection, SinkSettings, Target};
 use crate::source::{KafkaSettings, SourceSettings};
@@ -97,10 +97,6 @@ impl ConnectorSettings {
             connection: self.connection.clone(),
             target: self.target.clone(),
             versioned: self.version.is_some(),
-            offsets_order_documents: self.source.topics.len() == 1
-                && self.version.is_none()
-                && matches!(self.key.as_slice(), [(_, Expr::Meta(Meta::Key))])
-                && self.events.iter().all(|rule| matches!(rule.op.kind, OpKind::Upsert | OpKind::Delete)),
         }
     }
 }

@@ -41,11 +41,8 @@ pub fn connectors(
                 format!("connector {}: no sink connection {}", connector.name, connector.connection)
             })?;
             let custom = projections.iter().find(|(name, _)| *name == connector.name);
-            let mut sink_settings = connector.sink_settings();
-            // A Rust projection may emit any op, whatever the rules say.
-            sink_settings.offsets_order_documents &= custom.is_none();
-            let sink =
-                Sink::new(connection, &sink_settings).with_context(|| format!("connector {}", connector.name))?;
+            let sink = Sink::new(connection, &connector.sink_settings())
+                .with_context(|| format!("connector {}", connector.name))?;
             let status = Arc::new(ConnectorStatus::new(&connector.name, sink.kind()));
             let projection: Arc<dyn Projection> = match custom {
                 Some((_, projection)) => projection.clone(),

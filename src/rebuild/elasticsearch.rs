@@ -208,21 +208,21 @@ async fn save_state(client: &Elasticsearch, connector: &str, state: &RebuildStat
 /// One group's committed offsets, read through one Kafka client for the
 /// whole rebuild (they are polled several times a second).
 #[derive(Clone)]
-struct StepDone {
+struct CommittedOffsets {
     group: String,
     reader: Arc<GroupOffsets>,
 }
 
-impl StepDone {
+impl CommittedOffsets {
     /// The group `runtime`'s connector consumes in, on its topics.
-    async fn of(runtime: &ConnectorRuntime) -> anyhow::Result<StepDone> {
+    async fn of(runtime: &ConnectorRuntime) -> anyhow::Result<CommittedOffsets> {
         let (kafka, group, topics) =
             (runtime.kafka.clone(), runtime.settings.source.group_id.clone(), runtime.settings.source.topics.clone());
         let name = group.clone();
         let reader = tokio::task::spawn_blocking(move || GroupOffsets::new(&kafka, &name, &topics))
             .await?
             .with_context(|| format!("reading the offsets of group {group}"))?;
-        Ok(StepDone { group, reader: Arc::new(reader) })
+        Ok(CommittedOffsets { group, reader: Arc::new(reader) })
     }
 
     async fn read(&self) -> anyhow::Result<Vec<Position>> {
@@ -237,7 +237,7 @@ impl StepDone {
 
 /// The live positions once they have stopped moving (the live index is
 /// write-blocked, so only a commit already in flight can still land).
-async fn settled(live: &StepDone, shutdown: &watch::Receiver<bool>) -> anyhow::Result<Vec<Position>> {
+async fn settled(live: &CommittedOffsets, shutdown: &watch::Receiver<bool>) -> anyhow::Result<Vec<Position>> {
     let mut last = live.read().await?;
     let mut still_since = Instant::now();
     loop {
@@ -258,7 +258,7 @@ async fn settled(live: &StepDone, shutdown: &watch::Receiver<bool>) -> anyhow::R
 /// (`done`) reach `live`, then stops it.
 async fn catch_up(
     runtime: &ConnectorRuntime,
-    done: &StepDone,
+    done: &CommittedOffsets,
     live: &[Position],
     shutdown: &watch::Receiver<bool>,
     started: &Started,
@@ -305,7 +305,8 @@ pub async fn rebuild(
     .await?;
     tracing::info!(connector = %runtime.settings.name, index = %new_index, "rebuild started");
     let rebuilder = writer_to(&runtime, live_sink, &new_index, "rebuild");
-    let (live_offsets, rebuild_offsets) = (StepDone::of(&runtime).await?, StepDone::of(&rebuilder).await?);
+    let (live_offsets, rebuild_offsets) =
+        (CommittedOffsets::of(&runtime).await?, CommittedOffsets::of(&rebuilder).await?);
     let started = Started::now();
 
     // The bulk of the work, while the live connector goes on.
@@ -357,7 +358,7 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
     };
     let stopped_at: Vec<Position> = serde_json::from_str(stopped_at).context("the saved positions")?;
     let current = current_index(client, alias).await?;
-    let live_offsets = StepDone::of(runtime).await?;
+    let live_offsets = CommittedOffsets::of(runtime).await?;
     block_writes(client, &current, true).await?;
     let swapped = async {
         let live = settled(&live_offsets, &shutdown).await?;
@@ -368,7 +369,8 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
             tokio::task::spawn_blocking(move || crate::source::kafka::commit_offsets(&kafka, &group, &from))
                 .await?
                 .context("setting the catch-up group's offsets")?;
-            catch_up(&writer, &StepDone::of(&writer).await?, &live, &shutdown, &Started::now(), &mut |_| {}).await?;
+            catch_up(&writer, &CommittedOffsets::of(&writer).await?, &live, &shutdown, &Started::now(), &mut |_| {})
+                .await?;
         }
         move_alias(client, alias, &current, previous).await
     }

@@ -199,7 +199,7 @@ impl Sink {
                 Ok(Sink::Postgres(PostgresSink::new(connection, connector, target)?))
             }
             (SinkConnection::Elasticsearch(connection), Target::Elasticsearch(target)) => {
-                Ok(Sink::Elasticsearch(ElasticsearchSink::new(connection, connector, target)?))
+                Ok(Sink::Elasticsearch(ElasticsearchSink::new(connection, target)?))
             }
             _ => Err(SinkError::Setup(format!(
                 "connector {} targets a {} sink through connection `{}`",

@@ -38,11 +38,4 @@ pub struct SinkSettings {
     pub target: Target,
     /// Whether the connector names a domain version (stale writes are refused).
     pub versioned: bool,
-    /// Whether offsets order every document's writes, and every write
-    /// replaces or deletes a whole document: one topic, the document id is
-    /// the Kafka key (so one partition holds a document's events, as long
-    /// as the topic's partitions are not added to), no domain version, and
-    /// only upserts and deletes. Elasticsearch then guards with external
-    /// versions (offset + 1) instead of scripts.
-    pub offsets_order_documents: bool,
 }

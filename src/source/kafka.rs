@@ -87,6 +87,11 @@ struct SourceContext {
     stopping: Arc<AtomicBool>,
     /// Positions durable in the sink, committed to Kafka on revoke.
     durable: Mutex<HashMap<(Name, i32), i64>>,
+    /// When an asynchronous commit last failed (ms since the epoch, 0:
+    /// none pending): the consumer thread commits the durable positions
+    /// again, so that what was written is committed even when no batch
+    /// follows (a rebuild's cut-over waits for the live group's commits).
+    commit_failed_at: AtomicU64,
     /// The record queue of the consumer thread, while it runs: assigned
     /// partitions are forwarded to it.
     records: Mutex<Option<QueueHandle>>,
@@ -96,6 +101,13 @@ struct SourceContext {
 impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(error) = result {
+            tracing::warn!(connector = %self.connector, %error, "offset commit to kafka failed; committing again");
+            self.commit_failed_at.store(crate::status::now_ms().max(1) as u64, Ordering::SeqCst);
+        }
+    }
+
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
@@ -218,6 +230,7 @@ impl KafkaSource {
             generation: AtomicU64::new(0),
             stopping: stopping.clone(),
             durable: Mutex::new(HashMap::new()),
+            commit_failed_at: AtomicU64::new(0),
             records: Mutex::new(None),
             connector: connector.to_string(),
         };
@@ -492,6 +505,13 @@ fn serve_events(
             Some(Err(error)) => tracing::warn!(connector, %error, "kafka consumer error"),
         }
         timeout = Duration::ZERO;
+    }
+    // A failed commit is tried again, half a second on, until one lands.
+    let context = consumer.context();
+    let failed_at = context.commit_failed_at.load(Ordering::SeqCst);
+    if failed_at != 0 && (crate::status::now_ms() as u64).saturating_sub(failed_at) >= 500 {
+        context.commit_failed_at.store(0, Ordering::SeqCst);
+        context.commit_durable(consumer, CommitMode::Async);
     }
 }
 

@@ -2,30 +2,27 @@
 //!
 //! A batch's ops are folded by [`crate::projection::fold::fold`], per
 //! document and source partition; each net op becomes one bulk action,
-//! guarded so that a replay or a duplicate changes nothing:
+//! guarded so that a replay, a duplicate or a stale event changes nothing:
 //!
-//! * with [`GuardMode::ExternalVersions`], a net op that replaces the whole
-//!   document is an `index` with `version_type=external` and version = its
-//!   last offset + 1, and one that deletes it a `delete` likewise: a replay
-//!   carries a version that is not higher than the stored one and gets a
-//!   conflict (already applied);
-//! * anything else is a scripted update ([`SCRIPT`]) with `scripted_upsert`.
-//!   The document keeps the last applied offset of each partition
-//!   (`kawka.pos["topic/partition"]`) and, when the connector names a domain
-//!   version, the highest applied version (`kawka.v`). The script follows
-//!   [`crate::projection::fold::NetOp::against`]: when none of the net
-//!   op's events was applied it applies the net effect (`params.whole`),
-//!   otherwise each event's own effect (`params.steps`), skipping those at
-//!   or below the stored offset or version. When nothing applies the
-//!   update is a noop: the document, its version and its sequence number
-//!   stay as they were. A net op that leaves a whole document is first
-//!   sent as a `create` of it with the guards the script would store (what
-//!   the script makes of a new document, at the cost of an `index`); when
-//!   the document exists, or a tombstone says it was deleted, the update
-//!   goes instead.
-//! * a net op that deletes, with scripted guards, also records the
-//!   document's guards in the tombstones' index ([`TOMBSTONE_SCRIPT`]):
-//!   the sink reads them back into the update of a missing document.
+//! * a scripted update ([`SCRIPT`]) with `scripted_upsert`. The document
+//!   keeps the last applied offset of each partition
+//!   (`kawka.pos["topic/partition"]`) and, when the connector names a
+//!   domain version, the highest applied version (`kawka.v`). The script
+//!   follows [`crate::projection::fold::NetOp::against`]: when none of the
+//!   net op's events was applied it applies the net effect
+//!   (`params.whole`), otherwise each event's own effect (`params.steps`),
+//!   skipping those at or below the stored offset or version. When nothing
+//!   applies the update is a noop: the document, its version and its
+//!   sequence number stay as they were. Guards per partition hold whatever
+//!   partition a key's events are in (a key moved by added partitions, an
+//!   id from an event field, a dead letter replayed at its original place).
+//! * a net op that leaves a whole document is first sent as a `create` of
+//!   it with the guards the script would store (what the script makes of a
+//!   new document, at the cost of an `index`); when the document exists, or
+//!   a tombstone says it was deleted, the update goes instead.
+//! * a net op that deletes also records the document's guards in the
+//!   tombstones' index ([`TOMBSTONE_SCRIPT`]): the sink reads them back
+//!   into the update of a missing document.
 
 use std::io::Write as _;
 
@@ -75,15 +72,6 @@ if (!changed || (del && missing)) { ctx.op = 'noop'; }
 else if (del) { ctx.op = 'delete'; }
 else { pos[params.tp] = last; kawka.pos = pos; if (version != null) { kawka.v = version; } ctx._source.kawka = kawka; }";
 
-/// How writes are guarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GuardMode {
-    /// Upserts and deletes use external versions (one topic, no domain version).
-    ExternalVersions,
-    /// Every write is a guarded script.
-    Scripted,
-}
-
 /// One bulk action: its NDJSON lines and the ops it carries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Action {
@@ -98,14 +86,9 @@ pub struct Action {
     /// Whether it records a delete's tombstone (beside the delete; not an
     /// event's own write).
     pub records_tombstone: bool,
-    /// For a `create` (a whole document, scripted guards): the guarded
-    /// update sent instead when the document exists, or has a tombstone.
+    /// For a `create` of a whole document: the guarded update sent
+    /// instead when the document exists, or has a tombstone.
     pub otherwise: Option<Box<Action>>,
-    /// For an external-version `index`: its partition (`topic/partition`)
-    /// and last offset. A tombstone at or past that offset says it was
-    /// applied, and deleted since (Elasticsearch forgets a deleted
-    /// document's version after `index.gc_deletes`).
-    pub covers: Option<(String, i64)>,
 }
 
 /// The document id of a key: one part as text, several joined by `|`, each
@@ -238,18 +221,19 @@ pub struct Tombstones<'a> {
 /// Builds the actions of a batch from its net ops. `hashes` are the ops'
 /// [`crate::projection::fold::key_hashes`] when the caller has them.
 /// Ops that cannot be written (no document id, a fold error) are returned
-/// apart with the reason. With `tombstones` (scripted guards), each net op
-/// that deletes a document also records its guards there.
-pub fn plan(ops: &[WriteOp], hashes: &[u64], index: &str, mode: GuardMode, tombstones: Option<Tombstones>) -> Planned {
+/// apart with the reason. Each net op that deletes a document also
+/// records its guards in `tombstones`. A whole document is tried as a
+/// `create` first when `creates` (most of a batch's documents are new).
+pub fn plan(ops: &[WriteOp], hashes: &[u64], index: &str, tombstones: Tombstones, creates: bool) -> Planned {
     let folded = fold(ops, hashes, GroupBy::KeyAndPartition);
     let mut rejected: Vec<(usize, String)> = folded.errors.iter().map(|error| (error.op, error.to_string())).collect();
     let mut actions = Vec::with_capacity(folded.net.len());
     for (net, members) in folded.net.iter().zip(folded.members_of_each()) {
         match doc_id(&net.key) {
             Ok(doc_id) => {
-                let action = action(ops, index, mode, doc_id, net, members);
-                let tombstone = match (tombstones, &net.effect) {
-                    (Some(tombstones), Effect::Delete) => Some(tombstone(&action, net, tombstones)),
+                let action = action(ops, index, doc_id, net, members, creates);
+                let tombstone = match &net.effect {
+                    Effect::Delete => Some(tombstone(&action, net, tombstones)),
                     _ => None,
                 };
                 actions.push(action);
@@ -291,93 +275,43 @@ fn tombstone(deleting: &Action, net: &NetOp, tombstones: Tombstones) -> Action {
         tombstone_slot: None,
         records_tombstone: true,
         otherwise: None,
-        covers: None,
     }
 }
 
-fn action(ops: &[WriteOp], index: &str, mode: GuardMode, doc_id: String, net: &NetOp, members: Vec<usize>) -> Action {
+fn action(ops: &[WriteOp], index: &str, doc_id: String, net: &NetOp, members: Vec<usize>, creates: bool) -> Action {
     let (topic, partition) = net.partition.expect("ops grouped by partition have one");
     let tp = format!("{topic}/{partition}");
     let mut lines = Vec::with_capacity(256);
-    let version = net.last_offset + 1;
-    match (mode, &net.effect) {
-        (GuardMode::ExternalVersions, Effect::Replace(fields)) => {
-            let header = serde_json::json!({"index": {"_index": index, "_id": doc_id, "version": version, "version_type": "external"}});
-            write_line(&mut lines, &header);
-            let mut doc = serde_json::Map::new();
-            for (name, value) in fields.iter() {
-                doc.insert(name.to_string(), value.to_json());
-            }
-            doc.insert(GUARD_FIELD.into(), serde_json::json!({"pos": {&tp: net.last_offset}}));
-            write_line(&mut lines, &doc);
-            let covers = Some((tp, net.last_offset));
-            return Action {
-                doc_id,
-                ops: members,
-                lines,
-                tombstone_slot: None,
-                records_tombstone: false,
-                otherwise: None,
-                covers,
-            };
-        }
-        (GuardMode::ExternalVersions, Effect::Delete) => {
-            let header = serde_json::json!({"delete": {"_index": index, "_id": doc_id, "version": version, "version_type": "external"}});
-            write_line(&mut lines, &header);
-        }
-        _ => {
-            let header = serde_json::json!({"update": {"_index": index, "_id": doc_id}});
-            write_line(&mut lines, &header);
-            let mut whole = Step::new(&net.effect, net.last_offset, net.version);
-            (whole.b, whole.w) = (Some(net.first_offset), net.first_version);
-            // One event: its effect is the net op's, and the script never
-            // needs it apart.
-            let effects: Vec<(Effect, &WriteOp)> = match members.as_slice() {
-                [_] => Vec::new(),
-                _ => members.iter().map(|&at| (Effect::of(ops[at].kind, &ops[at].fields), &ops[at])).collect(),
-            };
-            let steps: Vec<Step> =
-                effects.iter().map(|(effect, op)| Step::new(effect, op.position.offset, op.version)).collect();
-            let body = UpdateBody {
-                script: Script {
-                    params: Params { _t: None, tp: &tp, whole: [whole], steps },
-                    source: SCRIPT,
-                    lang: "painless",
-                },
-                scripted_upsert: true,
-                // Marks a document that did not exist: deleting it is a noop.
-                upsert: serde_json::json!({GUARD_FIELD: {"missing": true}}),
-            };
-            let body_starts = lines.len();
-            write_line(&mut lines, &body);
-            let slot = body_starts + TOMBSTONE_SLOT;
-            debug_assert_eq!(lines.get(slot..slot + 4), Some(&b"null"[..]), "the tombstone slot");
-            let update = Action {
-                doc_id,
-                ops: members,
-                lines,
-                tombstone_slot: Some(slot),
-                records_tombstone: false,
-                otherwise: None,
-                covers: None,
-            };
-            // A whole document is first tried as a `create`: on a new
-            // document (most of a fresh read model's) it is what the script
-            // would have made, at the cost of an `index`.
-            return match &net.effect {
-                Effect::Replace(fields) => create(index, &tp, fields, net, update),
-                _ => update,
-            };
-        }
-    }
-    Action {
-        doc_id,
-        ops: members,
-        lines,
-        tombstone_slot: None,
-        records_tombstone: false,
-        otherwise: None,
-        covers: None,
+    write_line(&mut lines, &serde_json::json!({"update": {"_index": index, "_id": doc_id}}));
+    let mut whole = Step::new(&net.effect, net.last_offset, net.version);
+    (whole.b, whole.w) = (Some(net.first_offset), net.first_version);
+    // One event: its effect is the net op's, and the script never needs it
+    // apart.
+    let effects: Vec<(Effect, &WriteOp)> = match members.as_slice() {
+        [_] => Vec::new(),
+        _ => members.iter().map(|&at| (Effect::of(ops[at].kind, &ops[at].fields), &ops[at])).collect(),
+    };
+    let steps: Vec<Step> =
+        effects.iter().map(|(effect, op)| Step::new(effect, op.position.offset, op.version)).collect();
+    let body = UpdateBody {
+        script: Script {
+            params: Params { _t: None, tp: &tp, whole: [whole], steps },
+            source: SCRIPT,
+            lang: "painless",
+        },
+        scripted_upsert: true,
+        // Marks a document that did not exist: deleting it is a noop.
+        upsert: serde_json::json!({GUARD_FIELD: {"missing": true}}),
+    };
+    let body_starts = lines.len();
+    write_line(&mut lines, &body);
+    let slot = body_starts + TOMBSTONE_SLOT;
+    debug_assert_eq!(lines.get(slot..slot + 4), Some(&b"null"[..]), "the tombstone slot");
+    let update =
+        Action { doc_id, ops: members, lines, tombstone_slot: Some(slot), records_tombstone: false, otherwise: None };
+    match &net.effect {
+        Effect::Replace(fields) if creates => create(index, &tp, fields, net, update),
+        _ => update,
     }
 }
 
@@ -403,7 +337,6 @@ fn create(index: &str, tp: &str, fields: &[(Name, Value)], net: &NetOp, update: 
         tombstone_slot: None,
         records_tombstone: false,
         otherwise: Some(Box::new(update)),
-        covers: None,
     }
 }
 
@@ -411,17 +344,6 @@ impl Action {
     /// Puts a deleted document's tombstone (its `_source`: `pos`, `v`) in
     /// a scripted update, which then starts from those guards when the
     /// document is missing.
-    /// Whether a tombstone (its `_source`) says this external-version write
-    /// was applied before its document was deleted.
-    pub fn deleted_since(&self, tombstone: &serde_json::Value) -> bool {
-        let Some((tp, last)) = &self.covers else { return false };
-        tombstone
-            .get("pos")
-            .and_then(|pos| pos.get(tp))
-            .and_then(serde_json::Value::as_i64)
-            .is_some_and(|at| at >= *last)
-    }
-
     pub fn with_tombstone(&self, tombstone: &serde_json::Value) -> Option<Action> {
         if let Some(update) = &self.otherwise {
             return update.with_tombstone(tombstone);
@@ -487,10 +409,10 @@ pub fn classify_item(kind: &str, item: &serde_json::Value) -> ItemOutcome {
         200..=299 => ItemOutcome::Applied,
         // Deleting what is not there: the effect holds.
         404 if kind == "delete" => ItemOutcome::Applied,
-        // A scripted update's conflict is another writer's update landing
-        // between its read and its write: nothing of it was applied, and it
-        // is sent again (its guards then see what the other wrote). Only an
-        // external version's conflict says "already applied".
+        // An update's conflict is another writer's update landing between
+        // its read and its write: nothing of it was applied, and it is sent
+        // again (its guards then see what the other wrote). A create's
+        // means the document exists: its update goes instead.
         409 if kind == "update" => ItemOutcome::Retry(format!("{} (another writer)", describe())),
         409 if kind == "create" => ItemOutcome::Exists,
         409 => ItemOutcome::Duplicate,
@@ -532,27 +454,10 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn an_upsert_last_is_an_external_version_index_with_the_position() {
-        let ops = vec![
-            op("u1", 0, 4, OpKind::Merge, &[("email", "old@x".into())]),
-            op("u1", 0, 9, OpKind::Upsert, &[("name", "Ann".into())]),
-        ];
-        let Planned { actions, rejected, .. } = plan(&ops, &[], "profiles", GuardMode::ExternalVersions, None);
-        assert!(rejected.is_empty());
-        assert_eq!(actions.len(), 1);
-        assert_eq!(actions[0].ops, vec![0, 1]);
-        let lines = lines(&actions[0]);
-        assert_eq!(
-            lines[0],
-            serde_json::json!({"index": {"_index": "profiles", "_id": "u1", "version": 10, "version_type": "external"}})
-        );
-        assert_eq!(lines[1], serde_json::json!({"name": "Ann", "kawka": {"pos": {"users/0": 9}}}));
-        assert!(actions[0].lines.ends_with(b"\n"));
-    }
+    const TOMBSTONES: Tombstones<'static> = Tombstones { index: "p.kawka-deleted", at_millis: 1000 };
 
     #[test]
-    fn a_group_that_leaves_a_whole_document_is_one_index_at_its_last_offset() {
+    fn a_whole_document_is_a_create_with_its_guards_and_the_update_for_when_it_exists() {
         let ops = vec![
             op("u1", 0, 4, OpKind::Upsert, &[("name", "Ann".into()), ("visits", Value::Int(1))]),
             op("u1", 0, 6, OpKind::Merge, &[("email", "ann@x".into())]),
@@ -562,39 +467,35 @@ mod tests {
             op("u3", 0, 9, OpKind::Merge, &[("name", "Cy".into())]),
             op("u3", 0, 10, OpKind::Increment, &[("visits", Value::Int(1))]),
         ];
-        let Planned { actions, .. } = plan(&ops, &[], "profiles", GuardMode::ExternalVersions, None);
-        let u1 = lines(&actions[0]);
-        assert_eq!(u1[0]["index"]["version"], 8, "version = last offset + 1");
+        let Planned { actions, rejected, .. } = plan(&ops, &[], "profiles", TOMBSTONES, true);
+        assert!(rejected.is_empty());
+        assert_eq!(actions.len(), 3);
+        assert_eq!(actions[0].ops, vec![0, 1, 2]);
         assert_eq!(
-            u1[1],
-            serde_json::json!({"name": "Ann", "visits": 3, "email": "ann@x", "kawka": {"pos": {"users/0": 7}}})
-        );
-        assert_eq!(lines(&actions[1])[1], serde_json::json!({"name": "Bo", "kawka": {"pos": {"users/0": 8}}}));
-        assert!(
-            lines(&actions[2])[0].get("update").is_some(),
-            "without an upsert or delete it depends on the stored document"
-        );
-        let Planned { actions: scripted, .. } = plan(&ops[..3], &[], "profiles", GuardMode::Scripted, None);
-        // Scripted guards: a whole document is tried as a create, with the
-        // guarded update for when it exists.
-        assert_eq!(
-            lines(&scripted[0]),
+            lines(&actions[0]),
             vec![
                 serde_json::json!({"create": {"_index": "profiles", "_id": "u1"}}),
                 serde_json::json!({"name": "Ann", "visits": 3, "email": "ann@x", "kawka": {"pos": {"users/0": 7}}}),
             ]
         );
-        assert!(lines(update_of(&scripted[0]))[0].get("update").is_some(), "the update when it exists");
+        assert!(actions[0].lines.ends_with(b"\n"));
+        let update = lines(update_of(&actions[0]));
+        assert_eq!(update[0], serde_json::json!({"update": {"_index": "profiles", "_id": "u1"}}));
+        assert_eq!(update[1]["scripted_upsert"], true);
+        assert_eq!(lines(&actions[1])[0]["create"]["_id"], "u2", "a delete then a merge leaves a whole document");
+        assert!(
+            lines(&actions[2])[0].get("update").is_some(),
+            "without an upsert or delete it depends on the stored one"
+        );
+        // Most documents existed last time: no creates.
+        let Planned { actions, .. } = plan(&ops, &[], "profiles", TOMBSTONES, false);
+        assert!(actions.iter().all(|a| a.otherwise.is_none() && lines(a)[0].get("update").is_some()));
     }
 
     #[test]
-    fn deletes_last_are_external_version_deletes_and_scripted_mode_scripts_everything() {
+    fn a_delete_is_a_scripted_update_beside_its_tombstone() {
         let ops = vec![op("u1", 0, 2, OpKind::Upsert, &[]), op("u1", 0, 3, OpKind::Delete, &[])];
-        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::ExternalVersions, None);
-        let lines_of = lines(&actions[0]);
-        assert_eq!(lines_of.len(), 1);
-        assert_eq!(lines_of[0]["delete"]["version"], 4);
-        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::Scripted, None);
+        let Planned { actions, .. } = plan(&ops, &[], "p", TOMBSTONES, true);
         let lines_of = lines(&actions[0]);
         assert_eq!(lines_of[0], serde_json::json!({"update": {"_index": "p", "_id": "u1"}}));
         assert_eq!(lines_of[1]["scripted_upsert"], true);
@@ -608,6 +509,7 @@ mod tests {
             params["steps"],
             serde_json::json!([{"o": 2, "k": "r", "f": {}, "a": {}}, {"o": 3, "k": "d", "f": {}, "a": {}}])
         );
+        assert!(actions[1].records_tombstone);
     }
 
     #[test]
@@ -621,7 +523,7 @@ mod tests {
             op("u2", 1, 6, OpKind::Merge, &[("b", Value::Bool(false))]),
             op("u1", 1, 7, OpKind::Increment, &[("n", Value::Int(5))]),
         ];
-        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::Scripted, None);
+        let Planned { actions, .. } = plan(&ops, &[], "p", TOMBSTONES, true);
         assert_eq!(
             actions.iter().map(|a| (a.doc_id.as_str(), a.ops.clone())).collect::<Vec<_>>(),
             vec![("u1", vec![0, 1, 2, 3, 4]), ("u2", vec![5]), ("u1", vec![6]),]
@@ -652,7 +554,7 @@ mod tests {
         for (op, version) in ops.iter_mut().zip([1, 2, 1, 3]) {
             op.version = Some(version);
         }
-        let Planned { actions, stale, .. } = plan(&ops, &[], "p", GuardMode::Scripted, None);
+        let Planned { actions, stale, .. } = plan(&ops, &[], "p", TOMBSTONES, true);
         assert_eq!(stale, vec![2], "the duplicate Registered(seq 1) is superseded");
         let create = lines(&actions[0]);
         assert_eq!(
@@ -670,11 +572,10 @@ mod tests {
     }
 
     #[test]
-    fn a_scripted_delete_records_its_tombstone_and_a_tombstone_goes_into_the_update() {
+    fn a_delete_records_its_tombstone_and_a_tombstone_goes_into_the_update() {
         let mut ops = vec![op("u1", 0, 4, OpKind::Merge, &[("a", Value::Int(1))]), op("u1", 0, 5, OpKind::Delete, &[])];
         ops[1].version = Some(9);
-        let tombstones = Tombstones { index: "p.kawka-deleted", at_millis: 1000 };
-        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::Scripted, Some(tombstones));
+        let Planned { actions, .. } = plan(&ops, &[], "p", TOMBSTONES, true);
         assert_eq!(actions.len(), 2);
         assert!(!actions[0].records_tombstone && actions[1].records_tombstone);
         let tombstone = lines(&actions[1]);
@@ -685,22 +586,13 @@ mod tests {
         let with = actions[0].with_tombstone(&stored).expect("a scripted update");
         assert_eq!(lines(&with)[1]["script"]["params"]["_t"], serde_json::json!({"pos": {"users/0": 7}, "v": 12}));
         assert_eq!(lines(&with)[1]["script"]["params"]["whole"], lines(&actions[0])[1]["script"]["params"]["whole"]);
-        // Without a delete, no tombstone.
-        let Planned { actions, .. } = plan(&ops[..1], &[], "p", GuardMode::Scripted, Some(tombstones));
-        assert_eq!(actions.len(), 1);
-        let Planned { actions, .. } = plan(&ops, &[], "p", GuardMode::ExternalVersions, Some(tombstones));
-        assert_eq!(actions.len(), 2, "external versions: the delete and its tombstone");
-        assert!(actions[0].with_tombstone(&stored).is_none(), "an external-version delete has no slot");
-        // An external-version index at or below a tombstone's offset was
-        // applied before the document was deleted.
-        let upserts = [op("u1", 0, 6, OpKind::Upsert, &[]), op("u1", 0, 7, OpKind::Upsert, &[])];
-        let Planned { actions: older, .. } =
-            plan(&upserts[..1], &[], "p", GuardMode::ExternalVersions, Some(tombstones));
-        let Planned { actions: newer, .. } = plan(&upserts, &[], "p", GuardMode::ExternalVersions, Some(tombstones));
-        let deleted_at_6 = serde_json::json!({"pos": {"users/0": 6}});
-        assert!(older[0].deleted_since(&deleted_at_6));
-        assert!(!newer[0].deleted_since(&deleted_at_6), "offset 7 is after the delete");
-        assert!(!older[0].deleted_since(&serde_json::json!({"pos": {"users/1": 9}})), "another partition's");
+        // A create goes as its update when the document has a tombstone.
+        let upsert = [op("u1", 0, 8, OpKind::Upsert, &[("a", Value::Int(2))])];
+        let Planned { actions, .. } = plan(&upsert, &[], "p", TOMBSTONES, true);
+        assert_eq!(actions.len(), 1, "without a delete, no tombstone");
+        let with = actions[0].with_tombstone(&stored).expect("the create's update");
+        assert!(lines(&with)[0].get("update").is_some());
+        assert_eq!(lines(&with)[1]["script"]["params"]["_t"]["v"], 12);
     }
 
     #[test]
@@ -718,7 +610,7 @@ mod tests {
         assert_eq!(distinct.len(), ids.len(), "{ids:?}");
         let mut bad = op("x", 0, 0, OpKind::Upsert, &[]);
         bad.key = smallvec::smallvec![Value::Null];
-        let Planned { actions, rejected, .. } = plan(&[bad], &[], "p", GuardMode::Scripted, None);
+        let Planned { actions, rejected, .. } = plan(&[bad], &[], "p", TOMBSTONES, true);
         assert!(actions.is_empty());
         assert_eq!(rejected, vec![(0, "the document id is null".to_string())]);
     }

@@ -11,6 +11,8 @@
 pub mod bulk;
 mod settings;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,10 +23,10 @@ use elasticsearch::indices::{IndicesCreateParts, IndicesExistsAliasParts, Indice
 use elasticsearch::{BulkParts, DeleteByQueryParts, Elasticsearch, MgetParts};
 use futures::future::join_all;
 
-use super::{SinkError, SinkSettings, Written};
+use super::{SinkError, Written};
 use crate::error::Backoff;
 use crate::projection::WriteOp;
-use bulk::{Action, GuardMode, ItemOutcome, Tombstones};
+use bulk::{Action, ItemOutcome, Tombstones};
 pub use settings::{ElasticsearchConnection, ElasticsearchTarget};
 
 /// Retries of failed items inside one write, before the pipeline's own
@@ -35,7 +37,9 @@ const ITEM_ATTEMPTS: u32 = 6;
 pub struct ElasticsearchSink {
     client: Elasticsearch,
     target: ElasticsearchTarget,
-    mode: GuardMode,
+    /// Whether the documents written lately were mostly new: then a whole
+    /// document goes as a `create` first (see [`bulk`]).
+    seen: Arc<Seen>,
     /// Writes go straight to an index a rebuild made, not through the alias.
     concrete: bool,
 }
@@ -49,7 +53,6 @@ pub struct ElasticsearchPlan(bulk::Planned);
 impl ElasticsearchSink {
     pub fn new(
         connection: &ElasticsearchConnection,
-        connector: &SinkSettings,
         target: &ElasticsearchTarget,
     ) -> Result<ElasticsearchSink, SinkError> {
         let url = Url::parse(&connection.url)
@@ -67,10 +70,12 @@ impl ElasticsearchSink {
             builder = builder.auth(Credentials::ApiKey(id.to_string(), secret.to_string()));
         }
         let transport = builder.build().map_err(|e| SinkError::Setup(format!("elasticsearch client: {e}")))?;
-        // External versions order writes by offset, which only works when
-        // one partition (of one topic) holds all of a document's events.
-        let mode = if connector.offsets_order_documents { GuardMode::ExternalVersions } else { GuardMode::Scripted };
-        Ok(ElasticsearchSink { client: Elasticsearch::new(transport), target: target.clone(), mode, concrete: false })
+        Ok(ElasticsearchSink {
+            client: Elasticsearch::new(transport),
+            target: target.clone(),
+            seen: Arc::default(),
+            concrete: false,
+        })
     }
 
     pub fn client(&self) -> &Elasticsearch {
@@ -160,8 +165,8 @@ impl ElasticsearchSink {
     /// when the caller has them.
     pub fn plan(&self, ops: &[WriteOp], hashes: &[u64]) -> ElasticsearchPlan {
         let index = self.tombstones();
-        let tombstones = Some(Tombstones { index: &index, at_millis: now_millis() });
-        ElasticsearchPlan(bulk::plan(ops, hashes, &self.target.alias, self.mode, tombstones))
+        let tombstones = Tombstones { index: &index, at_millis: now_millis() };
+        ElasticsearchPlan(bulk::plan(ops, hashes, &self.target.alias, tombstones, self.seen.mostly_new()))
     }
 
     /// The index of deleted documents' guards (`<alias>.kawka-deleted`).
@@ -212,14 +217,13 @@ impl ElasticsearchSink {
         Ok(())
     }
 
-    /// The actions of `actions` (by index) whose document has a tombstone:
-    /// a scripted update with the tombstone put in, or `None` for an
-    /// external-version write the tombstone says was applied before.
-    async fn with_tombstones(&self, actions: &[Action]) -> Result<Vec<(usize, Option<Action>)>, SinkError> {
+    /// The actions of `actions` (by index) whose document has a tombstone,
+    /// as the update with the tombstone put in.
+    async fn with_tombstones(&self, actions: &[Action]) -> Result<Vec<(usize, Action)>, SinkError> {
         let index = self.tombstones();
         let ids: Vec<&str> = actions
             .iter()
-            .filter(|a| a.tombstone_slot.is_some() || a.otherwise.is_some() || a.covers.is_some())
+            .filter(|a| a.tombstone_slot.is_some() || a.otherwise.is_some())
             .map(|a| a.doc_id.as_str())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
@@ -256,10 +260,7 @@ impl ElasticsearchSink {
             .enumerate()
             .filter_map(|(at, action)| {
                 let tombstone = found.get(action.doc_id.as_str())?;
-                if action.deleted_since(tombstone) {
-                    return Some((at, None));
-                }
-                Some((at, Some(action.with_tombstone(tombstone)?)))
+                Some((at, action.with_tombstone(tombstone)?))
             })
             .collect())
     }
@@ -278,28 +279,18 @@ impl ElasticsearchSink {
         let mut by_lane: Vec<Vec<&Action>> = (0..lanes).map(|_| Vec::new()).collect();
         let tombstoned = self.with_tombstones(&plan.0.actions).await?;
         let mut tombstoned = tombstoned.iter().peekable();
-        // Applied before, and deleted since: superseded.
-        let mut deleted_since = Written::default();
         for (at, action) in plan.0.actions.iter().enumerate() {
             let action = match tombstoned.peek() {
                 Some((with, replaced)) if *with == at => {
                     tombstoned.next();
-                    match replaced {
-                        Some(replaced) => replaced,
-                        None => {
-                            deleted_since.duplicates += 1;
-                            deleted_since.superseded.extend(&action.ops);
-                            continue;
-                        }
-                    }
+                    replaced
                 }
                 _ => action,
             };
             by_lane[lane_of(&action.doc_id, lanes)].push(action);
         }
         let results = join_all(by_lane.into_iter().map(|actions| self.write_lane(actions))).await;
-        let mut counts = deleted_since;
-        counts.superseded.extend(&plan.0.stale);
+        let mut counts = Written { duplicates: 0, superseded: plan.0.stale.clone() };
         let mut rejected = plan.0.rejected.clone();
         let mut failure = None;
         for result in results {
@@ -420,13 +411,49 @@ impl ElasticsearchSink {
         }
         Ok(items
             .iter()
-            .map(|item| {
+            .zip(actions)
+            .map(|(item, action)| {
                 let Some((kind, result)) = item.as_object().and_then(|o| o.iter().next()) else {
                     return ItemOutcome::Retry("unreadable bulk item".to_string());
                 };
-                bulk::classify_item(kind, result)
+                let outcome = bulk::classify_item(kind, result);
+                if !action.records_tombstone {
+                    self.seen.saw(&outcome, result.get("result").and_then(|r| r.as_str()));
+                }
+                outcome
             })
             .collect())
+    }
+}
+
+/// How many of the documents written lately were new and how many existed.
+#[derive(Debug, Default)]
+struct Seen {
+    new: AtomicU64,
+    existing: AtomicU64,
+    /// The last count found mostly existing documents (kept while nothing
+    /// is seen; at first, documents are taken to be new).
+    existing_lately: AtomicBool,
+}
+
+impl Seen {
+    fn saw(&self, outcome: &ItemOutcome, result: Option<&str>) {
+        match (outcome, result) {
+            (ItemOutcome::Applied, Some("created")) => self.new.fetch_add(1, Ordering::Relaxed),
+            (ItemOutcome::Exists | ItemOutcome::Duplicate, _) | (ItemOutcome::Applied, Some(_)) => {
+                self.existing.fetch_add(1, Ordering::Relaxed)
+            }
+            _ => 0,
+        };
+    }
+
+    /// Whether most documents written since the last call were new.
+    fn mostly_new(&self) -> bool {
+        let (new, existing) = (self.new.swap(0, Ordering::Relaxed), self.existing.swap(0, Ordering::Relaxed));
+        if new + existing > 0 {
+            self.existing_lately.store(existing > new, Ordering::Relaxed);
+        }
+        !self.existing_lately.load(Ordering::Relaxed)
     }
 }
 

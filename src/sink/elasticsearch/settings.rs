@@ -27,6 +27,6 @@ pub struct ElasticsearchTarget {
     pub max_bulk_bytes: usize,
     pub max_bulk_actions: usize,
     pub in_flight: usize,
-    /// How long a deleted document's guards are kept (scripted guards).
+    /// How long a deleted document's guards are kept.
     pub tombstone_retention: Duration,
 }

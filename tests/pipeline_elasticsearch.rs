@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand::Rng;
@@ -216,10 +217,10 @@ async fn kill_9_during_a_run_with_merges_and_increments_ends_in_the_fold_of_the_
     let _ = registry.stop().await; // cleanup only
 }
 
-fn versioned_profiles_connector(name: &str, topic: &str) -> String {
+fn versioned_profiles_connector(name: &str, topic: &str, group: &str) -> String {
     format!(
         r#"name: {name}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "1000" }} }}
+source: {{ topics: [{topic}], start: earliest, group: {group}, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "1000" }} }}
 sink: {{ to: search, index: {name}, mappings: {{ properties: {{ email: {{ type: keyword }} }} }}, bulk: {{ max_actions: 200 }} }}
 key: $key
 batch: {{ max_events: 200, max_wait: 100ms }}
@@ -249,8 +250,8 @@ async fn two_processes_killed_and_rebalanced_end_in_the_fold_of_a_log_with_dupli
         "subject_strategy": "topic_record", "schemas": support::profiles::schemas()});
     support::produce_with_python(&spec, records).await;
 
-    let project = Project::new(&registry.url(), &[(&name, &versioned_profiles_connector(&name, &topic))]);
     let group = format!("kawka.{name}");
+    let project = Project::new(&registry.url(), &[(&name, &versioned_profiles_connector(&name, &topic, &group))]);
     let topics = vec![topic.clone()];
     let total = EVENTS as i64;
     let mut processes = [project.start(0), project.start(1)];
@@ -293,5 +294,165 @@ async fn two_processes_killed_and_rebalanced_end_in_the_fold_of_a_log_with_dupli
         &wrong[..wrong.len().min(5)]
     );
     assert!(extra.is_empty(), "documents the fold deleted: {extra:?}");
+    let _ = registry.stop().await; // cleanup only
+}
+
+/// A replay of a whole log already applied (a new consumer group from
+/// offset 0, deletes and re-registrations included) leaves every document
+/// as it was, also while it runs: a reader polling `_count` and every
+/// document each 50 ms never sees a difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_from_the_beginning_changes_no_read_while_it_runs() {
+    const EVENTS: usize = 20_000;
+    let registry = support::start_registry().await;
+    let topic = support::unique("profiles");
+    let name = support::unique("profiles");
+    support::create_topic(&topic, 3).await;
+    let records = support::profiles::log(EVENTS, 400);
+    let expected = support::profiles::fold(&records);
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": support::profiles::schemas()});
+    support::produce_with_python(&spec, records).await;
+    let topics = vec![topic.clone()];
+    let (live_group, replay_group) = (format!("kawka.{name}"), format!("kawka.{name}.replay"));
+    let live = Project::new(&registry.url(), &[(&name, &versioned_profiles_connector(&name, &topic, &live_group))]);
+    support::run_until_committed(&live, &live_group, &topics, EVENTS as i64).await;
+    let before = support::es_documents(&name, 10_000).await;
+    assert_eq!(before, expected, "the first run ends in the fold of the log");
+
+    let replay = Project::new(&registry.url(), &[(&name, &versioned_profiles_connector(&name, &topic, &replay_group))]);
+    let mut replaying = replay.start(0);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let reader = tokio::spawn({
+        let (name, before) = (name.clone(), before.clone());
+        async move {
+            let mut reads = 0usize;
+            while !*stopping.borrow() {
+                let count = support::es_count(&name).await;
+                assert_eq!(count, before.len(), "_count moved during the replay (read {reads})");
+                let now = support::es_documents(&name, 10_000).await;
+                let changed: Vec<_> = now.iter().filter(|(id, doc)| before.get(*id) != Some(doc)).take(3).collect();
+                assert!(changed.is_empty() && now.len() == before.len(), "read {reads} differs: {changed:?}");
+                reads += 2;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            reads
+        }
+    });
+    eventually(Duration::from_secs(120), "the replay to be committed", || async {
+        (support::committed_total(&replay_group, &topics).await == EVENTS as i64).then_some(())
+    })
+    .await;
+    let _ = stop.send(true);
+    let reads = reader.await.expect("every read equals the state before the replay");
+    assert_eq!(replaying.terminate().await, Some(0), "clean exit; log:\n{}", replaying.log());
+    assert_eq!(support::es_documents(&name, 10_000).await, before);
+    eprintln!(
+        "{EVENTS} events replayed over {} documents: {reads} reads during the replay, none differed",
+        before.len()
+    );
+    assert!(reads >= 4, "the reader read during the replay ({reads} reads)");
+    let _ = registry.stop().await; // cleanup only
+}
+
+/// A connector whose document id is an event field (not the Kafka key),
+/// over a topic whose partitions are added to mid-run, so that the users'
+/// later events land in other partitions, at lower offsets than their
+/// earlier ones: every document equals the fold of the log, with a
+/// domain version and without one (whole documents only: offsets alone
+/// order them). (tansu has no
+/// CreatePartitions: the topic has its 5 partitions from the start, and the
+/// producer puts each user's events in partition `user % 2` before the
+/// "growth" and `user % 5` after, as a key's hash would move them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_keyed_by_an_event_field_stay_exact_when_partitions_are_added() {
+    const EVENTS: usize = 6_000;
+    let registry = support::start_registry().await;
+    let topic = support::unique("profiles");
+    let name = support::unique("profiles");
+    support::create_topic(&topic, 5).await;
+    let records = support::profiles::log(EVENTS, 300);
+    let expected = support::profiles::fold(&records);
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": support::profiles::schemas()});
+    let group = format!("kawka.{name}");
+    let connector = versioned_profiles_connector(&name, &topic, &group).replace("key: $key", "key: user_id");
+    assert!(connector.contains("key: user_id"), "{connector}");
+    // The same log into a second index, without a version: registrations
+    // and deletes only, the last one of a user wins.
+    let (whole, whole_group) = (format!("{name}_whole"), format!("kawka.{name}_whole"));
+    let whole_connector = format!(
+        "name: {whole}\nsource: {{ topics: [{topic}], start: earliest, group: {whole_group}, \
+         properties: {{ session.timeout.ms: \"6000\" }} }}\nsink: {{ to: search, index: {whole} }}\nkey: user_id\n\
+         batch: {{ max_events: 200, max_wait: 100ms }}\nevents:\n\
+         \x20 test.profiles.Registered: {{ upsert: {{ name: name, email: email }} }}\n\
+         \x20 test.profiles.Deleted: {{ delete: {{}} }}\n"
+    );
+    let mut expected_whole: BTreeMap<String, Json> = BTreeMap::new();
+    for record in &records {
+        let user = record["key"].as_str().expect("a user").to_string();
+        match record["schema"].as_str() {
+            Some("registered") => {
+                let value = &record["value"];
+                expected_whole.insert(user, json!({"name": value["name"], "email": value["email"]}));
+            }
+            Some("deleted") => {
+                expected_whole.remove(&user);
+            }
+            _ => {}
+        }
+    }
+    let project = Project::new(&registry.url(), &[(&name, &connector), (&whole, &whole_connector)]);
+    let topics = vec![topic.clone()];
+    let partitioned = |records: &[Json], partitions: u64| -> Vec<Json> {
+        let mut records = records.to_vec();
+        for record in &mut records {
+            let user: u64 =
+                record["key"].as_str().and_then(|k| k.trim_start_matches("user").parse().ok()).expect("a user");
+            record["partition"] = json!(user % partitions);
+        }
+        records
+    };
+    let (first, second) = records.split_at(EVENTS / 2);
+    support::produce_with_python(&spec, partitioned(first, 2)).await;
+    let mut kawka = project.start(0);
+    eventually(Duration::from_secs(90), "the first half to be committed", || async {
+        let done = support::committed_total(&group, &topics).await == first.len() as i64
+            && support::committed_total(&whole_group, &topics).await == first.len() as i64;
+        done.then_some(())
+    })
+    .await;
+    support::produce_with_python(&spec, partitioned(second, 5)).await;
+    eventually(Duration::from_secs(120), "every event to be committed", || async {
+        let done = support::committed_total(&group, &topics).await == EVENTS as i64
+            && support::committed_total(&whole_group, &topics).await == EVENTS as i64;
+        done.then_some(())
+    })
+    .await;
+    assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
+    let actual = support::es_documents(&name, 10_000).await;
+    let wrong: Vec<_> = expected.iter().filter(|(id, doc)| actual.get(*id) != Some(doc)).collect();
+    let extra: Vec<_> = actual.keys().filter(|id| !expected.contains_key(*id)).collect();
+    eprintln!(
+        "{EVENTS} events, {} documents, 2 then 5 partitions: {} wrong or missing, {} extra",
+        expected.len(),
+        wrong.len(),
+        extra.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "documents differ from the fold (expected side shown): {:?}",
+        &wrong[..wrong.len().min(5)]
+    );
+    assert!(extra.is_empty(), "documents the fold deleted: {extra:?}");
+    let actual_whole = support::es_documents(&whole, 10_000).await;
+    let wrong: Vec<_> = expected_whole.iter().filter(|(id, doc)| actual_whole.get(*id) != Some(doc)).collect();
+    eprintln!("without a version: {} documents, {} wrong or missing", expected_whole.len(), wrong.len());
+    assert!(
+        wrong.is_empty(),
+        "documents differ from the fold (expected side shown): {:?}",
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!(actual_whole.len(), expected_whole.len(), "no extra documents");
     let _ = registry.stop().await; // cleanup only
 }

@@ -396,6 +396,13 @@ pub async fn es_search(index: &str, query: Json, size: usize) -> Vec<Json> {
     reply["hits"]["hits"].as_array().cloned().unwrap_or_default()
 }
 
+/// `_count` of an index, without a refresh (what a reader sees).
+pub async fn es_count(index: &str) -> usize {
+    let url = format!("{}/{index}/_count", elasticsearch_url());
+    let reply: Json = reqwest::get(&url).await.expect("count").json().await.expect("count reply");
+    reply["count"].as_u64().unwrap_or_else(|| panic!("GET {url}: {reply}")) as usize
+}
+
 /// The sorted ids of a search's hits.
 pub async fn es_search_ids(index: &str, query: Json) -> Vec<String> {
     let mut ids: Vec<String> =

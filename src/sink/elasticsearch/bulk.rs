@@ -89,6 +89,9 @@ pub struct Action {
     /// For a `create` of a whole document: the guarded update sent
     /// instead when the document exists, or has a tombstone.
     pub otherwise: Option<Box<Action>>,
+    /// An update's: where in `lines` the `""` stands that the script's text
+    /// ([`script_json`]) replaces when the request is sent.
+    pub script_slot: Option<usize>,
 }
 
 /// The document id of a key: one part as text, several joined by `|`, each
@@ -193,8 +196,20 @@ struct UpdateBody<'a> {
 #[derive(Serialize)]
 struct Script<'a> {
     params: Params<'a>,
-    source: &'static str,
     lang: &'static str,
+    /// Written as `""`: the script's text is put in when the request is
+    /// sent ([`Action::script_slot`]), so that a batch's planned actions do
+    /// not each hold a copy of it.
+    source: &'static str,
+}
+
+/// What follows the script text's `""` in an update body's line.
+const AFTER_SCRIPT: &str = r#"},"scripted_upsert":true,"upsert":{"kawka":{"missing":true}}}"#;
+
+/// [`SCRIPT`] as a JSON string, as it goes into a request.
+pub fn script_json() -> &'static str {
+    static JSON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JSON.get_or_init(|| serde_json::Value::from(SCRIPT).to_string())
 }
 
 #[derive(Serialize)]
@@ -275,6 +290,7 @@ fn tombstone(deleting: &Action, net: &NetOp, tombstones: Tombstones) -> Action {
         tombstone_slot: None,
         records_tombstone: true,
         otherwise: None,
+        script_slot: None,
     }
 }
 
@@ -294,11 +310,7 @@ fn action(ops: &[WriteOp], index: &str, doc_id: String, net: &NetOp, members: Ve
     let steps: Vec<Step> =
         effects.iter().map(|(effect, op)| Step::new(effect, op.position.offset, op.version)).collect();
     let body = UpdateBody {
-        script: Script {
-            params: Params { _t: None, tp: &tp, whole: [whole], steps },
-            source: SCRIPT,
-            lang: "painless",
-        },
+        script: Script { params: Params { _t: None, tp: &tp, whole: [whole], steps }, lang: "painless", source: "" },
         scripted_upsert: true,
         // Marks a document that did not exist: deleting it is a noop.
         upsert: serde_json::json!({GUARD_FIELD: {"missing": true}}),
@@ -307,8 +319,18 @@ fn action(ops: &[WriteOp], index: &str, doc_id: String, net: &NetOp, members: Ve
     write_line(&mut lines, &body);
     let slot = body_starts + TOMBSTONE_SLOT;
     debug_assert_eq!(lines.get(slot..slot + 4), Some(&b"null"[..]), "the tombstone slot");
-    let update =
-        Action { doc_id, ops: members, lines, tombstone_slot: Some(slot), records_tombstone: false, otherwise: None };
+    // The line ends in `""` + AFTER_SCRIPT + `\n`.
+    let script_slot = lines.len() - 1 - AFTER_SCRIPT.len() - 2;
+    debug_assert_eq!(lines.get(script_slot..script_slot + 2), Some(&b"\"\""[..]), "the script slot");
+    let update = Action {
+        doc_id,
+        ops: members,
+        lines,
+        tombstone_slot: Some(slot),
+        records_tombstone: false,
+        otherwise: None,
+        script_slot: Some(script_slot),
+    };
     match &net.effect {
         Effect::Replace(fields) if creates => create(index, &tp, fields, net, update),
         _ => update,
@@ -337,10 +359,28 @@ fn create(index: &str, tp: &str, fields: &[(Name, Value)], net: &NetOp, update: 
         tombstone_slot: None,
         records_tombstone: false,
         otherwise: Some(Box::new(update)),
+        script_slot: None,
     }
 }
 
 impl Action {
+    /// The action's lines as they are sent: the script's text put in.
+    pub fn write_to(&self, body: &mut Vec<u8>) {
+        match self.script_slot {
+            Some(slot) => {
+                body.extend_from_slice(&self.lines[..slot]);
+                body.extend_from_slice(script_json().as_bytes());
+                body.extend_from_slice(&self.lines[slot + 2..]);
+            }
+            None => body.extend_from_slice(&self.lines),
+        }
+    }
+
+    /// How many bytes [`Action::write_to`] writes.
+    pub fn sent_len(&self) -> usize {
+        self.lines.len() + self.script_slot.map_or(0, |_| script_json().len() - 2)
+    }
+
     /// Puts a deleted document's tombstone (its `_source`: `pos`, `v`) in
     /// a scripted update, which then starts from those guards when the
     /// document is missing.
@@ -355,8 +395,10 @@ impl Action {
         lines.extend_from_slice(&self.lines[..slot]);
         // Serializing a JSON value into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut lines, &guards);
+        let grown = lines.len() - slot;
         lines.extend_from_slice(&self.lines[slot + "null".len()..]);
-        Some(Action { lines, ..self.clone() })
+        let script_slot = self.script_slot.map(|at| at + grown - "null".len());
+        Some(Action { lines, script_slot, ..self.clone() })
     }
 }
 
@@ -447,7 +489,10 @@ mod tests {
     }
 
     fn lines(action: &Action) -> Vec<serde_json::Value> {
-        std::str::from_utf8(&action.lines)
+        let mut sent = Vec::new();
+        action.write_to(&mut sent);
+        assert_eq!(sent.len(), action.sent_len());
+        std::str::from_utf8(&sent)
             .expect("utf-8")
             .lines()
             .map(|line| serde_json::from_str(line).expect("each line is JSON"))

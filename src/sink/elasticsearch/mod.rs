@@ -322,9 +322,9 @@ impl ElasticsearchSink {
             while end < actions.len()
                 && (end == start
                     || (end - start < self.target.max_bulk_actions
-                        && bytes + actions[end].lines.len() <= self.target.max_bulk_bytes))
+                        && bytes + actions[end].sent_len() <= self.target.max_bulk_bytes))
             {
-                bytes += actions[end].lines.len();
+                bytes += actions[end].sent_len();
                 end += 1;
             }
             let (chunk_counts, chunk_rejected) = self.send_with_retries(&actions[start..end]).await?;
@@ -390,9 +390,9 @@ impl ElasticsearchSink {
     }
 
     async fn send(&self, actions: &[&Action]) -> Result<Vec<ItemOutcome>, SinkError> {
-        let mut body = Vec::with_capacity(actions.iter().map(|a| a.lines.len()).sum());
+        let mut body = Vec::with_capacity(actions.iter().map(|a| a.sent_len()).sum());
         for action in actions {
-            body.extend_from_slice(&action.lines);
+            action.write_to(&mut body);
         }
         let response =
             self.client.bulk(BulkParts::None).body(vec![Bytes::from(body)]).send().await.map_err(transport_error)?;

@@ -246,7 +246,7 @@ async fn copy_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run {
             o.item,
             o.quantity,
             o.price_cents,
-            kawka::sink::postgres::sql::format_millis(o.placed_at),
+            kawka::sink::postgres::format_millis(o.placed_at),
             o.express
         );
         data.extend(line.as_bytes());
@@ -317,7 +317,7 @@ async fn update_baseline(pool: &sqlx::PgPool, table: &str, total: usize) -> Run 
             .bind(net.iter().map(|o| o.quantity).collect::<Vec<i64>>())
             .bind(net.iter().map(|o| o.price_cents).collect::<Vec<i64>>())
             .bind(texts(&|_| "EUR".to_string()))
-            .bind(texts(&|o| kawka::sink::postgres::sql::format_millis(o.placed_at)))
+            .bind(texts(&|o| kawka::sink::postgres::format_millis(o.placed_at)))
             .bind(net.iter().map(|o| o.express).collect::<Vec<bool>>())
             .bind(texts(&|_| "web".to_string()))
             .execute(&mut *connection)

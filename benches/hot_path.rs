@@ -19,7 +19,7 @@ use kawka::event::{Event, Position};
 use kawka::projection::fold::{fold, GroupBy};
 use kawka::projection::{Projected, Projection, RulesProjection, WriteOp};
 use kawka::sink::elasticsearch::bulk::{self, Tombstones};
-use kawka::sink::postgres::sql::{copy_rows, TableSql};
+use kawka::sink::postgres::{copy_rows, TableSql};
 use kawka::sink::Target;
 use kawka::upcast::Upcasting;
 use kawka::value::{intern, Value};

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, RebuildReport, Started};
 use crate::pipeline::ConnectorRuntime;
-use crate::sink::postgres::sql::quote;
+use crate::sink::postgres::quote;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::Sink;
 use crate::sink::Target;

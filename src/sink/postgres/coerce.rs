@@ -166,7 +166,8 @@ fn push_millis(millis: i64, out: &mut String) {
 /// `YYYY-MM-DD` for days since 1970-01-01 (proleptic Gregorian); years
 /// before 1 with ` BC`, as Postgres writes and reads them (astronomical
 /// year 0 is 1 BC).
-pub fn format_days(days: i64) -> String {
+#[cfg(test)]
+fn format_days(days: i64) -> String {
     let mut out = String::with_capacity(10);
     push_days(days, &mut out);
     if before_year_one(days) {

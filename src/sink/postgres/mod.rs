@@ -40,7 +40,6 @@
 //! * `arrays.rs`: the typed arrays a statement binds, one per column (pure).
 //! * `coerce.rs`: values converted for a column's type, dates and timestamps included (pure).
 //! * `copy.rs`: `COPY` text written from arrays or from ops, and read back into arrays (pure).
-//! * `sql.rs`: the names callers outside the sink import, re-exported from the files above.
 //! * `fixtures.rs`: tables and net ops the unit tests share (tests only).
 
 mod apply;
@@ -53,7 +52,6 @@ mod fixtures;
 mod positions;
 mod rejected;
 mod settings;
-pub mod sql;
 mod statements;
 mod table;
 pub mod types;
@@ -69,8 +67,10 @@ use sqlx::{Executor, PgPool};
 use super::{SinkError, SinkSettings};
 use crate::projection::WriteOp;
 use crate::value::{intern, name_position, Name};
+pub use coerce::format_millis;
+pub use copy::copy_rows;
 pub use settings::{Column, PostgresConnection, PostgresTarget};
-use table::TableSql;
+pub use table::{quote, TableSql};
 use types::ColumnType;
 pub use write::PostgresPlan;
 

@@ -283,3 +283,31 @@ async fn postgres_equals_the_fold_whatever_the_cuts_duplicates_and_retries() {
         }
     }
 }
+
+/// A document's events from two partitions in one batch (an id from an
+/// event field, a key moved by added partitions): the second partition's
+/// net op goes after the first's has landed and sees its tombstone, so a
+/// stale upsert after a delete does not bring the document back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_documents_events_from_two_partitions_in_one_batch_apply_in_turn() {
+    let name = support::unique("fold-exact");
+    let (_project, sink) = one_sink(&name, "search", true, true);
+    sink.prepare().await.expect("prepare");
+    let topic = intern("fold-exact");
+    let op = |kind: OpKind, fields: Vec<(&'static str, Value)>, version: i64, partition: i32, offset: i64| WriteOp {
+        key: smallvec::smallvec![Value::from("x")],
+        kind,
+        fields,
+        version: Some(version),
+        position: Position { topic, partition, offset },
+    };
+    sink.write(&[op(OpKind::Upsert, vec![("a", Value::Int(1))], 4, 0, 0)], &[]).await.expect("the first write");
+    let batch = [
+        op(OpKind::Delete, vec![], 7, 1, 0),
+        op(OpKind::Upsert, vec![("a", Value::Int(2))], 5, 0, 1),
+        op(OpKind::Merge, vec![("b", Value::Int(3))], 6, 2, 0),
+    ];
+    let written = sink.write(&batch, &[]).await.expect("the batch");
+    assert_eq!(support::es_document(&name, "x").await, None, "deleted at v7; v5 and v6 are stale");
+    assert_eq!(written.superseded, vec![1, 2], "the stale upsert and merge are superseded");
+}

@@ -87,11 +87,15 @@ struct SourceContext {
     stopping: Arc<AtomicBool>,
     /// Positions durable in the sink, committed to Kafka on revoke.
     durable: Mutex<HashMap<(Name, i32), i64>>,
-    /// When an asynchronous commit last failed (ms since the epoch, 0:
-    /// none pending): the consumer thread commits the durable positions
-    /// again, so that what was written is committed even when no batch
-    /// follows (a rebuild's cut-over waits for the live group's commits).
-    commit_failed_at: AtomicU64,
+    /// Changes to `durable` so far, and how many of them the last commit
+    /// the consumer thread saw succeed covered: asynchronous commits may
+    /// fail unseen, so the thread commits again, synchronously, until what
+    /// was written is committed even when no batch follows (a rebuild's
+    /// cut-over waits for the live group's commits).
+    durable_changes: AtomicU64,
+    committed_changes: AtomicU64,
+    /// Whether the last check failed (its warning was given).
+    commit_failing: AtomicBool,
     /// The record queue of the consumer thread, while it runs: assigned
     /// partitions are forwarded to it.
     records: Mutex<Option<QueueHandle>>,
@@ -101,13 +105,6 @@ struct SourceContext {
 impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(error) = result {
-            tracing::warn!(connector = %self.connector, %error, "offset commit to kafka failed; committing again");
-            self.commit_failed_at.store(crate::status::now_ms().max(1) as u64, Ordering::SeqCst);
-        }
-    }
-
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
@@ -181,6 +178,10 @@ impl SourceContext {
         // Records still in flight belong to the old assignment.
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.commit_durable(consumer, CommitMode::Sync);
+        // The partitions may be another member's next: their positions are
+        // never committed again from here (a retry would move theirs back).
+        self.durable.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+        self.committed_changes.store(self.durable_changes.load(Ordering::SeqCst), Ordering::SeqCst);
         if let Err(error) = consumer.unassign() {
             tracing::warn!(connector = %self.connector, %error, "unassign failed");
         }
@@ -188,20 +189,52 @@ impl SourceContext {
     }
 
     fn commit_durable(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) {
+        if let Err(error) = self.try_commit_durable(consumer, mode) {
+            tracing::debug!(connector = %self.connector, %error, "offset commit to kafka failed");
+        }
+    }
+
+    fn try_commit_durable(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) -> KafkaResult<()> {
         let durable = self.durable.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         if durable.is_empty() {
-            return;
+            return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), next) in durable {
             // Kafka's committed offset is, like ours, last processed + 1.
             let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(next));
         }
-        if let Err(error) = consumer.commit(&tpl, mode) {
-            tracing::debug!(connector = %self.connector, %error, "offset commit to kafka failed");
+        consumer.commit(&tpl, mode)
+    }
+
+    /// On the consumer thread, at most once a `COMMIT_CHECK`: commits the
+    /// durable positions synchronously when they changed since the last
+    /// commit seen to succeed. Told once per run of failures.
+    fn commit_if_behind(&self, consumer: &BaseConsumer<Self>, checked_at: &mut std::time::Instant) {
+        if checked_at.elapsed() < COMMIT_CHECK {
+            return;
+        }
+        *checked_at = std::time::Instant::now();
+        let changes = self.durable_changes.load(Ordering::SeqCst);
+        if changes == self.committed_changes.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.try_commit_durable(consumer, CommitMode::Sync) {
+            Ok(()) => {
+                self.committed_changes.store(changes, Ordering::SeqCst);
+                self.commit_failing.store(false, Ordering::SeqCst);
+            }
+            Err(error) if !self.commit_failing.swap(true, Ordering::SeqCst) => {
+                tracing::warn!(connector = %self.connector, %error, "offset commit to kafka failed; committing again")
+            }
+            Err(error) => tracing::debug!(connector = %self.connector, %error, "offset commit to kafka failed again"),
         }
     }
 }
+
+/// How often the consumer thread checks that the durable positions are
+/// committed.
+const COMMIT_CHECK: Duration = Duration::from_secs(1);
 
 /// A running consumer thread.
 pub struct KafkaSource {
@@ -230,7 +263,9 @@ impl KafkaSource {
             generation: AtomicU64::new(0),
             stopping: stopping.clone(),
             durable: Mutex::new(HashMap::new()),
-            commit_failed_at: AtomicU64::new(0),
+            durable_changes: AtomicU64::new(0),
+            committed_changes: AtomicU64::new(0),
+            commit_failing: AtomicBool::new(false),
             records: Mutex::new(None),
             connector: connector.to_string(),
         };
@@ -275,6 +310,7 @@ impl KafkaSource {
                 durable.insert((offset.topic, offset.partition), offset.next_offset);
             }
         }
+        context.durable_changes.fetch_add(1, Ordering::SeqCst);
         context.commit_durable(&self.consumer, CommitMode::Async);
     }
 
@@ -432,6 +468,7 @@ fn poll_loop(
     let mut chunk: Vec<RawRecord> = Vec::with_capacity(CHUNK);
     let mut chunk_generation = context.generation.load(Ordering::SeqCst);
     let mut watermarks_at = std::time::Instant::now();
+    let mut commit_checked = std::time::Instant::now();
     while !stopping.load(Ordering::SeqCst) {
         if watermarks_at.elapsed() >= WATERMARK_EVERY {
             watermarks_at = std::time::Instant::now();
@@ -439,6 +476,7 @@ fn poll_loop(
         }
         // Events first: a rebalance they run makes what was gathered stale.
         serve_events(connector, consumer, &mut chunk, &mut chunk_generation, Duration::ZERO);
+        context.commit_if_behind(consumer, &mut commit_checked);
         // (What `serve_events` or a full channel left may exceed a chunk.)
         let room = CHUNK.saturating_sub(chunk.len());
         if records.read(&mut chunk, room, Duration::ZERO, connector) == 0 && chunk.is_empty() {
@@ -455,7 +493,8 @@ fn poll_loop(
         }
         let batch = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
         let message = SourceMessage::Records { generation: chunk_generation, records: batch };
-        (chunk, chunk_generation) = send_or_wait(consumer, &mut records, tx, stopping, message, chunk_generation);
+        (chunk, chunk_generation) =
+            send_or_wait(consumer, &mut records, tx, stopping, message, chunk_generation, &mut commit_checked);
     }
 }
 
@@ -506,13 +545,6 @@ fn serve_events(
         }
         timeout = Duration::ZERO;
     }
-    // A failed commit is tried again, half a second on, until one lands.
-    let context = consumer.context();
-    let failed_at = context.commit_failed_at.load(Ordering::SeqCst);
-    if failed_at != 0 && (crate::status::now_ms() as u64).saturating_sub(failed_at) >= 500 {
-        context.commit_failed_at.store(0, Ordering::SeqCst);
-        context.commit_durable(consumer, CommitMode::Async);
-    }
 }
 
 /// Asks the broker for the high watermarks of the assignment, for lag.
@@ -543,6 +575,7 @@ fn send_or_wait(
     stopping: &AtomicBool,
     message: SourceMessage,
     generation: u64,
+    commit_checked: &mut std::time::Instant,
 ) -> (Vec<RawRecord>, u64) {
     let mut message = match tx.try_send(message) {
         Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return (Vec::new(), generation),
@@ -556,6 +589,8 @@ fn send_or_wait(
     let context = consumer.context();
     let patient_until = std::time::Instant::now() + PATIENCE;
     while std::time::Instant::now() < patient_until && !stopping.load(Ordering::SeqCst) {
+        // The batches ahead become durable while this one waits.
+        context.commit_if_behind(consumer, commit_checked);
         // This is the consumer's own thread, outside the runtime; the
         // timer is made inside it (tokio's timers need the runtime).
         let slot =
@@ -578,6 +613,7 @@ fn send_or_wait(
     let connector = context.connector.as_str();
     while !stopping.load(Ordering::SeqCst) {
         serve_events(connector, consumer, &mut overflow, &mut overflow_generation, Duration::ZERO);
+        context.commit_if_behind(consumer, commit_checked);
         if overflow_generation != generation {
             // A rebalance ran: the chunk is stale, and the new assignment
             // is not paused.
@@ -609,5 +645,74 @@ fn raw_record<M: Message>(message: &M) -> RawRecord {
         key: message.key().map(KeyBytes::from_slice),
         value: message.payload().map(bytes::Bytes::copy_from_slice),
         headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::types::RDKafkaApiKey;
+
+    use super::*;
+    use crate::event::PartitionOffset;
+
+    /// An asynchronous commit that fails is made again until one lands, so
+    /// the group's committed offsets reach what was written even when no
+    /// batch follows (a rebuild's cut-over waits for exactly that).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_commit_is_made_again_until_one_lands() {
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        cluster.create_topic("events", 1, 1).expect("a topic");
+        let bootstrap = cluster.bootstrap_servers();
+        let producer: BaseProducer =
+            ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("a producer");
+        for _ in 0..10 {
+            producer.send(BaseRecord::<str, str>::to("events").key("k").payload("v")).expect("queued");
+        }
+        producer.flush(Duration::from_secs(10)).expect("produced");
+        let kafka = KafkaSettings { bootstrap_servers: bootstrap, properties: BTreeMap::new() };
+        let source = SourceSettings {
+            topics: vec!["events".to_string()],
+            start: StartPosition::Earliest,
+            group_id: "kawka.retries".to_string(),
+            properties: BTreeMap::from([("session.timeout.ms".to_string(), "6000".to_string())]),
+            max_prefetch_bytes: 1 << 20,
+            max_prefetch_records: 1000,
+            max_record_bytes: 1 << 20,
+        };
+        let status = Arc::new(ConnectorStatus::new("retries", "postgres"));
+        let (consumer, mut rx) = KafkaSource::start("retries", &kafka, &source, None, status).expect("started");
+        let mut read = 0;
+        while read < 10 {
+            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("records within 30 s") {
+                Some(SourceMessage::Records { records, .. }) => read += records.len(),
+                Some(SourceMessage::Ended { reason }) => panic!("{reason}"),
+                Some(_) => {}
+                None => panic!("the source ended"),
+            }
+        }
+        // The next commits fail; no batch follows the one written.
+        let failures = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3];
+        cluster.request_errors(RDKafkaApiKey::OffsetCommit, &failures);
+        let topic = crate::value::intern("events");
+        consumer.durable(&[PartitionOffset { topic, partition: 0, next_offset: 10, epoch: None }]);
+        let committed = tokio::task::spawn_blocking(move || {
+            let offsets = GroupOffsets::new(&kafka, "kawka.retries", &["events".to_string()]).expect("a reader");
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let now = offsets.read().expect("committed offsets");
+                if now == [("events".to_string(), 0, 10)] || std::time::Instant::now() > deadline {
+                    return now;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .await
+        .expect("read");
+        assert_eq!(committed, vec![("events".to_string(), 0, 10)], "the written position is committed in the end");
+        consumer.stop(rx).await;
     }
 }

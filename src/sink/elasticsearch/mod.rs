@@ -11,6 +11,7 @@
 pub mod bulk;
 mod settings;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -219,7 +220,7 @@ impl ElasticsearchSink {
 
     /// The actions of `actions` (by index) whose document has a tombstone,
     /// as the update with the tombstone put in.
-    async fn with_tombstones(&self, actions: &[Action]) -> Result<Vec<(usize, Action)>, SinkError> {
+    async fn with_tombstones(&self, actions: &[&Action]) -> Result<Vec<(usize, Action)>, SinkError> {
         let index = self.tombstones();
         let ids: Vec<&str> = actions
             .iter()
@@ -275,11 +276,29 @@ impl ElasticsearchSink {
     /// by id, so one document's actions stay in order in one lane; lanes
     /// run concurrently, each sending its requests one after another.
     pub async fn write_plan(&self, plan: &ElasticsearchPlan) -> Result<Written, SinkError> {
+        let mut counts = Written { duplicates: 0, superseded: plan.0.stale.clone() };
+        let mut rejected = plan.0.rejected.clone();
+        for round in rounds(&plan.0.actions) {
+            let (round_counts, round_rejected) = self.write_round(&round).await?;
+            counts.duplicates += round_counts.duplicates;
+            counts.superseded.extend(round_counts.superseded);
+            rejected.extend(round_rejected);
+        }
+        if !rejected.is_empty() {
+            return Err(SinkError::RejectedOps(rejected));
+        }
+        Ok(counts)
+    }
+
+    /// Sends actions of which no two are of one document (but a delete's
+    /// tombstone, right after it): the tombstones of their documents read
+    /// first, then lanes of requests.
+    async fn write_round(&self, actions: &[&Action]) -> Result<(Written, Vec<(usize, String)>), SinkError> {
         let lanes = self.target.in_flight.max(1);
         let mut by_lane: Vec<Vec<&Action>> = (0..lanes).map(|_| Vec::new()).collect();
-        let tombstoned = self.with_tombstones(&plan.0.actions).await?;
+        let tombstoned = self.with_tombstones(actions).await?;
         let mut tombstoned = tombstoned.iter().peekable();
-        for (at, action) in plan.0.actions.iter().enumerate() {
+        for (at, &action) in actions.iter().enumerate() {
             let action = match tombstoned.peek() {
                 Some((with, replaced)) if *with == at => {
                     tombstoned.next();
@@ -290,8 +309,8 @@ impl ElasticsearchSink {
             by_lane[lane_of(&action.doc_id, lanes)].push(action);
         }
         let results = join_all(by_lane.into_iter().map(|actions| self.write_lane(actions))).await;
-        let mut counts = Written { duplicates: 0, superseded: plan.0.stale.clone() };
-        let mut rejected = plan.0.rejected.clone();
+        let mut counts = Written::default();
+        let mut rejected = Vec::new();
         let mut failure = None;
         for result in results {
             match result {
@@ -303,13 +322,10 @@ impl ElasticsearchSink {
                 Err(error) => failure = Some(error),
             }
         }
-        if let Some(error) = failure {
-            return Err(error);
+        match failure {
+            Some(error) => Err(error),
+            None => Ok((counts, rejected)),
         }
-        if !rejected.is_empty() {
-            return Err(SinkError::RejectedOps(rejected));
-        }
-        Ok(counts)
     }
 
     async fn write_lane(&self, actions: Vec<&Action>) -> Result<(Written, Vec<(usize, String)>), SinkError> {
@@ -477,6 +493,31 @@ pub fn create_body(target: &ElasticsearchTarget, alias: &str) -> serde_json::Val
     body
 }
 
+/// A batch's actions in rounds, each sent once the one before it is: the
+/// k-th action of a document (its events of the k-th partition it met) in
+/// round k, a delete's tombstone beside the delete. A document's actions
+/// then never overtake each other (a create met by an existing document
+/// is followed by its update before the document's next action goes), and
+/// each reads the tombstone the one before it left. Most batches have one
+/// action a document: one round.
+fn rounds(actions: &[Action]) -> Vec<Vec<&Action>> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut rounds: Vec<Vec<&Action>> = Vec::new();
+    for action in actions {
+        let count = seen.entry(action.doc_id.as_str()).or_insert(0);
+        // A tombstone follows its delete, in its round.
+        let round = if action.records_tombstone { count.saturating_sub(1) } else { *count };
+        if !action.records_tombstone {
+            *count += 1;
+        }
+        if rounds.len() <= round {
+            rounds.resize_with(round + 1, Vec::new);
+        }
+        rounds[round].push(action);
+    }
+    rounds
+}
+
 fn now_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -523,6 +564,37 @@ mod tests {
         assert_eq!(body["mappings"]["properties"]["email"]["type"], "keyword");
         assert_eq!(body["aliases"]["profiles"]["is_write_index"], true);
         assert_eq!(body["settings"]["number_of_shards"], 1);
+    }
+
+    #[test]
+    fn a_documents_actions_go_in_rounds_with_a_deletes_tombstone_beside_it() {
+        use crate::event::Position;
+        use crate::projection::{OpKind, WriteOp};
+        use crate::value::Value;
+        let op = |key: &str, partition: i32, offset: i64, kind: OpKind| WriteOp {
+            key: smallvec::smallvec![Value::from(key)],
+            kind,
+            fields: Vec::new(),
+            version: None,
+            position: Position { topic: "t", partition, offset },
+        };
+        let ops = [
+            op("a", 0, 0, OpKind::Upsert),
+            op("b", 0, 1, OpKind::Upsert),
+            op("a", 1, 0, OpKind::Delete),
+            op("a", 2, 0, OpKind::Merge),
+        ];
+        let tombstones = Tombstones { index: "t.kawka-deleted", at_millis: 0 };
+        let planned = bulk::plan(&ops, &[], "t", tombstones, true);
+        let rounds: Vec<Vec<(&str, bool)>> = rounds(&planned.actions)
+            .iter()
+            .map(|round| round.iter().map(|a| (a.doc_id.as_str(), a.records_tombstone)).collect())
+            .collect();
+        assert_eq!(
+            rounds,
+            vec![vec![("a", false), ("b", false)], vec![("a", false), ("a", true)], vec![("a", false)]],
+            "one action of a document a round, its tombstone beside its delete"
+        );
     }
 
     #[test]

@@ -49,12 +49,14 @@ impl PostgresSink {
         hashes: &[u64],
         offsets: &[PartitionOffset],
     ) -> Result<PostgresPlan, SinkError> {
+        if self.table.versioned {
+            // Folded once the stored versions are read: an op that fails to
+            // fold here may be stale there (and then change nothing).
+            return Ok(PostgresPlan::Versioned(ops.to_vec(), offsets.to_vec()));
+        }
         let folded = fold(ops, hashes, GroupBy::Key);
         if !folded.errors.is_empty() {
             return Err(SinkError::RejectedOps(folded.errors.into_iter().map(|e| (e.op, e.to_string())).collect()));
-        }
-        if self.table.versioned {
-            return Ok(PostgresPlan::Versioned(ops.to_vec(), offsets.to_vec()));
         }
         let net = folded.net;
         let rejected = |error: BindError| SinkError::Rejected(error.to_string());
@@ -136,6 +138,12 @@ impl PostgresSink {
                 results.into_iter().collect::<Result<(), _>>().map(|()| Vec::new())
             }
             PostgresPlan::Whole(_, offsets) | PostgresPlan::Versioned(_, offsets) => {
+                if matches!(plan, PostgresPlan::Versioned(..)) {
+                    // The versions it reads must include those of the
+                    // writes ahead of it (Postgres shows only committed
+                    // rows): it starts once they have committed.
+                    succeeded_all(&follows.committed).await?;
+                }
                 let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
                 if retry && !offsets.is_empty() && self.reached_all(&mut tx, offsets).await? {
                     return tx.rollback().await.map_err(SinkError::Postgres).map(|()| Vec::new());
@@ -205,21 +213,32 @@ impl PostgresSink {
             net != Folded::FAILED
                 && matches!((op.version, floor[net as usize]), (Some(mine), Some(stored)) if mine <= stored)
         };
-        let mut superseded = folded.stale.clone();
-        let mut fresh: Vec<WriteOp> = Vec::new();
+        let (mut superseded, mut fresh, mut fresh_at) = (Vec::new(), Vec::new(), Vec::new());
         for (index, pair) in ops.iter().zip(&folded.members).enumerate() {
             if is_stale(pair) {
                 superseded.push(index);
             } else {
                 fresh.push(pair.0.clone());
+                fresh_at.push(index);
             }
         }
-        if fresh.len() == ops.len() {
-            return Ok((self.table.plan(&folded.net).map_err(rejected)?, superseded));
+        // The fold of what is not stale: its errors are the batch's (an op
+        // that fails to fold is never left out silently).
+        let refolded;
+        let (net, errors, stale): (&[NetOp], Vec<(usize, String)>, Vec<usize>) = if superseded.is_empty() {
+            let errors = folded.errors.iter().map(|e| (e.op, e.to_string())).collect();
+            (&folded.net, errors, folded.stale.clone())
+        } else {
+            refolded = fold(&fresh, &[], GroupBy::Key);
+            let errors = refolded.errors.iter().map(|e| (fresh_at[e.op], e.to_string())).collect();
+            (&refolded.net, errors, refolded.stale.iter().map(|&at| fresh_at[at]).collect())
+        };
+        if !errors.is_empty() {
+            return Err(SinkError::RejectedOps(errors));
         }
+        superseded.extend(stale);
         superseded.sort_unstable();
-        superseded.dedup();
-        Ok((self.table.plan(&fold(&fresh, &[], GroupBy::Key).net).map_err(rejected)?, superseded))
+        Ok((self.table.plan(net).map_err(rejected)?, superseded))
     }
 
     /// One partition's share: its transaction with the statements run, or

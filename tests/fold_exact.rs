@@ -311,3 +311,67 @@ async fn a_documents_events_from_two_partitions_in_one_batch_apply_in_turn() {
     assert_eq!(support::es_document(&name, "x").await, None, "deleted at v7; v5 and v6 are stale");
     assert_eq!(written.superseded, vec![1, 2], "the stale upsert and merge are superseded");
 }
+
+/// A delete without a version (a Kafka tombstone on a versioned connector)
+/// still remembers the version of the row it deleted: a late duplicate of
+/// an older event does not bring the row back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_delete_without_a_version_keeps_the_rows_version() {
+    let name = support::unique("fold_exact");
+    let (_project, sink) = one_sink(&name, "readdb", true, true);
+    sink.prepare().await.expect("prepare");
+    let topic = intern("fold-exact");
+    let claims = sink.claim(&[(topic, 0)]).await.expect("claim");
+    let op = |kind: OpKind, fields: Vec<(&'static str, Value)>, version: Option<i64>, offset: i64| WriteOp {
+        key: smallvec::smallvec![Value::from("x")],
+        kind,
+        fields,
+        version,
+        position: Position { topic, partition: 0, offset },
+    };
+    let batches = [
+        op(OpKind::Upsert, vec![("a", Value::Int(1))], Some(4), 0),
+        op(OpKind::Delete, vec![], None, 1),
+        op(OpKind::Upsert, vec![("a", Value::Int(2))], Some(3), 2),
+    ];
+    let mut superseded = Vec::new();
+    for (n, batch) in batches.iter().enumerate() {
+        let offsets = [PartitionOffset { topic, partition: 0, next_offset: n as i64 + 1, epoch: claims[0].epoch }];
+        superseded.push(sink.write(std::slice::from_ref(batch), &offsets).await.expect("a batch").superseded);
+    }
+    let pool = support::postgres().await;
+    let rows: i64 =
+        sqlx::query_scalar(&format!("SELECT count(*) FROM \"{name}\"")).fetch_one(&pool).await.expect("count");
+    assert_eq!(rows, 0, "deleted after v4; the v3 duplicate is stale");
+    assert_eq!(superseded[2], vec![0], "the duplicate is superseded");
+}
+
+/// An Elasticsearch delete records, beside its own guards, those the
+/// document had: a delete without a version still remembers the document's
+/// version, and one from one partition the offsets of the others, so a
+/// late duplicate or a replay from another partition leaves it deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elasticsearch_delete_keeps_the_documents_guards() {
+    let name = support::unique("fold-exact");
+    let (_project, sink) = one_sink(&name, "search", true, true);
+    sink.prepare().await.expect("prepare");
+    let topic = intern("fold-exact");
+    let op =
+        |kind: OpKind, fields: Vec<(&'static str, Value)>, version: Option<i64>, partition: i32, offset: i64| WriteOp {
+            key: smallvec::smallvec![Value::from("x")],
+            kind,
+            fields,
+            version,
+            position: Position { topic, partition, offset },
+        };
+    sink.write(&[op(OpKind::Upsert, vec![("a", Value::Int(1))], Some(4), 0, 10)], &[]).await.expect("v4 at 0:10");
+    sink.write(&[op(OpKind::Merge, vec![("b", Value::Int(1))], Some(5), 2, 100)], &[]).await.expect("v5 at 2:100");
+    sink.write(&[op(OpKind::Delete, vec![], None, 0, 11)], &[]).await.expect("a delete without a version");
+    let late = [
+        op(OpKind::Upsert, vec![("a", Value::Int(2))], Some(3), 1, 0),
+        op(OpKind::Merge, vec![("b", Value::Int(2))], Some(5), 2, 100),
+    ];
+    let written = sink.write(&late, &[]).await.expect("late events");
+    assert_eq!(support::es_document(&name, "x").await, None, "v3 is stale, 2:100 was applied before the delete");
+    assert_eq!(written.superseded, vec![0, 1]);
+}

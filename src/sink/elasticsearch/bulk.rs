@@ -81,7 +81,8 @@ pub struct Action {
     /// Header line and (except for delete) body line, each ending in `\n`.
     pub lines: Vec<u8>,
     /// A scripted update's: where in `lines` the `null` of its tombstone
-    /// parameter stands ([`Action::with_tombstone`]).
+    /// parameter stands; a tombstone's: where the `null` of the live
+    /// document's guards stands ([`Action::with_tombstone`]).
     pub tombstone_slot: Option<usize>,
     /// Whether it records a delete's tombstone (beside the delete; not an
     /// event's own write).
@@ -174,14 +175,52 @@ impl Serialize for FieldMap<'_> {
 }
 
 /// The tombstone of a deleted document: its guards, kept in an index of
-/// their own (a deleted document has no `kawka` field to keep them in).
+/// their own (a deleted document has no `kawka` field to keep them in):
+/// the delete's own, and those the live document had (`params.live`, put
+/// in by the sink, which reads them before the delete is sent), so that a
+/// delete without a version, or of a document with events in several
+/// partitions, forgets nothing.
 pub const TOMBSTONE_SCRIPT: &str = "\
 def pos = ctx._source.pos;
 if (pos == null) { pos = new HashMap(); }
+if (params.live != null) {
+  if (params.live.pos != null) { for (def tp : params.live.pos.keySet()) { if (!pos.containsKey(tp) || pos[tp] < params.live.pos[tp]) { pos[tp] = params.live.pos[tp]; } } }
+  if (params.live.v != null && (ctx._source.v == null || ctx._source.v < params.live.v)) { ctx._source.v = params.live.v; }
+}
 if (!pos.containsKey(params.tp) || pos[params.tp] < params.o) { pos[params.tp] = params.o; }
 ctx._source.pos = pos;
 if (params.v != null && (ctx._source.v == null || ctx._source.v < params.v)) { ctx._source.v = params.v; }
 ctx._source.at = params.at;";
+
+/// The body of a tombstone's update; `live` at a known place
+/// ([`LIVE_SLOT`]).
+#[derive(Serialize)]
+struct TombstoneBody {
+    script: TombstoneScript,
+    scripted_upsert: bool,
+    upsert: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct TombstoneScript {
+    params: TombstoneParams,
+    source: &'static str,
+    lang: &'static str,
+}
+
+#[derive(Serialize)]
+struct TombstoneParams {
+    /// Always `null` when planned: the sink puts the live document's
+    /// guards in its place before sending.
+    live: Option<()>,
+    tp: String,
+    o: i64,
+    v: Option<i64>,
+    at: i64,
+}
+
+/// Where the `null` of `live` stands in a tombstone body's line.
+const LIVE_SLOT: usize = r#"{"script":{"params":{"live":"#.len();
 
 /// The body of a scripted update. Its fields are written in this order,
 /// so that the tombstone parameter (`_t`) stands at a known place: where
@@ -276,18 +315,31 @@ fn tombstone(deleting: &Action, net: &NetOp, tombstones: Tombstones) -> Action {
     let (topic, partition) = net.partition.expect("ops grouped by partition have one");
     let mut lines = Vec::with_capacity(256);
     write_line(&mut lines, &serde_json::json!({"update": {"_index": tombstones.index, "_id": deleting.doc_id}}));
-    let params = serde_json::json!({"tp": format!("{topic}/{partition}"), "o": net.last_offset, "v": net.version,
-        "at": tombstones.at_millis});
-    write_line(
-        &mut lines,
-        &serde_json::json!({"script": {"source": TOMBSTONE_SCRIPT, "lang": "painless", "params": params},
-            "scripted_upsert": true, "upsert": {}}),
-    );
+    let body = TombstoneBody {
+        script: TombstoneScript {
+            params: TombstoneParams {
+                live: None,
+                tp: format!("{topic}/{partition}"),
+                o: net.last_offset,
+                v: net.version,
+                at: tombstones.at_millis,
+            },
+            source: TOMBSTONE_SCRIPT,
+            lang: "painless",
+        },
+        scripted_upsert: true,
+        upsert: serde_json::json!({}),
+    };
+    let body_starts = lines.len();
+    write_line(&mut lines, &body);
+    let slot = body_starts + LIVE_SLOT;
+    debug_assert_eq!(lines.get(slot..slot + 4), Some(&b"null"[..]), "the live guards' slot");
     Action {
         doc_id: deleting.doc_id.clone(),
         ops: deleting.ops.clone(),
         lines,
-        tombstone_slot: None,
+        // For a tombstone: where the live document's guards go.
+        tombstone_slot: Some(slot),
         records_tombstone: true,
         otherwise: None,
         script_slot: None,
@@ -625,7 +677,15 @@ mod tests {
         assert!(!actions[0].records_tombstone && actions[1].records_tombstone);
         let tombstone = lines(&actions[1]);
         assert_eq!(tombstone[0], serde_json::json!({"update": {"_index": "p.kawka-deleted", "_id": "u1"}}));
-        assert_eq!(tombstone[1]["script"]["params"], serde_json::json!({"tp": "users/0", "o": 5, "v": 9, "at": 1000}));
+        assert_eq!(
+            tombstone[1]["script"]["params"],
+            serde_json::json!({"live": null, "tp": "users/0", "o": 5, "v": 9, "at": 1000})
+        );
+        // The live document's guards go into its tombstone before it is sent.
+        let live = serde_json::json!({"pos": {"users/1": 40}, "v": 11});
+        let with = actions[1].with_tombstone(&live).expect("a tombstone's slot");
+        assert_eq!(lines(&with)[1]["script"]["params"]["live"], live);
+        assert_eq!(lines(&with)[1]["script"]["params"]["o"], 5);
         assert_eq!(lines(&actions[0])[1]["script"]["params"]["_t"], serde_json::Value::Null);
         let stored = serde_json::json!({"pos": {"users/0": 7}, "v": 12, "at": 1});
         let with = actions[0].with_tombstone(&stored).expect("a scripted update");

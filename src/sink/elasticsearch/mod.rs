@@ -218,24 +218,37 @@ impl ElasticsearchSink {
         Ok(())
     }
 
-    /// The actions of `actions` (by index) whose document has a tombstone,
-    /// as the update with the tombstone put in.
+    /// The actions of `actions` (by index) that guards read now complete:
+    /// an update (or a create's update) of a document with a tombstone, with
+    /// the tombstone put in; a delete's tombstone, with the guards the live
+    /// document has before the delete. One `_mget` for both.
     async fn with_tombstones(&self, actions: &[&Action]) -> Result<Vec<(usize, Action)>, SinkError> {
         let index = self.tombstones();
-        let ids: Vec<&str> = actions
-            .iter()
-            .filter(|a| a.tombstone_slot.is_some() || a.otherwise.is_some())
-            .map(|a| a.doc_id.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if ids.is_empty() {
+        let unique = |tombstones: bool| -> Vec<&str> {
+            actions
+                .iter()
+                .filter(|a| a.records_tombstone == tombstones && (a.tombstone_slot.is_some() || a.otherwise.is_some()))
+                .map(|a| a.doc_id.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        let (missing, deleting) = (unique(false), unique(true));
+        if missing.is_empty() && deleting.is_empty() {
             return Ok(Vec::new());
         }
+        // The reply lists the documents in this order: tombstones, then live ones.
+        let mut docs: Vec<serde_json::Value> =
+            missing.iter().map(|id| serde_json::json!({"_index": index, "_id": id})).collect();
+        docs.extend(
+            deleting
+                .iter()
+                .map(|id| serde_json::json!({"_index": self.target.alias, "_id": id, "_source": [bulk::GUARD_FIELD]})),
+        );
         let response = self
             .client
-            .mget(MgetParts::Index(&index))
-            .body(serde_json::json!({"ids": ids}))
+            .mget(MgetParts::None)
+            .body(serde_json::json!({"docs": docs}))
             .send()
             .await
             .map_err(transport_error)?;
@@ -248,20 +261,29 @@ impl ElasticsearchSink {
             });
         }
         let reply: serde_json::Value = response.json().await.map_err(transport_error)?;
-        let mut found: std::collections::HashMap<&str, &serde_json::Value> = std::collections::HashMap::new();
-        for doc in reply.get("docs").and_then(|d| d.as_array()).into_iter().flatten() {
-            if doc.get("found").and_then(|f| f.as_bool()) == Some(true) {
-                if let (Some(id), Some(source)) = (doc.get("_id").and_then(|i| i.as_str()), doc.get("_source")) {
-                    found.insert(id, source);
-                }
+        let replied = reply.get("docs").and_then(|d| d.as_array()).cloned().unwrap_or_default();
+        let found = |doc: &serde_json::Value| {
+            (doc.get("found").and_then(|f| f.as_bool()) == Some(true)).then(|| doc.get("_source").cloned()).flatten()
+        };
+        let mut tombstones: HashMap<&str, serde_json::Value> = HashMap::new();
+        let mut live: HashMap<&str, serde_json::Value> = HashMap::new();
+        for (id, doc) in missing.iter().zip(&replied) {
+            if let Some(source) = found(doc) {
+                tombstones.insert(id, source);
+            }
+        }
+        for (id, doc) in deleting.iter().zip(replied.iter().skip(missing.len())) {
+            if let Some(guards) = found(doc).and_then(|source| source.get(bulk::GUARD_FIELD).cloned()) {
+                live.insert(id, guards);
             }
         }
         Ok(actions
             .iter()
             .enumerate()
             .filter_map(|(at, action)| {
-                let tombstone = found.get(action.doc_id.as_str())?;
-                Some((at, action.with_tombstone(tombstone)?))
+                let from = if action.records_tombstone { &live } else { &tombstones };
+                let guards = from.get(action.doc_id.as_str())?;
+                Some((at, action.with_tombstone(guards)?))
             })
             .collect())
     }

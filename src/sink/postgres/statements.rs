@@ -129,13 +129,7 @@ impl TableSql {
         let mut statements = Vec::new();
         if !deletes.is_empty() {
             let delete = self.delete(net, deletes)?;
-            if self.versioned {
-                let tombstones = self.tombstones_of(&delete);
-                statements.push(delete);
-                statements.push(tombstones);
-            } else {
-                statements.push(delete);
-            }
+            statements.push(if self.versioned { self.delete_keeping_versions(delete) } else { delete });
         }
         if !replaces.is_empty() {
             statements.push(self.replace(net, replaces, render)?);
@@ -172,24 +166,39 @@ impl TableSql {
         Ok(Statement { sql, arrays, rows, insert: None })
     }
 
-    /// The tombstones of a versioned delete's keys (its arrays: the keys,
-    /// then the versions): each keeps the highest version deleted.
-    fn tombstones_of(&self, delete: &Statement) -> Statement {
+    /// A versioned delete (its arrays: the keys, then the versions) that
+    /// keeps, in each key's tombstone, the highest version it knew: the
+    /// delete's own or the deleted row's (a delete without a version, such
+    /// as a Kafka tombstone's, still remembers the row's).
+    fn delete_keeping_versions(&self, delete: Statement) -> Statement {
         let keys = &self.target.primary_key;
-        let casts: Vec<String> =
-            keys.iter().enumerate().map(|(i, k)| format!("u.c{i}::{}", self.column_type(k).sql())).collect();
         let names: Vec<String> = (0..keys.len()).map(|i| format!("c{i}")).collect();
+        let casts: Vec<String> =
+            keys.iter().enumerate().map(|(i, k)| format!("u.c{i}::{} AS c{i}", self.column_type(k).sql())).collect();
+        let matches: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("t.{} = d.c{i}", quote(k))).collect();
+        let returned: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("t.{} AS c{i}", quote(k))).collect();
         let sql = format!(
-            "INSERT INTO {tomb} AS d ({keys}, {VERSION_COLUMN}) SELECT {casts}, u.v FROM UNNEST({params}) AS u({names}, v) \
-             WHERE u.v IS NOT NULL ON CONFLICT ({keys}) DO UPDATE SET {VERSION_COLUMN} = \
-             GREATEST(d.{VERSION_COLUMN}, EXCLUDED.{VERSION_COLUMN}), deleted_at = now()",
-            tomb = self.tombstones,
-            keys = self.key_list(),
+            "WITH d AS (SELECT {casts}, u.v FROM UNNEST({params}) AS u({names}, v)), \
+             gone AS (DELETE FROM {table} AS t USING d WHERE {matches} \
+             AND (d.v IS NULL OR t.{VERSION_COLUMN} IS NULL OR t.{VERSION_COLUMN} < d.v) \
+             RETURNING {returned}, t.{VERSION_COLUMN} AS was) \
+             INSERT INTO {tomb} AS x ({key_list}, {VERSION_COLUMN}) \
+             SELECT {d_keys}, GREATEST(d.v, gone.was) FROM d LEFT JOIN gone ON {gone_on} \
+             WHERE GREATEST(d.v, gone.was) IS NOT NULL \
+             ON CONFLICT ({key_list}) DO UPDATE SET {VERSION_COLUMN} = \
+             GREATEST(x.{VERSION_COLUMN}, EXCLUDED.{VERSION_COLUMN}), deleted_at = now()",
             casts = casts.join(", "),
             params = unnest_params(&delete.arrays),
             names = names.join(", "),
+            table = self.qualified,
+            matches = matches.join(" AND "),
+            returned = returned.join(", "),
+            tomb = self.tombstones,
+            key_list = self.key_list(),
+            d_keys = names.iter().map(|n| format!("d.{n}")).collect::<Vec<_>>().join(", "),
+            gone_on = names.iter().map(|n| format!("gone.{n} = d.{n}")).collect::<Vec<_>>().join(" AND "),
         );
-        Statement { sql, arrays: delete.arrays.clone(), rows: delete.rows.clone(), insert: None }
+        Statement { sql, ..delete }
     }
 
     /// The version stored for each of `net`'s keys, in its row or its
@@ -470,20 +479,14 @@ mod tests {
         op.version = Some(3);
         let statements = table.plan(&[op.clone(), NetOp { effect: Effect::Delete, ..op }]).expect("binds");
         assert!(statements[0].sql.contains("t.kawka_version < d.v"), "{}", statements[0].sql);
-        // A versioned delete keeps its version in the key's tombstone.
-        assert!(
-            statements[1].sql.starts_with("INSERT INTO \"public\".\"inventory_kawka_deleted\""),
-            "{}",
-            statements[1].sql
-        );
-        assert!(
-            statements[1].sql.contains("GREATEST(d.kawka_version, EXCLUDED.kawka_version)"),
-            "{}",
-            statements[1].sql
-        );
-        assert_eq!(statements[1].arrays, statements[0].arrays);
-        assert!(statements[2].sql.contains("kawka_version = EXCLUDED.kawka_version WHERE t.kawka_version IS NULL"));
-        assert_eq!(statements[2].arrays.last(), Some(&ColumnArray::Int(vec![Some(3)])));
+        // A versioned delete keeps the version it knew in the key's tombstone.
+        let delete = &statements[0].sql;
+        assert!(delete.contains("DELETE FROM \"public\".\"inventory\""), "{delete}");
+        assert!(delete.contains("INSERT INTO \"public\".\"inventory_kawka_deleted\""), "{delete}");
+        assert!(delete.contains("GREATEST(d.v, gone.was)"), "{delete}");
+        assert!(delete.contains("GREATEST(x.kawka_version, EXCLUDED.kawka_version)"), "{delete}");
+        assert!(statements[1].sql.contains("kawka_version = EXCLUDED.kawka_version WHERE t.kawka_version IS NULL"));
+        assert_eq!(statements[1].arrays.last(), Some(&ColumnArray::Int(vec![Some(3)])));
         assert!(table.create_table().contains("kawka_version bigint"));
         assert!(table.create_tombstones().contains("kawka_version bigint NOT NULL"));
         let stored = table.stored_versions(&statements[0].arrays[..2]);

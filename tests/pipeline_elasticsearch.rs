@@ -278,23 +278,24 @@ async fn two_processes_killed_and_rebalanced_end_in_the_fold_of_a_log_with_dupli
     for process in &mut processes {
         assert_eq!(process.terminate().await, Some(0), "clean exit; log:\n{}", process.log());
     }
-    let actual = support::es_documents(&name, 10_000).await;
+    let what = format!("{EVENTS} events, {KILLS} kills (committed at each: {progress_at_kills:?})");
+    assert_documents_equal_the_fold(&name, &expected, &what).await;
+    let _ = registry.stop().await; // cleanup only
+}
+
+/// Every document of `index` equals the fold, none missing and none extra;
+/// says how many of each there were.
+async fn assert_documents_equal_the_fold(index: &str, expected: &BTreeMap<String, Json>, what: &str) {
+    let actual = support::es_documents(index, 10_000).await;
     let wrong: Vec<_> = expected.iter().filter(|(id, doc)| actual.get(*id) != Some(doc)).collect();
     let extra: Vec<_> = actual.keys().filter(|id| !expected.contains_key(*id)).collect();
-    eprintln!(
-        "{EVENTS} events, {} documents, {KILLS} kills (committed at each: {progress_at_kills:?}), \
-         {} wrong or missing, {} extra",
-        expected.len(),
-        wrong.len(),
-        extra.len()
-    );
+    eprintln!("{what}: {} documents, {} wrong or missing, {} extra", expected.len(), wrong.len(), extra.len());
     assert!(
         wrong.is_empty(),
-        "documents differ from the fold (expected side shown): {:?}",
+        "{what}: documents differ from the fold (expected side shown): {:?}",
         &wrong[..wrong.len().min(5)]
     );
-    assert!(extra.is_empty(), "documents the fold deleted: {extra:?}");
-    let _ = registry.stop().await; // cleanup only
+    assert!(extra.is_empty(), "{what}: documents the fold deleted: {extra:?}");
 }
 
 /// A replay of a whole log already applied (a new consumer group from
@@ -430,29 +431,7 @@ async fn documents_keyed_by_an_event_field_stay_exact_when_partitions_are_added(
     })
     .await;
     assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
-    let actual = support::es_documents(&name, 10_000).await;
-    let wrong: Vec<_> = expected.iter().filter(|(id, doc)| actual.get(*id) != Some(doc)).collect();
-    let extra: Vec<_> = actual.keys().filter(|id| !expected.contains_key(*id)).collect();
-    eprintln!(
-        "{EVENTS} events, {} documents, 2 then 5 partitions: {} wrong or missing, {} extra",
-        expected.len(),
-        wrong.len(),
-        extra.len()
-    );
-    assert!(
-        wrong.is_empty(),
-        "documents differ from the fold (expected side shown): {:?}",
-        &wrong[..wrong.len().min(5)]
-    );
-    assert!(extra.is_empty(), "documents the fold deleted: {extra:?}");
-    let actual_whole = support::es_documents(&whole, 10_000).await;
-    let wrong: Vec<_> = expected_whole.iter().filter(|(id, doc)| actual_whole.get(*id) != Some(doc)).collect();
-    eprintln!("without a version: {} documents, {} wrong or missing", expected_whole.len(), wrong.len());
-    assert!(
-        wrong.is_empty(),
-        "documents differ from the fold (expected side shown): {:?}",
-        &wrong[..wrong.len().min(5)]
-    );
-    assert_eq!(actual_whole.len(), expected_whole.len(), "no extra documents");
+    assert_documents_equal_the_fold(&name, &expected, &format!("{EVENTS} events, 2 then 5 partitions")).await;
+    assert_documents_equal_the_fold(&whole, &expected_whole, "the same without a version").await;
     let _ = registry.stop().await; // cleanup only
 }

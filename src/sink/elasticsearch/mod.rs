@@ -45,6 +45,13 @@ pub struct ElasticsearchSink {
     concrete: bool,
 }
 
+/// Whether [`ElasticsearchSink::create_index`] made the index.
+enum Created {
+    Now,
+    /// It existed (the server's answer).
+    Before(String),
+}
+
 /// A batch planned for Elasticsearch: its bulk actions, the ops that
 /// cannot be written (with the reason, reported once the rest is) and the
 /// ops the fold found stale.
@@ -128,24 +135,36 @@ impl ElasticsearchSink {
             )));
         }
         let index = format!("{alias}-v1");
-        let body = create_body(&self.target, alias);
+        match self.create_index(&index, create_body(&self.target, alias)).await? {
+            Created::Now => {
+                tracing::info!(index = %index, alias, "index created");
+                Ok(())
+            }
+            // Another daemon created it meanwhile: fine if the alias is there now.
+            Created::Before(_) if self.alias_exists(alias).await? => Ok(()),
+            Created::Before(text) => {
+                Err(SinkError::Elasticsearch { status: Some(400), message: format!("creating {index}: {text}") })
+            }
+        }
+    }
+
+    /// Creates `index` with `body`, unless it exists.
+    async fn create_index(&self, index: &str, body: serde_json::Value) -> Result<Created, SinkError> {
         let response = self
             .client
             .indices()
-            .create(IndicesCreateParts::Index(&index))
+            .create(IndicesCreateParts::Index(index))
             .body(body)
             .send()
             .await
             .map_err(transport_error)?;
         let status = response.status_code().as_u16();
         if status == 200 {
-            tracing::info!(index = %index, alias, "index created");
-            return Ok(());
+            return Ok(Created::Now);
         }
         let text = response.text().await.unwrap_or_default();
-        // Another daemon created it meanwhile: fine if the alias is there now.
-        if text.contains("resource_already_exists_exception") && self.alias_exists(alias).await? {
-            return Ok(());
+        if text.contains("resource_already_exists_exception") {
+            return Ok(Created::Before(text));
         }
         Err(SinkError::Elasticsearch { status: Some(status), message: format!("creating {index}: {text}") })
     }
@@ -181,24 +200,7 @@ impl ElasticsearchSink {
         let index = self.tombstones();
         let body = serde_json::json!({"mappings": {"dynamic": false,
             "properties": {"at": {"type": "date", "format": "epoch_millis"}}}});
-        let response = self
-            .client
-            .indices()
-            .create(IndicesCreateParts::Index(&index))
-            .body(body)
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = response.status_code().as_u16();
-        if status != 200 {
-            let text = response.text().await.unwrap_or_default();
-            if !text.contains("resource_already_exists_exception") {
-                return Err(SinkError::Elasticsearch {
-                    status: Some(status),
-                    message: format!("creating {index}: {text}"),
-                });
-            }
-        }
+        self.create_index(&index, body).await?;
         let before = now_millis() - self.target.tombstone_retention.as_millis() as i64;
         let response = self
             .client

@@ -59,7 +59,9 @@ fn random_log(rng: &mut StdRng, shape: Shape) -> Vec<WriteOp> {
             4..=7 => (OpKind::Increment, vec![(field, number)]),
             _ => (OpKind::Delete, vec![]),
         };
-        let version = shape.versions.then(|| {
+        // Half the deletes have no version (a Kafka tombstone's).
+        let unversioned = kind == OpKind::Delete && rng.random_bool(0.5);
+        let version = (shape.versions && !unversioned).then(|| {
             next_version[key] += rng.random_range(1..3);
             next_version[key]
         });

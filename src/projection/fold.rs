@@ -61,8 +61,10 @@ pub struct NetOp<'a> {
     /// The highest domain version among the folded ops.
     pub version: Option<i64>,
     /// The domain version of the first op folded in (the lowest applied:
-    /// later ops not above the highest so far are stale). A stored version
-    /// below it means the whole net op applies.
+    /// later ops not above the highest so far are stale), `None` when an op
+    /// folded in has no version (a delete from a Kafka tombstone): then no
+    /// stored version tells the whole net op apart from its stale part. A
+    /// stored version below it means the whole net op applies.
     pub first_version: Option<i64>,
     /// The partition of the events folded in (stale ones included, those
     /// that failed to fold not), `None` when they came from several: a
@@ -310,6 +312,9 @@ pub fn fold<'a>(ops: &'a [WriteOp], hashes: &[u64], by: GroupBy) -> Folded<'a> {
                 continue;
             }
             current.version = current.version.max(op.version);
+            if op.version.is_none() {
+                current.first_version = None;
+            }
         }
         members.push(at as u32);
         current.last_offset = op.position.offset;
@@ -340,9 +345,12 @@ impl NetOp<'_> {
     pub fn against(&self, offset: Option<i64>, version: Option<i64>) -> Against {
         let at_or_below = |mine: Option<i64>| matches!((mine, version), (Some(mine), Some(stored)) if mine <= stored);
         let offset_covers = |mine: i64| offset.is_some_and(|stored| mine <= stored);
-        if offset_covers(self.last_offset) || at_or_below(self.version) {
+        // Some ops have a version and some none: which are stale, only
+        // each op's own version says.
+        let mixed = self.first_version.is_none() && self.version.is_some();
+        if offset_covers(self.last_offset) || (!mixed && at_or_below(self.version)) {
             Against::Applied
-        } else if offset_covers(self.first_offset) || at_or_below(self.first_version) {
+        } else if offset_covers(self.first_offset) || at_or_below(self.first_version) || (mixed && version.is_some()) {
             Against::OneByOne
         } else {
             Against::Whole
@@ -660,6 +668,14 @@ mod tests {
         assert_eq!(net_op.against(Some(12), None), Against::Applied);
         assert_eq!(net_op.against(Some(40), None), Against::Applied);
         assert_eq!(net_op.against(None, Some(6)), Against::Applied, "a duplicate at new offsets");
+        // A delete without a version (a Kafka tombstone's) then a stale
+        // upsert: only each op's own version tells which is stale.
+        let mixed = [del(5), versioned(up(6, &[]), 3)];
+        let (net_ops, _) = fold_keys(&mixed);
+        assert_eq!((net_ops[0].first_version, net_ops[0].version), (None, Some(3)));
+        assert_eq!(net_ops[0].against(None, Some(4)), Against::OneByOne);
+        assert_eq!(net_ops[0].against(None, None), Against::Whole);
+        assert_eq!(net_ops[0].against(Some(6), Some(4)), Against::Applied, "the offsets say so");
     }
 
     /// A row as a reference holds it: the fields, and the guards a sink
@@ -729,7 +745,9 @@ mod tests {
                 4..=7 => (OpKind::Increment, vec![(field, number)]),
                 _ => (OpKind::Delete, vec![]),
             };
-            let version = versions.then(|| {
+            // Half the deletes have no version (a Kafka tombstone's).
+            let unversioned = kind == OpKind::Delete && rng.random_bool(0.5);
+            let version = (versions && !unversioned).then(|| {
                 next_version[key] += rng.random_range(1..3);
                 next_version[key]
             });

@@ -54,7 +54,7 @@ if (missing && params._t != null) { for (def tp : params._t.pos.keySet()) { pos[
 def applied = pos.containsKey(params.tp) ? pos[params.tp] : -1;
 def first = params.whole[0];
 def todo = params.steps;
-if (first.b > applied && (first.w == null || version == null || first.w > version)) { todo = params.whole; }
+if (first.b > applied && (version == null || (first.w != null && first.w > version) || (first.w == null && first.v == null))) { todo = params.whole; }
 def last = applied;
 boolean changed = false;
 boolean del = false;

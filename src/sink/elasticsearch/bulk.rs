@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use crate::error::{classify_http_status, ErrorClass};
 use crate::projection::fold::{fold, Effect, GroupBy, NetOp};
-use crate::projection::WriteOp;
+use crate::projection::{OpKind, WriteOp};
 use crate::value::{Name, Value};
 
 /// Field of every document that holds kawka's guards; not indexed.
@@ -285,11 +285,14 @@ pub fn plan(ops: &[WriteOp], hashes: &[u64], index: &str, tombstones: Tombstones
     for (net, members) in folded.net.iter().zip(folded.members_of_each()) {
         match doc_id(&net.key) {
             Ok(doc_id) => {
+                // Any delete among its events may be where the document
+                // ends (the others stale, or applied before): its guards
+                // are kept. A tombstone of a document that exists is only
+                // read once it is gone.
+                let deletes =
+                    matches!(net.effect, Effect::Delete) || members.iter().any(|&at| ops[at].kind == OpKind::Delete);
                 let action = action(ops, index, doc_id, net, members, creates);
-                let tombstone = match &net.effect {
-                    Effect::Delete => Some(tombstone(&action, net, tombstones)),
-                    _ => None,
-                };
+                let tombstone = deletes.then(|| tombstone(&action, net, tombstones));
                 actions.push(action);
                 actions.extend(tombstone);
             }
@@ -522,7 +525,6 @@ pub fn classify_item(kind: &str, item: &serde_json::Value) -> ItemOutcome {
 mod tests {
     use super::*;
     use crate::event::Position;
-    use crate::projection::OpKind;
 
     fn op(key: &str, partition: i32, offset: i64, kind: OpKind, fields: &[(Name, Value)]) -> WriteOp {
         WriteOp {
@@ -566,7 +568,7 @@ mod tests {
         ];
         let Planned { actions, rejected, .. } = plan(&ops, &[], "profiles", TOMBSTONES, true);
         assert!(rejected.is_empty());
-        assert_eq!(actions.len(), 3);
+        assert_eq!(actions.len(), 4, "u1, u2 and its tombstone (it had a delete), u3");
         assert_eq!(actions[0].ops, vec![0, 1, 2]);
         assert_eq!(
             lines(&actions[0]),
@@ -580,8 +582,9 @@ mod tests {
         assert_eq!(update[0], serde_json::json!({"update": {"_index": "profiles", "_id": "u1"}}));
         assert_eq!(update[1]["scripted_upsert"], true);
         assert_eq!(lines(&actions[1])[0]["create"]["_id"], "u2", "a delete then a merge leaves a whole document");
+        assert!(actions[2].records_tombstone, "the delete's guards are kept");
         assert!(
-            lines(&actions[2])[0].get("update").is_some(),
+            lines(&actions[3])[0].get("update").is_some(),
             "without an upsert or delete it depends on the stored one"
         );
         // Most documents existed last time: no creates.

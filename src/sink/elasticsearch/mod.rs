@@ -207,17 +207,8 @@ impl ElasticsearchSink {
             .delete_by_query(DeleteByQueryParts::Index(&[&index]))
             .body(serde_json::json!({"query": {"range": {"at": {"lt": before}}}}))
             .send()
-            .await
-            .map_err(transport_error)?;
-        let status = response.status_code().as_u16();
-        if !(200..300).contains(&status) {
-            let text = response.text().await.unwrap_or_default();
-            return Err(SinkError::Elasticsearch {
-                status: Some(status),
-                message: format!("expiring {index}: {text}"),
-            });
-        }
-        Ok(())
+            .await;
+        succeeded(response, &format!("expiring {index}")).await.map(drop)
     }
 
     /// The actions of `actions` (by index) that guards read now complete:
@@ -247,21 +238,8 @@ impl ElasticsearchSink {
                 .iter()
                 .map(|id| serde_json::json!({"_index": self.target.alias, "_id": id, "_source": [bulk::GUARD_FIELD]})),
         );
-        let response = self
-            .client
-            .mget(MgetParts::None)
-            .body(serde_json::json!({"docs": docs}))
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = response.status_code().as_u16();
-        if !(200..300).contains(&status) {
-            let text = response.text().await.unwrap_or_default();
-            return Err(SinkError::Elasticsearch {
-                status: Some(status),
-                message: format!("reading {index}: {}", truncate(&text)),
-            });
-        }
+        let response = self.client.mget(MgetParts::None).body(serde_json::json!({"docs": docs})).send().await;
+        let response = succeeded(response, &format!("reading {index}")).await?;
         let reply: serde_json::Value = response.json().await.map_err(transport_error)?;
         let replied = reply.get("docs").and_then(|d| d.as_array()).cloned().unwrap_or_default();
         let found = |doc: &serde_json::Value| {
@@ -540,6 +518,20 @@ fn rounds(actions: &[Action]) -> Vec<Vec<&Action>> {
         rounds[round].push(action);
     }
     rounds
+}
+
+/// A response of a 2xx status, or the error of `what` with the body.
+async fn succeeded(
+    response: Result<elasticsearch::http::response::Response, elasticsearch::Error>,
+    what: &str,
+) -> Result<elasticsearch::http::response::Response, SinkError> {
+    let response = response.map_err(transport_error)?;
+    let status = response.status_code().as_u16();
+    if (200..300).contains(&status) {
+        return Ok(response);
+    }
+    let text = response.text().await.unwrap_or_default();
+    Err(SinkError::Elasticsearch { status: Some(status), message: format!("{what}: {}", truncate(&text)) })
 }
 
 fn now_millis() -> i64 {

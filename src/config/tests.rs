@@ -147,6 +147,20 @@ fn bad_types_are_reported() {
 }
 
 #[test]
+fn batch_sizes_and_waits_that_would_overflow_are_errors_with_their_lines() {
+    for (was, setting, field) in [
+        ("max_events: 1000", "max_events: 18446744073709551615", "batch.max_events"),
+        ("max_events: 1000", "max_events: 0", "batch.max_events"),
+        ("max_wait: 50ms", "max_wait: 99999999999999999999s", "batch.max_wait"),
+    ] {
+        let inventory = INVENTORY.replace(was, setting);
+        let problems = Project::new(DAEMON, &[("inventory.yaml", &inventory)]).problems();
+        assert_eq!(problems.len(), 1, "{setting}: {problems:?}");
+        assert!(problems[0].starts_with(&format!("inventory.yaml:9 {field}:")), "{setting}: {problems:?}");
+    }
+}
+
+#[test]
 fn a_fillfactor_out_of_range_names_its_line() {
     let inventory = INVENTORY
         .replace("  primary_key: [store_id, item_id]\n", "  primary_key: [store_id, item_id]\n  fillfactor: 5\n");

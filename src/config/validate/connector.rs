@@ -87,16 +87,16 @@ pub(super) fn validate_connector(
 
     let batch = &file.batch;
     let defaults = BatchSettings::default();
-    if let Some(max_events) = batch.max_events.as_ref().filter(|m| m.value == 0) {
-        at.at(max_events.mark, "batch.max_events", "must be at least 1");
+    if let Some(max_events) = batch.max_events.as_ref().filter(|m| m.value == 0 || m.value > MOST_EVENTS) {
+        at.at(max_events.mark, "batch.max_events", format!("must be 1 to {MOST_EVENTS}"));
     }
     let batch = BatchSettings {
-        max_events: batch.max_events.as_ref().map_or(defaults.max_events, |m| m.value).max(1),
+        max_events: batch.max_events.as_ref().map_or(defaults.max_events, |m| m.value).clamp(1, MOST_EVENTS),
         max_bytes: at.size(&batch.max_bytes, "batch.max_bytes", defaults.max_bytes as u64) as usize,
         max_wait: at.duration(&batch.max_wait, "batch.max_wait", defaults.max_wait),
     };
 
-    source_settings.max_prefetch_records = 2 * batch.max_events;
+    source_settings.max_prefetch_records = batch.max_events.saturating_mul(2);
 
     if file.events.is_empty() {
         at.at(file.name.mark, "events", "map at least one event type to an op");
@@ -182,6 +182,10 @@ fn elasticsearch_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Ta
         tombstone_retention: at.duration(&sink.tombstone_retention, "sink.tombstone_retention", TOMBSTONE_RETENTION),
     }))
 }
+
+/// The most events a batch may hold: a batch and the two fetched ahead of
+/// it are in memory, and counts derived from it must not overflow.
+const MOST_EVENTS: usize = 10_000_000;
 
 /// How long a deleted key's version is kept by default: longer than any
 /// late duplicate or second writer is expected to lag.

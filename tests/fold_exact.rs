@@ -295,14 +295,7 @@ async fn a_documents_events_from_two_partitions_in_one_batch_apply_in_turn() {
     let name = support::unique("fold-exact");
     let (_project, sink) = one_sink(&name, "search", true, true);
     sink.prepare().await.expect("prepare");
-    let topic = intern("fold-exact");
-    let op = |kind: OpKind, fields: Vec<(&'static str, Value)>, version: i64, partition: i32, offset: i64| WriteOp {
-        key: smallvec::smallvec![Value::from("x")],
-        kind,
-        fields,
-        version: Some(version),
-        position: Position { topic, partition, offset },
-    };
+    let op = |kind, fields, version, partition, offset| x_op(kind, fields, Some(version), partition, offset);
     sink.write(&[op(OpKind::Upsert, vec![("a", Value::Int(1))], 4, 0, 0)], &[]).await.expect("the first write");
     let batch = [
         op(OpKind::Delete, vec![], 7, 1, 0),
@@ -324,13 +317,7 @@ async fn a_postgres_delete_without_a_version_keeps_the_rows_version() {
     sink.prepare().await.expect("prepare");
     let topic = intern("fold-exact");
     let claims = sink.claim(&[(topic, 0)]).await.expect("claim");
-    let op = |kind: OpKind, fields: Vec<(&'static str, Value)>, version: Option<i64>, offset: i64| WriteOp {
-        key: smallvec::smallvec![Value::from("x")],
-        kind,
-        fields,
-        version,
-        position: Position { topic, partition: 0, offset },
-    };
+    let op = |kind, fields, version, offset| x_op(kind, fields, version, 0, offset);
     let batches = [
         op(OpKind::Upsert, vec![("a", Value::Int(1))], Some(4), 0),
         op(OpKind::Delete, vec![], None, 1),
@@ -357,15 +344,7 @@ async fn an_elasticsearch_delete_keeps_the_documents_guards() {
     let name = support::unique("fold-exact");
     let (_project, sink) = one_sink(&name, "search", true, true);
     sink.prepare().await.expect("prepare");
-    let topic = intern("fold-exact");
-    let op =
-        |kind: OpKind, fields: Vec<(&'static str, Value)>, version: Option<i64>, partition: i32, offset: i64| WriteOp {
-            key: smallvec::smallvec![Value::from("x")],
-            kind,
-            fields,
-            version,
-            position: Position { topic, partition, offset },
-        };
+    let op = x_op;
     sink.write(&[op(OpKind::Upsert, vec![("a", Value::Int(1))], Some(4), 0, 10)], &[]).await.expect("v4 at 0:10");
     sink.write(&[op(OpKind::Merge, vec![("b", Value::Int(1))], Some(5), 2, 100)], &[]).await.expect("v5 at 2:100");
     sink.write(&[op(OpKind::Delete, vec![], None, 0, 11)], &[]).await.expect("a delete without a version");
@@ -376,4 +355,21 @@ async fn an_elasticsearch_delete_keeps_the_documents_guards() {
     let written = sink.write(&late, &[]).await.expect("late events");
     assert_eq!(support::es_document(&name, "x").await, None, "v3 is stale, 2:100 was applied before the delete");
     assert_eq!(written.superseded, vec![0, 1]);
+}
+
+/// An op of key `x` on topic `fold-exact`.
+fn x_op(
+    kind: OpKind,
+    fields: Vec<(&'static str, Value)>,
+    version: Option<i64>,
+    partition: i32,
+    offset: i64,
+) -> WriteOp {
+    WriteOp {
+        key: smallvec::smallvec![Value::from("x")],
+        kind,
+        fields,
+        version,
+        position: Position { topic: intern("fold-exact"), partition, offset },
+    }
 }

@@ -88,7 +88,7 @@ impl Worker<'_> {
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = match plan {
-                Ok(plan) => sink.write_planned(&plan, &follows, ran_signal).await,
+                Ok(plan) => sink.write_planned(&plan, &batch.ops, &follows, ran_signal).await,
                 Err(error) => Err(error),
             };
             signal.send(result.is_ok());

@@ -284,16 +284,22 @@ impl Sink {
         }
     }
 
-    /// [`Sink::write`] of a planned batch: `ops` and `offsets` are the
-    /// ones it was planned from. It runs its statements once every write
+    /// [`Sink::write`] of a planned batch: `ops` are the ones it was
+    /// planned from (a versioned Postgres batch is planned in its write). It runs its statements once every write
     /// in `follows.ran` has run its own, then sends `ran` (true once every
     /// statement ran), and commits only once every write in
     /// `follows.committed` has. If one of them fails, so does this one,
     /// with [`SinkError::Predecessor`], having changed nothing.
-    pub async fn write_planned(&self, plan: &Plan, follows: &Follows, ran: StepSignal) -> Result<Written, SinkError> {
+    pub async fn write_planned(
+        &self,
+        plan: &Plan,
+        ops: &[WriteOp],
+        follows: &Follows,
+        ran: StepSignal,
+    ) -> Result<Written, SinkError> {
         match (self, plan) {
             (Sink::Postgres(sink), Plan::Postgres(plan)) => {
-                sink.write_planned(plan, follows, ran).await.map(Written::superseded)
+                sink.write_planned(plan, ops, follows, ran).await.map(Written::superseded)
             }
             (Sink::Elasticsearch(sink), Plan::Elasticsearch(plan)) => {
                 // Sinks that do not chain writes are never given any to follow.

@@ -23,7 +23,8 @@ pub enum PostgresPlan {
     /// in it, once the versions stored for the batch's keys (in rows and
     /// tombstones) are read: the ops at or below them are stale and left
     /// out before folding, so the fold of the rest applies whole.
-    Versioned(Vec<WriteOp>, Vec<PartitionOffset>),
+    /// (The ops are the batch's own, given to the write: not copied here.)
+    Versioned(Vec<PartitionOffset>),
 }
 
 impl PostgresSink {
@@ -35,7 +36,7 @@ impl PostgresSink {
     /// application of a decrement that the first one made).
     pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<Vec<usize>, SinkError> {
         let plan = self.plan(ops, &fold::key_hashes(ops), offsets)?;
-        self.write_plan(&plan, &Follows::default(), None, true).await
+        self.write_plan(&plan, ops, &Follows::default(), None, true).await
     }
 
     /// Folds a batch's ops per key and builds its statements: CPU only, no
@@ -52,7 +53,7 @@ impl PostgresSink {
         if self.table.versioned {
             // Folded once the stored versions are read: an op that fails to
             // fold here may be stale there (and then change nothing).
-            return Ok(PostgresPlan::Versioned(ops.to_vec(), offsets.to_vec()));
+            return Ok(PostgresPlan::Versioned(offsets.to_vec()));
         }
         let folded = fold(ops, hashes, GroupBy::Key);
         if !folded.errors.is_empty() {
@@ -92,11 +93,12 @@ impl PostgresSink {
     pub async fn write_planned(
         &self,
         plan: &PostgresPlan,
+        ops: &[WriteOp],
         follows: &Follows,
         ran: StepSignal,
     ) -> Result<Vec<usize>, SinkError> {
         // A batch's first write: nothing of it can have committed yet.
-        self.write_plan(plan, follows, Some(ran), false).await
+        self.write_plan(plan, ops, follows, Some(ran), false).await
     }
 
     /// [`PostgresSink::write_planned`]; with `retry`, each transaction
@@ -106,6 +108,7 @@ impl PostgresSink {
     async fn write_plan(
         &self,
         plan: &PostgresPlan,
+        ops: &[WriteOp],
         follows: &Follows,
         ran: Option<StepSignal>,
         retry: bool,
@@ -137,7 +140,7 @@ impl PostgresSink {
                 }
                 results.into_iter().collect::<Result<(), _>>().map(|()| Vec::new())
             }
-            PostgresPlan::Whole(_, offsets) | PostgresPlan::Versioned(_, offsets) => {
+            PostgresPlan::Whole(_, offsets) | PostgresPlan::Versioned(offsets) => {
                 if matches!(plan, PostgresPlan::Versioned(..)) {
                     // The versions it reads must include those of the
                     // writes ahead of it (Postgres shows only committed
@@ -151,7 +154,7 @@ impl PostgresSink {
                 let against_stored;
                 let mut superseded = Vec::new();
                 let statements: &[Statement] = match plan {
-                    PostgresPlan::Versioned(ops, _) => {
+                    PostgresPlan::Versioned(_) => {
                         (against_stored, superseded) = self.plan_against_stored(&mut tx, ops).await?;
                         &against_stored
                     }

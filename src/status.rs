@@ -325,7 +325,7 @@ impl ConnectorStatus {
         self.set_state(State::Stopped);
         self.record_error(failure.class, failure.stage, &failure.message);
         tracing::error!(connector = %self.name, stage = failure.stage, error = %failure.message,
-            "connector stopped by its error policy; fix the cause and restart");
+            "connector stopped; fix the cause and restart");
     }
 
     /// A batch is durable.

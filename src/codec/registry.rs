@@ -6,9 +6,15 @@
 //! (HTTP 404 with error code 40403) or a schema that cannot be parsed is
 //! permanent; everything else (connection refused, timeouts, 5xx, auth) is
 //! transient, so a registry outage never dead-letters an event.
+//!
+//! Permanent answers are cached too, briefly and boundedly (the negative
+//! cache): a run of records with unknown ids costs one registry call per id
+//! per [`NEGATIVE_TTL`], not one per record. Transient errors are never
+//! cached, so an outage is retried as soon as the registry answers again.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use apache_avro::rabin::Rabin;
 use apache_avro::Schema;
@@ -102,6 +108,65 @@ pub struct RegistryClient {
     cache: RwLock<HashMap<u32, Arc<WriterSchema>, foldhash::fast::RandomState>>,
     cache_hits: std::sync::atomic::AtomicU64,
     cache_misses: std::sync::atomic::AtomicU64,
+    /// Ids the registry answered permanently about, for a short while.
+    missing: Mutex<NegativeCache>,
+}
+
+/// How long a permanent answer about an id is trusted: long enough that a
+/// burst of records with unknown ids costs a few calls, short enough that an
+/// id registered late (a replica catching up) is seen within a minute.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+
+/// At most this many ids are remembered as missing; the oldest go first.
+const NEGATIVE_CAPACITY: usize = 4096;
+
+/// How often the log tells of ids found missing (the dead letters tell of
+/// every record; the log only of the run of them).
+const MISSING_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Permanent registry answers by id, bounded and expiring.
+#[derive(Debug, Default)]
+struct NegativeCache {
+    entries: HashMap<u32, (Instant, RegistryError)>,
+    /// Insertion order, for eviction; an id appears once (re-inserted only
+    /// after its entry expired and was removed).
+    order: VecDeque<u32>,
+    /// When the log last told of missing ids, and how many were found since.
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+impl NegativeCache {
+    fn get(&mut self, id: u32, now: Instant) -> Option<RegistryError> {
+        let (at, error) = self.entries.get(&id)?;
+        if now.duration_since(*at) < NEGATIVE_TTL {
+            return Some(error.clone());
+        }
+        self.entries.remove(&id);
+        self.order.retain(|other| *other != id);
+        None
+    }
+
+    fn insert(&mut self, id: u32, error: RegistryError, now: Instant) {
+        if self.entries.insert(id, (now, error)).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > NEGATIVE_CAPACITY {
+            if let Some(oldest) = self.order.pop_front() {
+                self.entries.remove(&oldest);
+            }
+        }
+    }
+
+    /// Counts one more missing id; says how many to log when a log line is due.
+    fn log_due(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self.last_log.is_some_and(|last| now.duration_since(last) < MISSING_LOG_EVERY) {
+            return None;
+        }
+        self.last_log = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 impl RegistryClient {
@@ -122,6 +187,7 @@ impl RegistryClient {
             cache: RwLock::default(),
             cache_hits: Default::default(),
             cache_misses: Default::default(),
+            missing: Mutex::default(),
         })
     }
 
@@ -150,6 +216,35 @@ impl RegistryClient {
         if let Some(schema) = self.cached(id) {
             return Ok(schema);
         }
+        if let Some(error) = self.negative().get(id, Instant::now()) {
+            return Err(error);
+        }
+        match self.fetch_writer_schema(id).await {
+            Ok(writer) => {
+                let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+                Ok(cache.entry(id).or_insert(writer).clone())
+            }
+            Err(error) if error.class() == ErrorClass::Permanent => {
+                let now = Instant::now();
+                let mut missing = self.negative();
+                missing.insert(id, error.clone(), now);
+                if let Some(count) = missing.log_due(now) {
+                    drop(missing);
+                    tracing::warn!(schema_id = id, ids_since_last_log = count, error = %error, "schema id cannot be used");
+                }
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The negative cache; a poisoned lock means a panic while inserting,
+    /// and the map is intact.
+    fn negative(&self) -> std::sync::MutexGuard<'_, NegativeCache> {
+        self.missing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn fetch_writer_schema(&self, id: u32) -> Result<Arc<WriterSchema>, RegistryError> {
         let response: SchemaResponse = self.get(&format!("/schemas/ids/{id}"), Some(id)).await?;
         if let Some(kind) = response.schema_type.as_deref().filter(|k| *k != "AVRO") {
             return Err(RegistryError::Invalid { id, message: format!("schema type {kind} is not Avro") });
@@ -157,9 +252,7 @@ impl RegistryClient {
         let mut texts = Vec::new();
         let mut seen = std::collections::HashSet::new();
         self.collect_references(&response.references, &mut texts, &mut seen, id, 0).await?;
-        let writer = Arc::new(compile(id, response.schema, &texts)?);
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        Ok(cache.entry(id).or_insert(writer).clone())
+        Ok(Arc::new(compile(id, response.schema, &texts)?))
     }
 
     /// Fetches the texts of `references` and of theirs, depth first, so that
@@ -343,6 +436,32 @@ mod tests {
     fn subjects_are_encoded_for_paths() {
         assert_eq!(encode("users-value"), "users-value");
         assert_eq!(encode("a/b c"), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn permanent_answers_are_remembered_briefly_and_boundedly() {
+        let mut cache = NegativeCache::default();
+        let start = Instant::now();
+        cache.insert(7, RegistryError::NotFound(7), start);
+        assert!(matches!(cache.get(7, start + Duration::from_secs(1)), Some(RegistryError::NotFound(7))));
+        assert!(cache.get(7, start + NEGATIVE_TTL).is_none(), "expired");
+        assert!(cache.entries.is_empty() && cache.order.is_empty());
+        for id in 0..(NEGATIVE_CAPACITY as u32 + 10) {
+            cache.insert(id, RegistryError::NotFound(id), start);
+        }
+        assert_eq!(cache.entries.len(), NEGATIVE_CAPACITY);
+        assert!(cache.get(0, start).is_none(), "the oldest went first");
+        assert!(cache.get(NEGATIVE_CAPACITY as u32 + 9, start).is_some());
+    }
+
+    #[test]
+    fn missing_ids_are_logged_once_per_interval_with_their_count() {
+        let mut cache = NegativeCache::default();
+        let start = Instant::now();
+        assert_eq!(cache.log_due(start), Some(1));
+        assert_eq!(cache.log_due(start + Duration::from_secs(1)), None);
+        assert_eq!(cache.log_due(start + Duration::from_secs(2)), None);
+        assert_eq!(cache.log_due(start + MISSING_LOG_EVERY + Duration::from_secs(1)), Some(3));
     }
 
     #[test]

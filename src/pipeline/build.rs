@@ -32,7 +32,9 @@ pub fn connectors(
     projections: &[(String, Arc<dyn Projection>)],
 ) -> anyhow::Result<Vec<ConnectorRuntime>> {
     let registry = Arc::new(RegistryClient::new(&settings.schema_registry)?);
-    let dead_letters = DeadLetters::new(&settings.kafka).context("creating the dead-letter producer")?;
+    // The dead letters take any record a connector's source accepts.
+    let largest = settings.connectors.iter().map(|c| c.source.max_record_bytes).max().unwrap_or(0);
+    let dead_letters = DeadLetters::new(&settings.kafka, largest).context("creating the dead-letter producer")?;
     settings
         .connectors
         .iter()

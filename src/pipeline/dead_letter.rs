@@ -1,15 +1,37 @@
 //! The dead-letter topic: the original record, plus why it failed.
+//!
+//! A dead letter must never be the event that stalls its connector: the
+//! producer takes any record the source accepts (plus headers), and when
+//! the broker or the client still refuses the value for its size, the dead
+//! letter goes without it (its headers say so, with the value's size and
+//! SHA-256), so the event's fate is still recorded and its neighbours flow.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use sha2::{Digest, Sha256};
 
 use crate::error::Failure;
 use crate::source::KafkaSettings;
 use crate::source::RawRecord;
+
+/// Room for the headers beside the largest record a source accepts (the
+/// error message is capped at [`MAX_MESSAGE_BYTES`]; the record's own
+/// headers are not counted in its size).
+const HEADER_ROOM: usize = 256 * 1024;
+
+/// The longest `kawka.error.message` written: messages quote input.
+const MAX_MESSAGE_BYTES: usize = 8 * 1024;
+
+/// How long one dead letter may wait for the broker before its connector
+/// shows the failure and retries (librdkafka's default is five minutes).
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The header naming what was left out of a dead letter.
+pub const VALUE_DROPPED_HEADER: &str = "kawka.error.value_dropped";
 
 /// A producer shared by every connector of the daemon.
 #[derive(Clone)]
@@ -23,8 +45,18 @@ impl std::fmt::Debug for DeadLetters {
     }
 }
 
+/// A dead letter that was written, and whether it carries its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Whole,
+    /// The value was refused for its size: written without it.
+    WithoutValue,
+}
+
 impl DeadLetters {
-    pub fn new(kafka: &KafkaSettings) -> KafkaResult<DeadLetters> {
+    /// A producer for records up to `max_record_bytes` (the largest any
+    /// connector's source accepts).
+    pub fn new(kafka: &KafkaSettings, max_record_bytes: usize) -> KafkaResult<DeadLetters> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &kafka.bootstrap_servers)
@@ -32,14 +64,23 @@ impl DeadLetters {
             // A dead letter is the only copy of a failed event's fate.
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5");
+            // Each send is awaited: lingering would only add to its wait.
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string());
         for (key, value) in &kafka.properties {
             config.set(key, value);
+        }
+        if !kafka.properties.contains_key("message.max.bytes") {
+            // librdkafka's default (1,000,000) is below the source's default
+            // limit (1 MiB): records in between could not be dead-lettered.
+            let most = (max_record_bytes + HEADER_ROOM).min(1_000_000_000);
+            config.set("message.max.bytes", most.max(1_000_000).to_string());
         }
         Ok(DeadLetters { producer: config.create()? })
     }
 
-    /// Produces the record to `topic` and waits until the broker has it.
+    /// Produces the record to `topic` and waits until the broker has it;
+    /// if its value is refused for its size, produces it without.
     pub async fn send(
         &self,
         topic: &str,
@@ -47,10 +88,29 @@ impl DeadLetters {
         record: &RawRecord,
         failure: &Failure,
         replay_run: Option<&str>,
+    ) -> Result<Sent, KafkaError> {
+        match self.produce(topic, connector, record, failure, replay_run, false).await {
+            Err(error) if refused_for_size(&error) && record.value.is_some() => {
+                tracing::warn!(connector, topic, error = %error, bytes = record.size(),
+                    "dead letter refused for its size; writing it without its value");
+                self.produce(topic, connector, record, failure, replay_run, true).await.map(|()| Sent::WithoutValue)
+            }
+            sent => sent.map(|()| Sent::Whole),
+        }
+    }
+
+    async fn produce(
+        &self,
+        topic: &str,
+        connector: &str,
+        record: &RawRecord,
+        failure: &Failure,
+        replay_run: Option<&str>,
+        drop_value: bool,
     ) -> Result<(), KafkaError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis().to_string();
         let (partition, offset) = (record.position.partition.to_string(), record.position.offset.to_string());
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 8);
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 9);
         // The record's own headers, without those of an earlier failure.
         for (key, value) in
             record.headers.iter().filter(|(k, _)| !k.starts_with("kawka.error.") && k != "kawka.replay.run")
@@ -60,10 +120,11 @@ impl DeadLetters {
         if let Some(run) = replay_run {
             headers = headers.insert(Header { key: "kawka.replay.run", value: Some(run.as_bytes()) });
         }
+        let message = truncate(&failure.message, MAX_MESSAGE_BYTES);
         for (key, value) in [
             ("kawka.error.class", failure.class.name()),
             ("kawka.error.stage", failure.stage),
-            ("kawka.error.message", failure.message.as_str()),
+            ("kawka.error.message", message),
             ("kawka.error.connector", connector),
             ("kawka.error.topic", record.position.topic),
             ("kawka.error.partition", partition.as_str()),
@@ -72,16 +133,83 @@ impl DeadLetters {
         ] {
             headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
         }
+        let dropped = drop_value.then(|| record.value.as_deref().map(describe_dropped)).flatten();
+        if let Some(dropped) = &dropped {
+            headers = headers.insert(Header { key: VALUE_DROPPED_HEADER, value: Some(dropped.as_bytes()) });
+        }
         let mut message: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
         if let Some(key) = &record.key {
             message = message.key(key.as_slice());
         }
-        if let Some(value) = &record.value {
+        if let Some(value) = record.value.as_ref().filter(|_| !drop_value) {
             message = message.payload(&value[..]);
         }
         if let Some(timestamp) = record.timestamp {
             message = message.timestamp(timestamp);
         }
-        self.producer.send(message, Duration::from_secs(30)).await.map(|_| ()).map_err(|(error, _)| error)
+        self.producer.send(message, DELIVERY_TIMEOUT).await.map(|_| ()).map_err(|(error, _)| error)
+    }
+}
+
+/// Errors that say the record is too large for the client or the topic:
+/// waiting cannot fix them, leaving the value out can.
+fn refused_for_size(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::PolicyViolation
+        )
+    )
+}
+
+/// What the value-dropped header says: the value's size and SHA-256, so an
+/// operator can match it with the original record.
+fn describe_dropped(value: &[u8]) -> String {
+    let digest = Sha256::digest(value);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{} bytes, sha256 {hex}", value.len())
+}
+
+/// `text` cut to at most `most` bytes, at a character boundary.
+fn truncate(text: &str, most: usize) -> &str {
+    if text.len() <= most {
+        return text;
+    }
+    let mut end = most;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_value_is_named_by_its_size_and_digest() {
+        assert_eq!(
+            describe_dropped(b"abc"),
+            "3 bytes, sha256 ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn messages_are_cut_at_character_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn size_refusals_are_told_from_other_errors() {
+        let size = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        let unknown = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition);
+        assert!(refused_for_size(&size));
+        assert!(!refused_for_size(&unknown));
     }
 }

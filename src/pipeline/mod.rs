@@ -27,6 +27,7 @@ mod write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use tokio::sync::watch;
 
 use crate::codec::Codec;
@@ -54,6 +55,31 @@ pub enum Halt {
     Source(String),
     /// The sink could not be prepared (a permanent error) or a write task failed.
     Sink(String),
+    /// Code of the connector panicked (a user's upcaster or projection, a
+    /// decoder edge, a sink write): it would panic again on the same events,
+    /// so the connector stops, its consumer leaves the group, and the
+    /// others run on.
+    Panicked(String),
+}
+
+impl Halt {
+    /// A task's panic, or any other way it failed (cancelled), as a halt.
+    fn of_join_error(error: tokio::task::JoinError, what: &str) -> Halt {
+        if error.is_panic() {
+            Halt::Panicked(format!("{what} panicked: {}", panic_message(&*error.into_panic())))
+        } else {
+            Halt::Sink(format!("{what} failed: {error}"))
+        }
+    }
+}
+
+/// The message a panic carries (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Everything one connector needs, built once.
@@ -85,9 +111,18 @@ pub struct ReplayRun {
 pub const REPLAY_HEADER: &str = "kawka.replay.run";
 
 impl ConnectorRuntime {
-    /// Runs until shutdown or a `stop`; restarts its consumer after fencing
-    /// or a failure of the source or the sink.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Halt {
+    /// Runs until shutdown, a `stop` or a panic; restarts its consumer
+    /// after fencing or a failure of the source or the sink.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Halt {
+        // The consume loop catches its own panics (to stop its consumer);
+        // this catches the rest (preparing the sink, claiming), so a panic
+        // anywhere shows as this connector stopped, never as a task that
+        // vanished while its state says running.
+        let status = self.status.clone();
+        stop_on_panic(&status, self.run_loop(shutdown)).await
+    }
+
+    async fn run_loop(self, mut shutdown: watch::Receiver<bool>) -> Halt {
         let name = self.settings.name.clone();
         loop {
             let halt = self.run_once(&mut shutdown).await;
@@ -101,6 +136,11 @@ impl ConnectorRuntime {
                 }
                 Halt::Stopped(ref failure) => {
                     self.status.stopped(failure);
+                    return halt;
+                }
+                Halt::Panicked(ref message) => {
+                    let failure = Failure { class: ErrorClass::Permanent, stage: "panic", message: message.clone() };
+                    self.status.stopped(&failure);
                     return halt;
                 }
                 Halt::Shutdown => {
@@ -129,13 +169,29 @@ impl ConnectorRuntime {
         self.status.recovered();
         let started =
             KafkaSource::start(&self.settings.name, &self.kafka, &self.settings.source, claim, self.status.clone());
-        let (source, rx) = match started {
+        let (source, channels) = match started {
             Ok(started) => started,
             Err(error) => return Halt::Source(error.to_string()),
         };
+        let mut channels = channels;
         let mut worker = Worker::new(self, &source, shutdown.clone());
-        let (halt, rx) = worker.consume(rx).await;
-        source.stop(rx).await;
+        // A panic unwinds to here, not through the task: the consumer is
+        // stopped below (it leaves the group) instead of polling on,
+        // holding its partitions, behind a task that is gone.
+        let consumed = std::panic::AssertUnwindSafe(worker.consume(&mut channels)).catch_unwind().await;
+        let halt = match consumed {
+            Ok(halt) => halt,
+            Err(panic) => {
+                // The writes in flight of the panicked run are abandoned
+                // (their batches are read again on the next start).
+                for write in worker.in_flight.drain(..) {
+                    write.task.abort();
+                }
+                Halt::Panicked(format!("the connector panicked: {}", panic_message(&*panic)))
+            }
+        };
+        drop(worker);
+        source.stop(channels).await;
         halt
     }
 
@@ -164,8 +220,50 @@ impl ConnectorRuntime {
     }
 }
 
+/// Runs a connector's loop; a panic that escapes it stops the connector
+/// visibly (state `stopped`, the panic as its last error, `/readyz` 503).
+async fn stop_on_panic(status: &ConnectorStatus, run: impl std::future::Future<Output = Halt>) -> Halt {
+    match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+        Ok(halt) => halt,
+        Err(panic) => {
+            let message = format!("the connector panicked: {}", panic_message(&*panic));
+            status.stopped(&Failure { class: ErrorClass::Permanent, stage: "panic", message: message.clone() });
+            Halt::Panicked(message)
+        }
+    }
+}
+
 /// Completes once the daemon is stopping (the guard `wait_for` returns is
 /// not `Send`, so it must not live in a `select!` branch that awaits).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_stops_the_connector_visibly() {
+        let status = ConnectorStatus::new("panics", "postgres");
+        status.set_state(State::Running);
+        let halt = stop_on_panic(&status, async { panic!("a user's projection failed") }).await;
+        assert!(matches!(&halt, Halt::Panicked(m) if m.contains("a user's projection failed")), "{halt:?}");
+        assert_eq!(status.state(), State::Stopped);
+        let shown = status.to_json().to_string();
+        assert!(shown.contains("a user's projection failed"), "{shown}");
+        assert!(!status.is_ready(), "/readyz answers 503 for a stopped connector");
+        // A loop that ends normally is left alone.
+        let status = ConnectorStatus::new("fine", "postgres");
+        assert!(matches!(stop_on_panic(&status, async { Halt::Shutdown }).await, Halt::Shutdown));
+        assert_ne!(status.state(), State::Stopped);
+    }
+
+    #[test]
+    fn panic_messages_are_read_from_both_payload_kinds() {
+        let text = std::panic::catch_unwind(|| panic!("static")).expect_err("panics");
+        assert_eq!(panic_message(&*text), "static");
+        let formatted = std::panic::catch_unwind(|| panic!("{}", 42)).expect_err("panics");
+        assert_eq!(panic_message(&*formatted), "42");
+    }
 }

@@ -11,45 +11,65 @@ use crate::status::Outcome;
 use crate::value::Name;
 
 impl Worker<'_> {
-    /// Applies the error policy to one bad event.
+    /// Applies the error policy to one bad event, a record not yet in the
+    /// pending batch: if its dead letter has to wait, the batch before it
+    /// is written first (its neighbours do not wait with it).
     pub(super) async fn fail(&mut self, record: &RawRecord, event_type: Name, failure: Failure) -> Result<(), Halt> {
-        let settings = self.runtime.settings.clone();
-        let status = self.runtime.status.clone();
-        match settings.on_error {
+        if self.runtime.settings.on_error == ErrorPolicy::DeadLetter && self.send_dead_letter(record, &failure, 0).await
+        {
+            self.dead_lettered(record, event_type, &failure);
+            return Ok(());
+        }
+        if self.runtime.settings.on_error == ErrorPolicy::DeadLetter {
+            self.flush().await?;
+        }
+        self.apply_policy(record, event_type, failure).await
+    }
+
+    /// Applies the error policy to one bad event; a dead letter is retried
+    /// until the broker takes it (visibly: state `retrying`, stage
+    /// `dead_letter`, the broker's reason). Never flushes: the events the
+    /// sink refuses while a batch is written come here.
+    async fn apply_policy(&mut self, record: &RawRecord, event_type: Name, failure: Failure) -> Result<(), Halt> {
+        match self.runtime.settings.on_error {
             ErrorPolicy::Skip => {
-                status.failed_event(event_type, record.position, &failure, Outcome::Skipped, "");
+                self.runtime.status.failed_event(event_type, record.position, &failure, Outcome::Skipped, "");
                 Ok(())
             }
             ErrorPolicy::Stop => Err(Halt::Stopped(failure)),
             ErrorPolicy::DeadLetter => {
                 let mut attempt = 0;
-                loop {
-                    let run = self.runtime.replay.as_ref().map(|r| r.id.as_str());
-                    let sent = self
-                        .runtime
-                        .dead_letters
-                        .send(&settings.dead_letter_topic, &settings.name, record, &failure, run)
-                        .await;
-                    match sent {
-                        Ok(()) => break,
-                        Err(error) => {
-                            status.retrying("dead_letter", ErrorClass::Transient, &error.to_string(), attempt);
-                            // A shutdown here leaves the event unconsumed: it is read again.
-                            self.pause(attempt).await?;
-                            attempt += 1;
-                        }
-                    }
+                while !self.send_dead_letter(record, &failure, attempt).await {
+                    // A shutdown here leaves the event unconsumed: it is read again.
+                    self.pause(attempt).await?;
+                    attempt += 1;
                 }
-                status.failed_event(
-                    event_type,
-                    record.position,
-                    &failure,
-                    Outcome::DeadLettered,
-                    &settings.dead_letter_topic,
-                );
+                self.dead_lettered(record, event_type, &failure);
                 Ok(())
             }
         }
+    }
+
+    /// Sends one dead letter; on failure shows why (a reason that can pass:
+    /// the topic is created, access granted, the broker back) and says so.
+    async fn send_dead_letter(&self, record: &RawRecord, failure: &Failure, attempt: u32) -> bool {
+        let settings = &self.runtime.settings;
+        let run = self.runtime.replay.as_ref().map(|r| r.id.as_str());
+        let sent =
+            self.runtime.dead_letters.send(&settings.dead_letter_topic, &settings.name, record, failure, run).await;
+        match sent {
+            Ok(_) => true,
+            Err(error) => {
+                let reason = format!("dead-letter topic {}: {error}", settings.dead_letter_topic);
+                self.runtime.status.retrying("dead_letter", ErrorClass::Transient, &reason, attempt);
+                false
+            }
+        }
+    }
+
+    fn dead_lettered(&self, record: &RawRecord, event_type: Name, failure: &Failure) {
+        let topic = &self.runtime.settings.dead_letter_topic;
+        self.runtime.status.failed_event(event_type, record.position, failure, Outcome::DeadLettered, topic);
     }
 
     /// Hands refused ops' events (indexes into `ops`) to the error policy
@@ -72,7 +92,8 @@ impl Worker<'_> {
         for (origin, message) in &events {
             let record = self.pending.records[*origin].clone();
             let failure = Failure { class: ErrorClass::Permanent, stage: "sink", message: message.clone() };
-            self.fail(&record, self.pending.types[*origin], failure).await?;
+            // These events are in the batch being written: no flush.
+            self.apply_policy(&record, self.pending.types[*origin], failure).await?;
         }
         let origins: Vec<usize> = events.into_iter().map(|(origin, _)| origin).collect();
         self.pending.remove_events(&origins);

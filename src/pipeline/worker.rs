@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use futures::FutureExt as _;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::batch::{Epochs, Pending};
@@ -14,7 +15,7 @@ use crate::error::Failure;
 use crate::error::{Backoff, ErrorClass};
 use crate::event::{Claim, Position};
 use crate::projection::{Projected, Projection, WriteOp};
-use crate::source::{KafkaSource, RawRecord, SourceMessage};
+use crate::source::{Chunk, Control, KafkaSource, RawRecord, SourceChannels};
 use crate::status::Outcome;
 use crate::value::Name;
 
@@ -71,10 +72,7 @@ impl<'a> Worker<'a> {
         &self.runtime.settings.name
     }
 
-    pub(super) async fn consume(
-        &mut self,
-        mut rx: mpsc::Receiver<SourceMessage>,
-    ) -> (Halt, mpsc::Receiver<SourceMessage>) {
+    pub(super) async fn consume(&mut self, channels: &mut SourceChannels) -> Halt {
         let mut shutdown = self.shutdown.clone();
         let mut paused = self.runtime.status.paused();
         let idle = self.runtime.replay.as_ref().map(|r| r.idle);
@@ -83,20 +81,20 @@ impl<'a> Worker<'a> {
             let deadline = self.pending.deadline;
             let is_paused = *paused.borrow_and_update();
             let idle_at = idle.filter(|_| self.generation.is_some()).map(|idle| last_record + idle);
-            let message = tokio::select! {
+            let result = tokio::select! {
                 biased;
                 _ = stopped(&mut shutdown) => {
                     let halt = match self.flush().await { Ok(()) => Halt::Shutdown, Err(halt) => halt };
-                    return (halt, rx);
+                    return halt;
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
-                    if let Err(halt) = self.flush().await { return (halt, rx) }
+                    if let Err(halt) = self.flush().await { return halt }
                     continue;
                 }
                 // A write in flight is done: its positions reach Kafka now,
                 // not when the next batch is handed over.
                 (index, done) = finished(&mut self.in_flight), if !self.in_flight.is_empty() => {
-                    if let Err(halt) = self.settle_finished(index, done).await { return (halt, rx) }
+                    if let Err(halt) = self.settle_finished(index, done).await { return halt }
                     continue;
                 }
                 // Paused: nothing is taken from the channel, so the consumer
@@ -108,46 +106,73 @@ impl<'a> Worker<'a> {
                         self.epochs.iter().filter_map(|(&(t, p), e)| e.map(|e| (t, p, e))).collect();
                     if let Ok(false) = self.runtime.sink.owns(&epochs).await {
                         tracing::info!(connector = %self.name(), "partitions were taken over while idle; restarting the consumer");
-                        return (Halt::Fenced, rx);
+                        return Halt::Fenced;
                     }
                     continue;
                 }
                 // A replay ends when nothing more comes.
                 _ = sleep_until(idle_at), if idle_at.is_some() => {
                     let halt = match self.flush().await { Ok(()) => Halt::Shutdown, Err(halt) => halt };
-                    return (halt, rx);
+                    return halt;
                 }
-                message = rx.recv(), if !is_paused => message,
-            };
-            if matches!(message, Some(SourceMessage::Records { .. }) | Some(SourceMessage::Assigned { .. })) {
-                last_record = Instant::now();
-            }
-            let result = match message {
-                None => Err(Halt::Source("the consumer thread ended".into())),
-                Some(SourceMessage::Assigned { generation, claims }) => {
-                    self.assigned(generation, &claims);
-                    Ok(())
-                }
-                Some(SourceMessage::Revoked { ack }) => {
-                    let flushed = self.flush().await;
-                    self.runtime.status.revoked();
-                    self.epochs.clear();
-                    self.generation = None;
-                    let _ = ack.send(());
-                    flushed
-                }
-                Some(SourceMessage::Records { generation, records }) => self.records(generation, records).await,
-                Some(SourceMessage::Ended { reason }) => Err(Halt::Source(reason)),
+                // Rebalances are served even while paused: the group
+                // waits for them, not for this connector's records.
+                control = channels.control.recv() => match control {
+                    Some(control) => {
+                        if matches!(control, Control::Assigned { .. }) {
+                            last_record = Instant::now();
+                        }
+                        self.control(control).await
+                    }
+                    None => Err(Halt::Source("the consumer thread ended".into())),
+                },
+                chunk = channels.records.recv(), if !is_paused => match chunk {
+                    Some(Chunk { generation, records, .. }) => {
+                        last_record = Instant::now();
+                        // A chunk of a generation not yet known: its
+                        // `Assigned` is already on the control channel
+                        // (sent first, see `SourceChannels`).
+                        let mut result = Ok(());
+                        while result.is_ok() && self.generation.is_none_or(|known| known < generation) {
+                            let Ok(control) = channels.control.try_recv() else { break };
+                            result = self.control(control).await;
+                        }
+                        match result {
+                            Ok(()) => self.records(generation, records).await,
+                            Err(halt) => Err(halt),
+                        }
+                    }
+                    None => Err(Halt::Source("the consumer thread ended".into())),
+                },
             };
             if let Err(halt) = result {
                 if let Halt::Stopped(_) = halt {
                     // Commit the events before the bad one, nothing past it.
                     if let Err(flush_halt) = self.flush().await {
-                        return (flush_halt, rx);
+                        return flush_halt;
                     }
                 }
-                return (halt, rx);
+                return halt;
             }
+        }
+    }
+
+    /// Serves a message of the control channel.
+    async fn control(&mut self, message: Control) -> Result<(), Halt> {
+        match message {
+            Control::Assigned { generation, claims } => {
+                self.assigned(generation, &claims);
+                Ok(())
+            }
+            Control::Revoked { ack } => {
+                let flushed = self.flush().await;
+                self.runtime.status.revoked();
+                self.epochs.clear();
+                self.generation = None;
+                let _ = ack.send(());
+                flushed
+            }
+            Control::Ended { reason } => Err(Halt::Source(reason)),
         }
     }
 
@@ -217,18 +242,46 @@ impl<'a> Worker<'a> {
             Ok(Decoded::Event { mut event, writer }) => {
                 event.position = position;
                 let event_type = event.event_type;
-                match self.runtime.upcasting.upcast(event, &writer) {
-                    Ok(events) => (event_type, project_all(self.runtime.projection.as_ref(), events)),
-                    Err(error) => {
+                // A panic in upcasting or projecting (a user's Rust code)
+                // is this event's error: it would panic again on a retry.
+                let upcasting = &self.runtime.upcasting;
+                let projection = self.runtime.projection.as_ref();
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    upcasting.upcast(event, &writer).map(|events| project_all(projection, events))
+                }));
+                match outcome {
+                    Ok(Ok(projected)) => (event_type, projected),
+                    Ok(Err(error)) => {
                         let failure =
                             Failure { class: ErrorClass::Permanent, stage: "upcast", message: error.to_string() };
                         self.fail(&record, event_type, failure).await?;
                         self.push(record, event_type);
                         return Ok(());
                     }
+                    Err(panic) => {
+                        let message = format!("panicked: {}", super::panic_message(&*panic));
+                        let failure = Failure { class: ErrorClass::Permanent, stage: "projection", message };
+                        self.fail(&record, event_type, failure).await?;
+                        self.push(record, event_type);
+                        return Ok(());
+                    }
                 }
             }
-            Ok(Decoded::Tombstone { key }) => (TOMBSTONE, self.runtime.projection.tombstone(&key, position)),
+            Ok(Decoded::Tombstone { key }) => {
+                let projection = self.runtime.projection.as_ref();
+                let outcome =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| projection.tombstone(&key, position)));
+                match outcome {
+                    Ok(projected) => (TOMBSTONE, projected),
+                    Err(panic) => {
+                        let message = format!("panicked: {}", super::panic_message(&*panic));
+                        let failure = Failure { class: ErrorClass::Permanent, stage: "projection", message };
+                        self.fail(&record, TOMBSTONE, failure).await?;
+                        self.push(record, TOMBSTONE);
+                        return Ok(());
+                    }
+                }
+            }
             Err(failure) => {
                 self.fail(&record, UNDECODABLE, failure).await?;
                 self.push(record, UNDECODABLE);
@@ -262,7 +315,17 @@ impl<'a> Worker<'a> {
     async fn decode(&mut self, record: &RawRecord) -> Result<Result<Decoded, Failure>, Halt> {
         let mut attempt = 0;
         loop {
-            match self.runtime.codec.decode(record).await {
+            // A decoder that panics on a record panics on it again: the
+            // record's error, like any it cannot read.
+            let decoded = std::panic::AssertUnwindSafe(self.runtime.codec.decode(record)).catch_unwind().await;
+            let decoded = match decoded {
+                Ok(decoded) => decoded,
+                Err(panic) => {
+                    let message = format!("the decoder panicked: {}", super::panic_message(&*panic));
+                    return Ok(Err(Failure { class: ErrorClass::Permanent, stage: "decode", message }));
+                }
+            };
+            match decoded {
                 Ok(decoded) => return Ok(Ok(decoded)),
                 Err(error) if error.class() == ErrorClass::Permanent => {
                     return Ok(Err(Failure {

@@ -114,10 +114,28 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Settles the oldest write in flight (see [`Worker::settled`]).
+    /// Settles the oldest write in flight (see [`Worker::settled`]). At
+    /// shutdown a write is waited for [`SHUTDOWN_GRACE`] at most, then
+    /// abandoned with the rest (nothing past it is committed; its events
+    /// are read again on the next start), so a drain ends in bounded time.
     async fn settle_oldest(&mut self) -> Result<(), Halt> {
-        let write = self.in_flight.remove(0);
-        self.settled(write.task.await).await
+        let mut write = self.in_flight.remove(0);
+        if !*self.shutdown.borrow() {
+            return self.settled((&mut write.task).await).await;
+        }
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut write.task).await {
+            Ok(done) => self.settled(done).await,
+            Err(_) => {
+                tracing::warn!(connector = %self.name(), grace = ?SHUTDOWN_GRACE,
+                    "abandoning the writes in flight at shutdown");
+                write.task.abort();
+                for write in self.in_flight.drain(..) {
+                    write.task.abort();
+                }
+                self.pending.clear();
+                Err(Halt::Shutdown)
+            }
+        }
     }
 
     /// Settles the writes in flight up to `index`, oldest first. Never one
@@ -150,7 +168,7 @@ impl Worker<'_> {
     async fn settled(&mut self, done: Result<WriteDone, tokio::task::JoinError>) -> Result<(), Halt> {
         let (batch, offsets, result, seconds) = match done {
             Ok(done) => done,
-            Err(error) => return Err(Halt::Sink(format!("a sink write task failed: {error}"))),
+            Err(error) => return Err(Halt::of_join_error(error, "a sink write task")),
         };
         match result {
             Ok(written) => {

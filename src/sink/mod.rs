@@ -14,6 +14,8 @@ pub mod elasticsearch;
 pub mod postgres;
 mod settings;
 
+use std::time::Duration;
+
 use crate::error::classify_http_status;
 use crate::error::{classify_sqlx, ErrorClass};
 use crate::event::{Claim, PartitionOffset};
@@ -46,7 +48,20 @@ pub enum SinkError {
     /// commit: this one was rolled back, to be written again after it.
     #[error("an earlier batch of a partition of this batch was not written")]
     Predecessor,
+    /// The database did not answer within [`WRITE_TIMEOUT`] (a half-open
+    /// connection, a server that hangs): the write is abandoned (its
+    /// transaction never commits) and made again.
+    #[error("no answer from the sink within {0:?}; writing again")]
+    TimedOut(Duration),
 }
+
+/// The longest a Postgres write (its transaction, statements and commit)
+/// may wait for the server. sqlx has no TCP keepalive: without a bound, a
+/// connection whose server vanished would hang a write, its connector and
+/// the drain at shutdown. Long enough for any batch a healthy server
+/// writes; the server-side `idle_in_transaction_session_timeout` frees the
+/// locks of a client that vanished the other way.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl SinkError {
     pub fn class(&self) -> ErrorClass {
@@ -67,9 +82,15 @@ impl SinkError {
                 _ => ErrorClass::Transient,
             },
             SinkError::Setup(_) => ErrorClass::Config,
-            SinkError::Predecessor => ErrorClass::Transient,
+            SinkError::Predecessor | SinkError::TimedOut(_) => ErrorClass::Transient,
         }
     }
+}
+
+/// `write` bounded by [`WRITE_TIMEOUT`]; dropping it on expiry rolls its
+/// transaction back (or closes its connection).
+async fn bounded<T>(write: impl std::future::Future<Output = Result<T, SinkError>>) -> Result<T, SinkError> {
+    tokio::time::timeout(WRITE_TIMEOUT, write).await.unwrap_or(Err(SinkError::TimedOut(WRITE_TIMEOUT)))
 }
 
 /// What a durable write found beside what it applied.
@@ -267,7 +288,7 @@ impl Sink {
     /// were found already applied (replays, duplicates).
     pub async fn write(&self, ops: &[WriteOp], offsets: &[PartitionOffset]) -> Result<Written, SinkError> {
         match self {
-            Sink::Postgres(sink) => sink.write(ops, offsets).await.map(Written::superseded),
+            Sink::Postgres(sink) => bounded(sink.write(ops, offsets)).await.map(Written::superseded),
             Sink::Elasticsearch(sink) => sink.write(ops).await,
         }
     }
@@ -299,7 +320,7 @@ impl Sink {
     ) -> Result<Written, SinkError> {
         match (self, plan) {
             (Sink::Postgres(sink), Plan::Postgres(plan)) => {
-                sink.write_planned(plan, ops, follows, ran).await.map(Written::superseded)
+                bounded(sink.write_planned(plan, ops, follows, ran)).await.map(Written::superseded)
             }
             (Sink::Elasticsearch(sink), Plan::Elasticsearch(plan)) => {
                 // Sinks that do not chain writes are never given any to follow.

@@ -10,6 +10,12 @@
 //! [`super::queue`]); the consumer's queue keeps the events (rebalances,
 //! errors), served by `poll` as before.
 //!
+//! Rebalances and the thread's end travel on a channel of their own (the
+//! control channel), which the pipeline reads even while it is paused or
+//! its records channel is full: a rebalance never waits for room behind
+//! records nobody takes, and a revoke waits at most [`REVOKE_WAIT`] for the
+//! pipeline's flush (the sink's fencing protects positions past that).
+//!
 //! Records travel to the pipeline in chunks over a bounded channel. When
 //! the channel is full the thread pauses its partitions and keeps polling
 //! (so the group keeps it as a member) until there is room: memory is
@@ -17,7 +23,7 @@
 //! backlog.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,38 +54,124 @@ const CHANNEL_CHUNKS: usize = 8;
 const PATIENCE: Duration = Duration::from_secs(5);
 /// How often the high watermarks are fetched (for lag).
 const WATERMARK_EVERY: Duration = Duration::from_secs(5);
-/// How long a revoke waits for the pipeline to flush.
-const REVOKE_WAIT: Duration = Duration::from_secs(30);
+/// How long a revoke waits for the pipeline to flush: the whole group
+/// waits with it. A pipeline busy past this (a sink down, a long retry)
+/// gives up its partitions unflushed; the new owner starts from the
+/// positions the sink holds, and the old batch is fenced there.
+pub const REVOKE_WAIT: Duration = Duration::from_secs(10);
 
 /// Claims partitions in the sink: returns the positions to start from.
 /// Must retry transient errors itself; it runs inside the rebalance.
 pub type ClaimFn = Arc<dyn Fn(Vec<(Name, i32)>) -> BoxFuture<'static, Vec<Claim>> + Send + Sync>;
 
-/// What the consumer thread tells the pipeline, in order.
+/// A chunk of records, on the records channel.
 #[derive(Debug)]
-pub enum SourceMessage {
+pub struct Chunk {
+    /// The assignment the records were fetched for.
+    pub generation: u64,
+    pub records: Vec<RawRecord>,
+    /// Bytes of the records' keys and values (what the channel's budget counts).
+    pub bytes: usize,
+}
+
+/// The bytes of records in the records channel, against its budget: the
+/// channel's capacity counts chunks, and chunks of large records would
+/// otherwise let the fetch-ahead grow far past `source.max_prefetch_bytes`.
+#[derive(Debug)]
+struct ChannelBytes {
+    used: AtomicUsize,
+    budget: usize,
+    /// Signalled when the pipeline takes a chunk.
+    freed: tokio::sync::Notify,
+}
+
+impl ChannelBytes {
+    /// Whether a chunk of `bytes` may go in now. An empty channel takes
+    /// any chunk, so one record larger than the budget still passes.
+    fn has_room(&self, bytes: usize) -> bool {
+        let used = self.used.load(Ordering::SeqCst);
+        used == 0 || used + bytes <= self.budget
+    }
+}
+
+/// The consumer thread's end of the records channel.
+struct RecordsSender {
+    tx: mpsc::Sender<Chunk>,
+    bytes: Arc<ChannelBytes>,
+}
+
+impl RecordsSender {
+    /// Sends `chunk` if the channel has room for it, in chunks and bytes.
+    fn try_send(&self, chunk: Chunk) -> Result<(), mpsc::error::TrySendError<Chunk>> {
+        if !self.bytes.has_room(chunk.bytes) {
+            return Err(mpsc::error::TrySendError::Full(chunk));
+        }
+        let bytes = chunk.bytes;
+        // Counted before it can be taken, so the count never goes below zero.
+        self.bytes.used.fetch_add(bytes, Ordering::SeqCst);
+        self.tx.try_send(chunk).inspect_err(|_| {
+            self.bytes.used.fetch_sub(bytes, Ordering::SeqCst);
+        })
+    }
+
+    /// The most records to read into a chunk holding `held` bytes in
+    /// `len` records, so that it stays within its share of the budget;
+    /// `average` is the size of records read lately.
+    fn room(&self, len: usize, held: usize, average: usize) -> usize {
+        let share = (self.bytes.budget / CHANNEL_CHUNKS).max(1);
+        let by_bytes = share.saturating_sub(held) / average.max(1);
+        CHUNK.saturating_sub(len).min(by_bytes.max(usize::from(len == 0)))
+    }
+}
+
+/// The pipeline's end of the records channel.
+#[derive(Debug)]
+pub struct RecordsReceiver {
+    rx: mpsc::Receiver<Chunk>,
+    bytes: Arc<ChannelBytes>,
+}
+
+impl RecordsReceiver {
+    /// The next chunk; its bytes leave the channel's budget.
+    pub async fn recv(&mut self) -> Option<Chunk> {
+        let chunk = self.rx.recv().await?;
+        self.bytes.used.fetch_sub(chunk.bytes, Ordering::SeqCst);
+        self.bytes.freed.notify_one();
+        Some(chunk)
+    }
+}
+
+/// What the consumer thread tells the pipeline besides records, on the
+/// control channel (see [`SourceChannels`]).
+#[derive(Debug)]
+pub enum Control {
     /// New partitions; `generation` tags the records that follow.
-    Assigned {
-        generation: u64,
-        claims: Vec<Claim>,
-    },
-    Records {
-        generation: u64,
-        records: Vec<RawRecord>,
-    },
+    Assigned { generation: u64, claims: Vec<Claim> },
     /// Partitions are being taken away: flush what is pending, then ack.
-    Revoked {
-        ack: std::sync::mpsc::SyncSender<()>,
-    },
+    Revoked { ack: std::sync::mpsc::SyncSender<()> },
     /// The consumer thread failed and stopped polling (the context keeps a
     /// sender, so the channel alone would never say so).
-    Ended {
-        reason: String,
-    },
+    Ended { reason: String },
+}
+
+/// The two channels from the consumer thread.
+///
+/// Ordering contract: a control message is sent before any record chunk of
+/// the generation it starts, from the same thread, so once a chunk of a
+/// generation the pipeline does not know yet is received, the `Assigned`
+/// that starts it is already in `control` (drain it with `try_recv`).
+#[derive(Debug)]
+pub struct SourceChannels {
+    /// Chunks of records; bounded in chunks and in bytes (what the
+    /// pipeline has not taken yet).
+    pub records: RecordsReceiver,
+    /// `Assigned`, `Revoked`, `Ended`: one per rebalance or end, so
+    /// unbounded costs nothing, and a send never blocks the rebalance.
+    pub control: mpsc::UnboundedReceiver<Control>,
 }
 
 struct SourceContext {
-    tx: mpsc::Sender<SourceMessage>,
+    control: mpsc::UnboundedSender<Control>,
     claim: Option<ClaimFn>,
     runtime: tokio::runtime::Handle,
     start: StartPosition,
@@ -163,16 +255,16 @@ impl SourceContext {
         if !self.stopping.load(Ordering::SeqCst) {
             // Sent before any record of the new assignment: those are
             // polled only after this callback returns.
-            let _ = self.tx.blocking_send(SourceMessage::Assigned { generation, claims });
+            let _ = self.control.send(Control::Assigned { generation, claims });
         }
     }
 
     fn revoke(&self, consumer: &BaseConsumer<Self>) {
         if !self.stopping.load(Ordering::SeqCst) {
             let (ack, acked) = std::sync::mpsc::sync_channel(1);
-            if self.tx.blocking_send(SourceMessage::Revoked { ack }).is_ok() && acked.recv_timeout(REVOKE_WAIT).is_err()
-            {
-                tracing::warn!(connector = %self.connector, "pipeline did not flush before the revoke; fencing protects the positions");
+            if self.control.send(Control::Revoked { ack }).is_ok() && acked.recv_timeout(REVOKE_WAIT).is_err() {
+                tracing::warn!(connector = %self.connector, wait = ?REVOKE_WAIT,
+                    "pipeline did not flush before the revoke; fencing protects the positions");
             }
         }
         // Records still in flight belong to the old assignment.
@@ -252,11 +344,21 @@ impl KafkaSource {
         source: &SourceSettings,
         claim: Option<ClaimFn>,
         status: Arc<ConnectorStatus>,
-    ) -> KafkaResult<(KafkaSource, mpsc::Receiver<SourceMessage>)> {
+    ) -> KafkaResult<(KafkaSource, SourceChannels)> {
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        // The fetch-ahead cap is shared: half in librdkafka's queue (see
+        // `consumer_config`), half in the channel.
+        let bytes = Arc::new(ChannelBytes {
+            used: AtomicUsize::new(0),
+            budget: usize::try_from(source.max_prefetch_bytes / 2).unwrap_or(usize::MAX).max(1),
+            freed: tokio::sync::Notify::new(),
+        });
+        let tx = RecordsSender { tx, bytes: bytes.clone() };
+        let rx = RecordsReceiver { rx, bytes };
+        let (control, control_rx) = mpsc::unbounded_channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let context = SourceContext {
-            tx: tx.clone(),
+            control: control.clone(),
             claim,
             runtime: tokio::runtime::Handle::current(),
             start: source.start,
@@ -292,12 +394,15 @@ impl KafkaSource {
                             .unwrap_or_default();
                         let reason = format!("the kafka consumer thread failed: {reason}");
                         tracing::error!(connector = %name, %reason, "consumer thread failed");
-                        let _ = tx.blocking_send(SourceMessage::Ended { reason });
+                        let _ = control.send(Control::Ended { reason });
                     }
                 })
                 .map_err(|error| rdkafka::error::KafkaError::ClientCreation(error.to_string()))?
         };
-        Ok((KafkaSource { consumer, stopping, thread: Some(thread) }, rx))
+        Ok((
+            KafkaSource { consumer, stopping, thread: Some(thread) },
+            SourceChannels { records: rx, control: control_rx },
+        ))
     }
 
     /// Records positions that are durable in the sink and commits them to
@@ -315,8 +420,10 @@ impl KafkaSource {
     }
 
     /// Stops polling, commits what is durable, leaves the group. Drains
-    /// `rx` meanwhile, so a thread blocked on a full channel can finish.
-    pub async fn stop(mut self, mut rx: mpsc::Receiver<SourceMessage>) {
+    /// the channels meanwhile, so a thread waiting on a full channel or on
+    /// a revoke's ack can finish.
+    pub async fn stop(mut self, channels: SourceChannels) {
+        let SourceChannels { records: mut rx, mut control } = channels;
         self.stopping.store(true, Ordering::SeqCst);
         let Some(thread) = self.thread.take() else { return };
         let consumer = self.consumer.clone();
@@ -330,8 +437,10 @@ impl KafkaSource {
         loop {
             tokio::select! {
                 _ = &mut join => break,
+                Some(message) = control.recv() => {
+                    if let Control::Revoked { ack } = message { let _ = ack.send(()); }
+                }
                 message = rx.recv() => match message {
-                    Some(SourceMessage::Revoked { ack }) => { let _ = ack.send(()); }
                     Some(_) => {}
                     None => { let _ = (&mut join).await; break; }
                 },
@@ -357,7 +466,8 @@ fn consumer_config(connector: &str, kafka: &KafkaSettings, source: &SourceSettin
                 StartPosition::Latest => "latest",
             },
         )
-        .set("queued.max.messages.kbytes", (source.max_prefetch_bytes / 1024).max(1).to_string())
+        // Half the fetch-ahead cap; the records channel holds the other half.
+        .set("queued.max.messages.kbytes", (source.max_prefetch_bytes / 2 / 1024).max(1).to_string())
         // librdkafka fetches until this many records wait (100k by
         // default): with small records that, not the byte cap, set the
         // memory (~500 bytes each with librdkafka's own, 40 MB more peak
@@ -457,7 +567,7 @@ pub fn commit_offsets(kafka: &KafkaSettings, group: &str, positions: &[(String, 
 fn poll_loop(
     connector: &str,
     consumer: &BaseConsumer<SourceContext>,
-    tx: &mpsc::Sender<SourceMessage>,
+    tx: &RecordsSender,
     stopping: &AtomicBool,
     status: &ConnectorStatus,
 ) {
@@ -469,6 +579,9 @@ fn poll_loop(
     let mut chunk_generation = context.generation.load(Ordering::SeqCst);
     let mut watermarks_at = std::time::Instant::now();
     let mut commit_checked = std::time::Instant::now();
+    // The size of records read lately, to size reads by bytes.
+    let mut average = 1;
+    let held = |chunk: &[RawRecord]| chunk.iter().map(RawRecord::size).sum::<usize>();
     while !stopping.load(Ordering::SeqCst) {
         if watermarks_at.elapsed() >= WATERMARK_EVERY {
             watermarks_at = std::time::Instant::now();
@@ -478,21 +591,24 @@ fn poll_loop(
         serve_events(connector, consumer, &mut chunk, &mut chunk_generation, Duration::ZERO);
         context.commit_if_behind(consumer, &mut commit_checked);
         // (What `serve_events` or a full channel left may exceed a chunk.)
-        let room = CHUNK.saturating_sub(chunk.len());
+        let room = tx.room(chunk.len(), held(&chunk), average);
         if records.read(&mut chunk, room, Duration::ZERO, connector) == 0 && chunk.is_empty() {
             // Nothing waiting: wait for one record (the batch call waits
             // for all it is asked for), then take what came with it.
             if records.read(&mut chunk, 1, Duration::from_millis(100), connector) == 0 {
                 continue;
             }
-            let room = CHUNK.saturating_sub(chunk.len());
+            average = held(&chunk).max(1);
+            let room = tx.room(chunk.len(), held(&chunk), average);
             records.read(&mut chunk, room, Duration::ZERO, connector);
         }
         if chunk.is_empty() {
             continue;
         }
+        let bytes = held(&chunk);
+        average = (bytes / chunk.len()).max(1);
         let batch = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-        let message = SourceMessage::Records { generation: chunk_generation, records: batch };
+        let message = Chunk { generation: chunk_generation, records: batch, bytes };
         (chunk, chunk_generation) =
             send_or_wait(consumer, &mut records, tx, stopping, message, chunk_generation, &mut commit_checked);
     }
@@ -571,9 +687,9 @@ fn report_watermarks(consumer: &BaseConsumer<SourceContext>, status: &ConnectorS
 fn send_or_wait(
     consumer: &BaseConsumer<SourceContext>,
     records: &mut RecordQueue,
-    tx: &mpsc::Sender<SourceMessage>,
+    tx: &RecordsSender,
     stopping: &AtomicBool,
-    message: SourceMessage,
+    message: Chunk,
     generation: u64,
     commit_checked: &mut std::time::Instant,
 ) -> (Vec<RawRecord>, u64) {
@@ -593,15 +709,20 @@ fn send_or_wait(
         context.commit_if_behind(consumer, commit_checked);
         // This is the consumer's own thread, outside the runtime; the
         // timer is made inside it (tokio's timers need the runtime).
-        let slot =
-            context.runtime.block_on(async { tokio::time::timeout(Duration::from_millis(100), tx.reserve()).await });
-        match slot {
-            Ok(Ok(permit)) => {
-                permit.send(message);
-                return (Vec::new(), generation);
-            }
-            Ok(Err(_closed)) => return (Vec::new(), generation),
-            Err(_still_full) => {}
+        let _ = context.runtime.block_on(async {
+            tokio::time::timeout(Duration::from_millis(100), async {
+                // Room in bytes first (the pipeline signals each chunk it
+                // takes), then a slot in the channel.
+                while !tx.bytes.has_room(message.bytes) {
+                    tx.bytes.freed.notified().await;
+                }
+                let _ = tx.tx.reserve().await.map(drop);
+            })
+            .await
+        });
+        match tx.try_send(message) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return (Vec::new(), generation),
+            Err(mpsc::error::TrySendError::Full(back)) => message = back,
         }
     }
     let mut overflow = Vec::new();
@@ -684,13 +805,12 @@ mod tests {
             max_record_bytes: 1 << 20,
         };
         let status = Arc::new(ConnectorStatus::new("retries", "postgres"));
-        let (consumer, mut rx) = KafkaSource::start("retries", &kafka, &source, None, status).expect("started");
+        let (consumer, mut channels) = KafkaSource::start("retries", &kafka, &source, None, status).expect("started");
         let mut read = 0;
         while read < 10 {
-            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("records within 30 s") {
-                Some(SourceMessage::Records { records, .. }) => read += records.len(),
-                Some(SourceMessage::Ended { reason }) => panic!("{reason}"),
-                Some(_) => {}
+            let next = tokio::time::timeout(Duration::from_secs(30), channels.records.recv());
+            match next.await.expect("records within 30 s") {
+                Some(chunk) => read += chunk.records.len(),
                 None => panic!("the source ended"),
             }
         }
@@ -713,6 +833,6 @@ mod tests {
         .await
         .expect("read");
         assert_eq!(committed, vec![("events".to_string(), 0, 10)], "the written position is committed in the end");
-        consumer.stop(rx).await;
+        consumer.stop(channels).await;
     }
 }

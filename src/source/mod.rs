@@ -11,6 +11,6 @@ pub mod queue;
 mod record;
 mod settings;
 
-pub use kafka::{ClaimFn, KafkaSource, SourceMessage};
+pub use kafka::{Chunk, ClaimFn, Control, KafkaSource, SourceChannels};
 pub use record::{KeyBytes, RawRecord};
 pub use settings::{KafkaSettings, SourceSettings, StartPosition};

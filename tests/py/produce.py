@@ -50,6 +50,8 @@ def main():
         "bootstrap.servers": spec["bootstrap"],
         "enable.idempotence": True,
         "linger.ms": 20,
+        # Tests produce records up to a few MB (kawka's limits are tested, not the client's).
+        "message.max.bytes": 16000000,
         "batch.num.messages": 10000,
         "queue.buffering.max.messages": 500000,
     })

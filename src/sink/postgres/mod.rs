@@ -97,9 +97,8 @@ impl PostgresSink {
         connector: &SinkSettings,
         target: &PostgresTarget,
     ) -> Result<PostgresSink, SinkError> {
-        let pool = pool_options(connection.max_connections)
-            .connect_lazy(connection.url.expose())
-            .map_err(SinkError::Postgres)?;
+        let options = connect_options(connection.url.expose()).map_err(SinkError::Postgres)?;
+        let pool = pool_options(connection.max_connections).connect_lazy_with(options);
         Ok(PostgresSink::with_pool(pool, connector, target))
     }
 
@@ -187,6 +186,17 @@ impl PostgresSink {
 /// A pool of `max_connections` that gives up on a connection after 10 s.
 fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10))
+}
+
+/// The server-side bounds every connection of a sink gets: a client that
+/// vanished inside a transaction (killed, its network cut) releases its
+/// row locks after this long instead of holding them until TCP notices.
+/// (The other way round, writes are bounded by [`super::WRITE_TIMEOUT`].)
+const IDLE_IN_TRANSACTION: &str = "120s";
+
+fn connect_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    Ok(options.options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]))
 }
 
 /// The message of a database error without sqlx's prefix.

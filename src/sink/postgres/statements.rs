@@ -126,6 +126,21 @@ impl TableSql {
                 }
             }
         }
+        // Rows go in one order of their keys, whatever order the batch
+        // met them in: writers of overlapping keys (two replicas, a rebuild
+        // and a live connector) then lock them in the same order and wait
+        // for each other instead of deadlocking.
+        let by_key = |rows: &mut Vec<usize>| {
+            rows.sort_unstable_by(|&a, &b| {
+                let (a, b) = (&net[a].key, &net[b].key);
+                a.iter().zip(b.iter()).map(|(x, y)| x.total_cmp(y)).find(|o| o.is_ne()).unwrap_or(a.len().cmp(&b.len()))
+            })
+        };
+        by_key(&mut deletes);
+        by_key(&mut replaces);
+        for (_, rows) in &mut shapes {
+            by_key(rows);
+        }
         let mut statements = Vec::new();
         if !deletes.is_empty() {
             let delete = self.delete(net, deletes)?;

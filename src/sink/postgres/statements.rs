@@ -325,14 +325,20 @@ impl TableSql {
             let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
             let matches: Vec<String> =
                 keys.iter().enumerate().map(|(i, k)| format!("t.{} = {}", quote(k), casts[i])).collect();
+            // The rows are locked first, in the order of the bound arrays
+            // (the keys' order, see `plan_rendering`): an UPDATE's join
+            // takes its locks in whatever order its plan reads the table,
+            // and two writers reading it in different orders deadlock.
             format!(
-                "WITH updated AS (UPDATE {} AS t SET {} FROM UNNEST({}) WITH ORDINALITY AS u({}, n) WHERE {} \
-                 RETURNING u.n) SELECT array_agg(n) FROM updated",
-                self.qualified,
-                assign(&|i, _| casts[i].clone()).join(", "),
-                unnest_params(&arrays),
-                names.join(", "),
-                matches.join(" AND ")
+                "WITH u AS MATERIALIZED (SELECT u.* FROM UNNEST({params}) WITH ORDINALITY AS u({names}, n) \
+                 JOIN {table} AS t ON {matches} ORDER BY u.n FOR UPDATE OF t), \
+                 updated AS (UPDATE {table} AS t SET {assign} FROM u WHERE {matches} RETURNING u.n) \
+                 SELECT array_agg(n) FROM updated",
+                table = self.qualified,
+                assign = assign(&|i, _| casts[i].clone()).join(", "),
+                params = unnest_params(&arrays),
+                names = names.join(", "),
+                matches = matches.join(" AND ")
             )
         });
         if self.versioned {
@@ -468,10 +474,13 @@ mod tests {
         assert_eq!(
             insert.update.as_deref(),
             Some(
-                "WITH updated AS (UPDATE \"public\".\"inventory\" AS t SET \"seen_at\" = u.c2::timestamptz, \
-                 \"on_hand\" = COALESCE(t.\"on_hand\", 0) + u.c3::bigint \
+                "WITH u AS MATERIALIZED (SELECT u.* \
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(c0, c1, c2, c3, n) \
-                 WHERE t.\"store_id\" = u.c0::text AND t.\"item_id\" = u.c1::text \
+                 JOIN \"public\".\"inventory\" AS t ON t.\"store_id\" = u.c0::text AND t.\"item_id\" = u.c1::text \
+                 ORDER BY u.n FOR UPDATE OF t), \
+                 updated AS (UPDATE \"public\".\"inventory\" AS t SET \"seen_at\" = u.c2::timestamptz, \
+                 \"on_hand\" = COALESCE(t.\"on_hand\", 0) + u.c3::bigint \
+                 FROM u WHERE t.\"store_id\" = u.c0::text AND t.\"item_id\" = u.c1::text \
                  RETURNING u.n) SELECT array_agg(n) FROM updated"
             )
         );

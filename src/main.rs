@@ -141,13 +141,17 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), &settings.log.level);
-            match runtime.block_on(kawka::app::run(settings, shutdown_signal())) {
+            let code = match runtime.block_on(kawka::app::run(settings, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("kawka run: {error:#}");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            // The drain is over (each step of it bounded): blocking work
+            // still running (a hung client call) must not hold the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+            code
         }
         Command::Status { url } => runtime.block_on(status(&url)),
         Command::Rebuild { connector, rollback, cleanup, config } => {

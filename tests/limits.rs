@@ -243,10 +243,19 @@ async fn a_paused_replica_does_not_hold_up_its_groups_rebalance() {
     let resumed =
         reqwest::Client::new().post(format!("{a_base}/connectors/{name}/resume")).send().await.expect("resume");
     assert!(resumed.status().is_success());
-    eventually(Duration::from_secs(120), "every event", || async {
-        (support::stored_positions(&pool, &name).await == 40_000).then_some(())
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while support::stored_positions(&pool, &name).await != 40_000 {
+        if std::time::Instant::now() > deadline {
+            let b_base = base(&b).await;
+            for base in [&a_base, &b_base] {
+                let status = reqwest::get(format!("{base}/connectors/{name}")).await.expect("status").text().await;
+                eprintln!("{base}: {status:?}");
+            }
+            let tail = |log: String| log.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+            panic!("not every event after 120 s; a:\n{}\nb:\n{}", tail(a.log()), tail(b.log()));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert_eq!(on_hand(&pool, &name).await, expected, "every sale applied once");
     assert_eq!(a.terminate().await, Some(0), "clean exit; log:\n{}", a.log());
     assert_eq!(b.terminate().await, Some(0), "clean exit; log:\n{}", b.log());

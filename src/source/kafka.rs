@@ -52,6 +52,8 @@ const CHANNEL_CHUNKS: usize = 8;
 /// How long a full channel is waited on before the partitions are paused
 /// (well below `max.poll.interval.ms`: rebalances are served only by polls).
 const PATIENCE: Duration = Duration::from_secs(5);
+/// How long stopping waits for the consumer to commit and leave its group.
+const CLOSE_WAIT: Duration = Duration::from_secs(15);
 /// How often the high watermarks are fetched (for lag).
 const WATERMARK_EVERY: Duration = Duration::from_secs(5);
 /// How long a revoke waits for the pipeline to flush: the whole group
@@ -427,23 +429,40 @@ impl KafkaSource {
         self.stopping.store(true, Ordering::SeqCst);
         let Some(thread) = self.thread.take() else { return };
         let consumer = self.consumer.clone();
-        let mut join = tokio::task::spawn_blocking(move || {
+        let connector = consumer.context().connector.clone();
+        let (closed, mut join) = tokio::sync::oneshot::channel::<()>();
+        // A thread of its own, not `spawn_blocking`: the runtime waits for
+        // its blocking tasks when it shuts down, and librdkafka's close can
+        // hang (an unassign inside the closing rebalance that is never
+        // served, seen on tansu right after an assignment); the process
+        // must still end.
+        let closing = std::thread::Builder::new().name(format!("close-{connector}")).spawn(move || {
             let _ = thread.join();
             consumer.context().commit_durable(&consumer, CommitMode::Sync);
             // The last reference leaves the group: BaseConsumer's drop closes.
             drop(consumer);
+            let _ = closed.send(());
         });
+        if let Err(error) = closing {
+            tracing::warn!(connector = %connector, %error, "cannot start closing the consumer");
+            return;
+        }
         drop(self);
+        let deadline = tokio::time::sleep(CLOSE_WAIT);
+        tokio::pin!(deadline);
+        let mut records_open = true;
         loop {
             tokio::select! {
                 _ = &mut join => break,
+                _ = &mut deadline => {
+                    tracing::warn!(connector = %connector, wait = ?CLOSE_WAIT,
+                        "the consumer did not close in time; leaving it (its group sees the session end)");
+                    break;
+                }
                 Some(message) = control.recv() => {
                     if let Control::Revoked { ack } = message { let _ = ack.send(()); }
                 }
-                message = rx.recv() => match message {
-                    Some(_) => {}
-                    None => { let _ = (&mut join).await; break; }
-                },
+                message = rx.recv(), if records_open => records_open = message.is_some(),
             }
         }
     }
@@ -736,8 +755,14 @@ fn send_or_wait(
         serve_events(connector, consumer, &mut overflow, &mut overflow_generation, Duration::ZERO);
         context.commit_if_behind(consumer, commit_checked);
         if overflow_generation != generation {
-            // A rebalance ran: the chunk is stale, and the new assignment
-            // is not paused.
+            // A rebalance ran: the chunk is stale. librdkafka keeps a
+            // partition's pause across an unassign and a new assign, so the
+            // partitions paused here that the new assignment kept would
+            // stay paused for good: resumed (the others are not assigned;
+            // resuming them changes nothing).
+            if let Some(assignment) = &paused {
+                let _ = consumer.resume(assignment);
+            }
             return (overflow, overflow_generation);
         }
         records.read(&mut overflow, 1, Duration::from_millis(50), connector);

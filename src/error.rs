@@ -77,6 +77,11 @@ pub fn classify_sqlx(error: &sqlx::Error) -> ErrorClass {
 /// permanent: the batch is then isolated op by op, and what fails alone
 /// while its neighbours succeed is that op's error, whatever its code.
 pub fn classify_sqlstate(code: &str) -> ErrorClass {
+    // The server ended a transaction left idle too long (the sink's
+    // `idle_in_transaction_session_timeout`): the connection is gone.
+    if code == "25P03" {
+        return ErrorClass::Transient;
+    }
     match code.get(..2) {
         // syntax error or access rule violation, invalid schema or
         // authorization: the table does not match the connector (a dropped
@@ -152,6 +157,8 @@ mod tests {
         assert_eq!(classify_sqlstate("55P03"), ErrorClass::Transient, "lock not available");
         assert_eq!(classify_sqlstate("53300"), ErrorClass::Transient, "too many connections");
         assert_eq!(classify_sqlstate("54000"), ErrorClass::Permanent, "index row too large");
+        assert_eq!(classify_sqlstate("25P03"), ErrorClass::Transient, "idle transaction ended by the server");
+        assert_eq!(classify_sqlstate("25P02"), ErrorClass::Permanent, "a statement failed before in the transaction");
         assert_eq!(classify_sqlstate("P0001"), ErrorClass::Permanent, "a trigger's RAISE EXCEPTION");
         assert_eq!(classify_sqlstate("21000"), ErrorClass::Permanent, "cardinality violation");
     }

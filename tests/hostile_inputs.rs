@@ -246,6 +246,8 @@ fn the_avro_decoder_never_panics_nor_over_allocates_on_hostile_bodies() {
                 // Every decode error is the event's own: permanent.
                 Err(error) => {
                     assert!(!error.to_string().is_empty());
+                    let error = kawka::codec::CodecError::Avro { schema_id: 1, error };
+                    assert_eq!(error.class(), kawka::error::ErrorClass::Permanent, "{error}");
                     errors += 1;
                 }
             }

@@ -154,7 +154,8 @@ async fn values_at_the_edges_are_written_faithfully_or_dead_lettered_and_nothing
         body[0] = 0xff;
         json!({"key": "big", "raw_value_hex": framed(id, &body)})
     };
-    let huge = json!({"key": "huge", "raw_value_hex": framed(id, &vec![7u8; 1_500_000])});
+    // Keyed like a good row: replayed as a null value it would delete it.
+    let huge = json!({"key": "g1000", "raw_value_hex": framed(id, &vec![7u8; 1_500_000])});
     let mut utf8_bad = thing_body("bad-utf8", "xx", 1.0, AT, 1);
     // The label's two bytes become an invalid UTF-8 sequence.
     let at = utf8_bad.windows(2).position(|w| w == b"xx").expect("the label");
@@ -285,6 +286,7 @@ async fn values_at_the_edges_are_written_faithfully_or_dead_lettered_and_nothing
             // Only what the broker cannot take goes without its value.
             Some(dropped) => {
                 let value = original.value.as_deref().expect("a value");
+                assert_eq!(original.key.as_deref(), Some(&b"g1000"[..]));
                 assert!(value.len() > 1 << 20, "{what}: dropped a value of {} bytes", value.len());
                 use sha2::Digest;
                 let digest: String = sha2::Sha256::digest(value).iter().map(|b| format!("{b:02x}")).collect();
@@ -322,6 +324,27 @@ async fn values_at_the_edges_are_written_faithfully_or_dead_lettered_and_nothing
     assert_eq!(status["state"], "running", "{status}");
     assert_eq!(status["counters"]["dead_lettered"], bad.len(), "{status}");
     assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
+
+    // Replaying the dead letters: the one written without its value is
+    // refused again (stage `replay`), never read as a tombstone of its key.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kawka"))
+        .args(["dlq", "replay", &name, "--idle", "4s"])
+        .current_dir(project.root())
+        .env_remove("KAWKA_CONFIG")
+        .output()
+        .expect("kawka dlq replay");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let exists: Option<String> = sqlx::query_scalar(&format!("SELECT label FROM \"{name}\" WHERE id = 'g1000'"))
+        .fetch_optional(&pool)
+        .await
+        .expect("select");
+    assert_eq!(exists.as_deref(), Some("good 1000"), "the value-less dead letter deleted nothing");
+    let again = support::consume(&format!("{name}.dlq"), 2 * bad.len(), Duration::from_secs(60)).await;
+    let refused: Vec<&support::Consumed> =
+        again[bad.len()..].iter().filter(|l| header(l, "kawka.error.stage").as_deref() == Some("replay")).collect();
+    assert_eq!(refused.len(), 1, "one dead letter cannot be replayed");
+    assert!(header(refused[0], "kawka.error.value_dropped").is_some(), "it still says its value was dropped");
+    assert!(header(refused[0], "kawka.error.message").is_some_and(|m| m.contains("without its value")));
     let _ = registry.stop().await; // cleanup only
 }
 
@@ -369,7 +392,8 @@ async fn a_user_projection_that_panics_dead_letters_its_event_and_the_connector_
     let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
         "subject_strategy": "topic_record", "schemas": {"thing": thing_schema()}});
     let value = |id: &str, label: &str| json!({"schema": "thing", "key": id, "value": {"id": id, "label": label, "amount": 1.0, "at": AT, "n": 1}});
-    let records = vec![value("a", "first"), value("b", "boom"), value("c", "third"), value("b", "boom"), value("d", "fifth")];
+    let records =
+        vec![value("a", "first"), value("b", "boom"), value("c", "third"), value("b", "boom"), value("d", "fifth")];
     support::produce_with_python(&spec, records).await;
     let project = Project::new(&registry.url(), &[(&name, &connector(&name, &topic))]);
     // In this process, as a custom daemon runs: the config's directories made absolute.
@@ -396,12 +420,12 @@ async fn a_user_projection_that_panics_dead_letters_its_event_and_the_connector_
         (position(&pool, &name).await == 6).then_some(())
     })
     .await;
-    let rows: Vec<(String, String)> = sqlx::query_as(&format!("SELECT id, label FROM \"{name}\" ORDER BY id"))
-        .fetch_all(&pool)
-        .await
-        .expect("rows");
-    let expected: Vec<(String, String)> =
-        [("a", "first"), ("c", "third"), ("d", "fifth"), ("e", "after")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    let rows: Vec<(String, String)> =
+        sqlx::query_as(&format!("SELECT id, label FROM \"{name}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
+    let expected: Vec<(String, String)> = [("a", "first"), ("c", "third"), ("d", "fifth"), ("e", "after")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
     assert_eq!(rows, expected, "the neighbours are written, the panicking events are not");
     let dead = support::consume(&format!("{name}.dlq"), 2, Duration::from_secs(30)).await;
     assert_eq!(dead.len(), 2, "both panicking events are dead-lettered");

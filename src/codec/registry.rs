@@ -113,9 +113,10 @@ pub struct RegistryClient {
 }
 
 /// How long a permanent answer about an id is trusted: long enough that a
-/// burst of records with unknown ids costs a few calls, short enough that an
-/// id registered late (a replica catching up) is seen within a minute.
-pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// burst of records with one unknown id costs a call every few seconds,
+/// short enough that an id a lagging registry replica learns late costs
+/// few dead letters of good events.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 
 /// At most this many ids are remembered as missing; the oldest go first.
 const NEGATIVE_CAPACITY: usize = 4096;

@@ -30,8 +30,10 @@ const MAX_MESSAGE_BYTES: usize = 8 * 1024;
 /// shows the failure and retries (librdkafka's default is five minutes).
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The header naming what was left out of a dead letter.
+/// The header naming the value left out of a dead letter.
 pub const VALUE_DROPPED_HEADER: &str = "kawka.error.value_dropped";
+/// The header naming the key and headers left out of a bare dead letter.
+pub const REST_DROPPED_HEADER: &str = "kawka.error.rest_dropped";
 
 /// A producer shared by every connector of the daemon.
 #[derive(Clone)]
@@ -45,12 +47,37 @@ impl std::fmt::Debug for DeadLetters {
     }
 }
 
-/// A dead letter that was written, and whether it carries its value.
+/// A dead letter that was written, and what it carries of its record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sent {
     Whole,
-    /// The value was refused for its size: written without it.
+    /// The value was refused (for its size): written without it.
     WithoutValue,
+    /// Refused even so (a large key or headers, a timestamp out of range):
+    /// written with the `kawka.error.*` headers alone, naming what was
+    /// left out.
+    Bare,
+}
+
+/// Why a dead letter could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// Waiting can fix it: the broker away, the topic missing or not yet
+    /// writable for us, a delivery timeout.
+    #[error("{0}")]
+    Transient(KafkaError),
+    /// The topic refuses even the bare dead letter (a compacted topic wants
+    /// a key, say): waiting cannot fix it.
+    #[error("the dead-letter topic refuses even a dead letter without key, value and headers: {0}")]
+    Refused(KafkaError),
+}
+
+/// What one attempt leaves out of the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    Nothing,
+    Value,
+    All,
 }
 
 impl DeadLetters {
@@ -79,8 +106,10 @@ impl DeadLetters {
         Ok(DeadLetters { producer: config.create()? })
     }
 
-    /// Produces the record to `topic` and waits until the broker has it;
-    /// if its value is refused for its size, produces it without.
+    /// Produces the record to `topic` and waits until the broker has it.
+    /// What the client or the broker refuses for good (its size, its
+    /// shape) is produced again with less: without its value, then with
+    /// the `kawka.error.*` headers alone.
     pub async fn send(
         &self,
         topic: &str,
@@ -88,15 +117,25 @@ impl DeadLetters {
         record: &RawRecord,
         failure: &Failure,
         replay_run: Option<&str>,
-    ) -> Result<Sent, KafkaError> {
-        match self.produce(topic, connector, record, failure, replay_run, false).await {
-            Err(error) if refused_for_size(&error) && record.value.is_some() => {
-                tracing::warn!(connector, topic, error = %error, bytes = record.size(),
-                    "dead letter refused for its size; writing it without its value");
-                self.produce(topic, connector, record, failure, replay_run, true).await.map(|()| Sent::WithoutValue)
+    ) -> Result<Sent, DeadLetterError> {
+        let steps: &[(Cut, Sent)] = if record.value.is_some() {
+            &[(Cut::Nothing, Sent::Whole), (Cut::Value, Sent::WithoutValue), (Cut::All, Sent::Bare)]
+        } else {
+            &[(Cut::Nothing, Sent::Whole), (Cut::All, Sent::Bare)]
+        };
+        let mut refusal = None;
+        for &(cut, sent) in steps {
+            match self.produce(topic, connector, record, failure, replay_run, cut).await {
+                Ok(()) => return Ok(sent),
+                Err(error) if refused_for_good(&error) => {
+                    tracing::warn!(connector, topic, error = %error, bytes = record.size(), cut = ?cut,
+                        "dead letter refused; writing it with less");
+                    refusal = Some(error);
+                }
+                Err(error) => return Err(DeadLetterError::Transient(error)),
             }
-            sent => sent.map(|()| Sent::Whole),
         }
+        Err(DeadLetterError::Refused(refusal.expect("every step was refused")))
     }
 
     async fn produce(
@@ -106,15 +145,15 @@ impl DeadLetters {
         record: &RawRecord,
         failure: &Failure,
         replay_run: Option<&str>,
-        drop_value: bool,
+        cut: Cut,
     ) -> Result<(), KafkaError> {
+        let drop_value = cut != Cut::Nothing;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis().to_string();
         let (partition, offset) = (record.position.partition.to_string(), record.position.offset.to_string());
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 9);
         // The record's own headers, without those of an earlier failure.
-        for (key, value) in
-            record.headers.iter().filter(|(k, _)| !k.starts_with("kawka.error.") && k != "kawka.replay.run")
-        {
+        let own = record.headers.iter().filter(|(k, _)| !k.starts_with("kawka.error.") && k != "kawka.replay.run");
+        for (key, value) in own.filter(|_| cut != Cut::All) {
             headers = headers.insert(Header { key, value: value.as_deref() });
         }
         if let Some(run) = replay_run {
@@ -133,27 +172,51 @@ impl DeadLetters {
         ] {
             headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
         }
-        let dropped = drop_value.then(|| record.value.as_deref().map(describe_dropped)).flatten();
+        // A dead letter that lost its value keeps saying so when it is
+        // dead-lettered again (a replay refuses it).
+        let dropped = if drop_value {
+            record.value.as_deref().map(describe_dropped)
+        } else {
+            value_dropped(record).map(str::to_string)
+        };
         if let Some(dropped) = &dropped {
             headers = headers.insert(Header { key: VALUE_DROPPED_HEADER, value: Some(dropped.as_bytes()) });
         }
+        let rest_dropped = (cut == Cut::All).then(|| {
+            let key = record.key.as_ref().map_or("no key".to_string(), |key| describe_dropped(key.as_slice()));
+            format!("key: {key}; {} headers of the record", record.headers.len())
+        });
+        if let Some(rest) = &rest_dropped {
+            headers = headers.insert(Header { key: REST_DROPPED_HEADER, value: Some(rest.as_bytes()) });
+        }
         let mut message: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-        if let Some(key) = &record.key {
+        if let Some(key) = record.key.as_ref().filter(|_| cut != Cut::All) {
             message = message.key(key.as_slice());
         }
         if let Some(value) = record.value.as_ref().filter(|_| !drop_value) {
             message = message.payload(&value[..]);
         }
-        if let Some(timestamp) = record.timestamp {
+        if let Some(timestamp) = record.timestamp.filter(|_| cut != Cut::All) {
             message = message.timestamp(timestamp);
         }
         self.producer.send(message, DELIVERY_TIMEOUT).await.map(|_| ()).map_err(|(error, _)| error)
     }
 }
 
-/// Errors that say the record is too large for the client or the topic:
-/// waiting cannot fix them, leaving the value out can.
-fn refused_for_size(error: &KafkaError) -> bool {
+/// What a dead letter's `kawka.error.value_dropped` header says, if it
+/// was written without its value.
+pub fn value_dropped(record: &RawRecord) -> Option<&str> {
+    record
+        .headers
+        .iter()
+        .find(|(key, _)| key == VALUE_DROPPED_HEADER)
+        .and_then(|(_, value)| std::str::from_utf8(value.as_deref()?).ok())
+}
+
+/// Errors that say the client or the topic refuses this record as it is
+/// (its size, a timestamp out of range, a record the topic's settings do
+/// not take): waiting cannot fix them, leaving parts of it out may.
+fn refused_for_good(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
         Some(
@@ -161,7 +224,7 @@ fn refused_for_size(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::MessageBatchTooLarge
                 | RDKafkaErrorCode::InvalidRecord
                 | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::PolicyViolation
+                | RDKafkaErrorCode::InvalidTimestamp
         )
     )
 }
@@ -209,7 +272,7 @@ mod tests {
     fn size_refusals_are_told_from_other_errors() {
         let size = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
         let unknown = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition);
-        assert!(refused_for_size(&size));
-        assert!(!refused_for_size(&unknown));
+        assert!(refused_for_good(&size));
+        assert!(!refused_for_good(&unknown));
     }
 }

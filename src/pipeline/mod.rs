@@ -165,7 +165,7 @@ impl ConnectorRuntime {
             }
             attempt += 1;
         }
-        let claim = self.sink.capabilities().stores_positions.then(|| self.claim_fn());
+        let claim = self.sink.capabilities().stores_positions.then(|| self.claim_fn(shutdown.clone()));
         self.status.recovered();
         let started =
             KafkaSource::start(&self.settings.name, &self.kafka, &self.settings.source, claim, self.status.clone());
@@ -195,30 +195,40 @@ impl ConnectorRuntime {
         halt
     }
 
-    /// Claims in the sink, retrying transient errors until they pass.
-    fn claim_fn(&self) -> ClaimFn {
+    /// Claims in the sink, retrying failures until they pass (visibly:
+    /// `retrying`, stage `claim`) or the daemon stops. It runs inside the
+    /// rebalance, so each attempt is bounded ([`CLAIM_TIMEOUT`]).
+    fn claim_fn(&self, shutdown: watch::Receiver<bool>) -> ClaimFn {
         let sink = self.sink.clone();
-        let name = self.settings.name.clone();
+        let status = self.status.clone();
         Arc::new(move |partitions: Vec<(Name, i32)>| {
-            let sink = sink.clone();
-            let name = name.clone();
+            let (sink, status, mut shutdown) = (sink.clone(), status.clone(), shutdown.clone());
             Box::pin(async move {
                 let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(5) };
                 let mut attempt = 0;
                 loop {
-                    match sink.claim(&partitions).await {
-                        Ok(claims) => return claims,
-                        Err(error) => {
-                            tracing::warn!(connector = %name, %error, "claiming partitions failed; retrying");
-                            tokio::time::sleep(backoff.delay(attempt)).await;
-                            attempt += 1;
-                        }
+                    let claimed = tokio::time::timeout(CLAIM_TIMEOUT, sink.claim(&partitions)).await;
+                    let error = match claimed {
+                        Ok(Ok(claims)) => return claims,
+                        Ok(Err(error)) => error.to_string(),
+                        Err(_) => format!("no answer from the sink within {CLAIM_TIMEOUT:?}"),
+                    };
+                    status.retrying("claim", ErrorClass::Transient, &format!("claiming partitions: {error}"), attempt);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.delay(attempt)) => {}
+                        // Stopping: the consumer is closing and nothing of
+                        // this assignment will be written.
+                        _ = stopped(&mut shutdown) => return Vec::new(),
                     }
+                    attempt += 1;
                 }
             })
         })
     }
 }
+
+/// How long one claim of partitions may wait for the sink.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs a connector's loop; a panic that escapes it stops the connector
 /// visibly (state `stopped`, the panic as its last error, `/readyz` 503).

@@ -1,6 +1,9 @@
 //! The error policy (`on_error`): a bad event is skipped, dead-lettered
 //! or stops the connector, and so are the events the sink refuses.
 
+use std::time::Duration;
+
+use super::dead_letter::{DeadLetterError, Sent};
 use super::worker::Worker;
 use super::Halt;
 use crate::config::ErrorPolicy;
@@ -10,20 +13,54 @@ use crate::source::RawRecord;
 use crate::status::Outcome;
 use crate::value::Name;
 
+/// How long a dead letter is waited for before the batch before its event
+/// is written meanwhile (a broker round trip is milliseconds).
+const FIRST_WAIT: Duration = Duration::from_secs(2);
+
+/// What one attempt at a dead letter came to.
+enum Attempt {
+    Written,
+    /// Waiting can fix it: retried.
+    Failed,
+    /// The topic refuses it for good: the connector stops, visibly.
+    Refused(Failure),
+}
+
 impl Worker<'_> {
     /// Applies the error policy to one bad event, a record not yet in the
-    /// pending batch: if its dead letter has to wait, the batch before it
-    /// is written first (its neighbours do not wait with it).
+    /// pending batch: if its dead letter is not written within
+    /// [`FIRST_WAIT`], the batch before it is written meanwhile (its
+    /// neighbours do not wait with it).
     pub(super) async fn fail(&mut self, record: &RawRecord, event_type: Name, failure: Failure) -> Result<(), Halt> {
-        if self.runtime.settings.on_error == ErrorPolicy::DeadLetter && self.send_dead_letter(record, &failure, 0).await
-        {
-            self.dead_lettered(record, event_type, &failure);
-            return Ok(());
+        if self.runtime.settings.on_error != ErrorPolicy::DeadLetter {
+            return self.apply_policy(record, event_type, failure).await;
         }
-        if self.runtime.settings.on_error == ErrorPolicy::DeadLetter {
-            self.flush().await?;
+        // The send owns what it borrows, so the batch can be flushed while
+        // it is under way (flushing needs the worker).
+        let (dead_letters, settings) = (self.runtime.dead_letters.clone(), self.runtime.settings.clone());
+        let run = self.runtime.replay.as_ref().map(|r| r.id.clone());
+        let sent = {
+            let send = dead_letters.send(&settings.dead_letter_topic, &settings.name, record, &failure, run.as_deref());
+            tokio::pin!(send);
+            tokio::select! {
+                sent = &mut send => sent,
+                _ = tokio::time::sleep(FIRST_WAIT) => {
+                    self.flush().await?;
+                    send.await
+                }
+            }
+        };
+        match self.judge(sent, 0) {
+            Attempt::Written => {
+                self.dead_lettered(record, event_type, &failure);
+                Ok(())
+            }
+            Attempt::Refused(failure) => Err(Halt::Stopped(failure)),
+            Attempt::Failed => {
+                self.flush().await?;
+                self.apply_policy(record, event_type, failure).await
+            }
         }
-        self.apply_policy(record, event_type, failure).await
     }
 
     /// Applies the error policy to one bad event; a dead letter is retried
@@ -39,9 +76,20 @@ impl Worker<'_> {
             ErrorPolicy::Stop => Err(Halt::Stopped(failure)),
             ErrorPolicy::DeadLetter => {
                 let mut attempt = 0;
-                while !self.send_dead_letter(record, &failure, attempt).await {
-                    // A shutdown here leaves the event unconsumed: it is read again.
-                    self.pause(attempt).await?;
+                loop {
+                    let settings = &self.runtime.settings;
+                    let run = self.runtime.replay.as_ref().map(|r| r.id.as_str());
+                    let sent = self
+                        .runtime
+                        .dead_letters
+                        .send(&settings.dead_letter_topic, &settings.name, record, &failure, run)
+                        .await;
+                    match self.judge(sent, attempt) {
+                        Attempt::Written => break,
+                        Attempt::Refused(failure) => return Err(Halt::Stopped(failure)),
+                        // A shutdown here leaves the event unconsumed: it is read again.
+                        Attempt::Failed => self.pause(attempt).await?,
+                    }
                     attempt += 1;
                 }
                 self.dead_lettered(record, event_type, &failure);
@@ -50,19 +98,22 @@ impl Worker<'_> {
         }
     }
 
-    /// Sends one dead letter; on failure shows why (a reason that can pass:
-    /// the topic is created, access granted, the broker back) and says so.
-    async fn send_dead_letter(&self, record: &RawRecord, failure: &Failure, attempt: u32) -> bool {
-        let settings = &self.runtime.settings;
-        let run = self.runtime.replay.as_ref().map(|r| r.id.as_str());
-        let sent =
-            self.runtime.dead_letters.send(&settings.dead_letter_topic, &settings.name, record, failure, run).await;
+    /// What a dead letter's send means for its connector; shows a failure
+    /// (a reason that can pass: the topic is created, access granted, the
+    /// broker back) as `retrying`.
+    fn judge(&self, sent: Result<Sent, DeadLetterError>, attempt: u32) -> Attempt {
+        let topic = &self.runtime.settings.dead_letter_topic;
         match sent {
-            Ok(_) => true,
-            Err(error) => {
-                let reason = format!("dead-letter topic {}: {error}", settings.dead_letter_topic);
+            Ok(_) => Attempt::Written,
+            Err(error @ DeadLetterError::Refused(_)) => Attempt::Refused(Failure {
+                class: ErrorClass::Permanent,
+                stage: "dead_letter",
+                message: format!("dead-letter topic {topic}: {error}"),
+            }),
+            Err(DeadLetterError::Transient(error)) => {
+                let reason = format!("dead-letter topic {topic}: {error}");
                 self.runtime.status.retrying("dead_letter", ErrorClass::Transient, &reason, attempt);
-                false
+                Attempt::Failed
             }
         }
     }

@@ -138,6 +138,10 @@ async fn evaluate(runtime: &ConnectorRuntime, record: &RawRecord) -> Result<usiz
     if record.size() > runtime.settings.source.max_record_bytes {
         return Err(fail("source", ErrorClass::Permanent, format!("a record of {} bytes is too large", record.size())));
     }
+    if let Some(dropped) = super::dead_letter::value_dropped(record) {
+        let message = format!("this dead letter was written without its value ({dropped}): it cannot be replayed");
+        return Err(fail("replay", ErrorClass::Permanent, message));
+    }
     let projected = match runtime.codec.decode(record).await {
         Ok(Decoded::Event { event, writer }) => {
             let events = runtime

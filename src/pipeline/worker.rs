@@ -210,6 +210,16 @@ impl<'a> Worker<'a> {
                     }
                     continue;
                 }
+                // A dead letter written without its value has no event to
+                // replay (a null value would read as a tombstone: a delete).
+                if let Some(dropped) = super::dead_letter::value_dropped(&record) {
+                    let message =
+                        format!("this dead letter was written without its value ({dropped}): it cannot be replayed");
+                    let failure = Failure { class: ErrorClass::Permanent, stage: "replay", message };
+                    self.fail(&record, UNDECODABLE, failure).await?;
+                    self.push(record, UNDECODABLE);
+                    continue;
+                }
                 // The event keeps the position it had: the guards and the
                 // fold see it where it was in the log, not in the dead letters.
                 original = original_position(&record.headers);

@@ -257,7 +257,22 @@ impl Worker<'_> {
         loop {
             let offsets = self.pending.offsets(&self.epochs);
             let started = std::time::Instant::now();
-            match self.runtime.sink.write(&self.pending.ops, &offsets).await {
+            let write = self.runtime.sink.write(&self.pending.ops, &offsets);
+            // At shutdown one attempt, too, ends with the grace period.
+            let written = if *self.shutdown.borrow() {
+                let deadline = *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
+                match tokio::time::timeout_at(deadline, write).await {
+                    Ok(written) => written,
+                    Err(_) => {
+                        tracing::warn!(connector = %self.name(), "abandoning the in-flight batch at shutdown");
+                        self.pending.clear();
+                        return Err(Halt::Shutdown);
+                    }
+                }
+            } else {
+                write.await
+            };
+            match written {
                 Ok(written) => {
                     self.batch_done(&self.pending, &offsets, &written, started.elapsed().as_secs_f64());
                     self.pending.clear();

@@ -21,8 +21,11 @@ pub struct RawRecord {
 }
 
 impl RawRecord {
-    /// Bytes of key and value: what batch and prefetch limits count.
+    /// Bytes of key, value and headers: what the record, batch and
+    /// prefetch limits count.
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, |key| key.len()) + self.value.as_ref().map_or(0, bytes::Bytes::len)
+        let headers: usize =
+            self.headers.iter().map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len)).sum();
+        self.key.as_ref().map_or(0, |key| key.len()) + self.value.as_ref().map_or(0, bytes::Bytes::len) + headers
     }
 }

@@ -3,8 +3,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
+
+use crate::resolution::can_read;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -82,14 +83,20 @@ pub fn check(level: Level, new: &Schema, existing: &[Schema]) -> Result<(), Vec<
         } else {
             "the latest version".to_string()
         };
+        // BACKWARD: the new schema reads the old one's data; FORWARD: the
+        // old one reads the new one's.
         if level.backward() {
-            if let Err(error) = SchemaCompatibility::can_read(old, new) {
-                reasons.push(format!("the new schema cannot read data written with {which}: {error}"));
+            if let Err(found) = can_read(old, new) {
+                for reason in found {
+                    reasons.push(format!("the new schema cannot read data written with {which}: {reason}"));
+                }
             }
         }
         if level.forward() {
-            if let Err(error) = SchemaCompatibility::can_read(new, old) {
-                reasons.push(format!("{which} cannot read data written with the new schema: {error}"));
+            if let Err(found) = can_read(new, old) {
+                for reason in found {
+                    reasons.push(format!("{which} cannot read data written with the new schema: {reason}"));
+                }
             }
         }
     }

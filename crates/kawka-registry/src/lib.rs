@@ -24,6 +24,7 @@
 
 mod api;
 pub mod compat;
+pub mod resolution;
 pub mod store;
 pub mod wire;
 

@@ -97,8 +97,9 @@ impl PostgresSink {
         connector: &SinkSettings,
         target: &PostgresTarget,
     ) -> Result<PostgresSink, SinkError> {
-        let options = connect_options(connection.url.expose()).map_err(SinkError::Postgres)?;
-        let pool = pool_options(connection.max_connections).connect_lazy_with(options);
+        let pool = pool_options(connection.max_connections)
+            .connect_lazy(connection.url.expose())
+            .map_err(SinkError::Postgres)?;
         Ok(PostgresSink::with_pool(pool, connector, target))
     }
 
@@ -183,20 +184,27 @@ impl PostgresSink {
     }
 }
 
+/// The server-side bound every connection of a sink asks for: a client
+/// that vanished inside a transaction (killed, its network cut) releases
+/// its row locks after this long instead of holding them until TCP
+/// notices. (The other way round, writes are bounded by
+/// [`super::WRITE_TIMEOUT`].) Set after connecting, not as a startup
+/// parameter, which poolers such as PgBouncer refuse; a server or pooler
+/// that refuses the `SET` too leaves the connection as it is.
+const IDLE_IN_TRANSACTION: &str = "SET idle_in_transaction_session_timeout = '120s'";
+
 /// A pool of `max_connections` that gives up on a connection after 10 s.
 fn pool_options(max_connections: u32) -> PgPoolOptions {
-    PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10))
-}
-
-/// The server-side bounds every connection of a sink gets: a client that
-/// vanished inside a transaction (killed, its network cut) releases its
-/// row locks after this long instead of holding them until TCP notices.
-/// (The other way round, writes are bounded by [`super::WRITE_TIMEOUT`].)
-const IDLE_IN_TRANSACTION: &str = "120s";
-
-fn connect_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
-    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
-    Ok(options.options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]))
+    PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10)).after_connect(
+        |connection, _| {
+            Box::pin(async move {
+                if let Err(error) = connection.execute(IDLE_IN_TRANSACTION).await {
+                    tracing::debug!(%error, "idle_in_transaction_session_timeout not set");
+                }
+                Ok(())
+            })
+        },
+    )
 }
 
 /// The message of a database error without sqlx's prefix.

@@ -142,6 +142,18 @@ impl TableSql {
             by_key(rows);
         }
         let mut statements = Vec::new();
+        // Several statements lock their rows one statement after another
+        // (and a DELETE's join in whatever order its plan reads the
+        // table): the transaction's rows are then locked first, all of
+        // them in key order, so two writers still queue.
+        let several = usize::from(!deletes.is_empty())
+            + usize::from(!replaces.is_empty())
+            + shapes.iter().filter(|(_, rows)| !rows.is_empty()).count();
+        if several > 1 || !deletes.is_empty() {
+            let mut all: Vec<usize> = (0..net.len()).collect();
+            by_key(&mut all);
+            statements.push(self.lock_rows(net, all, !deletes.is_empty())?);
+        }
         if !deletes.is_empty() {
             let delete = self.delete(net, deletes)?;
             statements.push(if self.versioned { self.delete_keeping_versions(delete) } else { delete });
@@ -154,6 +166,30 @@ impl TableSql {
             statements.push(self.patch(net, rows, &set, &add, render)?);
         }
         Ok(statements)
+    }
+
+    /// Locks the existing rows of `rows` (in their order): `FOR UPDATE`
+    /// when some will be deleted, else `FOR NO KEY UPDATE` (what an UPDATE
+    /// of non-key columns takes, so foreign keys' checks are not blocked).
+    fn lock_rows(&self, net: &[NetOp], rows: Vec<usize>, deleting: bool) -> Result<Statement, BindError> {
+        let arrays = self.key_arrays(net, &rows)?;
+        let keys = &self.target.primary_key;
+        let names: Vec<String> = (0..keys.len()).map(|i| format!("c{i}")).collect();
+        let matches: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("t.{} = u.c{i}::{}", quote(k), self.column_type(k).sql()))
+            .collect();
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT 1 FROM UNNEST({params}) WITH ORDINALITY AS u({names}, n) \
+             JOIN {table} AS t ON {matches} ORDER BY u.n FOR {strength} OF t) AS locked",
+            params = unnest_params(&arrays),
+            names = names.join(", "),
+            table = self.qualified,
+            matches = matches.join(" AND "),
+            strength = if deleting { "UPDATE" } else { "NO KEY UPDATE" },
+        );
+        Ok(Statement { sql, arrays, rows, insert: None })
     }
 
     fn delete(&self, net: &[NetOp], rows: Vec<usize>) -> Result<Statement, BindError> {
@@ -331,7 +367,7 @@ impl TableSql {
             // and two writers reading it in different orders deadlock.
             format!(
                 "WITH u AS MATERIALIZED (SELECT u.* FROM UNNEST({params}) WITH ORDINALITY AS u({names}, n) \
-                 JOIN {table} AS t ON {matches} ORDER BY u.n FOR UPDATE OF t), \
+                 JOIN {table} AS t ON {matches} ORDER BY u.n FOR NO KEY UPDATE OF t), \
                  updated AS (UPDATE {table} AS t SET {assign} FROM u WHERE {matches} RETURNING u.n) \
                  SELECT array_agg(n) FROM updated",
                 table = self.qualified,
@@ -414,7 +450,11 @@ mod tests {
             net("s3", patch(vec![("seen_at", Value::Int(0))], vec![])),
         ];
         let statements = inventory().plan(&ops).expect("binds");
-        assert_eq!(statements.len(), 2);
+        assert_eq!(statements.len(), 3);
+        // Two statements: the rows are locked first, in key order.
+        assert!(statements[0].sql.ends_with("ORDER BY u.n FOR NO KEY UPDATE OF t) AS locked"), "{}", statements[0].sql);
+        assert_eq!(statements[0].rows, vec![0, 1, 2]);
+        let statements = &statements[1..];
         assert_eq!(
             statements[0].sql,
             "INSERT INTO \"public\".\"inventory\" AS t (\"store_id\", \"item_id\", \"on_hand\") \
@@ -443,14 +483,21 @@ mod tests {
         ];
         let statements = inventory().plan(&ops).expect("binds");
         let rows: Vec<&[usize]> = statements.iter().map(|s| &s.rows[..]).collect();
-        assert_eq!(rows, [&[4][..], &[2], &[0, 1, 3]], "shapes in the order of their sorted names: add, set");
-        assert_eq!(statements[2].arrays[2], ColumnArray::Int(vec![Some(1), Some(2), Some(4)]));
+        assert_eq!(
+            rows,
+            [&[0, 1, 2, 3, 4][..], &[4], &[2], &[0, 1, 3]],
+            "the rows locked, then shapes in the order of their sorted names: add, set"
+        );
+        assert_eq!(statements[3].arrays[2], ColumnArray::Int(vec![Some(1), Some(2), Some(4)]));
     }
 
     #[test]
     fn replaces_write_every_column_and_deletes_match_the_key() {
         let ops = vec![net("s1", replace(vec![("on_hand", Value::Int(1))])), net("s2", Effect::Delete)];
         let statements = inventory().plan(&ops).expect("binds");
+        // Deleting: the rows are locked first, for a delete.
+        assert!(statements[0].sql.ends_with("ORDER BY u.n FOR UPDATE OF t) AS locked"), "{}", statements[0].sql);
+        let statements = &statements[1..];
         assert_eq!(
             statements[0].sql,
             "DELETE FROM \"public\".\"inventory\" AS t USING (SELECT u.c0::text AS c0, u.c1::text AS c1 \
@@ -477,7 +524,7 @@ mod tests {
                 "WITH u AS MATERIALIZED (SELECT u.* \
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(c0, c1, c2, c3, n) \
                  JOIN \"public\".\"inventory\" AS t ON t.\"store_id\" = u.c0::text AND t.\"item_id\" = u.c1::text \
-                 ORDER BY u.n FOR UPDATE OF t), \
+                 ORDER BY u.n FOR NO KEY UPDATE OF t), \
                  updated AS (UPDATE \"public\".\"inventory\" AS t SET \"seen_at\" = u.c2::timestamptz, \
                  \"on_hand\" = COALESCE(t.\"on_hand\", 0) + u.c3::bigint \
                  FROM u WHERE t.\"store_id\" = u.c0::text AND t.\"item_id\" = u.c1::text \
@@ -491,7 +538,8 @@ mod tests {
         assert!(insert.copy.contains("\"on_hand\", kawka_version) FROM STDIN"), "{}", insert.copy);
         assert_eq!(insert.update, None, "a guarded update may skip a row that exists");
         assert_eq!(insert.types.last(), Some(&None));
-        let delete = &inventory().plan(&[net("s1", Effect::Delete)]).expect("binds")[0];
+        let delete = &inventory().plan(&[net("s1", Effect::Delete)]).expect("binds")[1];
+        assert!(delete.sql.starts_with("DELETE"), "{}", delete.sql);
         assert_eq!(delete.insert, None);
     }
 
@@ -502,6 +550,7 @@ mod tests {
         let mut op = net("s1", replace(vec![]));
         op.version = Some(3);
         let statements = table.plan(&[op.clone(), NetOp { effect: Effect::Delete, ..op }]).expect("binds");
+        let statements = &statements[1..];
         assert!(statements[0].sql.contains("t.kawka_version < d.v"), "{}", statements[0].sql);
         // A versioned delete keeps the version it knew in the key's tombstone.
         let delete = &statements[0].sql;

@@ -92,11 +92,10 @@ fn named(schema: &Schema) -> HashMap<String, Schema> {
 
 fn collect(schema: &Schema, out: &mut HashMap<String, Schema>) {
     match schema {
-        Schema::Record(record) => {
-            if out.insert(record.name.fullname(None), schema.clone()).is_none() {
-                for field in &record.fields {
-                    collect(&field.schema, out);
-                }
+        // (A record met again is a recursive reference: collected once.)
+        Schema::Record(record) if out.insert(record.name.fullname(None), schema.clone()).is_none() => {
+            for field in &record.fields {
+                collect(&field.schema, out);
             }
         }
         Schema::Enum(e) => {
@@ -307,7 +306,7 @@ impl Check {
                         .fields
                         .iter()
                         .find(|wf| wf.name == field.name)
-                        .or_else(|| wr.fields.iter().find(|wf| field.aliases.iter().any(|a| *a == wf.name)));
+                        .or_else(|| wr.fields.iter().find(|wf| field.aliases.contains(&wf.name)));
                     match from {
                         Some(wf) => self.check(&wf.schema, &field.schema, &format!("{field_path}/type")),
                         None if field.default.is_some() => {}

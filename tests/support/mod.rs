@@ -6,6 +6,8 @@
 //! it); a test that cannot reach a service fails with a message saying so.
 #![allow(dead_code)]
 
+pub mod registry_api;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

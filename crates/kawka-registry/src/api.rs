@@ -1,10 +1,13 @@
 //! The Confluent Schema Registry HTTP API (Avro schemas), over [`store`].
 //!
-//! Error bodies and codes follow Confluent: `{"error_code": 40401,
-//! "message": "…"}` with 40401 subject, 40402 version, 40403 schema not
-//! found, 40404/40406 soft-deleted, 40405/40407 not soft-deleted first,
-//! 40408 no subject-level config, 409 incompatible, 42201 invalid schema,
-//! 42202 invalid version, 42203 invalid compatibility level, 50001 store.
+//! Error bodies, codes and texts follow Confluent (`Errors.java`):
+//! `{"error_code": 40401, "message": "…"}` with 40401 subject, 40402
+//! version, 40403 schema not found, 40404/40406 soft-deleted, 40405/40407
+//! not soft-deleted first, 40408 no subject-level config, 40409 no
+//! subject-level mode, 409 incompatible, 42201 invalid schema, 42202
+//! invalid version, 42203 invalid compatibility level, 42204 invalid mode,
+//! 42205 read-only, 42206 referenced, 50001 store; routes, methods and
+//! media types it does not serve get the HTTP status as the code.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,8 +38,12 @@ pub struct ApiState {
 pub fn router(store: Store) -> Router {
     Router::new()
         .route("/", get(|| async { reply(json!({})) }))
-        .route("/mode", get(|| async { reply(json!({"mode": "READWRITE"})) }))
+        .route("/mode", get(get_global_mode).put(put_global_mode))
+        .route("/mode/{subject}", get(get_subject_mode).put(put_subject_mode).delete(delete_subject_mode))
+        .route("/schemas", get(list_schemas))
         .route("/schemas/types", get(|| async { reply(json!(["AVRO"])) }))
+        // One context, the default one (Confluent's clients ask).
+        .route("/contexts", get(|| async { reply(json!(["."])) }))
         .route("/schemas/ids/{id}", get(schema_by_id))
         .route("/schemas/ids/{id}/schema", get(raw_schema_by_id))
         .route("/schemas/ids/{id}/versions", get(versions_of_id))
@@ -50,7 +57,103 @@ pub fn router(store: Store) -> Router {
         .route("/config", get(get_global_config).put(put_global_config))
         .route("/config/{subject}", get(get_subject_config).put(put_subject_config).delete(delete_subject_config))
         .route("/compatibility/subjects/{subject}/versions/{version}", post(check_compatibility))
+        .route("/compatibility/subjects/{subject}/versions", post(check_compatibility_all))
+        .fallback(|| async { ApiError::http(StatusCode::NOT_FOUND) })
+        .method_not_allowed_fallback(|| async { ApiError::http(StatusCode::METHOD_NOT_ALLOWED) })
+        .layer(axum::middleware::from_fn(negotiate))
         .with_state(Arc::new(ApiState { store }))
+}
+
+/// The media types the API speaks, best first.
+const MEDIA_TYPES: [&str; 3] = [CONTENT_TYPE, "application/vnd.schemaregistry+json", "application/json"];
+
+/// Content negotiation as Confluent's server does it: the response's type
+/// is the acceptable one the client weighs highest (`Accept` with
+/// q-values; none acceptable: 406); a request body must be JSON in one
+/// of the API's types (or `application/octet-stream`, which Confluent's
+/// clients have sent), else 415; a charset other than UTF-8 (or its
+/// ASCII subset, or Latin-1, converted) is refused.
+async fn negotiate(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let accept = request.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let chosen = match accept.as_deref().map(choose_media_type) {
+        None => CONTENT_TYPE,
+        Some(Some(chosen)) => chosen,
+        Some(None) => return ApiError::http(StatusCode::NOT_ACCEPTABLE).into_response(),
+    };
+    let request = match request_body_type(&request) {
+        Ok(BodyCharset::Utf8) => request,
+        Ok(BodyCharset::Latin1) => {
+            let (parts, body) = request.into_parts();
+            let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+                return ApiError::http(StatusCode::PAYLOAD_TOO_LARGE).into_response();
+            };
+            let text: String = bytes.iter().map(|&b| char::from(b)).collect();
+            axum::extract::Request::from_parts(parts, axum::body::Body::from(text))
+        }
+        Err(status) => return ApiError::http(status).into_response(),
+    };
+    let mut response = next.run(request).await;
+    if let Ok(value) = header::HeaderValue::from_str(chosen) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// The largest request body read (Confluent's default is 8 MiB too... of JSON).
+const MAX_BODY: usize = 8 << 20;
+
+enum BodyCharset {
+    Utf8,
+    Latin1,
+}
+
+/// The charset of a request's body, if its type is one the API reads.
+fn request_body_type(request: &axum::extract::Request) -> Result<BodyCharset, StatusCode> {
+    let Some(content_type) = request.headers().get(header::CONTENT_TYPE) else { return Ok(BodyCharset::Utf8) };
+    let content_type = content_type.to_str().map_err(|_| StatusCode::UNSUPPORTED_MEDIA_TYPE)?;
+    let mut parts = content_type.split(';').map(str::trim);
+    let essence = parts.next().unwrap_or_default().to_ascii_lowercase();
+    if !MEDIA_TYPES.contains(&essence.as_str()) && essence != "application/octet-stream" {
+        return Err(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+    let charset = parts
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("charset"))
+        .map(|(_, v)| v.trim().trim_matches('"').to_ascii_lowercase());
+    match charset.as_deref() {
+        None | Some("utf-8" | "utf8" | "us-ascii" | "ascii") => Ok(BodyCharset::Utf8),
+        Some("iso-8859-1" | "latin1" | "latin-1") => Ok(BodyCharset::Latin1),
+        Some(_) => Err(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+    }
+}
+
+/// The media type to answer in for an `Accept` header: the acceptable one
+/// with the highest q-value (ties: the API's preference); `None` when the
+/// client accepts none of them.
+fn choose_media_type(accept: &str) -> Option<&'static str> {
+    let mut best: Option<(f32, usize)> = None;
+    for item in accept.split(',') {
+        let mut parts = item.split(';').map(str::trim);
+        let range = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim() == "q")
+            .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        if q <= 0.0 {
+            continue;
+        }
+        let matching: Vec<usize> = match range.as_str() {
+            "*/*" | "application/*" => (0..MEDIA_TYPES.len()).collect(),
+            exact => MEDIA_TYPES.iter().position(|t| *t == exact).into_iter().collect(),
+        };
+        for index in matching {
+            if best.is_none_or(|(bq, bi)| q > bq || (q == bq && index < bi)) {
+                best = Some((q, index));
+            }
+        }
+    }
+    best.map(|(_, index)| MEDIA_TYPES[index])
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -73,12 +176,35 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found."))
     }
 
-    fn version_not_found(subject: &str, version: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found for subject '{subject}'."))
+    fn version_not_found(version: &str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found."))
     }
 
     fn schema_not_found() -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, 40403, "Schema not found")
+    }
+
+    fn schema_id_not_found(id: i32) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, 40403, format!("Schema {id} not found"))
+    }
+
+    /// What Confluent's server answers for a route, method or media type
+    /// it does not serve: the HTTP status as the error code.
+    fn http(status: StatusCode) -> ApiError {
+        let reason = status.canonical_reason().unwrap_or("Error");
+        ApiError::new(status, i64::from(status.as_u16()), format!("HTTP {} {reason}", status.as_u16()))
+    }
+
+    fn read_only(subject: &str) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42205, format!("Subject {subject} is in read-only mode"))
+    }
+
+    fn referenced(subject: &str, version: i32) -> ApiError {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42206,
+            format!("One or more references exist to the schema {{magic=1,keytype=SCHEMA,subject={subject},version={version}}}."),
+        )
     }
 
     fn invalid_schema(message: impl std::fmt::Display) -> ApiError {
@@ -160,8 +286,10 @@ fn parse_version(text: &str) -> Result<VersionSelector, ApiError> {
     }
 }
 
+/// A schema id from a path; not an integer: the route does not exist
+/// (Confluent's server answers its plain 404).
 fn parse_id(text: &str) -> Result<i32, ApiError> {
-    text.parse().map_err(|_| ApiError::schema_not_found())
+    text.parse().map_err(|_| ApiError::http(StatusCode::NOT_FOUND))
 }
 
 /// Object keys sorted recursively, compact.
@@ -234,10 +362,18 @@ async fn prepare(connection: &mut PgConnection, body: &Bytes) -> Result<Candidat
             "schema type {kind} is not supported; this registry stores Avro"
         )));
     }
-    let text = request.schema.ok_or_else(|| ApiError::invalid_schema("the request has no `schema`"))?;
-    let json: Json = serde_json::from_str(&text).map_err(ApiError::invalid_schema)?;
+    let text = request.schema.unwrap_or_default();
+    if text.trim().is_empty() {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Empty schema"));
+    }
+    serde_json::from_str::<Json>(&text).map_err(ApiError::invalid_schema)?;
     let schema = parse_with_references(connection, &text, &request.references).await?;
-    Ok(Candidate { normalized: normalize(&json), schema, references: request.references })
+    // Identity is the parsed schema, not the text: `"string"` and
+    // `{"type":"string"}`, or a primitive with a stray `name`, are one
+    // schema (one id, one version), as in Confluent's registry. Docs,
+    // defaults, aliases and attributes stay part of it.
+    let parsed = serde_json::to_value(&schema).map_err(ApiError::invalid_schema)?;
+    Ok(Candidate { normalized: normalize(&parsed), schema, references: request.references })
 }
 
 async fn level_of(connection: &mut PgConnection, subject: &str) -> Result<Level, ApiError> {
@@ -278,21 +414,21 @@ fn version_body(version: &StoredVersion) -> Json {
 async fn schema_by_id(State(state): Shared, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     let mut connection = state.store.pool().acquire().await?;
-    let stored = store::schema_by_id(&mut connection, id).await?.ok_or_else(ApiError::schema_not_found)?;
+    let stored = store::schema_by_id(&mut connection, id).await?.ok_or(ApiError::schema_id_not_found(id))?;
     Ok(reply(Json::Object(schema_body(&stored))))
 }
 
 async fn raw_schema_by_id(State(state): Shared, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     let mut connection = state.store.pool().acquire().await?;
-    let stored = store::schema_by_id(&mut connection, id).await?.ok_or_else(ApiError::schema_not_found)?;
+    let stored = store::schema_by_id(&mut connection, id).await?.ok_or(ApiError::schema_id_not_found(id))?;
     Ok(reply(serde_json::from_str(&stored.schema).unwrap_or(Json::String(stored.schema))))
 }
 
 async fn versions_of_id(State(state): Shared, Path(id): Path<String>, Query(flags): Query<Flags>) -> ApiResult {
     let id = parse_id(&id)?;
     let mut connection = state.store.pool().acquire().await?;
-    store::schema_by_id(&mut connection, id).await?.ok_or_else(ApiError::schema_not_found)?;
+    store::schema_by_id(&mut connection, id).await?.ok_or(ApiError::schema_id_not_found(id))?;
     let usages = store::usages(&mut connection, id, flags.get("deleted")).await?;
     Ok(reply(json!(usages.iter().map(|(s, v)| json!({"subject": s, "version": v})).collect::<Vec<_>>())))
 }
@@ -300,7 +436,7 @@ async fn versions_of_id(State(state): Shared, Path(id): Path<String>, Query(flag
 async fn subjects_of_id(State(state): Shared, Path(id): Path<String>, Query(flags): Query<Flags>) -> ApiResult {
     let id = parse_id(&id)?;
     let mut connection = state.store.pool().acquire().await?;
-    store::schema_by_id(&mut connection, id).await?.ok_or_else(ApiError::schema_not_found)?;
+    store::schema_by_id(&mut connection, id).await?.ok_or(ApiError::schema_id_not_found(id))?;
     let mut subjects: Vec<String> =
         store::usages(&mut connection, id, flags.get("deleted")).await?.into_iter().map(|(s, _)| s).collect();
     subjects.dedup();
@@ -330,7 +466,8 @@ async fn find_version(
 ) -> Result<StoredVersion, ApiError> {
     let wanted = parse_version(selector)?;
     let all = store::versions(connection, subject, true).await?;
-    if all.is_empty() {
+    // A subject whose versions are all soft-deleted is not found.
+    if all.is_empty() || !include_deleted && all.iter().all(|v| v.deleted) {
         return Err(ApiError::subject_not_found(subject));
     }
     let visible = all.into_iter().filter(|v| include_deleted || !v.deleted);
@@ -338,7 +475,7 @@ async fn find_version(
         VersionSelector::Latest => visible.max_by_key(|v| v.version),
         VersionSelector::Number(number) => visible.into_iter().find(|v| v.version == number),
     };
-    found.ok_or_else(|| ApiError::version_not_found(subject, selector))
+    found.ok_or_else(|| ApiError::version_not_found(selector))
 }
 
 async fn get_version(
@@ -366,6 +503,9 @@ async fn referenced_by(State(state): Shared, Path((subject, version)): Path<(Str
 async fn register(State(state): Shared, Path(subject): Path<String>, body: Bytes) -> ApiResult {
     let mut transaction = state.store.begin().await?;
     store::lock_subject(&mut transaction, &subject).await?;
+    if read_only(&mut transaction, &subject).await? {
+        return Err(ApiError::read_only(&subject));
+    }
     let candidate = prepare(&mut transaction, &body).await?;
     let existing = store::versions(&mut transaction, &subject, false).await?;
     let known = store::find_schema(&mut transaction, "AVRO", &candidate.normalized, &candidate.references).await?;
@@ -417,9 +557,17 @@ async fn lookup(
 async fn delete_subject(State(state): Shared, Path(subject): Path<String>, Query(flags): Query<Flags>) -> ApiResult {
     let mut transaction = state.store.begin().await?;
     store::lock_subject(&mut transaction, &subject).await?;
+    if read_only(&mut transaction, &subject).await? {
+        return Err(ApiError::read_only(&subject));
+    }
     let all = store::versions(&mut transaction, &subject, true).await?;
     if all.is_empty() {
         return Err(ApiError::subject_not_found(&subject));
+    }
+    for version in all.iter().filter(|v| !v.deleted) {
+        if store::is_referenced(&mut transaction, &subject, version.version).await? {
+            return Err(ApiError::referenced(&subject, version.version));
+        }
     }
     let live = all.iter().any(|v| !v.deleted);
     let deleted = if flags.get("permanent") {
@@ -453,8 +601,18 @@ async fn delete_version(
 ) -> ApiResult {
     let mut transaction = state.store.begin().await?;
     store::lock_subject(&mut transaction, &subject).await?;
-    let found = find_version(&mut transaction, &subject, &version, true).await?;
-    if flags.get("permanent") {
+    if read_only(&mut transaction, &subject).await? {
+        return Err(ApiError::read_only(&subject));
+    }
+    // `latest` of a soft delete is the latest live version; a number may
+    // name a soft-deleted one (to say so, or to delete it for good).
+    let permanent = flags.get("permanent");
+    let live_only = !permanent && matches!(parse_version(&version)?, VersionSelector::Latest);
+    let found = find_version(&mut transaction, &subject, &version, !live_only).await?;
+    if !found.deleted && store::is_referenced(&mut transaction, &subject, found.version).await? {
+        return Err(ApiError::referenced(&subject, found.version));
+    }
+    if permanent {
         if !found.deleted {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -491,12 +649,17 @@ struct ConfigRequest {
 }
 
 fn requested_level(body: &Bytes) -> Result<Level, ApiError> {
-    let invalid = |text: &str| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42203, format!("Invalid compatibility level: {text}"))
+    let invalid = || {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42203,
+            "Invalid compatibility level. Valid values are none, backward, forward, full, \
+             backward_transitive, forward_transitive, and full_transitive",
+        )
     };
-    let request: ConfigRequest = serde_json::from_slice(body).map_err(|_| invalid("unreadable request"))?;
+    let request: ConfigRequest = serde_json::from_slice(body).map_err(|_| invalid())?;
     let text = request.compatibility.or(request.compatibility_level).unwrap_or_default();
-    text.parse().map_err(|_| invalid(&text))
+    text.parse().map_err(|_| invalid())
 }
 
 async fn get_global_config(State(state): Shared) -> ApiResult {
@@ -551,24 +714,48 @@ async fn delete_subject_config(State(state): Shared, Path(subject): Path<String>
     }
 }
 
+/// `POST /compatibility/subjects/{s}/versions/{v}`: against that version
+/// alone, whatever the level (a missing subject or version is not found,
+/// except `latest` of a missing subject: compatible, nothing to break).
 async fn check_compatibility(
     State(state): Shared,
     Path((subject, version)): Path<(String, String)>,
     Query(flags): Query<Flags>,
     body: Bytes,
 ) -> ApiResult {
+    compatibility(&state, &subject, Some(&version), &flags, &body).await
+}
+
+/// `POST /compatibility/subjects/{s}/versions`: against the versions the
+/// subject's level names (every live one when transitive, else the latest).
+async fn check_compatibility_all(
+    State(state): Shared,
+    Path(subject): Path<String>,
+    Query(flags): Query<Flags>,
+    body: Bytes,
+) -> ApiResult {
+    compatibility(&state, &subject, None, &flags, &body).await
+}
+
+async fn compatibility(
+    state: &ApiState,
+    subject: &str,
+    version: Option<&str>,
+    flags: &Flags,
+    body: &Bytes,
+) -> ApiResult {
     let mut connection = state.store.pool().acquire().await?;
-    let candidate = prepare(&mut connection, &body).await?;
-    let level = level_of(&mut connection, &subject).await?;
-    let against: Vec<StoredVersion> = match parse_version(&version)? {
-        VersionSelector::Latest if level.is_transitive() => {
-            let versions = store::versions(&mut connection, &subject, false).await?;
-            if versions.is_empty() {
-                return Err(ApiError::subject_not_found(&subject));
-            }
-            versions
+    let candidate = prepare(&mut connection, body).await?;
+    let level = level_of(&mut connection, subject).await?;
+    let live = store::versions(&mut connection, subject, false).await?;
+    let against: Vec<StoredVersion> = match version.map(parse_version).transpose()? {
+        // Every version the level reads (`check` keeps the latest of a
+        // non-transitive level).
+        None => live,
+        Some(VersionSelector::Latest) => live.into_iter().last().into_iter().collect(),
+        Some(VersionSelector::Number(_)) => {
+            vec![find_version(&mut connection, subject, version.unwrap_or_default(), false).await?]
         }
-        _ => vec![find_version(&mut connection, &subject, &version, false).await?],
     };
     let mut schemas = Vec::with_capacity(against.len());
     for version in &against {
@@ -580,6 +767,111 @@ async fn check_compatibility(
         body["messages"] = json!(result.err().unwrap_or_default());
     }
     Ok(reply(body))
+}
+
+/// `GET /schemas`: every schema version, filtered and paged.
+async fn list_schemas(State(state): Shared, Query(query): Query<HashMap<String, String>>) -> ApiResult {
+    let flag = |name: &str| query.get(name).is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    let number = |name: &str, default: i64| query.get(name).and_then(|v| v.parse::<i64>().ok()).unwrap_or(default);
+    let prefix = query.get("subjectPrefix").map(String::as_str).unwrap_or_default();
+    let mut connection = state.store.pool().acquire().await?;
+    let mut versions: Vec<StoredVersion> = store::all_versions(&mut connection, flag("deleted"))
+        .await?
+        .into_iter()
+        .filter(|v| v.subject.starts_with(prefix))
+        .collect();
+    if flag("latestOnly") {
+        // Sorted by subject then version: the last of each subject.
+        let mut latest: Vec<StoredVersion> = Vec::new();
+        for version in versions {
+            match latest.last_mut() {
+                Some(last) if last.subject == version.subject => *last = version,
+                _ => latest.push(version),
+            }
+        }
+        versions = latest;
+    }
+    let offset = usize::try_from(number("offset", 0)).unwrap_or(0);
+    let limit = usize::try_from(number("limit", -1)).unwrap_or(usize::MAX);
+    let page: Vec<Json> = versions.iter().skip(offset).take(limit).map(version_body).collect();
+    Ok(reply(json!(page)))
+}
+
+/// The modes a registry or subject can be in.
+const MODES: [&str; 3] = ["READWRITE", "READONLY", "READONLY_OVERRIDE"];
+
+/// Whether `subject` (or, without its own mode, the registry) is read-only.
+async fn read_only(connection: &mut PgConnection, subject: &str) -> Result<bool, ApiError> {
+    let mode = match store::mode(connection, subject).await? {
+        Some(mode) => Some(mode),
+        None => store::mode(connection, "").await?,
+    };
+    Ok(mode.is_some_and(|m| m.starts_with("READONLY")))
+}
+
+fn requested_mode(body: &Bytes) -> Result<&'static str, ApiError> {
+    #[derive(Deserialize)]
+    struct ModeRequest {
+        mode: Option<String>,
+    }
+    let invalid = || {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42204,
+            "Invalid mode. Valid values are READWRITE, READONLY, READONLY_OVERRIDE",
+        )
+    };
+    let request: ModeRequest = serde_json::from_slice(body).map_err(|_| invalid())?;
+    let mode = request.mode.unwrap_or_default().to_ascii_uppercase();
+    MODES.iter().copied().find(|m| *m == mode).ok_or_else(invalid)
+}
+
+async fn get_global_mode(State(state): Shared) -> ApiResult {
+    let mut connection = state.store.pool().acquire().await?;
+    let mode = store::mode(&mut connection, "").await?.unwrap_or_else(|| "READWRITE".into());
+    Ok(reply(json!({"mode": mode})))
+}
+
+async fn put_global_mode(State(state): Shared, body: Bytes) -> ApiResult {
+    let mode = requested_mode(&body)?;
+    let mut connection = state.store.pool().acquire().await?;
+    store::set_mode(&mut connection, "", mode).await?;
+    Ok(reply(json!({"mode": mode})))
+}
+
+fn mode_not_configured(subject: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        40409,
+        format!("Subject '{subject}' does not have subject-level mode configured"),
+    )
+}
+
+async fn get_subject_mode(State(state): Shared, Path(subject): Path<String>, Query(flags): Query<Flags>) -> ApiResult {
+    let mut connection = state.store.pool().acquire().await?;
+    let mode = match store::mode(&mut connection, &subject).await? {
+        Some(mode) => mode,
+        None if flags.get("defaultToGlobal") => {
+            store::mode(&mut connection, "").await?.unwrap_or_else(|| "READWRITE".into())
+        }
+        None => return Err(mode_not_configured(&subject)),
+    };
+    Ok(reply(json!({"mode": mode})))
+}
+
+async fn put_subject_mode(State(state): Shared, Path(subject): Path<String>, body: Bytes) -> ApiResult {
+    let mode = requested_mode(&body)?;
+    let mut connection = state.store.pool().acquire().await?;
+    store::set_mode(&mut connection, &subject, mode).await?;
+    Ok(reply(json!({"mode": mode})))
+}
+
+async fn delete_subject_mode(State(state): Shared, Path(subject): Path<String>) -> ApiResult {
+    let mut connection = state.store.pool().acquire().await?;
+    match store::delete_mode(&mut connection, &subject).await? {
+        Some(mode) => Ok(reply(json!({"mode": mode}))),
+        None => Err(mode_not_configured(&subject)),
+    }
 }
 
 #[cfg(test)]
@@ -597,6 +889,19 @@ mod tests {
         .unwrap();
         assert_eq!(normalize(&a), normalize(&b));
         assert_eq!(normalize(&a), r#"{"fields":[{"name":"x","type":"int"}],"name":"A","type":"record"}"#);
+    }
+
+    #[test]
+    fn the_media_type_is_the_acceptable_one_weighed_highest() {
+        assert_eq!(choose_media_type("application/json"), Some("application/json"));
+        assert_eq!(choose_media_type("*/*"), Some(CONTENT_TYPE));
+        assert_eq!(
+            choose_media_type("application/json; q=0.9, application/vnd.schemaregistry+json; q=1.0"),
+            Some("application/vnd.schemaregistry+json")
+        );
+        assert_eq!(choose_media_type("application/vnd.schemaregistry.v1+json, application/json"), Some(CONTENT_TYPE));
+        assert_eq!(choose_media_type("text/html"), None);
+        assert_eq!(choose_media_type("application/json;q=0, text/plain"), None);
     }
 
     #[test]

@@ -2,10 +2,10 @@
 //! schemas, stored in Postgres.
 //!
 //! No registry server can be installed on every machine kawka runs on, and
-//! teams without one get a light registry this way. It speaks the subset of
-//! the Confluent API that producers, consumers and kawka itself use
-//! (subjects, versions, ids, references, compatibility, config), with
-//! Confluent's status codes and error bodies.
+//! teams without one get a light registry this way. It answers the
+//! Confluent API for Avro as Confluent's server does (subjects, versions,
+//! ids, references, compatibility, config, mode, content negotiation),
+//! with its status codes, error codes and texts.
 //!
 //! This crate is the server only: it does not depend on the `kawka` daemon,
 //! whose pipeline talks to any registry (this one or Confluent's) over HTTP.
@@ -15,7 +15,9 @@
 //!
 //! * `api`: the HTTP routes, Confluent's error bodies and codes, reference
 //!   resolution and schema normalization.
-//! * [`compat`]: compatibility levels and checks by the Avro resolution rules.
+//! * [`compat`]: compatibility levels, each check made of [`resolution`].
+//! * [`resolution`]: Avro's schema-resolution rules: can a reader schema
+//!   read what a writer schema wrote, and why not.
 //! * [`store`]: the Postgres tables (global schema ids, subject versions,
 //!   compatibility settings) and their queries.
 //! * [`wire`]: the Confluent API's content type and schema references.

@@ -52,6 +52,10 @@ const INIT: &[&str] = &[
         subject text PRIMARY KEY,
         compatibility text NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS kawka_registry_mode (
+        subject text PRIMARY KEY,
+        mode text NOT NULL
+    )",
 ];
 
 /// The key under which concurrent starts serialize table creation.
@@ -311,6 +315,60 @@ pub async fn set_compatibility(connection: &mut PgConnection, subject: &str, lev
 
 pub async fn delete_compatibility(connection: &mut PgConnection, subject: &str) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar("DELETE FROM kawka_registry_config WHERE subject = $1 RETURNING compatibility")
+        .bind(subject)
+        .fetch_optional(connection)
+        .await
+}
+
+/// Every version of every subject, by subject then version.
+pub async fn all_versions(
+    connection: &mut PgConnection,
+    include_deleted: bool,
+) -> Result<Vec<StoredVersion>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {VERSION_COLUMNS} FROM kawka_registry_versions v JOIN kawka_registry_schemas s ON s.id = v.schema_id
+         WHERE $1 OR NOT v.deleted ORDER BY v.subject, v.version"
+    ))
+    .bind(include_deleted)
+    .fetch_all(connection)
+    .await?;
+    rows.iter().map(version_from_row).collect()
+}
+
+/// Whether a live version uses a schema that references `subject` at `version`.
+pub async fn is_referenced(connection: &mut PgConnection, subject: &str, version: i32) -> Result<bool, sqlx::Error> {
+    let needle = serde_json::json!([{ "subject": subject, "version": version }]);
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM kawka_registry_schemas s JOIN kawka_registry_versions v ON v.schema_id = s.id
+         WHERE s.refs @> $1 AND NOT v.deleted)",
+    )
+    .bind(needle)
+    .fetch_one(connection)
+    .await
+}
+
+/// The mode of `subject` (`""` for the global one), if set.
+pub async fn mode(connection: &mut PgConnection, subject: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT mode FROM kawka_registry_mode WHERE subject = $1")
+        .bind(subject)
+        .fetch_optional(connection)
+        .await
+}
+
+pub async fn set_mode(connection: &mut PgConnection, subject: &str, mode: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO kawka_registry_mode (subject, mode) VALUES ($1, $2)
+         ON CONFLICT (subject) DO UPDATE SET mode = EXCLUDED.mode",
+    )
+    .bind(subject)
+    .bind(mode)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_mode(connection: &mut PgConnection, subject: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("DELETE FROM kawka_registry_mode WHERE subject = $1 RETURNING mode")
         .bind(subject)
         .fetch_optional(connection)
         .await

@@ -141,6 +141,15 @@ impl Backoff {
     }
 }
 
+/// The message a panic carries (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +191,13 @@ mod tests {
             let delay = backoff.delay(attempt);
             assert!(delay <= backoff.ceiling(attempt) && delay >= backoff.ceiling(attempt) / 2);
         }
+    }
+
+    #[test]
+    fn panic_messages_are_read_from_both_payload_kinds() {
+        let text = std::panic::catch_unwind(|| panic!("static")).expect_err("panics");
+        assert_eq!(panic_message(&*text), "static");
+        let formatted = std::panic::catch_unwind(|| panic!("{}", 42)).expect_err("panics");
+        assert_eq!(panic_message(&*formatted), "42");
     }
 }

@@ -56,6 +56,12 @@ async fn one_schema_however_spelled_is_one_id_and_one_version() {
     let with_default = record(json!([{"name": "id", "type": "string", "default": "x"}]));
     let (_, c) = api.register("order", &with_default).await;
     assert_ne!(a["id"], c["id"], "a default is part of the schema");
+    // Properties are part of the schema and kept as sent (Connect's types).
+    let connect = json!({"type": "int", "connect.type": "int8"});
+    let (_, d) = api.post("/subjects/tiny/versions", json!({"schema": connect.to_string()})).await;
+    let (_, e) = api.post("/subjects/tiny/versions", json!({"schema": "\"int\""})).await;
+    assert_ne!(d["id"], e["id"], "int8 is not int");
+    assert_eq!(api.get(&format!("/schemas/ids/{}/schema", d["id"])).await, (200, connect));
     let _ = registry.stop().await;
 }
 
@@ -134,8 +140,10 @@ async fn compatibility_endpoints_check_what_they_name() {
     assert_eq!(missing, (200, json!({"is_compatible": true, "messages": []})));
     let (status, body) = compatible(&api, "/compatibility/subjects/orders/versions/7", &v1()).await;
     assert_eq!((status, error_code(&body), body["message"].clone()), (404, 40402, json!("Version 7 not found.")));
+    // A numbered version of a missing subject: the version is not found
+    // (Confluent's resource throws only that).
     let (status, body) = compatible(&api, "/compatibility/subjects/nothing/versions/3", &v1()).await;
-    assert_eq!((status, error_code(&body)), (404, 40401), "{body}");
+    assert_eq!((status, error_code(&body)), (404, 40402), "{body}");
     let _ = registry.stop().await;
 }
 
@@ -146,6 +154,10 @@ async fn deletes_follow_confluent() {
     for schema in [v1(), v2(), json!("string")] {
         api.register("d", &schema).await;
     }
+    // `latest` is the latest live version: not soft-deleted, it cannot be
+    // deleted for good.
+    let (status, body) = api.delete("/subjects/d/versions/latest?permanent=true").await;
+    assert_eq!((status, error_code(&body)), (404, 40407), "{body}");
     // Soft-delete the latest twice: 3, then 2 (the latest live one).
     assert_eq!(api.delete("/subjects/d/versions/latest").await, (200, json!(3)));
     assert_eq!(api.delete("/subjects/d/versions/latest").await, (200, json!(2)));
@@ -184,6 +196,7 @@ async fn schemas_listing_mode_and_plain_errors() {
     let (api, registry) = api().await;
     set_level(&api, "a-value", "NONE").await;
     let (_, one) = api.register("a-value", &v1()).await;
+    let id = one["id"].as_i64().expect("an id");
     api.register("a-value", &v2()).await;
     api.register("b-value", &json!("string")).await;
     let (status, all) = api.get("/schemas").await;
@@ -201,7 +214,6 @@ async fn schemas_listing_mode_and_plain_errors() {
     let (_, page) = api.get("/schemas?offset=1&limit=1").await;
     assert_eq!(page.as_array().map(Vec::len), Some(1));
     assert_eq!(page[0]["version"], 2);
-    let id = one["id"].as_i64().expect("an id");
     assert_eq!(api.get(&format!("/schemas/ids/{id}/subjects")).await, (200, json!(["a-value"])));
     assert_eq!(
         api.get(&format!("/schemas/ids/{id}/versions")).await,
@@ -214,7 +226,11 @@ async fn schemas_listing_mode_and_plain_errors() {
     assert_eq!(api.put("/mode/a-value", json!({"mode": "READONLY"})).await, (200, json!({"mode": "READONLY"})));
     let (status, body) = api.register("a-value", &json!("int")).await;
     assert_eq!((status, error_code(&body)), (422, 42205), "{body}");
+    // A schema registered already answers its id (producers register on start).
+    assert_eq!(api.register("a-value", &v1()).await, (200, json!({"id": id, "subject": "a-value", "version": 1})));
     let (status, body) = api.delete("/subjects/a-value/versions/1").await;
+    assert_eq!((status, error_code(&body)), (422, 42205), "{body}");
+    let (status, body) = api.put("/config/a-value", json!({"compatibility": "NONE"})).await;
     assert_eq!((status, error_code(&body)), (422, 42205), "{body}");
     let (status, body) = api.put("/mode/a-value", json!({"mode": "SIDEWAYS"})).await;
     assert_eq!((status, error_code(&body)), (422, 42204), "{body}");

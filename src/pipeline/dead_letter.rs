@@ -47,6 +47,19 @@ impl std::fmt::Debug for DeadLetters {
     }
 }
 
+/// One dead letter to write.
+#[derive(Debug, Clone, Copy)]
+pub struct Letter<'a> {
+    /// The dead-letter topic.
+    pub topic: &'a str,
+    pub connector: &'a str,
+    /// The record as it was read.
+    pub record: &'a RawRecord,
+    pub failure: &'a Failure,
+    /// `kawka.replay.run` when a replay run dead-letters it again.
+    pub replay_run: Option<&'a str>,
+}
+
 /// A dead letter that was written, and what it carries of its record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sent {
@@ -106,18 +119,12 @@ impl DeadLetters {
         Ok(DeadLetters { producer: config.create()? })
     }
 
-    /// Produces the record to `topic` and waits until the broker has it.
-    /// What the client or the broker refuses for good (its size, its
-    /// shape) is produced again with less: without its value, then with
-    /// the `kawka.error.*` headers alone.
-    pub async fn send(
-        &self,
-        topic: &str,
-        connector: &str,
-        record: &RawRecord,
-        failure: &Failure,
-        replay_run: Option<&str>,
-    ) -> Result<Sent, DeadLetterError> {
+    /// Produces the letter's record to its topic and waits until the
+    /// broker has it. What the client or the broker refuses for good (its
+    /// size, its shape) is produced again with less: without its value,
+    /// then with the `kawka.error.*` headers alone.
+    pub async fn send(&self, letter: &Letter<'_>) -> Result<Sent, DeadLetterError> {
+        let Letter { topic, connector, record, .. } = *letter;
         let steps: &[(Cut, Sent)] = if record.value.is_some() {
             &[(Cut::Nothing, Sent::Whole), (Cut::Value, Sent::WithoutValue), (Cut::All, Sent::Bare)]
         } else {
@@ -125,7 +132,7 @@ impl DeadLetters {
         };
         let mut refusal = None;
         for &(cut, sent) in steps {
-            match self.produce(topic, connector, record, failure, replay_run, cut).await {
+            match self.produce(letter, cut).await {
                 Ok(()) => return Ok(sent),
                 Err(error) if refused_for_good(&error) => {
                     tracing::warn!(connector, topic, error = %error, bytes = record.size(), cut = ?cut,
@@ -138,15 +145,8 @@ impl DeadLetters {
         Err(DeadLetterError::Refused(refusal.expect("every step was refused")))
     }
 
-    async fn produce(
-        &self,
-        topic: &str,
-        connector: &str,
-        record: &RawRecord,
-        failure: &Failure,
-        replay_run: Option<&str>,
-        cut: Cut,
-    ) -> Result<(), KafkaError> {
+    async fn produce(&self, letter: &Letter<'_>, cut: Cut) -> Result<(), KafkaError> {
+        let Letter { topic, connector, record, failure, replay_run } = *letter;
         let drop_value = cut != Cut::Nothing;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis().to_string();
         let (partition, offset) = (record.position.partition.to_string(), record.position.offset.to_string());

@@ -73,14 +73,7 @@ impl Halt {
     }
 }
 
-/// The message a panic carries (`panic!` gives a `&str` or a `String`).
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
-}
+pub use crate::error::panic_message;
 
 /// Everything one connector needs, built once.
 #[derive(Clone)]
@@ -267,13 +260,5 @@ mod tests {
         let status = ConnectorStatus::new("fine", "postgres");
         assert!(matches!(stop_on_panic(&status, async { Halt::Shutdown }).await, Halt::Shutdown));
         assert_ne!(status.state(), State::Stopped);
-    }
-
-    #[test]
-    fn panic_messages_are_read_from_both_payload_kinds() {
-        let text = std::panic::catch_unwind(|| panic!("static")).expect_err("panics");
-        assert_eq!(panic_message(&*text), "static");
-        let formatted = std::panic::catch_unwind(|| panic!("{}", 42)).expect_err("panics");
-        assert_eq!(panic_message(&*formatted), "42");
     }
 }

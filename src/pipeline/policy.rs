@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::dead_letter::{DeadLetterError, Sent};
+use super::dead_letter::{DeadLetterError, Letter, Sent};
 use super::worker::Worker;
 use super::Halt;
 use crate::config::ErrorPolicy;
@@ -40,7 +40,14 @@ impl Worker<'_> {
         let (dead_letters, settings) = (self.runtime.dead_letters.clone(), self.runtime.settings.clone());
         let run = self.runtime.replay.as_ref().map(|r| r.id.clone());
         let sent = {
-            let send = dead_letters.send(&settings.dead_letter_topic, &settings.name, record, &failure, run.as_deref());
+            let letter = Letter {
+                topic: &settings.dead_letter_topic,
+                connector: &settings.name,
+                record,
+                failure: &failure,
+                replay_run: run.as_deref(),
+            };
+            let send = dead_letters.send(&letter);
             tokio::pin!(send);
             tokio::select! {
                 sent = &mut send => sent,
@@ -78,12 +85,14 @@ impl Worker<'_> {
                 let mut attempt = 0;
                 loop {
                     let settings = &self.runtime.settings;
-                    let run = self.runtime.replay.as_ref().map(|r| r.id.as_str());
-                    let sent = self
-                        .runtime
-                        .dead_letters
-                        .send(&settings.dead_letter_topic, &settings.name, record, &failure, run)
-                        .await;
+                    let letter = Letter {
+                        topic: &settings.dead_letter_topic,
+                        connector: &settings.name,
+                        record,
+                        failure: &failure,
+                        replay_run: self.runtime.replay.as_ref().map(|r| r.id.as_str()),
+                    };
+                    let sent = self.runtime.dead_letters.send(&letter).await;
                     match self.judge(sent, attempt) {
                         Attempt::Written => break,
                         Attempt::Refused(failure) => return Err(Halt::Stopped(failure)),

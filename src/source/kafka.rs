@@ -23,7 +23,7 @@
 //! backlog.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +37,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 
+use super::channel::{records_channel, Chunk, Control, RecordsSender, SourceChannels, CHUNK};
 use super::queue::{self, QueueHandle, RecordQueue};
 use super::{KeyBytes, RawRecord};
 use crate::event::Claim;
@@ -45,10 +46,6 @@ use crate::source::{KafkaSettings, SourceSettings, StartPosition};
 use crate::status::ConnectorStatus;
 use crate::value::{intern, Name};
 
-/// Records per chunk sent to the pipeline.
-const CHUNK: usize = 1000;
-/// Chunks the channel holds.
-const CHANNEL_CHUNKS: usize = 8;
 /// How long a full channel is waited on before the partitions are paused
 /// (well below `max.poll.interval.ms`: rebalances are served only by polls).
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -65,112 +62,6 @@ pub const REVOKE_WAIT: Duration = Duration::from_secs(10);
 /// Claims partitions in the sink: returns the positions to start from.
 /// Must retry transient errors itself; it runs inside the rebalance.
 pub type ClaimFn = Arc<dyn Fn(Vec<(Name, i32)>) -> BoxFuture<'static, Vec<Claim>> + Send + Sync>;
-
-/// A chunk of records, on the records channel.
-#[derive(Debug)]
-pub struct Chunk {
-    /// The assignment the records were fetched for.
-    pub generation: u64,
-    pub records: Vec<RawRecord>,
-    /// Bytes of the records' keys and values (what the channel's budget counts).
-    pub bytes: usize,
-}
-
-/// The bytes of records in the records channel, against its budget: the
-/// channel's capacity counts chunks, and chunks of large records would
-/// otherwise let the fetch-ahead grow far past `source.max_prefetch_bytes`.
-#[derive(Debug)]
-struct ChannelBytes {
-    used: AtomicUsize,
-    budget: usize,
-    /// Signalled when the pipeline takes a chunk.
-    freed: tokio::sync::Notify,
-}
-
-impl ChannelBytes {
-    /// Whether a chunk of `bytes` may go in now. An empty channel takes
-    /// any chunk, so one record larger than the budget still passes.
-    fn has_room(&self, bytes: usize) -> bool {
-        let used = self.used.load(Ordering::SeqCst);
-        used == 0 || used + bytes <= self.budget
-    }
-}
-
-/// The consumer thread's end of the records channel.
-struct RecordsSender {
-    tx: mpsc::Sender<Chunk>,
-    bytes: Arc<ChannelBytes>,
-}
-
-impl RecordsSender {
-    /// Sends `chunk` if the channel has room for it, in chunks and bytes.
-    fn try_send(&self, chunk: Chunk) -> Result<(), mpsc::error::TrySendError<Chunk>> {
-        if !self.bytes.has_room(chunk.bytes) {
-            return Err(mpsc::error::TrySendError::Full(chunk));
-        }
-        let bytes = chunk.bytes;
-        // Counted before it can be taken, so the count never goes below zero.
-        self.bytes.used.fetch_add(bytes, Ordering::SeqCst);
-        self.tx.try_send(chunk).inspect_err(|_| {
-            self.bytes.used.fetch_sub(bytes, Ordering::SeqCst);
-        })
-    }
-
-    /// The most records to read into a chunk holding `held` bytes in
-    /// `len` records, so that it stays within its share of the budget;
-    /// `average` is the size of records read lately.
-    fn room(&self, len: usize, held: usize, average: usize) -> usize {
-        let share = (self.bytes.budget / CHANNEL_CHUNKS).max(1);
-        let by_bytes = share.saturating_sub(held) / average.max(1);
-        CHUNK.saturating_sub(len).min(by_bytes.max(usize::from(len == 0)))
-    }
-}
-
-/// The pipeline's end of the records channel.
-#[derive(Debug)]
-pub struct RecordsReceiver {
-    rx: mpsc::Receiver<Chunk>,
-    bytes: Arc<ChannelBytes>,
-}
-
-impl RecordsReceiver {
-    /// The next chunk; its bytes leave the channel's budget.
-    pub async fn recv(&mut self) -> Option<Chunk> {
-        let chunk = self.rx.recv().await?;
-        self.bytes.used.fetch_sub(chunk.bytes, Ordering::SeqCst);
-        self.bytes.freed.notify_one();
-        Some(chunk)
-    }
-}
-
-/// What the consumer thread tells the pipeline besides records, on the
-/// control channel (see [`SourceChannels`]).
-#[derive(Debug)]
-pub enum Control {
-    /// New partitions; `generation` tags the records that follow.
-    Assigned { generation: u64, claims: Vec<Claim> },
-    /// Partitions are being taken away: flush what is pending, then ack.
-    Revoked { ack: std::sync::mpsc::SyncSender<()> },
-    /// The consumer thread failed and stopped polling (the context keeps a
-    /// sender, so the channel alone would never say so).
-    Ended { reason: String },
-}
-
-/// The two channels from the consumer thread.
-///
-/// Ordering contract: a control message is sent before any record chunk of
-/// the generation it starts, from the same thread, so once a chunk of a
-/// generation the pipeline does not know yet is received, the `Assigned`
-/// that starts it is already in `control` (drain it with `try_recv`).
-#[derive(Debug)]
-pub struct SourceChannels {
-    /// Chunks of records; bounded in chunks and in bytes (what the
-    /// pipeline has not taken yet).
-    pub records: RecordsReceiver,
-    /// `Assigned`, `Revoked`, `Ended`: one per rebalance or end, so
-    /// unbounded costs nothing, and a send never blocks the rebalance.
-    pub control: mpsc::UnboundedReceiver<Control>,
-}
 
 struct SourceContext {
     control: mpsc::UnboundedSender<Control>,
@@ -347,16 +238,9 @@ impl KafkaSource {
         claim: Option<ClaimFn>,
         status: Arc<ConnectorStatus>,
     ) -> KafkaResult<(KafkaSource, SourceChannels)> {
-        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
         // The fetch-ahead cap is shared: half in librdkafka's queue (see
         // `consumer_config`), half in the channel.
-        let bytes = Arc::new(ChannelBytes {
-            used: AtomicUsize::new(0),
-            budget: usize::try_from(source.max_prefetch_bytes / 2).unwrap_or(usize::MAX).max(1),
-            freed: tokio::sync::Notify::new(),
-        });
-        let tx = RecordsSender { tx, bytes: bytes.clone() };
-        let rx = RecordsReceiver { rx, bytes };
+        let (tx, rx) = records_channel(usize::try_from(source.max_prefetch_bytes / 2).unwrap_or(usize::MAX));
         let (control, control_rx) = mpsc::unbounded_channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let context = SourceContext {
@@ -389,11 +273,7 @@ impl KafkaSource {
                         poll_loop(&name, &consumer, &tx, &stopping, &status)
                     }));
                     if let Err(panic) = polled {
-                        let reason = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
+                        let reason = crate::error::panic_message(&*panic);
                         let reason = format!("the kafka consumer thread failed: {reason}");
                         tracing::error!(connector = %name, %reason, "consumer thread failed");
                         let _ = control.send(Control::Ended { reason });

@@ -24,7 +24,9 @@ use serde::Deserialize;
 use serde_json::{json, Value as Json};
 use sqlx::PgConnection;
 
+use crate::canonical::normalize;
 use crate::compat::{self, Level};
+use crate::resolution::Parsed;
 use crate::store::{self, Store, StoredSchema, StoredVersion};
 use crate::wire::{SchemaReference, CONTENT_TYPE};
 
@@ -61,6 +63,7 @@ pub fn router(store: Store) -> Router {
         .fallback(|| async { ApiError::http(StatusCode::NOT_FOUND) })
         .method_not_allowed_fallback(|| async { ApiError::http(StatusCode::METHOD_NOT_ALLOWED) })
         .layer(axum::middleware::from_fn(negotiate))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(Arc::new(ApiState { store }))
 }
 
@@ -74,7 +77,13 @@ const MEDIA_TYPES: [&str; 3] = [CONTENT_TYPE, "application/vnd.schemaregistry+js
 /// clients have sent), else 415; a charset other than UTF-8 (or its
 /// ASCII subset, or Latin-1, converted) is refused.
 async fn negotiate(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let accept = request.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).map(str::to_string);
+    // An empty `Accept` is no preference, as a missing one.
+    let accept = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+        .map(str::to_string);
     let chosen = match accept.as_deref().map(choose_media_type) {
         None => CONTENT_TYPE,
         Some(Some(chosen)) => chosen,
@@ -99,7 +108,7 @@ async fn negotiate(request: axum::extract::Request, next: axum::middleware::Next
     response
 }
 
-/// The largest request body read (Confluent's default is 8 MiB too... of JSON).
+/// The largest request body read: a schema of a few MiB is already huge.
 const MAX_BODY: usize = 8 << 20;
 
 enum BodyCharset {
@@ -131,24 +140,35 @@ fn request_body_type(request: &axum::extract::Request) -> Result<BodyCharset, St
 /// with the highest q-value (ties: the API's preference); `None` when the
 /// client accepts none of them.
 fn choose_media_type(accept: &str) -> Option<&'static str> {
-    let mut best: Option<(f32, usize)> = None;
+    // Each of our types gets the q-value of the most specific range that
+    // names it (exact, then `application/*`, then `*/*`), as RFC 9110 says.
+    let mut weights: [Option<(u8, f32)>; MEDIA_TYPES.len()] = [None; MEDIA_TYPES.len()];
     for item in accept.split(',') {
         let mut parts = item.split(';').map(str::trim);
         let range = parts.next().unwrap_or_default().to_ascii_lowercase();
-        let q = parts
-            .filter_map(|p| p.split_once('='))
-            .find(|(k, _)| k.trim() == "q")
-            .and_then(|(_, v)| v.trim().parse::<f32>().ok())
-            .unwrap_or(1.0);
-        if q <= 0.0 {
-            continue;
+        let mut q = 1.0;
+        for (key, value) in parts.filter_map(|p| p.split_once('=')) {
+            if key.trim().eq_ignore_ascii_case("q") {
+                // A q-value that does not read is no weight at all.
+                q = value.trim().parse::<f32>().ok().filter(|q| (0.0..=1.0).contains(q)).unwrap_or(0.0);
+            }
         }
-        let matching: Vec<usize> = match range.as_str() {
-            "*/*" | "application/*" => (0..MEDIA_TYPES.len()).collect(),
-            exact => MEDIA_TYPES.iter().position(|t| *t == exact).into_iter().collect(),
-        };
-        for index in matching {
-            if best.is_none_or(|(bq, bi)| q > bq || (q == bq && index < bi)) {
+        for (index, media_type) in MEDIA_TYPES.iter().enumerate() {
+            let specificity = match range.as_str() {
+                "*/*" => 0,
+                "application/*" => 1,
+                exact if exact == *media_type => 2,
+                _ => continue,
+            };
+            if weights[index].is_none_or(|(known, _)| specificity > known) {
+                weights[index] = Some((specificity, q));
+            }
+        }
+    }
+    let mut best: Option<(f32, usize)> = None;
+    for (index, weight) in weights.iter().enumerate() {
+        if let Some((_, q)) = *weight {
+            if q > 0.0 && best.is_none_or(|(bq, _)| q > bq) {
                 best = Some((q, index));
             }
         }
@@ -261,7 +281,7 @@ struct Candidate {
     /// The JSON text with object keys sorted and no whitespace: two
     /// spellings of one schema get one id.
     normalized: String,
-    schema: Schema,
+    schema: Parsed,
     references: Vec<SchemaReference>,
 }
 
@@ -292,28 +312,6 @@ fn parse_id(text: &str) -> Result<i32, ApiError> {
     text.parse().map_err(|_| ApiError::http(StatusCode::NOT_FOUND))
 }
 
-/// Object keys sorted recursively, compact.
-fn normalize(json: &Json) -> String {
-    fn sorted(json: &Json) -> Json {
-        match json {
-            Json::Object(map) => {
-                let mut entries: Vec<(&String, &Json)> = map.iter().collect();
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-                let mut out = serde_json::Map::new();
-                for (key, value) in entries {
-                    out.insert(key.clone(), sorted(value));
-                }
-                Json::Object(out)
-            }
-            Json::Array(items) => Json::Array(items.iter().map(sorted).collect()),
-            other => other.clone(),
-        }
-    }
-    // serde_json keeps insertion order when some crate enables
-    // `preserve_order`, so sort explicitly rather than rely on BTreeMap.
-    sorted(json).to_string()
-}
-
 /// Texts of `references` and their own references, dependencies first.
 fn resolve_references<'a>(
     connection: &'a mut PgConnection,
@@ -326,6 +324,10 @@ fn resolve_references<'a>(
             return Err(ApiError::invalid_schema("schema references nest too deep"));
         }
         for reference in references {
+            // Inside a registration's transaction, the referenced subject
+            // stays as it is until the registration commits (a delete of
+            // the referenced version waits, then sees the referrer).
+            store::lock_subject(connection, &reference.subject).await?;
             let versions = store::versions(connection, &reference.subject, false).await?;
             let Some(found) = versions.into_iter().find(|v| v.version == reference.version) else {
                 return Err(ApiError::invalid_schema(format!(
@@ -342,17 +344,21 @@ fn resolve_references<'a>(
     })
 }
 
+/// A schema with the schemas it references (compatibility resolves the
+/// references through them).
 async fn parse_with_references(
     connection: &mut PgConnection,
     text: &str,
     references: &[SchemaReference],
-) -> Result<Schema, ApiError> {
+) -> Result<Parsed, ApiError> {
     if references.is_empty() {
-        return Schema::parse_str(text).map_err(ApiError::invalid_schema);
+        let schema = Schema::parse_str(text).map_err(ApiError::invalid_schema)?;
+        return Ok(Parsed { schema, references: Vec::new() });
     }
     let mut texts = Vec::new();
     resolve_references(connection, references, &mut texts, 0).await?;
-    Schema::parse_str_with_list(text, &texts).map(|(schema, _)| schema).map_err(ApiError::invalid_schema)
+    let (schema, references) = Schema::parse_str_with_list(text, &texts).map_err(ApiError::invalid_schema)?;
+    Ok(Parsed { schema, references })
 }
 
 async fn prepare(connection: &mut PgConnection, body: &Bytes) -> Result<Candidate, ApiError> {
@@ -366,14 +372,11 @@ async fn prepare(connection: &mut PgConnection, body: &Bytes) -> Result<Candidat
     if text.trim().is_empty() {
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Empty schema"));
     }
-    serde_json::from_str::<Json>(&text).map_err(ApiError::invalid_schema)?;
+    let json: Json = serde_json::from_str(&text).map_err(ApiError::invalid_schema)?;
     let schema = parse_with_references(connection, &text, &request.references).await?;
-    // Identity is the parsed schema, not the text: `"string"` and
-    // `{"type":"string"}`, or a primitive with a stray `name`, are one
-    // schema (one id, one version), as in Confluent's registry. Docs,
-    // defaults, aliases and attributes stay part of it.
-    let parsed = serde_json::to_value(&schema).map_err(ApiError::invalid_schema)?;
-    Ok(Candidate { normalized: normalize(&parsed), schema, references: request.references })
+    // Stored as sent (keys sorted); identity is computed from it by the
+    // store (`canonical`): one schema however spelled.
+    Ok(Candidate { normalized: normalize(&json), schema, references: request.references })
 }
 
 async fn level_of(connection: &mut PgConnection, subject: &str) -> Result<Level, ApiError> {
@@ -384,7 +387,7 @@ async fn level_of(connection: &mut PgConnection, subject: &str) -> Result<Level,
     Ok(level.and_then(|l| l.parse().ok()).unwrap_or(DEFAULT_LEVEL))
 }
 
-async fn parse_stored(connection: &mut PgConnection, stored: &StoredSchema) -> Result<Schema, ApiError> {
+async fn parse_stored(connection: &mut PgConnection, stored: &StoredSchema) -> Result<Parsed, ApiError> {
     parse_with_references(connection, &stored.schema, &stored.references).await.map_err(|error| {
         tracing::error!(id = stored.id, message = %error.message, "stored schema no longer parses");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, 50001, "Error in the backend data store")
@@ -503,14 +506,16 @@ async fn referenced_by(State(state): Shared, Path((subject, version)): Path<(Str
 async fn register(State(state): Shared, Path(subject): Path<String>, body: Bytes) -> ApiResult {
     let mut transaction = state.store.begin().await?;
     store::lock_subject(&mut transaction, &subject).await?;
-    if read_only(&mut transaction, &subject).await? {
-        return Err(ApiError::read_only(&subject));
-    }
     let candidate = prepare(&mut transaction, &body).await?;
     let existing = store::versions(&mut transaction, &subject, false).await?;
     let known = store::find_schema(&mut transaction, "AVRO", &candidate.normalized, &candidate.references).await?;
+    // Registered already: its id, read-only or not (producers register on
+    // every start).
     if let Some(found) = existing.iter().find(|v| Some(v.schema.id) == known) {
         return Ok(reply(json!({"id": found.schema.id, "subject": subject, "version": found.version})));
+    }
+    if read_only(&mut transaction, &subject).await? {
+        return Err(ApiError::read_only(&subject));
     }
     let level = level_of(&mut transaction, &subject).await?;
     if level != Level::None && !existing.is_empty() {
@@ -518,13 +523,14 @@ async fn register(State(state): Shared, Path(subject): Path<String>, body: Bytes
         for version in &existing {
             schemas.push(parse_stored(&mut transaction, &version.schema).await?);
         }
-        if let Err(reasons) = compat::check(level, &candidate.schema, &schemas) {
+        if let Err(refusals) = compat::check(level, &candidate.schema, &schemas) {
+            let details = compat::messages(level, &refusals, |i| (existing[i].version, &existing[i].schema.schema));
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 409,
                 format!(
-                    "Schema being registered is incompatible with an earlier schema for subject \"{subject}\" ({level}), details: [{}]",
-                    reasons.join("; ")
+                    "Schema being registered is incompatible with an earlier schema for subject \"{subject}\", details: [{}]",
+                    details.join(", ")
                 ),
             ));
         }
@@ -564,8 +570,9 @@ async fn delete_subject(State(state): Shared, Path(subject): Path<String>, Query
     if all.is_empty() {
         return Err(ApiError::subject_not_found(&subject));
     }
-    for version in all.iter().filter(|v| !v.deleted) {
-        if store::is_referenced(&mut transaction, &subject, version.version).await? {
+    let permanent = flags.get("permanent");
+    for version in all.iter().filter(|v| permanent || !v.deleted) {
+        if store::is_referenced(&mut transaction, &subject, version.version, permanent).await? {
             return Err(ApiError::referenced(&subject, version.version));
         }
     }
@@ -579,6 +586,7 @@ async fn delete_subject(State(state): Shared, Path(subject): Path<String>, Query
             ));
         }
         store::delete_compatibility(&mut transaction, &subject).await?;
+        store::delete_mode(&mut transaction, &subject).await?;
         store::delete_permanently(&mut transaction, &subject, None).await?
     } else {
         if !live {
@@ -607,9 +615,9 @@ async fn delete_version(
     // `latest` of a soft delete is the latest live version; a number may
     // name a soft-deleted one (to say so, or to delete it for good).
     let permanent = flags.get("permanent");
-    let live_only = !permanent && matches!(parse_version(&version)?, VersionSelector::Latest);
+    let live_only = matches!(parse_version(&version)?, VersionSelector::Latest);
     let found = find_version(&mut transaction, &subject, &version, !live_only).await?;
-    if !found.deleted && store::is_referenced(&mut transaction, &subject, found.version).await? {
+    if store::is_referenced(&mut transaction, &subject, found.version, permanent).await? {
         return Err(ApiError::referenced(&subject, found.version));
     }
     if permanent {
@@ -698,12 +706,18 @@ async fn get_subject_config(
 async fn put_subject_config(State(state): Shared, Path(subject): Path<String>, body: Bytes) -> ApiResult {
     let level = requested_level(&body)?;
     let mut connection = state.store.pool().acquire().await?;
+    if read_only(&mut connection, &subject).await? {
+        return Err(ApiError::read_only(&subject));
+    }
     store::set_compatibility(&mut connection, &subject, level.name()).await?;
     Ok(reply(json!({"compatibility": level.name()})))
 }
 
 async fn delete_subject_config(State(state): Shared, Path(subject): Path<String>) -> ApiResult {
     let mut connection = state.store.pool().acquire().await?;
+    if read_only(&mut connection, &subject).await? {
+        return Err(ApiError::read_only(&subject));
+    }
     match store::delete_compatibility(&mut connection, &subject).await? {
         Some(level) => Ok(reply(json!({"compatibilityLevel": level}))),
         None => Err(ApiError::new(
@@ -753,9 +767,11 @@ async fn compatibility(
         // non-transitive level).
         None => live,
         Some(VersionSelector::Latest) => live.into_iter().last().into_iter().collect(),
-        Some(VersionSelector::Number(_)) => {
-            vec![find_version(&mut connection, subject, version.unwrap_or_default(), false).await?]
-        }
+        // (Confluent answers a missing version of a missing subject with 40402 too.)
+        Some(VersionSelector::Number(number)) => match live.into_iter().find(|v| v.version == number) {
+            Some(found) => vec![found],
+            None => return Err(ApiError::version_not_found(&number.to_string())),
+        },
     };
     let mut schemas = Vec::with_capacity(against.len());
     for version in &against {
@@ -764,7 +780,9 @@ async fn compatibility(
     let result = compat::check(level, &candidate.schema, &schemas);
     let mut body = json!({"is_compatible": result.is_ok()});
     if flags.get("verbose") {
-        body["messages"] = json!(result.err().unwrap_or_default());
+        let refusals = result.err().unwrap_or_default();
+        let messages = compat::messages(level, &refusals, |i| (against[i].version, &against[i].schema.schema));
+        body["messages"] = json!(messages);
     }
     Ok(reply(body))
 }
@@ -902,6 +920,13 @@ mod tests {
         assert_eq!(choose_media_type("application/vnd.schemaregistry.v1+json, application/json"), Some(CONTENT_TYPE));
         assert_eq!(choose_media_type("text/html"), None);
         assert_eq!(choose_media_type("application/json;q=0, text/plain"), None);
+        // The most specific range decides: v1+json refused, the others by */*.
+        assert_eq!(
+            choose_media_type("application/vnd.schemaregistry.v1+json;q=0, */*"),
+            Some("application/vnd.schemaregistry+json")
+        );
+        assert_eq!(choose_media_type("application/*;q=0.5, */*;q=0.1"), Some(CONTENT_TYPE));
+        assert_eq!(choose_media_type("application/json;Q=0.5, */*;q=0.1"), Some("application/json"));
     }
 
     #[test]

@@ -3,9 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use apache_avro::Schema;
-
-use crate::resolution::can_read;
+use crate::resolution::{can_read_as, Incompatibility, New, Parsed};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -70,49 +68,66 @@ impl FromStr for Level {
     }
 }
 
+/// Why a schema was refused: what it broke against which existing one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Index into the `existing` schemas checked.
+    pub against: usize,
+    pub found: Vec<Incompatibility>,
+}
+
 /// Checks `new` against `existing` (oldest first) at `level`: non-transitive
-/// levels look at the newest existing schema only. Returns the reasons of
-/// incompatibility.
-pub fn check(level: Level, new: &Schema, existing: &[Schema]) -> Result<(), Vec<String>> {
-    let against: &[Schema] =
-        if level.is_transitive() { existing } else { existing.last().map_or(&[], std::slice::from_ref) };
-    let mut reasons = Vec::new();
-    for (index, old) in against.iter().enumerate() {
-        let which = if level.is_transitive() {
-            format!("version at position {}", index + 1)
-        } else {
-            "the latest version".to_string()
-        };
+/// levels look at the newest existing schema only.
+pub fn check(level: Level, new: &Parsed, existing: &[Parsed]) -> Result<(), Vec<Refusal>> {
+    let first = if level.is_transitive() { 0 } else { existing.len().saturating_sub(1) };
+    let mut refusals = Vec::new();
+    for (against, old) in existing.iter().enumerate().skip(first) {
+        let mut found = Vec::new();
         // BACKWARD: the new schema reads the old one's data; FORWARD: the
         // old one reads the new one's.
         if level.backward() {
-            if let Err(found) = can_read(old, new) {
-                for reason in found {
-                    reasons.push(format!("the new schema cannot read data written with {which}: {reason}"));
-                }
-            }
+            found.extend(can_read_as(old, new, New::Reader).err().unwrap_or_default());
         }
         if level.forward() {
-            if let Err(found) = can_read(new, old) {
-                for reason in found {
-                    reasons.push(format!("{which} cannot read data written with the new schema: {reason}"));
-                }
-            }
+            found.extend(can_read_as(new, old, New::Writer).err().unwrap_or_default());
+        }
+        if !found.is_empty() {
+            refusals.push(Refusal { against, found });
         }
     }
-    if reasons.is_empty() {
+    if refusals.is_empty() {
         Ok(())
     } else {
-        Err(reasons)
+        Err(refusals)
     }
+}
+
+/// The messages Confluent's registry gives for refusals (in `verbose`
+/// compatibility answers and in a 409's details): each incompatibility,
+/// then the old schema's version and text, then the level.
+/// `existing(i)` is the version number and text of the i-th existing schema.
+pub fn messages<'a>(level: Level, refusals: &[Refusal], existing: impl Fn(usize) -> (i32, &'a str)) -> Vec<String> {
+    let mut out = Vec::new();
+    for refusal in refusals {
+        out.extend(refusal.found.iter().map(ToString::to_string));
+        let (version, text) = existing(refusal.against);
+        out.push(format!("{{oldSchemaVersion: {version}}}"));
+        out.push(format!("{{oldSchema: '{text}'}}"));
+    }
+    if !refusals.is_empty() {
+        out.push(format!("{{validateFields: 'false', compatibility: '{level}'}}"));
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn schema(fields: &str) -> Schema {
-        Schema::parse_str(&format!(r#"{{"type": "record", "name": "User", "fields": [{fields}]}}"#)).unwrap()
+    fn schema(fields: &str) -> Parsed {
+        apache_avro::Schema::parse_str(&format!(r#"{{"type": "record", "name": "User", "fields": [{fields}]}}"#))
+            .unwrap()
+            .into()
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //!
 //! * `api`: the HTTP routes, Confluent's error bodies and codes, reference
 //!   resolution and schema normalization.
+//! * [`canonical`]: schema identity (what makes two registrations one schema).
 //! * [`compat`]: compatibility levels, each check made of [`resolution`].
 //! * [`resolution`]: Avro's schema-resolution rules: can a reader schema
 //!   read what a writer schema wrote, and why not.
@@ -25,6 +26,7 @@
 //!   [`RunningRegistry`].
 
 mod api;
+pub mod canonical;
 pub mod compat;
 pub mod resolution;
 pub mod store;

@@ -36,6 +36,8 @@ pub struct Incompatibility {
     pub kind: Kind,
     pub path: String,
     pub description: String,
+    /// Confluent's `additionalInfo`: the field, the symbols, the types.
+    pub additional_info: String,
 }
 
 /// The types of incompatibility of Avro's `SchemaCompatibility`.
@@ -64,30 +66,76 @@ impl Kind {
 
 impl fmt::Display for Incompatibility {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let path = if self.path.is_empty() { "/" } else { &self.path };
-        write!(f, "{{errorType:'{}', description:'{}', path:'{path}'}}", self.kind.name(), self.description)
+        write!(
+            f,
+            "{{errorType:'{}', description:'{}', additionalInfo:'{}'}}",
+            self.kind.name(),
+            self.description,
+            self.additional_info
+        )
     }
 }
 
-/// Whether `reader` reads everything `writer` writes; every reason when
-/// not. `*_named` are the schemas their `Ref`s name (references
-/// included), by full name.
-pub fn can_read(writer: &Schema, reader: &Schema) -> Result<(), Vec<Incompatibility>> {
-    let mut check =
-        Check { writer_named: named(writer), reader_named: named(reader), visiting: HashSet::new(), found: Vec::new() };
-    check.check(writer, reader, "");
+/// A schema with the schemas it references (by the registry's
+/// references): its `Ref`s resolve through them.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub schema: Schema,
+    pub references: Vec<Schema>,
+}
+
+impl From<Schema> for Parsed {
+    fn from(schema: Schema) -> Parsed {
+        Parsed { schema, references: Vec::new() }
+    }
+}
+
+impl Parsed {
+    /// Its named types and those of its references, by full name.
+    fn named(&self) -> HashMap<String, Schema> {
+        let mut out = HashMap::new();
+        for schema in self.references.iter().chain(std::iter::once(&self.schema)) {
+            collect(schema, &mut out);
+        }
+        out
+    }
+}
+
+/// Which of the two is the schema being registered: the descriptions
+/// name the schemas "new" and "old" as Confluent's do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum New {
+    Reader,
+    Writer,
+}
+
+/// Whether `reader` reads everything `writer` writes (the reader being
+/// the new schema); every reason when not.
+pub fn can_read(writer: &Parsed, reader: &Parsed) -> Result<(), Vec<Incompatibility>> {
+    can_read_as(writer, reader, New::Reader)
+}
+
+/// [`can_read`], saying which of the two is the new schema.
+pub fn can_read_as(writer: &Parsed, reader: &Parsed, new: New) -> Result<(), Vec<Incompatibility>> {
+    let (reader_is, writer_is) = match new {
+        New::Reader => ("new", "old"),
+        New::Writer => ("old", "new"),
+    };
+    let mut check = Check {
+        reader_is,
+        writer_is,
+        writer_named: writer.named(),
+        reader_named: reader.named(),
+        visiting: HashSet::new(),
+        done: HashMap::new(),
+        found: Vec::new(),
+    };
+    check.check(&writer.schema, &reader.schema, "");
     if check.found.is_empty() {
         Ok(())
     } else {
         Err(check.found)
     }
-}
-
-/// The named types of a schema, by full name.
-fn named(schema: &Schema) -> HashMap<String, Schema> {
-    let mut out = HashMap::new();
-    collect(schema, &mut out);
-    out
 }
 
 fn collect(schema: &Schema, out: &mut HashMap<String, Schema>) {
@@ -139,7 +187,21 @@ enum Shape {
     Fixed,
 }
 
+/// A path as Confluent shows it: the root is `/`.
+fn shown(path: &str) -> &str {
+    if path.is_empty() {
+        "/"
+    } else {
+        path
+    }
+}
+
 impl Shape {
+    /// As Avro Java's `Schema.Type` names it.
+    fn upper(self) -> String {
+        self.name().to_ascii_uppercase()
+    }
+
     fn name(self) -> &'static str {
         match self {
             Shape::Null => "null",
@@ -161,11 +223,18 @@ impl Shape {
 }
 
 struct Check {
+    /// "new" or "old", for the descriptions.
+    reader_is: &'static str,
+    writer_is: &'static str,
     writer_named: HashMap<String, Schema>,
     reader_named: HashMap<String, Schema>,
     /// (writer, reader) named pairs being checked: a recursive type meets
     /// itself again; the pair holds unless something else says not.
     visiting: HashSet<(String, String)>,
+    /// Named pairs checked already, with what they found: a type used in
+    /// many places (T0 {a: T1, b: T1}, T1 {a: T2, b: T2}, …) is checked
+    /// once, not once per path (which grows exponentially).
+    done: HashMap<(String, String), Vec<Incompatibility>>,
     found: Vec<Incompatibility>,
 }
 
@@ -213,8 +282,8 @@ impl Check {
         }
     }
 
-    fn fail(&mut self, kind: Kind, path: &str, description: String) {
-        self.found.push(Incompatibility { kind, path: path.to_string(), description });
+    fn fail(&mut self, kind: Kind, path: &str, description: String, additional_info: String) {
+        self.found.push(Incompatibility { kind, path: path.to_string(), description, additional_info });
     }
 
     /// Whether checking `writer` against `reader` finds nothing, without
@@ -240,12 +309,17 @@ impl Check {
                 if rs == Shape::Union {
                     self.check(branch, &r, path);
                 } else if !self.quietly(branch, &r, path) {
+                    let branch_path = format!("{path}/{index}");
                     let description = format!(
-                        "reader type: {} not compatible with writer's union branch {index}: {}",
-                        rs.name(),
-                        Self::shape(branch).name()
+                        "The {} schema is missing a type inside a union field at path '{branch_path}' in the {} schema",
+                        self.reader_is, self.writer_is
                     );
-                    self.fail(Kind::MissingUnionBranch, path, description);
+                    let info = format!(
+                        "reader type: {} not compatible with writer type: {}",
+                        rs.upper(),
+                        Self::shape(branch).upper()
+                    );
+                    self.fail(Kind::MissingUnionBranch, &branch_path, description, info);
                 }
             }
             return;
@@ -254,8 +328,14 @@ impl Check {
         if let Schema::Union(union) = &r {
             let readable = union.variants().iter().any(|branch| self.quietly(&w, branch, path));
             if !readable {
-                let description = format!("reader union lacking writer type: {}", ws.name());
-                self.fail(Kind::MissingUnionBranch, path, description);
+                let description = format!(
+                    "The {} schema is missing a type inside a union field at path '{}' in the {} schema",
+                    self.reader_is,
+                    shown(path),
+                    self.writer_is
+                );
+                let info = format!("reader union lacking writer type: {}", ws.upper());
+                self.fail(Kind::MissingUnionBranch, path, description, info);
             }
             return;
         }
@@ -271,8 +351,14 @@ impl Check {
             return;
         }
         if ws != rs {
-            let description = format!("reader type: {} not compatible with writer type: {}", rs.name(), ws.name());
-            self.fail(Kind::TypeMismatch, path, description);
+            let description = format!(
+                "The type (path '{}') of a field in the {} schema does not match with the {} schema",
+                shown(path),
+                self.reader_is,
+                self.writer_is
+            );
+            let info = format!("reader type: {} not compatible with writer type: {}", rs.upper(), ws.upper());
+            self.fail(Kind::TypeMismatch, path, description, info);
             return;
         }
         match (&w, &r) {
@@ -289,17 +375,23 @@ impl Check {
         let names_match =
             w_name.name() == r_name.name() || r_aliases.iter().any(|alias| *alias == w_name.fullname(None));
         if !names_match {
-            let description =
-                format!("expected: {} (writer) to match {} (reader)", w_name.fullname(None), r_name.fullname(None));
-            self.fail(Kind::NameMismatch, &format!("{path}/name"), description);
+            let name_path = format!("{path}/name");
+            let description = format!("The name of the schema has changed (path '{name_path}')");
+            let info = format!("expected: {}", w_name.fullname(None));
+            self.fail(Kind::NameMismatch, &name_path, description, info);
             return;
         }
         match (w, r) {
             (Schema::Record(wr), Schema::Record(rr)) => {
                 let pair = (wr.name.fullname(None), rr.name.fullname(None));
+                if let Some(found) = self.done.get(&pair) {
+                    self.found.extend(found.iter().cloned());
+                    return;
+                }
                 if !self.visiting.insert(pair.clone()) {
                     return;
                 }
+                let before = self.found.len();
                 for (index, field) in rr.fields.iter().enumerate() {
                     let field_path = format!("{path}/fields/{index}");
                     let from = wr
@@ -312,14 +404,16 @@ impl Check {
                         None if field.default.is_some() => {}
                         None => {
                             let description = format!(
-                                "The field '{}' at path '{field_path}' in the new schema has no default value and is missing in the old schema",
-                                field.name
+                                "The field '{}' at path '{field_path}' in the {} schema has no default value and is missing in the {} schema",
+                                field.name, self.reader_is, self.writer_is
                             );
-                            self.fail(Kind::ReaderFieldMissingDefaultValue, &field_path, description);
+                            let info = field.name.clone();
+                            self.fail(Kind::ReaderFieldMissingDefaultValue, &field_path, description, info);
                         }
                     }
                 }
                 self.visiting.remove(&pair);
+                self.done.insert(pair, self.found[before..].to_vec());
             }
             (Schema::Enum(we), Schema::Enum(re)) => {
                 if re.default.is_some() {
@@ -328,19 +422,26 @@ impl Check {
                 let missing: Vec<&str> =
                     we.symbols.iter().filter(|s| !re.symbols.contains(s)).map(String::as_str).collect();
                 if !missing.is_empty() {
-                    let description = format!("The new schema is missing enum symbols '{}'", missing.join(", "));
-                    self.fail(Kind::MissingEnumSymbols, &format!("{path}/symbols"), description);
+                    let symbols_path = format!("{path}/symbols");
+                    let symbols = format!("[{}]", missing.join(", "));
+                    let description = format!(
+                        "The {} schema is missing enum symbols '{symbols}' at path '{symbols_path}' in the {} schema",
+                        self.reader_is, self.writer_is
+                    );
+                    self.fail(Kind::MissingEnumSymbols, &symbols_path, description, symbols);
                 }
             }
             _ => {
                 let (ws, rs) = (fixed_size(w), fixed_size(r));
                 if ws != rs {
+                    let size_path = format!("{path}/size");
                     let description = format!(
-                        "expected: {}, found: {}",
-                        ws.map_or("?".into(), |s| s.to_string()),
-                        rs.map_or("?".into(), |s| s.to_string())
+                        "The size of FIXED type field at path '{size_path}' in the {} schema does not match with the {} schema",
+                        self.reader_is, self.writer_is
                     );
-                    self.fail(Kind::FixedSizeMismatch, &format!("{path}/size"), description);
+                    let size = |s: Option<usize>| s.map_or("?".into(), |s| s.to_string());
+                    let info = format!("expected: {}, found: {}", size(ws), size(rs));
+                    self.fail(Kind::FixedSizeMismatch, &size_path, description, info);
                 }
             }
         }

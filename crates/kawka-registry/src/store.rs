@@ -11,6 +11,7 @@
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
+use crate::canonical::identity_text;
 use crate::wire::SchemaReference;
 
 /// A stored schema.
@@ -92,6 +93,25 @@ impl Store {
         for statement in INIT {
             sqlx::query(statement).execute(&mut *transaction).await?;
         }
+        // Identities stored by an earlier release (of the JSON text) are
+        // made again the way this one computes them, so a schema registered
+        // again after an upgrade keeps its id. Where two stored schemas now
+        // have one identity the older keeps it.
+        let rows = sqlx::query("SELECT id, schema_type, schema, refs FROM kawka_registry_schemas ORDER BY id")
+            .fetch_all(&mut *transaction)
+            .await?;
+        for row in &rows {
+            let stored = schema_from_row(row)?;
+            let (_, identity) = identity(&stored.schema_type, &stored.schema, &stored.references);
+            sqlx::query(
+                "UPDATE kawka_registry_schemas SET identity = md5($2) WHERE id = $1 AND identity <> md5($2)
+                 AND NOT EXISTS (SELECT 1 FROM kawka_registry_schemas WHERE identity = md5($2))",
+            )
+            .bind(stored.id)
+            .bind(&identity)
+            .execute(&mut *transaction)
+            .await?;
+        }
         transaction.commit().await
     }
 
@@ -131,10 +151,12 @@ pub async fn schema_by_id(connection: &mut PgConnection, id: i32) -> Result<Opti
     row.as_ref().map(schema_from_row).transpose()
 }
 
-/// What makes two registrations the same schema.
+/// What makes two registrations the same schema: its type, references and
+/// the schema as Avro reads it ([`crate::canonical`]), not its text.
 fn identity(schema_type: &str, schema: &str, references: &[SchemaReference]) -> (serde_json::Value, String) {
     let refs = serde_json::to_value(references).unwrap_or_default();
-    let identity = format!("{schema_type}\n{refs}\n{schema}");
+    let canonical = serde_json::from_str(schema).map_or_else(|_| schema.to_string(), |json| identity_text(&json));
+    let identity = format!("{schema_type}\n{refs}\n{canonical}");
     (refs, identity)
 }
 
@@ -335,14 +357,23 @@ pub async fn all_versions(
     rows.iter().map(version_from_row).collect()
 }
 
-/// Whether a live version uses a schema that references `subject` at `version`.
-pub async fn is_referenced(connection: &mut PgConnection, subject: &str, version: i32) -> Result<bool, sqlx::Error> {
+/// Whether a version of another subject uses a schema that references
+/// `subject` at `version` (soft-deleted referrers count with
+/// `deleted_referrers`: a permanent delete must not orphan them either).
+pub async fn is_referenced(
+    connection: &mut PgConnection,
+    subject: &str,
+    version: i32,
+    deleted_referrers: bool,
+) -> Result<bool, sqlx::Error> {
     let needle = serde_json::json!([{ "subject": subject, "version": version }]);
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM kawka_registry_schemas s JOIN kawka_registry_versions v ON v.schema_id = s.id
-         WHERE s.refs @> $1 AND NOT v.deleted)",
+         WHERE s.refs @> $1 AND v.subject <> $2 AND ($3 OR NOT v.deleted))",
     )
     .bind(needle)
+    .bind(subject)
+    .bind(deleted_referrers)
     .fetch_one(connection)
     .await
 }

@@ -6,6 +6,7 @@
 
 use apache_avro::Schema;
 use kawka_registry::compat::{check, Level};
+use kawka_registry::resolution::Parsed;
 
 fn record(name: &str, fields: &str) -> String {
     format!(r#"{{"type":"record","name":"{name}","fields":[{fields}]}}"#)
@@ -396,8 +397,8 @@ fn table() -> Vec<(&'static str, String, String, bool, bool)> {
     ]
 }
 
-fn parse(what: &str, text: &str) -> Schema {
-    Schema::parse_str(text).unwrap_or_else(|e| panic!("{what}: {text}: {e}"))
+fn parse(what: &str, text: &str) -> Parsed {
+    Schema::parse_str(text).unwrap_or_else(|e| panic!("{what}: {text}: {e}")).into()
 }
 
 #[test]
@@ -420,8 +421,8 @@ fn every_case_of_the_table_at_every_level() {
                 failures.push(format!("{what} at {level}: expected {expected}, got {verdict:?}"));
             }
             // Every refusal says why.
-            if let Err(reasons) = &verdict {
-                assert!(reasons.iter().all(|r| r.contains("errorType:'")), "{what}: {reasons:?}");
+            if let Err(refusals) = &verdict {
+                assert!(refusals.iter().all(|r| !r.found.is_empty()), "{what}: {refusals:?}");
             }
         }
     }
@@ -450,15 +451,69 @@ fn transitive_levels_check_every_version_and_the_others_the_latest() {
 
 #[test]
 fn refusals_name_the_type_of_incompatibility_and_where() {
-    let old = parse("old", &r(&field("a", "\"int\"")));
+    let old_text = r(&field("a", "\"int\""));
+    let old = parse("old", &old_text);
     let new = parse("new", &r(&format!("{},{}", field("a", "\"int\""), field("age", "\"int\""))));
-    let reasons = check(Level::Backward, &new, &[old]).expect_err("refused");
-    assert_eq!(reasons.len(), 1, "{reasons:?}");
-    assert!(reasons[0].contains("READER_FIELD_MISSING_DEFAULT_VALUE"), "{}", reasons[0]);
-    assert!(reasons[0].contains("'age'"), "{}", reasons[0]);
-    assert!(reasons[0].contains("/fields/1"), "{}", reasons[0]);
+    let refusals = check(Level::Backward, &new, &[old]).expect_err("refused");
+    let messages = kawka_registry::compat::messages(Level::Backward, &refusals, |_| (1, old_text.as_str()));
+    assert_eq!(
+        messages,
+        [
+            "{errorType:'READER_FIELD_MISSING_DEFAULT_VALUE', description:'The field 'age' at path '/fields/1' in the new \
+             schema has no default value and is missing in the old schema', additionalInfo:'age'}"
+                .to_string(),
+            "{oldSchemaVersion: 1}".to_string(),
+            format!("{{oldSchema: '{old_text}'}}"),
+            "{validateFields: 'false', compatibility: 'BACKWARD'}".to_string(),
+        ]
+    );
+    // FORWARD: the old schema is the reader, and the text says so.
+    let old = parse("old", &r(&format!("{},{}", field("a", "\"int\""), field("b", "\"int\""))));
+    let refusals = check(Level::Forward, &parse("new", &old_text), &[old]).expect_err("refused");
+    let text = refusals[0].found[0].to_string();
+    assert!(text.contains("in the old schema has no default value and is missing in the new schema"), "{text}");
     let old = parse("old", &enumeration("E", &["A", "B", "C"], None));
     let new = parse("new", &enumeration("E", &["A"], None));
-    let reasons = check(Level::Backward, &new, &[old]).expect_err("refused");
-    assert!(reasons[0].contains("MISSING_ENUM_SYMBOLS") && reasons[0].contains("B, C"), "{reasons:?}");
+    let refusals = check(Level::Backward, &new, &[old]).expect_err("refused");
+    let text = refusals[0].found[0].to_string();
+    assert!(text.contains("MISSING_ENUM_SYMBOLS") && text.contains("additionalInfo:'[B, C]'"), "{text}");
+}
+
+#[test]
+fn references_resolve_on_both_sides() {
+    let money = |field: &str| {
+        Schema::parse_str(&format!(
+            r#"{{"type":"record","name":"Money","namespace":"shop","fields":[{{"name":"{field}","type":"long"}}]}}"#
+        ))
+        .expect("Money")
+    };
+    let with = |money: Schema| {
+        let (schema, references) = Schema::parse_str_with_list(
+            r#"{"type":"record","name":"Order","namespace":"shop","fields":[{"name":"price","type":"shop.Money"}]}"#,
+            [serde_json::to_string(&money).expect("json")],
+        )
+        .expect("parses");
+        Parsed { schema, references }
+    };
+    let old = with(money("cents"));
+    // The referenced type changed incompatibly (a field without default).
+    let new = with(money("units"));
+    assert!(check(Level::Backward, &new, std::slice::from_ref(&old)).is_err(), "the reference is compared");
+    assert!(check(Level::Backward, &with(money("cents")), &[old]).is_ok());
+}
+
+#[test]
+fn a_type_used_on_many_paths_is_checked_once() {
+    // T0 {a: T1, b: T1}, T1 {a: T2, b: T2}, …: 2^40 paths, 40 types.
+    let mut text = r#"{"type":"record","name":"T40","fields":[{"name":"x","type":"int"}]}"#.to_string();
+    for n in (0..40).rev() {
+        text = format!(
+            r#"{{"type":"record","name":"T{n}","fields":[{{"name":"a","type":{text}}},{{"name":"b","type":"T{}"}}]}}"#,
+            n + 1
+        );
+    }
+    let schema = parse("deep", &text);
+    let started = std::time::Instant::now();
+    assert!(check(Level::Full, &schema, std::slice::from_ref(&schema)).is_ok());
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "memoized: {:?}", started.elapsed());
 }

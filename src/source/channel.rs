@@ -15,13 +15,14 @@ use crate::event::Claim;
 pub(super) const CHUNK: usize = 1000;
 /// Chunks the channel holds.
 pub(super) const CHANNEL_CHUNKS: usize = 8;
+
 /// A chunk of records, on the records channel.
 #[derive(Debug)]
 pub struct Chunk {
     /// The assignment the records were fetched for.
     pub generation: u64,
     pub records: Vec<RawRecord>,
-    /// Bytes of the records' keys and values (what the channel's budget counts).
+    /// Bytes of the records ([`RawRecord::size`]: what the channel's budget counts).
     pub bytes: usize,
 }
 

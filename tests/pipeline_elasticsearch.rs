@@ -258,11 +258,22 @@ async fn two_processes_killed_and_rebalanced_end_in_the_fold_of_a_log_with_dupli
     let mut progress_at_kills = Vec::new();
     let mut before = 0;
     for round in 0..KILLS {
-        let now = eventually(Duration::from_secs(90), "progress between kills", || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        let now = loop {
             let now = support::committed_total(&group, &topics).await;
-            (now > before).then_some(now)
-        })
-        .await;
+            if now > before {
+                break now;
+            }
+            if std::time::Instant::now() > deadline {
+                let tail = |log: String| log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+                panic!(
+                    "round {round}: no progress past {before} in 90 s; logs (newest first):\n{}\n---\n{}",
+                    tail(processes[0].log()),
+                    tail(processes[1].log())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
         assert!(now < total, "round {round}: the run finished before the kill; make it longer");
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..500))).await;
         let victim = rand::rng().random_range(0..2);

@@ -36,7 +36,10 @@ pub(super) struct Worker<'a> {
     pub(super) pending: Pending,
     /// The epoch of each assigned partition.
     pub(super) epochs: Epochs,
-    generation: Option<u64>,
+    /// The assignment being consumed (`None` from a revoke to the next
+    /// assignment): its batches' positions are committed to Kafka only
+    /// while it is the consumer's.
+    pub(super) generation: Option<u64>,
     pub(super) shutdown: watch::Receiver<bool>,
     /// Replay: partitions that reached records this run wrote itself (foldhash: looked up per record).
     replay_done: std::collections::HashSet<(Name, i32), foldhash::fast::RandomState>,

@@ -240,7 +240,7 @@ impl Worker<'_> {
         status.batch_written(batch.records.len(), batch.ops.len(), done.duplicates, seconds, newest);
         let positions: Vec<(Name, i32, i64)> = offsets.iter().map(|o| (o.topic, o.partition, o.next_offset)).collect();
         status.positions(&positions);
-        self.source.durable(offsets);
+        self.source.durable(offsets, self.generation);
     }
 
     /// Writes the pending batch until it is durable, dead-lettering the

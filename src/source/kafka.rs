@@ -288,11 +288,21 @@ impl KafkaSource {
     }
 
     /// Records positions that are durable in the sink and commits them to
-    /// Kafka asynchronously.
-    pub fn durable(&self, offsets: &[crate::event::PartitionOffset]) {
+    /// Kafka asynchronously. `generation` is the assignment the batch was
+    /// written under: if a revoke has ended it meanwhile (it stopped waiting
+    /// for this flush), the partitions may be another member's now and
+    /// their offsets are not committed from here. (The revoke moves the
+    /// generation before it commits and forgets the positions; the check
+    /// and the insert hold the map's lock, so no stale position slips in
+    /// after it.)
+    pub fn durable(&self, offsets: &[crate::event::PartitionOffset], generation: Option<u64>) {
         let context = self.consumer.context();
         {
             let mut durable = context.durable.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if generation != Some(context.generation.load(Ordering::SeqCst)) {
+                tracing::debug!(connector = %context.connector, "positions of a revoked assignment are not committed");
+                return;
+            }
             for offset in offsets {
                 durable.insert((offset.topic, offset.partition), offset.next_offset);
             }
@@ -723,7 +733,8 @@ mod tests {
         let failures = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3];
         cluster.request_errors(RDKafkaApiKey::OffsetCommit, &failures);
         let topic = crate::value::intern("events");
-        consumer.durable(&[PartitionOffset { topic, partition: 0, next_offset: 10, epoch: None }]);
+        let generation = Some(consumer.consumer.context().generation.load(Ordering::SeqCst));
+        consumer.durable(&[PartitionOffset { topic, partition: 0, next_offset: 10, epoch: None }], generation);
         let committed = tokio::task::spawn_blocking(move || {
             let offsets = GroupOffsets::new(&kafka, "kawka.retries", &["events".to_string()]).expect("a reader");
             let deadline = std::time::Instant::now() + Duration::from_secs(20);

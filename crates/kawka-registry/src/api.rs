@@ -27,7 +27,7 @@ use sqlx::PgConnection;
 use crate::canonical::normalize;
 use crate::compat::{self, Level};
 use crate::resolution::Parsed;
-use crate::store::{self, Store, StoredSchema, StoredVersion};
+use crate::store::{self, Setting, Store, StoredSchema, StoredVersion};
 use crate::wire::{SchemaReference, CONTENT_TYPE};
 
 const DEFAULT_LEVEL: Level = Level::Backward;
@@ -380,9 +380,9 @@ async fn prepare(connection: &mut PgConnection, body: &Bytes) -> Result<Candidat
 }
 
 async fn level_of(connection: &mut PgConnection, subject: &str) -> Result<Level, ApiError> {
-    let level = match store::compatibility(connection, subject).await? {
+    let level = match store::setting(connection, Setting::Compatibility, subject).await? {
         Some(level) => Some(level),
-        None => store::compatibility(connection, "").await?,
+        None => store::setting(connection, Setting::Compatibility, "").await?,
     };
     Ok(level.and_then(|l| l.parse().ok()).unwrap_or(DEFAULT_LEVEL))
 }
@@ -585,8 +585,8 @@ async fn delete_subject(State(state): Shared, Path(subject): Path<String>, Query
                 format!("Subject '{subject}' was not deleted first before being permanently deleted"),
             ));
         }
-        store::delete_compatibility(&mut transaction, &subject).await?;
-        store::delete_mode(&mut transaction, &subject).await?;
+        store::delete_setting(&mut transaction, Setting::Compatibility, &subject).await?;
+        store::delete_setting(&mut transaction, Setting::Mode, &subject).await?;
         store::delete_permanently(&mut transaction, &subject, None).await?
     } else {
         if !live {
@@ -672,14 +672,16 @@ fn requested_level(body: &Bytes) -> Result<Level, ApiError> {
 
 async fn get_global_config(State(state): Shared) -> ApiResult {
     let mut connection = state.store.pool().acquire().await?;
-    let level = store::compatibility(&mut connection, "").await?.unwrap_or_else(|| DEFAULT_LEVEL.name().to_string());
+    let level = store::setting(&mut connection, Setting::Compatibility, "")
+        .await?
+        .unwrap_or_else(|| DEFAULT_LEVEL.name().to_string());
     Ok(reply(json!({"compatibilityLevel": level})))
 }
 
 async fn put_global_config(State(state): Shared, body: Bytes) -> ApiResult {
     let level = requested_level(&body)?;
     let mut connection = state.store.pool().acquire().await?;
-    store::set_compatibility(&mut connection, "", level.name()).await?;
+    store::set_setting(&mut connection, Setting::Compatibility, "", level.name()).await?;
     Ok(reply(json!({"compatibility": level.name()})))
 }
 
@@ -689,7 +691,7 @@ async fn get_subject_config(
     Query(flags): Query<Flags>,
 ) -> ApiResult {
     let mut connection = state.store.pool().acquire().await?;
-    let level = match store::compatibility(&mut connection, &subject).await? {
+    let level = match store::setting(&mut connection, Setting::Compatibility, &subject).await? {
         Some(level) => level,
         None if flags.get("defaultToGlobal") => level_of(&mut connection, &subject).await?.name().to_string(),
         None => {
@@ -709,7 +711,7 @@ async fn put_subject_config(State(state): Shared, Path(subject): Path<String>, b
     if read_only(&mut connection, &subject).await? {
         return Err(ApiError::read_only(&subject));
     }
-    store::set_compatibility(&mut connection, &subject, level.name()).await?;
+    store::set_setting(&mut connection, Setting::Compatibility, &subject, level.name()).await?;
     Ok(reply(json!({"compatibility": level.name()})))
 }
 
@@ -718,7 +720,7 @@ async fn delete_subject_config(State(state): Shared, Path(subject): Path<String>
     if read_only(&mut connection, &subject).await? {
         return Err(ApiError::read_only(&subject));
     }
-    match store::delete_compatibility(&mut connection, &subject).await? {
+    match store::delete_setting(&mut connection, Setting::Compatibility, &subject).await? {
         Some(level) => Ok(reply(json!({"compatibilityLevel": level}))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -820,9 +822,9 @@ const MODES: [&str; 3] = ["READWRITE", "READONLY", "READONLY_OVERRIDE"];
 
 /// Whether `subject` (or, without its own mode, the registry) is read-only.
 async fn read_only(connection: &mut PgConnection, subject: &str) -> Result<bool, ApiError> {
-    let mode = match store::mode(connection, subject).await? {
+    let mode = match store::setting(connection, Setting::Mode, subject).await? {
         Some(mode) => Some(mode),
-        None => store::mode(connection, "").await?,
+        None => store::setting(connection, Setting::Mode, "").await?,
     };
     Ok(mode.is_some_and(|m| m.starts_with("READONLY")))
 }
@@ -846,14 +848,14 @@ fn requested_mode(body: &Bytes) -> Result<&'static str, ApiError> {
 
 async fn get_global_mode(State(state): Shared) -> ApiResult {
     let mut connection = state.store.pool().acquire().await?;
-    let mode = store::mode(&mut connection, "").await?.unwrap_or_else(|| "READWRITE".into());
+    let mode = store::setting(&mut connection, Setting::Mode, "").await?.unwrap_or_else(|| "READWRITE".into());
     Ok(reply(json!({"mode": mode})))
 }
 
 async fn put_global_mode(State(state): Shared, body: Bytes) -> ApiResult {
     let mode = requested_mode(&body)?;
     let mut connection = state.store.pool().acquire().await?;
-    store::set_mode(&mut connection, "", mode).await?;
+    store::set_setting(&mut connection, Setting::Mode, "", mode).await?;
     Ok(reply(json!({"mode": mode})))
 }
 
@@ -867,10 +869,10 @@ fn mode_not_configured(subject: &str) -> ApiError {
 
 async fn get_subject_mode(State(state): Shared, Path(subject): Path<String>, Query(flags): Query<Flags>) -> ApiResult {
     let mut connection = state.store.pool().acquire().await?;
-    let mode = match store::mode(&mut connection, &subject).await? {
+    let mode = match store::setting(&mut connection, Setting::Mode, &subject).await? {
         Some(mode) => mode,
         None if flags.get("defaultToGlobal") => {
-            store::mode(&mut connection, "").await?.unwrap_or_else(|| "READWRITE".into())
+            store::setting(&mut connection, Setting::Mode, "").await?.unwrap_or_else(|| "READWRITE".into())
         }
         None => return Err(mode_not_configured(&subject)),
     };
@@ -880,13 +882,13 @@ async fn get_subject_mode(State(state): Shared, Path(subject): Path<String>, Que
 async fn put_subject_mode(State(state): Shared, Path(subject): Path<String>, body: Bytes) -> ApiResult {
     let mode = requested_mode(&body)?;
     let mut connection = state.store.pool().acquire().await?;
-    store::set_mode(&mut connection, &subject, mode).await?;
+    store::set_setting(&mut connection, Setting::Mode, &subject, mode).await?;
     Ok(reply(json!({"mode": mode})))
 }
 
 async fn delete_subject_mode(State(state): Shared, Path(subject): Path<String>) -> ApiResult {
     let mut connection = state.store.pool().acquire().await?;
-    match store::delete_mode(&mut connection, &subject).await? {
+    match store::delete_setting(&mut connection, Setting::Mode, &subject).await? {
         Some(mode) => Ok(reply(json!({"mode": mode}))),
         None => Err(mode_not_configured(&subject)),
     }

@@ -315,28 +315,63 @@ fn sorted(mut versions: Vec<i32>) -> Vec<i32> {
     versions
 }
 
-/// The compatibility level of `subject` (`""` for the global one), if set.
-pub async fn compatibility(connection: &mut PgConnection, subject: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT compatibility FROM kawka_registry_config WHERE subject = $1")
+/// A setting kept per subject (`""`: the registry's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    /// The compatibility level (`/config`).
+    Compatibility,
+    /// READWRITE or READONLY (`/mode`).
+    Mode,
+}
+
+impl Setting {
+    /// Its table and column (constants: no input reaches the SQL text).
+    fn table(self) -> (&'static str, &'static str) {
+        match self {
+            Setting::Compatibility => ("kawka_registry_config", "compatibility"),
+            Setting::Mode => ("kawka_registry_mode", "mode"),
+        }
+    }
+}
+
+/// The value of `setting` for `subject`, if set.
+pub async fn setting(
+    connection: &mut PgConnection,
+    setting: Setting,
+    subject: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let (table, column) = setting.table();
+    sqlx::query_scalar(&format!("SELECT {column} FROM {table} WHERE subject = $1"))
         .bind(subject)
         .fetch_optional(connection)
         .await
 }
 
-pub async fn set_compatibility(connection: &mut PgConnection, subject: &str, level: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO kawka_registry_config (subject, compatibility) VALUES ($1, $2)
-         ON CONFLICT (subject) DO UPDATE SET compatibility = EXCLUDED.compatibility",
-    )
+pub async fn set_setting(
+    connection: &mut PgConnection,
+    setting: Setting,
+    subject: &str,
+    value: &str,
+) -> Result<(), sqlx::Error> {
+    let (table, column) = setting.table();
+    sqlx::query(&format!(
+        "INSERT INTO {table} (subject, {column}) VALUES ($1, $2) ON CONFLICT (subject) DO UPDATE SET {column} = EXCLUDED.{column}"
+    ))
     .bind(subject)
-    .bind(level)
+    .bind(value)
     .execute(connection)
     .await?;
     Ok(())
 }
 
-pub async fn delete_compatibility(connection: &mut PgConnection, subject: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("DELETE FROM kawka_registry_config WHERE subject = $1 RETURNING compatibility")
+/// Removes `setting` of `subject`; returns what it was.
+pub async fn delete_setting(
+    connection: &mut PgConnection,
+    setting: Setting,
+    subject: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let (table, column) = setting.table();
+    sqlx::query_scalar(&format!("DELETE FROM {table} WHERE subject = $1 RETURNING {column}"))
         .bind(subject)
         .fetch_optional(connection)
         .await
@@ -376,31 +411,4 @@ pub async fn is_referenced(
     .bind(deleted_referrers)
     .fetch_one(connection)
     .await
-}
-
-/// The mode of `subject` (`""` for the global one), if set.
-pub async fn mode(connection: &mut PgConnection, subject: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT mode FROM kawka_registry_mode WHERE subject = $1")
-        .bind(subject)
-        .fetch_optional(connection)
-        .await
-}
-
-pub async fn set_mode(connection: &mut PgConnection, subject: &str, mode: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO kawka_registry_mode (subject, mode) VALUES ($1, $2)
-         ON CONFLICT (subject) DO UPDATE SET mode = EXCLUDED.mode",
-    )
-    .bind(subject)
-    .bind(mode)
-    .execute(connection)
-    .await?;
-    Ok(())
-}
-
-pub async fn delete_mode(connection: &mut PgConnection, subject: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("DELETE FROM kawka_registry_mode WHERE subject = $1 RETURNING mode")
-        .bind(subject)
-        .fetch_optional(connection)
-        .await
 }

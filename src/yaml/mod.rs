@@ -131,19 +131,39 @@ pub fn parse(source: &str) -> Result<Node, SyntaxError> {
     Ok(builder.root.unwrap_or_else(|| Node::null(Mark { line: 1, column: 1 })))
 }
 
+/// The most nodes a document may hold once its aliases are expanded: far
+/// above any configuration, far below what an alias bomb (anchors
+/// nesting aliases of aliases, the "billion laughs") would build.
+const MOST_NODES: usize = 100_000;
+
 #[derive(Default)]
 struct TreeBuilder {
     /// Open sequences and mappings; a mapping keeps its pending key.
     stack: Vec<(Node, Option<Node>, usize)>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes, with how many nodes each holds.
+    anchors: HashMap<usize, (Node, usize)>,
     root: Option<Node>,
     problem: Option<SyntaxError>,
+    /// Nodes built so far, aliases counted as what they expand to.
+    nodes: usize,
+}
+
+impl Node {
+    /// This node and every node inside it.
+    fn count(&self) -> usize {
+        1 + match &self.kind {
+            NodeKind::Scalar { .. } => 0,
+            NodeKind::Seq(items) => items.iter().map(Node::count).sum(),
+            NodeKind::Map(entries) => entries.iter().map(|(k, v)| k.count() + v.count()).sum(),
+        }
+    }
 }
 
 impl TreeBuilder {
     fn push_value(&mut self, node: Node, anchor: usize) {
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            let count = node.count();
+            self.anchors.insert(anchor, (node.clone(), count));
         }
         let Some((parent, pending_key, _)) = self.stack.last_mut() else {
             self.root = Some(node);
@@ -173,13 +193,16 @@ impl MarkedEventReceiver for TreeBuilder {
         let mark = Mark::from_marker(marker);
         match event {
             Event::Scalar(text, style, anchor, _tag) => {
+                self.nodes += 1;
                 let plain = style == TScalarStyle::Plain;
                 self.push_value(Node { kind: NodeKind::Scalar { text, plain }, mark }, anchor);
             }
             Event::SequenceStart(anchor, _) => {
+                self.nodes += 1;
                 self.stack.push((Node { kind: NodeKind::Seq(Vec::new()), mark }, None, anchor))
             }
             Event::MappingStart(anchor, _) => {
+                self.nodes += 1;
                 self.stack.push((Node { kind: NodeKind::Map(Vec::new()), mark }, None, anchor))
             }
             Event::SequenceEnd | Event::MappingEnd => {
@@ -195,8 +218,18 @@ impl MarkedEventReceiver for TreeBuilder {
                 }
             }
             Event::Alias(anchor) => {
-                let node = self.anchors.get(&anchor).cloned().unwrap_or_else(|| Node::null(mark));
-                self.push_value(node, 0);
+                let (node, count) = self.anchors.get(&anchor).cloned().unwrap_or_else(|| (Node::null(mark), 1));
+                self.nodes = self.nodes.saturating_add(count);
+                if self.nodes > MOST_NODES {
+                    // Not expanded: the document is refused, cheaply.
+                    if self.problem.is_none() {
+                        let message = format!("aliases expand to more than {MOST_NODES} nodes (an alias bomb?)");
+                        self.problem = Some(SyntaxError { mark, message });
+                    }
+                    self.push_value(Node::null(mark), 0);
+                } else {
+                    self.push_value(node, 0);
+                }
             }
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
         }
@@ -215,6 +248,21 @@ mod tests {
         let error = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!(error.mark.line, 3);
         assert_eq!(error.message, "duplicate key `a`");
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_without_being_built() {
+        // Nine levels of ten aliases each: 10^9 scalars if expanded.
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..10 {
+            let aliases = vec![format!("*a{}", level - 1); 10].join(", ");
+            text.push_str(&format!("a{level}: &a{level} [{aliases}]\n"));
+        }
+        let error = parse(&text).expect_err("refused");
+        assert!(error.message.contains("alias bomb"), "{}", error.message);
+        assert!(error.mark.line >= 4, "the line where it goes over: {error:?}");
+        // Aliases in ordinary use still resolve.
+        assert!(parse("a: &x [1, 2]\nb: [*x, *x]\n").is_ok());
     }
 
     #[test]

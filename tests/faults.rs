@@ -34,13 +34,6 @@ fn item_sold_body(sale: &str, store: &str, item: &str, quantity: i32) -> Vec<u8>
         .expect("an ItemSold v1")
 }
 
-/// The Confluent framing of `body` under schema `id`, as hex.
-fn framed(id: u32, body: &[u8]) -> String {
-    let mut bytes = Vec::new();
-    kawka::codec::framing::frame_into(id, body, &mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn sold(n: usize, quantity: i64) -> Json {
     json!({"schema": "sold", "key": "s1:i1", "value": {"sale_id": format!("sale{n}"), "store_id": "s1",
         "item_id": "i1", "quantity": quantity, "sold_at": 1_700_000_000_000i64}})
@@ -110,13 +103,25 @@ async fn every_kind_of_poison_is_dead_lettered_and_its_neighbours_are_written() 
         (json!({"key": "s1:i1", "raw_value_hex": ""}), "decode", "empty value"),
         (sold(2, 2), "", "good"),
         (
-            json!({"key": "s1:i1", "raw_value_hex": format!("01{}", &framed(id, &body)[2..])}),
+            json!({"key": "s1:i1", "raw_value_hex": format!("01{}", &support::framed_hex(id, &body)[2..])}),
             "decode",
             "wrong magic byte",
         ),
-        (json!({"key": "s1:i1", "raw_value_hex": framed(id, &body[..body.len() - 3])}), "decode", "truncated Avro"),
-        (json!({"key": "s1:i1", "raw_value_hex": framed(1_000_000, &body)}), "decode", "unknown schema id"),
-        (json!({"key": "s1:i1", "raw_value_hex": framed(id, &[0xff; 12])}), "decode", "value not matching its schema"),
+        (
+            json!({"key": "s1:i1", "raw_value_hex": support::framed_hex(id, &body[..body.len() - 3])}),
+            "decode",
+            "truncated Avro",
+        ),
+        (
+            json!({"key": "s1:i1", "raw_value_hex": support::framed_hex(1_000_000, &body)}),
+            "decode",
+            "unknown schema id",
+        ),
+        (
+            json!({"key": "s1:i1", "raw_value_hex": support::framed_hex(id, &[0xff; 12])}),
+            "decode",
+            "value not matching its schema",
+        ),
         (
             json!({"schema": "loose", "key": "s1:i1", "value": {"store_id": null, "item_id": "i1", "quantity": 1}}),
             "projection",
@@ -127,7 +132,11 @@ async fn every_kind_of_poison_is_dead_lettered_and_its_neighbours_are_written() 
             "sink",
             "wrong type for a column",
         ),
-        (json!({"key": "s1:i1", "raw_value_hex": framed(id, &vec![0u8; 2000])}), "source", "oversized message"),
+        (
+            json!({"key": "s1:i1", "raw_value_hex": support::framed_hex(id, &vec![0u8; 2000])}),
+            "source",
+            "oversized message",
+        ),
         (json!({"key": "s1:i1", "value": null}), "projection", "tombstone without key"),
         (
             json!({"raw_key_hex": "fffe", "schema": "sold", "value": {"sale_id": "k", "store_id": "s1", "item_id": "i1", "quantity": 7, "sold_at": 0}}),

@@ -71,12 +71,6 @@ fn strings_body(values: &[&str]) -> Vec<u8> {
     out
 }
 
-fn framed(id: u32, body: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    kawka::codec::framing::frame_into(id, body, &mut bytes);
-    bytes
-}
-
 /// The peak resident set of a process so far (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process runs");
@@ -105,7 +99,7 @@ async fn large_records_stay_within_the_fetch_ahead_cap() {
         &topic,
         (0..RECORDS).map(|n| {
             let key = format!("b{n}");
-            (n as i32 % 2, key.clone(), framed(id, &strings_body(&[&key, &blob])))
+            (n as i32 % 2, key.clone(), support::framed(id, &strings_body(&[&key, &blob])))
         }),
     )
     .await;

@@ -47,20 +47,9 @@ fn thing_body(id: &str, label: &str, amount: f64, at: i64, n: i64) -> Vec<u8> {
         .expect("a Thing")
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The Confluent framing of `body` under schema `id`, as hex.
-fn framed(id: u32, body: &[u8]) -> String {
-    let mut bytes = Vec::new();
-    kawka::codec::framing::frame_into(id, body, &mut bytes);
-    hex(&bytes)
-}
-
 /// A record of a Thing, framed with `id`, keyed by its id.
 fn thing(id_of_schema: u32, id: &str, label: &str, amount: f64, at: i64, n: i64) -> Json {
-    json!({"key": id, "raw_value_hex": framed(id_of_schema, &thing_body(id, label, amount, at, n))})
+    json!({"key": id, "raw_value_hex": support::framed_hex(id_of_schema, &thing_body(id, label, amount, at, n))})
 }
 
 const AT: i64 = 1_700_000_000_000;
@@ -152,17 +141,18 @@ async fn values_at_the_edges_are_written_faithfully_or_dead_lettered_and_nothing
         // ~1,000,000 bytes that are not a Thing: framed, decodes wrong.
         let mut body = vec![0x02u8; 999_990];
         body[0] = 0xff;
-        json!({"key": "big", "raw_value_hex": framed(id, &body)})
+        json!({"key": "big", "raw_value_hex": support::framed_hex(id, &body)})
     };
     // Keyed like a good row: replayed as a null value it would delete it.
-    let huge = json!({"key": "g1000", "raw_value_hex": framed(id, &vec![7u8; 1_500_000])});
+    let huge = json!({"key": "g1000", "raw_value_hex": support::framed_hex(id, &vec![7u8; 1_500_000])});
     let mut utf8_bad = thing_body("bad-utf8", "xx", 1.0, AT, 1);
     // The label's two bytes become an invalid UTF-8 sequence.
     let at = utf8_bad.windows(2).position(|w| w == b"xx").expect("the label");
     utf8_bad[at] = 0xc3;
     utf8_bad[at + 1] = 0x28;
-    let unknown_ids: Vec<Json> =
-        (0..300).map(|n| json!({"key": format!("u{n}"), "raw_value_hex": framed(4_000_000 + (n % 3), &[0])})).collect();
+    let unknown_ids: Vec<Json> = (0..300)
+        .map(|n| json!({"key": format!("u{n}"), "raw_value_hex": support::framed_hex(4_000_000 + (n % 3), &[0])}))
+        .collect();
     let mut poison: Vec<(Json, Option<&str>, String)> = vec![
         (thing(id, "nan", "a", f64::NAN, AT, 1), None, "NaN into text and numeric".into()),
         (thing(id, "inf", "a", f64::INFINITY, AT, 1), None, "Infinity into text and numeric".into()),
@@ -178,7 +168,7 @@ async fn values_at_the_edges_are_written_faithfully_or_dead_lettered_and_nothing
             "a timestamp past Postgres' range".into(),
         ),
         (
-            json!({"key": "utf8", "raw_value_hex": framed(id, &utf8_bad)}),
+            json!({"key": "utf8", "raw_value_hex": support::framed_hex(id, &utf8_bad)}),
             Some("decode"),
             "invalid UTF-8 in an Avro string".into(),
         ),

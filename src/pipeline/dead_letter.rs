@@ -205,12 +205,21 @@ impl DeadLetters {
 
 /// What a dead letter's `kawka.error.value_dropped` header says, if it
 /// was written without its value.
-pub fn value_dropped(record: &RawRecord) -> Option<&str> {
+fn value_dropped(record: &RawRecord) -> Option<&str> {
     record
         .headers
         .iter()
         .find(|(key, _)| key == VALUE_DROPPED_HEADER)
         .and_then(|(_, value)| std::str::from_utf8(value.as_deref()?).ok())
+}
+
+/// Why a dead letter cannot be replayed, if it was written without its
+/// value: there is no event (a null value would read as a tombstone, a
+/// delete of its key).
+pub fn unreplayable(record: &RawRecord) -> Option<Failure> {
+    let dropped = value_dropped(record)?;
+    let message = format!("this dead letter was written without its value ({dropped}): it cannot be replayed");
+    Some(Failure { class: crate::error::ErrorClass::Permanent, stage: "replay", message })
 }
 
 /// Errors that say the client or the topic refuses this record as it is

@@ -138,9 +138,8 @@ async fn evaluate(runtime: &ConnectorRuntime, record: &RawRecord) -> Result<usiz
     if record.size() > runtime.settings.source.max_record_bytes {
         return Err(fail("source", ErrorClass::Permanent, format!("a record of {} bytes is too large", record.size())));
     }
-    if let Some(dropped) = super::dead_letter::value_dropped(record) {
-        let message = format!("this dead letter was written without its value ({dropped}): it cannot be replayed");
-        return Err(fail("replay", ErrorClass::Permanent, message));
+    if let Some(failure) = super::dead_letter::unreplayable(record) {
+        return Err(failure);
     }
     let projected = match runtime.codec.decode(record).await {
         Ok(Decoded::Event { event, writer }) => {

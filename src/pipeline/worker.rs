@@ -215,10 +215,7 @@ impl<'a> Worker<'a> {
                 }
                 // A dead letter written without its value has no event to
                 // replay (a null value would read as a tombstone: a delete).
-                if let Some(dropped) = super::dead_letter::value_dropped(&record) {
-                    let message =
-                        format!("this dead letter was written without its value ({dropped}): it cannot be replayed");
-                    let failure = Failure { class: ErrorClass::Permanent, stage: "replay", message };
+                if let Some(failure) = super::dead_letter::unreplayable(&record) {
                     self.fail(&record, UNDECODABLE, failure).await?;
                     self.push(record, UNDECODABLE);
                     continue;

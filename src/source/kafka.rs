@@ -499,21 +499,25 @@ fn poll_loop(
         // Events first: a rebalance they run makes what was gathered stale.
         serve_events(connector, consumer, &mut chunk, &mut chunk_generation, Duration::ZERO);
         context.commit_if_behind(consumer, &mut commit_checked);
-        // (What `serve_events` or a full channel left may exceed a chunk.)
-        let room = tx.room(chunk.len(), held(&chunk), average);
+        // (What `serve_events` or a full channel left may exceed a chunk;
+        // it is usually nothing, and then not summed.)
+        let left = if chunk.is_empty() { 0 } else { held(&chunk) };
+        let room = tx.room(chunk.len(), left, average);
         if records.read(&mut chunk, room, Duration::ZERO, connector) == 0 && chunk.is_empty() {
             // Nothing waiting: wait for one record (the batch call waits
             // for all it is asked for), then take what came with it.
             if records.read(&mut chunk, 1, Duration::from_millis(100), connector) == 0 {
                 continue;
             }
-            average = held(&chunk).max(1);
-            let room = tx.room(chunk.len(), held(&chunk), average);
+            // The one record read sizes the rest of the read.
+            average = chunk.first().map_or(1, RawRecord::size).max(1);
+            let room = tx.room(1, average, average);
             records.read(&mut chunk, room, Duration::ZERO, connector);
         }
         if chunk.is_empty() {
             continue;
         }
+        // Each record's size is summed once, here (its headers included).
         let bytes = held(&chunk);
         average = (bytes / chunk.len()).max(1);
         let batch = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));

@@ -321,6 +321,18 @@ pub async fn stored_positions(pool: &sqlx::PgPool, connector: &str) -> i64 {
     .unwrap_or(0)
 }
 
+/// The Confluent framing of `body` under schema `id`.
+pub fn framed(id: u32, body: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    kawka::codec::framing::frame_into(id, body, &mut bytes);
+    bytes
+}
+
+/// [`framed`] as hex, for `produce.py`'s `raw_value_hex`.
+pub fn framed_hex(id: u32, body: &[u8]) -> String {
+    framed(id, body).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// An Avro record schema, as JSON.
 pub fn record_schema(namespace: &str, name: &str, fields: Json) -> Json {
     serde_json::json!({"type": "record", "name": name, "namespace": namespace, "fields": fields})

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::resolution::{can_read_as, Incompatibility, New, Parsed};
+use crate::resolution::{can_read, Incompatibility, New, Parsed};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -86,10 +86,10 @@ pub fn check(level: Level, new: &Parsed, existing: &[Parsed]) -> Result<(), Vec<
         // BACKWARD: the new schema reads the old one's data; FORWARD: the
         // old one reads the new one's.
         if level.backward() {
-            found.extend(can_read_as(old, new, New::Reader).err().unwrap_or_default());
+            found.extend(can_read(old, new, New::Reader).err().unwrap_or_default());
         }
         if level.forward() {
-            found.extend(can_read_as(new, old, New::Writer).err().unwrap_or_default());
+            found.extend(can_read(new, old, New::Writer).err().unwrap_or_default());
         }
         if !found.is_empty() {
             refusals.push(Refusal { against, found });

@@ -109,14 +109,9 @@ pub enum New {
     Writer,
 }
 
-/// Whether `reader` reads everything `writer` writes (the reader being
-/// the new schema); every reason when not.
-pub fn can_read(writer: &Parsed, reader: &Parsed) -> Result<(), Vec<Incompatibility>> {
-    can_read_as(writer, reader, New::Reader)
-}
-
-/// [`can_read`], saying which of the two is the new schema.
-pub fn can_read_as(writer: &Parsed, reader: &Parsed, new: New) -> Result<(), Vec<Incompatibility>> {
+/// Whether `reader` reads everything `writer` writes; every reason when
+/// not. `new` says which of the two is the schema being registered.
+pub fn can_read(writer: &Parsed, reader: &Parsed, new: New) -> Result<(), Vec<Incompatibility>> {
     let (reader_is, writer_is) = match new {
         New::Reader => ("new", "old"),
         New::Writer => ("old", "new"),

@@ -100,15 +100,31 @@ impl Store {
         let rows = sqlx::query("SELECT id, schema_type, schema, refs FROM kawka_registry_schemas ORDER BY id")
             .fetch_all(&mut *transaction)
             .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut identities = Vec::with_capacity(rows.len());
         for row in &rows {
             let stored = schema_from_row(row)?;
-            let (_, identity) = identity(&stored.schema_type, &stored.schema, &stored.references);
+            ids.push(stored.id);
+            identities.push(identity(&stored.schema_type, &stored.schema, &stored.references).1);
+        }
+        // One query finds the rows whose identity changed (usually none);
+        // only those are updated, one by one, so that two of them meeting
+        // at one identity leave the older with it instead of failing.
+        let changed: Vec<(i32, String)> = sqlx::query_as(
+            "SELECT u.id, u.identity FROM UNNEST($1::integer[], $2::text[]) AS u(id, identity)
+             JOIN kawka_registry_schemas s ON s.id = u.id WHERE s.identity <> md5(u.identity) ORDER BY u.id",
+        )
+        .bind(&ids)
+        .bind(&identities)
+        .fetch_all(&mut *transaction)
+        .await?;
+        for (id, identity) in &changed {
             sqlx::query(
-                "UPDATE kawka_registry_schemas SET identity = md5($2) WHERE id = $1 AND identity <> md5($2)
+                "UPDATE kawka_registry_schemas SET identity = md5($2) WHERE id = $1
                  AND NOT EXISTS (SELECT 1 FROM kawka_registry_schemas WHERE identity = md5($2))",
             )
-            .bind(stored.id)
-            .bind(&identity)
+            .bind(id)
+            .bind(identity)
             .execute(&mut *transaction)
             .await?;
         }

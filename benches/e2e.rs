@@ -714,13 +714,11 @@ async fn main() {
     let es = env("ELASTICSEARCH_URL", "http://127.0.0.1:9200");
     let database = env("KAWKA_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kawka_test");
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let registry = kawka_registry::start(&kawka_registry::RegistryServerSettings {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        database_url: database.clone(),
-        schema: Some(format!("bench_registry_{tag}")),
-    })
-    .await
-    .expect("registry (is the stack up? deploy/local/up.sh)");
+    let mut registry_settings =
+        kawka_registry::RegistryServerSettings::new("127.0.0.1:0".parse().expect("address"), database.clone());
+    registry_settings.schema = Some(format!("bench_registry_{tag}"));
+    let registry =
+        kawka_registry::start(registry_settings).await.expect("registry (is the stack up? deploy/local/up.sh)");
     let client =
         kawka::codec::registry::RegistryClient::new(&kawka::codec::RegistryClientSettings::plain(registry.url()))
             .expect("client");

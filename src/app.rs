@@ -112,6 +112,7 @@ async fn run_connectors(
         connectors: runtimes.iter().map(|r| r.status.clone()).collect(),
         registry: runtimes.first().map(|r| r.codec.registry().clone()),
         token: settings.http.token.clone(),
+        loopback: settings.http.listen.ip().is_loopback(),
         rebuilds: Some(rebuilds.clone()),
     });
     let mut http_stopping = stopping.clone();

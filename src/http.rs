@@ -7,17 +7,25 @@
 //! | `GET /readyz` | every connector joined its group and none is stopped or retrying past [`crate::status::STUCK_AFTER`] |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /connectors`, `GET /connectors/{name}` | state, partitions, positions, lag, last error, counters |
-//! | `POST /connectors/{name}/pause`, `/resume` | stop / start taking events (bearer token when `http.token` is set) |
-//! | `POST /connectors/{name}/rebuild` | start `kawka rebuild` inside the daemon (202); progress shows under `rebuild` in `GET /connectors/{name}` (token) |
-//! | `POST /connectors/{name}/rebuild/rollback`, `/rebuild/cleanup` | `kawka rebuild --rollback` / `--cleanup` (token) |
+//! | `POST /connectors/{name}/pause`, `/resume` | stop / start taking events (control) |
+//! | `POST /connectors/{name}/rebuild` | start `kawka rebuild` inside the daemon (202); progress shows under `rebuild` in `GET /connectors/{name}` (control) |
+//! | `POST /connectors/{name}/rebuild/rollback`, `/rebuild/cleanup` | `kawka rebuild --rollback` / `--cleanup` (control) |
+//!
+//! Control endpoints act only on a `POST` that [`control_gate`] lets
+//! through: with `http.token` set, one carrying `Authorization: Bearer
+//! <token>`; without it (loopback only, or `http.insecure`), one no
+//! browser could have been made to send. Each is written to the audit log
+//! (target `kawka::audit`) once, with its outcome. No CORS headers are ever
+//! sent. Read endpoints stay open for probes and Prometheus.
 
 use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -35,6 +43,10 @@ pub struct Daemon {
     pub connectors: Vec<Arc<ConnectorStatus>>,
     pub registry: Option<Arc<RegistryClient>>,
     pub token: Option<Secret>,
+    /// Whether the port listens on a loopback address only: then, without
+    /// a token, control requests must name a loopback host (a page a
+    /// browser loaded from elsewhere cannot rebind its name to us).
+    pub loopback: bool,
     /// Rebuilds over HTTP; `None` where the daemon offers none.
     pub rebuilds: Option<Rebuilds>,
 }
@@ -46,25 +58,99 @@ impl Daemon {
 }
 
 pub fn router(daemon: Arc<Daemon>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/connectors", get(list))
-        .route("/connectors/{name}", get(one))
+    let control = Router::new()
         .route("/connectors/{name}/pause", post(pause))
         .route("/connectors/{name}/resume", post(resume))
         .route("/connectors/{name}/rebuild", post(rebuild))
         .route("/connectors/{name}/rebuild/rollback", post(rebuild_rollback))
         .route("/connectors/{name}/rebuild/cleanup", post(rebuild_cleanup))
-        .with_state(daemon)
+        .route_layer(axum::middleware::from_fn_with_state(daemon.clone(), control_gate));
+    let routes = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/connectors", get(list))
+        .route("/connectors/{name}", get(one))
+        .merge(control)
+        .with_state(daemon);
+    kawka_http::guard(routes, &limits(), refusal)
+}
+
+/// The port's limits: no endpoint reads a body, so a small one is plenty.
+pub fn limits() -> kawka_http::Limits {
+    kawka_http::Limits { max_body_bytes: 64 << 10, max_in_flight: 64, ..kawka_http::Limits::default() }
+}
+
+fn refusal(status: StatusCode, message: &'static str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 /// Serves on `listener` until `shutdown` completes.
 pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, shutdown: impl Future<Output = ()> + Send + 'static) {
-    if let Err(error) = axum::serve(listener, router(daemon)).with_graceful_shutdown(shutdown).await {
-        tracing::error!(%error, "http server failed");
+    kawka_http::serve(listener, router(daemon), &limits(), None, shutdown).await;
+}
+
+/// Who may act, and the audit line of every control request.
+///
+/// With a token configured, a request acts only with `Authorization:
+/// Bearer <token>` (compared in constant time); a browser cannot add that
+/// header to a request another site makes it send without a CORS
+/// preflight, which is never granted. Without a token, a request that
+/// carries a browser's marks (`Origin`, `Sec-Fetch-*`) is refused, and on
+/// a loopback port so is one whose `Host` is not a loopback name (DNS
+/// rebinding).
+async fn control_gate(State(daemon): State<Arc<Daemon>>, request: Request, next: Next) -> Response {
+    if request.method() != axum::http::Method::POST {
+        // 405 from the router: nothing is acted on, nothing to audit.
+        return next.run(request).await;
     }
+    let peer = request.extensions().get::<kawka_http::Peer>().map(|p| p.0.to_string()).unwrap_or_default();
+    let path = request.uri().path().to_string();
+    let (who, refused) = match &daemon.token {
+        Some(_) if authorized(&daemon, request.headers()) => ("token holder", None),
+        Some(_) => ("anonymous", Some(unauthorized())),
+        None => match browser_marks(request.headers(), daemon.loopback) {
+            Some(reason) => ("anonymous", Some(forbidden(reason))),
+            None => ("anonymous (no token configured)", None),
+        },
+    };
+    let response = match refused {
+        Some(response) => response,
+        None => next.run(request).await,
+    };
+    let status = response.status();
+    let outcome = match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "denied",
+        status if status.is_success() => "done",
+        _ => "refused",
+    };
+    tracing::info!(target: "kawka::audit", who, method = "POST", path, peer, status = status.as_u16(), outcome,
+        "control request");
+    response
+}
+
+/// Why a request without a token looks like one a browser was made to send.
+fn browser_marks(headers: &HeaderMap, loopback: bool) -> Option<&'static str> {
+    if headers.contains_key(header::ORIGIN) || headers.keys().any(|k| k.as_str().starts_with("sec-fetch-")) {
+        return Some("a browser's request (Origin or Sec-Fetch headers) cannot control connectors without a token");
+    }
+    if loopback {
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let name = match host.strip_prefix('[') {
+            Some(rest) => rest.split(']').next().unwrap_or_default(),
+            None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+        };
+        let is_loopback =
+            name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !is_loopback {
+            return Some("without a token, control requests must be addressed to a loopback host");
+        }
+    }
+    None
+}
+
+fn forbidden(reason: &'static str) -> Response {
+    (StatusCode::FORBIDDEN, Json(serde_json::json!({ "error": reason }))).into_response()
 }
 
 async fn readyz(State(daemon): State<Arc<Daemon>>) -> Response {
@@ -122,10 +208,7 @@ fn start_error(error: StartError) -> Response {
 }
 
 /// The rebuilds a request may start, or the response refusing it.
-fn rebuilds_for<'a>(daemon: &'a Daemon, headers: &HeaderMap) -> Result<&'a Rebuilds, Box<Response>> {
-    if !authorized(daemon, headers) {
-        return Err(Box::new(unauthorized()));
-    }
+fn rebuilds_for(daemon: &Daemon) -> Result<&Rebuilds, Box<Response>> {
     daemon.rebuilds.as_ref().ok_or_else(|| {
         Box::new(
             (StatusCode::NOT_IMPLEMENTED, Json(serde_json::json!({"error": "this daemon offers no rebuilds"})))
@@ -134,8 +217,8 @@ fn rebuilds_for<'a>(daemon: &'a Daemon, headers: &HeaderMap) -> Result<&'a Rebui
     })
 }
 
-async fn rebuild(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    let rebuilds = match rebuilds_for(&daemon, &headers) {
+async fn rebuild(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    let rebuilds = match rebuilds_for(&daemon) {
         Ok(rebuilds) => rebuilds,
         Err(response) => return *response,
     };
@@ -151,16 +234,16 @@ async fn rebuild(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(nam
     }
 }
 
-async fn rebuild_rollback(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    rebuild_step(&daemon, &headers, &name, true).await
+async fn rebuild_rollback(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    rebuild_step(&daemon, &name, true).await
 }
 
-async fn rebuild_cleanup(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    rebuild_step(&daemon, &headers, &name, false).await
+async fn rebuild_cleanup(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    rebuild_step(&daemon, &name, false).await
 }
 
-async fn rebuild_step(daemon: &Daemon, headers: &HeaderMap, name: &str, rollback: bool) -> Response {
-    let rebuilds = match rebuilds_for(daemon, headers) {
+async fn rebuild_step(daemon: &Daemon, name: &str, rollback: bool) -> Response {
+    let rebuilds = match rebuilds_for(daemon) {
         Ok(rebuilds) => rebuilds,
         Err(response) => return *response,
     };
@@ -173,18 +256,15 @@ async fn rebuild_step(daemon: &Daemon, headers: &HeaderMap, name: &str, rollback
     }
 }
 
-async fn pause(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    set_paused(&daemon, &headers, &name, true)
+async fn pause(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    set_paused(&daemon, &name, true)
 }
 
-async fn resume(State(daemon): State<Arc<Daemon>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    set_paused(&daemon, &headers, &name, false)
+async fn resume(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    set_paused(&daemon, &name, false)
 }
 
-fn set_paused(daemon: &Daemon, headers: &HeaderMap, name: &str, paused: bool) -> Response {
-    if !authorized(daemon, headers) {
-        return unauthorized();
-    }
+fn set_paused(daemon: &Daemon, name: &str, paused: bool) -> Response {
     let Some(connector) = daemon.connector(name) else { return not_found(name) };
     connector.pause(paused);
     tracing::info!(connector = name, paused, "connector {}", if paused { "paused" } else { "resumed" });
@@ -354,7 +434,13 @@ mod tests {
         status.high_watermarks(&[("sales", 0, 10)]);
         status.batch_written(2, 2, 0, 0.003, None);
         status.set_rebuild(crate::status::RebuildProgress::new(25, 100, 1000.0, 0));
-        Daemon { connectors: vec![status], registry: None, token: token.map(Secret::new), rebuilds: None }
+        Daemon {
+            connectors: vec![status],
+            registry: None,
+            token: token.map(Secret::new),
+            loopback: true,
+            rebuilds: None,
+        }
     }
 
     #[test]
@@ -391,5 +477,28 @@ mod tests {
         assert!(!authorized(&daemon(Some("s3cret")), &headers));
         headers.insert(header::AUTHORIZATION, "Bearer s3cret".parse().expect("header"));
         assert!(authorized(&daemon(Some("s3cret")), &headers));
+    }
+
+    #[test]
+    fn without_a_token_browser_requests_are_refused() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (k, v) in pairs {
+                map.insert(header::HeaderName::from_bytes(k.as_bytes()).expect("name"), v.parse().expect("value"));
+            }
+            map
+        };
+        assert_eq!(browser_marks(&headers(&[("host", "127.0.0.1:8080")]), true), None);
+        assert_eq!(browser_marks(&headers(&[("host", "localhost")]), true), None);
+        assert_eq!(browser_marks(&headers(&[("host", "[::1]:8080")]), true), None);
+        assert!(
+            browser_marks(&headers(&[("host", "127.0.0.1:8080"), ("origin", "http://evil.example")]), true).is_some()
+        );
+        assert!(
+            browser_marks(&headers(&[("host", "127.0.0.1:8080"), ("sec-fetch-site", "cross-site")]), true).is_some()
+        );
+        assert!(browser_marks(&headers(&[("host", "evil.example:8080")]), true).is_some());
+        assert!(browser_marks(&headers(&[]), true).is_some(), "no host on a loopback port");
+        assert_eq!(browser_marks(&headers(&[("host", "kawka:8080")]), false), None, "insecure, beyond loopback");
     }
 }

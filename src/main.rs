@@ -78,17 +78,71 @@ enum Command {
         command: SchemasCommand,
     },
     /// Serve a Confluent-compatible schema registry (Avro) stored in Postgres.
+    #[command(args_conflicts_with_subcommands = true)]
     Registry {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8081", env = "KAWKA_REGISTRY_LISTEN")]
-        listen: std::net::SocketAddr,
-        /// Postgres database that stores the schemas.
-        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/kawka", env = "KAWKA_REGISTRY_DATABASE_URL")]
-        database_url: String,
-        /// Postgres schema of the registry's tables (created when missing).
-        #[arg(long, env = "KAWKA_REGISTRY_SCHEMA")]
-        schema: Option<String>,
+        #[command(subcommand)]
+        tool: Option<RegistryTool>,
+        #[command(flatten)]
+        args: RegistryArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct RegistryArgs {
+    /// Address to listen on. Beyond loopback, credentials are required
+    /// (--auth-file) unless --insecure is given.
+    #[arg(long, default_value = "127.0.0.1:8081", env = "KAWKA_REGISTRY_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// Postgres database that stores the schemas.
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/kawka",
+        env = "KAWKA_REGISTRY_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// Postgres schema of the registry's tables (created when missing).
+    #[arg(long, env = "KAWKA_REGISTRY_SCHEMA")]
+    schema: Option<String>,
+    /// Users and tokens with their roles (YAML; see README "Security").
+    #[arg(long, env = "KAWKA_REGISTRY_AUTH_FILE", conflicts_with = "auth")]
+    auth_file: Option<PathBuf>,
+    /// The same as the text of an --auth-file (for a Kubernetes Secret in
+    /// an environment variable).
+    #[arg(long, env = "KAWKA_REGISTRY_AUTH", hide_env_values = true)]
+    auth: Option<String>,
+    /// PEM certificate chain: listen with TLS (with --tls-key).
+    #[arg(long, env = "KAWKA_REGISTRY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KAWKA_REGISTRY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve without credentials beyond loopback: anyone who reaches the
+    /// port may register and delete schemas.
+    #[arg(long, env = "KAWKA_REGISTRY_INSECURE")]
+    insecure: bool,
+    /// Largest request body (a schema with its envelope); larger get 413.
+    #[arg(long, default_value = "2MiB", value_parser = parse_size)]
+    max_request_bytes: usize,
+    /// Time a client has to send a request's headers (or finish a TLS
+    /// handshake), then its body.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    client_timeout: std::time::Duration,
+    /// Requests handled at once; more get 503.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+}
+
+#[derive(Subcommand)]
+enum RegistryTool {
+    /// Read a password on stdin, print its argon2 hash for the auth file.
+    HashPassword,
+    /// Read a token on stdin, print its SHA-256 for the auth file.
+    HashToken,
+}
+
+fn parse_size(text: &str) -> Result<usize, String> {
+    kawka::config::parse_size(text).and_then(|n| usize::try_from(n).map_err(|_| format!("{text} is too large")))
 }
 
 #[derive(Subcommand)]
@@ -178,10 +232,17 @@ fn main() -> ExitCode {
             };
             runtime.block_on(schemas_check(&settings))
         }
-        Command::Registry { listen, database_url, schema } => {
+        Command::Registry { tool: Some(tool), .. } => registry_tool(tool),
+        Command::Registry { tool: None, args } => {
             kawka::telemetry::init(cli.log_format.unwrap_or_default(), "info");
-            let settings = kawka_registry::RegistryServerSettings { listen, database_url, schema };
-            match runtime.block_on(kawka_registry::serve(&settings, shutdown_signal())) {
+            let settings = match registry_settings(args) {
+                Ok(settings) => settings,
+                Err(error) => {
+                    eprintln!("kawka registry: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(kawka_registry::serve(settings, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("kawka registry: {error:#}");
@@ -190,6 +251,65 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn registry_settings(args: RegistryArgs) -> Result<kawka_registry::RegistryServerSettings, String> {
+    let auth = match (&args.auth_file, &args.auth) {
+        (Some(file), _) => {
+            let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            Some(kawka_registry::auth::Authenticator::parse(&text, &file.display().to_string()))
+        }
+        (None, Some(text)) if !text.trim().is_empty() => {
+            Some(kawka_registry::auth::Authenticator::parse(text, "KAWKA_REGISTRY_AUTH"))
+        }
+        (None, _) => None,
+    }
+    .transpose()
+    .map_err(|e| e.to_string())?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(kawka_http::tls_acceptor(cert, key).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let mut settings = kawka_registry::RegistryServerSettings::new(args.listen, args.database_url);
+    settings.schema = args.schema;
+    settings.auth = auth;
+    settings.tls = tls;
+    settings.insecure = args.insecure;
+    settings.limits.max_body_bytes = args.max_request_bytes;
+    settings.limits.header_timeout = args.client_timeout;
+    settings.limits.body_timeout = args.client_timeout;
+    settings.limits.max_in_flight = args.max_in_flight;
+    Ok(settings)
+}
+
+fn registry_tool(tool: RegistryTool) -> ExitCode {
+    let mut line = String::new();
+    if let Err(error) = std::io::stdin().read_line(&mut line) {
+        eprintln!("kawka registry: cannot read stdin: {error}");
+        return ExitCode::FAILURE;
+    }
+    let secret = line.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        eprintln!("kawka registry: stdin is empty");
+        return ExitCode::from(2);
+    }
+    match tool {
+        RegistryTool::HashPassword => match kawka_registry::auth::hash_password(secret) {
+            Ok(hash) => println!("{hash}"),
+            Err(error) => {
+                eprintln!("kawka registry: cannot hash: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        RegistryTool::HashToken => {
+            if secret.len() < 32 {
+                eprintln!("kawka registry: a token must be a random string of 32 characters or more");
+                return ExitCode::from(2);
+            }
+            println!("{}", kawka_registry::auth::hash_token(secret));
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Loads the configuration, or prints every problem and gives exit code 2.
@@ -304,7 +424,11 @@ async fn status(url: &str) -> ExitCode {
     let first = match fetch().await {
         Ok(first) => first,
         Err(error) => {
-            eprintln!("kawka status: {url}: {}", kawka::codec::registry::error_chain(&error));
+            eprintln!(
+                "kawka status: {}: {}",
+                kawka::secret::redact_url(&url),
+                kawka::codec::registry::error_chain(&error)
+            );
             return ExitCode::FAILURE;
         }
     };

@@ -1,12 +1,28 @@
 //! Secrets in settings: [`Secret`] and [`SecretUrl`] print as `***` (or
-//! with the password hidden) in `Debug` and `Display`, so that neither logs
-//! nor `kawka validate` show them. A leaf: settings of every stage hold them.
+//! with the password hidden) in `Debug`, `Display` and `serde`, and
+//! [`Properties`] hide the values of librdkafka's secret settings, so that
+//! no log line, error, HTTP response or `kawka validate` shows them. A
+//! leaf: settings of every stage hold them.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
-/// A secret value: printed as `***` by `Debug` and `Display`.
+/// A secret value: printed as `***` by `Debug`, `Display` and `Serialize`;
+/// read from config as a plain string.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
+        String::deserialize(deserializer).map(Secret)
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("***")
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Secret {
@@ -49,13 +65,14 @@ impl SecretUrl {
     }
 }
 
-/// Hides the password of `scheme://user:password@host…`.
+/// Hides the password of `scheme://user:password@host…` and the values of
+/// query parameters that hold secrets (`?password=…`, `sslpassword`, …).
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else { return url.to_string() };
     let authority_start = scheme_end + 3;
     let authority_end = url[authority_start..].find(['/', '?', '#']).map_or(url.len(), |i| authority_start + i);
     let authority = &url[authority_start..authority_end];
-    match authority.rfind('@') {
+    let mut out = match authority.rfind('@') {
         Some(at) => match authority[..at].find(':') {
             Some(colon) => {
                 format!("{}{}:***{}", &url[..authority_start], &authority[..colon], &url[authority_start + at..])
@@ -63,6 +80,72 @@ pub fn redact_url(url: &str) -> String {
             None => url.to_string(),
         },
         None => url.to_string(),
+    };
+    if let Some(query_start) = out.find('?') {
+        let (head, query) = out.split_at(query_start + 1);
+        let (query, fragment) = query.split_once('#').map_or((query, None), |(q, f)| (q, Some(f)));
+        let redacted: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if is_secret_key(key) => format!("{key}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        let mut rebuilt = format!("{head}{}", redacted.join("&"));
+        if let Some(fragment) = fragment {
+            rebuilt.push('#');
+            rebuilt.push_str(fragment);
+        }
+        out = rebuilt;
+    }
+    out
+}
+
+/// Whether a setting's name says it holds a secret: librdkafka's
+/// `sasl.password`, `ssl.key.password`, `sasl.oauthbearer.client.secret`,
+/// `sasl.jaas.config`, `ssl.key.pem`, …, a URL's `password` or `sslpassword`.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "jaas", "token", "credential", "oauthbearer.config", "key.pem", "keystore.key", "private"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+/// librdkafka settings (`kafka.properties`, `source.properties`): `Debug`
+/// hides the values of the secret ones ([`is_secret_key`]).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Properties(BTreeMap<String, String>);
+
+impl std::ops::Deref for Properties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+}
+
+impl From<BTreeMap<String, String>> for Properties {
+    fn from(map: BTreeMap<String, String>) -> Properties {
+        Properties(map)
+    }
+}
+
+impl fmt::Debug for Properties {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (k, if is_secret_key(k) { "***" } else { v.as_str() })))
+            .finish()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SecretUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<SecretUrl, D::Error> {
+        String::deserialize(deserializer).map(SecretUrl)
+    }
+}
+
+impl serde::Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
     }
 }
 
@@ -89,5 +172,30 @@ mod tests {
         assert_eq!(redact_url("http://host:9200"), "http://host:9200");
         assert_eq!(format!("{:?}", Secret::new("pw")), "***");
         assert_eq!(SecretUrl::new("http://a:b@c/d?e=f@g").to_string(), "http://a:***@c/d?e=f@g");
+        assert_eq!(
+            redact_url("postgres://db/x?user=k&password=s3cret&sslmode=require#f"),
+            "postgres://db/x?user=k&password=***&sslmode=require#f"
+        );
+        assert_eq!(redact_url("postgres://k:p@db/x?sslpassword=pw"), "postgres://k:***@db/x?sslpassword=***");
+        assert_eq!(serde_json::to_string(&Secret::new("pw")).expect("serializes"), "\"***\"");
+        let secret: Secret = serde_json::from_str("\"pw\"").expect("deserializes");
+        assert_eq!(secret.expose(), "pw");
+    }
+
+    #[test]
+    fn secret_properties_are_hidden() {
+        let properties = Properties::from(BTreeMap::from([
+            ("sasl.password".to_string(), "pw1".to_string()),
+            ("ssl.key.password".to_string(), "pw2".to_string()),
+            ("sasl.oauthbearer.client.secret".to_string(), "pw3".to_string()),
+            ("sasl.jaas.config".to_string(), "pw4".to_string()),
+            ("sasl.username".to_string(), "ann".to_string()),
+            ("fetch.max.bytes".to_string(), "1048576".to_string()),
+        ]));
+        let printed = format!("{properties:?}");
+        for secret in ["pw1", "pw2", "pw3", "pw4"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("\"sasl.username\": \"ann\"") && printed.contains("1048576"), "{printed}");
     }
 }

@@ -125,6 +125,7 @@ fn probes_ports_and_args_match_what_kawka_serves() {
             connectors: Vec::new(),
             registry: None,
             token: None,
+            loopback: true,
             rebuilds: None,
         });
         tokio::spawn(kawka::http::serve(listener, daemon, std::future::pending()));

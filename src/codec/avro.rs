@@ -41,7 +41,14 @@ pub enum DecodeError {
     TooManyItems,
     #[error("decimal of {0} bytes is too large")]
     DecimalTooLarge(usize),
+    #[error("decimal scale {0} is above {MAX_DECIMAL_SCALE}")]
+    DecimalScale(usize),
 }
+
+/// The largest decimal scale written out: the text of a value has that
+/// many digits, so a writer schema with a huge scale (a registry kawka
+/// does not run could hold one) must not make every value that large.
+pub const MAX_DECIMAL_SCALE: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
@@ -361,6 +368,9 @@ impl Compiler {
 
 /// A big-endian two's-complement integer with `scale` decimal places, as text.
 fn decimal_text(bytes: &[u8], scale: usize) -> Result<String, DecodeError> {
+    if scale > MAX_DECIMAL_SCALE {
+        return Err(DecodeError::DecimalScale(scale));
+    }
     if bytes.len() > 16 {
         return Err(DecodeError::DecimalTooLarge(bytes.len()));
     }
@@ -611,5 +621,28 @@ mod tests {
         assert_eq!(decimal_text(&[0xff], 0).unwrap(), "-1");
         assert_eq!(decimal_text(&[], 0).unwrap(), "0");
         assert!(decimal_text(&[1; 17], 0).is_err());
+        assert_eq!(decimal_text(&[0x05], MAX_DECIMAL_SCALE).expect("at the limit").len(), MAX_DECIMAL_SCALE + 2);
+    }
+
+    #[test]
+    fn a_huge_decimal_scale_is_the_events_error_not_a_huge_string() {
+        // What a registry that checks nothing could hand out: a scale near
+        // usize::MAX (scale + 1 would overflow) and one of a trillion.
+        let mut decimals = 0;
+        for scale in [u64::MAX / 2, 1_000_000_000_000, 5000] {
+            let text = format!(
+                r#"{{"type":"record","name":"R","fields":[{{"name":"d","type":{{"type":"bytes","logicalType":"decimal","precision":{scale},"scale":{scale}}}}}]}}"#
+            );
+            // apache-avro may refuse the schema or read it as plain bytes.
+            let Ok(schema) = Schema::parse_str(&text) else { continue };
+            let decoder = Decoder::compile(&schema, &[]).expect("compiles");
+            let outcome = decoder.decode(&[0x02, 0x05]);
+            if matches!(outcome, Err(DecodeError::DecimalScale(_))) {
+                decimals += 1;
+            } else {
+                assert!(outcome.is_ok_and(|(_, v)| v.to_json().to_string().len() < 100), "scale {scale}");
+            }
+        }
+        assert!(decimals >= 1, "at least one huge scale reached the decoder as a decimal");
     }
 }

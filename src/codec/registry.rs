@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::avro::Decoder;
 use crate::codec::RegistryClientSettings;
 use crate::error::ErrorClass;
+use crate::secret::Secret;
 
 /// The content type of the Confluent API.
 pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
@@ -103,7 +104,7 @@ pub struct RegistryClient {
     http: reqwest::Client,
     base: String,
     username: Option<String>,
-    password: Option<String>,
+    password: Option<Secret>,
     /// Read for every record: foldhash rather than SipHash.
     cache: RwLock<HashMap<u32, Arc<WriterSchema>, foldhash::fast::RandomState>>,
     cache_hits: std::sync::atomic::AtomicU64,
@@ -170,6 +171,19 @@ impl NegativeCache {
     }
 }
 
+/// `scheme://user:password@host/…` → (`scheme://host/…`, the user and
+/// password, percent-decoded); a URL without them is returned as it is.
+fn split_credentials(url: &str) -> (String, Option<(String, Secret)>) {
+    let Some(scheme_end) = url.find("://") else { return (url.to_string(), None) };
+    let start = scheme_end + 3;
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..end].rfind('@') else { return (url.to_string(), None) };
+    let (user, password) = url[start..start + at].split_once(':').unwrap_or((&url[start..start + at], ""));
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let base = format!("{}{}", &url[..start], &url[start + at + 1..]);
+    (base, Some((decode(user), Secret::new(decode(password)))))
+}
+
 impl RegistryClient {
     pub fn new(settings: &RegistryClientSettings) -> anyhow::Result<RegistryClient> {
         let mut builder = reqwest::Client::builder().timeout(settings.timeout).pool_idle_timeout(None);
@@ -180,11 +194,19 @@ impl RegistryClient {
                 builder = builder.add_root_certificate(certificate);
             }
         }
+        // Credentials in the URL become basic auth, and leave the URL:
+        // errors and logs print the URL.
+        let (base, in_url) = split_credentials(settings.url.trim_end_matches('/'));
+        let (username, password) = match (&settings.username, in_url) {
+            (Some(user), _) => (Some(user.clone()), settings.password.clone()),
+            (None, Some((user, password))) => (Some(user), Some(password)),
+            (None, None) => (None, settings.password.clone()),
+        };
         Ok(RegistryClient {
             http: builder.build()?,
-            base: settings.url.trim_end_matches('/').to_string(),
-            username: settings.username.clone(),
-            password: settings.password.as_ref().map(|p| p.expose().to_string()),
+            base,
+            username,
+            password,
             cache: RwLock::default(),
             cache_hits: Default::default(),
             cache_misses: Default::default(),
@@ -325,7 +347,7 @@ impl RegistryClient {
     ) -> Result<T, RegistryError> {
         let mut request = request.header(reqwest::header::ACCEPT, CONTENT_TYPE);
         if let Some(user) = &self.username {
-            request = request.basic_auth(user, self.password.as_deref());
+            request = request.basic_auth(user, self.password.as_ref().map(Secret::expose));
         }
         let response = request.send().await.map_err(|e| RegistryError::Unreachable(error_chain(&e)))?;
         let status = response.status();
@@ -402,6 +424,15 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let (base, credentials) = split_credentials("https://ann:p%40ss@registry:8081/x");
+        assert_eq!(base, "https://registry:8081/x");
+        let (user, password) = credentials.expect("credentials");
+        assert_eq!((user.as_str(), password.expose()), ("ann", "p@ss"));
+        assert_eq!(split_credentials("http://registry:8081"), ("http://registry:8081".to_string(), None));
+    }
 
     #[test]
     fn fingerprints_ignore_formatting_and_docs() {

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::codec::KeyFormat;
 use crate::projection::{TombstonePolicy, UnknownEventPolicy};
+use crate::secret::{Secret, SecretUrl};
 use crate::source::StartPosition;
 use crate::yaml::{OrderedMap, Spanned};
 
@@ -67,7 +68,7 @@ pub struct RegistryClientConfig {
     /// Basic-auth user.
     pub username: Option<String>,
     /// Basic-auth password; never printed.
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// PEM file of extra CA certificates for `https` URLs.
     pub ca_file: Option<Spanned<String>>,
     /// Timeout of one registry request (default `10s`).
@@ -79,22 +80,24 @@ pub struct RegistryClientConfig {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
     Elasticsearch {
-        /// Base URL of the cluster, e.g. `http://127.0.0.1:9200`.
-        url: String,
+        /// Base URL of the cluster, e.g. `http://127.0.0.1:9200`; a
+        /// password in it is never printed.
+        url: SecretUrl,
         /// Basic-auth user.
         username: Option<String>,
         /// Basic-auth password; never printed.
-        password: Option<String>,
+        password: Option<Secret>,
         /// API key (`id:key` or its base64 form); never printed.
-        api_key: Option<String>,
+        api_key: Option<Secret>,
         /// PEM file of extra CA certificates for `https` URLs.
         ca_file: Option<String>,
         /// Timeout of one request (default `30s`).
         timeout: Option<String>,
     },
     Postgres {
-        /// `postgres://user:password@host:port/database`; the password is never printed.
-        url: String,
+        /// `postgres://user:password@host:port/database`; the password (also
+        /// a `?password=` parameter) is never printed.
+        url: SecretUrl,
         /// Connections in the pool shared by the connectors using this sink (default 8).
         max_connections: Option<u32>,
     },
@@ -107,8 +110,13 @@ pub struct HttpConfig {
     #[serde(default = "default_listen")]
     pub listen: Spanned<String>,
     /// Bearer token required by the mutating endpoints (pause, resume,
-    /// rebuild); never printed. Unset: no token needed.
-    pub token: Option<String>,
+    /// rebuild); never printed. Required when `listen` is not a loopback
+    /// address (unless `insecure`).
+    pub token: Option<Secret>,
+    /// Listen beyond loopback without a token: anyone who reaches the port
+    /// may pause, resume and rebuild connectors (default `false`).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 fn default_listen() -> Spanned<String> {
@@ -117,7 +125,7 @@ fn default_listen() -> Spanned<String> {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: default_listen(), token: None }
+        HttpConfig { listen: default_listen(), token: None, insecure: false }
     }
 }
 

@@ -107,7 +107,7 @@ impl DeadLetters {
             // Each send is awaited: lingering would only add to its wait.
             .set("linger.ms", "0")
             .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string());
-        for (key, value) in &kafka.properties {
+        for (key, value) in kafka.properties.iter() {
             config.set(key, value);
         }
         if !kafka.properties.contains_key("message.max.bytes") {

@@ -97,7 +97,7 @@ fn read_all(kafka: &KafkaSettings, topic: &str, idle: Duration) -> anyhow::Resul
         .set("group.id", "kawka-dlq-dry-run")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
-    for (key, value) in &kafka.properties {
+    for (key, value) in kafka.properties.iter() {
         config.set(key, value);
     }
     let consumer: BaseConsumer = config.create()?;

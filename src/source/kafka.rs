@@ -394,7 +394,7 @@ fn consumer_config(connector: &str, kafka: &KafkaSettings, source: &SourceSettin
         // whatever it did with them; with 10 ms, 1.6M/s. The queue stays
         // bounded by the two settings above.
         .set("fetch.queue.backoff.ms", "10");
-    for (key, value) in kafka.properties.iter().chain(&source.properties) {
+    for (key, value) in kafka.properties.iter().chain(source.properties.iter()) {
         config.set(key, value);
     }
     config
@@ -405,7 +405,7 @@ fn consumer_config(connector: &str, kafka: &KafkaSettings, source: &SourceSettin
 fn group_client(kafka: &KafkaSettings, group: &str) -> KafkaResult<BaseConsumer> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &kafka.bootstrap_servers).set("group.id", group).set("enable.auto.commit", "false");
-    for (key, value) in &kafka.properties {
+    for (key, value) in kafka.properties.iter() {
         config.set(key, value);
     }
     config.create()
@@ -713,12 +713,12 @@ mod tests {
             producer.send(BaseRecord::<str, str>::to("events").key("k").payload("v")).expect("queued");
         }
         producer.flush(Duration::from_secs(10)).expect("produced");
-        let kafka = KafkaSettings { bootstrap_servers: bootstrap, properties: BTreeMap::new() };
+        let kafka = KafkaSettings { bootstrap_servers: bootstrap, properties: Default::default() };
         let source = SourceSettings {
             topics: vec!["events".to_string()],
             start: StartPosition::Earliest,
             group_id: "kawka.retries".to_string(),
-            properties: BTreeMap::from([("session.timeout.ms".to_string(), "6000".to_string())]),
+            properties: BTreeMap::from([("session.timeout.ms".to_string(), "6000".to_string())]).into(),
             max_prefetch_bytes: 1 << 20,
             max_prefetch_records: 1000,
             max_record_bytes: 1 << 20,

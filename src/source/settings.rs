@@ -1,15 +1,13 @@
 //! What a source is built from: the Kafka cluster and one connector's
 //! topics, group and prefetch limits (`config` fills them in from the files).
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 
 /// The Kafka cluster every connector reads from (and dead letters go to).
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
-    pub properties: BTreeMap<String, String>,
+    pub properties: crate::secret::Properties,
 }
 
 /// One connector's consumer.
@@ -18,7 +16,7 @@ pub struct SourceSettings {
     pub topics: Vec<String>,
     pub start: StartPosition,
     pub group_id: String,
-    pub properties: BTreeMap<String, String>,
+    pub properties: crate::secret::Properties,
     pub max_prefetch_bytes: u64,
     /// Records fetched ahead of processing, at most: two batches.
     pub max_prefetch_records: usize,

@@ -2,6 +2,7 @@
 
 stdin: a JSON spec on the first line, then one JSON record per line:
   spec:   {"bootstrap": "127.0.0.1:9092", "registry": "http://127.0.0.1:8081",
+           "registry_user_info": "user:password"? (basic auth),
            "topic": "users", "subject_strategy": "topic" | "record" | "topic_record",
            "schemas": {"<name>": <Avro schema (JSON)>}}
   record: {"schema": "<name>", "key": "k" | null, "value": {...} | null, "partition": 0?,
@@ -36,7 +37,10 @@ STRATEGIES = {
 
 def main():
     spec = json.loads(sys.stdin.readline())
-    registry = SchemaRegistryClient({"url": spec["registry"]})
+    registry_conf = {"url": spec["registry"]}
+    if spec.get("registry_user_info"):
+        registry_conf["basic.auth.user.info"] = spec["registry_user_info"]
+    registry = SchemaRegistryClient(registry_conf)
     strategy = STRATEGIES[spec.get("subject_strategy", "topic")]
     serializers = {
         name: AvroSerializer(

@@ -59,12 +59,18 @@ pub fn unique(prefix: &str) -> String {
 /// A registry of this test's own, on a free port, with its tables in a
 /// Postgres schema of its own (so global config changes stay in the test).
 pub async fn start_registry() -> RunningRegistry {
-    let settings = RegistryServerSettings {
-        listen: "127.0.0.1:0".parse().expect("valid address"),
-        database_url: database_url(),
-        schema: Some(unique("registry")),
-    };
-    kawka_registry::start(&settings).await.unwrap_or_else(|e| {
+    start_registry_with(registry_settings()).await
+}
+
+/// Settings of a test registry: a free loopback port, its own schema.
+pub fn registry_settings() -> RegistryServerSettings {
+    let mut settings = RegistryServerSettings::new("127.0.0.1:0".parse().expect("valid address"), database_url());
+    settings.schema = Some(unique("registry"));
+    settings
+}
+
+pub async fn start_registry_with(settings: RegistryServerSettings) -> RunningRegistry {
+    kawka_registry::start(settings).await.unwrap_or_else(|e| {
         panic!("cannot start a registry on {} (is the stack up? deploy/local/up.sh): {e:#}", database_url())
     })
 }
@@ -466,12 +472,10 @@ pub fn free_port() -> u16 {
 /// A registry on a given address and Postgres schema: restarting it with
 /// the same arguments serves the same ids.
 pub async fn start_registry_on(port: u16, schema: &str) -> RunningRegistry {
-    let settings = RegistryServerSettings {
-        listen: format!("127.0.0.1:{port}").parse().expect("valid address"),
-        database_url: database_url(),
-        schema: Some(schema.to_string()),
-    };
-    kawka_registry::start(&settings).await.unwrap_or_else(|e| panic!("cannot start a registry on port {port}: {e:#}"))
+    let mut settings =
+        RegistryServerSettings::new(format!("127.0.0.1:{port}").parse().expect("valid address"), database_url());
+    settings.schema = Some(schema.to_string());
+    kawka_registry::start(settings).await.unwrap_or_else(|e| panic!("cannot start a registry on port {port}: {e:#}"))
 }
 
 /// The machine's Postgres cluster, stopped for a fault test and started

@@ -37,8 +37,10 @@ pub struct ApiState {
     pub store: Store,
 }
 
-pub fn router(store: Store) -> Router {
-    Router::new()
+/// The routes behind content negotiation, then access control (and the
+/// audit log), then the server's limits (outermost: counted first).
+pub fn router(store: Store, access: Arc<crate::auth::Access>, limits: &kawka_http::Limits) -> Router {
+    let routes = Router::new()
         .route("/", get(|| async { reply(json!({})) }))
         .route("/mode", get(get_global_mode).put(put_global_mode))
         .route("/mode/{subject}", get(get_subject_mode).put(put_subject_mode).delete(delete_subject_mode))
@@ -63,8 +65,15 @@ pub fn router(store: Store) -> Router {
         .fallback(|| async { ApiError::http(StatusCode::NOT_FOUND) })
         .method_not_allowed_fallback(|| async { ApiError::http(StatusCode::METHOD_NOT_ALLOWED) })
         .layer(axum::middleware::from_fn(negotiate))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(Arc::new(ApiState { store }))
+        .layer(axum::middleware::from_fn_with_state(access, crate::auth::access));
+    kawka_http::guard(routes, limits, refusal)
+}
+
+/// A refusal of the server's limits, in Confluent's error body.
+fn refusal(status: StatusCode, message: &'static str) -> Response {
+    ApiError::new(status, i64::from(status.as_u16()), message).into_response()
 }
 
 /// The media types the API speaks, best first.
@@ -93,7 +102,8 @@ async fn negotiate(request: axum::extract::Request, next: axum::middleware::Next
         Ok(BodyCharset::Utf8) => request,
         Ok(BodyCharset::Latin1) => {
             let (parts, body) = request.into_parts();
-            let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+            // The body is already read (and bounded) by the server's guard.
+            let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
                 return ApiError::http(StatusCode::PAYLOAD_TOO_LARGE).into_response();
             };
             let text: String = bytes.iter().map(|&b| char::from(b)).collect();
@@ -107,9 +117,6 @@ async fn negotiate(request: axum::extract::Request, next: axum::middleware::Next
     }
     response
 }
-
-/// The largest request body read: a schema of a few MiB is already huge.
-const MAX_BODY: usize = 8 << 20;
 
 enum BodyCharset {
     Utf8,
@@ -373,10 +380,56 @@ async fn prepare(connection: &mut PgConnection, body: &Bytes) -> Result<Candidat
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Empty schema"));
     }
     let json: Json = serde_json::from_str(&text).map_err(ApiError::invalid_schema)?;
+    check_shape(&json, 0).map_err(ApiError::invalid_schema)?;
     let schema = parse_with_references(connection, &text, &request.references).await?;
     // Stored as sent (keys sorted); identity is computed from it by the
     // store (`canonical`): one schema however spelled.
     Ok(Candidate { normalized: normalize(&json), schema, references: request.references })
+}
+
+/// How deep schemas may nest (a record's field of a record's field …,
+/// arrays, maps and unions counting too): real schemas nest a few levels;
+/// parsers and decoders recurse once per level.
+pub const MAX_SCHEMA_DEPTH: usize = 64;
+
+/// The largest precision (and so scale) of a `decimal`: a decoder writes
+/// up to that many digits for every value.
+pub const MAX_DECIMAL_PRECISION: u64 = 1000;
+
+/// Refuses what a parser or decoder should not be asked to hold: nesting
+/// past [`MAX_SCHEMA_DEPTH`], decimals past [`MAX_DECIMAL_PRECISION`].
+fn check_shape(json: &Json, depth: usize) -> Result<(), String> {
+    if depth > MAX_SCHEMA_DEPTH {
+        return Err(format!("schema nests deeper than {MAX_SCHEMA_DEPTH} levels"));
+    }
+    match json {
+        Json::Array(branches) => branches.iter().try_for_each(|b| check_shape(b, depth + 1)),
+        Json::Object(object) => {
+            if object.get("logicalType").and_then(Json::as_str) == Some("decimal") {
+                for key in ["precision", "scale"] {
+                    let too_large = match object.get(key) {
+                        Some(Json::Number(n)) => n.as_u64().is_none_or(|n| n > MAX_DECIMAL_PRECISION),
+                        _ => false,
+                    };
+                    if too_large {
+                        return Err(format!("decimal {key} must be a whole number up to {MAX_DECIMAL_PRECISION}"));
+                    }
+                }
+            }
+            for key in ["type", "items", "values"] {
+                if let Some(inner) = object.get(key).filter(|v| !v.is_string()) {
+                    check_shape(inner, depth + 1)?;
+                }
+            }
+            for field in object.get("fields").and_then(Json::as_array).into_iter().flatten() {
+                if let Some(inner) = field.get("type") {
+                    check_shape(inner, depth + 1)?;
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn level_of(connection: &mut PgConnection, subject: &str) -> Result<Level, ApiError> {

@@ -43,7 +43,7 @@ pub(super) fn validate_connector(
         topics: source.topics.value.clone(),
         start: source.start,
         group_id: source.group.clone().unwrap_or_else(|| format!("kawka.{name}")),
-        properties: source.properties.clone(),
+        properties: source.properties.clone().into(),
         max_prefetch_bytes: at.size(&source.max_prefetch_bytes, "source.max_prefetch_bytes", 64 << 20),
         // Set with the batch size below.
         max_prefetch_records: 0,

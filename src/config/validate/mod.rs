@@ -17,7 +17,7 @@ use super::units::{parse_duration, parse_size};
 use super::{ConnectorSettings, HttpSettings, LogSettings, Problem, Problems, Settings};
 use crate::codec::RegistryClientSettings;
 use crate::projection::expr::{self, Expr};
-use crate::secret::{redact_url, Secret, SecretUrl};
+use crate::secret::SecretUrl;
 use crate::sink::elasticsearch::ElasticsearchConnection;
 use crate::sink::postgres::PostgresConnection;
 use crate::sink::SinkConnection;
@@ -94,7 +94,7 @@ pub fn validate(
     }
     let kafka = KafkaSettings {
         bootstrap_servers: daemon.kafka.bootstrap_servers.value.clone(),
-        properties: daemon.kafka.properties.clone(),
+        properties: daemon.kafka.properties.clone().into(),
     };
 
     let registry = &daemon.schema_registry;
@@ -103,8 +103,9 @@ pub fn validate(
     }
     let schema_registry = RegistryClientSettings {
         url: registry.url.trim_end_matches('/').to_string(),
-        username: registry.username.clone(),
-        password: registry.password.clone().map(Secret::new),
+        // Empty is unset: `${SCHEMA_REGISTRY_USER:-}` with nothing behind it.
+        username: registry.username.clone().filter(|u| !u.is_empty()),
+        password: registry.password.clone().filter(|p| !p.expose().is_empty()),
         ca_file: registry.ca_file.as_ref().map(|f| PathBuf::from(&f.value)),
         timeout: at.duration(&registry.timeout, "schema_registry.timeout", Duration::from_secs(10)),
     };
@@ -119,7 +120,18 @@ pub fn validate(
         );
         SocketAddr::from(([127, 0, 0, 1], 8080))
     });
-    let http = HttpSettings { listen, token: daemon.http.token.clone().filter(|t| !t.is_empty()).map(Secret::new) };
+    let token = daemon.http.token.clone().filter(|t| !t.expose().is_empty());
+    if token.is_none() && !daemon.http.insecure && !listen.ip().is_loopback() {
+        at.at(
+            daemon.http.listen.mark,
+            "http.listen",
+            format!(
+                "{listen} is beyond loopback and http.token is not set: anyone who reaches the port could pause, \
+                 resume and rebuild connectors; set http.token (or listen on 127.0.0.1, or set http.insecure: true)"
+            ),
+        );
+    }
+    let http = HttpSettings { listen, token };
     let log = LogSettings {
         format: daemon.log.format,
         level: daemon.log.level.clone().unwrap_or_else(|| "info".to_string()),
@@ -154,32 +166,29 @@ fn sink_connections(
         let field = format!("sinks.{name}");
         let connection = match &sink.value {
             SinkConfig::Elasticsearch { url, username, password, api_key, ca_file, timeout } => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                let text = url.expose();
+                if !(text.starts_with("http://") || text.starts_with("https://")) {
                     at.at(sink.mark, &format!("{field}.url"), format!("`{url}` is not an http(s) URL"));
                 }
                 let timeout = timeout.clone().map(|t| Spanned { mark: sink.mark, value: t });
                 SinkConnection::Elasticsearch(ElasticsearchConnection {
-                    url: url.trim_end_matches('/').to_string(),
-                    username: username.clone(),
-                    password: password.clone().map(Secret::new),
-                    api_key: api_key.clone().map(Secret::new),
+                    url: SecretUrl::new(text.trim_end_matches('/')),
+                    username: username.clone().filter(|u| !u.is_empty()),
+                    password: password.clone().filter(|p| !p.expose().is_empty()),
+                    api_key: api_key.clone().filter(|k| !k.expose().is_empty()),
                     ca_file: ca_file.as_ref().map(PathBuf::from),
                     timeout: at.duration(&timeout, &format!("{field}.timeout"), Duration::from_secs(30)),
                 })
             }
             SinkConfig::Postgres { url, max_connections } => {
-                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                    at.at(
-                        sink.mark,
-                        &format!("{field}.url"),
-                        format!("`{}` is not a postgres:// URL", redact_url(url)),
-                    );
+                if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
+                    at.at(sink.mark, &format!("{field}.url"), format!("`{url}` is not a postgres:// URL"));
                 }
                 if *max_connections == Some(0) {
                     at.at(sink.mark, &format!("{field}.max_connections"), "must be at least 1");
                 }
                 SinkConnection::Postgres(PostgresConnection {
-                    url: SecretUrl::new(url.clone()),
+                    url: url.clone(),
                     max_connections: max_connections.unwrap_or(8).max(1),
                 })
             }

@@ -9,7 +9,7 @@ use crate::secret::Secret;
 /// An `elasticsearch` connection in `sinks:`.
 #[derive(Debug, Clone)]
 pub struct ElasticsearchConnection {
-    pub url: String,
+    pub url: crate::secret::SecretUrl,
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub api_key: Option<Secret>,

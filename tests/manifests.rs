@@ -230,18 +230,110 @@ fn the_mounted_files_are_a_valid_kawka_configuration() {
             std::fs::copy(source, &destination).expect("copy");
         }
     }
-    let output = Command::new(env!("CARGO_BIN_EXE_kawka"))
-        .args(["validate", "--config", "/etc/kawka/config/kawka.yaml".trim_start_matches("/etc/kawka/")])
-        .current_dir(root.path())
-        .env_remove("KAWKA_CONFIG")
+    // With the pod's environment: listening on 0.0.0.0 needs the token the
+    // Secret gives (required, not optional); without it kawka refuses.
+    let validate = |token: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kawka"));
+        command
+            .args(["validate", "--config", "/etc/kawka/config/kawka.yaml".trim_start_matches("/etc/kawka/")])
+            .current_dir(root.path())
+            .env_remove("KAWKA_CONFIG")
+            .env("KAWKA_HTTP_LISTEN", "0.0.0.0:8080")
+            .env_remove("KAWKA_HTTP_TOKEN");
+        if let Some(token) = token {
+            command.env("KAWKA_HTTP_TOKEN", token);
+        }
+        let output = command.output().expect("kawka validate");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+    let (ok, text) = validate(Some("a-token-from-the-secret"));
+    assert!(ok, "{text}");
+    let (ok, text) = validate(None);
+    assert!(!ok && text.contains("http.token"), "{text}");
+    let token = container_env(&deployment, "KAWKA_HTTP_TOKEN");
+    assert_eq!(str_of(&token["valueFrom"]["secretKeyRef"]["name"]), "kawka-credentials");
+    assert!(token["valueFrom"]["secretKeyRef"]["optional"].is_null(), "the token is required: {token:?}");
+}
+
+fn container_env<'a>(deployment: &'a Yaml, name: &str) -> &'a Yaml {
+    kawka_container(deployment)["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .find(|e| str_of(&e["name"]) == name)
+        .unwrap_or_else(|| panic!("no env {name}"))
+}
+
+/// `kubectl kustomize` (kustomize built into kubectl) of the production
+/// overlay: every resource valid against the Kubernetes schemas, offline,
+/// the NetworkPolicies in it, and every credential required.
+#[test]
+fn the_production_overlay_builds_with_its_network_policies_and_validates() {
+    let overlay = k8s().join("overlays/production");
+    let built = Command::new("kubectl")
+        .args(["kustomize", "--load-restrictor", "LoadRestrictionsNone"])
+        .arg(&overlay)
         .output()
-        .expect("kawka validate");
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .or_else(|_| {
+            Command::new("kustomize")
+                .args(["build", "--load-restrictor", "LoadRestrictionsNone"])
+                .arg(&overlay)
+                .output()
+        })
+        .expect("kubectl (or kustomize) is on the PATH");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let text = String::from_utf8_lossy(&built.stdout).into_owned();
+    let docs: Vec<Yaml> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("yaml"))
+        .collect();
+    let of_kind = |kind: &str| docs.iter().filter(|d| str_of(&d["kind"]) == kind).collect::<Vec<_>>();
+    let policies = of_kind("NetworkPolicy");
+    assert_eq!(policies.len(), 2, "{text}");
+    for policy in &policies {
+        assert_eq!(str_of(&policy["metadata"]["namespace"]), "kawka");
+    }
+    let kawka_policy = policies.iter().find(|p| str_of(&p["metadata"]["name"]) == "kawka").expect("kawka's policy");
+    let from = &kawka_policy["spec"]["ingress"][0]["from"];
+    assert_eq!(from.as_sequence().map(Vec::len), Some(1), "only the monitoring namespace");
+    assert_eq!(str_of(&from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]), "monitoring");
+    let registry_policy =
+        policies.iter().find(|p| str_of(&p["metadata"]["name"]) == "kawka-registry").expect("the registry's policy");
+    assert_eq!(registry_policy["spec"]["ingress"][0]["ports"][0]["port"].as_u64(), Some(8081));
+    // Every secretKeyRef of the built Deployments is required.
+    let mut refs = 0;
+    for deployment in of_kind("Deployment") {
+        for container in deployment["spec"]["template"]["spec"]["containers"].as_sequence().expect("containers") {
+            for env in container["env"].as_sequence().into_iter().flatten() {
+                let reference = &env["valueFrom"]["secretKeyRef"];
+                if !reference.is_null() {
+                    refs += 1;
+                    assert!(reference["optional"].is_null() || reference["optional"] == false, "{env:?}");
+                }
+            }
+        }
+    }
+    assert!(refs >= 6, "{refs} secret references");
+    let registry = of_kind("Deployment")
+        .into_iter()
+        .find(|d| str_of(&d["metadata"]["name"]) == "kawka-registry")
+        .expect("the registry");
+    let env = &registry["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(env.as_sequence().expect("env").iter().any(|e| str_of(&e["name"]) == "KAWKA_REGISTRY_AUTH"));
+
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), &text).expect("write");
+    let validator = support::python().with_file_name("kubernetes-validate");
+    let output = Command::new(&validator).arg("--strict").arg(file.path()).output().expect("kubernetes-validate");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    for line in report.lines() {
+        assert!(!line.starts_with("ERROR"), "{line}\n{report}");
+        if line.starts_with("WARN") {
+            assert!(line.contains("ScaledObject"), "only the KEDA CRD lacks a schema: {line}");
+        }
+    }
+    let passed = report.lines().filter(|l| l.contains(" passed for resource ")).count();
+    assert!(passed >= docs.len() - 1, "expected every resource to pass:\n{report}");
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -144,7 +144,8 @@ async fn registry_users_and_tokens_may_do_what_their_roles_allow() {
     let (reader, writer, admin) = (As::User(&users.reader), As::User(&users.writer), As::User(&users.admin));
 
     // (who, method, path, body, status, Confluent error code)
-    let cases: Vec<(As, &str, String, Option<Json>, u16, Option<i64>)> = vec![
+    type Case<'a> = (As<'a>, &'a str, String, Option<Json>, u16, Option<i64>);
+    let cases: Vec<Case> = vec![
         (As::Nobody, "GET", "/subjects".into(), None, 401, Some(401)),
         (As::Password(&users.reader.0, "wrong"), "GET", "/subjects".into(), None, 401, Some(401)),
         (As::Password("nobody", "wrong"), "GET", "/subjects".into(), None, 401, Some(401)),
@@ -497,6 +498,10 @@ async fn the_control_plane_acts_only_on_requests_it_can_trust() {
     let base = format!("http://{address}");
     let client = reqwest::Client::new();
     let pause = format!("{base}/connectors/{name}/pause");
+    // A client that never finishes its headers is cut off here too (after
+    // the port's 10 s), while the rest of the test runs.
+    let slow =
+        std::thread::spawn(move || raw(address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", Duration::from_secs(30)));
 
     let status = |r: reqwest::Response| r.status().as_u16();
     assert_eq!(status(client.post(&pause).send().await.expect("post")), 401, "no token, no action");
@@ -546,6 +551,8 @@ async fn the_control_plane_acts_only_on_requests_it_can_trust() {
     assert_eq!(lines.iter().filter(|l| l.contains("done") && l.contains("token holder")).count(), 1, "{lines:#?}");
     assert_eq!(audit_lines(&format!("/connectors/{open_name}/resume")).len(), 4);
     assert!(!log_text().contains(&token), "the token is never logged");
+    let (answer, took) = slow.join().expect("slow client");
+    assert!(took < Duration::from_secs(20), "cut off after the header timeout, not {took:?}: {answer}");
 }
 
 fn validate(config: &str) -> (bool, String) {

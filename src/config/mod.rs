@@ -231,10 +231,10 @@ fn read_tree(file: &Path, lookup: Lookup, problems: &mut Vec<Problem>) -> Option
         field: field.to_string(),
         message,
     };
-    let text = match std::fs::read_to_string(file) {
+    let text = match read_bounded(file) {
         Ok(text) => text,
-        Err(error) => {
-            problems.push(problem(Mark::default(), "", format!("cannot read: {error}")));
+        Err(message) => {
+            problems.push(problem(Mark { line: 1, column: 1 }, "", message));
             return None;
         }
     };
@@ -252,6 +252,23 @@ fn read_tree(file: &Path, lookup: Lookup, problems: &mut Vec<Problem>) -> Option
     });
     let expanded = problems.len() == before;
     Some((node, expanded))
+}
+
+/// The largest config file read: connector and daemon files are a few KiB;
+/// a file of many MiB is a mistake (or an attack) the parser need not hold.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 4 << 20;
+
+/// A config file's text, refused beyond [`MAX_CONFIG_FILE_BYTES`] (read
+/// through a cap, so a file that grows while read is bounded too).
+fn read_bounded(file: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let handle = std::fs::File::open(file).map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = Vec::new();
+    handle.take(MAX_CONFIG_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE_BYTES {
+        return Err(format!("larger than {} MiB: not read", MAX_CONFIG_FILE_BYTES >> 20));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("cannot read: not UTF-8 ({e})"))
 }
 
 fn deserialize<T: serde::de::DeserializeOwned>(file: &Path, node: &Node, problems: &mut Vec<Problem>) -> Option<T> {

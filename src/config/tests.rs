@@ -246,3 +246,18 @@ fn unset_variables_and_syntax_errors_have_lines() {
     assert!(problems[0].starts_with("kawka.yaml:4 : environment variable `REGISTRY_URL` is not set"), "{problems:#?}");
     assert!(problems[1].starts_with("inventory.yaml:8 : not valid YAML"), "{problems:#?}");
 }
+
+#[test]
+fn a_huge_config_file_is_refused_unread_and_an_alias_bomb_unexpanded() {
+    // 5 MiB of comments after a valid connector: refused before parsing.
+    let huge = format!("{INVENTORY}{}", "# padding padding padding padding padding padding padding\n".repeat(90_000));
+    let problems = Project::new(DAEMON, &[("inventory.yaml", &huge), ("user-profiles.yaml", PROFILES)]).problems();
+    assert_eq!(problems, vec!["inventory.yaml:1 : larger than 4 MiB: not read"], "{problems:#?}");
+    let bomb = format!(
+        "{INVENTORY}x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n{}",
+        (1..9).map(|i| format!("x{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 10].join(", "))).collect::<String>()
+    );
+    let problems = Project::new(DAEMON, &[("inventory.yaml", &bomb)]).problems();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(problems[0].starts_with("inventory.yaml:") && problems[0].contains("alias bomb"), "{problems:#?}");
+}

@@ -624,7 +624,7 @@ async fn no_secret_appears_in_any_output() {
     support::create_topic(&topic, 1).await;
     let connector = format!(
         r#"name: {name}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", ssl.key.password: {ssl_pw} }} }}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", sasl.password: {ssl_pw} }} }}
 sink: {{ to: readdb, table: {name}, columns: {{ store_id: text, item_id: text, on_hand: bigint }}, primary_key: [store_id, item_id] }}
 key: {{ store_id: store_id, item_id: item_id }}
 batch: {{ max_wait: 50ms }}
@@ -700,15 +700,24 @@ events:
     .await;
     let base = format!("http://{address}");
     let pool = support::postgres().await;
-    eventually(Duration::from_secs(90), "the 5 sales to be written through the authenticated registry", || async {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
         let on_hand: Option<i64> = sqlx::query_scalar(&format!("SELECT on_hand FROM {name} WHERE store_id = 's1'"))
             .fetch_optional(&pool)
             .await
             .ok()
             .flatten();
-        (on_hand == Some(-5)).then_some(())
-    })
-    .await;
+        if on_hand == Some(-5) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log = read_log();
+            let notable: Vec<&str> =
+                log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains(" INFO ")).collect();
+            panic!("the 5 sales were not written through the authenticated registry:\n{}", notable.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let client = reqwest::Client::new();
     for path in ["/connectors".to_string(), format!("/connectors/{name}"), "/metrics".into(), "/readyz".into()] {
         let text = client.get(format!("{base}{path}")).send().await.expect("get").text().await.expect("text");

@@ -173,7 +173,7 @@ impl NegativeCache {
 
 /// `scheme://user:password@host/…` → (`scheme://host/…`, the user and
 /// password, percent-decoded); a URL without them is returned as it is.
-fn split_credentials(url: &str) -> (String, Option<(String, Secret)>) {
+pub fn split_credentials(url: &str) -> (String, Option<(String, Secret)>) {
     let Some(scheme_end) = url.find("://") else { return (url.to_string(), None) };
     let start = scheme_end + 3;
     let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);

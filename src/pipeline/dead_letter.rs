@@ -116,7 +116,7 @@ impl DeadLetters {
             let most = (max_record_bytes + HEADER_ROOM).min(1_000_000_000);
             config.set("message.max.bytes", most.max(1_000_000).to_string());
         }
-        Ok(DeadLetters { producer: config.create()? })
+        Ok(DeadLetters { producer: config.create().map_err(crate::source::kafka::redact_config_error)? })
     }
 
     /// Produces the letter's record to its topic and waits until the

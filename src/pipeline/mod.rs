@@ -164,6 +164,15 @@ impl ConnectorRuntime {
             KafkaSource::start(&self.settings.name, &self.kafka, &self.settings.source, claim, self.status.clone());
         let (source, channels) = match started {
             Ok(started) => started,
+            // A setting librdkafka refuses cannot pass by waiting: the
+            // connector stops, visibly, with librdkafka's reason.
+            Err(error @ rdkafka::error::KafkaError::ClientConfig(..)) => {
+                return Halt::Stopped(Failure {
+                    class: ErrorClass::Config,
+                    stage: "source",
+                    message: error.to_string(),
+                })
+            }
             Err(error) => return Halt::Source(error.to_string()),
         };
         let mut channels = channels;

@@ -100,7 +100,7 @@ fn read_all(kafka: &KafkaSettings, topic: &str, idle: Duration) -> anyhow::Resul
     for (key, value) in kafka.properties.iter() {
         config.set(key, value);
     }
-    let consumer: BaseConsumer = config.create()?;
+    let consumer: BaseConsumer = config.create().map_err(crate::source::kafka::redact_config_error)?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut assignment = TopicPartitionList::new();
     for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {

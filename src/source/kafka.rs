@@ -258,7 +258,7 @@ impl KafkaSource {
             connector: connector.to_string(),
         };
         let config = consumer_config(connector, kafka, source);
-        let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
+        let consumer: BaseConsumer<SourceContext> = config.create_with_context(context).map_err(redact_config_error)?;
         let topics: Vec<&str> = source.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
@@ -408,7 +408,21 @@ fn group_client(kafka: &KafkaSettings, group: &str) -> KafkaResult<BaseConsumer>
     for (key, value) in kafka.properties.iter() {
         config.set(key, value);
     }
-    config.create()
+    config.create().map_err(redact_config_error)
+}
+
+/// librdkafka's refusal of a setting names the setting and its value
+/// (rdkafka's `Display` prints both): the value of a secret setting
+/// ([`crate::secret::is_secret_key`]) becomes `***`, in the description too.
+pub fn redact_config_error(error: rdkafka::error::KafkaError) -> rdkafka::error::KafkaError {
+    match error {
+        rdkafka::error::KafkaError::ClientConfig(code, description, key, value)
+            if crate::secret::is_secret_key(&key) && !value.is_empty() =>
+        {
+            rdkafka::error::KafkaError::ClientConfig(code, description.replace(&value, "***"), key, "***".to_string())
+        }
+        other => other,
+    }
 }
 
 /// Reads one group's committed offsets on the partitions of some topics,
@@ -690,6 +704,22 @@ fn raw_record<M: Message>(message: &M) -> RawRecord {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_refused_secret_setting_does_not_show_its_value() {
+        // This build of librdkafka has no OpenSSL: it refuses ssl.* settings,
+        // and rdkafka's error would print the value.
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", "127.0.0.1:1").set("ssl.key.password", "hunter2-secret");
+        let error = config.create::<BaseConsumer>().map_err(redact_config_error).err().expect("refused");
+        let text = format!("{error} {error:?}");
+        assert!(text.contains("ssl.key.password") && !text.contains("hunter2-secret"), "{text}");
+        // Other settings keep their value: it says what is wrong.
+        let mut config = ClientConfig::new();
+        config.set("fetch.max.bytes", "lots");
+        let error = config.create::<BaseConsumer>().map_err(redact_config_error).err().expect("refused");
+        assert!(error.to_string().contains("lots"), "{error}");
+    }
+
     use std::collections::BTreeMap;
 
     use rdkafka::mocking::MockCluster;

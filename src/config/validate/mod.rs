@@ -99,13 +99,26 @@ pub fn validate(
 
     let registry = &daemon.schema_registry;
     if !(registry.url.starts_with("http://") || registry.url.starts_with("https://")) {
-        at.at(registry.url.mark, "schema_registry.url", format!("`{}` is not an http(s) URL", *registry.url));
+        at.at(
+            registry.url.mark,
+            "schema_registry.url",
+            format!("`{}` is not an http(s) URL", crate::secret::redact_url(&registry.url)),
+        );
     }
+    // Credentials in the URL become basic auth (the URL is printed in
+    // errors and logs); `username`/`password` win over them.
+    let (url, in_url) = crate::codec::registry::split_credentials(registry.url.trim_end_matches('/'));
+    // Empty is unset: `${SCHEMA_REGISTRY_USER:-}` with nothing behind it.
+    let username = registry.username.clone().filter(|u| !u.is_empty());
+    let password = registry.password.clone().filter(|p| !p.expose().is_empty());
+    let (username, password) = match (username, in_url) {
+        (None, Some((user, in_url))) => (Some(user), password.or(Some(in_url))),
+        (username, _) => (username, password),
+    };
     let schema_registry = RegistryClientSettings {
-        url: registry.url.trim_end_matches('/').to_string(),
-        // Empty is unset: `${SCHEMA_REGISTRY_USER:-}` with nothing behind it.
-        username: registry.username.clone().filter(|u| !u.is_empty()),
-        password: registry.password.clone().filter(|p| !p.expose().is_empty()),
+        url,
+        username,
+        password,
         ca_file: registry.ca_file.as_ref().map(|f| PathBuf::from(&f.value)),
         timeout: at.duration(&registry.timeout, "schema_registry.timeout", Duration::from_secs(10)),
     };

@@ -120,6 +120,25 @@ async fn run_connectors(
         let _ = http_stopping.wait_for(|stop| *stop).await;
     }));
     tracing::info!(%address, "http listening");
+    // Write blocks a killed cut-over left on a live index: lifted once
+    // their lease has run out (see `rebuild::elasticsearch`).
+    for runtime in &runtimes {
+        if let crate::sink::Sink::Elasticsearch(sink) = &runtime.sink {
+            let (sink, name, mut stopping) = (sink.clone(), runtime.settings.name.clone(), stopping.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Err(error) = crate::rebuild::elasticsearch::heal_blocks(&sink, &name).await {
+                        tracing::debug!(connector = %name, error = %format!("{error:#}"),
+                            "looking for a write block a cut-over left failed");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(crate::rebuild::elasticsearch::HEAL_EVERY) => {}
+                        _ = stopping.wait_for(|stop| *stop) => return,
+                    }
+                }
+            });
+        }
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for runtime in runtimes {
         let name = runtime.settings.name.clone();

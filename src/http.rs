@@ -73,7 +73,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/connectors/{name}", get(one))
         .merge(control)
         .with_state(daemon);
-    kawka_http::guard(routes, &limits(), refusal)
+    // No endpoint reads a body: `read_bodies` is not used, so a body that
+    // never arrives holds nothing (the response does not wait for it).
+    kawka_http::cap(routes, &limits(), refusal)
 }
 
 /// The port's limits: no endpoint reads a body, so a small one is plenty.

@@ -64,6 +64,10 @@ enum Command {
         /// Drop the previous version kept for rollback.
         #[arg(long)]
         cleanup: bool,
+        /// Start anew: drop what an unfinished rebuild built (by default
+        /// a Postgres rebuild resumes it).
+        #[arg(long, conflicts_with_all = ["rollback", "cleanup"])]
+        restart: bool,
         #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
         config: PathBuf,
     },
@@ -208,13 +212,13 @@ fn main() -> ExitCode {
             code
         }
         Command::Status { url } => runtime.block_on(status(&url)),
-        Command::Rebuild { connector, rollback, cleanup, config } => {
+        Command::Rebuild { connector, rollback, cleanup, restart, config } => {
             let settings = match load(&config) {
                 Ok(settings) => settings,
                 Err(code) => return code,
             };
             kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), "warn");
-            runtime.block_on(rebuild(settings, &connector, rollback, cleanup))
+            runtime.block_on(rebuild(settings, &connector, rollback, cleanup, restart))
         }
         Command::Dlq { command: DlqCommand::Replay { connector, dry_run, idle, config } } => {
             let settings = match load(&config) {
@@ -534,7 +538,13 @@ async fn dlq_replay(
     ExitCode::SUCCESS
 }
 
-async fn rebuild(settings: kawka::config::Settings, connector: &str, rollback: bool, cleanup: bool) -> ExitCode {
+async fn rebuild(
+    settings: kawka::config::Settings,
+    connector: &str,
+    rollback: bool,
+    cleanup: bool,
+    restart: bool,
+) -> ExitCode {
     use kawka::rebuild;
     let runtime = match rebuild::runtime_of(&settings, connector) {
         Ok(runtime) => runtime,
@@ -553,7 +563,7 @@ async fn rebuild(settings: kawka::config::Settings, connector: &str, rollback: b
     } else if cleanup {
         rebuild::cleanup(&runtime).await.map(|table| rebuild::cleaned_up(table.as_deref()))
     } else {
-        rebuild::rebuild(runtime, stopping, rebuild::print_progress)
+        rebuild::rebuild(runtime, restart, stopping, rebuild::print_progress)
             .await
             .map(|report| format!("\n{} (kawka rebuild --rollback / --cleanup)", report.summary()))
     };

@@ -69,14 +69,14 @@ impl SecretUrl {
 /// query parameters that hold secrets (`?password=…`, `sslpassword`, …).
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else { return url.to_string() };
-    let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..].find(['/', '?', '#']).map_or(url.len(), |i| authority_start + i);
-    let authority = &url[authority_start..authority_end];
-    let mut out = match authority.rfind('@') {
-        Some(at) => match authority[..at].find(':') {
-            Some(colon) => {
-                format!("{}{}:***{}", &url[..authority_start], &authority[..colon], &url[authority_start + at..])
-            }
+    let start = scheme_end + 3;
+    // A password may hold an unencoded `/` (base64 ones do): the user
+    // information ends at the last `@` before the query, not at the first
+    // `/`. (A path with an `@` is then redacted too much, never too little.)
+    let before_query = url[start..].find(['?', '#']).map_or(url.len(), |i| start + i);
+    let mut out = match url[start..before_query].rfind('@') {
+        Some(at) => match url[start..start + at].find(':') {
+            Some(colon) => format!("{}:***{}", &url[..start + colon], &url[start + at..]),
             None => url.to_string(),
         },
         None => url.to_string(),
@@ -177,6 +177,9 @@ mod tests {
             "postgres://db/x?user=k&password=***&sslmode=require#f"
         );
         assert_eq!(redact_url("postgres://k:p@db/x?sslpassword=pw"), "postgres://k:***@db/x?sslpassword=***");
+        // Characters a password should encode, but may not.
+        assert_eq!(redact_url("http://elastic:ab/cd+ef==@es:9200"), "http://elastic:***@es:9200");
+        assert_eq!(redact_url("http://elastic:a@b@es:9200/x"), "http://elastic:***@es:9200/x");
         assert_eq!(serde_json::to_string(&Secret::new("pw")).expect("serializes"), "\"***\"");
         let secret: Secret = serde_json::from_str("\"pw\"").expect("deserializes");
         assert_eq!(secret.expose(), "pw");

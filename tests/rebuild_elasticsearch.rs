@@ -176,3 +176,71 @@ async fn an_index_is_rebuilt_beside_the_live_one_swapped_by_alias_and_rolled_bac
     assert_eq!(live.terminate().await, Some(0), "clean exit; log:\n{}", live.log());
     let _ = registry.stop().await; // cleanup only
 }
+
+/// Whether `index` carries a write block.
+async fn write_blocked(index: &str) -> bool {
+    let settings: Json = reqwest::get(format!("{}/{index}/_settings", support::elasticsearch_url()))
+        .await
+        .expect("settings")
+        .json()
+        .await
+        .expect("json");
+    let block = &settings[index]["settings"]["index"]["blocks"]["write"];
+    block == &json!(true) || block == &json!("true")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_over_killed_while_the_live_index_is_blocked_heals_by_itself() {
+    const FIRST: usize = 3_000;
+    const AFTER: usize = 500;
+    let registry = support::start_registry().await;
+    let topic = support::unique("stats");
+    let name = support::unique("healed-stats");
+    support::create_topic(&topic, 2).await;
+    let records = support::stats::log(FIRST + AFTER, 200);
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": support::stats::schemas()});
+    support::produce_with_python(&spec, records[..FIRST].to_vec()).await;
+    let project = Project::new(&registry.url(), &[(&name, &stats_connector(&name, &topic))]);
+    let live = project.start(0);
+    let (group, topics) = (format!("kawka.{name}"), vec![topic.clone()]);
+    eventually(Duration::from_secs(180), "the live index to hold the first events", || async {
+        (support::committed_total(&group, &topics).await == FIRST as i64).then_some(())
+    })
+    .await;
+
+    // A rebuild, killed (-9) as soon as its cut-over has blocked the live index.
+    let mut rebuild = Command::new(env!("CARGO_BIN_EXE_kawka"))
+        .args(["rebuild", &name])
+        .current_dir(project.root())
+        .env_remove("KAWKA_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kawka rebuild");
+    let state_url = format!("{}/kawka-rebuilds/_doc/{name}", support::elasticsearch_url());
+    let blocked = eventually(Duration::from_secs(180), "the cut-over to block the live index", || async {
+        let state: Json = reqwest::get(&state_url).await.ok()?.json().await.ok()?;
+        state["_source"]["blocked_index"].as_str().map(str::to_string)
+    })
+    .await;
+    rebuild.kill().expect("kill -9");
+    let _ = rebuild.wait();
+    assert_eq!(blocked, format!("{name}-v1"));
+    assert!(write_blocked(&blocked).await, "the killed cut-over left its block");
+
+    // Events produced now wait behind the block, then go through once the
+    // daemon sees the dead cut-over's lease run out: nobody steps in.
+    let killed_at = Instant::now();
+    support::produce_with_python(&spec, records[FIRST..].to_vec()).await;
+    eventually(Duration::from_secs(90), "the live connector to write again", || async {
+        (support::committed_total(&group, &topics).await == (FIRST + AFTER) as i64).then_some(())
+    })
+    .await;
+    println!("writes resumed {:?} after the kill", killed_at.elapsed());
+    assert!(!write_blocked(&blocked).await);
+    assert!(live.log().contains("lifted the write block"), "the daemon says what it did");
+    let state: Json = reqwest::get(&state_url).await.expect("state").json().await.expect("json");
+    assert!(state["_source"]["blocked_index"].is_null(), "{state}");
+    assert_fold(&name, &support::stats::fold(&records), "after healing").await;
+}

@@ -21,6 +21,11 @@
 //!   set to the positions saved at cut-over), move the alias back.
 //! * State (previous index, its positions) is one document per connector in
 //!   the `kawka-rebuilds` index.
+//! * A write block is recorded there before it is set, with a lease
+//!   ([`BLOCK_LEASE`]) the cut-over renews while it runs. A cut-over killed
+//!   before it lifted its block leaves the lease to expire: the daemon
+//!   ([`heal_blocks`], every [`HEAL_EVERY`]) and the next rebuild lift such
+//!   a block, with a log line.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,6 +181,85 @@ struct RebuildState {
     /// Where the previous index stopped (JSON text: the document's fields
     /// stay plain for dynamic mappings).
     previous_positions: Option<String>,
+    /// An index a cut-over (or rollback) write-blocked and has not lifted
+    /// yet, and until when its lease runs (ms since the epoch).
+    #[serde(default)]
+    blocked_index: Option<String>,
+    #[serde(default)]
+    block_expires_ms: Option<i64>,
+}
+
+/// How long a recorded write block is trusted to be its cut-over's: it is
+/// renewed every third of it while the cut-over runs; once it has run out,
+/// the block is a dead cut-over's and is lifted.
+pub const BLOCK_LEASE: Duration = Duration::from_secs(15);
+
+/// How often the daemon looks for an expired block of its connectors.
+pub const HEAL_EVERY: Duration = Duration::from_secs(5);
+
+/// Write-blocks `index` for a cut-over of `connector`: the block is
+/// recorded (with its lease) first, so that no block exists unrecorded;
+/// the lease is renewed until the returned guard is ended.
+async fn block_for_cut_over(client: &Elasticsearch, connector: &str, index: &str) -> anyhow::Result<Lease> {
+    let mut state = load_state(client, connector).await?.unwrap_or_default();
+    state.blocked_index = Some(index.to_string());
+    state.block_expires_ms = Some(crate::status::now_ms() + BLOCK_LEASE.as_millis() as i64);
+    save_state(client, connector, &state).await?;
+    block_writes(client, index, true).await?;
+    let renew = {
+        let (client, connector) = (client.clone(), connector.to_string());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(BLOCK_LEASE / 3).await;
+                let Ok(Some(mut state)) = load_state(&client, &connector).await else { continue };
+                state.block_expires_ms = Some(crate::status::now_ms() + BLOCK_LEASE.as_millis() as i64);
+                if let Err(error) = save_state(&client, &connector, &state).await {
+                    tracing::warn!(%connector, error = %format!("{error:#}"), "renewing the cut-over's block lease failed");
+                }
+            }
+        })
+    };
+    Ok(Lease { renew })
+}
+
+/// The renewal of a block's lease; [`Lease::end`] stops it.
+struct Lease {
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    /// Stops renewing and lifts the block; the state's record of it is
+    /// cleared by the caller's next `save_state` (or here, when `clear`).
+    async fn end(self, client: &Elasticsearch, connector: &str, index: &str, clear: bool) -> anyhow::Result<()> {
+        self.renew.abort();
+        let _ = self.renew.await;
+        block_writes(client, index, false).await?;
+        if clear {
+            if let Some(mut state) = load_state(client, connector).await? {
+                state.blocked_index = None;
+                state.block_expires_ms = None;
+                save_state(client, connector, &state).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lifts a write block a dead cut-over of `connector` left (its lease ran
+/// out). Returns the index it lifted, if any.
+pub async fn heal_blocks(sink: &ElasticsearchSink, connector: &str) -> anyhow::Result<Option<String>> {
+    let client = sink.client();
+    let Some(mut state) = load_state(client, connector).await? else { return Ok(None) };
+    let Some(index) = state.blocked_index.clone() else { return Ok(None) };
+    if state.block_expires_ms.is_some_and(|expires| expires > crate::status::now_ms()) {
+        return Ok(None);
+    }
+    block_writes(client, &index, false).await?;
+    state.blocked_index = None;
+    state.block_expires_ms = None;
+    save_state(client, connector, &state).await?;
+    tracing::warn!(%connector, %index, "lifted the write block a cut-over that did not finish left on the index");
+    Ok(Some(index))
 }
 
 async fn load_state(client: &Elasticsearch, connector: &str) -> anyhow::Result<Option<RebuildState>> {
@@ -295,6 +379,14 @@ pub async fn rebuild(
     let new_index = format!("{alias}-v{}", version_of(alias, &live_index)? + 1);
     // Left over from an interrupted rebuild (killed during a cut-over, it
     // may have left the live index write-blocked): start again.
+    let connector = runtime.settings.name.clone();
+    if let Some(state) = load_state(client, &connector).await? {
+        if let Some(blocked) = state.blocked_index.filter(|_| state.block_expires_ms.is_some()) {
+            // Whatever its lease says: this is the rebuild of the connector.
+            block_writes(client, &blocked, false).await?;
+            tracing::warn!(%connector, index = %blocked, "lifted the write block an unfinished cut-over left");
+        }
+    }
     delete_index(client, &new_index).await?;
     block_writes(client, &live_index, false).await?;
     let serving = serving_settings(client, &live_index).await?;
@@ -319,7 +411,7 @@ pub async fn rebuild(
     followed.context("the alias is unchanged; run the rebuild again")?;
 
     // The cut-over, with the live index write-blocked.
-    block_writes(client, &live_index, true).await?;
+    let lease = block_for_cut_over(client, &connector, &live_index).await?;
     let swapped = async {
         let live = settled(&live_offsets, &shutdown).await?;
         catch_up(&rebuilder, &rebuild_offsets, &live, &shutdown, &started, &mut progress).await?;
@@ -333,13 +425,15 @@ pub async fn rebuild(
         Ok::<_, anyhow::Error>(live)
     }
     .await;
-    let unblocked = block_writes(client, &live_index, false).await;
+    let unblocked = lease.end(client, &connector, &live_index, swapped.is_err()).await;
     let live = swapped.context("the alias is unchanged; run the rebuild again")?;
     unblocked.with_context(|| format!("the alias moved, but {live_index} is still write-blocked"))?;
     let state = RebuildState {
         version: version_of(alias, &new_index)?,
         previous_index: Some(live_index.clone()),
         previous_positions: Some(serde_json::to_string(&live)?),
+        blocked_index: None,
+        block_expires_ms: None,
     };
     save_state(client, &runtime.settings.name, &state).await?;
     let events = live.iter().map(|p| p.2.max(0) as u64).sum();
@@ -359,7 +453,7 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
     let stopped_at: Vec<Position> = serde_json::from_str(stopped_at).context("the saved positions")?;
     let current = current_index(client, alias).await?;
     let live_offsets = CommittedOffsets::of(runtime).await?;
-    block_writes(client, &current, true).await?;
+    let lease = block_for_cut_over(client, connector, &current).await?;
     let swapped = async {
         let live = settled(&live_offsets, &shutdown).await?;
         if !caught_up(&live, &stopped_at) {
@@ -375,7 +469,7 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
         move_alias(client, alias, &current, previous).await
     }
     .await;
-    let unblocked = block_writes(client, &current, false).await;
+    let unblocked = lease.end(client, connector, &current, swapped.is_err()).await;
     swapped.context("the alias is unchanged")?;
     unblocked?;
     // The rolled-out index is kept until cleanup; there is nothing to roll
@@ -384,6 +478,8 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
         version: version_of(alias, previous)?,
         previous_index: Some(current.clone()),
         previous_positions: None,
+        blocked_index: None,
+        block_expires_ms: None,
     };
     save_state(client, connector, &state).await?;
     Ok(current)

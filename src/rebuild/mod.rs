@@ -62,14 +62,17 @@ impl RebuildReport {
     }
 }
 
-/// Rebuilds `runtime`'s read model and cuts over.
+/// Rebuilds `runtime`'s read model and cuts over. A Postgres rebuild that
+/// did not finish is resumed unless `restart` (an Elasticsearch one starts
+/// anew).
 pub async fn rebuild(
     runtime: ConnectorRuntime,
+    restart: bool,
     shutdown: watch::Receiver<bool>,
     progress: impl FnMut(&RebuildProgress),
 ) -> anyhow::Result<RebuildReport> {
     match &runtime.sink {
-        Sink::Postgres(_) => postgres::rebuild(runtime, shutdown, progress).await,
+        Sink::Postgres(_) => postgres::rebuild(runtime, restart, shutdown, progress).await,
         Sink::Elasticsearch(_) => elasticsearch::rebuild(runtime, shutdown, progress).await,
     }
 }
@@ -207,11 +210,13 @@ where
 
 /// A progress line for a terminal: a bar, percent, events/s, ETA.
 pub fn progress_line(progress: &RebuildProgress) -> String {
-    let RebuildProgress { done, target, percent, events_per_second, eta_seconds, .. } = progress;
+    let RebuildProgress { done, target, percent, events_per_second, eta_seconds, message, .. } = progress;
     let filled = ((percent / 5.0) as usize).min(20);
     let eta = eta_seconds.map_or("-".to_string(), |s| format!("{s:.0}s"));
+    // A running rebuild's message says what it waits for (the cut-over's locks).
+    let waiting = message.as_deref().filter(|_| progress.state == RebuildState::Running).unwrap_or_default();
     format!(
-        "[{}{}] {percent:5.1}% {done}/{target} events, {events_per_second:.0} events/s, ETA {eta}",
+        "[{}{}] {percent:5.1}% {done}/{target} events, {events_per_second:.0} events/s, ETA {eta} {waiting}",
         "#".repeat(filled),
         " ".repeat(20 - filled)
     )
@@ -278,7 +283,7 @@ impl Rebuilds {
         status.set_rebuild(RebuildProgress::new(0, 0, 0.0, started_at_ms));
         let shutdown = self.shutdown.clone();
         let task = tokio::spawn(async move {
-            let outcome = rebuild(runtime, shutdown, |progress| status.set_rebuild(progress.clone())).await;
+            let outcome = rebuild(runtime, false, shutdown, |progress| status.set_rebuild(progress.clone())).await;
             status.rebuild_ended(outcome.map(|report| report.summary()).map_err(|error| format!("{error:#}")));
         });
         tasks.retain(|task| !task.is_finished());

@@ -1,11 +1,12 @@
 //! Hardened HTTP serving, shared by kawka's two servers: the daemon's port
 //! (health, metrics, connector control) and `kawka registry`.
 //!
-//! Both face clients they do not control, so both bound what one client
-//! can take: the time to send headers and a body, the size of a body, the
-//! requests handled at once and the connections held open; and both can
-//! listen with TLS. Each server words its refusals in its own error body
-//! ([`Refusal`]).
+//! Both face clients they do not control, so both bound what clients can
+//! take: the time to send headers and a body, the size of a body, the
+//! requests handled at once and the connections held open (caps shared by
+//! all clients: there is no per-client quota, and no write timeout for a
+//! client that stops reading). Serving can be over TLS. Each server words
+//! its refusals in its own error body ([`Refusal`]).
 //!
 //! # Layout
 //!
@@ -13,9 +14,11 @@
 //!   (a slow handshake holds only its own connection); every connection
 //!   gets the header timeout; [`Peer`] is put in each request's extensions;
 //!   shutdown lets requests in flight finish.
-//! * [`guard`]: middleware over a server's routes: a cap on requests in
-//!   flight (503), the whole body read up front within a size (413) and a
-//!   deadline (408).
+//! * [`cap`]: the outer middleware: a cap on requests in flight (503) and
+//!   on the declared body size (413). [`read_bodies`]: an inner one (under
+//!   the server's authentication, so no body is read for a stranger): the
+//!   whole body of a `POST`, `PUT` or `PATCH` read up front within the size
+//!   (413) and a deadline (408); other methods' bodies are never read.
 //! * [`tls_acceptor`]: a rustls acceptor from PEM files.
 
 use std::future::Future;
@@ -86,32 +89,57 @@ struct Guard {
     refuse: Refusal,
 }
 
-/// `router` behind the cap on requests in flight and the body limits.
-pub fn guard(router: Router, limits: &Limits, refuse: Refusal) -> Router {
-    let guard = Arc::new(Guard {
-        in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
-        max_body_bytes: limits.max_body_bytes,
-        body_timeout: limits.body_timeout,
-        refuse,
-    });
-    router.layer(axum::middleware::from_fn_with_state(guard, guarded))
+impl Guard {
+    fn new(limits: &Limits, refuse: Refusal) -> Arc<Guard> {
+        Arc::new(Guard {
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+            max_body_bytes: limits.max_body_bytes,
+            body_timeout: limits.body_timeout,
+            refuse,
+        })
+    }
 }
 
-async fn guarded(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
-    // Taken before the body is read: a slow body holds a place, so slow
-    // clients cannot starve the server beyond the cap and the body timeout.
+/// `router` behind the cap on requests in flight and on declared body sizes.
+pub fn cap(router: Router, limits: &Limits, refuse: Refusal) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(Guard::new(limits, refuse), capped))
+}
+
+/// `router` with the bodies of `POST`, `PUT` and `PATCH` read up front,
+/// within the size and the deadline of `limits`.
+pub fn read_bodies(router: Router, limits: &Limits, refuse: Refusal) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(Guard::new(limits, refuse), read_body))
+}
+
+async fn capped(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+    // Held until the response: a slow body holds a place, so slow clients
+    // cannot take more than the cap, each for the body timeout at most.
     let Ok(_place) = guard.in_flight.clone().try_acquire_owned() else {
         let mut response = (guard.refuse)(StatusCode::SERVICE_UNAVAILABLE, "too many requests in flight");
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    let declared =
-        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > guard.max_body_bytes as u64) {
         return (guard.refuse)(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
+    next.run(request).await
+}
+
+async fn read_body(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+    use axum::http::Method;
+    if !matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH) {
+        // Never read: a GET that announces a body it never sends costs nothing.
+        let (parts, _) = request.into_parts();
+        return next.run(Request::from_parts(parts, Body::empty())).await;
+    }
     let (parts, body) = request.into_parts();
-    let bytes = match tokio::time::timeout(guard.body_timeout, axum::body::to_bytes(body, guard.max_body_bytes)).await {
+    let bytes = match tokio::time::timeout(guard.body_timeout, axum::body::to_bytes(body, guard.max_body_bytes)).await
+    {
         Err(_) => return (guard.refuse)(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"),
         Ok(Err(error)) => {
             let too_large = std::error::Error::source(&error)

@@ -65,10 +65,14 @@ pub fn router(store: Store, access: Arc<crate::auth::Access>, limits: &kawka_htt
         .fallback(|| async { ApiError::http(StatusCode::NOT_FOUND) })
         .method_not_allowed_fallback(|| async { ApiError::http(StatusCode::METHOD_NOT_ALLOWED) })
         .layer(axum::middleware::from_fn(negotiate))
-        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
-        .with_state(Arc::new(ApiState { store }))
+        // The body is bounded by `read_bodies` below; a Latin-1 body
+        // converted to UTF-8 may grow to twice its size.
+        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes.saturating_mul(2)))
+        .with_state(Arc::new(ApiState { store }));
+    // Outermost first: the cap, then who is asking, then their body.
+    let routes = kawka_http::read_bodies(routes, limits, refusal)
         .layer(axum::middleware::from_fn_with_state(access, crate::auth::access));
-    kawka_http::guard(routes, limits, refusal)
+    kawka_http::cap(routes, limits, refusal)
 }
 
 /// A refusal of the server's limits, in Confluent's error body.
@@ -102,7 +106,7 @@ async fn negotiate(request: axum::extract::Request, next: axum::middleware::Next
         Ok(BodyCharset::Utf8) => request,
         Ok(BodyCharset::Latin1) => {
             let (parts, body) = request.into_parts();
-            // The body is already read (and bounded) by the server's guard.
+            // Already read, and bounded, by `kawka_http::read_bodies` (outside).
             let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
                 return ApiError::http(StatusCode::PAYLOAD_TOO_LARGE).into_response();
             };

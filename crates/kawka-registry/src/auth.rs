@@ -127,10 +127,21 @@ pub const VERIFIED_FOR: Duration = Duration::from_secs(300);
 /// Pairs remembered at most; the memory is cleared when full.
 const VERIFIED_MAX: usize = 4096;
 
+/// Password checks run at once at most: each takes argon2's ~19 MiB and
+/// tens of milliseconds of a core, and anyone can ask for one (a wrong
+/// password costs as much as a right one). More wait their turn.
+const CHECKS_AT_ONCE: usize = 2;
+
 /// The users and tokens of a registry.
 pub struct Authenticator {
     users: HashMap<String, User>,
     tokens: Vec<Token>,
+    /// Places for password checks ([`CHECKS_AT_ONCE`]); a check holds its
+    /// place until it ends, even when its client has gone.
+    checks: Arc<tokio::sync::Semaphore>,
+    /// Checked for unknown users, so that a wrong user name takes as long
+    /// as a wrong password: a real user's hash (same cost settings).
+    decoy: String,
     /// SHA-256 of `user \0 password` → (user, role, when verified).
     verified: Mutex<HashMap<[u8; 32], (String, Role, Instant)>>,
 }
@@ -144,8 +155,8 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
-/// A hash no password matches, checked for unknown users so that a wrong
-/// user name takes as long as a wrong password.
+/// The decoy when there is no user to borrow one from (argon2's default
+/// settings, which `hash-password` uses).
 const DECOY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$a2F3a2EtZGVjb3k$0ZpMj6D4NN1wJMaR2fKx3YE9Z+ZsGjVvqkkWgmeBv8Y";
 
 impl Authenticator {
@@ -171,7 +182,7 @@ impl Authenticator {
                 return Err(error(format!("user {} is named twice", user.name)));
             }
         }
-        let mut tokens = Vec::new();
+        let mut tokens: Vec<Token> = Vec::new();
         for (i, token) in file.tokens.into_iter().enumerate() {
             let sha256 = decode_hex(&token.sha256).ok_or_else(|| {
                 error(format!(
@@ -179,9 +190,19 @@ impl Authenticator {
                     token.name
                 ))
             })?;
+            if let Some(other) = tokens.iter().find(|t| t.sha256 == sha256) {
+                return Err(error(format!("tokens[{i}] ({}) is the same token as {}", token.name, other.name)));
+            }
             tokens.push(Token { name: token.name, role: token.role, sha256 });
         }
-        Ok(Authenticator { users, tokens, verified: Mutex::new(HashMap::new()) })
+        let decoy = users.values().next().map_or_else(|| DECOY_HASH.to_string(), |u| u.password_hash.clone());
+        Ok(Authenticator {
+            users,
+            tokens,
+            checks: Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE)),
+            decoy,
+            verified: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Who sent `headers`, or why they are not believed.
@@ -235,10 +256,13 @@ impl Authenticator {
             }
         }
         let user = self.users.get(name);
-        let hash = user.map_or(DECOY_HASH, |u| u.password_hash.as_str()).to_string();
+        let hash = user.map_or(self.decoy.as_str(), |u| u.password_hash.as_str()).to_string();
         let password = password.to_string();
-        // argon2 is slow on purpose: off the async threads.
+        let place = self.checks.clone().acquire_owned().await.expect("the checks' semaphore is never closed");
+        // argon2 is slow on purpose: off the async threads, holding one of
+        // CHECKS_AT_ONCE places to the end (also when the client has gone).
         let matches = tokio::task::spawn_blocking(move || {
+            let _place = place;
             PasswordHash::new(&hash)
                 .is_ok_and(|hash| Argon2::default().verify_password(password.as_bytes(), &hash).is_ok())
         })
@@ -253,7 +277,10 @@ impl Authenticator {
                 verified.insert(key, (name.to_string(), user.role, Instant::now()));
                 Ok(Who { name: name.to_string(), role: user.role })
             }
-            _ => Err(Unauthenticated { claimed: Some(name.to_string()) }),
+            // An unknown name is not logged: it may be a password typed
+            // into the user field.
+            Some(_) => Err(Unauthenticated { claimed: Some(name.to_string()) }),
+            None => Err(Unauthenticated { claimed: Some("unknown user".to_string()) }),
         }
     }
 }
@@ -431,6 +458,12 @@ mod tests {
     }
 
     #[test]
+    fn the_decoy_hash_is_a_hash() {
+        let hash = PasswordHash::new(DECOY_HASH).expect("parses");
+        assert!(Argon2::default().verify_password(b"anything", &hash).is_err());
+    }
+
+    #[test]
     fn bad_files_say_what_is_wrong() {
         let cases = [
             ("{}", "names no user"),
@@ -438,6 +471,11 @@ mod tests {
             ("users: [{ name: a, role: reader, password_hash: x }]", "unknown variant"),
             ("tokens: [{ name: t, role: read, sha256: abc }]", "64 hex digits"),
             ("users: [{ name: a, role: read, password: x }]", "unknown field"),
+            (
+                "tokens: [{ name: a, role: read, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 }, \
+                 { name: b, role: admin, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 }]",
+                "the same token as a",
+            ),
         ];
         for (text, expected) in cases {
             let error = Authenticator::parse(text, "auth.yaml").expect_err(text).to_string();

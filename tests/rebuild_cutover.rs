@@ -318,7 +318,9 @@ async fn a_long_reader_stalls_no_one_and_a_killed_cut_over_resumes() {
 async fn a_table_in_a_publication_is_not_swapped() {
     let live = live(200).await;
     let (pool, name) = (&live.pool, &live.name);
-    pool.execute(format!("CREATE PUBLICATION \"{name}_pub\" FOR TABLE \"{name}\"").as_str()).await.expect("publication");
+    pool.execute(format!("CREATE PUBLICATION \"{name}_pub\" FOR TABLE \"{name}\"").as_str())
+        .await
+        .expect("publication");
     let (ok, stdout) = finish(start_rebuild(&live.project, name, &[], "rebuild.log")).await;
     let log = std::fs::read_to_string(live.project.root().join("rebuild.log")).unwrap_or_default();
     assert!(!ok, "{stdout}");

@@ -120,6 +120,14 @@ async fn an_index_is_rebuilt_beside_the_live_one_swapped_by_alias_and_rolled_bac
             }
         })
     };
+    // A setting the user changed on the live index comes along.
+    let put = reqwest::Client::new()
+        .put(format!("{}/{name}-v1/_settings", support::elasticsearch_url()))
+        .json(&json!({"index": {"max_result_window": 50000}}))
+        .send()
+        .await
+        .expect("settings");
+    assert!(put.status().is_success());
     let rebuild_started = Instant::now();
     let stdout = {
         let (project_root, name) = (project.root().to_path_buf(), name.clone());
@@ -148,6 +156,13 @@ async fn an_index_is_rebuilt_beside_the_live_one_swapped_by_alias_and_rolled_bac
     assert!(alias.contains(&format!("{name}-v2")) && !alias.contains(&format!("{name}-v1")), "{alias}");
     let expected = support::stats::fold(&records[..FIRST + DURING]);
     assert_fold(&name, &expected, "after the cut-over").await;
+    let settings: Json = reqwest::get(format!("{}/{name}-v2/_settings", support::elasticsearch_url()))
+        .await
+        .expect("settings")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(settings[format!("{name}-v2")]["settings"]["index"]["max_result_window"], json!("50000"), "{settings}");
     eprintln!("{out}");
     eprintln!(
         "live connector: {FIRST} events in {live_seconds:.1} s ({:.0} events/s); `kawka rebuild` took {rebuild_seconds:.1} s; \

@@ -121,12 +121,42 @@ async fn serving_settings(client: &Elasticsearch, index: &str) -> anyhow::Result
         &format!("reading the settings of {index}"),
     )
     .await?;
-    let live = &reply[index]["settings"]["index"];
-    let value = |key: &str, default: Json| live.get(key).filter(|v| !v.is_null()).cloned().unwrap_or(default);
-    Ok(json!({"index": {
-        "refresh_interval": value("refresh_interval", json!("1s")),
-        "number_of_replicas": value("number_of_replicas", json!(1)),
-    }}))
+    Ok(carried_settings(&reply[index]["settings"]["index"]))
+}
+
+/// Dynamic index settings a user may have changed on the live index, put
+/// on the new one at cut-over (static ones, analyzers included, come from
+/// the connector's settings and from index templates, which match the new
+/// index's name as they matched the live one's).
+const CARRIED_SETTINGS: [&str; 13] = [
+    "refresh_interval",
+    "number_of_replicas",
+    "auto_expand_replicas",
+    "max_result_window",
+    "max_inner_result_window",
+    "max_terms_count",
+    "mapping",
+    "search",
+    "indexing",
+    "routing",
+    "default_pipeline",
+    "final_pipeline",
+    "priority",
+];
+
+/// The settings of the live index (`settings.index` of `_settings`) to put
+/// on the new one: [`CARRIED_SETTINGS`] where set, with the serving
+/// defaults for refresh and replicas (the new index loads without either).
+fn carried_settings(live: &Json) -> Json {
+    let mut index = serde_json::Map::new();
+    for key in CARRIED_SETTINGS {
+        if let Some(value) = live.get(key).filter(|v| !v.is_null()) {
+            index.insert(key.to_string(), value.clone());
+        }
+    }
+    index.entry("refresh_interval").or_insert(json!("1s"));
+    index.entry("number_of_replicas").or_insert(json!(1));
+    json!({ "index": index })
 }
 
 /// The body that creates the new version: the connector's mappings and
@@ -389,7 +419,6 @@ pub async fn rebuild(
     }
     delete_index(client, &new_index).await?;
     block_writes(client, &live_index, false).await?;
-    let serving = serving_settings(client, &live_index).await?;
     call(
         client.indices().create(IndicesCreateParts::Index(&new_index)).body(load_body(live_sink.target())).send().await,
         &format!("creating {new_index}"),
@@ -415,7 +444,9 @@ pub async fn rebuild(
     let swapped = async {
         let live = settled(&live_offsets, &shutdown).await?;
         catch_up(&rebuilder, &rebuild_offsets, &live, &shutdown, &started, &mut progress).await?;
-        put_settings(client, &new_index, serving.clone()).await?;
+        // Read now: what the user changed on the live index while the
+        // rebuild ran counts too.
+        put_settings(client, &new_index, serving_settings(client, &live_index).await?).await?;
         call(
             client.indices().refresh(IndicesRefreshParts::Index(&[&new_index])).send().await,
             &format!("refreshing {new_index}"),
@@ -500,6 +531,19 @@ pub async fn cleanup(runtime: &ConnectorRuntime) -> anyhow::Result<Option<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_user_set_on_the_live_index_is_carried_over() {
+        let live = json!({"refresh_interval": "30s", "number_of_replicas": "2", "max_result_window": "50000",
+            "mapping": {"total_fields": {"limit": "2000"}}, "uuid": "x", "creation_date": "1", "blocks": {"write": "true"},
+            "number_of_shards": "3", "analysis": {"analyzer": {}}});
+        assert_eq!(
+            carried_settings(&live),
+            json!({"index": {"refresh_interval": "30s", "number_of_replicas": "2", "max_result_window": "50000",
+                "mapping": {"total_fields": {"limit": "2000"}}}})
+        );
+        assert_eq!(carried_settings(&json!({})), json!({"index": {"refresh_interval": "1s", "number_of_replicas": 1}}));
+    }
 
     #[test]
     fn versions_come_from_the_index_name() {

@@ -158,9 +158,16 @@ pub async fn rebuild(
         .await;
         follower.stop().await;
         followed.context("the live table is unchanged; run the rebuild again (it resumes where this one stopped)")?;
-        match cut_over_patiently(&pool, &names, (&new_table, &previous_table, version + 1), &started, &shutdown, &mut progress)
-            .await
-            .context("the live table is unchanged and the rebuilt one kept; run the rebuild again to resume")?
+        match cut_over_patiently(
+            &pool,
+            &names,
+            (&new_table, &previous_table, version + 1),
+            &started,
+            &shutdown,
+            &mut progress,
+        )
+        .await
+        .context("the live table is unchanged and the rebuilt one kept; run the rebuild again to resume")?
         {
             CutOver::Done => {
                 let events = positions(&pool, &names, &names.connector).await?.iter().map(|r| r.2 as u64).sum();
@@ -240,9 +247,8 @@ async fn cut_over_patiently(
                 .await
                 .unwrap_or(0);
                 let message = format!(
-                    "cutting over: waiting for {holders} session(s) using {} (attempt {attempt}: {})",
+                    "cutting over: waiting for {holders} session(s) using {} (attempt {attempt}: {error:#})",
                     names.qualified(&names.table),
-                    format!("{error:#}")
                 );
                 tracing::info!(connector = %names.connector, holders, attempt, "{message}");
                 let sum = |positions: Vec<(String, i32, i64)>| positions.iter().map(|p| p.2.max(0) as u64).sum::<u64>();
@@ -475,8 +481,11 @@ async fn dependent_views(tx: &mut PgConnection, table: &str) -> anyhow::Result<V
         // Owner, grants and comments, in the materialized view's words;
         // it has no policies or triggers.
         statements.extend(own.into_iter().map(|s| {
-            s.replacen("ALTER TABLE ", "ALTER MATERIALIZED VIEW ", 1)
-                .replacen("COMMENT ON TABLE ", "COMMENT ON MATERIALIZED VIEW ", 1)
+            s.replacen("ALTER TABLE ", "ALTER MATERIALIZED VIEW ", 1).replacen(
+                "COMMENT ON TABLE ",
+                "COMMENT ON MATERIALIZED VIEW ",
+                1,
+            )
         }));
     }
     Ok(statements)

@@ -119,11 +119,8 @@ async fn capped(State(guard): State<Arc<Guard>>, request: Request, next: Next) -
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > guard.max_body_bytes as u64) {
         return (guard.refuse)(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     }
@@ -138,8 +135,7 @@ async fn read_body(State(guard): State<Arc<Guard>>, request: Request, next: Next
         return next.run(Request::from_parts(parts, Body::empty())).await;
     }
     let (parts, body) = request.into_parts();
-    let bytes = match tokio::time::timeout(guard.body_timeout, axum::body::to_bytes(body, guard.max_body_bytes)).await
-    {
+    let bytes = match tokio::time::timeout(guard.body_timeout, axum::body::to_bytes(body, guard.max_body_bytes)).await {
         Err(_) => return (guard.refuse)(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"),
         Ok(Err(error)) => {
             let too_large = std::error::Error::source(&error)

@@ -10,6 +10,10 @@
 //! | `POST /connectors/{name}/pause`, `/resume` | stop / start taking events (control) |
 //! | `POST /connectors/{name}/rebuild` | start `kawka rebuild` inside the daemon (202); progress shows under `rebuild` in `GET /connectors/{name}` (control) |
 //! | `POST /connectors/{name}/rebuild/rollback`, `/rebuild/cleanup` | `kawka rebuild --rollback` / `--cleanup` (control) |
+//! | `GET /connectors?expand=status,info` | Kafka Connect's shape: `{name: {status, info}}` |
+//! | `GET /connectors/{name}/config` | the effective settings (secrets as `***`) and their fingerprint |
+//! | `POST /connectors/{name}/restart` | drain the connector and start it again (control) |
+//! | `GET /reload`, `POST /reload` | the last reload attempt; reload the files now (control) |
 //!
 //! Control endpoints act only on a `POST` that [`control_gate`] lets
 //! through: with `http.token` set, one carrying `Authorization: Bearer
@@ -34,13 +38,15 @@ use tokio::net::TcpListener;
 
 use crate::codec::registry::RegistryClient;
 use crate::rebuild::{Rebuilds, StartError};
+use crate::reload::Reloads;
 use crate::secret::Secret;
-use crate::status::ConnectorStatus;
+use crate::status::{ConnectorStatus, Connectors};
 
 /// What the HTTP port serves from.
 #[derive(Debug)]
 pub struct Daemon {
-    pub connectors: Vec<Arc<ConnectorStatus>>,
+    /// The running connectors (reloads change them).
+    pub connectors: Connectors,
     pub registry: Option<Arc<RegistryClient>>,
     pub token: Option<Secret>,
     /// Whether the port listens on a loopback address only: then, without
@@ -49,11 +55,13 @@ pub struct Daemon {
     pub loopback: bool,
     /// Rebuilds over HTTP; `None` where the daemon offers none.
     pub rebuilds: Option<Rebuilds>,
+    /// Reloads and restarts; `None` where the daemon offers none.
+    pub reloads: Option<Arc<Reloads>>,
 }
 
 impl Daemon {
-    fn connector(&self, name: &str) -> Option<&Arc<ConnectorStatus>> {
-        self.connectors.iter().find(|c| c.name == name)
+    fn connector(&self, name: &str) -> Option<Arc<ConnectorStatus>> {
+        self.connectors.get(name)
     }
 }
 
@@ -64,6 +72,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/connectors/{name}/rebuild", post(rebuild))
         .route("/connectors/{name}/rebuild/rollback", post(rebuild_rollback))
         .route("/connectors/{name}/rebuild/cleanup", post(rebuild_cleanup))
+        .route("/connectors/{name}/restart", post(restart))
+        .route("/reload", post(reload))
         .route_layer(axum::middleware::from_fn_with_state(daemon.clone(), control_gate));
     let routes = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -71,6 +81,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/metrics", get(metrics))
         .route("/connectors", get(list))
         .route("/connectors/{name}", get(one))
+        .route("/connectors/{name}/config", get(config))
+        .route("/reload", get(last_reload))
         .merge(control)
         .with_state(daemon);
     // No endpoint reads a body: `read_bodies` is not used, so a body that
@@ -158,6 +170,7 @@ fn forbidden(reason: &'static str) -> Response {
 async fn readyz(State(daemon): State<Arc<Daemon>>) -> Response {
     let not_ready: Vec<serde_json::Value> = daemon
         .connectors
+        .snapshot()
         .iter()
         .filter(|c| !c.is_ready())
         .map(|c| {
@@ -173,8 +186,80 @@ async fn readyz(State(daemon): State<Arc<Daemon>>) -> Response {
     }
 }
 
-async fn list(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
-    Json(serde_json::Value::Array(daemon.connectors.iter().map(|c| c.to_json()).collect()))
+/// The connectors: a list of statuses, or with `?expand=status` and/or
+/// `?expand=info` Kafka Connect's map `{name: {status, info}}`.
+async fn list(
+    State(daemon): State<Arc<Daemon>>,
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
+) -> Json<serde_json::Value> {
+    let connectors = daemon.connectors.snapshot();
+    let expand: Vec<&str> =
+        query.iter().filter(|(k, _)| k == "expand").flat_map(|(_, v)| v.split(',')).map(str::trim).collect();
+    if expand.is_empty() {
+        return Json(serde_json::Value::Array(connectors.iter().map(|c| c.to_json()).collect()));
+    }
+    let mut out = serde_json::Map::new();
+    for c in &connectors {
+        let mut entry = serde_json::Map::new();
+        if expand.contains(&"status") {
+            entry.insert("status".into(), c.to_json());
+        }
+        if expand.contains(&"info") {
+            entry.insert("info".into(), info_json(&daemon, &c.name));
+        }
+        out.insert(c.name.clone(), serde_json::Value::Object(entry));
+    }
+    Json(serde_json::Value::Object(out))
+}
+
+fn info_json(daemon: &Daemon, name: &str) -> serde_json::Value {
+    match daemon.reloads.as_ref().and_then(|r| r.info(name)) {
+        Some(info) => serde_json::json!({"name": name, "fingerprint": info.fingerprint,
+            "file": info.file.display().to_string(), "config": info.effective}),
+        None => serde_json::json!({"name": name}),
+    }
+}
+
+async fn config(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    match daemon.connector(&name) {
+        Some(_) => Json(info_json(&daemon, &name)).into_response(),
+        None => not_found(&name),
+    }
+}
+
+async fn last_reload(State(daemon): State<Arc<Daemon>>) -> Response {
+    match &daemon.reloads {
+        Some(reloads) => Json(serde_json::json!({"last": reloads.last()})).into_response(),
+        None => not_offered("reloads"),
+    }
+}
+
+fn not_offered(what: &str) -> Response {
+    (StatusCode::NOT_IMPLEMENTED, Json(serde_json::json!({"error": format!("this daemon offers no {what}")})))
+        .into_response()
+}
+
+async fn reload(State(daemon): State<Arc<Daemon>>) -> Response {
+    let Some(reloads) = &daemon.reloads else { return not_offered("reloads") };
+    match reloads.reload("POST /reload").await {
+        Some(report) => {
+            let status = if report.outcome == "invalid" { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
+            (status, Json(serde_json::json!(report))).into_response()
+        }
+        None => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "the daemon is shutting down"})))
+            .into_response(),
+    }
+}
+
+async fn restart(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    let Some(reloads) = &daemon.reloads else { return not_offered("restarts") };
+    if daemon.connector(&name).is_none() {
+        return not_found(&name);
+    }
+    match reloads.restart(&name).await {
+        Ok(()) => Json(serde_json::json!({"connector": name, "restarted": true})).into_response(),
+        Err(error) => (StatusCode::CONFLICT, Json(serde_json::json!({"error": error}))).into_response(),
+    }
 }
 
 async fn one(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
@@ -285,11 +370,12 @@ fn label(value: &str) -> String {
 /// The Prometheus text of every metric.
 pub fn render(daemon: &Daemon) -> String {
     let mut out = String::with_capacity(4096);
+    let connectors = daemon.connectors.snapshot();
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
     family(&mut out, "kawka_events_total", "counter", "Events by connector, event type and outcome.");
-    for c in &daemon.connectors {
+    for c in &connectors {
         for ((event_type, outcome), n) in c.events_snapshot() {
             let _ = writeln!(
                 out,
@@ -301,7 +387,7 @@ pub fn render(daemon: &Daemon) -> String {
         }
     }
     family(&mut out, "kawka_duplicates_total", "counter", "Writes the sink found already applied.");
-    for c in &daemon.connectors {
+    for c in &connectors {
         let _ = writeln!(
             out,
             "kawka_duplicates_total{{connector=\"{}\"}} {}",
@@ -310,7 +396,7 @@ pub fn render(daemon: &Daemon) -> String {
         );
     }
     family(&mut out, "kawka_retries_total", "counter", "Retries of transient failures by stage and class.");
-    for c in &daemon.connectors {
+    for c in &connectors {
         for ((stage, class), n) in c.retries_snapshot() {
             let _ = writeln!(
                 out,
@@ -324,7 +410,7 @@ pub fn render(daemon: &Daemon) -> String {
         ("kawka_sink_write_seconds", "Time to make one batch durable in the sink.", 1),
     ] {
         family(&mut out, name, "histogram", help);
-        for c in &daemon.connectors {
+        for c in &connectors {
             let histogram = if pick == 0 { &c.batch_events } else { &c.write_seconds };
             let (buckets, sum, count) = histogram.snapshot();
             let connector = label(&c.name);
@@ -342,7 +428,7 @@ pub fn render(daemon: &Daemon) -> String {
         "gauge",
         "High watermark minus durable position, per partition (where the broker reports it).",
     );
-    for c in &daemon.connectors {
+    for c in &connectors {
         for p in c.partitions() {
             if let Some(lag) = p.lag {
                 let _ = writeln!(
@@ -356,7 +442,7 @@ pub fn render(daemon: &Daemon) -> String {
         }
     }
     family(&mut out, "kawka_position", "gauge", "Next offset whose effect is not durable yet, per partition.");
-    for c in &daemon.connectors {
+    for c in &connectors {
         for p in c.partitions() {
             if let Some(position) = p.position {
                 let _ = writeln!(
@@ -370,13 +456,13 @@ pub fn render(daemon: &Daemon) -> String {
         }
     }
     family(&mut out, "kawka_freshness_seconds", "gauge", "Now minus the timestamp of the newest written event.");
-    for c in &daemon.connectors {
+    for c in &connectors {
         if let Some(seconds) = c.freshness_seconds() {
             let _ = writeln!(out, "kawka_freshness_seconds{{connector=\"{}\"}} {seconds}", label(&c.name));
         }
     }
     family(&mut out, "kawka_connector_ready", "gauge", "1 when the connector is ready (see /readyz).");
-    for c in &daemon.connectors {
+    for c in &connectors {
         let state =
             serde_json::to_value(c.state()).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         let _ = writeln!(
@@ -392,7 +478,7 @@ pub fn render(daemon: &Daemon) -> String {
         "gauge",
         "Share of the log the running or last rebuild has made durable.",
     );
-    for c in &daemon.connectors {
+    for c in &connectors {
         if let Some(rebuild) = c.rebuild() {
             let _ = writeln!(
                 out,
@@ -403,7 +489,7 @@ pub fn render(daemon: &Daemon) -> String {
         }
     }
     family(&mut out, "kawka_rebuild_events_per_second", "gauge", "Rate of the running or last rebuild.");
-    for c in &daemon.connectors {
+    for c in &connectors {
         if let Some(rebuild) = c.rebuild() {
             let _ = writeln!(
                 out,
@@ -411,6 +497,12 @@ pub fn render(daemon: &Daemon) -> String {
                 label(&c.name),
                 rebuild.events_per_second
             );
+        }
+    }
+    if let Some(reloads) = &daemon.reloads {
+        family(&mut out, "kawka_config_reload_total", "counter", "Reload attempts by outcome.");
+        for (outcome, n) in reloads.outcomes() {
+            let _ = writeln!(out, "kawka_config_reload_total{{outcome=\"{}\"}} {n}", label(&outcome));
         }
     }
     if let Some(registry) = &daemon.registry {
@@ -437,11 +529,12 @@ mod tests {
         status.batch_written(2, 2, 0, 0.003, None);
         status.set_rebuild(crate::status::RebuildProgress::new(25, 100, 1000.0, 0));
         Daemon {
-            connectors: vec![status],
+            connectors: Connectors::new(vec![status]),
             registry: None,
             token: token.map(Secret::new),
             loopback: true,
             rebuilds: None,
+            reloads: None,
         }
     }
 

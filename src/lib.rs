@@ -58,6 +58,7 @@ pub mod http;
 pub mod pipeline;
 pub mod projection;
 pub mod rebuild;
+pub mod reload;
 pub mod secret;
 pub mod sink;
 pub mod source;

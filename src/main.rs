@@ -33,6 +33,11 @@ enum Command {
     Validate {
         #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
         config: PathBuf,
+        /// A running daemon's HTTP address: also print what a reload of it
+        /// with these files would start, stop, restart or leave untouched
+        /// (nothing is changed).
+        #[arg(long)]
+        against: Option<String>,
     },
     /// Run the upcast chain on one event: reads it as JSON on stdin, prints
     /// the event(s) it becomes at the newest catalogue version.
@@ -192,7 +197,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Validate { config } => validate(&config),
+        Command::Validate { config, against } => {
+            let code = validate(&config);
+            match against {
+                Some(url) if config::load(&config).is_ok() => runtime.block_on(plan_against(&config, &url)),
+                _ => code,
+            }
+        }
         Command::Run { config } => {
             let settings = match load(&config) {
                 Ok(settings) => settings,
@@ -343,6 +354,43 @@ fn validate(config: &std::path::Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// What a reload of the daemon at `url` with these files would do.
+async fn plan_against(config: &std::path::Path, url: &str) -> ExitCode {
+    let Ok(settings) = config::load(config) else { return ExitCode::from(2) };
+    let endpoint = format!("{}/connectors?expand=info", url.trim_end_matches('/'));
+    let fetched = async {
+        reqwest::get(&endpoint)
+            .await?
+            .error_for_status()?
+            .json::<std::collections::BTreeMap<String, serde_json::Value>>()
+            .await
+    };
+    let running = match fetched.await {
+        Ok(running) => running,
+        Err(error) => {
+            eprintln!(
+                "kawka validate: {}: {}",
+                kawka::secret::redact_url(&endpoint),
+                kawka::codec::registry::error_chain(&error)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let running: std::collections::BTreeMap<String, String> = running
+        .into_iter()
+        .map(|(name, entry)| {
+            let fingerprint = entry["info"]["fingerprint"].as_str().unwrap_or_default().to_string();
+            (name, fingerprint)
+        })
+        .collect();
+    let plan = kawka::reload::plan(&running, &kawka::reload::fingerprints(&settings));
+    println!("a reload of {} would:", kawka::secret::redact_url(url));
+    for line in plan.lines() {
+        println!("  {line}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn upcast(config: &std::path::Path, event_type: &str, from: u32) -> ExitCode {

@@ -183,6 +183,37 @@ pub struct ConnectorStatus {
     /// Kafka timestamp (ms) of the newest event whose effect is durable.
     last_written_timestamp: AtomicI64,
     rebuild: Mutex<Option<RebuildProgress>>,
+    /// When this incarnation of the connector was built (a reload that
+    /// restarts it builds a new one; an untouched one keeps its time).
+    pub started_at_ms: i64,
+    /// Set when a reload changed the projection of an existing read model.
+    rebuild_suggested: Mutex<Option<String>>,
+}
+
+/// The statuses of the running connectors, replaced as reloads add and
+/// remove connectors (read for every HTTP request; never held across an
+/// await).
+#[derive(Debug, Default)]
+pub struct Connectors(std::sync::RwLock<Vec<std::sync::Arc<ConnectorStatus>>>);
+
+impl Connectors {
+    pub fn new(statuses: Vec<std::sync::Arc<ConnectorStatus>>) -> Connectors {
+        Connectors(std::sync::RwLock::new(statuses))
+    }
+
+    /// The statuses now, in name order.
+    pub fn snapshot(&self) -> Vec<std::sync::Arc<ConnectorStatus>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, mut statuses: Vec<std::sync::Arc<ConnectorStatus>>) {
+        statuses.sort_by(|a, b| a.name.cmp(&b.name));
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = statuses;
+    }
+
+    pub fn get(&self, name: &str) -> Option<std::sync::Arc<ConnectorStatus>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).iter().find(|c| c.name == name).cloned()
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -213,7 +244,20 @@ impl ConnectorStatus {
             retrying_since: Mutex::new(None),
             last_written_timestamp: AtomicI64::new(0),
             rebuild: Mutex::new(None),
+            started_at_ms: now_ms(),
+            rebuild_suggested: Mutex::new(None),
         }
+    }
+
+    /// A reload changed how this connector projects events into an
+    /// existing read model: its rows were written by the old rules.
+    pub fn suggest_rebuild(&self, reason: String) {
+        tracing::warn!(connector = %self.name, %reason, "rebuild suggested");
+        *lock(&self.rebuild_suggested) = Some(reason);
+    }
+
+    pub fn rebuild_suggested(&self) -> Option<String> {
+        lock(&self.rebuild_suggested).clone()
     }
 
     pub fn state(&self) -> State {
@@ -448,6 +492,8 @@ impl ConnectorStatus {
             "last_error": self.last_error(),
             "freshness_seconds": self.freshness_seconds(),
             "rebuild": self.rebuild(),
+            "rebuild_suggested": self.rebuild_suggested(),
+            "started_at_ms": self.started_at_ms,
             "counters": {
                 "consumed": self.total(Outcome::Consumed),
                 "written": self.total(Outcome::Written),

@@ -474,11 +474,14 @@ async fn hostile_requests_to_the_registry_are_refused_cleanly() {
 
 fn daemon(token: Option<&str>, name: &str) -> Arc<kawka::http::Daemon> {
     Arc::new(kawka::http::Daemon {
-        connectors: vec![Arc::new(kawka::status::ConnectorStatus::new(name, "postgres"))],
+        connectors: kawka::status::Connectors::new(vec![Arc::new(kawka::status::ConnectorStatus::new(
+            name, "postgres",
+        ))]),
         registry: None,
         token: token.map(kawka::secret::Secret::new),
         loopback: true,
         rebuilds: None,
+        reloads: None,
     })
 }
 

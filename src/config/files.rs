@@ -39,6 +39,20 @@ pub struct DaemonFile {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Reloading the files while the daemon runs.
+    #[serde(default)]
+    pub reload: ReloadConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Reload when the config file or a file under `connectors/` or
+    /// `schemas/` changes (default `true`; `SIGHUP` and `POST /reload`
+    /// always work).
+    pub watch: Option<bool>,
+    /// How often the files are looked at (default `2s`).
+    pub interval: Option<Spanned<String>>,
 }
 
 fn default_connectors_dir() -> Spanned<String> {

@@ -18,11 +18,14 @@ use crate::upcast::online::Consumed;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The daemon file these settings were read from (reloads read it again).
+    pub config_file: PathBuf,
     pub kafka: KafkaSettings,
     pub schema_registry: RegistryClientSettings,
     pub sinks: BTreeMap<String, SinkConnection>,
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub reload: ReloadSettings,
     pub connectors_dir: PathBuf,
     pub schemas_dir: PathBuf,
     pub connectors: Vec<ConnectorSettings>,
@@ -46,6 +49,14 @@ impl Settings {
 pub struct HttpSettings {
     pub listen: SocketAddr,
     pub token: Option<Secret>,
+}
+
+/// When the daemon reloads its files by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadSettings {
+    /// Look at the files every `interval`; reload when their contents change.
+    pub watch: bool,
+    pub interval: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -243,7 +243,8 @@ pub enum StartError {
 /// show them.
 #[derive(Clone)]
 pub struct Rebuilds {
-    runtimes: Vec<ConnectorRuntime>,
+    /// The running connectors' runtimes (reloads replace them).
+    runtimes: Arc<std::sync::RwLock<Vec<ConnectorRuntime>>>,
     shutdown: watch::Receiver<bool>,
     /// Running rebuilds: the daemon waits for them on shutdown, so one
     /// interrupted mid-cut-over still lifts its write block.
@@ -252,20 +253,30 @@ pub struct Rebuilds {
 
 impl std::fmt::Debug for Rebuilds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rebuilds").field("connectors", &self.runtimes.len()).finish()
+        f.debug_struct("Rebuilds").field("connectors", &self.runtimes().len()).finish()
     }
 }
 
 impl Rebuilds {
     pub fn new(runtimes: Vec<ConnectorRuntime>, shutdown: watch::Receiver<bool>) -> Rebuilds {
-        Rebuilds { runtimes, shutdown, tasks: Arc::default() }
+        Rebuilds { runtimes: Arc::new(std::sync::RwLock::new(runtimes)), shutdown, tasks: Arc::default() }
     }
 
-    fn runtime(&self, name: &str) -> Result<&ConnectorRuntime, StartError> {
+    fn runtimes(&self) -> std::sync::RwLockReadGuard<'_, Vec<ConnectorRuntime>> {
+        self.runtimes.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The runtimes rebuilds are made from, after a reload.
+    pub fn set_runtimes(&self, runtimes: Vec<ConnectorRuntime>) {
+        *self.runtimes.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = runtimes;
+    }
+
+    fn runtime(&self, name: &str) -> Result<ConnectorRuntime, StartError> {
         let runtime = self
-            .runtimes
+            .runtimes()
             .iter()
             .find(|r| r.settings.name == name)
+            .cloned()
             .ok_or_else(|| StartError::NotFound(name.to_string()))?;
         if runtime.status.rebuild().is_some_and(|p| p.state == RebuildState::Running) {
             return Err(StartError::Running(name.to_string()));
@@ -277,7 +288,7 @@ impl Rebuilds {
     pub fn start(&self, name: &str) -> Result<(), StartError> {
         // Held from the check to the start: two requests cannot both start one.
         let mut tasks = self.tasks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let runtime = self.runtime(name)?.clone();
+        let runtime = self.runtime(name)?;
         let status = runtime.status.clone();
         let started_at_ms = crate::status::now_ms();
         status.set_rebuild(RebuildProgress::new(0, 0, 0.0, started_at_ms));
@@ -302,12 +313,12 @@ impl Rebuilds {
 
     /// `kawka rebuild --rollback`, unless a rebuild is running.
     pub async fn rollback(&self, name: &str) -> Result<anyhow::Result<String>, StartError> {
-        Ok(rollback(self.runtime(name)?, self.shutdown.clone()).await.map(|table| rolled_back(&table)))
+        Ok(rollback(&self.runtime(name)?, self.shutdown.clone()).await.map(|table| rolled_back(&table)))
     }
 
     /// `kawka rebuild --cleanup`, unless a rebuild is running.
     pub async fn cleanup(&self, name: &str) -> Result<anyhow::Result<String>, StartError> {
-        Ok(cleanup(self.runtime(name)?).await.map(|table| cleaned_up(table.as_deref())))
+        Ok(cleanup(&self.runtime(name)?).await.map(|table| cleaned_up(table.as_deref())))
     }
 }
 

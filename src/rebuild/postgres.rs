@@ -292,20 +292,7 @@ async fn cut_over(
     version: i32,
 ) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
-    // Table first, then the positions: the order live writes take them in
-    // (rows, then their positions), so the two never deadlock. A live
-    // write in progress finishes first; none starts until this commits
-    // (then it is fenced). Bounded: readers queue behind a waiting lock.
-    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", CUTOVER_LOCK_TIMEOUT.as_millis()))
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(&format!(
-        "LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE",
-        names.qualified(&names.table),
-        names.qualified(new_table)
-    ))
-    .execute(&mut *tx)
-    .await?;
+    lock_for_swap(&mut tx, names, new_table).await?;
     let live: Vec<(String, i32, Option<i64>)> = sqlx::query(&format!(
         "SELECT topic, partition, next_offset FROM {} WHERE connector = $1 FOR UPDATE",
         names.offsets()
@@ -343,6 +330,26 @@ async fn cut_over(
     .await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// Locks the live table and `incoming` for a swap, table first: the
+/// positions are locked after it, the order live writes take them in
+/// (rows, then their positions), so the two never deadlock. A live write
+/// in progress finishes first; none starts until the swap commits (then it
+/// is fenced). Bounded by [`CUTOVER_LOCK_TIMEOUT`]: readers queue behind a
+/// waiting lock.
+async fn lock_for_swap(tx: &mut PgConnection, names: &Names, incoming: &str) -> anyhow::Result<()> {
+    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", CUTOVER_LOCK_TIMEOUT.as_millis()))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE",
+        names.qualified(&names.table),
+        names.qualified(incoming)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// Puts `incoming` in the live table's place (the live table becomes
@@ -548,18 +555,9 @@ pub async fn rollback(runtime: &ConnectorRuntime) -> anyhow::Result<String> {
     let positions: Vec<(String, i32, i64)> = serde_json::from_value(positions).context("stored positions")?;
     let rolled_out = format!("{}_v{}", names.table, version);
     let mut tx = pool.begin().await?;
-    // The cut-over's order and bound (see `cut_over`).
-    sqlx::query(&format!("SET LOCAL lock_timeout = '{}ms'", CUTOVER_LOCK_TIMEOUT.as_millis()))
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(&format!(
-        "LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE",
-        names.qualified(&names.table),
-        names.qualified(&previous_table)
-    ))
-    .execute(&mut *tx)
-    .await
-    .context("the live table is busy (a long reader or a write); try again")?;
+    lock_for_swap(&mut tx, &names, &previous_table)
+        .await
+        .context("the live table is busy (a long reader or a write); try again")?;
     sqlx::query(&format!("SELECT 1 FROM {} WHERE connector = $1 FOR UPDATE", names.offsets()))
         .bind(&names.connector)
         .execute(&mut *tx)

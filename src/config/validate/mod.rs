@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::files::{ConnectorFile, DaemonFile, SinkConfig};
 use super::units::{parse_duration, parse_size};
-use super::{ConnectorSettings, HttpSettings, LogSettings, Problem, Problems, Settings};
+use super::{ConnectorSettings, HttpSettings, LogSettings, Problem, Problems, ReloadSettings, Settings};
 use crate::codec::RegistryClientSettings;
 use crate::projection::expr::{self, Expr};
 use crate::secret::SecretUrl;
@@ -150,12 +150,23 @@ pub fn validate(
         level: daemon.log.level.clone().unwrap_or_else(|| "info".to_string()),
     };
 
+    let reload = ReloadSettings {
+        watch: daemon.reload.watch.unwrap_or(true),
+        interval: at.duration(&daemon.reload.interval, "reload.interval", Duration::from_secs(2)),
+    };
+    if reload.watch && reload.interval.is_zero() {
+        let mark = daemon.reload.interval.as_ref().map(|i| i.mark).unwrap_or_default();
+        at.at(mark, "reload.interval", "must be above zero (set reload.watch: false to stop watching)");
+    }
+
     let connectors = validate_connectors(Some(&sinks), connectors, &mut problems);
 
     if !problems.is_empty() {
         return Err(Problems(problems));
     }
     Ok(Settings {
+        config_file: daemon_file.to_path_buf(),
+        reload,
         kafka,
         schema_registry,
         sinks,

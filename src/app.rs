@@ -115,7 +115,8 @@ async fn run_connectors(
         .await
         .with_context(|| format!("http.listen {}", settings.http.listen))?;
     let address = listener.local_addr()?;
-    let rebuilds = crate::rebuild::Rebuilds::new(runtimes.clone(), stopping.clone());
+    let shared = crate::pipeline::Runtimes::new(runtimes.clone());
+    let rebuilds = crate::rebuild::Rebuilds::new(shared.clone(), stopping.clone());
     let (reloads, requests) = Reloads::new();
     let reloads = Arc::new(reloads);
     let daemon = Arc::new(Daemon {
@@ -125,6 +126,7 @@ async fn run_connectors(
         loopback: settings.http.listen.ip().is_loopback(),
         rebuilds: Some(rebuilds.clone()),
         reloads: Some(reloads.clone()),
+        runtimes: shared.clone(),
     });
     let mut http_stopping = stopping.clone();
     let http = tokio::spawn(crate::http::serve(listener, daemon.clone(), async move {
@@ -132,8 +134,7 @@ async fn run_connectors(
     }));
     tracing::info!(%address, "http listening");
 
-    let mut supervisor =
-        Supervisor { builder, settings, running: BTreeMap::new(), daemon, rebuilds: rebuilds.clone(), reloads };
+    let mut supervisor = Supervisor { builder, settings, running: BTreeMap::new(), daemon, runtimes: shared, reloads };
     for runtime in runtimes {
         supervisor.spawn(runtime, None);
     }
@@ -165,7 +166,7 @@ struct Supervisor {
     settings: Settings,
     running: BTreeMap<String, Running>,
     daemon: Arc<Daemon>,
-    rebuilds: crate::rebuild::Rebuilds,
+    runtimes: crate::pipeline::Runtimes,
     reloads: Arc<Reloads>,
 }
 
@@ -263,7 +264,7 @@ impl Supervisor {
     /// Shows the running set to the HTTP API and the rebuilds.
     fn publish(&self) {
         self.daemon.connectors.replace(self.running.values().map(|r| r.runtime.status.clone()).collect());
-        self.rebuilds.set_runtimes(self.running.values().map(|r| r.runtime.clone()).collect());
+        self.runtimes.set(self.running.values().map(|r| r.runtime.clone()).collect());
     }
 
     /// Drains one connector and waits for it.

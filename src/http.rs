@@ -14,6 +14,7 @@
 //! | `GET /connectors/{name}/config` | the effective settings (secrets as `***`) and their fingerprint |
 //! | `POST /connectors/{name}/restart` | drain the connector and start it again (control) |
 //! | `GET /reload`, `POST /reload` | the last reload attempt; reload the files now (control) |
+//! | `GET /connectors/{name}/applied?position=T:P:O&timeout=2s` | read your writes: 200 once the events at those positions are in the read model (searchable, for Elasticsearch), 202 with the positions reached when the timeout passes |
 //!
 //! Control endpoints act only on a `POST` that [`control_gate`] lets
 //! through: with `http.token` set, one carrying `Authorization: Bearer
@@ -57,6 +58,9 @@ pub struct Daemon {
     pub rebuilds: Option<Rebuilds>,
     /// Reloads and restarts; `None` where the daemon offers none.
     pub reloads: Option<Arc<Reloads>>,
+    /// The running connectors' runtimes (read-your-writes waits read
+    /// their sinks).
+    pub runtimes: crate::pipeline::Runtimes,
 }
 
 impl Daemon {
@@ -82,6 +86,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/connectors", get(list))
         .route("/connectors/{name}", get(one))
         .route("/connectors/{name}/config", get(config))
+        .route("/connectors/{name}/applied", get(applied))
         .route("/reload", get(last_reload))
         .merge(control)
         .with_state(daemon);
@@ -224,6 +229,47 @@ async fn config(State(daemon): State<Arc<Daemon>>, Path(name): Path<String>) -> 
     match daemon.connector(&name) {
         Some(_) => Json(info_json(&daemon, &name)).into_response(),
         None => not_found(&name),
+    }
+}
+
+/// Read your writes (see [`crate::applied`]): `position=T:P:O` (repeated
+/// for several), or `topic`, `partition` and `offset`; `timeout` (default
+/// 5 s, at most 60 s).
+async fn applied(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
+) -> Response {
+    let bad = |message: String| (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": message}))).into_response();
+    let Some(runtime) = daemon.runtimes.get(&name) else { return not_found(&name) };
+    let value = |key: &str| query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let mut wanted = Vec::new();
+    for (_, position) in query.iter().filter(|(k, _)| k == "position") {
+        match position.parse::<crate::applied::Wanted>() {
+            Ok(position) => wanted.push(position),
+            Err(message) => return bad(message),
+        }
+    }
+    if let (Some(topic), Some(partition), Some(offset)) = (value("topic"), value("partition"), value("offset")) {
+        match format!("{topic}:{partition}:{offset}").parse::<crate::applied::Wanted>() {
+            Ok(position) => wanted.push(position),
+            Err(message) => return bad(message),
+        }
+    }
+    let timeout = match value("timeout").map(crate::config::parse_duration) {
+        None => std::time::Duration::from_secs(5),
+        Some(Ok(timeout)) => timeout,
+        Some(Err(message)) => return bad(format!("timeout: {message}")),
+    };
+    match crate::applied::wait(&runtime, &wanted, timeout).await {
+        Ok(answer) => {
+            let status = if answer.applied { StatusCode::OK } else { StatusCode::ACCEPTED };
+            (status, Json(serde_json::json!(answer))).into_response()
+        }
+        Err(error @ crate::applied::WaitError::UnknownTopic { .. }) => {
+            (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": error.to_string()}))).into_response()
+        }
+        Err(error) => bad(error.to_string()),
     }
 }
 
@@ -499,6 +545,35 @@ pub fn render(daemon: &Daemon) -> String {
             );
         }
     }
+    family(&mut out, "kawka_applied_waiters", "gauge", "Read-your-writes waits in progress.");
+    for c in &connectors {
+        let _ = writeln!(
+            out,
+            "kawka_applied_waiters{{connector=\"{}\"}} {}",
+            label(&c.name),
+            c.waiters.load(Ordering::Relaxed)
+        );
+    }
+    family(&mut out, "kawka_applied_timeouts_total", "counter", "Read-your-writes waits that timed out.");
+    for c in &connectors {
+        let _ = writeln!(
+            out,
+            "kawka_applied_timeouts_total{{connector=\"{}\"}} {}",
+            label(&c.name),
+            c.wait_timeouts.load(Ordering::Relaxed)
+        );
+    }
+    family(&mut out, "kawka_applied_wait_seconds", "histogram", "Time read-your-writes waits took.");
+    for c in &connectors {
+        let (buckets, sum, count) = c.wait_seconds.snapshot();
+        let connector = label(&c.name);
+        for (bound, n) in buckets {
+            let _ = writeln!(out, "kawka_applied_wait_seconds_bucket{{connector=\"{connector}\",le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(out, "kawka_applied_wait_seconds_bucket{{connector=\"{connector}\",le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "kawka_applied_wait_seconds_sum{{connector=\"{connector}\"}} {sum}");
+        let _ = writeln!(out, "kawka_applied_wait_seconds_count{{connector=\"{connector}\"}} {count}");
+    }
     if let Some(reloads) = &daemon.reloads {
         family(&mut out, "kawka_config_reload_total", "counter", "Reload attempts by outcome.");
         for (outcome, n) in reloads.outcomes() {
@@ -535,6 +610,7 @@ mod tests {
             loopback: true,
             rebuilds: None,
             reloads: None,
+            runtimes: Default::default(),
         }
     }
 

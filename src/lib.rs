@@ -47,9 +47,14 @@
 //! * [`status`]: each connector's state, counters and histograms: what the
 //!   HTTP API and `/metrics` show; one method per happening logs and counts.
 //! * [`http`]: health, readiness, metrics, connector control, rebuilds.
+//! * [`reload`]: what a reload of the files changes (fingerprints, plans),
+//!   and the handle the HTTP API and signals ask the supervisor through.
+//! * [`applied`]: read your writes: wait until events at given positions
+//!   are in a connector's read model.
 //! * [`telemetry`]: tracing setup.
 
 pub mod app;
+pub mod applied;
 pub mod codec;
 pub mod config;
 pub mod error;

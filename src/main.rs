@@ -57,6 +57,22 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080", env = "KAWKA_URL")]
         url: String,
     },
+    /// Wait until a running daemon's connector has the events at the given
+    /// positions in its read model (read your writes); exits 0 when they
+    /// are, 1 when the timeout passes first.
+    ///
+    /// Example: kawka wait user-profiles --position users:0:1500
+    Wait {
+        connector: String,
+        /// `topic:partition:offset`, as a producer's delivery report gives it; repeat for several.
+        #[arg(long = "position", required = true)]
+        positions: Vec<String>,
+        #[arg(long, default_value = "5s")]
+        timeout: String,
+        /// The daemon's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "KAWKA_URL")]
+        url: String,
+    },
     /// Replay the whole log into the next version of a read model (a
     /// Postgres table or an Elasticsearch index) beside the live one, then
     /// swap them atomically (readers never see a half-built model); the
@@ -223,6 +239,9 @@ fn main() -> ExitCode {
             code
         }
         Command::Status { url } => runtime.block_on(status(&url)),
+        Command::Wait { connector, positions, timeout, url } => {
+            runtime.block_on(wait(&connector, &positions, &timeout, &url))
+        }
         Command::Rebuild { connector, rollback, cleanup, restart, config } => {
             let settings = match load(&config) {
                 Ok(settings) => settings,
@@ -464,6 +483,40 @@ async fn schemas_check(settings: &kawka::config::Settings) -> ExitCode {
             eprintln!("kawka schemas check: registry {}: {error}", settings.schema_registry.url);
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn wait(connector: &str, positions: &[String], timeout: &str, url: &str) -> ExitCode {
+    for position in positions {
+        if let Err(message) = position.parse::<kawka::applied::Wanted>() {
+            eprintln!("kawka wait: {message}");
+            return ExitCode::from(2);
+        }
+    }
+    let endpoint = format!("{}/connectors/{connector}/applied", url.trim_end_matches('/'));
+    let mut query: Vec<(&str, &str)> = positions.iter().map(|p| ("position", p.as_str())).collect();
+    query.push(("timeout", timeout));
+    let response = match reqwest::Client::new().get(&endpoint).query(&query).send().await {
+        Ok(response) => response,
+        Err(error) => {
+            eprintln!(
+                "kawka wait: {}: {}",
+                kawka::secret::redact_url(&endpoint),
+                kawka::codec::registry::error_chain(&error)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    println!("{body}");
+    match status {
+        200 => ExitCode::SUCCESS,
+        202 => {
+            eprintln!("kawka wait: not applied within {timeout}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::from(2),
     }
 }
 

@@ -188,7 +188,25 @@ pub struct ConnectorStatus {
     pub started_at_ms: i64,
     /// Set when a reload changed the projection of an existing read model.
     rebuild_suggested: Mutex<Option<String>>,
+    /// Read-your-writes: the durable position this process reached per
+    /// partition (kept across revokes: it only says "at least here"), and
+    /// a counter bumped each time one moves, which waiters watch.
+    applied: Mutex<HashMap<(String, i32), i64>>,
+    applied_changes: watch::Sender<u64>,
+    /// The latest events dead-lettered or skipped (at most
+    /// [`FAILED_REMEMBERED`]), so a waiter learns its event was not applied.
+    failed: Mutex<std::collections::VecDeque<(String, i32, i64, Outcome)>>,
+    /// Waiters now, wait times, timeouts (`kawka_applied_*`).
+    pub waiters: AtomicI64,
+    pub wait_seconds: Histogram,
+    pub wait_timeouts: AtomicU64,
+    /// When the last refresh a waiter asked for started (Elasticsearch):
+    /// concurrent waiters share one.
+    pub last_refresh: tokio::sync::Mutex<Option<Instant>>,
 }
+
+/// How many dead-lettered or skipped positions a connector remembers for waiters.
+pub const FAILED_REMEMBERED: usize = 10_000;
 
 /// The statuses of the running connectors, replaced as reloads add and
 /// remove connectors (read for every HTTP request; never held across an
@@ -246,7 +264,29 @@ impl ConnectorStatus {
             rebuild: Mutex::new(None),
             started_at_ms: now_ms(),
             rebuild_suggested: Mutex::new(None),
+            applied: Mutex::new(HashMap::new()),
+            applied_changes: watch::channel(0).0,
+            failed: Mutex::new(std::collections::VecDeque::new()),
+            waiters: AtomicI64::new(0),
+            wait_seconds: Histogram::new(SECONDS_BOUNDS),
+            wait_timeouts: AtomicU64::new(0),
+            last_refresh: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The durable position this process reached on a partition, if any.
+    pub fn applied_position(&self, topic: &str, partition: i32) -> Option<i64> {
+        lock(&self.applied).get(&(topic.to_string(), partition)).copied()
+    }
+
+    /// Wakes when a durable position moves.
+    pub fn applied_changes(&self) -> watch::Receiver<u64> {
+        self.applied_changes.subscribe()
+    }
+
+    /// How the event at a position ended, when it was dead-lettered or skipped.
+    pub fn failed_at(&self, topic: &str, partition: i32, offset: i64) -> Option<Outcome> {
+        lock(&self.failed).iter().find(|(t, p, o, _)| t == topic && *p == partition && *o == offset).map(|f| f.3)
     }
 
     /// A reload changed how this connector projects events into an
@@ -355,6 +395,13 @@ impl ConnectorStatus {
     /// One bad event handed to the error policy.
     pub fn failed_event(&self, event_type: Name, position: Position, failure: &Failure, outcome: Outcome, topic: &str) {
         self.count(event_type, outcome);
+        {
+            let mut failed = lock(&self.failed);
+            if failed.len() >= FAILED_REMEMBERED {
+                failed.pop_front();
+            }
+            failed.push_back((position.topic.to_string(), position.partition, position.offset, outcome));
+        }
         self.record_error(failure.class, failure.stage, &failure.message);
         match outcome {
             Outcome::DeadLettered => tracing::warn!(connector = %self.name, %position, stage = failure.stage,
@@ -425,6 +472,14 @@ impl ConnectorStatus {
     }
 
     pub fn positions(&self, offsets: &[(Name, i32, i64)]) {
+        {
+            let mut applied = lock(&self.applied);
+            for &(topic, partition, next) in offsets {
+                let reached = applied.entry((topic.to_string(), partition)).or_insert(next);
+                *reached = (*reached).max(next);
+            }
+        }
+        self.applied_changes.send_modify(|n| *n = n.wrapping_add(1));
         let mut current = lock(&self.partitions);
         for &(topic, partition, next) in offsets {
             if let Some(status) = current.get_mut(&(topic, partition)) {

@@ -134,6 +134,7 @@ fn probes_ports_and_args_match_what_kawka_serves() {
             loopback: true,
             rebuilds: None,
             reloads: None,
+            runtimes: Default::default(),
         });
         tokio::spawn(kawka::http::serve(listener, daemon, std::future::pending()));
         for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {

@@ -482,6 +482,7 @@ fn daemon(token: Option<&str>, name: &str) -> Arc<kawka::http::Daemon> {
         loopback: true,
         rebuilds: None,
         reloads: None,
+        runtimes: Default::default(),
     })
 }
 

@@ -90,6 +90,39 @@ pub struct ConnectorRuntime {
     pub replay: Option<ReplayRun>,
 }
 
+/// The runtimes of the running connectors, shared by the supervisor (which
+/// replaces them on reloads), rebuilds and read-your-writes waits.
+#[derive(Clone, Default)]
+pub struct Runtimes(Arc<std::sync::RwLock<Vec<ConnectorRuntime>>>);
+
+impl Runtimes {
+    pub fn new(runtimes: Vec<ConnectorRuntime>) -> Runtimes {
+        Runtimes(Arc::new(std::sync::RwLock::new(runtimes)))
+    }
+
+    pub fn set(&self, runtimes: Vec<ConnectorRuntime>) {
+        *self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = runtimes;
+    }
+
+    pub fn get(&self, name: &str) -> Option<ConnectorRuntime> {
+        self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().find(|r| r.settings.name == name).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for Runtimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtimes").field("connectors", &self.len()).finish()
+    }
+}
+
 /// One `kawka dlq replay` run: it reads the dead-letter topic and ends when
 /// it is idle or meets the records it dead-lettered again itself.
 #[derive(Debug, Clone)]

@@ -244,7 +244,7 @@ pub enum StartError {
 #[derive(Clone)]
 pub struct Rebuilds {
     /// The running connectors' runtimes (reloads replace them).
-    runtimes: Arc<std::sync::RwLock<Vec<ConnectorRuntime>>>,
+    runtimes: crate::pipeline::Runtimes,
     shutdown: watch::Receiver<bool>,
     /// Running rebuilds: the daemon waits for them on shutdown, so one
     /// interrupted mid-cut-over still lifts its write block.
@@ -253,31 +253,17 @@ pub struct Rebuilds {
 
 impl std::fmt::Debug for Rebuilds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rebuilds").field("connectors", &self.runtimes().len()).finish()
+        f.debug_struct("Rebuilds").field("connectors", &self.runtimes.len()).finish()
     }
 }
 
 impl Rebuilds {
-    pub fn new(runtimes: Vec<ConnectorRuntime>, shutdown: watch::Receiver<bool>) -> Rebuilds {
-        Rebuilds { runtimes: Arc::new(std::sync::RwLock::new(runtimes)), shutdown, tasks: Arc::default() }
-    }
-
-    fn runtimes(&self) -> std::sync::RwLockReadGuard<'_, Vec<ConnectorRuntime>> {
-        self.runtimes.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The runtimes rebuilds are made from, after a reload.
-    pub fn set_runtimes(&self, runtimes: Vec<ConnectorRuntime>) {
-        *self.runtimes.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = runtimes;
+    pub fn new(runtimes: crate::pipeline::Runtimes, shutdown: watch::Receiver<bool>) -> Rebuilds {
+        Rebuilds { runtimes, shutdown, tasks: Arc::default() }
     }
 
     fn runtime(&self, name: &str) -> Result<ConnectorRuntime, StartError> {
-        let runtime = self
-            .runtimes()
-            .iter()
-            .find(|r| r.settings.name == name)
-            .cloned()
-            .ok_or_else(|| StartError::NotFound(name.to_string()))?;
+        let runtime = self.runtimes.get(name).ok_or_else(|| StartError::NotFound(name.to_string()))?;
         if runtime.status.rebuild().is_some_and(|p| p.state == RebuildState::Running) {
             return Err(StartError::Running(name.to_string()));
         }

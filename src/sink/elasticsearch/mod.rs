@@ -100,6 +100,21 @@ impl ElasticsearchSink {
         &self.client
     }
 
+    /// Makes every write so far searchable (`_refresh` of the alias).
+    pub async fn refresh(&self) -> Result<(), SinkError> {
+        let response = self
+            .client
+            .indices()
+            .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[self.alias()]))
+            .send()
+            .await
+            .map_err(transport_error)?;
+        if !response.status_code().is_success() {
+            return Err(SinkError::Setup(format!("refreshing {}: HTTP {}", self.alias(), response.status_code())));
+        }
+        Ok(())
+    }
+
     pub fn alias(&self) -> &str {
         &self.target.alias
     }

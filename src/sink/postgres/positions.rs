@@ -124,4 +124,18 @@ impl PostgresSink {
             .map_err(SinkError::Postgres)?;
         Ok(matches!(stored, Some((epoch, Some(next))) if Some(epoch) == offset.epoch && next >= offset.next_offset))
     }
+
+    /// The position stored for a partition: the next offset whose effect
+    /// is not in the table yet, whichever process wrote it (for
+    /// read-your-writes waits on partitions another replica owns).
+    pub async fn stored_position(&self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError> {
+        let stored: Option<(i64, Option<i64>)> = sqlx::query_as(&self.table.position_of())
+            .bind(&self.connector)
+            .bind(topic)
+            .bind(partition)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(SinkError::Postgres)?;
+        Ok(stored.and_then(|(_, next)| next))
+    }
 }

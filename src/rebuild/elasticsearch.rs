@@ -442,8 +442,20 @@ pub async fn rebuild(
     // The cut-over, with the live index write-blocked.
     let lease = block_for_cut_over(client, &connector, &live_index).await?;
     let swapped = async {
-        let live = settled(&live_offsets, &shutdown).await?;
-        catch_up(&rebuilder, &rebuild_offsets, &live, &shutdown, &started, &mut progress).await?;
+        let mut live = settled(&live_offsets, &shutdown).await?;
+        loop {
+            catch_up(&rebuilder, &rebuild_offsets, &live, &shutdown, &started, &mut progress).await?;
+            // A write the live connector made just before the block is
+            // committed asynchronously: on a loaded machine the commit can
+            // land after the positions looked settled. Its events are in
+            // the live index only; catch up to them too before the swap.
+            let now = live_offsets.read().await?;
+            if caught_up(&now, &live) {
+                break;
+            }
+            tracing::info!(connector = %connector, "live positions moved during the cut-over; catching up again");
+            live = now;
+        }
         // Read now: what the user changed on the live index while the
         // rebuild ran counts too.
         put_settings(client, &new_index, serving_settings(client, &live_index).await?).await?;
@@ -486,7 +498,7 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
     let live_offsets = CommittedOffsets::of(runtime).await?;
     let lease = block_for_cut_over(client, connector, &current).await?;
     let swapped = async {
-        let live = settled(&live_offsets, &shutdown).await?;
+        let mut live = settled(&live_offsets, &shutdown).await?;
         if !caught_up(&live, &stopped_at) {
             let writer = writer_to(runtime, live_sink, previous, "rollback");
             let (group, from) = (writer.settings.source.group_id.clone(), stopped_at.clone());
@@ -494,8 +506,16 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
             tokio::task::spawn_blocking(move || crate::source::kafka::commit_offsets(&kafka, &group, &from))
                 .await?
                 .context("setting the catch-up group's offsets")?;
-            catch_up(&writer, &CommittedOffsets::of(&writer).await?, &live, &shutdown, &Started::now(), &mut |_| {})
-                .await?;
+            let done = CommittedOffsets::of(&writer).await?;
+            loop {
+                catch_up(&writer, &done, &live, &shutdown, &Started::now(), &mut |_| {}).await?;
+                // A late commit of a write made before the block (see `rebuild`).
+                let now = live_offsets.read().await?;
+                if caught_up(&now, &live) {
+                    break;
+                }
+                live = now;
+            }
         }
         move_alias(client, alias, &current, previous).await
     }

@@ -182,7 +182,7 @@ impl Supervisor {
                 None
             }
         };
-        let mut digest = self.files_digest();
+        let mut digest = self.files_digest().await;
         let mut tick = tokio::time::interval(self.settings.reload.interval.max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -191,7 +191,7 @@ impl Supervisor {
                 request = requests.recv() => match request {
                     Some(Request::Reload { trigger, reply }) => {
                         let _ = reply.send(self.reload(trigger).await);
-                        digest = self.files_digest();
+                        digest = self.files_digest().await;
                     }
                     Some(Request::Restart { connector, reply }) => {
                         let _ = reply.send(self.restart(&connector).await);
@@ -200,15 +200,15 @@ impl Supervisor {
                 },
                 Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.reload("SIGHUP").await;
-                    digest = self.files_digest();
+                    digest = self.files_digest().await;
                 }
                 _ = tick.tick(), if self.settings.reload.watch => {
-                    let now = self.files_digest();
+                    let now = self.files_digest().await;
                     if now != digest {
                         // Debounced: an editor or `kubectl` writes in steps;
                         // reload once the files have stopped changing.
                         tokio::time::sleep(Duration::from_millis(500)).await;
-                        let settled = self.files_digest();
+                        let settled = self.files_digest().await;
                         if settled == now {
                             digest = settled;
                             self.reload("file change").await;
@@ -219,11 +219,18 @@ impl Supervisor {
         }
     }
 
-    fn files_digest(&self) -> [u8; 32] {
-        crate::reload::files_digest(
-            &self.settings.config_file,
-            &[self.settings.connectors_dir.as_path(), self.settings.schemas_dir.as_path()],
-        )
+    /// The files' digest, read on a blocking thread (file reads block).
+    async fn files_digest(&self) -> [u8; 32] {
+        let (config, connectors, schemas) = (
+            self.settings.config_file.clone(),
+            self.settings.connectors_dir.clone(),
+            self.settings.schemas_dir.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::reload::files_digest(&config, &[connectors.as_path(), schemas.as_path()])
+        })
+        .await
+        .unwrap_or_default()
     }
 
     fn spawn(&mut self, runtime: ConnectorRuntime, settings: Option<&Settings>) {

@@ -413,6 +413,18 @@ fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// One connector's series of a histogram.
+fn histogram(out: &mut String, name: &str, connector: &str, histogram: &crate::status::Histogram) {
+    let (buckets, sum, count) = histogram.snapshot();
+    let connector = label(connector);
+    for (bound, n) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{connector=\"{connector}\",le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{connector=\"{connector}\",le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum{{connector=\"{connector}\"}} {sum}");
+    let _ = writeln!(out, "{name}_count{{connector=\"{connector}\"}} {count}");
+}
+
 /// The Prometheus text of every metric.
 pub fn render(daemon: &Daemon) -> String {
     let mut out = String::with_capacity(4096);
@@ -451,21 +463,15 @@ pub fn render(daemon: &Daemon) -> String {
             );
         }
     }
+    let pick_batch: fn(&ConnectorStatus) -> &crate::status::Histogram = |c| &c.batch_events;
+    let pick_write: fn(&ConnectorStatus) -> &crate::status::Histogram = |c| &c.write_seconds;
     for (name, help, pick) in [
-        ("kawka_batch_events", "Events per written batch.", 0),
-        ("kawka_sink_write_seconds", "Time to make one batch durable in the sink.", 1),
+        ("kawka_batch_events", "Events per written batch.", pick_batch),
+        ("kawka_sink_write_seconds", "Time to make one batch durable in the sink.", pick_write),
     ] {
         family(&mut out, name, "histogram", help);
         for c in &connectors {
-            let histogram = if pick == 0 { &c.batch_events } else { &c.write_seconds };
-            let (buckets, sum, count) = histogram.snapshot();
-            let connector = label(&c.name);
-            for (bound, n) in buckets {
-                let _ = writeln!(out, "{name}_bucket{{connector=\"{connector}\",le=\"{bound}\"}} {n}");
-            }
-            let _ = writeln!(out, "{name}_bucket{{connector=\"{connector}\",le=\"+Inf\"}} {count}");
-            let _ = writeln!(out, "{name}_sum{{connector=\"{connector}\"}} {sum}");
-            let _ = writeln!(out, "{name}_count{{connector=\"{connector}\"}} {count}");
+            histogram(&mut out, name, &c.name, pick(c));
         }
     }
     family(
@@ -565,14 +571,7 @@ pub fn render(daemon: &Daemon) -> String {
     }
     family(&mut out, "kawka_applied_wait_seconds", "histogram", "Time read-your-writes waits took.");
     for c in &connectors {
-        let (buckets, sum, count) = c.wait_seconds.snapshot();
-        let connector = label(&c.name);
-        for (bound, n) in buckets {
-            let _ = writeln!(out, "kawka_applied_wait_seconds_bucket{{connector=\"{connector}\",le=\"{bound}\"}} {n}");
-        }
-        let _ = writeln!(out, "kawka_applied_wait_seconds_bucket{{connector=\"{connector}\",le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "kawka_applied_wait_seconds_sum{{connector=\"{connector}\"}} {sum}");
-        let _ = writeln!(out, "kawka_applied_wait_seconds_count{{connector=\"{connector}\"}} {count}");
+        histogram(&mut out, "kawka_applied_wait_seconds", &c.name, &c.wait_seconds);
     }
     if let Some(reloads) = &daemon.reloads {
         family(&mut out, "kawka_config_reload_total", "counter", "Reload attempts by outcome.");

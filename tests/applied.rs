@@ -82,6 +82,20 @@ async fn daemon(project: &Project, n: usize) -> (support::Kawka, String) {
     (kawka, format!("http://{address}"))
 }
 
+/// An inventory of sales (decrements) in Postgres, written every 5 ms.
+fn sales_connector(name: &str, topic: &str) -> String {
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "500" }} }}
+sink: {{ to: readdb, table: {name}, columns: {{ store_id: text, item_id: text, on_hand: bigint }}, primary_key: [store_id, item_id] }}
+key: {{ store_id: store_id, item_id: item_id }}
+batch: {{ max_wait: 5ms }}
+events:
+  com.example.retail.ItemSold: {{ decrement: {{ on_hand: quantity }} }}
+"#
+    )
+}
+
 fn sale(n: usize) -> Vec<(&'static str, Avro)> {
     vec![
         ("sale_id", Avro::String(format!("s{n}"))),
@@ -99,17 +113,7 @@ async fn postgres_shows_each_write_after_its_wait() {
     let topic = support::unique("ryw_sales");
     let name = support::unique("ryw");
     support::create_topic(&topic, 2).await;
-    let connector = format!(
-        r#"name: {name}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
-sink: {{ to: readdb, table: {name}, columns: {{ store_id: text, item_id: text, on_hand: bigint }}, primary_key: [store_id, item_id] }}
-key: {{ store_id: store_id, item_id: item_id }}
-batch: {{ max_wait: 5ms }}
-events:
-  com.example.retail.ItemSold: {{ decrement: {{ on_hand: quantity }} }}
-"#
-    );
-    let project = Project::new(&registry.url(), &[(&name, &connector)]);
+    let project = Project::new(&registry.url(), &[(&name, &sales_connector(&name, &topic))]);
     let (daemon, base) = daemon(&project, 0).await;
     let producer =
         Producer::new(&registry.url(), &topic, support::catalogue_schema("com.example.retail.ItemSold", 1)).await;
@@ -243,17 +247,7 @@ async fn a_wait_for_a_partition_another_replica_owns_is_answered() {
     let topic = support::unique("ryw_split");
     let name = support::unique("ryw_split");
     support::create_topic(&topic, 2).await;
-    let connector = format!(
-        r#"name: {name}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "500" }} }}
-sink: {{ to: readdb, table: {name}, columns: {{ store_id: text, item_id: text, on_hand: bigint }}, primary_key: [store_id, item_id] }}
-key: {{ store_id: store_id, item_id: item_id }}
-batch: {{ max_wait: 5ms }}
-events:
-  com.example.retail.ItemSold: {{ decrement: {{ on_hand: quantity }} }}
-"#
-    );
-    let project = Project::new(&registry.url(), &[(&name, &connector)]);
+    let project = Project::new(&registry.url(), &[(&name, &sales_connector(&name, &topic))]);
     let (_first, first) = daemon(&project, 0).await;
     let (_second, second) = daemon(&project, 1).await;
     // Wait until the group has split the two partitions between them.

@@ -19,7 +19,9 @@
 //!
 //! * [`config`]: the daemon and connector files: YAML with positions,
 //!   `${VAR}` interpolation, serde structs, validation → each stage's settings.
-//! * [`app`]: the daemon: builds every connector, runs them, drains on a signal.
+//! * [`app`]: the daemon: builds every connector, runs them under a
+//!   supervisor that applies reloads (only changed connectors restart),
+//!   drains on a signal.
 //! * [`pipeline`]: one connector's loop (decode → upcast → project → batch → plan →
 //!   pipelined write → commit), the error policy with its dead-letter
 //!   producer, and `kawka dlq replay`.

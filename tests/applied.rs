@@ -86,7 +86,7 @@ async fn daemon(project: &Project, n: usize) -> (support::Kawka, String) {
 fn sales_connector(name: &str, topic: &str) -> String {
     format!(
         r#"name: {name}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "500" }} }}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "500", fetch.wait.max.ms: "20" }} }}
 sink: {{ to: readdb, table: {name}, columns: {{ store_id: text, item_id: text, on_hand: bigint }}, primary_key: [store_id, item_id] }}
 key: {{ store_id: store_id, item_id: item_id }}
 batch: {{ max_wait: 5ms }}
@@ -196,7 +196,7 @@ async fn elasticsearch_searches_see_each_write_after_its_wait() {
     support::create_topic(&topic, 1).await;
     let connector = format!(
         r#"name: {name}
-source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000", fetch.wait.max.ms: "20" }} }}
 sink: {{ to: search, index: {name}, mappings: {{ properties: {{ email: {{ type: keyword }} }} }} }}
 key: $key
 batch: {{ max_wait: 5ms }}

@@ -65,21 +65,37 @@ impl SecretUrl {
     }
 }
 
+/// Where a URL's user information is: (its start, the `:` before the
+/// password or the `@` when there is none, the `@`). A password may hold an
+/// unencoded `/` (base64 ones do): the user information ends at the last
+/// `@` before the query, not at the first `/` (a path with an `@` is then
+/// taken for one too: redacted too much, never too little).
+fn userinfo(url: &str) -> Option<(usize, usize, usize)> {
+    let start = url.find("://")? + 3;
+    let before_query = url[start..].find(['?', '#']).map_or(url.len(), |i| start + i);
+    let at = start + url[start..before_query].rfind('@')?;
+    let colon = url[start..at].find(':').map_or(at, |i| start + i);
+    Some((start, colon, at))
+}
+
+/// `scheme://user:password@host/…` → (`scheme://host/…`, the user and
+/// password, percent-decoded); a URL without them comes back as it is.
+/// Clients take credentials this way so that their errors, which print
+/// URLs, cannot show them.
+pub fn split_credentials(url: &str) -> (String, Option<(String, Secret)>) {
+    let Some((start, colon, at)) = userinfo(url) else { return (url.to_string(), None) };
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let password = if colon < at { &url[colon + 1..at] } else { "" };
+    let base = format!("{}{}", &url[..start], &url[at + 1..]);
+    (base, Some((decode(&url[start..colon]), Secret::new(decode(password)))))
+}
+
 /// Hides the password of `scheme://user:password@host…` and the values of
 /// query parameters that hold secrets (`?password=…`, `sslpassword`, …).
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
-    let start = scheme_end + 3;
-    // A password may hold an unencoded `/` (base64 ones do): the user
-    // information ends at the last `@` before the query, not at the first
-    // `/`. (A path with an `@` is then redacted too much, never too little.)
-    let before_query = url[start..].find(['?', '#']).map_or(url.len(), |i| start + i);
-    let mut out = match url[start..before_query].rfind('@') {
-        Some(at) => match url[start..start + at].find(':') {
-            Some(colon) => format!("{}:***{}", &url[..start + colon], &url[start + at..]),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
+    let mut out = match userinfo(url) {
+        Some((_, colon, at)) if colon < at => format!("{}***{}", &url[..colon + 1], &url[at..]),
+        _ => url.to_string(),
     };
     if let Some(query_start) = out.find('?') {
         let (head, query) = out.split_at(query_start + 1);
@@ -180,6 +196,15 @@ mod tests {
         // Characters a password should encode, but may not.
         assert_eq!(redact_url("http://elastic:ab/cd+ef==@es:9200"), "http://elastic:***@es:9200");
         assert_eq!(redact_url("http://elastic:a@b@es:9200/x"), "http://elastic:***@es:9200/x");
+        let (base, credentials) = split_credentials("https://ann:p%40ss@registry:8081/x");
+        assert_eq!(base, "https://registry:8081/x");
+        let (user, password) = credentials.expect("credentials");
+        assert_eq!((user.as_str(), password.expose()), ("ann", "p@ss"));
+        let (base, credentials) = split_credentials("https://ann:p%40ss/w==@registry:8081/x");
+        assert_eq!(base, "https://registry:8081/x");
+        let (user, password) = credentials.expect("credentials");
+        assert_eq!((user.as_str(), password.expose()), ("ann", "p@ss/w=="));
+        assert_eq!(split_credentials("http://registry:8081"), ("http://registry:8081".to_string(), None));
         assert_eq!(serde_json::to_string(&Secret::new("pw")).expect("serializes"), "\"***\"");
         let secret: Secret = serde_json::from_str("\"pw\"").expect("deserializes");
         assert_eq!(secret.expose(), "pw");

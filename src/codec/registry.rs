@@ -171,19 +171,6 @@ impl NegativeCache {
     }
 }
 
-/// `scheme://user:password@host/…` → (`scheme://host/…`, the user and
-/// password, percent-decoded); a URL without them is returned as it is.
-pub fn split_credentials(url: &str) -> (String, Option<(String, Secret)>) {
-    let Some(scheme_end) = url.find("://") else { return (url.to_string(), None) };
-    let start = scheme_end + 3;
-    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
-    let Some(at) = url[start..end].rfind('@') else { return (url.to_string(), None) };
-    let (user, password) = url[start..start + at].split_once(':').unwrap_or((&url[start..start + at], ""));
-    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-    let base = format!("{}{}", &url[..start], &url[start + at + 1..]);
-    (base, Some((decode(user), Secret::new(decode(password)))))
-}
-
 impl RegistryClient {
     pub fn new(settings: &RegistryClientSettings) -> anyhow::Result<RegistryClient> {
         let mut builder = reqwest::Client::builder().timeout(settings.timeout).pool_idle_timeout(None);
@@ -196,7 +183,7 @@ impl RegistryClient {
         }
         // Credentials in the URL become basic auth, and leave the URL:
         // errors and logs print the URL.
-        let (base, in_url) = split_credentials(settings.url.trim_end_matches('/'));
+        let (base, in_url) = crate::secret::split_credentials(settings.url.trim_end_matches('/'));
         let (username, password) = match (&settings.username, in_url) {
             (Some(user), _) => (Some(user.clone()), settings.password.clone()),
             (None, Some((user, password))) => (Some(user), Some(password)),
@@ -424,15 +411,6 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn credentials_leave_the_url() {
-        let (base, credentials) = split_credentials("https://ann:p%40ss@registry:8081/x");
-        assert_eq!(base, "https://registry:8081/x");
-        let (user, password) = credentials.expect("credentials");
-        assert_eq!((user.as_str(), password.expose()), ("ann", "p@ss"));
-        assert_eq!(split_credentials("http://registry:8081"), ("http://registry:8081".to_string(), None));
-    }
 
     #[test]
     fn fingerprints_ignore_formatting_and_docs() {

@@ -107,7 +107,7 @@ pub fn validate(
     }
     // Credentials in the URL become basic auth (the URL is printed in
     // errors and logs); `username`/`password` win over them.
-    let (url, in_url) = crate::codec::registry::split_credentials(registry.url.trim_end_matches('/'));
+    let (url, in_url) = crate::secret::split_credentials(registry.url.trim_end_matches('/'));
     // Empty is unset: `${SCHEMA_REGISTRY_USER:-}` with nothing behind it.
     let username = registry.username.clone().filter(|u| !u.is_empty());
     let password = registry.password.clone().filter(|p| !p.expose().is_empty());

@@ -63,22 +63,17 @@ impl ElasticsearchSink {
         connection: &ElasticsearchConnection,
         target: &ElasticsearchTarget,
     ) -> Result<ElasticsearchSink, SinkError> {
-        let mut url = Url::parse(connection.url.expose())
-            .map_err(|e| SinkError::Setup(format!("elasticsearch url {}: {e}", connection.url)))?;
         // Credentials in the URL become basic auth, and leave the URL: the
         // client's errors print the URL.
-        let in_url = (!url.username().is_empty()).then(|| {
-            let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-            (decode(url.username()), decode(url.password().unwrap_or_default()))
-        });
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
+        let (bare, in_url) = crate::secret::split_credentials(connection.url.expose());
+        let url =
+            Url::parse(&bare).map_err(|e| SinkError::Setup(format!("elasticsearch url {}: {e}", connection.url)))?;
         let mut builder =
             TransportBuilder::new(SingleNodeConnectionPool::new(url)).timeout(connection.timeout).disable_proxy();
         if let (Some(user), Some(password)) = (&connection.username, &connection.password) {
             builder = builder.auth(Credentials::Basic(user.clone(), password.expose().to_string()));
         } else if let Some((user, password)) = in_url {
-            builder = builder.auth(Credentials::Basic(user, password));
+            builder = builder.auth(Credentials::Basic(user, password.expose().to_string()));
         }
         if let Some(key) = &connection.api_key {
             let (id, secret) = key

@@ -153,7 +153,6 @@ async fn run_connectors(
 struct Running {
     runtime: ConnectorRuntime,
     fingerprint: String,
-    projection: String,
     /// Tells it to drain (write what is in flight, commit, leave the group).
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Halt>,
@@ -237,7 +236,6 @@ impl Supervisor {
         let settings = settings.unwrap_or(&self.settings);
         let name = runtime.settings.name.clone();
         let fingerprint = crate::reload::fingerprint(settings, &runtime.settings);
-        let projection = crate::reload::projection_fingerprint(&runtime.settings);
         self.reloads.set_info(
             &name,
             Some(Info {
@@ -265,7 +263,7 @@ impl Supervisor {
                 halt
             })
         };
-        self.running.insert(name, Running { runtime, fingerprint, projection, stop, task });
+        self.running.insert(name, Running { runtime, fingerprint, stop, task });
     }
 
     /// Shows the running set to the HTTP API and the rebuilds.
@@ -349,7 +347,7 @@ impl Supervisor {
             report.problems.push("http: the new settings apply when the process restarts".to_string());
         }
         for name in plan.stop.iter().chain(&plan.restart) {
-            let projection = self.running.get(name).map(|r| r.projection.clone());
+            let projection = self.running.get(name).map(|r| crate::reload::projection_fingerprint(&r.runtime.settings));
             self.stop(name).await;
             if let Some(runtime) = built.iter().find(|r| &r.settings.name == name) {
                 if projection.is_some_and(|p| p != crate::reload::projection_fingerprint(&runtime.settings)) {

@@ -389,11 +389,7 @@ async fn plan_against(config: &std::path::Path, url: &str) -> ExitCode {
     let running = match fetched.await {
         Ok(running) => running,
         Err(error) => {
-            eprintln!(
-                "kawka validate: {}: {}",
-                kawka::secret::redact_url(&endpoint),
-                kawka::codec::registry::error_chain(&error)
-            );
+            unreachable_daemon("validate", &endpoint, &error);
             return ExitCode::FAILURE;
         }
     };
@@ -499,11 +495,7 @@ async fn wait(connector: &str, positions: &[String], timeout: &str, url: &str) -
     let response = match reqwest::Client::new().get(&endpoint).query(&query).send().await {
         Ok(response) => response,
         Err(error) => {
-            eprintln!(
-                "kawka wait: {}: {}",
-                kawka::secret::redact_url(&endpoint),
-                kawka::codec::registry::error_chain(&error)
-            );
+            unreachable_daemon("wait", &endpoint, &error);
             return ExitCode::FAILURE;
         }
     };
@@ -520,6 +512,12 @@ async fn wait(connector: &str, positions: &[String], timeout: &str, url: &str) -
     }
 }
 
+/// The one line a command prints when a daemon's HTTP API cannot be asked
+/// (the URL without its password, the whole cause).
+fn unreachable_daemon(command: &str, url: &str, error: &reqwest::Error) {
+    eprintln!("kawka {command}: {}: {}", kawka::secret::redact_url(url), kawka::codec::registry::error_chain(error));
+}
+
 async fn status(url: &str) -> ExitCode {
     let url = format!("{}/connectors", url.trim_end_matches('/'));
     let fetch = || async {
@@ -529,11 +527,7 @@ async fn status(url: &str) -> ExitCode {
     let first = match fetch().await {
         Ok(first) => first,
         Err(error) => {
-            eprintln!(
-                "kawka status: {}: {}",
-                kawka::secret::redact_url(&url),
-                kawka::codec::registry::error_chain(&error)
-            );
+            unreachable_daemon("status", &url, &error);
             return ExitCode::FAILURE;
         }
     };

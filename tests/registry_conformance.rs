@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::process::Command;
 
 use reqwest::Method;
 use serde_json::{json, Value as Json};
@@ -319,20 +318,7 @@ async fn content_is_negotiated() {
 async fn confluents_python_client_gets_what_it_expects() {
     let registry = support::start_registry().await;
     let prefix = support::unique("py");
-    // On a blocking thread: the registry is served by this test's runtime.
-    let (url, arg) = (registry.url(), prefix.clone());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(support::python())
-            .arg(support::project_root().join("tests/py/registry_client.py"))
-            .args([url, arg])
-            .output()
-            .expect("python runs")
-    })
-    .await
-    .expect("the client's thread");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let results: Json = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let results = support::python_json("registry_client.py", vec![registry.url(), prefix.clone()]).await;
     let id1 = results["register_v1"].as_i64().expect("an id");
     let id2 = results["register_v2"].as_i64().expect("an id");
     assert_eq!(results["register_v1_again"], id1, "{results}");

@@ -269,18 +269,7 @@ async fn confluents_client_and_kawkas_client_authenticate_over_tls() {
         format!("{}:{}", users.reader.0, users.reader.1),
         ca.display().to_string(),
     ];
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(support::python())
-            .arg(support::project_root().join("tests/py/registry_auth_client.py"))
-            .args(args)
-            .output()
-            .expect("python runs")
-    })
-    .await
-    .expect("the client's thread");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let results: Json = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let results = support::python_json("registry_auth_client.py", args).await;
     let id = results["register"].as_i64().unwrap_or_else(|| panic!("an id: {results}"));
     assert_eq!(results["read_by_reader"], id, "{results}");
     assert_eq!(results["register_by_reader"], json!({"error_code": 40301, "http_status": 403}), "{results}");

@@ -45,6 +45,21 @@ pub fn python() -> PathBuf {
     PathBuf::from(home).join(".cache/kawka/venv/bin/python")
 }
 
+/// Runs `tests/py/<script>` with the stack's Python and reads the one JSON
+/// object it prints. On a blocking thread: the registry the script talks
+/// to may be served by the calling test's runtime.
+pub async fn python_json(script: &str, args: Vec<String>) -> Json {
+    let script = project_root().join("tests/py").join(script);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python()).arg(&script).args(args).output().expect("python runs")
+    })
+    .await
+    .expect("the client's thread");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
 pub fn project_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

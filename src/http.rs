@@ -413,6 +413,11 @@ fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// One connector's sample of a counter or gauge.
+fn sample(out: &mut String, name: &str, connector: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "{name}{{connector=\"{}\"}} {value}", label(connector));
+}
+
 /// One connector's series of a histogram.
 fn histogram(out: &mut String, name: &str, connector: &str, histogram: &crate::status::Histogram) {
     let (buckets, sum, count) = histogram.snapshot();
@@ -446,12 +451,7 @@ pub fn render(daemon: &Daemon) -> String {
     }
     family(&mut out, "kawka_duplicates_total", "counter", "Writes the sink found already applied.");
     for c in &connectors {
-        let _ = writeln!(
-            out,
-            "kawka_duplicates_total{{connector=\"{}\"}} {}",
-            label(&c.name),
-            c.duplicates.load(Ordering::Relaxed)
-        );
+        sample(&mut out, "kawka_duplicates_total", &c.name, c.duplicates.load(Ordering::Relaxed));
     }
     family(&mut out, "kawka_retries_total", "counter", "Retries of transient failures by stage and class.");
     for c in &connectors {
@@ -553,21 +553,11 @@ pub fn render(daemon: &Daemon) -> String {
     }
     family(&mut out, "kawka_applied_waiters", "gauge", "Read-your-writes waits in progress.");
     for c in &connectors {
-        let _ = writeln!(
-            out,
-            "kawka_applied_waiters{{connector=\"{}\"}} {}",
-            label(&c.name),
-            c.waiters.load(Ordering::Relaxed)
-        );
+        sample(&mut out, "kawka_applied_waiters", &c.name, c.waiters.load(Ordering::Relaxed));
     }
     family(&mut out, "kawka_applied_timeouts_total", "counter", "Read-your-writes waits that timed out.");
     for c in &connectors {
-        let _ = writeln!(
-            out,
-            "kawka_applied_timeouts_total{{connector=\"{}\"}} {}",
-            label(&c.name),
-            c.wait_timeouts.load(Ordering::Relaxed)
-        );
+        sample(&mut out, "kawka_applied_timeouts_total", &c.name, c.wait_timeouts.load(Ordering::Relaxed));
     }
     family(&mut out, "kawka_applied_wait_seconds", "histogram", "Time read-your-writes waits took.");
     for c in &connectors {

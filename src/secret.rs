@@ -222,8 +222,7 @@ mod tests {
         };
         let alphabet: Vec<char> = (33u8..127).map(char::from).filter(|c| !matches!(c, '@' | '?' | '#')).collect();
         for case in 0..5_000 {
-            let password: String =
-                (0..4 + next(20)).map(|_| alphabet[next(alphabet.len() as u64) as usize]).collect();
+            let password: String = (0..4 + next(20)).map(|_| alphabet[next(alphabet.len() as u64) as usize]).collect();
             let marked = format!("Q{case}Z{password}");
             let path = ["", "/", "/db", "/a/b?sslmode=require", "/x#frag"][next(5) as usize];
             let url = format!("postgres://user{case}:{marked}@host{}:5432{path}", next(9));

@@ -8,7 +8,6 @@
 
 mod support;
 
-
 use reqwest::Method;
 use serde_json::{json, Value as Json};
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use apache_avro::schema::{InnerDecimalSchema, Schema, UuidSchema};
 
-use crate::value::{intern, Name, Record, SmolStr, Value};
+use crate::value::{intern, Name, Record, SmolStr, Temporal, TimeKind, Unit, Value};
 
 /// Deepest nesting accepted (recursive schemas could otherwise nest as deep
 /// as the input is long).
@@ -43,6 +43,10 @@ pub enum DecodeError {
     DecimalTooLarge(usize),
     #[error("decimal scale {0} is above {MAX_DECIMAL_SCALE}")]
     DecimalScale(usize),
+    #[error("{logical_type} {value} at byte {at} is not a time of day (0 to 24 hours after midnight)")]
+    TimeOutOfDay { at: usize, logical_type: String, value: i64 },
+    #[error("uuid of {0} bytes (a uuid has 16)")]
+    BadUuid(usize),
 }
 
 /// The largest decimal scale written out: the text of a value has that
@@ -61,8 +65,14 @@ pub enum CompileError {
 enum Plan {
     Null,
     Boolean,
-    /// int and long, and the logical types over them.
+    /// int and long.
     Long,
+    /// The date, time and timestamp logical types over int and long.
+    Time(TimeKind),
+    /// A uuid written as bytes (`None`) or fixed: 16 bytes.
+    Uuid(Option<usize>),
+    /// Avro's duration: fixed(12), months, days and milliseconds.
+    Duration,
     Float,
     Double,
     Bytes,
@@ -168,6 +178,25 @@ impl Decoder {
                 }
             }
             Plan::Long => Value::Int(reader.long()?),
+            Plan::Time(kind) => {
+                let at = reader.at;
+                let value = reader.long()?;
+                if let TimeKind::TimeOfDay(unit) = kind {
+                    if !(0..unit.per_day()).contains(&value) {
+                        let logical_type = Temporal::new(*kind, value).logical_type();
+                        return Err(DecodeError::TimeOutOfDay { at, logical_type, value });
+                    }
+                }
+                Value::Time(Temporal::new(*kind, value))
+            }
+            Plan::Uuid(fixed) => {
+                let bytes = match fixed {
+                    Some(size) => reader.take(*size)?,
+                    None => reader.length_prefixed()?,
+                };
+                Value::Str(uuid_text(bytes)?)
+            }
+            Plan::Duration => Value::Str(duration_text(reader.take(12)?).into()),
             Plan::Float => {
                 let bytes = reader.take(4)?;
                 Value::Float(f64::from(f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])))
@@ -237,6 +266,22 @@ impl Decoder {
     }
 }
 
+/// What a date/time logical type's integer counts; `None` for other types.
+pub fn time_kind(schema: &Schema) -> Option<TimeKind> {
+    Some(match schema {
+        Schema::Date => TimeKind::Date,
+        Schema::TimeMillis => TimeKind::TimeOfDay(Unit::Millis),
+        Schema::TimeMicros => TimeKind::TimeOfDay(Unit::Micros),
+        Schema::TimestampMillis => TimeKind::Timestamp(Unit::Millis),
+        Schema::TimestampMicros => TimeKind::Timestamp(Unit::Micros),
+        Schema::TimestampNanos => TimeKind::Timestamp(Unit::Nanos),
+        Schema::LocalTimestampMillis => TimeKind::LocalTimestamp(Unit::Millis),
+        Schema::LocalTimestampMicros => TimeKind::LocalTimestamp(Unit::Micros),
+        Schema::LocalTimestampNanos => TimeKind::LocalTimestamp(Unit::Nanos),
+        _ => return None,
+    })
+}
+
 fn primitive_name(schema: &Schema) -> String {
     match schema {
         Schema::Enum(e) => e.name.fullname(None),
@@ -288,9 +333,8 @@ impl Compiler {
         Ok(match schema {
             Schema::Null => Plan::Null,
             Schema::Boolean => Plan::Boolean,
-            Schema::Int
-            | Schema::Long
-            | Schema::Date
+            Schema::Int | Schema::Long => Plan::Long,
+            Schema::Date
             | Schema::TimeMillis
             | Schema::TimeMicros
             | Schema::TimestampMillis
@@ -298,14 +342,19 @@ impl Compiler {
             | Schema::TimestampNanos
             | Schema::LocalTimestampMillis
             | Schema::LocalTimestampMicros
-            | Schema::LocalTimestampNanos => Plan::Long,
+            | Schema::LocalTimestampNanos => {
+                Plan::Time(time_kind(schema).expect("time_kind knows every date/time logical type"))
+            }
             Schema::Float => Plan::Float,
             Schema::Double => Plan::Double,
-            Schema::Bytes | Schema::BigDecimal | Schema::Uuid(UuidSchema::Bytes) => Plan::Bytes,
+            Schema::Bytes | Schema::BigDecimal => Plan::Bytes,
+            Schema::Uuid(UuidSchema::Bytes) => Plan::Uuid(None),
+            Schema::Uuid(UuidSchema::Fixed(fixed)) => Plan::Uuid(Some(fixed.size)),
             Schema::String | Schema::Uuid(UuidSchema::String) => Plan::String,
-            Schema::Uuid(UuidSchema::Fixed(fixed)) | Schema::Fixed(fixed) | Schema::Duration(fixed) => {
-                Plan::Fixed(fixed.size)
-            }
+            // A duration is a fixed of 12 bytes by the spec; another size
+            // is read as the plain fixed it is.
+            Schema::Duration(fixed) if fixed.size == 12 => Plan::Duration,
+            Schema::Duration(fixed) | Schema::Fixed(fixed) => Plan::Fixed(fixed.size),
             Schema::Decimal(decimal) => Plan::Decimal {
                 fixed: match &decimal.inner {
                     InnerDecimalSchema::Bytes => None,
@@ -364,6 +413,42 @@ impl Compiler {
         self.index.insert(full.to_string(), index);
         index
     }
+}
+
+/// A uuid's 16 bytes in the hyphenated form (`8-4-4-4-12` lowercase hex),
+/// the form of a string uuid and of a Postgres `uuid`.
+fn uuid_text(bytes: &[u8]) -> Result<SmolStr, DecodeError> {
+    if bytes.len() != 16 {
+        return Err(DecodeError::BadUuid(bytes.len()));
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 36];
+    let mut at = 0;
+    for (index, byte) in bytes.iter().enumerate() {
+        if matches!(index, 4 | 6 | 8 | 10) {
+            text[at] = b'-';
+            at += 1;
+        }
+        text[at] = HEX[usize::from(byte >> 4)];
+        text[at + 1] = HEX[usize::from(byte & 0xf)];
+        at += 2;
+    }
+    // Only ASCII hex digits and hyphens were written.
+    Ok(SmolStr::new(std::str::from_utf8(&text).expect("hex digits and hyphens are UTF-8")))
+}
+
+/// Avro's duration (three little-endian u32: months, days, milliseconds)
+/// in ISO 8601, which Postgres reads into an `interval` unchanged:
+/// `P1M2DT3.004S` (months and days are not folded into seconds, since their
+/// length varies).
+fn duration_text(bytes: &[u8]) -> String {
+    let part = |index: usize| {
+        let mut word = [0u8; 4];
+        word.copy_from_slice(&bytes[index * 4..index * 4 + 4]);
+        u32::from_le_bytes(word)
+    };
+    let (months, days, millis) = (part(0), part(1), part(2));
+    format!("P{months}M{days}DT{}.{:03}S", millis / 1000, millis % 1000)
 }
 
 /// A big-endian two's-complement integer with `scale` decimal places, as text.
@@ -534,7 +619,7 @@ mod tests {
             serde_json::json!({
                 "id": "u-1", "age": -42, "score": 9.5, "ratio": 0.25, "active": true, "nickname": "ada",
                 "tags": ["a", "b"], "attributes": {"k": 7}, "status": "BANNED", "address": {"city": "Łódź"},
-                "previous": null, "avatar": "\u{1}\u{2}\u{3}\u{4}", "balance": "-1.23", "created": 1_700_000_000_123i64
+                "previous": null, "avatar": "\u{1}\u{2}\u{3}\u{4}", "balance": "-1.23", "created": "2023-11-14T22:13:20.123Z"
             })
         );
     }
@@ -612,6 +697,90 @@ mod tests {
         let decoder = Decoder::compile(&schema, &references).unwrap();
         let (_, value) = decoder.decode(&[0x04, b'P', b'o']).unwrap();
         assert_eq!(value.to_json(), serde_json::json!({"home": {"city": "Po"}}));
+    }
+
+    /// Every logical type decodes to what it means: the right unit for
+    /// each date and time, uuids and durations as text.
+    #[test]
+    fn every_logical_type_keeps_its_meaning() {
+        let schema = Schema::parse_str(
+            r#"{"type": "record", "name": "Times", "fields": [
+                {"name": "date", "type": {"type": "int", "logicalType": "date"}},
+                {"name": "time_ms", "type": {"type": "int", "logicalType": "time-millis"}},
+                {"name": "time_us", "type": {"type": "long", "logicalType": "time-micros"}},
+                {"name": "ts_ms", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+                {"name": "ts_us", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+                {"name": "ts_ns", "type": {"type": "long", "logicalType": "timestamp-nanos"}},
+                {"name": "local_ms", "type": {"type": "long", "logicalType": "local-timestamp-millis"}},
+                {"name": "local_us", "type": {"type": "long", "logicalType": "local-timestamp-micros"}},
+                {"name": "local_ns", "type": {"type": "long", "logicalType": "local-timestamp-nanos"}},
+                {"name": "uuid", "type": {"type": "string", "logicalType": "uuid"}},
+                {"name": "uuid_fixed", "type": {"type": "fixed", "name": "U", "size": 16, "logicalType": "uuid"}},
+                {"name": "duration", "type": {"type": "fixed", "name": "D", "size": 12, "logicalType": "duration"}},
+                {"name": "price", "type": {"type": "fixed", "name": "P", "size": 8, "logicalType": "decimal", "precision": 18, "scale": 4}}
+            ]}"#,
+        )
+        .expect("a valid schema");
+        let uuid = apache_avro::Uuid::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
+        let value = AvroValue::Record(vec![
+            ("date".into(), AvroValue::Date(19_675)),
+            ("time_ms".into(), AvroValue::TimeMillis(80_000_123)),
+            ("time_us".into(), AvroValue::TimeMicros(80_000_123_456)),
+            ("ts_ms".into(), AvroValue::TimestampMillis(1_700_000_000_123)),
+            ("ts_us".into(), AvroValue::TimestampMicros(1_700_000_000_123_456)),
+            ("ts_ns".into(), AvroValue::TimestampNanos(1_700_000_000_123_456_789)),
+            ("local_ms".into(), AvroValue::LocalTimestampMillis(1_700_000_000_123)),
+            ("local_us".into(), AvroValue::LocalTimestampMicros(1_700_000_000_123_456)),
+            ("local_ns".into(), AvroValue::LocalTimestampNanos(-1)),
+            ("uuid".into(), AvroValue::Uuid(uuid)),
+            ("uuid_fixed".into(), AvroValue::Uuid(uuid)),
+            (
+                "duration".into(),
+                AvroValue::Duration(apache_avro::Duration::new(
+                    apache_avro::Months::new(14),
+                    apache_avro::Days::new(3),
+                    apache_avro::Millis::new(3_723_004),
+                )),
+            ),
+            ("price".into(), AvroValue::Decimal(apache_avro::Decimal::from(123_456_789i64.to_be_bytes().to_vec()))),
+        ]);
+        let bytes = encode(&schema, value);
+        let (_, decoded) = Decoder::compile(&schema, &[]).expect("compiles").decode(&bytes).expect("decodes");
+        let field = |name: &str| decoded.as_record().and_then(|r| r.get(name)).cloned().expect("field present");
+        let time = |kind, value| Value::Time(Temporal::new(kind, value));
+        assert_eq!(field("date"), time(TimeKind::Date, 19_675));
+        assert_eq!(field("time_ms"), time(TimeKind::TimeOfDay(Unit::Millis), 80_000_123));
+        assert_eq!(field("ts_us"), time(TimeKind::Timestamp(Unit::Micros), 1_700_000_000_123_456));
+        assert_eq!(field("local_ns"), time(TimeKind::LocalTimestamp(Unit::Nanos), -1));
+        assert_eq!(
+            decoded.to_json(),
+            serde_json::json!({
+                "date": "2023-11-14", "time_ms": "22:13:20.123", "time_us": "22:13:20.123456",
+                "ts_ms": "2023-11-14T22:13:20.123Z", "ts_us": "2023-11-14T22:13:20.123456Z",
+                "ts_ns": "2023-11-14T22:13:20.123456789Z", "local_ms": "2023-11-14T22:13:20.123",
+                "local_us": "2023-11-14T22:13:20.123456", "local_ns": "1969-12-31T23:59:59.999999999",
+                "uuid": "01234567-89ab-cdef-0011-223344556677", "uuid_fixed": "01234567-89ab-cdef-0011-223344556677",
+                "duration": "P14M3DT3723.004S", "price": "12345.6789"
+            })
+        );
+    }
+
+    #[test]
+    fn a_time_of_day_beyond_the_day_is_the_events_error() {
+        let schema = Schema::parse_str(
+            r#"{"type": "record", "name": "T", "fields": [{"name": "t", "type": {"type": "long", "logicalType": "time-micros"}}]}"#,
+        )
+        .expect("a valid schema");
+        let decoder = Decoder::compile(&schema, &[]).expect("compiles");
+        for (micros, ok) in [(0i64, true), (86_399_999_999, true), (86_400_000_000, false), (-1, false)] {
+            let bytes = encode(&schema, AvroValue::Record(vec![("t".into(), AvroValue::Long(micros))]));
+            let outcome = decoder.decode(&bytes);
+            assert_eq!(outcome.is_ok(), ok, "{micros}: {outcome:?}");
+            if let Err(error) = outcome {
+                assert!(error.to_string().contains("time-micros"), "{error}");
+            }
+        }
+        assert_eq!(uuid_text(&[0; 15]), Err(DecodeError::BadUuid(15)));
     }
 
     #[test]

@@ -344,7 +344,9 @@ fn call(function: Function, args: &[Expr], event: &Event) -> Result<Value, EvalE
                 match arg.eval(event)? {
                     Value::Null => {}
                     Value::Str(text) => out.push_str(&text),
-                    other @ (Value::Int(_) | Value::Float(_) | Value::Bool(_)) => out.push_str(&other.to_string()),
+                    other @ (Value::Int(_) | Value::Float(_) | Value::Bool(_) | Value::Time(_)) => {
+                        out.push_str(&other.to_string())
+                    }
                     other => return Err(bad(&other)),
                 }
             }
@@ -359,10 +361,13 @@ fn call(function: Function, args: &[Expr], event: &Event) -> Result<Value, EvalE
                 (Function::Lower, Value::Str(s)) => Ok(Value::Str(s.to_lowercase().into())),
                 (Function::Upper, Value::Str(s)) => Ok(Value::Str(s.to_uppercase().into())),
                 (Function::Trim, Value::Str(s)) => Ok(Value::Str(s.trim().into())),
-                (Function::ToString, value @ (Value::Str(_) | Value::Int(_) | Value::Float(_) | Value::Bool(_))) => {
-                    Ok(Value::Str(value.to_string().into()))
-                }
+                (
+                    Function::ToString,
+                    value @ (Value::Str(_) | Value::Int(_) | Value::Float(_) | Value::Bool(_) | Value::Time(_)),
+                ) => Ok(Value::Str(value.to_string().into())),
                 (Function::ToInt, Value::Int(i)) => Ok(Value::Int(i)),
+                // The integer written: days, or ms/µs/ns as its type says.
+                (Function::ToInt, Value::Time(t)) => Ok(Value::Int(t.value)),
                 (Function::ToInt, Value::Float(x)) if x.is_finite() => Ok(Value::Int(x.trunc() as i64)),
                 (Function::ToInt, Value::Str(s)) => s.trim().parse().map(Value::Int).map_err(|_| bad(&Value::Str(s))),
                 (Function::ToFloat, Value::Int(i)) => Ok(Value::Float(i as f64)),

@@ -164,6 +164,10 @@ impl Hash for KeyRef<'_> {
                     state.write(b);
                     state.write_usize(b.len());
                 }
+                Value::Time(t) => {
+                    state.write_u8(7);
+                    state.write_i64(t.value);
+                }
                 other => {
                     state.write_u8(6);
                     state.write(other.to_json().to_string().as_bytes());
@@ -183,6 +187,7 @@ impl PartialEq for KeyRef<'_> {
                 (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
                 (Value::Str(a), Value::Str(b)) => a == b,
                 (Value::Bytes(a), Value::Bytes(b)) => a == b,
+                (Value::Time(a), Value::Time(b)) => a == b,
                 (a @ (Value::Array(_) | Value::Map(_) | Value::Record(_)), b) => {
                     std::mem::discriminant(a) == std::mem::discriminant(b) && a.to_json() == b.to_json()
                 }

@@ -188,6 +188,8 @@ impl RulesProjection {
             None => None,
             Some(expr) => match expr.eval(event).map_err(ProjectionError::Version)? {
                 Value::Int(version) => Some(version),
+                // A timestamp as the version: its integer, in its unit.
+                Value::Time(time) => Some(time.value),
                 Value::Null => None,
                 other => return Err(ProjectionError::VersionNotInteger(other.kind().to_string())),
             },

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use apache_avro::schema::{RecordSchema, Schema, SchemaKind};
 use apache_avro::schema_compatibility::SchemaCompatibility;
 
+use crate::codec::avro::time_kind;
 use crate::codec::registry::fingerprint;
-use crate::value::{intern, Name, Record, Value};
+use crate::value::{intern, Name, Record, Temporal, Value};
 
 /// One version of an event type.
 #[derive(Debug, Clone)]
@@ -203,7 +204,8 @@ pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
                 let value = match found {
                     Some(at) => resolve_value(fields.swap_remove(at).1, &field.schema)?,
                     None => match &field.default {
-                        Some(default) => Value::from_json(default),
+                        // Read as the field's type (a date's default is its day number).
+                        Some(default) => resolve_value(Value::from_json(default), &field.schema)?,
                         None => return Err(format!("field `{}` is missing and has no default", field.name)),
                     },
                 };
@@ -212,6 +214,16 @@ pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
             Ok(Value::Record(out))
         }
         (Value::Int(i), Schema::Float | Schema::Double) => Ok(Value::Float(i as f64)),
+        // A logical type is a reading of its int or long: the reader's
+        // reading applies to the integer written, with or without one.
+        (Value::Int(i), reader) if time_kind(reader).is_some() => {
+            Ok(Value::Time(Temporal::new(time_kind(reader).expect("the guard found a date/time type"), i)))
+        }
+        (Value::Time(t), Schema::Int | Schema::Long) => Ok(Value::Int(t.value)),
+        (Value::Time(t), Schema::Float | Schema::Double) => Ok(Value::Float(t.value as f64)),
+        (Value::Time(t), reader) if time_kind(reader).is_some() => {
+            Ok(Value::Time(Temporal::new(time_kind(reader).expect("the guard found a date/time type"), t.value)))
+        }
         (Value::Str(s), Schema::Bytes) => Ok(Value::Bytes(s.as_bytes().to_vec())),
         (Value::Bytes(b), Schema::String) => {
             String::from_utf8(b).map(Value::from).map_err(|_| "bytes are not UTF-8".into())
@@ -252,10 +264,16 @@ pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
 }
 
 fn variant_takes(value: &Value, schema: &Schema) -> bool {
+    if matches!(value, Value::Int(_) | Value::Time(_)) && time_kind(schema).is_some() {
+        return true;
+    }
     matches!(
         (value, SchemaKind::from(schema)),
         (Value::Record(_), SchemaKind::Record)
-            | (Value::Int(_), SchemaKind::Int | SchemaKind::Long | SchemaKind::Float | SchemaKind::Double)
+            | (
+                Value::Int(_) | Value::Time(_),
+                SchemaKind::Int | SchemaKind::Long | SchemaKind::Float | SchemaKind::Double
+            )
             | (Value::Float(_), SchemaKind::Float | SchemaKind::Double)
             | (Value::Str(_), SchemaKind::String | SchemaKind::Enum | SchemaKind::Uuid)
             | (Value::Bytes(_), SchemaKind::Bytes | SchemaKind::Fixed)

@@ -2,7 +2,8 @@
 //! timestamps included (pure).
 
 use super::types::{BindKind, ColumnType};
-use crate::value::Value;
+use crate::value::time::Style;
+use crate::value::{Temporal, TimeKind, Unit, Value};
 
 /// Checks that `value` fits a column of type `ty` (what `push` would say),
 /// without building the bound value: it runs once per op before batching.
@@ -30,6 +31,8 @@ pub(super) fn to_int(value: &Value) -> Result<Option<i64>, String> {
     match value {
         Value::Null => Ok(None),
         Value::Int(i) => Ok(Some(*i)),
+        // The integer Avro wrote (days, or ms/µs/ns as the type says).
+        Value::Time(temporal) => Ok(Some(temporal.value)),
         Value::Float(x) if x.fract() == 0.0 && x.abs() < 9.2e18 => Ok(Some(*x as i64)),
         Value::Str(s) => s.trim().parse().map(Some).map_err(|_| mismatch(value, "an integer column")),
         other => Err(mismatch(other, "an integer column")),
@@ -69,11 +72,9 @@ pub(super) fn to_bytes(value: &Value) -> Result<Option<Vec<u8>>, String> {
 /// every op, before batching) allocates nothing; [`Text::write`] builds it.
 pub(super) enum Text<'v> {
     Str(&'v str),
-    /// Integers in timestamp columns are milliseconds since the epoch
-    /// (`$timestamp`, Avro timestamp-millis).
-    Millis(i64),
-    /// Integers in date columns are days since the epoch.
-    Days(i64),
+    /// A date, time or timestamp in a column of such a type, already in
+    /// the column's terms ([`temporal_for`]).
+    Time(Temporal),
     Json(&'v Value),
     /// Numbers and booleans as they display.
     Shown(&'v Value),
@@ -88,8 +89,7 @@ impl Text<'_> {
         use std::fmt::Write as _;
         match self {
             Text::Str(s) => out.push_str(s),
-            Text::Millis(millis) => push_millis(*millis, out),
-            Text::Days(days) => push_days(*days, out),
+            Text::Time(temporal) => temporal.write(Style::Postgres, out),
             // Writing to a String cannot fail.
             Text::Json(value) => drop(write!(out, "{}", value.to_json())),
             Text::Shown(value) => drop(write!(out, "{value}")),
@@ -107,18 +107,20 @@ pub(super) fn text_of(ty: ColumnType, value: &Value) -> Result<Option<Text<'_>>,
     let text = match (ty, value) {
         (ColumnType::Json | ColumnType::Jsonb, value) => Text::Json(value),
         (_, Value::Str(s)) => Text::Str(s),
-        (ColumnType::TimestampTz | ColumnType::Timestamp, Value::Int(millis)) => Text::Millis(*millis),
-        (ColumnType::Date, Value::Int(days)) => Text::Days(*days),
-        (ColumnType::TimestampTz | ColumnType::Timestamp | ColumnType::Date, other) => return Err(wrong(other)),
-        (_, Value::Float(x))
-            if !x.is_finite() && !matches!(ty, ColumnType::TimestampTz | ColumnType::Timestamp | ColumnType::Date) =>
-        {
-            Text::NonFinite(*x)
+        (ColumnType::TimestampTz | ColumnType::Timestamp | ColumnType::Date | ColumnType::Time, other) => {
+            match temporal_for(ty, other) {
+                Some(temporal) => Text::Time(temporal),
+                None => return Err(wrong(other)),
+            }
         }
+        (ColumnType::Interval, other) => return Err(wrong(other)),
+        (_, Value::Float(x)) if !x.is_finite() => Text::NonFinite(*x),
         (ColumnType::Numeric, Value::Int(_) | Value::Float(_)) => Text::Shown(value),
         (ColumnType::Numeric, other) => return Err(wrong(other)),
         (_, Value::Int(_) | Value::Float(_) | Value::Bool(_)) => Text::Shown(value),
         (ColumnType::Text, Value::Record(_) | Value::Map(_) | Value::Array(_)) => Text::Json(value),
+        // ISO 8601, as in JSON and Elasticsearch.
+        (ColumnType::Text, Value::Time(_)) => Text::Shown(value),
         (_, other) => return Err(wrong(other)),
     };
     Ok(Some(text))
@@ -138,118 +140,91 @@ pub(super) fn non_finite(x: f64) -> &'static str {
 
 /// `1970-01-01T00:00:00.000Z` for milliseconds since the epoch; years
 /// before 1 as Postgres writes them (`0001-12-31T…Z BC` is year 0).
-///
-/// Written digit by digit, not with `format!`: every timestamp of a batch passes here.
 pub fn format_millis(millis: i64) -> String {
-    let mut out = String::with_capacity(24);
-    push_millis(millis, &mut out);
-    out
+    Temporal::new(TimeKind::Timestamp(Unit::Millis), millis).to_text(Style::Postgres)
 }
 
-fn push_millis(millis: i64, out: &mut String) {
-    let in_day = millis.rem_euclid(86_400_000);
-    push_days(millis.div_euclid(86_400_000), out);
-    out.push('T');
-    push_digits(out, in_day / 3_600_000, 2);
-    out.push(':');
-    push_digits(out, in_day / 60_000 % 60, 2);
-    out.push(':');
-    push_digits(out, in_day / 1000 % 60, 2);
-    out.push('.');
-    push_digits(out, in_day % 1000, 3);
-    out.push('Z');
-    if before_year_one(millis.div_euclid(86_400_000)) {
-        out.push_str(" BC");
+/// What a date, time or integer means in a column of a date/time type, or
+/// why it cannot go there. Integers are what `$timestamp` and the
+/// connector's literals are: milliseconds since the epoch for timestamps,
+/// days for dates, milliseconds after midnight for times.
+fn temporal_for(ty: ColumnType, value: &Value) -> Option<Temporal> {
+    let temporal = match value {
+        Value::Time(temporal) => *temporal,
+        Value::Int(i) => Temporal::new(
+            match ty {
+                ColumnType::Date => TimeKind::Date,
+                ColumnType::Time => TimeKind::TimeOfDay(Unit::Millis),
+                _ => TimeKind::Timestamp(Unit::Millis),
+            },
+            *i,
+        ),
+        _ => return None,
+    };
+    match ty {
+        // An instant: a local timestamp is read as UTC (documented), a
+        // date as its midnight. A timestamp column (no zone) keeps the
+        // UTC wall clock of an instant, since Postgres drops the `Z`.
+        ColumnType::TimestampTz => temporal.as_instant(),
+        ColumnType::Timestamp => match temporal.kind {
+            TimeKind::LocalTimestamp(_) => Some(temporal),
+            _ => temporal.as_instant(),
+        },
+        ColumnType::Date => temporal.day().map(|day| Temporal::new(TimeKind::Date, day)),
+        ColumnType::Time => match value {
+            Value::Int(millis) if !(0..Unit::Millis.per_day()).contains(millis) => None,
+            _ => temporal.time_of_day(),
+        },
+        _ => None,
     }
 }
-
-/// `YYYY-MM-DD` for days since 1970-01-01 (proleptic Gregorian); years
-/// before 1 with ` BC`, as Postgres writes and reads them (astronomical
-/// year 0 is 1 BC).
-#[cfg(test)]
-fn format_days(days: i64) -> String {
-    let mut out = String::with_capacity(10);
-    push_days(days, &mut out);
-    if before_year_one(days) {
-        out.push_str(" BC");
-    }
-    out
-}
-
-/// Whether a day is before 0001-01-01 (day -719,162).
-fn before_year_one(days: i64) -> bool {
-    days < -719_162
-}
-
-/// The date part of a day, the era left to the caller (` BC`).
-fn push_days(days: i64, out: &mut String) {
-    // Howard Hinnant's civil_from_days; saturating, so that no day (an
-    // event's i64) overflows: years beyond what Postgres holds are refused
-    // by Postgres, as that event's error.
-    let days = days.clamp(-(1 << 40), 1 << 40);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    // Year 0 is 1 BC, -1 is 2 BC.
-    let year = if year <= 0 { 1 - year } else { year };
-    if (0..=9999).contains(&year) {
-        push_digits(out, year, 4);
-    } else {
-        // Years Postgres mostly refuses anyway; the rare path may format.
-        out.push_str(&format!("{year:04}"));
-    }
-    out.push('-');
-    push_digits(out, month, 2);
-    out.push('-');
-    push_digits(out, day, 2);
-}
-
-/// `n` (0 ≤ n < 10^width) in exactly `width` digits.
-fn push_digits(out: &mut String, n: i64, width: u32) {
-    let mut divisor = 10i64.pow(width - 1);
-    while divisor > 0 {
-        out.push(char::from(b'0' + (n / divisor % 10) as u8));
-        divisor /= 10;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn written(ty: ColumnType, value: &Value) -> Result<String, String> {
+        let mut out = String::new();
+        text_of(ty, value)?.expect("not null").write(&mut out);
+        Ok(out)
+    }
+
     #[test]
-    fn dates_and_timestamps_from_integers() {
-        assert_eq!(format_millis(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    fn dates_and_times_land_in_their_columns_with_their_units() {
+        use ColumnType::{Date, Text, Time, Timestamp, TimestampTz};
+        let time = |kind, value| Value::Time(Temporal::new(kind, value));
+        let micros = time(TimeKind::Timestamp(Unit::Micros), 1_700_000_000_123_456);
+        assert_eq!(written(TimestampTz, &micros).as_deref(), Ok("2023-11-14T22:13:20.123456Z"));
+        assert_eq!(written(Timestamp, &micros).as_deref(), Ok("2023-11-14T22:13:20.123456Z"));
+        assert_eq!(written(Date, &micros).as_deref(), Ok("2023-11-14"));
+        assert_eq!(written(Time, &micros).as_deref(), Ok("22:13:20.123456"));
+        assert_eq!(written(Text, &micros).as_deref(), Ok("2023-11-14T22:13:20.123456Z"));
+        assert_eq!(to_int(&micros), Ok(Some(1_700_000_000_123_456)), "integer columns get the integer written");
+        let nanos = time(TimeKind::Timestamp(Unit::Nanos), 1_700_000_000_123_456_789);
+        assert_eq!(written(TimestampTz, &nanos).as_deref(), Ok("2023-11-14T22:13:20.123456789Z"));
+        let local = time(TimeKind::LocalTimestamp(Unit::Millis), 1_700_000_000_123);
+        assert_eq!(written(Timestamp, &local).as_deref(), Ok("2023-11-14T22:13:20.123"));
+        assert_eq!(written(TimestampTz, &local).as_deref(), Ok("2023-11-14T22:13:20.123Z"), "read as UTC");
+        let date = time(TimeKind::Date, -719_529);
+        assert_eq!(written(Date, &date).as_deref(), Ok("0002-12-31 BC"));
+        assert_eq!(written(TimestampTz, &time(TimeKind::Date, 1)).as_deref(), Ok("1970-01-02T00:00:00.000Z"));
+        assert!(written(Time, &date).is_err(), "a date has no time of day");
+        let of_day = time(TimeKind::TimeOfDay(Unit::Micros), 1);
+        assert_eq!(written(Time, &of_day).as_deref(), Ok("00:00:00.000001"));
+        assert!(written(TimestampTz, &of_day).is_err(), "a time of day is no instant");
+        assert!(written(Date, &of_day).is_err());
+        // Integers keep what they meant before logical types were kept.
+        assert_eq!(written(TimestampTz, &Value::Int(1_700_000_000_123)).as_deref(), Ok("2023-11-14T22:13:20.123Z"));
+        assert_eq!(written(Date, &Value::Int(19_723)).as_deref(), Ok("2024-01-01"));
+        assert_eq!(written(Time, &Value::Int(1_000)).as_deref(), Ok("00:00:01.000"));
+        assert!(written(Time, &Value::Int(86_400_000)).is_err());
+        assert!(written(ColumnType::Numeric, &micros).is_err());
+        assert!(written(TimestampTz, &Value::Float(f64::NAN)).is_err());
+        assert_eq!(written(ColumnType::Interval, &Value::from("P1M2DT3.004S")).as_deref(), Ok("P1M2DT3.004S"));
         assert_eq!(format_millis(-1), "1969-12-31T23:59:59.999Z");
-        // Against the `format!` it replaced, over four centuries by odd steps.
-        let reference = |millis: i64| {
-            let days = millis.div_euclid(86_400_000);
-            let in_day = millis.rem_euclid(86_400_000);
-            let (h, m, s, ms) = (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
-            format!("{}T{h:02}:{m:02}:{s:02}.{ms:03}Z", format_days(days))
-        };
-        let mut millis = -12_219_292_800_000i64; // 1582-10-15
-        while millis < 253_402_300_799_999 {
-            assert_eq!(format_millis(millis), reference(millis), "{millis}");
-            millis += 7_777_777_777;
-        }
-        assert_eq!(format_days(-719_528), "0001-01-01 BC");
-        assert_eq!(format_days(-719_162), "0001-01-01");
-        assert_eq!(format_days(-719_163), "0001-12-31 BC");
-        assert_eq!(format_millis(-62_135_596_800_001), "0001-12-31T23:59:59.999Z BC");
-        assert!(format_days(i64::MIN).len() > 10, "no overflow");
-        assert!(format_millis(i64::MAX).ends_with('Z'));
-        assert_eq!(format_days(2_932_896), "9999-12-31");
-        assert_eq!(format_days(2_932_897), "10000-01-01");
-        assert_eq!(format_days(-719_529), "0002-12-31 BC");
-        assert_eq!(format_days(19_723), "2024-01-01");
-        assert_eq!(format_days(11_016), "2000-02-29");
+    }
+
+    #[test]
+    fn non_finite_floats_as_postgres_spells_them() {
         assert!(check_value(ColumnType::Boolean, &Value::Int(1)).is_err());
         let text = |ty, x: f64| {
             let mut out = String::new();

@@ -18,6 +18,9 @@ pub enum ColumnType {
     TimestampTz,
     Timestamp,
     Date,
+    /// Time of day (`time`, no zone).
+    Time,
+    Interval,
     Jsonb,
     Json,
     Uuid,
@@ -38,7 +41,7 @@ pub enum BindKind {
 }
 
 impl ColumnType {
-    const NAMES: [(&'static str, ColumnType); 24] = [
+    const NAMES: [(&'static str, ColumnType); 27] = [
         ("text", ColumnType::Text),
         ("varchar", ColumnType::Text),
         ("character varying", ColumnType::Text),
@@ -60,6 +63,9 @@ impl ColumnType {
         ("timestamp with time zone", ColumnType::TimestampTz),
         ("timestamp", ColumnType::Timestamp),
         ("date", ColumnType::Date),
+        ("time", ColumnType::Time),
+        ("time without time zone", ColumnType::Time),
+        ("interval", ColumnType::Interval),
         ("jsonb", ColumnType::Jsonb),
         ("json", ColumnType::Json),
         ("uuid", ColumnType::Uuid),
@@ -94,6 +100,8 @@ impl ColumnType {
             ColumnType::TimestampTz => "timestamptz",
             ColumnType::Timestamp => "timestamp",
             ColumnType::Date => "date",
+            ColumnType::Time => "time",
+            ColumnType::Interval => "interval",
             ColumnType::Jsonb => "jsonb",
             ColumnType::Json => "json",
             ColumnType::Uuid => "uuid",

@@ -6,11 +6,16 @@
 //! ids are immutable), so a decoded record allocates nothing for its names and
 //! a field lookup is a short scan of pointer-sized names.
 //!
-//! Avro type → value: null → `Null`; boolean → `Bool`; int, long (and the
-//! date/time/timestamp logical types over them) → `Int`; float, double →
-//! `Float`; string, enum symbol, uuid → `Str`; bytes, fixed → `Bytes`
-//! (decimal logical types → `Str` in plain decimal notation); array → `Array`;
-//! map → `Map`; record → `Record`; union → the written branch's value.
+//! Avro type → value: null → `Null`; boolean → `Bool`; int, long → `Int`;
+//! the date, time and timestamp logical types over them → `Time` (the
+//! integer with its kind and unit, see [`time`]); float, double → `Float`;
+//! string, enum symbol → `Str`; uuid (string or fixed) → `Str` in its
+//! hyphenated form; decimal (bytes or fixed) → `Str` in plain decimal
+//! notation; duration → `Str` in ISO 8601 (`P1M2DT3.004S`); other bytes,
+//! fixed → `Bytes`; array → `Array`; map → `Map`; record → `Record`; union →
+//! the written branch's value.
+
+pub mod time;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -19,6 +24,8 @@ use std::sync::{Mutex, OnceLock};
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::Serialize;
 pub use smol_str::SmolStr;
+
+pub use time::{Temporal, TimeKind, Unit};
 
 /// An interned field name.
 pub type Name = &'static str;
@@ -66,6 +73,10 @@ pub enum Value {
     /// An Avro map: keys are data.
     Map(Vec<(String, Value)>),
     Record(Record),
+    /// A date, time of day or timestamp: the integer Avro wrote, with what
+    /// it counts. Text and JSON show it in ISO 8601; integer columns and
+    /// versions take the integer as written.
+    Time(Temporal),
 }
 
 /// The fields of a record, in order.
@@ -227,6 +238,12 @@ impl Value {
             Value::Array(_) => "array",
             Value::Map(_) => "map",
             Value::Record(_) => "record",
+            Value::Time(time) => match time.kind {
+                TimeKind::Date => "date",
+                TimeKind::TimeOfDay(_) => "time of day",
+                TimeKind::Timestamp(_) => "timestamp",
+                TimeKind::LocalTimestamp(_) => "local timestamp",
+            },
         }
     }
 
@@ -276,6 +293,7 @@ impl Value {
                 Value::Array(_) => 6,
                 Value::Map(_) => 7,
                 Value::Record(_) => 8,
+                Value::Time(_) => 9,
             }
         }
         fn all<'a, T: 'a>(
@@ -308,6 +326,7 @@ impl Value {
             (Value::Record(a), Value::Record(b)) => {
                 all(&a.fields, &b.fields, |(ka, va), (kb, vb)| ka.cmp(kb).then_with(|| va.total_cmp(vb)))
             }
+            (Value::Time(a), Value::Time(b)) => a.value.cmp(&b.value).then(a.kind.cmp(&b.kind)),
             (a, b) => rank(a).cmp(&rank(b)),
         }
     }
@@ -317,6 +336,7 @@ impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             Value::Str(text) => f.write_str(text),
+            Value::Time(time) => write!(f, "{time}"),
             other => write!(f, "{}", other.to_json()),
         }
     }
@@ -387,6 +407,7 @@ impl Serialize for Value {
                 map.end()
             }
             Value::Record(record) => record.serialize(serializer),
+            Value::Time(time) => serializer.serialize_str(&time.to_text(time::Style::Iso)),
         }
     }
 }

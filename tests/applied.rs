@@ -277,3 +277,77 @@ async fn get_json(url: &str) -> (u16, Json) {
     let response = reqwest::get(url).await.expect("get");
     (response.status().as_u16(), response.json().await.unwrap_or(Json::Null))
 }
+
+/// A waiter on one replica while the group rebalances: the partition of
+/// one of its positions moves to a second replica, which applies it, while
+/// the first replica (paused) keeps the other. The waiter stays pending
+/// (no false 200) until both are applied, the moved one known only from
+/// the new owner's stored progress, then answers 200 for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_across_a_rebalance_is_answered_by_the_new_owners_progress() {
+    let registry = support::start_registry().await;
+    let topic = support::unique("ryw_rebalance");
+    let name = support::unique("ryw_rebalance");
+    support::create_topic(&topic, 2).await;
+    let project = Project::new(&registry.url(), &[(&name, &sales_connector(&name, &topic))]);
+    let (_first, first) = daemon(&project, 0).await;
+    let partitions = |base: String| {
+        let name = name.clone();
+        async move {
+            let (_, status) = get_json(&format!("{base}/connectors/{name}")).await;
+            status["partitions"].as_array().map_or(0, Vec::len)
+        }
+    };
+    eventually(Duration::from_secs(60), "the first replica to own both partitions", || async {
+        (partitions(first.clone()).await == 2).then_some(())
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let paused = client.post(format!("{first}/connectors/{name}/pause")).send().await.expect("pause");
+    assert_eq!(paused.status().as_u16(), 200);
+    let producer =
+        Producer::new(&registry.url(), &topic, support::catalogue_schema("com.example.retail.ItemSold", 1)).await;
+    let zero = producer.send("s1:i1", sale(0), Some(0)).await;
+    let one = producer.send("s1:i1", sale(1), Some(1)).await;
+    let waiter = tokio::spawn({
+        let (first, name, zero, one) = (first.clone(), name.clone(), zero.clone(), one.clone());
+        async move {
+            let started = Instant::now();
+            let answer = wait(&first, &name, &[&zero, &one], "90s").await;
+            (answer, started.elapsed())
+        }
+    });
+    // A second replica joins: the group gives it one of the partitions.
+    let (_second, second) = daemon(&project, 1).await;
+    eventually(Duration::from_secs(60), "one partition each", || async {
+        (partitions(first.clone()).await == 1 && partitions(second.clone()).await == 1).then_some(())
+    })
+    .await;
+    let pool = support::postgres().await;
+    let on_hand = || async {
+        sqlx::query_scalar::<_, i64>(&format!(
+            "SELECT on_hand FROM \"{name}\" WHERE store_id = 's1' AND item_id = 'i1'"
+        ))
+        .fetch_optional(&pool)
+        .await
+        .ok()
+        .flatten()
+    };
+    eventually(Duration::from_secs(60), "the second replica to apply its partition's sale", || async {
+        (on_hand().await == Some(-1)).then_some(())
+    })
+    .await;
+    // The first replica's partition is still paused: no answer yet.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiter.is_finished(), "the waiter must not answer while one of its positions is pending");
+    let resumed = client.post(format!("{first}/connectors/{name}/resume")).send().await.expect("resume");
+    assert_eq!(resumed.status().as_u16(), 200);
+    let ((status, answer), waited) = waiter.await.expect("the waiter");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["applied"], json!(true), "{answer}");
+    let outcomes: Vec<&Json> =
+        answer["positions"].as_array().expect("positions").iter().map(|p| &p["outcome"]).collect();
+    assert_eq!(outcomes, [&json!("applied"), &json!("applied")], "{answer}");
+    assert!(waited < Duration::from_secs(90), "answered before its timeout: {waited:?}");
+    assert_eq!(on_hand().await, Some(-2), "both sales applied once");
+}

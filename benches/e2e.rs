@@ -6,13 +6,19 @@
 //! * a plain `_bulk` client indexing the same documents;
 //! * kawka (`target/release/kawka run`) from its first commit to its last,
 //!   for fresh keys, for updates (each key written 10×) and for
-//!   Elasticsearch, with its peak RSS.
+//!   Elasticsearch, with its peak RSS;
+//! * kawka's fresh-keys run again with `--waiters W` (100 by default; 0
+//!   skips it) read-your-writes waiters long-polling
+//!   `/connectors/{name}/applied` for positions ahead of it throughout.
 //!
-//! `deploy/local/bench.sh [--events N] [--es-events N]` runs it (N: 1M by
-//! default); it prints a table and writes `target/bench-e2e.json`.
+//! `deploy/local/bench.sh [--events N] [--es-events N] [--waiters W]` runs
+//! it (N: 1M by default); it prints a table and writes
+//! `target/bench-e2e.json`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value as AvroValue;
@@ -463,7 +469,14 @@ fn cpu_of_named(name: &str) -> f64 {
 /// Runs `kawka run` with one connector until `done()` reports every event.
 /// With `KAWKA_BENCH_PERF=<dir>` the run is profiled by `perf record --call-graph dwarf`
 /// into `<dir>/<label>.data`.
-async fn run_kawka<F, Fut>(project: &Path, label: &str, server: &str, total: usize, mut progress: F) -> Kawka
+async fn run_kawka<F, Fut>(
+    project: &Path,
+    label: &str,
+    server: &str,
+    total: usize,
+    waiters: Option<Waiters>,
+    mut progress: F,
+) -> (Kawka, Option<WaitStats>)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = usize>,
@@ -480,6 +493,9 @@ where
         .spawn()
         .expect("kawka run");
     let pid = child.id().to_string();
+    let stop_waiting = Arc::new(AtomicBool::new(false));
+    let waiting = waiters
+        .map(|waiters| tokio::spawn(run_waiters(project.join("kawka.log"), waiters, stop_waiting.clone(), total)));
     let mut perf = std::env::var("KAWKA_BENCH_PERF").ok().map(|dir| {
         std::process::Command::new("perf")
             .args(["record", "-q", "-F", "299", "--call-graph", "dwarf,16384", "-p", &pid, "-o"])
@@ -535,6 +551,11 @@ where
         })
         .collect();
     threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    stop_waiting.store(true, Ordering::Relaxed);
+    let wait_stats = match waiting {
+        Some(task) => Some(task.await.expect("waiters")),
+        None => None,
+    };
     if let Some(perf) = perf.as_mut() {
         let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
         let _ = perf.wait();
@@ -556,7 +577,7 @@ where
     let batches = metric(&metrics, "kawka_sink_write_seconds_count");
     let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
-    Kawka {
+    let kawka = Kawka {
         run: Run { events: total - first_count, seconds, server_cpu_seconds },
         peak_rss_mb: peak_kb as f64 / 1024.0,
         cpu_seconds: cpu_at_last - cpu_at_first,
@@ -565,7 +586,103 @@ where
         broker_cpu_seconds,
         sink_seconds,
         batches,
+    };
+    (kawka, wait_stats)
+}
+
+/// Read-your-writes waiters during a run: `count` tasks spread over the
+/// partitions, each long-polling `/connectors/{connector}/applied` for a
+/// position, then for one further ahead, until the run's end: about 20
+/// waits each, their positions staggered so that waits end all along the run.
+struct Waiters {
+    connector: String,
+    topic: String,
+    count: usize,
+}
+
+#[derive(Default)]
+struct WaitStats {
+    /// Each 200's wait, from the request to the answer.
+    waits: Vec<Duration>,
+    /// 202s (the position not applied within the request's timeout).
+    timeouts: usize,
+    /// Answers other than 200/202, or failed requests.
+    errors: usize,
+}
+
+impl WaitStats {
+    fn quantile(&self, q: f64) -> f64 {
+        let mut waits: Vec<f64> = self.waits.iter().map(Duration::as_secs_f64).collect();
+        waits.sort_by(f64::total_cmp);
+        waits.get(((waits.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN)
     }
+}
+
+async fn run_waiters(log: PathBuf, waiters: Waiters, stop: Arc<AtomicBool>, total: usize) -> WaitStats {
+    let address = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(address) = text
+            .lines()
+            .find(|l| l.contains("http listening"))
+            .and_then(|l| l.split("address=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+        {
+            break address.to_string();
+        }
+        if stop.load(Ordering::Relaxed) {
+            return WaitStats::default();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let client = reqwest::Client::builder().pool_max_idle_per_host(waiters.count).build().expect("client");
+    let per_partition = (total / PARTITIONS as usize) as i64;
+    let step = (per_partition / 20).max(1);
+    let in_partition = waiters.count.div_ceil(PARTITIONS as usize) as i64;
+    let stats = Arc::new(std::sync::Mutex::new(WaitStats::default()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for waiter in 0..waiters.count {
+        let (client, stats, stop) = (client.clone(), stats.clone(), stop.clone());
+        let url = format!("http://{address}/connectors/{}/applied", waiters.connector);
+        let topic = waiters.topic.clone();
+        tasks.spawn(async move {
+            let partition = waiter as i32 % PARTITIONS;
+            let mut offset = (waiter as i64 / i64::from(PARTITIONS)) * step / in_partition;
+            while offset < per_partition && !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let reply = client
+                    .get(&url)
+                    .query(&[("position", format!("{topic}:{partition}:{offset}")), ("timeout", "5s".into())])
+                    .send()
+                    .await;
+                let status = reply.map(|r| r.status().as_u16());
+                let failed = {
+                    // A poisoned lock only means another waiter panicked.
+                    let mut stats = stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    match status {
+                        Ok(200) => {
+                            stats.waits.push(started.elapsed());
+                            offset += step;
+                            false
+                        }
+                        Ok(202) => {
+                            stats.timeouts += 1;
+                            false
+                        }
+                        _ => {
+                            stats.errors += 1;
+                            true
+                        }
+                    }
+                };
+                if failed {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+    stats
 }
 
 /// Where a run's CPU went: kawka's and the server's, in cores and per event
@@ -754,15 +871,36 @@ async fn main() {
     };
     let fresh_name = format!("bench_fresh_{tag}");
     let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id", None, &properties));
-    let fresh =
-        run_kawka(fresh_project.path(), "postgres_fresh", "postgres", total, progress(fresh_name.clone())).await;
+    let (fresh, _) =
+        run_kawka(fresh_project.path(), "postgres_fresh", "postgres", total, None, progress(fresh_name.clone())).await;
     let updates_name = format!("bench_updates_{tag}");
     let updates_project = project(
         &registry.url(),
         &pg_connector(&updates_name, &topic, "customer_id", Some(UPDATES_FILLFACTOR), &properties),
     );
-    let updates =
-        run_kawka(updates_project.path(), "postgres_updates", "postgres", total, progress(updates_name.clone())).await;
+    let (updates, _) =
+        run_kawka(updates_project.path(), "postgres_updates", "postgres", total, None, progress(updates_name.clone()))
+            .await;
+    // The fresh-keys run again, with read-your-writes waiters throughout.
+    let waiter_count = arg("--waiters", 100);
+    let waited_name = format!("bench_waited_{tag}");
+    let waited = if waiter_count > 0 {
+        let waited_project =
+            project(&registry.url(), &pg_connector(&waited_name, &topic, "order_id", None, &properties));
+        let waiters = Waiters { connector: waited_name.clone(), topic: topic.clone(), count: waiter_count };
+        let (run, stats) = run_kawka(
+            waited_project.path(),
+            "postgres_fresh_waiters",
+            "postgres",
+            total,
+            Some(waiters),
+            progress(waited_name.clone()),
+        )
+        .await;
+        Some((run, stats.unwrap_or_default()))
+    } else {
+        None
+    };
     // COPY again after kawka's runs: on a shared machine the rate drifts
     // (runs here differed by a third), and the ratios take both readings,
     // as one run of the rows of both.
@@ -801,6 +939,27 @@ async fn main() {
         "kawka_postgres_updates",
         row("kawka → postgres, 10× updates", &updates.run, Some(&copy), Some(updates.peak_rss_mb)),
     );
+    if let Some((run, stats)) = &waited {
+        let label = format!("kawka → postgres, {waiter_count} waiters");
+        results.insert("kawka_postgres_fresh_waiters", row(&label, &run.run, Some(&copy), Some(run.peak_rss_mb)));
+        println!(
+            "  with {waiter_count} waiters: {:.2}× the run without; {} waits answered 200 (p50 {:.1} ms, p99 {:.1} ms: \
+             the time until the position was applied), {} timeouts (202), {} errors",
+            run.run.rate() / fresh.run.rate(),
+            stats.waits.len(),
+            1000.0 * stats.quantile(0.5),
+            1000.0 * stats.quantile(0.99),
+            stats.timeouts,
+            stats.errors
+        );
+        println!("    {}", cpu_line(run, "postgres"));
+        results.insert(
+            "waiters",
+            json!({"waiters": waiter_count, "ratio_to_no_waiters": run.run.rate() / fresh.run.rate(),
+                   "answered": stats.waits.len(), "p50_seconds": stats.quantile(0.5), "p99_seconds": stats.quantile(0.99),
+                   "timeouts": stats.timeouts, "errors": stats.errors}),
+        );
+    }
     results.insert(
         "kawka_vs_bare_consumer",
         json!({"ratio": fresh.run.rate() / bare.rate(), "updates_ratio": updates.run.rate() / bare.rate()}),
@@ -872,7 +1031,7 @@ async fn main() {
                 .unwrap_or(0)
             }
         };
-        let es_run = run_kawka(es_project.path(), "elasticsearch", "noida-db", es_total, committed).await;
+        let (es_run, _) = run_kawka(es_project.path(), "elasticsearch", "noida-db", es_total, None, committed).await;
         results.insert("elasticsearch_bulk", row("plain _bulk client (baseline)", &plain, None, None));
         results.insert(
             "kawka_elasticsearch",
@@ -888,7 +1047,7 @@ async fn main() {
         json!({"fresh": [fresh.cpu_seconds, fresh.run.server_cpu_seconds], "updates": [updates.cpu_seconds, updates.run.server_cpu_seconds]}),
     );
     results.insert("thread_cpu_seconds", json!({"fresh": fresh.threads, "updates": updates.threads}));
-    for table in [format!("bench_copy_{tag}"), format!("bench_update_{tag}"), fresh_name, updates_name] {
+    for table in [format!("bench_copy_{tag}"), format!("bench_update_{tag}"), fresh_name, updates_name, waited_name] {
         let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(&pool).await;
     }
     let report = json!({"events": total, "es_events": es_total, "results": results});

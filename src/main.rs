@@ -23,6 +23,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run every connector: consume, decode, upcast, project, write, commit.
+    ///
+    /// Example: kawka run --config config/kawka.yaml
     Run {
         /// The daemon config file.
         #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
@@ -30,6 +32,8 @@ enum Command {
     },
     /// Check the daemon config and every connector file, listing every problem
     /// with file and line; exits 2 when there is any.
+    ///
+    /// Example: kawka validate --against http://127.0.0.1:8080
     Validate {
         #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
         config: PathBuf,
@@ -41,6 +45,8 @@ enum Command {
     },
     /// Run the upcast chain on one event: reads it as JSON on stdin, prints
     /// the event(s) it becomes at the newest catalogue version.
+    ///
+    /// Example: echo '{"id": "u1", "fullName": "Ada"}' | kawka upcast com.example.users.UserRegistered --from 1
     Upcast {
         /// The event type, e.g. com.example.users.UserRegistered.
         event_type: String,
@@ -52,6 +58,8 @@ enum Command {
     },
     /// Show every connector of a running daemon (state, partitions, lag,
     /// rate, last error) from its HTTP API.
+    ///
+    /// Example: kawka status --url http://127.0.0.1:8080
     Status {
         /// The daemon's HTTP address.
         #[arg(long, default_value = "http://127.0.0.1:8080", env = "KAWKA_URL")]
@@ -77,6 +85,8 @@ enum Command {
     /// Postgres table or an Elasticsearch index) beside the live one, then
     /// swap them atomically (readers never see a half-built model); the
     /// previous version is kept for --rollback.
+    ///
+    /// Example: kawka rebuild inventory && kawka rebuild inventory --cleanup
     Rebuild {
         connector: String,
         /// Swap back to the previous version.
@@ -93,22 +103,40 @@ enum Command {
         config: PathBuf,
     },
     /// Dead-letter tools.
+    ///
+    /// Example: kawka dlq replay inventory
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
     },
     /// Schema tools.
+    ///
+    /// Example: kawka schemas check
     Schemas {
         #[command(subcommand)]
         command: SchemasCommand,
     },
     /// Serve a Confluent-compatible schema registry (Avro) stored in Postgres.
+    ///
+    /// Example: kawka registry --listen 0.0.0.0:8081 --auth-file registry-auth.yaml
     #[command(args_conflicts_with_subcommands = true)]
     Registry {
         #[command(subcommand)]
         tool: Option<RegistryTool>,
         #[command(flatten)]
         args: RegistryArgs,
+    },
+    /// Print a shell completion script.
+    ///
+    /// Example: kawka completions bash > /usr/share/bash-completion/completions/kawka
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), or with --dir write kawka.1 and a page per
+    /// command (kawka-run.1, …) there.
+    ///
+    /// Example: kawka man --dir /usr/local/share/man/man1
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -161,9 +189,29 @@ struct RegistryArgs {
 #[derive(Subcommand)]
 enum RegistryTool {
     /// Read a password on stdin, print its argon2 hash for the auth file.
+    ///
+    /// Example: printf %s "$PASSWORD" | kawka registry hash-password
     HashPassword,
     /// Read a token on stdin, print its SHA-256 for the auth file.
+    ///
+    /// Example: printf %s "$TOKEN" | kawka registry hash-token
     HashToken,
+}
+
+/// The man pages: one for kawka (to stdout), or with `dir` one per command too.
+fn man(dir: Option<&std::path::Path>) -> ExitCode {
+    let command = <Cli as clap::CommandFactory>::command();
+    let written = match dir {
+        None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
+        Some(dir) => clap_mangen::generate_to(command, dir),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kawka: cannot write the man pages: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn parse_size(text: &str) -> Result<usize, String> {
@@ -174,6 +222,8 @@ fn parse_size(text: &str) -> Result<usize, String> {
 enum DlqCommand {
     /// Feed a connector's dead letters back through it (after the cause is
     /// fixed). Events that fail again are dead-lettered again.
+    ///
+    /// Example: kawka dlq replay inventory --dry-run
     Replay {
         /// The connector's name.
         connector: String,
@@ -197,6 +247,8 @@ enum SchemasCommand {
     /// Check every schema registered under the connectors' subjects against
     /// the catalogue (matched by fingerprint, or readable as the newest
     /// version); exits 2 when one cannot be read.
+    ///
+    /// Example: kawka schemas check
     Check {
         #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
         config: PathBuf,
@@ -267,6 +319,16 @@ fn main() -> ExitCode {
             runtime.block_on(schemas_check(&settings))
         }
         Command::Registry { tool: Some(tool), .. } => registry_tool(tool),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "kawka",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => man(dir.as_deref()),
         Command::Registry { tool: None, args } => {
             kawka::telemetry::init(cli.log_format.unwrap_or_default(), "info");
             let settings = match registry_settings(args) {

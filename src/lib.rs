@@ -49,10 +49,14 @@
 //! * [`status`]: each connector's state, counters and histograms: what the
 //!   HTTP API and `/metrics` show; one method per happening logs and counts.
 //! * [`http`]: health, readiness, metrics, connector control, rebuilds.
+//! * [`metrics`]: `/metrics`: the statuses in the OpenMetrics text format
+//!   (through `prometheus-client`).
 //! * [`reload`]: what a reload of the files changes (fingerprints, plans),
 //!   and the handle the HTTP API and signals ask the supervisor through.
 //! * [`applied`]: read your writes: wait until events at given positions
 //!   are in a connector's read model.
+//! * [`scaffold`]: `kawka new connector`: a connector file and catalogue
+//!   entries written from the registry's schemas of existing topics.
 //! * [`telemetry`]: tracing setup.
 
 pub mod app;
@@ -62,10 +66,12 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod metrics;
 pub mod pipeline;
 pub mod projection;
 pub mod rebuild;
 pub mod reload;
+pub mod scaffold;
 pub mod secret;
 pub mod sink;
 pub mod source;

@@ -33,42 +33,9 @@ pub enum State {
     Drained,
 }
 
-/// Latency and size histogram with fixed buckets (Prometheus style).
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    /// Sum in micro-units, to stay atomic.
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            counts: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, value: f64) {
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            if value <= *bound {
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.sum_micros.fetch_add((value * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Cumulative bucket counts, sum and count.
-    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
-        let buckets = self.bounds.iter().zip(&self.counts).map(|(b, c)| (*b, c.load(Ordering::Relaxed))).collect();
-        (buckets, self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6, self.count.load(Ordering::Relaxed))
-    }
-}
+/// Histograms are `prometheus-client`'s (buckets per bound, sum, count;
+/// [`crate::metrics`] exposes them).
+pub use prometheus_client::metrics::histogram::Histogram;
 
 const BATCH_BOUNDS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 50000.0];
 const SECONDS_BOUNDS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -255,8 +222,8 @@ impl ConnectorStatus {
             retries: Mutex::new(BTreeMap::new()),
             duplicates: AtomicU64::new(0),
             batches: AtomicU64::new(0),
-            batch_events: Histogram::new(BATCH_BOUNDS),
-            write_seconds: Histogram::new(SECONDS_BOUNDS),
+            batch_events: Histogram::new(BATCH_BOUNDS.iter().copied()),
+            write_seconds: Histogram::new(SECONDS_BOUNDS.iter().copied()),
             partitions: Mutex::new(BTreeMap::new()),
             last_error: Mutex::new(None),
             retrying_since: Mutex::new(None),
@@ -268,7 +235,7 @@ impl ConnectorStatus {
             applied_changes: watch::channel(0).0,
             failed: Mutex::new(std::collections::VecDeque::new()),
             waiters: AtomicI64::new(0),
-            wait_seconds: Histogram::new(SECONDS_BOUNDS),
+            wait_seconds: Histogram::new(SECONDS_BOUNDS.iter().copied()),
             wait_timeouts: AtomicU64::new(0),
             last_refresh: tokio::sync::Mutex::new(None),
         }
@@ -574,18 +541,6 @@ impl ConnectorStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histograms_are_cumulative() {
-        let histogram = Histogram::new(&[1.0, 10.0]);
-        histogram.observe(0.5);
-        histogram.observe(5.0);
-        histogram.observe(50.0);
-        let (buckets, sum, count) = histogram.snapshot();
-        assert_eq!(buckets, vec![(1.0, 1), (10.0, 2)]);
-        assert_eq!(count, 3);
-        assert!((sum - 55.5).abs() < 1e-6);
-    }
 
     #[test]
     fn retries_show_until_recovery_and_lag_follows_positions() {

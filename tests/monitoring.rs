@@ -422,8 +422,21 @@ events:
     }
     eprintln!("{answered} dashboard queries answered with data");
 
-    // kawka's exposition through promtool's linter.
-    let metrics = client.get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text");
+    // kawka's exposition through promtool's linter: the classic text
+    // format, what a scraper gets that does not ask for OpenMetrics.
+    let classic = client.get(format!("{base}/metrics")).send().await.expect("metrics");
+    assert!(classic.headers()[reqwest::header::CONTENT_TYPE].to_str().is_ok_and(|t| t.starts_with("text/plain")));
+    let metrics = classic.text().await.expect("text");
+    // What Prometheus asks for (and scraped above): OpenMetrics.
+    let openmetrics = client
+        .get(format!("{base}/metrics"))
+        .header(reqwest::header::ACCEPT, "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+        .send()
+        .await
+        .expect("metrics");
+    let kind = openmetrics.headers()[reqwest::header::CONTENT_TYPE].to_str().expect("ascii").to_string();
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    assert!(openmetrics.text().await.expect("text").ends_with("# EOF\n"));
     // It prints one line per problem (and exits non-zero); none may be new.
     let (ok, report) = promtool(&["check", "metrics"], Some(&metrics));
     let unexpected: Vec<&str> = report

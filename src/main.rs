@@ -126,6 +126,13 @@ enum Command {
         #[command(flatten)]
         args: RegistryArgs,
     },
+    /// Scaffolding.
+    ///
+    /// Example: kawka new connector accounts --topic accounts --sink readdb
+    New {
+        #[command(subcommand)]
+        what: NewCommand,
+    },
     /// Print a shell completion script.
     ///
     /// Example: kawka completions bash > /usr/share/bash-completion/completions/kawka
@@ -198,6 +205,66 @@ enum RegistryTool {
     HashToken,
 }
 
+/// `kawka new connector`: reads the registry, writes the files, says what it wrote.
+async fn new_connector(
+    settings: &kawka::config::Settings,
+    name: &str,
+    topics: &[String],
+    sink: &str,
+    force: bool,
+) -> ExitCode {
+    use kawka::scaffold::{self, Store};
+    use kawka::sink::SinkConnection;
+    let store = match settings.sinks.get(sink) {
+        Some(SinkConnection::Postgres(_)) => Store::Postgres,
+        Some(SinkConnection::Elasticsearch(_)) => Store::Elasticsearch,
+        None => {
+            let known: Vec<&String> = settings.sinks.keys().collect();
+            eprintln!("kawka new connector: no sink `{sink}` in {} (sinks: {known:?})", settings.config_file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let file = settings.connectors_dir.join(format!("{name}.yaml"));
+    if file.exists() && !force {
+        eprintln!("kawka new connector: {} exists (--force overwrites it)", file.display());
+        return ExitCode::from(2);
+    }
+    let client = match kawka::codec::registry::RegistryClient::new(&settings.schema_registry) {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("kawka new connector: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let found = match scaffold::fetch(&client, topics).await {
+        Ok(found) => found,
+        Err(error) => {
+            eprintln!("kawka new connector: registry {}: {error}", settings.schema_registry.url);
+            return ExitCode::FAILURE;
+        }
+    };
+    if found.is_empty() {
+        eprintln!("kawka new connector: no value schema is registered for {topics:?} (subjects <topic>-value or <topic>-<record>)");
+        return ExitCode::FAILURE;
+    }
+    let scaffold = scaffold::plan(name, topics, sink, store, &found, &settings.catalogue);
+    let mut written = Vec::new();
+    for (path, text) in &scaffold.schemas {
+        written.push((settings.schemas_dir.join(path), text.as_str()));
+    }
+    written.push((file, scaffold.connector.as_str()));
+    for (path, text) in written {
+        let result = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&path, text));
+        if let Err(error) = result {
+            eprintln!("kawka new connector: cannot write {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("wrote {}", path.display());
+    }
+    println!("{} event type(s); edit the key and the rules, then run `kawka validate`", found.len());
+    ExitCode::SUCCESS
+}
+
 /// The man pages: one for kawka (to stdout), or with `dir` one per command too.
 fn man(dir: Option<&std::path::Path>) -> ExitCode {
     let command = <Cli as clap::CommandFactory>::command();
@@ -240,6 +307,31 @@ enum DlqCommand {
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     kawka::config::parse_duration(text)
+}
+
+#[derive(Subcommand)]
+enum NewCommand {
+    /// Write a connector for existing topics from their newest registered
+    /// schemas: catalogue entries (schemas/<type>/v<N>.avsc) for types not
+    /// catalogued yet, and a commented connector file with a column or
+    /// mapping per field, a guessed key and a rule per event type to edit.
+    ///
+    /// Example: kawka new connector accounts --topic accounts --sink readdb
+    Connector {
+        /// The connector's name (and its table or index).
+        name: String,
+        /// A topic to read; repeat for several.
+        #[arg(long = "topic", required = true)]
+        topics: Vec<String>,
+        /// A sink of the daemon config (its type decides columns or mappings).
+        #[arg(long)]
+        sink: String,
+        /// Overwrite an existing connector file.
+        #[arg(long)]
+        force: bool,
+        #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -319,6 +411,10 @@ fn main() -> ExitCode {
             runtime.block_on(schemas_check(&settings))
         }
         Command::Registry { tool: Some(tool), .. } => registry_tool(tool),
+        Command::New { what: NewCommand::Connector { name, topics, sink, force, config } } => match load(&config) {
+            Ok(settings) => runtime.block_on(new_connector(&settings, &name, &topics, &sink, force)),
+            Err(code) => code,
+        },
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -9,7 +9,15 @@
 # Safe to run again: events are produced only into empty topics.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+mkdir -p "$KAWKA_STATE/logs"
+# kawka compiles while the stack installs (noida-db's build, the Python
+# packages): two builds fill each other's idle moments on a small machine.
+# up.sh --registry then finds it built.
+log "building kawka in the background (log: $KAWKA_STATE/logs/demo-build.log)"
+(cd "$KAWKA_ROOT" && cargo build --profile demo --bin kawka) >"$KAWKA_STATE/logs/demo-build.log" 2>&1 &
+build_pid=$!
 "$KAWKA_ROOT/deploy/local/up.sh" --registry
+wait "$build_pid" || die "building kawka failed: $KAWKA_STATE/logs/demo-build.log"
 cd "$KAWKA_ROOT"
 psql_kawka() { psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -Atq "$@"; }
 
@@ -25,7 +33,7 @@ fi
 read -r retail_events _ < <("$PYTHON" deploy/local/demo.py counts)
 
 log "running kawka (log: $KAWKA_STATE/logs/demo-kawka.log)"
-KAWKA_HTTP_LISTEN=127.0.0.1:0 target/debug/kawka run --config config/kawka.yaml >"$KAWKA_STATE/logs/demo-kawka.log" 2>&1 &
+KAWKA_HTTP_LISTEN=127.0.0.1:0 target/demo/kawka run --config config/kawka.yaml >"$KAWKA_STATE/logs/demo-kawka.log" 2>&1 &
 kawka_pid=$!
 trap 'kill -TERM $kawka_pid 2>/dev/null || true; wait $kawka_pid 2>/dev/null || true' EXIT
 

@@ -72,10 +72,10 @@ start_noida() {
 start_registry() {
     if running registry && curl -fsS "http://127.0.0.1:$REGISTRY_PORT/subjects" >/dev/null 2>&1; then return; fi
     tcp_open "$REGISTRY_PORT" && die "port $REGISTRY_PORT is taken by another process"
-    log "building kawka"
-    (cd "$KAWKA_ROOT" && cargo build --quiet --bin kawka)
+    log "building kawka (profile demo: unoptimised, quick to build)"
+    (cd "$KAWKA_ROOT" && cargo build --quiet --profile demo --bin kawka)
     log "starting kawka registry on :$REGISTRY_PORT"
-    nohup "$KAWKA_ROOT/target/debug/kawka" registry --listen "127.0.0.1:$REGISTRY_PORT" \
+    nohup "$KAWKA_ROOT/target/demo/kawka" registry --listen "127.0.0.1:$REGISTRY_PORT" \
         --database-url "$DATABASE_URL" >"$KAWKA_STATE/logs/registry.log" 2>&1 &
     echo $! > "$(pid_file registry)"
     wait_for "kawka registry" 60 curl -fsS "http://127.0.0.1:$REGISTRY_PORT/subjects"

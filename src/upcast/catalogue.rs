@@ -14,7 +14,7 @@ use apache_avro::schema_compatibility::SchemaCompatibility;
 
 use crate::codec::avro::time_kind;
 use crate::codec::registry::fingerprint;
-use crate::value::{intern, Name, Record, Temporal, Value};
+use crate::value::{intern, Name, Record, Temporal, TimeKind, Value};
 
 /// One version of an event type.
 #[derive(Debug, Clone)]
@@ -204,8 +204,7 @@ pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
                 let value = match found {
                     Some(at) => resolve_value(fields.swap_remove(at).1, &field.schema)?,
                     None => match &field.default {
-                        // Read as the field's type (a date's default is its day number).
-                        Some(default) => resolve_value(Value::from_json(default), &field.schema)?,
+                        Some(default) => default_value(default, &field.schema)?,
                         None => return Err(format!("field `{}` is missing and has no default", field.name)),
                     },
                 };
@@ -214,15 +213,18 @@ pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
             Ok(Value::Record(out))
         }
         (Value::Int(i), Schema::Float | Schema::Double) => Ok(Value::Float(i as f64)),
-        // A logical type is a reading of its int or long: the reader's
-        // reading applies to the integer written, with or without one.
+        // A logical type is a reading of its int or long: a writer without
+        // one wrote the integer the reader's type reads.
         (Value::Int(i), reader) if time_kind(reader).is_some() => {
-            Ok(Value::Time(Temporal::new(time_kind(reader).expect("the guard found a date/time type"), i)))
+            let kind = time_kind(reader).expect("the guard found a date/time type");
+            in_range(Temporal::new(kind, i)).map(Value::Time)
         }
         (Value::Time(t), Schema::Int | Schema::Long) => Ok(Value::Int(t.value)),
         (Value::Time(t), Schema::Float | Schema::Double) => Ok(Value::Float(t.value as f64)),
+        // Between date/time types the value is converted, not relabelled:
+        // micros read as millis would land 1,000 times too far.
         (Value::Time(t), reader) if time_kind(reader).is_some() => {
-            Ok(Value::Time(Temporal::new(time_kind(reader).expect("the guard found a date/time type"), t.value)))
+            convert(t, time_kind(reader).expect("the guard found a date/time type")).map(Value::Time)
         }
         (Value::Str(s), Schema::Bytes) => Ok(Value::Bytes(s.as_bytes().to_vec())),
         (Value::Bytes(b), Schema::String) => {
@@ -263,6 +265,72 @@ pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
     }
 }
 
+/// A field's default (JSON, as in the schema) as a value of its type: a
+/// date's default is its day number, bytes and fixed defaults are strings
+/// of Latin-1 code points (Avro's JSON encoding).
+fn default_value(default: &serde_json::Value, schema: &Schema) -> Result<Value, String> {
+    match (default, schema) {
+        (serde_json::Value::String(text), Schema::Bytes | Schema::Fixed(_)) => text
+            .chars()
+            .map(|c| u8::try_from(u32::from(c)).map_err(|_| format!("default {text:?} is not Latin-1 bytes")))
+            .collect::<Result<Vec<u8>, _>>()
+            .map(Value::Bytes),
+        (default, schema) => resolve_value(Value::from_json(default), schema),
+    }
+}
+
+/// A date/time value read as another date/time type: units converted
+/// (overflow and a time of day beyond the day are the event's error), a
+/// date as its midnight, a timestamp's date; a time of day and a date or
+/// timestamp do not read as each other.
+fn convert(from: Temporal, to: TimeKind) -> Result<Temporal, String> {
+    use crate::value::Unit;
+    let rescale = |value: i64, from: Unit, to: Unit| -> Option<i64> {
+        let (f, t) = (from.per_second(), to.per_second());
+        if t >= f {
+            value.checked_mul(t / f)
+        } else {
+            Some(value.div_euclid(f / t))
+        }
+    };
+    let value = match (from.kind, to) {
+        (TimeKind::Date, TimeKind::Date) => Some(from.value),
+        (TimeKind::Date, TimeKind::Timestamp(unit) | TimeKind::LocalTimestamp(unit)) => {
+            from.value.checked_mul(unit.per_day())
+        }
+        (TimeKind::Timestamp(unit) | TimeKind::LocalTimestamp(unit), TimeKind::Date) => {
+            Some(from.value.div_euclid(unit.per_day()))
+        }
+        (
+            TimeKind::Timestamp(a) | TimeKind::LocalTimestamp(a),
+            TimeKind::Timestamp(b) | TimeKind::LocalTimestamp(b),
+        )
+        | (TimeKind::TimeOfDay(a), TimeKind::TimeOfDay(b)) => rescale(from.value, a, b),
+        _ => {
+            return Err(format!(
+                "a {} cannot be read as a {}",
+                from.logical_type(),
+                Temporal::new(to, 0).logical_type()
+            ))
+        }
+    };
+    let value = value.ok_or_else(|| {
+        format!("{} {} overflows as {}", from.logical_type(), from.value, Temporal::new(to, 0).logical_type())
+    })?;
+    in_range(Temporal::new(to, value))
+}
+
+/// A time of day must lie within its day (what the decoder checks of
+/// values written as one).
+fn in_range(temporal: Temporal) -> Result<Temporal, String> {
+    match temporal.kind {
+        TimeKind::TimeOfDay(unit) if !(0..unit.per_day()).contains(&temporal.value) => {
+            Err(format!("{} {} is not a time of day", temporal.logical_type(), temporal.value))
+        }
+        _ => Ok(temporal),
+    }
+}
+
 fn variant_takes(value: &Value, schema: &Schema) -> bool {
     if matches!(value, Value::Int(_) | Value::Time(_)) && time_kind(schema).is_some() {
         return true;
@@ -286,6 +354,65 @@ fn variant_takes(value: &Value, schema: &Schema) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn field(logical: &str, ty: &str) -> Schema {
+        Schema::parse_str(&format!(r#"{{"type":"{ty}","logicalType":"{logical}"}}"#)).expect("a logical type")
+    }
+
+    fn time(kind: TimeKind, value: i64) -> Value {
+        Value::Time(Temporal::new(kind, value))
+    }
+
+    #[test]
+    fn resolution_converts_date_and_time_units_instead_of_relabelling_them() {
+        use crate::value::Unit::{Micros, Millis, Nanos};
+        let micros = time(TimeKind::Timestamp(Micros), 1_733_400_000_123_456);
+        let as_millis = resolve_value(micros.clone(), &field("timestamp-millis", "long"));
+        assert_eq!(as_millis, Ok(time(TimeKind::Timestamp(Millis), 1_733_400_000_123)));
+        let as_nanos = resolve_value(micros.clone(), &field("timestamp-nanos", "long"));
+        assert_eq!(as_nanos, Ok(time(TimeKind::Timestamp(Nanos), 1_733_400_000_123_456_000)));
+        assert_eq!(
+            resolve_value(time(TimeKind::Timestamp(Millis), -1), &field("timestamp-micros", "long")),
+            Ok(time(TimeKind::Timestamp(Micros), -1000))
+        );
+        assert_eq!(
+            resolve_value(time(TimeKind::Date, 19_723), &field("timestamp-millis", "long")),
+            Ok(time(TimeKind::Timestamp(Millis), 19_723 * 86_400_000))
+        );
+        assert_eq!(
+            resolve_value(time(TimeKind::Timestamp(Micros), -1), &field("date", "int")),
+            Ok(time(TimeKind::Date, -1))
+        );
+        assert_eq!(
+            resolve_value(time(TimeKind::TimeOfDay(Millis), 1), &field("time-micros", "long")),
+            Ok(time(TimeKind::TimeOfDay(Micros), 1000))
+        );
+        // No reading across: a time of day is no instant, and overflow is an error.
+        assert!(resolve_value(micros, &field("time-micros", "long")).is_err());
+        assert!(resolve_value(time(TimeKind::Date, 1), &field("time-millis", "int")).is_err());
+        let huge = time(TimeKind::Timestamp(Millis), i64::MAX / 10);
+        assert!(resolve_value(huge, &field("timestamp-nanos", "long")).unwrap_err().contains("overflows"));
+        // A writer without a logical type wrote the reader's integer, in range.
+        assert_eq!(
+            resolve_value(Value::Int(5), &field("timestamp-micros", "long")),
+            Ok(time(TimeKind::Timestamp(Micros), 5))
+        );
+        assert!(resolve_value(Value::Int(86_400_000), &field("time-millis", "int")).is_err());
+        assert_eq!(resolve_value(time(TimeKind::Date, 3), &Schema::Int), Ok(Value::Int(3)));
+    }
+
+    #[test]
+    fn defaults_are_read_as_their_fields_type() {
+        let bytes = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[
+            {"name":"b","type":"bytes","default":"\u00ff"},
+            {"name":"d","type":{"type":"int","logicalType":"date"},"default":3}]}"#,
+        )
+        .expect("schema");
+        let resolved = resolve_value(Value::Record(Record::new()), &bytes).expect("defaults");
+        assert_eq!(resolved.as_record().and_then(|r| r.get("b")), Some(&Value::Bytes(vec![0xff])));
+        assert_eq!(resolved.as_record().and_then(|r| r.get("d")), Some(&time(TimeKind::Date, 3)));
+    }
 
     fn write(dir: &Path, event_type: &str, version: u32, schema: &str) {
         let type_dir = dir.join(event_type);

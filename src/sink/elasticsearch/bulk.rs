@@ -109,7 +109,8 @@ pub fn doc_id(key: &[Value]) -> Result<String, String> {
         let text = match part {
             Value::Null => return Err("the document id is null".into()),
             Value::Str(s) => std::borrow::Cow::Borrowed(s.as_str()),
-            Value::Int(_) | Value::Float(_) | Value::Bool(_) => part.to_string().into(),
+            // A date/time as its ISO text (as in the document).
+            Value::Int(_) | Value::Float(_) | Value::Bool(_) | Value::Time(_) => part.to_string().into(),
             other => other.to_json().to_string().into(),
         };
         if escape {
@@ -706,6 +707,8 @@ mod tests {
     #[test]
     fn composite_ids_join_and_null_ids_are_refused() {
         assert_eq!(doc_id(&[Value::from("a"), Value::Int(7)]), Ok("a|7".to_string()));
+        let day = Value::Time(crate::value::Temporal::new(crate::value::TimeKind::Date, 19_697));
+        assert_eq!(doc_id(&[day]), Ok("2023-12-06".to_string()), "a date key is its ISO text, unquoted");
         assert_eq!(doc_id(&[Value::from("a|b")]), Ok("a|b".to_string()), "one part: as it is");
         let ids = [
             doc_id(&[Value::from("a|b"), Value::from("c")]),

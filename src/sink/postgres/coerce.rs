@@ -43,6 +43,7 @@ pub(super) fn to_float(value: &Value) -> Result<Option<f64>, String> {
     match value {
         Value::Null => Ok(None),
         Value::Int(i) => Ok(Some(*i as f64)),
+        Value::Time(temporal) => Ok(Some(temporal.value as f64)),
         Value::Float(x) => Ok(Some(*x)),
         Value::Str(s) => s.trim().parse().map(Some).map_err(|_| mismatch(value, "a float column")),
         other => Err(mismatch(other, "a float column")),
@@ -78,6 +79,7 @@ pub(super) enum Text<'v> {
     Json(&'v Value),
     /// Numbers and booleans as they display.
     Shown(&'v Value),
+    Integer(i64),
     /// NaN and the infinities, as Postgres spells them (JSON has no
     /// spelling for them and would write `null`).
     NonFinite(f64),
@@ -93,6 +95,7 @@ impl Text<'_> {
             // Writing to a String cannot fail.
             Text::Json(value) => drop(write!(out, "{}", value.to_json())),
             Text::Shown(value) => drop(write!(out, "{value}")),
+            Text::Integer(n) => drop(write!(out, "{n}")),
             Text::NonFinite(x) => out.push_str(non_finite(*x)),
         }
     }
@@ -116,6 +119,8 @@ pub(super) fn text_of(ty: ColumnType, value: &Value) -> Result<Option<Text<'_>>,
         (ColumnType::Interval, other) => return Err(wrong(other)),
         (_, Value::Float(x)) if !x.is_finite() => Text::NonFinite(*x),
         (ColumnType::Numeric, Value::Int(_) | Value::Float(_)) => Text::Shown(value),
+        // The integer written, as in integer columns.
+        (ColumnType::Numeric, Value::Time(temporal)) => Text::Integer(temporal.value),
         (ColumnType::Numeric, other) => return Err(wrong(other)),
         (_, Value::Int(_) | Value::Float(_) | Value::Bool(_)) => Text::Shown(value),
         (ColumnType::Text, Value::Record(_) | Value::Map(_) | Value::Array(_)) => Text::Json(value),
@@ -217,7 +222,9 @@ mod tests {
         assert_eq!(written(Date, &Value::Int(19_723)).as_deref(), Ok("2024-01-01"));
         assert_eq!(written(Time, &Value::Int(1_000)).as_deref(), Ok("00:00:01.000"));
         assert!(written(Time, &Value::Int(86_400_000)).is_err());
-        assert!(written(ColumnType::Numeric, &micros).is_err());
+        assert_eq!(written(ColumnType::Numeric, &micros).as_deref(), Ok("1700000000123456"));
+        assert_eq!(to_float(&micros), Ok(Some(1_700_000_000_123_456.0)));
+        assert!(written(ColumnType::Uuid, &micros).is_err());
         assert!(written(TimestampTz, &Value::Float(f64::NAN)).is_err());
         assert_eq!(written(ColumnType::Interval, &Value::from("P1M2DT3.004S")).as_deref(), Ok("P1M2DT3.004S"));
         assert_eq!(format_millis(-1), "1969-12-31T23:59:59.999Z");

@@ -215,6 +215,10 @@ async fn new_connector(
 ) -> ExitCode {
     use kawka::scaffold::{self, Store};
     use kawka::sink::SinkConnection;
+    if !scaffold::valid_name(name) {
+        eprintln!("kawka new connector: `{name}` is not a connector name (letters, digits, `.`, `_`, `-`)");
+        return ExitCode::from(2);
+    }
     let store = match settings.sinks.get(sink) {
         Some(SinkConnection::Postgres(_)) => Store::Postgres,
         Some(SinkConnection::Elasticsearch(_)) => Store::Elasticsearch,
@@ -260,6 +264,9 @@ async fn new_connector(
             return ExitCode::FAILURE;
         }
         println!("wrote {}", path.display());
+    }
+    for note in &scaffold.notes {
+        println!("note: {note}");
     }
     println!("{} event type(s); edit the key and the rules, then run `kawka validate`", found.len());
     ExitCode::SUCCESS

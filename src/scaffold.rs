@@ -7,7 +7,7 @@
 //!
 //! [`plan`] is pure (schemas in, files out); [`fetch`] reads the registry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -37,9 +37,12 @@ pub struct Found {
 /// What `kawka new connector` writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scaffold {
-    /// Catalogue files to write (path under the schemas directory, text);
-    /// types whose newest registered schema is already catalogued are not here.
+    /// Catalogue files to write (path under the schemas directory, text),
+    /// for event types the catalogue does not have.
     pub schemas: Vec<(PathBuf, String)>,
+    /// What the user should know: a catalogued type whose registered
+    /// schema is none of its versions needs a new version and an upcaster.
+    pub notes: Vec<String>,
     /// The connector file's text.
     pub connector: String,
 }
@@ -50,18 +53,33 @@ pub async fn fetch(client: &RegistryClient, topics: &[String]) -> Result<Vec<Fou
     let subjects = client.subjects().await?;
     let mut found: BTreeMap<String, Found> = BTreeMap::new();
     for topic in topics {
-        let prefix = format!("{topic}-");
-        for subject in subjects.iter().filter(|s| s.starts_with(&prefix) && !s.ends_with("-key")) {
+        // `<topic>-value` (TopicNameStrategy) or `<topic>-<record>`
+        // (TopicRecordNameStrategy), whose record is named by the subject;
+        // a record's name has no `-`, so `orders-archive-value` is not
+        // `orders`'.
+        let ours = |subject: &str| -> Option<Option<String>> {
+            let rest = subject.strip_prefix(topic.as_str())?.strip_prefix('-')?;
+            match rest {
+                "value" => Some(None),
+                record if !record.contains('-') && record != "key" => Some(Some(record.to_string())),
+                _ => None,
+            }
+        };
+        for (subject, named) in subjects.iter().filter_map(|s| ours(s).map(|named| (s, named))) {
             let registered = client.subject_version(subject, "latest").await?;
             let writer = client.writer_schema(registered.id).await?;
             let source = format!("{subject} v{}", registered.version);
             for record in records(&writer.schema) {
                 let event_type = record.name.fullname(None);
+                if named.as_ref().is_some_and(|named| *named != event_type) {
+                    continue;
+                }
                 let text = if matches!(writer.schema, Schema::Record(_)) {
                     registered.schema.clone()
                 } else {
-                    // A union's branch, on its own.
-                    Schema::Record(record.clone()).canonical_form()
+                    // A union's branch, on its own, with its logical types
+                    // and defaults (the canonical form would drop them).
+                    serde_json::to_string(&Schema::Record(record.clone())).unwrap_or_default()
                 };
                 found.insert(
                     event_type.clone(),
@@ -91,18 +109,33 @@ pub fn plan(
     found: &[Found],
     catalogue: &Catalogue,
 ) -> Scaffold {
-    let mut schemas = Vec::new();
+    let (mut schemas, mut notes) = (Vec::new(), Vec::new());
     for event in found {
-        let newest = catalogue.newest(&event.event_type);
-        let known = fingerprint(&event.schema, &[]).ok();
-        if newest.is_some_and(|v| Some(v.fingerprint) == known) {
+        let versions = catalogue.versions(&event.event_type);
+        if !versions.is_empty() {
+            // Catalogued: never a new version here (it would need an
+            // upcaster path, and `kawka validate` would refuse the project).
+            let known = fingerprint(&event.schema, &[]).ok();
+            if !versions.iter().any(|v| Some(v.fingerprint) == known) {
+                notes.push(format!(
+                    "{} ({}) is none of the catalogue's versions of it: add it as v{} with an upcaster, \
+                     or check that it resolves (`kawka schemas check`)",
+                    event.event_type,
+                    event.source,
+                    versions.iter().map(|v| v.version).max().unwrap_or(0) + 1
+                ));
+            }
             continue;
         }
-        let version = newest.map_or(1, |v| v.version + 1);
+        let version = 1;
         let pretty = serde_json::from_str::<serde_json::Value>(&event.text)
             .and_then(|json| serde_json::to_string_pretty(&json))
             .unwrap_or_else(|_| event.text.clone());
         schemas.push((PathBuf::from(&event.event_type).join(format!("v{version}.avsc")), pretty + "\n"));
+    }
+    let mut names = Names::new();
+    for event in found {
+        collect_names(&event.schema, &mut names);
     }
     // Every field of every type, first seen first, with its type.
     let mut fields: Vec<(String, Schema)> = Vec::new();
@@ -138,7 +171,7 @@ pub fn plan(
                 let _ = writeln!(out, "    key: text   # the record key ($key)");
             }
             for (field, schema) in &fields {
-                let _ = writeln!(out, "    {field}: {}", quote_yaml(column_type(schema)));
+                let _ = writeln!(out, "    {field}: {}", quote_yaml(column_type(schema, &names)));
             }
             let _ = writeln!(out, "  primary_key: [{key_column}]");
             let _ = writeln!(out, "key: {{ {key_column}: {} }}", key.as_deref().unwrap_or("$key"));
@@ -148,7 +181,7 @@ pub fn plan(
             let _ = writeln!(out, "  mappings:");
             let _ = writeln!(out, "    properties:");
             for (field, schema) in &fields {
-                let _ = writeln!(out, "      {field}: {}", mapping(schema));
+                let _ = writeln!(out, "      {field}: {}", mapping(schema, &names));
             }
             let _ = writeln!(out, "key: {}   # the document id", key.as_deref().unwrap_or("$key"));
         }
@@ -163,6 +196,8 @@ pub fn plan(
             .fields
             .iter()
             .filter(|f| Some(&f.name) != key.as_ref())
+            // A field named like a literal would read as the literal.
+            .filter(|f| !matches!(f.name.as_str(), "true" | "false" | "null"))
             .map(|f| format!("{0}: {0}", f.name))
             .collect();
         // A type named as a creation sets the whole row; others set their
@@ -173,7 +208,7 @@ pub fn plan(
     if found.is_empty() {
         let _ = writeln!(out, "  # no schema is registered for these topics yet");
     }
-    Scaffold { schemas, connector: out }
+    Scaffold { schemas, notes, connector: out }
 }
 
 /// Whether an event type's name says it creates its entity
@@ -211,6 +246,45 @@ fn guess_key(found: &[Found]) -> Option<String> {
         .map(|name| name.to_string())
 }
 
+/// Named types (records, enums, fixed) by full name, for references.
+type Names = HashMap<String, Schema>;
+
+fn collect_names(schema: &Schema, names: &mut Names) {
+    match schema {
+        Schema::Record(record) => {
+            names.entry(record.name.fullname(None)).or_insert_with(|| schema.clone());
+            for field in &record.fields {
+                collect_names(&field.schema, names);
+            }
+        }
+        Schema::Enum(e) => {
+            names.entry(e.name.fullname(None)).or_insert_with(|| schema.clone());
+        }
+        Schema::Fixed(f) => {
+            names.entry(f.name.fullname(None)).or_insert_with(|| schema.clone());
+        }
+        Schema::Array(array) => collect_names(&array.items, names),
+        Schema::Map(map) => collect_names(&map.types, names),
+        Schema::Union(union) => union.variants().iter().for_each(|v| collect_names(v, names)),
+        _ => {}
+    }
+}
+
+/// Whether `name` may name a connector (its file, table or index): the
+/// characters `kawka validate` accepts, so no path outside `connectors/`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// The branch of `["null", T]` (or `[T, "null"]`), a reference resolved;
+/// the schema otherwise.
+fn resolved<'s>(schema: &'s Schema, names: &'s Names) -> &'s Schema {
+    match nullable(schema) {
+        Schema::Ref { name } => names.get(&name.fullname(None)).unwrap_or(schema),
+        other => other,
+    }
+}
+
 /// The branch of `["null", T]` (or `[T, "null"]`); the schema otherwise.
 fn nullable(schema: &Schema) -> &Schema {
     match schema {
@@ -234,8 +308,8 @@ fn quote_yaml(text: &str) -> String {
 }
 
 /// The Postgres column type of an Avro type.
-pub fn column_type(schema: &Schema) -> &'static str {
-    match nullable(schema) {
+fn column_type(schema: &Schema, names: &Names) -> &'static str {
+    match resolved(schema, names) {
         Schema::String | Schema::Enum(_) => "text",
         Schema::Uuid(_) => "uuid",
         Schema::Boolean => "boolean",
@@ -256,9 +330,9 @@ pub fn column_type(schema: &Schema) -> &'static str {
 }
 
 /// The Elasticsearch mapping of an Avro type, as inline YAML.
-pub fn mapping(schema: &Schema) -> String {
+fn mapping(schema: &Schema, names: &Names) -> String {
     let simple = |ty: &str| format!("{{ type: {ty} }}");
-    match nullable(schema) {
+    match resolved(schema, names) {
         Schema::String | Schema::Enum(_) | Schema::Uuid(_) => simple("keyword"),
         Schema::Boolean => simple("boolean"),
         Schema::Int => simple("integer"),
@@ -280,11 +354,20 @@ pub fn mapping(schema: &Schema) -> String {
         Schema::TimestampNanos | Schema::LocalTimestampNanos => simple("date_nanos"),
         // Fixed-width text sorts in time order; ISO 8601 for durations.
         Schema::TimeMillis | Schema::TimeMicros | Schema::Duration(_) => simple("keyword"),
-        Schema::Array(array) => mapping(&array.items),
+        Schema::Array(array) => mapping(&array.items, names),
         Schema::Record(record) => {
             let properties: Vec<String> =
-                record.fields.iter().map(|f| format!("{}: {}", f.name, mapping(&f.schema))).collect();
+                record.fields.iter().map(|f| format!("{}: {}", f.name, mapping(&f.schema, names))).collect();
             format!("{{ properties: {{ {} }} }}", properties.join(", "))
+        }
+        // Scalars of several types: text takes them all (numbers too).
+        Schema::Union(union)
+            if union
+                .variants()
+                .iter()
+                .all(|v| !matches!(resolved(v, names), Schema::Record(_) | Schema::Map(_) | Schema::Array(_))) =>
+        {
+            simple("keyword")
         }
         Schema::Map(_) | Schema::Union(_) | Schema::Ref { .. } => simple("object"),
         Schema::Null => simple("keyword"),
@@ -357,6 +440,37 @@ mod tests {
         let pg = plan("a", &["t".to_string()], "readdb", Store::Postgres, &events, &Catalogue::default());
         assert!(pg.connector.contains("  bank.Closed: { merge: { closed_at: closed_at } }"), "{}", pg.connector);
         assert!(pg.connector.contains("  bank.Opened: { upsert: {"), "{}", pg.connector);
+    }
+
+    #[test]
+    fn references_literal_names_and_catalogued_types() {
+        let text = r#"{"type":"record","name":"Moved","namespace":"bank","fields":[
+            {"name":"account_id","type":"string"},
+            {"name":"from","type":{"type":"enum","name":"Branch","symbols":["A","B"]}},
+            {"name":"to","type":"Branch"},
+            {"name":"null","type":"string"},
+            {"name":"note","type":["null","string","long"]}]}"#;
+        let events = [found(text)];
+        let topics = ["t".to_string()];
+        let es = plan("m", &topics, "search", Store::Elasticsearch, &events, &Catalogue::default());
+        assert!(es.connector.contains("      to: { type: keyword }"), "a reference resolves: {}", es.connector);
+        assert!(es.connector.contains("      note: { type: keyword }"), "{}", es.connector);
+        assert!(!es.connector.contains("null: null"), "a field named like a literal has no rule: {}", es.connector);
+        let pg = plan("m", &topics, "readdb", Store::Postgres, &events, &Catalogue::default());
+        assert!(pg.connector.contains("    to: text"), "{}", pg.connector);
+        // A catalogued type gets no new file, and a note when it differs.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let older =
+            r#"{"type":"record","name":"Moved","namespace":"bank","fields":[{"name":"account_id","type":"string"}]}"#;
+        std::fs::create_dir_all(dir.path().join("bank.Moved")).expect("mkdir");
+        std::fs::write(dir.path().join("bank.Moved/v1.avsc"), older).expect("write");
+        let catalogue = Catalogue::load(dir.path()).expect("catalogue");
+        let again = plan("m", &topics, "readdb", Store::Postgres, &events, &catalogue);
+        assert!(again.schemas.is_empty(), "{:?}", again.schemas);
+        assert!(again.notes.iter().any(|n| n.contains("add it as v2")), "{:?}", again.notes);
+        let same = plan("m", &topics, "readdb", Store::Postgres, &[found(older)], &catalogue);
+        assert!(same.schemas.is_empty() && same.notes.is_empty());
+        assert!(valid_name("orders.v2_x-1") && !valid_name("../x") && !valid_name(".hidden") && !valid_name(""));
     }
 
     #[test]

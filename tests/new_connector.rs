@@ -64,6 +64,10 @@ async fn a_connector_written_from_the_registry_validates_and_runs() {
         assert_eq!(status, 200, "{body}");
         ids.push(body["id"].as_u64().expect("id") as u32);
     }
+    // Another topic whose name starts with this one's: not read.
+    let archived = support::record_schema("test.bank", "Archived", json!([{"name": "account_id", "type": "string"}]));
+    let (status, body) = api.register(&format!("{topic}-archive-value"), &archived).await;
+    assert_eq!(status, 200, "{body}");
     let project = support::Project::new(&registry.url(), &[]);
     let root = project.root();
     // The stack's broker joins a group in half the session timeout (23 s
@@ -79,6 +83,7 @@ async fn a_connector_written_from_the_registry_validates_and_runs() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("2 event type(s)"), "{out}");
     let connector = std::fs::read_to_string(root.join("connectors").join(format!("{name}.yaml"))).expect("written");
+    assert!(!connector.contains("Archived"), "the other topic's type is not this one's:\n{connector}");
     for line in [
         "    opened_at: timestamptz",
         "    balance: numeric",

@@ -84,18 +84,32 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/connectors", get(list))
         .route("/connectors/{name}", get(one))
         .route("/connectors/{name}/config", get(config))
-        .route("/connectors/{name}/applied", get(applied))
         .route("/reload", get(last_reload))
         .merge(control)
-        .with_state(daemon);
+        .with_state(daemon.clone());
+    // Read-your-writes waits are long polls that hold a request for up to
+    // their timeout while costing a parked task: they have a cap of their
+    // own, so that thousands of waiters neither take the places of status
+    // and control requests nor are turned away by them.
+    let waits = Router::new().route("/connectors/{name}/applied", get(applied)).with_state(daemon);
     // No endpoint reads a body: `read_bodies` is not used, so a body that
     // never arrives holds nothing (the response does not wait for it).
-    kawka_http::cap(routes, &limits(), refusal)
+    let waiting = kawka_http::Limits { max_in_flight: MAX_WAITS, ..limits() };
+    kawka_http::cap(routes, &limits(), refusal).merge(kawka_http::cap(waits, &waiting, refusal))
 }
 
-/// The port's limits: no endpoint reads a body, so a small one is plenty.
+/// Read-your-writes waits in flight at once; more get 503 (Retry-After).
+pub const MAX_WAITS: usize = 4000;
+
+/// The port's limits: no endpoint reads a body, so a small one is plenty;
+/// 64 requests in flight besides the waits, and a connection for each wait.
 pub fn limits() -> kawka_http::Limits {
-    kawka_http::Limits { max_body_bytes: 64 << 10, max_in_flight: 64, ..kawka_http::Limits::default() }
+    kawka_http::Limits {
+        max_body_bytes: 64 << 10,
+        max_in_flight: 64,
+        max_connections: MAX_WAITS + 256,
+        ..kawka_http::Limits::default()
+    }
 }
 
 fn refusal(status: StatusCode, message: &'static str) -> Response {
@@ -406,9 +420,7 @@ fn set_paused(daemon: &Daemon, name: &str, paused: bool) -> Response {
 /// classic text format otherwise.
 async fn metrics(State(daemon): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
     let text = render(&daemon);
-    let accepts =
-        |kind: &str| headers.get_all(header::ACCEPT).iter().any(|v| v.to_str().is_ok_and(|v| v.contains(kind)));
-    if accepts("application/openmetrics-text") {
+    if crate::metrics::wants_openmetrics(headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok())) {
         ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
     } else {
         ([(header::CONTENT_TYPE, crate::metrics::CLASSIC_CONTENT_TYPE)], crate::metrics::classic(&text)).into_response()

@@ -57,6 +57,17 @@ pub fn classic(openmetrics: &str) -> String {
     out
 }
 
+/// Whether `Accept` headers ask for OpenMetrics: an entry of its media
+/// type whose quality is not 0 (`q=0` refuses it).
+pub fn wants_openmetrics<'a>(accept: impl Iterator<Item = &'a str>) -> bool {
+    accept.flat_map(|header| header.split(',')).any(|entry| {
+        let mut parts = entry.split(';').map(str::trim);
+        let kind = parts.next().unwrap_or_default();
+        let quality = parts.filter_map(|p| p.strip_prefix("q=")).find_map(|q| q.parse::<f64>().ok()).unwrap_or(1.0);
+        kind.eq_ignore_ascii_case("application/openmetrics-text") && quality > 0.0
+    })
+}
+
 /// A label value as the text formats require it: `\\`, `\"` and line
 /// feeds escaped (borrowed when there is nothing to escape, as for every
 /// name kawka checks: connectors, topics, event types).
@@ -318,6 +329,15 @@ impl Collector for Scrape {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1";
+        assert!(wants_openmetrics([prometheus].into_iter()));
+        assert!(!wants_openmetrics(["text/plain;version=0.0.4"].into_iter()));
+        assert!(!wants_openmetrics(["application/openmetrics-text;q=0, text/plain"].into_iter()));
+        assert!(!wants_openmetrics(std::iter::empty()));
+    }
 
     #[test]
     fn label_values_are_escaped_and_the_classic_format_names_counters_by_their_samples() {

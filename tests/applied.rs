@@ -351,3 +351,54 @@ async fn a_wait_across_a_rebalance_is_answered_by_the_new_owners_progress() {
     assert!(waited < Duration::from_secs(90), "answered before its timeout: {waited:?}");
     assert_eq!(on_hand().await, Some(-2), "both sales applied once");
 }
+
+/// Many waiters at once (more than the 64 places of other requests): each
+/// is answered, none turned away; the status endpoint still answers while
+/// they wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_concurrent_waiters_are_each_answered() {
+    const WAITERS: usize = 300;
+    let registry = support::start_registry().await;
+    let topic = support::unique("ryw_many");
+    let name = support::unique("ryw_many");
+    support::create_topic(&topic, 1).await;
+    let project = Project::new(&registry.url(), &[(&name, &sales_connector(&name, &topic))]);
+    let (_daemon, base) = daemon(&project, 0).await;
+    eventually(Duration::from_secs(60), "the partition", || async {
+        let (_, status) = get_json(&format!("{base}/connectors/{name}")).await;
+        (status["partitions"].as_array().map_or(0, Vec::len) == 1).then_some(())
+    })
+    .await;
+    let client = reqwest::Client::new();
+    client.post(format!("{base}/connectors/{name}/pause")).send().await.expect("pause");
+    let producer =
+        Producer::new(&registry.url(), &topic, support::catalogue_schema("com.example.retail.ItemSold", 1)).await;
+    let position = producer.send("s1:i1", sale(0), None).await;
+    let many = |timeout: &'static str| {
+        let mut waits = tokio::task::JoinSet::new();
+        for _ in 0..WAITERS {
+            let (base, name, position) = (base.clone(), name.clone(), position.clone());
+            waits.spawn(async move { wait(&base, &name, &[&position], timeout).await.0 });
+        }
+        waits
+    };
+    // Paused: every waiter times out with 202, none is refused (503).
+    let mut paused = many("2s");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = get_json(&format!("{base}/connectors/{name}")).await;
+    assert_eq!(status, 200, "status answers while {WAITERS} waits are held");
+    let mut answers = std::collections::BTreeMap::new();
+    while let Some(status) = paused.join_next().await {
+        *answers.entry(status.expect("a waiter")).or_insert(0) += 1;
+    }
+    assert_eq!(answers, [(202u16, WAITERS)].into(), "while paused");
+    // Resumed while they wait: every waiter gets 200.
+    let mut resumed = many("30s");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.post(format!("{base}/connectors/{name}/resume")).send().await.expect("resume");
+    let mut answers = std::collections::BTreeMap::new();
+    while let Some(status) = resumed.join_next().await {
+        *answers.entry(status.expect("a waiter")).or_insert(0) += 1;
+    }
+    assert_eq!(answers, [(200u16, WAITERS)].into(), "after the resume");
+}

@@ -45,7 +45,7 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run promtool (deploy/local/install.sh installs it): {e}"));
+        .unwrap_or_else(|e| panic!("cannot run promtool (deploy/local/install.sh --tests installs it): {e}"));
     {
         use std::io::Write as _;
         let mut pipe = child.stdin.take().expect("piped stdin");
@@ -234,7 +234,7 @@ impl Prometheus {
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run prometheus (deploy/local/install.sh installs it): {e}"));
+            .unwrap_or_else(|e| panic!("cannot run prometheus (deploy/local/install.sh --tests installs it): {e}"));
         Prometheus { child, base: format!("http://127.0.0.1:{port}"), dir }
     }
 

@@ -16,8 +16,10 @@ mkdir -p "$KAWKA_STATE/logs"
 log "building kawka in the background (log: $KAWKA_STATE/logs/demo-build.log)"
 (cd "$KAWKA_ROOT" && cargo build --profile demo --bin kawka) >"$KAWKA_STATE/logs/demo-build.log" 2>&1 &
 build_pid=$!
+trap 'kill "$build_pid" 2>/dev/null || true' EXIT
 "$KAWKA_ROOT/deploy/local/up.sh" --registry
 wait "$build_pid" || die "building kawka failed: $KAWKA_STATE/logs/demo-build.log"
+trap - EXIT
 cd "$KAWKA_ROOT"
 psql_kawka() { psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -Atq "$@"; }
 

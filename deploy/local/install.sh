@@ -4,15 +4,16 @@
 #   - noida-db (Elasticsearch API), built by cargo into the cache
 #   - PostgreSQL from Debian when the machine has none
 #   - Prometheus (prometheus, promtool) from Debian when promtool is missing
-#   - with --persistent-broker (the test suite's fault tests), or when the
-#     wheel has no tansu: tansu with sqlite storage, built by cargo (~15 min)
+#   - with --tests, what only the test suite needs: tansu with sqlite
+#     storage for the fault tests, built by cargo (~15 min; also when the
+#     wheel has no tansu), Prometheus (promtool) and groff from Debian
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-persistent_broker=false
+for_tests=false
 for arg in "$@"; do
     case "$arg" in
-        --persistent-broker) persistent_broker=true ;;
-        *) die "unknown option $arg (known: --persistent-broker)" ;;
+        --tests) for_tests=true ;;
+        *) die "unknown option $arg (known: --tests)" ;;
     esac
 done
 mkdir -p "$KAWKA_CACHE" "$KAWKA_STATE/logs"
@@ -33,7 +34,7 @@ install_python() {
 # first run does not spend 15 minutes on it.
 install_tansu_persistent() {
     [ -x "$TANSU_PERSISTENT" ] && return
-    if ! $persistent_broker && [ -n "$(tansu_binary)" ]; then return; fi
+    if ! $for_tests && [ -n "$(tansu_binary)" ]; then return; fi
     log "building tansu $TANSU_CRATE_VERSION with sqlite storage (cargo, about 15 minutes)"
     cargo install tansu --version "$TANSU_CRATE_VERSION" --locked --no-default-features \
         --features dynostore,libsql --root "$KAWKA_CACHE/tansu-$TANSU_CRATE_VERSION"
@@ -79,9 +80,22 @@ install_prometheus() {
     fi
 }
 
+# groff renders kawka's man pages in tests/cli_tools.rs.
+install_groff() {
+    command -v groff >/dev/null 2>&1 && return
+    command -v apt-get >/dev/null 2>&1 || die "no groff found and no apt-get to install it: install groff"
+    log "installing groff from Debian"
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends groff-base >/dev/null
+}
+
 install_python
 install_tansu_persistent
 install_noida
 install_postgres
-install_prometheus
+if $for_tests; then
+    install_prometheus
+    install_groff
+fi
 log "installs ready"

@@ -8,6 +8,6 @@ started=()
 for service in tansu noida; do running "$service" || started+=("$service"); done
 cleanup() { for service in "${started[@]}"; do stop_service "$service"; done; }
 trap cleanup EXIT
-"$KAWKA_ROOT/deploy/local/up.sh" --persistent-broker
+"$KAWKA_ROOT/deploy/local/up.sh" --tests
 cd "$KAWKA_ROOT"
 cargo test --workspace --all-targets -- "$@"

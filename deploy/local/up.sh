@@ -12,8 +12,8 @@ install_options=()
 for arg in "$@"; do
     case "$arg" in
         --registry) with_registry=true ;;
-        --persistent-broker) install_options+=(--persistent-broker) ;;
-        *) die "unknown option $arg (known: --registry, --persistent-broker)" ;;
+        --tests) install_options+=(--tests) ;;
+        *) die "unknown option $arg (known: --registry, --tests)" ;;
     esac
 done
 

@@ -609,7 +609,7 @@ impl PersistentBroker {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot run {binary} (deploy/local/install.sh --persistent-broker builds it; test.sh does): {e}")
+                panic!("cannot run {binary} (deploy/local/install.sh --tests builds it; test.sh does): {e}")
             });
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -251,15 +251,8 @@ async fn a_wait_for_a_partition_another_replica_owns_is_answered() {
     let (_first, first) = daemon(&project, 0).await;
     let (_second, second) = daemon(&project, 1).await;
     // Wait until the group has split the two partitions between them.
-    let owned = |base: String| {
-        let name = name.clone();
-        async move {
-            let (_, status) = get_json(&format!("{base}/connectors/{name}")).await;
-            status["partitions"].as_array().map_or(0, Vec::len)
-        }
-    };
     eventually(Duration::from_secs(60), "one partition each", || async {
-        (owned(first.clone()).await == 1 && owned(second.clone()).await == 1).then_some(())
+        (partitions_owned(&first, &name).await == 1 && partitions_owned(&second, &name).await == 1).then_some(())
     })
     .await;
     let producer =
@@ -271,6 +264,12 @@ async fn a_wait_for_a_partition_another_replica_owns_is_answered() {
         let (status, answer) = wait(base, &name, &[&zero, &one], "30s").await;
         assert_eq!(status, 200, "{answer}");
     }
+}
+
+/// How many partitions of `name` the daemon at `base` owns.
+async fn partitions_owned(base: &str, name: &str) -> usize {
+    let (_, status) = get_json(&format!("{base}/connectors/{name}")).await;
+    status["partitions"].as_array().map_or(0, Vec::len)
 }
 
 async fn get_json(url: &str) -> (u16, Json) {
@@ -291,15 +290,8 @@ async fn a_wait_across_a_rebalance_is_answered_by_the_new_owners_progress() {
     support::create_topic(&topic, 2).await;
     let project = Project::new(&registry.url(), &[(&name, &sales_connector(&name, &topic))]);
     let (_first, first) = daemon(&project, 0).await;
-    let partitions = |base: String| {
-        let name = name.clone();
-        async move {
-            let (_, status) = get_json(&format!("{base}/connectors/{name}")).await;
-            status["partitions"].as_array().map_or(0, Vec::len)
-        }
-    };
     eventually(Duration::from_secs(60), "the first replica to own both partitions", || async {
-        (partitions(first.clone()).await == 2).then_some(())
+        (partitions_owned(&first, &name).await == 2).then_some(())
     })
     .await;
     let client = reqwest::Client::new();
@@ -320,7 +312,7 @@ async fn a_wait_across_a_rebalance_is_answered_by_the_new_owners_progress() {
     // A second replica joins: the group gives it one of the partitions.
     let (_second, second) = daemon(&project, 1).await;
     eventually(Duration::from_secs(60), "one partition each", || async {
-        (partitions(first.clone()).await == 1 && partitions(second.clone()).await == 1).then_some(())
+        (partitions_owned(&first, &name).await == 1 && partitions_owned(&second, &name).await == 1).then_some(())
     })
     .await;
     let pool = support::postgres().await;
@@ -365,8 +357,7 @@ async fn hundreds_of_concurrent_waiters_are_each_answered() {
     let project = Project::new(&registry.url(), &[(&name, &sales_connector(&name, &topic))]);
     let (_daemon, base) = daemon(&project, 0).await;
     eventually(Duration::from_secs(60), "the partition", || async {
-        let (_, status) = get_json(&format!("{base}/connectors/{name}")).await;
-        (status["partitions"].as_array().map_or(0, Vec::len) == 1).then_some(())
+        (partitions_owned(&base, &name).await == 1).then_some(())
     })
     .await;
     let client = reqwest::Client::new();

@@ -286,23 +286,8 @@ fn container_env<'a>(deployment: &'a Yaml, name: &str) -> &'a Yaml {
 /// the NetworkPolicies in it, and every credential required.
 #[test]
 fn the_production_overlay_builds_with_its_network_policies_and_validates() {
-    let overlay = k8s().join("overlays/production");
-    let built = Command::new("kubectl")
-        .args(["kustomize", "--load-restrictor", "LoadRestrictionsNone"])
-        .arg(&overlay)
-        .output()
-        .or_else(|_| {
-            Command::new("kustomize")
-                .args(["build", "--load-restrictor", "LoadRestrictionsNone"])
-                .arg(&overlay)
-                .output()
-        })
-        .expect("kubectl (or kustomize) is on the PATH");
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let text = String::from_utf8_lossy(&built.stdout).into_owned();
-    let docs: Vec<Yaml> = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde::Deserialize::deserialize(doc).expect("yaml"))
-        .collect();
+    let text = support::kustomize("production");
+    let docs = support::yaml_documents(&text);
     let of_kind = |kind: &str| docs.iter().filter(|d| str_of(&d["kind"]) == kind).collect::<Vec<_>>();
     // Connectors and the catalogue keep their names, so an update changes
     // the mounted files in place (the pods reload them; no rollout); the

@@ -102,29 +102,9 @@ fn the_rules_pass_promtool_and_every_rule_has_a_firing_and_a_quiet_unit_test() {
     }
 }
 
-/// `kubectl kustomize` of the production overlay (as tests/manifests.rs builds it).
-fn production_overlay() -> Vec<Yaml> {
-    let overlay = support::project_root().join("deploy/k8s/overlays/production");
-    let built = Command::new("kubectl")
-        .args(["kustomize", "--load-restrictor", "LoadRestrictionsNone"])
-        .arg(&overlay)
-        .output()
-        .or_else(|_| {
-            Command::new("kustomize")
-                .args(["build", "--load-restrictor", "LoadRestrictionsNone"])
-                .arg(&overlay)
-                .output()
-        })
-        .expect("kubectl (or kustomize) is on the PATH");
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    serde_yaml::Deserializer::from_slice(&built.stdout)
-        .map(|doc| serde::Deserialize::deserialize(doc).expect("yaml"))
-        .collect()
-}
-
 #[test]
 fn the_production_overlay_holds_the_same_rules_as_a_prometheus_rule() {
-    let built = production_overlay();
+    let built = support::yaml_documents(&support::kustomize("production"));
     let rules: Vec<&Yaml> = built.iter().filter(|d| d["kind"].as_str() == Some("PrometheusRule")).collect();
     assert_eq!(rules.len(), 1, "one PrometheusRule in the production overlay");
     assert_eq!(rules[0]["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));

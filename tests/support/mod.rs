@@ -808,3 +808,24 @@ events:
         docs
     }
 }
+
+/// The text `kubectl kustomize` (or `kustomize build`) makes of the
+/// Kubernetes overlay `overlay` (under `deploy/k8s/overlays/`).
+pub fn kustomize(overlay: &str) -> String {
+    let dir = project_root().join("deploy/k8s/overlays").join(overlay);
+    let built = Command::new("kubectl")
+        .args(["kustomize", "--load-restrictor", "LoadRestrictionsNone"])
+        .arg(&dir)
+        .output()
+        .or_else(|_| {
+            Command::new("kustomize").args(["build", "--load-restrictor", "LoadRestrictionsNone"]).arg(&dir).output()
+        })
+        .expect("kubectl (or kustomize) is on the PATH");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    String::from_utf8_lossy(&built.stdout).into_owned()
+}
+
+/// The documents of a multi-document YAML text.
+pub fn yaml_documents(text: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(text).map(|doc| serde::Deserialize::deserialize(doc).expect("yaml")).collect()
+}

@@ -265,6 +265,43 @@ pub fn resolve_value(value: Value, reader: &Schema) -> Result<Value, String> {
     }
 }
 
+/// Gives the integers in date/time fields of `schema` their logical type:
+/// what an upcaster wrote as a JSON integer (`add`, `map`) or a Rust
+/// upcaster as `Value::Int` then reads as the field's type, as a writer's
+/// value of that type would (a `timestamp-micros` field's integer is
+/// microseconds). Everything else is left as it is; an integer outside a
+/// time of day stays an integer (the sink says what is wrong with it).
+pub fn type_times(value: &mut Value, schema: &Schema) {
+    match (value, schema) {
+        (Value::Record(record), Schema::Record(fields)) => {
+            for field in &fields.fields {
+                if let Some(slot) = record.get_mut(&field.name) {
+                    type_times(slot, &field.schema);
+                }
+            }
+        }
+        (Value::Array(items), Schema::Array(array)) => items.iter_mut().for_each(|item| type_times(item, &array.items)),
+        (Value::Map(entries), Schema::Map(map)) => entries.iter_mut().for_each(|(_, v)| type_times(v, &map.types)),
+        (value @ Value::Int(_), Schema::Union(union)) => {
+            // Only where the union has no plain integer branch to take it.
+            let variants = union.variants();
+            if !variants.iter().any(|v| matches!(v, Schema::Int | Schema::Long)) {
+                if let Some(variant) = variants.iter().find(|v| time_kind(v).is_some()) {
+                    type_times(value, variant);
+                }
+            }
+        }
+        (value @ Value::Int(_), schema) => {
+            if let (Some(kind), Value::Int(i)) = (time_kind(schema), &*value) {
+                if let Ok(temporal) = in_range(Temporal::new(kind, *i)) {
+                    *value = Value::Time(temporal);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A field's default (JSON, as in the schema) as a value of its type: a
 /// date's default is its day number, bytes and fixed defaults are strings
 /// of Latin-1 code points (Avro's JSON encoding).

@@ -159,6 +159,18 @@ impl Upcasting {
         if self.behind(&event).is_none() {
             return Ok(vec![event]);
         }
+        let mut done = self.run_chain(event)?;
+        // What upcasters wrote as plain integers reads as the newest
+        // schema's date/time types, as a writer's values would.
+        for event in &mut done {
+            if let Some(newest) = self.catalogue.newest(event.event_type) {
+                catalogue::type_times(&mut event.payload, &newest.schema);
+            }
+        }
+        Ok(done)
+    }
+
+    fn run_chain(&self, event: Event) -> Result<Vec<Event>, UpcastError> {
         let mut done = Vec::with_capacity(1);
         let mut work = vec![event];
         let mut steps = 0;
@@ -295,5 +307,49 @@ mod tests {
         assert_eq!(problems.len(), 2, "v1 and v2 both lack a path: {problems:?}");
         assert!(problems[0].0.ends_with("t.E/v1.avsc"));
         assert!(problems[0].1.contains("no upcaster for t.E v2"), "{problems:?}");
+    }
+
+    /// An upcaster adds a timestamp-micros field as a plain integer (what a
+    /// declarative `add` writes): the event leaves the chain with it typed
+    /// as the newest schema says, micros, not read later as milliseconds.
+    #[test]
+    fn integers_an_upcaster_adds_read_as_the_newest_schemas_date_time_types() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let type_dir = dir.path().join("t.E");
+        std::fs::create_dir_all(&type_dir).expect("mkdir");
+        std::fs::write(
+            type_dir.join("v1.avsc"),
+            r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"f1","type":"int"}]}"#,
+        )
+        .expect("write");
+        std::fs::write(
+            type_dir.join("v2.avsc"),
+            r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"f1","type":"int"},
+                {"name":"at","type":{"type":"long","logicalType":"timestamp-micros"}},
+                {"name":"maybe","type":["null",{"type":"int","logicalType":"date"}]},
+                {"name":"count","type":["null","long"]}]}"#,
+        )
+        .expect("write");
+        let catalogue = Arc::new(Catalogue::load(dir.path()).expect("loads"));
+        let add = Arc::new(FnUpcaster {
+            event_type: "t.E".into(),
+            from: 1,
+            function: |mut event: Event| {
+                if let Some(record) = event.payload.as_record_mut() {
+                    record.push(intern("at"), Value::Int(1_733_400_000_123_456));
+                    record.push(intern("maybe"), Value::Int(3));
+                    record.push(intern("count"), Value::Int(4));
+                }
+                event.version = 2;
+                Ok(vec![event])
+            },
+        });
+        let upcasting = Upcasting::new(catalogue, vec![add]);
+        let mut out = upcasting.to_newest(event(1)).expect("upcasts");
+        let record = out.pop().expect("one event").payload;
+        assert_eq!(
+            record.to_json(),
+            serde_json::json!({"f1": 7, "at": "2024-12-05T12:00:00.123456Z", "maybe": "1970-01-04", "count": 4})
+        );
     }
 }

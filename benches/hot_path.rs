@@ -1,11 +1,17 @@
 //! The hot path, stage by stage: framing + Avro decode, the upcast chain,
 //! projection, per-key compaction, Postgres parameter building and
-//! Elasticsearch bulk encoding. `cargo bench --bench hot_path`.
+//! Elasticsearch bulk encoding; and the whole in-process path, framed bytes
+//! in, net ops out (`framed_to_net_ops`: one thread, so its events/s is per
+//! core). `cargo bench --bench hot_path`; it also prints the heap
+//! allocations per event of each path (a counting allocator wraps the
+//! system's in this bench only).
 //!
 //! Events are ~10-field records (`bench.Order` v2; a share of them written
 //! as v1 and upcast), keys drawn so that a batch touches each key ~5 times.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use apache_avro::types::Value as AvroValue;
@@ -25,6 +31,43 @@ use kawka::upcast::Upcasting;
 use kawka::value::{intern, Value};
 
 const BATCH: usize = 5000;
+
+/// The system allocator, counting allocations (of every thread: the
+/// counted paths run alone).
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed to the system allocator unchanged; the
+// counter has no effect on the memory handed out.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `ptr` came from this allocator with `layout`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Heap allocations per event of one run of `path` over `events` events.
+fn allocations_per_event(events: usize, path: impl FnOnce()) -> f64 {
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    path();
+    (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / events as f64
+}
 
 const V1: &str = r#"{"type":"record","name":"Order","namespace":"bench","fields":[
  {"name":"order_id","type":"string"},{"name":"customer","type":"string"},{"name":"store","type":"string"},
@@ -242,6 +285,30 @@ fn benches(c: &mut Criterion) {
             }
         })
     });
+    // Framed bytes in, net ops out: decode, upcast, project, fold; what a
+    // connector's thread does for a batch before the sink writes it.
+    let whole_path = || {
+        let mut ops = Vec::with_capacity(BATCH);
+        for (n, bytes) in framed.iter().enumerate() {
+            let frame = framing::parse(bytes).expect("framed");
+            let (event_type, payload) = decoder.decode(frame.body).expect("decodes");
+            let event = Event {
+                event_type,
+                version: 2,
+                payload,
+                key: Value::Null,
+                position: Position { topic: "orders", partition: 0, offset: n as i64 },
+                timestamp: None,
+            };
+            for event in upcasting.to_newest(event).expect("upcasts") {
+                if let Projected::Ops(projected) = projection.project_owned(event).expect("projects") {
+                    ops.extend(projected);
+                }
+            }
+        }
+        black_box(fold(&ops, &[], GroupBy::Key).net.len())
+    };
+    group.bench_function("framed_to_net_ops", |b| b.iter(whole_path));
     group.bench_function("compact", |b| b.iter(|| black_box(fold(&ops, &[], GroupBy::Key))));
     let Target::Postgres(target) = &connector(settings, "orders").target else { panic!("postgres target") };
     let table = TableSql::new(target, false);
@@ -300,6 +367,23 @@ fn benches(c: &mut Criterion) {
         )
     });
     group.finish();
+    let decode_only = allocations_per_event(BATCH, || {
+        for bytes in &framed {
+            black_box(decoder.decode(framing::parse(bytes).expect("framed").body).expect("decodes"));
+        }
+    });
+    let projected = allocations_per_event(BATCH, || {
+        for event in &events {
+            black_box(projection.project(event).expect("projects"));
+        }
+    });
+    let whole = allocations_per_event(BATCH, || {
+        whole_path();
+    });
+    println!(
+        "allocations per event: decode {decode_only:.2}, project {projected:.2}, \
+         framed bytes to net ops (decode, upcast, project, fold) {whole:.2}"
+    );
 }
 
 criterion_group!(hot_path, benches);

@@ -215,8 +215,10 @@ async fn new_connector(
 ) -> ExitCode {
     use kawka::scaffold::{self, Store};
     use kawka::sink::SinkConnection;
-    if !scaffold::valid_name(name) {
-        eprintln!("kawka new connector: `{name}` is not a connector name (letters, digits, `.`, `_`, `-`)");
+    if !config::valid_connector_name(name) {
+        eprintln!(
+            "kawka new connector: `{name}` is not a connector name (letters, digits, `.`, `_`, `-`; no leading `.`)"
+        );
         return ExitCode::from(2);
     }
     let store = match settings.sinks.get(sink) {

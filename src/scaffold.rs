@@ -270,12 +270,6 @@ fn collect_names(schema: &Schema, names: &mut Names) {
     }
 }
 
-/// Whether `name` may name a connector (its file, table or index): the
-/// characters `kawka validate` accepts, so no path outside `connectors/`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-}
-
 /// The branch of `["null", T]` (or `[T, "null"]`), a reference resolved;
 /// the schema otherwise.
 fn resolved<'s>(schema: &'s Schema, names: &'s Names) -> &'s Schema {
@@ -470,6 +464,8 @@ mod tests {
         assert!(again.notes.iter().any(|n| n.contains("add it as v2")), "{:?}", again.notes);
         let same = plan("m", &topics, "readdb", Store::Postgres, &[found(older)], &catalogue);
         assert!(same.schemas.is_empty() && same.notes.is_empty());
+        // A connector's name is checked as `kawka validate` checks it: no path outside `connectors/`.
+        let valid_name = crate::config::valid_connector_name;
         assert!(valid_name("orders.v2_x-1") && !valid_name("../x") && !valid_name(".hidden") && !valid_name(""));
     }
 

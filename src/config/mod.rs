@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 pub use interpolate::interpolate;
 pub use settings::*;
 pub use units::{parse_duration, parse_size};
+pub use validate::valid_connector_name;
 
 use crate::yaml::{self, Mark, Node};
 use files::{ConnectorFile, DaemonFile};

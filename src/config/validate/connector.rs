@@ -19,6 +19,13 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
+/// Whether `name` may name a connector: it names its file, its table or
+/// index and its group, so the characters of a topic name, and not a
+/// leading `.` (a hidden Elasticsearch index, a hidden file).
+pub fn valid_connector_name(name: &str) -> bool {
+    valid_name(name) && !name.starts_with('.')
+}
+
 pub(super) fn validate_connector(
     at: &mut FileProblems,
     sinks: Option<&BTreeMap<String, SinkConnection>>,
@@ -26,8 +33,8 @@ pub(super) fn validate_connector(
 ) -> Option<ConnectorSettings> {
     let start_problems = at.problems.len();
     let name = file.name.value.clone();
-    if !valid_name(&name) {
-        at.at(file.name.mark, "name", "use letters, digits, `.`, `_` and `-` only");
+    if !valid_connector_name(&name) {
+        at.at(file.name.mark, "name", "use letters, digits, `.`, `_` and `-` only, not starting with `.`");
     }
 
     let source = &file.source;

@@ -7,6 +7,8 @@
 
 mod connector;
 
+pub use connector::valid_connector_name;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -180,14 +180,12 @@ impl Decoder {
             Plan::Long => Value::Int(reader.long()?),
             Plan::Time(kind) => {
                 let at = reader.at;
-                let value = reader.long()?;
-                if let TimeKind::TimeOfDay(unit) = kind {
-                    if !(0..unit.per_day()).contains(&value) {
-                        let logical_type = Temporal::new(*kind, value).logical_type();
-                        return Err(DecodeError::TimeOutOfDay { at, logical_type, value });
-                    }
+                let temporal = Temporal::new(*kind, reader.long()?);
+                if !temporal.is_valid() {
+                    let (logical_type, value) = (temporal.logical_type(), temporal.value);
+                    return Err(DecodeError::TimeOutOfDay { at, logical_type, value });
                 }
-                Value::Time(Temporal::new(*kind, value))
+                Value::Time(temporal)
             }
             Plan::Uuid(fixed) => {
                 let bytes = match fixed {

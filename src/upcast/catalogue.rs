@@ -360,11 +360,10 @@ fn convert(from: Temporal, to: TimeKind) -> Result<Temporal, String> {
 /// A time of day must lie within its day (what the decoder checks of
 /// values written as one).
 fn in_range(temporal: Temporal) -> Result<Temporal, String> {
-    match temporal.kind {
-        TimeKind::TimeOfDay(unit) if !(0..unit.per_day()).contains(&temporal.value) => {
-            Err(format!("{} {} is not a time of day", temporal.logical_type(), temporal.value))
-        }
-        _ => Ok(temporal),
+    if temporal.is_valid() {
+        Ok(temporal)
+    } else {
+        Err(format!("{} {} is not a time of day", temporal.logical_type(), temporal.value))
     }
 }
 

@@ -85,6 +85,15 @@ impl Temporal {
         Temporal { kind, value }
     }
 
+    /// Whether it is a value its type allows: a time of day lies within
+    /// its day; every date and timestamp integer is one.
+    pub fn is_valid(&self) -> bool {
+        match self.kind {
+            TimeKind::TimeOfDay(unit) => (0..unit.per_day()).contains(&self.value),
+            _ => true,
+        }
+    }
+
     /// The Avro logical type's name, for messages.
     pub fn logical_type(&self) -> String {
         match self.kind {

@@ -176,8 +176,10 @@ fn temporal_for(ty: ColumnType, value: &Value) -> Option<Temporal> {
             _ => temporal.as_instant(),
         },
         ColumnType::Date => temporal.day().map(|day| Temporal::new(TimeKind::Date, day)),
+        // A plain integer must be a time of day already (a timestamp's
+        // is taken from it); a decoded time of day is one.
         ColumnType::Time => match value {
-            Value::Int(millis) if !(0..Unit::Millis.per_day()).contains(millis) => None,
+            Value::Int(_) => Some(temporal).filter(Temporal::is_valid),
             _ => temporal.time_of_day(),
         },
         _ => None,

@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use apache_avro::schema::{RecordSchema, Schema};
+use apache_avro::schema::Schema;
 
-use crate::codec::registry::{fingerprint, RegistryClient, RegistryError};
+use crate::codec::registry::{fingerprint, records, topic_subject, RegistryClient, RegistryError};
 use crate::upcast::catalogue::Catalogue;
 
 /// Which store the connector writes.
@@ -53,25 +53,13 @@ pub async fn fetch(client: &RegistryClient, topics: &[String]) -> Result<Vec<Fou
     let subjects = client.subjects().await?;
     let mut found: BTreeMap<String, Found> = BTreeMap::new();
     for topic in topics {
-        // `<topic>-value` (TopicNameStrategy) or `<topic>-<record>`
-        // (TopicRecordNameStrategy), whose record is named by the subject;
-        // a record's name has no `-`, so `orders-archive-value` is not
-        // `orders`'.
-        let ours = |subject: &str| -> Option<Option<String>> {
-            let rest = subject.strip_prefix(topic.as_str())?.strip_prefix('-')?;
-            match rest {
-                "value" => Some(None),
-                record if !record.contains('-') && record != "key" => Some(Some(record.to_string())),
-                _ => None,
-            }
-        };
-        for (subject, named) in subjects.iter().filter_map(|s| ours(s).map(|named| (s, named))) {
+        for (subject, named) in subjects.iter().filter_map(|s| topic_subject(s, topic).map(|named| (s, named))) {
             let registered = client.subject_version(subject, "latest").await?;
             let writer = client.writer_schema(registered.id).await?;
             let source = format!("{subject} v{}", registered.version);
             for record in records(&writer.schema) {
                 let event_type = record.name.fullname(None);
-                if named.as_ref().is_some_and(|named| *named != event_type) {
+                if named.is_some_and(|named| named != event_type) {
                     continue;
                 }
                 let text = if matches!(writer.schema, Schema::Record(_)) {
@@ -79,7 +67,8 @@ pub async fn fetch(client: &RegistryClient, topics: &[String]) -> Result<Vec<Fou
                 } else {
                     // A union's branch, on its own, with its logical types
                     // and defaults (the canonical form would drop them).
-                    serde_json::to_string(&Schema::Record(record.clone())).unwrap_or_default()
+                    serde_json::to_string(&Schema::Record(record.clone()))
+                        .expect("a parsed schema serializes to JSON (its own format)")
                 };
                 found.insert(
                     event_type.clone(),
@@ -89,14 +78,6 @@ pub async fn fetch(client: &RegistryClient, topics: &[String]) -> Result<Vec<Fou
         }
     }
     Ok(found.into_values().collect())
-}
-
-fn records(schema: &Schema) -> Vec<&RecordSchema> {
-    match schema {
-        Schema::Record(record) => vec![record],
-        Schema::Union(union) => union.variants().iter().flat_map(records).collect(),
-        _ => Vec::new(),
-    }
 }
 
 /// The files for a connector `name` reading `topics` into `sink` (a sink

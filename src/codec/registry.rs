@@ -394,6 +394,29 @@ fn encode(subject: &str) -> String {
 
 /// An error with its causes, for messages: reqwest hides the useful part
 /// (connection refused, timeout) in the source chain.
+/// What a subject holds for `topic` under the topic strategies:
+/// `Some(None)` for `<topic>-value` (any record), `Some(Some(record))` for
+/// `<topic>-<record>`; `None` for another topic's subject, also one whose
+/// name starts with this topic's (`orders-archive-value` is not `orders`':
+/// a record's full name has no `-`) and for key subjects.
+pub fn topic_subject<'s>(subject: &'s str, topic: &str) -> Option<Option<&'s str>> {
+    match subject.strip_prefix(topic)?.strip_prefix('-')? {
+        "value" => Some(None),
+        "key" => None,
+        record if !record.contains('-') => Some(Some(record)),
+        _ => None,
+    }
+}
+
+/// The records a schema writes: itself, or the branches of a top-level union.
+pub fn records(schema: &Schema) -> Vec<&apache_avro::schema::RecordSchema> {
+    match schema {
+        Schema::Record(record) => vec![record],
+        Schema::Union(union) => union.variants().iter().flat_map(records).collect(),
+        _ => Vec::new(),
+    }
+}
+
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
@@ -411,6 +434,17 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subject_belongs_to_its_topic_only() {
+        assert_eq!(topic_subject("orders-value", "orders"), Some(None));
+        assert_eq!(topic_subject("orders-com.x.Placed", "orders"), Some(Some("com.x.Placed")));
+        assert_eq!(topic_subject("orders-archive-value", "orders"), None);
+        assert_eq!(topic_subject("orders-archive-com.x.Placed", "orders"), None);
+        assert_eq!(topic_subject("orders-key", "orders"), None);
+        assert_eq!(topic_subject("ordersvalue", "orders"), None);
+        assert_eq!(topic_subject("orders-archive-value", "orders-archive"), Some(None));
+    }
 
     #[test]
     fn fingerprints_ignore_formatting_and_docs() {

@@ -2,7 +2,7 @@
 //! subjects must reach the catalogue (by fingerprint, or by resolution
 //! against the newest version).
 
-use apache_avro::schema::{RecordSchema, Schema};
+use crate::codec::registry::{records, topic_subject};
 
 use super::catalogue::{Catalogue, Resolution};
 use crate::codec::registry::{RegistryClient, RegistryError};
@@ -32,8 +32,7 @@ pub struct Consumed {
 fn subjects_of(consumed: &Consumed, all: &[String]) -> Vec<String> {
     let mut wanted = Vec::new();
     for topic in &consumed.topics {
-        let prefix = format!("{topic}-");
-        wanted.extend(all.iter().filter(|s| s.starts_with(&prefix) && !s.ends_with("-key")).cloned());
+        wanted.extend(all.iter().filter(|s| topic_subject(s, topic).is_some()).cloned());
     }
     for event_type in &consumed.event_types {
         if all.contains(event_type) {
@@ -43,14 +42,6 @@ fn subjects_of(consumed: &Consumed, all: &[String]) -> Vec<String> {
     wanted.sort();
     wanted.dedup();
     wanted
-}
-
-fn records(schema: &Schema) -> Vec<String> {
-    match schema {
-        Schema::Record(RecordSchema { name, .. }) => vec![name.fullname(None)],
-        Schema::Union(union) => union.variants().iter().flat_map(records).collect(),
-        _ => Vec::new(),
-    }
 }
 
 /// Checks every version of every subject of the connectors.
@@ -65,7 +56,7 @@ pub async fn check(
         for version in client.subject_versions(&subject).await? {
             let registered = client.subject_version(&subject, &version.to_string()).await?;
             let writer = client.writer_schema(registered.id).await?;
-            for event_type in records(&writer.schema) {
+            for event_type in records(&writer.schema).into_iter().map(|r| r.name.fullname(None)) {
                 let (verdict, ok) = match catalogue.resolve(&writer.schema, &writer.references, &event_type) {
                     Resolution::Version(v) => (format!("v{v}"), true),
                     Resolution::Resolved { version, .. } => (format!("not in the catalogue; read as v{version}"), true),

@@ -407,7 +407,8 @@ impl Serialize for Value {
                 map.end()
             }
             Value::Record(record) => record.serialize(serializer),
-            Value::Time(time) => serializer.serialize_str(&time.to_text(time::Style::Iso)),
+            // Streamed through its Display (ISO 8601): no String per value.
+            Value::Time(time) => serializer.collect_str(time),
         }
     }
 }

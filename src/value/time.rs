@@ -142,28 +142,31 @@ impl Temporal {
     /// Writes its text: `2023-11-14`, `22:13:20.123456`,
     /// `2023-11-14T22:13:20.123Z` (timestamps), `2023-11-14T22:13:20.123`
     /// (local timestamps), with as many fraction digits as its unit counts.
-    pub fn write(&self, style: Style, out: &mut String) {
+    /// Into any writer, so JSON and `COPY` text take it without a `String`
+    /// of its own per value.
+    pub fn write(&self, style: Style, out: &mut impl fmt::Write) -> fmt::Result {
         match self.kind {
             TimeKind::Date => {
-                let era = push_date(self.value, style, out);
-                out.push_str(era);
+                let era = push_date(self.value, style, out)?;
+                out.write_str(era)
             }
             TimeKind::TimeOfDay(unit) => push_time(self.value.rem_euclid(unit.per_day()), unit, out),
             TimeKind::Timestamp(unit) | TimeKind::LocalTimestamp(unit) => {
-                let era = push_date(self.value.div_euclid(unit.per_day()), style, out);
-                out.push('T');
-                push_time(self.value.rem_euclid(unit.per_day()), unit, out);
+                let era = push_date(self.value.div_euclid(unit.per_day()), style, out)?;
+                out.write_char('T')?;
+                push_time(self.value.rem_euclid(unit.per_day()), unit, out)?;
                 if matches!(self.kind, TimeKind::Timestamp(_)) {
-                    out.push('Z');
+                    out.write_char('Z')?;
                 }
-                out.push_str(era);
+                out.write_str(era)
             }
         }
     }
 
     pub fn to_text(&self, style: Style) -> String {
         let mut out = String::with_capacity(32);
-        self.write(style, &mut out);
+        // Writing to a String cannot fail.
+        let _ = self.write(style, &mut out);
         out
     }
 }
@@ -171,61 +174,61 @@ impl Temporal {
 /// ISO 8601 text.
 impl fmt::Display for Temporal {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(&self.to_text(Style::Iso))
+        self.write(Style::Iso, f)
     }
 }
 
 /// `HH:MM:SS.fff…` for a time within a day, counted in `unit`.
-fn push_time(in_day: i64, unit: Unit, out: &mut String) {
+fn push_time(in_day: i64, unit: Unit, out: &mut impl fmt::Write) -> fmt::Result {
     let per_second = unit.per_second();
     let seconds = in_day / per_second;
-    push_digits(out, seconds / 3600, 2);
-    out.push(':');
-    push_digits(out, seconds / 60 % 60, 2);
-    out.push(':');
-    push_digits(out, seconds % 60, 2);
-    out.push('.');
-    push_digits(out, in_day % per_second, unit.digits());
+    push_digits(out, seconds / 3600, 2)?;
+    out.write_char(':')?;
+    push_digits(out, seconds / 60 % 60, 2)?;
+    out.write_char(':')?;
+    push_digits(out, seconds % 60, 2)?;
+    out.write_char('.')?;
+    push_digits(out, in_day % per_second, unit.digits())
 }
 
 /// Writes the date of a day (days since 1970-01-01, proleptic Gregorian)
 /// and returns what must follow the whole text (` BC` for Postgres years
 /// before 1, which it writes at the end).
-fn push_date(days: i64, style: Style, out: &mut String) -> &'static str {
+fn push_date(days: i64, style: Style, out: &mut impl fmt::Write) -> Result<&'static str, fmt::Error> {
     let (year, month, day) = civil_from_days(days);
     let era = match style {
         // Year 0 is 1 BC, -1 is 2 BC.
         Style::Postgres if year <= 0 => {
-            push_year(out, 1 - year);
+            push_year(out, 1 - year)?;
             " BC"
         }
         Style::Postgres => {
-            push_year(out, year);
+            push_year(out, year)?;
             ""
         }
         Style::Iso if (0..=9999).contains(&year) => {
-            push_digits(out, year, 4);
+            push_digits(out, year, 4)?;
             ""
         }
         Style::Iso => {
-            // The rare path may format: ISO's expanded years carry a sign.
-            out.push_str(&format!("{year:+05}"));
+            // The rare path: ISO's expanded years carry a sign.
+            write!(out, "{year:+05}")?;
             ""
         }
     };
-    out.push('-');
-    push_digits(out, month, 2);
-    out.push('-');
-    push_digits(out, day, 2);
-    era
+    out.write_char('-')?;
+    push_digits(out, month, 2)?;
+    out.write_char('-')?;
+    push_digits(out, day, 2)?;
+    Ok(era)
 }
 
-fn push_year(out: &mut String, year: i64) {
+fn push_year(out: &mut impl fmt::Write, year: i64) -> fmt::Result {
     if (0..=9999).contains(&year) {
-        push_digits(out, year, 4);
+        push_digits(out, year, 4)
     } else {
-        // Years Postgres mostly refuses anyway; the rare path may format.
-        out.push_str(&format!("{year:04}"));
+        // Years Postgres mostly refuses anyway.
+        write!(out, "{year:04}")
     }
 }
 
@@ -247,12 +250,13 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 }
 
 /// `n` (0 ≤ n < 10^width) in exactly `width` digits.
-fn push_digits(out: &mut String, n: i64, width: u32) {
+fn push_digits(out: &mut impl fmt::Write, n: i64, width: u32) -> fmt::Result {
     let mut divisor = 10i64.pow(width - 1);
     while divisor > 0 {
-        out.push(char::from(b'0' + (n / divisor % 10) as u8));
+        out.write_char(char::from(b'0' + (n / divisor % 10) as u8))?;
         divisor /= 10;
     }
+    Ok(())
 }
 
 #[cfg(test)]

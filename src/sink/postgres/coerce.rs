@@ -91,7 +91,7 @@ impl Text<'_> {
         use std::fmt::Write as _;
         match self {
             Text::Str(s) => out.push_str(s),
-            Text::Time(temporal) => temporal.write(Style::Postgres, out),
+            Text::Time(temporal) => drop(temporal.write(Style::Postgres, out)),
             // Writing to a String cannot fail.
             Text::Json(value) => drop(write!(out, "{}", value.to_json())),
             Text::Shown(value) => drop(write!(out, "{value}")),

@@ -437,6 +437,49 @@ mod tests {
         assert_eq!(resolve_value(time(TimeKind::Date, 3), &Schema::Int), Ok(Value::Int(3)));
     }
 
+    /// Random instants in every unit, read as every other unit and kind:
+    /// never a panic (i64 extremes included); finer → coarser floors,
+    /// coarser → finer is exact or an overflow error; the date is the
+    /// timestamp's date.
+    #[test]
+    fn resolution_of_random_instants_between_units_never_lies() {
+        use crate::value::Unit::{self, Micros, Millis, Nanos};
+        use rand::{Rng, SeedableRng};
+        let schema = |kind: &str| match kind {
+            "date" => field("date", "int"),
+            other => field(other, "long"),
+        };
+        let units = [(Millis, "millis"), (Micros, "micros"), (Nanos, "nanos")];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x71e5);
+        for round in 0..20_000 {
+            let (from, from_name) = units[rng.random_range(0..3)];
+            let (to, to_name) = units[rng.random_range(0..3)];
+            let value = match round % 10 {
+                0 => i64::MIN,
+                1 => i64::MAX,
+                _ => rng.random(),
+            };
+            let written = time(TimeKind::Timestamp(from), value);
+            let per = |unit: Unit| unit.per_second();
+            match resolve_value(written.clone(), &schema(&format!("timestamp-{to_name}"))) {
+                Ok(Value::Time(read)) => {
+                    let expected = if per(to) >= per(from) {
+                        value.checked_mul(per(to) / per(from)).expect("an Ok conversion did not overflow")
+                    } else {
+                        value.div_euclid(per(from) / per(to))
+                    };
+                    assert_eq!(read, Temporal::new(TimeKind::Timestamp(to), expected), "{value} {from_name}→{to_name}");
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(message) => {
+                    assert!(per(to) > per(from) && value.checked_mul(per(to) / per(from)).is_none(), "{message}");
+                }
+            }
+            let date = resolve_value(written, &schema("date")).expect("every instant has a date");
+            assert_eq!(date, time(TimeKind::Date, value.div_euclid(from.per_day())));
+        }
+    }
+
     #[test]
     fn defaults_are_read_as_their_fields_type() {
         let bytes = Schema::parse_str(

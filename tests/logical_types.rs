@@ -170,15 +170,9 @@ fn uuid(n: u128) -> String {
 
 /// Registers the schema, produces every row framed with its id.
 async fn produce(registry: &str, topic: &str, rows: &[Written]) {
-    let reply: Json = reqwest::Client::new()
-        .post(format!("{registry}/subjects/{topic}-value/versions"))
-        .json(&json!({"schema": schema().to_string()}))
-        .send()
-        .await
-        .expect("register")
-        .json()
-        .await
-        .expect("register reply");
+    let api = support::registry_api::Api { http: reqwest::Client::new(), base: registry.to_string() };
+    let (status, reply) = api.register(&format!("{topic}-value"), &schema()).await;
+    assert_eq!(status, 200, "{reply}");
     let id = reply["id"].as_u64().unwrap_or_else(|| panic!("no id in {reply}")) as u32;
     let parsed = Schema::parse_str(&schema().to_string()).expect("a valid schema");
     let records = rows

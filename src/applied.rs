@@ -168,6 +168,7 @@ fn answer(
             let processed = position.is_some_and(|next| next > w.offset);
             let outcome = match status.failed_at(&w.topic, w.partition, w.offset) {
                 Some(Outcome::DeadLettered) if processed => "dead_lettered",
+                Some(Outcome::Parked) if processed => "parked",
                 Some(_) if processed => "skipped",
                 _ if processed => "applied",
                 _ => "pending",

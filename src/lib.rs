@@ -14,7 +14,7 @@
 //! settings it is built from; [`config`] builds them from the files; the
 //! [`pipeline`] wires the stages; the daemon ([`app`], [`http`], [`rebuild`])
 //! sits on top. No stage imports config, the pipeline or the daemon; the
-//! leaves ([`event`], [`value`], [`error`], [`status`], [`secret`], [`yaml`])
+//! leaves ([`event`], [`value`], [`parked`], [`error`], [`status`], [`secret`], [`yaml`])
 //! import none of them.
 //!
 //! * [`config`]: the daemon and connector files: YAML with positions,
@@ -40,6 +40,8 @@
 //!   rollback; also run inside the daemon over HTTP, with progress.
 //! * The `kawka registry` server (Confluent API, Postgres storage) is its own
 //!   crate, `kawka_registry`, under `crates/kawka-registry`.
+//! * [`parked`]: what is stored of a key parked behind its failed event
+//!   (`on_error: park`) and the decisions made from it.
 //! * [`event`], [`value`]: the event and its position, the positions of
 //!   partitions (claims, batch ends), and the value tree every stage shares.
 //! * [`yaml`]: YAML with positions and a deserializer that records every
@@ -67,6 +69,7 @@ pub mod error;
 pub mod event;
 pub mod http;
 pub mod metrics;
+pub mod parked;
 pub mod pipeline;
 pub mod projection;
 pub mod rebuild;

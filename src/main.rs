@@ -297,18 +297,39 @@ fn parse_size(text: &str) -> Result<usize, String> {
 #[derive(Subcommand)]
 enum DlqCommand {
     /// Feed a connector's dead letters back through it (after the cause is
-    /// fixed). Events that fail again are dead-lettered again.
+    /// fixed). Events that fail again are dead-lettered again. With
+    /// `on_error: park`, each parked key's events are replayed in order; a
+    /// key is released once all applied, and stays parked behind an event
+    /// that fails again.
     ///
     /// Example: kawka dlq replay inventory --dry-run
     Replay {
         /// The connector's name.
         connector: String,
-        /// Say what each dead letter would do now; write nothing.
+        /// Say what each dead letter (each parked key) would do now; write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Replay only this parked key (`on_error: park`): its text, or
+        /// `0x` and hex for a key that is not printable text.
+        #[arg(long)]
+        key: Option<String>,
         /// Stop after this long without a new dead letter.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         idle: std::time::Duration,
+        #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
+        config: PathBuf,
+    },
+    /// Release a parked key without replaying it (`on_error: park`): the
+    /// hole in its history is accepted, its parked events stay unapplied
+    /// in the dead-letter topic, and its later events apply.
+    ///
+    /// Example: kawka dlq release user-profiles --key user-42
+    Release {
+        /// The connector's name.
+        connector: String,
+        /// The parked key: its text, or `0x` and hex.
+        #[arg(long)]
+        key: String,
         #[arg(short, long, default_value = "config/kawka.yaml", env = "KAWKA_CONFIG")]
         config: PathBuf,
     },
@@ -403,13 +424,21 @@ fn main() -> ExitCode {
             kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), "warn");
             runtime.block_on(rebuild(settings, &connector, rollback, cleanup, restart))
         }
-        Command::Dlq { command: DlqCommand::Replay { connector, dry_run, idle, config } } => {
+        Command::Dlq { command: DlqCommand::Replay { connector, dry_run, key, idle, config } } => {
             let settings = match load(&config) {
                 Ok(settings) => settings,
                 Err(code) => return code,
             };
             kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), "warn");
-            runtime.block_on(dlq_replay(settings, &connector, dry_run, idle))
+            runtime.block_on(dlq_replay(settings, &connector, dry_run, key.as_deref(), idle))
+        }
+        Command::Dlq { command: DlqCommand::Release { connector, key, config } } => {
+            let settings = match load(&config) {
+                Ok(settings) => settings,
+                Err(code) => return code,
+            };
+            kawka::telemetry::init(cli.log_format.unwrap_or(settings.log.format), "warn");
+            runtime.block_on(dlq_release(settings, &connector, &key))
         }
         Command::Upcast { event_type, from, config } => upcast(&config, &event_type, from),
         Command::Schemas { command: SchemasCommand::Check { config } } => {
@@ -738,25 +767,138 @@ async fn status(url: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The runtime of one connector, for the `dlq` commands.
+fn dlq_runtime(
+    settings: &kawka::config::Settings,
+    connector: &str,
+    command: &str,
+) -> Result<kawka::pipeline::ConnectorRuntime, ExitCode> {
+    let runtimes = match kawka::app::connectors(settings) {
+        Ok(runtimes) => runtimes,
+        Err(error) => {
+            eprintln!("kawka dlq {command}: {error:#}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    runtimes.into_iter().find(|r| r.settings.name == connector).ok_or_else(|| {
+        eprintln!("kawka dlq {command}: no connector named {connector}");
+        ExitCode::from(2)
+    })
+}
+
 async fn dlq_replay(
     settings: kawka::config::Settings,
     connector: &str,
     dry_run: bool,
+    key: Option<&str>,
+    idle: std::time::Duration,
+) -> ExitCode {
+    let runtime = match dlq_runtime(&settings, connector, "replay") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let parks = runtime.settings.on_error == kawka::config::ErrorPolicy::Park;
+    if key.is_some() && !parks {
+        eprintln!("kawka dlq replay: --key is for connectors with `on_error: park`; {connector} does not park keys");
+        return ExitCode::from(2);
+    }
+    let topic = runtime.settings.dead_letter_topic.clone();
+    // The dead letters of no key (plain ones) first, then the parked keys.
+    if key.is_none() {
+        let code = dlq_replay_plain(runtime.clone(), &topic, dry_run, idle).await;
+        if !parks || code != ExitCode::SUCCESS {
+            return code;
+        }
+    }
+    let only = key.map(kawka::parked::parse_key);
+    match kawka::pipeline::replay_parked::replay(&runtime, only.as_deref(), dry_run).await {
+        Ok(reports) => {
+            print_parked_reports(&topic, &reports, dry_run);
+            if let (Some(key), true) = (key, reports.is_empty()) {
+                println!("parked key {key}: not parked");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kawka dlq replay: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_parked_reports(topic: &str, reports: &[kawka::pipeline::replay_parked::KeyReport], dry_run: bool) {
+    use kawka::pipeline::replay_parked::KeyOutcome;
+    let mut released = 0;
+    for report in reports {
+        let (key, n) = (&report.key, report.replayed);
+        let superseded = if report.superseded > 0 {
+            format!(" ({} superseded: a version guard found them applied or overtaken)", report.superseded)
+        } else {
+            String::new()
+        };
+        let line = match (&report.outcome, dry_run) {
+            (KeyOutcome::Released, false) => {
+                released += 1;
+                format!("replayed {n} event(s){superseded}, released")
+            }
+            (KeyOutcome::Released, true) => format!("would replay {n} event(s) and release"),
+            (KeyOutcome::Failed { at, failure }, false) => format!(
+                "replayed {n} event(s){superseded}, stays parked behind {at}: {}: {}",
+                failure.stage, failure.message
+            ),
+            (KeyOutcome::Failed { at, failure }, true) => {
+                format!("would replay {n} event(s), then fails at {at}: {}: {}", failure.stage, failure.message)
+            }
+            (KeyOutcome::Missing { events }, false) => format!(
+                "replayed {n} event(s){superseded}, stays parked: {events} parked event(s) not found in {topic}"
+            ),
+            (KeyOutcome::Missing { events }, true) => {
+                format!("would replay {n} event(s), then waits: {events} parked event(s) not found in {topic}")
+            }
+            (KeyOutcome::Gone, _) => "released or replayed by another run meanwhile".to_string(),
+        };
+        println!("parked key {key}: {line}");
+    }
+    if dry_run {
+        println!("{topic}: {} parked key(s) (dry run: nothing written)", reports.len());
+    } else {
+        println!("{topic}: {} parked key(s): {released} released, {} still parked", reports.len(), reports.len() - released);
+    }
+}
+
+async fn dlq_release(settings: kawka::config::Settings, connector: &str, key: &str) -> ExitCode {
+    let runtime = match dlq_runtime(&settings, connector, "release") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    if runtime.settings.on_error != kawka::config::ErrorPolicy::Park {
+        eprintln!("kawka dlq release: {connector} does not park keys (`on_error: park`)");
+        return ExitCode::from(2);
+    }
+    match kawka::pipeline::replay_parked::release(&runtime, &kawka::parked::parse_key(key)).await {
+        Ok(Some(left)) => {
+            println!("released parked key {key}: {left} parked event(s) left unapplied");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!("kawka dlq release: key {key} is not parked by {connector}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("kawka dlq release: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `kawka dlq replay` of the dead letters that belong to no parked key.
+async fn dlq_replay_plain(
+    runtime: kawka::pipeline::ConnectorRuntime,
+    topic: &str,
+    dry_run: bool,
     idle: std::time::Duration,
 ) -> ExitCode {
     use kawka::pipeline::replay;
-    let runtimes = match kawka::app::connectors(&settings) {
-        Ok(runtimes) => runtimes,
-        Err(error) => {
-            eprintln!("kawka dlq replay: {error:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Some(runtime) = runtimes.into_iter().find(|r| r.settings.name == connector) else {
-        eprintln!("kawka dlq replay: no connector named {connector}");
-        return ExitCode::from(2);
-    };
-    let topic = runtime.settings.dead_letter_topic.clone();
     if dry_run {
         return match replay::dry_run(&runtime, idle).await {
             Ok(lines) => {

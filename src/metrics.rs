@@ -267,6 +267,45 @@ impl Collector for Scrape {
                 (labels, Sample::Int(i64::from(c.is_ready())))
             }),
         )?;
+        let parked: Vec<_> = connectors.iter().filter_map(|c| c.parked().map(|p| (c, p))).collect();
+        family(
+            &mut encoder,
+            "kawka_parked_keys",
+            "Keys held behind a failed event (on_error: park).",
+            Gauge,
+            parked.iter().map(|(c, p)| (of(c), Sample::Int(p.keys as i64))),
+        )?;
+        family(
+            &mut encoder,
+            "kawka_parked_keys_limit",
+            "park.max_keys: above it the fallback applies.",
+            Gauge,
+            parked.iter().map(|(c, p)| (of(c), Sample::Int(p.limit as i64))),
+        )?;
+        family(
+            &mut encoder,
+            "kawka_parked_oldest_seconds",
+            "How long the longest-parked key has been parked.",
+            Gauge,
+            parked.iter().filter_map(|(c, p)| {
+                let since = p.oldest.as_ref()?.since_ms;
+                Some((of(c), Sample::Gauge((crate::status::now_ms() - since).max(0) as f64 / 1000.0)))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "kawka_park_overflow",
+            "Failed events whose key was not parked because park.max_keys keys were.",
+            Counter,
+            parked.iter().map(|(c, _)| (of(c), Sample::Counter(c.park_overflows.load(Ordering::Relaxed)))),
+        )?;
+        family(
+            &mut encoder,
+            "kawka_parked_released",
+            "Parked keys seen released, by a replay or kawka dlq release.",
+            Counter,
+            parked.iter().map(|(c, _)| (of(c), Sample::Counter(c.parked_released.load(Ordering::Relaxed)))),
+        )?;
         let rebuilds: Vec<_> = connectors.iter().filter_map(|c| c.rebuild().map(|r| (c, r))).collect();
         family(
             &mut encoder,

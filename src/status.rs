@@ -71,6 +71,9 @@ pub enum Outcome {
     Superseded,
     Skipped,
     DeadLettered,
+    /// Dead-lettered behind an earlier failed event of its key
+    /// (`on_error: park`; the failed one itself is counted here too).
+    Parked,
     Unknown,
 }
 
@@ -82,6 +85,7 @@ impl Outcome {
             Outcome::Superseded => "superseded",
             Outcome::Skipped => "skipped",
             Outcome::DeadLettered => "dead_lettered",
+            Outcome::Parked => "parked",
             Outcome::Unknown => "unknown",
         }
     }
@@ -170,6 +174,36 @@ pub struct ConnectorStatus {
     /// When the last refresh a waiter asked for started (Elasticsearch):
     /// concurrent waiters share one.
     pub last_refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// The keys parked (`on_error: park`) as the connector last read or
+    /// changed them; `None` for a connector that does not park.
+    parked: Mutex<Option<ParkedSummary>>,
+    /// Failures of keys not parked because `park.max_keys` were (`kawka_park_overflow_total`).
+    pub park_overflows: AtomicU64,
+    /// Parked keys seen released, by a replay or `kawka dlq release`
+    /// (`kawka_parked_released_total`).
+    pub parked_released: AtomicU64,
+}
+
+/// What `GET /connectors/{name}` and `/metrics` show of parked keys.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ParkedSummary {
+    pub keys: usize,
+    pub limit: usize,
+    /// Parked events not applied yet (an upper bound: see
+    /// [`crate::parked::ParkedKey::outstanding`]).
+    pub events: u64,
+    pub oldest: Option<OldestParked>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OldestParked {
+    pub key: String,
+    pub behind: String,
+    pub reason: String,
+    /// RFC 3339.
+    pub since: String,
+    #[serde(skip)]
+    pub since_ms: i64,
 }
 
 /// How many dead-lettered or skipped positions a connector remembers for waiters.
@@ -199,6 +233,16 @@ impl Connectors {
     pub fn get(&self, name: &str) -> Option<std::sync::Arc<ConnectorStatus>> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).iter().find(|c| c.name == name).cloned()
     }
+}
+
+/// Remembers how the event at `position` ended, for waiters (the latest
+/// [`FAILED_REMEMBERED`]).
+fn remember_failed(failed: &Mutex<std::collections::VecDeque<(String, i32, i64, Outcome)>>, position: Position, outcome: Outcome) {
+    let mut failed = lock(failed);
+    if failed.len() >= FAILED_REMEMBERED {
+        failed.pop_front();
+    }
+    failed.push_back((position.topic.to_string(), position.partition, position.offset, outcome));
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -238,7 +282,40 @@ impl ConnectorStatus {
             wait_seconds: Histogram::new(SECONDS_BOUNDS.iter().copied()),
             wait_timeouts: AtomicU64::new(0),
             last_refresh: tokio::sync::Mutex::new(None),
+            parked: Mutex::new(None),
+            park_overflows: AtomicU64::new(0),
+            parked_released: AtomicU64::new(0),
         }
+    }
+
+    /// The parked keys now (the connector parks keys).
+    pub fn set_parked(&self, summary: ParkedSummary) {
+        *lock(&self.parked) = Some(summary);
+    }
+
+    pub fn parked(&self) -> Option<ParkedSummary> {
+        lock(&self.parked).clone()
+    }
+
+    /// An event of a parked key went to the dead letters behind `behind`.
+    pub fn parked_event(&self, event_type: Name, position: Position, key: &str, behind: &str, topic: &str) {
+        self.count(event_type, Outcome::Parked);
+        remember_failed(&self.failed, position, Outcome::Parked);
+        tracing::info!(connector = %self.name, %position, key, behind, dead_letter_topic = topic,
+            "event of a parked key parked behind its failed event");
+    }
+
+    /// Parked keys were found released (by a replay or an operator).
+    pub fn parked_released(&self, keys: u64) {
+        self.parked_released.fetch_add(keys, Ordering::Relaxed);
+        tracing::info!(connector = %self.name, keys, "parked keys released; their later events apply");
+    }
+
+    /// A key's failure found `park.max_keys` keys parked: the fallback applies.
+    pub fn park_overflow(&self, key: &str, limit: usize, fallback: &str) {
+        self.park_overflows.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(connector = %self.name, key, limit, fallback,
+            "park.max_keys keys are parked: this key is not held; the fallback applies");
     }
 
     /// The durable position this process reached on a partition, if any.
@@ -362,17 +439,13 @@ impl ConnectorStatus {
     /// One bad event handed to the error policy.
     pub fn failed_event(&self, event_type: Name, position: Position, failure: &Failure, outcome: Outcome, topic: &str) {
         self.count(event_type, outcome);
-        {
-            let mut failed = lock(&self.failed);
-            if failed.len() >= FAILED_REMEMBERED {
-                failed.pop_front();
-            }
-            failed.push_back((position.topic.to_string(), position.partition, position.offset, outcome));
-        }
+        remember_failed(&self.failed, position, outcome);
         self.record_error(failure.class, failure.stage, &failure.message);
         match outcome {
             Outcome::DeadLettered => tracing::warn!(connector = %self.name, %position, stage = failure.stage,
                 error = %failure.message, dead_letter_topic = topic, "bad event dead-lettered"),
+            Outcome::Parked => tracing::warn!(connector = %self.name, %position, stage = failure.stage,
+                error = %failure.message, dead_letter_topic = topic, "bad event dead-lettered; its key is parked"),
             _ => tracing::warn!(connector = %self.name, %position, stage = failure.stage,
                 error = %failure.message, "bad event skipped"),
         }
@@ -515,6 +588,7 @@ impl ConnectorStatus {
             "freshness_seconds": self.freshness_seconds(),
             "rebuild": self.rebuild(),
             "rebuild_suggested": self.rebuild_suggested(),
+            "parked": self.parked(),
             "started_at_ms": self.started_at_ms,
             "counters": {
                 "consumed": self.total(Outcome::Consumed),
@@ -523,6 +597,9 @@ impl ConnectorStatus {
                 "skipped": self.total(Outcome::Skipped),
                 "unknown": self.total(Outcome::Unknown),
                 "dead_lettered": self.total(Outcome::DeadLettered),
+                "parked": self.total(Outcome::Parked),
+                "park_overflows": self.park_overflows.load(Ordering::Relaxed),
+                "parked_released": self.parked_released.load(Ordering::Relaxed),
                 "duplicates": self.duplicates.load(Ordering::Relaxed),
                 "batches": self.batches.load(Ordering::Relaxed),
                 "retries": self.retries_snapshot().iter().map(|(_, n)| n).sum::<u64>(),

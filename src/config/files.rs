@@ -179,9 +179,11 @@ pub struct ConnectorFile {
     /// grows along each key's events; stale writes are then refused.
     pub version: Option<Spanned<String>>,
     /// What to do with an event that can never be written:
-    /// `dead_letter` (default), `skip` or `stop`.
+    /// `dead_letter` (default), `park`, `skip` or `stop`.
     #[serde(default)]
     pub on_error: ErrorPolicy,
+    /// How keys are parked (`on_error: park`).
+    pub park: Option<Spanned<ParkConfig>>,
     /// Topic of dead letters (default `<name>.dlq`).
     pub dead_letter_topic: Option<Spanned<String>>,
     /// What a record with a null value means: `delete` (default) or `ignore`.
@@ -281,8 +283,35 @@ pub enum KeyConfig {
 pub enum ErrorPolicy {
     #[default]
     DeadLetter,
+    /// Dead-letter the event and hold every later event of its key behind
+    /// it, in order, until `kawka dlq replay` or `kawka dlq release`.
+    Park,
     Skip,
     Stop,
+}
+
+/// `park:` of a connector file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParkConfig {
+    /// Most keys parked at once (default 10000).
+    pub max_keys: Option<Spanned<usize>>,
+    /// What a failure of a key that is not parked does once `max_keys`
+    /// keys are: `stop` (default) or `dead_letter`.
+    #[serde(default)]
+    pub fallback: ParkFallback,
+}
+
+/// What `on_error: park` does once `park.max_keys` keys are parked.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParkFallback {
+    /// Halt the connector: nothing past the event is committed.
+    #[default]
+    Stop,
+    /// Dead-letter the event without holding its key (loudly: logged and
+    /// counted in `kawka_park_overflow_total`).
+    DeadLetter,
 }
 
 #[derive(Debug, Default, Deserialize)]

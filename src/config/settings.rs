@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use super::files::{ErrorPolicy, LogFormat};
+pub use super::files::{ErrorPolicy, LogFormat, ParkFallback};
 use crate::codec::{KeyFormat, RegistryClientSettings};
 use crate::projection::expr::Expr;
 use crate::projection::{EventRule, ProjectionSettings, TombstonePolicy, UnknownEventPolicy};
@@ -82,6 +82,8 @@ pub struct ConnectorSettings {
     pub key: Vec<(String, Expr)>,
     pub version: Option<Expr>,
     pub on_error: ErrorPolicy,
+    /// How keys are parked (used with `on_error: park`).
+    pub park: ParkSettings,
     pub dead_letter_topic: String,
     pub tombstones: TombstonePolicy,
     pub unknown_events: UnknownEventPolicy,
@@ -108,7 +110,21 @@ impl ConnectorSettings {
             connection: self.connection.clone(),
             target: self.target.clone(),
             versioned: self.version.is_some(),
+            parks: self.on_error == ErrorPolicy::Park,
         }
+    }
+}
+
+/// `park:` checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParkSettings {
+    pub max_keys: usize,
+    pub fallback: ParkFallback,
+}
+
+impl Default for ParkSettings {
+    fn default() -> ParkSettings {
+        ParkSettings { max_keys: 10_000, fallback: ParkFallback::Stop }
     }
 }
 

@@ -60,6 +60,7 @@ pub fn connectors(
                 dead_letters: dead_letters.clone(),
                 status,
                 replay: None,
+                holds_parked_of: None,
             })
         })
         .collect()

@@ -58,6 +58,8 @@ pub struct Letter<'a> {
     pub failure: &'a Failure,
     /// `kawka.replay.run` when a replay run dead-letters it again.
     pub replay_run: Option<&'a str>,
+    /// `kawka.parked.behind`: the event its key is parked behind (`on_error: park`).
+    pub parked_behind: Option<&'a str>,
 }
 
 /// A dead letter that was written, and what it carries of its record.
@@ -146,18 +148,23 @@ impl DeadLetters {
     }
 
     async fn produce(&self, letter: &Letter<'_>, cut: Cut) -> Result<(), KafkaError> {
-        let Letter { topic, connector, record, failure, replay_run } = *letter;
+        let Letter { topic, connector, record, failure, replay_run, parked_behind } = *letter;
         let drop_value = cut != Cut::Nothing;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis().to_string();
         let (partition, offset) = (record.position.partition.to_string(), record.position.offset.to_string());
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 9);
         // The record's own headers, without those of an earlier failure.
-        let own = record.headers.iter().filter(|(k, _)| !k.starts_with("kawka.error.") && k != "kawka.replay.run");
+        let own = record.headers.iter().filter(|(k, _)| {
+            !k.starts_with("kawka.error.") && k != "kawka.replay.run" && k != crate::parked::PARKED_BEHIND_HEADER
+        });
         for (key, value) in own.filter(|_| cut != Cut::All) {
             headers = headers.insert(Header { key, value: value.as_deref() });
         }
         if let Some(run) = replay_run {
             headers = headers.insert(Header { key: "kawka.replay.run", value: Some(run.as_bytes()) });
+        }
+        if let Some(behind) = parked_behind {
+            headers = headers.insert(Header { key: crate::parked::PARKED_BEHIND_HEADER, value: Some(behind.as_bytes()) });
         }
         let message = truncate(&failure.message, MAX_MESSAGE_BYTES);
         for (key, value) in [

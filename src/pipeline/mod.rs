@@ -5,9 +5,11 @@
 //! * `write.rs`: flushes: the batch written at once or in the background, the writes in flight settled in order.
 //! * `batch.rs`: the batch being built: its records, their ops and the positions it commits.
 //! * `in_flight.rs`: the background writes and which of them a new batch must wait for or follow.
-//! * `policy.rs`: the error policy: a bad event is skipped, dead-lettered or stops the connector.
+//! * `policy.rs`: the error policy: a bad event is skipped, dead-lettered, parks its key or stops the connector.
+//! * `park.rs`: `on_error: park`: a failed event's key held behind it, its later events parked in order.
 //! * `dead_letter.rs`: the dead-letter producer.
 //! * `replay.rs`: `kawka dlq replay`: the connector run over its dead letters.
+//! * `replay_parked.rs`: `kawka dlq replay` and `release` of parked keys: each key's events in order.
 //!
 //! Records are processed one at a time in the order the source hands them
 //! over, so within a partition every record below the batch's last one has
@@ -19,8 +21,10 @@ mod batch;
 pub mod build;
 pub mod dead_letter;
 mod in_flight;
+mod park;
 mod policy;
 pub mod replay;
+pub mod replay_parked;
 mod worker;
 mod write;
 
@@ -88,6 +92,11 @@ pub struct ConnectorRuntime {
     pub status: Arc<ConnectorStatus>,
     /// Set when this runtime replays the dead-letter topic (`kawka dlq replay`).
     pub replay: Option<ReplayRun>,
+    /// A rebuild of a connector that parks keys: that connector's name.
+    /// The rebuild holds back the keys it has parked (their events from
+    /// the failed one on are skipped, not written), so the version it
+    /// builds has them as the live one does, for a replay after the cut-over.
+    pub holds_parked_of: Option<String>,
 }
 
 /// The runtimes of the running connectors, shared by the supervisor (which

@@ -1,5 +1,6 @@
-//! The error policy (`on_error`): a bad event is skipped, dead-lettered
-//! or stops the connector, and so are the events the sink refuses.
+//! The error policy (`on_error`): a bad event is skipped, dead-lettered,
+//! parks its key (see `park.rs`) or stops the connector, and so are the
+//! events the sink refuses.
 
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ impl Worker<'_> {
     /// [`FIRST_WAIT`], the batch before it is written meanwhile (its
     /// neighbours do not wait with it).
     pub(super) async fn fail(&mut self, record: &RawRecord, event_type: Name, failure: Failure) -> Result<(), Halt> {
-        if self.runtime.settings.on_error != ErrorPolicy::DeadLetter {
+        if self.policy() != ErrorPolicy::DeadLetter {
             return self.apply_policy(record, event_type, failure).await;
         }
         // The send owns what it borrows, so the batch can be flushed while
@@ -46,6 +47,7 @@ impl Worker<'_> {
                 record,
                 failure: &failure,
                 replay_run: run.as_deref(),
+                parked_behind: None,
             };
             let send = dead_letters.send(&letter);
             tokio::pin!(send);
@@ -75,36 +77,46 @@ impl Worker<'_> {
     /// `dead_letter`, the broker's reason). Never flushes: the events the
     /// sink refuses while a batch is written come here.
     async fn apply_policy(&mut self, record: &RawRecord, event_type: Name, failure: Failure) -> Result<(), Halt> {
-        match self.runtime.settings.on_error {
+        match self.policy() {
             ErrorPolicy::Skip => {
                 self.runtime.status.failed_event(event_type, record.position, &failure, Outcome::Skipped, "");
                 Ok(())
             }
             ErrorPolicy::Stop => Err(Halt::Stopped(failure)),
-            ErrorPolicy::DeadLetter => {
-                let mut attempt = 0;
-                loop {
-                    let settings = &self.runtime.settings;
-                    let letter = Letter {
-                        topic: &settings.dead_letter_topic,
-                        connector: &settings.name,
-                        record,
-                        failure: &failure,
-                        replay_run: self.runtime.replay.as_ref().map(|r| r.id.as_str()),
-                    };
-                    let sent = self.runtime.dead_letters.send(&letter).await;
-                    match self.judge(sent, attempt) {
-                        Attempt::Written => break,
-                        Attempt::Refused(failure) => return Err(Halt::Stopped(failure)),
-                        // A shutdown here leaves the event unconsumed: it is read again.
-                        Attempt::Failed => self.pause(attempt).await?,
-                    }
-                    attempt += 1;
-                }
-                self.dead_lettered(record, event_type, &failure);
-                Ok(())
-            }
+            ErrorPolicy::DeadLetter => self.dead_letter(record, event_type, failure).await,
+            ErrorPolicy::Park => self.park_failed(record, event_type, failure).await,
         }
+    }
+
+    /// Dead-letters one bad event, retrying until the broker takes it.
+    pub(super) async fn dead_letter(
+        &mut self,
+        record: &RawRecord,
+        event_type: Name,
+        failure: Failure,
+    ) -> Result<(), Halt> {
+        let mut attempt = 0;
+        loop {
+            let settings = &self.runtime.settings;
+            let letter = Letter {
+                topic: &settings.dead_letter_topic,
+                connector: &settings.name,
+                record,
+                failure: &failure,
+                replay_run: self.runtime.replay.as_ref().map(|r| r.id.as_str()),
+                parked_behind: None,
+            };
+            let sent = self.runtime.dead_letters.send(&letter).await;
+            match self.judge(sent, attempt) {
+                Attempt::Written => break,
+                Attempt::Refused(failure) => return Err(Halt::Stopped(failure)),
+                // A shutdown here leaves the event unconsumed: it is read again.
+                Attempt::Failed => self.pause(attempt).await?,
+            }
+            attempt += 1;
+        }
+        self.dead_lettered(record, event_type, &failure);
+        Ok(())
     }
 
     /// What a dead letter's send means for its connector; shows a failure
@@ -144,7 +156,7 @@ impl Worker<'_> {
             }
         }
         events.sort_by_key(|(origin, _)| *origin);
-        if self.runtime.settings.on_error == ErrorPolicy::Stop {
+        if self.policy() == ErrorPolicy::Stop {
             let (first, message) = events.swap_remove(0);
             self.pending.truncate(first);
             return Ok(Some(Failure { class: ErrorClass::Permanent, stage: "sink", message }));
@@ -157,6 +169,8 @@ impl Worker<'_> {
         }
         let origins: Vec<usize> = events.into_iter().map(|(origin, _)| origin).collect();
         self.pending.remove_events(&origins);
+        // Keys parked just now: their later events in this batch are held too.
+        self.hold_pending().await?;
         Ok(None)
     }
 }

@@ -25,7 +25,7 @@ use super::{ConnectorRuntime, ReplayRun, REPLAY_HEADER};
 use crate::codec::Decoded;
 use crate::error::{ErrorClass, Failure};
 use crate::event::Position;
-use crate::projection::Projected;
+use crate::projection::{Projected, WriteOp};
 use crate::source::{KafkaSettings, KeyBytes, RawRecord, StartPosition};
 use crate::status::Outcome;
 use crate::value::intern;
@@ -82,7 +82,9 @@ pub async fn dry_run(runtime: &ConnectorRuntime, idle: Duration) -> anyhow::Resu
     let kafka = runtime.kafka.clone();
     let records = tokio::task::spawn_blocking(move || read_all(&kafka, &topic, idle)).await??;
     let mut lines = Vec::with_capacity(records.len());
-    for mut record in records {
+    // A parked key's letters are replayed by key (`replay_parked`).
+    let plain = records.into_iter().filter(|r| !r.headers.iter().any(|(k, _)| k == crate::parked::PARKED_BEHIND_HEADER));
+    for mut record in plain {
         record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER);
         let outcome = evaluate(runtime, &record).await;
         lines.push(DryRunLine { position: record.position, outcome });
@@ -132,8 +134,15 @@ fn read_all(kafka: &KafkaSettings, topic: &str, idle: Duration) -> anyhow::Resul
     Ok(records)
 }
 
-/// Decode → upcast → project → check, without writing.
+/// Decode → upcast → project → check, without writing: how many ops.
 async fn evaluate(runtime: &ConnectorRuntime, record: &RawRecord) -> Result<usize, Failure> {
+    ops_of(runtime, record).await.map(|ops| ops.len())
+}
+
+/// Decode → upcast → project → check, without writing: the ops a record
+/// becomes now, or why it fails (a registry outage included: the caller
+/// reports it, nothing is written).
+pub(super) async fn ops_of(runtime: &ConnectorRuntime, record: &RawRecord) -> Result<Vec<WriteOp>, Failure> {
     let fail = |stage: &'static str, class: ErrorClass, message: String| Failure { class, stage, message };
     if record.size() > runtime.settings.source.max_record_bytes {
         return Err(fail("source", ErrorClass::Permanent, format!("a record of {} bytes is too large", record.size())));
@@ -174,5 +183,5 @@ async fn evaluate(runtime: &ConnectorRuntime, record: &RawRecord) -> Result<usiz
     for op in &projected {
         runtime.sink.check(op).map_err(|message| fail("sink", ErrorClass::Permanent, message))?;
     }
-    Ok(projected.len())
+    Ok(projected)
 }

@@ -50,6 +50,8 @@ pub(super) struct Worker<'a> {
     /// flight behind it that fail are dropped, not written again (their
     /// events come after the bad one; they are read again on restart).
     pub(super) stopping: bool,
+    /// The keys parked (`on_error: park`).
+    pub(super) parking: super::park::Parking,
 }
 
 impl<'a> Worker<'a> {
@@ -68,6 +70,7 @@ impl<'a> Worker<'a> {
             replay_done: std::collections::HashSet::default(),
             in_flight: Vec::new(),
             stopping: false,
+            parking: super::park::Parking::default(),
         }
     }
 
@@ -165,7 +168,8 @@ impl<'a> Worker<'a> {
         match message {
             Control::Assigned { generation, claims } => {
                 self.assigned(generation, &claims);
-                Ok(())
+                // The keys parked on partitions that moved here come with them.
+                self.read_parked().await
             }
             Control::Revoked { ack } => {
                 let flushed = self.flush().await;
@@ -192,6 +196,7 @@ impl<'a> Worker<'a> {
             // Fetched for an assignment that has since changed.
             return Ok(());
         }
+        self.refresh_parked().await?;
         let batch = &self.runtime.settings.batch;
         for mut record in records {
             let partition = (record.position.topic, record.position.partition);
@@ -213,6 +218,11 @@ impl<'a> Worker<'a> {
                     }
                     continue;
                 }
+                // A parked key's events are replayed by key, in order
+                // (`kawka dlq replay` reads them itself), never here.
+                if record.headers.iter().any(|(k, _)| k == crate::parked::PARKED_BEHIND_HEADER) {
+                    continue;
+                }
                 // A dead letter written without its value has no event to
                 // replay (a null value would read as a tombstone: a delete).
                 if let Some(failure) = super::dead_letter::unreplayable(&record) {
@@ -225,6 +235,12 @@ impl<'a> Worker<'a> {
                 original = original_position(&record.headers);
                 // The headers of the earlier failure are not part of the event.
                 record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER);
+            }
+            if !self.parking.is_empty() {
+                record = match self.hold(record).await? {
+                    super::park::Held::No(record) => record,
+                    super::park::Held::Yes => continue,
+                };
             }
             self.process(record, original).await?;
             if self.pending.ops.len() >= batch.max_events || self.pending.bytes >= batch.max_bytes {
@@ -317,7 +333,7 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    fn push(&mut self, record: RawRecord, event_type: Name) {
+    pub(super) fn push(&mut self, record: RawRecord, event_type: Name) {
         self.pending.push(record, event_type, self.runtime.settings.batch.max_wait);
     }
 
@@ -394,7 +410,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Where a dead letter's event was, from its `kawka.error.*` headers.
-fn original_position(headers: &[(String, Option<Vec<u8>>)]) -> Option<Position> {
+pub(super) fn original_position(headers: &[(String, Option<Vec<u8>>)]) -> Option<Position> {
     let header = |name: &str| {
         headers
             .iter()

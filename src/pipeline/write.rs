@@ -46,15 +46,16 @@ impl Worker<'_> {
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
         let capabilities = self.runtime.sink.capabilities();
         let (most, chains) = (capabilities.concurrent_writes, capabilities.chains_writes);
+        let parked_before = self.parking.len();
         // Each key hashed once, for the fold and for the writes in flight.
         let hashes = fold::key_hashes(&self.pending.ops);
-        let keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
+        let mut keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
         // Planned (folded, SQL built) before waiting for the writes ahead:
         // the planning overlaps them, and the write is only I/O. A batch
         // that fails to plan is written, and fails, in its task, so its
         // error takes the settling path of any failed write.
-        let plan = self.runtime.sink.plan(&self.pending.ops, &hashes, &offsets);
-        let connections = plan.as_ref().map_or(1, Plan::connections);
+        let mut plan = self.runtime.sink.plan(&self.pending.ops, &hashes, &offsets);
+        let mut connections = plan.as_ref().map_or(1, Plan::connections);
         while let Some(index) = self.in_flight.iter().position(|write| write.blocks(&partitions, &keys, chains)) {
             self.settle_through(index).await?;
         }
@@ -75,6 +76,16 @@ impl Worker<'_> {
         }
         if self.pending.is_empty() {
             return Ok(());
+        }
+        if self.parking.len() != parked_before {
+            // Settling parked a key and held its events in this batch: the
+            // plan made before is of ops it no longer has. (Its records and
+            // so its positions are the same.)
+            let hashes = fold::key_hashes(&self.pending.ops);
+            keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
+            plan = self.runtime.sink.plan(&self.pending.ops, &hashes, &offsets);
+            // Nothing is in flight after such a rewrite: any share fits.
+            connections = plan.as_ref().map_or(1, Plan::connections);
         }
         let follows = follows(&self.in_flight, &partitions, &keys);
         let (ran_signal, ran) = StepDone::channel();
@@ -119,6 +130,10 @@ impl Worker<'_> {
     /// abandoned with the rest (nothing past it is committed; its events
     /// are read again on the next start), so a drain ends in bounded time.
     async fn settle_oldest(&mut self) -> Result<(), Halt> {
+        // (A rewrite that parks a key settles the rest itself.)
+        if self.in_flight.is_empty() {
+            return Ok(());
+        }
         let mut write = self.in_flight.remove(0);
         if !*self.shutdown.borrow() {
             return self.settled((&mut write.task).await).await;
@@ -181,6 +196,7 @@ impl Worker<'_> {
             Err(_) if self.stopping => Ok(()),
             Err(error) => {
                 tracing::info!(connector = %self.name(), %error, "a batch write failed; writing it again");
+                let parked_before = self.parking.len();
                 let next = std::mem::replace(&mut self.pending, batch);
                 let written = self.write_pending().await;
                 // Under `stop`, the batch being built and the writes in
@@ -192,6 +208,18 @@ impl Worker<'_> {
                     self.stopping = true;
                 } else {
                     self.pending = next;
+                    if written.is_ok() && self.parking.len() > parked_before {
+                        // The rewrite parked a key: its later events, in
+                        // the writes in flight behind this one and in the
+                        // batch being built, are parked too, in the order
+                        // they were read (the writes behind it failed with
+                        // it, and each is written again, holding them, as
+                        // it settles), before any new record is.
+                        while !self.in_flight.is_empty() {
+                            Box::pin(self.settle_oldest()).await?;
+                        }
+                        self.hold_pending().await?;
+                    }
                 }
                 written
             }
@@ -255,6 +283,9 @@ impl Worker<'_> {
         let mut give_up_at: Option<Instant> = None;
         let mut stop_after: Option<Failure> = None;
         loop {
+            // A batch written again after an earlier one parked a key (its
+            // write failed behind that one) holds that key's events.
+            self.hold_pending().await?;
             let offsets = self.pending.offsets(&self.epochs);
             let started = std::time::Instant::now();
             let write = self.runtime.sink.write(&self.pending.ops, &offsets);

@@ -102,7 +102,8 @@ fn caught_up(live: &[(String, i32, i64)], rebuild: &[(String, i32, i64)]) -> boo
 /// The rebuild's settings: the connector's, under another name and group,
 /// from the earliest offsets, in large batches. Bad events were
 /// dead-lettered by the live run already, so here they are skipped and
-/// counted.
+/// counted (and the keys the live run parked are held back: see
+/// [`ConnectorRuntime::holds_parked_of`]).
 fn rebuild_settings(
     runtime: &ConnectorRuntime,
     name: &str,
@@ -122,7 +123,9 @@ fn rebuild_settings(
 
 fn runtime_with(runtime: &ConnectorRuntime, settings: ConnectorSettings, sink: Sink) -> ConnectorRuntime {
     let status = Arc::new(ConnectorStatus::new(&settings.name, sink.kind()));
-    ConnectorRuntime { settings: Arc::new(settings), sink, status, replay: None, ..runtime.clone() }
+    // The live connector's parked keys are held back in the new version too.
+    let holds_parked_of = (runtime.settings.on_error == ErrorPolicy::Park).then(|| runtime.settings.name.clone());
+    ConnectorRuntime { settings: Arc::new(settings), sink, status, replay: None, holds_parked_of, ..runtime.clone() }
 }
 
 /// A rebuild connector running in the background.

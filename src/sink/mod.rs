@@ -19,6 +19,7 @@ use std::time::Duration;
 use crate::error::classify_http_status;
 use crate::error::{classify_sqlx, ErrorClass};
 use crate::event::{Claim, PartitionOffset};
+use crate::parked::{Change, ParkedKey};
 use crate::projection::WriteOp;
 use crate::value::Name;
 use elasticsearch::ElasticsearchSink;
@@ -220,7 +221,7 @@ impl Sink {
                 Ok(Sink::Postgres(PostgresSink::new(connection, connector, target)?))
             }
             (SinkConnection::Elasticsearch(connection), Target::Elasticsearch(target)) => {
-                Ok(Sink::Elasticsearch(ElasticsearchSink::new(connection, target)?))
+                Ok(Sink::Elasticsearch(ElasticsearchSink::new(connection, target, connector.parks)?))
             }
             _ => Err(SinkError::Setup(format!(
                 "connector {} targets a {} sink through connection `{}`",
@@ -346,6 +347,31 @@ impl Sink {
         match self {
             Sink::Postgres(sink) => sink.find_rejected(ops).await,
             Sink::Elasticsearch(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Every key `connector` has parked (`on_error: park`).
+    pub async fn parked_keys(&self, connector: &str) -> Result<Vec<(Vec<u8>, ParkedKey)>, SinkError> {
+        match self {
+            Sink::Postgres(sink) => bounded(sink.parked_keys(connector)).await,
+            Sink::Elasticsearch(sink) => sink.parked_keys(connector).await,
+        }
+    }
+
+    /// Changes a parked key as `decide` says from what is stored now
+    /// (`None`: nothing changes, nothing is written), writing `ops` with
+    /// it: in one transaction (Postgres), or first and idempotently
+    /// (Elasticsearch). Returns the change and the ops found superseded.
+    pub async fn change_parked(
+        &self,
+        connector: &str,
+        key: &[u8],
+        ops: &[WriteOp],
+        decide: &(dyn Fn(Option<&ParkedKey>) -> Option<Change> + Send + Sync),
+    ) -> Result<Option<(Change, Vec<usize>)>, SinkError> {
+        match self {
+            Sink::Postgres(sink) => bounded(sink.change_parked(connector, key, ops, decide)).await,
+            Sink::Elasticsearch(sink) => sink.change_parked(connector, key, ops, decide).await,
         }
     }
 

@@ -38,4 +38,6 @@ pub struct SinkSettings {
     pub target: Target,
     /// Whether the connector names a domain version (stale writes are refused).
     pub versioned: bool,
+    /// Whether the connector parks keys (`on_error: park`): their store is prepared.
+    pub parks: bool,
 }

@@ -829,3 +829,27 @@ pub fn kustomize(overlay: &str) -> String {
 pub fn yaml_documents(text: &str) -> Vec<serde_yaml::Value> {
     serde_yaml::Deserializer::from_str(text).map(|doc| serde::Deserialize::deserialize(doc).expect("yaml")).collect()
 }
+
+/// How many records `topic` holds: the sum of its partitions' high
+/// watermarks (the tests' topics are never compacted or truncated).
+pub async fn topic_size(topic: &str) -> i64 {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).create().expect("consumer");
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("topic metadata");
+        metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .map(|p| {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("watermarks of {topic}/{}: {e}", p.id()));
+                high
+            })
+            .sum()
+    })
+    .await
+    .expect("watermarks thread")
+}

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::FileProblems;
 use crate::config::files::{ConnectorFile, KeyConfig, OpConfig, TargetConfig};
-use crate::config::{BatchSettings, ConnectorSettings};
+use crate::config::files::ErrorPolicy;
+use crate::config::{BatchSettings, ConnectorSettings, ParkSettings};
 use crate::projection::expr::Expr;
 use crate::projection::{EventRule, OpKind, OpTemplate};
 use crate::sink::elasticsearch::ElasticsearchTarget;
@@ -92,6 +93,8 @@ pub(super) fn validate_connector(
         None => format!("{name}.dlq"),
     };
 
+    let park = park_settings(at, &file);
+
     let batch = &file.batch;
     let defaults = BatchSettings::default();
     if let Some(max_events) = batch.max_events.as_ref().filter(|m| m.value == 0 || m.value > MOST_EVENTS) {
@@ -133,6 +136,7 @@ pub(super) fn validate_connector(
         key,
         version,
         on_error: file.on_error,
+        park,
         dead_letter_topic,
         tombstones: file.tombstones,
         unknown_events: file.unknown_events,
@@ -193,6 +197,28 @@ fn elasticsearch_target(at: &mut FileProblems, sink: &TargetConfig) -> Option<Ta
 /// The most events a batch may hold: a batch and the two fetched ahead of
 /// it are in memory, and counts derived from it must not overflow.
 const MOST_EVENTS: usize = 10_000_000;
+
+/// Most keys one connector may park: each is held in memory and loaded
+/// whole at every assignment (one page of an Elasticsearch search).
+const MOST_PARKED_KEYS: usize = crate::sink::elasticsearch::MOST_PARKED;
+
+/// `park:` checked; a block without `on_error: park` is a mistake.
+fn park_settings(at: &mut FileProblems, file: &ConnectorFile) -> ParkSettings {
+    let defaults = ParkSettings::default();
+    let Some(park) = &file.park else { return defaults };
+    if file.on_error != ErrorPolicy::Park {
+        at.at(park.mark, "park", "applies only with `on_error: park`");
+    }
+    let max_keys = match &park.max_keys {
+        Some(max) if max.value == 0 || max.value > MOST_PARKED_KEYS => {
+            at.at(max.mark, "park.max_keys", format!("must be 1 to {MOST_PARKED_KEYS}"));
+            defaults.max_keys
+        }
+        Some(max) => max.value,
+        None => defaults.max_keys,
+    };
+    ParkSettings { max_keys, fallback: park.fallback }
+}
 
 /// How long a deleted key's version is kept by default: longer than any
 /// late duplicate or second writer is expected to lag.

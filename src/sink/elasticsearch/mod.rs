@@ -7,8 +7,10 @@
 //! applied again and change nothing.
 //!
 //! * [`bulk`]: actions, the update script, item results (pure).
+//! * `parked.rs`: parked keys (`on_error: park`) in the `kawka-parked` index.
 
 pub mod bulk;
+mod parked;
 mod settings;
 
 use std::collections::HashMap;
@@ -28,6 +30,7 @@ use super::{SinkError, Written};
 use crate::error::Backoff;
 use crate::projection::WriteOp;
 use bulk::{Action, ItemOutcome, Tombstones};
+pub use parked::{MOST_PARKED, PARKED_INDEX};
 pub use settings::{ElasticsearchConnection, ElasticsearchTarget};
 
 /// Retries of failed items inside one write, before the pipeline's own
@@ -43,6 +46,8 @@ pub struct ElasticsearchSink {
     seen: Arc<Seen>,
     /// Writes go straight to an index a rebuild made, not through the alias.
     concrete: bool,
+    /// Whether the connector parks keys (`kawka-parked` is created).
+    parks: bool,
 }
 
 /// Whether [`ElasticsearchSink::create_index`] made the index.
@@ -62,6 +67,7 @@ impl ElasticsearchSink {
     pub fn new(
         connection: &ElasticsearchConnection,
         target: &ElasticsearchTarget,
+        parks: bool,
     ) -> Result<ElasticsearchSink, SinkError> {
         // Credentials in the URL become basic auth, and leave the URL: the
         // client's errors print the URL.
@@ -88,6 +94,7 @@ impl ElasticsearchSink {
             target: target.clone(),
             seen: Arc::default(),
             concrete: false,
+            parks,
         })
     }
 
@@ -132,6 +139,9 @@ impl ElasticsearchSink {
     /// writes to a bare index behind the user's back.
     pub async fn prepare(&self) -> Result<(), SinkError> {
         self.prepare_tombstones().await?;
+        if self.parks {
+            self.prepare_parked().await?;
+        }
         if self.concrete {
             return Ok(());
         }

@@ -32,6 +32,7 @@
 //! * `write.rs`: a batch planned and written, per partition or whole, with its positions.
 //! * `apply.rs`: one statement run: an upsert's new keys by `COPY`, the rest by `UPDATE` or the upsert.
 //! * `positions.rs`: claims, ownership and position moves in `kawka_offsets`.
+//! * `parked.rs`: parked keys (`on_error: park`) in `kawka_parked`, changed with a replay's writes.
 //! * `rejected.rs`: the ops a table refuses, found in savepoints that are rolled back.
 //! * `types.rs`: declared column types (pure).
 //! * `table.rs`: a table's names, its `CREATE TABLE` and the SQL of its positions (pure).
@@ -49,6 +50,7 @@ mod coerce;
 mod copy;
 #[cfg(test)]
 mod fixtures;
+mod parked;
 mod positions;
 mod rejected;
 mod settings;
@@ -79,6 +81,8 @@ pub struct PostgresSink {
     pool: PgPool,
     table: TableSql,
     connector: String,
+    /// Whether the connector parks keys (`kawka_parked` is created).
+    parks: bool,
     /// Per statement shape (its `COPY`): whether the last such upsert found
     /// mostly new keys, so the next one tries `COPY` of all its rows first.
     /// Per shape, since an event type that creates rows and one that
@@ -121,6 +125,7 @@ impl PostgresSink {
             pool,
             table: TableSql::new(target, connector.versioned),
             connector: connector.name.clone(),
+            parks: connector.parks,
             new_keys: Arc::default(),
             columns: target.columns.iter().map(|c| (intern(&c.name), c.ty)).collect(),
         }
@@ -169,6 +174,9 @@ impl PostgresSink {
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
         tx.execute("SELECT pg_advisory_xact_lock(7306073)").await.map_err(SinkError::Postgres)?;
         tx.execute(self.table.create_offsets_table().as_str()).await.map_err(SinkError::Postgres)?;
+        if self.parks {
+            tx.execute(self.create_parked_table().as_str()).await.map_err(SinkError::Postgres)?;
+        }
         if self.table.target().create {
             tx.execute(self.table.create_table().as_str()).await.map_err(SinkError::Postgres)?;
         }

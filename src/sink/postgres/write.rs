@@ -185,7 +185,7 @@ impl PostgresSink {
     /// out, so the fold of the others applies whole (see
     /// [`crate::projection::fold::NetOp::against`]). Also returns the ops
     /// left out, in the batch or against what is stored: superseded.
-    async fn plan_against_stored(
+    pub(super) async fn plan_against_stored(
         &self,
         tx: &mut sqlx::PgConnection,
         ops: &[WriteOp],

@@ -1,0 +1,375 @@
+//! `on_error: park` in the consume loop: a key whose event failed is held
+//! behind it (see [`crate::parked`] for what is stored and why).
+//!
+//! Order of effects, which exactly-once and "nothing lost" rest on: a
+//! parked event's dead letter is written first, then the key's stored
+//! range, then (later) the batch that moves the position past the event.
+//! A crash between any two finds, on restart, either the event unparked
+//! and read again (parked again: at worst a second dead letter, which a
+//! replay applies once), or the range stored (the event is skipped as
+//! already parked). Each step is awaited before the next record is
+//! processed, so no batch commits past an event whose parking is not durable.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::dead_letter::{DeadLetterError, Letter};
+use super::worker::Worker;
+use super::Halt;
+use crate::config::{ErrorPolicy, ParkFallback};
+use crate::error::{ErrorClass, Failure};
+use crate::parked::{show_key, Change, Hold, ParkedKey};
+use crate::source::RawRecord;
+use crate::status::{OldestParked, ParkedSummary};
+use crate::value::Name;
+
+/// The event type counted for events parked without being decoded.
+const PARKED: Name = "(parked)";
+
+/// How often a connector reads the parked keys again, beside each
+/// assignment: a key parked by another replica (through another topic) or
+/// released by a replay or an operator is seen within this.
+const REFRESH: Duration = Duration::from_secs(5);
+
+/// The keys parked, as this worker knows them (a key's partition is
+/// consumed by one worker at a time, so for that partition's events this
+/// is the truth; see [`REFRESH`] for the rest).
+#[derive(Default)]
+pub(super) struct Parking {
+    keys: HashMap<Vec<u8>, ParkedKey, foldhash::fast::RandomState>,
+    /// When the keys were last read from the sink (`None`: never this assignment).
+    read_at: Option<Instant>,
+}
+
+impl Parking {
+    pub(super) fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// Whether a record of a parked key was taken out of the stream.
+pub(super) enum Held {
+    /// Not held: process it.
+    No(RawRecord),
+    /// Parked or already parked: pushed without ops.
+    Yes,
+}
+
+impl Worker<'_> {
+    /// The policy in force: a replay of dead letters dead-letters again
+    /// what fails again (parked keys are replayed by `kawka dlq replay`'s
+    /// own loop, not through the consumer).
+    pub(super) fn policy(&self) -> ErrorPolicy {
+        match self.runtime.settings.on_error {
+            ErrorPolicy::Park if self.runtime.replay.is_some() => ErrorPolicy::DeadLetter,
+            policy => policy,
+        }
+    }
+
+    fn parks(&self) -> bool {
+        self.policy() == ErrorPolicy::Park
+    }
+
+    /// Whose parked keys this worker holds: its own connector's when it
+    /// parks, the live connector's in a rebuild of one that does.
+    fn parked_of(&self) -> Option<&str> {
+        match &self.runtime.holds_parked_of {
+            Some(live) => Some(live),
+            None => self.parks().then_some(self.runtime.settings.name.as_str()),
+        }
+    }
+
+    /// Reads the parked keys from the sink: at each assignment (the keys of
+    /// partitions that moved here come with them) and every [`REFRESH`].
+    /// Failures are retried, visibly, until they pass or the daemon stops.
+    pub(super) async fn read_parked(&mut self) -> Result<(), Halt> {
+        let Some(connector) = self.parked_of().map(str::to_string) else { return Ok(()) };
+        let mut attempt = 0;
+        let keys = loop {
+            match self.runtime.sink.parked_keys(&connector).await {
+                Ok(keys) => break keys,
+                Err(error) => {
+                    let reason = format!("reading the parked keys: {error}");
+                    self.runtime.status.retrying("park", retried(error.class()), &reason, attempt);
+                    self.pause(attempt).await?;
+                    attempt += 1;
+                }
+            }
+        };
+        if attempt > 0 {
+            self.runtime.status.recovered();
+        }
+        let keys: HashMap<Vec<u8>, ParkedKey, foldhash::fast::RandomState> = keys.into_iter().collect();
+        let released = self.parking.keys.keys().filter(|key| !keys.contains_key(*key)).count();
+        if released > 0 {
+            self.runtime.status.parked_released(released as u64);
+        }
+        self.parking.keys = keys;
+        self.parking.read_at = Some(Instant::now());
+        self.show_parked();
+        Ok(())
+    }
+
+    /// [`Worker::read_parked`] when the last read is older than [`REFRESH`].
+    pub(super) async fn refresh_parked(&mut self) -> Result<(), Halt> {
+        if self.parked_of().is_some() && self.parking.read_at.is_none_or(|at| at.elapsed() >= REFRESH) {
+            self.read_parked().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes a record of a parked key out of the stream (parks it, or
+    /// skips it when it is a dead letter already); hands any other back.
+    pub(super) async fn hold(&mut self, record: RawRecord) -> Result<Held, Halt> {
+        let hold = match record.key.as_deref().and_then(|key| self.parking.keys.get(key)) {
+            Some(parked) => parked.hold(record.position),
+            None => return Ok(Held::No(record)),
+        };
+        match hold {
+            Hold::Before => Ok(Held::No(record)),
+            Hold::Parked => {
+                self.push(record, PARKED);
+                Ok(Held::Yes)
+            }
+            // A rebuild holds the key back without parking anything.
+            Hold::Park if self.runtime.holds_parked_of.is_some() => {
+                self.runtime.status.count(PARKED, crate::status::Outcome::Skipped);
+                self.push(record, PARKED);
+                Ok(Held::Yes)
+            }
+            Hold::Park => {
+                if self.park(&record, PARKED, None).await? {
+                    self.push(record, PARKED);
+                    Ok(Held::Yes)
+                } else {
+                    Ok(Held::No(record))
+                }
+            }
+        }
+    }
+
+    /// `on_error: park` for a bad event: its key is parked behind it (the
+    /// event dead-lettered, the key stored). A record without a key is
+    /// dead-lettered (nothing to hold), and so, with the `dead_letter`
+    /// fallback, is the failure of a new key once `park.max_keys` are parked.
+    pub(super) async fn park_failed(
+        &mut self,
+        record: &RawRecord,
+        event_type: Name,
+        failure: Failure,
+    ) -> Result<(), Halt> {
+        let Some(key) = record.key.as_deref() else {
+            tracing::warn!(connector = %self.name(), position = %record.position,
+                "a record without a key has no key to park; dead-lettering it");
+            return self.dead_letter(record, event_type, failure).await;
+        };
+        let settings = &self.runtime.settings.park;
+        if !self.parking.keys.contains_key(key) && self.parking.keys.len() >= settings.max_keys {
+            let (limit, fallback) = (settings.max_keys, settings.fallback);
+            let shown = show_key(key);
+            return match fallback {
+                ParkFallback::Stop => {
+                    self.runtime.status.park_overflow(&shown, limit, "stop");
+                    Err(Halt::Stopped(Failure {
+                        class: ErrorClass::Permanent,
+                        stage: "park",
+                        message: format!(
+                            "park.max_keys ({limit}) keys are parked; key {shown} failed at {}: {}: {} \
+                             (replay or release parked keys, or raise park.max_keys)",
+                            record.position, failure.stage, failure.message
+                        ),
+                    }))
+                }
+                ParkFallback::DeadLetter => {
+                    self.runtime.status.park_overflow(&shown, limit, "dead_letter");
+                    self.dead_letter(record, event_type, failure).await
+                }
+            };
+        }
+        if self.park(record, event_type, Some(&failure)).await? {
+            Ok(())
+        } else {
+            // Never: a failure parks its key whether or not it was parked.
+            Err(Halt::Sink("a failed event's key could not be parked".into()))
+        }
+    }
+
+    /// Parks one record: its dead letter (with `kawka.parked.behind`), then
+    /// its key's stored range. `failure` is the event's own failure (its
+    /// key is parked behind it unless it already was); without one, the
+    /// event follows a parked key. `false`: the key was released meanwhile
+    /// (by a replay or an operator) and the event is to be applied.
+    async fn park(&mut self, record: &RawRecord, event_type: Name, failure: Option<&Failure>) -> Result<bool, Halt> {
+        let key = record.key.as_deref().expect("only records with a key are parked").to_vec();
+        let position = record.position;
+        let known = self.parking.keys.get(&key).cloned();
+        let behind = known.as_ref().map_or_else(|| position.to_string(), |k| k.behind.to_string());
+        let failure = match failure {
+            Some(failure) => failure.clone(),
+            None => Failure {
+                class: ErrorClass::Permanent,
+                stage: "park",
+                message: format!("parked behind {behind}, whose event failed"),
+            },
+        };
+        self.send_parked(record, &failure, &behind).await?;
+        let reason = format!("{}: {}", failure.stage, failure.message);
+        let since_ms = crate::status::now_ms();
+        let first = known.is_none();
+        let decide = move |stored: Option<&ParkedKey>| match stored {
+            Some(stored) => {
+                let mut stored = stored.clone();
+                stored.extend(position);
+                Some(Change::Put(stored))
+            }
+            // Released since this worker last read it: the event applies.
+            None if !first => None,
+            None => Some(Change::Put(ParkedKey::new(position, reason.clone(), since_ms))),
+        };
+        let connector = self.runtime.settings.name.clone();
+        let mut attempt = 0;
+        let changed = loop {
+            match self.runtime.sink.change_parked(&connector, &key, &[], &decide).await {
+                Ok(changed) => break changed,
+                Err(error) => {
+                    let reason = format!("storing parked key {}: {error}", show_key(&key));
+                    self.runtime.status.retrying("park", retried(error.class()), &reason, attempt);
+                    self.pause(attempt).await?;
+                    attempt += 1;
+                }
+            }
+        };
+        match changed {
+            Some((Change::Put(entry), _)) => {
+                let shown = show_key(&key);
+                let behind = entry.behind.to_string();
+                let topic = &self.runtime.settings.dead_letter_topic;
+                if first {
+                    self.runtime.status.failed_event(
+                        event_type,
+                        position,
+                        &failure,
+                        crate::status::Outcome::Parked,
+                        topic,
+                    );
+                } else {
+                    self.runtime.status.parked_event(event_type, position, &shown, &behind, topic);
+                }
+                self.parking.keys.insert(key, entry);
+                self.show_parked();
+                Ok(true)
+            }
+            Some((Change::Delete, _)) | None => {
+                tracing::info!(connector = %self.name(), key = %show_key(&key), %position,
+                    "the key was released meanwhile; applying its event");
+                if self.parking.keys.remove(&key).is_some() {
+                    self.runtime.status.parked_released(1);
+                }
+                self.show_parked();
+                Ok(false)
+            }
+        }
+    }
+
+    /// Writes a parked event's dead letter, retrying (visibly) until the
+    /// broker takes it; a topic that refuses it for good stops the connector.
+    async fn send_parked(&mut self, record: &RawRecord, failure: &Failure, behind: &str) -> Result<(), Halt> {
+        let mut attempt = 0;
+        loop {
+            let settings = &self.runtime.settings;
+            let letter = Letter {
+                topic: &settings.dead_letter_topic,
+                connector: &settings.name,
+                record,
+                failure,
+                replay_run: None,
+                parked_behind: Some(behind),
+            };
+            match self.runtime.dead_letters.send(&letter).await {
+                Ok(_) => return Ok(()),
+                Err(error @ DeadLetterError::Refused(_)) => {
+                    return Err(Halt::Stopped(Failure {
+                        class: ErrorClass::Permanent,
+                        stage: "dead_letter",
+                        message: format!("dead-letter topic {}: {error}", settings.dead_letter_topic),
+                    }))
+                }
+                Err(DeadLetterError::Transient(error)) => {
+                    let reason = format!("dead-letter topic {}: {error}", settings.dead_letter_topic);
+                    self.runtime.status.retrying("dead_letter", ErrorClass::Transient, &reason, attempt);
+                    self.pause(attempt).await?;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Parks the events of the pending batch whose keys were parked after
+    /// they joined it (a sink refused an earlier event of their key), and
+    /// drops their ops: nothing of a parked key is written past its hole.
+    pub(super) async fn hold_pending(&mut self) -> Result<(), Halt> {
+        if self.parking.is_empty() {
+            return Ok(());
+        }
+        let mut with_ops: Vec<usize> = self.pending.origins.clone();
+        with_ops.dedup();
+        let mut held = Vec::new();
+        for origin in with_ops {
+            let record = &self.pending.records[origin];
+            let hold = match record.key.as_deref().and_then(|key| self.parking.keys.get(key)) {
+                Some(parked) => parked.hold(record.position),
+                None => continue,
+            };
+            match hold {
+                Hold::Before => {}
+                Hold::Parked => held.push(origin),
+                Hold::Park if self.runtime.holds_parked_of.is_some() => held.push(origin),
+                Hold::Park => {
+                    let record = record.clone();
+                    let event_type = self.pending.types[origin];
+                    if self.park(&record, event_type, None).await? {
+                        held.push(origin);
+                    }
+                }
+            }
+        }
+        self.pending.remove_events(&held);
+        Ok(())
+    }
+
+    /// Shows the parked keys in the status (`GET /connectors/{name}`, `/metrics`).
+    fn show_parked(&self) {
+        if !self.parks() {
+            return;
+        }
+        let oldest = self.parking.keys.iter().min_by_key(|(_, k)| k.since_ms).map(|(key, k)| OldestParked {
+            key: show_key(key),
+            behind: k.behind.to_string(),
+            reason: k.reason.clone(),
+            since: crate::sink::postgres::format_millis(k.since_ms),
+            since_ms: k.since_ms,
+        });
+        self.runtime.status.set_parked(ParkedSummary {
+            keys: self.parking.keys.len(),
+            limit: self.runtime.settings.park.max_keys,
+            events: self.parking.keys.values().map(ParkedKey::outstanding).sum(),
+            oldest,
+        });
+    }
+}
+
+/// The class shown while the parked keys' store fails: retried, since
+/// only waiting (or a fix outside kawka) helps; a permanent error here is
+/// the store's setup, shown as config.
+fn retried(class: ErrorClass) -> ErrorClass {
+    match class {
+        ErrorClass::Permanent => ErrorClass::Config,
+        other => other,
+    }
+}

@@ -862,7 +862,11 @@ fn print_parked_reports(topic: &str, reports: &[kawka::pipeline::replay_parked::
     if dry_run {
         println!("{topic}: {} parked key(s) (dry run: nothing written)", reports.len());
     } else {
-        println!("{topic}: {} parked key(s): {released} released, {} still parked", reports.len(), reports.len() - released);
+        println!(
+            "{topic}: {} parked key(s): {released} released, {} still parked",
+            reports.len(),
+            reports.len() - released
+        );
     }
 }
 

@@ -237,7 +237,11 @@ impl Connectors {
 
 /// Remembers how the event at `position` ended, for waiters (the latest
 /// [`FAILED_REMEMBERED`]).
-fn remember_failed(failed: &Mutex<std::collections::VecDeque<(String, i32, i64, Outcome)>>, position: Position, outcome: Outcome) {
+fn remember_failed(
+    failed: &Mutex<std::collections::VecDeque<(String, i32, i64, Outcome)>>,
+    position: Position,
+    outcome: Outcome,
+) {
     let mut failed = lock(failed);
     if failed.len() >= FAILED_REMEMBERED {
         failed.pop_front();

@@ -264,7 +264,8 @@ fn a_huge_config_file_is_refused_unread_and_an_alias_bomb_unexpanded() {
 
 #[test]
 fn park_settings_are_checked_and_need_on_error_park() {
-    let parks = PROFILES.replace("on_error: dead_letter", "on_error: park\npark: { max_keys: 50, fallback: dead_letter }");
+    let parks =
+        PROFILES.replace("on_error: dead_letter", "on_error: park\npark: { max_keys: 50, fallback: dead_letter }");
     let settings = Project::new(DAEMON, &[("user-profiles.yaml", &parks)]).load().expect("valid");
     let profiles = &settings.connectors[0];
     assert_eq!(profiles.on_error, ErrorPolicy::Park);
@@ -280,7 +281,13 @@ fn park_settings_are_checked_and_need_on_error_park() {
     assert!(problems[0].starts_with("user-profiles.yaml:8 park: applies only with `on_error: park`"), "{problems:#?}");
     let zero = parks.replace("max_keys: 50", "max_keys: 0").replace("fallback: dead_letter", "fallback: shrug");
     let problems = Project::new(DAEMON, &[("user-profiles.yaml", &zero)]).problems();
-    assert!(problems.iter().any(|p| p.contains("park.fallback: unknown variant `shrug`") || p.contains("fallback: unknown value `shrug`")), "{problems:#?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("park.fallback: unknown variant `shrug`")
+                || p.contains("fallback: unknown value `shrug`")),
+        "{problems:#?}"
+    );
     let many = parks.replace("max_keys: 50", "max_keys: 20000");
     let problems = Project::new(DAEMON, &[("user-profiles.yaml", &many)]).problems();
     assert!(problems.iter().any(|p| p.contains("park.max_keys: must be 1 to 10000")), "{problems:#?}");

@@ -164,7 +164,8 @@ impl DeadLetters {
             headers = headers.insert(Header { key: "kawka.replay.run", value: Some(run.as_bytes()) });
         }
         if let Some(behind) = parked_behind {
-            headers = headers.insert(Header { key: crate::parked::PARKED_BEHIND_HEADER, value: Some(behind.as_bytes()) });
+            headers =
+                headers.insert(Header { key: crate::parked::PARKED_BEHIND_HEADER, value: Some(behind.as_bytes()) });
         }
         let message = truncate(&failure.message, MAX_MESSAGE_BYTES);
         for (key, value) in [

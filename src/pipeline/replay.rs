@@ -83,7 +83,8 @@ pub async fn dry_run(runtime: &ConnectorRuntime, idle: Duration) -> anyhow::Resu
     let records = tokio::task::spawn_blocking(move || read_all(&kafka, &topic, idle)).await??;
     let mut lines = Vec::with_capacity(records.len());
     // A parked key's letters are replayed by key (`replay_parked`).
-    let plain = records.into_iter().filter(|r| !r.headers.iter().any(|(k, _)| k == crate::parked::PARKED_BEHIND_HEADER));
+    let plain =
+        records.into_iter().filter(|r| !r.headers.iter().any(|(k, _)| k == crate::parked::PARKED_BEHIND_HEADER));
     for mut record in plain {
         record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER);
         let outcome = evaluate(runtime, &record).await;

@@ -238,8 +238,10 @@ async fn replay_key(
                     anyhow::bail!("parked key {shown}: {error} ({attempt} attempts)");
                 }
                 tracing::warn!(key = %shown, %error, attempt, "replaying a parked key failed; retrying");
-                tokio::time::sleep(Backoff { base: Duration::from_millis(200), cap: Duration::from_secs(5) }.delay(attempt))
-                    .await;
+                tokio::time::sleep(
+                    Backoff { base: Duration::from_millis(200), cap: Duration::from_secs(5) }.delay(attempt),
+                )
+                .await;
             }
         }
     }
@@ -305,7 +307,9 @@ async fn read_letters(
         let Some(original) = super::worker::original_position(&record.headers) else { continue };
         let Some(key) = record.key.as_deref().map(<[u8]>::to_vec) else { continue };
         record.position = original;
-        record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER && k != PARKED_BEHIND_HEADER);
+        record
+            .headers
+            .retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER && k != PARKED_BEHIND_HEADER);
         letters.entry(key).or_default().push(record);
     }
     Ok(letters)

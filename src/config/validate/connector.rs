@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::FileProblems;
-use crate::config::files::{ConnectorFile, KeyConfig, OpConfig, TargetConfig};
 use crate::config::files::ErrorPolicy;
+use crate::config::files::{ConnectorFile, KeyConfig, OpConfig, TargetConfig};
 use crate::config::{BatchSettings, ConnectorSettings, ParkSettings};
 use crate::projection::expr::Expr;
 use crate::projection::{EventRule, OpKind, OpTemplate};

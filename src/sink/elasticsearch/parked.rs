@@ -45,6 +45,11 @@ impl ElasticsearchSink {
         // Searches see what a refresh made visible: the keys parked just
         // before (by another replica) included.
         let refreshed = self.client.indices().refresh(IndicesRefreshParts::Index(&[PARKED_INDEX])).send().await;
+        // No connector has parked a key yet (a rebuild reads the live
+        // connector's keys before it ever ran).
+        if refreshed.as_ref().is_ok_and(|r| r.status_code().as_u16() == 404) {
+            return Ok(Vec::new());
+        }
         succeeded(refreshed, "refreshing kawka-parked").await?;
         let response = self
             .client
@@ -71,13 +76,15 @@ impl ElasticsearchSink {
         let id = doc_id(connector, key);
         let mut written: Option<Written> = None;
         for _ in 0..CONFLICT_RETRIES {
-            let response = self.client.get(GetParts::IndexId(PARKED_INDEX, &id)).send().await.map_err(transport_error)?;
+            let response =
+                self.client.get(GetParts::IndexId(PARKED_INDEX, &id)).send().await.map_err(transport_error)?;
             let stored = if response.status_code().as_u16() == 404 {
                 None
             } else {
                 let doc: serde_json::Value =
                     succeeded(Ok(response), "reading kawka-parked").await?.json().await.map_err(transport_error)?;
-                let seq = (doc.get("_seq_no").and_then(|s| s.as_i64()), doc.get("_primary_term").and_then(|s| s.as_i64()));
+                let seq =
+                    (doc.get("_seq_no").and_then(|s| s.as_i64()), doc.get("_primary_term").and_then(|s| s.as_i64()));
                 let (Some(seq_no), Some(term)) = seq else {
                     return Err(SinkError::Elasticsearch { status: None, message: "kawka-parked: no _seq_no".into() });
                 };
@@ -99,7 +106,11 @@ impl ElasticsearchSink {
                         .await
                 }
                 (Change::Put(entry), None) => {
-                    self.client.create(CreateParts::IndexId(PARKED_INDEX, &id)).body(to_doc(connector, key, entry)).send().await
+                    self.client
+                        .create(CreateParts::IndexId(PARKED_INDEX, &id))
+                        .body(to_doc(connector, key, entry))
+                        .send()
+                        .await
                 }
                 (Change::Delete, Some((_, seq_no, term))) => {
                     self.client
@@ -109,9 +120,7 @@ impl ElasticsearchSink {
                         .send()
                         .await
                 }
-                (Change::Delete, None) => {
-                    return Ok(Some((change, written.map(|w| w.superseded).unwrap_or_default())))
-                }
+                (Change::Delete, None) => return Ok(Some((change, written.map(|w| w.superseded).unwrap_or_default()))),
             };
             let response = response.map_err(transport_error)?;
             if response.status_code().as_u16() == 409 {
@@ -135,7 +144,8 @@ fn read_doc(source: &serde_json::Value) -> Result<(Vec<u8>, ParkedKey), SinkErro
     let bad = |what: String| SinkError::Setup(format!("a document of kawka-parked does not read: {what}"));
     let key = source.get("key").and_then(|k| k.as_str()).ok_or_else(|| bad("no key".into()))?;
     let key = unhex(key).ok_or_else(|| bad(format!("key `{key}` is not hex")))?;
-    let entry = serde_json::from_value(source.get("entry").cloned().unwrap_or_default()).map_err(|e| bad(e.to_string()))?;
+    let entry =
+        serde_json::from_value(source.get("entry").cloned().unwrap_or_default()).map_err(|e| bad(e.to_string()))?;
     Ok((key, entry))
 }
 

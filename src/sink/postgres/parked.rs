@@ -31,8 +31,14 @@ impl PostgresSink {
         let rows = sqlx::query(&format!("SELECT key, entry::text FROM {} WHERE connector = $1", self.parked_table()))
             .bind(connector)
             .fetch_all(&self.pool)
-            .await
-            .map_err(SinkError::Postgres)?;
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            // No connector has parked a key in this schema yet (a rebuild
+            // reads the live connector's keys before it ever ran).
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => return Ok(Vec::new()),
+            Err(error) => return Err(SinkError::Postgres(error)),
+        };
         rows.iter()
             .map(|row| {
                 let key: Vec<u8> = row.try_get(0).map_err(SinkError::Postgres)?;

@@ -59,7 +59,9 @@ fn broken_files_list_every_problem_with_file_and_line_and_exit_2() {
     let root = project.path();
     edit(&root.join("config/kawka.yaml"), "  properties: {}", "  properties: {}\n  retries: 3");
     edit(&root.join("connectors/inventory.yaml"), "to: readdb", "to: warehouse");
-    edit(&root.join("connectors/user-profiles.yaml"), "on_error: dead_letter", "on_error: retry_forever");
+    edit(&root.join("connectors/user-profiles.yaml"), "on_error: park", "on_error: retry_forever");
+    // (Its `park:` block would be a second problem without `on_error: park`.)
+    edit(&root.join("connectors/user-profiles.yaml"), "park: { max_keys: 10000, fallback: stop }\n", "");
     std::fs::write(
         root.join("connectors/copy.yaml"),
         std::fs::read_to_string(root.join("connectors/inventory.yaml")).expect("read"),

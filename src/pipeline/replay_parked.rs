@@ -382,3 +382,34 @@ fn read_to_end(
     }
     Ok(records)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_superseded_only_when_every_op_of_it_is() {
+        // Events 0 (ops 0, 1), 1 (op 2), 2 (ops 3, 4).
+        let origins = [0, 0, 1, 2, 2];
+        assert_eq!(origins_of(&[], &origins), 0);
+        assert_eq!(origins_of(&[0], &origins), 0, "one of event 0's two ops");
+        assert_eq!(origins_of(&[0, 1, 2], &origins), 2);
+        assert_eq!(origins_of(&[0, 1, 2, 3, 4], &origins), 3);
+        assert_eq!(origins_of(&[], &[]), 0);
+    }
+
+    #[test]
+    fn a_dry_run_says_release_only_when_every_parked_event_would_apply() {
+        let at = |offset| Position { topic: "users", partition: 0, offset };
+        let mut key = ParkedKey::new(at(4), "upcast: no path".into(), 0);
+        key.extend(at(9));
+        let mut after = key.clone();
+        after.applied(at(4));
+        assert_eq!(outcome_of(&after, None), KeyOutcome::Missing { events: 5 }, "offsets 5 to 9 not read");
+        after.applied(at(9));
+        assert_eq!(outcome_of(&after, None), KeyOutcome::Released);
+        let failure = Failure { class: ErrorClass::Permanent, stage: "upcast", message: "no path".into() };
+        let failed = outcome_of(&after, Some((at(4), failure.clone())));
+        assert_eq!(failed, KeyOutcome::Failed { at: at(4), failure });
+    }
+}

@@ -798,22 +798,22 @@ async fn dlq_replay(
         Err(code) => return code,
     };
     let parks = runtime.settings.on_error == kawka::config::ErrorPolicy::Park;
-    if key.is_some() && !parks {
-        eprintln!("kawka dlq replay: --key is for connectors with `on_error: park`; {connector} does not park keys");
-        return ExitCode::from(2);
-    }
     let topic = runtime.settings.dead_letter_topic.clone();
-    // The dead letters of no key (plain ones) first, then the parked keys.
+    // The plain dead letters first, then the parked keys (also those a
+    // connector parked before it stopped parking: they stay held in the
+    // dead letters until replayed or released).
     if key.is_none() {
         let code = dlq_replay_plain(runtime.clone(), &topic, dry_run, idle).await;
-        if !parks || code != ExitCode::SUCCESS {
+        if code != ExitCode::SUCCESS {
             return code;
         }
     }
     let only = key.map(kawka::parked::parse_key);
-    match kawka::pipeline::replay_parked::replay(&runtime, only.as_deref(), dry_run).await {
+    match kawka::pipeline::replay_parked::replay(&runtime, only.as_deref(), dry_run, idle).await {
         Ok(reports) => {
-            print_parked_reports(&topic, &reports, dry_run);
+            if parks || key.is_some() || !reports.is_empty() {
+                print_parked_reports(&topic, &reports, dry_run);
+            }
             if let (Some(key), true) = (key, reports.is_empty()) {
                 println!("parked key {key}: not parked");
             }
@@ -855,7 +855,19 @@ fn print_parked_reports(topic: &str, reports: &[kawka::pipeline::replay_parked::
             (KeyOutcome::Missing { events }, true) => {
                 format!("would replay {n} event(s), then waits: {events} parked event(s) not found in {topic}")
             }
+            (KeyOutcome::Behind { position, .. }, true) => {
+                format!("would replay {n} event(s), then waits for the connector to pass {position}")
+            }
+            (KeyOutcome::Behind { position, applied: true }, false) => format!(
+                "replayed {n} event(s){superseded}, every parked event applied; stays parked until the connector \
+                 passes {position} (run the replay again then)"
+            ),
+            (KeyOutcome::Behind { position, .. }, _) => format!(
+                "replayed {n} event(s){superseded}; waits for the connector to make its events before {position} \
+                 durable (run the replay again then)"
+            ),
             (KeyOutcome::Gone, _) => "released or replayed by another run meanwhile".to_string(),
+            (KeyOutcome::Error(error), _) => format!("replayed {n} event(s){superseded}, stays parked: {error}"),
         };
         println!("parked key {key}: {line}");
     }
@@ -875,10 +887,6 @@ async fn dlq_release(settings: kawka::config::Settings, connector: &str, key: &s
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    if runtime.settings.on_error != kawka::config::ErrorPolicy::Park {
-        eprintln!("kawka dlq release: {connector} does not park keys (`on_error: park`)");
-        return ExitCode::from(2);
-    }
     match kawka::pipeline::replay_parked::release(&runtime, &kawka::parked::parse_key(key)).await {
         Ok(Some(left)) => {
             println!("released parked key {key}: {left} parked event(s) left unapplied");

@@ -15,27 +15,42 @@
 //!   the range it is already a dead letter (skip it), after it is new
 //!   (park it). The range is stored *after* the dead letter is written, so
 //!   the range never claims a dead letter that is not there.
-//! * `applied`: per partition, the last offset a replay applied. A replay
-//!   applies only dead letters within `parked` and after `applied`, so a
-//!   dead letter written twice (a crash between the send and the store) or
-//!   one of an earlier parking of the key is never applied twice, and one
-//!   not yet in `parked` (a send racing the replay) is left to its writer.
-//! * K is released when `applied` covers every range of `parked`.
+//!   Each range also counts its events: a replay applies a key only when
+//!   it finds every one of them (a letter lost to retention, or written
+//!   without its key, keeps the key parked rather than leave a hole).
+//! * `applied`: per partition, the last offset a replay applied and how
+//!   many. A replay applies only dead letters within a range and after
+//!   `applied`, in offset order, so a dead letter written twice (a crash
+//!   between the send and the store) or one of an earlier parking of the
+//!   key is never applied twice, and one not yet in a range (a send racing
+//!   the replay) is left to its writer.
+//! * K is released when every range's events are applied and the live
+//!   connector's positions are past them (so it never reads them again
+//!   without the entry that says they are parked).
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::Position;
 
-/// A partition's offsets in [`ParkedKey::parked`].
+/// What a key parked in one partition: the offsets of its events sent to
+/// the dead letters, how many there are, and how far a replay got.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Range {
     pub topic: String,
     pub partition: i32,
     pub from: i64,
     pub upto: i64,
+    /// Events parked in this partition (dead letters written, one per
+    /// event: a replay needs every one before it releases the key).
+    pub events: u64,
+    /// The last offset a replay applied here, and how many events.
+    #[serde(default)]
+    pub applied: Option<i64>,
+    #[serde(default)]
+    pub applied_events: u64,
 }
 
-/// A partition's offset in [`ParkedKey::applied`].
+/// A position, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spot {
     pub topic: String,
@@ -59,24 +74,24 @@ impl std::fmt::Display for Spot {
 /// One parked key, as stored in the sink (JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParkedKey {
-    /// The event the key is held behind: the first of its events not
-    /// applied, whose failure parked it (a replay that applies some moves it).
+    /// The event the key is held behind: the earliest of its events not
+    /// applied whose failure parked it (a replay that applies some, or an
+    /// earlier failure found later, moves it).
     pub behind: Spot,
     /// Why `behind` failed: `<stage>: <message>`.
     pub reason: String,
     /// When the key was parked, in milliseconds since the epoch.
     pub since_ms: i64,
     pub parked: Vec<Range>,
-    #[serde(default)]
-    pub applied: Vec<Spot>,
 }
 
 /// What the pipeline does with an event of a parked key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
-    /// It comes before the failed event in its partition: apply it.
+    /// It comes before the failed event in its partition (or, for a
+    /// rebuild, a replay applied it): apply it.
     Before,
-    /// It is a dead letter already (read again after a restart): skip it.
+    /// Its dead letter is written (read again after a restart): skip it.
     Parked,
     /// A later event: park it.
     Park,
@@ -94,8 +109,10 @@ impl ParkedKey {
                 partition: position.partition,
                 from: position.offset,
                 upto: position.offset,
+                events: 1,
+                applied: None,
+                applied_events: 0,
             }],
-            applied: Vec::new(),
         }
     }
 
@@ -103,13 +120,10 @@ impl ParkedKey {
         self.parked.iter().find(|r| r.partition == partition && r.topic == topic)
     }
 
-    fn applied_at(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.applied.iter().find(|s| s.partition == partition && s.topic == topic).map(|s| s.offset)
-    }
-
-    /// What to do with an event of this key at `position`. Offsets order
-    /// events within a partition only: in a partition the key has no
-    /// range in, every event is parked (no order to it is known).
+    /// What the live connector does with an event of this key at
+    /// `position` as it reads it. Offsets order events within a partition
+    /// only: in a partition the key has no range in, every event is parked
+    /// (no order to it is known).
     pub fn hold(&self, position: Position) -> Hold {
         match self.range(position.topic, position.partition) {
             Some(range) if position.offset < range.from => Hold::Before,
@@ -118,16 +132,42 @@ impl ParkedKey {
         }
     }
 
-    /// Records the dead letter of a later event, written at `position`.
-    pub fn extend(&mut self, position: Position) {
+    /// What a rebuild does with an event of this key: what a replay
+    /// applied to the live read model is applied to the new version too;
+    /// the rest is held back (`Park`: skipped there, nothing is parked).
+    pub fn hold_in_rebuild(&self, position: Position) -> Hold {
+        match self.range(position.topic, position.partition) {
+            Some(range) if position.offset < range.from => Hold::Before,
+            Some(range) if range.applied.is_some_and(|at| position.offset <= at) => Hold::Before,
+            _ => Hold::Park,
+        }
+    }
+
+    /// Records the dead letter of another event, written at `position`
+    /// (called once per event). An event before the range (found failing
+    /// after later ones were parked) widens it down; one before `behind`
+    /// in its partition becomes what the key is held behind.
+    pub fn extend(&mut self, position: Position, reason: &str) {
         match self.parked.iter_mut().find(|r| r.partition == position.partition && r.topic == position.topic) {
-            Some(range) => range.upto = range.upto.max(position.offset),
+            Some(range) => {
+                range.from = range.from.min(position.offset);
+                range.upto = range.upto.max(position.offset);
+                range.events += 1;
+            }
             None => self.parked.push(Range {
                 topic: position.topic.to_string(),
                 partition: position.partition,
                 from: position.offset,
                 upto: position.offset,
+                events: 1,
+                applied: None,
+                applied_events: 0,
             }),
+        }
+        let behind = &self.behind;
+        if behind.partition == position.partition && behind.topic == position.topic && position.offset < behind.offset {
+            self.behind = Spot::of(position);
+            self.reason = reason.to_string();
         }
     }
 
@@ -135,33 +175,39 @@ impl ParkedKey {
     /// at `position`: parked (within a range) and not applied yet.
     pub fn wants(&self, position: Position) -> bool {
         let Some(range) = self.range(position.topic, position.partition) else { return false };
-        let after_applied = self.applied_at(position.topic, position.partition).is_none_or(|at| position.offset > at);
-        (range.from..=range.upto).contains(&position.offset) && after_applied
+        (range.from..=range.upto).contains(&position.offset) && range.applied.is_none_or(|at| position.offset > at)
     }
 
-    /// Records that a replay applied the event at `position`.
+    /// Parked events of a partition a replay has not applied yet.
+    pub fn missing_in(&self, topic: &str, partition: i32) -> u64 {
+        self.range(topic, partition).map_or(0, |r| r.events.saturating_sub(r.applied_events))
+    }
+
+    /// Records that a replay applied the event at `position` (each once:
+    /// the replay takes letters in offset order, after `applied`).
     pub fn applied(&mut self, position: Position) {
-        match self.applied.iter_mut().find(|s| s.partition == position.partition && s.topic == position.topic) {
-            Some(spot) => spot.offset = spot.offset.max(position.offset),
-            None => self.applied.push(Spot::of(position)),
+        if let Some(range) =
+            self.parked.iter_mut().find(|r| r.partition == position.partition && r.topic == position.topic)
+        {
+            range.applied = Some(range.applied.map_or(position.offset, |at| at.max(position.offset)));
+            range.applied_events += 1;
         }
     }
 
     /// Whether every parked event has been applied: the key can go.
     pub fn done(&self) -> bool {
-        self.parked.iter().all(|r| self.applied_at(&r.topic, r.partition).is_some_and(|at| at >= r.upto))
+        self.parked.iter().all(|r| r.applied_events >= r.events && r.applied.is_some_and(|at| at >= r.upto))
     }
 
-    /// Parked events not applied yet, as far as the offsets tell (a
-    /// partition's offsets may skip: an upper bound).
+    /// Parked events not applied yet.
     pub fn outstanding(&self) -> u64 {
-        self.parked
-            .iter()
-            .map(|r| {
-                let from = self.applied_at(&r.topic, r.partition).map_or(r.from, |at| (at + 1).max(r.from));
-                u64::try_from(r.upto - from + 1).unwrap_or(0)
-            })
-            .sum()
+        self.parked.iter().map(|r| r.events.saturating_sub(r.applied_events)).sum()
+    }
+
+    /// What a replay has applied, per partition: compared before a change
+    /// so that two replays never both apply the same events.
+    pub fn progress(&self) -> Vec<(i32, Option<i64>, u64)> {
+        self.parked.iter().map(|r| (r.partition, r.applied, r.applied_events)).collect()
     }
 }
 
@@ -220,27 +266,39 @@ mod tests {
     #[test]
     fn events_before_in_and_after_the_parked_range_are_told_apart() {
         let mut key = ParkedKey::new(at(0, 10), "upcast: no path".into(), 0);
-        key.extend(at(0, 14));
+        key.extend(at(0, 14), "park");
         assert_eq!(key.hold(at(0, 9)), Hold::Before, "before the failure: never parked");
         assert_eq!(key.hold(at(0, 10)), Hold::Parked);
         assert_eq!(key.hold(at(0, 14)), Hold::Parked, "read again after a restart: already a dead letter");
         assert_eq!(key.hold(at(0, 15)), Hold::Park);
         assert_eq!(key.hold(at(1, 3)), Hold::Park, "another partition has no order with this one");
-        key.extend(at(1, 3));
+        key.extend(at(1, 3), "park");
         assert_eq!(key.hold(at(1, 2)), Hold::Before);
-        assert_eq!(key.outstanding(), 6);
+        assert_eq!(key.outstanding(), 3, "events, not the offsets between them");
+    }
+
+    #[test]
+    fn an_earlier_failure_found_later_widens_the_range_and_moves_behind() {
+        let mut key = ParkedKey::new(at(0, 12), "decode: bad".into(), 0);
+        key.extend(at(0, 10), "sink: too long");
+        assert_eq!(key.behind, Spot::of(at(0, 10)));
+        assert_eq!(key.reason, "sink: too long");
+        key.extend(at(0, 11), "park");
+        assert_eq!(key.behind, Spot::of(at(0, 10)), "a later event does not move it");
+        assert_eq!((key.parked[0].from, key.parked[0].upto, key.parked[0].events), (10, 12, 3));
     }
 
     #[test]
     fn a_replay_applies_each_parked_event_once_and_releases_when_all_are() {
         let mut key = ParkedKey::new(at(0, 10), "x".into(), 0);
-        key.extend(at(0, 12));
-        key.extend(at(1, 5));
+        key.extend(at(0, 12), "park");
+        key.extend(at(1, 5), "park");
         assert!(!key.wants(at(0, 9)), "not parked");
         assert!(!key.wants(at(0, 13)), "not parked yet: its writer stores it first");
         assert!(key.wants(at(0, 10)));
         key.applied(at(0, 10));
         assert!(!key.wants(at(0, 10)), "a second dead letter of one event is applied once");
+        assert_eq!(key.missing_in("users", 0), 1);
         key.applied(at(0, 12));
         assert!(!key.done(), "partition 1 is outstanding");
         assert_eq!(key.outstanding(), 1);
@@ -248,9 +306,23 @@ mod tests {
         assert!(key.done());
         assert_eq!(key.outstanding(), 0);
         // A later event parked while the replay ran keeps it.
-        key.extend(at(0, 20));
+        key.extend(at(0, 20), "park");
         assert!(!key.done());
         assert!(key.wants(at(0, 20)) && !key.wants(at(0, 11)));
+    }
+
+    #[test]
+    fn a_rebuild_applies_what_a_replay_applied_and_holds_the_rest() {
+        let mut key = ParkedKey::new(at(0, 10), "x".into(), 0);
+        key.extend(at(0, 12), "park");
+        key.extend(at(0, 14), "park");
+        key.applied(at(0, 10));
+        key.applied(at(0, 12));
+        assert_eq!(key.hold_in_rebuild(at(0, 9)), Hold::Before);
+        assert_eq!(key.hold_in_rebuild(at(0, 12)), Hold::Before, "applied live by a replay");
+        assert_eq!(key.hold_in_rebuild(at(0, 13)), Hold::Park);
+        assert_eq!(key.hold_in_rebuild(at(0, 30)), Hold::Park);
+        assert_eq!(key.hold(at(0, 12)), Hold::Parked, "live: skipped when read again");
     }
 
     #[test]

@@ -315,6 +315,12 @@ impl ConnectorStatus {
         tracing::info!(connector = %self.name, keys, "parked keys released; their later events apply");
     }
 
+    /// An event skipped as parked already (read again after a restart):
+    /// a waiter on its position learns it is parked.
+    pub fn remember_parked(&self, position: Position) {
+        remember_failed(&self.failed, position, Outcome::Parked);
+    }
+
     /// A key's failure found `park.max_keys` keys parked: the fallback applies.
     pub fn park_overflow(&self, key: &str, limit: usize, fallback: &str) {
         self.park_overflows.fetch_add(1, Ordering::Relaxed);

@@ -41,6 +41,13 @@ pub(super) struct Parking {
     keys: HashMap<Vec<u8>, ParkedKey, foldhash::fast::RandomState>,
     /// When the keys were last read from the sink (`None`: never this assignment).
     read_at: Option<Instant>,
+    /// Bumped at every change of `keys`.
+    changes: u64,
+    /// Set when a batch written again parked a key while writes after it
+    /// were in flight: before anything else is parked or written, they are
+    /// settled (each holding that key's events as it is written again) and
+    /// the batch being built is held ([`Worker::catch_up_parking`]).
+    pub(super) dirty: bool,
 }
 
 impl Parking {
@@ -48,8 +55,8 @@ impl Parking {
         self.keys.is_empty()
     }
 
-    pub(super) fn len(&self) -> usize {
-        self.keys.len()
+    pub(super) fn changes(&self) -> u64 {
+        self.changes
     }
 }
 
@@ -111,6 +118,7 @@ impl Worker<'_> {
             self.runtime.status.parked_released(released as u64);
         }
         self.parking.keys = keys;
+        self.parking.changes += 1;
         self.parking.read_at = Some(Instant::now());
         self.show_parked();
         Ok(())
@@ -125,20 +133,28 @@ impl Worker<'_> {
     }
 
     /// Takes a record of a parked key out of the stream (parks it, or
-    /// skips it when it is a dead letter already); hands any other back.
+    /// skips it when it is a dead letter already, or in a rebuild); hands
+    /// any other back.
     pub(super) async fn hold(&mut self, record: RawRecord) -> Result<Held, Halt> {
+        if self.parking.dirty {
+            self.catch_up_parking().await?;
+        }
+        let rebuild = self.runtime.holds_parked_of.is_some();
         let hold = match record.key.as_deref().and_then(|key| self.parking.keys.get(key)) {
+            Some(parked) if rebuild => parked.hold_in_rebuild(record.position),
             Some(parked) => parked.hold(record.position),
             None => return Ok(Held::No(record)),
         };
         match hold {
             Hold::Before => Ok(Held::No(record)),
             Hold::Parked => {
+                // A waiter on its position learns it is parked.
+                self.runtime.status.remember_parked(record.position);
                 self.push(record, PARKED);
                 Ok(Held::Yes)
             }
             // A rebuild holds the key back without parking anything.
-            Hold::Park if self.runtime.holds_parked_of.is_some() => {
+            Hold::Park if rebuild => {
                 self.runtime.status.count(PARKED, crate::status::Outcome::Skipped);
                 self.push(record, PARKED);
                 Ok(Held::Yes)
@@ -151,6 +167,38 @@ impl Worker<'_> {
                     Ok(Held::No(record))
                 }
             }
+        }
+    }
+
+    /// Settles the writes in flight and holds the batch being built, after
+    /// a batch written again parked a key (see [`Parking::dirty`]).
+    pub(super) async fn catch_up_parking(&mut self) -> Result<(), Halt> {
+        while self.parking.dirty {
+            self.parking.dirty = false;
+            self.settle().await?;
+            self.hold_pending().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a failure of `key` finds `park.max_keys` other keys parked.
+    fn over_limit(&self, key: &[u8]) -> bool {
+        !self.parking.keys.contains_key(key) && self.parking.keys.len() >= self.runtime.settings.park.max_keys
+    }
+
+    /// The halt of `fallback: stop` once `park.max_keys` keys are parked.
+    fn limit_reached(&self, record: &RawRecord, failure: &Failure) -> Failure {
+        let limit = self.runtime.settings.park.max_keys;
+        let shown = record.key.as_deref().map_or_else(String::new, show_key);
+        self.runtime.status.park_overflow(&shown, limit, "stop");
+        Failure {
+            class: ErrorClass::Permanent,
+            stage: "park",
+            message: format!(
+                "park.max_keys ({limit}) keys are parked; key {shown} failed at {}: {}: {} \
+                 (replay or release parked keys, or raise park.max_keys)",
+                record.position, failure.stage, failure.message
+            ),
         }
     }
 
@@ -169,35 +217,58 @@ impl Worker<'_> {
                 "a record without a key has no key to park; dead-lettering it");
             return self.dead_letter(record, event_type, failure).await;
         };
-        let settings = &self.runtime.settings.park;
-        if !self.parking.keys.contains_key(key) && self.parking.keys.len() >= settings.max_keys {
-            let (limit, fallback) = (settings.max_keys, settings.fallback);
-            let shown = show_key(key);
-            return match fallback {
-                ParkFallback::Stop => {
-                    self.runtime.status.park_overflow(&shown, limit, "stop");
-                    Err(Halt::Stopped(Failure {
-                        class: ErrorClass::Permanent,
-                        stage: "park",
-                        message: format!(
-                            "park.max_keys ({limit}) keys are parked; key {shown} failed at {}: {}: {} \
-                             (replay or release parked keys, or raise park.max_keys)",
-                            record.position, failure.stage, failure.message
-                        ),
-                    }))
-                }
+        if self.over_limit(key) {
+            return match self.runtime.settings.park.fallback {
+                ParkFallback::Stop => Err(Halt::Stopped(self.limit_reached(record, &failure))),
                 ParkFallback::DeadLetter => {
-                    self.runtime.status.park_overflow(&shown, limit, "dead_letter");
+                    let limit = self.runtime.settings.park.max_keys;
+                    self.runtime.status.park_overflow(&show_key(key), limit, "dead_letter");
                     self.dead_letter(record, event_type, failure).await
                 }
             };
         }
-        if self.park(record, event_type, Some(&failure)).await? {
-            Ok(())
-        } else {
-            // Never: a failure parks its key whether or not it was parked.
-            Err(Halt::Sink("a failed event's key could not be parked".into()))
+        self.park(record, event_type, Some(&failure)).await.map(drop)
+    }
+
+    /// Applies `on_error: park` to the events of the pending batch the sink
+    /// refused (`rejected`: indexes into its records, with the reason),
+    /// in the order they were read, together with the other events of their
+    /// keys that follow them in the batch: each key is parked behind its
+    /// first refused event and every later event of it is parked behind,
+    /// refused or not, so the dead letters keep the key's order. Returns
+    /// the failure to halt on after writing the events before it, when
+    /// `fallback: stop` meets `park.max_keys`.
+    pub(super) async fn park_rejected(&mut self, rejected: Vec<(usize, String)>) -> Result<Option<Failure>, Halt> {
+        let mut with_ops: Vec<usize> = self.pending.origins.clone();
+        with_ops.dedup();
+        let mut held = Vec::new();
+        let mut halt = None;
+        for origin in with_ops {
+            let record = self.pending.records[origin].clone();
+            let event_type = self.pending.types[origin];
+            if let Some((_, message)) = rejected.iter().find(|(at, _)| *at == origin) {
+                let failure = Failure { class: ErrorClass::Permanent, stage: "sink", message: message.clone() };
+                let over = record.key.as_deref().is_some_and(|key| self.over_limit(key));
+                if over && self.runtime.settings.park.fallback == ParkFallback::Stop {
+                    // Written: the events before it; nothing past it commits.
+                    halt = Some(self.limit_reached(&record, &failure));
+                    self.pending.remove_events(&held);
+                    self.pending.truncate(origin);
+                    return Ok(halt);
+                }
+                self.park_failed(&record, event_type, failure).await?;
+                held.push(origin);
+                continue;
+            }
+            let parked = record.key.as_deref().and_then(|key| self.parking.keys.get(key));
+            if parked.is_some_and(|p| p.hold(record.position) != Hold::Before)
+                && self.park(&record, event_type, None).await?
+            {
+                held.push(origin);
+            }
         }
+        self.pending.remove_events(&held);
+        Ok(halt)
     }
 
     /// Parks one record: its dead letter (with `kawka.parked.behind`), then
@@ -209,28 +280,41 @@ impl Worker<'_> {
         let key = record.key.as_deref().expect("only records with a key are parked").to_vec();
         let position = record.position;
         let known = self.parking.keys.get(&key).cloned();
-        let behind = known.as_ref().map_or_else(|| position.to_string(), |k| k.behind.to_string());
+        // A failure parks its key whether or not the store still has it; a
+        // later event only while it does (released meanwhile: it applies).
+        let creates = failure.is_some();
         let failure = match failure {
             Some(failure) => failure.clone(),
             None => Failure {
                 class: ErrorClass::Permanent,
                 stage: "park",
-                message: format!("parked behind {behind}, whose event failed"),
+                message: format!(
+                    "parked behind {}, whose event failed",
+                    known.as_ref().map_or_else(|| position.to_string(), |k| k.behind.to_string())
+                ),
             },
         };
-        self.send_parked(record, &failure, &behind).await?;
         let reason = format!("{}: {}", failure.stage, failure.message);
+        // What the key is held behind once this event is parked (itself,
+        // when it is the first or an earlier failure of its partition).
+        let behind = match &known {
+            Some(known) => {
+                let mut after = known.clone();
+                after.extend(position, &reason);
+                after.behind.to_string()
+            }
+            None => position.to_string(),
+        };
+        self.send_parked(record, &failure, &behind).await?;
         let since_ms = crate::status::now_ms();
-        let first = known.is_none();
         let decide = move |stored: Option<&ParkedKey>| match stored {
             Some(stored) => {
                 let mut stored = stored.clone();
-                stored.extend(position);
+                stored.extend(position, &reason);
                 Some(Change::Put(stored))
             }
-            // Released since this worker last read it: the event applies.
-            None if !first => None,
-            None => Some(Change::Put(ParkedKey::new(position, reason.clone(), since_ms))),
+            None if creates => Some(Change::Put(ParkedKey::new(position, reason.clone(), since_ms))),
+            None => None,
         };
         let connector = self.runtime.settings.name.clone();
         let mut attempt = 0;
@@ -245,21 +329,19 @@ impl Worker<'_> {
                 }
             }
         };
+        if attempt > 0 {
+            self.runtime.status.recovered();
+        }
+        self.parking.changes += 1;
         match changed {
             Some((Change::Put(entry), _)) => {
-                let shown = show_key(&key);
-                let behind = entry.behind.to_string();
                 let topic = &self.runtime.settings.dead_letter_topic;
-                if first {
-                    self.runtime.status.failed_event(
-                        event_type,
-                        position,
-                        &failure,
-                        crate::status::Outcome::Parked,
-                        topic,
-                    );
+                if creates {
+                    let outcome = crate::status::Outcome::Parked;
+                    self.runtime.status.failed_event(event_type, position, &failure, outcome, topic);
                 } else {
-                    self.runtime.status.parked_event(event_type, position, &shown, &behind, topic);
+                    let behind = entry.behind.to_string();
+                    self.runtime.status.parked_event(event_type, position, &show_key(&key), &behind, topic);
                 }
                 self.parking.keys.insert(key, entry);
                 self.show_parked();
@@ -323,14 +405,16 @@ impl Worker<'_> {
         for origin in with_ops {
             let record = &self.pending.records[origin];
             let hold = match record.key.as_deref().and_then(|key| self.parking.keys.get(key)) {
+                Some(parked) if self.runtime.holds_parked_of.is_some() => parked.hold_in_rebuild(record.position),
                 Some(parked) => parked.hold(record.position),
                 None => continue,
             };
             match hold {
                 Hold::Before => {}
-                Hold::Parked => held.push(origin),
                 Hold::Park if self.runtime.holds_parked_of.is_some() => held.push(origin),
-                Hold::Park => {
+                // With ops, it was never parked: within the range, the key
+                // was parked behind an earlier event found failing later.
+                Hold::Parked | Hold::Park => {
                     let record = record.clone();
                     let event_type = self.pending.types[origin];
                     if self.park(&record, event_type, None).await? {

@@ -156,6 +156,9 @@ impl Worker<'_> {
             }
         }
         events.sort_by_key(|(origin, _)| *origin);
+        if self.policy() == ErrorPolicy::Park {
+            return self.park_rejected(events).await;
+        }
         if self.policy() == ErrorPolicy::Stop {
             let (first, message) = events.swap_remove(0);
             self.pending.truncate(first);
@@ -169,8 +172,6 @@ impl Worker<'_> {
         }
         let origins: Vec<usize> = events.into_iter().map(|(origin, _)| origin).collect();
         self.pending.remove_events(&origins);
-        // Keys parked just now: their later events in this batch are held too.
-        self.hold_pending().await?;
         Ok(None)
     }
 }

@@ -42,11 +42,19 @@ pub enum KeyOutcome {
     Released,
     /// An event failed again: the key stays parked behind it.
     Failed { at: Position, failure: Failure },
-    /// Events stored as parked were not found in the dead-letter topic
-    /// (deleted by retention, or not written yet): the key stays parked.
+    /// Parked events were not found in the dead-letter topic (deleted by
+    /// retention, written without their key, or not written yet): nothing
+    /// of the key is applied, it stays parked.
     Missing { events: u64 },
+    /// The connector has not made its events up to this position durable:
+    /// before it, events of the key may still be on their way (nothing is
+    /// applied yet), or after its parked events it may still read them
+    /// again (all are applied; the key is released once it has passed).
+    Behind { position: String, applied: bool },
     /// Released by someone else meanwhile (`kawka dlq release`, another replay).
     Gone,
+    /// The key's write failed (the key stays parked; run the replay again).
+    Error(String),
 }
 
 /// One parked key's replay (or, with `--dry-run`, what it would do).
@@ -62,23 +70,39 @@ pub struct KeyReport {
 }
 
 /// Most rounds of a replay: a round applies what it read; another follows
-/// only if a key got more parked events meanwhile and the round moved on.
-const MOST_ROUNDS: usize = 20;
+/// while a key waits for events still being parked or for the connector.
+const MOST_ROUNDS: usize = 30;
+
+/// The pause between rounds.
+const ROUND_PAUSE: Duration = Duration::from_millis(500);
+
+/// Most events of one key applied in one transaction (its progress is
+/// stored with each, so a key of any size replays within the write timeout).
+const CHUNK: usize = 2_000;
 
 /// How often a transient failure of a key's write is retried before the
 /// replay gives up on the key (the key stays parked; run it again).
 const WRITE_ATTEMPTS: u32 = 8;
 
 /// Replays the parked keys of a connector (`only`: one key), or says what
-/// a replay would do (`dry_run`: nothing is written).
-pub async fn replay(runtime: &ConnectorRuntime, only: Option<&[u8]>, dry_run: bool) -> anyhow::Result<Vec<KeyReport>> {
+/// a replay would do (`dry_run`: nothing is written). A key that waits for
+/// more of its letters or for the connector is tried again for `wait`.
+pub async fn replay(
+    runtime: &ConnectorRuntime,
+    only: Option<&[u8]>,
+    dry_run: bool,
+    wait: Duration,
+) -> anyhow::Result<Vec<KeyReport>> {
     runtime.sink.prepare().await?;
     let connector = runtime.settings.name.clone();
+    let started = std::time::Instant::now();
     let mut reports: Vec<(Vec<u8>, KeyReport)> = Vec::new();
-    // Keys this run is done with: released, failed again, gone, or
-    // missing events a round did not find.
+    // Keys this run is done with: released, failed again, gone, in error.
     let mut settled: HashSet<Vec<u8>> = HashSet::new();
-    for _ in 0..MOST_ROUNDS {
+    for round in 0..MOST_ROUNDS {
+        if round > 0 {
+            tokio::time::sleep(ROUND_PAUSE).await;
+        }
         let mut keys = runtime.sink.parked_keys(&connector).await?;
         keys.retain(|(key, _)| only.is_none_or(|only| only == key.as_slice()) && !settled.contains(key));
         if keys.is_empty() {
@@ -86,10 +110,11 @@ pub async fn replay(runtime: &ConnectorRuntime, only: Option<&[u8]>, dry_run: bo
         }
         let wanted: HashMap<Vec<u8>, ParkedKey> = keys.into_iter().collect();
         let mut letters = read_letters(runtime, &wanted).await?;
+        let live = live_positions(runtime).await?;
         let mut again = false;
         for (key, entry) in &wanted {
             let mine = letters.remove(key).unwrap_or_default();
-            let report = replay_key(runtime, key, entry, &mine, dry_run).await?;
+            let report = replay_key(runtime, key, entry, &mine, &live, dry_run).await;
             let index = match reports.iter().position(|(k, _)| k == key) {
                 Some(index) => index,
                 None => {
@@ -102,10 +127,10 @@ pub async fn replay(runtime: &ConnectorRuntime, only: Option<&[u8]>, dry_run: bo
             total.replayed += report.replayed;
             total.superseded += report.superseded;
             total.outcome = report.outcome;
-            // Events parked while this round read: another round finds
-            // them, as long as rounds move on.
-            let missing = matches!(total.outcome, KeyOutcome::Missing { .. });
-            if missing && report.replayed > 0 && !dry_run {
+            // Letters still being written, or a connector still writing
+            // the events before them: worth another round, for a while.
+            let waits = matches!(total.outcome, KeyOutcome::Missing { .. } | KeyOutcome::Behind { .. });
+            if waits && !dry_run && started.elapsed() < wait {
                 again = true;
             } else {
                 settled.insert(key.clone());
@@ -118,132 +143,231 @@ pub async fn replay(runtime: &ConnectorRuntime, only: Option<&[u8]>, dry_run: bo
     Ok(reports.into_iter().map(|(_, report)| report).collect())
 }
 
-/// Replays one key's letters (in the order they were written).
+/// Per partition, the next offset whose effect the live connector made
+/// durable: Postgres' stored positions, or the group's committed offsets.
+async fn live_positions(runtime: &ConnectorRuntime) -> anyhow::Result<HashMap<(String, i32), i64>> {
+    if let Some(stored) = runtime.sink.stored_positions(&runtime.settings.name).await? {
+        return Ok(stored.into_iter().filter_map(|(t, p, next)| Some(((t, p), next?))).collect());
+    }
+    let kafka = runtime.kafka.clone();
+    let (group, topics) = (runtime.settings.source.group_id.clone(), runtime.settings.source.topics.clone());
+    tokio::task::spawn_blocking(move || committed(&kafka, &group, &topics)).await?
+}
+
+/// The committed offsets of `group` on `topics` (read without joining it).
+fn committed(kafka: &KafkaSettings, group: &str, topics: &[String]) -> anyhow::Result<HashMap<(String, i32), i64>> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.bootstrap_servers).set("group.id", group).set("enable.auto.commit", "false");
+    for (key, value) in kafka.properties.iter() {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config.create().map_err(crate::source::kafka::redact_config_error)?;
+    let mut partitions = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            partitions.add_partition(topic, partition.id());
+        }
+    }
+    let committed = consumer.committed_offsets(partitions, Duration::from_secs(10))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(next) => Some(((e.topic().to_string(), e.partition()), next)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A key's letters as a replay takes them: those its entry wants, each
+/// partition's in offset order (a failure found after later events of
+/// its key were parked is written after them) and once each, keeping
+/// the order in which the partitions' letters were written.
+fn in_order<'l>(entry: &ParkedKey, letters: &'l [RawRecord]) -> Vec<&'l RawRecord> {
+    let wanted: Vec<&RawRecord> = letters.iter().filter(|l| entry.wants(l.position)).collect();
+    let mut by_partition: HashMap<(&str, i32), Vec<&RawRecord>> = HashMap::new();
+    for letter in &wanted {
+        by_partition.entry((letter.position.topic, letter.position.partition)).or_default().push(letter);
+    }
+    for letters in by_partition.values_mut() {
+        letters.sort_by_key(|l| l.position.offset);
+        letters.dedup_by_key(|l| l.position.offset);
+        letters.reverse();
+    }
+    // Each slot a partition's letter had takes that partition's next in
+    // offset order; slots of its duplicates are left out.
+    wanted
+        .iter()
+        .filter_map(|letter| by_partition.get_mut(&(letter.position.topic, letter.position.partition))?.pop())
+        .collect()
+}
+
+/// Replays one key's letters.
 async fn replay_key(
     runtime: &ConnectorRuntime,
     key: &[u8],
     entry: &ParkedKey,
     letters: &[RawRecord],
+    live: &HashMap<(String, i32), i64>,
     dry_run: bool,
-) -> anyhow::Result<KeyReport> {
+) -> KeyReport {
     let shown = show_key(key);
-    // The letters this entry wants, once each (a letter may have been
-    // written twice: a crash between its send and the entry's change).
-    let mut expect = entry.clone();
-    let mut todo: Vec<&RawRecord> = Vec::new();
-    for letter in letters {
-        if expect.wants(letter.position) {
-            expect.applied(letter.position);
-            todo.push(letter);
-        }
+    let report = |replayed: usize, superseded: usize, outcome: KeyOutcome| KeyReport {
+        key: shown.clone(),
+        replayed,
+        superseded,
+        outcome,
+    };
+    let mut todo = in_order(entry, letters);
+    // Every parked event's letter, or none applied: a missing one would
+    // be the very hole parking exists to prevent.
+    let missing: u64 = entry
+        .parked
+        .iter()
+        .map(|range| {
+            let found =
+                todo.iter().filter(|l| l.position.partition == range.partition && l.position.topic == range.topic);
+            entry.missing_in(&range.topic, range.partition).saturating_sub(found.count() as u64)
+        })
+        .sum();
+    if missing > 0 {
+        return report(0, 0, KeyOutcome::Missing { events: missing });
+    }
+    // The connector's events of the key before the parked ones must be
+    // durable first (one may still be in a batch being written).
+    let reached = |range: &crate::parked::Range, offset: i64| {
+        live.get(&(range.topic.clone(), range.partition)).is_some_and(|&next| next >= offset)
+    };
+    if let Some(range) = entry.parked.iter().find(|r| !reached(r, r.from)) {
+        let position = format!("{}/{}@{}", range.topic, range.partition, range.from);
+        return report(0, 0, KeyOutcome::Behind { position, applied: false });
     }
     // Each letter's ops, up to the first that fails again.
-    let mut ops: Vec<WriteOp> = Vec::new();
-    let mut origins: Vec<usize> = Vec::new();
+    let mut ops_by_letter: Vec<Vec<WriteOp>> = Vec::with_capacity(todo.len());
     let mut failed: Option<(Position, Failure)> = None;
-    for (at, letter) in todo.iter().enumerate() {
+    for letter in &todo {
         match ops_of(runtime, letter).await {
-            Ok(more) => {
-                origins.extend(std::iter::repeat_n(at, more.len()));
-                ops.extend(more);
-            }
+            Ok(ops) => ops_by_letter.push(ops),
             Err(failure) => {
                 failed = Some((letter.position, failure));
                 break;
             }
         }
     }
-    if let Some((position, _)) = &failed {
-        let at = todo.iter().position(|l| l.position == *position).unwrap_or(todo.len());
-        todo.truncate(at);
-    }
+    todo.truncate(ops_by_letter.len());
+    // Released only once the connector is past every parked event: until
+    // then it may read them again, and the entry is what says they are parked.
+    let releasable = |entry: &ParkedKey| entry.parked.iter().all(|r| reached(r, r.upto + 1));
     if dry_run {
-        let outcome = outcome_of(&expect, failed);
-        return Ok(KeyReport { key: shown, replayed: todo.len(), superseded: 0, outcome });
+        let mut after = entry.clone();
+        todo.iter().for_each(|l| after.applied(l.position));
+        let outcome = match failed {
+            Some((at, failure)) => KeyOutcome::Failed { at, failure },
+            None if !releasable(&after) => behind_of(&after, &reached),
+            None => outcome_of(&after, None),
+        };
+        return report(todo.len(), 0, outcome);
     }
-    let mut attempt = 0;
+    let (mut start, mut superseded, mut attempt) = (0, 0, 0);
+    let mut current = entry.clone();
     loop {
-        let applied: Vec<Position> = todo.iter().map(|l| l.position).collect();
-        let failure = failed.clone();
-        let read = entry.applied.clone();
+        let end = (start + CHUNK).min(todo.len());
+        let last = end == todo.len();
+        let chunk: Vec<Position> = todo[start..end].iter().map(|l| l.position).collect();
+        let mut ops: Vec<WriteOp> = Vec::new();
+        let mut origins: Vec<usize> = Vec::new();
+        for (at, letter_ops) in ops_by_letter[start..end].iter().enumerate() {
+            origins.extend(std::iter::repeat_n(at, letter_ops.len()));
+            ops.extend(letter_ops.iter().cloned());
+        }
+        let failure = failed.clone().filter(|_| last);
+        let read = current.progress();
         // Decided from what is stored now: only if no other replay moved
-        // the key since it was read (its `applied` unchanged).
+        // the key since it was read.
         let decide = move |stored: Option<&ParkedKey>| {
-            let stored = stored.filter(|s| s.applied == read)?;
+            let stored = stored.filter(|s| s.progress() == read)?;
             let mut next = stored.clone();
-            for &position in &applied {
-                next.applied(position);
-            }
+            chunk.iter().for_each(|&position| next.applied(position));
             if let Some((at, failure)) = &failure {
                 next.behind = Spot::of(*at);
                 next.reason = format!("{}: {}", failure.stage, failure.message);
             }
-            if next.done() && failure.is_none() {
+            if last && failure.is_none() && next.done() && releasable(&next) {
                 Some(Change::Delete)
             } else {
                 Some(Change::Put(next))
             }
         };
         match runtime.sink.change_parked(&runtime.settings.name, key, &ops, &decide).await {
-            Ok(Some((change, superseded))) => {
-                let stored_after = match &change {
-                    Change::Delete => None,
-                    Change::Put(next) => Some(next),
-                };
-                let outcome = match (failed, stored_after) {
-                    (Some((at, failure)), _) => KeyOutcome::Failed { at, failure },
-                    (None, None) => KeyOutcome::Released,
-                    (None, Some(next)) => KeyOutcome::Missing { events: next.outstanding() },
-                };
-                let superseded = origins_of(&superseded, &origins);
-                tracing::info!(connector = %runtime.settings.name, key = %shown, replayed = todo.len(),
-                    outcome = ?outcome, "parked key replayed");
-                return Ok(KeyReport { key: shown, replayed: todo.len(), superseded, outcome });
+            Ok(Some((change, stale))) => {
+                superseded += origins_of(&stale, &origins);
+                attempt = 0;
+                match change {
+                    Change::Delete => {
+                        tracing::info!(connector = %runtime.settings.name, key = %shown, replayed = end,
+                            "parked key replayed and released");
+                        return report(end, superseded, KeyOutcome::Released);
+                    }
+                    Change::Put(next) => current = next,
+                }
+                if last {
+                    let outcome = match failed {
+                        Some((at, failure)) => KeyOutcome::Failed { at, failure },
+                        None if current.done() => behind_of(&current, &reached),
+                        None => KeyOutcome::Missing { events: current.outstanding() },
+                    };
+                    tracing::info!(connector = %runtime.settings.name, key = %shown, replayed = end,
+                        outcome = ?outcome, "parked key replayed; it stays parked");
+                    return report(end, superseded, outcome);
+                }
+                start = end;
             }
-            Ok(None) => {
-                return Ok(KeyReport { key: shown, replayed: 0, superseded: 0, outcome: KeyOutcome::Gone });
-            }
+            Ok(None) => return report(start, superseded, KeyOutcome::Gone),
             // The sink refuses an event: the key stays parked behind it,
             // with the events before it applied.
-            Err(SinkError::RejectedOps(rejected)) => {
-                let Some(first) = rejected.iter().filter_map(|(op, _)| origins.get(*op).copied()).min() else {
-                    anyhow::bail!("parked key {shown}: the sink refused ops it did not name");
-                };
-                let message = rejected
-                    .iter()
-                    .find(|(op, _)| origins.get(*op) == Some(&first))
-                    .map_or_else(String::new, |(_, m)| m.clone());
-                failed = Some((todo[first].position, Failure { class: ErrorClass::Permanent, stage: "sink", message }));
-                todo.truncate(first);
-                let keep = origins.iter().take_while(|&&o| o < first).count();
-                ops.truncate(keep);
-                origins.truncate(keep);
-            }
             Err(error) if error.class() == ErrorClass::Permanent => {
-                let rejected = runtime.sink.find_rejected(&ops).await?;
-                if rejected.is_empty() {
-                    anyhow::bail!("parked key {shown}: the sink refuses its events as a whole: {error}");
-                }
-                let first = rejected.iter().filter_map(|(op, _)| origins.get(*op).copied()).min().unwrap_or(0);
-                let message = rejected.first().map_or_else(|| error.to_string(), |(_, m)| m.clone());
-                failed = Some((todo[first].position, Failure { class: ErrorClass::Permanent, stage: "sink", message }));
-                todo.truncate(first);
-                let keep = origins.iter().take_while(|&&o| o < first).count();
-                ops.truncate(keep);
-                origins.truncate(keep);
+                let rejected = match error {
+                    SinkError::RejectedOps(rejected) => rejected,
+                    error => match runtime.sink.find_rejected(&ops).await {
+                        Ok(rejected) if !rejected.is_empty() => rejected,
+                        _ => return report(start, superseded, KeyOutcome::Error(error.to_string())),
+                    },
+                };
+                let Some((first, message)) = rejected
+                    .iter()
+                    .filter_map(|(op, message)| Some((*origins.get(*op)?, message.clone())))
+                    .min_by_key(|(origin, _)| *origin)
+                else {
+                    return report(start, superseded, KeyOutcome::Error("the sink refused ops it did not name".into()));
+                };
+                let at = todo[start + first].position;
+                failed = Some((at, Failure { class: ErrorClass::Permanent, stage: "sink", message }));
+                todo.truncate(start + first);
+                ops_by_letter.truncate(start + first);
             }
             Err(error) => {
                 attempt += 1;
                 if attempt >= WRITE_ATTEMPTS {
-                    anyhow::bail!("parked key {shown}: {error} ({attempt} attempts)");
+                    return report(start, superseded, KeyOutcome::Error(format!("{error} ({attempt} attempts)")));
                 }
                 tracing::warn!(key = %shown, %error, attempt, "replaying a parked key failed; retrying");
-                tokio::time::sleep(
-                    Backoff { base: Duration::from_millis(200), cap: Duration::from_secs(5) }.delay(attempt),
-                )
-                .await;
+                let backoff = Backoff { base: Duration::from_millis(200), cap: Duration::from_secs(5) };
+                tokio::time::sleep(backoff.delay(attempt)).await;
             }
         }
+    }
+}
+
+/// A key whose parked events are all applied but whose connector has not
+/// passed them yet.
+fn behind_of(entry: &ParkedKey, reached: &dyn Fn(&crate::parked::Range, i64) -> bool) -> KeyOutcome {
+    match entry.parked.iter().find(|r| !reached(r, r.upto + 1)) {
+        Some(range) => KeyOutcome::Behind {
+            position: format!("{}/{}@{}", range.topic, range.partition, range.upto + 1),
+            applied: entry.done(),
+        },
+        None => outcome_of(entry, None),
     }
 }
 
@@ -402,14 +526,46 @@ mod tests {
     fn a_dry_run_says_release_only_when_every_parked_event_would_apply() {
         let at = |offset| Position { topic: "users", partition: 0, offset };
         let mut key = ParkedKey::new(at(4), "upcast: no path".into(), 0);
-        key.extend(at(9));
+        key.extend(at(9), "park");
         let mut after = key.clone();
         after.applied(at(4));
-        assert_eq!(outcome_of(&after, None), KeyOutcome::Missing { events: 5 }, "offsets 5 to 9 not read");
+        assert_eq!(outcome_of(&after, None), KeyOutcome::Missing { events: 1 }, "the event at 9 not read");
         after.applied(at(9));
         assert_eq!(outcome_of(&after, None), KeyOutcome::Released);
         let failure = Failure { class: ErrorClass::Permanent, stage: "upcast", message: "no path".into() };
         let failed = outcome_of(&after, Some((at(4), failure.clone())));
         assert_eq!(failed, KeyOutcome::Failed { at: at(4), failure });
+    }
+
+    fn letter(partition: i32, offset: i64) -> RawRecord {
+        RawRecord {
+            position: Position { topic: "users", partition, offset },
+            timestamp: None,
+            key: Some(KeyBytes::from_slice(b"k")),
+            value: None,
+            headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn letters_are_taken_in_offset_order_per_partition_once_each() {
+        let at = |partition, offset| Position { topic: "users", partition, offset };
+        let mut key = ParkedKey::new(at(0, 12), "decode: bad".into(), 0);
+        key.extend(at(1, 3), "park");
+        key.extend(at(0, 10), "sink: too long");
+        key.extend(at(0, 11), "park");
+        key.extend(at(0, 13), "park");
+        // Written: 0@12, 1@3, 0@10, 0@11, 0@12 again (a crash), 0@13, and
+        // 0@9 (not parked) and 0@14 (not stored as parked yet).
+        let letters: Vec<RawRecord> = [(0, 12), (1, 3), (0, 10), (0, 11), (0, 12), (0, 13), (0, 9), (0, 14)]
+            .iter()
+            .map(|&(p, o)| letter(p, o))
+            .collect();
+        let taken: Vec<(i32, i64)> =
+            in_order(&key, &letters).iter().map(|l| (l.position.partition, l.position.offset)).collect();
+        assert_eq!(taken, vec![(0, 10), (1, 3), (0, 11), (0, 12), (0, 13)]);
+        key.applied(at(0, 10));
+        let taken: Vec<i64> = in_order(&key, &letters).iter().map(|l| l.position.offset).collect();
+        assert_eq!(taken, vec![11, 3, 12, 13], "applied ones are not taken again");
     }
 }

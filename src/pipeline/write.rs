@@ -46,7 +46,7 @@ impl Worker<'_> {
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
         let capabilities = self.runtime.sink.capabilities();
         let (most, chains) = (capabilities.concurrent_writes, capabilities.chains_writes);
-        let parked_before = self.parking.len();
+        let parked_before = self.parking.changes();
         // Each key hashed once, for the fold and for the writes in flight.
         let hashes = fold::key_hashes(&self.pending.ops);
         let mut keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
@@ -77,15 +77,20 @@ impl Worker<'_> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        if self.parking.len() != parked_before {
-            // Settling parked a key and held its events in this batch: the
-            // plan made before is of ops it no longer has. (Its records and
-            // so its positions are the same.)
+        if self.parking.dirty || self.parking.changes() != parked_before {
+            // Settling parked a key: its events in the writes behind and
+            // in this batch are held first, in order; the plan made before
+            // is of ops this batch may no longer have. (Its records, and so
+            // its positions, are the same.)
+            self.catch_up_parking().await?;
             let hashes = fold::key_hashes(&self.pending.ops);
             keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
             plan = self.runtime.sink.plan(&self.pending.ops, &hashes, &offsets);
-            // Nothing is in flight after such a rewrite: any share fits.
+            // Nothing is in flight after catching up: any share fits.
             connections = plan.as_ref().map_or(1, Plan::connections);
+            if self.pending.is_empty() {
+                return Ok(());
+            }
         }
         let follows = follows(&self.in_flight, &partitions, &keys);
         let (ran_signal, ran) = StepDone::channel();
@@ -118,7 +123,7 @@ impl Worker<'_> {
     /// positions become durable; on failure it is written again here, with
     /// the retries and rejections of the synchronous path, before anything
     /// newer of its partitions.
-    async fn settle(&mut self) -> Result<(), Halt> {
+    pub(super) async fn settle(&mut self) -> Result<(), Halt> {
         while !self.in_flight.is_empty() {
             self.settle_oldest().await?;
         }
@@ -196,7 +201,7 @@ impl Worker<'_> {
             Err(_) if self.stopping => Ok(()),
             Err(error) => {
                 tracing::info!(connector = %self.name(), %error, "a batch write failed; writing it again");
-                let parked_before = self.parking.len();
+                let parked_before = self.parking.changes();
                 let next = std::mem::replace(&mut self.pending, batch);
                 let written = self.write_pending().await;
                 // Under `stop`, the batch being built and the writes in
@@ -208,17 +213,13 @@ impl Worker<'_> {
                     self.stopping = true;
                 } else {
                     self.pending = next;
-                    if written.is_ok() && self.parking.len() > parked_before {
+                    if self.parking.changes() != parked_before {
                         // The rewrite parked a key: its later events, in
-                        // the writes in flight behind this one and in the
-                        // batch being built, are parked too, in the order
-                        // they were read (the writes behind it failed with
-                        // it, and each is written again, holding them, as
-                        // it settles), before any new record is.
-                        while !self.in_flight.is_empty() {
-                            Box::pin(self.settle_oldest()).await?;
-                        }
-                        self.hold_pending().await?;
+                        // the writes in flight behind this one (which failed
+                        // with it and are written again, holding them, as
+                        // they settle, in order) and in the batch being
+                        // built, are parked before any new record is.
+                        self.parking.dirty = true;
                     }
                 }
                 written

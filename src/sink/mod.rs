@@ -350,6 +350,19 @@ impl Sink {
         }
     }
 
+    /// For sinks that store positions, `connector`'s: per partition, the
+    /// next offset whose effect is not durable (`None` for Elasticsearch,
+    /// whose positions are the group's committed offsets in Kafka).
+    pub async fn stored_positions(
+        &self,
+        connector: &str,
+    ) -> Result<Option<Vec<(String, i32, Option<i64>)>>, SinkError> {
+        match self {
+            Sink::Postgres(sink) => bounded(sink.positions(connector)).await.map(Some),
+            Sink::Elasticsearch(_) => Ok(None),
+        }
+    }
+
     /// Every key `connector` has parked (`on_error: park`).
     pub async fn parked_keys(&self, connector: &str) -> Result<Vec<(Vec<u8>, ParkedKey)>, SinkError> {
         match self {

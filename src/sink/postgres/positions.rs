@@ -33,6 +33,23 @@ impl PostgresSink {
             .collect()
     }
 
+    /// The positions stored for `connector`: per partition, the next offset
+    /// whose effect is not in the table (`None`: claimed, nothing written).
+    pub async fn positions(&self, connector: &str) -> Result<Vec<(String, i32, Option<i64>)>, SinkError> {
+        let rows = sqlx::query(&format!(
+            "SELECT topic, partition, next_offset FROM {} WHERE connector = $1",
+            self.table.offsets_table
+        ))
+        .bind(connector)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(SinkError::Postgres)?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(SinkError::Postgres)
+    }
+
     /// Whether these partitions still carry these epochs (no other owner,
     /// no rebuild cut-over or rollback moved them since the claim).
     pub async fn owns(&self, epochs: &[(Name, i32, i64)]) -> Result<bool, SinkError> {

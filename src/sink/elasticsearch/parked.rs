@@ -54,12 +54,21 @@ impl ElasticsearchSink {
         let response = self
             .client
             .search(SearchParts::Index(&[PARKED_INDEX]))
-            .body(json!({"query": {"term": {"connector": connector}}, "size": MOST_PARKED}))
+            .body(json!({"query": {"term": {"connector": connector}}, "size": MOST_PARKED, "track_total_hits": true}))
             .send()
             .await;
         let reply: serde_json::Value =
             succeeded(response, "reading kawka-parked").await?.json().await.map_err(transport_error)?;
         let hits = reply.pointer("/hits/hits").and_then(|h| h.as_array()).cloned().unwrap_or_default();
+        // Replicas each check `park.max_keys` against what they know, so
+        // together they can park more: never hold only some of them.
+        let total = reply.pointer("/hits/total/value").and_then(|t| t.as_u64()).unwrap_or(hits.len() as u64);
+        if total > hits.len() as u64 {
+            return Err(SinkError::Setup(format!(
+                "{connector} has {total} keys in {PARKED_INDEX}, more than the {MOST_PARKED} one read holds: \
+                 replay or release some (kawka dlq replay)"
+            )));
+        }
         hits.iter().map(|hit| read_doc(hit.get("_source").unwrap_or(&serde_json::Value::Null))).collect()
     }
 

@@ -305,6 +305,19 @@ impl Worker<'_> {
             }
             None => position.to_string(),
         };
+        // An event that follows a parked key is parked only while the key
+        // is: released since this worker read it (a replay, an operator),
+        // it applies, and no dead letter says otherwise.
+        if !creates && !self.still_parked(&key).await? {
+            tracing::info!(connector = %self.name(), key = %show_key(&key), %position,
+                "the key was released; applying its event");
+            if self.parking.keys.remove(&key).is_some() {
+                self.runtime.status.parked_released(1);
+            }
+            self.parking.changes += 1;
+            self.show_parked();
+            return Ok(false);
+        }
         self.send_parked(record, &failure, &behind).await?;
         let since_ms = crate::status::now_ms();
         let decide = move |stored: Option<&ParkedKey>| match stored {
@@ -357,6 +370,28 @@ impl Worker<'_> {
                 Ok(false)
             }
         }
+    }
+
+    /// Whether the store still has `key` parked (read under its lock,
+    /// changing nothing), retrying failures visibly.
+    async fn still_parked(&mut self, key: &[u8]) -> Result<bool, Halt> {
+        let connector = self.runtime.settings.name.clone();
+        let found = std::sync::atomic::AtomicBool::new(false);
+        let look = |stored: Option<&ParkedKey>| {
+            found.store(stored.is_some(), std::sync::atomic::Ordering::Relaxed);
+            None
+        };
+        let mut attempt = 0;
+        while let Err(error) = self.runtime.sink.change_parked(&connector, key, &[], &look).await {
+            let reason = format!("reading parked key {}: {error}", show_key(key));
+            self.runtime.status.retrying("park", retried(error.class()), &reason, attempt);
+            self.pause(attempt).await?;
+            attempt += 1;
+        }
+        if attempt > 0 {
+            self.runtime.status.recovered();
+        }
+        Ok(found.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Writes a parked event's dead letter, retrying (visibly) until the

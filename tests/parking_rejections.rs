@@ -1,0 +1,213 @@
+//! `on_error: park` when the sink refuses events, under any batching:
+//! Postgres refuses rows whose email is "poison" (a CHECK constraint), in
+//! a random log cut into small batches written in the background, several
+//! at once per partition. Whatever the batching, each key must end in one
+//! of two states: never refused, and then its row is the fold of all its
+//! events; or parked behind its first refused event, and then its row is
+//! the fold of its events before that one and the dead-letter topic holds
+//! exactly its events from that one on (none missing, none of another
+//! key). Once the constraint is dropped, `kawka dlq replay` makes every
+//! row the fold of the whole log. (A poison email that a later email of
+//! the same key overwrites within one batch never reaches the table:
+//! which keys get parked depends on the batching, what they hold does not.)
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{json, Value as Json};
+
+use support::Project;
+
+fn connector(name: &str, topic: &str, max_events: usize) -> String {
+    format!(
+        r#"name: {name}
+source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms: "6000" }} }}
+sink: {{ to: readdb, table: {name}, create: false, columns: {{ id: text, name: text, email: text, logins: bigint }}, primary_key: [id] }}
+key: {{ id: $key }}
+on_error: park
+dead_letter_topic: {name}.dlq
+batch: {{ max_events: {max_events}, max_wait: 20ms }}
+events:
+  test.stats.Registered:   {{ upsert: {{ name: name, email: email, logins: 0 }} }}
+  test.stats.EmailChanged: {{ merge: {{ email: email }} }}
+  test.stats.LoggedIn:     {{ increment: {{ logins: count }} }}
+"#
+    )
+}
+
+/// Every row, null columns left out (as the fold writes documents).
+async fn rows(pool: &sqlx::PgPool, table: &str) -> BTreeMap<String, Json> {
+    type Row = (String, Option<String>, Option<String>, Option<i64>);
+    let rows: Vec<Row> = sqlx::query_as(&format!("SELECT id, name, email, logins FROM \"{table}\""))
+        .fetch_all(pool)
+        .await
+        .expect("read the table");
+    rows.into_iter()
+        .map(|(id, name, email, logins)| {
+            let mut row = serde_json::Map::new();
+            for (column, value) in [("name", json!(name)), ("email", json!(email)), ("logins", json!(logins))] {
+                if !value.is_null() {
+                    row.insert(column.to_string(), value);
+                }
+            }
+            (id, Json::Object(row))
+        })
+        .collect()
+}
+
+fn header<'c>(letter: &'c support::Consumed, name: &str) -> Option<&'c str> {
+    letter.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok())
+}
+
+fn dlq_replay(project: &Project, name: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_kawka"))
+        .args(["dlq", "replay", name, "--idle", "10s"])
+        .current_dir(project.root())
+        .env_remove("KAWKA_CONFIG")
+        .output()
+        .expect("kawka dlq replay runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_rows_park_their_keys_in_read_order_under_any_batching() {
+    let registry = support::start_registry().await;
+    let pool = support::postgres().await;
+    let mut rng = rand::rng();
+    for round in 0..2 {
+        let topic = support::unique("parkrefused");
+        let name = support::unique("parkrefused");
+        support::create_topic(&topic, 3).await;
+        support::create_topic(&format!("{name}.dlq"), 2).await;
+        sqlx::query(&format!(
+            "CREATE TABLE \"{name}\" (id text PRIMARY KEY, name text, email text, logins bigint, \
+             CONSTRAINT no_poison CHECK (email NOT LIKE '%poison%'))"
+        ))
+        .execute(&pool)
+        .await
+        .expect("create the table");
+
+        // A random log; some email changes are poison.
+        let mut log = support::stats::log(2_500, 40);
+        let mut poisoned = 0;
+        for (n, record) in log.iter_mut().enumerate() {
+            if record["schema"] == "email" && rng.random_range(0..100) < 6 {
+                let user = record["key"].as_str().expect("key").to_string();
+                record["value"]["email"] = json!(format!("{user}.poison{n}@example.com"));
+                poisoned += 1;
+            }
+        }
+        let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+            "subject_strategy": "topic_record", "schemas": support::stats::schemas()});
+        support::produce_with_python(&spec, log.clone()).await;
+        let total = log.len() as i64;
+
+        let max_events = rng.random_range(2..40);
+        let project = Project::new(&registry.url(), &[(&name, &connector(&name, &topic, max_events))]);
+        let mut kawka = project.start(0);
+        support::eventually(Duration::from_secs(120), "every event to be durable", || async {
+            (support::stored_positions(&pool, &name).await == total).then_some(())
+        })
+        .await;
+
+        // Each key's events, in offset order (one partition per key, in
+        // the order they were produced: the log's).
+        let records = support::consume(&topic, log.len(), Duration::from_secs(60)).await;
+        assert_eq!(records.len(), log.len());
+        let mut offsets: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for record in &records {
+            let key = String::from_utf8(record.key.clone().expect("a key")).expect("utf-8 key");
+            offsets.entry(key).or_default().push(record.offset);
+        }
+        offsets.values_mut().for_each(|o| o.sort_unstable());
+        let mut events: BTreeMap<String, Vec<Json>> = BTreeMap::new();
+        for record in &log {
+            events.entry(record["key"].as_str().expect("key").to_string()).or_default().push(record.clone());
+        }
+
+        let letters = support::consume(&format!("{name}.dlq"), 100_000, Duration::from_secs(5)).await;
+        let mut parked: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+        for letter in &letters {
+            let key = String::from_utf8(letter.key.clone().expect("a letter keeps its key")).expect("utf-8 key");
+            assert!(header(letter, "kawka.parked.behind").is_some(), "{key}: a letter of a parked key says so");
+            let offset: i64 = header(letter, "kawka.error.offset").and_then(|o| o.parse().ok()).expect("its offset");
+            parked.entry(key).or_default().insert(offset);
+        }
+        let table = rows(&pool, &name).await;
+        let mut report = Vec::new();
+        for (key, mine) in &events {
+            let row = table.get(key);
+            match parked.get(key) {
+                None => {
+                    let want = support::stats::fold(mine).remove(key);
+                    assert_eq!(row, want.as_ref(), "{key}: never refused, its row is the fold of all its events");
+                }
+                Some(letter_offsets) => {
+                    let first = *letter_offsets.first().expect("one letter at least");
+                    let all = &offsets[key];
+                    let at = all.iter().position(|&o| o == first).expect("a letter is of one of the key's events");
+                    let suffix: BTreeSet<i64> = all[at..].iter().copied().collect();
+                    assert_eq!(
+                        letter_offsets, &suffix,
+                        "{key}: the dead letters are exactly its events from the first refused one on"
+                    );
+                    let behind = letters
+                        .iter()
+                        .find(|l| {
+                            l.key.as_deref() == Some(key.as_bytes())
+                                && header(l, "kawka.error.offset") == Some(first.to_string().as_str())
+                        })
+                        .expect("the first letter");
+                    assert_eq!(header(behind, "kawka.error.stage"), Some("sink"), "{key}: parked behind a refused event");
+                    assert!(mine[at]["value"]["email"].as_str().is_some_and(|e| e.contains("poison")), "{key}");
+                    let want = support::stats::fold(&mine[..at]).remove(key);
+                    assert_eq!(row, want.as_ref(), "{key}: its row is the fold of its events before the refused one");
+                    report.push(format!("{key}: {} of {} events parked", suffix.len(), all.len()));
+                }
+            }
+        }
+        let stored: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT key FROM kawka_parked WHERE connector = $1")
+            .bind(&name)
+            .fetch_all(&pool)
+            .await
+            .expect("read kawka_parked");
+        let stored: BTreeSet<String> = stored.into_iter().map(|(k,)| String::from_utf8(k.clone()).expect("utf-8")).collect();
+        assert_eq!(stored, parked.keys().cloned().collect(), "kawka_parked holds the parked keys");
+        eprintln!(
+            "round {round}: {} events, {poisoned} poison, batches of {max_events}: {} key(s) parked, {} letters\n{}",
+            log.len(),
+            parked.len(),
+            letters.len(),
+            report.join("\n")
+        );
+
+        // The fix: the constraint goes; the replay gives the fold of all.
+        sqlx::query(&format!("ALTER TABLE \"{name}\" DROP CONSTRAINT no_poison")).execute(&pool).await.expect("drop");
+        let replayed = dlq_replay(&project, &name);
+        assert!(!replayed.contains("stays parked"), "{replayed}");
+        let want = support::stats::fold(&log);
+        let table = rows(&pool, &name).await;
+        let wrong: Vec<String> = want
+            .keys()
+            .chain(table.keys())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|k| table.get(*k) != want.get(*k))
+            .map(|k| format!("{k}: row {:?}, fold {:?}", table.get(k), want.get(k)))
+            .collect();
+        assert!(wrong.is_empty(), "after the replay, rows differ from the fold:\n{}\n{replayed}", wrong.join("\n"));
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM kawka_parked WHERE connector = $1")
+            .bind(&name)
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        assert_eq!(left, 0, "every key released: {replayed}");
+        kawka.terminate().await;
+    }
+}

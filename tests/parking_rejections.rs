@@ -1,13 +1,15 @@
 //! `on_error: park` when the sink refuses events, under any batching:
 //! Postgres refuses rows whose email is "poison" (a CHECK constraint), in
 //! a random log cut into small batches written in the background, several
-//! at once per partition. Whatever the batching, each key must end in one
+//! at once per partition; some events also fail before batching (an event
+//! type without a rule), so a key may be parked behind a later event
+//! before an earlier one of it is refused. Whatever the batching, each key must end in one
 //! of two states: never refused, and then its row is the fold of all its
-//! events; or parked behind its first refused event, and then its row is
+//! events; or parked behind its first failed event, and then its row is
 //! the fold of its events before that one and the dead-letter topic holds
 //! exactly its events from that one on (none missing, none of another
-//! key). Once the constraint is dropped, `kawka dlq replay` makes every
-//! row the fold of the whole log. (A poison email that a later email of
+//! key). Once the constraint is dropped and the rule added, `kawka dlq
+//! replay` makes every row the fold of the whole log. (A poison email that a later email of
 //! the same key overwrites within one batch never reaches the table:
 //! which keys get parked depends on the batching, what they hold does not.)
 
@@ -22,6 +24,9 @@ use serde_json::{json, Value as Json};
 
 use support::Project;
 
+/// The rule the fix adds: a `Banned` event counts like a login.
+const BANNED_RULE: &str = "  test.stats.Banned:       { increment: { logins: count } }\n";
+
 fn connector(name: &str, topic: &str, max_events: usize) -> String {
     format!(
         r#"name: {name}
@@ -29,6 +34,7 @@ source: {{ topics: [{topic}], start: earliest, properties: {{ session.timeout.ms
 sink: {{ to: readdb, table: {name}, create: false, columns: {{ id: text, name: text, email: text, logins: bigint }}, primary_key: [id] }}
 key: {{ id: $key }}
 on_error: park
+unknown_events: error
 dead_letter_topic: {name}.dlq
 batch: {{ max_events: {max_events}, max_wait: 20ms }}
 events:
@@ -93,18 +99,29 @@ async fn refused_rows_park_their_keys_in_read_order_under_any_batching() {
         .await
         .expect("create the table");
 
-        // A random log; some email changes are poison.
+        // A random log; some email changes are poison, some logins are
+        // `Banned` events, which have no rule yet (the fold counts them as
+        // logins: the rule the fix adds).
         let mut log = support::stats::log(2_500, 40);
-        let mut poisoned = 0;
+        let (mut poisoned, mut banned) = (0, 0);
         for (n, record) in log.iter_mut().enumerate() {
+            let user = record["key"].as_str().expect("key").to_string();
             if record["schema"] == "email" && rng.random_range(0..100) < 6 {
-                let user = record["key"].as_str().expect("key").to_string();
                 record["value"]["email"] = json!(format!("{user}.poison{n}@example.com"));
                 poisoned += 1;
+            } else if record["schema"] == "login" && rng.random_range(0..100) < 2 {
+                record["schema"] = json!("banned");
+                banned += 1;
             }
         }
+        let mut schemas = support::stats::schemas();
+        schemas["banned"] = support::record_schema(
+            "test.stats",
+            "Banned",
+            json!([{"name": "user_id", "type": "string"}, {"name": "count", "type": "int"}]),
+        );
         let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
-            "subject_strategy": "topic_record", "schemas": support::stats::schemas()});
+            "subject_strategy": "topic_record", "schemas": schemas});
         support::produce_with_python(&spec, log.clone()).await;
         let total = log.len() as i64;
 
@@ -164,10 +181,17 @@ async fn refused_rows_park_their_keys_in_read_order_under_any_batching() {
                                 && header(l, "kawka.error.offset") == Some(first.to_string().as_str())
                         })
                         .expect("the first letter");
-                    assert_eq!(header(behind, "kawka.error.stage"), Some("sink"), "{key}: parked behind a refused event");
-                    assert!(mine[at]["value"]["email"].as_str().is_some_and(|e| e.contains("poison")), "{key}");
+                    let poison = mine[at]["value"]["email"].as_str().is_some_and(|e| e.contains("poison"));
+                    let stage = header(behind, "kawka.error.stage");
+                    match mine[at]["schema"].as_str() {
+                        Some("banned") => assert_eq!(stage, Some("projection"), "{key}: behind its unruled event"),
+                        _ => assert!(poison && stage == Some("sink"), "{key}: behind a refused row ({stage:?})"),
+                    }
                     let want = support::stats::fold(&mine[..at]).remove(key);
-                    assert_eq!(row, want.as_ref(), "{key}: its row is the fold of its events before the refused one");
+                    assert_eq!(row, want.as_ref(), "{key}: its row is the fold of its events before the failed one");
+                    if mine[..at].iter().any(|e| e["schema"] == "banned") {
+                        panic!("{key}: an unruled event before the one it is parked behind was applied");
+                    }
                     report.push(format!("{key}: {} of {} events parked", suffix.len(), all.len()));
                 }
             }
@@ -177,18 +201,24 @@ async fn refused_rows_park_their_keys_in_read_order_under_any_batching() {
             .fetch_all(&pool)
             .await
             .expect("read kawka_parked");
-        let stored: BTreeSet<String> = stored.into_iter().map(|(k,)| String::from_utf8(k.clone()).expect("utf-8")).collect();
+        let stored: BTreeSet<String> =
+            stored.into_iter().map(|(k,)| String::from_utf8(k.clone()).expect("utf-8")).collect();
         assert_eq!(stored, parked.keys().cloned().collect(), "kawka_parked holds the parked keys");
         eprintln!(
-            "round {round}: {} events, {poisoned} poison, batches of {max_events}: {} key(s) parked, {} letters\n{}",
+            "round {round}: {} events, {poisoned} poison, {banned} unruled, batches of {max_events}: {} key(s) parked, \
+             {} letters\n{}",
             log.len(),
             parked.len(),
             letters.len(),
             report.join("\n")
         );
 
-        // The fix: the constraint goes; the replay gives the fold of all.
+        // The fix: the constraint goes, the rule comes; the replay gives
+        // the fold of all.
         sqlx::query(&format!("ALTER TABLE \"{name}\" DROP CONSTRAINT no_poison")).execute(&pool).await.expect("drop");
+        let file = project.root().join(format!("connectors/{name}.yaml"));
+        let fixed = connector(&name, &topic, max_events) + BANNED_RULE;
+        std::fs::write(&file, fixed).expect("add the rule");
         let replayed = dlq_replay(&project, &name);
         assert!(!replayed.contains("stays parked"), "{replayed}");
         let want = support::stats::fold(&log);

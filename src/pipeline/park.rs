@@ -309,13 +309,7 @@ impl Worker<'_> {
         // is: released since this worker read it (a replay, an operator),
         // it applies, and no dead letter says otherwise.
         if !creates && !self.still_parked(&key).await? {
-            tracing::info!(connector = %self.name(), key = %show_key(&key), %position,
-                "the key was released; applying its event");
-            if self.parking.keys.remove(&key).is_some() {
-                self.runtime.status.parked_released(1);
-            }
-            self.parking.changes += 1;
-            self.show_parked();
+            self.forget(&key, position);
             return Ok(false);
         }
         self.send_parked(record, &failure, &behind).await?;
@@ -361,15 +355,22 @@ impl Worker<'_> {
                 Ok(true)
             }
             Some((Change::Delete, _)) | None => {
-                tracing::info!(connector = %self.name(), key = %show_key(&key), %position,
-                    "the key was released meanwhile; applying its event");
-                if self.parking.keys.remove(&key).is_some() {
-                    self.runtime.status.parked_released(1);
-                }
-                self.show_parked();
+                self.forget(&key, position);
                 Ok(false)
             }
         }
+    }
+
+    /// Forgets a key found released (by a replay or an operator) when its
+    /// event at `position` was about to be parked: the event applies.
+    fn forget(&mut self, key: &[u8], position: crate::event::Position) {
+        tracing::info!(connector = %self.name(), key = %show_key(key), %position,
+            "the key was released; applying its event");
+        if self.parking.keys.remove(key).is_some() {
+            self.runtime.status.parked_released(1);
+        }
+        self.parking.changes += 1;
+        self.show_parked();
     }
 
     /// Whether the store still has `key` parked (read under its lock,

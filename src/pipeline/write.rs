@@ -82,6 +82,7 @@ impl Worker<'_> {
             // in this batch are held first, in order; the plan made before
             // is of ops this batch may no longer have. (Its records, and so
             // its positions, are the same.)
+            self.parking.dirty = true;
             self.catch_up_parking().await?;
             let hashes = fold::key_hashes(&self.pending.ops);
             keys = if most > 1 { sorted(&hashes) } else { Vec::new() };
@@ -135,7 +136,7 @@ impl Worker<'_> {
     /// abandoned with the rest (nothing past it is committed; its events
     /// are read again on the next start), so a drain ends in bounded time.
     async fn settle_oldest(&mut self) -> Result<(), Halt> {
-        // (A rewrite that parks a key settles the rest itself.)
+        // (Never expected: every caller counts what is in flight first.)
         if self.in_flight.is_empty() {
             return Ok(());
         }

@@ -50,6 +50,21 @@ pub struct Range {
     pub applied_events: u64,
 }
 
+impl Range {
+    /// The range of one event, parked at `position`.
+    fn at(position: Position) -> Range {
+        Range {
+            topic: position.topic.to_string(),
+            partition: position.partition,
+            from: position.offset,
+            upto: position.offset,
+            events: 1,
+            applied: None,
+            applied_events: 0,
+        }
+    }
+}
+
 /// A position, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spot {
@@ -100,20 +115,7 @@ pub enum Hold {
 impl ParkedKey {
     /// A key parked behind the event at `position`, whose dead letter is written.
     pub fn new(position: Position, reason: String, since_ms: i64) -> ParkedKey {
-        ParkedKey {
-            behind: Spot::of(position),
-            reason,
-            since_ms,
-            parked: vec![Range {
-                topic: position.topic.to_string(),
-                partition: position.partition,
-                from: position.offset,
-                upto: position.offset,
-                events: 1,
-                applied: None,
-                applied_events: 0,
-            }],
-        }
+        ParkedKey { behind: Spot::of(position), reason, since_ms, parked: vec![Range::at(position)] }
     }
 
     fn range(&self, topic: &str, partition: i32) -> Option<&Range> {
@@ -154,15 +156,7 @@ impl ParkedKey {
                 range.upto = range.upto.max(position.offset);
                 range.events += 1;
             }
-            None => self.parked.push(Range {
-                topic: position.topic.to_string(),
-                partition: position.partition,
-                from: position.offset,
-                upto: position.offset,
-                events: 1,
-                applied: None,
-                applied_events: 0,
-            }),
+            None => self.parked.push(Range::at(position)),
         }
         let behind = &self.behind;
         if behind.partition == position.partition && behind.topic == position.topic && position.offset < behind.offset {

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::dead_letter::{DeadLetterError, Letter};
 use super::worker::Worker;
 use super::Halt;
 use crate::config::{ErrorPolicy, ParkFallback};
@@ -312,7 +311,7 @@ impl Worker<'_> {
             self.forget(&key, position);
             return Ok(false);
         }
-        self.send_parked(record, &failure, &behind).await?;
+        self.send_letter(record, &failure, Some(&behind)).await?;
         let since_ms = crate::status::now_ms();
         let decide = move |stored: Option<&ParkedKey>| match stored {
             Some(stored) => {
@@ -393,39 +392,6 @@ impl Worker<'_> {
             self.runtime.status.recovered();
         }
         Ok(found.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
-    /// Writes a parked event's dead letter, retrying (visibly) until the
-    /// broker takes it; a topic that refuses it for good stops the connector.
-    async fn send_parked(&mut self, record: &RawRecord, failure: &Failure, behind: &str) -> Result<(), Halt> {
-        let mut attempt = 0;
-        loop {
-            let settings = &self.runtime.settings;
-            let letter = Letter {
-                topic: &settings.dead_letter_topic,
-                connector: &settings.name,
-                record,
-                failure,
-                replay_run: None,
-                parked_behind: Some(behind),
-            };
-            match self.runtime.dead_letters.send(&letter).await {
-                Ok(_) => return Ok(()),
-                Err(error @ DeadLetterError::Refused(_)) => {
-                    return Err(Halt::Stopped(Failure {
-                        class: ErrorClass::Permanent,
-                        stage: "dead_letter",
-                        message: format!("dead-letter topic {}: {error}", settings.dead_letter_topic),
-                    }))
-                }
-                Err(DeadLetterError::Transient(error)) => {
-                    let reason = format!("dead-letter topic {}: {error}", settings.dead_letter_topic);
-                    self.runtime.status.retrying("dead_letter", ErrorClass::Transient, &reason, attempt);
-                    self.pause(attempt).await?;
-                    attempt += 1;
-                }
-            }
-        }
     }
 
     /// Parks the events of the pending batch whose keys were parked after

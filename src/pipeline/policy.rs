@@ -95,6 +95,20 @@ impl Worker<'_> {
         event_type: Name,
         failure: Failure,
     ) -> Result<(), Halt> {
+        self.send_letter(record, &failure, None).await?;
+        self.dead_lettered(record, event_type, &failure);
+        Ok(())
+    }
+
+    /// Writes one dead letter (`parked_behind`: of a parked key), retrying
+    /// (visibly) until the broker takes it; a topic that refuses it for
+    /// good stops the connector.
+    pub(super) async fn send_letter(
+        &mut self,
+        record: &RawRecord,
+        failure: &Failure,
+        parked_behind: Option<&str>,
+    ) -> Result<(), Halt> {
         let mut attempt = 0;
         loop {
             let settings = &self.runtime.settings;
@@ -102,21 +116,19 @@ impl Worker<'_> {
                 topic: &settings.dead_letter_topic,
                 connector: &settings.name,
                 record,
-                failure: &failure,
+                failure,
                 replay_run: self.runtime.replay.as_ref().map(|r| r.id.as_str()),
-                parked_behind: None,
+                parked_behind,
             };
             let sent = self.runtime.dead_letters.send(&letter).await;
             match self.judge(sent, attempt) {
-                Attempt::Written => break,
+                Attempt::Written => return Ok(()),
                 Attempt::Refused(failure) => return Err(Halt::Stopped(failure)),
                 // A shutdown here leaves the event unconsumed: it is read again.
                 Attempt::Failed => self.pause(attempt).await?,
             }
             attempt += 1;
         }
-        self.dead_lettered(record, event_type, &failure);
-        Ok(())
     }
 
     /// What a dead letter's send means for its connector; shows a failure

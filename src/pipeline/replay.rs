@@ -94,16 +94,7 @@ pub async fn dry_run(runtime: &ConnectorRuntime, idle: Duration) -> anyhow::Resu
 }
 
 fn read_all(kafka: &KafkaSettings, topic: &str, idle: Duration) -> anyhow::Result<Vec<RawRecord>> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("group.id", "kawka-dlq-dry-run")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    for (key, value) in kafka.properties.iter() {
-        config.set(key, value);
-    }
-    let consumer: BaseConsumer = config.create().map_err(crate::source::kafka::redact_config_error)?;
+    let consumer = reader(kafka, "kawka-dlq-dry-run")?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut assignment = TopicPartitionList::new();
     for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
@@ -115,24 +106,40 @@ fn read_all(kafka: &KafkaSettings, topic: &str, idle: Duration) -> anyhow::Resul
     while last.elapsed() < idle {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
             last = std::time::Instant::now();
-            let headers = message
-                .headers()
-                .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
-                .unwrap_or_default();
-            records.push(RawRecord {
-                position: Position {
-                    topic: intern(message.topic()),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                },
-                timestamp: message.timestamp().to_millis(),
-                key: message.key().map(KeyBytes::from_slice),
-                value: message.payload().map(bytes::Bytes::copy_from_slice),
-                headers,
-            });
+            records.push(raw_record(&message));
         }
     }
     Ok(records)
+}
+
+/// A consumer of the dead-letter tools: `group` only names it (partitions
+/// are assigned, nothing is committed).
+pub(super) fn reader(kafka: &KafkaSettings, group: &str) -> anyhow::Result<BaseConsumer> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.bootstrap_servers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for (key, value) in kafka.properties.iter() {
+        config.set(key, value);
+    }
+    Ok(config.create().map_err(crate::source::kafka::redact_config_error)?)
+}
+
+/// A message read by a dead-letter tool, as the pipeline's record.
+pub(super) fn raw_record(message: &rdkafka::message::BorrowedMessage<'_>) -> RawRecord {
+    let headers = message
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+        .unwrap_or_default();
+    RawRecord {
+        position: Position { topic: intern(message.topic()), partition: message.partition(), offset: message.offset() },
+        timestamp: message.timestamp().to_millis(),
+        key: message.key().map(KeyBytes::from_slice),
+        value: message.payload().map(bytes::Bytes::copy_from_slice),
+        headers,
+    }
 }
 
 /// Decode → upcast → project → check, without writing: how many ops.

@@ -20,20 +20,18 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::replay::ops_of;
+use super::replay::{ops_of, raw_record, reader};
 use super::{ConnectorRuntime, REPLAY_HEADER};
 use crate::error::{Backoff, ErrorClass, Failure};
 use crate::event::Position;
 use crate::parked::{show_key, Change, ParkedKey, Spot, PARKED_BEHIND_HEADER};
 use crate::projection::WriteOp;
 use crate::sink::SinkError;
-use crate::source::{KafkaSettings, KeyBytes, RawRecord};
-use crate::value::intern;
+use crate::source::{KafkaSettings, RawRecord};
 
 /// How a parked key's replay ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,12 +154,7 @@ async fn live_positions(runtime: &ConnectorRuntime) -> anyhow::Result<HashMap<(S
 
 /// The committed offsets of `group` on `topics` (read without joining it).
 fn committed(kafka: &KafkaSettings, group: &str, topics: &[String]) -> anyhow::Result<HashMap<(String, i32), i64>> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.bootstrap_servers).set("group.id", group).set("enable.auto.commit", "false");
-    for (key, value) in kafka.properties.iter() {
-        config.set(key, value);
-    }
-    let consumer: BaseConsumer = config.create().map_err(crate::source::kafka::redact_config_error)?;
+    let consumer = reader(kafka, group)?;
     let mut partitions = TopicPartitionList::new();
     for topic in topics {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -447,16 +440,7 @@ fn read_to_end(
     connector: &str,
     keys: &HashSet<Vec<u8>>,
 ) -> anyhow::Result<Vec<RawRecord>> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("group.id", "kawka-dlq-parked")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    for (key, value) in kafka.properties.iter() {
-        config.set(key, value);
-    }
-    let consumer: BaseConsumer = config.create().map_err(crate::source::kafka::redact_config_error)?;
+    let consumer = reader(kafka, "kawka-dlq-parked")?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut assignment = TopicPartitionList::new();
     let mut ends: HashMap<i32, i64> = HashMap::new();
@@ -492,17 +476,7 @@ fn read_to_end(
         if !(parked && mine && wanted) {
             continue;
         }
-        let headers = message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
-            .unwrap_or_default();
-        records.push(RawRecord {
-            position: Position { topic: intern(message.topic()), partition, offset: message.offset() },
-            timestamp: message.timestamp().to_millis(),
-            key: message.key().map(KeyBytes::from_slice),
-            value: message.payload().map(bytes::Bytes::copy_from_slice),
-            headers,
-        });
+        records.push(raw_record(&message));
     }
     Ok(records)
 }
@@ -541,7 +515,7 @@ mod tests {
         RawRecord {
             position: Position { topic: "users", partition, offset },
             timestamp: None,
-            key: Some(KeyBytes::from_slice(b"k")),
+            key: Some(crate::source::KeyBytes::from_slice(b"k")),
             value: None,
             headers: Vec::new(),
         }

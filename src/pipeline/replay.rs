@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
@@ -26,9 +25,8 @@ use crate::codec::Decoded;
 use crate::error::{ErrorClass, Failure};
 use crate::event::Position;
 use crate::projection::{Projected, WriteOp};
-use crate::source::{KafkaSettings, KeyBytes, RawRecord, StartPosition};
+use crate::source::{KafkaSettings, RawRecord, StartPosition};
 use crate::status::Outcome;
-use crate::value::intern;
 
 /// What a replay did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +104,7 @@ fn read_all(kafka: &KafkaSettings, topic: &str, idle: Duration) -> anyhow::Resul
     while last.elapsed() < idle {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
             last = std::time::Instant::now();
-            records.push(raw_record(&message));
+            records.push(crate::source::kafka::raw_record(&message));
         }
     }
     Ok(records)
@@ -125,21 +123,6 @@ pub(super) fn reader(kafka: &KafkaSettings, group: &str) -> anyhow::Result<BaseC
         config.set(key, value);
     }
     Ok(config.create().map_err(crate::source::kafka::redact_config_error)?)
-}
-
-/// A message read by a dead-letter tool, as the pipeline's record.
-pub(super) fn raw_record(message: &rdkafka::message::BorrowedMessage<'_>) -> RawRecord {
-    let headers = message
-        .headers()
-        .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
-        .unwrap_or_default();
-    RawRecord {
-        position: Position { topic: intern(message.topic()), partition: message.partition(), offset: message.offset() },
-        timestamp: message.timestamp().to_millis(),
-        key: message.key().map(KeyBytes::from_slice),
-        value: message.payload().map(bytes::Bytes::copy_from_slice),
-        headers,
-    }
 }
 
 /// Decode → upcast → project → check, without writing: how many ops.

@@ -24,13 +24,14 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::replay::{ops_of, raw_record, reader};
+use super::replay::{ops_of, reader};
 use super::{ConnectorRuntime, REPLAY_HEADER};
 use crate::error::{Backoff, ErrorClass, Failure};
 use crate::event::Position;
 use crate::parked::{show_key, Change, ParkedKey, Spot, PARKED_BEHIND_HEADER};
 use crate::projection::WriteOp;
 use crate::sink::SinkError;
+use crate::source::kafka::raw_record;
 use crate::source::{KafkaSettings, RawRecord};
 
 /// How a parked key's replay ended.

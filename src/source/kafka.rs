@@ -688,7 +688,8 @@ fn send_or_wait(
     (overflow, overflow_generation)
 }
 
-fn raw_record<M: Message>(message: &M) -> RawRecord {
+/// A message as the pipeline's record (also how the dead-letter tools read theirs).
+pub fn raw_record<M: Message>(message: &M) -> RawRecord {
     let headers = message
         .headers()
         .map(|headers| headers.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())

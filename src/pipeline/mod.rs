@@ -92,11 +92,21 @@ pub struct ConnectorRuntime {
     pub status: Arc<ConnectorStatus>,
     /// Set when this runtime replays the dead-letter topic (`kawka dlq replay`).
     pub replay: Option<ReplayRun>,
-    /// A rebuild of a connector that parks keys: that connector's name.
-    /// The rebuild holds back the keys it has parked (their events from
-    /// the failed one on are skipped, not written), so the version it
-    /// builds has them as the live one does, for a replay after the cut-over.
-    pub holds_parked_of: Option<String>,
+    /// A rebuild of a connector that parks keys: that connector. The
+    /// rebuild holds back the keys it has parked (their events from the
+    /// failed one on are not written), so the version it builds has them
+    /// as the live one does, for a replay after the cut-over; and it parks,
+    /// in the live connector's name, what the live connector has not read
+    /// yet (the cut-over moves the live positions to the rebuild's).
+    pub holds_parked_of: Option<LiveConnector>,
+}
+
+/// The live connector a rebuild builds a new version for.
+#[derive(Debug, Clone)]
+pub struct LiveConnector {
+    pub name: String,
+    /// Its consumer group (its positions, for Elasticsearch).
+    pub group: String,
 }
 
 /// The runtimes of the running connectors, shared by the supervisor (which

@@ -42,6 +42,10 @@ pub(super) struct Parking {
     read_at: Option<Instant>,
     /// Bumped at every change of `keys`.
     changes: u64,
+    /// In a rebuild: the live connector's durable positions (next offset
+    /// per partition), read with the keys. What it has passed it has
+    /// parked itself; the rest the rebuild parks in its name.
+    live: HashMap<(String, i32), i64>,
     /// Set when a batch written again parked a key while writes after it
     /// were in flight: before anything else is parked or written, they are
     /// settled (each holding that key's events as it is written again) and
@@ -86,9 +90,20 @@ impl Worker<'_> {
     /// parks, the live connector's in a rebuild of one that does.
     fn parked_of(&self) -> Option<&str> {
         match &self.runtime.holds_parked_of {
-            Some(live) => Some(live),
+            Some(live) => Some(&live.name),
             None => self.parks().then_some(self.runtime.settings.name.as_str()),
         }
+    }
+
+    fn rebuilding(&self) -> bool {
+        self.runtime.holds_parked_of.is_some()
+    }
+
+    /// In a rebuild: whether the live connector has made the event at
+    /// `position` durable (applied it, or parked it) already.
+    fn live_passed(&self, position: crate::event::Position) -> bool {
+        let live = self.parking.live.get(&(position.topic.to_string(), position.partition));
+        live.is_some_and(|&next| next > position.offset)
     }
 
     /// Reads the parked keys from the sink: at each assignment (the keys of
@@ -110,6 +125,22 @@ impl Worker<'_> {
         };
         if attempt > 0 {
             self.runtime.status.recovered();
+        }
+        if let Some(live) = self.runtime.holds_parked_of.clone() {
+            // Read after the keys: a position passed now was passed when
+            // the keys were read, so what it passed is in them.
+            let mut attempt = 0;
+            self.parking.live = loop {
+                match super::replay_parked::positions_of(self.runtime, &live.name, &live.group).await {
+                    Ok(positions) => break positions,
+                    Err(error) => {
+                        let reason = format!("reading {}'s positions: {error:#}", live.name);
+                        self.runtime.status.retrying("park", ErrorClass::Transient, &reason, attempt);
+                        self.pause(attempt).await?;
+                        attempt += 1;
+                    }
+                }
+            };
         }
         let keys: HashMap<Vec<u8>, ParkedKey, foldhash::fast::RandomState> = keys.into_iter().collect();
         let released = self.parking.keys.keys().filter(|key| !keys.contains_key(*key)).count();
@@ -138,7 +169,7 @@ impl Worker<'_> {
         if self.parking.dirty {
             self.catch_up_parking().await?;
         }
-        let rebuild = self.runtime.holds_parked_of.is_some();
+        let rebuild = self.rebuilding();
         let hold = match record.key.as_deref().and_then(|key| self.parking.keys.get(key)) {
             Some(parked) if rebuild => parked.hold_in_rebuild(record.position),
             Some(parked) => parked.hold(record.position),
@@ -152,8 +183,9 @@ impl Worker<'_> {
                 self.push(record, PARKED);
                 Ok(Held::Yes)
             }
-            // A rebuild holds the key back without parking anything.
-            Hold::Park if rebuild => {
+            // A rebuild holds the key back; what the live connector has
+            // read it parked itself.
+            Hold::Park if rebuild && self.live_passed(record.position) => {
                 self.runtime.status.count(PARKED, crate::status::Outcome::Skipped);
                 self.push(record, PARKED);
                 Ok(Held::Yes)
@@ -216,6 +248,23 @@ impl Worker<'_> {
                 "a record without a key has no key to park; dead-lettering it");
             return self.dead_letter(record, event_type, failure).await;
         };
+        if self.rebuilding() && self.live_passed(record.position) {
+            // The live connector read this event: it parked its key (then
+            // the rebuild holds it too) or the key was released since (the
+            // hole accepted: only the event is skipped).
+            if let Some(entry) = self.stored_entry(key).await? {
+                self.parking.keys.insert(key.to_vec(), entry);
+                self.parking.changes += 1;
+            }
+            self.runtime.status.failed_event(
+                event_type,
+                record.position,
+                &failure,
+                crate::status::Outcome::Skipped,
+                "",
+            );
+            return Ok(());
+        }
         if self.over_limit(key) {
             return match self.runtime.settings.park.fallback {
                 ParkFallback::Stop => Err(Halt::Stopped(self.limit_reached(record, &failure))),
@@ -307,9 +356,27 @@ impl Worker<'_> {
         // An event that follows a parked key is parked only while the key
         // is: released since this worker read it (a replay, an operator),
         // it applies, and no dead letter says otherwise.
-        if !creates && !self.still_parked(&key).await? {
-            self.forget(&key, position);
-            return Ok(false);
+        // What the store says now: an event that follows a parked key is
+        // parked only while the key is (released since this worker read
+        // it, by a replay or an operator, it applies); and an event another
+        // worker parked already (a rebuild and its live connector both read
+        // it) is not parked twice (each entry counts its events once).
+        let mine = known.as_ref().is_some_and(|k| k.hold(position) == Hold::Parked);
+        match self.stored_entry(&key).await? {
+            None if !creates => {
+                self.forget(&key, position);
+                return Ok(false);
+            }
+            Some(entry) if entry.hold(position) == Hold::Parked && !mine => {
+                let shown = show_key(&key);
+                let topic = &self.runtime.settings.dead_letter_topic;
+                self.runtime.status.parked_event(event_type, position, &shown, &entry.behind.to_string(), topic);
+                self.parking.keys.insert(key, entry);
+                self.parking.changes += 1;
+                self.show_parked();
+                return Ok(true);
+            }
+            _ => {}
         }
         self.send_letter(record, &failure, Some(&behind)).await?;
         let since_ms = crate::status::now_ms();
@@ -322,7 +389,7 @@ impl Worker<'_> {
             None if creates => Some(Change::Put(ParkedKey::new(position, reason.clone(), since_ms))),
             None => None,
         };
-        let connector = self.runtime.settings.name.clone();
+        let connector = self.parked_of().unwrap_or(&self.runtime.settings.name).to_string();
         let mut attempt = 0;
         let changed = loop {
             match self.runtime.sink.change_parked(&connector, &key, &[], &decide).await {
@@ -372,13 +439,13 @@ impl Worker<'_> {
         self.show_parked();
     }
 
-    /// Whether the store still has `key` parked (read under its lock,
-    /// changing nothing), retrying failures visibly.
-    async fn still_parked(&mut self, key: &[u8]) -> Result<bool, Halt> {
-        let connector = self.runtime.settings.name.clone();
-        let found = std::sync::atomic::AtomicBool::new(false);
+    /// What the store holds of `key` now (read under its lock, changing
+    /// nothing), retrying failures visibly.
+    async fn stored_entry(&mut self, key: &[u8]) -> Result<Option<ParkedKey>, Halt> {
+        let connector = self.parked_of().unwrap_or(&self.runtime.settings.name).to_string();
+        let found = std::sync::Mutex::new(None);
         let look = |stored: Option<&ParkedKey>| {
-            found.store(stored.is_some(), std::sync::atomic::Ordering::Relaxed);
+            *found.lock().unwrap_or_else(|p| p.into_inner()) = stored.cloned();
             None
         };
         let mut attempt = 0;
@@ -391,7 +458,7 @@ impl Worker<'_> {
         if attempt > 0 {
             self.runtime.status.recovered();
         }
-        Ok(found.load(std::sync::atomic::Ordering::Relaxed))
+        Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Parks the events of the pending batch whose keys were parked after
@@ -407,13 +474,13 @@ impl Worker<'_> {
         for origin in with_ops {
             let record = &self.pending.records[origin];
             let hold = match record.key.as_deref().and_then(|key| self.parking.keys.get(key)) {
-                Some(parked) if self.runtime.holds_parked_of.is_some() => parked.hold_in_rebuild(record.position),
+                Some(parked) if self.rebuilding() => parked.hold_in_rebuild(record.position),
                 Some(parked) => parked.hold(record.position),
                 None => continue,
             };
             match hold {
                 Hold::Before => {}
-                Hold::Park if self.runtime.holds_parked_of.is_some() => held.push(origin),
+                Hold::Park if self.rebuilding() && self.live_passed(record.position) => held.push(origin),
                 // With ops, it was never parked: within the range, the key
                 // was parked behind an earlier event found failing later.
                 Hold::Parked | Hold::Park => {

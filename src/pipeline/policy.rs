@@ -112,9 +112,15 @@ impl Worker<'_> {
         let mut attempt = 0;
         loop {
             let settings = &self.runtime.settings;
+            // A parked key's letter is its connector's, also when a rebuild
+            // of it parks it (the replay takes the connector's letters).
+            let connector = match (&self.runtime.holds_parked_of, parked_behind) {
+                (Some(live), Some(_)) => live.name.as_str(),
+                _ => settings.name.as_str(),
+            };
             let letter = Letter {
                 topic: &settings.dead_letter_topic,
-                connector: &settings.name,
+                connector,
                 record,
                 failure,
                 replay_run: self.runtime.replay.as_ref().map(|r| r.id.as_str()),

@@ -109,7 +109,8 @@ pub async fn replay(
         }
         let wanted: HashMap<Vec<u8>, ParkedKey> = keys.into_iter().collect();
         let mut letters = read_letters(runtime, &wanted).await?;
-        let live = live_positions(runtime).await?;
+        let (name, group) = (&runtime.settings.name, &runtime.settings.source.group_id);
+        let live = positions_of(runtime, name, group).await?;
         let mut again = false;
         for (key, entry) in &wanted {
             let mine = letters.remove(key).unwrap_or_default();
@@ -142,14 +143,19 @@ pub async fn replay(
     Ok(reports.into_iter().map(|(_, report)| report).collect())
 }
 
-/// Per partition, the next offset whose effect the live connector made
-/// durable: Postgres' stored positions, or the group's committed offsets.
-async fn live_positions(runtime: &ConnectorRuntime) -> anyhow::Result<HashMap<(String, i32), i64>> {
-    if let Some(stored) = runtime.sink.stored_positions(&runtime.settings.name).await? {
+/// Per partition, the next offset whose effect connector `name` (of
+/// consumer group `group`) made durable: Postgres' stored positions, or the
+/// group's committed offsets in Kafka.
+pub(super) async fn positions_of(
+    runtime: &ConnectorRuntime,
+    name: &str,
+    group: &str,
+) -> anyhow::Result<HashMap<(String, i32), i64>> {
+    if let Some(stored) = runtime.sink.stored_positions(name).await? {
         return Ok(stored.into_iter().filter_map(|(t, p, next)| Some(((t, p), next?))).collect());
     }
     let kafka = runtime.kafka.clone();
-    let (group, topics) = (runtime.settings.source.group_id.clone(), runtime.settings.source.topics.clone());
+    let (group, topics) = (group.to_string(), runtime.settings.source.topics.clone());
     tokio::task::spawn_blocking(move || committed(&kafka, &group, &topics)).await?
 }
 

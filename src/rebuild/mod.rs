@@ -102,8 +102,8 @@ fn caught_up(live: &[(String, i32, i64)], rebuild: &[(String, i32, i64)]) -> boo
 /// The rebuild's settings: the connector's, under another name and group,
 /// from the earliest offsets, in large batches. Bad events were
 /// dead-lettered by the live run already, so here they are skipped and
-/// counted (and the keys the live run parked are held back: see
-/// [`ConnectorRuntime::holds_parked_of`]).
+/// counted; a connector that parks keys parks them as the live one does
+/// (see [`ConnectorRuntime::holds_parked_of`]).
 fn rebuild_settings(
     runtime: &ConnectorRuntime,
     name: &str,
@@ -114,7 +114,11 @@ fn rebuild_settings(
     settings.name = name.to_string();
     settings.source.group_id = format!("{}.rebuild-v{version}", settings.source.group_id);
     settings.source.start = crate::source::StartPosition::Earliest;
-    settings.on_error = ErrorPolicy::Skip;
+    // A connector that parks keys keeps parking them (see
+    // `ConnectorRuntime::holds_parked_of`); the others skip.
+    if settings.on_error != ErrorPolicy::Park {
+        settings.on_error = ErrorPolicy::Skip;
+    }
     settings.batch.max_events = settings.batch.max_events.max(20_000);
     settings.batch.max_bytes = settings.batch.max_bytes.max(32 << 20);
     retarget(&mut settings.target);
@@ -124,7 +128,10 @@ fn rebuild_settings(
 fn runtime_with(runtime: &ConnectorRuntime, settings: ConnectorSettings, sink: Sink) -> ConnectorRuntime {
     let status = Arc::new(ConnectorStatus::new(&settings.name, sink.kind()));
     // The live connector's parked keys are held back in the new version too.
-    let holds_parked_of = (runtime.settings.on_error == ErrorPolicy::Park).then(|| runtime.settings.name.clone());
+    let holds_parked_of = (runtime.settings.on_error == ErrorPolicy::Park).then(|| crate::pipeline::LiveConnector {
+        name: runtime.settings.name.clone(),
+        group: runtime.settings.source.group_id.clone(),
+    });
     ConnectorRuntime { settings: Arc::new(settings), sink, status, replay: None, holds_parked_of, ..runtime.clone() }
 }
 

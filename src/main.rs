@@ -867,6 +867,10 @@ fn print_parked_reports(topic: &str, reports: &[kawka::pipeline::replay_parked::
                  durable (run the replay again then)"
             ),
             (KeyOutcome::Gone, _) => "released or replayed by another run meanwhile".to_string(),
+            (KeyOutcome::Changed, _) => format!(
+                "replayed {n} event(s){superseded}, stays parked: it changed while this run read it (another \
+                 replay, or an earlier failure found late); run the replay again"
+            ),
             (KeyOutcome::Error(error), _) => format!("replayed {n} event(s){superseded}, stays parked: {error}"),
         };
         println!("parked key {key}: {line}");

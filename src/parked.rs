@@ -38,8 +38,17 @@ use crate::event::Position;
 pub struct Range {
     pub topic: String,
     pub partition: i32,
+    /// The first event parked in read order: every event of the key read
+    /// after it, up to `upto`, is parked (the connector parks each as it
+    /// reads it).
     pub from: i64,
     pub upto: i64,
+    /// Events parked below `from`: events read before it, still being
+    /// written, whose failure was found after it (a sink refusal). Only
+    /// these offsets are parked there; the key's other events between the
+    /// first of them and `from` are to be parked, those before it applied.
+    #[serde(default)]
+    pub below: Vec<i64>,
     /// Events parked in this partition (dead letters written, one per
     /// event: a replay needs every one before it releases the key).
     pub events: u64,
@@ -58,6 +67,7 @@ impl Range {
             partition: position.partition,
             from: position.offset,
             upto: position.offset,
+            below: Vec::new(),
             events: 1,
             applied: None,
             applied_events: 0,
@@ -127,9 +137,14 @@ impl ParkedKey {
     /// only: in a partition the key has no range in, every event is parked
     /// (no order to it is known).
     pub fn hold(&self, position: Position) -> Hold {
-        match self.range(position.topic, position.partition) {
-            Some(range) if position.offset < range.from => Hold::Before,
-            Some(range) if position.offset <= range.upto => Hold::Parked,
+        let Some(range) = self.range(position.topic, position.partition) else { return Hold::Park };
+        let offset = position.offset;
+        match range.below.first() {
+            Some(&lowest) if offset < lowest => Hold::Before,
+            Some(_) if offset < range.from && range.below.contains(&offset) => Hold::Parked,
+            Some(_) if offset < range.from => Hold::Park,
+            None if offset < range.from => Hold::Before,
+            _ if offset <= range.upto => Hold::Parked,
             _ => Hold::Park,
         }
     }
@@ -139,21 +154,31 @@ impl ParkedKey {
     /// the rest is held back (`Park`: skipped there, nothing is parked).
     pub fn hold_in_rebuild(&self, position: Position) -> Hold {
         match self.range(position.topic, position.partition) {
-            Some(range) if position.offset < range.from => Hold::Before,
             Some(range) if range.applied.is_some_and(|at| position.offset <= at) => Hold::Before,
+            Some(_) if self.hold(position) == Hold::Before => Hold::Before,
             _ => Hold::Park,
         }
     }
 
-    /// Records the dead letter of another event, written at `position`
-    /// (called once per event). An event before the range (found failing
-    /// after later ones were parked) widens it down; one before `behind`
-    /// in its partition becomes what the key is held behind.
+    /// Records the dead letter of another event, written at `position`;
+    /// an event parked already changes nothing (two writers may park one
+    /// event: a rebuild and its connector). An event before `from` (found
+    /// failing after later ones were parked, or following such a one) is
+    /// listed in `below`; one before `behind` in its partition becomes what
+    /// the key is held behind.
     pub fn extend(&mut self, position: Position, reason: &str) {
+        if self.hold(position) == Hold::Parked {
+            return;
+        }
+        let offset = position.offset;
         match self.parked.iter_mut().find(|r| r.partition == position.partition && r.topic == position.topic) {
+            Some(range) if offset < range.from => {
+                let at = range.below.partition_point(|&o| o < offset);
+                range.below.insert(at, offset);
+                range.events += 1;
+            }
             Some(range) => {
-                range.from = range.from.min(position.offset);
-                range.upto = range.upto.max(position.offset);
+                range.upto = range.upto.max(offset);
                 range.events += 1;
             }
             None => self.parked.push(Range::at(position)),
@@ -169,7 +194,8 @@ impl ParkedKey {
     /// at `position`: parked (within a range) and not applied yet.
     pub fn wants(&self, position: Position) -> bool {
         let Some(range) = self.range(position.topic, position.partition) else { return false };
-        (range.from..=range.upto).contains(&position.offset) && range.applied.is_none_or(|at| position.offset > at)
+        let parked = self.hold(position) == Hold::Parked;
+        parked && range.applied.is_none_or(|at| position.offset > at)
     }
 
     /// Parked events of a partition a replay has not applied yet.
@@ -198,10 +224,18 @@ impl ParkedKey {
         self.parked.iter().map(|r| r.events.saturating_sub(r.applied_events)).sum()
     }
 
-    /// What a replay has applied, per partition: compared before a change
-    /// so that two replays never both apply the same events.
-    pub fn progress(&self) -> Vec<(i32, Option<i64>, u64)> {
-        self.parked.iter().map(|r| (r.partition, r.applied, r.applied_events)).collect()
+    /// What a replay read and decided from, per partition: what was
+    /// applied, where the parked events start, those below it. Compared
+    /// before a replay's change, so that two replays never both apply the
+    /// same events, and a replay that read the key before an earlier
+    /// failure was found applies nothing ahead of it. (Events parked after
+    /// `upto` meanwhile change nothing of it: the replay applies what it
+    /// read and leaves the rest to its next round.)
+    pub fn progress(&self) -> Vec<(String, i32, Option<i64>, u64, i64, Vec<i64>)> {
+        self.parked
+            .iter()
+            .map(|r| (r.topic.clone(), r.partition, r.applied, r.applied_events, r.from, r.below.clone()))
+            .collect()
     }
 }
 
@@ -277,9 +311,17 @@ mod tests {
         key.extend(at(0, 10), "sink: too long");
         assert_eq!(key.behind, Spot::of(at(0, 10)));
         assert_eq!(key.reason, "sink: too long");
+        assert_eq!(key.hold(at(0, 9)), Hold::Before);
+        assert_eq!(key.hold(at(0, 10)), Hold::Parked);
+        assert_eq!(key.hold(at(0, 11)), Hold::Park, "between the late failure and `from`: not parked yet");
         key.extend(at(0, 11), "park");
+        assert_eq!(key.hold(at(0, 11)), Hold::Parked);
         assert_eq!(key.behind, Spot::of(at(0, 10)), "a later event does not move it");
-        assert_eq!((key.parked[0].from, key.parked[0].upto, key.parked[0].events), (10, 12, 3));
+        assert_eq!((key.parked[0].below.clone(), key.parked[0].from, key.parked[0].events), (vec![10, 11], 12, 3));
+        key.extend(at(0, 11), "park");
+        key.extend(at(0, 12), "park");
+        assert_eq!(key.parked[0].events, 3, "an event parked twice (two writers) is counted once");
+        assert!(key.wants(at(0, 10)) && key.wants(at(0, 11)) && key.wants(at(0, 12)) && !key.wants(at(0, 9)));
     }
 
     #[test]

@@ -244,6 +244,12 @@ impl Worker<'_> {
         failure: Failure,
     ) -> Result<(), Halt> {
         let Some(key) = record.key.as_deref() else {
+            if self.rebuilding() {
+                // The live connector dead-letters it (a rebuild did not).
+                let skipped = crate::status::Outcome::Skipped;
+                self.runtime.status.failed_event(event_type, record.position, &failure, skipped, "");
+                return Ok(());
+            }
             tracing::warn!(connector = %self.name(), position = %record.position,
                 "a record without a key has no key to park; dead-lettering it");
             return self.dead_letter(record, event_type, failure).await;
@@ -263,6 +269,12 @@ impl Worker<'_> {
                 crate::status::Outcome::Skipped,
                 "",
             );
+            return Ok(());
+        }
+        if self.over_limit(key) && self.rebuilding() {
+            // The live connector applies its fallback when it reads it.
+            let skipped = crate::status::Outcome::Skipped;
+            self.runtime.status.failed_event(event_type, record.position, &failure, skipped, "");
             return Ok(());
         }
         if self.over_limit(key) {
@@ -297,7 +309,7 @@ impl Worker<'_> {
             if let Some((_, message)) = rejected.iter().find(|(at, _)| *at == origin) {
                 let failure = Failure { class: ErrorClass::Permanent, stage: "sink", message: message.clone() };
                 let over = record.key.as_deref().is_some_and(|key| self.over_limit(key));
-                if over && self.runtime.settings.park.fallback == ParkFallback::Stop {
+                if over && self.runtime.settings.park.fallback == ParkFallback::Stop && !self.rebuilding() {
                     // Written: the events before it; nothing past it commits.
                     halt = Some(self.limit_reached(&record, &failure));
                     self.pending.remove_events(&held);
@@ -308,10 +320,7 @@ impl Worker<'_> {
                 held.push(origin);
                 continue;
             }
-            let parked = record.key.as_deref().and_then(|key| self.parking.keys.get(key));
-            if parked.is_some_and(|p| p.hold(record.position) != Hold::Before)
-                && self.park(&record, event_type, None).await?
-            {
+            if self.held_in_pending(origin).await? {
                 held.push(origin);
             }
         }
@@ -361,13 +370,12 @@ impl Worker<'_> {
         // it, by a replay or an operator, it applies); and an event another
         // worker parked already (a rebuild and its live connector both read
         // it) is not parked twice (each entry counts its events once).
-        let mine = known.as_ref().is_some_and(|k| k.hold(position) == Hold::Parked);
         match self.stored_entry(&key).await? {
             None if !creates => {
                 self.forget(&key, position);
                 return Ok(false);
             }
-            Some(entry) if entry.hold(position) == Hold::Parked && !mine => {
+            Some(entry) if entry.hold(position) == Hold::Parked => {
                 let shown = show_key(&key);
                 let topic = &self.runtime.settings.dead_letter_topic;
                 self.runtime.status.parked_event(event_type, position, &shown, &entry.behind.to_string(), topic);
@@ -472,28 +480,36 @@ impl Worker<'_> {
         with_ops.dedup();
         let mut held = Vec::new();
         for origin in with_ops {
-            let record = &self.pending.records[origin];
-            let hold = match record.key.as_deref().and_then(|key| self.parking.keys.get(key)) {
-                Some(parked) if self.rebuilding() => parked.hold_in_rebuild(record.position),
-                Some(parked) => parked.hold(record.position),
-                None => continue,
-            };
-            match hold {
-                Hold::Before => {}
-                Hold::Park if self.rebuilding() && self.live_passed(record.position) => held.push(origin),
-                // With ops, it was never parked: within the range, the key
-                // was parked behind an earlier event found failing later.
-                Hold::Parked | Hold::Park => {
-                    let record = record.clone();
-                    let event_type = self.pending.types[origin];
-                    if self.park(&record, event_type, None).await? {
-                        held.push(origin);
-                    }
-                }
+            if self.held_in_pending(origin).await? {
+                held.push(origin);
             }
         }
         self.pending.remove_events(&held);
         Ok(())
+    }
+
+    /// Whether the pending batch's event at `origin` (with ops) is held now
+    /// its key is parked: parked (or found parked by another writer), or,
+    /// in a rebuild, left to the live connector that has read it.
+    async fn held_in_pending(&mut self, origin: usize) -> Result<bool, Halt> {
+        let record = &self.pending.records[origin];
+        let hold = match record.key.as_deref().and_then(|key| self.parking.keys.get(key)) {
+            Some(parked) if self.rebuilding() => parked.hold_in_rebuild(record.position),
+            Some(parked) => parked.hold(record.position),
+            None => return Ok(false),
+        };
+        match hold {
+            Hold::Before => Ok(false),
+            Hold::Park if self.rebuilding() && self.live_passed(record.position) => Ok(true),
+            // With ops, it was not parked by this worker: a later failure
+            // parked its key, or another writer parked it (then `park`
+            // finds it so and writes nothing).
+            Hold::Parked | Hold::Park => {
+                let record = record.clone();
+                let event_type = self.pending.types[origin];
+                self.park(&record, event_type, None).await
+            }
+        }
     }
 
     /// Shows the parked keys in the status (`GET /connectors/{name}`, `/metrics`).

@@ -52,6 +52,9 @@ pub enum KeyOutcome {
     Behind { position: String, applied: bool },
     /// Released by someone else meanwhile (`kawka dlq release`, another replay).
     Gone,
+    /// Changed since it was read (another replay, or an earlier failure of
+    /// it found late): nothing applied; the next round reads it again.
+    Changed,
     /// The key's write failed (the key stays parked; run the replay again).
     Error(String),
 }
@@ -129,7 +132,8 @@ pub async fn replay(
             total.outcome = report.outcome;
             // Letters still being written, or a connector still writing
             // the events before them: worth another round, for a while.
-            let waits = matches!(total.outcome, KeyOutcome::Missing { .. } | KeyOutcome::Behind { .. });
+            let waits =
+                matches!(total.outcome, KeyOutcome::Missing { .. } | KeyOutcome::Behind { .. } | KeyOutcome::Changed);
             if waits && !dry_run && started.elapsed() < wait {
                 again = true;
             } else {
@@ -283,10 +287,15 @@ async fn replay_key(
         }
         let failure = failed.clone().filter(|_| last);
         let read = current.progress();
-        // Decided from what is stored now: only if no other replay moved
-        // the key since it was read.
-        let decide = move |stored: Option<&ParkedKey>| {
-            let stored = stored.filter(|s| s.progress() == read)?;
+        let changed = std::sync::atomic::AtomicBool::new(false);
+        // Decided from what is stored now: only if nothing the replay
+        // decided from changed since it was read (see `ParkedKey::progress`).
+        let decide = |stored: Option<&ParkedKey>| {
+            let stored = stored?;
+            if stored.progress() != read {
+                changed.store(true, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            }
             let mut next = stored.clone();
             chunk.iter().for_each(|&position| next.applied(position));
             if let Some((at, failure)) = &failure {
@@ -322,6 +331,9 @@ async fn replay_key(
                     return report(end, superseded, outcome);
                 }
                 start = end;
+            }
+            Ok(None) if changed.load(std::sync::atomic::Ordering::Relaxed) => {
+                return report(start, superseded, KeyOutcome::Changed)
             }
             Ok(None) => return report(start, superseded, KeyOutcome::Gone),
             // The sink refuses an event: the key stays parked behind it,

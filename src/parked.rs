@@ -231,12 +231,30 @@ impl ParkedKey {
     /// failure was found applies nothing ahead of it. (Events parked after
     /// `upto` meanwhile change nothing of it: the replay applies what it
     /// read and leaves the rest to its next round.)
-    pub fn progress(&self) -> Vec<(String, i32, Option<i64>, u64, i64, Vec<i64>)> {
+    pub fn progress(&self) -> Vec<Progress> {
         self.parked
             .iter()
-            .map(|r| (r.topic.clone(), r.partition, r.applied, r.applied_events, r.from, r.below.clone()))
+            .map(|r| Progress {
+                topic: r.topic.clone(),
+                partition: r.partition,
+                applied: r.applied,
+                applied_events: r.applied_events,
+                from: r.from,
+                below: r.below.clone(),
+            })
             .collect()
     }
+}
+
+/// What a replay decides from, of one partition (see [`ParkedKey::progress`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub topic: String,
+    pub partition: i32,
+    pub applied: Option<i64>,
+    pub applied_events: u64,
+    pub from: i64,
+    pub below: Vec<i64>,
 }
 
 /// A change a parked key's store makes, decided from what it holds now.

@@ -60,6 +60,11 @@ pub struct Range {
 }
 
 impl Range {
+    /// The lowest offset parked here.
+    pub fn first(&self) -> i64 {
+        self.below.first().copied().unwrap_or(self.from)
+    }
+
     /// The range of one event, parked at `position`.
     fn at(position: Position) -> Range {
         Range {

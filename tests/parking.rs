@@ -248,41 +248,13 @@ fn catalogue_with_the_old_version(project: &Project) {
 /// Every row or document of the read model, null fields left out.
 async fn read_model(store: Store, pool: &sqlx::PgPool, name: &str) -> BTreeMap<String, Json> {
     match store {
-        Store::Postgres => {
-            type Row = (String, Option<String>, Option<String>, Option<i64>);
-            let rows: Vec<Row> = sqlx::query_as(&format!("SELECT id, name, email, logins FROM \"{name}\""))
-                .fetch_all(pool)
-                .await
-                .unwrap_or_else(|e| panic!("read table {name}: {e}"));
-            rows.into_iter()
-                .map(|(id, name, email, logins)| {
-                    let mut row = serde_json::Map::new();
-                    for (column, value) in [("name", json!(name)), ("email", json!(email)), ("logins", json!(logins))] {
-                        if !value.is_null() {
-                            row.insert(column.to_string(), value);
-                        }
-                    }
-                    (id, Json::Object(row))
-                })
-                .collect()
-        }
+        Store::Postgres => support::stats::rows(pool, name).await,
         Store::Elasticsearch => support::es_documents(name, 10_000).await,
     }
 }
 
-/// Every key whose row differs from the fold's, but `except`, described.
-fn differences(got: &BTreeMap<String, Json>, want: &BTreeMap<String, Json>, except: Option<&str>) -> Vec<String> {
-    let mut keys: Vec<&String> = got.keys().chain(want.keys()).filter(|k| Some(k.as_str()) != except).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|key| got.get(*key) != want.get(*key))
-        .map(|key| format!("{key}: read model {:?}, fold {:?}", got.get(key), want.get(key)))
-        .collect()
-}
-
 fn assert_others_equal_the_fold(got: &BTreeMap<String, Json>, want: &BTreeMap<String, Json>, when: &str) {
-    let wrong = differences(got, want, Some(PARKED));
+    let wrong = support::stats::differences(got, want, Some(PARKED));
     assert!(wrong.is_empty(), "{when}: {} other key(s) differ from the fold:\n{}", wrong.len(), wrong.join("\n"));
 }
 
@@ -587,7 +559,7 @@ async fn a_parked_key_waits_for_its_fix_and_replays_in_order(store: Store) {
     let all: Vec<Json> = log.reference.iter().chain(&later).cloned().collect();
     let fold = support::stats::fold(&all);
     let model = read_model(store, &pool, &name).await;
-    let wrong = differences(&model, &fold, None);
+    let wrong = support::stats::differences(&model, &fold, None);
     assert!(wrong.is_empty(), "after the release, rows differ from the fold:\n{}", wrong.join("\n"));
     let letters = consume_all(&format!("{name}.dlq")).await;
     if letters.len() != parked_count {
@@ -811,7 +783,7 @@ async fn kill_9_while_parking_and_while_replaying_ends_in_the_fold() {
         assert!(parked_key_lines(&finish).is_empty(), "nothing left to replay:\n{finish}");
     }
     let model = read_model(store, &pool, &name).await;
-    let wrong = differences(&model, &fold, None);
+    let wrong = support::stats::differences(&model, &fold, None);
     assert!(wrong.is_empty(), "after the replays, rows differ from the fold:\n{}", wrong.join("\n"));
     assert_parked_exactly(store, &pool, &name, &[], "after the replays").await;
     let again = dlq(&project, &["replay", &name, "--idle", "4s"]);
@@ -922,7 +894,7 @@ async fn a_parked_key_stays_parked_when_its_partition_moves_to_another_process()
     let released = format!("parked key {PARKED}: replayed {parked_count} event(s), released");
     assert!(out.contains(&released), "the replay says {released:?}:\n{out}");
     let model = read_model(store, &pool, &name).await;
-    let wrong = differences(&model, &fold, None);
+    let wrong = support::stats::differences(&model, &fold, None);
     assert!(wrong.is_empty(), "after the replay, rows differ from the fold:\n{}", wrong.join("\n"));
     assert_parked_exactly(store, &pool, &name, &[], "after the replay").await;
     eprintln!(

@@ -45,26 +45,6 @@ events:
     )
 }
 
-/// Every row, null columns left out (as the fold writes documents).
-async fn rows(pool: &sqlx::PgPool, table: &str) -> BTreeMap<String, Json> {
-    type Row = (String, Option<String>, Option<String>, Option<i64>);
-    let rows: Vec<Row> = sqlx::query_as(&format!("SELECT id, name, email, logins FROM \"{table}\""))
-        .fetch_all(pool)
-        .await
-        .expect("read the table");
-    rows.into_iter()
-        .map(|(id, name, email, logins)| {
-            let mut row = serde_json::Map::new();
-            for (column, value) in [("name", json!(name)), ("email", json!(email)), ("logins", json!(logins))] {
-                if !value.is_null() {
-                    row.insert(column.to_string(), value);
-                }
-            }
-            (id, Json::Object(row))
-        })
-        .collect()
-}
-
 fn header<'c>(letter: &'c support::Consumed, name: &str) -> Option<&'c str> {
     letter.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok())
 }
@@ -156,7 +136,7 @@ async fn refused_rows_park_their_keys_in_read_order_under_any_batching() {
             let offset: i64 = header(letter, "kawka.error.offset").and_then(|o| o.parse().ok()).expect("its offset");
             parked.entry(key).or_default().insert(offset);
         }
-        let table = rows(&pool, &name).await;
+        let table = support::stats::rows(&pool, &name).await;
         let mut report = Vec::new();
         for (key, mine) in &events {
             let row = table.get(key);
@@ -222,7 +202,7 @@ async fn refused_rows_park_their_keys_in_read_order_under_any_batching() {
         let replayed = dlq_replay(&project, &name);
         assert!(!replayed.contains("stays parked"), "{replayed}");
         let want = support::stats::fold(&log);
-        let table = rows(&pool, &name).await;
+        let table = support::stats::rows(&pool, &name).await;
         let wrong: Vec<String> = want
             .keys()
             .chain(table.keys())

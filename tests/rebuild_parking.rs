@@ -264,39 +264,8 @@ fn catalogue_with_the_old_version(project: &Project, event: &str, old: Json, cur
 // ---------------------------------------------------------------------------
 // What the sink, the daemon and the commands say
 
-/// Every row of a table, null columns left out.
-async fn read_model(pool: &sqlx::PgPool, table: &str) -> BTreeMap<String, Json> {
-    type Row = (String, Option<String>, Option<String>, Option<i64>);
-    let rows: Vec<Row> = sqlx::query_as(&format!("SELECT id, name, email, logins FROM \"{table}\""))
-        .fetch_all(pool)
-        .await
-        .unwrap_or_else(|e| panic!("read table {table}: {e}"));
-    rows.into_iter()
-        .map(|(id, name, email, logins)| {
-            let mut row = serde_json::Map::new();
-            for (column, value) in [("name", json!(name)), ("email", json!(email)), ("logins", json!(logins))] {
-                if !value.is_null() {
-                    row.insert(column.to_string(), value);
-                }
-            }
-            (id, Json::Object(row))
-        })
-        .collect()
-}
-
-/// Every key whose row differs from the expected one, described.
-fn differences(got: &BTreeMap<String, Json>, want: &BTreeMap<String, Json>) -> Vec<String> {
-    let mut keys: Vec<&String> = got.keys().chain(want.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|key| got.get(*key) != want.get(*key))
-        .map(|key| format!("{key}: read model {:?}, expected {:?}", got.get(key), want.get(key)))
-        .collect()
-}
-
 fn assert_model(got: &BTreeMap<String, Json>, want: &BTreeMap<String, Json>, when: &str) {
-    let wrong = differences(got, want);
+    let wrong = support::stats::differences(got, want, None);
     assert!(wrong.is_empty(), "{when}: {} key(s) differ:\n{}", wrong.len(), wrong.join("\n"));
 }
 
@@ -417,7 +386,7 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
     for (user, _) in parked_first {
         assert_ne!(want.get(user), whole_first.get(user), "the test needs {user}'s parked events to change it");
     }
-    assert_model(&read_model(&pool, &name).await, &want, "parked by the live connector");
+    assert_model(&support::stats::rows(&pool, &name).await, &want, "parked by the live connector");
     assert_parked(&pool, &name, &PARKED_KEYS, "parked by the live connector").await;
     let before_a_partial = want.get(PARTIAL).cloned();
 
@@ -435,7 +404,7 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
     let want = fold_holding(&log, &[(PARTIAL, partial_b), (UNTOUCHED, a_untouched), (AGAIN, a_again)]);
     assert_ne!(want.get(PARTIAL), before_a_partial.as_ref(), "the test needs the replay to change {PARTIAL}");
     assert_ne!(want.get(PARTIAL), whole_first.get(PARTIAL), "the test needs {PARTIAL} to stay held back");
-    assert_model(&read_model(&pool, &name).await, &want, "after the partial replay");
+    assert_model(&support::stats::rows(&pool, &name).await, &want, "after the partial replay");
     assert_parked(&pool, &name, &PARKED_KEYS, "after the partial replay").await;
 
     let out = kawka(&project, &["dlq", "replay", &name, "--key", AGAIN, "--idle", "4s"]);
@@ -443,7 +412,7 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
     let said = format!("parked key {AGAIN}: replayed {replayed} event(s), released");
     assert_eq!(line_of(&out, AGAIN), said, "the replay of {AGAIN}:\n{out}");
     let want = fold_holding(&log, &[(PARTIAL, partial_b), (UNTOUCHED, a_untouched)]);
-    assert_model(&read_model(&pool, &name).await, &want, "after AGAIN's replay");
+    assert_model(&support::stats::rows(&pool, &name).await, &want, "after AGAIN's replay");
     assert_parked(&pool, &name, &[PARTIAL, UNTOUCHED], "after AGAIN's replay").await;
 
     // 3. More events: AGAIN (released) applies a login, then is parked again
@@ -471,7 +440,7 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
             format!("{user} {} of {}", count_of(&log, user, *from, log.len()), count_of(&log, user, 0, log.len()))
         })
         .collect();
-    let live_before = read_model(&pool, &name).await;
+    let live_before = support::stats::rows(&pool, &name).await;
     assert_model(&live_before, &want, "parked again, before the rebuild");
     assert_parked(&pool, &name, &PARKED_KEYS, "before the rebuild").await;
     let before_rebuild = started.elapsed();
@@ -482,9 +451,9 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
     let rebuilt_says = kawka(&project, &["rebuild", &name]);
     let rebuild_took = rebuild_started.elapsed();
     assert!(rebuilt_says.contains(&format!("previous version is kept as {name}_v1")), "{rebuilt_says}");
-    let rebuilt = read_model(&pool, &name).await;
+    let rebuilt = support::stats::rows(&pool, &name).await;
     assert_model(&rebuilt, &want, "the rebuilt version");
-    assert_model(&read_model(&pool, &format!("{name}_v1")).await, &live_before, "the previous version");
+    assert_model(&support::stats::rows(&pool, &format!("{name}_v1")).await, &live_before, "the previous version");
     assert_parked(&pool, &name, &PARKED_KEYS, "after the cut-over").await;
 
     // 5. The live connector goes on in the new version and keeps holding
@@ -494,7 +463,7 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
     log.extend(third);
     wait_consumed(&pool, &name, log.len(), &daemon).await;
     let want = fold_holding(&log, &held);
-    assert_model(&read_model(&pool, &name).await, &want, "after the cut-over, more events");
+    assert_model(&support::stats::rows(&pool, &name).await, &want, "after the cut-over, more events");
     assert_parked(&pool, &name, &PARKED_KEYS, "after the cut-over, more events").await;
 
     // 6. The email changes are fixed; the replay applies every parked key's
@@ -508,10 +477,14 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
         assert_eq!(line_of(&out, user), said, "the last replay of {user}:\n{out}");
     }
     let fold = support::stats::fold(&references(&log));
-    let model = read_model(&pool, &name).await;
+    let model = support::stats::rows(&pool, &name).await;
     assert_model(&model, &fold, "after the replay into the new version");
     assert_parked(&pool, &name, &[], "after the replay into the new version").await;
-    assert_model(&read_model(&pool, &format!("{name}_v1")).await, &live_before, "the previous version, untouched");
+    assert_model(
+        &support::stats::rows(&pool, &format!("{name}_v1")).await,
+        &live_before,
+        "the previous version, untouched",
+    );
 
     eprintln!(
         "{} events over {USERS} users in 3 partitions; held by the rebuild: {} events ({}); {rebuild_took:?} for \
@@ -592,7 +565,7 @@ async fn keys_parked_while_the_rebuild_runs_are_held_back_in_the_new_version_too
         let held: Vec<(&str, usize)> = held.iter().map(|(k, n)| (k.as_str(), *n)).collect();
         fold_holding(log, &held)
     };
-    assert_model(&read_model(&pool, &name).await, &holding(&log, &held), "before the rebuild");
+    assert_model(&support::stats::rows(&pool, &name).await, &holding(&log, &held), "before the rebuild");
     assert_parked(&pool, &name, &[PARTIAL], "before the rebuild").await;
 
     // The rebuild, while a producer writes chunks of events, each with a
@@ -662,7 +635,7 @@ async fn keys_parked_while_the_rebuild_runs_are_held_back_in_the_new_version_too
     }
     // Checked after the replay too, so that a wrong row here shows what the replay makes of it.
     let mut late_failures = Vec::new();
-    let wrong = differences(&read_model(&pool, &name).await, &want);
+    let wrong = support::stats::differences(&support::stats::rows(&pool, &name).await, &want, None);
     if !wrong.is_empty() {
         late_failures.push(format!(
             "after the rebuild ({during} of {chunks} chunks produced while it ran), {} key(s) differ from the live \
@@ -685,7 +658,7 @@ async fn keys_parked_while_the_rebuild_runs_are_held_back_in_the_new_version_too
         }
     }
     let fold = support::stats::fold(&references(&log));
-    let wrong = differences(&read_model(&pool, &name).await, &fold);
+    let wrong = support::stats::differences(&support::stats::rows(&pool, &name).await, &fold, None);
     if !wrong.is_empty() {
         late_failures.push(format!(
             "after the replay into the new version, {} key(s) differ from the fold:\n{}",
@@ -769,7 +742,7 @@ async fn a_failure_past_the_live_position_at_the_cut_over_is_still_parked() {
         ));
     }
     let want = fold_holding(&log, &[(&user, failing)]);
-    let wrong = differences(&read_model(&pool, &name).await, &want);
+    let wrong = support::stats::differences(&support::stats::rows(&pool, &name).await, &want, None);
     if !wrong.is_empty() {
         late_failures.push(format!("after the cut-over, {user} is held back from its failure:\n{}", wrong.join("\n")));
     }
@@ -779,7 +752,7 @@ async fn a_failure_past_the_live_position_at_the_cut_over_is_still_parked() {
     wait_restarted(&daemon, &name, started_at, 2).await;
     let out = kawka(&project, &["dlq", "replay", &name, "--idle", "4s"]);
     let fold = support::stats::fold(&references(&log));
-    let wrong = differences(&read_model(&pool, &name).await, &fold);
+    let wrong = support::stats::differences(&support::stats::rows(&pool, &name).await, &fold, None);
     if !wrong.is_empty() {
         late_failures
             .push(format!("after the replay, keys differ from the fold:\n{}\nreplay:\n{out}", wrong.join("\n")));

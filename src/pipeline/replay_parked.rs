@@ -243,8 +243,8 @@ async fn replay_key(
     let reached = |range: &crate::parked::Range, offset: i64| {
         live.get(&(range.topic.clone(), range.partition)).is_some_and(|&next| next >= offset)
     };
-    if let Some(range) = entry.parked.iter().find(|r| !reached(r, r.from)) {
-        let position = format!("{}/{}@{}", range.topic, range.partition, range.from);
+    if let Some(range) = entry.parked.iter().find(|r| !reached(r, r.first())) {
+        let position = format!("{}/{}@{}", range.topic, range.partition, range.first());
         return report(0, 0, KeyOutcome::Behind { position, applied: false });
     }
     // Each letter's ops, up to the first that fails again.

@@ -678,6 +678,43 @@ pub mod stats {
             .collect()
     }
 
+    /// Every row of a Postgres table of these events (`id`, `name`,
+    /// `email`, `logins`), null columns left out, as [`fold`] writes them.
+    pub async fn rows(pool: &sqlx::PgPool, table: &str) -> BTreeMap<String, Json> {
+        type Row = (String, Option<String>, Option<String>, Option<i64>);
+        let rows: Vec<Row> = sqlx::query_as(&format!("SELECT id, name, email, logins FROM \"{table}\""))
+            .fetch_all(pool)
+            .await
+            .unwrap_or_else(|e| panic!("read table {table}: {e}"));
+        rows.into_iter()
+            .map(|(id, name, email, logins)| {
+                let mut row = serde_json::Map::new();
+                for (column, value) in [("name", json!(name)), ("email", json!(email)), ("logins", json!(logins))] {
+                    if !value.is_null() {
+                        row.insert(column.to_string(), value);
+                    }
+                }
+                (id, Json::Object(row))
+            })
+            .collect()
+    }
+
+    /// Every key whose row differs from the expected one, described
+    /// (`except`: a key left out).
+    pub fn differences(
+        got: &BTreeMap<String, Json>,
+        want: &BTreeMap<String, Json>,
+        except: Option<&str>,
+    ) -> Vec<String> {
+        let mut keys: Vec<&String> = got.keys().chain(want.keys()).filter(|k| Some(k.as_str()) != except).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|key| got.get(*key) != want.get(*key))
+            .map(|key| format!("{key}: read model {:?}, expected {:?}", got.get(key), want.get(key)))
+            .collect()
+    }
+
     /// The documents a log must end in, folded here in order.
     pub fn fold(records: &[Json]) -> BTreeMap<String, Json> {
         let mut fold: BTreeMap<String, Json> = BTreeMap::new();

@@ -803,13 +803,17 @@ async fn dlq_replay(
     // connector parked before it stopped parking: they stay held in the
     // dead letters until replayed or released).
     if key.is_none() {
-        let code = dlq_replay_plain(runtime.clone(), &topic, dry_run, idle).await;
+        let code = Box::pin(dlq_replay_plain(runtime.clone(), &topic, dry_run, idle)).await;
         if code != ExitCode::SUCCESS {
             return code;
         }
     }
     let only = key.map(kawka::parked::parse_key);
-    match kawka::pipeline::replay_parked::replay(&runtime, only.as_deref(), dry_run, idle).await {
+    // Both replays are boxed: their futures are deep (the connector's
+    // whole pipeline; a key's writes through the sinks), and nested in
+    // this one their layout overflows rustc's query depth in builds
+    // without debug info (the demo profile).
+    match Box::pin(kawka::pipeline::replay_parked::replay(&runtime, only.as_deref(), dry_run, idle)).await {
         Ok(reports) => {
             if parks || key.is_some() || !reports.is_empty() {
                 print_parked_reports(&topic, &reports, dry_run);

@@ -444,22 +444,7 @@ fn parked_key_lines(output: &str) -> Vec<&str> {
 
 /// `kawka dlq <args>` in the project; must exit 0. Returns its stdout.
 fn dlq(project: &Project, args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_kawka"))
-        .arg("dlq")
-        .args(args)
-        .current_dir(project.root())
-        .env_remove("KAWKA_CONFIG")
-        .output()
-        .expect("kawka dlq runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "kawka dlq {args:?} exited {}:\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    eprintln!("kawka dlq {args:?}:\n{stdout}");
-    stdout
+    project.kawka(&[&["dlq"], args].concat())
 }
 
 // ---------------------------------------------------------------------------

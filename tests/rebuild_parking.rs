@@ -327,25 +327,6 @@ async fn wait_restarted(kawka: &Kawka, name: &str, started_before: i64, partitio
     .await;
 }
 
-/// `kawka <args>` in the project; must exit 0. Returns its stdout.
-fn kawka(project: &Project, args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_kawka"))
-        .args(args)
-        .current_dir(project.root())
-        .env_remove("KAWKA_CONFIG")
-        .output()
-        .expect("kawka runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "kawka {args:?} exited {}:\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    eprintln!("kawka {args:?}:\n{stdout}");
-    stdout
-}
-
 /// The line a replay printed about `key`.
 fn line_of<'a>(output: &'a str, key: &str) -> &'a str {
     let prefix = format!("parked key {key}: ");
@@ -397,7 +378,7 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
     wait_restarted(&daemon, &name, started_at, 3).await;
     let nth = |user: &str, at: usize| count_of(&log, user, 0, at);
     let partial_behind = spot(&topic, log.len(), PARTIAL, nth(PARTIAL, partial_b)).await;
-    let out = kawka(&project, &["dlq", "replay", &name, "--key", PARTIAL, "--idle", "4s"]);
+    let out = project.kawka(&["dlq", "replay", &name, "--key", PARTIAL, "--idle", "4s"]);
     let applied = count_of(&log, PARTIAL, a_partial, partial_b);
     let said = format!("parked key {PARTIAL}: replayed {applied} event(s), stays parked behind {partial_behind}: ");
     assert!(line_of(&out, PARTIAL).starts_with(&said), "the replay says {said:?}:\n{out}");
@@ -407,7 +388,7 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
     assert_model(&support::stats::rows(&pool, &name).await, &want, "after the partial replay");
     assert_parked(&pool, &name, &PARKED_KEYS, "after the partial replay").await;
 
-    let out = kawka(&project, &["dlq", "replay", &name, "--key", AGAIN, "--idle", "4s"]);
+    let out = project.kawka(&["dlq", "replay", &name, "--key", AGAIN, "--idle", "4s"]);
     let replayed = count_of(&log, AGAIN, a_again, log.len());
     let said = format!("parked key {AGAIN}: replayed {replayed} event(s), released");
     assert_eq!(line_of(&out, AGAIN), said, "the replay of {AGAIN}:\n{out}");
@@ -448,7 +429,7 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
     // 4. The rebuild: the new version holds the parked keys back as the live
     //    table does, with what the replays applied; the others are the fold.
     let rebuild_started = Instant::now();
-    let rebuilt_says = kawka(&project, &["rebuild", &name]);
+    let rebuilt_says = project.kawka(&["rebuild", &name]);
     let rebuild_took = rebuild_started.elapsed();
     assert!(rebuilt_says.contains(&format!("previous version is kept as {name}_v1")), "{rebuilt_says}");
     let rebuilt = support::stats::rows(&pool, &name).await;
@@ -471,7 +452,7 @@ async fn a_rebuild_holds_back_parked_keys_with_what_replays_applied_and_a_replay
     let started_at = status(&daemon, &name).await["started_at_ms"].as_i64().unwrap_or(0);
     catalogue_with_the_old_version(&project, "EmailChanged", old_email_schema(), "email", "mail: email");
     wait_restarted(&daemon, &name, started_at, 3).await;
-    let out = kawka(&project, &["dlq", "replay", &name, "--idle", "4s"]);
+    let out = project.kawka(&["dlq", "replay", &name, "--idle", "4s"]);
     for (user, from) in held {
         let said = format!("parked key {user}: replayed {} event(s), released", count_of(&log, user, from, log.len()));
         assert_eq!(line_of(&out, user), said, "the last replay of {user}:\n{out}");
@@ -650,7 +631,7 @@ async fn keys_parked_while_the_rebuild_runs_are_held_back_in_the_new_version_too
     let started_at = status(&daemon, &name).await["started_at_ms"].as_i64().unwrap_or(0);
     catalogue_with_the_old_version(&project, "EmailChanged", old_email_schema(), "email", "mail: email");
     wait_restarted(&daemon, &name, started_at, 3).await;
-    let out = kawka(&project, &["dlq", "replay", &name, "--idle", "4s"]);
+    let out = project.kawka(&["dlq", "replay", &name, "--idle", "4s"]);
     for (user, from) in &held {
         let said = format!("parked key {user}: replayed {} event(s), released", count_of(&log, user, *from, log.len()));
         if line_of(&out, user) != said {
@@ -723,7 +704,7 @@ async fn a_failure_past_the_live_position_at_the_cut_over_is_still_parked() {
     let failing = log.len() + 1;
     support::produce_with_python(&spec, produced(&late)).await;
     log.extend(late);
-    let rebuilt_says = kawka(&project, &["rebuild", &name]);
+    let rebuilt_says = project.kawka(&["rebuild", &name]);
     // An idle live connector notices the cut-over's fencing within 3 s.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let resumed = client.post(format!("http://{address}/connectors/{name}/resume")).send().await.expect("resume");
@@ -750,7 +731,7 @@ async fn a_failure_past_the_live_position_at_the_cut_over_is_still_parked() {
     let started_at = status(&daemon, &name).await["started_at_ms"].as_i64().unwrap_or(0);
     catalogue_with_the_old_version(&project, "EmailChanged", old_email_schema(), "email", "mail: email");
     wait_restarted(&daemon, &name, started_at, 2).await;
-    let out = kawka(&project, &["dlq", "replay", &name, "--idle", "4s"]);
+    let out = project.kawka(&["dlq", "replay", &name, "--idle", "4s"]);
     let fold = support::stats::fold(&references(&log));
     let wrong = support::stats::differences(&support::stats::rows(&pool, &name).await, &fold, None);
     if !wrong.is_empty() {

@@ -231,6 +231,25 @@ impl Project {
         Project { dir }
     }
 
+    /// `kawka <args>` in the project; must exit 0. Returns its stdout.
+    pub fn kawka(&self, args: &[&str]) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_kawka"))
+            .args(args)
+            .current_dir(self.root())
+            .env_remove("KAWKA_CONFIG")
+            .output()
+            .expect("kawka runs");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "kawka {args:?} exited {}:\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        eprintln!("kawka {args:?}:\n{stdout}");
+        stdout
+    }
+
     pub fn root(&self) -> &std::path::Path {
         self.dir.path()
     }

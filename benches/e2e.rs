@@ -11,9 +11,14 @@
 //!   skips it) read-your-writes waiters long-polling
 //!   `/connectors/{name}/applied` for positions ahead of it throughout.
 //!
-//! `deploy/local/bench.sh [--events N] [--es-events N] [--waiters W]` runs
-//! it (N: 1M by default); it prints a table and writes
-//! `target/bench-e2e.json`.
+//! * the inventory (`e2e/inventory.rs`): a compaction-friendly read model
+//!   (1,000 keys, increments and decrements over two topics), kawka's live
+//!   run and `kawka rebuild` of it against the bare consumer reading the
+//!   same topics.
+//!
+//! `deploy/local/bench.sh [--events N] [--es-events N] [--waiters W]
+//! [--inventory-events N] [--runs orders,inventory]` runs it (N: 1M by
+//! default); it prints a table and writes `target/bench-e2e.json`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -33,6 +38,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
+
+#[path = "e2e/inventory.rs"]
+mod inventory;
 
 const SCHEMA: &str = r#"{"type":"record","name":"OrderPlaced","namespace":"bench","fields":[
  {"name":"order_id","type":"string"},{"name":"customer_id","type":"string"},{"name":"store","type":"string"},
@@ -146,41 +154,53 @@ impl Run {
     }
 }
 
-async fn produce(bootstrap: &str, topic: &str, total: usize, placed_id: u32, updated_id: u32) {
+async fn create_topic(bootstrap: &str, topic: &str) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin");
     admin
         .create_topics(&[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))], &AdminOptions::new())
         .await
         .expect("create topic");
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+}
+
+fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .set("compression.type", "lz4")
         .create()
-        .expect("producer");
+        .expect("producer")
+}
+
+/// Sends one record, waiting while the producer's queue is full.
+fn send(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &[u8], value: &[u8]) {
+    let mut record = BaseRecord::to(topic).key(key).payload(value);
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((_, back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+async fn produce(bootstrap: &str, topic: &str, total: usize, placed_id: u32, updated_id: u32) {
+    create_topic(bootstrap, topic).await;
+    let producer = producer(bootstrap);
     let schemas = [SCHEMA, UPDATED].map(|text| Schema::parse_str(text).expect("a bench schema"));
     let (placed, updated) = (writer(&schemas[0], placed_id), writer(&schemas[1], updated_id));
     for n in 0..total {
         let o = order(n, total);
-        let value = encode(&o, &placed, &updated);
-        let mut record = BaseRecord::to(topic).key(o.customer_id.as_bytes()).payload(&value);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        }
+        send(&producer, topic, o.customer_id.as_bytes(), &encode(&o, &placed, &updated));
     }
     producer.flush(Duration::from_secs(120)).expect("flush");
 }
 
-fn bare_consumer(bootstrap: &str, topic: &str, total: usize, properties: &[(String, String)]) -> Run {
+fn bare_consumer(bootstrap: &str, topics: &[&str], total: usize, properties: &[(String, String)]) -> Run {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", bootstrap)
@@ -198,9 +218,11 @@ fn bare_consumer(bootstrap: &str, topic: &str, total: usize, properties: &[(Stri
     let mut records = RecordQueue::new(&consumer);
     let mut assignment = TopicPartitionList::new();
     let mut partitions = Vec::new();
-    for partition in 0..PARTITIONS {
-        assignment.add_partition_offset(topic, partition, Offset::Beginning).expect("partition");
-        partitions.push((kawka::value::intern(topic), partition));
+    for topic in topics {
+        for partition in 0..PARTITIONS {
+            assignment.add_partition_offset(topic, partition, Offset::Beginning).expect("partition");
+            partitions.push((kawka::value::intern(topic), partition));
+        }
     }
     // SAFETY: `records` is a live queue of this consumer and outlives its use.
     let missed = unsafe { kawka::source::queue::forward(&consumer, records.handle(), &partitions) };
@@ -208,7 +230,9 @@ fn bare_consumer(bootstrap: &str, topic: &str, total: usize, properties: &[(Stri
     // Connected before the clock starts, as kawka is timed from its first
     // commit; timing from the first record instead would count only the
     // dequeueing of what librdkafka prefetched meanwhile.
-    consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    for topic in topics {
+        consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    }
     let started = Instant::now();
     consumer.assign(&assignment).expect("assign");
     // Read as kawka's source reads: a chunk per call, records copied out.
@@ -466,6 +490,48 @@ fn cpu_of_named(name: &str) -> f64 {
         .sum()
 }
 
+/// The `kawka` binary measured: `target/release/kawka`, or the build
+/// `KAWKA_BENCH_BINARY` names (an A/B against a saved one).
+fn binary() -> PathBuf {
+    let binary = std::env::var_os("KAWKA_BENCH_BINARY")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/kawka"), PathBuf::from);
+    assert!(binary.exists(), "build it first: cargo build --release --bin kawka ({})", binary.display());
+    binary
+}
+
+/// A process's peak RSS so far (`VmHWM`), in kB; 0 once it is gone.
+fn peak_rss_kb(pid: &str) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How far a Postgres connector is: the sum of its next offsets in `kawka_offsets`.
+fn progress(
+    pool: &sqlx::PgPool,
+    connector: &str,
+) -> impl FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = usize> + Send>> {
+    let (pool, connector) = (pool.clone(), connector.to_string());
+    move || {
+        let (pool, connector) = (pool.clone(), connector.clone());
+        Box::pin(async move {
+            sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT sum(next_offset)::bigint FROM kawka_offsets WHERE connector = $1",
+            )
+            .bind(connector)
+            .fetch_one(&pool)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0) as usize
+        })
+    }
+}
+
 /// Runs `kawka run` with one connector until `done()` reports every event.
 /// With `KAWKA_BENCH_PERF=<dir>` the run is profiled by `perf record --call-graph dwarf`
 /// into `<dir>/<label>.data`.
@@ -481,10 +547,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = usize>,
 {
-    // `KAWKA_BENCH_BINARY` runs another build (an A/B against a saved one).
-    let binary = std::env::var_os("KAWKA_BENCH_BINARY")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/kawka"), PathBuf::from);
-    assert!(binary.exists(), "build it first: cargo build --release --bin kawka ({})", binary.display());
+    let binary = binary();
     let log = std::fs::File::create(project.join("kawka.log")).expect("log");
     let mut child = std::process::Command::new(&binary)
         .args(["run", "--config", "config/kawka.yaml"])
@@ -526,12 +589,7 @@ where
             (machine_at_first, broker_at_first) = (machine_cpu(), cpu_of_named("tansu"));
         }
         cpu_at_last = cpu;
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
-            if let Some(kb) = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1))
-            {
-                peak_kb = peak_kb.max(kb.parse().unwrap_or(0));
-            }
-        }
+        peak_kb = peak_kb.max(peak_rss_kb(&pid));
         if done >= total || Instant::now() > deadline {
             break;
         }
@@ -812,6 +870,11 @@ fn properties() -> Vec<(String, String)> {
         .collect()
 }
 
+fn arg_text(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -844,105 +907,102 @@ async fn main() {
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&database).await.expect("postgres");
     let mut results = BTreeMap::new();
 
-    let topic = format!("bench_orders_{tag}");
-    eprintln!("producing {total} events to {topic}…");
-    produce(&bootstrap, &topic, total, placed_id, updated_id).await;
-
+    // `--runs orders,inventory` (both by default): the order runs
+    // (Postgres fresh keys and updates, Elasticsearch) and the inventory's
+    // compaction-friendly runs (live and rebuild).
+    let runs = arg_text("--runs", "orders,inventory");
+    let runs: Vec<&str> = runs.split(',').collect();
     let properties = properties();
-    let bare = bare_consumer(&bootstrap, &topic, total, &properties);
-    let copy_before = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
-    let update = update_baseline(&pool, &format!("bench_update_{tag}"), total).await;
-    let progress = |connector: String| {
-        let pool = pool.clone();
-        move || {
-            let (pool, connector) = (pool.clone(), connector.clone());
-            async move {
-                sqlx::query_scalar::<_, Option<i64>>(
-                    "SELECT sum(next_offset)::bigint FROM kawka_offsets WHERE connector = $1",
-                )
-                .bind(connector)
-                .fetch_one(&pool)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or(0) as usize
-            }
-        }
-    };
-    let fresh_name = format!("bench_fresh_{tag}");
-    let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id", None, &properties));
-    let (fresh, _) =
-        run_kawka(fresh_project.path(), "postgres_fresh", "postgres", total, None, progress(fresh_name.clone())).await;
-    let updates_name = format!("bench_updates_{tag}");
-    let updates_project = project(
-        &registry.url(),
-        &pg_connector(&updates_name, &topic, "customer_id", Some(UPDATES_FILLFACTOR), &properties),
-    );
-    let (updates, _) =
-        run_kawka(updates_project.path(), "postgres_updates", "postgres", total, None, progress(updates_name.clone()))
-            .await;
-    // The fresh-keys run again, with read-your-writes waiters throughout.
-    let waiter_count = arg("--waiters", 100);
-    let waited_name = format!("bench_waited_{tag}");
-    let waited = if waiter_count > 0 {
-        let waited_project =
-            project(&registry.url(), &pg_connector(&waited_name, &topic, "order_id", None, &properties));
-        let waiters = Waiters { connector: waited_name.clone(), topic: topic.clone(), count: waiter_count };
-        let (run, stats) = run_kawka(
-            waited_project.path(),
-            "postgres_fresh_waiters",
+    if runs.contains(&"orders") {
+        let topic = format!("bench_orders_{tag}");
+        eprintln!("producing {total} events to {topic}…");
+        produce(&bootstrap, &topic, total, placed_id, updated_id).await;
+
+        let bare = bare_consumer(&bootstrap, &[&topic], total, &properties);
+        let copy_before = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
+        let update = update_baseline(&pool, &format!("bench_update_{tag}"), total).await;
+        let progress = |connector: String| progress(&pool, &connector);
+        let fresh_name = format!("bench_fresh_{tag}");
+        let fresh_project = project(&registry.url(), &pg_connector(&fresh_name, &topic, "order_id", None, &properties));
+        let (fresh, _) =
+            run_kawka(fresh_project.path(), "postgres_fresh", "postgres", total, None, progress(fresh_name.clone()))
+                .await;
+        let updates_name = format!("bench_updates_{tag}");
+        let updates_project = project(
+            &registry.url(),
+            &pg_connector(&updates_name, &topic, "customer_id", Some(UPDATES_FILLFACTOR), &properties),
+        );
+        let (updates, _) = run_kawka(
+            updates_project.path(),
+            "postgres_updates",
             "postgres",
             total,
-            Some(waiters),
-            progress(waited_name.clone()),
+            None,
+            progress(updates_name.clone()),
         )
         .await;
-        Some((run, stats.unwrap_or_default()))
-    } else {
-        None
-    };
-    // COPY again after kawka's runs: on a shared machine the rate drifts
-    // (runs here differed by a third), and the ratios take both readings,
-    // as one run of the rows of both.
-    let copy_after = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
-    let copy = Run {
-        events: copy_before.events + copy_after.events,
-        seconds: copy_before.seconds + copy_after.seconds,
-        server_cpu_seconds: copy_before.server_cpu_seconds + copy_after.server_cpu_seconds,
-    };
+        // The fresh-keys run again, with read-your-writes waiters throughout.
+        let waiter_count = arg("--waiters", 100);
+        let waited_name = format!("bench_waited_{tag}");
+        let waited = if waiter_count > 0 {
+            let waited_project =
+                project(&registry.url(), &pg_connector(&waited_name, &topic, "order_id", None, &properties));
+            let waiters = Waiters { connector: waited_name.clone(), topic: topic.clone(), count: waiter_count };
+            let (run, stats) = run_kawka(
+                waited_project.path(),
+                "postgres_fresh_waiters",
+                "postgres",
+                total,
+                Some(waiters),
+                progress(waited_name.clone()),
+            )
+            .await;
+            Some((run, stats.unwrap_or_default()))
+        } else {
+            None
+        };
+        // COPY again after kawka's runs: on a shared machine the rate drifts
+        // (runs here differed by a third), and the ratios take both readings,
+        // as one run of the rows of both.
+        let copy_after = copy_baseline(&pool, &format!("bench_copy_{tag}"), total).await;
+        let copy = Run {
+            events: copy_before.events + copy_after.events,
+            seconds: copy_before.seconds + copy_after.seconds,
+            server_cpu_seconds: copy_before.server_cpu_seconds + copy_after.server_cpu_seconds,
+        };
 
-    let row = |name: &str, run: &Run, baseline: Option<&Run>, rss: Option<f64>| {
-        let ratio = baseline.map(|b| run.rate() / b.rate());
-        println!(
-            "{name:<34} {:>10} {:>9.2} s {:>12.0} /s {:>8} {:>10}",
-            run.events,
-            run.seconds,
-            run.rate(),
-            ratio.map_or("-".to_string(), |r| format!("{r:.2}×")),
-            rss.map_or("-".to_string(), |r| format!("{r:.0} MB"))
+        let row = |name: &str, run: &Run, baseline: Option<&Run>, rss: Option<f64>| {
+            let ratio = baseline.map(|b| run.rate() / b.rate());
+            println!(
+                "{name:<34} {:>10} {:>9.2} s {:>12.0} /s {:>8} {:>10}",
+                run.events,
+                run.seconds,
+                run.rate(),
+                ratio.map_or("-".to_string(), |r| format!("{r:.2}×")),
+                rss.map_or("-".to_string(), |r| format!("{r:.0} MB"))
+            );
+            json!({"events": run.events, "seconds": run.seconds, "per_second": run.rate(), "ratio": ratio, "peak_rss_mb": rss})
+        };
+        println!("\n{:<34} {:>10} {:>11} {:>15} {:>8} {:>10}", "run", "events", "time", "rate", "ratio", "peak RSS");
+        results.insert("bare_consumer", row("bare consumer (baseline)", &bare, None, None));
+        results.insert("postgres_copy_before", row("postgres COPY, before kawka", &copy_before, None, None));
+        results.insert("postgres_copy_after", row("postgres COPY, after kawka", &copy_after, None, None));
+        results.insert("postgres_copy", row("postgres COPY (baseline: both)", &copy, None, None));
+        // Ratio to COPY: the most any one-connection writer of these updates
+        // can reach on this machine, beside the target's 0.45.
+        results.insert("postgres_update", row("postgres UPDATE (baseline)", &update, Some(&copy), None));
+        results.insert(
+            "kawka_postgres_fresh",
+            row("kawka → postgres, fresh keys", &fresh.run, Some(&copy), Some(fresh.peak_rss_mb)),
         );
-        json!({"events": run.events, "seconds": run.seconds, "per_second": run.rate(), "ratio": ratio, "peak_rss_mb": rss})
-    };
-    println!("\n{:<34} {:>10} {:>11} {:>15} {:>8} {:>10}", "run", "events", "time", "rate", "ratio", "peak RSS");
-    results.insert("bare_consumer", row("bare consumer (baseline)", &bare, None, None));
-    results.insert("postgres_copy_before", row("postgres COPY, before kawka", &copy_before, None, None));
-    results.insert("postgres_copy_after", row("postgres COPY, after kawka", &copy_after, None, None));
-    results.insert("postgres_copy", row("postgres COPY (baseline: both)", &copy, None, None));
-    // Ratio to COPY: the most any one-connection writer of these updates
-    // can reach on this machine, beside the target's 0.45.
-    results.insert("postgres_update", row("postgres UPDATE (baseline)", &update, Some(&copy), None));
-    results.insert(
-        "kawka_postgres_fresh",
-        row("kawka → postgres, fresh keys", &fresh.run, Some(&copy), Some(fresh.peak_rss_mb)),
-    );
-    results.insert(
-        "kawka_postgres_updates",
-        row("kawka → postgres, 10× updates", &updates.run, Some(&copy), Some(updates.peak_rss_mb)),
-    );
-    if let Some((run, stats)) = &waited {
-        let label = format!("kawka → postgres, {waiter_count} waiters");
-        results.insert("kawka_postgres_fresh_waiters", row(&label, &run.run, Some(&copy), Some(run.peak_rss_mb)));
-        println!(
+        results.insert(
+            "kawka_postgres_updates",
+            row("kawka → postgres, 10× updates", &updates.run, Some(&copy), Some(updates.peak_rss_mb)),
+        );
+        if let Some((run, stats)) = &waited {
+            let label = format!("kawka → postgres, {waiter_count} waiters");
+            results.insert("kawka_postgres_fresh_waiters", row(&label, &run.run, Some(&copy), Some(run.peak_rss_mb)));
+            println!(
             "  with {waiter_count} waiters: {:.2}× the run without; {} waits answered 200 (p50 {:.1} ms, p99 {:.1} ms: \
              the time until the position was applied), {} timeouts (202), {} errors",
             run.run.rate() / fresh.run.rate(),
@@ -952,20 +1012,20 @@ async fn main() {
             stats.timeouts,
             stats.errors
         );
-        println!("    {}", cpu_line(run, "postgres"));
-        results.insert(
+            println!("    {}", cpu_line(run, "postgres"));
+            results.insert(
             "waiters",
             json!({"waiters": waiter_count, "ratio_to_no_waiters": run.run.rate() / fresh.run.rate(),
                    "answered": stats.waits.len(), "p50_seconds": stats.quantile(0.5), "p99_seconds": stats.quantile(0.99),
                    "timeouts": stats.timeouts, "errors": stats.errors}),
         );
-    }
-    results.insert(
-        "kawka_vs_bare_consumer",
-        json!({"ratio": fresh.run.rate() / bare.rate(), "updates_ratio": updates.run.rate() / bare.rate()}),
-    );
-    for (label, kawka) in [("fresh keys", &fresh), ("10× updates", &updates)] {
-        println!(
+        }
+        results.insert(
+            "kawka_vs_bare_consumer",
+            json!({"ratio": fresh.run.rate() / bare.rate(), "updates_ratio": updates.run.rate() / bare.rate()}),
+        );
+        for (label, kawka) in [("fresh keys", &fresh), ("10× updates", &updates)] {
+            println!(
             "  {label}: {:.2}× the bare consumer; {:.0} batches, sink writes {:.2} s of {:.2} s ({:.0}%), {:.1} ms per batch",
             kawka.run.rate() / bare.rate(),
             kawka.batches,
@@ -974,81 +1034,95 @@ async fn main() {
             100.0 * kawka.sink_seconds / kawka.run.seconds,
             1000.0 * kawka.sink_seconds / kawka.batches.max(1.0)
         );
-        println!("    {}", cpu_line(kawka, "postgres"));
-        println!("    {}", threads_line(kawka));
-    }
-    println!(
-        "  the bare consumer (kawka's source without the pipeline) reads at {:.2}× COPY",
-        bare.rate() / copy.rate()
-    );
-    // What the raw writes cost the server, beside what kawka's cost it above.
-    println!(
+            println!("    {}", cpu_line(kawka, "postgres"));
+            println!("    {}", threads_line(kawka));
+        }
+        println!(
+            "  the bare consumer (kawka's source without the pipeline) reads at {:.2}× COPY",
+            bare.rate() / copy.rate()
+        );
+        // What the raw writes cost the server, beside what kawka's cost it above.
+        println!(
         "  postgres CPU in the baselines: COPY {:.2} µs per row ({:.2} cores), UPDATE {:.2} µs per event ({:.2} cores)",
         copy.per_event(copy.server_cpu_seconds),
         copy.cores(copy.server_cpu_seconds),
         update.per_event(update.server_cpu_seconds),
         update.cores(update.server_cpu_seconds)
     );
-    results.insert(
-        "postgres_baseline_cpu_seconds",
-        json!({"copy": copy.server_cpu_seconds, "update": update.server_cpu_seconds}),
-    );
-    results.insert(
+        results.insert(
+            "postgres_baseline_cpu_seconds",
+            json!({"copy": copy.server_cpu_seconds, "update": update.server_cpu_seconds}),
+        );
+        results.insert(
         "postgres_sink_seconds",
         json!({"fresh": fresh.sink_seconds, "fresh_batches": fresh.batches, "updates": updates.sink_seconds, "updates_batches": updates.batches}),
     );
 
-    if es_total > 0 {
-        let es_topic = if es_total == total {
-            topic.clone()
-        } else {
-            let es_topic = format!("bench_es_orders_{tag}");
-            produce(&bootstrap, &es_topic, es_total, placed_id, updated_id).await;
-            es_topic
-        };
-        let plain = bulk_baseline(&es, &format!("bench_bulk_{tag}"), es_total).await;
-        let es_name = format!("bench_es_{tag}");
-        let es_project = project(&registry.url(), &es_connector(&es_name, &es_topic, &properties));
-        // One group client polled throughout (a new client per poll takes
-        // longer than a poll interval and would delay the last reading).
-        let kafka =
-            kawka::source::KafkaSettings { bootstrap_servers: bootstrap.clone(), properties: Default::default() };
-        let group = std::sync::Arc::new(
-            kawka::source::kafka::GroupOffsets::new(
-                &kafka,
-                &format!("kawka.{es_name}"),
-                std::slice::from_ref(&es_topic),
-            )
-            .expect("a group client"),
-        );
-        let committed = move || {
-            let group = group.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    group.read().map_or(0, |offsets| offsets.iter().map(|(_, _, next)| *next as usize).sum())
-                })
-                .await
-                .unwrap_or(0)
-            }
-        };
-        let (es_run, _) = run_kawka(es_project.path(), "elasticsearch", "noida-db", es_total, None, committed).await;
-        results.insert("elasticsearch_bulk", row("plain _bulk client (baseline)", &plain, None, None));
+        if es_total > 0 {
+            let es_topic = if es_total == total {
+                topic.clone()
+            } else {
+                let es_topic = format!("bench_es_orders_{tag}");
+                produce(&bootstrap, &es_topic, es_total, placed_id, updated_id).await;
+                es_topic
+            };
+            let plain = bulk_baseline(&es, &format!("bench_bulk_{tag}"), es_total).await;
+            let es_name = format!("bench_es_{tag}");
+            let es_project = project(&registry.url(), &es_connector(&es_name, &es_topic, &properties));
+            // One group client polled throughout (a new client per poll takes
+            // longer than a poll interval and would delay the last reading).
+            let kafka =
+                kawka::source::KafkaSettings { bootstrap_servers: bootstrap.clone(), properties: Default::default() };
+            let group = std::sync::Arc::new(
+                kawka::source::kafka::GroupOffsets::new(
+                    &kafka,
+                    &format!("kawka.{es_name}"),
+                    std::slice::from_ref(&es_topic),
+                )
+                .expect("a group client"),
+            );
+            let committed = move || {
+                let group = group.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        group.read().map_or(0, |offsets| offsets.iter().map(|(_, _, next)| *next as usize).sum())
+                    })
+                    .await
+                    .unwrap_or(0)
+                }
+            };
+            let (es_run, _) =
+                run_kawka(es_project.path(), "elasticsearch", "noida-db", es_total, None, committed).await;
+            results.insert("elasticsearch_bulk", row("plain _bulk client (baseline)", &plain, None, None));
+            results.insert(
+                "kawka_elasticsearch",
+                row("kawka → elasticsearch", &es_run.run, Some(&plain), Some(es_run.peak_rss_mb)),
+            );
+            println!("  elasticsearch: {}", cpu_line(&es_run, "noida-db"));
+            println!("  elasticsearch: {}", threads_line(&es_run));
+            // The server keeps what it holds in memory: leave it as found.
+            let _ = reqwest::Client::new().delete(format!("{es}/{es_name}-v1")).send().await;
+        }
         results.insert(
-            "kawka_elasticsearch",
-            row("kawka → elasticsearch", &es_run.run, Some(&plain), Some(es_run.peak_rss_mb)),
-        );
-        println!("  elasticsearch: {}", cpu_line(&es_run, "noida-db"));
-        println!("  elasticsearch: {}", threads_line(&es_run));
-        // The server keeps what it holds in memory: leave it as found.
-        let _ = reqwest::Client::new().delete(format!("{es}/{es_name}-v1")).send().await;
-    }
-    results.insert(
         "cpu_seconds",
         json!({"fresh": [fresh.cpu_seconds, fresh.run.server_cpu_seconds], "updates": [updates.cpu_seconds, updates.run.server_cpu_seconds]}),
     );
-    results.insert("thread_cpu_seconds", json!({"fresh": fresh.threads, "updates": updates.threads}));
-    for table in [format!("bench_copy_{tag}"), format!("bench_update_{tag}"), fresh_name, updates_name, waited_name] {
-        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(&pool).await;
+        results.insert("thread_cpu_seconds", json!({"fresh": fresh.threads, "updates": updates.threads}));
+        for table in [format!("bench_copy_{tag}"), format!("bench_update_{tag}"), fresh_name, updates_name, waited_name]
+        {
+            let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(&pool).await;
+        }
+    }
+    if runs.contains(&"inventory") {
+        let context = inventory::Context {
+            bootstrap: &bootstrap,
+            registry: &registry.url(),
+            client: &client,
+            pool: &pool,
+            properties: &properties,
+            tag: &tag,
+        };
+        results.insert("inventory", inventory::run(&context, arg("--inventory-events", total)).await);
     }
     let report = json!({"events": total, "es_events": es_total, "results": results});
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");

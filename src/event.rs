@@ -41,6 +41,10 @@ pub struct Claim {
     pub epoch: Option<i64>,
 }
 
+/// The events one record becomes once upcast: one, inline (an upcaster
+/// may split an event into several).
+pub type Events = smallvec::SmallVec<[Event; 1]>;
+
 /// One decoded (and, once upcast, current) event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {

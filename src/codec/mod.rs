@@ -74,19 +74,59 @@ impl Codec {
     /// Decodes one record. Only registry errors can be transient: the caller
     /// retries those and hands every other error to the error policy.
     pub async fn decode(&self, record: &RawRecord) -> Result<Decoded, CodecError> {
-        let key = self.decode_key(record.key.as_deref()).await?;
-        let Some(value) = record.value.as_deref() else {
-            return Ok(Decoded::Tombstone { key });
+        // At most two schemas (the key's and the value's) are fetched.
+        let mut fetched: Vec<Arc<WriterSchema>> = Vec::new();
+        loop {
+            match self.decode_with(record, &fetched) {
+                Ok(decoded) => return decoded,
+                Err(id) => fetched.push(self.registry.fetch_writer_schema_cached(id).await?),
+            }
+        }
+    }
+
+    /// Decodes one record with the writer schemas already cached, without
+    /// waiting: `None` when one it needs is not (then [`Codec::decode`]).
+    /// What the pipeline decodes ahead with, off the worker's thread.
+    pub fn decode_cached(&self, record: &RawRecord) -> Option<Result<Decoded, CodecError>> {
+        self.decode_with(record, &[]).ok()
+    }
+
+    /// Decodes with the cached schemas and `fetched`; `Err(id)` when the
+    /// writer schema `id` is in neither (the key's is looked up first,
+    /// so a key error comes before the value's schema is fetched).
+    fn decode_with(
+        &self,
+        record: &RawRecord,
+        fetched: &[Arc<WriterSchema>],
+    ) -> Result<Result<Decoded, CodecError>, u32> {
+        let schema = |id: u32| match fetched.iter().find(|w| w.id == id) {
+            Some(writer) => Ok(writer.clone()),
+            None => self.registry.cached(id).ok_or(id),
         };
-        let framed = framing::parse(value)?;
-        let writer = self.writer_schema(framed.schema_id).await?;
-        let (event_type, payload) = writer
-            .decoder
-            .decode(framed.body)
-            .map_err(|error| CodecError::Avro { schema_id: framed.schema_id, error })?;
-        let event =
-            Event { event_type, version: 0, payload, key, position: record.position, timestamp: record.timestamp };
-        Ok(Decoded::Event { event, writer })
+        let key = match self.decode_key(record.key.as_deref(), &schema)? {
+            Ok(key) => key,
+            Err(error) => return Ok(Err(error)),
+        };
+        let Some(value) = record.value.as_deref() else {
+            return Ok(Ok(Decoded::Tombstone { key }));
+        };
+        let framed = match framing::parse(value) {
+            Ok(framed) => framed,
+            Err(error) => return Ok(Err(error.into())),
+        };
+        let writer = schema(framed.schema_id)?;
+        let decoded = writer.decoder.decode(framed.body).map(|(event_type, payload)| Decoded::Event {
+            event: Event {
+                event_type,
+                version: 0,
+                payload,
+                key,
+                position: record.position,
+                timestamp: record.timestamp,
+            },
+            writer: writer.clone(),
+        });
+        Ok(decoded.map_err(|error| CodecError::Avro { schema_id: framed.schema_id, error }))
     }
 
     /// The writer schema of an id: cached ids never wait.
@@ -95,22 +135,71 @@ impl Codec {
         self.registry.writer_schema(id).await
     }
 
-    async fn decode_key(&self, key: Option<&[u8]>) -> Result<Value, CodecError> {
-        let Some(bytes) = key else { return Ok(Value::Null) };
-        match self.key_format {
+    fn decode_key(
+        &self,
+        key: Option<&[u8]>,
+        schema: &dyn Fn(u32) -> Result<Arc<WriterSchema>, u32>,
+    ) -> Result<Result<Value, CodecError>, u32> {
+        let Some(bytes) = key else { return Ok(Ok(Value::Null)) };
+        Ok(match self.key_format {
             KeyFormat::None => Ok(Value::Null),
             KeyFormat::String => {
                 std::str::from_utf8(bytes).map(|text| Value::Str(text.into())).map_err(|_| CodecError::KeyNotUtf8)
             }
             KeyFormat::Avro => {
-                let framed = framing::parse(bytes).map_err(CodecError::KeyFraming)?;
-                let writer = self.writer_schema(framed.schema_id).await?;
+                let framed = match framing::parse(bytes) {
+                    Ok(framed) => framed,
+                    Err(error) => return Ok(Err(CodecError::KeyFraming(error))),
+                };
+                let writer = schema(framed.schema_id)?;
                 writer
                     .decoder
                     .decode(framed.body)
                     .map(|(_, value)| value)
                     .map_err(|error| CodecError::KeyAvro { schema_id: framed.schema_id, error })
             }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Position;
+
+    fn record(value: Vec<u8>) -> RawRecord {
+        RawRecord {
+            position: Position { topic: crate::value::intern("t"), partition: 0, offset: 5 },
+            timestamp: None,
+            key: None,
+            value: Some(value.into()),
+            headers: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn decoding_ahead_uses_cached_schemas_only_and_never_waits() {
+        // Nothing listens here: a fetch would fail (transient), so a
+        // decode that succeeds found its schema in the cache.
+        let registry = Arc::new(RegistryClient::new(&RegistryClientSettings::plain("http://127.0.0.1:9")).unwrap());
+        let codec = Codec::new(registry.clone(), KeyFormat::String);
+        let text = r#"{"type":"record","name":"Placed","namespace":"t","fields":[{"name":"n","type":"long"}]}"#;
+        let mut framed = Vec::new();
+        framing::frame_into(7, &[0x06], &mut framed);
+        let placed = record(framed);
+
+        assert!(codec.decode_cached(&placed).is_none(), "id 7 is not cached: left to the worker");
+        assert!(
+            matches!(codec.decode_cached(&record(vec![1, 2])), Some(Err(CodecError::Framing(_)))),
+            "no schema needed to fail framing"
+        );
+        assert_eq!(codec.decode(&placed).await.err().map(|e| e.class()), Some(ErrorClass::Transient));
+
+        registry.remember(Arc::new(registry::compile(7, text.to_string(), &[]).unwrap()));
+        for decoded in [codec.decode_cached(&placed).unwrap(), codec.decode(&placed).await] {
+            let Ok(Decoded::Event { event, writer }) = decoded else { panic!("decodes once cached") };
+            assert_eq!((event.event_type, writer.id, event.position.offset), ("t.Placed", 7, 5));
+            assert_eq!(event.payload.path(&["n"]), Some(&Value::Int(3)));
         }
     }
 }

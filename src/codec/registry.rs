@@ -215,6 +215,13 @@ impl RegistryClient {
         found
     }
 
+    /// Caches a writer schema (one fetched, or compiled by a caller that
+    /// has its text); the one cached first for an id stays.
+    pub fn remember(&self, writer: Arc<WriterSchema>) -> Arc<WriterSchema> {
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        cache.entry(writer.id).or_insert(writer).clone()
+    }
+
     /// Cache hits and misses so far.
     pub fn cache_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering;
@@ -226,14 +233,18 @@ impl RegistryClient {
         if let Some(schema) = self.cached(id) {
             return Ok(schema);
         }
+        self.fetch_writer_schema_cached(id).await
+    }
+
+    /// The writer schema of `id` from the registry (an id just missed in
+    /// the cache), cached; a permanent error is remembered a while (the
+    /// negative cache) so that a bad id does not cost a request per record.
+    pub async fn fetch_writer_schema_cached(&self, id: u32) -> Result<Arc<WriterSchema>, RegistryError> {
         if let Some(error) = self.negative().get(id, Instant::now()) {
             return Err(error);
         }
         match self.fetch_writer_schema(id).await {
-            Ok(writer) => {
-                let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-                Ok(cache.entry(id).or_insert(writer).clone())
-            }
+            Ok(writer) => Ok(self.remember(writer)),
             Err(error) if error.class() == ErrorClass::Permanent => {
                 let now = Instant::now();
                 let mut missing = self.negative();

@@ -56,9 +56,9 @@ impl Pending {
     }
 
     /// Adds the ops of the event at `origin` (an index into `records`).
-    pub(super) fn add_ops(&mut self, origin: usize, ops: Vec<WriteOp>) {
-        self.origins.extend(std::iter::repeat_n(origin, ops.len()));
+    pub(super) fn add_ops(&mut self, origin: usize, ops: impl IntoIterator<Item = WriteOp>) {
         self.ops.extend(ops);
+        self.origins.resize(self.ops.len(), origin);
     }
 
     /// Adds a processed record; the first one of a batch sets its deadline.

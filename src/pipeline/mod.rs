@@ -23,6 +23,7 @@ pub mod dead_letter;
 mod in_flight;
 mod park;
 mod policy;
+mod prepare;
 pub mod replay;
 pub mod replay_parked;
 mod worker;
@@ -40,7 +41,7 @@ use crate::error::Failure;
 use crate::error::{Backoff, ErrorClass};
 use crate::projection::Projection;
 use crate::sink::Sink;
-use crate::source::{ClaimFn, KafkaSettings, KafkaSource};
+use crate::source::{ClaimFn, KafkaSettings, KafkaSource, RecordsReceiver, SourceChannels};
 use crate::status::{ConnectorStatus, State};
 use crate::value::Name;
 use dead_letter::DeadLetters;
@@ -227,12 +228,19 @@ impl ConnectorRuntime {
             }
             Err(error) => return Halt::Source(error.to_string()),
         };
-        let mut channels = channels;
+        let SourceChannels { records, mut control } = channels;
+        let mut ahead = match prepare::Ahead::start(self, records) {
+            Ok(ahead) => ahead,
+            Err(error) => {
+                source.stop(SourceChannels { records: RecordsReceiver::closed(), control }).await;
+                return Halt::Source(format!("cannot start the decoding thread: {error}"));
+            }
+        };
         let mut worker = Worker::new(self, &source, shutdown.clone());
         // A panic unwinds to here, not through the task: the consumer is
         // stopped below (it leaves the group) instead of polling on,
         // holding its partitions, behind a task that is gone.
-        let consumed = std::panic::AssertUnwindSafe(worker.consume(&mut channels)).catch_unwind().await;
+        let consumed = std::panic::AssertUnwindSafe(worker.consume(&mut ahead, &mut control)).catch_unwind().await;
         let halt = match consumed {
             Ok(halt) => halt,
             Err(panic) => {
@@ -245,7 +253,8 @@ impl ConnectorRuntime {
             }
         };
         drop(worker);
-        source.stop(channels).await;
+        let records = ahead.stop().await.unwrap_or_else(RecordsReceiver::closed);
+        source.stop(SourceChannels { records, control }).await;
         halt
     }
 

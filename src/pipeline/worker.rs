@@ -4,25 +4,21 @@
 use std::time::Duration;
 
 use futures::FutureExt as _;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::batch::{Epochs, Pending};
 use super::in_flight::{finished, InFlightWrite};
+use super::prepare::{self, Ahead, Effect, Prepared, PreparedChunk, UNDECODABLE};
 use super::{stopped, ConnectorRuntime, Halt, REPLAY_HEADER};
 use crate::codec::Decoded;
 use crate::error::Failure;
 use crate::error::{Backoff, ErrorClass};
 use crate::event::{Claim, Position};
-use crate::projection::{Projected, Projection, WriteOp};
-use crate::source::{Chunk, Control, KafkaSource, RawRecord, SourceChannels};
+use crate::projection::WriteOp;
+use crate::source::{Control, KafkaSource, RawRecord};
 use crate::status::Outcome;
 use crate::value::Name;
-
-/// The event type counted for tombstones and undecodable records.
-const TOMBSTONE: Name = "(tombstone)";
-const UNDECODABLE: Name = "(undecodable)";
-const OVERSIZED: Name = "(oversized)";
 
 /// How long a connector may sit idle before it checks that its partitions
 /// are still its own (a rebuild's cut-over or rollback moves them).
@@ -78,7 +74,11 @@ impl<'a> Worker<'a> {
         &self.runtime.settings.name
     }
 
-    pub(super) async fn consume(&mut self, channels: &mut SourceChannels) -> Halt {
+    pub(super) async fn consume(
+        &mut self,
+        records: &mut Ahead,
+        control_rx: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Halt {
         let mut shutdown = self.shutdown.clone();
         let mut paused = self.runtime.status.paused();
         let idle = self.runtime.replay.as_ref().map(|r| r.idle);
@@ -123,7 +123,7 @@ impl<'a> Worker<'a> {
                 }
                 // Rebalances are served even while paused: the group
                 // waits for them, not for this connector's records.
-                control = channels.control.recv() => match control {
+                control = control_rx.recv() => match control {
                     Some(control) => {
                         if matches!(control, Control::Assigned { .. }) {
                             last_record = Instant::now();
@@ -132,19 +132,19 @@ impl<'a> Worker<'a> {
                     }
                     None => Err(Halt::Source("the consumer thread ended".into())),
                 },
-                chunk = channels.records.recv(), if !is_paused => match chunk {
-                    Some(Chunk { generation, records, .. }) => {
+                chunk = records.recv(), if !is_paused => match chunk {
+                    Some(PreparedChunk { generation, records, prepared, ops }) => {
                         last_record = Instant::now();
                         // A chunk of a generation not yet known: its
                         // `Assigned` is already on the control channel
                         // (sent first, see `SourceChannels`).
                         let mut result = Ok(());
                         while result.is_ok() && self.generation.is_none_or(|known| known < generation) {
-                            let Ok(control) = channels.control.try_recv() else { break };
+                            let Ok(control) = control_rx.try_recv() else { break };
                             result = self.control(control).await;
                         }
                         match result {
-                            Ok(()) => self.records(generation, records).await,
+                            Ok(()) => self.records(generation, records, prepared, ops).await,
                             Err(halt) => Err(halt),
                         }
                     }
@@ -191,58 +191,31 @@ impl<'a> Worker<'a> {
         self.runtime.status.assigned(&partitions);
     }
 
-    async fn records(&mut self, generation: u64, records: Vec<RawRecord>) -> Result<(), Halt> {
+    async fn records(
+        &mut self,
+        generation: u64,
+        records: Vec<RawRecord>,
+        prepared: Vec<Option<Prepared>>,
+        ops: Vec<WriteOp>,
+    ) -> Result<(), Halt> {
         if self.generation != Some(generation) {
             // Fetched for an assignment that has since changed.
             return Ok(());
         }
         self.refresh_parked().await?;
         let batch = &self.runtime.settings.batch;
-        for mut record in records {
-            let partition = (record.position.topic, record.position.partition);
-            let mut original = None;
-            if !self.epochs.contains_key(&partition) || self.replay_done.contains(&partition) {
+        // The records' ops in record order: each record takes its own
+        // (`Prepared::ops` of them), or skips them when it is not processed.
+        let mut ops = ops.into_iter();
+        for (record, prepared) in records.into_iter().zip(prepared) {
+            let mine = prepared.as_ref().map_or(0, Prepared::ops);
+            let Some((record, original)) = self.admit(record).await? else {
+                if mine > 0 {
+                    ops.nth(mine - 1);
+                }
                 continue;
-            }
-            if let Some(run) = &self.runtime.replay {
-                // Records this run dead-lettered again come after every
-                // record it was asked to replay: this partition is done
-                // (its position stays before them, for the next run).
-                let mine =
-                    record.headers.iter().any(|(k, v)| k == REPLAY_HEADER && v.as_deref() == Some(run.id.as_bytes()));
-                if mine {
-                    self.replay_done.insert(partition);
-                    if self.replay_done.len() == self.epochs.len() {
-                        self.flush().await?;
-                        return Err(Halt::Shutdown);
-                    }
-                    continue;
-                }
-                // A parked key's events are replayed by key, in order
-                // (`kawka dlq replay` reads them itself), never here.
-                if record.headers.iter().any(|(k, _)| k == crate::parked::PARKED_BEHIND_HEADER) {
-                    continue;
-                }
-                // A dead letter written without its value has no event to
-                // replay (a null value would read as a tombstone: a delete).
-                if let Some(failure) = super::dead_letter::unreplayable(&record) {
-                    self.fail(&record, UNDECODABLE, failure).await?;
-                    self.push(record, UNDECODABLE);
-                    continue;
-                }
-                // The event keeps the position it had: the guards and the
-                // fold see it where it was in the log, not in the dead letters.
-                original = original_position(&record.headers);
-                // The headers of the earlier failure are not part of the event.
-                record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER);
-            }
-            if !self.parking.is_empty() {
-                record = match self.hold(record).await? {
-                    super::park::Held::No(record) => record,
-                    super::park::Held::Yes => continue,
-                };
-            }
-            self.process(record, original).await?;
+            };
+            self.process(record, original, prepared, &mut ops).await?;
             if self.pending.ops.len() >= batch.max_events || self.pending.bytes >= batch.max_bytes {
                 self.flush_pipelined().await?;
             }
@@ -250,84 +223,91 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Decodes and projects one record into the pending batch; its events
-    /// are at `original` when it is a dead letter replayed (the record's own
-    /// position is where the replay reads).
-    async fn process(&mut self, record: RawRecord, original: Option<Position>) -> Result<(), Halt> {
-        let position = original.unwrap_or(record.position);
-        let limit = self.runtime.settings.source.max_record_bytes;
-        if record.size() > limit {
-            let message = format!("a record of {} bytes exceeds source.max_record_bytes ({limit})", record.size());
-            self.fail(&record, OVERSIZED, Failure { class: ErrorClass::Permanent, stage: "source", message }).await?;
-            self.push(record, OVERSIZED);
-            return Ok(());
+    /// Whether a record is processed, and the position of its events when
+    /// it is a dead letter replayed; `None`: not (its partition is not
+    /// this run's, a replay is done with it or reads it by key, it was
+    /// dead-lettered here, or its key is parked).
+    async fn admit(&mut self, mut record: RawRecord) -> Result<Option<(RawRecord, Option<Position>)>, Halt> {
+        let partition = (record.position.topic, record.position.partition);
+        let mut original = None;
+        if !self.epochs.contains_key(&partition) || self.replay_done.contains(&partition) {
+            return Ok(None);
         }
-        let decoded = self.decode(&record).await?;
-        let index = self.pending.records.len();
-        let (event_type, projected) = match decoded {
-            Ok(Decoded::Event { mut event, writer }) => {
-                event.position = position;
-                let event_type = event.event_type;
-                // A panic in upcasting or projecting (a user's Rust code)
-                // is this event's error: it would panic again on a retry.
-                let upcasting = &self.runtime.upcasting;
-                let projection = self.runtime.projection.as_ref();
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    upcasting.upcast(event, &writer).map(|events| project_all(projection, events))
-                }));
-                match outcome {
-                    Ok(Ok(projected)) => (event_type, projected),
-                    Ok(Err(error)) => {
-                        let failure =
-                            Failure { class: ErrorClass::Permanent, stage: "upcast", message: error.to_string() };
-                        self.fail(&record, event_type, failure).await?;
-                        self.push(record, event_type);
-                        return Ok(());
-                    }
-                    Err(panic) => {
-                        let message = format!("panicked: {}", super::panic_message(&*panic));
-                        let failure = Failure { class: ErrorClass::Permanent, stage: "projection", message };
-                        self.fail(&record, event_type, failure).await?;
-                        self.push(record, event_type);
-                        return Ok(());
-                    }
+        if let Some(run) = &self.runtime.replay {
+            // Records this run dead-lettered again come after every
+            // record it was asked to replay: this partition is done
+            // (its position stays before them, for the next run).
+            let mine =
+                record.headers.iter().any(|(k, v)| k == REPLAY_HEADER && v.as_deref() == Some(run.id.as_bytes()));
+            if mine {
+                self.replay_done.insert(partition);
+                if self.replay_done.len() == self.epochs.len() {
+                    self.flush().await?;
+                    return Err(Halt::Shutdown);
                 }
+                return Ok(None);
             }
-            Ok(Decoded::Tombstone { key }) => {
-                let projection = self.runtime.projection.as_ref();
-                let outcome =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| projection.tombstone(&key, position)));
-                match outcome {
-                    Ok(projected) => (TOMBSTONE, projected),
-                    Err(panic) => {
-                        let message = format!("panicked: {}", super::panic_message(&*panic));
-                        let failure = Failure { class: ErrorClass::Permanent, stage: "projection", message };
-                        self.fail(&record, TOMBSTONE, failure).await?;
-                        self.push(record, TOMBSTONE);
-                        return Ok(());
-                    }
-                }
+            // A parked key's events are replayed by key, in order
+            // (`kawka dlq replay` reads them itself), never here.
+            if record.headers.iter().any(|(k, _)| k == crate::parked::PARKED_BEHIND_HEADER) {
+                return Ok(None);
             }
-            Err(failure) => {
+            // A dead letter written without its value has no event to
+            // replay (a null value would read as a tombstone: a delete).
+            if let Some(failure) = super::dead_letter::unreplayable(&record) {
                 self.fail(&record, UNDECODABLE, failure).await?;
                 self.push(record, UNDECODABLE);
-                return Ok(());
+                return Ok(None);
             }
+            // The event keeps the position it had: the guards and the
+            // fold see it where it was in the log, not in the dead letters.
+            original = original_position(&record.headers);
+            // The headers of the earlier failure are not part of the event.
+            record.headers.retain(|(k, _)| !k.starts_with("kawka.error.") && k != REPLAY_HEADER);
+        }
+        if !self.parking.is_empty() {
+            record = match self.hold(record).await? {
+                super::park::Held::No(record) => record,
+                super::park::Held::Yes => return Ok(None),
+            };
+        }
+        Ok(Some((record, original)))
+    }
+
+    /// Decodes and projects one record into the pending batch, unless the
+    /// stage ahead did (`prepared`: its ops are the next in `chunk_ops`);
+    /// its events are at `original` when it is a dead letter replayed (the
+    /// record's own position is where the replay reads).
+    async fn process(
+        &mut self,
+        record: RawRecord,
+        original: Option<Position>,
+        prepared: Option<Prepared>,
+        chunk_ops: &mut std::vec::IntoIter<WriteOp>,
+    ) -> Result<(), Halt> {
+        let mut own = Vec::new();
+        let ahead = prepared.is_some();
+        let Prepared { event_type, result } = match prepared {
+            Some(prepared) => prepared,
+            None => match prepare::oversized(self.runtime, &record) {
+                Some(oversized) => oversized,
+                None => {
+                    let decoded = self.decode(&record).await?;
+                    prepare::prepare(self.runtime, decoded, original.unwrap_or(record.position), &mut own)
+                }
+            },
         };
-        match projected {
-            Ok(Projected::Ops(ops)) => {
-                if let Some(message) = ops.iter().find_map(|op| self.runtime.sink.check(op).err()) {
-                    let failure = Failure { class: ErrorClass::Permanent, stage: "sink", message };
-                    self.fail(&record, event_type, failure).await?;
+        match result {
+            Ok(Effect::Ops(n)) => {
+                let index = self.pending.records.len();
+                if ahead {
+                    self.pending.add_ops(index, chunk_ops.by_ref().take(n));
                 } else {
-                    self.pending.add_ops(index, ops);
+                    self.pending.add_ops(index, own);
                 }
             }
-            Ok(Projected::Skipped) => self.runtime.status.count(event_type, Outcome::Unknown),
-            Err(error) => {
-                let failure = Failure { class: ErrorClass::Permanent, stage: "projection", message: error.to_string() };
-                self.fail(&record, event_type, failure).await?;
-            }
+            Ok(Effect::Skipped) => self.runtime.status.count(event_type, Outcome::Unknown),
+            Err(failure) => self.fail(&record, event_type, failure).await?,
         }
         self.push(record, event_type);
         Ok(())
@@ -346,10 +326,7 @@ impl<'a> Worker<'a> {
             let decoded = std::panic::AssertUnwindSafe(self.runtime.codec.decode(record)).catch_unwind().await;
             let decoded = match decoded {
                 Ok(decoded) => decoded,
-                Err(panic) => {
-                    let message = format!("the decoder panicked: {}", super::panic_message(&*panic));
-                    return Ok(Err(Failure { class: ErrorClass::Permanent, stage: "decode", message }));
-                }
+                Err(panic) => return Ok(Err(prepare::decoder_panicked(&*panic))),
             };
             match decoded {
                 Ok(decoded) => return Ok(Ok(decoded)),
@@ -380,26 +357,6 @@ impl<'a> Worker<'a> {
             _ = stopped(&mut self.shutdown) => Err(Halt::Shutdown),
         }
     }
-}
-
-/// Projects the events one record became (several after a split): their
-/// ops together, or the first error. Skipped only if every event is. The
-/// events are spent: their values move into the ops.
-fn project_all(
-    projection: &dyn Projection,
-    events: Vec<crate::event::Event>,
-) -> Result<Projected, crate::projection::ProjectionError> {
-    let mut all: Option<Vec<WriteOp>> = None;
-    for event in events {
-        if let Projected::Ops(ops) = projection.project_owned(event)? {
-            match all.as_mut() {
-                // The usual case, one event: its ops as they are.
-                None => all = Some(ops),
-                Some(all) => all.extend(ops),
-            }
-        }
-    }
-    Ok(all.map_or(Projected::Skipped, Projected::Ops))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

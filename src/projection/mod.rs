@@ -21,9 +21,10 @@ use crate::value::{intern, Name, Value};
 use expr::{EvalError, Expr};
 pub use settings::{EventRule, OpKind, OpTemplate, ProjectionSettings, TombstonePolicy, UnknownEventPolicy};
 
-/// A key's values: inline for one part (most keys), which saves an
-/// allocation per op and its free when the batch settles.
-pub type KeyValues = smallvec::SmallVec<[Value; 1]>;
+/// A key's values: inline for up to two parts (most keys: an id, or a
+/// pair such as store and item), which saves an allocation per op and its
+/// free when the batch settles.
+pub type KeyValues = smallvec::SmallVec<[Value; 2]>;
 
 /// One change to one row or document of the read model.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +82,20 @@ pub trait Projection: Send + Sync + fmt::Debug {
     /// is projected). The default borrows.
     fn project_owned(&self, event: Event) -> Result<Projected, ProjectionError> {
         self.project(&event)
+    }
+
+    /// The same, appending the ops to `ops` (the pipeline gathers a chunk
+    /// of records' ops in one vector rather than one per event); `false`
+    /// when skipped. On an error nothing is appended. The default goes
+    /// through [`Projection::project_owned`].
+    fn project_into(&self, event: Event, ops: &mut Vec<WriteOp>) -> Result<bool, ProjectionError> {
+        match self.project_owned(event)? {
+            Projected::Ops(mine) => {
+                ops.extend(mine);
+                Ok(true)
+            }
+            Projected::Skipped => Ok(false),
+        }
     }
 
     /// The ops of a tombstone (a record with a null value) with this key.
@@ -217,6 +232,17 @@ impl RulesProjection {
     }
 }
 
+impl RulesProjection {
+    /// The op of an event that is spent: the values moved, not copied.
+    fn op_owned(&self, mut event: Event) -> Result<Option<WriteOp>, ProjectionError> {
+        let Some((rule, mut op)) = self.op_but_moves(&event)? else { return Ok(None) };
+        for (index, path) in rule.moves() {
+            op.fields[index].1 = event.payload.path_mut(path).map(std::mem::take).unwrap_or_default();
+        }
+        Ok(Some(op))
+    }
+}
+
 impl Projection for RulesProjection {
     fn project(&self, event: &Event) -> Result<Projected, ProjectionError> {
         let Some((rule, mut op)) = self.op_but_moves(event)? else { return Ok(Projected::Skipped) };
@@ -227,12 +253,13 @@ impl Projection for RulesProjection {
         Ok(Projected::Ops(vec![op]))
     }
 
-    fn project_owned(&self, mut event: Event) -> Result<Projected, ProjectionError> {
-        let Some((rule, mut op)) = self.op_but_moves(&event)? else { return Ok(Projected::Skipped) };
-        for (index, path) in rule.moves() {
-            op.fields[index].1 = event.payload.path_mut(path).map(std::mem::take).unwrap_or_default();
-        }
-        Ok(Projected::Ops(vec![op]))
+    fn project_owned(&self, event: Event) -> Result<Projected, ProjectionError> {
+        Ok(self.op_owned(event)?.map_or(Projected::Skipped, |op| Projected::Ops(vec![op])))
+    }
+
+    fn project_into(&self, event: Event, ops: &mut Vec<WriteOp>) -> Result<bool, ProjectionError> {
+        let op = self.op_owned(event)?;
+        Ok(op.map(|op| ops.push(op)).is_some())
     }
 
     fn tombstone(&self, key: &Value, position: Position) -> Result<Projected, ProjectionError> {

@@ -84,6 +84,13 @@ pub struct RecordsReceiver {
 }
 
 impl RecordsReceiver {
+    /// A receiver whose sender is gone: the consumer thread's sends find
+    /// the channel closed and drop their records (for closing a consumer
+    /// whose receiver was lost).
+    pub fn closed() -> RecordsReceiver {
+        records_channel(1).1
+    }
+
     /// The next chunk; its bytes leave the channel's budget.
     pub async fn recv(&mut self) -> Option<Chunk> {
         let chunk = self.rx.recv().await?;

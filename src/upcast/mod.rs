@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::codec::registry::WriterSchema;
-use crate::event::Event;
+use crate::event::{Event, Events};
 use crate::value::Name;
 use catalogue::{resolve_value, Catalogue, Resolution};
 
@@ -128,7 +128,7 @@ impl Upcasting {
 
     /// Sets the event's catalogue version from its writer schema, then
     /// upcasts it to the newest version.
-    pub fn upcast(&self, mut event: Event, writer: &WriterSchema) -> Result<Vec<Event>, UpcastError> {
+    pub fn upcast(&self, mut event: Event, writer: &WriterSchema) -> Result<Events, UpcastError> {
         let resolution = {
             let key = (writer.id, event.event_type);
             let mut resolutions = self.resolutions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -140,7 +140,7 @@ impl Upcasting {
                 .clone()
         };
         match resolution.as_ref() {
-            Resolution::Uncatalogued => return Ok(vec![event]),
+            Resolution::Uncatalogued => return Ok(Events::from_buf([event])),
             Resolution::Unreadable(message) => return Err(UpcastError::Unreadable(message.clone())),
             Resolution::Version(version) => event.version = *version,
             Resolution::Resolved { version, reader } => {
@@ -154,10 +154,10 @@ impl Upcasting {
 
     /// Runs the chain from the event's version to the newest of its type
     /// (and of every type it becomes).
-    pub fn to_newest(&self, event: Event) -> Result<Vec<Event>, UpcastError> {
-        // Most events are written at the newest version: one allocation.
+    pub fn to_newest(&self, event: Event) -> Result<Events, UpcastError> {
+        // Most events are written at the newest version: no allocation.
         if self.behind(&event).is_none() {
-            return Ok(vec![event]);
+            return Ok(Events::from_buf([event]));
         }
         let mut done = self.run_chain(event)?;
         // What upcasters wrote as plain integers reads as the newest
@@ -170,8 +170,8 @@ impl Upcasting {
         Ok(done)
     }
 
-    fn run_chain(&self, event: Event) -> Result<Vec<Event>, UpcastError> {
-        let mut done = Vec::with_capacity(1);
+    fn run_chain(&self, event: Event) -> Result<Events, UpcastError> {
+        let mut done = Events::new();
         let mut work = vec![event];
         let mut steps = 0;
         while let Some(event) = work.pop() {

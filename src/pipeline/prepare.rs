@@ -1,0 +1,260 @@
+//! Decoding ahead of the worker: a task per connector takes the source's
+//! chunks of records and turns each record into what the worker needs of
+//! it (its ops, or the failure the error policy gets), so that decoding,
+//! upcasting and projecting run on another core than the worker's
+//! batching, folding and writing (issue 27: on a read model that folds
+//! many events into few rows, kawka's own work per event sets the pace).
+//!
+//! Contracts:
+//! * Order: one task, chunks handed on in the order read, each chunk's
+//!   records in their order; the worker sees exactly what the source sent.
+//! * Nothing here has an effect: no dead letter, no count, no retry. A
+//!   record that cannot be prepared without waiting (a writer schema not
+//!   cached yet, a transient error) or that a replay reads (its event keeps
+//!   the position of its dead letter's headers) is left to the worker,
+//!   which processes it as before ([`Prepared`] is `None`).
+//! * A record prepared ahead and then held (its key parked) is dropped by
+//!   the worker: the work is lost, never the record.
+//! * Memory: [`AHEAD_CHUNKS`] prepared chunks wait at most, beside the
+//!   source's own channel (which the task empties, so the source's byte
+//!   budget counts what waits here only once it is handed on).
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::ConnectorRuntime;
+use crate::codec::Decoded;
+use crate::error::{ErrorClass, Failure};
+use crate::event::{Events, Position};
+use crate::projection::{Projected, Projection, WriteOp};
+use crate::source::{Chunk, RawRecord, RecordsReceiver};
+use crate::value::Name;
+
+/// Prepared chunks waiting for the worker: two keep it fed while the task
+/// prepares the next, without holding much more than a batch's records.
+const AHEAD_CHUNKS: usize = 8;
+
+/// The event type counted for tombstones and undecodable records.
+pub(super) const TOMBSTONE: Name = "(tombstone)";
+pub(super) const UNDECODABLE: Name = "(undecodable)";
+pub(super) const OVERSIZED: Name = "(oversized)";
+
+/// What one record became: the event type it is counted under, and what
+/// its projection gave (checked against the sink) or the failure its error
+/// policy is given.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    pub(super) event_type: Name,
+    pub(super) result: Result<Effect, Failure>,
+}
+
+/// What a record's projection gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Effect {
+    /// This many ops: the next ones in the ops gathered with it.
+    Ops(usize),
+    /// No rule for its type (counted, skipped).
+    Skipped,
+}
+
+impl Prepared {
+    /// How many of the gathered ops are this record's.
+    pub(super) fn ops(&self) -> usize {
+        match self.result {
+            Ok(Effect::Ops(n)) => n,
+            _ => 0,
+        }
+    }
+}
+
+/// A chunk of records, what each became (aligned with them; `None`: the
+/// worker processes it itself) and their ops in one vector, in record order.
+pub(super) struct PreparedChunk {
+    pub(super) generation: u64,
+    pub(super) records: Vec<RawRecord>,
+    pub(super) prepared: Vec<Option<Prepared>>,
+    pub(super) ops: Vec<WriteOp>,
+}
+
+/// The worker's end of the stage.
+pub(super) struct Ahead {
+    rx: mpsc::Receiver<PreparedChunk>,
+    /// The source's channel, given back when the thread ends.
+    given_back: oneshot::Receiver<RecordsReceiver>,
+}
+
+impl Ahead {
+    /// Starts preparing the records `records` hands over, on a thread of
+    /// its own: a task would share the worker's thread (tokio runs a task
+    /// woken by a send next on the sender's thread, where no other thread
+    /// can steal it), and the two would take turns instead of overlapping.
+    pub(super) fn start(runtime: &ConnectorRuntime, mut records: RecordsReceiver) -> std::io::Result<Ahead> {
+        let (tx, rx) = mpsc::channel(AHEAD_CHUNKS);
+        let (give_back, given_back) = oneshot::channel();
+        let runtime = runtime.clone();
+        let handle = tokio::runtime::Handle::current();
+        std::thread::Builder::new().name(format!("decode-{}", runtime.settings.name)).spawn(move || {
+            // Driven here, outside the runtime's workers: waiting on the
+            // channels is all it does besides preparing.
+            handle.block_on(async {
+                loop {
+                    let chunk = tokio::select! {
+                        chunk = records.recv() => chunk,
+                        // The worker is gone: give the source's channel back.
+                        _ = tx.closed() => break,
+                    };
+                    // The source ended: the worker learns it from this end closing.
+                    let Some(Chunk { generation, records: chunk, .. }) = chunk else { break };
+                    let mut ops = Vec::with_capacity(chunk.len());
+                    let prepared: Vec<Option<Prepared>> = if runtime.replay.is_some() {
+                        chunk.iter().map(|_| None).collect()
+                    } else {
+                        chunk.iter().map(|record| ahead(&runtime, record, &mut ops)).collect()
+                    };
+                    if tx.send(PreparedChunk { generation, records: chunk, prepared, ops }).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let _ = give_back.send(records);
+        })?;
+        Ok(Ahead { rx, given_back })
+    }
+
+    /// The next chunk; `None` once the source has ended.
+    pub(super) async fn recv(&mut self) -> Option<PreparedChunk> {
+        self.rx.recv().await
+    }
+
+    /// Stops the thread; the source's channel back, to be drained while the
+    /// consumer closes (`None` if the thread panicked: the channel is then
+    /// closed, which the consumer thread also copes with).
+    pub(super) async fn stop(self) -> Option<RecordsReceiver> {
+        drop(self.rx);
+        self.given_back.await.ok()
+    }
+}
+
+/// Prepares one record without waiting, its ops appended to `ops`, or
+/// `None` (see the module's contracts).
+fn ahead(runtime: &ConnectorRuntime, record: &RawRecord, ops: &mut Vec<WriteOp>) -> Option<Prepared> {
+    if let Some(oversized) = oversized(runtime, record) {
+        return Some(oversized);
+    }
+    let decoded = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.codec.decode_cached(record))) {
+        Ok(None) => return None,
+        Ok(Some(Ok(decoded))) => Ok(decoded),
+        Ok(Some(Err(error))) if error.class() == ErrorClass::Permanent => {
+            Err(Failure { class: ErrorClass::Permanent, stage: "decode", message: error.to_string() })
+        }
+        Ok(Some(Err(_))) => return None,
+        Err(panic) => Err(decoder_panicked(&*panic)),
+    };
+    Some(prepare(runtime, decoded, record.position, ops))
+}
+
+/// The failure of a record larger than `source.max_record_bytes`, if it is.
+pub(super) fn oversized(runtime: &ConnectorRuntime, record: &RawRecord) -> Option<Prepared> {
+    let limit = runtime.settings.source.max_record_bytes;
+    (record.size() > limit).then(|| {
+        let message = format!("a record of {} bytes exceeds source.max_record_bytes ({limit})", record.size());
+        Prepared {
+            event_type: OVERSIZED,
+            result: Err(Failure { class: ErrorClass::Permanent, stage: "source", message }),
+        }
+    })
+}
+
+/// A decoder that panics on a record panics on it again: the record's error.
+pub(super) fn decoder_panicked(panic: &(dyn std::any::Any + Send)) -> Failure {
+    let message = format!("the decoder panicked: {}", super::panic_message(panic));
+    Failure { class: ErrorClass::Permanent, stage: "decode", message }
+}
+
+/// What a decoded record becomes: upcast, projected and checked against
+/// the sink, its events at `position` (a replayed dead letter's is its
+/// original one), its ops appended to `ops` (nothing on a failure). The
+/// one path of the worker and of the stage ahead of it.
+pub(super) fn prepare(
+    runtime: &ConnectorRuntime,
+    decoded: Result<Decoded, Failure>,
+    position: Position,
+    ops: &mut Vec<WriteOp>,
+) -> Prepared {
+    let start = ops.len();
+    let projection = runtime.projection.as_ref();
+    let (event_type, projected) = match decoded {
+        Ok(Decoded::Event { mut event, writer }) => {
+            event.position = position;
+            let event_type = event.event_type;
+            // A panic in upcasting or projecting (a user's Rust code) is
+            // this event's error: it would panic again on a retry.
+            let upcasting = &runtime.upcasting;
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                upcasting.upcast(event, &writer).map(|events| project_all(projection, events, ops))
+            }));
+            match outcome {
+                Ok(Ok(projected)) => (event_type, projected),
+                Ok(Err(error)) => {
+                    let failure = Failure { class: ErrorClass::Permanent, stage: "upcast", message: error.to_string() };
+                    return Prepared { event_type, result: Err(failure) };
+                }
+                Err(panic) => {
+                    ops.truncate(start);
+                    return Prepared { event_type, result: Err(projection_panicked(&*panic)) };
+                }
+            }
+        }
+        Ok(Decoded::Tombstone { key }) => {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| projection.tombstone(&key, position))) {
+                Ok(Ok(Projected::Ops(mine))) => {
+                    ops.extend(mine);
+                    (TOMBSTONE, Ok(true))
+                }
+                Ok(Ok(Projected::Skipped)) => (TOMBSTONE, Ok(false)),
+                Ok(Err(error)) => (TOMBSTONE, Err(error)),
+                Err(panic) => return Prepared { event_type: TOMBSTONE, result: Err(projection_panicked(&*panic)) },
+            }
+        }
+        Err(failure) => return Prepared { event_type: UNDECODABLE, result: Err(failure) },
+    };
+    let result = match projected {
+        Ok(true) => match ops[start..].iter().find_map(|op| runtime.sink.check(op).err()) {
+            Some(message) => {
+                ops.truncate(start);
+                Err(Failure { class: ErrorClass::Permanent, stage: "sink", message })
+            }
+            None => Ok(Effect::Ops(ops.len() - start)),
+        },
+        Ok(false) => Ok(Effect::Skipped),
+        Err(error) => Err(Failure { class: ErrorClass::Permanent, stage: "projection", message: error.to_string() }),
+    };
+    Prepared { event_type, result }
+}
+
+fn projection_panicked(panic: &(dyn std::any::Any + Send)) -> Failure {
+    let message = format!("panicked: {}", super::panic_message(panic));
+    Failure { class: ErrorClass::Permanent, stage: "projection", message }
+}
+
+/// Projects the events one record became (several after a split) into
+/// `ops`: all their ops, or none and the first error. `false` (skipped)
+/// only if every event is. The events are spent: their values move into
+/// the ops.
+fn project_all(
+    projection: &dyn Projection,
+    events: Events,
+    ops: &mut Vec<WriteOp>,
+) -> Result<bool, crate::projection::ProjectionError> {
+    let start = ops.len();
+    let mut projected = false;
+    for event in events {
+        match projection.project_into(event, ops) {
+            Ok(any) => projected |= any,
+            Err(error) => {
+                ops.truncate(start);
+                return Err(error);
+            }
+        }
+    }
+    Ok(projected)
+}

@@ -138,6 +138,9 @@ fn rebuild(project: &Path, connector: &str) -> (Run, f64, f64, String) {
     let started = Instant::now();
     let mut child = std::process::Command::new(&binary)
         .args(["rebuild", connector, "--config", "config/kawka.yaml"])
+        // Its phases (group join, catching up, cut-over) in its log, kept
+        // in target/bench-rebuild.log.
+        .env("RUST_LOG", "info")
         .current_dir(project)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -158,6 +161,8 @@ fn rebuild(project: &Path, connector: &str) -> (Run, f64, f64, String) {
     let seconds = started.elapsed().as_secs_f64();
     let output = child.wait_with_output().expect("output");
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let log = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-rebuild.log");
+    let _ = std::fs::write(log, &text);
     assert!(status.success(), "kawka rebuild failed ({status}):\n{text}");
     let report = text.lines().rev().find(|l| l.contains("rebuilt ")).unwrap_or_default().trim().to_string();
     (Run { events: 0, seconds, server_cpu_seconds: 0.0 }, cpu, peak_kb as f64 / 1024.0, report)

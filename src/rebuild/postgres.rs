@@ -136,12 +136,16 @@ pub async fn rebuild(
             .ok();
     }
 
-    let settings = rebuild_settings(&runtime, &names.rebuild_connector, i64::from(version) + 1, |target| {
+    let mut settings = rebuild_settings(&runtime, &names.rebuild_connector, i64::from(version) + 1, |target| {
         if let Target::Postgres(target) = target {
             target.table = new_table.clone();
             target.create = true;
         }
     });
+    // One rebuild at a time, its positions in `kawka_offsets` (claimed with
+    // epochs, which fence any other): it reads every partition without
+    // joining a group, so it starts without the broker's join delay.
+    settings.source.assign_all = true;
     let Target::Postgres(target) = &settings.target else { bail!("{} is not a Postgres connector", names.connector) };
     let sink = Sink::Postgres(live.beside(&settings.sink_settings(), target));
     let rebuild_runtime = runtime_with(&runtime, settings, sink);

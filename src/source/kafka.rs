@@ -259,8 +259,13 @@ impl KafkaSource {
         };
         let config = consumer_config(connector, kafka, source);
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context).map_err(redact_config_error)?;
-        let topics: Vec<&str> = source.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
+        // Assigned by the consumer thread once it polls (see `assign_all`),
+        // or by the group.
+        let assign_all = source.assign_all.then(|| source.topics.clone());
+        if assign_all.is_none() {
+            let topics: Vec<&str> = source.topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?;
+        }
         let consumer = Arc::new(consumer);
         let thread = {
             let consumer = consumer.clone();
@@ -270,7 +275,7 @@ impl KafkaSource {
                 .name(format!("kafka-{connector}"))
                 .spawn(move || {
                     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        poll_loop(&name, &consumer, &tx, &stopping, &status)
+                        poll_loop(&name, &consumer, &tx, &stopping, &status, assign_all.as_deref())
                     }));
                     if let Err(panic) = polled {
                         let reason = crate::error::panic_message(&*panic);
@@ -493,11 +498,18 @@ fn poll_loop(
     tx: &RecordsSender,
     stopping: &AtomicBool,
     status: &ConnectorStatus,
+    assign_all: Option<&[String]>,
 ) {
     let context = consumer.context();
     let mut records = RecordQueue::new(consumer);
     // Unset when this thread ends, even by a panic: the queue goes first.
     let _published = Published::new(context, &records);
+    if let Some(topics) = assign_all {
+        // As a rebalance would, with every partition: claims, the forward
+        // to the record queue, `Assigned` on the control channel.
+        let Some(mut partitions) = every_partition(connector, consumer, topics, stopping) else { return };
+        context.assign(consumer, &mut partitions);
+    }
     let mut chunk: Vec<RawRecord> = Vec::with_capacity(CHUNK);
     let mut chunk_generation = context.generation.load(Ordering::SeqCst);
     let mut watermarks_at = std::time::Instant::now();
@@ -539,6 +551,42 @@ fn poll_loop(
         (chunk, chunk_generation) =
             send_or_wait(consumer, &mut records, tx, stopping, message, chunk_generation, &mut commit_checked);
     }
+}
+
+/// Every partition of `topics`, from the broker's metadata; asked again
+/// each second while a topic is not known (`None` once stopping).
+fn every_partition(
+    connector: &str,
+    consumer: &BaseConsumer<SourceContext>,
+    topics: &[String],
+    stopping: &AtomicBool,
+) -> Option<TopicPartitionList> {
+    'asking: while !stopping.load(Ordering::SeqCst) {
+        let mut partitions = TopicPartitionList::new();
+        for topic in topics {
+            let found = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).map_err(|e| e.to_string()).and_then(
+                |metadata| match metadata.topics().first() {
+                    Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                        Ok(t.partitions().iter().map(|p| p.id()).collect::<Vec<i32>>())
+                    }
+                    Some(t) => Err(format!("{:?}", t.error())),
+                    None => Err("not in the metadata".to_string()),
+                },
+            );
+            match found {
+                Ok(ids) => ids.into_iter().for_each(|id| {
+                    partitions.add_partition(topic, id);
+                }),
+                Err(error) => {
+                    tracing::warn!(connector, topic = %topic, %error, "cannot list the partitions of a topic; asking again");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue 'asking;
+                }
+            }
+        }
+        return Some(partitions);
+    }
+    None
 }
 
 /// Publishes the record queue to the rebalance handler for as long as it
@@ -753,6 +801,7 @@ mod tests {
             max_prefetch_bytes: 1 << 20,
             max_prefetch_records: 1000,
             max_record_bytes: 1 << 20,
+        assign_all: false,
         };
         let status = Arc::new(ConnectorStatus::new("retries", "postgres"));
         let (consumer, mut channels) = KafkaSource::start("retries", &kafka, &source, None, status).expect("started");

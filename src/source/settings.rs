@@ -21,6 +21,12 @@ pub struct SourceSettings {
     /// Records fetched ahead of processing, at most: two batches.
     pub max_prefetch_records: usize,
     pub max_record_bytes: usize,
+    /// Every partition of the topics, assigned at start without joining
+    /// the group (no rebalance, no join delay: a new group waits out the
+    /// broker's `group.initial.rebalance.delay.ms`, 3 s by default). For
+    /// a consumer that is alone by construction and whose positions live
+    /// in the sink (a Postgres rebuild); partitions added later are not seen.
+    pub assign_all: bool,
 }
 
 /// Where a group with no stored position starts.

@@ -56,6 +56,7 @@ pub(super) fn validate_connector(
         // Set with the batch size below.
         max_prefetch_records: 0,
         max_record_bytes: at.size(&source.max_record_bytes, "source.max_record_bytes", 1 << 20) as usize,
+        assign_all: false,
     };
 
     let connection = file.sink.to.value.clone();

@@ -6,13 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kawka::config::{self, LogFormat};
 
-/// Records are decoded on a thread of their own and their ops freed on
-/// the worker's and the writes' threads: glibc's malloc takes the
-/// allocating thread's arena lock for each such free, and the two threads
-/// then wait on each other; mimalloc frees across threads without a lock.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "kawka",

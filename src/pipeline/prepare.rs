@@ -31,7 +31,7 @@ use crate::value::Name;
 
 /// Prepared chunks waiting for the worker: two keep it fed while the task
 /// prepares the next, without holding much more than a batch's records.
-const AHEAD_CHUNKS: usize = 8;
+const AHEAD_CHUNKS: usize = 2;
 
 /// The event type counted for tombstones and undecodable records.
 pub(super) const TOMBSTONE: Name = "(tombstone)";

@@ -504,10 +504,13 @@ fn poll_loop(
     let mut records = RecordQueue::new(consumer);
     // Unset when this thread ends, even by a panic: the queue goes first.
     let _published = Published::new(context, &records);
+    // Partitions assigned without the group (`assign_all`).
+    let mut assigned = 0;
     if let Some(topics) = assign_all {
         // As a rebalance would, with every partition: claims, the forward
         // to the record queue, `Assigned` on the control channel.
-        let Some(mut partitions) = every_partition(connector, consumer, topics, stopping) else { return };
+        let Some(mut partitions) = every_partition(connector, consumer, topics, stopping, true) else { return };
+        assigned = partitions.count();
         context.assign(consumer, &mut partitions);
     }
     let mut chunk: Vec<RawRecord> = Vec::with_capacity(CHUNK);
@@ -521,6 +524,15 @@ fn poll_loop(
         if watermarks_at.elapsed() >= WATERMARK_EVERY {
             watermarks_at = std::time::Instant::now();
             report_watermarks(consumer, status);
+            // Partitions added since the assignment: all assigned again, as
+            // a rebalance would (the pipeline flushes, the claims give each
+            // partition's position back); what is gathered goes stale.
+            let more = assign_all.and_then(|topics| every_partition(connector, consumer, topics, stopping, false));
+            if let Some(mut partitions) = more.filter(|p| p.count() > assigned) {
+                context.revoke(consumer);
+                assigned = partitions.count();
+                context.assign(consumer, &mut partitions);
+            }
         }
         // Events first: a rebalance they run makes what was gathered stale.
         serve_events(connector, consumer, &mut chunk, &mut chunk_generation, Duration::ZERO);
@@ -553,13 +565,15 @@ fn poll_loop(
     }
 }
 
-/// Every partition of `topics`, from the broker's metadata; asked again
-/// each second while a topic is not known (`None` once stopping).
+/// Every partition of `topics`, from the broker's metadata. When a topic
+/// is not known: `None`, or with `patient` asked again each second
+/// (`None` once stopping).
 fn every_partition(
     connector: &str,
     consumer: &BaseConsumer<SourceContext>,
     topics: &[String],
     stopping: &AtomicBool,
+    patient: bool,
 ) -> Option<TopicPartitionList> {
     'asking: while !stopping.load(Ordering::SeqCst) {
         let mut partitions = TopicPartitionList::new();
@@ -577,6 +591,7 @@ fn every_partition(
                 Ok(ids) => ids.into_iter().for_each(|id| {
                     partitions.add_partition(topic, id);
                 }),
+                Err(_) if !patient => return None,
                 Err(error) => {
                     tracing::warn!(connector, topic = %topic, %error, "cannot list the partitions of a topic; asking again");
                     std::thread::sleep(Duration::from_secs(1));

@@ -284,10 +284,9 @@ fn benches(c: &mut Criterion) {
         let mut ops = Vec::with_capacity(BATCH);
         for (n, bytes) in framed.iter().enumerate() {
             let event = framed_event(&decoder, n, bytes, Value::Null);
+            // As the pipeline gathers them: a chunk's ops in one vector.
             for event in upcasting.to_newest(event).expect("upcasts") {
-                if let Projected::Ops(projected) = projection.project_owned(event).expect("projects") {
-                    ops.extend(projected);
-                }
+                projection.project_into(event, &mut ops).expect("projects");
             }
         }
         black_box(fold(&ops, &[], GroupBy::Key).net.len())

@@ -21,10 +21,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::{ConnectorRuntime, ReplayRun, REPLAY_HEADER};
-use crate::codec::Decoded;
-use crate::error::{ErrorClass, Failure};
+use crate::error::Failure;
 use crate::event::Position;
-use crate::projection::{Projected, WriteOp};
+use crate::projection::WriteOp;
 use crate::source::{KafkaSettings, RawRecord, StartPosition};
 use crate::status::Outcome;
 
@@ -134,45 +133,17 @@ async fn evaluate(runtime: &ConnectorRuntime, record: &RawRecord) -> Result<usiz
 /// becomes now, or why it fails (a registry outage included: the caller
 /// reports it, nothing is written).
 pub(super) async fn ops_of(runtime: &ConnectorRuntime, record: &RawRecord) -> Result<Vec<WriteOp>, Failure> {
-    let fail = |stage: &'static str, class: ErrorClass, message: String| Failure { class, stage, message };
-    if record.size() > runtime.settings.source.max_record_bytes {
-        return Err(fail("source", ErrorClass::Permanent, format!("a record of {} bytes is too large", record.size())));
+    if let Some(oversized) = super::prepare::oversized(runtime, record) {
+        return oversized.result.map(|_| Vec::new());
     }
     if let Some(failure) = super::dead_letter::unreplayable(record) {
         return Err(failure);
     }
-    let projected = match runtime.codec.decode(record).await {
-        Ok(Decoded::Event { event, writer }) => {
-            let events = runtime
-                .upcasting
-                .upcast(event, &writer)
-                .map_err(|e| fail("upcast", ErrorClass::Permanent, e.to_string()))?;
-            let mut ops = Vec::new();
-            for event in &events {
-                if let Projected::Ops(more) = runtime
-                    .projection
-                    .project(event)
-                    .map_err(|e| fail("projection", ErrorClass::Permanent, e.to_string()))?
-                {
-                    ops.extend(more);
-                }
-            }
-            ops
-        }
-        Ok(Decoded::Tombstone { key }) => {
-            match runtime
-                .projection
-                .tombstone(&key, record.position)
-                .map_err(|e| fail("projection", ErrorClass::Permanent, e.to_string()))?
-            {
-                Projected::Ops(ops) => ops,
-                Projected::Skipped => Vec::new(),
-            }
-        }
-        Err(error) => return Err(fail("decode", error.class(), error.to_string())),
-    };
-    for op in &projected {
-        runtime.sink.check(op).map_err(|message| fail("sink", ErrorClass::Permanent, message))?;
-    }
-    Ok(projected)
+    let decoded = runtime
+        .codec
+        .decode(record)
+        .await
+        .map_err(|error| Failure { class: error.class(), stage: "decode", message: error.to_string() });
+    let mut ops = Vec::new();
+    super::prepare::prepare(runtime, decoded, record.position, &mut ops).result.map(|_| ops)
 }

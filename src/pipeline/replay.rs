@@ -139,11 +139,11 @@ pub(super) async fn ops_of(runtime: &ConnectorRuntime, record: &RawRecord) -> Re
     if let Some(failure) = super::dead_letter::unreplayable(record) {
         return Err(failure);
     }
-    let decoded = runtime
-        .codec
-        .decode(record)
-        .await
-        .map_err(|error| Failure { class: error.class(), stage: "decode", message: error.to_string() });
+    let decoded = runtime.codec.decode(record).await.map_err(|error| Failure {
+        class: error.class(),
+        stage: "decode",
+        message: error.to_string(),
+    });
     let mut ops = Vec::new();
     super::prepare::prepare(runtime, decoded, record.position, &mut ops).result.map(|_| ops)
 }

@@ -578,15 +578,16 @@ fn every_partition(
     'asking: while !stopping.load(Ordering::SeqCst) {
         let mut partitions = TopicPartitionList::new();
         for topic in topics {
-            let found = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).map_err(|e| e.to_string()).and_then(
-                |metadata| match metadata.topics().first() {
+            let found = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .map_err(|e| e.to_string())
+                .and_then(|metadata| match metadata.topics().first() {
                     Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
                         Ok(t.partitions().iter().map(|p| p.id()).collect::<Vec<i32>>())
                     }
                     Some(t) => Err(format!("{:?}", t.error())),
                     None => Err("not in the metadata".to_string()),
-                },
-            );
+                });
             match found {
                 Ok(ids) => ids.into_iter().for_each(|id| {
                     partitions.add_partition(topic, id);
@@ -816,7 +817,7 @@ mod tests {
             max_prefetch_bytes: 1 << 20,
             max_prefetch_records: 1000,
             max_record_bytes: 1 << 20,
-        assign_all: false,
+            assign_all: false,
         };
         let status = Arc::new(ConnectorStatus::new("retries", "postgres"));
         let (consumer, mut channels) = KafkaSource::start("retries", &kafka, &source, None, status).expect("started");

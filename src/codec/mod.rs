@@ -94,16 +94,36 @@ impl Codec {
     /// Decodes with the cached schemas and `fetched`; `Err(id)` when the
     /// writer schema `id` is in neither (the key's is looked up first,
     /// so a key error comes before the value's schema is fetched).
+    /// Cache hits are counted once the record is decoded (or fails for a
+    /// reason of its own), so an attempt that stops at a missing schema,
+    /// then is made again, counts each schema once.
     fn decode_with(
         &self,
         record: &RawRecord,
         fetched: &[Arc<WriterSchema>],
     ) -> Result<Result<Decoded, CodecError>, u32> {
+        let hits = std::cell::Cell::new(0);
         let schema = |id: u32| match fetched.iter().find(|w| w.id == id) {
             Some(writer) => Ok(writer.clone()),
-            None => self.registry.cached(id).ok_or(id),
+            None => {
+                let found = self.registry.peek(id).ok_or(id)?;
+                hits.set(hits.get() + 1);
+                Ok(found)
+            }
         };
-        let key = match self.decode_key(record.key.as_deref(), &schema)? {
+        let decoded = self.decode_found(record, &schema);
+        if decoded.is_ok() {
+            self.registry.count_hits(hits.get());
+        }
+        decoded
+    }
+
+    fn decode_found(
+        &self,
+        record: &RawRecord,
+        schema: &dyn Fn(u32) -> Result<Arc<WriterSchema>, u32>,
+    ) -> Result<Result<Decoded, CodecError>, u32> {
+        let key = match self.decode_key(record.key.as_deref(), schema)? {
             Ok(key) => key,
             Err(error) => return Ok(Err(error)),
         };
@@ -195,11 +215,13 @@ mod tests {
         );
         assert_eq!(codec.decode(&placed).await.err().map(|e| e.class()), Some(ErrorClass::Transient));
 
+        assert_eq!(registry.cache_counts(), (0, 1), "the fetch counted one miss; the attempt ahead nothing");
         registry.remember(Arc::new(registry::compile(7, text.to_string(), &[]).unwrap()));
         for decoded in [codec.decode_cached(&placed).unwrap(), codec.decode(&placed).await] {
             let Ok(Decoded::Event { event, writer }) = decoded else { panic!("decodes once cached") };
             assert_eq!((event.event_type, writer.id, event.position.offset), ("t.Placed", 7, 5));
             assert_eq!(event.payload.path(&["n"]), Some(&Value::Int(3)));
         }
+        assert_eq!(registry.cache_counts(), (2, 1), "one hit per record decoded from the cache");
     }
 }

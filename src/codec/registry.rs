@@ -205,14 +205,25 @@ impl RegistryClient {
         &self.base
     }
 
-    /// The cached writer schema of `id`, if it was fetched before.
+    /// The cached writer schema of `id`, if it was fetched before (counted
+    /// as a hit; a miss is counted by the fetch that follows).
     pub fn cached(&self, id: u32) -> Option<Arc<WriterSchema>> {
-        use std::sync::atomic::Ordering;
-        // A poisoned lock means a panic while inserting; the map is intact.
-        let found = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
-        let counter = if found.is_some() { &self.cache_hits } else { &self.cache_misses };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let found = self.peek(id);
+        if found.is_some() {
+            self.count_hits(1);
+        }
         found
+    }
+
+    /// The cached writer schema of `id`, not counted.
+    pub fn peek(&self, id: u32) -> Option<Arc<WriterSchema>> {
+        // A poisoned lock means a panic while inserting; the map is intact.
+        self.cache.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// Counts `n` lookups served from the cache.
+    pub fn count_hits(&self, n: u64) {
+        self.cache_hits.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Caches a writer schema (one fetched, or compiled by a caller that
@@ -237,9 +248,10 @@ impl RegistryClient {
     }
 
     /// The writer schema of `id` from the registry (an id just missed in
-    /// the cache), cached; a permanent error is remembered a while (the
+    /// the cache, counted as a miss), cached; a permanent error is remembered a while (the
     /// negative cache) so that a bad id does not cost a request per record.
     pub async fn fetch_writer_schema_cached(&self, id: u32) -> Result<Arc<WriterSchema>, RegistryError> {
+        self.cache_misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(error) = self.negative().get(id, Instant::now()) {
             return Err(error);
         }

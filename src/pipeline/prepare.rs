@@ -15,9 +15,9 @@
 //!   which processes it as before ([`Prepared`] is `None`).
 //! * A record prepared ahead and then held (its key parked) is dropped by
 //!   the worker: the work is lost, never the record.
-//! * Memory: [`AHEAD_CHUNKS`] prepared chunks wait at most, beside the
-//!   source's own channel (which the task empties, so the source's byte
-//!   budget counts what waits here only once it is handed on).
+//! * Memory: [`AHEAD_CHUNKS`] prepared chunks wait at most, and their
+//!   records stay counted in the source's fetch-ahead budget until the
+//!   worker is done with them (`Held`), so the budget bounds them too.
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,7 +26,7 @@ use crate::codec::Decoded;
 use crate::error::{ErrorClass, Failure};
 use crate::event::{Events, Position};
 use crate::projection::{Projected, Projection, WriteOp};
-use crate::source::{Chunk, RawRecord, RecordsReceiver};
+use crate::source::{Chunk, Held, RawRecord, RecordsReceiver};
 use crate::value::Name;
 
 /// Prepared chunks waiting for the worker: two keep it fed while the task
@@ -73,6 +73,9 @@ pub(super) struct PreparedChunk {
     pub(super) records: Vec<RawRecord>,
     pub(super) prepared: Vec<Option<Prepared>>,
     pub(super) ops: Vec<WriteOp>,
+    /// The records' bytes stay in the source's fetch-ahead budget until
+    /// the worker is done with them.
+    pub(super) _held: Held,
 }
 
 /// The worker's end of the stage.
@@ -98,19 +101,29 @@ impl Ahead {
             handle.block_on(async {
                 loop {
                     let chunk = tokio::select! {
-                        chunk = records.recv() => chunk,
+                        chunk = records.recv_held() => chunk,
                         // The worker is gone: give the source's channel back.
                         _ = tx.closed() => break,
                     };
                     // The source ended: the worker learns it from this end closing.
-                    let Some(Chunk { generation, records: chunk, .. }) = chunk else { break };
+                    let Some((Chunk { generation, records: chunk, .. }, held)) = chunk else { break };
                     let mut ops = Vec::with_capacity(chunk.len());
                     let prepared: Vec<Option<Prepared>> = if runtime.replay.is_some() {
                         chunk.iter().map(|_| None).collect()
                     } else {
-                        chunk.iter().map(|record| ahead(&runtime, record, &mut ops)).collect()
+                        // A panic outside the per-record guards (a sink's
+                        // check): the chunk is left to the worker, where
+                        // it panics again and stops the connector visibly.
+                        let preparing = std::panic::AssertUnwindSafe(|| {
+                            chunk.iter().map(|record| ahead(&runtime, record, &mut ops)).collect()
+                        });
+                        std::panic::catch_unwind(preparing).unwrap_or_else(|_| {
+                            ops.clear();
+                            chunk.iter().map(|_| None).collect()
+                        })
                     };
-                    if tx.send(PreparedChunk { generation, records: chunk, prepared, ops }).await.is_err() {
+                    let prepared = PreparedChunk { generation, records: chunk, prepared, ops, _held: held };
+                    if tx.send(prepared).await.is_err() {
                         break;
                     }
                 }
@@ -217,15 +230,19 @@ pub(super) fn prepare(
         }
         Err(failure) => return Prepared { event_type: UNDECODABLE, result: Err(failure) },
     };
+    // Counted from what was appended, whatever a projection says: the
+    // chunk's later records take their ops by these counts.
     let result = match projected {
-        Ok(true) => match ops[start..].iter().find_map(|op| runtime.sink.check(op).err()) {
-            Some(message) => {
-                ops.truncate(start);
-                Err(Failure { class: ErrorClass::Permanent, stage: "sink", message })
+        Ok(projected) if projected || ops.len() > start => {
+            match ops[start..].iter().find_map(|op| runtime.sink.check(op).err()) {
+                Some(message) => {
+                    ops.truncate(start);
+                    Err(Failure { class: ErrorClass::Permanent, stage: "sink", message })
+                }
+                None => Ok(Effect::Ops(ops.len() - start)),
             }
-            None => Ok(Effect::Ops(ops.len() - start)),
-        },
-        Ok(false) => Ok(Effect::Skipped),
+        }
+        Ok(_) => Ok(Effect::Skipped),
         Err(error) => Err(Failure { class: ErrorClass::Permanent, stage: "projection", message: error.to_string() }),
     };
     Prepared { event_type, result }

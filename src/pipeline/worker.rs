@@ -133,7 +133,7 @@ impl<'a> Worker<'a> {
                     None => Err(Halt::Source("the consumer thread ended".into())),
                 },
                 chunk = records.recv(), if !is_paused => match chunk {
-                    Some(PreparedChunk { generation, records, prepared, ops }) => {
+                    Some(PreparedChunk { generation, records, prepared, ops, _held }) => {
                         last_record = Instant::now();
                         // A chunk of a generation not yet known: its
                         // `Assigned` is already on the control channel

@@ -73,6 +73,11 @@ pub enum Projected {
 }
 
 /// What library users implement to project in Rust.
+///
+/// Called on the connector's decode thread, ahead of the writes, for
+/// records that may then not be written (their key parked, their
+/// partition moved): a projection should be a function of its event,
+/// without effects of its own.
 pub trait Projection: Send + Sync + fmt::Debug {
     /// The ops of one event, at the newest version of its type.
     fn project(&self, event: &Event) -> Result<Projected, ProjectionError>;

@@ -93,10 +93,30 @@ impl RecordsReceiver {
 
     /// The next chunk; its bytes leave the channel's budget.
     pub async fn recv(&mut self) -> Option<Chunk> {
+        self.recv_held().await.map(|(chunk, _released_here)| chunk)
+    }
+
+    /// The next chunk, its bytes still counted in the channel's budget
+    /// until the [`Held`] is dropped: for a stage that hands the records
+    /// on (the decode thread), so that what waits there counts too.
+    pub async fn recv_held(&mut self) -> Option<(Chunk, Held)> {
         let chunk = self.rx.recv().await?;
-        self.bytes.used.fetch_sub(chunk.bytes, Ordering::SeqCst);
-        self.bytes.freed.notify_one();
-        Some(chunk)
+        let held = Held { bytes: chunk.bytes, budget: self.bytes.clone() };
+        Some((chunk, held))
+    }
+}
+
+/// A chunk's bytes, counted in the records channel's budget until dropped.
+#[derive(Debug)]
+pub struct Held {
+    bytes: usize,
+    budget: Arc<ChannelBytes>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.budget.freed.notify_one();
     }
 }
 

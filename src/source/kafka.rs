@@ -565,9 +565,11 @@ fn poll_loop(
     }
 }
 
-/// Every partition of `topics`, from the broker's metadata. When a topic
-/// is not known: `None`, or with `patient` asked again each second
-/// (`None` once stopping).
+/// Every partition of `topics` the broker's metadata knows (a topic it
+/// does not know yet is left out, with a warning: the next look adds
+/// it). When it knows none: `None`, or with `patient` asked again each
+/// second (`None` once stopping). Blocking: the patient look waits up to
+/// 5 s per topic, the other 1 s.
 fn every_partition(
     connector: &str,
     consumer: &BaseConsumer<SourceContext>,
@@ -575,32 +577,33 @@ fn every_partition(
     stopping: &AtomicBool,
     patient: bool,
 ) -> Option<TopicPartitionList> {
-    'asking: while !stopping.load(Ordering::SeqCst) {
+    let timeout = Duration::from_secs(if patient { 5 } else { 1 });
+    while !stopping.load(Ordering::SeqCst) {
         let mut partitions = TopicPartitionList::new();
         for topic in topics {
-            let found = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .map_err(|e| e.to_string())
-                .and_then(|metadata| match metadata.topics().first() {
+            let found = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string()).and_then(|metadata| {
+                match metadata.topics().first() {
                     Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
                         Ok(t.partitions().iter().map(|p| p.id()).collect::<Vec<i32>>())
                     }
                     Some(t) => Err(format!("{:?}", t.error())),
                     None => Err("not in the metadata".to_string()),
-                });
+                }
+            });
             match found {
                 Ok(ids) => ids.into_iter().for_each(|id| {
                     partitions.add_partition(topic, id);
                 }),
-                Err(_) if !patient => return None,
-                Err(error) => {
-                    tracing::warn!(connector, topic = %topic, %error, "cannot list the partitions of a topic; asking again");
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue 'asking;
+                Err(error) if patient => {
+                    tracing::warn!(connector, topic = %topic, %error, "cannot list the partitions of a topic; reading the others")
                 }
+                Err(_) => {}
             }
         }
-        return Some(partitions);
+        if partitions.count() > 0 || !patient {
+            return (partitions.count() > 0).then_some(partitions);
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
     None
 }

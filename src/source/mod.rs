@@ -14,7 +14,7 @@ pub mod queue;
 mod record;
 mod settings;
 
-pub use channel::{Chunk, Control, RecordsReceiver, SourceChannels};
+pub use channel::{Chunk, Control, Held, RecordsReceiver, SourceChannels};
 pub use kafka::{ClaimFn, KafkaSource};
 pub use record::{KeyBytes, RawRecord};
 pub use settings::{KafkaSettings, SourceSettings, StartPosition};

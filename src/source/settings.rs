@@ -25,7 +25,8 @@ pub struct SourceSettings {
     /// the group (no rebalance, no join delay: a new group waits out the
     /// broker's `group.initial.rebalance.delay.ms`, 3 s by default). For
     /// a consumer that is alone by construction and whose positions live
-    /// in the sink (a Postgres rebuild); partitions added later are not seen.
+    /// in the sink (a Postgres rebuild); partitions and topics that appear
+    /// later are assigned when the consumer next looks (every 5 s).
     pub assign_all: bool,
 }
 

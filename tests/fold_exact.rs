@@ -163,7 +163,7 @@ async fn write_with_crashes(sink: &Sink, index: &str, log: &[WriteOp], rng: &mut
         sink.write(batch, &[]).await.expect("a batch");
         if let Some(before) = before {
             let after = elasticsearch_documents(index).await;
-            let changed = differences(&after, &before);
+            let changed = support::differences(&after, &before, None);
             assert!(changed.is_empty(), "a replay of {committed}..{to} changed documents:\n{}", changed.join("\n"));
             replays += 1;
         }
@@ -188,16 +188,6 @@ async fn elasticsearch_documents(index: &str) -> BTreeMap<String, Row> {
         .collect()
 }
 
-fn differences(got: &BTreeMap<String, Row>, want: &BTreeMap<String, Row>) -> Vec<String> {
-    let mut keys: Vec<&String> = got.keys().chain(want.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|key| got.get(*key) != want.get(*key))
-        .map(|key| format!("{key}: got {:?}, the fold says {:?}", got.get(key), want.get(key)))
-        .collect()
-}
-
 async fn elasticsearch_equals_the_fold(shape: Shape, merges: bool, seeds: std::ops::Range<u64>) {
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -208,7 +198,7 @@ async fn elasticsearch_equals_the_fold(shape: Shape, merges: bool, seeds: std::o
         let (crashes, replays) = write_with_crashes(&sink, &name, &log, &mut rng).await;
         let want = reference(&log);
         let got = elasticsearch_documents(&name).await;
-        let wrong = differences(&got, &want);
+        let wrong = support::differences(&got, &want, None);
         println!(
             "elasticsearch {shape:?} merge rules {merges} seed {seed}: {} events, {} documents, {crashes} crashes, \
              {replays} replays, {} wrong/missing/extra",
@@ -274,7 +264,7 @@ async fn postgres_equals_the_fold_whatever_the_cuts_duplicates_and_retries() {
                 })
                 .collect();
             let want = reference(&log);
-            let wrong = differences(&got, &want);
+            let wrong = support::differences(&got, &want, None);
             println!(
                 "postgres versions={versions} seed {seed}: {} events, {} rows, {} wrong/missing/extra",
                 log.len(),

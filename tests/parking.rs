@@ -254,7 +254,7 @@ async fn read_model(store: Store, pool: &sqlx::PgPool, name: &str) -> BTreeMap<S
 }
 
 fn assert_others_equal_the_fold(got: &BTreeMap<String, Json>, want: &BTreeMap<String, Json>, when: &str) {
-    let wrong = support::stats::differences(got, want, Some(PARKED));
+    let wrong = support::differences(got, want, Some(PARKED));
     assert!(wrong.is_empty(), "{when}: {} other key(s) differ from the fold:\n{}", wrong.len(), wrong.join("\n"));
 }
 
@@ -544,7 +544,7 @@ async fn a_parked_key_waits_for_its_fix_and_replays_in_order(store: Store) {
     let all: Vec<Json> = log.reference.iter().chain(&later).cloned().collect();
     let fold = support::stats::fold(&all);
     let model = read_model(store, &pool, &name).await;
-    let wrong = support::stats::differences(&model, &fold, None);
+    let wrong = support::differences(&model, &fold, None);
     assert!(wrong.is_empty(), "after the release, rows differ from the fold:\n{}", wrong.join("\n"));
     let letters = consume_all(&format!("{name}.dlq")).await;
     if letters.len() != parked_count {
@@ -768,7 +768,7 @@ async fn kill_9_while_parking_and_while_replaying_ends_in_the_fold() {
         assert!(parked_key_lines(&finish).is_empty(), "nothing left to replay:\n{finish}");
     }
     let model = read_model(store, &pool, &name).await;
-    let wrong = support::stats::differences(&model, &fold, None);
+    let wrong = support::differences(&model, &fold, None);
     assert!(wrong.is_empty(), "after the replays, rows differ from the fold:\n{}", wrong.join("\n"));
     assert_parked_exactly(store, &pool, &name, &[], "after the replays").await;
     let again = dlq(&project, &["replay", &name, "--idle", "4s"]);
@@ -879,7 +879,7 @@ async fn a_parked_key_stays_parked_when_its_partition_moves_to_another_process()
     let released = format!("parked key {PARKED}: replayed {parked_count} event(s), released");
     assert!(out.contains(&released), "the replay says {released:?}:\n{out}");
     let model = read_model(store, &pool, &name).await;
-    let wrong = support::stats::differences(&model, &fold, None);
+    let wrong = support::differences(&model, &fold, None);
     assert!(wrong.is_empty(), "after the replay, rows differ from the fold:\n{}", wrong.join("\n"));
     assert_parked_exactly(store, &pool, &name, &[], "after the replay").await;
     eprintln!(

@@ -265,7 +265,7 @@ fn catalogue_with_the_old_version(project: &Project, event: &str, old: Json, cur
 // What the sink, the daemon and the commands say
 
 fn assert_model(got: &BTreeMap<String, Json>, want: &BTreeMap<String, Json>, when: &str) {
-    let wrong = support::stats::differences(got, want, None);
+    let wrong = support::differences(got, want, None);
     assert!(wrong.is_empty(), "{when}: {} key(s) differ:\n{}", wrong.len(), wrong.join("\n"));
 }
 
@@ -616,7 +616,7 @@ async fn keys_parked_while_the_rebuild_runs_are_held_back_in_the_new_version_too
     }
     // Checked after the replay too, so that a wrong row here shows what the replay makes of it.
     let mut late_failures = Vec::new();
-    let wrong = support::stats::differences(&support::stats::rows(&pool, &name).await, &want, None);
+    let wrong = support::differences(&support::stats::rows(&pool, &name).await, &want, None);
     if !wrong.is_empty() {
         late_failures.push(format!(
             "after the rebuild ({during} of {chunks} chunks produced while it ran), {} key(s) differ from the live \
@@ -639,7 +639,7 @@ async fn keys_parked_while_the_rebuild_runs_are_held_back_in_the_new_version_too
         }
     }
     let fold = support::stats::fold(&references(&log));
-    let wrong = support::stats::differences(&support::stats::rows(&pool, &name).await, &fold, None);
+    let wrong = support::differences(&support::stats::rows(&pool, &name).await, &fold, None);
     if !wrong.is_empty() {
         late_failures.push(format!(
             "after the replay into the new version, {} key(s) differ from the fold:\n{}",
@@ -723,7 +723,7 @@ async fn a_failure_past_the_live_position_at_the_cut_over_is_still_parked() {
         ));
     }
     let want = fold_holding(&log, &[(&user, failing)]);
-    let wrong = support::stats::differences(&support::stats::rows(&pool, &name).await, &want, None);
+    let wrong = support::differences(&support::stats::rows(&pool, &name).await, &want, None);
     if !wrong.is_empty() {
         late_failures.push(format!("after the cut-over, {user} is held back from its failure:\n{}", wrong.join("\n")));
     }
@@ -733,7 +733,7 @@ async fn a_failure_past_the_live_position_at_the_cut_over_is_still_parked() {
     wait_restarted(&daemon, &name, started_at, 2).await;
     let out = project.kawka(&["dlq", "replay", &name, "--idle", "4s"]);
     let fold = support::stats::fold(&references(&log));
-    let wrong = support::stats::differences(&support::stats::rows(&pool, &name).await, &fold, None);
+    let wrong = support::differences(&support::stats::rows(&pool, &name).await, &fold, None);
     if !wrong.is_empty() {
         late_failures
             .push(format!("after the replay, keys differ from the fold:\n{}\nreplay:\n{out}", wrong.join("\n")));

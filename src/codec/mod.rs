@@ -149,12 +149,6 @@ impl Codec {
         Ok(decoded.map_err(|error| CodecError::Avro { schema_id: framed.schema_id, error }))
     }
 
-    /// The writer schema of an id: cached ids never wait.
-    pub async fn writer_schema(&self, id: u32) -> Result<Arc<WriterSchema>, RegistryError> {
-        // `writer_schema` looks in the cache first (and counts hits and misses).
-        self.registry.writer_schema(id).await
-    }
-
     fn decode_key(
         &self,
         key: Option<&[u8]>,

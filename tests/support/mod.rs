@@ -659,6 +659,22 @@ impl Drop for PersistentBroker {
 /// The "stats" read model of the Elasticsearch tests: registrations (full
 /// replaces), email changes (merges) and logins (increments), whose order
 /// matters, over a few users.
+/// Every key whose row or document differs from the expected one,
+/// described (`except`: a key left out).
+pub fn differences<V: PartialEq + std::fmt::Debug>(
+    got: &std::collections::BTreeMap<String, V>,
+    want: &std::collections::BTreeMap<String, V>,
+    except: Option<&str>,
+) -> Vec<String> {
+    let mut keys: Vec<&String> = got.keys().chain(want.keys()).filter(|k| Some(k.as_str()) != except).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|key| got.get(*key) != want.get(*key))
+        .map(|key| format!("{key}: read model {:?}, expected {:?}", got.get(key), want.get(key)))
+        .collect()
+}
+
 pub mod stats {
     use std::collections::{BTreeMap, BTreeSet};
 
@@ -715,22 +731,6 @@ pub mod stats {
                 }
                 (id, Json::Object(row))
             })
-            .collect()
-    }
-
-    /// Every key whose row differs from the expected one, described
-    /// (`except`: a key left out).
-    pub fn differences(
-        got: &BTreeMap<String, Json>,
-        want: &BTreeMap<String, Json>,
-        except: Option<&str>,
-    ) -> Vec<String> {
-        let mut keys: Vec<&String> = got.keys().chain(want.keys()).filter(|k| Some(k.as_str()) != except).collect();
-        keys.sort();
-        keys.dedup();
-        keys.into_iter()
-            .filter(|key| got.get(*key) != want.get(*key))
-            .map(|key| format!("{key}: read model {:?}, expected {:?}", got.get(key), want.get(key)))
             .collect()
     }
 

@@ -509,7 +509,7 @@ fn poll_loop(
     if let Some(topics) = assign_all {
         // As a rebalance would, with every partition: claims, the forward
         // to the record queue, `Assigned` on the control channel.
-        let Some(mut partitions) = every_partition(connector, consumer, topics, stopping, true) else { return };
+        let Some(mut partitions) = every_partition(connector, consumer, topics, stopping, Some(status)) else { return };
         assigned = partitions.count();
         context.assign(consumer, &mut partitions);
     }
@@ -527,7 +527,7 @@ fn poll_loop(
             // Partitions added since the assignment: all assigned again, as
             // a rebalance would (the pipeline flushes, the claims give each
             // partition's position back); what is gathered goes stale.
-            let more = assign_all.and_then(|topics| every_partition(connector, consumer, topics, stopping, false));
+            let more = assign_all.and_then(|topics| every_partition(connector, consumer, topics, stopping, None));
             if let Some(mut partitions) = more.filter(|p| p.count() > assigned) {
                 context.revoke(consumer);
                 assigned = partitions.count();
@@ -567,18 +567,20 @@ fn poll_loop(
 
 /// Every partition of `topics` the broker's metadata knows (a topic it
 /// does not know yet is left out, with a warning: the next look adds
-/// it). When it knows none: `None`, or with `patient` asked again each
-/// second (`None` once stopping). Blocking: the patient look waits up to
+/// it). When it knows none: `None`, or when `patient` (the status to
+/// show the wait on) asked again each second (`None` once stopping). Blocking: the patient look waits up to
 /// 5 s per topic, the other 1 s.
 fn every_partition(
     connector: &str,
     consumer: &BaseConsumer<SourceContext>,
     topics: &[String],
     stopping: &AtomicBool,
-    patient: bool,
+    patient: Option<&ConnectorStatus>,
 ) -> Option<TopicPartitionList> {
-    let timeout = Duration::from_secs(if patient { 5 } else { 1 });
+    let timeout = Duration::from_secs(if patient.is_some() { 5 } else { 1 });
+    let mut attempt = 0;
     while !stopping.load(Ordering::SeqCst) {
+        let mut unknown = Vec::new();
         let mut partitions = TopicPartitionList::new();
         for topic in topics {
             let found = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string()).and_then(|metadata| {
@@ -594,15 +596,22 @@ fn every_partition(
                 Ok(ids) => ids.into_iter().for_each(|id| {
                     partitions.add_partition(topic, id);
                 }),
-                Err(error) if patient => {
-                    tracing::warn!(connector, topic = %topic, %error, "cannot list the partitions of a topic; reading the others")
-                }
-                Err(_) => {}
+                Err(error) => unknown.push(format!("{topic}: {error}")),
             }
         }
-        if partitions.count() > 0 || !patient {
-            return (partitions.count() > 0).then_some(partitions);
+        let Some(status) = patient else { return (partitions.count() > 0).then_some(partitions) };
+        if partitions.count() > 0 {
+            if !unknown.is_empty() {
+                tracing::warn!(connector, topics = ?unknown, "topics not known yet; reading the others (added when they appear)");
+            }
+            status.recovered();
+            return Some(partitions);
         }
+        // Nothing to read yet: a visible retry (state `retrying`, stage
+        // source) until a topic appears or the consumer stops.
+        let message = format!("no partition of the topics is known yet ({})", unknown.join("; "));
+        status.retrying("source", crate::error::ErrorClass::Transient, &message, attempt);
+        attempt += 1;
         std::thread::sleep(Duration::from_secs(1));
     }
     None

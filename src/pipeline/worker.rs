@@ -207,7 +207,17 @@ impl<'a> Worker<'a> {
         // The records' ops in record order: each record takes its own
         // (`Prepared::ops` of them), or skips them when it is not processed.
         let mut ops = ops.into_iter();
-        for (record, prepared) in records.into_iter().zip(prepared) {
+        let mut records = records.into_iter();
+        let mut prepared = prepared.into_iter();
+        loop {
+            // Most records need nothing but a place in the batch: runs of
+            // them move in at once (issue 27: one by one, through the
+            // awaits below, moving them cost a fifth of kawka's time).
+            if self.take_run(&mut records, &mut prepared, &mut ops) {
+                self.flush_pipelined().await?;
+                continue;
+            }
+            let (Some(record), Some(prepared)) = (records.next(), prepared.next()) else { break };
             let mine = prepared.as_ref().map_or(0, Prepared::ops);
             let Some((record, original)) = self.admit(record).await? else {
                 if mine > 0 {
@@ -221,6 +231,71 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Moves the records at the head of a chunk that need no decision
+    /// into the batch at once: prepared ahead without a failure, of a
+    /// partition this run holds, with no key parked and no replay (those
+    /// take the one-by-one path: it may wait, dead-letter or hold). Stops
+    /// after the record that fills the batch; `true` then (flush it).
+    fn take_run(
+        &mut self,
+        records: &mut std::vec::IntoIter<RawRecord>,
+        prepared: &mut std::vec::IntoIter<Option<Prepared>>,
+        ops: &mut std::vec::IntoIter<WriteOp>,
+    ) -> bool {
+        if self.runtime.replay.is_some() || !self.parking.is_empty() || self.parking.dirty {
+            return false;
+        }
+        let batch = &self.runtime.settings.batch;
+        let (mut events, mut bytes) = (self.pending.ops.len(), self.pending.bytes);
+        let (mut run, mut run_ops, mut full) = (0, 0, false);
+        // Records come in long runs of one partition: its epoch is looked up once per run.
+        let mut held: Option<(Name, i32)> = None;
+        for (record, prepared) in records.as_slice().iter().zip(prepared.as_slice()) {
+            let Some(Prepared { result: Ok(effect), .. }) = prepared else { break };
+            let partition = (record.position.topic, record.position.partition);
+            if held != Some(partition) {
+                if !self.epochs.contains_key(&partition) {
+                    break;
+                }
+                held = Some(partition);
+            }
+            let mine = match effect {
+                Effect::Ops(n) => *n,
+                Effect::Skipped => 0,
+            };
+            run += 1;
+            run_ops += mine;
+            events += mine;
+            bytes += record.size();
+            if events >= batch.max_events || bytes >= batch.max_bytes {
+                full = true;
+                break;
+            }
+        }
+        if run == 0 {
+            return false;
+        }
+        let first = self.pending.records.len();
+        let pending = &mut self.pending;
+        for (index, prepared) in (first..).zip(prepared.by_ref().take(run)) {
+            let Prepared { event_type, result } = prepared.expect("a run holds prepared records only");
+            match result {
+                Ok(Effect::Ops(n)) => pending.origins.extend(std::iter::repeat_n(index, n)),
+                Ok(Effect::Skipped) => self.runtime.status.count(event_type, Outcome::Unknown),
+                Err(_) => unreachable!("a run holds no failure"),
+            }
+            pending.types.push(event_type);
+        }
+        pending.ops.extend(ops.by_ref().take(run_ops));
+        pending.records.extend(records.by_ref().take(run));
+        pending.bytes = bytes;
+        if pending.deadline.is_none() {
+            pending.deadline = Some(Instant::now() + batch.max_wait);
+        }
+        debug_assert_eq!(pending.ops.len(), pending.origins.len(), "each op has its origin");
+        full
     }
 
     /// Whether a record is processed, and the position of its events when

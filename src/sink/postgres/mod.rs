@@ -92,6 +92,9 @@ pub struct PostgresSink {
     /// The table's columns by interned name: every op's fields are checked
     /// against them, and op field names are interned too.
     columns: Arc<[(Name, ColumnType)]>,
+    /// The primary key's columns and their types, in key order (`None`:
+    /// not a column of the table): looked up once, not per op.
+    key_columns: Arc<[(Name, Option<ColumnType>)]>,
 }
 
 impl PostgresSink {
@@ -128,28 +131,33 @@ impl PostgresSink {
             parks: connector.parks,
             new_keys: Arc::default(),
             columns: target.columns.iter().map(|c| (intern(&c.name), c.ty)).collect(),
+            key_columns: target
+                .primary_key
+                .iter()
+                .map(|name| (intern(name), target.columns.iter().find(|c| c.name == *name).map(|c| c.ty)))
+                .collect(),
         }
     }
 
     /// Checks one op against the table before it joins a batch: key parts
     /// present, every field a column whose type can hold its value.
     pub fn check(&self, op: &WriteOp) -> Result<(), String> {
-        let target = self.table.target();
-        for (part, name) in op.key.iter().zip(&target.primary_key) {
+        for (part, (name, ty)) in op.key.iter().zip(self.key_columns.iter()) {
             if part.is_null() {
                 return Err(format!("key column `{name}` is null"));
             }
-            self.check_column(name, part)?;
+            self.check_typed(name, *ty, part)?;
         }
         for (name, value) in &op.fields {
-            self.check_column(name, value)?;
+            let ty = name_position(&self.columns, name).map(|at| self.columns[at].1);
+            self.check_typed(name, ty, value)?;
         }
         Ok(())
     }
 
-    fn check_column(&self, name: &str, value: &crate::value::Value) -> Result<(), String> {
-        match name_position(&self.columns, name).map(|at| &self.columns[at]) {
-            Some((_, ty)) => coerce::check_value(*ty, value).map_err(|message| format!("column `{name}`: {message}")),
+    fn check_typed(&self, name: &str, ty: Option<ColumnType>, value: &crate::value::Value) -> Result<(), String> {
+        match ty {
+            Some(ty) => coerce::check_value(ty, value).map_err(|message| format!("column `{name}`: {message}")),
             None => Err(format!("column `{name}` is not in table {}", self.table.target().table)),
         }
     }

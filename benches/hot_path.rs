@@ -237,6 +237,20 @@ fn benches(c: &mut Criterion) {
             }
         })
     });
+    // What the pipeline decodes of events that reach the projection as
+    // written (no upcast): only the fields the connector reads.
+    let read = projection.fields_read(decoder.type_name()).expect("a rules projection knows what it reads");
+    let fields = decoder.record_fields().expect("a record at the top");
+    let mask: Vec<bool> = fields.iter().map(|field| read.contains(field)).collect();
+    println!("the orders connector reads {} of the {} fields of {}", read.len(), fields.len(), decoder.type_name());
+    group.bench_function("framing_and_decode_fields_read", |b| {
+        b.iter(|| {
+            for bytes in &framed {
+                let frame = framing::parse(bytes).expect("framed");
+                black_box(decoder.decode_fields(frame.body, &mask).expect("decodes"));
+            }
+        })
+    });
     // v1 events: one declared upcaster step each.
     let v1_events: Vec<Event> = events
         .iter()

@@ -163,6 +163,109 @@ impl Decoder {
         Ok((name, value))
     }
 
+    /// The top-level record's field names, in the order written; `None`
+    /// when the top level is not a record.
+    pub fn record_fields(&self) -> Option<Vec<Name>> {
+        match &self.root {
+            Plan::Named(index) => match &self.named[*index] {
+                NamedPlan::Record { fields, .. } => Some(fields.iter().map(|(name, _)| *name).collect()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// [`Decoder::decode`] of a top-level record, reading into the value
+    /// only the fields whose place in [`Decoder::record_fields`] is `true`
+    /// in `read`: the others are skipped over, their lengths and union
+    /// branches checked (so a truncated record is still an error) but not
+    /// their contents (text's UTF-8, a time's range), which nobody reads.
+    /// A top-level other than a record of as many fields decodes whole.
+    pub fn decode_fields(&self, bytes: &[u8], read: &[bool]) -> Result<(Name, Value), DecodeError> {
+        let fields = match &self.root {
+            Plan::Named(index) => match &self.named[*index] {
+                NamedPlan::Record { fields, .. } if fields.len() == read.len() => fields,
+                _ => return self.decode(bytes),
+            },
+            _ => return self.decode(bytes),
+        };
+        let mut reader = Reader { bytes, at: 0, budget: bytes.len().saturating_mul(2) + 1024 };
+        let mut record = Record::with_capacity(read.iter().filter(|&&r| r).count());
+        for ((name, field), &wanted) in fields.iter().zip(read) {
+            if wanted {
+                record.push(name, self.read(field, &mut reader, 1)?);
+            } else {
+                self.skip(field, &mut reader, 1)?;
+            }
+        }
+        let left = bytes.len() - reader.at;
+        if left > 0 {
+            return Err(DecodeError::TrailingBytes(left));
+        }
+        Ok((self.type_name, Value::Record(record)))
+    }
+
+    /// Moves past one value without building it (see [`Decoder::decode_fields`]).
+    fn skip(&self, plan: &Plan, reader: &mut Reader, depth: usize) -> Result<(), DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        match plan {
+            Plan::Null => {}
+            Plan::Boolean => {
+                reader.take(1)?;
+            }
+            Plan::Long | Plan::Time(_) => {
+                reader.long()?;
+            }
+            Plan::Float => {
+                reader.take(4)?;
+            }
+            Plan::Double => {
+                reader.take(8)?;
+            }
+            Plan::Duration => {
+                reader.take(12)?;
+            }
+            Plan::Fixed(size) | Plan::Uuid(Some(size)) | Plan::Decimal { fixed: Some(size), .. } => {
+                reader.take(*size)?;
+            }
+            Plan::Bytes | Plan::String | Plan::Uuid(None) | Plan::Decimal { fixed: None, .. } => {
+                reader.length_prefixed()?;
+            }
+            Plan::Array(items) => reader.blocks(|reader| self.skip(items, reader, depth + 1))?,
+            Plan::Map(values) => reader.blocks(|reader| {
+                reader.length_prefixed()?;
+                self.skip(values, reader, depth + 1)
+            })?,
+            Plan::Union(branches) => {
+                let at = reader.at;
+                let index = reader.long()?;
+                let branch = usize::try_from(index)
+                    .ok()
+                    .and_then(|i| branches.get(i))
+                    .ok_or(DecodeError::BadUnionBranch { at, index, count: branches.len() })?;
+                self.skip(branch, reader, depth + 1)?;
+            }
+            Plan::Named(index) => match &self.named[*index] {
+                NamedPlan::Record { fields, .. } => {
+                    for (_, field) in fields {
+                        self.skip(field, reader, depth + 1)?;
+                    }
+                }
+                NamedPlan::Enum { symbols } => {
+                    let at = reader.at;
+                    let index = reader.long()?;
+                    if usize::try_from(index).map_or(true, |i| i >= symbols.len()) {
+                        return Err(DecodeError::BadEnumSymbol { at, index, count: symbols.len() });
+                    }
+                }
+                NamedPlan::Pending => unreachable!("compilation finishes every named type"),
+            },
+        }
+        Ok(())
+    }
+
     fn read(&self, plan: &Plan, reader: &mut Reader, depth: usize) -> Result<Value, DecodeError> {
         if depth > MAX_DEPTH {
             return Err(DecodeError::TooDeep);
@@ -633,6 +736,44 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert_eq!(decoder.decode(&longer), Err(DecodeError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn reading_some_fields_gives_the_whole_decode_without_the_others() {
+        let schema = Schema::parse_str(USER).unwrap();
+        let bytes = encode(&schema, user_value());
+        let decoder = Decoder::compile(&schema, &[]).unwrap();
+        let (name, Value::Record(whole)) = decoder.decode(&bytes).unwrap() else { panic!("a record") };
+        let fields = decoder.record_fields().expect("a record at the top");
+        assert_eq!(fields.len(), 14);
+        // Every choice of the 14 fields: each kind of value is skipped
+        // after and before each other kind.
+        for mask in 0u32..1 << fields.len() {
+            let read: Vec<bool> = (0..fields.len()).map(|i| mask & (1 << i) != 0).collect();
+            let (got_name, got) = decoder.decode_fields(&bytes, &read).unwrap();
+            let expected: Record = fields
+                .iter()
+                .zip(&read)
+                .filter(|(_, &r)| r)
+                .map(|(f, _)| (*f, whole.get(f).unwrap().clone()))
+                .collect();
+            assert_eq!((got_name, got), (name, Value::Record(expected)), "fields read: {read:?}");
+        }
+    }
+
+    #[test]
+    fn skipping_fields_still_finds_every_truncation() {
+        let schema = Schema::parse_str(USER).unwrap();
+        let bytes = encode(&schema, user_value());
+        let decoder = Decoder::compile(&schema, &[]).unwrap();
+        for read in [vec![false; 14], vec![true; 14], (0..14).map(|i| i % 3 == 0).collect()] {
+            for len in 0..bytes.len() {
+                assert!(decoder.decode_fields(&bytes[..len], &read).is_err(), "prefix of {len} bytes decoded");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(decoder.decode_fields(&longer, &read), Err(DecodeError::TrailingBytes(1)));
+        }
     }
 
     #[test]

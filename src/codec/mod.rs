@@ -55,6 +55,33 @@ pub enum Decoded {
     Tombstone { key: Value },
 }
 
+/// Which top-level fields of each writer schema's events a connector
+/// reads (issue 27: the others are skipped over, never built). Filled by
+/// its owner as writer schemas are first met; a schema it holds nothing
+/// for decodes whole.
+#[derive(Debug, Default)]
+pub struct Reading {
+    /// By schema id: per field of the record, whether it is read (`None`:
+    /// all of them, or a schema that cannot be read in part).
+    fields: std::collections::HashMap<u32, Option<Box<[bool]>>, foldhash::fast::RandomState>,
+}
+
+impl Reading {
+    /// Whether the fields read of schema `id` are known yet.
+    pub fn knows(&self, id: u32) -> bool {
+        self.fields.contains_key(&id)
+    }
+
+    /// Sets the fields read of schema `id` (`None`: all).
+    pub fn set(&mut self, id: u32, read: Option<Box<[bool]>>) {
+        self.fields.insert(id, read);
+    }
+
+    fn of(&self, id: u32) -> Option<&[bool]> {
+        self.fields.get(&id).and_then(Option::as_deref)
+    }
+}
+
 /// Decodes the records of one connector.
 #[derive(Debug, Clone)]
 pub struct Codec {
@@ -77,7 +104,7 @@ impl Codec {
         // At most two schemas (the key's and the value's) are fetched.
         let mut fetched: Vec<Arc<WriterSchema>> = Vec::new();
         loop {
-            match self.decode_with(record, &fetched) {
+            match self.decode_with(record, &fetched, &Reading::default()) {
                 Ok(decoded) => return decoded,
                 Err(id) => fetched.push(self.registry.fetch_writer_schema_cached(id).await?),
             }
@@ -88,7 +115,13 @@ impl Codec {
     /// waiting: `None` when one it needs is not (then [`Codec::decode`]).
     /// What the pipeline decodes ahead with, off the worker's thread.
     pub fn decode_cached(&self, record: &RawRecord) -> Option<Result<Decoded, CodecError>> {
-        self.decode_with(record, &[]).ok()
+        self.decode_cached_reading(record, &Reading::default())
+    }
+
+    /// [`Codec::decode_cached`], the value's fields that `reading` says
+    /// nobody reads skipped over ([`avro::Decoder::decode_fields`]).
+    pub fn decode_cached_reading(&self, record: &RawRecord, reading: &Reading) -> Option<Result<Decoded, CodecError>> {
+        self.decode_with(record, &[], reading).ok()
     }
 
     /// Decodes with the cached schemas and `fetched`; `Err(id)` when the
@@ -101,6 +134,7 @@ impl Codec {
         &self,
         record: &RawRecord,
         fetched: &[Arc<WriterSchema>],
+        reading: &Reading,
     ) -> Result<Result<Decoded, CodecError>, u32> {
         let hits = std::cell::Cell::new(0);
         let schema = |id: u32| match fetched.iter().find(|w| w.id == id) {
@@ -111,7 +145,7 @@ impl Codec {
                 Ok(found)
             }
         };
-        let decoded = self.decode_found(record, &schema);
+        let decoded = self.decode_found(record, &schema, reading);
         if decoded.is_ok() {
             self.registry.count_hits(hits.get());
         }
@@ -122,6 +156,7 @@ impl Codec {
         &self,
         record: &RawRecord,
         schema: &dyn Fn(u32) -> Result<Arc<WriterSchema>, u32>,
+        reading: &Reading,
     ) -> Result<Result<Decoded, CodecError>, u32> {
         let key = match self.decode_key(record.key.as_deref(), schema)? {
             Ok(key) => key,
@@ -135,7 +170,11 @@ impl Codec {
             Err(error) => return Ok(Err(error.into())),
         };
         let writer = schema(framed.schema_id)?;
-        let decoded = writer.decoder.decode(framed.body).map(|(event_type, payload)| Decoded::Event {
+        let decoded = match reading.of(writer.id) {
+            Some(read) => writer.decoder.decode_fields(framed.body, read),
+            None => writer.decoder.decode(framed.body),
+        };
+        let decoded = decoded.map(|(event_type, payload)| Decoded::Event {
             event: Event {
                 event_type,
                 version: 0,

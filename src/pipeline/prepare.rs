@@ -22,7 +22,8 @@
 use tokio::sync::{mpsc, oneshot};
 
 use super::ConnectorRuntime;
-use crate::codec::Decoded;
+use crate::codec::registry::WriterSchema;
+use crate::codec::{Decoded, Reading};
 use crate::error::{ErrorClass, Failure};
 use crate::event::{Events, Position};
 use crate::projection::{Projected, Projection, WriteOp};
@@ -99,6 +100,7 @@ impl Ahead {
             // Driven here, outside the runtime's workers: waiting on the
             // channels is all it does besides preparing.
             handle.block_on(async {
+                let mut reading = Reading::default();
                 loop {
                     let chunk = tokio::select! {
                         chunk = records.recv_held() => chunk,
@@ -115,7 +117,7 @@ impl Ahead {
                         // check): the chunk is left to the worker, where
                         // it panics again and stops the connector visibly.
                         let preparing = std::panic::AssertUnwindSafe(|| {
-                            chunk.iter().map(|record| ahead(&runtime, record, &mut ops)).collect()
+                            chunk.iter().map(|record| ahead(&runtime, &mut reading, record, &mut ops)).collect()
                         });
                         std::panic::catch_unwind(preparing).unwrap_or_else(|_| {
                             ops.clear();
@@ -148,14 +150,29 @@ impl Ahead {
 }
 
 /// Prepares one record without waiting, its ops appended to `ops`, or
-/// `None` (see the module's contracts).
-fn ahead(runtime: &ConnectorRuntime, record: &RawRecord, ops: &mut Vec<WriteOp>) -> Option<Prepared> {
+/// `None` (see the module's contracts). Decodes only the fields the
+/// connector reads of schemas `reading` knows, and learns those of the
+/// others as they come.
+fn ahead(
+    runtime: &ConnectorRuntime,
+    reading: &mut Reading,
+    record: &RawRecord,
+    ops: &mut Vec<WriteOp>,
+) -> Option<Prepared> {
     if let Some(oversized) = oversized(runtime, record) {
         return Some(oversized);
     }
-    let decoded = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.codec.decode_cached(record))) {
+    let decoding = std::panic::AssertUnwindSafe(|| runtime.codec.decode_cached_reading(record, reading));
+    let decoded = match std::panic::catch_unwind(decoding) {
         Ok(None) => return None,
-        Ok(Some(Ok(decoded))) => Ok(decoded),
+        Ok(Some(Ok(decoded))) => {
+            if let Decoded::Event { writer, .. } = &decoded {
+                if !reading.knows(writer.id) {
+                    reading.set(writer.id, fields_read(runtime, writer));
+                }
+            }
+            Ok(decoded)
+        }
         Ok(Some(Err(error))) if error.class() == ErrorClass::Permanent => {
             Err(Failure { class: ErrorClass::Permanent, stage: "decode", message: error.to_string() })
         }
@@ -163,6 +180,21 @@ fn ahead(runtime: &ConnectorRuntime, record: &RawRecord, ops: &mut Vec<WriteOp>)
         Err(panic) => Err(decoder_panicked(&*panic)),
     };
     Some(prepare(runtime, decoded, record.position, ops))
+}
+
+/// Which fields of `writer`'s events the connector reads, when not all:
+/// only when they reach the projection as decoded (no resolution, no
+/// upcaster runs on them) and the projection says which it reads. The
+/// same events then project to the same ops, with less decoded.
+fn fields_read(runtime: &ConnectorRuntime, writer: &WriterSchema) -> Option<Box<[bool]>> {
+    let fields = writer.decoder.record_fields()?;
+    let event_type = writer.decoder.type_name();
+    if !runtime.upcasting.passes_through(writer, event_type) {
+        return None;
+    }
+    let read = runtime.projection.fields_read(event_type)?;
+    let mask: Box<[bool]> = fields.iter().map(|field| read.contains(field)).collect();
+    mask.contains(&false).then_some(mask)
 }
 
 /// The failure of a record larger than `source.max_record_bytes`, if it is.

@@ -129,16 +129,7 @@ impl Upcasting {
     /// Sets the event's catalogue version from its writer schema, then
     /// upcasts it to the newest version.
     pub fn upcast(&self, mut event: Event, writer: &WriterSchema) -> Result<Events, UpcastError> {
-        let resolution = {
-            let key = (writer.id, event.event_type);
-            let mut resolutions = self.resolutions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            resolutions
-                .entry(key)
-                .or_insert_with(|| {
-                    Arc::new(self.catalogue.resolve(&writer.schema, &writer.references, event.event_type))
-                })
-                .clone()
-        };
+        let resolution = self.resolution(writer, event.event_type);
         match resolution.as_ref() {
             Resolution::Uncatalogued => return Ok(Events::from_buf([event])),
             Resolution::Unreadable(message) => return Err(UpcastError::Unreadable(message.clone())),
@@ -150,6 +141,29 @@ impl Upcasting {
             }
         }
         self.to_newest(event)
+    }
+
+    /// How events of `event_type` written with `writer` reach the catalogue.
+    fn resolution(&self, writer: &WriterSchema, event_type: Name) -> Arc<Resolution> {
+        let mut resolutions = self.resolutions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        resolutions
+            .entry((writer.id, event_type))
+            .or_insert_with(|| Arc::new(self.catalogue.resolve(&writer.schema, &writer.references, event_type)))
+            .clone()
+    }
+
+    /// Whether events of `event_type` written with `writer` leave this
+    /// stage as they were decoded (uncatalogued, or at the newest version:
+    /// no resolution, no upcaster): then a field the projection does not
+    /// read is read by nobody, and need not be decoded.
+    pub fn passes_through(&self, writer: &WriterSchema, event_type: Name) -> bool {
+        match self.resolution(writer, event_type).as_ref() {
+            Resolution::Uncatalogued => true,
+            Resolution::Version(version) => {
+                self.catalogue.newest(event_type).is_some_and(|newest| newest.version == *version)
+            }
+            Resolution::Resolved { .. } | Resolution::Unreadable(_) => false,
+        }
     }
 
     /// Runs the chain from the event's version to the newest of its type

@@ -177,9 +177,10 @@ impl Decoder {
 
     /// [`Decoder::decode`] of a top-level record, reading into the value
     /// only the fields whose place in [`Decoder::record_fields`] is `true`
-    /// in `read`: the others are skipped over, their lengths and union
-    /// branches checked (so a truncated record is still an error) but not
-    /// their contents (text's UTF-8, a time's range), which nobody reads.
+    /// in `read`: the others are skipped over, checked as [`Decoder::decode`]
+    /// checks them (lengths, union branches and enum symbols, UTF-8, a
+    /// time's range, …: a record is an error here exactly when it is
+    /// there, whichever path decodes it) but not built.
     /// A top-level other than a record of as many fields decodes whole.
     pub fn decode_fields(&self, bytes: &[u8], read: &[bool]) -> Result<(Name, Value), DecodeError> {
         let fields = match &self.root {
@@ -205,17 +206,15 @@ impl Decoder {
         Ok((self.type_name, Value::Record(record)))
     }
 
-    /// Moves past one value without building it (see [`Decoder::decode_fields`]).
+    /// Moves past one value without building it, with the checks
+    /// [`Decoder::read`] makes (see [`Decoder::decode_fields`]).
     fn skip(&self, plan: &Plan, reader: &mut Reader, depth: usize) -> Result<(), DecodeError> {
         if depth > MAX_DEPTH {
             return Err(DecodeError::TooDeep);
         }
         match plan {
             Plan::Null => {}
-            Plan::Boolean => {
-                reader.take(1)?;
-            }
-            Plan::Long | Plan::Time(_) => {
+            Plan::Long => {
                 reader.long()?;
             }
             Plan::Float => {
@@ -224,18 +223,24 @@ impl Decoder {
             Plan::Double => {
                 reader.take(8)?;
             }
-            Plan::Duration => {
-                reader.take(12)?;
+            Plan::Duration | Plan::Fixed(_) | Plan::Bytes => {
+                // No check beyond the length, as when read.
+                match plan {
+                    Plan::Duration => reader.take(12)?,
+                    Plan::Fixed(size) => reader.take(*size)?,
+                    _ => reader.length_prefixed()?,
+                };
             }
-            Plan::Fixed(size) | Plan::Uuid(Some(size)) | Plan::Decimal { fixed: Some(size), .. } => {
-                reader.take(*size)?;
+            Plan::String => {
+                reader.str()?;
             }
-            Plan::Bytes | Plan::String | Plan::Uuid(None) | Plan::Decimal { fixed: None, .. } => {
-                reader.length_prefixed()?;
+            // Rare, and with checks of their own: read and dropped.
+            Plan::Boolean | Plan::Time(_) | Plan::Uuid(_) | Plan::Decimal { .. } => {
+                self.read(plan, reader, depth)?;
             }
             Plan::Array(items) => reader.blocks(|reader| self.skip(items, reader, depth + 1))?,
             Plan::Map(values) => reader.blocks(|reader| {
-                reader.length_prefixed()?;
+                reader.str()?;
                 self.skip(values, reader, depth + 1)
             })?,
             Plan::Union(branches) => {
@@ -758,6 +763,31 @@ mod tests {
                 .map(|(f, _)| (*f, whole.get(f).unwrap().clone()))
                 .collect();
             assert_eq!((got_name, got), (name, Value::Record(expected)), "fields read: {read:?}");
+        }
+    }
+
+    #[test]
+    fn skipping_a_field_finds_every_error_reading_it_finds() {
+        let schema = Schema::parse_str(USER).unwrap();
+        let bytes = encode(&schema, user_value());
+        let decoder = Decoder::compile(&schema, &[]).unwrap();
+        let masks: [Vec<bool>; 3] = [vec![false; 14], (0..14).map(|i| i % 2 == 0).collect(), vec![true; 14]];
+        // Every byte of the record set to values that break UTF-8, booleans,
+        // varints, lengths, branches, symbols and times: a record is an
+        // error read in part exactly when it is read whole.
+        for at in 0..bytes.len() {
+            for value in [0x00, 0x01, 0x02, 0x7f, 0x80, 0xc3, 0xfe, 0xff] {
+                let mut bad = bytes.clone();
+                bad[at] = value;
+                let whole = decoder.decode(&bad).is_err();
+                for read in &masks {
+                    assert_eq!(
+                        decoder.decode_fields(&bad, read).is_err(),
+                        whole,
+                        "byte {at} set to {value:#x}, fields read {read:?}"
+                    );
+                }
+            }
         }
     }
 

@@ -168,7 +168,10 @@ fn ahead(
         Ok(Some(Ok(decoded))) => {
             if let Decoded::Event { writer, .. } = &decoded {
                 if !reading.knows(writer.id) {
-                    reading.set(writer.id, fields_read(runtime, writer));
+                    // A panic here (a user's projection, the catalogue's
+                    // resolution) is no record's: its schema decodes whole.
+                    let learning = std::panic::AssertUnwindSafe(|| fields_read(runtime, writer));
+                    reading.set(writer.id, std::panic::catch_unwind(learning).ok().flatten());
                 }
             }
             Ok(decoded)

@@ -139,12 +139,7 @@ impl Decoder {
         let mut reader = Reader { bytes, at: 0, budget: bytes.len().saturating_mul(2) + 1024 };
         let (name, value) = match &self.root {
             Plan::Union(branches) => {
-                let at = reader.at;
-                let index = reader.long()?;
-                let branch = usize::try_from(index)
-                    .ok()
-                    .and_then(|i| branches.get(i))
-                    .ok_or(DecodeError::BadUnionBranch { at, index, count: branches.len() })?;
+                let branch = reader.branch(branches)?;
                 let name = match branch {
                     Plan::Named(i) => match &self.named[*i] {
                         NamedPlan::Record { name, .. } => *name,
@@ -243,15 +238,7 @@ impl Decoder {
                 reader.str()?;
                 self.skip(values, reader, depth + 1)
             })?,
-            Plan::Union(branches) => {
-                let at = reader.at;
-                let index = reader.long()?;
-                let branch = usize::try_from(index)
-                    .ok()
-                    .and_then(|i| branches.get(i))
-                    .ok_or(DecodeError::BadUnionBranch { at, index, count: branches.len() })?;
-                self.skip(branch, reader, depth + 1)?;
-            }
+            Plan::Union(branches) => self.skip(reader.branch(branches)?, reader, depth + 1)?,
             Plan::Named(index) => match &self.named[*index] {
                 NamedPlan::Record { fields, .. } => {
                     for (_, field) in fields {
@@ -259,11 +246,7 @@ impl Decoder {
                     }
                 }
                 NamedPlan::Enum { symbols } => {
-                    let at = reader.at;
-                    let index = reader.long()?;
-                    if usize::try_from(index).map_or(true, |i| i >= symbols.len()) {
-                        return Err(DecodeError::BadEnumSymbol { at, index, count: symbols.len() });
-                    }
+                    reader.symbol(symbols)?;
                 }
                 NamedPlan::Pending => unreachable!("compilation finishes every named type"),
             },
@@ -340,15 +323,7 @@ impl Decoder {
                 })?;
                 Value::Map(out)
             }
-            Plan::Union(branches) => {
-                let at = reader.at;
-                let index = reader.long()?;
-                let branch = usize::try_from(index)
-                    .ok()
-                    .and_then(|i| branches.get(i))
-                    .ok_or(DecodeError::BadUnionBranch { at, index, count: branches.len() })?;
-                self.read(branch, reader, depth + 1)?
-            }
+            Plan::Union(branches) => self.read(reader.branch(branches)?, reader, depth + 1)?,
             Plan::Named(index) => match &self.named[*index] {
                 NamedPlan::Record { fields, .. } => {
                     let mut record = Record::with_capacity(fields.len());
@@ -357,15 +332,7 @@ impl Decoder {
                     }
                     Value::Record(record)
                 }
-                NamedPlan::Enum { symbols } => {
-                    let at = reader.at;
-                    let index = reader.long()?;
-                    let symbol = usize::try_from(index)
-                        .ok()
-                        .and_then(|i| symbols.get(i))
-                        .ok_or(DecodeError::BadEnumSymbol { at, index, count: symbols.len() })?;
-                    Value::Str(symbol.clone())
-                }
+                NamedPlan::Enum { symbols } => Value::Str(reader.symbol(symbols)?.clone()),
                 NamedPlan::Pending => unreachable!("compilation finishes every named type"),
             },
         })
@@ -636,6 +603,24 @@ impl<'a> Reader<'a> {
         let at = self.at;
         let bytes = self.length_prefixed()?;
         std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8(at))
+    }
+
+    /// The union branch written next.
+    fn branch<'p>(&mut self, branches: &'p [Plan]) -> Result<&'p Plan, DecodeError> {
+        self.pick(branches, |at, index, count| DecodeError::BadUnionBranch { at, index, count })
+    }
+
+    /// The enum symbol written next.
+    fn symbol<'p>(&mut self, symbols: &'p [SmolStr]) -> Result<&'p SmolStr, DecodeError> {
+        self.pick(symbols, |at, index, count| DecodeError::BadEnumSymbol { at, index, count })
+    }
+
+    /// The one of `items` an index written next picks; `bad` is the error
+    /// of an index out of range (at, index, count).
+    fn pick<'p, T>(&mut self, items: &'p [T], bad: fn(usize, i64, usize) -> DecodeError) -> Result<&'p T, DecodeError> {
+        let at = self.at;
+        let index = self.long()?;
+        usize::try_from(index).ok().and_then(|i| items.get(i)).ok_or_else(|| bad(at, index, items.len()))
     }
 
     /// Reads Avro blocks (arrays and maps): counts until a zero count; a

@@ -218,13 +218,15 @@ impl Decoder {
             Plan::Double => {
                 reader.take(8)?;
             }
-            Plan::Duration | Plan::Fixed(_) | Plan::Bytes => {
-                // No check beyond the length, as when read.
-                match plan {
-                    Plan::Duration => reader.take(12)?,
-                    Plan::Fixed(size) => reader.take(*size)?,
-                    _ => reader.length_prefixed()?,
-                };
+            // No check beyond the length, as when read.
+            Plan::Duration => {
+                reader.take(12)?;
+            }
+            Plan::Fixed(size) => {
+                reader.take(*size)?;
+            }
+            Plan::Bytes => {
+                reader.length_prefixed()?;
             }
             Plan::String => {
                 reader.str()?;

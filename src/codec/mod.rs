@@ -114,13 +114,9 @@ impl Codec {
     /// Decodes one record with the writer schemas already cached, without
     /// waiting: `None` when one it needs is not (then [`Codec::decode`]).
     /// What the pipeline decodes ahead with, off the worker's thread.
-    pub fn decode_cached(&self, record: &RawRecord) -> Option<Result<Decoded, CodecError>> {
-        self.decode_cached_reading(record, &Reading::default())
-    }
-
-    /// [`Codec::decode_cached`], the value's fields that `reading` says
-    /// nobody reads skipped over ([`avro::Decoder::decode_fields`]).
-    pub fn decode_cached_reading(&self, record: &RawRecord, reading: &Reading) -> Option<Result<Decoded, CodecError>> {
+    /// The value's fields that `reading` says nobody reads are skipped over
+    /// ([`avro::Decoder::decode_fields`]).
+    pub fn decode_cached(&self, record: &RawRecord, reading: &Reading) -> Option<Result<Decoded, CodecError>> {
         self.decode_with(record, &[], reading).ok()
     }
 
@@ -241,16 +237,16 @@ mod tests {
         framing::frame_into(7, &[0x06], &mut framed);
         let placed = record(framed);
 
-        assert!(codec.decode_cached(&placed).is_none(), "id 7 is not cached: left to the worker");
+        assert!(codec.decode_cached(&placed, &Reading::default()).is_none(), "id 7 is not cached: left to the worker");
         assert!(
-            matches!(codec.decode_cached(&record(vec![1, 2])), Some(Err(CodecError::Framing(_)))),
+            matches!(codec.decode_cached(&record(vec![1, 2]), &Reading::default()), Some(Err(CodecError::Framing(_)))),
             "no schema needed to fail framing"
         );
         assert_eq!(codec.decode(&placed).await.err().map(|e| e.class()), Some(ErrorClass::Transient));
 
         assert_eq!(registry.cache_counts(), (0, 1), "the fetch counted one miss; the attempt ahead nothing");
         registry.remember(Arc::new(registry::compile(7, text.to_string(), &[]).unwrap()));
-        for decoded in [codec.decode_cached(&placed).unwrap(), codec.decode(&placed).await] {
+        for decoded in [codec.decode_cached(&placed, &Reading::default()).unwrap(), codec.decode(&placed).await] {
             let Ok(Decoded::Event { event, writer }) = decoded else { panic!("decodes once cached") };
             assert_eq!((event.event_type, writer.id, event.position.offset), ("t.Placed", 7, 5));
             assert_eq!(event.payload.path(&["n"]), Some(&Value::Int(3)));

@@ -162,7 +162,7 @@ fn ahead(
     if let Some(oversized) = oversized(runtime, record) {
         return Some(oversized);
     }
-    let decoding = std::panic::AssertUnwindSafe(|| runtime.codec.decode_cached_reading(record, reading));
+    let decoding = std::panic::AssertUnwindSafe(|| runtime.codec.decode_cached(record, reading));
     let decoded = match std::panic::catch_unwind(decoding) {
         Ok(None) => return None,
         Ok(Some(Ok(decoded))) => {

@@ -251,15 +251,15 @@ impl<'a> Worker<'a> {
         let (mut events, mut bytes) = (self.pending.ops.len(), self.pending.bytes);
         let (mut run, mut run_ops, mut full) = (0, 0, false);
         // Records come in long runs of one partition: its epoch is looked up once per run.
-        let mut held: Option<(Name, i32)> = None;
+        let mut ours: Option<(Name, i32)> = None;
         for (record, prepared) in records.as_slice().iter().zip(prepared.as_slice()) {
             let Some(Prepared { result: Ok(effect), .. }) = prepared else { break };
             let partition = (record.position.topic, record.position.partition);
-            if held != Some(partition) {
+            if ours != Some(partition) {
                 if !self.epochs.contains_key(&partition) {
                     break;
                 }
-                held = Some(partition);
+                ours = Some(partition);
             }
             let mine = match effect {
                 Effect::Ops(n) => *n,

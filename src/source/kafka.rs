@@ -568,8 +568,8 @@ fn poll_loop(
 /// Every partition of `topics` the broker's metadata knows (a topic it
 /// does not know yet is left out, with a warning: the next look adds
 /// it). When it knows none: `None`, or when `patient` (the status to
-/// show the wait on) asked again each second (`None` once stopping). Blocking: the patient look waits up to
-/// 5 s per topic, the other 1 s.
+/// show the wait on) asked again each second (`None` once stopping).
+/// Blocking: the patient look waits up to 5 s per topic, the other 1 s.
 fn every_partition(
     connector: &str,
     consumer: &BaseConsumer<SourceContext>,

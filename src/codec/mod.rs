@@ -55,30 +55,42 @@ pub enum Decoded {
     Tombstone { key: Value },
 }
 
-/// Which top-level fields of each writer schema's events a connector
-/// reads (issue 27: the others are skipped over, never built). Filled by
-/// its owner as writer schemas are first met; a schema it holds nothing
-/// for decodes whole.
+/// The writer schemas one thread has met, and which top-level fields of
+/// each one's events a connector reads (issue 27: the others are skipped
+/// over, never built; and a schema met before is found here, without the
+/// registry cache's lock). Filled by its owner as writer schemas are first
+/// met; a schema it holds nothing for is looked up in the cache and
+/// decodes whole.
 #[derive(Debug, Default)]
 pub struct Reading {
-    /// By schema id: per field of the record, whether it is read (`None`:
-    /// all of them, or a schema that cannot be read in part).
-    fields: std::collections::HashMap<u32, Option<Box<[bool]>>, foldhash::fast::RandomState>,
+    schemas: std::collections::HashMap<u32, Learned, foldhash::fast::RandomState>,
+}
+
+#[derive(Debug)]
+struct Learned {
+    writer: Arc<WriterSchema>,
+    /// Per field of the record, whether it is read (`None`: all of them,
+    /// or a schema that cannot be read in part).
+    read: Option<Box<[bool]>>,
 }
 
 impl Reading {
-    /// Whether the fields read of schema `id` are known yet.
+    /// Whether schema `id` is known yet.
     pub fn knows(&self, id: u32) -> bool {
-        self.fields.contains_key(&id)
+        self.schemas.contains_key(&id)
     }
 
-    /// Sets the fields read of schema `id` (`None`: all).
-    pub fn set(&mut self, id: u32, read: Option<Box<[bool]>>) {
-        self.fields.insert(id, read);
+    /// Learns `writer` and the fields read of its events (`None`: all).
+    pub fn set(&mut self, writer: Arc<WriterSchema>, read: Option<Box<[bool]>>) {
+        self.schemas.insert(writer.id, Learned { writer, read });
     }
 
-    fn of(&self, id: u32) -> Option<&[bool]> {
-        self.fields.get(&id).and_then(Option::as_deref)
+    fn writer(&self, id: u32) -> Option<&Arc<WriterSchema>> {
+        self.schemas.get(&id).map(|learned| &learned.writer)
+    }
+
+    fn read(&self, id: u32) -> Option<&[bool]> {
+        self.schemas.get(&id).and_then(|learned| learned.read.as_deref())
     }
 }
 
@@ -120,8 +132,8 @@ impl Codec {
         self.decode_with(record, &[], reading).ok()
     }
 
-    /// Decodes with the cached schemas and `fetched`; `Err(id)` when the
-    /// writer schema `id` is in neither (the key's is looked up first,
+    /// Decodes with the schemas of `fetched`, `reading` and the cache;
+    /// `Err(id)` when the writer schema `id` is in none (the key's is looked up first,
     /// so a key error comes before the value's schema is fetched).
     /// Cache hits are counted once the record is decoded (or fails for a
     /// reason of its own), so an attempt that stops at a missing schema,
@@ -136,7 +148,10 @@ impl Codec {
         let schema = |id: u32| match fetched.iter().find(|w| w.id == id) {
             Some(writer) => Ok(writer.clone()),
             None => {
-                let found = self.registry.peek(id).ok_or(id)?;
+                let found = match reading.writer(id) {
+                    Some(writer) => writer.clone(),
+                    None => self.registry.peek(id).ok_or(id)?,
+                };
                 hits.set(hits.get() + 1);
                 Ok(found)
             }
@@ -166,7 +181,7 @@ impl Codec {
             Err(error) => return Ok(Err(error.into())),
         };
         let writer = schema(framed.schema_id)?;
-        let decoded = match reading.of(writer.id) {
+        let decoded = match reading.read(writer.id) {
             Some(read) => writer.decoder.decode_fields(framed.body, read),
             None => writer.decoder.decode(framed.body),
         };
@@ -252,5 +267,25 @@ mod tests {
             assert_eq!(event.payload.path(&["n"]), Some(&Value::Int(3)));
         }
         assert_eq!(registry.cache_counts(), (2, 1), "one hit per record decoded from the cache");
+
+        // A schema the thread has learned is found without the cache (here
+        // the cache never had id 8), with the fields it reads, and counted
+        // as a hit as the cache's are.
+        let two = r#"{"type":"record","name":"Two","namespace":"t","fields":[{"name":"a","type":"string"},{"name":"b","type":"long"}]}"#;
+        let mut framed = Vec::new();
+        framing::frame_into(8, &[0x02, b'x', 0x08], &mut framed);
+        let learned = record(framed);
+        assert!(codec.decode_cached(&learned, &Reading::default()).is_none(), "id 8 is not cached");
+        let mut reading = Reading::default();
+        reading.set(Arc::new(registry::compile(8, two.to_string(), &[]).unwrap()), Some(Box::new([false, true])));
+        let Some(Ok(Decoded::Event { event, writer })) = codec.decode_cached(&learned, &reading) else {
+            panic!("decodes with the schema learned")
+        };
+        assert_eq!((event.event_type, writer.id), ("t.Two", 8));
+        assert_eq!(event.payload.to_json(), serde_json::json!({"b": 4}), "only the field read");
+        assert_eq!(registry.cache_counts(), (3, 1));
+        reading.set(writer, None);
+        let Some(Ok(Decoded::Event { event, .. })) = codec.decode_cached(&learned, &reading) else { panic!("decodes") };
+        assert_eq!(event.payload.to_json(), serde_json::json!({"a": "x", "b": 4}), "all fields");
     }
 }

@@ -28,6 +28,7 @@ use crate::error::{ErrorClass, Failure};
 use crate::event::{Events, Position};
 use crate::projection::{Projected, Projection, WriteOp};
 use crate::source::{Chunk, Held, RawRecord, RecordsReceiver};
+use crate::upcast::Resolutions;
 use crate::value::Name;
 
 /// Prepared chunks waiting for the worker: two keep it fed while the task
@@ -101,6 +102,7 @@ impl Ahead {
             // channels is all it does besides preparing.
             handle.block_on(async {
                 let mut reading = Reading::default();
+                let mut resolutions = Resolutions::default();
                 loop {
                     let chunk = tokio::select! {
                         chunk = records.recv_held() => chunk,
@@ -117,7 +119,8 @@ impl Ahead {
                         // check): the chunk is left to the worker, where
                         // it panics again and stops the connector visibly.
                         let preparing = std::panic::AssertUnwindSafe(|| {
-                            chunk.iter().map(|record| ahead(&runtime, &mut reading, record, &mut ops)).collect()
+                            let mut memo = Memo { reading: &mut reading, resolutions: &mut resolutions };
+                            chunk.iter().map(|record| ahead(&runtime, &mut memo, record, &mut ops)).collect()
                         });
                         std::panic::catch_unwind(preparing).unwrap_or_else(|_| {
                             ops.clear();
@@ -149,19 +152,22 @@ impl Ahead {
     }
 }
 
+/// What the decode thread learns of the writer schemas it meets, used
+/// for every later record of theirs.
+struct Memo<'m> {
+    reading: &'m mut Reading,
+    resolutions: &'m mut Resolutions,
+}
+
 /// Prepares one record without waiting, its ops appended to `ops`, or
 /// `None` (see the module's contracts). Decodes only the fields the
-/// connector reads of schemas `reading` knows, and learns those of the
+/// connector reads of schemas the memo knows, and learns those of the
 /// others as they come.
-fn ahead(
-    runtime: &ConnectorRuntime,
-    reading: &mut Reading,
-    record: &RawRecord,
-    ops: &mut Vec<WriteOp>,
-) -> Option<Prepared> {
+fn ahead(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops: &mut Vec<WriteOp>) -> Option<Prepared> {
     if let Some(oversized) = oversized(runtime, record) {
         return Some(oversized);
     }
+    let reading = &mut *memo.reading;
     let decoding = std::panic::AssertUnwindSafe(|| runtime.codec.decode_cached(record, reading));
     let decoded = match std::panic::catch_unwind(decoding) {
         Ok(None) => return None,
@@ -171,7 +177,7 @@ fn ahead(
                     // A panic here (a user's projection, the catalogue's
                     // resolution) is no record's: its schema decodes whole.
                     let learning = std::panic::AssertUnwindSafe(|| fields_read(runtime, writer));
-                    reading.set(writer.id, std::panic::catch_unwind(learning).ok().flatten());
+                    reading.set(writer.clone(), std::panic::catch_unwind(learning).ok().flatten());
                 }
             }
             Ok(decoded)
@@ -182,7 +188,7 @@ fn ahead(
         Ok(Some(Err(_))) => return None,
         Err(panic) => Err(decoder_panicked(&*panic)),
     };
-    Some(prepare(runtime, decoded, record.position, ops))
+    Some(prepare(runtime, decoded, record.position, ops, Some(memo.resolutions)))
 }
 
 /// Which fields of `writer`'s events the connector reads, when not all:
@@ -221,12 +227,14 @@ pub(super) fn decoder_panicked(panic: &(dyn std::any::Any + Send)) -> Failure {
 /// What a decoded record becomes: upcast, projected and checked against
 /// the sink, its events at `position` (a replayed dead letter's is its
 /// original one), its ops appended to `ops` (nothing on a failure). The
-/// one path of the worker and of the stage ahead of it.
+/// one path of the worker and of the stage ahead of it; the latter keeps
+/// the writer schemas' resolutions it looked up in `resolutions`.
 pub(super) fn prepare(
     runtime: &ConnectorRuntime,
     decoded: Result<Decoded, Failure>,
     position: Position,
     ops: &mut Vec<WriteOp>,
+    resolutions: Option<&mut Resolutions>,
 ) -> Prepared {
     let start = ops.len();
     let projection = runtime.projection.as_ref();
@@ -238,7 +246,11 @@ pub(super) fn prepare(
             // this event's error: it would panic again on a retry.
             let upcasting = &runtime.upcasting;
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                upcasting.upcast(event, &writer).map(|events| project_all(projection, events, ops))
+                let upcast = match resolutions {
+                    Some(memo) => upcasting.upcast_remembering(event, &writer, memo),
+                    None => upcasting.upcast(event, &writer),
+                };
+                upcast.map(|events| project_all(projection, events, ops))
             }));
             match outcome {
                 Ok(Ok(projected)) => (event_type, projected),

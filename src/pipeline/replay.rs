@@ -145,5 +145,5 @@ pub(super) async fn ops_of(runtime: &ConnectorRuntime, record: &RawRecord) -> Re
         message: error.to_string(),
     });
     let mut ops = Vec::new();
-    super::prepare::prepare(runtime, decoded, record.position, &mut ops).result.map(|_| ops)
+    super::prepare::prepare(runtime, decoded, record.position, &mut ops, None).result.map(|_| ops)
 }

@@ -368,7 +368,7 @@ impl<'a> Worker<'a> {
                 Some(oversized) => oversized,
                 None => {
                     let decoded = self.decode(&record).await?;
-                    prepare::prepare(self.runtime, decoded, original.unwrap_or(record.position), &mut own)
+                    prepare::prepare(self.runtime, decoded, original.unwrap_or(record.position), &mut own, None)
                 }
             },
         };

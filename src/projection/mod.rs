@@ -13,11 +13,10 @@ pub mod expr;
 pub mod fold;
 mod settings;
 
-use std::collections::HashMap;
 use std::fmt;
 
 use crate::event::{Event, Position};
-use crate::value::{intern, Name, Value};
+use crate::value::{intern, name_position, Name, Value};
 use expr::{EvalError, Expr};
 pub use settings::{EventRule, OpKind, OpTemplate, ProjectionSettings, TombstonePolicy, UnknownEventPolicy};
 
@@ -119,8 +118,9 @@ pub trait Projection: Send + Sync + fmt::Debug {
 pub struct RulesProjection {
     key: Vec<(String, Expr)>,
     version: Option<Expr>,
-    /// Looked up for every event: foldhash rather than SipHash.
-    rules: HashMap<Name, Rule, foldhash::fast::RandomState>,
+    /// Looked up for every event, by its interned type name: a few
+    /// pointer compares rather than hashing the name.
+    rules: Vec<(Name, Rule)>,
     tombstones: TombstonePolicy,
     unknown_events: UnknownEventPolicy,
 }
@@ -171,14 +171,16 @@ fn moved_path(expr: &Expr) -> &[Name] {
 
 impl RulesProjection {
     pub fn new(settings: &ProjectionSettings) -> RulesProjection {
-        let rules = settings
-            .events
-            .iter()
-            .map(|rule| {
-                let fields = rule.op.fields.iter().map(|(name, expr)| (intern(name), expr.clone())).collect();
-                (intern(&rule.event_type), Rule::new(rule.op.kind, fields))
-            })
-            .collect();
+        let mut rules: Vec<(Name, Rule)> = Vec::with_capacity(settings.events.len());
+        for rule in &settings.events {
+            let fields = rule.op.fields.iter().map(|(name, expr)| (intern(name), expr.clone())).collect();
+            let (event_type, rule) = (intern(&rule.event_type), Rule::new(rule.op.kind, fields));
+            // A type listed twice (refused in connector files): the later rule.
+            match name_position(&rules, event_type) {
+                Some(index) => rules[index].1 = rule,
+                None => rules.push((event_type, rule)),
+            }
+        }
         RulesProjection {
             key: settings.key.clone(),
             version: settings.version.clone(),
@@ -186,6 +188,10 @@ impl RulesProjection {
             tombstones: settings.tombstones,
             unknown_events: settings.unknown_events,
         }
+    }
+
+    fn rule(&self, event_type: &str) -> Option<&Rule> {
+        name_position(&self.rules, event_type).map(|index| &self.rules[index].1)
     }
 
     fn key(&self, event: &Event) -> Result<KeyValues, ProjectionError> {
@@ -207,7 +213,7 @@ impl RulesProjection {
     /// The op of `event`, but for the fields its rule moves, which are left
     /// null (checked to exist): the caller fills them, by copy or by move.
     fn op_but_moves<'r>(&'r self, event: &Event) -> Result<Option<(&'r Rule, WriteOp)>, ProjectionError> {
-        let Some(rule) = self.rules.get(event.event_type) else {
+        let Some(rule) = self.rule(event.event_type) else {
             return match self.unknown_events {
                 UnknownEventPolicy::Skip => Ok(None),
                 UnknownEventPolicy::Error => Err(ProjectionError::UnknownEvent(event.event_type.to_string())),
@@ -279,7 +285,7 @@ impl Projection for RulesProjection {
 
     fn fields_read(&self, event_type: Name) -> Option<Vec<Name>> {
         // An event without a rule is skipped or refused: nothing of it is read.
-        let Some(rule) = self.rules.get(event_type) else { return Some(Vec::new()) };
+        let Some(rule) = self.rule(event_type) else { return Some(Vec::new()) };
         let exprs =
             self.key.iter().map(|(_, expr)| expr).chain(&self.version).chain(rule.fields.iter().map(|(_, e)| e));
         let mut read: Vec<Name> = exprs.flat_map(Expr::fields).filter_map(|path| path.first().copied()).collect();
@@ -365,6 +371,32 @@ mod tests {
             position: Position { topic: "t", partition: 0, offset: 7 },
             timestamp: Some(1000),
         }
+    }
+
+    /// Rules are looked up by pointer first: a type name that is not the
+    /// interned one (a Rust upcaster's literal) still finds its rule, and
+    /// of a type listed twice the later rule holds, as it did in a map.
+    #[test]
+    fn a_rule_is_found_by_its_type_interned_or_not_and_the_later_of_two_holds() {
+        let projection = RulesProjection::new(&connector(
+            &[("id", "id")],
+            &[
+                ("Sold", OpKind::Upsert, &[("n", "a")]),
+                ("Other", OpKind::Upsert, &[("n", "a")]),
+                ("Sold", OpKind::Upsert, &[("n", "b")]),
+            ],
+        ));
+        let fields = [("id", Value::Int(1)), ("a", Value::Int(10)), ("b", Value::Int(20))];
+        let literal: &'static str = "Sold";
+        assert!(!std::ptr::eq(literal, intern("Sold")), "the literal is not the interned name");
+        for event_type in [intern("Sold"), literal] {
+            let Projected::Ops(ops) = projection.project(&event(event_type, &fields)).expect("projects") else {
+                panic!("{event_type} has a rule")
+            };
+            assert_eq!(ops[0].fields, vec![("n", Value::Int(20))], "the later rule");
+        }
+        assert_eq!(projection.project(&event("Nope", &fields)), Ok(Projected::Skipped));
+        assert_eq!(projection.fields_read(intern("Sold")), Some(vec!["b", "id"]));
     }
 
     #[test]

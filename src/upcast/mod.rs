@@ -112,6 +112,36 @@ pub struct Upcasting {
     resolutions: Mutex<HashMap<(u32, Name), Arc<Resolution>, foldhash::fast::RandomState>>,
 }
 
+/// The resolutions one thread has looked up (issue 27: the decode thread
+/// resolves every event it prepares; the shared map costs a lock and a
+/// hash each time). Few writer schemas are live at once: a short list,
+/// compared by schema id and interned type name, started over when it
+/// would pass [`Resolutions::MAX`] entries.
+#[derive(Debug, Default)]
+pub struct Resolutions {
+    seen: Vec<(u32, Name, Arc<Resolution>)>,
+}
+
+impl Resolutions {
+    const MAX: usize = 16;
+
+    fn get_or_insert(&mut self, id: u32, event_type: Name, resolve: impl FnOnce() -> Arc<Resolution>) -> &Resolution {
+        // A type name not interned (a Rust upcaster's literal) only misses here.
+        let found = self.seen.iter().position(|(seen, name, _)| *seen == id && std::ptr::eq(*name, event_type));
+        let index = match found {
+            Some(index) => index,
+            None => {
+                if self.seen.len() >= Self::MAX {
+                    self.seen.clear();
+                }
+                self.seen.push((id, event_type, resolve()));
+                self.seen.len() - 1
+            }
+        };
+        &self.seen[index].2
+    }
+}
+
 /// Steps a chain may take before it is declared a loop.
 const MAX_STEPS: usize = 1000;
 
@@ -128,9 +158,25 @@ impl Upcasting {
 
     /// Sets the event's catalogue version from its writer schema, then
     /// upcasts it to the newest version.
-    pub fn upcast(&self, mut event: Event, writer: &WriterSchema) -> Result<Events, UpcastError> {
+    pub fn upcast(&self, event: Event, writer: &WriterSchema) -> Result<Events, UpcastError> {
         let resolution = self.resolution(writer, event.event_type);
-        match resolution.as_ref() {
+        self.upcast_resolved(event, &resolution)
+    }
+
+    /// [`Upcasting::upcast`], looking the writer schema's resolution up in
+    /// `memo` first: one thread's own, without the shared lock.
+    pub fn upcast_remembering(
+        &self,
+        event: Event,
+        writer: &WriterSchema,
+        memo: &mut Resolutions,
+    ) -> Result<Events, UpcastError> {
+        let resolution = memo.get_or_insert(writer.id, event.event_type, || self.resolution(writer, event.event_type));
+        self.upcast_resolved(event, resolution)
+    }
+
+    fn upcast_resolved(&self, mut event: Event, resolution: &Resolution) -> Result<Events, UpcastError> {
+        match resolution {
             Resolution::Uncatalogued => return Ok(Events::from_buf([event])),
             Resolution::Unreadable(message) => return Err(UpcastError::Unreadable(message.clone())),
             Resolution::Version(version) => event.version = *version,
@@ -321,6 +367,46 @@ mod tests {
         assert_eq!(problems.len(), 2, "v1 and v2 both lack a path: {problems:?}");
         assert!(problems[0].0.ends_with("t.E/v1.avsc"));
         assert!(problems[0].1.contains("no upcaster for t.E v2"), "{problems:?}");
+    }
+
+    /// The decode thread's own memo of resolutions gives what the shared
+    /// map gives, for every writer schema and across its starting over
+    /// (more schemas than it keeps): catalogued at an old version (upcast),
+    /// at the newest (as written), unreadable, and a type not catalogued.
+    #[test]
+    fn a_threads_memo_upcasts_as_the_shared_map() {
+        let (_dir, catalogue) = catalogue(&[1, 2]);
+        let upcasting = Upcasting::new(catalogue, vec![rename(1)]);
+        let text = |field: &str, kind: &str, name: &str| {
+            format!(
+                r#"{{"type":"record","name":"{name}","namespace":"t","fields":[{{"name":"{field}","type":"{kind}"}}]}}"#
+            )
+        };
+        let kinds =
+            [text("f1", "int", "E"), text("f2", "int", "E"), text("f1", "string", "E"), text("f1", "int", "Other")];
+        let mut memo = Resolutions::default();
+        // More ids than the memo keeps, met twice over in turn.
+        for round in 0..2 {
+            for id in 0..(3 * Resolutions::MAX as u32) {
+                let kind = &kinds[id as usize % kinds.len()];
+                let writer = crate::codec::registry::compile(id, kind.clone(), &[]).expect("compiles");
+                let mut event = event(1 + u32::from(kind.contains("f2")));
+                event.event_type = writer.decoder.type_name();
+                let shared = upcasting.upcast(event.clone(), &writer);
+                let remembered = upcasting.upcast_remembering(event, &writer, &mut memo);
+                assert_eq!(remembered, shared, "round {round}, schema {id}: {kind}");
+            }
+        }
+        assert!(memo.seen.len() <= Resolutions::MAX, "the memo stays bounded: {}", memo.seen.len());
+        let outcomes: Vec<_> = (0..4)
+            .map(|id| {
+                let writer = crate::codec::registry::compile(id, kinds[id as usize].clone(), &[]).expect("compiles");
+                let mut event = event(1);
+                event.event_type = writer.decoder.type_name();
+                upcasting.upcast_remembering(event, &writer, &mut memo).map(|out| out[0].version)
+            })
+            .collect();
+        assert!(matches!(outcomes[..], [Ok(2), Ok(2), Err(UpcastError::Unreadable(_)), Ok(1)]), "{outcomes:?}");
     }
 
     /// An upcaster adds a timestamp-micros field as a plain integer (what a

@@ -693,7 +693,11 @@ pub mod stats {
 
     /// A random log of `events` over `users` users (Kafka key = user).
     pub fn log(events: usize, users: usize) -> Vec<Json> {
-        let mut rng = rand::rng();
+        log_from(&mut rand::rng(), events, users)
+    }
+
+    /// [`log`] drawn from `rng`: a seeded one gives the same log again.
+    pub fn log_from(rng: &mut impl Rng, events: usize, users: usize) -> Vec<Json> {
         let mut registered = BTreeSet::new();
         (0..events)
             .map(|n| {

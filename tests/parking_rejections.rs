@@ -244,3 +244,84 @@ async fn refused_rows_park_their_keys_in_read_order_under_any_batching() {
         kawka.terminate().await;
     }
 }
+
+/// A batch of several partitions is written a transaction per partition:
+/// when one partition's share is refused, the others commit. The write
+/// made again must not then find, among the committed shares' events, a
+/// value that a later event of its key replaced in the share (refused
+/// alone, it never reached the table): its key would be parked, and its
+/// applied events dead-lettered, to be applied a second time by a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_share_of_a_refused_batch_parks_nothing() {
+    let registry = support::start_registry().await;
+    let pool = support::postgres().await;
+    let topic = support::unique("parkshares");
+    let name = support::unique("parkshares");
+    support::create_topic(&topic, 3).await;
+    support::create_topic(&format!("{name}.dlq"), 1).await;
+    sqlx::query(&format!(
+        "CREATE TABLE \"{name}\" (id text PRIMARY KEY, name text, email text, logins bigint, \
+         CONSTRAINT no_poison CHECK (email NOT LIKE '%poison%'))"
+    ))
+    .execute(&pool)
+    .await
+    .expect("create the table");
+    // Every user's poison email is replaced by a good one in the same
+    // batch, but one user's, which stays: its partition's share is refused.
+    let users: Vec<String> = (0..12).map(|n| format!("user{n}")).collect();
+    let mut log = Vec::new();
+    for (n, user) in users.iter().enumerate() {
+        let email = |what: &str| json!({"user_id": user, "email": format!("{user}.{what}@example.com")});
+        log.push(json!({"schema": "registered", "key": user,
+            "value": {"user_id": user, "name": format!("Name {n}"), "email": format!("{user}@example.com")}}));
+        log.push(json!({"schema": "email", "key": user, "value": email("poison")}));
+        if n > 0 {
+            log.push(json!({"schema": "email", "key": user, "value": email("good")}));
+        }
+        log.push(json!({"schema": "login", "key": user, "value": {"user_id": user, "count": 2}}));
+    }
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": support::stats::schemas()});
+    support::produce_with_python(&spec, log.clone()).await;
+    let records = support::consume(&topic, log.len(), Duration::from_secs(60)).await;
+    let partition_of: BTreeMap<String, i32> = records
+        .iter()
+        .map(|r| (String::from_utf8(r.key.clone().expect("a key")).expect("utf-8"), r.partition))
+        .collect();
+    let refused = partition_of["user0"];
+    assert!(partition_of.values().any(|&p| p != refused), "the users are spread over the partitions: {partition_of:?}");
+
+    // One batch of everything: the records are in the topic before the start.
+    let connector = connector(&name, &topic, 1000).replace("max_wait: 20ms", "max_wait: 3s");
+    let project = Project::new(&registry.url(), &[(&name, &connector)]);
+    let mut kawka = project.start(0);
+    support::eventually(Duration::from_secs(120), "every event to be durable", || async {
+        (support::stored_positions(&pool, &name).await == log.len() as i64).then_some(())
+    })
+    .await;
+    let run_log = kawka.log();
+    let letters = support::consume(&format!("{name}.dlq"), 1000, Duration::from_secs(5)).await;
+    let parked: BTreeSet<String> =
+        letters.iter().map(|l| String::from_utf8(l.key.clone().expect("a key")).expect("utf-8")).collect();
+    let table = support::stats::rows(&pool, &name).await;
+    for user in &users {
+        let mine: Vec<Json> = log.iter().filter(|e| e["key"] == json!(user)).cloned().collect();
+        if partition_of[user] != refused {
+            assert!(!parked.contains(user), "{user}: its share committed, nothing of it is parked:\n{run_log}");
+            let want = support::stats::fold(&mine).remove(user);
+            assert_eq!(table.get(user), want.as_ref(), "{user}: its row is the fold of all its events");
+        } else if parked.contains(user) {
+            // Refused with its partition's share: parked behind its poison
+            // (found refused alone) whether or not a later email replaced it.
+            let want = support::stats::fold(&mine[..1]).remove(user);
+            assert_eq!(table.get(user), want.as_ref(), "{user}: parked behind its poison");
+        }
+    }
+    assert!(parked.contains("user0"), "the poison no email replaced is parked: {parked:?}");
+    // Else the test proved nothing: one batch, a share committed.
+    assert!(
+        run_log.contains("part of a failed batch had committed"),
+        "the batch spanned the partitions and one share committed:\n{run_log}"
+    );
+    kawka.terminate().await;
+}

@@ -273,6 +273,41 @@ impl Worker<'_> {
         self.source.durable(offsets, self.generation);
     }
 
+    /// Drops from the pending batch the ops of the partitions whose share
+    /// of it committed (written per partition, another share failed):
+    /// they are applied, so none of them may be found refused, parked or
+    /// dead-lettered; found so alone (a refused value that a later op of
+    /// its key replaced in the share), it would park a key whose events
+    /// are in the table. Their records stay: the positions are written
+    /// again (and found there). A failed look changes nothing: the search
+    /// for a culprit is as before.
+    async fn forget_written_shares(&mut self, offsets: &[PartitionOffset]) {
+        let reached = match self.runtime.sink.reached_each(offsets).await {
+            Ok(reached) => reached,
+            Err(error) => {
+                tracing::warn!(connector = %self.name(), %error, "reading which shares of a batch committed failed");
+                return;
+            }
+        };
+        let written: Vec<(Name, i32)> =
+            offsets.iter().zip(reached).filter(|(_, reached)| *reached).map(|(o, _)| (o.topic, o.partition)).collect();
+        if written.is_empty() {
+            return;
+        }
+        let records = &self.pending.records;
+        let mut applied: Vec<usize> = self
+            .pending
+            .origins
+            .iter()
+            .copied()
+            .filter(|&origin| written.contains(&(records[origin].position.topic, records[origin].position.partition)))
+            .collect();
+        applied.dedup();
+        tracing::info!(connector = %self.name(), partitions = ?written, events = applied.len(),
+            "part of a failed batch had committed; looking for the refused events in the rest");
+        self.pending.remove_events(&applied);
+    }
+
     /// Writes the pending batch until it is durable, dead-lettering the
     /// events the sink refuses.
     async fn write_pending(&mut self) -> Result<(), Halt> {
@@ -324,6 +359,7 @@ impl Worker<'_> {
                     return Err(Halt::Fenced);
                 }
                 Err(error) if error.class() == ErrorClass::Permanent => {
+                    self.forget_written_shares(&offsets).await;
                     let rejected = match self.runtime.sink.find_rejected(&self.pending.ops).await {
                         Ok(rejected) => rejected,
                         Err(error) => {

@@ -350,6 +350,17 @@ impl Sink {
         }
     }
 
+    /// Of each position of a batch, whether the sink holds it already: a
+    /// batch a sink writes per partition may have committed some shares
+    /// before another failed (their events are applied). Elasticsearch
+    /// writes no shares: none.
+    pub async fn reached_each(&self, offsets: &[PartitionOffset]) -> Result<Vec<bool>, SinkError> {
+        match self {
+            Sink::Postgres(sink) => bounded(sink.reached_each(offsets)).await,
+            Sink::Elasticsearch(_) => Ok(vec![false; offsets.len()]),
+        }
+    }
+
     /// For sinks that store positions, `connector`'s: per partition, the
     /// next offset whose effect is not durable (`None` for Elasticsearch,
     /// whose positions are the group's committed offsets in Kafka).

@@ -125,6 +125,18 @@ impl PostgresSink {
         Ok(true)
     }
 
+    /// Of each of these positions, whether it is already there: the share
+    /// of a batch that committed, written per partition, while another
+    /// share of it failed.
+    pub async fn reached_each(&self, offsets: &[PartitionOffset]) -> Result<Vec<bool>, SinkError> {
+        let mut connection = self.pool.acquire().await.map_err(SinkError::Postgres)?;
+        let mut reached = Vec::with_capacity(offsets.len());
+        for offset in offsets {
+            reached.push(self.reached(&mut connection, offset).await?);
+        }
+        Ok(reached)
+    }
+
     /// Whether a partition's stored position is at or past `offset` under
     /// the same epoch: the batch ending there committed before.
     pub(super) async fn reached(

@@ -46,6 +46,23 @@ events:
     )
 }
 
+/// A topic of 3 partitions, its dead-letter topic of `dlq_partitions` and
+/// a table of the stats events that refuses "poison" emails (a CHECK
+/// constraint): (topic, table and connector name).
+async fn refusing_table(pool: &sqlx::PgPool, prefix: &str, dlq_partitions: i32) -> (String, String) {
+    let (topic, name) = (support::unique(prefix), support::unique(prefix));
+    support::create_topic(&topic, 3).await;
+    support::create_topic(&format!("{name}.dlq"), dlq_partitions).await;
+    sqlx::query(&format!(
+        "CREATE TABLE \"{name}\" (id text PRIMARY KEY, name text, email text, logins bigint, \
+         CONSTRAINT no_poison CHECK (email NOT LIKE '%poison%'))"
+    ))
+    .execute(pool)
+    .await
+    .expect("create the table");
+    (topic, name)
+}
+
 /// The lines of a kawka log that name `key` (and not a longer key it
 /// begins: `user2` is not `user28`).
 fn lines_about(log: &str, key: &str) -> String {
@@ -83,17 +100,7 @@ async fn refused_rows_park_their_keys_in_read_order_under_any_batching() {
         let seed = first_seed.wrapping_add(round);
         eprintln!("round {round}: seed {seed}");
         let mut rng = StdRng::seed_from_u64(seed);
-        let topic = support::unique("parkrefused");
-        let name = support::unique("parkrefused");
-        support::create_topic(&topic, 3).await;
-        support::create_topic(&format!("{name}.dlq"), 2).await;
-        sqlx::query(&format!(
-            "CREATE TABLE \"{name}\" (id text PRIMARY KEY, name text, email text, logins bigint, \
-             CONSTRAINT no_poison CHECK (email NOT LIKE '%poison%'))"
-        ))
-        .execute(&pool)
-        .await
-        .expect("create the table");
+        let (topic, name) = refusing_table(&pool, "parkrefused", 2).await;
 
         // A random log; some email changes are poison, some logins are
         // `Banned` events, which have no rule yet (the fold counts them as
@@ -255,17 +262,7 @@ async fn refused_rows_park_their_keys_in_read_order_under_any_batching() {
 async fn a_committed_share_of_a_refused_batch_parks_nothing() {
     let registry = support::start_registry().await;
     let pool = support::postgres().await;
-    let topic = support::unique("parkshares");
-    let name = support::unique("parkshares");
-    support::create_topic(&topic, 3).await;
-    support::create_topic(&format!("{name}.dlq"), 1).await;
-    sqlx::query(&format!(
-        "CREATE TABLE \"{name}\" (id text PRIMARY KEY, name text, email text, logins bigint, \
-         CONSTRAINT no_poison CHECK (email NOT LIKE '%poison%'))"
-    ))
-    .execute(&pool)
-    .await
-    .expect("create the table");
+    let (topic, name) = refusing_table(&pool, "parkshares", 1).await;
     // Every user's poison email is replaced by a good one in the same
     // batch, but one user's, which stays: its partition's share is refused.
     let users: Vec<String> = (0..12).map(|n| format!("user{n}")).collect();

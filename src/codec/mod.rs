@@ -84,15 +84,11 @@ impl Reading {
     pub fn set(&mut self, writer: Arc<WriterSchema>, read: Option<Box<[bool]>>) {
         self.schemas.insert(writer.id, Learned { writer, read });
     }
-
-    fn writer(&self, id: u32) -> Option<&Arc<WriterSchema>> {
-        self.schemas.get(&id).map(|learned| &learned.writer)
-    }
-
-    fn read(&self, id: u32) -> Option<&[bool]> {
-        self.schemas.get(&id).and_then(|learned| learned.read.as_deref())
-    }
 }
+
+/// A record's writer schema by id, with the fields read of its events
+/// (`None`: all); `Err(id)` when it is not at hand.
+type SchemaOf<'r> = dyn Fn(u32) -> Result<(Arc<WriterSchema>, Option<&'r [bool]>), u32> + 'r;
 
 /// Decodes the records of one connector.
 #[derive(Debug, Clone)]
@@ -145,30 +141,27 @@ impl Codec {
         reading: &Reading,
     ) -> Result<Result<Decoded, CodecError>, u32> {
         let hits = std::cell::Cell::new(0);
+        // One lookup per schema: the writer, and the fields read of its
+        // events when `reading` has learned them.
         let schema = |id: u32| match fetched.iter().find(|w| w.id == id) {
-            Some(writer) => Ok(writer.clone()),
+            Some(writer) => Ok((writer.clone(), None)),
             None => {
-                let found = match reading.writer(id) {
-                    Some(writer) => writer.clone(),
-                    None => self.registry.peek(id).ok_or(id)?,
+                let found = match reading.schemas.get(&id) {
+                    Some(learned) => (learned.writer.clone(), learned.read.as_deref()),
+                    None => (self.registry.peek(id).ok_or(id)?, None),
                 };
                 hits.set(hits.get() + 1);
                 Ok(found)
             }
         };
-        let decoded = self.decode_found(record, &schema, reading);
+        let decoded = self.decode_found(record, &schema);
         if decoded.is_ok() {
             self.registry.count_hits(hits.get());
         }
         decoded
     }
 
-    fn decode_found(
-        &self,
-        record: &RawRecord,
-        schema: &dyn Fn(u32) -> Result<Arc<WriterSchema>, u32>,
-        reading: &Reading,
-    ) -> Result<Result<Decoded, CodecError>, u32> {
+    fn decode_found<'r>(&self, record: &RawRecord, schema: &SchemaOf<'r>) -> Result<Result<Decoded, CodecError>, u32> {
         let key = match self.decode_key(record.key.as_deref(), schema)? {
             Ok(key) => key,
             Err(error) => return Ok(Err(error)),
@@ -180,8 +173,8 @@ impl Codec {
             Ok(framed) => framed,
             Err(error) => return Ok(Err(error.into())),
         };
-        let writer = schema(framed.schema_id)?;
-        let decoded = match reading.read(writer.id) {
+        let (writer, read) = schema(framed.schema_id)?;
+        let decoded = match read {
             Some(read) => writer.decoder.decode_fields(framed.body, read),
             None => writer.decoder.decode(framed.body),
         };
@@ -194,16 +187,12 @@ impl Codec {
                 position: record.position,
                 timestamp: record.timestamp,
             },
-            writer: writer.clone(),
+            writer,
         });
         Ok(decoded.map_err(|error| CodecError::Avro { schema_id: framed.schema_id, error }))
     }
 
-    fn decode_key(
-        &self,
-        key: Option<&[u8]>,
-        schema: &dyn Fn(u32) -> Result<Arc<WriterSchema>, u32>,
-    ) -> Result<Result<Value, CodecError>, u32> {
+    fn decode_key(&self, key: Option<&[u8]>, schema: &SchemaOf) -> Result<Result<Value, CodecError>, u32> {
         let Some(bytes) = key else { return Ok(Ok(Value::Null)) };
         Ok(match self.key_format {
             KeyFormat::None => Ok(Value::Null),
@@ -215,7 +204,7 @@ impl Codec {
                     Ok(framed) => framed,
                     Err(error) => return Ok(Err(CodecError::KeyFraming(error))),
                 };
-                let writer = schema(framed.schema_id)?;
+                let (writer, _) = schema(framed.schema_id)?;
                 writer
                     .decoder
                     .decode(framed.body)

@@ -71,11 +71,16 @@ impl Pending {
         }
     }
 
-    /// Drops the ops of the events at `rejected` (indexes into `records`).
+    /// Drops the ops of the events at `rejected` (indexes into `records`,
+    /// ascending, as every caller gathers them in record order: looked up
+    /// by binary search, so a whole partition's events cost no more than
+    /// a few).
     pub(super) fn remove_events(&mut self, rejected: &[usize]) {
-        let mut keep = self.origins.iter().map(|origin| !rejected.contains(origin));
+        debug_assert!(rejected.windows(2).all(|w| w[0] < w[1]), "events to remove in record order");
+        let removed = |origin: &usize| rejected.binary_search(origin).is_ok();
+        let mut keep = self.origins.iter().map(|origin| !removed(origin));
         self.ops.retain(|_| keep.next().unwrap_or(true));
-        self.origins.retain(|origin| !rejected.contains(origin));
+        self.origins.retain(|origin| !removed(origin));
     }
 
     /// Forgets the records from `index` on (for `stop`: commit nothing past it).

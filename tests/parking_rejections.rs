@@ -322,3 +322,108 @@ async fn a_committed_share_of_a_refused_batch_parks_nothing() {
     );
     kawka.terminate().await;
 }
+
+/// A record whose writer schema kawka has not seen waits for the registry;
+/// meanwhile the batch before it is written, and the sink refuses an
+/// earlier event of the record's key, which parks the key. The record was
+/// let through before that (its key was free then): once decoded it must
+/// be parked behind the refused event, not applied past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_parked_while_its_next_event_waits_for_the_registry_holds_that_event() {
+    let port = support::free_port();
+    let registry_schema = support::unique("registry");
+    let registry = support::start_registry_on(port, &registry_schema).await;
+    let url = registry.url();
+    let pool = support::postgres().await;
+    let (topic, name) = refusing_table(&pool, "parkwait", 1).await;
+    let mut schemas = support::stats::schemas();
+    let mut login2 = schemas["login"].clone();
+    login2["fields"].as_array_mut().expect("fields").push(json!({"name": "device", "type": "string", "default": ""}));
+    schemas["login2"] = login2.clone();
+    // Every schema but `login2` used once, so kawka has them cached.
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": url, "topic": topic,
+        "subject_strategy": "topic_record", "schemas": schemas});
+    let first = vec![
+        json!({"schema": "registered", "key": "user0", "value": {"user_id": "user0", "name": "Zero", "email": "user0@example.com"}}),
+        json!({"schema": "email", "key": "user0", "value": {"user_id": "user0", "email": "user0.b@example.com"}}),
+        json!({"schema": "login", "key": "user0", "value": {"user_id": "user0", "count": 1}}),
+    ];
+    let ids = support::produce_with_python(&spec, first.clone()).await.ids;
+    let subject = format!("{topic}-test.stats.LoggedIn");
+    let registered: Json = reqwest::Client::new()
+        .post(format!("{url}/subjects/{subject}/versions"))
+        .json(&json!({"schema": login2.to_string()}))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("an id");
+    let login2_id = registered["id"].as_u64().expect("an id");
+
+    // Long batches: the next events wait in one until the registry fails;
+    // the waiting event alone fills a batch (by its size), which is then
+    // written as soon as it is decoded.
+    let connector = connector(&name, &topic, 1000).replace("max_wait: 20ms", "max_wait: 4s, max_bytes: 2KiB");
+    let project = Project::new(&url, &[(&name, &connector)]);
+    let mut kawka = project.start(0);
+    support::eventually(Duration::from_secs(60), "the first events to be durable", || async {
+        (support::stored_positions(&pool, &name).await == first.len() as i64).then_some(())
+    })
+    .await;
+    registry.stop().await.expect("the registry stops");
+    // user1: registered, a login, a refused email, then a login of the
+    // schema kawka has not seen (its decode waits for the registry), of
+    // more than a batch's bytes.
+    let framed =
+        |schema: &str, id: u64, value: Json| json!({"schema": schema, "key": "user1", "schema_id": id, "value": value});
+    let second = vec![
+        framed(
+            "registered",
+            ids["registered"].into(),
+            json!({"user_id": "user1", "name": "One", "email": "user1@example.com"}),
+        ),
+        framed("login", ids["login"].into(), json!({"user_id": "user1", "count": 1})),
+        framed("email", ids["email"].into(), json!({"user_id": "user1", "email": "user1.poison@example.com"})),
+        framed("login2", login2_id, json!({"user_id": "user1", "count": 5, "device": "phone ".repeat(500)})),
+    ];
+    let offline = json!({"bootstrap": support::kafka_bootstrap(), "registry": "http://127.0.0.1:9", "topic": topic,
+        "schemas": schemas});
+    support::produce_with_python(&offline, second.clone()).await;
+    let base = format!("http://{}", support::http_address(&kawka.log()).expect("address"));
+    support::eventually(Duration::from_secs(30), "the decode to wait for the registry", || async {
+        let status: Json = reqwest::get(format!("{base}/connectors/{name}")).await.ok()?.json().await.ok()?;
+        (status["state"] == "retrying" && status["last_error"]["stage"] == "decode").then_some(())
+    })
+    .await;
+    // The events before the waiting one are made durable meanwhile: the
+    // refused email parks user1.
+    let letters = support::consume(&format!("{name}.dlq"), 1, Duration::from_secs(30)).await;
+    assert_eq!(letters.len(), 1, "the refused email is dead-lettered while the registry is away");
+    let registry = support::start_registry_on(port, &registry_schema).await;
+    let total = (first.len() + second.len()) as i64;
+    support::eventually(Duration::from_secs(60), "every event to be durable", || async {
+        (support::stored_positions(&pool, &name).await == total).then_some(())
+    })
+    .await;
+    let run_log = kawka.log();
+    let table = support::stats::rows(&pool, &name).await;
+    let before_refused: Vec<Json> = second[..2].to_vec();
+    assert_eq!(
+        table.get("user1"),
+        support::stats::fold(&before_refused).get("user1"),
+        "user1's row is the fold of its events before the refused one:\n{}",
+        lines_about(&run_log, "user1")
+    );
+    assert_eq!(table.get("user0"), support::stats::fold(&first).get("user0"));
+    let letters = support::consume(&format!("{name}.dlq"), 10, Duration::from_secs(5)).await;
+    let offsets: Vec<i64> = letters.iter().filter_map(|l| header(l, "kawka.error.offset")?.parse().ok()).collect();
+    let records = support::consume(&topic, total as usize, Duration::from_secs(30)).await;
+    let mut user1: Vec<i64> =
+        records.iter().filter(|r| r.key.as_deref() == Some(b"user1".as_slice())).map(|r| r.offset).collect();
+    user1.sort_unstable();
+    assert_eq!(offsets, user1[2..], "the refused email and the login behind it are parked, in order:\n{run_log}");
+    assert!(letters.iter().all(|l| l.key.as_deref() == Some(b"user1".as_slice())), "only user1's events are parked");
+    assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{run_log}");
+    let _ = registry.stop().await; // cleanup only
+}

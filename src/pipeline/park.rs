@@ -147,10 +147,17 @@ impl Worker<'_> {
         if released > 0 {
             self.runtime.status.parked_released(released as u64);
         }
+        let added = keys.keys().any(|key| !self.parking.keys.contains_key(key));
         self.parking.keys = keys;
         self.parking.changes += 1;
         self.parking.read_at = Some(Instant::now());
         self.show_parked();
+        if added {
+            // Parked elsewhere (another replica, a rebuild's live
+            // connector) after the batch being built took events of it:
+            // they are held before it is written, like any key parked here.
+            self.hold_pending().await?;
+        }
         Ok(())
     }
 

@@ -436,6 +436,14 @@ impl Worker<'_> {
                 Ok(true)
             }
             Some((Change::Delete, _)) | None => {
+                // Released between the look above and this change (a
+                // replay or an operator, under the key's lock): the event
+                // applies here, and the letter just sent is not in the
+                // key's range, so no replay applies it again; said, so an
+                // operator counting dead letters knows it is spent.
+                tracing::warn!(connector = %self.name(), key = %show_key(&key), %position,
+                    topic = %self.runtime.settings.dead_letter_topic,
+                    "the key was released while its event was being parked: the event applies, its dead letter is spent");
                 self.forget(&key, position);
                 Ok(false)
             }

@@ -154,9 +154,11 @@ impl Worker<'_> {
         self.show_parked();
         if added {
             // Parked elsewhere (another replica, a rebuild's live
-            // connector) after the batch being built took events of it:
-            // they are held before it is written, like any key parked here.
-            self.hold_pending().await?;
+            // connector) after the batch being built or a write in flight
+            // took events of it: they are held before anything else is
+            // parked or written, as after a key parked here (the writes in
+            // flight settled first: see `Parking::dirty`).
+            self.parking.dirty = true;
         }
         Ok(())
     }
@@ -266,8 +268,7 @@ impl Worker<'_> {
             // the rebuild holds it too) or the key was released since (the
             // hole accepted: only the event is skipped).
             if let Some(entry) = self.stored_entry(key).await? {
-                self.parking.keys.insert(key.to_vec(), entry);
-                self.parking.changes += 1;
+                self.learn_parked(key.to_vec(), entry);
             }
             self.runtime.status.failed_event(
                 event_type,
@@ -386,8 +387,7 @@ impl Worker<'_> {
                 let shown = show_key(&key);
                 let topic = &self.runtime.settings.dead_letter_topic;
                 self.runtime.status.parked_event(event_type, position, &shown, &entry.behind.to_string(), topic);
-                self.parking.keys.insert(key, entry);
-                self.parking.changes += 1;
+                self.learn_parked(key, entry);
                 self.show_parked();
                 return Ok(true);
             }
@@ -448,6 +448,17 @@ impl Worker<'_> {
                 Ok(false)
             }
         }
+    }
+
+    /// Takes in a key's entry found in the store (parked by another
+    /// writer): one this worker did not know may have events in the batch
+    /// being built or in flight, let through while it was free; they are
+    /// held before anything else is written (see [`Parking::dirty`]).
+    fn learn_parked(&mut self, key: Vec<u8>, entry: ParkedKey) {
+        if self.parking.keys.insert(key, entry).is_none() {
+            self.parking.dirty = true;
+        }
+        self.parking.changes += 1;
     }
 
     /// Forgets a key found released (by a replay or an operator) when its

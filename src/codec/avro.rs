@@ -201,6 +201,32 @@ impl Decoder {
         Ok((self.type_name, Value::Record(record)))
     }
 
+    /// [`Decoder::decode_fields`] into `slots`: the top-level record's
+    /// field at place `i` of [`Decoder::record_fields`] is read into
+    /// `slots[slot_of[i]]`, or skipped where that is `None`. `false` when
+    /// the record does not decode so (the caller decodes it the whole
+    /// way, which says why).
+    pub fn decode_slots(&self, bytes: &[u8], slot_of: &[Option<usize>], slots: &mut [Value]) -> bool {
+        let fields = match &self.root {
+            Plan::Named(index) => match &self.named[*index] {
+                NamedPlan::Record { fields, .. } if fields.len() == slot_of.len() => fields,
+                _ => return false,
+            },
+            _ => return false,
+        };
+        let mut reader = Reader { bytes, at: 0, budget: bytes.len().saturating_mul(2) + 1024 };
+        for ((_, field), slot) in fields.iter().zip(slot_of) {
+            let read = match slot.and_then(|slot| slots.get_mut(slot)) {
+                Some(value) => self.read(field, &mut reader, 1).map(|read| *value = read),
+                None => self.skip(field, &mut reader, 1),
+            };
+            if read.is_err() {
+                return false;
+            }
+        }
+        reader.at == bytes.len()
+    }
+
     /// Moves past one value without building it, with the checks
     /// [`Decoder::read`] makes (see [`Decoder::decode_fields`]).
     fn skip(&self, plan: &Plan, reader: &mut Reader, depth: usize) -> Result<(), DecodeError> {
@@ -749,8 +775,22 @@ mod tests {
                 .filter(|(_, &r)| r)
                 .map(|(f, _)| (*f, whole.get(f).unwrap().clone()))
                 .collect();
-            assert_eq!((got_name, got), (name, Value::Record(expected)), "fields read: {read:?}");
+            assert_eq!((got_name, got), (name, Value::Record(expected.clone())), "fields read: {read:?}");
+            // Into slots (numbered backwards), the same values.
+            let slot_of = slots_of(&read);
+            let mut slots = vec![Value::Str("unset".into()); 14];
+            assert!(decoder.decode_slots(&bytes, &slot_of, &mut slots), "fields read: {read:?}");
+            for (field, slot) in fields.iter().zip(&slot_of) {
+                if let Some(slot) = slot {
+                    assert_eq!(Some(&slots[*slot]), expected.get(field), "{field} in slot {slot}");
+                }
+            }
         }
+    }
+
+    /// A slot per field read, the last field's first.
+    fn slots_of(read: &[bool]) -> Vec<Option<usize>> {
+        read.iter().enumerate().map(|(at, &r)| r.then_some(read.len() - 1 - at)).collect()
     }
 
     #[test]
@@ -773,6 +813,12 @@ mod tests {
                         whole,
                         "byte {at} set to {value:#x}, fields read {read:?}"
                     );
+                    let mut slots = vec![Value::Null; 14];
+                    assert_eq!(
+                        !decoder.decode_slots(&bad, &slots_of(read), &mut slots),
+                        whole,
+                        "into slots: byte {at} set to {value:#x}, fields read {read:?}"
+                    );
                 }
             }
         }
@@ -786,10 +832,13 @@ mod tests {
         for read in [vec![false; 14], vec![true; 14], (0..14).map(|i| i % 3 == 0).collect()] {
             for len in 0..bytes.len() {
                 assert!(decoder.decode_fields(&bytes[..len], &read).is_err(), "prefix of {len} bytes decoded");
+                let mut slots = vec![Value::Null; 14];
+                assert!(!decoder.decode_slots(&bytes[..len], &slots_of(&read), &mut slots), "prefix of {len} bytes");
             }
             let mut longer = bytes.clone();
             longer.push(0);
             assert_eq!(decoder.decode_fields(&longer, &read), Err(DecodeError::TrailingBytes(1)));
+            assert!(!decoder.decode_slots(&longer, &slots_of(&read), &mut vec![Value::Null; 14]), "a trailing byte");
         }
     }
 

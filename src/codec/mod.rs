@@ -192,6 +192,31 @@ impl Codec {
         Ok(decoded.map_err(|error| CodecError::Avro { schema_id: framed.schema_id, error }))
     }
 
+    /// Decodes a record's value into `slots` without building its event,
+    /// when its writer schema is one `reading` has learned and `slot_of`
+    /// gives that schema's slots (see [`avro::Decoder::decode_slots`]):
+    /// the record's key and its schema id; `None` otherwise, or when the
+    /// record does not decode so ([`Codec::decode_cached`] then decodes
+    /// it, and says why). Counts no cache hit: the caller does once it
+    /// has used what this read.
+    pub fn decode_slots<'p>(
+        &self,
+        record: &RawRecord,
+        reading: &Reading,
+        slot_of: impl FnOnce(u32) -> Option<&'p [Option<usize>]>,
+        slots: &mut [Value],
+    ) -> Option<(Value, u32)> {
+        // An Avro key needs its own schema: those take the full path.
+        if self.key_format == KeyFormat::Avro {
+            return None;
+        }
+        let key = self.decode_key(record.key.as_deref(), &Err).ok()?.ok()?;
+        let framed = framing::parse(record.value.as_deref()?).ok()?;
+        let learned = reading.schemas.get(&framed.schema_id)?;
+        let slot_of = slot_of(framed.schema_id)?;
+        learned.writer.decoder.decode_slots(framed.body, slot_of, slots).then_some((key, framed.schema_id))
+    }
+
     fn decode_key(&self, key: Option<&[u8]>, schema: &SchemaOf) -> Result<Result<Value, CodecError>, u32> {
         let Some(bytes) = key else { return Ok(Ok(Value::Null)) };
         Ok(match self.key_format {

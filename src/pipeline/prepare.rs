@@ -26,10 +26,10 @@ use crate::codec::registry::WriterSchema;
 use crate::codec::{Decoded, Reading};
 use crate::error::{ErrorClass, Failure};
 use crate::event::{Events, Position};
-use crate::projection::{Projected, Projection, WriteOp};
+use crate::projection::{Direct, Projected, Projection, WriteOp};
 use crate::source::{Chunk, Held, RawRecord, RecordsReceiver};
 use crate::upcast::Resolutions;
-use crate::value::Name;
+use crate::value::{Name, Value};
 
 /// Prepared chunks waiting for the worker: two keep it fed while the task
 /// prepares the next, without holding much more than a batch's records.
@@ -103,6 +103,7 @@ impl Ahead {
             handle.block_on(async {
                 let mut reading = Reading::default();
                 let mut resolutions = Resolutions::default();
+                let mut straight = Straight::default();
                 loop {
                     let chunk = tokio::select! {
                         chunk = records.recv_held() => chunk,
@@ -119,7 +120,8 @@ impl Ahead {
                         // check): the chunk is left to the worker, where
                         // it panics again and stops the connector visibly.
                         let preparing = std::panic::AssertUnwindSafe(|| {
-                            let mut memo = Memo { reading: &mut reading, resolutions: &mut resolutions };
+                            let mut memo =
+                                Memo { reading: &mut reading, resolutions: &mut resolutions, straight: &mut straight };
                             chunk.iter().map(|record| ahead(&runtime, &mut memo, record, &mut ops)).collect()
                         });
                         std::panic::catch_unwind(preparing).unwrap_or_else(|_| {
@@ -157,6 +159,29 @@ impl Ahead {
 struct Memo<'m> {
     reading: &'m mut Reading,
     resolutions: &'m mut Resolutions,
+    straight: &'m mut Straight,
+}
+
+/// The writer schemas whose events the decode thread decodes straight
+/// into their op ([`Direct`]), and the slots it decodes them into.
+#[derive(Default)]
+struct Straight {
+    /// By schema id, learned with the schema (`None`: the full path).
+    plans: std::collections::HashMap<u32, Option<Direct>, foldhash::fast::RandomState>,
+    /// As many as the largest plan fills: every plan fills each of its
+    /// own on every record it decodes, so what another left is never read.
+    slots: Vec<Value>,
+}
+
+impl Straight {
+    fn learn(&mut self, id: u32, plan: Option<Direct>) {
+        if let Some(plan) = &plan {
+            if plan.slots() > self.slots.len() {
+                self.slots.resize(plan.slots(), Value::Null);
+            }
+        }
+        self.plans.insert(id, plan);
+    }
 }
 
 /// Prepares one record without waiting, its ops appended to `ops`, or
@@ -166,6 +191,12 @@ struct Memo<'m> {
 fn ahead(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops: &mut Vec<WriteOp>) -> Option<Prepared> {
     if let Some(oversized) = oversized(runtime, record) {
         return Some(oversized);
+    }
+    // A panic on the way is the full path's to meet (and make the record's error).
+    let straight = std::panic::AssertUnwindSafe(|| straight(runtime, memo, record));
+    if let Ok(Some((event_type, op))) = std::panic::catch_unwind(straight) {
+        ops.push(op);
+        return Some(Prepared { event_type, result: Ok(Effect::Ops(1)) });
     }
     let reading = &mut *memo.reading;
     let decoding = std::panic::AssertUnwindSafe(|| runtime.codec.decode_cached(record, reading));
@@ -178,6 +209,8 @@ fn ahead(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops: &
                     // resolution) is no record's: its schema decodes whole.
                     let learning = std::panic::AssertUnwindSafe(|| fields_read(runtime, writer));
                     reading.set(writer.clone(), std::panic::catch_unwind(learning).ok().flatten());
+                    let planning = std::panic::AssertUnwindSafe(|| direct(runtime, writer));
+                    memo.straight.learn(writer.id, std::panic::catch_unwind(planning).ok().flatten());
                 }
             }
             Ok(decoded)
@@ -189,6 +222,39 @@ fn ahead(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops: &
         Err(panic) => Err(decoder_panicked(&*panic)),
     };
     Some(prepare(runtime, decoded, record.position, ops, Some(memo.resolutions)))
+}
+
+/// The op of a record whose writer schema has a [`Direct`] plan, decoded
+/// straight into it, with its event type; `None`: the full path (no plan,
+/// or the record does not decode, project or pass the sink's check so,
+/// which the full path then says).
+fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord) -> Option<(Name, WriteOp)> {
+    let Straight { plans, slots } = &mut *memo.straight;
+    let mut plan = None;
+    let slot_of = |id| {
+        let found = plans.get(&id)?.as_ref()?;
+        plan = Some(found);
+        Some(found.slot_of())
+    };
+    let (key, _) = runtime.codec.decode_slots(record, memo.reading, slot_of, slots)?;
+    let plan = plan?;
+    let op = plan.op(slots, &key, record.position, record.timestamp)?;
+    runtime.sink.check(&op).ok()?;
+    // What the full path counts for a schema found without the registry.
+    runtime.codec.registry().count_hits(1);
+    Some((plan.event_type(), op))
+}
+
+/// How `writer`'s events are decoded straight into their op, when they
+/// reach the projection as decoded (no resolution, no upcaster runs on
+/// them) and the projection can say.
+fn direct(runtime: &ConnectorRuntime, writer: &WriterSchema) -> Option<Direct> {
+    let fields = writer.decoder.record_fields()?;
+    let event_type = writer.decoder.type_name();
+    if !runtime.upcasting.passes_through(writer, event_type) {
+        return None;
+    }
+    runtime.projection.direct(event_type, &fields)
 }
 
 /// Which fields of `writer`'s events the connector reads, when not all:

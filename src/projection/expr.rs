@@ -15,7 +15,7 @@
 
 use std::fmt;
 
-use crate::event::Event;
+use crate::event::{Event, Position};
 use crate::value::{intern, Name, Value};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +37,20 @@ pub enum Meta {
     Offset,
     Timestamp,
     EventType,
+}
+
+impl Meta {
+    /// Its value for an event of `event_type` read at `position`.
+    pub fn value(self, event_type: &str, key: &Value, position: Position, timestamp: Option<i64>) -> Value {
+        match self {
+            Meta::Key => key.clone(),
+            Meta::Topic => Value::Str(position.topic.into()),
+            Meta::Partition => Value::Int(i64::from(position.partition)),
+            Meta::Offset => Value::Int(position.offset),
+            Meta::Timestamp => timestamp.map_or(Value::Null, Value::Int),
+            Meta::EventType => Value::Str(event_type.into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,14 +313,7 @@ impl Expr {
             Expr::KeyField(path) => {
                 event.key.path(path).cloned().ok_or_else(|| EvalError::MissingKeyField(join_path(path)))
             }
-            Expr::Meta(meta) => Ok(match meta {
-                Meta::Key => event.key.clone(),
-                Meta::Topic => Value::Str(event.position.topic.into()),
-                Meta::Partition => Value::Int(i64::from(event.position.partition)),
-                Meta::Offset => Value::Int(event.position.offset),
-                Meta::Timestamp => event.timestamp.map_or(Value::Null, Value::Int),
-                Meta::EventType => Value::Str(event.event_type.into()),
-            }),
+            Expr::Meta(meta) => Ok(meta.value(event.event_type, &event.key, event.position, event.timestamp)),
             Expr::Call(function, args) => call(*function, args, event),
         }
     }

@@ -4,11 +4,13 @@
 //! * [`fold`]: the one fold: the ops of one key within a batch into one net op,
 //!   and the rule a sink applies it by (pure); both sinks write what it folds.
 //! * [`ProjectionSettings`]: what a [`RulesProjection`] is built from.
+//! * [`Direct`]: a rule's op built straight from a record's decoded fields.
 //!
 //! A projection turns one current event into zero or more [`WriteOp`]s. The
 //! connector files give [`RulesProjection`]; library users may implement
 //! [`Projection`] in Rust instead.
 
+mod direct;
 pub mod expr;
 pub mod fold;
 mod settings;
@@ -17,6 +19,7 @@ use std::fmt;
 
 use crate::event::{Event, Position};
 use crate::value::{intern, name_position, Name, Value};
+pub use direct::Direct;
 use expr::{EvalError, Expr};
 pub use settings::{EventRule, OpKind, OpTemplate, ProjectionSettings, TombstonePolicy, UnknownEventPolicy};
 
@@ -109,6 +112,15 @@ pub trait Projection: Send + Sync + fmt::Debug {
     /// projection knows them: the pipeline then skips the others when it
     /// decodes (they are never built). `None` (the default): any.
     fn fields_read(&self, _event_type: Name) -> Option<Vec<Name>> {
+        None
+    }
+
+    /// How the ops of events of `event_type` whose record has `fields`
+    /// (top level, in order) are built straight from those fields, when
+    /// the projection can say (events that reach it as decoded): the
+    /// pipeline then decodes them into the op. `None` (the default): from
+    /// the event, through [`Projection::project_into`].
+    fn direct(&self, _event_type: Name, _fields: &[Name]) -> Option<Direct> {
         None
     }
 }
@@ -294,6 +306,10 @@ impl Projection for RulesProjection {
         Some(read)
     }
 
+    fn direct(&self, event_type: Name, fields: &[Name]) -> Option<Direct> {
+        Direct::new(self, event_type, fields)
+    }
+
     fn tombstone(&self, key: &Value, position: Position) -> Result<Projected, ProjectionError> {
         if self.tombstones == TombstonePolicy::Ignore {
             return Ok(Projected::Skipped);
@@ -397,6 +413,85 @@ mod tests {
         }
         assert_eq!(projection.project(&event("Nope", &fields)), Ok(Projected::Skipped));
         assert_eq!(projection.fields_read(intern("Sold")), Some(vec!["b", "id"]));
+    }
+
+    /// A rule's op built straight from the fields ([`Direct`]) is the op
+    /// of the event's own path, and nothing exactly where that path fails;
+    /// whatever the values (nulls, wrong kinds, shared fields,
+    /// literals, metadata, versions), over random events of every kind of
+    /// rule, with and without a version.
+    #[test]
+    fn a_direct_op_is_the_events_op_or_none_where_that_fails() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = std::env::var("KAWKA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+        eprintln!("seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let writer: Vec<Name> = ["store", "item", "qty", "name", "seq", "unread"].into_iter().map(intern).collect();
+        let rules: &[RuleSpec] = &[
+            ("Inc", OpKind::Increment, &[("n", "qty")]),
+            ("Dec", OpKind::Decrement, &[("n", "qty"), ("m", "seq")]),
+            (
+                "Up",
+                OpKind::Upsert,
+                &[("name", "name"), ("again", "name"), ("s", "store"), ("lit", "'x'"), ("t", "$topic")],
+            ),
+            ("Merge", OpKind::Merge, &[("name", "name"), ("at", "$offset"), ("k", "$key")]),
+            ("Del", OpKind::Delete, &[]),
+            ("Nested", OpKind::Upsert, &[("c", "name.city")]),
+            ("Called", OpKind::Upsert, &[("c", "lower(name)")]),
+            ("Absent", OpKind::Upsert, &[("c", "nowhere")]),
+        ];
+        let keys: [&[(&str, &str)]; 3] =
+            [&[("store", "store"), ("item", "item")], &[("id", "$key")], &[("s", "store")]];
+        let values = |rng: &mut rand::rngs::StdRng| match rng.random_range(0..9) {
+            0 => Value::Null,
+            1 => Value::Str("".into()),
+            2 | 3 => Value::Str(format!("v{}", rng.random_range(0..5)).into()),
+            4 | 5 => Value::Int(rng.random_range(-3..4)),
+            6 => Value::Int(i64::MIN),
+            7 => Value::Float(1.5),
+            _ => Value::Bool(true),
+        };
+        let (mut direct, mut both) = (0, 0);
+        for round in 0..400 {
+            let mut settings = connector(keys[round % keys.len()], rules);
+            if round % 2 == 1 {
+                settings.version = Some(expr::parse("seq").expect("parses"));
+            }
+            let projection = RulesProjection::new(&settings);
+            let (event_type, _, _) = rules[rng.random_range(0..rules.len())];
+            let Some(plan) = projection.direct(intern(event_type), &writer) else {
+                assert!(
+                    ["Nested", "Called", "Absent"].contains(&event_type),
+                    "{event_type}: plain fields, literals and metadata have a plan"
+                );
+                continue;
+            };
+            let fields: Vec<(&str, Value)> = writer.iter().map(|name| (*name, values(&mut rng))).collect();
+            let mut event = event(intern(event_type), &fields);
+            event.key = values(&mut rng);
+            // The slots as the decoder fills them: each field read, in its slot.
+            let mut slots = vec![Value::Str("stale".into()); plan.slots() + 2];
+            for (at, slot) in plan.slot_of().iter().enumerate() {
+                if let Some(slot) = slot {
+                    slots[*slot] = fields[at].1.clone();
+                }
+            }
+            let straight = plan.op(&mut slots, &event.key, event.position, event.timestamp);
+            let whole = projection.op_owned(event.clone());
+            match (&straight, whole) {
+                (Some(op), Ok(Some(expected))) => {
+                    assert_eq!(op, &expected, "round {round} (seed {seed}): {event:?}");
+                    both += 1;
+                }
+                (None, Err(_)) => {}
+                (None, Ok(op)) => panic!("round {round} (seed {seed}): no direct op where the event gives {op:?}"),
+                (Some(op), other) => panic!("round {round} (seed {seed}): {op:?} where the event gives {other:?}"),
+            }
+            direct += 1;
+        }
+        assert!(both > 40, "many rounds with a plan give an op both ways ({both} of {direct})");
+        assert!(direct < 400, "some rules have no plan");
     }
 
     #[test]

@@ -306,6 +306,28 @@ fn benches(c: &mut Criterion) {
         black_box(fold(&ops, &[], GroupBy::Key).net.len())
     };
     group.bench_function("framed_to_net_ops", |b| b.iter(whole_path));
+    // The same, for events whose rule reads plain fields: decoded straight
+    // into their op (what the decode thread does with them), then folded.
+    let plan = projection.direct(decoder.type_name(), &fields);
+    let straight_path = |slots: &mut Vec<Value>| {
+        let plan = plan.as_ref().expect("a plan");
+        let mut ops = Vec::with_capacity(BATCH);
+        for (n, bytes) in framed.iter().enumerate() {
+            let frame = framing::parse(bytes).expect("framed");
+            assert!(decoder.decode_slots(frame.body, plan.slot_of(), slots), "decodes");
+            let position = Position { topic: "orders", partition: 0, offset: n as i64 };
+            ops.push(plan.op(slots, &Value::Null, position, Some(1_700_000_000_000)).expect("an op"));
+        }
+        black_box(fold(&ops, &[], GroupBy::Key).net.len())
+    };
+    let mut slots = vec![Value::Null; plan.as_ref().map_or(0, |plan| plan.slots())];
+    match &plan {
+        Some(_) => group.bench_function("framed_straight_to_net_ops", |b| b.iter(|| straight_path(&mut slots))),
+        None => {
+            println!("the orders connector's rule for {} is not decoded straight into its op", decoder.type_name());
+            &mut group
+        }
+    };
     group.bench_function("compact", |b| b.iter(|| black_box(fold(&ops, &[], GroupBy::Key))));
     let Target::Postgres(target) = &connector(settings, "orders").target else { panic!("postgres target") };
     let table = TableSql::new(target, false);
@@ -377,9 +399,18 @@ fn benches(c: &mut Criterion) {
     let whole = allocations_per_event(BATCH, || {
         whole_path();
     });
+    let straight = match &plan {
+        Some(_) => format!(
+            "{:.2}",
+            allocations_per_event(BATCH, || {
+                straight_path(&mut slots);
+            })
+        ),
+        None => "-".to_string(),
+    };
     println!(
         "allocations per event: decode {decode_only:.2}, project {projected:.2}, \
-         framed bytes to net ops (decode, upcast, project, fold) {whole:.2}"
+         framed bytes to net ops (decode, upcast, project, fold) {whole:.2}, straight into the ops and folded {straight}"
     );
 }
 

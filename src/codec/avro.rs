@@ -216,8 +216,10 @@ impl Decoder {
         };
         let mut reader = Reader { bytes, at: 0, budget: bytes.len().saturating_mul(2) + 1024 };
         for ((_, field), slot) in fields.iter().zip(slot_of) {
-            let read = match slot.and_then(|slot| slots.get_mut(slot)) {
-                Some(value) => self.read(field, &mut reader, 1).map(|read| *value = read),
+            let read = match slot.map(|slot| slots.get_mut(slot)) {
+                Some(Some(value)) => self.read(field, &mut reader, 1).map(|read| *value = read),
+                // Fewer slots than the plan fills: not decoded so.
+                Some(None) => return false,
                 None => self.skip(field, &mut reader, 1),
             };
             if read.is_err() {

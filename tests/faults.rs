@@ -227,16 +227,7 @@ async fn a_registry_outage_lets_cached_ids_flow_and_new_ids_wait() {
     let subject = format!("{topic}-com.example.retail.ItemSold");
     let client = reqwest::Client::new();
     client.put(format!("{url}/config/{subject}")).json(&json!({"compatibility": "NONE"})).send().await.expect("config");
-    let registered: Json = client
-        .post(format!("{url}/subjects/{subject}/versions"))
-        .json(&json!({"schema": v1b.to_string()}))
-        .send()
-        .await
-        .expect("register")
-        .json()
-        .await
-        .expect("id");
-    let id2 = registered["id"].as_u64().expect("an id") as u32;
+    let id2 = support::register(&url, &subject, &v1b).await;
     assert_ne!(id1, id2);
 
     registry.stop().await.expect("registry stops");

@@ -14,20 +14,6 @@ use sqlx::Row;
 
 use support::{eventually, Kawka, Project};
 
-/// Registers `schema` under `subject`; returns its id.
-async fn register(registry: &str, subject: &str, schema: &Json) -> u32 {
-    let registered: Json = reqwest::Client::new()
-        .post(format!("{registry}/subjects/{subject}/versions"))
-        .json(&json!({"schema": schema.to_string()}))
-        .send()
-        .await
-        .expect("register")
-        .json()
-        .await
-        .expect("an id");
-    registered["id"].as_u64().expect("an id") as u32
-}
-
 /// Produces framed records as they are: (partition, key, value).
 async fn produce_raw(topic: &str, records: impl IntoIterator<Item = (i32, String, Vec<u8>)>) {
     let producer: FutureProducer = ClientConfig::new()
@@ -90,7 +76,7 @@ async fn large_records_stay_within_the_fetch_ahead_cap() {
         "Blob",
         json!([{"name": "id", "type": "string"}, {"name": "blob", "type": "string"}]),
     );
-    let id = register(&registry.url(), &format!("{topic}-test.limits.Blob"), &schema).await;
+    let id = support::register(&registry.url(), &format!("{topic}-test.limits.Blob"), &schema).await;
     // 2,000 records of 100 KB: a 200 MB backlog, three times the cap.
     const RECORDS: usize = 2000;
     const SIZE: usize = 100_000;

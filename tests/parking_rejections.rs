@@ -350,16 +350,7 @@ async fn a_key_parked_while_its_next_event_waits_for_the_registry_holds_that_eve
     ];
     let ids = support::produce_with_python(&spec, first.clone()).await.ids;
     let subject = format!("{topic}-test.stats.LoggedIn");
-    let registered: Json = reqwest::Client::new()
-        .post(format!("{url}/subjects/{subject}/versions"))
-        .json(&json!({"schema": login2.to_string()}))
-        .send()
-        .await
-        .expect("register")
-        .json()
-        .await
-        .expect("an id");
-    let login2_id = registered["id"].as_u64().expect("an id");
+    let login2_id = u64::from(support::register(&url, &subject, &login2).await);
 
     // Long batches: the next events wait in one until the registry fails;
     // the waiting event alone fills a batch (by its size), which is then

@@ -195,7 +195,7 @@ impl Codec {
     /// Decodes a record's value into `slots` without building its event,
     /// when its writer schema is one `reading` has learned and `slot_of`
     /// gives that schema's slots (see [`avro::Decoder::decode_slots`]):
-    /// the record's key and its schema id; `None` otherwise, or when the
+    /// the record's key; `None` otherwise, or when the
     /// record does not decode so ([`Codec::decode_cached`] then decodes
     /// it, and says why). Counts no cache hit: the caller does once it
     /// has used what this read.
@@ -205,7 +205,7 @@ impl Codec {
         reading: &Reading,
         slot_of: impl FnOnce(u32) -> Option<&'p [Option<usize>]>,
         slots: &mut [Value],
-    ) -> Option<(Value, u32)> {
+    ) -> Option<Value> {
         // An Avro key needs its own schema: those take the full path.
         if self.key_format == KeyFormat::Avro {
             return None;
@@ -214,7 +214,7 @@ impl Codec {
         let framed = framing::parse(record.value.as_deref()?).ok()?;
         let learned = reading.schemas.get(&framed.schema_id)?;
         let slot_of = slot_of(framed.schema_id)?;
-        learned.writer.decoder.decode_slots(framed.body, slot_of, slots).then_some((key, framed.schema_id))
+        learned.writer.decoder.decode_slots(framed.body, slot_of, slots).then_some(key)
     }
 
     fn decode_key(&self, key: Option<&[u8]>, schema: &SchemaOf) -> Result<Result<Value, CodecError>, u32> {

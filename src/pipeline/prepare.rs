@@ -13,6 +13,11 @@
 //!   cached yet, a transient error) or that a replay reads (its event keeps
 //!   the position of its dead letter's headers) is left to the worker,
 //!   which processes it as before ([`Prepared`] is `None`).
+//! * Straight: a record of a writer schema with a [`Direct`] plan is
+//!   decoded into its op, without its event; whatever the plan does not
+//!   carry through (a null key part, a value the sink refuses, a record
+//!   that does not decode so) takes the full path, so a record becomes
+//!   the same ops, or the same failure, either way.
 //! * A record prepared ahead and then held (its key parked) is dropped by
 //!   the worker: the work is lost, never the record.
 //! * Memory: [`AHEAD_CHUNKS`] prepared chunks wait at most, and their
@@ -236,7 +241,7 @@ fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord) -> 
         plan = Some(found);
         Some(found.slot_of())
     };
-    let (key, _) = runtime.codec.decode_slots(record, memo.reading, slot_of, slots)?;
+    let key = runtime.codec.decode_slots(record, memo.reading, slot_of, slots)?;
     let plan = plan?;
     let op = plan.op(slots, &key, record.position, record.timestamp)?;
     runtime.sink.check(&op).ok()?;

@@ -497,6 +497,20 @@ pub async fn run_until_committed(project: &Project, group: &str, topics: &[Strin
     assert_eq!(kawka.terminate().await, Some(0), "clean exit; log:\n{}", kawka.log());
 }
 
+/// Registers `schema` under `subject` of the registry at `url`; returns its id.
+pub async fn register(url: &str, subject: &str, schema: &Json) -> u32 {
+    let registered: Json = reqwest::Client::new()
+        .post(format!("{url}/subjects/{subject}/versions"))
+        .json(&serde_json::json!({"schema": schema.to_string()}))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("an id");
+    registered["id"].as_u64().expect("an id") as u32
+}
+
 /// A port that was free a moment ago (for services that must come back on
 /// the same address after a restart).
 pub fn free_port() -> u16 {

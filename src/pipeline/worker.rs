@@ -416,15 +416,9 @@ impl<'a> Worker<'a> {
                     self.runtime.status.retrying("decode", error.class(), &error.to_string(), attempt);
                     // What came before this record is done: make it durable
                     // rather than hold it for as long as the registry is away.
-                    let parked_before = self.parking.changes();
+                    // (A key this parks is held in what comes after,
+                    // this record included: see `Worker::flush`.)
                     self.flush().await?;
-                    if self.parking.changes() != parked_before {
-                        // Writing it parked a key, after this record was
-                        // admitted (`hold` saw the key free): its ops join
-                        // the batch, so the batch is held again before it
-                        // is written, as after any rewrite that parks.
-                        self.parking.dirty = true;
-                    }
                     self.pause(attempt).await?;
                     attempt += 1;
                 }

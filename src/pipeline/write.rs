@@ -26,8 +26,17 @@ impl Worker<'_> {
     /// Makes everything so far durable: the batches in flight, then the
     /// pending one.
     pub(super) async fn flush(&mut self) -> Result<(), Halt> {
+        let parked_before = self.parking.changes();
         self.settle().await?;
-        self.write_pending().await
+        let written = self.write_pending().await;
+        if self.parking.changes() != parked_before {
+            // A key parked here may have a record on its way already,
+            // admitted while the key was free (a flush while a record's
+            // decode waits for the registry): whatever joins the batch
+            // next is held again before it is written.
+            self.parking.dirty = true;
+        }
+        written
     }
 
     /// Hands the pending batch to a background write and goes on

@@ -210,10 +210,12 @@ impl Codec {
         if self.key_format == KeyFormat::Avro {
             return None;
         }
-        let key = self.decode_key(record.key.as_deref(), &Err).ok()?.ok()?;
+        // The plan first: a record without one costs a frame's header here,
+        // not a key decoded twice.
         let framed = framing::parse(record.value.as_deref()?).ok()?;
-        let learned = reading.schemas.get(&framed.schema_id)?;
         let slot_of = slot_of(framed.schema_id)?;
+        let learned = reading.schemas.get(&framed.schema_id)?;
+        let key = self.decode_key(record.key.as_deref(), &Err).ok()?.ok()?;
         learned.writer.decoder.decode_slots(framed.body, slot_of, slots).then_some(key)
     }
 

@@ -176,11 +176,15 @@ struct Straight {
     /// As many as the largest plan fills: every plan fills each of its
     /// own on every record it decodes, so what another left is never read.
     slots: Vec<Value>,
+    /// Whether any schema has a plan: if none (a user's projection, every
+    /// type upcast), records go to the full path without a look.
+    any: bool,
 }
 
 impl Straight {
     fn learn(&mut self, id: u32, plan: Option<Direct>) {
         if let Some(plan) = &plan {
+            self.any = true;
             if plan.slots() > self.slots.len() {
                 self.slots.resize(plan.slots(), Value::Null);
             }
@@ -234,7 +238,10 @@ fn ahead(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops: &
 /// or the record does not decode, project or pass the sink's check so,
 /// which the full path then says).
 fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord) -> Option<(Name, WriteOp)> {
-    let Straight { plans, slots } = &mut *memo.straight;
+    let Straight { plans, slots, any } = &mut *memo.straight;
+    if !*any {
+        return None;
+    }
     let mut plan = None;
     let slot_of = |id| {
         let found = plans.get(&id)?.as_ref()?;

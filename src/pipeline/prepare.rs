@@ -216,10 +216,10 @@ fn ahead(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops: &
                 if !reading.knows(writer.id) {
                     // A panic here (a user's projection, the catalogue's
                     // resolution) is no record's: its schema decodes whole.
-                    let learning = std::panic::AssertUnwindSafe(|| fields_read(runtime, writer));
-                    reading.set(writer.clone(), std::panic::catch_unwind(learning).ok().flatten());
-                    let planning = std::panic::AssertUnwindSafe(|| direct(runtime, writer));
-                    memo.straight.learn(writer.id, std::panic::catch_unwind(planning).ok().flatten());
+                    let learning = std::panic::AssertUnwindSafe(|| learn(runtime, writer));
+                    let (read, plan) = std::panic::catch_unwind(learning).unwrap_or((None, None));
+                    reading.set(writer.clone(), read);
+                    memo.straight.learn(writer.id, plan);
                 }
             }
             Ok(decoded)
@@ -257,31 +257,23 @@ fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord) -> 
     Some((plan.event_type(), op))
 }
 
-/// How `writer`'s events are decoded straight into their op, when they
-/// reach the projection as decoded (no resolution, no upcaster runs on
-/// them) and the projection can say.
-fn direct(runtime: &ConnectorRuntime, writer: &WriterSchema) -> Option<Direct> {
-    let fields = writer.decoder.record_fields()?;
+/// What the decode thread learns of a writer schema it meets, for events
+/// that reach the projection as decoded (no resolution, no upcaster runs
+/// on them): which of the record's fields the connector reads, when not
+/// all (the same events then project to the same ops, with less decoded),
+/// and how they are decoded straight into their op, when the projection
+/// can say. Nothing for any other schema: its events decode whole.
+fn learn(runtime: &ConnectorRuntime, writer: &WriterSchema) -> (Option<Box<[bool]>>, Option<Direct>) {
+    let Some(fields) = writer.decoder.record_fields() else { return (None, None) };
     let event_type = writer.decoder.type_name();
     if !runtime.upcasting.passes_through(writer, event_type) {
-        return None;
+        return (None, None);
     }
-    runtime.projection.direct(event_type, &fields)
-}
-
-/// Which fields of `writer`'s events the connector reads, when not all:
-/// only when they reach the projection as decoded (no resolution, no
-/// upcaster runs on them) and the projection says which it reads. The
-/// same events then project to the same ops, with less decoded.
-fn fields_read(runtime: &ConnectorRuntime, writer: &WriterSchema) -> Option<Box<[bool]>> {
-    let fields = writer.decoder.record_fields()?;
-    let event_type = writer.decoder.type_name();
-    if !runtime.upcasting.passes_through(writer, event_type) {
-        return None;
-    }
-    let read = runtime.projection.fields_read(event_type)?;
-    let mask: Box<[bool]> = fields.iter().map(|field| read.contains(field)).collect();
-    mask.contains(&false).then_some(mask)
+    let read = runtime.projection.fields_read(event_type).and_then(|read| {
+        let mask: Box<[bool]> = fields.iter().map(|field| read.contains(field)).collect();
+        mask.contains(&false).then_some(mask)
+    });
+    (read, runtime.projection.direct(event_type, &fields))
 }
 
 /// The failure of a record larger than `source.max_record_bytes`, if it is.

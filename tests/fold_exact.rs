@@ -276,6 +276,118 @@ async fn postgres_equals_the_fold_whatever_the_cuts_duplicates_and_retries() {
     }
 }
 
+/// Two replicas writing the same rows: a read model keyed apart from the
+/// events' partitions (an inventory keyed by item, its sales partitioned
+/// by sale), so each replica's batches touch rows the other is writing at
+/// the same moment, while new keys keep coming to both: batches mostly of
+/// new keys (written by `COPY`), mostly of existing ones (the upsert), and
+/// copies that meet a key the other has just inserted. Every increment
+/// lands once. With rows of one shape (one statement a transaction) the
+/// two queue on each other's rows and never deadlock: a deadlock fails a
+/// write (the pipeline writes the batch again; here the test fails). With
+/// two shapes (a statement each) new keys go in one statement after
+/// another, not in one order: Postgres may find a deadlock and abort a
+/// write (README, "Limits"), which is written again, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_writers_of_the_same_rows_queue_and_equal_the_fold() {
+    let pool = support::postgres().await;
+    let topic = intern("fold-exact");
+    // More seeds for a longer hunt: KAWKA_TWO_WRITERS_SEEDS=100.
+    let seeds: u64 = std::env::var("KAWKA_TWO_WRITERS_SEEDS").ok().and_then(|n| n.parse().ok()).unwrap_or(6);
+    for seed in 30..30 + seeds {
+        let shapes = 1 + seed as usize % 2;
+        let name = support::unique("fold_exact");
+        let (_a, a) = one_sink(&name, "readdb", false, false);
+        let (_b, b) = one_sink(&name, "readdb", false, false);
+        a.prepare().await.expect("prepare");
+        b.prepare().await.expect("prepare");
+        let mut rng = StdRng::seed_from_u64(seed);
+        // Events per new key: from mostly new keys in a batch to mostly old.
+        let pace = rng.random_range(2..10);
+        let logs = [shared_increments(&mut rng, 0, shapes, pace), shared_increments(&mut rng, 1, shapes, pace)];
+        let (cuts_a, cuts_b) = (rng.random(), rng.random());
+        let (failed_a, failed_b) = tokio::join!(
+            write_beside_another(&a, topic, &logs[0], cuts_a),
+            write_beside_another(&b, topic, &logs[1], cuts_b)
+        );
+        let rows: Vec<TableRow> =
+            sqlx::query_as(&format!("SELECT id, a, b, s FROM \"{name}\"")).fetch_all(&pool).await.expect("rows");
+        let got: BTreeMap<String, Row> = rows
+            .into_iter()
+            .map(|(id, a, b, _)| {
+                let fields = [("a", a), ("b", b)]
+                    .into_iter()
+                    .filter_map(|(name, value)| Some((name.to_string(), json!(value?))))
+                    .collect();
+                (id, fields)
+            })
+            .collect();
+        let want = reference(&[logs[0].clone(), logs[1].clone()].concat());
+        let wrong = support::differences(&got, &want, None);
+        let failed: Vec<&String> = failed_a.iter().chain(&failed_b).collect();
+        println!(
+            "postgres two writers, {shapes} shape(s), a new key every {pace} events, seed {seed}: {} + {} events, \
+             {} rows, {} failed writes, {} wrong/missing/extra",
+            logs[0].len(),
+            logs[1].len(),
+            want.len(),
+            failed.len(),
+            wrong.len()
+        );
+        if shapes == 1 {
+            assert!(failed.is_empty(), "seed {seed}: writes failed (retried):\n{failed:#?}");
+        } else {
+            assert!(failed.iter().all(|f| f.contains("40P01")), "seed {seed}: writes failed:\n{failed:#?}");
+        }
+        assert!(wrong.is_empty(), "seed {seed}: {} rows differ from the fold:\n{}", wrong.len(), wrong.join("\n"));
+    }
+}
+
+/// Increments of one partition's log over keys both writers share: most
+/// near a frontier that moves on a key every `pace` events (new keys, met
+/// by both writers at about the same time), the rest any key met before.
+/// With two `shapes`, some increment `b` rather than `a` (a net op of each
+/// shape).
+fn shared_increments(rng: &mut StdRng, partition: i32, shapes: usize, pace: i64) -> Vec<WriteOp> {
+    let topic = intern("fold-exact");
+    (0..12_000i64)
+        .map(|offset| {
+            let frontier = offset / pace;
+            let key =
+                if rng.random_bool(0.75) { frontier + rng.random_range(0..40) } else { rng.random_range(0..=frontier) };
+            let field = if shapes > 1 && rng.random_bool(0.3) { "b" } else { "a" };
+            WriteOp {
+                key: smallvec::smallvec![Value::from(format!("k{key}"))],
+                kind: OpKind::Increment,
+                fields: vec![(intern(field), Value::Int(rng.random_range(-5..10)))],
+                version: None,
+                position: Position { topic, partition, offset },
+            }
+        })
+        .collect()
+}
+
+/// Writes `log` (one partition's) through `sink` in batches cut at random,
+/// each written again until it lands, as the pipeline does; returns the
+/// errors of the writes that failed.
+async fn write_beside_another(sink: &Sink, topic: kawka::value::Name, log: &[WriteOp], seed: u64) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let partition = log[0].position.partition;
+    let claims = sink.claim(&[(topic, partition)]).await.expect("claim");
+    let mut failed = Vec::new();
+    let mut from = 0;
+    while from < log.len() {
+        let to = rng.random_range(from + 1..=log.len().min(from + 300));
+        let offsets = [PartitionOffset { topic, partition, next_offset: to as i64, epoch: claims[0].epoch }];
+        match sink.write(&log[from..to], &offsets).await {
+            Ok(_) => from = to,
+            Err(error) if failed.len() < 20 => failed.push(format!("{partition}, {from}..{to}: {error}")),
+            Err(error) => panic!("20 writes failed, the last: {error}"),
+        }
+    }
+    failed
+}
+
 /// A document's events from two partitions in one batch (an id from an
 /// event field, a key moved by added partitions): the second partition's
 /// net op goes after the first's has landed and sees its tombstone, so a

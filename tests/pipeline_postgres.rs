@@ -402,11 +402,11 @@ events:
     )
 }
 
-/// New keys go in by `COPY`, existing ones by `UPDATE`, and a `COPY` that
-/// meets a key falls back to the upsert: every path gives the same rows,
-/// and an increment lands once whichever path wrote it.
+/// New keys go in by `COPY`, and a `COPY` that meets a key falls back to
+/// the upsert: both paths give the same rows, and an increment lands once
+/// whichever path wrote it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copied_updated_and_upserted_rows_are_the_same() {
+async fn copied_and_upserted_rows_are_the_same() {
     use kawka::event::PartitionOffset;
     use kawka::event::Position;
     use kawka::projection::OpKind;
@@ -470,8 +470,8 @@ async fn copied_updated_and_upserted_rows_are_the_same() {
         })
         .collect();
     let offsets = |next: i64| [PartitionOffset { topic, partition: 0, next_offset: next, epoch: Some(1) }];
-    // The second table has the keys already (with other values): its rows
-    // are updated, the first table's copied.
+    // The second table has the keys already (with other values): its copy
+    // meets them and its rows are upserted, the first table's copied.
     sqlx::query(&format!(
         "INSERT INTO \"{existing}\" (id, label, n) SELECT 'k' || i, 'old', 1 FROM generate_series(0, 3) i"
     ))
@@ -503,7 +503,8 @@ async fn copied_updated_and_upserted_rows_are_the_same() {
     assert_eq!(copied, expected.join("\n"));
 
     // Increments: k0 exists, k9 is new. The first table's sink expects new
-    // keys, tries COPY, meets k0 and goes on with UPDATE + COPY.
+    // keys, tries COPY, meets k0 and runs the upsert (which inserts one key
+    // of two: the next write expects existing keys).
     let count = |id: &str, n: i64, offset: i64| WriteOp {
         key: vec![text(id)].into(),
         kind: OpKind::Increment,
@@ -513,10 +514,8 @@ async fn copied_updated_and_upserted_rows_are_the_same() {
     };
     let sink = sinks.iter().find(|s| s.table().target().table == fresh).expect("the fresh table's sink");
     sink.write(&[count("k0", 10, 4), count("k9", 5, 5)], &offsets(6)).await.expect("increments");
-    // A row that exists but that UPDATE skips (a trigger here; another
-    // writer inserting the key in between does the same): the COPY after
-    // the UPDATE meets it, both are undone and the upsert applies the
-    // statement once.
+    // A row whose update its trigger skips: the upsert (no COPY now) skips
+    // it as well, and applies the other rows once.
     sqlx::raw_sql(&format!(
         "CREATE FUNCTION \"{fresh}_skip\"() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$; \
          INSERT INTO \"{fresh}\" (id, n) VALUES ('k8', 100); \

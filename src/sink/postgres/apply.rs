@@ -1,5 +1,6 @@
-//! One planned statement run: an upsert's new keys go in by `COPY`, the
-//! keys that exist by `UPDATE`, and the upsert runs when a `COPY` meets a key.
+//! One planned statement run: an upsert's rows go in by `COPY` while its
+//! keys are expected to be new, and by the upsert otherwise or when a
+//! `COPY` meets a key.
 
 use std::borrow::Cow;
 
@@ -15,50 +16,39 @@ use crate::sink::SinkError;
 
 impl PostgresSink {
     /// Runs one statement; an upsert's new keys go in by `COPY`.
+    ///
+    /// Every path touches the statement's rows in one pass, in the order of
+    /// their keys (see `TableSql::plan_rendering`): `COPY` of all of them,
+    /// or the upsert. Writers of the same rows (replicas whose partitions
+    /// share keys) then wait for each other in that one order and queue
+    /// instead of deadlocking. (An `UPDATE` of the keys that exist and then
+    /// a `COPY` of the rest took two passes: a writer holding an updated row
+    /// could wait, in its `COPY`, for a key another writer had inserted
+    /// while that one waited for the updated row.)
     pub(super) async fn apply(&self, tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
         let Some(insert) = &statement.insert else { return execute(tx, &statement.sql, &statement.arrays).await };
-        let everything = 0..statement.rows.len();
         if self.guess_new_keys(&insert.copy) {
             let rendered = match &insert.rendered {
                 Some(rendered) => Cow::Borrowed(rendered.as_slice()),
-                None => Cow::Owned(copy_text(&statement.arrays, insert, everything.clone())),
+                None => Cow::Owned(copy_text(&statement.arrays, insert, 0..statement.rows.len())),
             };
-            if self.copy_new(tx, insert, &rendered, true).await? {
+            if self.copy_new(tx, insert, &rendered).await? {
                 return Ok(());
             }
-            self.found_new_keys(insert, false);
         }
         // Rows planned into `COPY` text alone are read back into arrays: the
         // text is this sink's own, so not reading is a bug, not bad data.
         let arrays = statement.bound_arrays().map_err(|error| {
             SinkError::Setup(format!("bug: the planned COPY text of {} does not read back: {error}", insert.copy))
         })?;
-        let Some(update) = &insert.update else { return execute(tx, &statement.sql, &arrays).await };
-        // One savepoint around the update and the copy: if the copy meets a
-        // key after all (inserted since by another writer), both are undone
-        // and the upsert runs, so no row is updated twice (adds!).
-        tx.execute("SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
-        // `array_agg` of no rows is null: no key exists.
-        let updated: Option<Vec<i64>> = bind(update, &arrays)
+        // An upsert's SQL returns how many of its rows it inserted.
+        let inserted: i64 = bind(&statement.sql, &arrays)
             .fetch_one(&mut *tx)
             .await
             .and_then(|row| row.try_get(0))
             .map_err(SinkError::Postgres)?;
-        let updated = updated.unwrap_or_default();
-        let mut exists = vec![false; statement.rows.len()];
-        for ordinal in &updated {
-            // Ordinals are 1-based positions in the bound arrays.
-            if let Some(flag) = usize::try_from(*ordinal - 1).ok().and_then(|i| exists.get_mut(i)) {
-                *flag = true;
-            }
-        }
-        let new: Vec<usize> = everything.filter(|&row| !exists[row]).collect();
-        self.found_new_keys(insert, new.len() > updated.len());
-        if !new.is_empty() && !self.copy_new(tx, insert, &copy_text(&arrays, insert, new), false).await? {
-            tx.execute("ROLLBACK TO SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
-            execute(tx, &statement.sql, &arrays).await?;
-        }
-        tx.execute("RELEASE SAVEPOINT kawka_write").await.map_err(SinkError::Postgres)?;
+        let inserted = usize::try_from(inserted).unwrap_or(0);
+        self.found_new_keys(insert, inserted.saturating_mul(2) > statement.rows.len());
         Ok(())
     }
 
@@ -79,19 +69,10 @@ impl PostgresSink {
         }
     }
 
-    /// `COPY` of `rows`: `false` when a key exists (unique violation), the
-    /// copy undone. With `own_savepoint` it sets and settles its savepoint;
-    /// otherwise the caller's encloses it and rolls back.
-    async fn copy_new(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        insert: &Insert,
-        data: &[u8],
-        own_savepoint: bool,
-    ) -> Result<bool, SinkError> {
-        if own_savepoint {
-            tx.execute("SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
-        }
+    /// `COPY` of a statement's rows in a savepoint: `false` when a key
+    /// exists (unique violation), the copy undone.
+    async fn copy_new(&self, tx: &mut sqlx::PgConnection, insert: &Insert, data: &[u8]) -> Result<bool, SinkError> {
+        tx.execute("SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
         let copied = async {
             let mut copy = tx.copy_in_raw(&insert.copy).await?;
             copy.send(data).await?;
@@ -100,17 +81,13 @@ impl PostgresSink {
         .await;
         match copied {
             Ok(_) => {
-                if own_savepoint {
-                    tx.execute("RELEASE SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
-                }
+                tx.execute("RELEASE SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
                 Ok(true)
             }
             Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(UNIQUE_VIOLATION) => {
-                if own_savepoint {
-                    tx.execute("ROLLBACK TO SAVEPOINT kawka_copy; RELEASE SAVEPOINT kawka_copy")
-                        .await
-                        .map_err(SinkError::Postgres)?;
-                }
+                tx.execute("ROLLBACK TO SAVEPOINT kawka_copy; RELEASE SAVEPOINT kawka_copy")
+                    .await
+                    .map_err(SinkError::Postgres)?;
                 Ok(false)
             }
             Err(error) => Err(SinkError::Postgres(error)),

@@ -22,15 +22,16 @@
 //! Upserts of keys the table does not have yet are written with `COPY`
 //! (several times the rate of `INSERT … ON CONFLICT`): each upsert statement
 //! first tries `COPY` of all its rows in a savepoint when the last
-//! statement of its shape (its columns) found mostly new keys, otherwise
-//! runs a plain `UPDATE … RETURNING` for the keys that exist and copies
-//! the rest. A `COPY` that meets an existing key (a concurrent writer, a
-//! wrong guess) is rolled back to its savepoint and the upsert runs
-//! instead, so the effect is always the upsert's.
+//! statement of its shape (its columns) inserted mostly new keys, otherwise
+//! runs the upsert. A `COPY` that meets an existing key (a concurrent
+//! writer, a wrong guess) is rolled back to its savepoint and the upsert
+//! runs instead, so the effect is always the upsert's. Either touches the
+//! rows in one pass in the order of their keys, so writers of the same rows
+//! queue instead of deadlocking.
 //!
 //! * `mod.rs`: the sink: its pool, its tables' setup, and ops checked before batching.
 //! * `write.rs`: a batch planned and written, per partition or whole, with its positions.
-//! * `apply.rs`: one statement run: an upsert's new keys by `COPY`, the rest by `UPDATE` or the upsert.
+//! * `apply.rs`: one statement run: an upsert's rows by `COPY` while its keys are new, else by the upsert.
 //! * `positions.rs`: claims, ownership and position moves in `kawka_offsets`.
 //! * `parked.rs`: parked keys (`on_error: park`) in `kawka_parked`, changed with a replay's writes.
 //! * `rejected.rs`: the ops a table refuses, found in savepoints that are rolled back.

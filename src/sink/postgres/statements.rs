@@ -6,10 +6,10 @@
 //! Compaction guarantees each key appears once per batch, which
 //! `INSERT … ON CONFLICT DO UPDATE` requires.
 //!
-//! An upsert also carries an [`Insert`]: the same rows as `COPY` text and an
-//! `UPDATE … RETURNING` of the rows whose key exists. `COPY` checks no
-//! conflicts and inserts at several times the rate of an upsert, so the sink
-//! writes new keys with it and keeps the upsert for when a key turns up.
+//! An upsert also carries an [`Insert`]: the same rows as `COPY` text.
+//! `COPY` checks no conflicts and inserts at several times the rate of an
+//! upsert, so the sink writes new keys with it and keeps the upsert for
+//! when keys exist.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -37,20 +37,13 @@ pub struct Statement {
 
 /// The rows of an upsert written as plain inserts. Equal in effect to the
 /// upsert only for keys no row has yet: the sink runs `copy` in a savepoint
-/// and falls back to the upsert when it meets an existing key.
+/// while it expects new keys, and the upsert when the copy meets a key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Insert {
     /// `COPY t (…) FROM STDIN`, one column per array, in order.
     pub copy: String,
     /// The type of the column each array fills (`None`: the version column).
     pub types: Vec<Option<ColumnType>>,
-    /// `UPDATE t … FROM UNNEST(…) WITH ORDINALITY … RETURNING u.n` and
-    /// `array_agg` of those: applies the rows whose key exists and returns
-    /// their 1-based ordinals, so the rest can be copied. In one array, not
-    /// a row each: receiving a row per key is costly. `None` when a row can
-    /// exist and still not be updated (a version guard) or there is nothing
-    /// to set: a missing ordinal would not mean a missing row.
-    pub update: Option<String>,
     /// The `COPY` text of every row, when the plan was asked for it (the
     /// sink expects new keys): written straight from the net ops, without
     /// the bound arrays, which the usual write (a `COPY` of new keys) does
@@ -338,45 +331,19 @@ impl TableSql {
             .enumerate()
             .map(|(i, ty)| format!("u.c{i}::{}", ty.map_or("bigint", ColumnType::sql)))
             .collect();
-        // The new value of each column, from the proposed one (`EXCLUDED.c`
-        // in the upsert, the bound array in the plain update).
-        let assign = |proposed: &dyn Fn(usize, &str) -> String| -> Vec<String> {
-            value_columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let (c, value) = (quote(c), proposed(keys.len() + i, c));
-                    if i < set {
-                        format!("{c} = {value}")
-                    } else {
-                        format!("{c} = COALESCE(t.{c}, 0) + {value}")
-                    }
-                })
-                .collect()
-        };
-        let mut updates = assign(&|_, c| format!("EXCLUDED.{}", quote(c)));
-        // Without a version guard an existing key's row is always updated,
-        // so the rows `UPDATE` does not return are exactly the new keys.
-        let update = (!self.versioned && !updates.is_empty()).then(|| {
-            let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
-            let matches: Vec<String> =
-                keys.iter().enumerate().map(|(i, k)| format!("t.{} = {}", quote(k), casts[i])).collect();
-            // The rows are locked first, in the order of the bound arrays
-            // (the keys' order, see `plan_rendering`): an UPDATE's join
-            // takes its locks in whatever order its plan reads the table,
-            // and two writers reading it in different orders deadlock.
-            format!(
-                "WITH u AS MATERIALIZED (SELECT u.* FROM UNNEST({params}) WITH ORDINALITY AS u({names}, n) \
-                 JOIN {table} AS t ON {matches} ORDER BY u.n FOR NO KEY UPDATE OF t), \
-                 updated AS (UPDATE {table} AS t SET {assign} FROM u WHERE {matches} RETURNING u.n) \
-                 SELECT array_agg(n) FROM updated",
-                table = self.qualified,
-                assign = assign(&|i, _| casts[i].clone()).join(", "),
-                params = unnest_params(&arrays),
-                names = names.join(", "),
-                matches = matches.join(" AND ")
-            )
-        });
+        // The new value of each column, from the proposed one.
+        let mut updates: Vec<String> = value_columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let c = quote(c);
+                if i < set {
+                    format!("{c} = EXCLUDED.{c}")
+                } else {
+                    format!("{c} = COALESCE(t.{c}, 0) + EXCLUDED.{c}")
+                }
+            })
+            .collect();
         if self.versioned {
             columns.push(VERSION_COLUMN.to_string());
             casts.push(format!("u.c{}", casts.len()));
@@ -385,8 +352,13 @@ impl TableSql {
             arrays.push(ColumnArray::Int(Vec::new()));
         }
         let names: Vec<String> = (0..arrays.len()).map(|i| format!("c{i}")).collect();
+        // The rows are inserted or updated in one pass, in the order of the
+        // bound arrays (the keys' order, see `plan_rendering`), and the
+        // upsert returns how many it inserted: that tells the sink whether
+        // to expect new keys (`COPY`) next time. A row inserted has no
+        // `xmax`; one updated has the lock its update took.
         let mut sql = format!(
-            "INSERT INTO {} AS t ({}) SELECT {} FROM UNNEST({}) AS u({}) ON CONFLICT ({}) ",
+            "WITH w AS (INSERT INTO {} AS t ({}) SELECT {} FROM UNNEST({}) AS u({}) ON CONFLICT ({}) ",
             self.qualified,
             columns.join(", "),
             casts.join(", "),
@@ -406,6 +378,7 @@ impl TableSql {
                 );
             }
         }
+        sql.push_str(" RETURNING t.xmax = 0 AS inserted) SELECT count(*) FILTER (WHERE inserted) FROM w");
         let copy = format!("COPY {} ({}) FROM STDIN", self.qualified, columns.join(", "));
         let rendered = if render(&copy) {
             Some(self.copy_text_of(net, &rows, bound, &types)?)
@@ -417,7 +390,7 @@ impl TableSql {
             }
             None
         };
-        Ok(Statement { sql, arrays, rows, insert: Some(Insert { copy, types, update, rendered }) })
+        Ok(Statement { sql, arrays, rows, insert: Some(Insert { copy, types, rendered }) })
     }
 }
 
@@ -457,10 +430,11 @@ mod tests {
         let statements = &statements[1..];
         assert_eq!(
             statements[0].sql,
-            "INSERT INTO \"public\".\"inventory\" AS t (\"store_id\", \"item_id\", \"on_hand\") \
+            "WITH w AS (INSERT INTO \"public\".\"inventory\" AS t (\"store_id\", \"item_id\", \"on_hand\") \
              SELECT u.c0::text, u.c1::text, u.c2::bigint FROM UNNEST($1::text[], $2::text[], $3::bigint[]) \
              AS u(c0, c1, c2) ON CONFLICT (\"store_id\", \"item_id\") \
-             DO UPDATE SET \"on_hand\" = COALESCE(t.\"on_hand\", 0) + EXCLUDED.\"on_hand\""
+             DO UPDATE SET \"on_hand\" = COALESCE(t.\"on_hand\", 0) + EXCLUDED.\"on_hand\" \
+             RETURNING t.xmax = 0 AS inserted) SELECT count(*) FILTER (WHERE inserted) FROM w"
         );
         assert_eq!(statements[0].arrays[2], ColumnArray::Int(vec![Some(5), Some(-2)]));
         assert_eq!(statements[0].rows, vec![0, 1]);
@@ -503,14 +477,14 @@ mod tests {
             "DELETE FROM \"public\".\"inventory\" AS t USING (SELECT u.c0::text AS c0, u.c1::text AS c1 \
              FROM UNNEST($1::text[], $2::text[]) AS u(c0, c1)) AS d WHERE t.\"store_id\" = d.c0 AND t.\"item_id\" = d.c1"
         );
-        assert!(statements[1]
-            .sql
-            .ends_with("DO UPDATE SET \"on_hand\" = EXCLUDED.\"on_hand\", \"seen_at\" = EXCLUDED.\"seen_at\""));
+        assert!(statements[1].sql.contains(
+            "DO UPDATE SET \"on_hand\" = EXCLUDED.\"on_hand\", \"seen_at\" = EXCLUDED.\"seen_at\" RETURNING"
+        ));
         assert_eq!(statements[1].arrays[3], ColumnArray::Text([None].into_iter().collect()));
     }
 
     #[test]
-    fn upserts_carry_a_copy_and_an_update_of_existing_keys() {
+    fn upserts_carry_a_copy_and_count_what_they_insert() {
         let ops = vec![net("s1", patch(vec![("seen_at", Value::Int(0))], vec![("on_hand", Value::Int(5))]))];
         let statement = &inventory().plan(&ops).expect("binds")[0];
         let insert = statement.insert.as_ref().expect("an upsert can be copied");
@@ -519,24 +493,20 @@ mod tests {
             "COPY \"public\".\"inventory\" (\"store_id\", \"item_id\", \"seen_at\", \"on_hand\") FROM STDIN"
         );
         assert_eq!(
-            insert.update.as_deref(),
-            Some(
-                "WITH u AS MATERIALIZED (SELECT u.* \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS u(c0, c1, c2, c3, n) \
-                 JOIN \"public\".\"inventory\" AS t ON t.\"store_id\" = u.c0::text AND t.\"item_id\" = u.c1::text \
-                 ORDER BY u.n FOR NO KEY UPDATE OF t), \
-                 updated AS (UPDATE \"public\".\"inventory\" AS t SET \"seen_at\" = u.c2::timestamptz, \
-                 \"on_hand\" = COALESCE(t.\"on_hand\", 0) + u.c3::bigint \
-                 FROM u WHERE t.\"store_id\" = u.c0::text AND t.\"item_id\" = u.c1::text \
-                 RETURNING u.n) SELECT array_agg(n) FROM updated"
-            )
+            statement.sql,
+            "WITH w AS (INSERT INTO \"public\".\"inventory\" AS t (\"store_id\", \"item_id\", \"seen_at\", \"on_hand\") \
+             SELECT u.c0::text, u.c1::text, u.c2::timestamptz, u.c3::bigint \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[]) AS u(c0, c1, c2, c3) \
+             ON CONFLICT (\"store_id\", \"item_id\") DO UPDATE SET \"seen_at\" = EXCLUDED.\"seen_at\", \
+             \"on_hand\" = COALESCE(t.\"on_hand\", 0) + EXCLUDED.\"on_hand\" \
+             RETURNING t.xmax = 0 AS inserted) SELECT count(*) FILTER (WHERE inserted) FROM w"
         );
         let mut versioned = inventory();
         versioned.versioned = true;
         let statement = &versioned.plan(&ops).expect("binds")[0];
         let insert = statement.insert.as_ref().expect("copied too");
         assert!(insert.copy.contains("\"on_hand\", kawka_version) FROM STDIN"), "{}", insert.copy);
-        assert_eq!(insert.update, None, "a guarded update may skip a row that exists");
+        assert!(statement.sql.contains("WHERE t.kawka_version IS NULL"), "{}", statement.sql);
         assert_eq!(insert.types.last(), Some(&None));
         let delete = &inventory().plan(&[net("s1", Effect::Delete)]).expect("binds")[1];
         assert!(delete.sql.starts_with("DELETE"), "{}", delete.sql);

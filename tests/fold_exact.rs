@@ -306,7 +306,7 @@ async fn postgres_two_writers_of_the_same_rows_queue_and_equal_the_fold() {
         let pace = rng.random_range(2..10);
         let logs = [shared_increments(&mut rng, 0, shapes, pace), shared_increments(&mut rng, 1, shapes, pace)];
         let (cuts_a, cuts_b) = (rng.random(), rng.random());
-        let (failed_a, failed_b) = tokio::join!(
+        let ((failed_a, span_a), (failed_b, span_b)) = tokio::join!(
             write_beside_another(&a, topic, &logs[0], cuts_a),
             write_beside_another(&b, topic, &logs[1], cuts_b)
         );
@@ -325,6 +325,10 @@ async fn postgres_two_writers_of_the_same_rows_queue_and_equal_the_fold() {
         let want = reference(&[logs[0].clone(), logs[1].clone()].concat());
         let wrong = support::differences(&got, &want, None);
         let failed: Vec<&String> = failed_a.iter().chain(&failed_b).collect();
+        // The two wrote at the same time, not one after the other.
+        let together = span_a.1.min(span_b.1).saturating_duration_since(span_a.0.max(span_b.0));
+        let shorter = (span_a.1 - span_a.0).min(span_b.1 - span_b.0);
+        assert!(together * 2 > shorter, "seed {seed}: the writers overlapped {together:?} of {shorter:?}");
         println!(
             "postgres two writers, {shapes} shape(s), a new key every {pace} events, seed {seed}: {} + {} events, \
              {} rows, {} failed writes, {} wrong/missing/extra",
@@ -369,13 +373,19 @@ fn shared_increments(rng: &mut StdRng, partition: i32, shapes: usize, pace: i64)
 
 /// Writes `log` (one partition's) through `sink` in batches cut at random,
 /// each written again until it lands, as the pipeline does; returns the
-/// errors of the writes that failed.
-async fn write_beside_another(sink: &Sink, topic: kawka::value::Name, log: &[WriteOp], seed: u64) -> Vec<String> {
+/// errors of the writes that failed, and when the writes began and ended.
+async fn write_beside_another(
+    sink: &Sink,
+    topic: kawka::value::Name,
+    log: &[WriteOp],
+    seed: u64,
+) -> (Vec<String>, (std::time::Instant, std::time::Instant)) {
     let mut rng = StdRng::seed_from_u64(seed);
     let partition = log[0].position.partition;
     let claims = sink.claim(&[(topic, partition)]).await.expect("claim");
     let mut failed = Vec::new();
     let mut from = 0;
+    let began = std::time::Instant::now();
     while from < log.len() {
         let to = rng.random_range(from + 1..=log.len().min(from + 300));
         let offsets = [PartitionOffset { topic, partition, next_offset: to as i64, epoch: claims[0].epoch }];
@@ -385,7 +395,7 @@ async fn write_beside_another(sink: &Sink, topic: kawka::value::Name, log: &[Wri
             Err(error) => panic!("20 writes failed, the last: {error}"),
         }
     }
-    failed
+    (failed, (began, std::time::Instant::now()))
 }
 
 /// A document's events from two partitions in one batch (an id from an

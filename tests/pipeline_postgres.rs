@@ -493,7 +493,7 @@ async fn copied_and_upserted_rows_are_the_same() {
         }
     };
     let copied = read(fresh.clone()).await;
-    assert_eq!(copied, read(existing.clone()).await, "copied and updated rows differ");
+    assert_eq!(copied, read(existing.clone()).await, "copied and upserted rows differ");
     let expected = [
         r#"{"id":"k0","label":"tab\there\nnew line\\ back\\slash \\N","n":-9007199254740993,"small":7,"ratio":0.1,"r":0.1,"flag":false,"blob":"\\x005c09ff","at":"2023-11-14T22:13:20.123+00:00","born":"2024-01-01","doc":"x","amount":0.1}"#,
         r#"{"id":"k1","label":"café 😀","n":-9007199254740993,"small":7,"ratio":"NaN","r":3.4e+38,"flag":true,"blob":"\\x","at":"2023-11-14T22:13:20.123+00:00","born":"2024-01-01","doc":[1, "a\nb"],"amount":0.1}"#,
@@ -503,8 +503,8 @@ async fn copied_and_upserted_rows_are_the_same() {
     assert_eq!(copied, expected.join("\n"));
 
     // Increments: k0 exists, k9 is new. The first table's sink expects new
-    // keys, tries COPY, meets k0 and runs the upsert (which inserts one key
-    // of two: the next write expects existing keys).
+    // keys, tries COPY, meets k0 and runs the upsert (the next writes of
+    // this shape run the upsert without trying COPY).
     let count = |id: &str, n: i64, offset: i64| WriteOp {
         key: vec![text(id)].into(),
         kind: OpKind::Increment,
@@ -534,7 +534,7 @@ async fn copied_and_upserted_rows_are_the_same() {
     assert_eq!(
         counts,
         vec![("k0".into(), Some(base + 11)), ("k7".into(), Some(2)), ("k8".into(), Some(100)), ("k9".into(), Some(5))],
-        "each increment once; k8's update skipped by its trigger on every path"
+        "each increment once; k8's update skipped by its trigger"
     );
 }
 

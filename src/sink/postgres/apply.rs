@@ -32,7 +32,9 @@ impl PostgresSink {
                 Some(rendered) => Cow::Borrowed(rendered.as_slice()),
                 None => Cow::Owned(copy_text(&statement.arrays, insert, 0..statement.rows.len())),
             };
-            if self.copy_new(tx, insert, &rendered).await? {
+            let went_in = self.copy_new(tx, insert, &rendered).await?;
+            self.copied(insert, went_in);
+            if went_in {
                 return Ok(());
             }
         }
@@ -41,31 +43,36 @@ impl PostgresSink {
         let arrays = statement.bound_arrays().map_err(|error| {
             SinkError::Setup(format!("bug: the planned COPY text of {} does not read back: {error}", insert.copy))
         })?;
-        // An upsert's SQL returns how many of its rows it inserted.
-        let inserted: i64 = bind(&statement.sql, &arrays)
-            .fetch_one(&mut *tx)
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(SinkError::Postgres)?;
-        let inserted = usize::try_from(inserted).unwrap_or(0);
-        self.found_new_keys(insert, inserted.saturating_mul(2) > statement.rows.len());
+        execute(tx, &statement.sql, &arrays).await?;
+        self.upserted(insert);
         Ok(())
     }
 
-    /// Whether an upsert of this shape should try `COPY` of all its rows
-    /// (yes until one finds existing keys).
+    /// Whether an upsert of this shape should try `COPY` of all its rows:
+    /// yes until one meets an existing key, then once every
+    /// [`COPY_AGAIN_EVERY`] upserts (the keys may be new again: a run of
+    /// new ids after updates), and yes again once a `COPY` goes in.
     pub(super) fn guess_new_keys(&self, copy: &str) -> bool {
         let hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        hints.get(copy).copied().unwrap_or(true)
+        hints.get(copy).is_none_or(|&since| since >= COPY_AGAIN_EVERY)
     }
 
-    fn found_new_keys(&self, insert: &Insert, mostly_new: bool) {
+    /// Notes how an upsert's `COPY` went: in (new keys: try it next time
+    /// too) or into an existing key (upserts from now on, counted).
+    fn copied(&self, insert: &Insert, went_in: bool) {
         let mut hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match hints.get_mut(&insert.copy) {
-            Some(hint) => *hint = mostly_new,
-            None => {
-                hints.insert(insert.copy.clone(), mostly_new);
-            }
+        if went_in {
+            hints.remove(&insert.copy);
+        } else {
+            hints.insert(insert.copy.clone(), 0);
+        }
+    }
+
+    /// Counts an upsert run without a `COPY` tried first.
+    fn upserted(&self, insert: &Insert) {
+        let mut hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(since) = hints.get_mut(&insert.copy) {
+            *since = since.saturating_add(1);
         }
     }
 
@@ -107,6 +114,11 @@ fn copy_text(arrays: &[ColumnArray], insert: &Insert, rows: impl IntoIterator<It
 async fn execute(tx: &mut sqlx::PgConnection, sql: &str, arrays: &[ColumnArray]) -> Result<(), SinkError> {
     bind(sql, arrays).execute(&mut *tx).await.map(drop).map_err(SinkError::Postgres)
 }
+
+/// While upserts of a shape find existing keys, one in this many tries
+/// `COPY` first again: a `COPY` that meets a key stops there and is rolled
+/// back, so the tries cost a small share of the upserts' time.
+const COPY_AGAIN_EVERY: u32 = 8;
 
 /// SQLSTATE of a unique violation: a `COPY` met an existing key.
 const UNIQUE_VIOLATION: &str = "23505";

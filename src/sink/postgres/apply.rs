@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
-use sqlx::{Arguments, Executor, Postgres, Row};
+use sqlx::{Arguments, Executor, Postgres};
 
 use super::arrays::ColumnArray;
 use super::copy::{copy_buffer, copy_rows};

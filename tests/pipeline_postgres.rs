@@ -676,6 +676,73 @@ async fn chained_batches_sharing_keys_apply_in_order_without_deadlocks() {
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
 }
 
+/// A batch split by partition writes each share in a transaction of its
+/// own. A share that has run its statements commits without waiting for
+/// the others to run theirs: otherwise another writer of the same rows (a
+/// replica whose partitions share keys with these) could wait in Postgres
+/// for one share while the other waited for that writer, a deadlock that
+/// Postgres cannot see (one of its waits is inside kawka), held until the
+/// idle share's connection timed out (2 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_that_ran_commits_without_waiting_for_the_others() {
+    use kawka::event::{PartitionOffset, Position};
+    use kawka::projection::{OpKind, WriteOp};
+    use kawka::value::{intern, Value};
+
+    let pool = support::postgres().await;
+    let table = support::unique("shares");
+    // Writing row a takes a second: the share that writes a and then j
+    // reaches j only after the other writer has taken it.
+    id_n_table(&pool, &table, "IF NEW.id = 'a' AND NEW.n > 0 THEN PERFORM pg_sleep(1); END IF;").await;
+    sqlx::query(&format!("INSERT INTO \"{table}\" (id, n) VALUES ('a', 0), ('j', 0), ('k', 0)"))
+        .execute(&pool)
+        .await
+        .expect("rows");
+    let connector = id_n_connector(&table, "unused-shares", "on_error: stop", 100, "test.Add: { increment: { n: n } }");
+    let (project_a, project_b) = (
+        Project::new("http://127.0.0.1:9", &[(&table, &connector)]),
+        Project::new("http://127.0.0.1:9", &[(&table, &connector)]),
+    );
+    let (a, b) = (postgres_sinks(&project_a).remove(0), postgres_sinks(&project_b).remove(0));
+    let topic = intern("unused-shares");
+    let a_claims = a.claim(&[(topic, 0), (topic, 1)]).await.expect("claim");
+    let b_claims = b.claim(&[(topic, 2)]).await.expect("claim");
+    let add = |id: &str, n: i64, partition: i32, offset: i64| WriteOp {
+        key: vec![Value::from(id)].into(),
+        kind: OpKind::Increment,
+        fields: vec![(intern("n"), Value::Int(n))],
+        version: None,
+        position: Position { topic, partition, offset },
+    };
+    let at = |claims: &[kawka::event::Claim], partition: i32, next_offset: i64| PartitionOffset {
+        topic,
+        partition,
+        next_offset,
+        epoch: claims.iter().find(|c| c.partition == partition).expect("claimed").epoch,
+    };
+    // Writer a: partition 0 adds to k, partition 1 to a (slow) then j: two
+    // shares. Writer b, a moment later: j then k, one transaction. b takes
+    // j and waits for k (held by a's first share, which has run); a's
+    // second share then waits for j.
+    let a_batch = [add("k", 1, 0, 0), add("a", 1, 1, 0), add("j", 1, 1, 1)];
+    let b_batch = [add("j", 10, 2, 0), add("k", 10, 2, 1)];
+    let (a_offsets, b_offsets) = ([at(&a_claims, 0, 1), at(&a_claims, 1, 2)], [at(&b_claims, 2, 2)]);
+    let writes = async {
+        tokio::join!(a.write(&a_batch, &a_offsets), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            b.write(&b_batch, &b_offsets).await
+        })
+    };
+    let (written_a, written_b) = tokio::time::timeout(Duration::from_secs(30), writes)
+        .await
+        .expect("both writes end within 30 s: none waits for a share that waits for it");
+    written_a.expect("writer a");
+    written_b.expect("writer b");
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
+    assert_eq!(rows, vec![("a".into(), 1), ("j".into(), 11), ("k".into(), 11)]);
+}
+
 /// A sink with one connection writes a batch of several partitions in one
 /// transaction: split per partition, the first share held the connection
 /// (its commit waits for every share to run) while the next waited for

@@ -116,24 +116,38 @@ impl PostgresSink {
         succeeded_all(&follows.ran).await?;
         match plan {
             PostgresPlan::PerPartition(shares) => {
-                // Every share runs its statements, then the batch tells the
-                // writes that wait for that, then each share commits.
-                let started = futures::future::join_all(
-                    shares.iter().map(|(offset, statements)| self.run_share(offset, statements, retry)),
-                )
-                .await;
-                if let Some(ran) = ran {
-                    ran.send(started.iter().all(Result::is_ok));
-                }
-                let results = futures::future::join_all(started.into_iter().zip(shares).map(
-                    |(started, (offset, _))| async move {
+                // Each share commits as soon as it has run its statements
+                // (and the writes it follows have committed), not once the
+                // other shares have run theirs too: another writer of the
+                // same rows (a replica) could wait in Postgres for a share
+                // that had run while the next share waited for that writer,
+                // a cycle Postgres cannot see, held until a timeout. Once
+                // every share has run, the batch tells the writes that wait
+                // for that. (The capacity lets every share report at once.)
+                let (report, mut reports) = tokio::sync::mpsc::channel(shares.len().max(1));
+                let writes = futures::future::join_all(shares.iter().map(|(offset, statements)| {
+                    let report = report.clone();
+                    async move {
+                        let started = self.run_share(offset, statements, retry).await;
+                        // Read below until every share has reported.
+                        let _ = report.send(started.is_ok()).await;
                         match started? {
                             Some(tx) => self.commit_share(tx, offset, &follows.committed).await,
                             None => Ok(()),
                         }
-                    },
-                ))
-                .await;
+                    }
+                }));
+                drop(report);
+                let all_ran = async {
+                    let mut all = true;
+                    while let Some(share_ran) = reports.recv().await {
+                        all &= share_ran;
+                    }
+                    if let Some(ran) = ran {
+                        ran.send(all);
+                    }
+                };
+                let (results, ()) = futures::future::join(writes, all_ran).await;
                 // Fenced first: the caller must stop, not retry.
                 if results.iter().any(|r| matches!(r, Err(SinkError::Fenced))) {
                     return Err(SinkError::Fenced);
@@ -294,10 +308,11 @@ impl PostgresSink {
 /// The net ops of a batch split by the partition of their events, each
 /// share with its partition's position; `Err` gives `net` back when there
 /// is one partition only, a key has events from several, or there are more
-/// partitions than `connections`. The shares' transactions are all open at
-/// once (each commits only after every share ran), so with more shares
-/// than the pool's connections the first would hold its connection while
-/// the next waited for one, until the pool timed out, on every retry.
+/// partitions than `connections`. The shares' transactions can all be open
+/// at once (a share that ran holds its connection until the writes before
+/// it have committed), so with more shares than the pool's connections the
+/// first could hold its connection while the next waited for one, until
+/// the pool timed out, on every retry.
 fn by_partition<'n, 'o>(
     net: Vec<NetOp<'n>>,
     offsets: &'o [PartitionOffset],

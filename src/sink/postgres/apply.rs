@@ -3,6 +3,8 @@
 //! `COPY` meets a key.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
@@ -27,13 +29,13 @@ impl PostgresSink {
     /// while that one waited for the updated row.)
     pub(super) async fn apply(&self, tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
         let Some(insert) = &statement.insert else { return execute(tx, &statement.sql, &statement.arrays).await };
-        if self.guess_new_keys(&insert.copy) {
+        if self.new_keys.try_copy(&insert.copy) {
             let rendered = match &insert.rendered {
                 Some(rendered) => Cow::Borrowed(rendered.as_slice()),
                 None => Cow::Owned(copy_text(&statement.arrays, insert, 0..statement.rows.len())),
             };
             let went_in = self.copy_new(tx, insert, &rendered).await?;
-            self.copied(insert, went_in);
+            self.new_keys.copied(&insert.copy, went_in);
             if went_in {
                 return Ok(());
             }
@@ -44,36 +46,8 @@ impl PostgresSink {
             SinkError::Setup(format!("bug: the planned COPY text of {} does not read back: {error}", insert.copy))
         })?;
         execute(tx, &statement.sql, &arrays).await?;
-        self.upserted(insert);
+        self.new_keys.upserted(&insert.copy);
         Ok(())
-    }
-
-    /// Whether an upsert of this shape should try `COPY` of all its rows:
-    /// yes until one meets an existing key, then once every
-    /// [`COPY_AGAIN_EVERY`] upserts (the keys may be new again: a run of
-    /// new ids after updates), and yes again once a `COPY` goes in.
-    pub(super) fn guess_new_keys(&self, copy: &str) -> bool {
-        let hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        hints.get(copy).is_none_or(|&since| since >= COPY_AGAIN_EVERY)
-    }
-
-    /// Notes how an upsert's `COPY` went: in (new keys: try it next time
-    /// too) or into an existing key (upserts from now on, counted).
-    fn copied(&self, insert: &Insert, went_in: bool) {
-        let mut hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if went_in {
-            hints.remove(&insert.copy);
-        } else {
-            hints.insert(insert.copy.clone(), 0);
-        }
-    }
-
-    /// Counts an upsert run without a `COPY` tried first.
-    fn upserted(&self, insert: &Insert) {
-        let mut hints = self.new_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(since) = hints.get_mut(&insert.copy) {
-            *since = since.saturating_add(1);
-        }
     }
 
     /// `COPY` of a statement's rows in a savepoint: `false` when a key
@@ -115,6 +89,49 @@ async fn execute(tx: &mut sqlx::PgConnection, sql: &str, arrays: &[ColumnArray])
     bind(sql, arrays).execute(&mut *tx).await.map(drop).map_err(SinkError::Postgres)
 }
 
+/// Per upsert shape (its `COPY` statement): whether the next upsert of it
+/// tries `COPY` of all its rows first. Yes until one meets an existing key,
+/// then once every [`COPY_AGAIN_EVERY`] upserts (the keys may be new again:
+/// a run of new ids after updates), and yes again once a `COPY` goes in.
+/// Per shape, since an event type that creates rows and one that changes
+/// them are written by different statements (one guess for both would flip
+/// at every batch).
+#[derive(Debug, Default)]
+pub(super) struct CopyGuesses {
+    /// Upserts run since a `COPY` of the shape met a key; absent: none did,
+    /// or the last `COPY` went in.
+    since_met: Mutex<HashMap<String, u32>>,
+}
+
+impl CopyGuesses {
+    pub(super) fn try_copy(&self, copy: &str) -> bool {
+        self.lock().get(copy).is_none_or(|&since| since >= COPY_AGAIN_EVERY)
+    }
+
+    /// How a `COPY` went: in (new keys: try it next time too) or into an
+    /// existing key (upserts from now on, counted).
+    pub(super) fn copied(&self, copy: &str, went_in: bool) {
+        let mut since_met = self.lock();
+        if went_in {
+            since_met.remove(copy);
+        } else {
+            since_met.insert(copy.to_string(), 0);
+        }
+    }
+
+    /// Counts an upsert that ran.
+    pub(super) fn upserted(&self, copy: &str) {
+        if let Some(since) = self.lock().get_mut(copy) {
+            *since = since.saturating_add(1);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        // The map is whole after any panic (each change is one call).
+        self.since_met.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// While upserts of a shape find existing keys, one in this many tries
 /// `COPY` first again: a `COPY` that meets a key stops there and is rolled
 /// back, so the tries cost a small share of the upserts' time.
@@ -138,4 +155,34 @@ pub(super) fn bind<'q>(sql: &'q str, arrays: &'q [ColumnArray]) -> Query<'q, Pos
         debug_assert!(added.is_ok(), "binding an array of a built-in type");
     }
     sqlx::query_with(sql, arguments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shape_tries_copy_until_one_meets_a_key_then_one_upsert_in_eight() {
+        let guesses = CopyGuesses::default();
+        let (orders, lines) = ("COPY orders", "COPY lines");
+        assert!(guesses.try_copy(orders), "new shapes expect new keys");
+        guesses.copied(orders, true);
+        assert!(guesses.try_copy(orders), "a COPY that went in: again");
+        // Statements of a shape whose keys exist, as `apply` runs them: a
+        // `COPY` tried meets a key, then the upsert runs.
+        let tried: Vec<usize> = (0..25)
+            .filter(|_| {
+                let tries = guesses.try_copy(orders);
+                if tries {
+                    guesses.copied(orders, false);
+                }
+                guesses.upserted(orders);
+                tries
+            })
+            .collect();
+        assert_eq!(tried, vec![0, 8, 16, 24], "one statement in {COPY_AGAIN_EVERY} tries COPY again");
+        assert!(guesses.try_copy(lines), "each shape has its own guess");
+        guesses.copied(orders, true);
+        assert!(guesses.try_copy(orders), "a COPY that went in: new keys again");
+    }
 }

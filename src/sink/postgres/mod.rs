@@ -21,13 +21,13 @@
 //!
 //! Upserts of keys the table does not have yet are written with `COPY`
 //! (several times the rate of `INSERT … ON CONFLICT`): each upsert statement
-//! first tries `COPY` of all its rows in a savepoint unless a recent
+//! first tries `COPY` of all its rows in a savepoint, unless a recent
 //! statement of its shape (its columns) met existing keys (then one in 8
-//! tries), otherwise runs the upsert. A `COPY` that meets an existing key (a concurrent
-//! writer, a wrong guess) is rolled back to its savepoint and the upsert
-//! runs instead, so the effect is always the upsert's. Either touches the
-//! rows in one pass in the order of their keys, so writers of the same rows
-//! queue instead of deadlocking.
+//! tries it), and otherwise runs the upsert. A `COPY` that meets an
+//! existing key (a concurrent writer, a wrong guess) is rolled back to its
+//! savepoint and the upsert runs instead, so the effect is always the
+//! upsert's. Either touches the rows in one pass in the order of their
+//! keys, so writers of the same rows queue instead of deadlocking.
 //!
 //! * `mod.rs`: the sink: its pool, its tables' setup, and ops checked before batching.
 //! * `write.rs`: a batch planned and written, per partition or whole, with its positions.
@@ -60,8 +60,7 @@ mod table;
 pub mod types;
 mod write;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
@@ -84,14 +83,8 @@ pub struct PostgresSink {
     connector: String,
     /// Whether the connector parks keys (`kawka_parked` is created).
     parks: bool,
-    /// Per statement shape (its `COPY`): how many such upserts ran since
-    /// one's `COPY` met an existing key (absent: none did, or the last
-    /// `COPY` went in), which decides whether the next one tries `COPY` of
-    /// all its rows first (see `PostgresSink::guess_new_keys`). Per shape,
-    /// since an event type that creates rows and one that changes them are
-    /// written by different statements (one hint for both would flip at
-    /// every batch). Shared by the clones.
-    new_keys: Arc<Mutex<HashMap<String, u32>>>,
+    /// Whether upserts try `COPY` first, per shape. Shared by the clones.
+    new_keys: Arc<apply::CopyGuesses>,
     /// The table's columns by interned name: every op's fields are checked
     /// against them, and op field names are interned too.
     columns: Arc<[(Name, ColumnType)]>,

@@ -65,7 +65,7 @@ impl PostgresSink {
         // their `COPY` text, built while the writes ahead run, not in this
         // batch's.
         let statements =
-            |net: &[NetOp]| self.table.plan_rendering(net, &|copy| self.guess_new_keys(copy)).map_err(rejected);
+            |net: &[NetOp]| self.table.plan_rendering(net, &|copy| self.new_keys.try_copy(copy)).map_err(rejected);
         match by_partition(net, offsets, self.max_connections()) {
             Ok(shares) => {
                 let shares = shares

@@ -46,6 +46,10 @@ pub(super) struct Worker<'a> {
     /// flight behind it that fail are dropped, not written again (their
     /// events come after the bad one; they are read again on restart).
     pub(super) stopping: bool,
+    /// Set when a write in flight failed (and was written again as it
+    /// settled): the writes behind it that follow it fail too, so the next
+    /// batch waits for them all rather than follow one of them.
+    pub(super) behind_a_failure: bool,
     /// The keys parked (`on_error: park`).
     pub(super) parking: super::park::Parking,
 }
@@ -66,6 +70,7 @@ impl<'a> Worker<'a> {
             replay_done: std::collections::HashSet::default(),
             in_flight: Vec::new(),
             stopping: false,
+            behind_a_failure: false,
             parking: super::park::Parking::default(),
         }
     }

@@ -82,6 +82,14 @@ impl Worker<'_> {
         {
             self.settle_oldest().await?;
         }
+        // A write that failed was written again as it settled (above or
+        // earlier); the writes in flight that follow it fail too (they roll
+        // back, to be written again as they settle). A batch following one
+        // of them would fail in turn, and so would every batch after it,
+        // each written twice for as long as batches keep coming.
+        if self.behind_a_failure {
+            self.settle().await?;
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -136,6 +144,8 @@ impl Worker<'_> {
         while !self.in_flight.is_empty() {
             self.settle_oldest().await?;
         }
+        // Nothing in flight follows a failed write now.
+        self.behind_a_failure = false;
         Ok(())
     }
 
@@ -210,6 +220,7 @@ impl Worker<'_> {
             Err(_) if self.stopping => Ok(()),
             Err(error) => {
                 tracing::info!(connector = %self.name(), %error, "a batch write failed; writing it again");
+                self.behind_a_failure = true;
                 let parked_before = self.parking.changes();
                 let next = std::mem::replace(&mut self.pending, batch);
                 let written = self.write_pending().await;

@@ -54,6 +54,13 @@ pub enum SinkError {
     /// transaction never commits) and made again.
     #[error("no answer from the sink within {0:?}; writing again")]
     TimedOut(Duration),
+    /// The batch ran its statements and waited for an earlier batch to
+    /// commit while another writer waited for its rows (maybe the writer
+    /// the earlier batch waits for: a cycle Postgres cannot see): rolled
+    /// back to let that writer go, to be written again after the earlier
+    /// batch.
+    #[error("rolled back: another writer waited for its rows while it waited for an earlier batch to commit")]
+    Yielded,
 }
 
 /// The longest a Postgres write (its transaction, statements and commit)
@@ -83,7 +90,7 @@ impl SinkError {
                 _ => ErrorClass::Transient,
             },
             SinkError::Setup(_) => ErrorClass::Config,
-            SinkError::Predecessor | SinkError::TimedOut(_) => ErrorClass::Transient,
+            SinkError::Predecessor | SinkError::TimedOut(_) | SinkError::Yielded => ErrorClass::Transient,
         }
     }
 }

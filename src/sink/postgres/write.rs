@@ -1,6 +1,8 @@
 //! A batch planned and written with its positions: each partition's share
 //! in a transaction of its own, concurrently, or the whole batch in one.
 
+use std::time::Duration;
+
 use sqlx::{Postgres, Row};
 
 use super::apply::bind;
@@ -183,7 +185,7 @@ impl PostgresSink {
                     ran.send(true);
                 }
                 // Dropping `tx` on an error rolls it back.
-                succeeded_all(&follows.committed).await?;
+                self.committed_before(&mut tx, &follows.committed).await?;
                 if self.advance(&mut tx, offsets).await? {
                     tx.commit().await.map_err(SinkError::Postgres).map(|()| superseded)
                 } else {
@@ -285,7 +287,7 @@ impl PostgresSink {
         offset: &PartitionOffset,
         after: &[StepDone],
     ) -> Result<(), SinkError> {
-        succeeded_all(after).await?;
+        self.committed_before(&mut tx, after).await?;
         let moved = sqlx::query(&self.table.advance_one())
             .bind(&self.connector)
             .bind(offset.topic)
@@ -302,6 +304,47 @@ impl PostgresSink {
             return if committed_before { Ok(()) } else { Err(SinkError::Fenced) };
         }
         tx.commit().await.map_err(SinkError::Postgres)
+    }
+}
+
+/// How long a transaction that ran its statements waits for the writes
+/// before it to commit before it asks Postgres whether another transaction
+/// waits for its rows; it asks again as often while it waits.
+const HOLDING_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether another transaction waits (directly) for a lock this one holds.
+const WAITED_FOR: &str =
+    "SELECT EXISTS (SELECT FROM pg_locks WHERE NOT granted AND pg_backend_pid() = ANY (pg_blocking_pids(pid)))";
+
+impl PostgresSink {
+    /// Waits, holding `tx`'s rows, for the writes `after` to commit. That
+    /// wait is in kawka, where Postgres cannot see it: if one of those
+    /// writes waits in Postgres for another writer (a replica) that waits
+    /// for these rows, no one ever moves. A cycle through kawka's waits
+    /// always has a transaction that waits here while another waits for
+    /// its rows in Postgres, so after each [`HOLDING_CHECK`] of waiting this
+    /// one asks whether someone waits for it, and if so gives way
+    /// ([`SinkError::Yielded`]): its caller rolls back, freeing the rows,
+    /// and the batch is written again after the ones before it, as any
+    /// failed write is (the writes that follow it fail with it and are
+    /// written again in order). Without a cycle that only costs the batch
+    /// its statements again, and only when the writes before it take
+    /// seconds.
+    async fn committed_before(&self, tx: &mut sqlx::PgConnection, after: &[StepDone]) -> Result<(), SinkError> {
+        if after.is_empty() {
+            return Ok(());
+        }
+        let mut committed = std::pin::pin!(succeeded_all(after));
+        loop {
+            if let Ok(done) = tokio::time::timeout(HOLDING_CHECK, &mut committed).await {
+                return done;
+            }
+            let waited_for: bool =
+                sqlx::query_scalar(WAITED_FOR).fetch_one(&mut *tx).await.map_err(SinkError::Postgres)?;
+            if waited_for {
+                return Err(SinkError::Yielded);
+            }
+        }
     }
 }
 

@@ -342,7 +342,7 @@ async fn postgres_two_writers_of_the_same_rows_queue_and_equal_the_fold() {
         // waits for the one before it while another writer waits for it;
         // the write after it then fails with it.
         let gave_way = |f: &&&String| {
-            f.contains("another writer waited for its rows") || f.contains("an earlier batch of a partition")
+            f.contains("rolled back: it waited for an earlier batch") || f.contains("an earlier batch of a partition")
         };
         let deadlocks = failed.iter().filter(|f| f.contains("40P01")).count();
         println!(
@@ -356,7 +356,14 @@ async fn postgres_two_writers_of_the_same_rows_queue_and_equal_the_fold() {
             failed.iter().filter(gave_way).count(),
             wrong.len()
         );
-        if shapes == 1 {
+        // A real cycle through a chained write's wait is rare: many would
+        // be writes giving way needlessly (its statements, and those of
+        // the write behind it, run again).
+        let yields = failed.iter().filter(|f| f.contains("rolled back: it waited for an earlier batch")).count();
+        assert!(yields <= 3, "seed {seed}: {yields} writes gave way:\n{failed:#?}");
+        if shapes == 1 && !chained {
+            assert!(failed.is_empty(), "seed {seed}: writes failed (retried):\n{failed:#?}");
+        } else if shapes == 1 {
             assert!(failed.iter().all(|f| gave_way(&f)), "seed {seed}: writes failed (retried):\n{failed:#?}");
         } else {
             assert!(
@@ -414,7 +421,7 @@ async fn write_beside_another(
     seed: u64,
     chained: bool,
 ) -> (Vec<String>, (std::time::Instant, std::time::Instant)) {
-    use kawka::sink::{Follows, StepDone};
+    use kawka::sink::{Backends, Follows, StepDone};
     use std::collections::HashSet;
     use std::time::Duration;
 
@@ -482,8 +489,11 @@ async fn write_beside_another(
             }
         }
         let plan = sink.plan(&batch, &[], &offsets);
-        let (ran_signal, ran) = StepDone::channel();
-        let (committed_signal, committed) = StepDone::channel();
+        // A write's steps share its server processes, which name those of
+        // the writes it waits for, as the pipeline makes them.
+        let backends = Backends::waiting_for(&follows.committed);
+        let (ran_signal, ran) = StepDone::channel_of(backends.clone());
+        let (committed_signal, committed) = StepDone::channel_of(backends);
         let task_sink = sink.clone();
         let task = tokio::spawn(async move {
             let written = match plan {

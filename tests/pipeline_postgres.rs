@@ -755,7 +755,7 @@ async fn a_share_that_ran_commits_without_waiting_for_the_others() {
 async fn a_batch_waiting_for_the_one_before_gives_way_to_a_writer_waiting_for_it() {
     use kawka::event::{PartitionOffset, Position};
     use kawka::projection::{OpKind, WriteOp};
-    use kawka::sink::{Follows, SinkError, StepDone};
+    use kawka::sink::{Follows, SinkError};
     use kawka::value::{intern, Value};
 
     let pool = support::postgres().await;
@@ -802,15 +802,17 @@ async fn a_batch_waiting_for_the_one_before_gives_way_to_a_writer_waiting_for_it
     let b_at = [at(&b_claims, 1, 2)];
     let first_plan = a.plan(&first, &[], &first_at).expect("plan");
     let second_plan = a.plan(&second, &[], &second_at).expect("plan");
-    let (first_ran, _) = StepDone::channel();
-    let (first_committed, committed) = StepDone::channel();
-    let (second_ran, _) = StepDone::channel();
-    let after_first = Follows { ran: Vec::new(), committed: vec![committed] };
+    // As the pipeline makes them: a write's two steps share its server
+    // processes, and the second write's name the first's.
+    let first_steps = steps(&[]);
+    let (first_ran, first_committed) = (first_steps.ran, first_steps.committed);
+    let after_first = Follows { ran: Vec::new(), committed: vec![first_steps.committed_seen] };
+    let second_ran = steps(&after_first.committed).ran;
     let writes = async {
         tokio::join!(b.write(&b_batch, &b_at), async {
             // b holds y (its trigger sleeps) when a's batches start: the
             // first waits for y, the second takes z, then b waits for z.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            sleeping(&pool, &table).await;
             tokio::join!(
                 async {
                     let written = a.write_planned(&first_plan, &first, &Follows::default(), first_ran).await;
@@ -877,6 +879,122 @@ async fn one_connection_writes_batches_of_several_partitions() {
     assert!(!log.contains("retrying") && !log.contains("writing it again"), "log:\n{log}");
     let _ = kawka.terminate().await;
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
+}
+
+/// A write's two steps as the pipeline makes them (see
+/// `pipeline::write`): `ran` and `committed`, each a signal and what the
+/// writes after it see; they share the write's server processes, which
+/// name those of the writes it waits for (`after`).
+struct Steps {
+    ran: kawka::sink::StepSignal,
+    ran_seen: kawka::sink::StepDone,
+    committed: kawka::sink::StepSignal,
+    committed_seen: kawka::sink::StepDone,
+}
+
+fn steps(after: &[kawka::sink::StepDone]) -> Steps {
+    use kawka::sink::{Backends, StepDone};
+    let backends = Backends::waiting_for(after);
+    let (ran, ran_seen) = StepDone::channel_of(backends.clone());
+    let (committed, committed_seen) = StepDone::channel_of(backends);
+    Steps { ran, ran_seen, committed, committed_seen }
+}
+
+/// Waits until a statement writing `table` sleeps in its trigger
+/// (`pg_sleep`; other tests' may sleep at the same time).
+async fn sleeping(pool: &sqlx::PgPool, table: &str) {
+    eventually(Duration::from_secs(10), "a statement sleeping in its trigger", || async {
+        let asleep: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND strpos(query, $1) > 0",
+        )
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .expect("activity");
+        (asleep > 0).then_some(())
+    })
+    .await;
+}
+
+/// A batch waiting for a slow one before it to commit, while a write that
+/// follows it (another partition, a key in common) waits in Postgres for
+/// its rows, is no cycle: it keeps waiting rather than give way (which
+/// would cost it, and the write behind it, their statements again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waited_for_by_its_own_follower_keeps_waiting() {
+    use kawka::event::{PartitionOffset, Position};
+    use kawka::projection::{OpKind, WriteOp};
+    use kawka::sink::Follows;
+    use kawka::value::{intern, Value};
+
+    let pool = support::postgres().await;
+    let table = support::unique("follower");
+    // Updating w takes 2 s: the first batch is slow, blocked by no one.
+    let slow_w = "IF TG_OP = 'UPDATE' AND NEW.id = 'w' THEN PERFORM pg_sleep(2); END IF;";
+    id_n_table(&pool, &table, slow_w).await;
+    sqlx::query(&format!("INSERT INTO \"{table}\" (id, n) VALUES ('w', 0), ('x', 0)"))
+        .execute(&pool)
+        .await
+        .expect("rows");
+    let connector =
+        id_n_connector(&table, "unused-follower", "on_error: stop", 100, "test.Add: { increment: { n: n } }");
+    let project = Project::new("http://127.0.0.1:9", &[(&table, &connector)]);
+    let a = postgres_sinks(&project).remove(0);
+    a.prepare().await.expect("prepare");
+    let topic = intern("unused-follower");
+    let claims = a.claim(&[(topic, 0), (topic, 1)]).await.expect("claim");
+    let add = |id: &str, partition: i32, offset: i64| WriteOp {
+        key: vec![Value::from(id)].into(),
+        kind: OpKind::Increment,
+        fields: vec![(intern("n"), Value::Int(1))],
+        version: None,
+        position: Position { topic, partition, offset },
+    };
+    let at = |partition: i32, next_offset: i64| PartitionOffset {
+        topic,
+        partition,
+        next_offset,
+        epoch: claims.iter().find(|c| c.partition == partition).expect("claimed").epoch,
+    };
+    // Partition 0: the slow batch (w), then x, committing after it.
+    // Partition 1: x again, after the second batch's statements.
+    let batches = [[add("w", 0, 0)], [add("x", 0, 1)], [add("x", 1, 0)]];
+    let offsets = [[at(0, 1)], [at(0, 2)], [at(1, 1)]];
+    let plans: Vec<_> = batches.iter().zip(&offsets).map(|(b, o)| a.plan(b, &[], o).expect("plan")).collect();
+    let first = steps(&[]);
+    let (first_ran, first_committed) = (first.ran, first.committed);
+    let after_first = Follows { ran: Vec::new(), committed: vec![first.committed_seen] };
+    let second = steps(&after_first.committed);
+    let (second_ran, second_committed_signal) = (second.ran, second.committed);
+    // The third shares a key with the second: statements after its own.
+    let after_second = Follows { ran: vec![second.ran_seen], committed: vec![second.committed_seen] };
+    let third_ran = steps(&after_second.committed).ran;
+    let started = std::time::Instant::now();
+    let written = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(
+            async {
+                let written = a.write_planned(&plans[0], &batches[0], &Follows::default(), first_ran).await;
+                first_committed.send(written.is_ok());
+                written
+            },
+            async {
+                let written = a.write_planned(&plans[1], &batches[1], &after_first, second_ran).await;
+                second_committed_signal.send(written.is_ok());
+                written
+            },
+            a.write_planned(&plans[2], &batches[2], &after_second, third_ran)
+        )
+    })
+    .await
+    .expect("the writes end");
+    let (first, second, third) = written;
+    first.expect("the slow batch");
+    second.expect("the batch waiting for it, waited for by the third: it kept waiting");
+    third.expect("the third, after the second");
+    assert!(started.elapsed() >= Duration::from_secs(2), "the second waited for the slow first (2 s)");
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
+    assert_eq!(rows, vec![("w".into(), 1), ("x".into(), 2)]);
 }
 
 /// A write that fails once (a serialization failure) is written again, and

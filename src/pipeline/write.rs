@@ -14,7 +14,7 @@ use crate::error::ErrorClass;
 use crate::error::Failure;
 use crate::event::PartitionOffset;
 use crate::projection::fold;
-use crate::sink::{Plan, SinkError, StepDone, Written};
+use crate::sink::{Backends, Plan, SinkError, StepDone, Written};
 use crate::status::Outcome;
 use crate::value::Name;
 
@@ -83,11 +83,12 @@ impl Worker<'_> {
             self.settle_oldest().await?;
         }
         // A write that failed was written again as it settled (above or
-        // earlier); the writes in flight that follow it fail too (they roll
-        // back, to be written again as they settle). A batch following one
-        // of them would fail in turn, and so would every batch after it,
-        // each written twice for as long as batches keep coming.
-        if self.behind_a_failure {
+        // earlier), or failed and waits to be; the writes in flight that
+        // follow it fail too (they roll back, to be written again as they
+        // settle). A batch following one of them would fail in turn, and
+        // so would every batch after it, each written twice for as long as
+        // batches keep coming.
+        if self.behind_a_failure || self.in_flight.iter().any(|write| write.committed.failed()) {
             self.settle().await?;
         }
         if self.pending.is_empty() {
@@ -110,8 +111,11 @@ impl Worker<'_> {
             }
         }
         let follows = follows(&self.in_flight, &partitions, &keys);
-        let (ran_signal, ran) = StepDone::channel();
-        let (signal, committed) = StepDone::channel();
+        // The write's server processes, and those of the writes it waits
+        // for, for the writes that will wait for it (see [`Backends`]).
+        let backends = Backends::waiting_for(&follows.committed);
+        let (ran_signal, ran) = StepDone::channel_of(backends.clone());
+        let (signal, committed) = StepDone::channel_of(backends);
         // (Settling a failed write rewrites it through `pending` and puts
         // this batch back as it was, so `offsets` and `plan` still hold,
         // unless it halts: then this batch is dropped, unwritten.)

@@ -55,11 +55,10 @@ pub enum SinkError {
     #[error("no answer from the sink within {0:?}; writing again")]
     TimedOut(Duration),
     /// The batch ran its statements and waited for an earlier batch to
-    /// commit while another writer waited for its rows (maybe the writer
-    /// the earlier batch waits for: a cycle Postgres cannot see): rolled
-    /// back to let that writer go, to be written again after the earlier
-    /// batch.
-    #[error("rolled back: another writer waited for its rows while it waited for an earlier batch to commit")]
+    /// commit, which waited in the database, through another writer, for
+    /// its rows (a cycle the database cannot see): rolled back to let the
+    /// others go, to be written again after the earlier batch.
+    #[error("rolled back: it waited for an earlier batch to commit, which waited through another writer for its rows")]
     Yielded,
 }
 
@@ -120,19 +119,26 @@ impl Written {
 
 /// Whether one step of a write in flight succeeded (its statements ran,
 /// or it committed: [`Follows`] says which), read by the writes that
-/// follow it (see [`Sink::write_planned`]). A one-shot.
+/// follow it (see [`Sink::write_planned`]), with the write's [`Backends`].
+/// A one-shot.
 #[derive(Debug, Clone)]
-pub struct StepDone(tokio::sync::watch::Receiver<Option<bool>>);
+pub struct StepDone(tokio::sync::watch::Receiver<Option<bool>>, Backends);
 
 /// The sending side of [`StepDone`]: dropped unsent (a task that ended
 /// early), it reads as failed.
 #[derive(Debug)]
-pub struct StepSignal(tokio::sync::watch::Sender<Option<bool>>);
+pub struct StepSignal(tokio::sync::watch::Sender<Option<bool>>, Backends);
 
 impl StepDone {
     pub fn channel() -> (StepSignal, StepDone) {
+        StepDone::channel_of(Backends::default())
+    }
+
+    /// A step of the write whose server processes are `backends` (a
+    /// write's steps share them).
+    pub fn channel_of(backends: Backends) -> (StepSignal, StepDone) {
         let (sender, receiver) = tokio::sync::watch::channel(None);
-        (StepSignal(sender), StepDone(receiver))
+        (StepSignal(sender, backends.clone()), StepDone(receiver, backends))
     }
 
     /// Waits until the step is over: whether it succeeded.
@@ -140,12 +146,78 @@ impl StepDone {
         let mut receiver = self.0.clone();
         matches!(receiver.wait_for(Option::is_some).await.map(|seen| *seen), Ok(Some(true)))
     }
+
+    /// Whether the step is over and failed, without waiting.
+    pub fn failed(&self) -> bool {
+        let sent = *self.0.borrow();
+        match sent {
+            Some(succeeded) => !succeeded,
+            // The signal dropped unsent: the write ended early.
+            None => self.0.has_changed().is_err(),
+        }
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.1
+    }
 }
 
 impl StepSignal {
     pub fn send(self, succeeded: bool) {
         // Nobody left to tell is fine: no write follows this one.
         let _ = self.0.send(Some(succeeded));
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.1
+    }
+}
+
+/// The database server processes (Postgres backend pids) of a write in
+/// flight's transactions, published as each begins, and, weakly, those of
+/// the writes it waits for to commit: a write that waits for others to
+/// commit, holding its rows, asks whether any of these waits for it in
+/// the database (a cycle the database cannot see, see
+/// `PostgresSink::committed_before`).
+#[derive(Debug, Clone, Default)]
+pub struct Backends(std::sync::Arc<BackendsOf>);
+
+#[derive(Debug, Default)]
+struct BackendsOf {
+    pids: std::sync::Mutex<Vec<i32>>,
+    /// Weak: a chain of writes, each waiting for the one before, must not
+    /// keep alive every write since the first.
+    waits_for: Vec<std::sync::Weak<BackendsOf>>,
+}
+
+impl Backends {
+    /// Of a write that waits for `writes` to commit.
+    pub fn waiting_for(writes: &[StepDone]) -> Backends {
+        let waits_for = writes.iter().map(|write| std::sync::Arc::downgrade(&write.1 .0)).collect();
+        Backends(std::sync::Arc::new(BackendsOf { pids: Default::default(), waits_for }))
+    }
+
+    /// Publishes one of the write's server processes.
+    pub fn add(&self, pid: i32) {
+        // (Never held across an await; poisoned only by a panic while pushing.)
+        self.0.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(pid);
+    }
+
+    /// The server processes of `writes` and of the writes they wait for,
+    /// transitively (those still in flight).
+    pub fn of_all(writes: &[StepDone]) -> Vec<i32> {
+        let mut pids = Vec::new();
+        let mut seen: Vec<*const BackendsOf> = Vec::new();
+        let mut next: Vec<std::sync::Arc<BackendsOf>> = writes.iter().map(|write| write.1 .0.clone()).collect();
+        while let Some(write) = next.pop() {
+            if seen.contains(&std::sync::Arc::as_ptr(&write)) {
+                continue;
+            }
+            seen.push(std::sync::Arc::as_ptr(&write));
+            pids.extend(write.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().copied());
+            next.extend(write.waits_for.iter().filter_map(std::sync::Weak::upgrade));
+        }
+        pids
     }
 }
 
@@ -424,6 +496,40 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backends_name_the_writes_waited_for_transitively_while_they_are_in_flight() {
+        let (first_signal, first) = StepDone::channel();
+        first_signal.backends().add(11);
+        let (second_signal, second) = StepDone::channel_of(Backends::waiting_for(std::slice::from_ref(&first)));
+        second_signal.backends().add(21);
+        second_signal.backends().add(22);
+        // A third waits for the second and, again, the first: each once.
+        let third = Backends::waiting_for(&[second.clone(), first.clone()]);
+        let (_, third) = StepDone::channel_of(third);
+        let mut all = Backends::of_all(std::slice::from_ref(&third));
+        all.sort_unstable();
+        assert_eq!(all, vec![11, 21, 22]);
+        // The first settled (nothing holds it): only a weak link is left.
+        drop((first_signal, first));
+        let mut left = Backends::of_all(&[third]);
+        left.sort_unstable();
+        assert_eq!(left, vec![21, 22]);
+    }
+
+    #[test]
+    fn a_step_reads_failed_once_it_failed_or_its_signal_dropped_unsent() {
+        let (ok, ok_seen) = StepDone::channel();
+        assert!(!ok_seen.failed(), "not over yet");
+        ok.send(true);
+        assert!(!ok_seen.failed());
+        let (bad, bad_seen) = StepDone::channel();
+        bad.send(false);
+        assert!(bad_seen.failed());
+        let (dropped, dropped_seen) = StepDone::channel();
+        drop(dropped);
+        assert!(dropped_seen.failed());
+    }
 
     #[tokio::test]
     async fn a_write_follows_only_writes_that_committed() {

@@ -91,6 +91,11 @@ pub struct PostgresSink {
     /// The primary key's columns and their types, in key order (`None`:
     /// not a column of the table): looked up once, not per op.
     key_columns: Arc<[(Name, Option<ColumnType>)]>,
+    /// Whether the server tells which transactions block which
+    /// (`pg_blocking_pids`, probed by `prepare`): a batch waiting for the
+    /// one before it to commit asks, to find a cycle through kawka's wait.
+    /// Postgres-compatible servers may lack it. Shared by the clones.
+    sees_blocking: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PostgresSink {
@@ -126,6 +131,7 @@ impl PostgresSink {
             connector: connector.name.clone(),
             parks: connector.parks,
             new_keys: Arc::default(),
+            sees_blocking: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             columns: target.columns.iter().map(|c| (intern(&c.name), c.ty)).collect(),
             key_columns: target
                 .primary_key
@@ -192,7 +198,25 @@ impl PostgresSink {
                 .await
                 .map_err(SinkError::Postgres)?;
         }
-        tx.commit().await.map_err(SinkError::Postgres)
+        tx.commit().await.map_err(SinkError::Postgres)?;
+        // On a connection of its own: a refusal aborts its transaction.
+        let probe = sqlx::query("SELECT pg_blocking_pids(pg_backend_pid())").execute(&self.pool).await;
+        if let Err(error) = probe {
+            if error.as_database_error().is_none() {
+                return Err(SinkError::Postgres(error));
+            }
+            tracing::warn!(connector = %self.connector, error = %database_message(&error),
+                "the server does not say which transactions block which (pg_blocking_pids): \
+                 a batch waiting for the one before it cannot see a cycle with another writer, \
+                 which then holds until the idle-in-transaction timeout");
+            self.sees_blocking.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Whether the server tells which transactions block which.
+    pub(super) fn sees_blocking(&self) -> bool {
+        self.sees_blocking.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -11,7 +11,7 @@ use super::PostgresSink;
 use crate::event::PartitionOffset;
 use crate::projection::fold::{self, fold, Folded, GroupBy, NetOp};
 use crate::projection::WriteOp;
-use crate::sink::{succeeded_all, Follows, SinkError, StepDone, StepSignal};
+use crate::sink::{succeeded_all, Backends, Follows, SinkError, StepDone, StepSignal};
 
 /// A batch's statements, ready to run (see [`PostgresSink::plan`]).
 #[derive(Debug)]
@@ -116,6 +116,11 @@ impl PostgresSink {
         retry: bool,
     ) -> Result<Vec<usize>, SinkError> {
         succeeded_all(&follows.ran).await?;
+        // A chained write publishes its transactions' server processes: a
+        // write that waits for it to commit looks for them (see
+        // `committed_before`). Written alone (again), nothing waits for it.
+        let backends = ran.as_ref().map(|ran| ran.backends().clone());
+        let backends = backends.as_ref();
         match plan {
             PostgresPlan::PerPartition(shares) => {
                 // Each share commits as soon as it has run its statements
@@ -130,7 +135,7 @@ impl PostgresSink {
                 let writes = futures::future::join_all(shares.iter().map(|(offset, statements)| {
                     let report = report.clone();
                     async move {
-                        let started = self.run_share(offset, statements, retry).await;
+                        let started = self.run_share(offset, statements, retry, backends).await;
                         // Read below until every share has reported.
                         let _ = report.send(started.is_ok()).await;
                         match started? {
@@ -164,6 +169,7 @@ impl PostgresSink {
                     succeeded_all(&follows.committed).await?;
                 }
                 let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+                self.publish(&mut tx, backends).await?;
                 if retry && !offsets.is_empty() && self.reached_all(&mut tx, offsets).await? {
                     return tx.rollback().await.map_err(SinkError::Postgres).map(|()| Vec::new());
                 }
@@ -268,8 +274,10 @@ impl PostgresSink {
         offset: &PartitionOffset,
         statements: &[Statement],
         retry: bool,
+        backends: Option<&Backends>,
     ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, SinkError> {
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+        self.publish(&mut tx, backends).await?;
         if retry && self.reached(&mut tx, offset).await? {
             tx.rollback().await.map_err(SinkError::Postgres)?;
             return Ok(None);
@@ -308,28 +316,43 @@ impl PostgresSink {
 }
 
 /// How long a transaction that ran its statements waits for the writes
-/// before it to commit before it asks Postgres whether another transaction
-/// waits for its rows; it asks again as often while it waits.
+/// before it to commit before it asks Postgres whether one of them waits
+/// for it; it asks again as often while it waits.
 const HOLDING_CHECK: Duration = Duration::from_secs(1);
 
-/// Whether another transaction waits (directly) for a lock this one holds.
-const WAITED_FOR: &str =
-    "SELECT EXISTS (SELECT FROM pg_locks WHERE NOT granted AND pg_backend_pid() = ANY (pg_blocking_pids(pid)))";
+/// Whether this transaction blocks, directly or through others, one of
+/// the server processes `$1`: the processes each of them waits for, then
+/// those these wait for, and so on (`UNION` ends at a cycle).
+const BLOCKS_ONE_OF: &str = "WITH RECURSIVE blockers(pid) AS ( \
+       SELECT unnest(pg_blocking_pids(waiting)) FROM unnest($1::int4[]) AS waiting \
+     UNION \
+       SELECT unnest(pg_blocking_pids(blockers.pid)) FROM blockers \
+   ) SELECT pg_backend_pid() IN (SELECT pid FROM blockers)";
 
 impl PostgresSink {
+    /// Publishes the server process of `tx` in `backends` (a chained
+    /// write's; `None`: nothing waits for this write).
+    async fn publish(&self, tx: &mut sqlx::PgConnection, backends: Option<&Backends>) -> Result<(), SinkError> {
+        if let (Some(backends), true) = (backends, self.sees_blocking()) {
+            let pid: i32 =
+                sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.map_err(SinkError::Postgres)?;
+            backends.add(pid);
+        }
+        Ok(())
+    }
+
     /// Waits, holding `tx`'s rows, for the writes `after` to commit. That
     /// wait is in kawka, where Postgres cannot see it: if one of those
-    /// writes waits in Postgres for another writer (a replica) that waits
-    /// for these rows, no one ever moves. A cycle through kawka's waits
-    /// always has a transaction that waits here while another waits for
-    /// its rows in Postgres, so after each [`HOLDING_CHECK`] of waiting this
-    /// one asks whether someone waits for it, and if so gives way
-    /// ([`SinkError::Yielded`]): its caller rolls back, freeing the rows,
-    /// and the batch is written again after the ones before it, as any
-    /// failed write is (the writes that follow it fail with it and are
-    /// written again in order). Without a cycle that only costs the batch
-    /// its statements again, and only when the writes before it take
-    /// seconds.
+    /// writes (or one they wait for) waits in Postgres, directly or
+    /// through other transactions (another replica's), for these rows, no
+    /// one ever moves. So after each [`HOLDING_CHECK`] of waiting this one
+    /// asks Postgres whether it blocks one of their server processes, and
+    /// if so gives way ([`SinkError::Yielded`]): its caller rolls back,
+    /// freeing the rows, and the batch is written again after the ones
+    /// before it, as any failed write is (the writes that follow it fail
+    /// with it and are written again in order). A transaction merely
+    /// waited for (by a replica, or by a write that follows this one)
+    /// while the writes before it are slow keeps waiting.
     async fn committed_before(&self, tx: &mut sqlx::PgConnection, after: &[StepDone]) -> Result<(), SinkError> {
         if after.is_empty() {
             return Ok(());
@@ -339,9 +362,20 @@ impl PostgresSink {
             if let Ok(done) = tokio::time::timeout(HOLDING_CHECK, &mut committed).await {
                 return done;
             }
-            let waited_for: bool =
-                sqlx::query_scalar(WAITED_FOR).fetch_one(&mut *tx).await.map_err(SinkError::Postgres)?;
-            if waited_for {
+            let waiting = Backends::of_all(after);
+            if waiting.is_empty() || !self.sees_blocking() {
+                continue;
+            }
+            let blocks: bool = sqlx::query_scalar(BLOCKS_ONE_OF)
+                .bind(&waiting)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(SinkError::Postgres)?;
+            // They may have committed while Postgres answered.
+            if let Some(done) = futures::FutureExt::now_or_never(&mut committed) {
+                return done;
+            }
+            if blocks {
                 return Err(SinkError::Yielded);
             }
         }

@@ -12,6 +12,7 @@ use rand::Rng;
 use serde_json::{json, Value as Json};
 use sqlx::Row;
 
+use kawka::event::{Claim, PartitionOffset};
 use support::{eventually, Project};
 
 fn ops_schemas() -> Json {
@@ -685,43 +686,16 @@ async fn chained_batches_sharing_keys_apply_in_order_without_deadlocks() {
 /// idle share's connection timed out (2 minutes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_share_that_ran_commits_without_waiting_for_the_others() {
-    use kawka::event::{PartitionOffset, Position};
-    use kawka::projection::{OpKind, WriteOp};
-    use kawka::value::{intern, Value};
-
     let pool = support::postgres().await;
-    let table = support::unique("shares");
     // Writing row a takes a second: the share that writes a and then j
     // reaches j only after the other writer has taken it.
-    id_n_table(&pool, &table, "IF NEW.id = 'a' AND NEW.n > 0 THEN PERFORM pg_sleep(1); END IF;").await;
-    sqlx::query(&format!("INSERT INTO \"{table}\" (id, n) VALUES ('a', 0), ('j', 0), ('k', 0)"))
-        .execute(&pool)
-        .await
-        .expect("rows");
-    let connector = id_n_connector(&table, "unused-shares", "on_error: stop", 100, "test.Add: { increment: { n: n } }");
-    let (project_a, project_b) = (
-        Project::new("http://127.0.0.1:9", &[(&table, &connector)]),
-        Project::new("http://127.0.0.1:9", &[(&table, &connector)]),
-    );
-    let (a, b) = (postgres_sinks(&project_a).remove(0), postgres_sinks(&project_b).remove(0));
-    // The positions' table, on a database no other test has used yet.
-    a.prepare().await.expect("prepare");
-    let topic = intern("unused-shares");
+    let slow_a = "IF NEW.id = 'a' AND NEW.n > 0 THEN PERFORM pg_sleep(1); END IF;";
+    let (table, topic, mut sinks) = slow_row_replicas(&pool, "shares", slow_a, &["a", "j", "k"], 2).await;
+    let (a, b) = (sinks.remove(0), sinks.remove(0));
     let a_claims = a.claim(&[(topic, 0), (topic, 1)]).await.expect("claim");
     let b_claims = b.claim(&[(topic, 2)]).await.expect("claim");
-    let add = |id: &str, n: i64, partition: i32, offset: i64| WriteOp {
-        key: vec![Value::from(id)].into(),
-        kind: OpKind::Increment,
-        fields: vec![(intern("n"), Value::Int(n))],
-        version: None,
-        position: Position { topic, partition, offset },
-    };
-    let at = |claims: &[kawka::event::Claim], partition: i32, next_offset: i64| PartitionOffset {
-        topic,
-        partition,
-        next_offset,
-        epoch: claims.iter().find(|c| c.partition == partition).expect("claimed").epoch,
-    };
+    let add = |id, n, partition, offset| increment(topic, id, n, partition, offset);
+    let at = |claims: &[Claim], partition, next_offset| position(claims, topic, partition, next_offset);
     // Writer a: partition 0 adds to k, partition 1 to a (slow) then j: two
     // shares. Writer b, a moment later: j then k, one transaction. b takes
     // j and waits for k (held by a's first share, which has run); a's
@@ -731,7 +705,7 @@ async fn a_share_that_ran_commits_without_waiting_for_the_others() {
     let (a_offsets, b_offsets) = ([at(&a_claims, 0, 1), at(&a_claims, 1, 2)], [at(&b_claims, 2, 2)]);
     let writes = async {
         tokio::join!(a.write(&a_batch, &a_offsets), async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            sleeping(&pool, &table).await;
             b.write(&b_batch, &b_offsets).await
         })
     };
@@ -749,50 +723,23 @@ async fn a_share_that_ran_commits_without_waiting_for_the_others() {
 /// before it (same partition) to commit. If that one waits in Postgres for
 /// another replica that waits for these rows, the three wait in a cycle
 /// Postgres cannot see (one wait is in kawka): it held until the idle
-/// connection's timeout (2 minutes). The waiting batch now sees that
-/// someone waits for its rows, rolls back and is written again after.
+/// connection's timeout (2 minutes). The waiting batch now sees that the
+/// batch before waits, through the replica, for its rows: it rolls back
+/// and is written again after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_waiting_for_the_one_before_gives_way_to_a_writer_waiting_for_it() {
-    use kawka::event::{PartitionOffset, Position};
-    use kawka::projection::{OpKind, WriteOp};
     use kawka::sink::{Follows, SinkError};
-    use kawka::value::{intern, Value};
 
     let pool = support::postgres().await;
-    let table = support::unique("giveway");
-    // Writer b's update of y takes a second, holding y, before it reaches z
-    // (an update: a `COPY` tried first holds no row it fails on).
-    let slow_y = "IF TG_OP = 'UPDATE' AND NEW.id = 'y' AND NEW.n = 10 THEN PERFORM pg_sleep(1); END IF;";
-    id_n_table(&pool, &table, slow_y).await;
-    sqlx::query(&format!("INSERT INTO \"{table}\" (id, n) VALUES ('y', 0), ('z', 0)"))
-        .execute(&pool)
-        .await
-        .expect("rows");
-    let connector =
-        id_n_connector(&table, "unused-giveway", "on_error: stop", 100, "test.Add: { increment: { n: n } }");
-    let (project_a, project_b) = (
-        Project::new("http://127.0.0.1:9", &[(&table, &connector)]),
-        Project::new("http://127.0.0.1:9", &[(&table, &connector)]),
-    );
-    let (a, b) = (postgres_sinks(&project_a).remove(0), postgres_sinks(&project_b).remove(0));
-    // The positions' table, on a database no other test has used yet.
-    a.prepare().await.expect("prepare");
-    let topic = intern("unused-giveway");
+    // Writer b's update of y takes two seconds, holding y, before it
+    // reaches z (an update: a `COPY` tried first holds no row it fails on).
+    let slow_y = "IF TG_OP = 'UPDATE' AND NEW.id = 'y' AND NEW.n = 10 THEN PERFORM pg_sleep(2); END IF;";
+    let (table, topic, mut sinks) = slow_row_replicas(&pool, "giveway", slow_y, &["y", "z"], 2).await;
+    let (a, b) = (sinks.remove(0), sinks.remove(0));
     let a_claims = a.claim(&[(topic, 0)]).await.expect("claim");
     let b_claims = b.claim(&[(topic, 1)]).await.expect("claim");
-    let add = |id: &str, n: i64, partition: i32, offset: i64| WriteOp {
-        key: vec![Value::from(id)].into(),
-        kind: OpKind::Increment,
-        fields: vec![(intern("n"), Value::Int(n))],
-        version: None,
-        position: Position { topic, partition, offset },
-    };
-    let at = |claims: &[kawka::event::Claim], partition: i32, next_offset: i64| PartitionOffset {
-        topic,
-        partition,
-        next_offset,
-        epoch: claims[0].epoch,
-    };
+    let add = |id, n, partition, offset| increment(topic, id, n, partition, offset);
+    let at = |claims: &[Claim], partition, next_offset| position(claims, topic, partition, next_offset);
     // Writer a's two batches of partition 0, chained as the pipeline
     // chains them: the second (z) runs beside the first (y) and commits
     // after it. Writer b: y (slow) then z, one transaction, started first.
@@ -881,6 +828,51 @@ async fn one_connection_writes_batches_of_several_partitions() {
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
 }
 
+/// A table `(id, n)` of `rows` (each 0) whose `BEFORE` trigger runs
+/// `slow` (what makes a test's write slow), and `replicas` sinks of one
+/// connector of it, prepared (the positions' table, on a database no
+/// other test has used yet). The connector's topic is never read: the
+/// tests write through the sinks.
+async fn slow_row_replicas(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+    slow: &str,
+    rows: &[&str],
+    replicas: usize,
+) -> (String, kawka::value::Name, Vec<kawka::sink::postgres::PostgresSink>) {
+    let table = support::unique(prefix);
+    id_n_table(pool, &table, slow).await;
+    let values: Vec<String> = rows.iter().map(|id| format!("('{id}', 0)")).collect();
+    sqlx::query(&format!("INSERT INTO \"{table}\" (id, n) VALUES {}", values.join(", ")))
+        .execute(pool)
+        .await
+        .expect("rows");
+    let topic = format!("unused-{table}");
+    let connector = id_n_connector(&table, &topic, "on_error: stop", 100, "test.Add: { increment: { n: n } }");
+    let sinks: Vec<_> = (0..replicas)
+        .map(|_| postgres_sinks(&Project::new("http://127.0.0.1:9", &[(&table, &connector)])).remove(0))
+        .collect();
+    sinks[0].prepare().await.expect("prepare");
+    (table, kawka::value::intern(&topic), sinks)
+}
+
+/// An op adding `n` to row `id`, at `offset` of `partition`.
+fn increment(topic: kawka::value::Name, id: &str, n: i64, partition: i32, offset: i64) -> kawka::projection::WriteOp {
+    kawka::projection::WriteOp {
+        key: vec![kawka::value::Value::from(id)].into(),
+        kind: kawka::projection::OpKind::Increment,
+        fields: vec![(kawka::value::intern("n"), kawka::value::Value::Int(n))],
+        version: None,
+        position: kawka::event::Position { topic, partition, offset },
+    }
+}
+
+/// The position a batch ends at in `partition`, under its claim.
+fn position(claims: &[Claim], topic: kawka::value::Name, partition: i32, next_offset: i64) -> PartitionOffset {
+    let epoch = claims.iter().find(|c| c.partition == partition).expect("claimed").epoch;
+    PartitionOffset { topic, partition, next_offset, epoch }
+}
+
 /// A write's two steps as the pipeline makes them (see
 /// `pipeline::write`): `ran` and `committed`, each a signal and what the
 /// writes after it see; they share the write's server processes, which
@@ -922,40 +914,16 @@ async fn sleeping(pool: &sqlx::PgPool, table: &str) {
 /// would cost it, and the write behind it, their statements again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_waited_for_by_its_own_follower_keeps_waiting() {
-    use kawka::event::{PartitionOffset, Position};
-    use kawka::projection::{OpKind, WriteOp};
     use kawka::sink::Follows;
-    use kawka::value::{intern, Value};
 
     let pool = support::postgres().await;
-    let table = support::unique("follower");
     // Updating w takes 2 s: the first batch is slow, blocked by no one.
     let slow_w = "IF TG_OP = 'UPDATE' AND NEW.id = 'w' THEN PERFORM pg_sleep(2); END IF;";
-    id_n_table(&pool, &table, slow_w).await;
-    sqlx::query(&format!("INSERT INTO \"{table}\" (id, n) VALUES ('w', 0), ('x', 0)"))
-        .execute(&pool)
-        .await
-        .expect("rows");
-    let connector =
-        id_n_connector(&table, "unused-follower", "on_error: stop", 100, "test.Add: { increment: { n: n } }");
-    let project = Project::new("http://127.0.0.1:9", &[(&table, &connector)]);
-    let a = postgres_sinks(&project).remove(0);
-    a.prepare().await.expect("prepare");
-    let topic = intern("unused-follower");
+    let (table, topic, mut sinks) = slow_row_replicas(&pool, "follower", slow_w, &["w", "x"], 1).await;
+    let a = sinks.remove(0);
     let claims = a.claim(&[(topic, 0), (topic, 1)]).await.expect("claim");
-    let add = |id: &str, partition: i32, offset: i64| WriteOp {
-        key: vec![Value::from(id)].into(),
-        kind: OpKind::Increment,
-        fields: vec![(intern("n"), Value::Int(1))],
-        version: None,
-        position: Position { topic, partition, offset },
-    };
-    let at = |partition: i32, next_offset: i64| PartitionOffset {
-        topic,
-        partition,
-        next_offset,
-        epoch: claims.iter().find(|c| c.partition == partition).expect("claimed").epoch,
-    };
+    let add = |id, partition, offset| increment(topic, id, 1, partition, offset);
+    let at = |partition, next_offset| position(&claims, topic, partition, next_offset);
     // Partition 0: the slow batch (w), then x, committing after it.
     // Partition 1: x again, after the second batch's statements.
     let batches = [[add("w", 0, 0)], [add("x", 0, 1)], [add("x", 1, 0)]];

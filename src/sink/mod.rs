@@ -149,11 +149,13 @@ impl StepDone {
 
     /// Whether the step is over and failed, without waiting.
     pub fn failed(&self) -> bool {
+        // Closed first: a value sent just after reading `None` closes it.
+        let closed = self.0.has_changed().is_err();
         let sent = *self.0.borrow();
         match sent {
             Some(succeeded) => !succeeded,
             // The signal dropped unsent: the write ended early.
-            None => self.0.has_changed().is_err(),
+            None => closed,
         }
     }
 
@@ -201,6 +203,15 @@ impl Backends {
     pub fn add(&self, pid: i32) {
         // (Never held across an await; poisoned only by a panic while pushing.)
         self.0.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(pid);
+    }
+
+    /// Withdraws one, its transaction over (its connection may serve
+    /// another write next).
+    pub fn remove(&self, pid: i32) {
+        let mut pids = self.0.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(at) = pids.iter().position(|&p| p == pid) {
+            pids.swap_remove(at);
+        }
     }
 
     /// The server processes of `writes` and of the writes they wait for,

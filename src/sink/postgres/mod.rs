@@ -201,16 +201,23 @@ impl PostgresSink {
         tx.commit().await.map_err(SinkError::Postgres)?;
         // On a connection of its own: a refusal aborts its transaction.
         let probe = sqlx::query("SELECT pg_blocking_pids(pg_backend_pid())").execute(&self.pool).await;
-        if let Err(error) = probe {
-            if error.as_database_error().is_none() {
-                return Err(SinkError::Postgres(error));
+        let sees = match probe {
+            Ok(_) => true,
+            Err(error) => {
+                // Only "no such function" or "not supported" say the server
+                // lacks it; anything else is this attempt's.
+                let code = error.as_database_error().and_then(|e| e.code());
+                if !code.is_some_and(|c| c == "42883" || c == "0A000") {
+                    return Err(SinkError::Postgres(error));
+                }
+                tracing::warn!(connector = %self.connector, error = %database_message(&error),
+                    "the server does not say which transactions block which (pg_blocking_pids): \
+                     a batch waiting for the one before it cannot see a cycle with another writer, \
+                     which then holds until the idle-in-transaction timeout");
+                false
             }
-            tracing::warn!(connector = %self.connector, error = %database_message(&error),
-                "the server does not say which transactions block which (pg_blocking_pids): \
-                 a batch waiting for the one before it cannot see a cycle with another writer, \
-                 which then holds until the idle-in-transaction timeout");
-            self.sees_blocking.store(false, std::sync::atomic::Ordering::Relaxed);
-        }
+        };
+        self.sees_blocking.store(sees, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

@@ -139,7 +139,8 @@ impl PostgresSink {
                         // Read below until every share has reported.
                         let _ = report.send(started.is_ok()).await;
                         match started? {
-                            Some(tx) => self.commit_share(tx, offset, &follows.committed).await,
+                            // (`_published` lives until the commit ends.)
+                            Some((tx, _published)) => self.commit_share(tx, offset, &follows.committed).await,
                             None => Ok(()),
                         }
                     }
@@ -169,7 +170,8 @@ impl PostgresSink {
                     succeeded_all(&follows.committed).await?;
                 }
                 let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
-                self.publish(&mut tx, backends).await?;
+                // Unpublished when this scope ends: after the commit or rollback.
+                let _published = self.publish(&mut tx, backends).await?;
                 if retry && !offsets.is_empty() && self.reached_all(&mut tx, offsets).await? {
                     return tx.rollback().await.map_err(SinkError::Postgres).map(|()| Vec::new());
                 }
@@ -269,15 +271,15 @@ impl PostgresSink {
     /// One partition's share: its transaction with the statements run, or
     /// `None` (rolled back) when its position is already at or past
     /// `offset`: it committed before.
-    async fn run_share(
+    async fn run_share<'b>(
         &self,
         offset: &PartitionOffset,
         statements: &[Statement],
         retry: bool,
-        backends: Option<&Backends>,
-    ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, SinkError> {
+        backends: Option<&'b Backends>,
+    ) -> Result<Option<(sqlx::Transaction<'static, Postgres>, Option<Published<'b>>)>, SinkError> {
         let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
-        self.publish(&mut tx, backends).await?;
+        let published = self.publish(&mut tx, backends).await?;
         if retry && self.reached(&mut tx, offset).await? {
             tx.rollback().await.map_err(SinkError::Postgres)?;
             return Ok(None);
@@ -285,7 +287,7 @@ impl PostgresSink {
         for statement in statements {
             self.apply(&mut tx, statement).await?;
         }
-        Ok(Some(tx))
+        Ok(Some((tx, published)))
     }
 
     /// Moves a share's position and commits, once the writes `after` have.
@@ -320,39 +322,61 @@ impl PostgresSink {
 /// for it; it asks again as often while it waits.
 const HOLDING_CHECK: Duration = Duration::from_secs(1);
 
-/// Whether this transaction blocks, directly or through others, one of
-/// the server processes `$1`: the processes each of them waits for, then
-/// those these wait for, and so on (`UNION` ends at a cycle).
-const BLOCKS_ONE_OF: &str = "WITH RECURSIVE blockers(pid) AS ( \
-       SELECT unnest(pg_blocking_pids(waiting)) FROM unnest($1::int4[]) AS waiting \
-     UNION \
-       SELECT unnest(pg_blocking_pids(blockers.pid)) FROM blockers \
-   ) SELECT pg_backend_pid() IN (SELECT pid FROM blockers)";
+/// Whether this transaction may close a cycle through kawka's wait: a
+/// transaction waits (directly) for one of its locks, and one of the
+/// server processes `$1` (those of the writes it waits for to commit)
+/// waits for a lock in turn. In a cycle through kawka's waits, the
+/// transaction waiting in kawka that another waits for in Postgres sees
+/// both: the writes it waits for lead, through kawka's waits (whose
+/// processes `$1` includes), to one that waits in Postgres. A write
+/// merely slow (its transaction working, or waiting in kawka for an
+/// earlier one) is no cycle, whoever waits for this one.
+const MAY_CLOSE_A_CYCLE: &str = "SELECT EXISTS ( \
+       SELECT FROM pg_locks WHERE NOT granted AND pg_backend_pid() = ANY (pg_blocking_pids(pid)) \
+     ) AND EXISTS ( \
+       SELECT FROM unnest($1::int4[]) AS waiting WHERE cardinality(pg_blocking_pids(waiting)) > 0 \
+     )";
+
+/// A transaction's server process, published in a write's [`Backends`]
+/// while the transaction lives (a pooled connection serves other writes
+/// after it).
+pub(super) struct Published<'b> {
+    backends: &'b Backends,
+    pid: i32,
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        self.backends.remove(self.pid);
+    }
+}
 
 impl PostgresSink {
     /// Publishes the server process of `tx` in `backends` (a chained
-    /// write's; `None`: nothing waits for this write).
-    async fn publish(&self, tx: &mut sqlx::PgConnection, backends: Option<&Backends>) -> Result<(), SinkError> {
-        if let (Some(backends), true) = (backends, self.sees_blocking()) {
-            let pid: i32 =
-                sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.map_err(SinkError::Postgres)?;
-            backends.add(pid);
-        }
-        Ok(())
+    /// write's; `None`: nothing waits for this write) until the returned
+    /// guard drops: keep it as long as the transaction.
+    async fn publish<'b>(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        backends: Option<&'b Backends>,
+    ) -> Result<Option<Published<'b>>, SinkError> {
+        let Some(backends) = backends.filter(|_| self.sees_blocking()) else { return Ok(None) };
+        let pid: i32 =
+            sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.map_err(SinkError::Postgres)?;
+        backends.add(pid);
+        Ok(Some(Published { backends, pid }))
     }
 
     /// Waits, holding `tx`'s rows, for the writes `after` to commit. That
     /// wait is in kawka, where Postgres cannot see it: if one of those
-    /// writes (or one they wait for) waits in Postgres, directly or
-    /// through other transactions (another replica's), for these rows, no
-    /// one ever moves. So after each [`HOLDING_CHECK`] of waiting this one
-    /// asks Postgres whether it blocks one of their server processes, and
-    /// if so gives way ([`SinkError::Yielded`]): its caller rolls back,
+    /// writes (or one they wait for) waits in Postgres, through other
+    /// transactions (another replica's), for these rows, no one ever
+    /// moves. So after each [`HOLDING_CHECK`] of waiting this one asks
+    /// Postgres whether it may close such a cycle ([`MAY_CLOSE_A_CYCLE`]),
+    /// and if so gives way ([`SinkError::Yielded`]): its caller rolls back,
     /// freeing the rows, and the batch is written again after the ones
     /// before it, as any failed write is (the writes that follow it fail
-    /// with it and are written again in order). A transaction merely
-    /// waited for (by a replica, or by a write that follows this one)
-    /// while the writes before it are slow keeps waiting.
+    /// with it and are written again in order).
     async fn committed_before(&self, tx: &mut sqlx::PgConnection, after: &[StepDone]) -> Result<(), SinkError> {
         if after.is_empty() {
             return Ok(());
@@ -366,7 +390,7 @@ impl PostgresSink {
             if waiting.is_empty() || !self.sees_blocking() {
                 continue;
             }
-            let blocks: bool = sqlx::query_scalar(BLOCKS_ONE_OF)
+            let blocks: bool = sqlx::query_scalar(MAY_CLOSE_A_CYCLE)
                 .bind(&waiting)
                 .fetch_one(&mut *tx)
                 .await

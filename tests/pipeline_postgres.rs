@@ -722,13 +722,14 @@ async fn a_share_that_ran_commits_without_waiting_for_the_others() {
 /// A batch whose statements ran waits, holding its rows, for the batch
 /// before it (same partition) to commit. If that one waits in Postgres for
 /// another replica that waits for these rows, the three wait in a cycle
-/// Postgres cannot see (one wait is in kawka): it held until the idle
-/// connection's timeout (2 minutes). The waiting batch now sees that the
-/// batch before waits, through the replica, for its rows: it rolls back
-/// and is written again after.
+/// Postgres could not see (one wait was in kawka only): it held until the
+/// idle connection's timeout (2 minutes). The waiting batch now also waits
+/// for the one before in Postgres (its transaction's advisory lock), so
+/// Postgres finds the deadlock and fails one of the three (40P01), which
+/// is written again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_waiting_for_the_one_before_gives_way_to_a_writer_waiting_for_it() {
-    use kawka::sink::{Follows, SinkError};
+async fn a_cycle_through_a_batch_waiting_for_the_one_before_is_a_deadlock_postgres_breaks() {
+    use kawka::sink::Follows;
 
     let pool = support::postgres().await;
     // Writer b's update of y takes two seconds, holding y, before it
@@ -749,8 +750,8 @@ async fn a_batch_waiting_for_the_one_before_gives_way_to_a_writer_waiting_for_it
     let b_at = [at(&b_claims, 1, 2)];
     let first_plan = a.plan(&first, &[], &first_at).expect("plan");
     let second_plan = a.plan(&second, &[], &second_at).expect("plan");
-    // As the pipeline makes them: a write's two steps share its server
-    // processes, and the second write's name the first's.
+    // As the pipeline makes them: a write's two steps share its
+    // transactions' locks, and the second write's name the first's.
     let first_steps = steps(&[]);
     let (first_ran, first_committed) = (first_steps.ran, first_steps.committed);
     let after_first = Follows { ran: Vec::new(), committed: vec![first_steps.committed_seen] };
@@ -772,15 +773,27 @@ async fn a_batch_waiting_for_the_one_before_gives_way_to_a_writer_waiting_for_it
     };
     let (written_b, (written_first, written_second)) = tokio::time::timeout(Duration::from_secs(30), writes)
         .await
-        .expect("all three writes end within 30 s: the one waiting in kawka gives way");
-    written_b.expect("writer b");
-    written_first.expect("writer a, first batch");
+        .expect("all three writes end within 30 s: Postgres sees the cycle");
+    // Postgres failed one of the cycle (the one whose deadlock check ran
+    // first); the second batch fails with the first if that was the one.
+    let failed: Vec<String> = [&written_b, &written_first, &written_second]
+        .iter()
+        .filter_map(|written| written.as_ref().err().map(ToString::to_string))
+        .collect();
     assert!(
-        matches!(written_second, Err(SinkError::Yielded)),
-        "the second batch gave way (rolled back) rather than wait holding z: {written_second:?}"
+        failed.iter().any(|f| f.contains("40P01")) && failed.len() <= 2,
+        "Postgres broke the cycle as a deadlock: {failed:?}"
     );
-    // Written again after the first, as the pipeline does with a failed write.
-    a.write(&second, &second_at).await.expect("the second batch, again");
+    // Written again, oldest first, as the pipeline does with failed writes.
+    if written_b.is_err() {
+        b.write(&b_batch, &b_at).await.expect("writer b, again");
+    }
+    if written_first.is_err() {
+        a.write(&first, &first_at).await.expect("the first batch, again");
+    }
+    if written_second.is_err() {
+        a.write(&second, &second_at).await.expect("the second batch, again");
+    }
     let rows: Vec<(String, i64)> =
         sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
     assert_eq!(rows, vec![("y".into(), 11), ("z".into(), 11)]);
@@ -875,7 +888,7 @@ fn position(claims: &[Claim], topic: kawka::value::Name, partition: i32, next_of
 
 /// A write's two steps as the pipeline makes them (see
 /// `pipeline::write`): `ran` and `committed`, each a signal and what the
-/// writes after it see; they share the write's server processes, which
+/// writes after it see; they share the write's transactions' locks, which
 /// name those of the writes it waits for (`after`).
 struct Steps {
     ran: kawka::sink::StepSignal,
@@ -885,10 +898,10 @@ struct Steps {
 }
 
 fn steps(after: &[kawka::sink::StepDone]) -> Steps {
-    use kawka::sink::{Backends, StepDone};
-    let backends = Backends::waiting_for(after);
-    let (ran, ran_seen) = StepDone::channel_of(backends.clone());
-    let (committed, committed_seen) = StepDone::channel_of(backends);
+    use kawka::sink::{StepDone, TxLocks};
+    let locks = TxLocks::waiting_for(after);
+    let (ran, ran_seen) = StepDone::channel_of(locks.clone());
+    let (committed, committed_seen) = StepDone::channel_of(locks);
     Steps { ran, ran_seen, committed, committed_seen }
 }
 
@@ -910,8 +923,9 @@ async fn sleeping(pool: &sqlx::PgPool, table: &str) {
 
 /// A batch waiting for a slow one before it to commit, while a write that
 /// follows it (another partition, a key in common) waits in Postgres for
-/// its rows, is no cycle: it keeps waiting rather than give way (which
-/// would cost it, and the write behind it, their statements again).
+/// its rows, is no cycle: it keeps waiting, and no write fails (a
+/// failure would cost it, and the write behind it, their statements
+/// again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_waited_for_by_its_own_follower_keeps_waiting() {
     use kawka::sink::Follows;

@@ -14,7 +14,7 @@ use crate::error::ErrorClass;
 use crate::error::Failure;
 use crate::event::PartitionOffset;
 use crate::projection::fold;
-use crate::sink::{Backends, Plan, SinkError, StepDone, Written};
+use crate::sink::{Plan, SinkError, StepDone, TxLocks, Written};
 use crate::status::Outcome;
 use crate::value::Name;
 
@@ -111,11 +111,11 @@ impl Worker<'_> {
             }
         }
         let follows = follows(&self.in_flight, &partitions, &keys);
-        // The write's server processes, and those of the writes it waits
-        // for, for the writes that will wait for it (see [`Backends`]).
-        let backends = Backends::waiting_for(&follows.committed);
-        let (ran_signal, ran) = StepDone::channel_of(backends.clone());
-        let (signal, committed) = StepDone::channel_of(backends);
+        // The locks of the write's transactions, and of the writes it
+        // waits for, for the writes that will wait for it (see [`TxLocks`]).
+        let locks = TxLocks::waiting_for(&follows.committed);
+        let (ran_signal, ran) = StepDone::channel_of(locks.clone());
+        let (signal, committed) = StepDone::channel_of(locks);
         // (Settling a failed write rewrites it through `pending` and puts
         // this batch back as it was, so `offsets` and `plan` still hold,
         // unless it halts: then this batch is dropped, unwritten.)

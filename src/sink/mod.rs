@@ -54,12 +54,6 @@ pub enum SinkError {
     /// transaction never commits) and made again.
     #[error("no answer from the sink within {0:?}; writing again")]
     TimedOut(Duration),
-    /// The batch ran its statements and waited for an earlier batch to
-    /// commit, which waited in the database, through another writer, for
-    /// its rows (a cycle the database cannot see): rolled back to let the
-    /// others go, to be written again after the earlier batch.
-    #[error("rolled back: it waited for an earlier batch to commit, which waited through another writer for its rows")]
-    Yielded,
 }
 
 /// The longest a Postgres write (its transaction, statements and commit)
@@ -89,7 +83,7 @@ impl SinkError {
                 _ => ErrorClass::Transient,
             },
             SinkError::Setup(_) => ErrorClass::Config,
-            SinkError::Predecessor | SinkError::TimedOut(_) | SinkError::Yielded => ErrorClass::Transient,
+            SinkError::Predecessor | SinkError::TimedOut(_) => ErrorClass::Transient,
         }
     }
 }
@@ -119,26 +113,26 @@ impl Written {
 
 /// Whether one step of a write in flight succeeded (its statements ran,
 /// or it committed: [`Follows`] says which), read by the writes that
-/// follow it (see [`Sink::write_planned`]), with the write's [`Backends`].
+/// follow it (see [`Sink::write_planned`]), with the write's [`TxLocks`].
 /// A one-shot.
 #[derive(Debug, Clone)]
-pub struct StepDone(tokio::sync::watch::Receiver<Option<bool>>, Backends);
+pub struct StepDone(tokio::sync::watch::Receiver<Option<bool>>, TxLocks);
 
 /// The sending side of [`StepDone`]: dropped unsent (a task that ended
 /// early), it reads as failed.
 #[derive(Debug)]
-pub struct StepSignal(tokio::sync::watch::Sender<Option<bool>>, Backends);
+pub struct StepSignal(tokio::sync::watch::Sender<Option<bool>>, TxLocks);
 
 impl StepDone {
     pub fn channel() -> (StepSignal, StepDone) {
-        StepDone::channel_of(Backends::default())
+        StepDone::channel_of(TxLocks::default())
     }
 
-    /// A step of the write whose server processes are `backends` (a
+    /// A step of the write whose transactions' locks are `locks` (a
     /// write's steps share them).
-    pub fn channel_of(backends: Backends) -> (StepSignal, StepDone) {
+    pub fn channel_of(locks: TxLocks) -> (StepSignal, StepDone) {
         let (sender, receiver) = tokio::sync::watch::channel(None);
-        (StepSignal(sender, backends.clone()), StepDone(receiver, backends))
+        (StepSignal(sender, locks.clone()), StepDone(receiver, locks))
     }
 
     /// Waits until the step is over: whether it succeeded.
@@ -159,7 +153,7 @@ impl StepDone {
         }
     }
 
-    pub fn backends(&self) -> &Backends {
+    pub fn locks(&self) -> &TxLocks {
         &self.1
     }
 }
@@ -170,65 +164,57 @@ impl StepSignal {
         let _ = self.0.send(Some(succeeded));
     }
 
-    pub fn backends(&self) -> &Backends {
+    pub fn locks(&self) -> &TxLocks {
         &self.1
     }
 }
 
-/// The database server processes (Postgres backend pids) of a write in
-/// flight's transactions, published as each begins, and, weakly, those of
-/// the writes it waits for to commit: a write that waits for others to
-/// commit, holding its rows, asks whether any of these waits for it in
-/// the database (a cycle the database cannot see, see
-/// `PostgresSink::committed_before`).
+/// The locks a write in flight's transactions hold while they live (a
+/// Postgres advisory lock each, taken as it begins, named by a token
+/// unique to it), and, weakly, those of the writes it waits for to commit:
+/// a write that waits for others to commit, holding its rows, waits for
+/// these in the database too, where its deadlock detector sees the wait
+/// (see `PostgresSink::committed_before`).
 #[derive(Debug, Clone, Default)]
-pub struct Backends(std::sync::Arc<BackendsOf>);
+pub struct TxLocks(std::sync::Arc<TxLocksOf>);
 
 #[derive(Debug, Default)]
-struct BackendsOf {
-    pids: std::sync::Mutex<Vec<i32>>,
+struct TxLocksOf {
+    tokens: std::sync::Mutex<Vec<i32>>,
     /// Weak: a chain of writes, each waiting for the one before, must not
     /// keep alive every write since the first.
-    waits_for: Vec<std::sync::Weak<BackendsOf>>,
+    waits_for: Vec<std::sync::Weak<TxLocksOf>>,
 }
 
-impl Backends {
+impl TxLocks {
     /// Of a write that waits for `writes` to commit.
-    pub fn waiting_for(writes: &[StepDone]) -> Backends {
+    pub fn waiting_for(writes: &[StepDone]) -> TxLocks {
         let waits_for = writes.iter().map(|write| std::sync::Arc::downgrade(&write.1 .0)).collect();
-        Backends(std::sync::Arc::new(BackendsOf { pids: Default::default(), waits_for }))
+        TxLocks(std::sync::Arc::new(TxLocksOf { tokens: Default::default(), waits_for }))
     }
 
-    /// Publishes one of the write's server processes.
-    pub fn add(&self, pid: i32) {
+    /// Publishes the token of a lock one of the write's transactions holds.
+    pub fn add(&self, token: i32) {
         // (Never held across an await; poisoned only by a panic while pushing.)
-        self.0.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(pid);
+        self.0.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(token);
     }
 
-    /// Withdraws one, its transaction over (its connection may serve
-    /// another write next).
-    pub fn remove(&self, pid: i32) {
-        let mut pids = self.0.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(at) = pids.iter().position(|&p| p == pid) {
-            pids.swap_remove(at);
-        }
-    }
-
-    /// The server processes of `writes` and of the writes they wait for,
-    /// transitively (those still in flight).
+    /// The tokens of `writes` and of the writes they wait for,
+    /// transitively (those still in flight). A token whose transaction
+    /// ended names a lock nobody holds: waiting for it ends at once.
     pub fn of_all(writes: &[StepDone]) -> Vec<i32> {
-        let mut pids = Vec::new();
-        let mut seen: Vec<*const BackendsOf> = Vec::new();
-        let mut next: Vec<std::sync::Arc<BackendsOf>> = writes.iter().map(|write| write.1 .0.clone()).collect();
+        let mut tokens = Vec::new();
+        let mut seen: Vec<*const TxLocksOf> = Vec::new();
+        let mut next: Vec<std::sync::Arc<TxLocksOf>> = writes.iter().map(|write| write.1 .0.clone()).collect();
         while let Some(write) = next.pop() {
             if seen.contains(&std::sync::Arc::as_ptr(&write)) {
                 continue;
             }
             seen.push(std::sync::Arc::as_ptr(&write));
-            pids.extend(write.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().copied());
+            tokens.extend(write.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().copied());
             next.extend(write.waits_for.iter().filter_map(std::sync::Weak::upgrade));
         }
-        pids
+        tokens
     }
 }
 
@@ -509,21 +495,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backends_name_the_writes_waited_for_transitively_while_they_are_in_flight() {
+    fn tx_locks_name_the_writes_waited_for_transitively_while_they_are_in_flight() {
         let (first_signal, first) = StepDone::channel();
-        first_signal.backends().add(11);
-        let (second_signal, second) = StepDone::channel_of(Backends::waiting_for(std::slice::from_ref(&first)));
-        second_signal.backends().add(21);
-        second_signal.backends().add(22);
+        first_signal.locks().add(11);
+        let (second_signal, second) = StepDone::channel_of(TxLocks::waiting_for(std::slice::from_ref(&first)));
+        second_signal.locks().add(21);
+        second_signal.locks().add(22);
         // A third waits for the second and, again, the first: each once.
-        let third = Backends::waiting_for(&[second.clone(), first.clone()]);
+        let third = TxLocks::waiting_for(&[second.clone(), first.clone()]);
         let (_, third) = StepDone::channel_of(third);
-        let mut all = Backends::of_all(std::slice::from_ref(&third));
+        let mut all = TxLocks::of_all(std::slice::from_ref(&third));
         all.sort_unstable();
         assert_eq!(all, vec![11, 21, 22]);
         // The first settled (nothing holds it): only a weak link is left.
         drop((first_signal, first));
-        let mut left = Backends::of_all(&[third]);
+        let mut left = TxLocks::of_all(&[third]);
         left.sort_unstable();
         assert_eq!(left, vec![21, 22]);
     }

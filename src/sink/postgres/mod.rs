@@ -91,11 +91,16 @@ pub struct PostgresSink {
     /// The primary key's columns and their types, in key order (`None`:
     /// not a column of the table): looked up once, not per op.
     key_columns: Arc<[(Name, Option<ColumnType>)]>,
-    /// Whether the server tells which transactions block which
-    /// (`pg_blocking_pids`, probed by `prepare`): a batch waiting for the
-    /// one before it to commit asks, to find a cycle through kawka's wait.
-    /// Postgres-compatible servers may lack it. Shared by the clones.
-    sees_blocking: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the server has advisory locks (probed by `prepare`): a
+    /// chained write's transactions hold one, so that a write waiting for
+    /// it to commit can wait in Postgres too, where a cycle through that
+    /// wait is a deadlock Postgres breaks. Postgres-compatible servers may
+    /// lack them. Shared by the clones.
+    waits_visibly: Arc<std::sync::atomic::AtomicBool>,
+    /// The advisory locks a chained write's transactions take: the first
+    /// key, random, so replicas' locks do not meet, and the second of the
+    /// next one. Shared by the clones.
+    tx_locks: (i32, Arc<std::sync::atomic::AtomicI32>),
 }
 
 impl PostgresSink {
@@ -131,7 +136,8 @@ impl PostgresSink {
             connector: connector.name.clone(),
             parks: connector.parks,
             new_keys: Arc::default(),
-            sees_blocking: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            waits_visibly: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            tx_locks: (random_key(), Arc::default()),
             columns: target.columns.iter().map(|c| (intern(&c.name), c.ty)).collect(),
             key_columns: target
                 .primary_key
@@ -199,32 +205,55 @@ impl PostgresSink {
                 .map_err(SinkError::Postgres)?;
         }
         tx.commit().await.map_err(SinkError::Postgres)?;
-        // On a connection of its own: a refusal aborts its transaction.
-        let probe = sqlx::query("SELECT pg_blocking_pids(pg_backend_pid())").execute(&self.pool).await;
-        let sees = match probe {
+        // On a connection of its own: a refusal aborts its transaction. (A
+        // lock of its own statement only, never waited for.)
+        let probe = sqlx::query("SELECT pg_try_advisory_xact_lock_shared(0, 0)").execute(&self.pool).await;
+        let has = match probe {
             Ok(_) => true,
             Err(error) => {
                 // Only "no such function" or "not supported" say the server
-                // lacks it; anything else is this attempt's.
+                // lacks them; anything else is this attempt's.
                 let code = error.as_database_error().and_then(|e| e.code());
                 if !code.is_some_and(|c| c == "42883" || c == "0A000") {
                     return Err(SinkError::Postgres(error));
                 }
                 tracing::warn!(connector = %self.connector, error = %database_message(&error),
-                    "the server does not say which transactions block which (pg_blocking_pids): \
-                     a batch waiting for the one before it cannot see a cycle with another writer, \
-                     which then holds until the idle-in-transaction timeout");
+                    "the server has no advisory locks: a batch waiting for the one before it to commit \
+                     waits where the server cannot see it, and a cycle through that wait with another \
+                     writer holds until the idle-in-transaction timeout");
                 false
             }
         };
-        self.sees_blocking.store(sees, std::sync::atomic::Ordering::Relaxed);
+        self.waits_visibly.store(has, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// Whether the server tells which transactions block which.
-    pub(super) fn sees_blocking(&self) -> bool {
-        self.sees_blocking.load(std::sync::atomic::Ordering::Relaxed)
+    /// Whether a write waiting for the one before it can wait in Postgres.
+    pub(super) fn waits_visibly(&self) -> bool {
+        self.waits_visibly.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The keys of an advisory lock no other transaction of this sink has
+    /// had (the second wraps after 2^32 transactions, long after those
+    /// ended).
+    pub(super) fn next_tx_lock(&self) -> (i32, i32) {
+        (self.tx_locks.0, self.tx_locks.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The first key of this sink's transactions' advisory locks.
+    pub(super) fn tx_lock_key(&self) -> i32 {
+        self.tx_locks.0
+    }
+}
+
+/// A key no other sink (in this process or another) is likely to draw:
+/// the standard library's per-process random hash keys.
+fn random_key() -> i32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    // Truncated on purpose: any 32 bits of the hash.
+    hasher.finish() as i32
 }
 
 /// The server-side bound every connection of a sink asks for: a client

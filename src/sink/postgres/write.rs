@@ -11,7 +11,7 @@ use super::PostgresSink;
 use crate::event::PartitionOffset;
 use crate::projection::fold::{self, fold, Folded, GroupBy, NetOp};
 use crate::projection::WriteOp;
-use crate::sink::{succeeded_all, Backends, Follows, SinkError, StepDone, StepSignal};
+use crate::sink::{succeeded_all, Follows, SinkError, StepDone, StepSignal, TxLocks};
 
 /// A batch's statements, ready to run (see [`PostgresSink::plan`]).
 #[derive(Debug)]
@@ -116,11 +116,11 @@ impl PostgresSink {
         retry: bool,
     ) -> Result<Vec<usize>, SinkError> {
         succeeded_all(&follows.ran).await?;
-        // A chained write publishes its transactions' server processes: a
-        // write that waits for it to commit looks for them (see
+        // A chained write's transactions each hold a lock that a write
+        // waiting for it to commit can wait for in Postgres (see
         // `committed_before`). Written alone (again), nothing waits for it.
-        let backends = ran.as_ref().map(|ran| ran.backends().clone());
-        let backends = backends.as_ref();
+        let locks = ran.as_ref().map(|ran| ran.locks().clone());
+        let locks = locks.as_ref();
         match plan {
             PostgresPlan::PerPartition(shares) => {
                 // Each share commits as soon as it has run its statements
@@ -135,12 +135,11 @@ impl PostgresSink {
                 let writes = futures::future::join_all(shares.iter().map(|(offset, statements)| {
                     let report = report.clone();
                     async move {
-                        let started = self.run_share(offset, statements, retry, backends).await;
+                        let started = self.run_share(offset, statements, retry, locks).await;
                         // Read below until every share has reported.
                         let _ = report.send(started.is_ok()).await;
                         match started? {
-                            // (`_published` lives until the commit ends.)
-                            Some((tx, _published)) => self.commit_share(tx, offset, &follows.committed).await,
+                            Some(tx) => self.commit_share(tx, offset, &follows.committed).await,
                             None => Ok(()),
                         }
                     }
@@ -169,9 +168,7 @@ impl PostgresSink {
                     // rows): it starts once they have committed.
                     succeeded_all(&follows.committed).await?;
                 }
-                let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
-                // Unpublished when this scope ends: after the commit or rollback.
-                let _published = self.publish(&mut tx, backends).await?;
+                let mut tx = self.begin(locks).await?;
                 if retry && !offsets.is_empty() && self.reached_all(&mut tx, offsets).await? {
                     return tx.rollback().await.map_err(SinkError::Postgres).map(|()| Vec::new());
                 }
@@ -271,15 +268,14 @@ impl PostgresSink {
     /// One partition's share: its transaction with the statements run, or
     /// `None` (rolled back) when its position is already at or past
     /// `offset`: it committed before.
-    async fn run_share<'b>(
+    async fn run_share(
         &self,
         offset: &PartitionOffset,
         statements: &[Statement],
         retry: bool,
-        backends: Option<&'b Backends>,
-    ) -> Result<Option<(sqlx::Transaction<'static, Postgres>, Option<Published<'b>>)>, SinkError> {
-        let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
-        let published = self.publish(&mut tx, backends).await?;
+        locks: Option<&TxLocks>,
+    ) -> Result<Option<sqlx::Transaction<'static, Postgres>>, SinkError> {
+        let mut tx = self.begin(locks).await?;
         if retry && self.reached(&mut tx, offset).await? {
             tx.rollback().await.map_err(SinkError::Postgres)?;
             return Ok(None);
@@ -287,7 +283,7 @@ impl PostgresSink {
         for statement in statements {
             self.apply(&mut tx, statement).await?;
         }
-        Ok(Some((tx, published)))
+        Ok(Some(tx))
     }
 
     /// Moves a share's position and commits, once the writes `after` have.
@@ -317,66 +313,43 @@ impl PostgresSink {
     }
 }
 
-/// How long a transaction that ran its statements waits for the writes
-/// before it to commit before it asks Postgres whether one of them waits
-/// for it; it asks again as often while it waits.
+/// How long a transaction that ran its statements waits in kawka for the
+/// writes before it to commit before it waits for their transactions in
+/// Postgres too (and again as often while it waits).
 const HOLDING_CHECK: Duration = Duration::from_secs(1);
 
-/// Whether this transaction may close a cycle through kawka's wait: a
-/// transaction waits (directly) for one of its locks, and one of the
-/// server processes `$1` (those of the writes it waits for to commit)
-/// waits for a lock in turn. In a cycle through kawka's waits, the
-/// transaction waiting in kawka that another waits for in Postgres sees
-/// both: the writes it waits for lead, through kawka's waits (whose
-/// processes `$1` includes), to one that waits in Postgres. A write
-/// merely slow (its transaction working, or waiting in kawka for an
-/// earlier one) is no cycle, whoever waits for this one.
-const MAY_CLOSE_A_CYCLE: &str = "SELECT EXISTS ( \
-       SELECT FROM pg_locks WHERE NOT granted AND pg_backend_pid() = ANY (pg_blocking_pids(pid)) \
-     ) AND EXISTS ( \
-       SELECT FROM unnest($1::int4[]) AS waiting WHERE cardinality(pg_blocking_pids(waiting)) > 0 \
-     )";
-
-/// A transaction's server process, published in a write's [`Backends`]
-/// while the transaction lives (a pooled connection serves other writes
-/// after it).
-pub(super) struct Published<'b> {
-    backends: &'b Backends,
-    pid: i32,
-}
-
-impl Drop for Published<'_> {
-    fn drop(&mut self) {
-        self.backends.remove(self.pid);
-    }
-}
+/// Waits until the transactions holding the advisory locks (`$1`, each of
+/// `$2`) end: a lock nobody holds is taken at once. (The two-key form: apart
+/// from the one-key lock `prepare` takes.)
+const WAIT_FOR_TX_LOCKS: &str =
+    "SELECT count(pg_advisory_xact_lock_shared($1, token)) FROM unnest($2::int4[]) AS token";
 
 impl PostgresSink {
-    /// Publishes the server process of `tx` in `backends` (a chained
-    /// write's; `None`: nothing waits for this write) until the returned
-    /// guard drops: keep it as long as the transaction.
-    async fn publish<'b>(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        backends: Option<&'b Backends>,
-    ) -> Result<Option<Published<'b>>, SinkError> {
-        let Some(backends) = backends.filter(|_| self.sees_blocking()) else { return Ok(None) };
-        let pid: i32 =
-            sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.map_err(SinkError::Postgres)?;
-        backends.add(pid);
-        Ok(Some(Published { backends, pid }))
+    /// Begins a transaction; a chained write's (`locks`) takes its own
+    /// advisory lock in the same round trip, named by a token no other
+    /// transaction of this sink has had, and publishes it.
+    async fn begin(&self, locks: Option<&TxLocks>) -> Result<sqlx::Transaction<'static, Postgres>, SinkError> {
+        let Some(locks) = locks.filter(|_| self.waits_visibly()) else {
+            return self.pool.begin().await.map_err(SinkError::Postgres);
+        };
+        let (namespace, token) = self.next_tx_lock();
+        let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({namespace}, {token})");
+        let tx = self.pool.begin_with(begin).await.map_err(SinkError::Postgres)?;
+        locks.add(token);
+        Ok(tx)
     }
 
     /// Waits, holding `tx`'s rows, for the writes `after` to commit. That
     /// wait is in kawka, where Postgres cannot see it: if one of those
     /// writes (or one they wait for) waits in Postgres, through other
-    /// transactions (another replica's), for these rows, no one ever
-    /// moves. So after each [`HOLDING_CHECK`] of waiting this one asks
-    /// Postgres whether it may close such a cycle ([`MAY_CLOSE_A_CYCLE`]),
-    /// and if so gives way ([`SinkError::Yielded`]): its caller rolls back,
-    /// freeing the rows, and the batch is written again after the ones
-    /// before it, as any failed write is (the writes that follow it fail
-    /// with it and are written again in order).
+    /// transactions (another replica's), for these rows, Postgres's
+    /// deadlock detector would find no cycle and no one would ever move.
+    /// So after each [`HOLDING_CHECK`] of waiting this transaction also
+    /// waits in Postgres for theirs to end (their advisory locks, see
+    /// [`PostgresSink::begin`]): a wait Postgres sees, so it breaks such a
+    /// cycle as any deadlock, failing one of its transactions (this one,
+    /// or another writer's) with 40P01, to be written again. Where there is
+    /// no cycle this only waits for what it waited for anyway.
     async fn committed_before(&self, tx: &mut sqlx::PgConnection, after: &[StepDone]) -> Result<(), SinkError> {
         if after.is_empty() {
             return Ok(());
@@ -386,22 +359,18 @@ impl PostgresSink {
             if let Ok(done) = tokio::time::timeout(HOLDING_CHECK, &mut committed).await {
                 return done;
             }
-            let waiting = Backends::of_all(after);
-            if waiting.is_empty() || !self.sees_blocking() {
+            // Tokens of transactions that began: one not begun yet holds
+            // no rows, and is looked for again after the next wait.
+            let tokens = TxLocks::of_all(after);
+            if tokens.is_empty() || !self.waits_visibly() {
                 continue;
             }
-            let blocks: bool = sqlx::query_scalar(MAY_CLOSE_A_CYCLE)
-                .bind(&waiting)
-                .fetch_one(&mut *tx)
+            sqlx::query(WAIT_FOR_TX_LOCKS)
+                .bind(self.tx_lock_key())
+                .bind(&tokens)
+                .execute(&mut *tx)
                 .await
                 .map_err(SinkError::Postgres)?;
-            // They may have committed while Postgres answered.
-            if let Some(done) = futures::FutureExt::now_or_never(&mut committed) {
-                return done;
-            }
-            if blocks {
-                return Err(SinkError::Yielded);
-            }
         }
     }
 }

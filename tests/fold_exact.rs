@@ -283,13 +283,14 @@ async fn postgres_equals_the_fold_whatever_the_cuts_duplicates_and_retries() {
 /// new keys (written by `COPY`), mostly of existing ones (the upsert), and
 /// copies that meet a key the other has just inserted. Every increment
 /// lands once. With rows of one shape (one statement a transaction) the
-/// two queue on each other's rows and never deadlock: a deadlock fails a
-/// write (the pipeline writes the batch again; here the test fails), and
-/// a chained write that waits for the one before it while the other
-/// writer waits for its rows gives way rather than close a cycle Postgres
-/// cannot see (no write may wait 30 s). With two shapes (a statement each) new keys go in one statement after
-/// another, not in one order: Postgres may find a deadlock and abort a
-/// write (README, "Limits"), which is written again, exactly once.
+/// two queue on each other's rows and never deadlock, written a batch at
+/// a time; chained as the pipeline chains them, a cycle through a write
+/// waiting for the one before it to commit is one Postgres sees (the wait
+/// is on that one's advisory lock too) and breaks as a deadlock, rarely
+/// (no write may wait 30 s). With two shapes (a statement each) new keys
+/// go in one statement after another, not in one order: Postgres may find
+/// a deadlock and abort a write (README, "Limits"). A failed write is
+/// written again, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_two_writers_of_the_same_rows_queue_and_equal_the_fold() {
     let pool = support::postgres().await;

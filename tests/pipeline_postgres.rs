@@ -853,6 +853,19 @@ async fn slow_row_replicas(
     rows: &[&str],
     replicas: usize,
 ) -> (String, kawka::value::Name, Vec<kawka::sink::postgres::PostgresSink>) {
+    slow_row_replicas_with(pool, prefix, slow, rows, replicas, "").await
+}
+
+/// [`slow_row_replicas`] whose sinks' URL ends with `url_query` (settings
+/// of their sessions).
+async fn slow_row_replicas_with(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+    slow: &str,
+    rows: &[&str],
+    replicas: usize,
+    url_query: &str,
+) -> (String, kawka::value::Name, Vec<kawka::sink::postgres::PostgresSink>) {
     let table = support::unique(prefix);
     id_n_table(pool, &table, slow).await;
     let values: Vec<String> = rows.iter().map(|id| format!("('{id}', 0)")).collect();
@@ -863,7 +876,16 @@ async fn slow_row_replicas(
     let topic = format!("unused-{table}");
     let connector = id_n_connector(&table, &topic, "on_error: stop", 100, "test.Add: { increment: { n: n } }");
     let sinks: Vec<_> = (0..replicas)
-        .map(|_| postgres_sinks(&Project::new("http://127.0.0.1:9", &[(&table, &connector)])).remove(0))
+        .map(|_| {
+            let project = Project::new("http://127.0.0.1:9", &[(&table, &connector)]);
+            let config = project.root().join("config/kawka.yaml");
+            let text = std::fs::read_to_string(&config).expect("config");
+            let url = support::database_url();
+            let with_query = text.replacen(&format!("url: \"{url}\""), &format!("url: \"{url}{url_query}\""), 1);
+            assert!(url_query.is_empty() || with_query != text, "the sink's URL is where this test expects it");
+            std::fs::write(&config, with_query).expect("config");
+            postgres_sinks(&project).remove(0)
+        })
         .collect();
     sinks[0].prepare().await.expect("prepare");
     (table, kawka::value::intern(&topic), sinks)
@@ -923,9 +945,9 @@ async fn sleeping(pool: &sqlx::PgPool, table: &str) {
 
 /// A batch waiting for a slow one before it to commit, while a write that
 /// follows it (another partition, a key in common) waits in Postgres for
-/// its rows, is no cycle: it keeps waiting, and no write fails (a
-/// failure would cost it, and the write behind it, their statements
-/// again).
+/// its rows, is no cycle: it waits for the slow one in Postgres too (seen
+/// there), and no write fails (a failure would cost it, and the write
+/// behind it, their statements again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_waited_for_by_its_own_follower_keeps_waiting() {
     use kawka::sink::Follows;
@@ -952,8 +974,24 @@ async fn a_batch_waited_for_by_its_own_follower_keeps_waiting() {
     let after_second = Follows { ran: vec![second.ran_seen], committed: vec![second.committed_seen] };
     let third_ran = steps(&after_second.committed).ran;
     let started = std::time::Instant::now();
+    // Whether a transaction was seen waiting for an advisory lock held by
+    // one writing this table (the slow first batch, in its trigger).
+    let waits_on_the_first = async {
+        let query = "SELECT count(*) FROM pg_stat_activity AS waiting WHERE waiting.wait_event = 'advisory' \
+                     AND EXISTS (SELECT FROM pg_stat_activity AS holder \
+                       WHERE holder.pid = ANY (pg_blocking_pids(waiting.pid)) AND strpos(holder.query, $1) > 0)";
+        for _ in 0..40 {
+            let seen: i64 = sqlx::query_scalar(query).bind(&table).fetch_one(&pool).await.expect("activity");
+            if seen > 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
     let written = tokio::time::timeout(Duration::from_secs(30), async {
         tokio::join!(
+            waits_on_the_first,
             async {
                 let written = a.write_planned(&plans[0], &batches[0], &Follows::default(), first_ran).await;
                 first_committed.send(written.is_ok());
@@ -969,7 +1007,8 @@ async fn a_batch_waited_for_by_its_own_follower_keeps_waiting() {
     })
     .await
     .expect("the writes end");
-    let (first, second, third) = written;
+    let (seen_waiting, first, second, third) = written;
+    assert!(seen_waiting, "the second batch waited for the first in Postgres (its advisory lock)");
     first.expect("the slow batch");
     second.expect("the batch waiting for it, waited for by the third: it kept waiting");
     third.expect("the third, after the second");
@@ -977,6 +1016,42 @@ async fn a_batch_waited_for_by_its_own_follower_keeps_waiting() {
     let rows: Vec<(String, i64)> =
         sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
     assert_eq!(rows, vec![("w".into(), 1), ("x".into(), 2)]);
+}
+
+/// Waiting in Postgres for the batch before it is a wait of kawka's own,
+/// not bounded by the role's `lock_timeout` (or `statement_timeout`): a
+/// batch whose predecessor is merely slower than that does not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waiting_for_a_slow_one_before_it_outlasts_a_short_lock_timeout() {
+    use kawka::sink::Follows;
+
+    let pool = support::postgres().await;
+    let slow_w = "IF TG_OP = 'UPDATE' AND NEW.id = 'w' THEN PERFORM pg_sleep(2); END IF;";
+    let lock_timeout = "?options=-c%20lock_timeout%3D500";
+    let (table, topic, mut sinks) =
+        slow_row_replicas_with(&pool, "locktimeout", slow_w, &["w", "x"], 1, lock_timeout).await;
+    let a = sinks.remove(0);
+    let claims = a.claim(&[(topic, 0)]).await.expect("claim");
+    let batches = [[increment(topic, "w", 1, 0, 0)], [increment(topic, "x", 1, 0, 1)]];
+    let offsets = [[position(&claims, topic, 0, 1)], [position(&claims, topic, 0, 2)]];
+    let plans: Vec<_> = batches.iter().zip(&offsets).map(|(b, o)| a.plan(b, &[], o).expect("plan")).collect();
+    let first = steps(&[]);
+    let after_first = Follows { ran: Vec::new(), committed: vec![first.committed_seen] };
+    let second_ran = steps(&after_first.committed).ran;
+    let (first_ran, first_committed) = (first.ran, first.committed);
+    let (written_first, written_second) = tokio::join!(
+        async {
+            let written = a.write_planned(&plans[0], &batches[0], &Follows::default(), first_ran).await;
+            first_committed.send(written.is_ok());
+            written
+        },
+        a.write_planned(&plans[1], &batches[1], &after_first, second_ran)
+    );
+    written_first.expect("the slow batch");
+    written_second.expect("the batch waiting 2 s for it, past a 0.5 s lock_timeout");
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
+    assert_eq!(rows, vec![("w".into(), 1), ("x".into(), 1)]);
 }
 
 /// A write that fails once (a serialization failure) is written again, and

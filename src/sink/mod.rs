@@ -180,7 +180,7 @@ pub struct TxLocks(std::sync::Arc<TxLocksOf>);
 
 #[derive(Debug, Default)]
 struct TxLocksOf {
-    tokens: std::sync::Mutex<Vec<i32>>,
+    tokens: std::sync::Mutex<Vec<(i32, i32)>>,
     /// Weak: a chain of writes, each waiting for the one before, must not
     /// keep alive every write since the first.
     waits_for: Vec<std::sync::Weak<TxLocksOf>>,
@@ -193,16 +193,16 @@ impl TxLocks {
         TxLocks(std::sync::Arc::new(TxLocksOf { tokens: Default::default(), waits_for }))
     }
 
-    /// Publishes the token of a lock one of the write's transactions holds.
-    pub fn add(&self, token: i32) {
+    /// Publishes the keys of a lock one of the write's transactions holds.
+    pub fn add(&self, token: (i32, i32)) {
         // (Never held across an await; poisoned only by a panic while pushing.)
         self.0.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(token);
     }
 
-    /// The tokens of `writes` and of the writes they wait for,
-    /// transitively (those still in flight). A token whose transaction
-    /// ended names a lock nobody holds: waiting for it ends at once.
-    pub fn of_all(writes: &[StepDone]) -> Vec<i32> {
+    /// The locks of `writes` and of the writes they wait for,
+    /// transitively (those still in flight). A lock whose transaction
+    /// ended is held by nobody: waiting for it ends at once.
+    pub fn of_all(writes: &[StepDone]) -> Vec<(i32, i32)> {
         let mut tokens = Vec::new();
         let mut seen: Vec<*const TxLocksOf> = Vec::new();
         let mut next: Vec<std::sync::Arc<TxLocksOf>> = writes.iter().map(|write| write.1 .0.clone()).collect();
@@ -497,21 +497,21 @@ mod tests {
     #[test]
     fn tx_locks_name_the_writes_waited_for_transitively_while_they_are_in_flight() {
         let (first_signal, first) = StepDone::channel();
-        first_signal.locks().add(11);
+        first_signal.locks().add((1, 11));
         let (second_signal, second) = StepDone::channel_of(TxLocks::waiting_for(std::slice::from_ref(&first)));
-        second_signal.locks().add(21);
-        second_signal.locks().add(22);
+        second_signal.locks().add((1, 21));
+        second_signal.locks().add((1, 22));
         // A third waits for the second and, again, the first: each once.
         let third = TxLocks::waiting_for(&[second.clone(), first.clone()]);
         let (_, third) = StepDone::channel_of(third);
         let mut all = TxLocks::of_all(std::slice::from_ref(&third));
         all.sort_unstable();
-        assert_eq!(all, vec![11, 21, 22]);
+        assert_eq!(all, vec![(1, 11), (1, 21), (1, 22)]);
         // The first settled (nothing holds it): only a weak link is left.
         drop((first_signal, first));
         let mut left = TxLocks::of_all(&[third]);
         left.sort_unstable();
-        assert_eq!(left, vec![21, 22]);
+        assert_eq!(left, vec![(1, 21), (1, 22)]);
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub struct PostgresSink {
     waits_visibly: Arc<std::sync::atomic::AtomicBool>,
     /// The advisory locks a chained write's transactions take: the first
     /// key, random, so replicas' locks do not meet, and the second of the
-    /// next one. Shared by the clones.
+    /// next one (from a random start too). Shared by the clones.
     tx_locks: (i32, Arc<std::sync::atomic::AtomicI32>),
 }
 
@@ -137,7 +137,7 @@ impl PostgresSink {
             parks: connector.parks,
             new_keys: Arc::default(),
             waits_visibly: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            tx_locks: (random_key(), Arc::default()),
+            tx_locks: (random_key(), Arc::new(std::sync::atomic::AtomicI32::new(random_key()))),
             columns: target.columns.iter().map(|c| (intern(&c.name), c.ty)).collect(),
             key_columns: target
                 .primary_key
@@ -238,11 +238,6 @@ impl PostgresSink {
     /// ended).
     pub(super) fn next_tx_lock(&self) -> (i32, i32) {
         (self.tx_locks.0, self.tx_locks.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-    }
-
-    /// The first key of this sink's transactions' advisory locks.
-    pub(super) fn tx_lock_key(&self) -> i32 {
-        self.tx_locks.0
     }
 }
 

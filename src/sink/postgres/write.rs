@@ -318,24 +318,28 @@ impl PostgresSink {
 /// Postgres too (and again as often while it waits).
 const HOLDING_CHECK: Duration = Duration::from_secs(1);
 
-/// Waits until the transactions holding the advisory locks (`$1`, each of
-/// `$2`) end: a lock nobody holds is taken at once. (The two-key form: apart
-/// from the one-key lock `prepare` takes.)
+/// Takes a chained write's transaction's own advisory lock (`$1`, `$2`):
+/// the two-key form, apart from the one-key lock `prepare` takes.
+const TAKE_TX_LOCK: &str = "SELECT pg_advisory_xact_lock($1, $2)";
+
+/// Waits until the transactions holding the advisory locks (`$1`, `$2`
+/// pairwise) end: a lock nobody holds is taken at once.
 const WAIT_FOR_TX_LOCKS: &str =
-    "SELECT count(pg_advisory_xact_lock_shared($1, token)) FROM unnest($2::int4[]) AS token";
+    "SELECT count(pg_advisory_xact_lock_shared(key, token)) FROM unnest($1::int4[], $2::int4[]) AS held(key, token)";
 
 impl PostgresSink {
     /// Begins a transaction; a chained write's (`locks`) takes its own
-    /// advisory lock in the same round trip, named by a token no other
-    /// transaction of this sink has had, and publishes it.
+    /// advisory lock, keyed as no other transaction of this sink has been,
+    /// and publishes it. (In a statement of its own, not with the `BEGIN`:
+    /// a failure there would leave the pooled connection inside an
+    /// aborted transaction that sqlx does not roll back.)
     async fn begin(&self, locks: Option<&TxLocks>) -> Result<sqlx::Transaction<'static, Postgres>, SinkError> {
-        let Some(locks) = locks.filter(|_| self.waits_visibly()) else {
-            return self.pool.begin().await.map_err(SinkError::Postgres);
-        };
-        let (namespace, token) = self.next_tx_lock();
-        let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({namespace}, {token})");
-        let tx = self.pool.begin_with(begin).await.map_err(SinkError::Postgres)?;
-        locks.add(token);
+        let mut tx = self.pool.begin().await.map_err(SinkError::Postgres)?;
+        if let Some(locks) = locks.filter(|_| self.waits_visibly()) {
+            let (key, token) = self.next_tx_lock();
+            sqlx::query(TAKE_TX_LOCK).bind(key).bind(token).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+            locks.add((key, token));
+        }
         Ok(tx)
     }
 
@@ -349,7 +353,10 @@ impl PostgresSink {
     /// [`PostgresSink::begin`]): a wait Postgres sees, so it breaks such a
     /// cycle as any deadlock, failing one of its transactions (this one,
     /// or another writer's) with 40P01, to be written again. Where there is
-    /// no cycle this only waits for what it waited for anyway.
+    /// no cycle this only waits for what it waited for anyway, unless a
+    /// write it waits for fails on its own while one that write waited for
+    /// still runs: this one then waits for that one too, in Postgres,
+    /// rather than fail at once.
     async fn committed_before(&self, tx: &mut sqlx::PgConnection, after: &[StepDone]) -> Result<(), SinkError> {
         if after.is_empty() {
             return Ok(());
@@ -359,14 +366,21 @@ impl PostgresSink {
             if let Ok(done) = tokio::time::timeout(HOLDING_CHECK, &mut committed).await {
                 return done;
             }
-            // Tokens of transactions that began: one not begun yet holds
+            // Locks of transactions that began: one not begun yet holds
             // no rows, and is looked for again after the next wait.
-            let tokens = TxLocks::of_all(after);
-            if tokens.is_empty() || !self.waits_visibly() {
+            let locks = TxLocks::of_all(after);
+            if locks.is_empty() || !self.waits_visibly() {
                 continue;
             }
+            // As long as it takes (bounded by the write's own timeout): a
+            // role's `lock_timeout` or `statement_timeout` would fail a
+            // write whose predecessor is merely slow.
+            for unbounded in ["SET LOCAL lock_timeout = 0", "SET LOCAL statement_timeout = 0"] {
+                sqlx::query(unbounded).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+            }
+            let (keys, tokens): (Vec<i32>, Vec<i32>) = locks.into_iter().unzip();
             sqlx::query(WAIT_FOR_TX_LOCKS)
-                .bind(self.tx_lock_key())
+                .bind(&keys)
                 .bind(&tokens)
                 .execute(&mut *tx)
                 .await

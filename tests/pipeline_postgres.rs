@@ -714,8 +714,7 @@ async fn a_share_that_ran_commits_without_waiting_for_the_others() {
         .expect("both writes end within 30 s: none waits for a share that waits for it");
     written_a.expect("writer a");
     written_b.expect("writer b");
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
+    let rows = id_n_rows(&pool, &table).await;
     assert_eq!(rows, vec![("a".into(), 1), ("j".into(), 11), ("k".into(), 11)]);
 }
 
@@ -794,8 +793,7 @@ async fn a_cycle_through_a_batch_waiting_for_the_one_before_is_a_deadlock_postgr
     if written_second.is_err() {
         a.write(&second, &second_at).await.expect("the second batch, again");
     }
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
+    let rows = id_n_rows(&pool, &table).await;
     assert_eq!(rows, vec![("y".into(), 11), ("z".into(), 11)]);
 }
 
@@ -839,6 +837,11 @@ async fn one_connection_writes_batches_of_several_partitions() {
     assert!(!log.contains("retrying") && !log.contains("writing it again"), "log:\n{log}");
     let _ = kawka.terminate().await;
     let _ = registry.stop().await; // cleanup only: killed clients may leave it an error
+}
+
+/// The rows of an `(id, n)` table, by id.
+async fn id_n_rows(pool: &sqlx::PgPool, table: &str) -> Vec<(String, i64)> {
+    sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(pool).await.expect("rows")
 }
 
 /// A table `(id, n)` of `rows` (each 0) whose `BEFORE` trigger runs
@@ -1013,8 +1016,7 @@ async fn a_batch_waited_for_by_its_own_follower_keeps_waiting() {
     second.expect("the batch waiting for it, waited for by the third: it kept waiting");
     third.expect("the third, after the second");
     assert!(started.elapsed() >= Duration::from_secs(2), "the second waited for the slow first (2 s)");
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
+    let rows = id_n_rows(&pool, &table).await;
     assert_eq!(rows, vec![("w".into(), 1), ("x".into(), 2)]);
 }
 
@@ -1049,8 +1051,7 @@ async fn a_batch_waiting_for_a_slow_one_before_it_outlasts_a_short_lock_timeout(
     );
     written_first.expect("the slow batch");
     written_second.expect("the batch waiting 2 s for it, past a 0.5 s lock_timeout");
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id")).fetch_all(&pool).await.expect("rows");
+    let rows = id_n_rows(&pool, &table).await;
     assert_eq!(rows, vec![("w".into(), 1), ("x".into(), 1)]);
 }
 
@@ -1106,11 +1107,7 @@ async fn write_all_and_read(
         (support::stored_positions(pool, table).await == total).then_some(())
     })
     .await;
-    let rows = sqlx::query_as(&format!("SELECT id, n FROM \"{table}\" ORDER BY id"))
-        .fetch_all(pool)
-        .await
-        .expect("read the table");
-    (kawka, rows)
+    (kawka, id_n_rows(pool, table).await)
 }
 
 /// Creates `table (id text PRIMARY KEY, n bigint)` with a trigger that

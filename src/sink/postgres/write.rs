@@ -362,6 +362,7 @@ impl PostgresSink {
             return Ok(());
         }
         let mut committed = std::pin::pin!(succeeded_all(after));
+        let mut unbounded = false;
         loop {
             if let Ok(done) = tokio::time::timeout(HOLDING_CHECK, &mut committed).await {
                 return done;
@@ -375,8 +376,11 @@ impl PostgresSink {
             // As long as it takes (bounded by the write's own timeout): a
             // role's `lock_timeout` or `statement_timeout` would fail a
             // write whose predecessor is merely slow.
-            for unbounded in ["SET LOCAL lock_timeout = 0", "SET LOCAL statement_timeout = 0"] {
-                sqlx::query(unbounded).execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+            // (`SET LOCAL` holds to the end of the transaction: once.)
+            if !unbounded {
+                sqlx::query("SET LOCAL lock_timeout = 0").execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+                sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.map_err(SinkError::Postgres)?;
+                unbounded = true;
             }
             let (keys, tokens): (Vec<i32>, Vec<i32>) = locks.into_iter().unzip();
             sqlx::query(WAIT_FOR_TX_LOCKS)

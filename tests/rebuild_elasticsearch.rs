@@ -259,3 +259,140 @@ async fn a_cut_over_killed_while_the_live_index_is_blocked_heals_by_itself() {
     assert!(state["_source"]["blocked_index"].is_null(), "{state}");
     assert_fold(&name, &support::stats::fold(&records), "after healing").await;
 }
+
+/// What the proxy in front of the Elasticsearch API does: forward every
+/// request, but ahead of the `block_at`-th `_bulk` request play a cut-over
+/// (see [`cut_over_during_a_batch`]).
+#[derive(Clone)]
+struct CutOverProxy {
+    upstream: String,
+    bulks: Arc<std::sync::atomic::AtomicUsize>,
+    block_at: usize,
+    alias: String,
+}
+
+async fn forward(
+    axum::extract::State(proxy): axum::extract::State<CutOverProxy>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> (axum::http::StatusCode, [(axum::http::HeaderName, String); 1], Vec<u8>) {
+    let client = reqwest::Client::new();
+    if uri.path().ends_with("/_bulk") && proxy.bulks.fetch_add(1, Ordering::SeqCst) + 1 == proxy.block_at {
+        // The cut-over's order: block the live index (this request then
+        // meets the block), a moment later move the alias, then lift it.
+        let (live, next) = (format!("{}-v1", proxy.alias), format!("{}-v2", proxy.alias));
+        let put = client
+            .put(format!("{}/{live}/_settings", proxy.upstream))
+            .json(&json!({"index": {"blocks": {"write": true}}}))
+            .send()
+            .await
+            .expect("block");
+        assert!(put.status().is_success(), "block: {}", put.text().await.unwrap_or_default());
+        let (client, upstream, alias) = (client.clone(), proxy.upstream.clone(), proxy.alias.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let actions = json!({"actions": [{"remove": {"index": live, "alias": alias}},
+                {"add": {"index": next, "alias": alias, "is_write_index": true}}]});
+            let moved = client.post(format!("{upstream}/_aliases")).json(&actions).send().await.expect("alias");
+            assert!(moved.status().is_success(), "alias: {}", moved.text().await.unwrap_or_default());
+            let lifted = client
+                .put(format!("{upstream}/{live}/_settings"))
+                .json(&json!({"index": {"blocks": {"write": false}}}))
+                .send()
+                .await
+                .expect("lift");
+            assert!(lifted.status().is_success(), "lift: {}", lifted.text().await.unwrap_or_default());
+        });
+    }
+    let url = format!("{}{}", proxy.upstream, uri.path_and_query().map_or("/", |p| p.as_str()));
+    let mut request = client.request(method, url).body(body);
+    if let Some(kind) = headers.get(axum::http::header::CONTENT_TYPE) {
+        request = request.header(axum::http::header::CONTENT_TYPE, kind);
+    }
+    let response = request.send().await.expect("upstream");
+    let status = axum::http::StatusCode::from_u16(response.status().as_u16()).expect("a status");
+    let kind = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    (status, [(axum::http::header::CONTENT_TYPE, kind)], response.bytes().await.expect("body").to_vec())
+}
+
+/// A live batch sent in several bulk requests, of which the second meets
+/// the cut-over's write block: the requests before it landed in the old
+/// index only. Sending the blocked items again alone would put them in
+/// the new index once the alias moved, and the batch would count as
+/// written while the new index lacks its first documents (what a loaded
+/// CI run once showed). The block must fail the batch whole, so that it
+/// is written again, all of it, where the alias points then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_batch_split_by_the_cut_overs_block_is_written_again_whole_behind_the_moved_alias() {
+    use kawka::event::Position;
+    use kawka::projection::{OpKind, WriteOp};
+    use kawka::value::{intern, Value};
+
+    let name = support::unique("split-batch");
+    let connector = format!(
+        "name: {name}\nsource: {{ topics: [unused-split-batch] }}\nsink:\n  to: search\n  index: {name}\n  \
+         mappings: {{ properties: {{ a: {{ type: long }} }} }}\n  bulk: {{ max_actions: 5, in_flight: 1 }}\n\
+         key: $key\nevents:\n  com.example.users.UserRegistered: {{ upsert: {{ a: seq }} }}\n"
+    );
+    let project = Project::new("http://127.0.0.1:9", &[(&name, &connector)]);
+    let proxy = CutOverProxy {
+        upstream: support::elasticsearch_url(),
+        bulks: Arc::default(),
+        block_at: 2,
+        alias: name.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", listener.local_addr().expect("address"));
+    let app = axum::Router::new().fallback(forward).with_state(proxy.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = project.root().join("config/kawka.yaml");
+    let text = std::fs::read_to_string(&config).expect("config").replace(&support::elasticsearch_url(), &proxy_url);
+    std::fs::write(&config, text).expect("config");
+    let sink = support::sinks(&project).remove(0);
+    sink.prepare().await.expect("prepare: v1 behind the alias");
+    // The new version, as a rebuild leaves it just before the cut-over.
+    let upstream = support::elasticsearch_url();
+    let mapping: Json =
+        reqwest::get(format!("{upstream}/{name}-v1/_mapping")).await.expect("mapping").json().await.expect("json");
+    let created = reqwest::Client::new()
+        .put(format!("{upstream}/{name}-v2"))
+        .json(&json!({"mappings": mapping[format!("{name}-v1")]["mappings"]}))
+        .send()
+        .await
+        .expect("v2");
+    assert!(created.status().is_success(), "v2: {}", created.text().await.unwrap_or_default());
+
+    let ops: Vec<WriteOp> = (0..20)
+        .map(|i| WriteOp {
+            key: smallvec::smallvec![Value::from(format!("d{i:02}").as_str())],
+            kind: OpKind::Upsert,
+            fields: vec![(intern("a"), Value::Int(i))],
+            version: None,
+            position: Position { topic: intern("unused-split-batch"), partition: 0, offset: i },
+        })
+        .collect();
+    // The pipeline's loop: a batch that failed is written again whole.
+    let mut failures = Vec::new();
+    while let Err(error) = sink.write(&ops, &[]).await {
+        assert!(matches!(error, kawka::sink::SinkError::WriteBlocked(_)), "{error}");
+        assert_eq!(error.class(), kawka::error::ErrorClass::Transient);
+        failures.push(error.to_string());
+        assert!(failures.len() < 50, "still failing: {failures:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(proxy.bulks.load(Ordering::SeqCst) > 4, "the block was met: the batch was sent again");
+    assert!(alias_targets(&name).await.contains(&format!("{name}-v2")), "the alias moved");
+    let documents = support::es_documents(&name, 100).await;
+    let missing: Vec<String> = (0..20).map(|i| format!("d{i:02}")).filter(|id| !documents.contains_key(id)).collect();
+    assert!(missing.is_empty(), "the index the alias points to lacks {missing:?} (failures: {failures:?})");
+    for (id, doc) in &documents {
+        assert_eq!(doc["a"], json!(id[1..].parse::<i64>().expect("dNN")), "{id}");
+    }
+}

@@ -15,7 +15,9 @@
 //!   alias. The block is lifted whatever happens; the live connector's
 //!   retried writes then land in the new index, in order: every write is
 //!   guarded by its position, so what the rebuild already applied is a
-//!   duplicate.
+//!   duplicate. A live batch the block cut in two is written again whole
+//!   (`SinkError::WriteBlocked`): its part that landed in the old index
+//!   before the block is past the positions caught up to.
 //! * Rollback is the same dance backwards: block the current index, let the
 //!   previous one catch up from where it stopped (a group whose offsets are
 //!   set to the positions saved at cut-over), move the alias back.

@@ -42,6 +42,11 @@ pub enum SinkError {
     RejectedOps(Vec<(usize, String)>),
     #[error("elasticsearch: {message}")]
     Elasticsearch { status: Option<u16>, message: String },
+    /// The index is write-blocked (a rebuild's cut-over, or an operator):
+    /// the batch is written again whole once the block is lifted, through
+    /// the alias, so that none of it stays in an index the alias has left.
+    #[error("elasticsearch: the index is write-blocked (a rebuild's cut-over?); the batch is written again whole once it is lifted: {0}")]
+    WriteBlocked(String),
     /// The sink cannot be used as configured (bad URL, a bare index).
     #[error("{0}")]
     Setup(String),
@@ -83,7 +88,7 @@ impl SinkError {
                 _ => ErrorClass::Transient,
             },
             SinkError::Setup(_) => ErrorClass::Config,
-            SinkError::Predecessor | SinkError::TimedOut(_) => ErrorClass::Transient,
+            SinkError::Predecessor | SinkError::TimedOut(_) | SinkError::WriteBlocked(_) => ErrorClass::Transient,
         }
     }
 }

@@ -474,6 +474,13 @@ pub enum ItemOutcome {
     Exists,
     /// Backpressure (429), a server error or a timeout: send it again.
     Retry(String),
+    /// The index is write-blocked (`index.blocks.write`: a rebuild's
+    /// cut-over, or an operator). Not the document's fault, but not sent
+    /// again alone either: the cut-over moves the alias before it lifts the
+    /// block, so this item would land in the new index while the batch's
+    /// items sent before the block are in the old one only. The whole batch
+    /// is written again instead (see `SinkError::WriteBlocked`).
+    Blocked(String),
     /// The document was refused (mapping or parsing): an error of its events.
     Reject(String),
 }
@@ -514,6 +521,9 @@ pub fn classify_item(kind: &str, item: &serde_json::Value) -> ItemOutcome {
         409 if kind == "update" => ItemOutcome::Retry(format!("{} (another writer)", describe())),
         409 if kind == "create" => ItemOutcome::Exists,
         409 => ItemOutcome::Duplicate,
+        403 if error.and_then(|e| e.get("type")).and_then(|t| t.as_str()) == Some("cluster_block_exception") => {
+            ItemOutcome::Blocked(describe())
+        }
         _ => match classify_http_status(status) {
             ErrorClass::Permanent => ItemOutcome::Reject(describe()),
             // Auth failures are not this document's fault: retried, reported.
@@ -754,6 +764,12 @@ mod tests {
         assert!(matches!(classify_item("index", &item(503, None)), ItemOutcome::Retry(_)));
         assert!(matches!(classify_item("index", &item(408, None)), ItemOutcome::Retry(_)));
         assert!(matches!(classify_item("index", &item(403, None)), ItemOutcome::Retry(_)));
+        let blocked = serde_json::json!({"type": "cluster_block_exception",
+            "reason": "index [p-v1] blocked by: [FORBIDDEN/8/index write (api)];"});
+        match classify_item("update", &item(403, Some(&blocked))) {
+            ItemOutcome::Blocked(message) => assert!(message.contains("index write (api)"), "{message}"),
+            other => panic!("a write block is the whole batch's: {other:?}"),
+        }
         match classify_item("index", &item(400, Some(&mapping))) {
             ItemOutcome::Reject(message) => {
                 assert!(message.starts_with("mapper_parsing_exception: failed to parse field [age]"), "{message}");

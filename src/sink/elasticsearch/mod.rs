@@ -385,7 +385,8 @@ impl ElasticsearchSink {
     }
 
     /// Sends one request; items that failed transiently are sent again
-    /// (alone) with backoff.
+    /// (alone) with backoff. An item refused by a write block fails the
+    /// whole batch instead (see [`ItemOutcome::Blocked`]).
     async fn send_with_retries(&self, actions: &[&Action]) -> Result<(Written, Vec<(usize, String)>), SinkError> {
         let backoff = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(3) };
         let mut counts = Written::default();
@@ -396,6 +397,7 @@ impl ElasticsearchSink {
             let outcomes = self.send(&pending).await?;
             let mut retry = Vec::new();
             let mut last_reason = String::new();
+            let mut blocked = None;
             // Updates sent at once in place of creates that met a document.
             let mut instead = Vec::new();
             for (action, outcome) in pending.iter().zip(outcomes) {
@@ -416,7 +418,11 @@ impl ElasticsearchSink {
                         last_reason = reason;
                         retry.push(*action);
                     }
+                    ItemOutcome::Blocked(reason) => blocked = Some(reason),
                 }
+            }
+            if let Some(reason) = blocked {
+                return Err(SinkError::WriteBlocked(reason));
             }
             if retry.is_empty() && instead.is_empty() {
                 return Ok((counts, rejected));

@@ -260,29 +260,60 @@ async fn a_cut_over_killed_while_the_live_index_is_blocked_heals_by_itself() {
     assert_fold(&name, &support::stats::fold(&records), "after healing").await;
 }
 
-/// What the proxy in front of the Elasticsearch API does: forward every
-/// request, but ahead of the `block_at`-th `_bulk` request play a cut-over
-/// (see [`cut_over_during_a_batch`]).
-#[derive(Clone)]
-struct CutOverProxy {
+/// A proxy in front of the Elasticsearch API: it forwards every request,
+/// and plays its part in a cut-over test.
+#[derive(Clone, Default)]
+struct Proxy {
     upstream: String,
     bulks: Arc<std::sync::atomic::AtomicUsize>,
-    block_at: usize,
-    alias: String,
+    /// Ahead of the n-th `_bulk` request, a cut-over of this alias (block
+    /// v1, then a moment later move the alias to v2 and lift the block).
+    cut_over_at: Option<(usize, String)>,
+    /// A request that sets a write block is held: `arrived` is notified,
+    /// and it goes on once `release` is.
+    hold_blocks: Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>,
+}
+
+impl Proxy {
+    /// Serves it on a free port; returns its URL.
+    async fn serve(self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let app = axum::Router::new().fallback(forward).with_state(self);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+}
+
+/// `config/<file>` of `project`: its own config with Elasticsearch reached
+/// through `proxy_url` (with time for a request the proxy holds).
+fn proxied_config(project: &Project, file: &str, proxy_url: &str) {
+    let text = std::fs::read_to_string(project.root().join("config/kawka.yaml"))
+        .expect("config")
+        .replace(&format!("\"{}\"", support::elasticsearch_url()), &format!("\"{proxy_url}\", timeout: 120s"));
+    std::fs::write(project.root().join("config").join(file), text).expect("config");
 }
 
 async fn forward(
-    axum::extract::State(proxy): axum::extract::State<CutOverProxy>,
+    axum::extract::State(proxy): axum::extract::State<Proxy>,
     method: axum::http::Method,
     uri: axum::http::Uri,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> (axum::http::StatusCode, [(axum::http::HeaderName, String); 1], Vec<u8>) {
+    if let Some((arrived, release)) = &proxy.hold_blocks {
+        let sets = serde_json::from_slice::<Json>(&body).ok().map(|b| b["index"]["blocks"]["write"] == json!(true));
+        if method == axum::http::Method::PUT && uri.path().ends_with("/_settings") && sets == Some(true) {
+            arrived.notify_one();
+            release.notified().await;
+        }
+    }
     let client = reqwest::Client::new();
-    if uri.path().ends_with("/_bulk") && proxy.bulks.fetch_add(1, Ordering::SeqCst) + 1 == proxy.block_at {
+    let bulk = uri.path().ends_with("/_bulk").then(|| proxy.bulks.fetch_add(1, Ordering::SeqCst) + 1);
+    if let Some((_, alias)) = proxy.cut_over_at.as_ref().filter(|(at, _)| Some(*at) == bulk) {
         // The cut-over's order: block the live index (this request then
         // meets the block), a moment later move the alias, then lift it.
-        let (live, next) = (format!("{}-v1", proxy.alias), format!("{}-v2", proxy.alias));
+        let (live, next) = (format!("{alias}-v1"), format!("{alias}-v2"));
         let put = client
             .put(format!("{}/{live}/_settings", proxy.upstream))
             .json(&json!({"index": {"blocks": {"write": true}}}))
@@ -290,7 +321,7 @@ async fn forward(
             .await
             .expect("block");
         assert!(put.status().is_success(), "block: {}", put.text().await.unwrap_or_default());
-        let (client, upstream, alias) = (client.clone(), proxy.upstream.clone(), proxy.alias.clone());
+        let (client, upstream, alias) = (client.clone(), proxy.upstream.clone(), alias.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let actions = json!({"actions": [{"remove": {"index": live, "alias": alias}},
@@ -342,19 +373,10 @@ async fn a_live_batch_split_by_the_cut_overs_block_is_written_again_whole_behind
          key: $key\nevents:\n  com.example.users.UserRegistered: {{ upsert: {{ a: seq }} }}\n"
     );
     let project = Project::new("http://127.0.0.1:9", &[(&name, &connector)]);
-    let proxy = CutOverProxy {
-        upstream: support::elasticsearch_url(),
-        bulks: Arc::default(),
-        block_at: 2,
-        alias: name.clone(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let proxy_url = format!("http://{}", listener.local_addr().expect("address"));
-    let app = axum::Router::new().fallback(forward).with_state(proxy.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let config = project.root().join("config/kawka.yaml");
-    let text = std::fs::read_to_string(&config).expect("config").replace(&support::elasticsearch_url(), &proxy_url);
-    std::fs::write(&config, text).expect("config");
+    let proxy =
+        Proxy { upstream: support::elasticsearch_url(), cut_over_at: Some((2, name.clone())), ..Proxy::default() };
+    let proxy_url = proxy.clone().serve().await;
+    proxied_config(&project, "kawka.yaml", &proxy_url);
     let sink = support::sinks(&project).remove(0);
     sink.prepare().await.expect("prepare: v1 behind the alias");
     // The new version, as a rebuild leaves it just before the cut-over.
@@ -395,4 +417,83 @@ async fn a_live_batch_split_by_the_cut_overs_block_is_written_again_whole_behind
     for (id, doc) in &documents {
         assert_eq!(doc["a"], json!(id[1..].parse::<i64>().expect("dNN")), "{id}");
     }
+}
+
+/// A batch the live connector wrote just before the cut-over's block but
+/// whose commit had not landed when the positions looked final: the live
+/// index holds it, the group's positions do not. The rebuild catches up to
+/// the log's end read under the block, not only to those positions, so the
+/// new index holds that batch too. A proxy holds the rebuild's block
+/// request while the test plays that batch: produced, written by the live
+/// connector, its commit then taken back (the late commit, not landed yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_the_live_index_whose_commit_comes_after_the_cut_over_is_in_the_new_index() {
+    const COMMITTED: usize = 2_000;
+    const LATE: usize = 400;
+    let registry = support::start_registry().await;
+    let topic = support::unique("stats");
+    let name = support::unique("late-commit");
+    support::create_topic(&topic, 1).await;
+    let records = support::stats::log(COMMITTED + LATE, 150);
+    let total = records.len();
+    let spec = json!({"bootstrap": support::kafka_bootstrap(), "registry": registry.url(), "topic": topic,
+        "subject_strategy": "topic_record", "schemas": support::stats::schemas()});
+    support::produce_with_python(&spec, records[..COMMITTED].to_vec()).await;
+    let project = Project::new(&registry.url(), &[(&name, &stats_connector(&name, &topic))]);
+    let (arrived, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let proxy = Proxy {
+        upstream: support::elasticsearch_url(),
+        hold_blocks: Some((arrived.clone(), release.clone())),
+        ..Proxy::default()
+    };
+    proxied_config(&project, "proxied.yaml", &proxy.serve().await);
+    let (group, topics) = (format!("kawka.{name}"), vec![topic.clone()]);
+    let committed = |n: usize| {
+        let (group, topics) = (group.clone(), topics.clone());
+        async move { (support::committed_total(&group, &topics).await == n as i64).then_some(()) }
+    };
+    let mut live = project.start(0);
+    eventually(Duration::from_secs(180), "the live index to hold the first events", || committed(COMMITTED)).await;
+
+    let rebuild = {
+        let (root, name) = (project.root().to_path_buf(), name.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_kawka"))
+                .args(["rebuild", "--config", "config/proxied.yaml", &name])
+                .current_dir(root)
+                .env_remove("KAWKA_CONFIG")
+                .output()
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(240), arrived.notified()).await.expect("the cut-over to block");
+    // The rebuild has reached the live positions and is about to block.
+    // The last record is a batch of its own: tansu's memory storage reports
+    // a log's end as its last batch's first offset + 1.
+    support::produce_with_python(&spec, records[COMMITTED..total - 1].to_vec()).await;
+    support::produce_with_python(&spec, records[total - 1..].to_vec()).await;
+    eventually(Duration::from_secs(60), "the live connector to write the late batch", || committed(total)).await;
+    assert_eq!(live.terminate().await, Some(0), "clean exit");
+    let kafka =
+        kawka::source::KafkaSettings { bootstrap_servers: support::kafka_bootstrap(), properties: Default::default() };
+    let (moved, back) = (group.clone(), vec![(topic.clone(), 0, COMMITTED as i64)]);
+    tokio::task::spawn_blocking(move || kawka::source::kafka::commit_offsets(&kafka, &moved, &back))
+        .await
+        .expect("thread")
+        .expect("the group's position taken back");
+    assert_eq!(support::committed_total(&group, &topics).await, COMMITTED as i64);
+    release.notify_one();
+
+    let output = rebuild.await.expect("thread").expect("kawka rebuild");
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{out}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(alias_targets(&name).await.contains(&format!("{name}-v2")), "{out}");
+    assert_fold(&name, &support::stats::fold(&records), "the new index after the cut-over").await;
+
+    // The commit that came late would have moved the group on; here the
+    // live connector writes those events again: duplicates in the new index.
+    let mut live = project.start(1);
+    eventually(Duration::from_secs(180), "the live connector to go on", || committed(total)).await;
+    assert_fold(&name, &support::stats::fold(&records), "after the live connector wrote them again").await;
+    assert_eq!(live.terminate().await, Some(0), "clean exit");
+    let _ = registry.stop().await; // cleanup only
 }

@@ -11,8 +11,9 @@
 //!   index gets a write block. The live connector's writes then fail and are
 //!   retried (a block is not the document's fault), so its committed
 //!   positions stop moving; once they have been still for [`SETTLED`], the
-//!   rebuild catches up to them exactly, and one `_aliases` call moves the
-//!   alias. The block is lifted whatever happens; the live connector's
+//!   rebuild catches up to them or, further, to the log's end read under
+//!   the block ([`CutOverTarget`]: a batch written before the block may be
+//!   committed later), and one `_aliases` call moves the alias. The block is lifted whatever happens; the live connector's
 //!   retried writes then land in the new index, in order: every write is
 //!   guarded by its position, so what the rebuild already applied is a
 //!   duplicate. A live batch the block cut in two is written again whole
@@ -29,7 +30,7 @@
 //!   ([`heal_blocks`], every [`HEAL_EVERY`]) and the next rebuild lift such
 //!   a block, with a log line.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -56,6 +57,11 @@ pub const STATE_INDEX: &str = "kawka-rebuilds";
 /// before they count as final. The live connector commits right after each
 /// durable write, so a few seconds cover a commit in flight.
 const SETTLED: Duration = Duration::from_secs(3);
+
+/// How long the rebuild's positions may stand still short of the log's end
+/// (but past the live positions) before that end counts as unreachable
+/// (see [`CutOverTarget`]).
+const STUCK: Duration = Duration::from_secs(15);
 
 fn sink(runtime: &ConnectorRuntime) -> anyhow::Result<&ElasticsearchSink> {
     match &runtime.sink {
@@ -349,6 +355,86 @@ impl CommittedOffsets {
         offsets.sort();
         Ok(offsets)
     }
+
+    /// Where the log of each of the group's partitions ends now.
+    async fn ends(&self) -> anyhow::Result<Vec<Position>> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || reader.ends()).await?.context("the high watermarks of the topics")
+    }
+}
+
+/// What the rebuild catches up to under the write block, per partition:
+/// the live connector's settled position or, when further, the end of the
+/// log read under the block. The live index can hold events past the live
+/// positions (a batch written just before the block whose commit comes
+/// later), but none past that end: a write sent after the block is
+/// refused, one sent before it holds events produced before it. An end the
+/// rebuild cannot reach (a broker that misreports it, transaction markers
+/// closing the log) is given up once the rebuild is past the live
+/// positions and has stood still for [`STUCK`], with a warning.
+struct CutOverTarget {
+    connector: String,
+    live: Vec<Position>,
+    ends: Vec<Position>,
+    /// The rebuild's positions last seen, and since when they are so.
+    last: Vec<Position>,
+    still_since: Instant,
+    gave_up: bool,
+}
+
+impl CutOverTarget {
+    fn new(connector: &str, live: Vec<Position>, ends: Vec<Position>) -> CutOverTarget {
+        CutOverTarget {
+            connector: connector.to_string(),
+            live,
+            ends,
+            last: Vec::new(),
+            still_since: Instant::now(),
+            gave_up: false,
+        }
+    }
+
+    /// The live positions moved (a late commit): they are the floor now.
+    fn live_moved(&mut self, live: Vec<Position>) {
+        self.live = live;
+    }
+
+    /// The positions to reach, per partition with anything to reach.
+    fn wanted(&self) -> Vec<Position> {
+        let end_of = |topic: &str, partition: i32| {
+            self.ends.iter().find(|(t, p, _)| t == topic && *p == partition).map_or(0, |e| e.2)
+        };
+        let mut wanted: Vec<Position> =
+            self.live.iter().map(|(t, p, live)| (t.clone(), *p, (*live).max(end_of(t, *p)))).collect();
+        let unlisted: Vec<Position> = self
+            .ends
+            .iter()
+            .filter(|(t, p, _)| !self.live.iter().any(|(lt, lp, _)| lt == t && lp == p))
+            .cloned()
+            .collect();
+        wanted.extend(unlisted);
+        // An empty partition has nothing to reach (and no position to show).
+        wanted.retain(|(_, _, next)| *next > 0);
+        wanted
+    }
+
+    /// The target given the rebuild's positions `done` now; `consuming`:
+    /// whether its consumer has partitions (a group join takes seconds, and
+    /// stands still meanwhile).
+    fn given(&mut self, done: &[Position], consuming: bool) -> Vec<Position> {
+        if done != self.last || !consuming {
+            (self.last, self.still_since) = (done.to_vec(), Instant::now());
+        }
+        let wanted = self.wanted();
+        if caught_up(&wanted, done) || !caught_up(&self.live, done) || self.still_since.elapsed() < STUCK {
+            return wanted;
+        }
+        if !std::mem::replace(&mut self.gave_up, true) {
+            tracing::warn!(connector = %self.connector, rebuilt = ?done, ends = ?self.ends,
+                "the rebuild stands still short of the log's end the broker reports; taking its positions as final");
+        }
+        done.to_vec()
+    }
 }
 
 /// The live positions once they have stopped moving (the live index is
@@ -371,17 +457,23 @@ async fn settled(live: &CommittedOffsets, shutdown: &watch::Receiver<bool>) -> a
 }
 
 /// Runs `runtime` (writing to one index) until its group's positions
-/// (`done`) reach `live`, then stops it.
+/// (`done`) reach `target`, then stops it.
 async fn catch_up(
     runtime: &ConnectorRuntime,
     done: &CommittedOffsets,
-    live: &[Position],
+    target: &Mutex<CutOverTarget>,
     shutdown: &watch::Receiver<bool>,
     started: &Started,
     progress: &mut impl FnMut(&RebuildProgress),
 ) -> anyhow::Result<()> {
     let follower = Follower::start(runtime);
-    let followed = follow(shutdown, started, progress, || async { Ok((live.to_vec(), done.read().await?)) }).await;
+    let followed = follow(shutdown, started, progress, || async {
+        let done = done.read().await?;
+        let consuming = !runtime.status.partitions().is_empty();
+        let wanted = target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).given(&done, consuming);
+        Ok((wanted, done))
+    })
+    .await;
     follower.stop().await;
     followed
 }
@@ -445,18 +537,22 @@ pub async fn rebuild(
     let lease = block_for_cut_over(client, &connector, &live_index).await?;
     let swapped = async {
         let mut live = settled(&live_offsets, &shutdown).await?;
+        // Read under the block: the live index holds nothing past it.
+        let target = Mutex::new(CutOverTarget::new(&connector, live.clone(), live_offsets.ends().await?));
         loop {
-            catch_up(&rebuilder, &rebuild_offsets, &live, &shutdown, &started, &mut progress).await?;
+            catch_up(&rebuilder, &rebuild_offsets, &target, &shutdown, &started, &mut progress).await?;
             // A write the live connector made just before the block is
             // committed asynchronously: on a loaded machine the commit can
             // land after the positions looked settled. Its events are in
-            // the live index only; catch up to them too before the swap.
+            // the live index only; catch up to them too before the swap
+            // (they are within the log's end, unless the broker misreports it).
             let now = live_offsets.read().await?;
             if caught_up(&now, &live) {
                 break;
             }
             tracing::info!(connector = %connector, "live positions moved during the cut-over; catching up again");
             live = now;
+            target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).live_moved(live.clone());
         }
         // Read now: what the user changed on the live index while the
         // rebuild ran counts too.
@@ -501,7 +597,10 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
     let lease = block_for_cut_over(client, connector, &current).await?;
     let swapped = async {
         let mut live = settled(&live_offsets, &shutdown).await?;
-        if !caught_up(&live, &stopped_at) {
+        // Read under the block, as in `rebuild`.
+        let target = Mutex::new(CutOverTarget::new(connector, live.clone(), live_offsets.ends().await?));
+        let wanted = target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).wanted();
+        if !caught_up(&wanted, &stopped_at) {
             let writer = writer_to(runtime, live_sink, previous, "rollback");
             let (group, from) = (writer.settings.source.group_id.clone(), stopped_at.clone());
             let kafka = runtime.kafka.clone();
@@ -510,13 +609,14 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
                 .context("setting the catch-up group's offsets")?;
             let done = CommittedOffsets::of(&writer).await?;
             loop {
-                catch_up(&writer, &done, &live, &shutdown, &Started::now(), &mut |_| {}).await?;
+                catch_up(&writer, &done, &target, &shutdown, &Started::now(), &mut |_| {}).await?;
                 // A late commit of a write made before the block (see `rebuild`).
                 let now = live_offsets.read().await?;
                 if caught_up(&now, &live) {
                     break;
                 }
                 live = now;
+                target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).live_moved(live.clone());
             }
         }
         move_alias(client, alias, &current, previous).await
@@ -565,6 +665,36 @@ mod tests {
                 "mapping": {"total_fields": {"limit": "2000"}}}})
         );
         assert_eq!(carried_settings(&json!({})), json!({"index": {"refresh_interval": "1s", "number_of_replicas": 1}}));
+    }
+
+    /// As if the rebuild's positions had been what they are for [`STUCK`].
+    fn stand_still(target: &mut CutOverTarget) {
+        target.still_since = Instant::now().checked_sub(STUCK).expect("the machine is up for longer than STUCK");
+    }
+
+    #[test]
+    fn the_cut_over_reaches_the_logs_end_past_the_live_positions_unless_it_cannot() {
+        let at = |partition: i32, next: i64| ("t".to_string(), partition, next);
+        let mut target = CutOverTarget::new("c", vec![at(0, 10)], vec![at(0, 15), at(1, 0), at(2, 4)]);
+        assert_eq!(target.wanted(), vec![at(0, 15), at(2, 4)], "the end where it is further; empty partitions drop");
+        assert_eq!(target.given(&[at(0, 12)], true), vec![at(0, 15), at(2, 4)]);
+        // Still for STUCK, past the live positions, consuming: the end is
+        // out of reach (misreported, or transaction markers).
+        stand_still(&mut target);
+        assert_eq!(target.given(&[at(0, 12)], true), vec![at(0, 12)]);
+        // Short of the live positions it waits whatever the time.
+        stand_still(&mut target);
+        assert_eq!(target.given(&[at(0, 9)], true), vec![at(0, 15), at(2, 4)]);
+        stand_still(&mut target);
+        assert_eq!(target.given(&[at(0, 9)], true), vec![at(0, 15), at(2, 4)]);
+        // A consumer still joining its group is not standing still.
+        let mut joining = CutOverTarget::new("c", vec![at(0, 10)], vec![at(0, 15)]);
+        joining.given(&[at(0, 12)], false);
+        stand_still(&mut joining);
+        assert_eq!(joining.given(&[at(0, 12)], false), vec![at(0, 15)]);
+        // A late commit moves the floor.
+        joining.live_moved(vec![at(0, 20)]);
+        assert_eq!(joining.wanted(), vec![at(0, 20)]);
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //!
 //! Both run the connector's own projection and upcasters with another
 //! consumer group, in large batches, and cut over only once the rebuild has
-//! reached the live connector's positions (never the broker's high
-//! watermarks, which some brokers misreport). [`Rebuilds`] runs them inside
+//! reached the live connector's positions (the broker's high watermarks,
+//! which some brokers misreport, are only a further floor for an
+//! Elasticsearch cut-over: see [`elasticsearch`]). [`Rebuilds`] runs them inside
 //! the daemon for the HTTP API; progress goes to the live connector's status.
 
 pub mod elasticsearch;

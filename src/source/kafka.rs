@@ -467,6 +467,20 @@ impl GroupOffsets {
         drop(committed);
         Ok(offsets)
     }
+
+    /// (topic, partition, high watermark) of every partition: where the
+    /// log ends now, as the broker says (some brokers misreport it; see
+    /// STACK.md).
+    pub fn ends(&self) -> KafkaResult<Vec<(String, i32, i64)>> {
+        self.wanted
+            .elements()
+            .iter()
+            .map(|e| {
+                let (_, high) = self.consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?;
+                Ok((e.topic().to_string(), e.partition(), high))
+            })
+            .collect()
+    }
 }
 
 /// The offsets `group` has committed on the partitions of `topics`, once.

@@ -164,6 +164,9 @@ pub struct ConnectorStatus {
     /// a counter bumped each time one moves, which waiters watch.
     applied: Mutex<HashMap<(String, i32), i64>>,
     applied_changes: watch::Sender<u64>,
+    /// Per partition, the position past the last batch handed to the sink
+    /// since the last revoke: with `applied`, whether a write is pending.
+    handed: Mutex<Vec<(Name, i32, i64)>>,
     /// The latest events dead-lettered or skipped (at most
     /// [`FAILED_REMEMBERED`]), so a waiter learns its event was not applied.
     failed: Mutex<std::collections::VecDeque<(String, i32, i64, Outcome)>>,
@@ -281,6 +284,7 @@ impl ConnectorStatus {
             rebuild_suggested: Mutex::new(None),
             applied: Mutex::new(HashMap::new()),
             applied_changes: watch::channel(0).0,
+            handed: Mutex::new(Vec::new()),
             failed: Mutex::new(std::collections::VecDeque::new()),
             waiters: AtomicI64::new(0),
             wait_seconds: Histogram::new(SECONDS_BOUNDS.iter().copied()),
@@ -515,6 +519,28 @@ impl ConnectorStatus {
 
     pub fn revoked(&self) {
         lock(&self.partitions).clear();
+        lock(&self.handed).clear();
+    }
+
+    /// A batch ending at `offsets` goes to the sink (once per batch).
+    pub fn handed(&self, offsets: &[crate::event::PartitionOffset]) {
+        let mut handed = lock(&self.handed);
+        for offset in offsets {
+            match handed.iter_mut().find(|(t, p, _)| *t == offset.topic && *p == offset.partition) {
+                Some(entry) => entry.2 = entry.2.max(offset.next_offset),
+                None => handed.push((offset.topic, offset.partition, offset.next_offset)),
+            }
+        }
+    }
+
+    /// Whether a batch handed to the sink since the last revoke is not
+    /// durable yet (in flight, or being written again).
+    pub fn writes_pending(&self) -> bool {
+        let handed = lock(&self.handed).clone();
+        let applied = lock(&self.applied);
+        handed.iter().any(|(topic, partition, next)| {
+            applied.get(&(topic.to_string(), *partition)).is_none_or(|reached| reached < next)
+        })
     }
 
     pub fn has_joined(&self) -> bool {
@@ -628,6 +654,26 @@ impl ConnectorStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_is_pending_from_its_hand_over_until_its_positions_are_durable() {
+        let status = ConnectorStatus::new("c", "elasticsearch");
+        let batch =
+            |next_offset| [crate::event::PartitionOffset { topic: "t", partition: 0, next_offset, epoch: None }];
+        assert!(!status.writes_pending());
+        status.handed(&batch(10));
+        assert!(status.writes_pending());
+        status.positions(&[("t", 0, 9)]);
+        assert!(status.writes_pending(), "short of the batch's end");
+        status.positions(&[("t", 0, 10)]);
+        assert!(!status.writes_pending());
+        status.handed(&batch(12));
+        status.handed(&batch(11));
+        status.positions(&[("t", 0, 11)]);
+        assert!(status.writes_pending(), "the furthest batch handed counts");
+        status.revoked();
+        assert!(!status.writes_pending(), "a revoke ends what this consumer was writing");
+    }
 
     #[test]
     fn retries_show_until_recovery_and_lag_follows_positions() {

@@ -51,6 +51,7 @@ impl Worker<'_> {
     /// waits for every write in flight it shares a partition or a key with.
     pub(super) async fn flush_pipelined(&mut self) -> Result<(), Halt> {
         let offsets = self.pending.offsets(&self.epochs);
+        self.runtime.status.handed(&offsets);
         let partitions: Vec<(Name, i32)> = offsets.iter().map(|o| (o.topic, o.partition)).collect();
         let capabilities = self.runtime.sink.capabilities();
         let (most, chains) = (capabilities.concurrent_writes, capabilities.chains_writes);
@@ -339,6 +340,7 @@ impl Worker<'_> {
             // write failed behind that one) holds that key's events.
             self.hold_pending().await?;
             let offsets = self.pending.offsets(&self.epochs);
+            self.runtime.status.handed(&offsets);
             let started = std::time::Instant::now();
             let write = self.runtime.sink.write(&self.pending.ops, &offsets);
             // At shutdown one attempt, too, ends with the grace period.

@@ -13,8 +13,9 @@
 //!   positions stop moving; once they have been still for [`SETTLED`], the
 //!   rebuild catches up to them or, further, to the log's end read under
 //!   the block ([`CutOverTarget`]: a batch written before the block may be
-//!   committed later), and one `_aliases` call moves the alias. The block is lifted whatever happens; the live connector's
-//!   retried writes then land in the new index, in order: every write is
+//!   committed later), and one `_aliases` call moves the alias. The block
+//!   is lifted whatever happens; the live connector's retried writes then
+//!   land in the new index, in order: every write is
 //!   guarded by its position, so what the rebuild already applied is a
 //!   duplicate. A live batch the block cut in two is written again whole
 //!   (`SinkError::WriteBlocked`): its part that landed in the old index
@@ -243,7 +244,9 @@ async fn block_for_cut_over(client: &Elasticsearch, connector: &str, index: &str
     state.blocked_index = Some(index.to_string());
     state.block_expires_ms = Some(crate::status::now_ms() + BLOCK_LEASE.as_millis() as i64);
     save_state(client, connector, &state).await?;
-    block_writes(client, index, true).await?;
+    // Renewed from before the block is asked for: a block request slower
+    // than the lease would otherwise be lifted by a healer meanwhile, and
+    // land after it, unrecorded.
     let renew = {
         let (client, connector) = (client.clone(), connector.to_string());
         tokio::spawn(async move {
@@ -257,6 +260,10 @@ async fn block_for_cut_over(client: &Elasticsearch, connector: &str, index: &str
             }
         })
     };
+    if let Err(error) = block_writes(client, index, true).await {
+        renew.abort();
+        return Err(error);
+    }
     Ok(Lease { renew })
 }
 
@@ -356,10 +363,22 @@ impl CommittedOffsets {
         Ok(offsets)
     }
 
-    /// Where the log of each of the group's partitions ends now.
+    /// Where the log of each of the group's partitions ends now (asked up
+    /// to three times: a failure here would cost the whole rebuild).
     async fn ends(&self) -> anyhow::Result<Vec<Position>> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || reader.ends()).await?.context("the high watermarks of the topics")
+        let mut attempt = 0;
+        loop {
+            let reader = self.reader.clone();
+            match tokio::task::spawn_blocking(move || reader.ends()).await? {
+                Ok(ends) => return Ok(ends),
+                Err(error) if attempt < 2 => {
+                    tracing::warn!(group = %self.group, %error, "reading the high watermarks failed; asking again");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error).context("the high watermarks of the topics"),
+            }
+        }
     }
 }
 
@@ -371,7 +390,8 @@ impl CommittedOffsets {
 /// refused, one sent before it holds events produced before it. An end the
 /// rebuild cannot reach (a broker that misreports it, transaction markers
 /// closing the log) is given up once the rebuild is past the live
-/// positions and has stood still for [`STUCK`], with a warning.
+/// positions, has no write on its way and has stood still for [`STUCK`],
+/// with a warning.
 struct CutOverTarget {
     connector: String,
     live: Vec<Position>,
@@ -399,6 +419,11 @@ impl CutOverTarget {
         self.live = live;
     }
 
+    /// A follower starts: standing still is counted from its first look.
+    fn restart(&mut self) {
+        (self.last, self.still_since) = (Vec::new(), Instant::now());
+    }
+
     /// The positions to reach, per partition with anything to reach.
     fn wanted(&self) -> Vec<Position> {
         let end_of = |topic: &str, partition: i32| {
@@ -418,11 +443,13 @@ impl CutOverTarget {
         wanted
     }
 
-    /// The target given the rebuild's positions `done` now; `consuming`:
-    /// whether its consumer has partitions (a group join takes seconds, and
-    /// stands still meanwhile).
-    fn given(&mut self, done: &[Position], consuming: bool) -> Vec<Position> {
-        if done != self.last || !consuming {
+    /// The target given the rebuild's positions `done` now (sorted, as
+    /// [`CommittedOffsets::read`] gives them); `consuming`: whether its
+    /// consumer has partitions (a group join takes seconds, and stands
+    /// still meanwhile); `writing`: whether a batch of it is on its way to
+    /// the sink (a slow write stands still too, but is not the end).
+    fn given(&mut self, done: &[Position], consuming: bool, writing: bool) -> Vec<Position> {
+        if done != self.last || !consuming || writing {
             (self.last, self.still_since) = (done.to_vec(), Instant::now());
         }
         let wanted = self.wanted();
@@ -431,9 +458,24 @@ impl CutOverTarget {
         }
         if !std::mem::replace(&mut self.gave_up, true) {
             tracing::warn!(connector = %self.connector, rebuilt = ?done, ends = ?self.ends,
-                "the rebuild stands still short of the log's end the broker reports; taking its positions as final");
+                "the rebuild stands still short of the log's end the broker reports; going on from where it is");
         }
         done.to_vec()
+    }
+}
+
+/// The longest a cut-over keeps the live index blocked while it catches
+/// up: past it the block is lifted and the alias stays (a rebuild consumer
+/// that never gets its partitions, say); the rebuild can be run again.
+const CUT_OVER_LIMIT: Duration = Duration::from_secs(300);
+
+/// `catching_up` (the part of a cut-over before the swap), failed once it
+/// has run for [`CUT_OVER_LIMIT`]. A follower it drops stops: its stop
+/// signal's sender goes with it.
+async fn within_limit<T>(catching_up: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    match tokio::time::timeout(CUT_OVER_LIMIT, catching_up).await {
+        Ok(caught_up) => caught_up,
+        Err(_) => bail!("the rebuild did not catch up within {CUT_OVER_LIMIT:?} of the write block"),
     }
 }
 
@@ -466,11 +508,20 @@ async fn catch_up(
     started: &Started,
     progress: &mut impl FnMut(&RebuildProgress),
 ) -> anyhow::Result<()> {
+    // Reached already: no consumer started and stopped at once (a close
+    // right after the join can hang, see `KafkaSource::stop`, and the
+    // member it leaves in the group holds its partitions from the next
+    // follower: seen on tansu as a cut-over waiting forever).
+    let now = done.read().await?;
+    if caught_up(&target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).wanted(), &now) {
+        return Ok(());
+    }
     let follower = Follower::start(runtime);
+    target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).restart();
     let followed = follow(shutdown, started, progress, || async {
         let done = done.read().await?;
-        let consuming = !runtime.status.partitions().is_empty();
-        let wanted = target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).given(&done, consuming);
+        let (consuming, writing) = (!runtime.status.partitions().is_empty(), runtime.status.writes_pending());
+        let wanted = target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).given(&done, consuming, writing);
         Ok((wanted, done))
     })
     .await;
@@ -532,28 +583,40 @@ pub async fn rebuild(
     .await;
     follower.stop().await;
     followed.context("the alias is unchanged; run the rebuild again")?;
+    // Then, still unblocked, to the log's end as it is now: under the block
+    // the rebuild goes to the end again (see `CutOverTarget`), and what is
+    // left then is only what came since, not the live connector's lag.
+    let before_block =
+        Mutex::new(CutOverTarget::new(&connector, live_offsets.read().await?, live_offsets.ends().await?));
+    catch_up(&rebuilder, &rebuild_offsets, &before_block, &shutdown, &started, &mut progress)
+        .await
+        .context("the alias is unchanged; run the rebuild again")?;
 
     // The cut-over, with the live index write-blocked.
     let lease = block_for_cut_over(client, &connector, &live_index).await?;
     let swapped = async {
-        let mut live = settled(&live_offsets, &shutdown).await?;
-        // Read under the block: the live index holds nothing past it.
-        let target = Mutex::new(CutOverTarget::new(&connector, live.clone(), live_offsets.ends().await?));
-        loop {
-            catch_up(&rebuilder, &rebuild_offsets, &target, &shutdown, &started, &mut progress).await?;
-            // A write the live connector made just before the block is
-            // committed asynchronously: on a loaded machine the commit can
-            // land after the positions looked settled. Its events are in
-            // the live index only; catch up to them too before the swap
-            // (they are within the log's end, unless the broker misreports it).
-            let now = live_offsets.read().await?;
-            if caught_up(&now, &live) {
-                break;
+        let live = within_limit(async {
+            let mut live = settled(&live_offsets, &shutdown).await?;
+            // Read under the block: the live index holds nothing past it.
+            let target = Mutex::new(CutOverTarget::new(&connector, live.clone(), live_offsets.ends().await?));
+            loop {
+                catch_up(&rebuilder, &rebuild_offsets, &target, &shutdown, &started, &mut progress).await?;
+                // A write the live connector made just before the block is
+                // committed asynchronously: on a loaded machine the commit can
+                // land after the positions looked settled. Its events are in
+                // the live index only; catch up to them too before the swap
+                // (they are within the log's end, unless the broker misreports it).
+                let now = live_offsets.read().await?;
+                if caught_up(&now, &live) {
+                    break;
+                }
+                tracing::info!(connector = %connector, "live positions moved during the cut-over; catching up again");
+                live = now;
+                target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).live_moved(live.clone());
             }
-            tracing::info!(connector = %connector, "live positions moved during the cut-over; catching up again");
-            live = now;
-            target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).live_moved(live.clone());
-        }
+            Ok(live)
+        })
+        .await?;
         // Read now: what the user changed on the live index while the
         // rebuild ran counts too.
         put_settings(client, &new_index, serving_settings(client, &live_index).await?).await?;
@@ -596,29 +659,33 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
     let live_offsets = CommittedOffsets::of(runtime).await?;
     let lease = block_for_cut_over(client, connector, &current).await?;
     let swapped = async {
-        let mut live = settled(&live_offsets, &shutdown).await?;
-        // Read under the block, as in `rebuild`.
-        let target = Mutex::new(CutOverTarget::new(connector, live.clone(), live_offsets.ends().await?));
-        let wanted = target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).wanted();
-        if !caught_up(&wanted, &stopped_at) {
-            let writer = writer_to(runtime, live_sink, previous, "rollback");
-            let (group, from) = (writer.settings.source.group_id.clone(), stopped_at.clone());
-            let kafka = runtime.kafka.clone();
-            tokio::task::spawn_blocking(move || crate::source::kafka::commit_offsets(&kafka, &group, &from))
-                .await?
-                .context("setting the catch-up group's offsets")?;
-            let done = CommittedOffsets::of(&writer).await?;
-            loop {
-                catch_up(&writer, &done, &target, &shutdown, &Started::now(), &mut |_| {}).await?;
-                // A late commit of a write made before the block (see `rebuild`).
-                let now = live_offsets.read().await?;
-                if caught_up(&now, &live) {
-                    break;
+        within_limit(async {
+            let mut live = settled(&live_offsets, &shutdown).await?;
+            // Read under the block, as in `rebuild`.
+            let target = Mutex::new(CutOverTarget::new(connector, live.clone(), live_offsets.ends().await?));
+            let wanted = target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).wanted();
+            if !caught_up(&wanted, &stopped_at) {
+                let writer = writer_to(runtime, live_sink, previous, "rollback");
+                let (group, from) = (writer.settings.source.group_id.clone(), stopped_at.clone());
+                let kafka = runtime.kafka.clone();
+                tokio::task::spawn_blocking(move || crate::source::kafka::commit_offsets(&kafka, &group, &from))
+                    .await?
+                    .context("setting the catch-up group's offsets")?;
+                let done = CommittedOffsets::of(&writer).await?;
+                loop {
+                    catch_up(&writer, &done, &target, &shutdown, &Started::now(), &mut |_| {}).await?;
+                    // A late commit of a write made before the block (see `rebuild`).
+                    let now = live_offsets.read().await?;
+                    if caught_up(&now, &live) {
+                        break;
+                    }
+                    live = now;
+                    target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).live_moved(live.clone());
                 }
-                live = now;
-                target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).live_moved(live.clone());
             }
-        }
+            Ok(())
+        })
+        .await?;
         move_alias(client, alias, &current, previous).await
     }
     .await;
@@ -677,21 +744,26 @@ mod tests {
         let at = |partition: i32, next: i64| ("t".to_string(), partition, next);
         let mut target = CutOverTarget::new("c", vec![at(0, 10)], vec![at(0, 15), at(1, 0), at(2, 4)]);
         assert_eq!(target.wanted(), vec![at(0, 15), at(2, 4)], "the end where it is further; empty partitions drop");
-        assert_eq!(target.given(&[at(0, 12)], true), vec![at(0, 15), at(2, 4)]);
+        assert_eq!(target.given(&[at(0, 12)], true, false), vec![at(0, 15), at(2, 4)]);
         // Still for STUCK, past the live positions, consuming: the end is
         // out of reach (misreported, or transaction markers).
         stand_still(&mut target);
-        assert_eq!(target.given(&[at(0, 12)], true), vec![at(0, 12)]);
+        assert_eq!(target.given(&[at(0, 12)], true, false), vec![at(0, 12)]);
         // Short of the live positions it waits whatever the time.
         stand_still(&mut target);
-        assert_eq!(target.given(&[at(0, 9)], true), vec![at(0, 15), at(2, 4)]);
+        assert_eq!(target.given(&[at(0, 9)], true, false), vec![at(0, 15), at(2, 4)]);
         stand_still(&mut target);
-        assert_eq!(target.given(&[at(0, 9)], true), vec![at(0, 15), at(2, 4)]);
+        assert_eq!(target.given(&[at(0, 9)], true, false), vec![at(0, 15), at(2, 4)]);
+        // Nor is a write on its way.
+        let mut writing = CutOverTarget::new("c", vec![at(0, 10)], vec![at(0, 15)]);
+        writing.given(&[at(0, 12)], true, true);
+        stand_still(&mut writing);
+        assert_eq!(writing.given(&[at(0, 12)], true, true), vec![at(0, 15)]);
         // A consumer still joining its group is not standing still.
         let mut joining = CutOverTarget::new("c", vec![at(0, 10)], vec![at(0, 15)]);
-        joining.given(&[at(0, 12)], false);
+        joining.given(&[at(0, 12)], false, false);
         stand_still(&mut joining);
-        assert_eq!(joining.given(&[at(0, 12)], false), vec![at(0, 15)]);
+        assert_eq!(joining.given(&[at(0, 12)], false, false), vec![at(0, 15)]);
         // A late commit moves the floor.
         joining.live_moved(vec![at(0, 20)]);
         assert_eq!(joining.wanted(), vec![at(0, 20)]);

@@ -144,6 +144,10 @@ struct Follower {
 
 impl Follower {
     fn start(runtime: &ConnectorRuntime) -> Follower {
+        // The status is the rebuild's, shared by its followers: the
+        // partitions it lists are this one's once its consumer has joined
+        // (a stopped follower's consumer leaves them behind).
+        runtime.status.revoked();
         let (stop, stopping) = watch::channel(false);
         Follower { stop, task: tokio::spawn(runtime.clone().run(stopping)) }
     }

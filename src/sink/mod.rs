@@ -45,7 +45,7 @@ pub enum SinkError {
     /// The index is write-blocked (a rebuild's cut-over, or an operator):
     /// the batch is written again whole once the block is lifted, through
     /// the alias, so that none of it stays in an index the alias has left.
-    #[error("elasticsearch: the index is write-blocked (a rebuild's cut-over?); the batch is written again whole once it is lifted: {0}")]
+    #[error("elasticsearch: write-blocked (a rebuild's cut-over?), the batch is written again whole once lifted: {0}")]
     WriteBlocked(String),
     /// The sink cannot be used as configured (bad URL, a bare index).
     #[error("{0}")]

@@ -468,18 +468,19 @@ impl GroupOffsets {
         Ok(offsets)
     }
 
-    /// (topic, partition, high watermark) of every partition: where the
-    /// log ends now, as the broker says (some brokers misreport it; see
-    /// STACK.md).
+    /// (topic, partition, high watermark) of every partition that holds
+    /// records: where the log ends now, as the broker says (some brokers
+    /// misreport it; see STACK.md). A partition whose records all expired
+    /// (low = high) has nothing to read and is left out.
     pub fn ends(&self) -> KafkaResult<Vec<(String, i32, i64)>> {
-        self.wanted
-            .elements()
-            .iter()
-            .map(|e| {
-                let (_, high) = self.consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?;
-                Ok((e.topic().to_string(), e.partition(), high))
-            })
-            .collect()
+        let mut ends = Vec::new();
+        for e in self.wanted.elements() {
+            let (low, high) = self.consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?;
+            if high > low {
+                ends.push((e.topic().to_string(), e.partition(), high));
+            }
+        }
+        Ok(ends)
     }
 }
 

@@ -517,16 +517,36 @@ async fn catch_up(
         return Ok(());
     }
     let follower = Follower::start(runtime);
+    let followed = follow_target(runtime, &follower, done, target, shutdown, started, progress).await;
+    follower.stop().await;
+    followed
+}
+
+/// Follows `follower` (running `runtime`) until its group's positions
+/// reach `target`; fails when it ends on its own.
+async fn follow_target(
+    runtime: &ConnectorRuntime,
+    follower: &Follower,
+    done: &CommittedOffsets,
+    target: &Mutex<CutOverTarget>,
+    shutdown: &watch::Receiver<bool>,
+    started: &Started,
+    progress: &mut impl FnMut(&RebuildProgress),
+) -> anyhow::Result<()> {
     target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).restart();
-    let followed = follow(shutdown, started, progress, || async {
+    follow(shutdown, started, progress, || async {
+        if let Some(why) = follower.ended() {
+            bail!("{why}");
+        }
         let done = done.read().await?;
-        let (consuming, writing) = (!runtime.status.partitions().is_empty(), runtime.status.writes_pending());
+        let status = &runtime.status;
+        // Retrying (a registry or sink outage) is not standing still either.
+        let (consuming, writing) =
+            (!status.partitions().is_empty(), status.writes_pending() || status.retrying_for().is_some());
         let wanted = target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).given(&done, consuming, writing);
         Ok((wanted, done))
     })
-    .await;
-    follower.stop().await;
-    followed
+    .await
 }
 
 /// A connector like the live one writing straight to `index`, in its own
@@ -575,22 +595,26 @@ pub async fn rebuild(
         (CommittedOffsets::of(&runtime).await?, CommittedOffsets::of(&rebuilder).await?);
     let started = Started::now();
 
-    // The bulk of the work, while the live connector goes on.
+    // The bulk of the work, while the live connector goes on; then, still
+    // unblocked and by the same consumer, on to the log's end as it is then:
+    // under the block the rebuild goes to the end again (see
+    // `CutOverTarget`), and what is left then is only what came since, not
+    // the live connector's lag.
     let follower = Follower::start(&rebuilder);
-    let followed = follow(&shutdown, &started, &mut progress, || async {
-        Ok((live_offsets.read().await?, rebuild_offsets.read().await?))
-    })
+    let followed = async {
+        follow(&shutdown, &started, &mut progress, || async {
+            if let Some(why) = follower.ended() {
+                bail!("{why}");
+            }
+            Ok((live_offsets.read().await?, rebuild_offsets.read().await?))
+        })
+        .await?;
+        let end = Mutex::new(CutOverTarget::new(&connector, live_offsets.read().await?, live_offsets.ends().await?));
+        follow_target(&rebuilder, &follower, &rebuild_offsets, &end, &shutdown, &started, &mut progress).await
+    }
     .await;
     follower.stop().await;
     followed.context("the alias is unchanged; run the rebuild again")?;
-    // Then, still unblocked, to the log's end as it is now: under the block
-    // the rebuild goes to the end again (see `CutOverTarget`), and what is
-    // left then is only what came since, not the live connector's lag.
-    let before_block =
-        Mutex::new(CutOverTarget::new(&connector, live_offsets.read().await?, live_offsets.ends().await?));
-    catch_up(&rebuilder, &rebuild_offsets, &before_block, &shutdown, &started, &mut progress)
-        .await
-        .context("the alias is unchanged; run the rebuild again")?;
 
     // The cut-over, with the live index write-blocked.
     let lease = block_for_cut_over(client, &connector, &live_index).await?;

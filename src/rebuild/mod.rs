@@ -122,6 +122,10 @@ fn rebuild_settings(
     }
     settings.batch.max_events = settings.batch.max_events.max(20_000);
     settings.batch.max_bytes = settings.batch.max_bytes.max(32 << 20);
+    // A batch being filled is not written yet: an Elasticsearch cut-over
+    // tells a rebuild that has read everything from one that waits by its
+    // writes, so a batch may not wait long for more events.
+    settings.batch.max_wait = settings.batch.max_wait.min(Duration::from_secs(1));
     retarget(&mut settings.target);
     settings
 }
@@ -153,9 +157,22 @@ impl Follower {
     }
 
     /// Stops it; what it made durable stays, its positions included.
-    async fn stop(self) {
+    async fn stop(mut self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+
+    /// Why it ended on its own (its connector stopped, or panicked).
+    fn ended(&self) -> Option<String> {
+        self.task.is_finished().then(|| "the rebuild's connector stopped; see its log".to_string())
+    }
+}
+
+impl Drop for Follower {
+    /// One dropped unstopped (a cut-over given up on) still stops, as at
+    /// a shutdown: it finishes or abandons its writes within the grace.
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
     }
 }
 

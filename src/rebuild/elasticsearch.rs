@@ -7,17 +7,18 @@
 //! * Positions live in Kafka's committed offsets: the live connector's group
 //!   and a fresh group per rebuild attempt (an earlier attempt's index is
 //!   dropped, so its offsets must not be reused).
-//! * Cut-over: once the rebuild has reached the live positions, the live
-//!   index gets a write block. The live connector's writes then fail and are
-//!   retried (a block is not the document's fault), so its committed
-//!   positions stop moving; once they have been still for [`SETTLED`], the
-//!   rebuild catches up to them or, further, to the log's end read under
-//!   the block ([`CutOverTarget`]: a batch written before the block may be
-//!   committed later), and one `_aliases` call moves the alias. The block
+//! * Cut-over: once the rebuild has reached the live positions, and then
+//!   the log's end as it was then, the live index gets a write block. The
+//!   live connector's writes then fail and are retried (a block is not the
+//!   document's fault), so its committed positions stop moving; once they
+//!   have been still for [`SETTLED`], the rebuild catches up to them or,
+//!   further, to the log's end read under the block ([`CutOverTarget`]: a
+//!   batch written before the block may be committed later), within
+//!   [`CUT_OVER_LIMIT`], and one `_aliases` call moves the alias. The block
 //!   is lifted whatever happens; the live connector's retried writes then
-//!   land in the new index, in order: every write is
-//!   guarded by its position, so what the rebuild already applied is a
-//!   duplicate. A live batch the block cut in two is written again whole
+//!   land in the new index, in order: every write is guarded by its
+//!   position, so what the rebuild already applied is a duplicate. A live
+//!   batch the block cut in two is written again whole
 //!   (`SinkError::WriteBlocked`): its part that landed in the old index
 //!   before the block is past the positions caught up to.
 //! * Rollback is the same dance backwards: block the current index, let the
@@ -470,8 +471,8 @@ impl CutOverTarget {
 const CUT_OVER_LIMIT: Duration = Duration::from_secs(300);
 
 /// `catching_up` (the part of a cut-over before the swap), failed once it
-/// has run for [`CUT_OVER_LIMIT`]. A follower it drops stops: its stop
-/// signal's sender goes with it.
+/// has run for [`CUT_OVER_LIMIT`]. A follower it drops stops (see
+/// `Follower`'s `Drop`).
 async fn within_limit<T>(catching_up: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     match tokio::time::timeout(CUT_OVER_LIMIT, catching_up).await {
         Ok(caught_up) => caught_up,

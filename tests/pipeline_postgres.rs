@@ -690,7 +690,7 @@ async fn a_share_that_ran_commits_without_waiting_for_the_others() {
     // Writing row a takes a second: the share that writes a and then j
     // reaches j only after the other writer has taken it.
     let slow_a = "IF NEW.id = 'a' AND NEW.n > 0 THEN PERFORM pg_sleep(1); END IF;";
-    let (table, topic, mut sinks) = slow_row_replicas(&pool, "shares", slow_a, &["a", "j", "k"], 2).await;
+    let (table, topic, mut sinks) = slow_row_replicas(&pool, "shares", slow_a, &["a", "j", "k"], 2, "").await;
     let (a, b) = (sinks.remove(0), sinks.remove(0));
     let a_claims = a.claim(&[(topic, 0), (topic, 1)]).await.expect("claim");
     let b_claims = b.claim(&[(topic, 2)]).await.expect("claim");
@@ -734,7 +734,7 @@ async fn a_cycle_through_a_batch_waiting_for_the_one_before_is_a_deadlock_postgr
     // Writer b's update of y takes two seconds, holding y, before it
     // reaches z (an update: a `COPY` tried first holds no row it fails on).
     let slow_y = "IF TG_OP = 'UPDATE' AND NEW.id = 'y' AND NEW.n = 10 THEN PERFORM pg_sleep(2); END IF;";
-    let (table, topic, mut sinks) = slow_row_replicas(&pool, "giveway", slow_y, &["y", "z"], 2).await;
+    let (table, topic, mut sinks) = slow_row_replicas(&pool, "giveway", slow_y, &["y", "z"], 2, "").await;
     let (a, b) = (sinks.remove(0), sinks.remove(0));
     let a_claims = a.claim(&[(topic, 0)]).await.expect("claim");
     let b_claims = b.claim(&[(topic, 1)]).await.expect("claim");
@@ -848,20 +848,9 @@ async fn id_n_rows(pool: &sqlx::PgPool, table: &str) -> Vec<(String, i64)> {
 /// `slow` (what makes a test's write slow), and `replicas` sinks of one
 /// connector of it, prepared (the positions' table, on a database no
 /// other test has used yet). The connector's topic is never read: the
-/// tests write through the sinks.
+/// tests write through the sinks, whose URL ends with `url_query`
+/// (settings of their sessions; empty for none).
 async fn slow_row_replicas(
-    pool: &sqlx::PgPool,
-    prefix: &str,
-    slow: &str,
-    rows: &[&str],
-    replicas: usize,
-) -> (String, kawka::value::Name, Vec<kawka::sink::postgres::PostgresSink>) {
-    slow_row_replicas_with(pool, prefix, slow, rows, replicas, "").await
-}
-
-/// [`slow_row_replicas`] whose sinks' URL ends with `url_query` (settings
-/// of their sessions).
-async fn slow_row_replicas_with(
     pool: &sqlx::PgPool,
     prefix: &str,
     slow: &str,
@@ -958,7 +947,7 @@ async fn a_batch_waited_for_by_its_own_follower_keeps_waiting() {
     let pool = support::postgres().await;
     // Updating w takes 2 s: the first batch is slow, blocked by no one.
     let slow_w = "IF TG_OP = 'UPDATE' AND NEW.id = 'w' THEN PERFORM pg_sleep(2); END IF;";
-    let (table, topic, mut sinks) = slow_row_replicas(&pool, "follower", slow_w, &["w", "x"], 1).await;
+    let (table, topic, mut sinks) = slow_row_replicas(&pool, "follower", slow_w, &["w", "x"], 1, "").await;
     let a = sinks.remove(0);
     let claims = a.claim(&[(topic, 0), (topic, 1)]).await.expect("claim");
     let add = |id, partition, offset| increment(topic, id, 1, partition, offset);
@@ -1030,8 +1019,7 @@ async fn a_batch_waiting_for_a_slow_one_before_it_outlasts_a_short_lock_timeout(
     let pool = support::postgres().await;
     let slow_w = "IF TG_OP = 'UPDATE' AND NEW.id = 'w' THEN PERFORM pg_sleep(2); END IF;";
     let lock_timeout = "?options=-c%20lock_timeout%3D500";
-    let (table, topic, mut sinks) =
-        slow_row_replicas_with(&pool, "locktimeout", slow_w, &["w", "x"], 1, lock_timeout).await;
+    let (table, topic, mut sinks) = slow_row_replicas(&pool, "locktimeout", slow_w, &["w", "x"], 1, lock_timeout).await;
     let a = sinks.remove(0);
     let claims = a.claim(&[(topic, 0)]).await.expect("claim");
     let batches = [[increment(topic, "w", 1, 0, 0)], [increment(topic, "x", 1, 0, 1)]];

@@ -356,28 +356,29 @@ async fn forward(
     (status, [(axum::http::header::CONTENT_TYPE, kind)], response.bytes().await.expect("body").to_vec())
 }
 
-/// A live batch sent in several bulk requests, of which the second meets
-/// the cut-over's write block: the requests before it landed in the old
-/// index only. Sending the blocked items again alone would put them in
-/// the new index once the alias moved, and the batch would count as
-/// written while the new index lacks its first documents (what a loaded
-/// CI run once showed). The block must fail the batch whole, so that it
-/// is written again, all of it, where the alias points then.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_batch_split_by_the_cut_overs_block_is_written_again_whole_behind_the_moved_alias() {
-    use kawka::event::Position;
-    use kawka::projection::{OpKind, WriteOp};
-    use kawka::value::{intern, Value};
-
+/// Writes `ops` as one live batch through a sink sending at most
+/// `max_actions` actions a bulk request (one request at a time), with a
+/// cut-over (block v1, move the alias to v2, lift the block) played just
+/// before its `block_at`-th request, and written again whole while it
+/// fails, as the pipeline does. Returns the alias and the number of bulk
+/// requests sent, once the write went through and the cut-over ended.
+async fn write_through_a_cut_over(
+    ops: &[kawka::projection::WriteOp],
+    max_actions: usize,
+    block_at: usize,
+) -> (String, usize) {
     let name = support::unique("split-batch");
     let connector = format!(
         "name: {name}\nsource: {{ topics: [unused-split-batch] }}\nsink:\n  to: search\n  index: {name}\n  \
-         mappings: {{ properties: {{ a: {{ type: long }} }} }}\n  bulk: {{ max_actions: 5, in_flight: 1 }}\n\
+         mappings: {{ properties: {{ a: {{ type: long }} }} }}\n  bulk: {{ max_actions: {max_actions}, in_flight: 1 }}\n\
          key: $key\nevents:\n  com.example.users.UserRegistered: {{ upsert: {{ a: seq }} }}\n"
     );
     let project = Project::new("http://127.0.0.1:9", &[(&name, &connector)]);
-    let proxy =
-        Proxy { upstream: support::elasticsearch_url(), cut_over_at: Some((2, name.clone())), ..Proxy::default() };
+    let proxy = Proxy {
+        upstream: support::elasticsearch_url(),
+        cut_over_at: Some((block_at, name.clone())),
+        ..Proxy::default()
+    };
     let proxy_url = proxy.clone().serve().await;
     proxied_config(&project, "kawka.yaml", &proxy_url);
     let sink = support::sinks(&project).remove(0);
@@ -394,18 +395,9 @@ async fn a_live_batch_split_by_the_cut_overs_block_is_written_again_whole_behind
         .expect("v2");
     assert!(created.status().is_success(), "v2: {}", created.text().await.unwrap_or_default());
 
-    let ops: Vec<WriteOp> = (0..20)
-        .map(|i| WriteOp {
-            key: smallvec::smallvec![Value::from(format!("d{i:02}").as_str())],
-            kind: OpKind::Upsert,
-            fields: vec![(intern("a"), Value::Int(i))],
-            version: None,
-            position: Position { topic: intern("unused-split-batch"), partition: 0, offset: i },
-        })
-        .collect();
     // The pipeline's loop: a batch that failed is written again whole.
     let (mut failures, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(60));
-    while let Err(error) = sink.write(&ops, &[]).await {
+    while let Err(error) = sink.write(ops, &[]).await {
         assert!(matches!(error, kawka::sink::SinkError::WriteBlocked(_)), "{error}");
         assert_eq!(error.class(), kawka::error::ErrorClass::Transient);
         failures.push(error.to_string());
@@ -414,13 +406,86 @@ async fn a_live_batch_split_by_the_cut_overs_block_is_written_again_whole_behind
     }
     let cut_over = proxy.cut_over.lock().expect("not poisoned").take().expect("the proxy played the cut-over");
     cut_over.await.expect("the proxy's cut-over (block, alias, lift)");
-    assert!(proxy.bulks.load(Ordering::SeqCst) > 4, "the block was met: the batch was sent again");
     assert!(alias_targets(&name).await.contains(&format!("{name}-v2")), "the alias moved");
+    (name, proxy.bulks.load(Ordering::SeqCst))
+}
+
+/// An op on document `id` at `offset` of the test topic.
+fn doc_op(id: &str, kind: kawka::projection::OpKind, a: i64, offset: i64) -> kawka::projection::WriteOp {
+    use kawka::value::{intern, Value};
+    kawka::projection::WriteOp {
+        key: smallvec::smallvec![Value::from(id)],
+        kind,
+        fields: vec![(intern("a"), Value::Int(a))],
+        version: None,
+        position: kawka::event::Position { topic: intern("unused-split-batch"), partition: 0, offset },
+    }
+}
+
+/// A live batch sent in several bulk requests, of which the second meets
+/// the cut-over's write block: the requests before it landed in the old
+/// index only. Sending the blocked items again alone would put them in
+/// the new index once the alias moved, and the batch would count as
+/// written while the new index lacks its first documents (what a loaded
+/// CI run once showed). The block must fail the batch whole, so that it
+/// is written again, all of it, where the alias points then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_batch_split_by_the_cut_overs_block_is_written_again_whole_behind_the_moved_alias() {
+    let ops: Vec<_> = (0..20).map(|i| doc_op(&format!("d{i:02}"), kawka::projection::OpKind::Upsert, i, i)).collect();
+    let (name, bulks) = write_through_a_cut_over(&ops, 5, 2).await;
+    assert!(bulks > 4, "the block was met: the batch was sent again");
     let documents = support::es_documents(&name, 100).await;
     let missing: Vec<String> = (0..20).map(|i| format!("d{i:02}")).filter(|id| !documents.contains_key(id)).collect();
-    assert!(missing.is_empty(), "the index the alias points to lacks {missing:?} (failures: {failures:?})");
+    assert!(missing.is_empty(), "the index the alias points to lacks {missing:?}");
     for (id, doc) in &documents {
         assert_eq!(doc["a"], json!(id[1..].parse::<i64>().expect("dNN")), "{id}");
+    }
+}
+
+/// The same, cut anywhere: random batches of upserts and increments over
+/// a few documents (several ops of one document go in several rounds of
+/// requests), random request sizes, the block met at a random request.
+/// Whatever landed in the old index before the block, the index the alias
+/// points to afterwards equals the fold of the whole batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_batch_cut_anywhere_by_the_block_ends_whole_in_the_new_index() {
+    use kawka::projection::OpKind;
+    use rand::{Rng, SeedableRng};
+
+    for seed in 0..8u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let documents = rng.random_range(2..=12);
+        let ops: Vec<_> = (0..rng.random_range(documents..=3 * documents))
+            .map(|offset| {
+                let id = format!("d{:02}", rng.random_range(0..documents));
+                let kind = if rng.random_bool(0.3) { OpKind::Upsert } else { OpKind::Increment };
+                doc_op(&id, kind, rng.random_range(1..=9), offset as i64)
+            })
+            .collect();
+        let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+        for op in &ops {
+            let (id, a) = (op.key[0].to_string(), op.fields[0].1.as_i64().expect("an integer"));
+            match op.kind {
+                OpKind::Upsert => expected.insert(id, a),
+                _ => expected.insert(id.clone(), expected.get(&id).copied().unwrap_or(0) + a),
+            };
+        }
+        // The first round alone (an action per document) takes this many
+        // requests: the block is met within it or a later round.
+        let max_actions = rng.random_range(1..=4);
+        let block_at = rng.random_range(1..=expected.len().div_ceil(max_actions));
+        let (name, _) = write_through_a_cut_over(&ops, max_actions, block_at).await;
+        let actual: BTreeMap<String, i64> = support::es_documents(&name, 100)
+            .await
+            .into_iter()
+            .map(|(id, doc)| (id, doc["a"].as_i64().expect("a number")))
+            .collect();
+        assert_eq!(
+            actual,
+            expected,
+            "seed {seed}: {} ops, {max_actions} actions a request, blocked at request {block_at}",
+            ops.len()
+        );
     }
 }
 

@@ -536,9 +536,7 @@ async fn follow_target(
 ) -> anyhow::Result<()> {
     target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).restart();
     follow(shutdown, started, progress, || async {
-        if let Some(why) = follower.ended() {
-            bail!("{why}");
-        }
+        follower.alive()?;
         let done = done.read().await?;
         let status = &runtime.status;
         // Retrying (a registry or sink outage) is not standing still either.
@@ -604,9 +602,7 @@ pub async fn rebuild(
     let follower = Follower::start(&rebuilder);
     let followed = async {
         follow(&shutdown, &started, &mut progress, || async {
-            if let Some(why) = follower.ended() {
-                bail!("{why}");
-            }
+            follower.alive()?;
             Ok((live_offsets.read().await?, rebuild_offsets.read().await?))
         })
         .await?;

@@ -162,9 +162,13 @@ impl Follower {
         let _ = (&mut self.task).await;
     }
 
-    /// Why it ended on its own (its connector stopped, or panicked).
-    fn ended(&self) -> Option<String> {
-        self.task.is_finished().then(|| "the rebuild's connector stopped; see its log".to_string())
+    /// An error once it has ended on its own (its connector stopped, or
+    /// panicked): whoever waits for it must not wait on.
+    fn alive(&self) -> anyhow::Result<()> {
+        if self.task.is_finished() {
+            bail!("the rebuild's connector stopped; see its log");
+        }
+        Ok(())
     }
 }
 

@@ -45,7 +45,7 @@ use elasticsearch::{Elasticsearch, GetParts, IndexParts};
 use serde_json::{json, Value as Json};
 use tokio::sync::watch;
 
-use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, Position, RebuildReport, Started};
+use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, LogStarts, Position, RebuildReport, Started};
 use crate::pipeline::ConnectorRuntime;
 use crate::sink::elasticsearch::{create_body, ElasticsearchSink, ElasticsearchTarget};
 use crate::sink::{Sink, Target};
@@ -337,31 +337,42 @@ async fn save_state(client: &Elasticsearch, connector: &str, state: &RebuildStat
 
 /// One group's committed offsets, read through one Kafka client for the
 /// whole rebuild (they are polled several times a second).
-#[derive(Clone)]
 struct CommittedOffsets {
     group: String,
     reader: Arc<GroupOffsets>,
+    /// For a rebuild's group: the floor under its positions.
+    starts: Option<LogStarts>,
 }
 
 impl CommittedOffsets {
     /// The group `runtime`'s connector consumes in, on its topics.
     async fn of(runtime: &ConnectorRuntime) -> anyhow::Result<CommittedOffsets> {
-        let (kafka, group, topics) =
-            (runtime.kafka.clone(), runtime.settings.source.group_id.clone(), runtime.settings.source.topics.clone());
-        let name = group.clone();
-        let reader = tokio::task::spawn_blocking(move || GroupOffsets::new(&kafka, &name, &topics))
+        let (kafka, source) = (runtime.kafka.clone(), runtime.settings.source.clone());
+        let group = source.group_id.clone();
+        let reader = tokio::task::spawn_blocking(move || GroupOffsets::of_source(&kafka, &source))
             .await?
             .with_context(|| format!("reading the offsets of group {group}"))?;
-        Ok(CommittedOffsets { group, reader: Arc::new(reader) })
+        Ok(CommittedOffsets { group, reader: Arc::new(reader), starts: None })
     }
 
+    /// The group of `rebuilder` (a rebuild, or a rollback's catch-up), its
+    /// positions raised to where the logs start (see [`LogStarts`]).
+    async fn of_rebuild(rebuilder: &ConnectorRuntime) -> anyhow::Result<CommittedOffsets> {
+        let offsets = CommittedOffsets::of(rebuilder).await?;
+        Ok(CommittedOffsets { starts: Some(LogStarts::new(offsets.reader.clone())), ..offsets })
+    }
+
+    /// (topic, partition, next offset), sorted.
     async fn read(&self) -> anyhow::Result<Vec<Position>> {
         let reader = self.reader.clone();
         let mut offsets = tokio::task::spawn_blocking(move || reader.read())
             .await?
             .with_context(|| format!("the committed offsets of group {}", self.group))?;
         offsets.sort();
-        Ok(offsets)
+        Ok(match &self.starts {
+            Some(starts) => starts.floor(offsets).await,
+            None => offsets,
+        })
     }
 
     /// Where the log of each of the group's partitions ends now (asked up
@@ -591,7 +602,7 @@ pub async fn rebuild(
     tracing::info!(connector = %runtime.settings.name, index = %new_index, "rebuild started");
     let rebuilder = writer_to(&runtime, live_sink, &new_index, "rebuild");
     let (live_offsets, rebuild_offsets) =
-        (CommittedOffsets::of(&runtime).await?, CommittedOffsets::of(&rebuilder).await?);
+        (CommittedOffsets::of(&runtime).await?, CommittedOffsets::of_rebuild(&rebuilder).await?);
     let started = Started::now();
 
     // The bulk of the work, while the live connector goes on; then, still
@@ -692,7 +703,7 @@ pub async fn rollback(runtime: &ConnectorRuntime, shutdown: watch::Receiver<bool
                 tokio::task::spawn_blocking(move || crate::source::kafka::commit_offsets(&kafka, &group, &from))
                     .await?
                     .context("setting the catch-up group's offsets")?;
-                let done = CommittedOffsets::of(&writer).await?;
+                let done = CommittedOffsets::of_rebuild(&writer).await?;
                 loop {
                     catch_up(&writer, &done, &target, &shutdown, &Started::now(), &mut |_| {}).await?;
                     // A late commit of a write made before the block (see `rebuild`).

@@ -12,7 +12,9 @@
 //! consumer group, in large batches, and cut over only once the rebuild has
 //! reached the live connector's positions (the broker's high watermarks,
 //! which some brokers misreport, are only a further floor for an
-//! Elasticsearch cut-over: see [`elasticsearch`]). [`Rebuilds`] runs them inside
+//! Elasticsearch cut-over: see [`elasticsearch`]); where a partition's log
+//! now starts is a floor under the rebuild's positions ([`LogStarts`]: what
+//! expired is not there to read). [`Rebuilds`] runs them inside
 //! the daemon for the HTTP API; progress goes to the live connector's status.
 
 pub mod elasticsearch;
@@ -20,7 +22,7 @@ pub mod postgres;
 
 use std::future::Future;
 use std::io::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -29,6 +31,7 @@ use tokio::sync::watch;
 use crate::config::{ConnectorSettings, ErrorPolicy, Settings};
 use crate::pipeline::ConnectorRuntime;
 use crate::sink::{Sink, Target};
+use crate::source::kafka::GroupOffsets;
 use crate::status::{ConnectorStatus, RebuildProgress, RebuildState};
 
 /// A (topic, partition, next offset) position.
@@ -93,6 +96,113 @@ pub async fn cleanup(runtime: &ConnectorRuntime) -> anyhow::Result<Option<String
         Sink::Postgres(_) => postgres::cleanup(runtime).await,
         Sink::Elasticsearch(_) => elasticsearch::cleanup(runtime).await,
     }
+}
+
+/// Where each partition's log starts, as a floor under the rebuild's
+/// positions: below it there is nothing left to read, so the rebuild has
+/// applied there all it ever can, committed or not. Without it a partition
+/// whose records all expired after the live connector read them (its log
+/// starts and ends at the live position) would never be committed by the
+/// rebuild, which would wait for it forever. Asked (one request per
+/// partition) only once the rebuild's positions stand still, at most every
+/// [`STARTS_EVERY`]: a log's start only moves up, so one read earlier is a
+/// lower floor, never a wrong one.
+struct LogStarts {
+    reader: Arc<GroupOffsets>,
+    seen: Mutex<StartsSeen>,
+}
+
+/// How often a rebuild standing still asks where the logs start.
+const STARTS_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct StartsSeen {
+    /// The rebuild's positions at the last look, as committed.
+    done: Option<Vec<Position>>,
+    starts: Vec<Position>,
+    read_at: Option<Instant>,
+}
+
+impl StartsSeen {
+    /// Whether to ask where the logs start, the rebuild's positions being
+    /// `done`: once they stand still, at most every [`STARTS_EVERY`].
+    fn due(&self, done: &[Position]) -> bool {
+        self.done.as_deref() == Some(done) && self.read_at.is_none_or(|at| at.elapsed() >= STARTS_EVERY)
+    }
+
+    /// `done` floored, after a look that asked (`Some`, with the starts
+    /// unless reading them failed) or did not.
+    fn looked(&mut self, done: Vec<Position>, asked: Option<Option<Vec<Position>>>) -> Vec<Position> {
+        if let Some(read) = asked {
+            self.read_at = Some(Instant::now());
+            if let Some(starts) = read {
+                self.starts = starts;
+            }
+        }
+        let floored = floored(&done, &self.starts);
+        self.done = Some(done);
+        floored
+    }
+}
+
+impl LogStarts {
+    /// For the partitions `reader` was made for (whatever its group).
+    fn new(reader: Arc<GroupOffsets>) -> LogStarts {
+        LogStarts { reader, seen: Mutex::default() }
+    }
+
+    /// For the partitions `source` reads, through a client of its own.
+    async fn of(
+        kafka: &crate::source::KafkaSettings,
+        source: &crate::source::SourceSettings,
+    ) -> anyhow::Result<LogStarts> {
+        let (kafka, source) = (kafka.clone(), source.clone());
+        let reader = tokio::task::spawn_blocking(move || GroupOffsets::of_source(&kafka, &source))
+            .await?
+            .context("a client to read where the logs start")?;
+        Ok(LogStarts::new(Arc::new(reader)))
+    }
+
+    /// The rebuild's positions `done` (as committed) raised to where the
+    /// logs start.
+    async fn floor(&self, done: Vec<Position>) -> Vec<Position> {
+        let due = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).due(&done);
+        let read = if due {
+            let reader = self.reader.clone();
+            let read: anyhow::Result<Vec<Position>> =
+                async { Ok(tokio::task::spawn_blocking(move || reader.starts()).await??) }.await;
+            // Only a floor: a failed read is asked again at the next look.
+            read.inspect_err(
+                |error| tracing::warn!(error = %format!("{error:#}"), "reading where the logs start failed"),
+            )
+            .ok()
+        } else {
+            None
+        };
+        self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).looked(done, due.then_some(read))
+    }
+
+    /// The starts read last (none yet: no floor).
+    fn last(&self) -> Vec<Position> {
+        self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).starts.clone()
+    }
+}
+
+/// `done` with each partition raised to where its log starts; a partition
+/// with no position whose log starts past 0 gets that start. Sorted.
+fn floored(done: &[Position], starts: &[Position]) -> Vec<Position> {
+    let mut floored: Vec<Position> = done
+        .iter()
+        .map(|(t, p, next)| {
+            let start = starts.iter().find(|(st, sp, _)| st == t && sp == p).map_or(0, |s| s.2);
+            (t.clone(), *p, (*next).max(start))
+        })
+        .collect();
+    floored.extend(
+        starts.iter().filter(|(t, p, start)| *start > 0 && !done.iter().any(|(dt, dp, _)| dt == t && dp == p)).cloned(),
+    );
+    floored.sort();
+    floored
 }
 
 /// Whether the rebuild has reached the live positions on every partition.
@@ -377,6 +487,43 @@ mod tests {
         assert!(line.starts_with("[##########          ]  50.0% 50/100 events, 10 events/s, ETA 5s"), "{line}");
         let line = progress_line(&RebuildProgress::new(150, 100, 10.0, 0));
         assert!(line.starts_with("[####################] 100.0% 150/100 events, 10 events/s, ETA -"), "{line}");
+    }
+
+    #[test]
+    fn a_partition_whose_log_starts_past_the_live_position_counts_as_reached() {
+        let t = |p: i32, next: i64| ("t".to_string(), p, next);
+        // p0 read to 10; p1's records all expired after the live connector
+        // read them (its log starts at 8, where the live one stands), the
+        // rebuild having committed only 3 there; p2 was never committed by
+        // the rebuild and its log starts at 6; p3 starts at 0.
+        let (live, done) = (vec![t(0, 10), t(1, 8), t(2, 6)], vec![t(0, 10), t(1, 3)]);
+        assert!(!caught_up(&live, &done));
+        let starts = vec![t(0, 2), t(1, 8), t(2, 6), t(3, 0)];
+        let raised = floored(&done, &starts);
+        assert_eq!(raised, vec![t(0, 10), t(1, 8), t(2, 6)], "a position is never lowered, nor one made at 0");
+        assert!(caught_up(&live, &raised));
+        // A log that starts short of the live position is no floor there.
+        assert!(!caught_up(&live, &floored(&done, &[t(1, 7), t(2, 6)])));
+        assert_eq!(floored(&done, &[]), done);
+    }
+
+    #[test]
+    fn where_the_logs_start_is_asked_only_while_the_rebuild_stands_still() {
+        let t = |p: i32, next: i64| ("t".to_string(), p, next);
+        let mut seen = StartsSeen::default();
+        assert!(!seen.due(&[t(0, 5)]), "a first look: nothing known to stand still");
+        assert_eq!(seen.looked(vec![t(0, 5)], None), vec![t(0, 5)]);
+        assert!(!seen.due(&[t(0, 9)]), "moving");
+        assert_eq!(seen.looked(vec![t(0, 9)], None), vec![t(0, 9)]);
+        assert!(seen.due(&[t(0, 9)]), "standing still");
+        // A failed read leaves no floor, and is asked again after the pause.
+        assert_eq!(seen.looked(vec![t(0, 9)], Some(None)), vec![t(0, 9)]);
+        assert!(!seen.due(&[t(0, 9)]), "asked within STARTS_EVERY");
+        seen.read_at = Instant::now().checked_sub(STARTS_EVERY);
+        assert!(seen.due(&[t(0, 9)]));
+        assert_eq!(seen.looked(vec![t(0, 9)], Some(Some(vec![t(0, 2), t(1, 4)]))), vec![t(0, 9), t(1, 4)]);
+        // The starts read stay the floor at the looks that do not ask.
+        assert_eq!(seen.looked(vec![t(0, 12)], None), vec![t(0, 12), t(1, 4)]);
     }
 
     #[test]

@@ -33,7 +33,9 @@ use anyhow::{bail, Context as _};
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::watch;
 
-use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, RebuildReport, Started};
+use super::{
+    caught_up, floored, follow, rebuild_settings, runtime_with, Follower, LogStarts, Position, RebuildReport, Started,
+};
 use crate::pipeline::ConnectorRuntime;
 use crate::sink::postgres::quote;
 use crate::sink::postgres::PostgresSink;
@@ -149,6 +151,7 @@ pub async fn rebuild(
     let Target::Postgres(target) = &settings.target else { bail!("{} is not a Postgres connector", names.connector) };
     let sink = Sink::Postgres(live.beside(&settings.sink_settings(), target));
     let rebuild_runtime = runtime_with(&runtime, settings, sink);
+    let starts = LogStarts::of(&rebuild_runtime.kafka, &rebuild_runtime.settings.source).await?;
 
     let started = Started::now();
     loop {
@@ -156,7 +159,7 @@ pub async fn rebuild(
         let followed = follow(&shutdown, &started, &mut progress, || async {
             Ok((
                 positions(&pool, &names, &names.connector).await?,
-                positions(&pool, &names, &names.rebuild_connector).await?,
+                starts.floor(positions(&pool, &names, &names.rebuild_connector).await?).await,
             ))
         })
         .await;
@@ -166,6 +169,7 @@ pub async fn rebuild(
             &pool,
             &names,
             (&new_table, &previous_table, version + 1),
+            &starts.last(),
             &started,
             &shutdown,
             &mut progress,
@@ -231,13 +235,14 @@ async fn cut_over_patiently(
     pool: &PgPool,
     names: &Names,
     (new_table, previous_table, version): (&str, &str, i32),
+    starts: &[Position],
     started: &Started,
     shutdown: &watch::Receiver<bool>,
     progress: &mut impl FnMut(&RebuildProgress),
 ) -> anyhow::Result<CutOver> {
     let mut attempt: u32 = 0;
     loop {
-        match cut_over(pool, names, new_table, previous_table, version).await {
+        match cut_over(pool, names, (new_table, previous_table, version), starts).await {
             Ok(true) => return Ok(CutOver::Done),
             Ok(false) => return Ok(CutOver::Behind),
             Err(error) if waits_on_locks(&error) => {
@@ -287,13 +292,13 @@ fn waits_on_locks(error: &anyhow::Error) -> bool {
 }
 
 /// The swap. Returns false (and changes nothing) when the live positions
-/// moved past the rebuild's since it stopped.
+/// moved past the rebuild's since it stopped. `starts`: where the logs
+/// start, a floor under the rebuild's positions (see `LogStarts`).
 async fn cut_over(
     pool: &PgPool,
     names: &Names,
-    new_table: &str,
-    previous_table: &str,
-    version: i32,
+    (new_table, previous_table, version): (&str, &str, i32),
+    starts: &[Position],
 ) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
     lock_for_swap(&mut tx, names, new_table).await?;
@@ -307,7 +312,9 @@ async fn cut_over(
     .iter()
     .map(|r| (r.get(0), r.get(1), r.get(2)))
     .collect();
-    let rebuilt = positions_in(&mut tx, names, &names.rebuild_connector).await?;
+    // Raised to where the logs start (see `LogStarts`): the live connector
+    // goes on from there where the rebuild never committed.
+    let rebuilt = floored(&positions_in(&mut tx, names, &names.rebuild_connector).await?, starts);
     let live_known: Vec<(String, i32, i64)> =
         live.iter().filter_map(|(t, p, n)| n.map(|n| (t.clone(), *p, n))).collect();
     if !caught_up(&live_known, &rebuilt) {

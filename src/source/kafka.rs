@@ -408,12 +408,27 @@ fn consumer_config(connector: &str, kafka: &KafkaSettings, source: &SourceSettin
 /// A consumer of `group` that never joins it: for reading and setting the
 /// group's committed offsets from outside (rebuilds).
 fn group_client(kafka: &KafkaSettings, group: &str) -> KafkaResult<BaseConsumer> {
+    group_config(kafka, group).create().map_err(redact_config_error)
+}
+
+/// A client of `source`'s group that reads as its consumer does: only its
+/// `isolation.level` is taken from its properties (others, such as a
+/// static `group.instance.id`, belong to the consumer alone).
+fn offsets_config(kafka: &KafkaSettings, source: &super::SourceSettings) -> ClientConfig {
+    let mut config = group_config(kafka, &source.group_id);
+    if let Some(isolation) = source.properties.get("isolation.level") {
+        config.set("isolation.level", isolation);
+    }
+    config
+}
+
+fn group_config(kafka: &KafkaSettings, group: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &kafka.bootstrap_servers).set("group.id", group).set("enable.auto.commit", "false");
     for (key, value) in kafka.properties.iter() {
         config.set(key, value);
     }
-    config.create().map_err(redact_config_error)
+    config
 }
 
 /// librdkafka's refusal of a setting names the setting and its value
@@ -441,7 +456,18 @@ pub struct GroupOffsets {
 
 impl GroupOffsets {
     pub fn new(kafka: &KafkaSettings, group: &str, topics: &[String]) -> KafkaResult<GroupOffsets> {
-        let consumer = group_client(kafka, group)?;
+        GroupOffsets::built(group_client(kafka, group)?, topics)
+    }
+
+    /// One for `source`'s group and topics that reads the log's ends as
+    /// `source`'s consumer reads it: under its `isolation.level` (the end is
+    /// the last stable offset under `read_committed`, librdkafka's default,
+    /// the high watermark under `read_uncommitted`).
+    pub fn of_source(kafka: &KafkaSettings, source: &super::SourceSettings) -> KafkaResult<GroupOffsets> {
+        GroupOffsets::built(offsets_config(kafka, source).create().map_err(redact_config_error)?, &source.topics)
+    }
+
+    fn built(consumer: BaseConsumer, topics: &[String]) -> KafkaResult<GroupOffsets> {
         let mut wanted = TopicPartitionList::new();
         for topic in topics {
             let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -473,14 +499,24 @@ impl GroupOffsets {
     /// misreport it; see STACK.md). A partition whose records all expired
     /// (low = high) has nothing to read and is left out.
     pub fn ends(&self) -> KafkaResult<Vec<(String, i32, i64)>> {
-        let mut ends = Vec::new();
+        let watermarks = self.watermarks()?;
+        Ok(watermarks.into_iter().filter(|(_, _, low, high)| high > low).map(|(t, p, _, high)| (t, p, high)).collect())
+    }
+
+    /// (topic, partition, low watermark) of every partition: where its log
+    /// starts now (what was below expired or was deleted).
+    pub fn starts(&self) -> KafkaResult<Vec<(String, i32, i64)>> {
+        Ok(self.watermarks()?.into_iter().map(|(t, p, low, _)| (t, p, low)).collect())
+    }
+
+    /// (topic, partition, low, high) of every partition, one request each.
+    fn watermarks(&self) -> KafkaResult<Vec<(String, i32, i64, i64)>> {
+        let mut watermarks = Vec::new();
         for e in self.wanted.elements() {
             let (low, high) = self.consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?;
-            if high > low {
-                ends.push((e.topic().to_string(), e.partition(), high));
-            }
+            watermarks.push((e.topic().to_string(), e.partition(), low, high));
         }
-        Ok(ends)
+        Ok(watermarks)
     }
 }
 
@@ -812,6 +848,38 @@ mod tests {
         assert!(error.to_string().contains("lots"), "{error}");
     }
 
+    /// The ends a cut-over waits for are where the connector's own reads
+    /// end: its `isolation.level` carries over, and nothing else of its own.
+    #[test]
+    fn the_offsets_client_reads_under_the_connectors_isolation_level() {
+        let kafka = KafkaSettings {
+            bootstrap_servers: "127.0.0.1:1".to_string(),
+            properties: BTreeMap::from([("client.id".to_string(), "kawka".to_string())]).into(),
+        };
+        let source = |properties: &[(&str, &str)]| SourceSettings {
+            topics: vec!["events".to_string()],
+            start: StartPosition::Earliest,
+            group_id: "live".to_string(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+                .into(),
+            max_prefetch_bytes: 1 << 20,
+            max_prefetch_records: 1000,
+            max_record_bytes: 1 << 20,
+            assign_all: false,
+        };
+        let config = offsets_config(
+            &kafka,
+            &source(&[("isolation.level", "read_uncommitted"), ("group.instance.id", "live-1")]),
+        );
+        assert_eq!(config.get("isolation.level"), Some("read_uncommitted"));
+        assert_eq!(config.get("group.instance.id"), None, "a static member id is the consumer's alone");
+        assert_eq!((config.get("group.id"), config.get("client.id")), (Some("live"), Some("kawka")));
+        assert_eq!(offsets_config(&kafka, &source(&[])).get("isolation.level"), None, "librdkafka's default");
+    }
+
     use std::collections::BTreeMap;
 
     use rdkafka::mocking::MockCluster;
@@ -877,5 +945,25 @@ mod tests {
         .expect("read");
         assert_eq!(committed, vec![("events".to_string(), 0, 10)], "the written position is committed in the end");
         consumer.stop(channels).await;
+    }
+
+    /// Where each partition's log starts and ends, an empty one included
+    /// in the starts but not in the ends.
+    #[test]
+    fn the_logs_starts_and_ends_per_partition() {
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        cluster.create_topic("events", 2, 1).expect("a topic");
+        let bootstrap = cluster.bootstrap_servers();
+        let producer: BaseProducer =
+            ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("a producer");
+        for _ in 0..7 {
+            producer.send(BaseRecord::<str, str>::to("events").partition(1).key("k").payload("v")).expect("queued");
+        }
+        producer.flush(Duration::from_secs(10)).expect("produced");
+        let kafka = KafkaSettings { bootstrap_servers: bootstrap, properties: Default::default() };
+        let offsets = GroupOffsets::new(&kafka, "readers", &["events".to_string()]).expect("a reader");
+        let events = |p: i32, offset: i64| ("events".to_string(), p, offset);
+        assert_eq!(offsets.starts().expect("starts"), vec![events(0, 0), events(1, 0)]);
+        assert_eq!(offsets.ends().expect("ends"), vec![events(1, 7)]);
     }
 }

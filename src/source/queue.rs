@@ -20,6 +20,11 @@
 //!   end of this queue: a partition's records stay in offset order.
 //! * Records of a stopped or paused partition left here are outdated by
 //!   their version and dropped by the batch call itself.
+//! * A consumed record keeps its header section unparsed (`binhdrs`: the
+//!   count, then the headers); of one byte, it is the count alone and holds
+//!   no header. `headers.c`, compiled against the linked librdkafka's own
+//!   headers, reads its length, so that records without headers skip the
+//!   parse (which allocates even for a count of 0).
 
 use std::ffi::{CStr, CString};
 use std::ptr::NonNull;
@@ -208,9 +213,20 @@ unsafe fn bytes<'m>(ptr: *const u8, len: usize) -> Option<&'m [u8]> {
     Some(std::slice::from_raw_parts(ptr, len))
 }
 
+extern "C" {
+    /// 0 when a consumed message has no header to read (src/source/headers.c,
+    /// built by build.rs against the linked librdkafka).
+    fn kawka_message_may_have_headers(message: *const rdsys::rd_kafka_message_t) -> std::os::raw::c_int;
+}
+
 /// # Safety
 /// `message` must be a live message.
 unsafe fn headers(message: *const rdsys::rd_kafka_message_t) -> Vec<(String, Option<Vec<u8>>)> {
+    // Most records have none, and asking librdkafka allocates to parse
+    // even a count of 0 (see headers.c).
+    if kawka_message_may_have_headers(message) == 0 {
+        return Vec::new();
+    }
     let mut list: *mut rdsys::rd_kafka_headers_t = std::ptr::null_mut();
     if rdsys::rd_kafka_message_headers(message, &mut list) != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
         || list.is_null()
@@ -233,4 +249,65 @@ unsafe fn headers(message: *const rdsys::rd_kafka_message_t) -> Vec<(String, Opt
         ));
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+    use super::*;
+
+    /// The headers of records read through the queue: none sent, an empty
+    /// list sent (a count of 0 on the wire), and some, a null value among
+    /// them (the shortcut past librdkafka's parse must miss none).
+    #[test]
+    fn records_come_with_exactly_the_headers_they_were_sent_with() {
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        cluster.create_topic("events", 1, 1).expect("a topic");
+        let bootstrap = cluster.bootstrap_servers();
+        let producer: BaseProducer =
+            ClientConfig::new().set("bootstrap.servers", &bootstrap).create().expect("a producer");
+        let some = OwnedHeaders::new()
+            .insert(Header { key: "trace", value: Some("t-1") })
+            .insert(Header { key: "gone", value: None::<&[u8]> });
+        let sent = [None, Some(OwnedHeaders::new()), Some(some)];
+        for headers in sent {
+            let record = BaseRecord::<str, str>::to("events").partition(0).key("k").payload("v");
+            let record = match headers {
+                Some(headers) => record.headers(headers),
+                None => record,
+            };
+            producer.send(record).map_err(|(error, _)| error).expect("queued");
+        }
+        producer.flush(Duration::from_secs(10)).expect("produced");
+
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "headers")
+            .create()
+            .expect("a consumer");
+        let mut records = RecordQueue::new(&consumer);
+        // SAFETY: `records` is a live queue of `consumer`'s handle.
+        let missed = unsafe { forward(&consumer, records.handle(), &[(intern("events"), 0)]) };
+        assert!(missed.is_empty());
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition_offset("events", 0, Offset::Beginning).expect("a partition");
+        consumer.assign(&partitions).expect("assigned");
+        let mut read = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while read.len() < 3 && std::time::Instant::now() < deadline {
+            let wanted = 3 - read.len();
+            records.read(&mut read, wanted, Duration::from_millis(200), "test");
+        }
+        let headers: Vec<_> = read.iter().map(|r| r.headers.clone()).collect();
+        assert_eq!(
+            headers,
+            vec![vec![], vec![], vec![("trace".to_string(), Some(b"t-1".to_vec())), ("gone".to_string(), None)]]
+        );
+        drop(records);
+    }
 }

@@ -364,13 +364,19 @@ impl CommittedOffsets {
 
     /// (topic, partition, next offset), sorted.
     async fn read(&self) -> anyhow::Result<Vec<Position>> {
+        self.read_toward(&[]).await
+    }
+
+    /// As [`CommittedOffsets::read`]; a rebuild's raised to where the logs
+    /// start, asking of the partitions that stand short of `toward`.
+    async fn read_toward(&self, toward: &[Position]) -> anyhow::Result<Vec<Position>> {
         let reader = self.reader.clone();
         let mut offsets = tokio::task::spawn_blocking(move || reader.read())
             .await?
             .with_context(|| format!("the committed offsets of group {}", self.group))?;
         offsets.sort();
         Ok(match &self.starts {
-            Some(starts) => starts.floor(offsets).await,
+            Some(starts) => starts.floor(offsets, toward).await,
             None => offsets,
         })
     }
@@ -524,8 +530,8 @@ async fn catch_up(
     // right after the join can hang, see `KafkaSource::stop`, and the
     // member it leaves in the group holds its partitions from the next
     // follower: seen on tansu as a cut-over waiting forever).
-    let now = done.read().await?;
-    if caught_up(&target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).wanted(), &now) {
+    let wanted = target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).wanted();
+    if caught_up(&wanted, &done.read_toward(&wanted).await?) {
         return Ok(());
     }
     let follower = Follower::start(runtime);
@@ -548,7 +554,8 @@ async fn follow_target(
     target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).restart();
     follow(shutdown, started, progress, || async {
         follower.alive()?;
-        let done = done.read().await?;
+        let wanted = target.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).wanted();
+        let done = done.read_toward(&wanted).await?;
         let status = &runtime.status;
         // Retrying (a registry or sink outage) is not standing still either.
         let (consuming, writing) =
@@ -614,7 +621,9 @@ pub async fn rebuild(
     let followed = async {
         follow(&shutdown, &started, &mut progress, || async {
             follower.alive()?;
-            Ok((live_offsets.read().await?, rebuild_offsets.read().await?))
+            let live = live_offsets.read().await?;
+            let done = rebuild_offsets.read_toward(&live).await?;
+            Ok((live, done))
         })
         .await?;
         let end = Mutex::new(CutOverTarget::new(&connector, live_offsets.read().await?, live_offsets.ends().await?));

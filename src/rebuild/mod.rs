@@ -103,16 +103,18 @@ pub async fn cleanup(runtime: &ConnectorRuntime) -> anyhow::Result<Option<String
 /// applied there all it ever can, committed or not. Without it a partition
 /// whose records all expired after the live connector read them (its log
 /// starts and ends at the live position) would never be committed by the
-/// rebuild, which would wait for it forever. Asked (one request per
-/// partition) only once the rebuild's positions stand still, at most every
-/// [`STARTS_EVERY`]: a log's start only moves up, so one read earlier is a
-/// lower floor, never a wrong one.
+/// rebuild, which would wait for it forever. Asked only of the partitions
+/// short of the target whose positions have not moved since the last look
+/// (the others are being read), at most every [`STARTS_EVERY`]; a log's
+/// start only moves up, so one read earlier is a lower floor, never a
+/// wrong one (a broker that reports a start past records it still holds
+/// would make the rebuild skip them: Kafka does not).
 struct LogStarts {
     reader: Arc<GroupOffsets>,
     seen: Mutex<StartsSeen>,
 }
 
-/// How often a rebuild standing still asks where the logs start.
+/// How often a rebuild standing short of its target asks where the logs start.
 const STARTS_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
@@ -124,19 +126,38 @@ struct StartsSeen {
 }
 
 impl StartsSeen {
-    /// Whether to ask where the logs start, the rebuild's positions being
-    /// `done`: once they stand still, at most every [`STARTS_EVERY`].
-    fn due(&self, done: &[Position]) -> bool {
-        self.done.as_deref() == Some(done) && self.read_at.is_none_or(|at| at.elapsed() >= STARTS_EVERY)
+    /// The partitions to ask where their logs start, the rebuild's
+    /// positions being `done` and its target `toward`: those short of it
+    /// (past what is known of their starts) that stood still since the
+    /// last look, at most every [`STARTS_EVERY`].
+    fn due(&self, done: &[Position], toward: &[Position]) -> Vec<(String, i32)> {
+        let Some(last) = &self.done else { return Vec::new() };
+        if self.read_at.is_some_and(|at| at.elapsed() < STARTS_EVERY) {
+            return Vec::new();
+        }
+        let at = |positions: &[Position], topic: &str, partition: i32| {
+            positions.iter().find(|(t, p, _)| t == topic && *p == partition).map(|found| found.2)
+        };
+        let floor = floored(done, &self.starts);
+        toward
+            .iter()
+            .filter(|(t, p, next)| at(&floor, t, *p).is_none_or(|reached| reached < *next))
+            .filter(|(t, p, _)| at(done, t, *p) == at(last, t, *p))
+            .map(|(t, p, _)| (t.clone(), *p))
+            .collect()
     }
 
     /// `done` floored, after a look that asked (`Some`, with the starts
-    /// unless reading them failed) or did not.
+    /// read unless reading them failed) or did not.
     fn looked(&mut self, done: Vec<Position>, asked: Option<Option<Vec<Position>>>) -> Vec<Position> {
         if let Some(read) = asked {
             self.read_at = Some(Instant::now());
-            if let Some(starts) = read {
-                self.starts = starts;
+            for (topic, partition, start) in read.into_iter().flatten() {
+                match self.starts.iter_mut().find(|(t, p, _)| *t == topic && *p == partition) {
+                    // A start only moves up: a lower answer is not news.
+                    Some(known) => known.2 = known.2.max(start),
+                    None => self.starts.push((topic, partition, start)),
+                }
             }
         }
         let floored = floored(&done, &self.starts);
@@ -164,25 +185,27 @@ impl LogStarts {
     }
 
     /// The rebuild's positions `done` (as committed) raised to where the
-    /// logs start.
-    async fn floor(&self, done: Vec<Position>) -> Vec<Position> {
-        let due = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).due(&done);
-        let read = if due {
+    /// logs start, asking of the partitions standing short of `toward`.
+    async fn floor(&self, done: Vec<Position>, toward: &[Position]) -> Vec<Position> {
+        let due = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).due(&done, toward);
+        let asked = if due.is_empty() {
+            None
+        } else {
             let reader = self.reader.clone();
             let read: anyhow::Result<Vec<Position>> =
-                async { Ok(tokio::task::spawn_blocking(move || reader.starts()).await??) }.await;
-            // Only a floor: a failed read is asked again at the next look.
-            read.inspect_err(
-                |error| tracing::warn!(error = %format!("{error:#}"), "reading where the logs start failed"),
+                async { Ok(tokio::task::spawn_blocking(move || reader.starts(&due)).await??) }.await;
+            // Only a floor: a failed read is asked again at a later look.
+            Some(
+                read.inspect_err(
+                    |error| tracing::warn!(error = %format!("{error:#}"), "reading where the logs start failed"),
+                )
+                .ok(),
             )
-            .ok()
-        } else {
-            None
         };
-        self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).looked(done, due.then_some(read))
+        self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).looked(done, asked)
     }
 
-    /// The starts read last (none yet: no floor).
+    /// The starts read so far (none yet: no floor).
     fn last(&self) -> Vec<Position> {
         self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).starts.clone()
     }
@@ -508,22 +531,32 @@ mod tests {
     }
 
     #[test]
-    fn where_the_logs_start_is_asked_only_while_the_rebuild_stands_still() {
+    fn where_the_logs_start_is_asked_only_of_partitions_standing_short_of_the_target() {
         let t = |p: i32, next: i64| ("t".to_string(), p, next);
+        let toward = [t(0, 100), t(1, 8), t(2, 5)];
         let mut seen = StartsSeen::default();
-        assert!(!seen.due(&[t(0, 5)]), "a first look: nothing known to stand still");
-        assert_eq!(seen.looked(vec![t(0, 5)], None), vec![t(0, 5)]);
-        assert!(!seen.due(&[t(0, 9)]), "moving");
-        assert_eq!(seen.looked(vec![t(0, 9)], None), vec![t(0, 9)]);
-        assert!(seen.due(&[t(0, 9)]), "standing still");
+        assert!(seen.due(&[t(0, 5), t(2, 5)], &toward).is_empty(), "a first look: nothing known to stand still");
+        assert_eq!(seen.looked(vec![t(0, 5), t(2, 5)], None), vec![t(0, 5), t(2, 5)]);
+        // p0 is being read (it moved); p1 has no position and stands
+        // still, short of 8: it is asked, busy p0 or not; p2 has reached.
+        assert_eq!(seen.due(&[t(0, 40), t(2, 5)], &toward), vec![("t".to_string(), 1)]);
         // A failed read leaves no floor, and is asked again after the pause.
-        assert_eq!(seen.looked(vec![t(0, 9)], Some(None)), vec![t(0, 9)]);
-        assert!(!seen.due(&[t(0, 9)]), "asked within STARTS_EVERY");
+        assert_eq!(seen.looked(vec![t(0, 40), t(2, 5)], Some(None)), vec![t(0, 40), t(2, 5)]);
+        assert!(seen.due(&[t(0, 70), t(2, 5)], &toward).is_empty(), "asked within STARTS_EVERY");
         seen.read_at = Instant::now().checked_sub(STARTS_EVERY);
-        assert!(seen.due(&[t(0, 9)]));
-        assert_eq!(seen.looked(vec![t(0, 9)], Some(Some(vec![t(0, 2), t(1, 4)]))), vec![t(0, 9), t(1, 4)]);
-        // The starts read stay the floor at the looks that do not ask.
-        assert_eq!(seen.looked(vec![t(0, 12)], None), vec![t(0, 12), t(1, 4)]);
+        assert_eq!(seen.due(&[t(0, 40), t(2, 5)], &toward), vec![("t".to_string(), 0), ("t".to_string(), 1)]);
+        let floored = seen.looked(vec![t(0, 40), t(2, 5)], Some(Some(vec![t(0, 2), t(1, 8)])));
+        assert_eq!(floored, vec![t(0, 40), t(1, 8), t(2, 5)]);
+        assert!(caught_up(&toward[1..], &floored));
+        // What was read stays the floor at the looks that do not ask, and a
+        // lower answer later (a broker that says 0) does not lower it.
+        assert_eq!(seen.looked(vec![t(0, 90), t(2, 5)], None), vec![t(0, 90), t(1, 8), t(2, 5)]);
+        seen.read_at = Instant::now().checked_sub(STARTS_EVERY);
+        assert_eq!(seen.due(&[t(0, 90), t(2, 5)], &toward), vec![("t".to_string(), 0)], "p1 reached by its start");
+        assert_eq!(
+            seen.looked(vec![t(0, 90), t(2, 5)], Some(Some(vec![t(0, 0), t(1, 0)]))),
+            vec![t(0, 90), t(1, 8), t(2, 5)]
+        );
     }
 
     #[test]

@@ -157,10 +157,9 @@ pub async fn rebuild(
     loop {
         let follower = Follower::start(&rebuild_runtime);
         let followed = follow(&shutdown, &started, &mut progress, || async {
-            Ok((
-                positions(&pool, &names, &names.connector).await?,
-                starts.floor(positions(&pool, &names, &names.rebuild_connector).await?).await,
-            ))
+            let live = positions(&pool, &names, &names.connector).await?;
+            let done = starts.floor(positions(&pool, &names, &names.rebuild_connector).await?, &live).await;
+            Ok((live, done))
         })
         .await;
         follower.stop().await;
@@ -312,9 +311,9 @@ async fn cut_over(
     .iter()
     .map(|r| (r.get(0), r.get(1), r.get(2)))
     .collect();
-    // Raised to where the logs start (see `LogStarts`): the live connector
-    // goes on from there where the rebuild never committed.
-    let rebuilt = floored(&positions_in(&mut tx, names, &names.rebuild_connector).await?, starts);
+    // Raised to where the logs start (see `LogStarts`).
+    let committed = positions_in(&mut tx, names, &names.rebuild_connector).await?;
+    let rebuilt = floored(&committed, starts);
     let live_known: Vec<(String, i32, i64)> =
         live.iter().filter_map(|(t, p, n)| n.map(|n| (t.clone(), *p, n))).collect();
     if !caught_up(&live_known, &rebuilt) {
@@ -323,7 +322,11 @@ async fn cut_over(
     }
     let previous_positions = serde_json::to_value(&live_known)?;
     swap(&mut tx, names, new_table, previous_table).await?;
-    move_positions(&mut tx, names, &rebuilt).await?;
+    // Where a start raised the rebuild's position the live one stays (it
+    // is at most that start: nothing lies between): the live connector
+    // goes on from positions it or the rebuild reached by reading.
+    let moved: Vec<Position> = committed.into_iter().filter(|position| rebuilt.contains(position)).collect();
+    move_positions(&mut tx, names, &moved).await?;
     sqlx::query(&format!("DELETE FROM {} WHERE connector = $1", names.offsets()))
         .bind(&names.rebuild_connector)
         .execute(&mut *tx)

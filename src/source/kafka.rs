@@ -494,27 +494,31 @@ impl GroupOffsets {
         Ok(offsets)
     }
 
-    /// (topic, partition, high watermark) of every partition that holds
-    /// records: where the log ends now, as the broker says (some brokers
+    /// (topic, partition, end) of every partition that holds records:
+    /// where the log ends now as this client reads it (the high watermark,
+    /// or the last stable offset under `read_committed`: see
+    /// [`GroupOffsets::of_source`]), as the broker says (some brokers
     /// misreport it; see STACK.md). A partition whose records all expired
-    /// (low = high) has nothing to read and is left out.
+    /// (start = end) has nothing to read and is left out.
     pub fn ends(&self) -> KafkaResult<Vec<(String, i32, i64)>> {
-        let watermarks = self.watermarks()?;
+        let partitions = self.wanted.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        let watermarks = self.watermarks(partitions)?;
         Ok(watermarks.into_iter().filter(|(_, _, low, high)| high > low).map(|(t, p, _, high)| (t, p, high)).collect())
     }
 
-    /// (topic, partition, low watermark) of every partition: where its log
-    /// starts now (what was below expired or was deleted).
-    pub fn starts(&self) -> KafkaResult<Vec<(String, i32, i64)>> {
-        Ok(self.watermarks()?.into_iter().map(|(t, p, low, _)| (t, p, low)).collect())
+    /// (topic, partition, low watermark) of each of `partitions`: where its
+    /// log starts now (what was below expired or was deleted).
+    pub fn starts(&self, partitions: &[(String, i32)]) -> KafkaResult<Vec<(String, i32, i64)>> {
+        Ok(self.watermarks(partitions.to_vec())?.into_iter().map(|(t, p, low, _)| (t, p, low)).collect())
     }
 
-    /// (topic, partition, low, high) of every partition, one request each.
-    fn watermarks(&self) -> KafkaResult<Vec<(String, i32, i64, i64)>> {
-        let mut watermarks = Vec::new();
-        for e in self.wanted.elements() {
-            let (low, high) = self.consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?;
-            watermarks.push((e.topic().to_string(), e.partition(), low, high));
+    /// (topic, partition, low, high) of each partition, one after the other
+    /// (librdkafka asks the earliest and the latest offsets of each at once).
+    fn watermarks(&self, partitions: Vec<(String, i32)>) -> KafkaResult<Vec<(String, i32, i64, i64)>> {
+        let mut watermarks = Vec::with_capacity(partitions.len());
+        for (topic, partition) in partitions {
+            let (low, high) = self.consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
+            watermarks.push((topic, partition, low, high));
         }
         Ok(watermarks)
     }
@@ -963,7 +967,8 @@ mod tests {
         let kafka = KafkaSettings { bootstrap_servers: bootstrap, properties: Default::default() };
         let offsets = GroupOffsets::new(&kafka, "readers", &["events".to_string()]).expect("a reader");
         let events = |p: i32, offset: i64| ("events".to_string(), p, offset);
-        assert_eq!(offsets.starts().expect("starts"), vec![events(0, 0), events(1, 0)]);
+        let both = [("events".to_string(), 0), ("events".to_string(), 1)];
+        assert_eq!(offsets.starts(&both).expect("starts"), vec![events(0, 0), events(1, 0)]);
         assert_eq!(offsets.ends().expect("ends"), vec![events(1, 7)]);
     }
 }

@@ -45,7 +45,9 @@ use elasticsearch::{Elasticsearch, GetParts, IndexParts};
 use serde_json::{json, Value as Json};
 use tokio::sync::watch;
 
-use super::{caught_up, follow, rebuild_settings, runtime_with, Follower, LogStarts, Position, RebuildReport, Started};
+use super::{
+    caught_up, follow, furthest, rebuild_settings, runtime_with, Follower, LogStarts, Position, RebuildReport, Started,
+};
 use crate::pipeline::ConnectorRuntime;
 use crate::sink::elasticsearch::{create_body, ElasticsearchSink, ElasticsearchTarget};
 use crate::sink::{Sink, Target};
@@ -444,18 +446,7 @@ impl CutOverTarget {
 
     /// The positions to reach, per partition with anything to reach.
     fn wanted(&self) -> Vec<Position> {
-        let end_of = |topic: &str, partition: i32| {
-            self.ends.iter().find(|(t, p, _)| t == topic && *p == partition).map_or(0, |e| e.2)
-        };
-        let mut wanted: Vec<Position> =
-            self.live.iter().map(|(t, p, live)| (t.clone(), *p, (*live).max(end_of(t, *p)))).collect();
-        let unlisted: Vec<Position> = self
-            .ends
-            .iter()
-            .filter(|(t, p, _)| !self.live.iter().any(|(lt, lp, _)| lt == t && lp == p))
-            .cloned()
-            .collect();
-        wanted.extend(unlisted);
+        let mut wanted = furthest(&self.live, &self.ends);
         // An empty partition has nothing to reach (and no position to show).
         wanted.retain(|(_, _, next)| *next > 0);
         wanted

@@ -34,7 +34,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::watch;
 
 use super::{
-    caught_up, floored, follow, rebuild_settings, runtime_with, Follower, LogStarts, Position, RebuildReport, Started,
+    caught_up, follow, furthest, rebuild_settings, runtime_with, Follower, LogStarts, Position, RebuildReport, Started,
 };
 use crate::pipeline::ConnectorRuntime;
 use crate::sink::postgres::quote;
@@ -313,7 +313,7 @@ async fn cut_over(
     .collect();
     // Raised to where the logs start (see `LogStarts`).
     let committed = positions_in(&mut tx, names, &names.rebuild_connector).await?;
-    let rebuilt = floored(&committed, starts);
+    let rebuilt = furthest(&committed, starts);
     let live_known: Vec<(String, i32, i64)> =
         live.iter().filter_map(|(t, p, n)| n.map(|n| (t.clone(), *p, n))).collect();
     if !caught_up(&live_known, &rebuilt) {

@@ -632,7 +632,7 @@ impl<'a> Reader<'a> {
     fn str(&mut self) -> Result<&'a str, DecodeError> {
         let at = self.at;
         let bytes = self.length_prefixed()?;
-        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8(at))
+        crate::value::utf8(bytes).map_err(|_| DecodeError::InvalidUtf8(at))
     }
 
     /// The union branch written next.

@@ -194,8 +194,9 @@ impl Codec {
 
     /// Decodes a record's value into `slots` without building its event,
     /// when its writer schema is one `reading` has learned and `slot_of`
-    /// gives that schema's slots (see [`avro::Decoder::decode_slots`]):
-    /// the record's key; `None` otherwise, or when the
+    /// gives that schema's slots (see [`avro::Decoder::decode_slots`])
+    /// and whether the key is read: the record's key (null when it is not
+    /// read; it is still checked); `None` otherwise, or when the
     /// record does not decode so ([`Codec::decode_cached`] then decodes
     /// it, and says why). Counts no cache hit: the caller does once it
     /// has used what this read.
@@ -203,7 +204,7 @@ impl Codec {
         &self,
         record: &RawRecord,
         reading: &Reading,
-        slot_of: impl FnOnce(u32) -> Option<&'p [Option<usize>]>,
+        slot_of: impl FnOnce(u32) -> Option<(&'p [Option<usize>], bool)>,
         slots: &mut [Value],
     ) -> Option<Value> {
         // An Avro key needs its own schema: those take the full path.
@@ -213,9 +214,20 @@ impl Codec {
         // The plan first: a record without one costs a frame's header here,
         // not a key decoded twice.
         let framed = framing::parse(record.value.as_deref()?).ok()?;
-        let slot_of = slot_of(framed.schema_id)?;
+        let (slot_of, key_read) = slot_of(framed.schema_id)?;
         let learned = reading.schemas.get(&framed.schema_id)?;
-        let key = self.decode_key(record.key.as_deref(), &Err).ok()?.ok()?;
+        let key = match record.key.as_deref() {
+            Some(bytes) if !key_read => {
+                // Checked as `decode_key` checks a string or absent key
+                // (an Avro key never comes here), not built: most plans
+                // key by payload fields.
+                if self.key_format == KeyFormat::String {
+                    crate::value::utf8(bytes).ok()?;
+                }
+                Value::Null
+            }
+            key => self.decode_key(key, &Err).ok()?.ok()?,
+        };
         learned.writer.decoder.decode_slots(framed.body, slot_of, slots).then_some(key)
     }
 
@@ -224,7 +236,7 @@ impl Codec {
         Ok(match self.key_format {
             KeyFormat::None => Ok(Value::Null),
             KeyFormat::String => {
-                std::str::from_utf8(bytes).map(|text| Value::Str(text.into())).map_err(|_| CodecError::KeyNotUtf8)
+                crate::value::utf8(bytes).map(|text| Value::Str(text.into())).map_err(|_| CodecError::KeyNotUtf8)
             }
             KeyFormat::Avro => {
                 let framed = match framing::parse(bytes) {
@@ -303,5 +315,44 @@ mod tests {
         reading.set(writer, None);
         let Some(Ok(Decoded::Event { event, .. })) = codec.decode_cached(&learned, &reading) else { panic!("decodes") };
         assert_eq!(event.payload.to_json(), serde_json::json!({"a": "x", "b": 4}), "all fields");
+    }
+
+    /// A key the plan does not read is checked, not built: a UTF-8 key
+    /// gives null, one that is not gives nothing (the full path then
+    /// fails it, as it would have either way); a key read is the string.
+    #[test]
+    fn straight_decoding_checks_a_key_it_does_not_build() {
+        let registry = Arc::new(RegistryClient::new(&RegistryClientSettings::plain("http://127.0.0.1:9")).unwrap());
+        let one = r#"{"type":"record","name":"One","namespace":"t","fields":[{"name":"n","type":"long"}]}"#;
+        let mut reading = Reading::default();
+        reading.set(Arc::new(registry::compile(9, one.to_string(), &[]).unwrap()), None);
+        let mut framed = Vec::new();
+        framing::frame_into(9, &[0x06], &mut framed);
+        let keyed = |key: Option<&[u8]>| RawRecord { key: key.map(Into::into), ..record(framed.clone()) };
+        let slot_of: &[Option<usize>] = &[Some(0)];
+        for format in [KeyFormat::String, KeyFormat::None] {
+            let codec = Codec::new(registry.clone(), format);
+            for key_read in [false, true] {
+                let decode = |record: &RawRecord| {
+                    let mut slots = vec![Value::Null];
+                    let key =
+                        codec.decode_slots(record, &reading, |id| (id == 9).then_some((slot_of, key_read)), &mut slots);
+                    key.map(|key| (key, slots.remove(0)))
+                };
+                let text = match (format, key_read) {
+                    (KeyFormat::String, true) => Value::Str("k-1".into()),
+                    _ => Value::Null,
+                };
+                assert_eq!(decode(&keyed(Some(b"k-1"))), Some((text, Value::Int(3))), "{format:?}, read {key_read}");
+                assert_eq!(decode(&keyed(None)), Some((Value::Null, Value::Int(3))), "{format:?}, read {key_read}");
+                let bad = decode(&keyed(Some(&[b'k', 0xff])));
+                match format {
+                    KeyFormat::String => assert_eq!(bad, None, "not UTF-8, read {key_read}: the full path's"),
+                    _ => assert_eq!(bad, Some((Value::Null, Value::Int(3))), "no key format: any bytes"),
+                }
+                let full = codec.decode_cached(&keyed(Some(&[b'k', 0xff])), &reading).expect("cached");
+                assert_eq!(full.is_err(), format == KeyFormat::String, "the full path agrees");
+            }
+        }
     }
 }

@@ -246,7 +246,7 @@ fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord) -> 
     let slot_of = |id| {
         let found = plans.get(&id)?.as_ref()?;
         plan = Some(found);
-        Some(found.slot_of())
+        Some((found.slot_of(), found.reads_key()))
     };
     let key = runtime.codec.decode_slots(record, memo.reading, slot_of, slots)?;
     let plan = plan?;

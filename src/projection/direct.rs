@@ -93,6 +93,13 @@ impl Direct {
         &self.slot_of
     }
 
+    /// Whether the op reads the record's key (`$key`): when not, the
+    /// decoder need not build it.
+    pub fn reads_key(&self) -> bool {
+        let key = |source: &Source| matches!(source, Source::Meta(Meta::Key));
+        self.key.iter().chain(&self.version).chain(self.fields.iter().map(|(_, source)| source)).any(key)
+    }
+
     /// How many slots the decoder fills.
     pub fn slots(&self) -> usize {
         self.uses.len()

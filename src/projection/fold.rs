@@ -395,17 +395,10 @@ fn apply<'a>(
         }
         (OpKind::Merge, Effect::Delete) => *effect = Effect::Replace(Cow::Borrowed(fields)),
         (OpKind::Increment | OpKind::Decrement, Effect::Replace(row)) => {
-            let mut next = row.to_vec();
-            add_into(&mut next, fields, position)?;
-            *row = Cow::Owned(next);
+            add_deltas(None, row.to_mut(), fields, position)?
         }
         (OpKind::Increment | OpKind::Decrement, Effect::Patch { set, add }) => {
-            let (mut next_set, mut next_add) = (set.to_vec(), add.to_vec());
-            for delta in fields {
-                let target = if next_set.iter().any(|(n, _)| *n == delta.0) { &mut next_set } else { &mut next_add };
-                add_into(target, std::slice::from_ref(delta), position)?;
-            }
-            (*set, *add) = (Cow::Owned(next_set), Cow::Owned(next_add));
+            add_deltas(Some(set.to_mut()), add.to_mut(), fields, position)?
         }
         (OpKind::Increment | OpKind::Decrement, Effect::Delete) => *effect = Effect::Replace(Cow::Borrowed(fields)),
     }
@@ -422,19 +415,53 @@ fn overlay(target: &mut Vec<(Name, Value)>, fields: &[(Name, Value)]) {
     }
 }
 
-/// Adds each delta to the field of the same name (missing or null = 0).
-fn add_into(target: &mut Vec<(Name, Value)>, deltas: &[(Name, Value)], position: Position) -> Result<(), FoldError> {
+/// Adds each delta to the field of the same name in `set` when it has
+/// one, else in `add` (missing or null = 0), in place and all or nothing:
+/// an op with a delta that cannot be added leaves both as they were (its
+/// earlier deltas are taken back), so the other ops of its key fold as
+/// if it were not there. In place, not on a copy made per op: a key's
+/// increments are most of a compaction-friendly batch (issue 27).
+fn add_deltas(
+    mut set: Option<&mut Vec<(Name, Value)>>,
+    add: &mut Vec<(Name, Value)>,
+    deltas: &[(Name, Value)],
+    position: Position,
+) -> Result<(), FoldError> {
+    // What to take back: the values replaced (in `set` or not), and
+    // `add`'s length (a field added new is pushed onto `add`).
+    let added_from = add.len();
+    let mut replaced: smallvec::SmallVec<[(bool, usize, Value); 2]> = smallvec::SmallVec::new();
     for (name, delta) in deltas {
-        match target.iter_mut().find(|(n, _)| n == name) {
-            None => target.push((name, delta.clone())),
-            Some(slot) => {
-                slot.1 = add(&slot.1, delta).ok_or_else(|| FoldError {
+        let in_set = set.as_deref().and_then(|set| set.iter().position(|(n, _)| n == name));
+        let (target, at, in_set) = match in_set {
+            Some(at) => (set.as_deref_mut().expect("a position was found in it"), Some(at), true),
+            None => {
+                let at = add.iter().position(|(n, _)| n == name);
+                (&mut *add, at, false)
+            }
+        };
+        let Some(at) = at else {
+            target.push((name, delta.clone()));
+            continue;
+        };
+        match self::add(&target[at].1, delta) {
+            Some(sum) => replaced.push((in_set, at, std::mem::replace(&mut target[at].1, sum))),
+            None => {
+                let error = FoldError {
                     op: 0,
                     position,
                     field: name.to_string(),
                     delta: delta.to_string(),
-                    found: format!("a {}", slot.1.kind()),
-                })?;
+                    found: format!("a {}", target[at].1.kind()),
+                };
+                for (in_set, at, old) in replaced.into_iter().rev() {
+                    match (in_set, set.as_deref_mut()) {
+                        (true, Some(set)) => set[at].1 = old,
+                        _ => add[at].1 = old,
+                    }
+                }
+                add.truncate(added_from);
+                return Err(error);
             }
         }
     }
@@ -584,6 +611,41 @@ mod tests {
         assert_eq!(net[0].partition, Some(("t", 0)));
     }
 
+    /// An increment of several fields that fails on one of them changes
+    /// none of them, whether its key's state is a row (`Replace`) or a
+    /// patch (`Patch`, the failing field among those it sets), and whether
+    /// the state was borrowed from an op or already folded in place; the
+    /// ops after it fold as if it were not there.
+    #[test]
+    fn an_increment_that_fails_on_one_field_takes_back_the_others() {
+        let several = |offset, fields: &[(Name, Value)]| op(offset, OpKind::Increment, fields);
+        let bad = |offset| several(offset, &[("n", Value::Int(2)), ("new", Value::Int(7)), ("t", Value::Int(1))]);
+        let text = || ("t", Value::from("text"));
+        // (ops before the failing one, the state they fold to)
+        let cases = [
+            (vec![up(0, &[("n", Value::Int(1)), text()])], replace(vec![("n", Value::Int(1)), text()])),
+            (vec![up(0, &[("n", Value::Int(1)), text()]), inc(1, "n", 1)], replace(vec![("n", Value::Int(2)), text()])),
+            (vec![merge(0, &[text()]), inc(1, "n", 1)], patch(vec![text()], vec![("n", Value::Int(1))])),
+            (
+                vec![merge(0, &[text(), ("n", Value::Int(4))]), inc(1, "n", 1)],
+                patch(vec![text(), ("n", Value::Int(5))], vec![]),
+            ),
+        ];
+        for (before, state) in cases {
+            let after = before.len() as i64 + 1;
+            let mut ops = before.clone();
+            ops.push(bad(after - 1));
+            ops.push(inc(after, "n", 10));
+            let (mut folded, errors) = fold_keys(&ops);
+            assert_eq!(errors.len(), 1, "{before:?}");
+            assert_eq!((errors[0].op, errors[0].field.as_str()), (before.len(), "t"));
+            let mut expected = before.clone();
+            expected.push(inc(after, "n", 10));
+            assert_eq!(folded.remove(0).effect, net(expected), "{before:?}");
+            assert_eq!(net(before.clone()), state, "the state the failing op met");
+        }
+    }
+
     #[test]
     fn stale_versions_are_dropped_and_integers_overflow_into_floats() {
         let mut newer = merge(0, &[("a", Value::Int(2))]);
@@ -699,7 +761,8 @@ mod tests {
                 Effect::Patch { set, add } => {
                     let mut row = self.row.take().unwrap_or_default();
                     overlay(&mut row, set);
-                    add_into(&mut row, add, Position { topic: "t", partition: 0, offset }).expect("numbers only");
+                    add_deltas(None, &mut row, add, Position { topic: "t", partition: 0, offset })
+                        .expect("numbers only");
                     self.row = Some(row);
                 }
                 Effect::Delete => self.row = None,

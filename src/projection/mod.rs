@@ -419,7 +419,8 @@ mod tests {
     /// of the event's own path, and nothing exactly where that path fails;
     /// whatever the values (nulls, wrong kinds, shared fields,
     /// literals, metadata, versions), over random events of every kind of
-    /// rule, with and without a version.
+    /// rule, with and without a version; the record's key given only to
+    /// plans that read it, as the decoder gives it.
     #[test]
     fn a_direct_op_is_the_events_op_or_none_where_that_fails() {
         use rand::{Rng, SeedableRng};
@@ -452,7 +453,7 @@ mod tests {
             7 => Value::Float(1.5),
             _ => Value::Bool(true),
         };
-        let (mut direct, mut both) = (0, 0);
+        let (mut direct, mut both, mut keyless) = (0, 0, 0);
         for round in 0..400 {
             let mut settings = connector(keys[round % keys.len()], rules);
             if round % 2 == 1 {
@@ -477,7 +478,10 @@ mod tests {
                     slots[*slot] = fields[at].1.clone();
                 }
             }
-            let straight = plan.op(&mut slots, &event.key, event.position, event.timestamp);
+            // The key as the decoder gives it: built only when the plan reads it.
+            let key = if plan.reads_key() { event.key.clone() } else { Value::Null };
+            keyless += usize::from(!plan.reads_key());
+            let straight = plan.op(&mut slots, &key, event.position, event.timestamp);
             let whole = projection.op_owned(event.clone());
             match (&straight, whole) {
                 (Some(op), Ok(Some(expected))) => {
@@ -492,6 +496,7 @@ mod tests {
         }
         assert!(both > 40, "many rounds with a plan give an op both ways ({both} of {direct})");
         assert!(direct < 400, "some rules have no plan");
+        assert!(keyless > 40 && keyless < direct - 40, "plans with and without `$key` ({keyless} of {direct} without)");
     }
 
     #[test]

@@ -99,6 +99,8 @@ impl RecordQueue {
             .map(|&m| unsafe { (*m).len })
             .sum();
         let mut values = BytesMut::with_capacity(size);
+        // The chunk grows by `n` at most: one allocation, not a doubling per push.
+        out.reserve(n);
         for &message in &messages[..n] {
             // SAFETY: each pointer is a live message we own until destroyed.
             unsafe {

@@ -69,7 +69,7 @@ fn random_log(rng: &mut StdRng, shape: Shape) -> Vec<WriteOp> {
         log.push(WriteOp {
             key: smallvec::smallvec![Value::from(format!("k{key}"))],
             kind,
-            fields,
+            fields: fields.into(),
             version,
             position: Position { topic, partition: 0, offset },
         });
@@ -387,7 +387,7 @@ fn shared_increments(rng: &mut StdRng, partitions: &[i32], shapes: usize, pace: 
             WriteOp {
                 key: smallvec::smallvec![Value::from(format!("k{key}"))],
                 kind: OpKind::Increment,
-                fields: vec![(intern(field), Value::Int(rng.random_range(-5..10)))],
+                fields: smallvec::smallvec![(intern(field), Value::Int(rng.random_range(-5..10)))],
                 version: None,
                 position: Position { topic, partition: partitions[share], offset },
             }
@@ -611,7 +611,7 @@ fn x_op(
     WriteOp {
         key: smallvec::smallvec![Value::from("x")],
         kind,
-        fields,
+        fields: fields.into(),
         version,
         position: Position { topic: intern("fold-exact"), partition, offset },
     }

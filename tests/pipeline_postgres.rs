@@ -326,7 +326,7 @@ async fn a_batch_retried_after_a_partial_commit_applies_each_partition_once() {
         .map(|n| WriteOp {
             key: vec![Value::from(format!("s{}", n % 2)), Value::Str("i".into())].into(),
             kind: OpKind::Increment,
-            fields: vec![(intern("on_hand"), Value::Int(1))],
+            fields: smallvec::smallvec![(intern("on_hand"), Value::Int(1))],
             version: None,
             position: Position { topic, partition: n % 2, offset: i64::from(n / 2) },
         })
@@ -509,7 +509,7 @@ async fn copied_and_upserted_rows_are_the_same() {
     let count = |id: &str, n: i64, offset: i64| WriteOp {
         key: vec![text(id)].into(),
         kind: OpKind::Increment,
-        fields: vec![(intern("n"), Value::Int(n))],
+        fields: smallvec::smallvec![(intern("n"), Value::Int(n))],
         version: None,
         position: Position { topic, partition: 0, offset },
     };
@@ -888,7 +888,7 @@ fn increment(topic: kawka::value::Name, id: &str, n: i64, partition: i32, offset
     kawka::projection::WriteOp {
         key: vec![kawka::value::Value::from(id)].into(),
         kind: kawka::projection::OpKind::Increment,
-        fields: vec![(kawka::value::intern("n"), kawka::value::Value::Int(n))],
+        fields: smallvec::smallvec![(kawka::value::intern("n"), kawka::value::Value::Int(n))],
         version: None,
         position: kawka::event::Position { topic, partition, offset },
     }

@@ -357,7 +357,7 @@ impl kawka::projection::Projection for Panicky {
         Ok(kawka::projection::Projected::Ops(vec![kawka::projection::WriteOp {
             key: std::iter::once(id).collect(),
             kind: kawka::projection::OpKind::Upsert,
-            fields: vec![(intern("label"), label)],
+            fields: smallvec::smallvec![(intern("label"), label)],
             version: None,
             position: event.position,
         }]))

@@ -416,7 +416,7 @@ fn doc_op(id: &str, kind: kawka::projection::OpKind, a: i64, offset: i64) -> kaw
     kawka::projection::WriteOp {
         key: smallvec::smallvec![Value::from(id)],
         kind,
-        fields: vec![(intern("a"), Value::Int(a))],
+        fields: smallvec::smallvec![(intern("a"), Value::Int(a))],
         version: None,
         position: kawka::event::Position { topic: intern("unused-split-batch"), partition: 0, offset },
     }

@@ -108,7 +108,7 @@ mod tests {
             .map(|(n, key)| WriteOp {
                 key: smallvec::smallvec![Value::from(*key), Value::Int(1)],
                 kind: OpKind::Upsert,
-                fields: Vec::new(),
+                fields: Default::default(),
                 version: None,
                 position: Position { topic: "t", partition, offset: n as i64 },
             })

@@ -13,7 +13,7 @@
 //! would.
 
 use super::expr::{Expr, Meta};
-use super::{delta, KeyValues, OpKind, RulesProjection, WriteOp};
+use super::{delta, KeyValues, OpFields, OpKind, RulesProjection, WriteOp};
 use crate::event::Position;
 use crate::value::{Name, Value};
 
@@ -130,7 +130,7 @@ impl Direct {
             Some(Value::Time(time)) => Some(time.value),
             Some(_) => return None,
         };
-        let mut fields = Vec::with_capacity(self.fields.len());
+        let mut fields = OpFields::with_capacity(self.fields.len());
         for (name, source) in &self.fields {
             let field = match self.kind {
                 OpKind::Increment | OpKind::Decrement => delta(self.kind, name, value(source)).ok()?,

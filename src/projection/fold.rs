@@ -498,7 +498,7 @@ mod tests {
         WriteOp {
             key: smallvec::smallvec![Value::from("k")],
             kind,
-            fields: fields.to_vec(),
+            fields: fields.into(),
             version: None,
             position: Position { topic: "t", partition: 0, offset },
         }
@@ -822,7 +822,7 @@ mod tests {
             log.push(WriteOp {
                 key: smallvec::smallvec![Value::Int(key as i64)],
                 kind,
-                fields,
+                fields: fields.into(),
                 version,
                 position: Position { topic: "t", partition: 0, offset },
             });

@@ -541,7 +541,7 @@ mod tests {
         WriteOp {
             key: smallvec::smallvec![Value::from(key)],
             kind,
-            fields: fields.to_vec(),
+            fields: fields.into(),
             version: None,
             position: Position { topic: "users", partition, offset },
         }

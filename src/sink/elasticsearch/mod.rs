@@ -626,7 +626,7 @@ mod tests {
         let op = |key: &str, partition: i32, offset: i64, kind: OpKind| WriteOp {
             key: smallvec::smallvec![Value::from(key)],
             kind,
-            fields: Vec::new(),
+            fields: Default::default(),
             version: None,
             position: Position { topic: "t", partition, offset },
         };

@@ -202,9 +202,8 @@ fn ahead(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops: &
         return Some(oversized);
     }
     // A panic on the way is the full path's to meet (and make the record's error).
-    let straight = std::panic::AssertUnwindSafe(|| straight(runtime, memo, record));
-    if let Ok(Some((event_type, op))) = std::panic::catch_unwind(straight) {
-        ops.push(op);
+    let straight = std::panic::AssertUnwindSafe(|| straight(runtime, memo, record, &mut *ops));
+    if let Ok(Some(event_type)) = std::panic::catch_unwind(straight) {
         return Some(Prepared { event_type, result: Ok(Effect::Ops(1)) });
     }
     let reading = &mut *memo.reading;
@@ -234,10 +233,12 @@ fn ahead(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops: &
 }
 
 /// The op of a record whose writer schema has a [`Direct`] plan, decoded
-/// straight into it, with its event type; `None`: the full path (no plan,
-/// or the record does not decode, project or pass the sink's check so,
-/// which the full path then says).
-fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord) -> Option<(Name, WriteOp)> {
+/// straight into it and appended to `ops`, and its event type; `None`:
+/// nothing appended, the full path (no plan, or the record does not
+/// decode, project or pass the sink's check so, which the full path then
+/// says). Appended here, as the last step, rather than returned: an op is
+/// a couple of hundred bytes, copied at each level it is returned through.
+fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops: &mut Vec<WriteOp>) -> Option<Name> {
     let Straight { plans, slots, any } = &mut *memo.straight;
     if !*any {
         return None;
@@ -254,7 +255,8 @@ fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord) -> 
     runtime.sink.check(&op).ok()?;
     // What the full path counts for a schema found without the registry.
     runtime.codec.registry().count_hits(1);
-    Some((plan.event_type(), op))
+    ops.push(op);
+    Some(plan.event_type())
 }
 
 /// What the decode thread learns of a writer schema it meets, for events

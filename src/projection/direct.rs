@@ -39,6 +39,8 @@ pub struct Direct {
     key: Box<[Source]>,
     version: Option<Source>,
     fields: Box<[(Name, Source)]>,
+    /// Whether any of the op's values is the record's key (`$key`).
+    reads_key: bool,
 }
 
 impl Direct {
@@ -71,7 +73,10 @@ impl Direct {
             Some(expr) => Some(source(expr)?),
             None => None,
         };
-        let fields = rule.fields.iter().map(|(name, expr)| Some((*name, source(expr)?))).collect::<Option<_>>()?;
+        let fields: Box<[(Name, Source)]> =
+            rule.fields.iter().map(|(name, expr)| Some((*name, source(expr)?))).collect::<Option<_>>()?;
+        let is_key = |source: &Source| matches!(source, Source::Meta(Meta::Key));
+        let reads_key = key.iter().chain(&version).chain(fields.iter().map(|(_, source)| source)).any(is_key);
         Some(Direct {
             event_type,
             slot_of: slot_of.into_boxed_slice(),
@@ -80,6 +85,7 @@ impl Direct {
             key,
             version,
             fields,
+            reads_key,
         })
     }
 
@@ -96,8 +102,7 @@ impl Direct {
     /// Whether the op reads the record's key (`$key`): when not, the
     /// decoder need not build it.
     pub fn reads_key(&self) -> bool {
-        let key = |source: &Source| matches!(source, Source::Meta(Meta::Key));
-        self.key.iter().chain(&self.version).chain(self.fields.iter().map(|(_, source)| source)).any(key)
+        self.reads_key
     }
 
     /// How many slots the decoder fills.

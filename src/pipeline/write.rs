@@ -258,7 +258,7 @@ impl Worker<'_> {
         // Counted once the batch is durable, per batch rather than per
         // event (the counters sit behind a lock): a record consumed again
         // after a crash or a fence is not counted twice.
-        for (event_type, n) in count_runs(batch.types.iter().copied()) {
+        for (event_type, n) in count_runs(batch.types.iter().copied(), same_type) {
             status.count_many(event_type, Outcome::Consumed, n);
         }
         // An event is superseded when a guard found every one of its ops
@@ -279,7 +279,7 @@ impl Worker<'_> {
             batch.types.iter().enumerate().filter(|(origin, _)| has_ops[*origin]).map(|(origin, &event_type)| {
                 (event_type, if by_event[origin] { Outcome::Superseded } else { Outcome::Written })
             });
-        for ((event_type, outcome), n) in count_runs(outcomes) {
+        for ((event_type, outcome), n) in count_runs(outcomes, |a, b| a.1 == b.1 && same_type(a.0, b.0)) {
             status.count_many(event_type, outcome, n);
         }
         let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
@@ -424,14 +424,15 @@ impl Worker<'_> {
 /// batch's events come in long runs of one type (a partition's), so the
 /// list of counts (a batch has a few types) is searched once per run
 /// rather than a map hashed once per event (issue 27: that hashing was
-/// 3 % of kawka's instructions on a folding run).
-fn count_runs<K: Copy + PartialEq>(keys: impl Iterator<Item = K>) -> Vec<(K, u64)> {
+/// 3 % of kawka's instructions on a folding run). Keys are equal when
+/// `same` says so: event types compare by address first ([`same_type`]).
+fn count_runs<K: Copy>(keys: impl Iterator<Item = K>, same: impl Fn(K, K) -> bool) -> Vec<(K, u64)> {
     let mut counts: Vec<(K, u64)> = Vec::new();
     // The count the run so far adds to.
     let mut current = 0;
     for key in keys {
-        if counts.get(current).is_none_or(|(k, _)| *k != key) {
-            current = counts.iter().position(|(k, _)| *k == key).unwrap_or_else(|| {
+        if counts.get(current).is_none_or(|(k, _)| !same(*k, key)) {
+            current = counts.iter().position(|(k, _)| same(*k, key)).unwrap_or_else(|| {
                 counts.push((key, 0));
                 counts.len() - 1
             });
@@ -439,6 +440,12 @@ fn count_runs<K: Copy + PartialEq>(keys: impl Iterator<Item = K>) -> Vec<(K, u64
         counts[current].1 += 1;
     }
     counts
+}
+
+/// Whether two event types are one: by address (interned names, nearly
+/// every time), then by content (a type named by a literal).
+fn same_type(a: Name, b: Name) -> bool {
+    std::ptr::eq(a, b) || a == b
 }
 
 #[cfg(test)]
@@ -451,7 +458,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(27);
         for _ in 0..200 {
             let keys: Vec<u8> = (0..rng.random_range(0..60)).map(|_| rng.random_range(0..4)).collect();
-            let mut counted = super::count_runs(keys.iter().copied());
+            let mut counted = super::count_runs(keys.iter().copied(), |a, b| a == b);
             counted.sort_unstable();
             let mut expected: Vec<(u8, u64)> = Vec::new();
             for key in 0..4 {

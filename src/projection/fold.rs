@@ -36,7 +36,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
 use crate::event::Position;
 use crate::projection::OpKind;
-use crate::value::{Name, Value};
+use crate::value::{name_position, Name, Value};
 
 use super::WriteOp;
 
@@ -428,15 +428,17 @@ fn add_deltas(
     position: Position,
 ) -> Result<(), FoldError> {
     // What to take back: the values replaced (in `set` or not), and
-    // `add`'s length (a field added new is pushed onto `add`).
+    // `add`'s length (a field added new is pushed onto `add`). An op of
+    // one delta (most) fails before it changes anything: nothing to keep.
     let added_from = add.len();
+    let keeps = deltas.len() > 1;
     let mut replaced: smallvec::SmallVec<[(bool, usize, Value); 2]> = smallvec::SmallVec::new();
     for (name, delta) in deltas {
-        let in_set = set.as_deref().and_then(|set| set.iter().position(|(n, _)| n == name));
+        let in_set = set.as_deref().and_then(|set| name_position(set, name));
         let (target, at, in_set) = match in_set {
             Some(at) => (set.as_deref_mut().expect("a position was found in it"), Some(at), true),
             None => {
-                let at = add.iter().position(|(n, _)| n == name);
+                let at = name_position(add, name);
                 (&mut *add, at, false)
             }
         };
@@ -445,7 +447,8 @@ fn add_deltas(
             continue;
         };
         match self::add(&target[at].1, delta) {
-            Some(sum) => replaced.push((in_set, at, std::mem::replace(&mut target[at].1, sum))),
+            Some(sum) if keeps => replaced.push((in_set, at, std::mem::replace(&mut target[at].1, sum))),
+            Some(sum) => target[at].1 = sum,
             None => {
                 let error = FoldError {
                     op: 0,

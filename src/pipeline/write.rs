@@ -16,7 +16,7 @@ use crate::event::PartitionOffset;
 use crate::projection::fold;
 use crate::sink::{Plan, SinkError, StepDone, TxLocks, Written};
 use crate::status::Outcome;
-use crate::value::Name;
+use crate::value::{same_name, Name};
 
 /// How long a shutdown waits for an unreachable sink before abandoning the
 /// in-flight batch (its events are consumed again on the next start).
@@ -258,7 +258,7 @@ impl Worker<'_> {
         // Counted once the batch is durable, per batch rather than per
         // event (the counters sit behind a lock): a record consumed again
         // after a crash or a fence is not counted twice.
-        for (event_type, n) in count_runs(batch.types.iter().copied(), same_type) {
+        for (event_type, n) in count_runs(batch.types.iter().copied(), same_name) {
             status.count_many(event_type, Outcome::Consumed, n);
         }
         // An event is superseded when a guard found every one of its ops
@@ -279,7 +279,7 @@ impl Worker<'_> {
             batch.types.iter().enumerate().filter(|(origin, _)| has_ops[*origin]).map(|(origin, &event_type)| {
                 (event_type, if by_event[origin] { Outcome::Superseded } else { Outcome::Written })
             });
-        for ((event_type, outcome), n) in count_runs(outcomes, |a, b| a.1 == b.1 && same_type(a.0, b.0)) {
+        for ((event_type, outcome), n) in count_runs(outcomes, |a, b| a.1 == b.1 && same_name(a.0, b.0)) {
             status.count_many(event_type, outcome, n);
         }
         let newest = batch.records.iter().filter_map(|r| r.timestamp).max();
@@ -425,7 +425,7 @@ impl Worker<'_> {
 /// list of counts (a batch has a few types) is searched once per run
 /// rather than a map hashed once per event (issue 27: that hashing was
 /// 3 % of kawka's instructions on a folding run). Keys are equal when
-/// `same` says so: event types compare by address first ([`same_type`]).
+/// `same` says so: event types compare by address first ([`same_name`]).
 fn count_runs<K: Copy>(keys: impl Iterator<Item = K>, same: impl Fn(K, K) -> bool) -> Vec<(K, u64)> {
     let mut counts: Vec<(K, u64)> = Vec::new();
     // The count the run so far adds to.
@@ -440,12 +440,6 @@ fn count_runs<K: Copy>(keys: impl Iterator<Item = K>, same: impl Fn(K, K) -> boo
         counts[current].1 += 1;
     }
     counts
-}
-
-/// Whether two event types are one: by address (interned names, nearly
-/// every time), then by content (a type named by a literal).
-fn same_type(a: Name, b: Name) -> bool {
-    std::ptr::eq(a, b) || a == b
 }
 
 #[cfg(test)]

@@ -649,6 +649,96 @@ mod tests {
         }
     }
 
+    /// Random logs of one key where fields hold text as well as numbers
+    /// and increments carry one to three deltas, some of which cannot be
+    /// added: the batch's net op, applied to the row none of them touched,
+    /// is the log applied one op at a time with each failing op left out
+    /// whole, and the ops that fail are exactly those.
+    #[test]
+    fn failing_increments_fold_as_the_log_does_one_op_at_a_time() {
+        use rand::{Rng, SeedableRng};
+        let names = ["a", "b", "t"];
+        let (mut failed, mut several) = (0, 0);
+        for case in 0..3000u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(case);
+            let value = |rng: &mut rand::rngs::StdRng, text: bool| match rng.random_range(0..4) {
+                _ if !text => Value::Int(rng.random_range(-5..10)),
+                0 => Value::from("text"),
+                1 => Value::Float(0.5),
+                _ => Value::Int(rng.random_range(-5..10)),
+            };
+            let ops: Vec<WriteOp> = (0..rng.random_range(1..30))
+                .map(|offset| {
+                    let mut fields: Vec<(Name, Value)> = Vec::new();
+                    let kind = match rng.random_range(0..10) {
+                        0 => OpKind::Upsert,
+                        1..=3 => OpKind::Merge,
+                        4..=8 => OpKind::Increment,
+                        _ => OpKind::Delete,
+                    };
+                    if kind != OpKind::Delete {
+                        for name in names {
+                            if rng.random_bool(0.5) {
+                                let text = kind != OpKind::Increment;
+                                fields.push((name, value(&mut rng, text)));
+                            }
+                        }
+                    }
+                    op(offset, kind, &fields)
+                })
+                .collect();
+            // The reference: one op at a time, from no row.
+            let (mut row, mut failing): (Option<Vec<(Name, Value)>>, Vec<usize>) = (None, Vec::new());
+            for (index, op) in ops.iter().enumerate() {
+                match op.kind {
+                    OpKind::Upsert => row = Some(op.fields.to_vec()),
+                    OpKind::Merge => overlay(row.get_or_insert_with(Vec::new), &op.fields),
+                    OpKind::Delete => row = None,
+                    _ => {
+                        let mut next = row.clone().unwrap_or_default();
+                        let mut ok = true;
+                        for (name, delta) in &op.fields {
+                            match next.iter_mut().find(|(n, _)| n == name) {
+                                None => next.push((name, delta.clone())),
+                                Some(slot) => match add(&slot.1, delta) {
+                                    Some(sum) => slot.1 = sum,
+                                    None => ok = false,
+                                },
+                            }
+                        }
+                        if ok {
+                            row = Some(next);
+                        } else {
+                            failing.push(index);
+                        }
+                        several += usize::from(op.fields.len() > 1 && !ok);
+                    }
+                }
+            }
+            failed += failing.len();
+            let (mut net, errors) = fold_keys(&ops);
+            assert_eq!(errors.iter().map(|e| e.op).collect::<Vec<_>>(), failing, "case {case}: {ops:?}");
+            let folded = match net.remove(0).effect {
+                Effect::Replace(fields) => Some(fields.into_owned()),
+                Effect::Patch { set, add } => {
+                    let mut row = set.into_owned();
+                    add_deltas(None, &mut row, &add, Position { topic: "t", partition: 0, offset: 0 })
+                        .expect("deltas onto a row of what the patch sets");
+                    Some(row)
+                }
+                Effect::Delete => None,
+            };
+            let sorted = |row: Option<Vec<(Name, Value)>>| {
+                row.map(|mut row| {
+                    row.sort_by_key(|(name, _)| *name);
+                    row
+                })
+            };
+            assert_eq!(sorted(folded), sorted(row), "case {case}: {ops:?}");
+        }
+        assert!(failed > 500 && several > 200, "failing ops tried: {failed}, of several deltas: {several}");
+    }
+
     #[test]
     fn stale_versions_are_dropped_and_integers_overflow_into_floats() {
         let mut newer = merge(0, &[("a", Value::Int(2))]);

@@ -48,6 +48,12 @@ pub fn intern(name: &str) -> Name {
     leaked
 }
 
+/// Whether two names are one: by address first (names are interned, so
+/// nearly always), then by content (a name written as a literal).
+pub fn same_name(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
 /// Where `name` is among named entries (a record's fields, an op's fields,
 /// a table's columns): by address first, since those names and the names
 /// looked up are both interned (one compare per entry instead of a string

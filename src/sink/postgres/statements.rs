@@ -19,7 +19,7 @@ use super::copy::arrays_from_copy;
 use super::table::{quote, TableSql, VERSION_COLUMN};
 use super::types::ColumnType;
 use crate::projection::fold::{Effect, NetOp};
-use crate::value::{intern, Name, Value};
+use crate::value::{intern, same_name, Name, Value};
 
 /// One statement and its arrays, `$1…$n` in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -397,7 +397,7 @@ type Shape = (Vec<Name>, Vec<Name>);
 /// same order (names are interned: compared by address, then by content).
 fn same_names(effect: &Effect, set: &[(Name, Value)], add: &[(Name, Value)]) -> bool {
     let same = |a: &[(Name, Value)], b: &[(Name, Value)]| {
-        a.len() == b.len() && a.iter().zip(b).all(|((x, _), (y, _))| std::ptr::eq(*x, *y) || x == y)
+        a.len() == b.len() && a.iter().zip(b).all(|((x, _), (y, _))| same_name(x, y))
     };
     matches!(effect, Effect::Patch { set: before_set, add: before_add } if same(before_set, set) && same(before_add, add))
 }

@@ -145,22 +145,27 @@ impl Temporal {
     /// Into any writer, so JSON and `COPY` text take it without a `String`
     /// of its own per value.
     pub fn write(&self, style: Style, out: &mut impl fmt::Write) -> fmt::Result {
+        // Built on the stack and written out once: a writer's `write_char`
+        // per digit cost ~650 instructions a timestamp (issue 27).
+        let mut text = TimeText::new();
         match self.kind {
             TimeKind::Date => {
-                let era = push_date(self.value, style, out)?;
-                out.write_str(era)
+                let era = text.date(self.value, style)?;
+                text.push(era.as_bytes())?;
             }
-            TimeKind::TimeOfDay(unit) => push_time(self.value.rem_euclid(unit.per_day()), unit, out),
+            TimeKind::TimeOfDay(unit) => text.time(day_and_time(self.value, unit).1, unit)?,
             TimeKind::Timestamp(unit) | TimeKind::LocalTimestamp(unit) => {
-                let era = push_date(self.value.div_euclid(unit.per_day()), style, out)?;
-                out.write_char('T')?;
-                push_time(self.value.rem_euclid(unit.per_day()), unit, out)?;
+                let (day, in_day) = day_and_time(self.value, unit);
+                let era = text.date(day, style)?;
+                text.push(b"T")?;
+                text.time(in_day, unit)?;
                 if matches!(self.kind, TimeKind::Timestamp(_)) {
-                    out.write_char('Z')?;
+                    text.push(b"Z")?;
                 }
-                out.write_str(era)
+                text.push(era.as_bytes())?;
             }
         }
+        out.write_str(text.as_str())
     }
 
     pub fn to_text(&self, style: Style) -> String {
@@ -178,57 +183,134 @@ impl fmt::Display for Temporal {
     }
 }
 
-/// `HH:MM:SS.fff…` for a time within a day, counted in `unit`.
-fn push_time(in_day: i64, unit: Unit, out: &mut impl fmt::Write) -> fmt::Result {
-    let per_second = unit.per_second();
-    let seconds = in_day / per_second;
-    push_digits(out, seconds / 3600, 2)?;
-    out.write_char(':')?;
-    push_digits(out, seconds / 60 % 60, 2)?;
-    out.write_char(':')?;
-    push_digits(out, seconds % 60, 2)?;
-    out.write_char('.')?;
-    push_digits(out, in_day % per_second, unit.digits())
+/// `value` (counted in `unit` from 1970-01-01T00:00) as its day and the
+/// time within that day. Each unit's divisor is a constant, which the
+/// compiler turns into a multiplication: this runs for every timestamp
+/// of a batch.
+fn day_and_time(value: i64, unit: Unit) -> (i64, i64) {
+    const fn split<const PER_DAY: i64>(value: i64) -> (i64, i64) {
+        (value.div_euclid(PER_DAY), value.rem_euclid(PER_DAY))
+    }
+    match unit {
+        Unit::Millis => split::<{ Unit::Millis.per_day() }>(value),
+        Unit::Micros => split::<{ Unit::Micros.per_day() }>(value),
+        Unit::Nanos => split::<{ Unit::Nanos.per_day() }>(value),
+    }
 }
 
-/// Writes the date of a day (days since 1970-01-01, proleptic Gregorian)
-/// and returns what must follow the whole text (` BC` for Postgres years
-/// before 1, which it writes at the end).
-fn push_date(days: i64, style: Style, out: &mut impl fmt::Write) -> Result<&'static str, fmt::Error> {
-    let (year, month, day) = civil_from_days(days);
-    let era = match style {
-        // Year 0 is 1 BC, -1 is 2 BC.
-        Style::Postgres if year <= 0 => {
-            push_year(out, 1 - year)?;
-            " BC"
-        }
-        Style::Postgres => {
-            push_year(out, year)?;
-            ""
-        }
-        Style::Iso if (0..=9999).contains(&year) => {
-            push_digits(out, year, 4)?;
-            ""
-        }
-        Style::Iso => {
-            // The rare path: ISO's expanded years carry a sign.
-            write!(out, "{year:+05}")?;
-            ""
-        }
-    };
-    out.write_char('-')?;
-    push_digits(out, month, 2)?;
-    out.write_char('-')?;
-    push_digits(out, day, 2)?;
-    Ok(era)
+/// The text of one date or time, at most 40 bytes (an expanded year of 11
+/// characters, the longest fraction and ` BC`), built in place.
+struct TimeText {
+    bytes: [u8; 48],
+    len: usize,
 }
 
-fn push_year(out: &mut impl fmt::Write, year: i64) -> fmt::Result {
-    if (0..=9999).contains(&year) {
-        push_digits(out, year, 4)
-    } else {
-        // Years Postgres mostly refuses anyway.
-        write!(out, "{year:04}")
+impl TimeText {
+    fn new() -> TimeText {
+        TimeText { bytes: [0; 48], len: 0 }
+    }
+
+    fn as_str(&self) -> &str {
+        super::utf8(&self.bytes[..self.len]).expect("only ASCII is pushed: digits, `-:.TZ+`, ` BC`")
+    }
+
+    /// Room for `width` more bytes; `Err` past the buffer (no text here
+    /// is that long).
+    fn room(&mut self, width: usize) -> Result<&mut [u8], fmt::Error> {
+        let at = self.len;
+        let room = self.bytes.get_mut(at..at + width).ok_or(fmt::Error)?;
+        self.len += width;
+        Ok(room)
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> fmt::Result {
+        self.room(bytes.len())?.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// `n` (0 ≤ n < 10^width) in exactly `width` digits, two at a time
+    /// from the last (a division by the constant 100 per pair).
+    fn digits(&mut self, n: i64, width: usize) -> fmt::Result {
+        const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+                                    2021222324252627282930313233343536373839\
+                                    4041424344454647484950515253545556575859\
+                                    6061626364656667686970717273747576777879\
+                                    8081828384858687888990919293949596979899";
+        let mut n = n.unsigned_abs();
+        let mut room = self.room(width)?;
+        while let [rest @ .., tens, ones] = room {
+            let pair = (n % 100) as usize * 2;
+            (*tens, *ones) = (PAIRS[pair], PAIRS[pair + 1]);
+            n /= 100;
+            room = rest;
+        }
+        if let [digit] = room {
+            *digit = b'0' + (n % 10) as u8;
+        }
+        Ok(())
+    }
+
+    /// `HH:MM:SS.fff…` for a time within a day, counted in `unit`.
+    fn time(&mut self, in_day: i64, unit: Unit) -> fmt::Result {
+        let (seconds, fraction) = match unit {
+            Unit::Millis => (in_day / 1_000, in_day % 1_000),
+            Unit::Micros => (in_day / 1_000_000, in_day % 1_000_000),
+            Unit::Nanos => (in_day / 1_000_000_000, in_day % 1_000_000_000),
+        };
+        self.digits(seconds / 3600, 2)?;
+        self.push(b":")?;
+        self.digits(seconds / 60 % 60, 2)?;
+        self.push(b":")?;
+        self.digits(seconds % 60, 2)?;
+        self.push(b".")?;
+        self.digits(fraction, unit.digits() as usize)
+    }
+
+    /// Writes the date of a day (days since 1970-01-01, proleptic
+    /// Gregorian) and returns what must follow the whole text (` BC` for
+    /// Postgres years before 1, which it writes at the end).
+    fn date(&mut self, days: i64, style: Style) -> Result<&'static str, fmt::Error> {
+        let (year, month, day) = civil_from_days(days);
+        let era = match style {
+            // Year 0 is 1 BC, -1 is 2 BC.
+            Style::Postgres if year <= 0 => {
+                self.year(1 - year)?;
+                " BC"
+            }
+            Style::Postgres => {
+                self.year(year)?;
+                ""
+            }
+            Style::Iso if (0..=9999).contains(&year) => {
+                self.digits(year, 4)?;
+                ""
+            }
+            Style::Iso => {
+                // The rare path: ISO's expanded years carry a sign.
+                fmt::Write::write_fmt(self, format_args!("{year:+05}"))?;
+                ""
+            }
+        };
+        self.push(b"-")?;
+        self.digits(month, 2)?;
+        self.push(b"-")?;
+        self.digits(day, 2)?;
+        Ok(era)
+    }
+
+    fn year(&mut self, year: i64) -> fmt::Result {
+        if (0..=9999).contains(&year) {
+            self.digits(year, 4)
+        } else {
+            // Years Postgres mostly refuses anyway.
+            fmt::Write::write_fmt(self, format_args!("{year:04}"))
+        }
+    }
+}
+
+impl fmt::Write for TimeText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.push(s.as_bytes())
     }
 }
 
@@ -247,16 +329,6 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     (yoe + era * 400 + i64::from(month <= 2), month, day)
-}
-
-/// `n` (0 ≤ n < 10^width) in exactly `width` digits.
-fn push_digits(out: &mut impl fmt::Write, n: i64, width: u32) -> fmt::Result {
-    let mut divisor = 10i64.pow(width - 1);
-    while divisor > 0 {
-        out.write_char(char::from(b'0' + (n / divisor % 10) as u8))?;
-        divisor /= 10;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use crate::value::{Temporal, TimeKind, Unit, Value};
 
 /// Checks that `value` fits a column of type `ty` (what `push` would say),
 /// without building the bound value: it runs once per op before batching.
+#[inline]
 pub fn check_value(ty: ColumnType, value: &Value) -> Result<(), String> {
     let kind = ty.bind_kind();
     // The usual pairs, each of which the conversion below accepts,
@@ -198,6 +199,7 @@ fn temporal_for(ty: ColumnType, value: &Value) -> Option<Temporal> {
 }
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{every_column_type, sample_values};
     use super::*;
 
     /// The shortcut for the usual pairs answers as the conversion does,
@@ -205,31 +207,7 @@ mod tests {
     /// conversion among them).
     #[test]
     fn the_check_answers_as_the_conversion_does() {
-        // Every type a connector can declare, by its names (aliases once).
-        let mut types: Vec<ColumnType> = Vec::new();
-        for ty in ColumnType::known_names().split(", ").filter_map(ColumnType::parse) {
-            if !types.contains(&ty) {
-                types.push(ty);
-            }
-        }
-        assert!(types.contains(&ColumnType::Bytea) && types.len() > 10, "{types:?}");
-        let values = [
-            Value::Null,
-            Value::Bool(true),
-            Value::Int(0),
-            Value::Int(i64::MIN),
-            Value::Float(1.5),
-            Value::Float(2.0),
-            Value::Float(f64::NAN),
-            Value::Str("".into()),
-            Value::Str(" 12 ".into()),
-            Value::Str("true".into()),
-            Value::Str("2026-12-07".into()),
-            Value::Bytes(vec![0xff]),
-            Value::Array(vec![Value::Int(1)]),
-            Value::Time(Temporal::new(TimeKind::Date, 3)),
-            Value::Time(Temporal::new(TimeKind::Timestamp(Unit::Millis), -1)),
-        ];
+        let (types, values) = (every_column_type(), sample_values());
         let mut shortcut = 0;
         for &ty in &types {
             for value in &values {

@@ -87,6 +87,19 @@ fn copy_bytes(bytes: &[u8], out: &mut Vec<u8>) {
 /// the same errors. `scratch` holds text that needs escaping after it is
 /// built (timestamps, JSON, numbers in text columns).
 pub(super) fn copy_field(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut Vec<u8>) -> Result<(), String> {
+    // The usual pairs, written as the conversion below writes them, without
+    // its steps: every value of every row passes here (issue 27).
+    match (ty.bind_kind(), value) {
+        (_, Value::Null) => out.extend_from_slice(COPY_NULL),
+        (BindKind::Int, Value::Int(i)) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
+        (BindKind::Text, Value::Str(text)) if !ty.is_json() => escape_copy(text, out),
+        _ => return copy_converted(ty, value, scratch, out),
+    }
+    Ok(())
+}
+
+/// [`copy_field`] for any pair: the value converted as binding converts it.
+fn copy_converted(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut Vec<u8>) -> Result<(), String> {
     let bytes;
     let value = match ty.bind_kind() {
         BindKind::Int => to_int(value)?.map_or(CopyValue::Null, CopyValue::Int),
@@ -169,9 +182,13 @@ fn write_float(out: &mut Vec<u8>, x: f64, ty: Option<ColumnType>) -> std::io::Re
 }
 
 /// Text with COPY's escapes for backslash, newline, carriage return and tab.
-/// Copied a run at a time, not a push per byte: most values have nothing to escape.
+/// Copied whole when it has none (most values), else a run at a time.
 fn escape_copy(text: &str, out: &mut Vec<u8>) {
     let mut rest = text.as_bytes();
+    if !may_need_escapes(rest) {
+        out.extend_from_slice(rest);
+        return;
+    }
     while let Some(at) = rest.iter().position(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t')) {
         out.extend_from_slice(&rest[..at]);
         out.extend_from_slice(match rest[at] {
@@ -183,6 +200,32 @@ fn escape_copy(text: &str, out: &mut Vec<u8>) {
         rest = &rest[at + 1..];
     }
     out.extend_from_slice(rest);
+}
+
+/// Whether `bytes` may hold a byte [`escape_copy`] escapes: `false` only
+/// when none is there. Eight bytes at a time: a byte below 14 (tab, newline
+/// and carriage return are 9, 10 and 13) or a backslash is found with a few
+/// word operations, where a byte loop takes four compares a byte.
+fn may_need_escapes(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = ONES * 0x80;
+    // The high bit of a byte of `(w - n·ONES) & !w` is set where no lower
+    // byte borrowed and the byte is below n (n ≤ 128), so the whole is
+    // nonzero exactly when some byte is below n; a backslash is a zero
+    // byte of `w` xor eight backslashes.
+    let word = |w: u64| {
+        let backslash = w ^ (ONES * u64::from(b'\\'));
+        ((w.wrapping_sub(ONES * 14) & !w) | (backslash.wrapping_sub(ONES) & !backslash)) & HIGHS != 0
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    if chunks.by_ref().any(|chunk| word(u64::from_ne_bytes(chunk.try_into().expect("chunks of eight")))) {
+        return true;
+    }
+    // The tail padded with spaces, which need no escape.
+    let tail = chunks.remainder();
+    let mut last = [b' '; 8];
+    last[..tail.len()].copy_from_slice(tail);
+    word(u64::from_ne_bytes(last))
 }
 
 impl ColumnArray {
@@ -226,7 +269,62 @@ impl ColumnArray {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{every_column_type, sample_values};
     use super::*;
+
+    /// The shortcut for the usual pairs writes what the conversion writes,
+    /// with its errors, for every column type and every kind of value.
+    #[test]
+    fn copy_fields_write_what_the_conversion_writes() {
+        let mut shortcut = 0;
+        for ty in every_column_type() {
+            for value in sample_values() {
+                let (mut fast, mut slow) = (Vec::new(), Vec::new());
+                let mut scratch = String::new();
+                let answered = copy_field(ty, &value, &mut scratch, &mut fast);
+                assert_eq!(answered, copy_converted(ty, &value, &mut scratch, &mut slow), "{ty:?}, {value:?}");
+                assert_eq!(fast, slow, "{ty:?}, {value:?}");
+                shortcut += usize::from(matches!(value, Value::Null | Value::Int(_) | Value::Str(_)));
+            }
+        }
+        assert!(shortcut > 100, "the usual pairs are among those tried");
+    }
+
+    /// Random text, escaped, against escaping byte by byte: each escaped
+    /// byte at every place of a word and of the tail, near misses (11, 12,
+    /// 14, `[`, `]`) and non-ASCII among them.
+    #[test]
+    fn escaping_finds_every_byte_that_needs_it() {
+        use rand::{Rng, SeedableRng};
+        let reference = |text: &str| {
+            let mut out = Vec::new();
+            for &byte in text.as_bytes() {
+                match byte {
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    b'\n' => out.extend_from_slice(b"\\n"),
+                    b'\r' => out.extend_from_slice(b"\\r"),
+                    b'\t' => out.extend_from_slice(b"\\t"),
+                    other => out.push(other),
+                }
+            }
+            out
+        };
+        let alphabet: Vec<char> = "ab09 \\\n\r\t\u{b}\u{c}\u{e}\u{0}\u{7f}[]\\é€".chars().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xc0b1);
+        let mut escaped = 0;
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..40);
+            // Mostly plain text, so that a single escaped byte lands anywhere.
+            let text: String = (0..len)
+                .map(|_| if rng.random_ratio(1, 12) { alphabet[rng.random_range(0..alphabet.len())] } else { 'x' })
+                .collect();
+            let mut out = Vec::new();
+            escape_copy(&text, &mut out);
+            assert_eq!(out, reference(&text), "{text:?}");
+            escaped += usize::from(out.len() != text.len());
+        }
+        assert!(escaped > 5_000, "{escaped} texts had something to escape");
+    }
 
     #[test]
     fn copy_text_escapes_and_writes_what_the_casts_read() {

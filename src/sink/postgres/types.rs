@@ -119,6 +119,11 @@ impl ColumnType {
         }
     }
 
+    /// Whether it holds JSON (its text is a value's JSON, a string's too).
+    pub fn is_json(self) -> bool {
+        matches!(self, ColumnType::Json | ColumnType::Jsonb)
+    }
+
     /// Whether `increment`/`decrement` may target it.
     pub fn is_numeric(self) -> bool {
         matches!(

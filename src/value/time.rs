@@ -145,8 +145,13 @@ impl Temporal {
     /// Into any writer, so JSON and `COPY` text take it without a `String`
     /// of its own per value.
     pub fn write(&self, style: Style, out: &mut impl fmt::Write) -> fmt::Result {
-        // Built on the stack and written out once: a writer's `write_char`
-        // per digit cost ~650 instructions a timestamp (issue 27).
+        out.write_str(self.text(style)?.as_str())
+    }
+
+    /// Its text (as [`Temporal::write`] writes it) on the stack: a
+    /// writer's `write_char` per digit cost ~650 instructions a timestamp
+    /// (issue 27). `Err` only past the buffer, which no text reaches.
+    pub fn text(&self, style: Style) -> Result<TimeText, fmt::Error> {
         let mut text = TimeText::new();
         match self.kind {
             TimeKind::Date => {
@@ -165,7 +170,7 @@ impl Temporal {
                 text.push(era.as_bytes())?;
             }
         }
-        out.write_str(text.as_str())
+        Ok(text)
     }
 
     pub fn to_text(&self, style: Style) -> String {
@@ -200,7 +205,7 @@ fn day_and_time(value: i64, unit: Unit) -> (i64, i64) {
 
 /// The text of one date or time, at most 40 bytes (an expanded year of 11
 /// characters, the longest fraction and ` BC`), built in place.
-struct TimeText {
+pub struct TimeText {
     bytes: [u8; 48],
     len: usize,
 }
@@ -210,7 +215,7 @@ impl TimeText {
         TimeText { bytes: [0; 48], len: 0 }
     }
 
-    fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         super::utf8(&self.bytes[..self.len]).expect("only ASCII is pushed: digits, `-:.TZ+`, ` BC`")
     }
 

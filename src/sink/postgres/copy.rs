@@ -4,6 +4,7 @@
 use super::arrays::ColumnArray;
 use super::coerce::{text_of, to_bool, to_bytes, to_float, to_int, Text};
 use super::types::{BindKind, ColumnType};
+use crate::value::time::{Style, TimeText};
 use crate::value::Value;
 
 /// Appends `rows` (indexes into the arrays) as `COPY … FROM STDIN` text:
@@ -100,7 +101,7 @@ pub(super) fn copy_field(ty: ColumnType, value: &Value, scratch: &mut String, ou
 
 /// [`copy_field`] for any pair: the value converted as binding converts it.
 fn copy_converted(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut Vec<u8>) -> Result<(), String> {
-    let bytes;
+    let (bytes, time);
     let value = match ty.bind_kind() {
         BindKind::Int => to_int(value)?.map_or(CopyValue::Null, CopyValue::Int),
         BindKind::Float => to_float(value)?.map_or(CopyValue::Null, CopyValue::Float),
@@ -112,6 +113,12 @@ fn copy_converted(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut
         BindKind::Text => match text_of(ty, value)? {
             None => CopyValue::Null,
             Some(Text::Str(text)) => CopyValue::Text(text),
+            // On the stack, not through `scratch`: every timestamp of a
+            // batch passes here.
+            Some(Text::Time(temporal)) => {
+                time = temporal.text(Style::Postgres);
+                CopyValue::Text(time.as_ref().map_or("", TimeText::as_str))
+            }
             Some(text) => {
                 scratch.clear();
                 text.write(scratch);

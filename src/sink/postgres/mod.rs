@@ -311,13 +311,16 @@ mod tests {
         use rand::seq::SliceRandom;
         use rand::{Rng, SeedableRng};
         let types = every_column_type();
-        let columns: Vec<Column> =
-            types.iter().enumerate().map(|(i, &ty)| Column { name: format!("c{i}"), ty }).collect();
+        // A text key, which the op's key (`"k"`) always fits, and a column
+        // of every type.
+        let columns: Vec<Column> = std::iter::once(Column { name: "id".into(), ty: ColumnType::Text })
+            .chain(types.iter().enumerate().map(|(i, &ty)| Column { name: format!("c{i}"), ty }))
+            .collect();
         let target = PostgresTarget {
             schema: "public".into(),
             table: "checked".into(),
             columns: columns.clone(),
-            primary_key: vec!["c0".into()],
+            primary_key: vec!["id".into()],
             create: false,
             fillfactor: None,
             tombstone_retention: std::time::Duration::from_secs(60),
@@ -353,7 +356,8 @@ mod tests {
             if rng.random_ratio(1, 4) {
                 // A name equal to a column's but at another address.
                 let at = rng.random_range(0..=names.len());
-                let text: &'static str = Box::leak(format!("c{}", rng.random_range(0..columns.len())).into_boxed_str());
+                let column = &columns[rng.random_range(0..columns.len())].name;
+                let text: &'static str = Box::leak(column.clone().into_boxed_str());
                 names.insert(at, text);
             }
             if rng.random_ratio(1, 8) {

@@ -203,8 +203,9 @@ fn day_and_time(value: i64, unit: Unit) -> (i64, i64) {
     }
 }
 
-/// The text of one date or time, at most 40 bytes (an expanded year of 11
-/// characters, the longest fraction and ` BC`), built in place.
+/// The text of one date or time, built in place: at most 32 bytes (a
+/// timestamp in milliseconds at the ends of i64: a nine-digit year, the
+/// time, ` BC`; dates are clamped to ten-digit years), in 48.
 pub struct TimeText {
     bytes: [u8; 48],
     len: usize,
@@ -361,6 +362,25 @@ mod tests {
         assert_eq!(Temporal::new(TimeKind::TimeOfDay(Unit::Millis), 0).to_string(), "00:00:00.000");
         assert_eq!(Temporal::new(TimeKind::Date, 19_723).to_string(), "2024-01-01");
         assert_eq!(local.logical_type(), "local-timestamp-micros");
+    }
+
+    /// The stack text has room for the longest text: every kind, unit and
+    /// style at the ends of i64 and of the clamped days, and around them.
+    #[test]
+    fn the_longest_texts_fit() {
+        let kinds = [Unit::Millis, Unit::Micros, Unit::Nanos]
+            .into_iter()
+            .flat_map(|unit| [TimeKind::Timestamp(unit), TimeKind::LocalTimestamp(unit), TimeKind::TimeOfDay(unit)]);
+        let values = [i64::MIN, i64::MIN + 1, -(1 << 40) - 1, -(1 << 40), -1, 0, 1 << 40, (1 << 40) + 1, i64::MAX];
+        for kind in kinds.chain([TimeKind::Date]) {
+            for value in values {
+                for style in [Style::Iso, Style::Postgres] {
+                    let text = Temporal::new(kind, value).text(style).expect("fits");
+                    assert!(text.as_str().len() >= 8, "{kind:?} {value} {style:?}: {:?}", text.as_str());
+                }
+            }
+        }
+        assert_eq!(date(-(1 << 40), Style::Postgres).len(), 19, "the longest date: ten digits, ` BC`");
     }
 
     #[test]

@@ -159,6 +159,8 @@ impl PostgresSink {
         // Ops of one rule name their fields in one order, often the
         // table's: each field is looked for first where the one before it
         // was found, plus one (one compare instead of a search per field).
+        // The guess finds what the search would, as a table's column names
+        // are unique (a connector file cannot repeat a key of `columns:`).
         let mut next = 0;
         for (name, value) in &op.fields {
             let at = match self.columns.get(next) {

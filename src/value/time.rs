@@ -4,8 +4,8 @@
 //! The decoder keeps each as the integer Avro wrote with its kind and unit
 //! ([`Temporal`]), so no stage has to guess a unit: a `timestamp-micros`
 //! read as milliseconds lands 1,000 times too far in the future, silently.
-//! Text is written digit by digit, not with `format!`: every timestamp of a
-//! batch passes here.
+//! Text is built on the stack two digits at a time, not with `format!`:
+//! every timestamp of a batch passes here.
 
 use std::fmt;
 

@@ -4,7 +4,7 @@
 use super::arrays::ColumnArray;
 use super::coerce::{text_of, to_bool, to_bytes, to_float, to_int, Text};
 use super::types::{BindKind, ColumnType};
-use crate::value::time::{Style, TimeText};
+use crate::value::time::Style;
 use crate::value::Value;
 
 /// Appends `rows` (indexes into the arrays) as `COPY … FROM STDIN` text:
@@ -90,12 +90,13 @@ fn copy_bytes(bytes: &[u8], out: &mut Vec<u8>) {
 pub(super) fn copy_field(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut Vec<u8>) -> Result<(), String> {
     // The usual pairs, written as the conversion below writes them, without
     // its steps: every value of every row passes here (issue 27).
-    match (ty.bind_kind(), value) {
-        (_, Value::Null) => out.extend_from_slice(COPY_NULL),
-        (BindKind::Int, Value::Int(i)) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
-        (BindKind::Text, Value::Str(text)) if !ty.is_json() => escape_copy(text, out),
+    let value = match (ty.bind_kind(), value) {
+        (_, Value::Null) => CopyValue::Null,
+        (BindKind::Int, Value::Int(i)) => CopyValue::Int(*i),
+        (BindKind::Text, Value::Str(text)) if !ty.is_json() => CopyValue::Text(text),
         _ => return copy_converted(ty, value, scratch, out),
-    }
+    };
+    write_copy(value, Some(ty), out);
     Ok(())
 }
 
@@ -116,8 +117,8 @@ fn copy_converted(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut
             // On the stack, not through `scratch`: every timestamp of a
             // batch passes here.
             Some(Text::Time(temporal)) => {
-                time = temporal.text(Style::Postgres);
-                CopyValue::Text(time.as_ref().map_or("", TimeText::as_str))
+                time = temporal.text(Style::Postgres).map_err(|_| format!("{temporal:?} has no text that fits"))?;
+                CopyValue::Text(time.as_str())
             }
             Some(text) => {
                 scratch.clear();

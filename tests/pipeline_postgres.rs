@@ -1141,3 +1141,257 @@ fn id_n_spec(registry: &str, topic: &str, namespace: &str, name: &str) -> Json {
     json!({"bootstrap": support::kafka_bootstrap(), "registry": registry, "topic": topic,
         "subject_strategy": "topic_record", "schemas": schemas})
 }
+
+/// The columns of [`binary_test_connector`]: every type with a binary form.
+const BINARY_COLUMNS: [(&str, &str); 15] = [
+    ("big", "bigint"),
+    ("int", "integer"),
+    ("small", "smallint"),
+    ("dbl", "double precision"),
+    ("r", "real"),
+    ("flag", "boolean"),
+    ("blob", "bytea"),
+    ("label", "text"),
+    ("at", "timestamptz"),
+    ("local", "timestamp"),
+    ("day", "date"),
+    ("tod", "time"),
+    ("doc", "jsonb"),
+    ("raw", "json"),
+    ("id2", "uuid"),
+];
+
+/// A table of [`BINARY_COLUMNS`], plus `extra` columns.
+fn binary_test_connector(name: &str, extra: &str) -> String {
+    let columns: Vec<String> = BINARY_COLUMNS.iter().map(|(c, ty)| format!("{c}: {ty}")).collect();
+    format!(
+        r#"name: {name}
+source: {{ topics: [unused-binary] }}
+sink:
+  to: readdb
+  table: {name}
+  columns: {{ id: text, {}{extra} }}
+  primary_key: [id]
+key: {{ id: id }}
+events:
+  test.Typed: {{ upsert: {{ label: label }} }}
+"#,
+        columns.join(", ")
+    )
+}
+
+/// Values for every column type, many at the edges of the binary forms
+/// (ranges, fractions of a microsecond, years 1 and 9999, UUID spellings,
+/// strings Postgres parses as dates), some of which a column refuses.
+fn values_at_the_edges() -> Vec<kawka::value::Value> {
+    use kawka::value::{Record, Temporal, TimeKind, Unit, Value};
+    let time = |kind, value| Value::Time(Temporal::new(kind, value));
+    let year_1 = -62_135_596_800_000_000;
+    let mut record = Record::new();
+    record.push("k", Value::from("v\t\"w\""));
+    let mut values = vec![Value::Null, Value::Bool(true), Value::Bool(false), Value::Bytes(vec![0, 0x5c, 0xff])];
+    values.extend(
+        [
+            0,
+            -1,
+            7,
+            1_700_000_000_123,
+            32_767,
+            32_768,
+            -32_768,
+            -32_769,
+            2_147_483_647,
+            2_147_483_648,
+            i64::MIN,
+            i64::MAX,
+        ]
+        .map(Value::Int),
+    );
+    values.extend(
+        [
+            0.1,
+            -0.0,
+            1.5,
+            1e300,
+            1e-50,
+            1e-40,
+            3.4e38,
+            1e-310,
+            1.000_000_1,
+            2.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ]
+        .map(Value::Float),
+    );
+    values.extend(
+        [
+            "",
+            "x",
+            "tab\there\nnew line\\ back\\slash \\N",
+            "caf\u{e9} \u{1f600}",
+            " 12 ",
+            "true",
+            "2026-12-07",
+            "2026-12-07T10:00:00+02:00",
+            "12:34:56.5",
+            "123e4567-e89b-12d3-a456-426614174000",
+            "123E4567-E89B-12D3-A456-42661417400F",
+            "{123e4567-e89b-12d3-a456-426614174000}",
+            "123e4567e89b12d3a456426614174000",
+            "123e4567-e89b-12d3-a456-42661417400g",
+            "{\"a\": [1, 2.5]}",
+        ]
+        .map(Value::from),
+    );
+    values.push(Value::Array(vec![Value::Int(1), Value::from("a\nb"), Value::Float(0.5)]));
+    values.push(Value::Record(record));
+    for unit in [Unit::Millis, Unit::Micros, Unit::Nanos] {
+        let per_micro = unit.per_second() / 1_000_000;
+        for value in [0, -1, 1_700_000_000_123_456_789 / (1_000_000_000 / unit.per_second())] {
+            values.push(time(TimeKind::Timestamp(unit), value));
+            values.push(time(TimeKind::LocalTimestamp(unit), value));
+        }
+        if unit != Unit::Nanos {
+            // The first and the last microsecond of the years 1 to 9999, and past them.
+            let last = 253_402_300_799_999_999;
+            let ends = [year_1, year_1 - 1, last, last + 1]
+                .map(|micros| micros * per_micro.max(1) / (1_000 / unit.per_second()).max(1));
+            values.extend(ends.map(|value| time(TimeKind::Timestamp(unit), value)));
+        }
+        values.push(time(TimeKind::TimeOfDay(unit), unit.per_day() - 1));
+        values.push(time(TimeKind::TimeOfDay(unit), 1));
+    }
+    values.extend([-719_162, -719_163, 2_932_896, 2_932_897, 0, 19_723].map(|day| time(TimeKind::Date, day)));
+    values
+}
+
+/// Binary `COPY`, text `COPY` (a `numeric` column keeps a table in text)
+/// and the upsert (after a binary `COPY` met existing keys and its data
+/// was read back into arrays) write the same values, and refuse the same
+/// ones with the same errors: each value in each column of its own row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_copy_text_copy_and_the_upsert_write_the_same_values() {
+    use kawka::event::Position;
+    use kawka::projection::{OpKind, WriteOp};
+    use kawka::sink::postgres::PostgresPlan;
+    use kawka::value::{intern, Value};
+
+    let tables =
+        ["binary", "text", "upserted_binary", "upserted_text"].map(|name| support::unique(&format!("{name}_")));
+    let connectors = [
+        binary_test_connector(&tables[0], ""),
+        binary_test_connector(&tables[1], ", amount: numeric"),
+        binary_test_connector(&tables[2], ""),
+        binary_test_connector(&tables[3], ""),
+    ];
+    let named: Vec<(&str, &str)> = tables.iter().zip(&connectors).map(|(t, c)| (t.as_str(), c.as_str())).collect();
+    let project = Project::new("http://127.0.0.1:9", &named);
+    let sinks = postgres_sinks(&project);
+    let sink = |table: &str| sinks.iter().find(|s| s.table().target().table == table).expect("a sink per table");
+    let (binary, text) = (sink(&tables[0]), sink(&tables[1]));
+    let topic = intern("unused-binary");
+    for sink in &sinks {
+        sink.prepare().await.expect("prepare");
+        sink.claim(&[(topic, 0)]).await.expect("claim");
+    }
+    let op = |id: &str, fields: Vec<(&str, Value)>, offset: i64| WriteOp {
+        key: vec![Value::from(id)].into(),
+        kind: OpKind::Upsert,
+        fields: fields.into_iter().map(|(name, value)| (intern(name), value)).collect(),
+        version: None,
+        position: Position { topic, partition: 0, offset },
+    };
+    let offsets = |next: i64| [PartitionOffset { topic, partition: 0, next_offset: next, epoch: Some(1) }];
+    let formats = |sink: &kawka::sink::postgres::PostgresSink, ops: &[WriteOp], next: i64| -> Vec<String> {
+        // A value the column refuses: no plan (the write below says why).
+        let Ok(plan) = sink.plan(ops, &kawka::projection::fold::key_hashes(ops), &offsets(next)) else {
+            return Vec::new();
+        };
+        let statements: Vec<_> = match &plan {
+            PostgresPlan::PerPartition(shares) => shares.iter().flat_map(|(_, s)| s).collect(),
+            PostgresPlan::Whole(statements, _) => statements.iter().collect(),
+            PostgresPlan::Versioned(_) => panic!("no version here"),
+        };
+        statements
+            .iter()
+            .filter_map(|s| s.insert.as_ref()?.rendered.as_ref())
+            .map(|data| format!("{:?}", data.format))
+            .collect()
+    };
+    let (mut written, mut refused, mut in_binary) = (Vec::new(), 0, 0);
+    let mut offset = 0;
+    for (column, _) in BINARY_COLUMNS {
+        for (n, value) in values_at_the_edges().into_iter().enumerate() {
+            let id = format!("{column}-{n:03}");
+            let ops = [op(&id, vec![(column, value.clone())], offset)];
+            offset += 1;
+            let in_binary_format = formats(binary, &ops, offset).first().map(String::as_str) == Some("Binary");
+            in_binary += usize::from(in_binary_format);
+            assert_ne!(formats(text, &ops, offset).first().map(String::as_str), Some("Binary"));
+            let outcomes = [binary.write(&ops, &offsets(offset)).await, text.write(&ops, &offsets(offset)).await];
+            match outcomes {
+                [Ok(_), Ok(_)] => written.push((in_binary_format, ops[0].clone())),
+                [Err(binary), Err(text)] => {
+                    let said = |error: kawka::sink::SinkError, table: &str| error.to_string().replace(table, "T");
+                    assert_eq!(said(binary, &tables[0]), said(text, &tables[1]), "{column} = {value:?}");
+                    refused += 1;
+                }
+                [binary, text] => panic!("{column} = {value:?}: binary {binary:?}, text {text:?}"),
+            }
+        }
+    }
+    assert!(written.len() > 500 && refused > 50, "{} written, {refused} refused", written.len());
+    assert!(in_binary * 10 > written.len() * 8, "{in_binary} of {} rows in binary", written.len());
+
+    // The last two tables have every key already: a COPY of all the rows
+    // that went in binary (in the one) and of all those that went in text
+    // (in the other) meets them, is read back and upserted.
+    let pool = support::postgres().await;
+    for (table, format, in_binary_format) in [(&tables[2], "Binary", true), (&tables[3], "Text", false)] {
+        let batch: Vec<WriteOp> = written
+            .iter()
+            .filter(|(binary, _)| *binary == in_binary_format)
+            .enumerate()
+            .map(|(n, (_, op))| WriteOp { position: Position { offset: n as i64, ..op.position }, ..op.clone() })
+            .collect();
+        sqlx::query(&format!("INSERT INTO \"{table}\" (id, label) SELECT unnest($1::text[]), 'old'"))
+            .bind(batch.iter().map(|op| op.key[0].to_string()).collect::<Vec<_>>())
+            .execute(&pool)
+            .await
+            .expect("existing keys");
+        let (upserted, next) = (sink(table), batch.len() as i64);
+        assert_eq!(formats(upserted, &batch, next), [format], "one statement");
+        upserted.write(&batch, &offsets(next)).await.expect("upserted");
+    }
+    // As JSON text (`json` columns as written: `\u0000` stays), without
+    // the text table's `numeric` column.
+    let columns: Vec<&str> = BINARY_COLUMNS.iter().map(|(c, _)| *c).collect();
+    let columns = columns.join(", ");
+    let read = |table: String| {
+        let (pool, columns) = (pool.clone(), columns.clone());
+        async move {
+            sqlx::query_as::<_, (String, String)>(&format!(
+                "SELECT id, row_to_json(v)::text FROM (SELECT id, {columns} FROM \"{table}\") AS v ORDER BY id"
+            ))
+            .fetch_all(&pool)
+            .await
+            .expect("read")
+        }
+    };
+    // Row by row, so that a failure names the first that differs.
+    let same = |what: &str, a: &[(String, String)], b: &[(String, String)]| {
+        assert_eq!(a.len(), b.len(), "{what}: rows");
+        for (a, b) in a.iter().zip(b) {
+            assert_eq!(a, b, "{what}");
+        }
+    };
+    let rows = read(tables[0].clone()).await;
+    assert_eq!(rows.len(), written.len());
+    same("binary and text COPY", &rows, &read(tables[1].clone()).await);
+    let mut upserted = read(tables[2].clone()).await;
+    upserted.extend(read(tables[3].clone()).await);
+    upserted.sort();
+    same("COPY and the upsert", &rows, &upserted);
+}

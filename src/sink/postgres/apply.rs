@@ -12,7 +12,7 @@ use sqlx::{Arguments, Executor, Postgres};
 
 use super::arrays::ColumnArray;
 use super::copy::{copy_buffer, copy_rows};
-use super::statements::{Insert, Statement};
+use super::statements::{CopyFormat, Insert, Statement};
 use super::PostgresSink;
 use crate::sink::SinkError;
 
@@ -30,11 +30,11 @@ impl PostgresSink {
     pub(super) async fn apply(&self, tx: &mut sqlx::PgConnection, statement: &Statement) -> Result<(), SinkError> {
         let Some(insert) = &statement.insert else { return execute(tx, &statement.sql, &statement.arrays).await };
         if self.new_keys.try_copy(&insert.copy) {
-            let rendered = match &insert.rendered {
-                Some(rendered) => Cow::Borrowed(rendered.as_slice()),
-                None => Cow::Owned(copy_text(&statement.arrays, insert, 0..statement.rows.len())),
+            let (format, data) = match &insert.rendered {
+                Some(rendered) => (rendered.format, Cow::Borrowed(rendered.bytes.as_slice())),
+                None => (CopyFormat::Text, Cow::Owned(copy_text(&statement.arrays, insert, 0..statement.rows.len()))),
             };
-            let went_in = self.copy_new(tx, insert, &rendered).await?;
+            let went_in = self.copy_new(tx, &insert.copy_sql(format), &data).await?;
             self.new_keys.copied(&insert.copy, went_in);
             if went_in {
                 return Ok(());
@@ -50,12 +50,12 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// `COPY` of a statement's rows in a savepoint: `false` when a key
+    /// `copy` of a statement's rows (`data`) in a savepoint: `false` when a key
     /// exists (unique violation), the copy undone.
-    async fn copy_new(&self, tx: &mut sqlx::PgConnection, insert: &Insert, data: &[u8]) -> Result<bool, SinkError> {
+    async fn copy_new(&self, tx: &mut sqlx::PgConnection, copy: &str, data: &[u8]) -> Result<bool, SinkError> {
         tx.execute("SAVEPOINT kawka_copy").await.map_err(SinkError::Postgres)?;
         let copied = async {
-            let mut copy = tx.copy_in_raw(&insert.copy).await?;
+            let mut copy = tx.copy_in_raw(copy).await?;
             copy.send(data).await?;
             copy.finish().await
         }

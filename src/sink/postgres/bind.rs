@@ -1,10 +1,11 @@
 //! A statement's rows filled from the net ops: as bound arrays, or straight
-//! as `COPY` text (pure).
+//! as `COPY` data, binary or text (pure).
 
 use super::arrays::ColumnArray;
+use super::binary::{self, Encoded};
 use super::copy::{copy_buffer, copy_field, write_copy, CopyValue};
-use super::statements::BindError;
-use super::table::TableSql;
+use super::statements::{BindError, CopyData, CopyFormat};
+use super::table::{TableSql, VERSION_COLUMN};
 use super::types::ColumnType;
 use crate::projection::fold::{Effect, NetOp};
 use crate::value::{name_position, Name, Value};
@@ -63,36 +64,79 @@ impl TableSql {
         Ok(arrays)
     }
 
-    /// The `COPY` text of `rows` (keys, `columns`, then the version when
-    /// versioned), straight from the net ops: the same text as binding them
+    /// The `COPY` data of `rows` (keys, `columns`, then the version when
+    /// versioned), straight from the net ops: binary when every column
+    /// and every value has a binary form equal to its text's (see
+    /// `binary.rs`), else text. The text is what binding the ops
     /// ([`ColumnArray::push`]) and rendering the arrays
-    /// ([`copy_rows`](super::copy::copy_rows)), the same errors, without
-    /// building the arrays in between. `types` are the upsert's, one per
-    /// column of the text.
-    pub(super) fn copy_text_of(
+    /// ([`copy_rows`](super::copy::copy_rows)) give, the binary what
+    /// Postgres reads to the same values; either way the same errors,
+    /// without building the arrays in between. `types` are the upsert's,
+    /// one per column of the data.
+    pub(super) fn copy_data_of(
         &self,
         net: &[NetOp],
         rows: &[usize],
         columns: &[(Name, bool)],
         types: &[Option<ColumnType>],
-    ) -> Result<Vec<u8>, BindError> {
-        let keys = &self.target.primary_key;
-        let mut out = copy_buffer(rows.len(), types.len());
+    ) -> Result<CopyData, BindError> {
         let mut scratch = String::new();
+        if types.iter().flatten().all(|&ty| binary::has_binary_form(ty)) {
+            let mut out = copy_buffer(rows.len(), types.len());
+            binary::begin(&mut out);
+            let fields = i16::try_from(types.len()).expect("a table has at most 1,600 columns");
+            let encoded = self.each_value(net, rows, columns, types, |column, value| {
+                if column == 0 {
+                    binary::begin_row(fields, &mut out);
+                }
+                match value {
+                    Field::Value(ty, value) => binary::binary_field(ty, value, &mut scratch, &mut out),
+                    Field::Version(version) => {
+                        binary::version_field(version, &mut out);
+                        Ok(Encoded::Written)
+                    }
+                }
+            })?;
+            if encoded == Encoded::Written {
+                binary::end(&mut out);
+                return Ok(CopyData { format: CopyFormat::Binary, bytes: out });
+            }
+        }
+        let mut out = copy_buffer(rows.len(), types.len());
+        let last = types.len() - 1;
+        self.each_value(net, rows, columns, types, |column, value| {
+            match value {
+                Field::Value(ty, value) => copy_field(ty, value, &mut scratch, &mut out)?,
+                Field::Version(version) => write_copy(version.map_or(CopyValue::Null, CopyValue::Int), None, &mut out),
+            }
+            out.push(if column == last { b'\n' } else { b'\t' });
+            Ok(Encoded::Written)
+        })?;
+        Ok(CopyData { format: CopyFormat::Text, bytes: out })
+    }
+
+    /// Hands `write` each value of `rows` in `COPY` order with its column's
+    /// index: each row's key parts, its `columns`, then its version when
+    /// versioned (`types`: the upsert's, one per column). Stops at the first error (that op's, naming the column)
+    /// or at a value `write` wants as text ([`Encoded::AsText`]).
+    fn each_value(
+        &self,
+        net: &[NetOp],
+        rows: &[usize],
+        columns: &[(Name, bool)],
+        types: &[Option<ColumnType>],
+        mut write: impl FnMut(usize, Field) -> Result<Encoded, String>,
+    ) -> Result<Encoded, BindError> {
+        let keys = &self.target.primary_key;
         let mut hints = vec![0; columns.len()];
         let column_type = |at: usize| types[at].expect("key and value columns have a type");
         for &row in rows {
             let op = &net[row];
             for (part, name) in keys.iter().enumerate() {
-                if part > 0 {
-                    out.push(b'\t');
-                }
                 let value = key_part(net, row, part, name)?;
-                copy_field(column_type(part), value, &mut scratch, &mut out).map_err(|message| BindError {
-                    op: row,
-                    column: name.clone(),
-                    message,
-                })?;
+                if write(part, Field::Value(column_type(part), value)).map_err(failed(row, name))? == Encoded::AsText {
+                    return Ok(Encoded::AsText);
+                }
             }
             let (set, add) = match &op.effect {
                 Effect::Replace(fields) => (&fields[..], &[][..]),
@@ -100,19 +144,32 @@ impl TableSql {
                 Effect::Delete => unreachable!("rows of an upsert are replaces or patches"),
             };
             for (column, &(name, adding)) in columns.iter().enumerate() {
-                out.push(b'\t');
                 let value = field_value_from(if adding { add } else { set }, name, &mut hints[column]);
-                copy_field(column_type(keys.len() + column), value, &mut scratch, &mut out)
-                    .map_err(|message| BindError { op: row, column: name.to_string(), message })?;
+                let field = Field::Value(column_type(keys.len() + column), value);
+                if write(keys.len() + column, field).map_err(failed(row, name))? == Encoded::AsText {
+                    return Ok(Encoded::AsText);
+                }
             }
             if self.versioned {
-                out.push(b'\t');
-                write_copy(op.version.map_or(CopyValue::Null, CopyValue::Int), None, &mut out);
+                let column = keys.len() + columns.len();
+                if write(column, Field::Version(op.version)).map_err(failed(row, VERSION_COLUMN))? == Encoded::AsText {
+                    return Ok(Encoded::AsText);
+                }
             }
-            out.push(b'\n');
         }
-        Ok(out)
+        Ok(Encoded::Written)
     }
+}
+
+/// An op's error at a column, from the message: only built on an error.
+fn failed(op: usize, column: &str) -> impl FnOnce(String) -> BindError + '_ {
+    move |message| BindError { op, column: column.to_string(), message }
+}
+
+/// One value of a `COPY` row: a column's (with its type) or the version.
+enum Field<'v> {
+    Value(ColumnType, &'v Value),
+    Version(Option<i64>),
 }
 
 /// Key part `part` of net op `row`, which must not be null.
@@ -144,7 +201,7 @@ fn field_value_from<'v>(fields: &'v [(Name, Value)], name: &str, hint: &mut usiz
 #[cfg(test)]
 mod tests {
     use super::super::copy::copy_rows;
-    use super::super::fixtures::{inventory, net, net_op, patch, replace};
+    use super::super::fixtures::{inventory, meaning, net, net_op, patch, replace};
     use super::*;
     use crate::sink::postgres::{Column, PostgresTarget};
     use crate::value::{intern, Record};
@@ -214,7 +271,9 @@ mod tests {
             let insert = bound[0].insert.as_ref().expect("an upsert");
             let mut expected = Vec::new();
             copy_rows(&bound[0].arrays, &insert.types, 0..3, &mut expected);
-            let text = rendered[0].insert.as_ref().and_then(|i| i.rendered.clone()).expect("rendered");
+            let data = rendered[0].insert.as_ref().and_then(|i| i.rendered.clone()).expect("rendered");
+            assert_eq!(data.format, CopyFormat::Text, "a numeric column keeps the statement in text");
+            let text = data.bytes;
             assert_eq!(String::from_utf8_lossy(&text), String::from_utf8_lossy(&expected), "versioned: {versioned}");
             assert!(rendered[0].arrays.iter().all(ColumnArray::is_empty), "no arrays bound beside the text");
             assert_eq!(rendered[0].sql, bound[0].sql);
@@ -234,6 +293,110 @@ mod tests {
                 "arrays planned as such are used as they are"
             );
         }
+    }
+
+    /// Random rows of a table whose columns all have a binary form, cut
+    /// into statements of random sizes: each statement goes in binary
+    /// unless one of its values has no binary form equal to its text, and
+    /// its data reads back into arrays that mean what the bound ones mean.
+    #[test]
+    fn binary_copy_planned_from_the_ops_reads_back_into_the_bound_arrays() {
+        use rand::{Rng, SeedableRng};
+        use ColumnType::*;
+        let types = [
+            BigInt,
+            Integer,
+            SmallInt,
+            Double,
+            Real,
+            Boolean,
+            Bytea,
+            Text,
+            TimestampTz,
+            Timestamp,
+            Date,
+            Time,
+            Jsonb,
+            Json,
+            Uuid,
+        ];
+        let names: Vec<String> = (0..types.len()).map(|n| format!("c{n}")).collect();
+        let table = TableSql::new(
+            &PostgresTarget {
+                schema: "public".into(),
+                table: "binary".into(),
+                columns: std::iter::once(Column { name: "id".into(), ty: Text })
+                    .chain(names.iter().zip(types).map(|(name, ty)| Column { name: name.clone(), ty }))
+                    .collect(),
+                primary_key: vec!["id".into()],
+                create: true,
+                fillfactor: None,
+                tombstone_retention: std::time::Duration::from_secs(60),
+            },
+            true,
+        );
+        let time = |kind, value| Value::Time(crate::value::Temporal::new(kind, value));
+        let value = |rng: &mut rand::rngs::StdRng, ty: ColumnType| -> Value {
+            use crate::value::{TimeKind, Unit};
+            if rng.random_ratio(1, 8) {
+                return Value::Null;
+            }
+            let n: i64 = rng.random_range(-2_000_000_000_000_000..2_000_000_000_000_000);
+            match ty {
+                BigInt => Value::Int(n),
+                Integer => Value::Int(n >> 33),
+                SmallInt => Value::Int(n >> 49),
+                // Now and then any bits: NaNs, subnormals, past a `real`.
+                Double | Real if rng.random_ratio(1, 100) => Value::Float(f64::from_bits(rng.random())),
+                Double | Real => Value::Float(n as f64 / 1e9),
+                Boolean => Value::Bool(rng.random()),
+                Bytea => Value::Bytes((0..rng.random_range(0..9)).map(|_| rng.random()).collect()),
+                Text => Value::from(format!("t\t{n}\\")),
+                TimestampTz | Timestamp => time(TimeKind::Timestamp(Unit::Micros), n / 8),
+                Date => time(TimeKind::Date, n >> 44),
+                Time => time(TimeKind::TimeOfDay(Unit::Millis), n.rem_euclid(86_400_000)),
+                Jsonb | Json => Value::Array(vec![Value::Int(n), Value::from("é\n")]),
+                _ => Value::from(format!("{:08x}-0000-4000-8000-{:012x}", n as u32, n.unsigned_abs() >> 16)),
+            }
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xb1_c0);
+        let (mut binary, mut text) = (0, 0);
+        for round in 0..300 {
+            let rows = rng.random_range(1..40);
+            let ops: Vec<NetOp> = (0..rows)
+                .map(|row| {
+                    let mut fields = Vec::new();
+                    for (name, ty) in names.iter().zip(types) {
+                        if rng.random_ratio(7, 8) {
+                            fields.push((intern(name), value(&mut rng, ty)));
+                        }
+                    }
+                    let version = rng.random_ratio(3, 4).then(|| rng.random_range(0..1_000));
+                    every_row(&format!("{round}-{row}"), version, fields)
+                })
+                .collect();
+            // An out-of-range value now and then sends its statement to text.
+            let bound = table.plan(&ops).expect("binds");
+            let rendered = table.plan_rendering(&ops, &|_| true).expect("binds");
+            for (bound, rendered) in bound.iter().zip(&rendered) {
+                let insert = bound.insert.as_ref().expect("an upsert");
+                let data = rendered.insert.as_ref().and_then(|i| i.rendered.as_ref()).expect("rendered");
+                match data.format {
+                    CopyFormat::Binary => binary += 1,
+                    CopyFormat::Text => text += 1,
+                }
+                let read_back = rendered.bound_arrays().expect("reads back");
+                for (column, (array, ty)) in read_back.iter().zip(&insert.types).enumerate() {
+                    assert_eq!(
+                        meaning(*ty, array),
+                        meaning(*ty, &bound.arrays[column]),
+                        "round {round}, column {column}, {:?}",
+                        data.format
+                    );
+                }
+            }
+        }
+        assert!(binary > 100 && text > 20, "{binary} statements in binary, {text} in text");
     }
 
     #[test]

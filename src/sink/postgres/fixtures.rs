@@ -1,5 +1,6 @@
 //! Tables and net ops the unit tests of the statement modules share.
 
+use super::arrays::ColumnArray;
 use super::table::TableSql;
 use super::types::ColumnType;
 use crate::projection::fold::{Effect, NetOp};
@@ -85,4 +86,44 @@ pub fn sample_values() -> Vec<Value> {
         Value::Time(Temporal::new(TimeKind::Date, 3)),
         Value::Time(Temporal::new(TimeKind::Timestamp(Unit::Millis), -1)),
     ]
+}
+
+/// What an array's values mean to Postgres once cast to the column
+/// type, as comparable text: a `real` as its `f32`, a NaN as any NaN,
+/// a UUID in lower case, and the text of a date or time without the
+/// fraction's trailing zeros (binary reads back in microseconds:
+/// `.123000` for `.123`) and, in a `timestamp` column, without a zone.
+pub fn meaning(ty: Option<ColumnType>, array: &ColumnArray) -> Vec<String> {
+    let float = |x: f64| match ty {
+        _ if x.is_nan() => "NaN".to_string(),
+        Some(ColumnType::Real) => format!("{:?}", x as f32),
+        _ => format!("{x:?}"),
+    };
+    let time = |text: &str| match text.split_once('.') {
+        Some((whole, rest)) => {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            let fraction = rest[..digits].trim_end_matches('0');
+            let dot = if fraction.is_empty() { "" } else { "." };
+            format!("{whole}{dot}{fraction}{}", &rest[digits..])
+        }
+        None => text.to_string(),
+    };
+    let temporal =
+        matches!(ty, Some(ColumnType::TimestampTz | ColumnType::Timestamp | ColumnType::Date | ColumnType::Time));
+    match array {
+        ColumnArray::Int(v) => v.iter().map(|x| format!("{x:?}")).collect(),
+        ColumnArray::Float(v) => v.iter().map(|x| x.map_or("null".into(), float)).collect(),
+        ColumnArray::Bool(v) => v.iter().map(|x| format!("{x:?}")).collect(),
+        ColumnArray::Bytes(v) => v.iter().map(|x| format!("{x:?}")).collect(),
+        ColumnArray::Text(v) => v
+            .iter()
+            .map(|x| match x {
+                // A `timestamp` column drops an instant's `Z`.
+                Some(text) if ty == Some(ColumnType::Timestamp) => time(&text.replace('Z', "")),
+                Some(text) if temporal => time(text),
+                Some(text) if ty == Some(ColumnType::Uuid) => text.to_lowercase(),
+                other => format!("{other:?}"),
+            })
+            .collect(),
+    }
 }

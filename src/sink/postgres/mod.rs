@@ -38,14 +38,16 @@
 //! * `types.rs`: declared column types (pure).
 //! * `table.rs`: a table's names, its `CREATE TABLE` and the SQL of its positions (pure).
 //! * `statements.rs`: the statements that apply net ops: deletes and upserts with their `COPY` (pure).
-//! * `bind.rs`: a statement's rows filled from the net ops, as arrays or as `COPY` text (pure).
+//! * `bind.rs`: a statement's rows filled from the net ops, as arrays or as `COPY` data (pure).
 //! * `arrays.rs`: the typed arrays a statement binds, one per column (pure).
 //! * `coerce.rs`: values converted for a column's type, dates and timestamps included (pure).
 //! * `copy.rs`: `COPY` text written from arrays or from ops, and read back into arrays (pure).
+//! * `binary.rs`: binary `COPY` data written from ops where it equals the text, and read back into arrays (pure).
 //! * `fixtures.rs`: tables and net ops the unit tests share (tests only).
 
 mod apply;
 mod arrays;
+mod binary;
 mod bind;
 mod coerce;
 mod copy;

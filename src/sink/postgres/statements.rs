@@ -6,7 +6,7 @@
 //! Compaction guarantees each key appears once per batch, which
 //! `INSERT … ON CONFLICT DO UPDATE` requires.
 //!
-//! An upsert also carries an [`Insert`]: the same rows as `COPY` text.
+//! An upsert also carries an [`Insert`]: the same rows as `COPY` data.
 //! `COPY` checks no conflicts and inserts at several times the rate of an
 //! upsert, so the sink writes new keys with it and keeps the upsert for
 //! when keys exist.
@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::arrays::ColumnArray;
+use super::binary::arrays_from_binary;
 use super::copy::arrays_from_copy;
 use super::table::{quote, TableSql, VERSION_COLUMN};
 use super::types::ColumnType;
@@ -44,24 +45,54 @@ pub struct Insert {
     pub copy: String,
     /// The type of the column each array fills (`None`: the version column).
     pub types: Vec<Option<ColumnType>>,
-    /// The `COPY` text of every row, when the plan was asked for it (the
+    /// The `COPY` data of every row, when the plan was asked for it (the
     /// sink expects new keys): written straight from the net ops, without
     /// the bound arrays, which the usual write (a `COPY` of new keys) does
     /// not need. The write is then only I/O.
-    pub rendered: Option<Vec<u8>>,
+    pub rendered: Option<CopyData>,
+}
+
+impl Insert {
+    /// The `COPY` statement for data in `format`.
+    pub fn copy_sql(&self, format: CopyFormat) -> std::borrow::Cow<'_, str> {
+        match format {
+            CopyFormat::Text => std::borrow::Cow::Borrowed(&self.copy),
+            CopyFormat::Binary => std::borrow::Cow::Owned(format!("{} (FORMAT binary)", self.copy)),
+        }
+    }
+}
+
+/// Rows as `COPY` data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyData {
+    pub format: CopyFormat,
+    pub bytes: Vec<u8>,
+}
+
+/// The two formats of `COPY` data kawka writes: binary where every value
+/// of a statement has a binary form equal to its text's, text otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFormat {
+    Text,
+    Binary,
 }
 
 impl Statement {
-    /// The bound arrays: as planned, or read back from the `COPY` text when
+    /// The bound arrays: as planned, or read back from the `COPY` data when
     /// the rows were planned into that alone (a `COPY` that met an existing
     /// key, or a guess that changed, needs the upsert's arrays after all).
     pub fn bound_arrays(&self) -> Result<std::borrow::Cow<'_, [ColumnArray]>, String> {
-        match &self.insert {
-            Some(Insert { rendered: Some(text), .. }) => {
-                arrays_from_copy(text, &self.arrays, self.rows.len()).map(std::borrow::Cow::Owned)
+        let rows = self.rows.len();
+        let arrays = match &self.insert {
+            Some(Insert { rendered: Some(CopyData { format: CopyFormat::Text, bytes }), .. }) => {
+                arrays_from_copy(bytes, &self.arrays, rows)?
             }
-            _ => Ok(std::borrow::Cow::Borrowed(&self.arrays)),
-        }
+            Some(Insert { rendered: Some(CopyData { format: CopyFormat::Binary, bytes }), types, .. }) => {
+                arrays_from_binary(bytes, types, &self.arrays, rows)?
+            }
+            _ => return Ok(std::borrow::Cow::Borrowed(&self.arrays)),
+        };
+        Ok(std::borrow::Cow::Owned(arrays))
     }
 }
 
@@ -381,7 +412,7 @@ impl TableSql {
         }
         let copy = format!("COPY {} ({}) FROM STDIN", self.qualified, columns.join(", "));
         let rendered = if render(&copy) {
-            Some(self.copy_text_of(net, &rows, bound, &types)?)
+            Some(self.copy_data_of(net, &rows, bound, &types)?)
         } else {
             arrays = self.key_arrays(net, &rows)?;
             arrays.extend(self.value_arrays(net, &rows, bound)?);

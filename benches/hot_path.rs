@@ -346,10 +346,14 @@ fn benches(c: &mut Criterion) {
             black_box(out)
         })
     });
-    // What the sink plans when it expects new keys: the COPY text straight
-    // from the net ops, no arrays (against the two above together).
+    // What the sink plans when it expects new keys: the COPY data straight
+    // from the net ops, no arrays (against the two above together), as
+    // text (a table of other types than declared) and in binary.
     group.bench_function("postgres_copy_from_ops", |b| {
-        b.iter(|| black_box(table.plan_rendering(&net, &|_| true).expect("binds")))
+        b.iter(|| black_box(table.plan_rendering(&net, &|_| true, false).expect("binds")))
+    });
+    group.bench_function("postgres_binary_copy_from_ops", |b| {
+        b.iter(|| black_box(table.plan_rendering(&net, &|_| true, true).expect("binds")))
     });
     let search = RulesProjection::new(&connector(settings, "order-search").projection_settings());
     let search_ops: Vec<WriteOp> = events

@@ -1242,6 +1242,8 @@ fn values_at_the_edges() -> Vec<kawka::value::Value> {
             "123e4567e89b12d3a456426614174000",
             "123e4567-e89b-12d3-a456-42661417400g",
             "{\"a\": [1, 2.5]}",
+            // Refused by every text type's input, binary and text alike.
+            "a\u{0}b",
         ]
         .map(Value::from),
     );
@@ -1394,4 +1396,95 @@ async fn binary_copy_text_copy_and_the_upsert_write_the_same_values() {
     upserted.extend(read(tables[3].clone()).await);
     upserted.sort();
     same("COPY and the upsert", &rows, &upserted);
+}
+
+/// A table made by hand with other types than the connector declares:
+/// Postgres reads binary `COPY` data with the table's own types (a
+/// `bigint`'s eight bytes in a `numeric` column read as 0.00000), so such
+/// a table gets text `COPY`, whose values each type's input reads, and
+/// the rows hold what they held before binary `COPY` existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_of_other_types_than_declared_gets_text_copy() {
+    use kawka::event::Position;
+    use kawka::projection::{OpKind, WriteOp};
+    use kawka::sink::postgres::PostgresPlan;
+    use kawka::value::{intern, Record, Value};
+
+    let (other, same) = (support::unique("other_types"), support::unique("same_types"));
+    let connector = |name: &str, create: bool| {
+        format!(
+            r#"name: {name}
+source: {{ topics: [unused-types] }}
+sink:
+  to: readdb
+  table: {name}
+  create: {create}
+  columns: {{ id: text, amount: bigint, flag: boolean, doc: jsonb, id2: uuid, small: integer }}
+  primary_key: [id]
+key: {{ id: id }}
+events:
+  test.Typed: {{ upsert: {{ amount: amount }} }}
+"#
+        )
+    };
+    let pool = support::postgres().await;
+    sqlx::query(&format!(
+        "CREATE TABLE \"{other}\" (id text PRIMARY KEY, amount numeric, flag text, doc text, id2 text, small bigint)"
+    ))
+    .execute(&pool)
+    .await
+    .expect("a table of other types");
+    let (other_connector, same_connector) = (connector(&other, false), connector(&same, true));
+    let project = Project::new("http://127.0.0.1:9", &[(&other, &other_connector), (&same, &same_connector)]);
+    let sinks = postgres_sinks(&project);
+    let topic = intern("unused-types");
+    let mut doc = Record::new();
+    doc.push("a", Value::Int(1));
+    let ops = [WriteOp {
+        key: vec![Value::from("k")].into(),
+        kind: OpKind::Upsert,
+        fields: [
+            ("amount", Value::Int(5)),
+            ("flag", Value::Bool(true)),
+            ("doc", Value::Record(doc)),
+            ("id2", Value::from("123e4567-e89b-12d3-a456-426614174000")),
+            ("small", Value::Int(7)),
+        ]
+        .into_iter()
+        .map(|(name, value)| (intern(name), value))
+        .collect(),
+        version: None,
+        position: Position { topic, partition: 0, offset: 0 },
+    }];
+    let offsets = [PartitionOffset { topic, partition: 0, next_offset: 1, epoch: Some(1) }];
+    for sink in &sinks {
+        sink.prepare().await.expect("prepare");
+        sink.claim(&[(topic, 0)]).await.expect("claim");
+        let plan = sink.plan(&ops, &kawka::projection::fold::key_hashes(&ops), &offsets).expect("plans");
+        let statements = match &plan {
+            PostgresPlan::PerPartition(shares) => shares.iter().flat_map(|(_, s)| s).collect::<Vec<_>>(),
+            PostgresPlan::Whole(statements, _) => statements.iter().collect(),
+            PostgresPlan::Versioned(_) => panic!("no version here"),
+        };
+        let formats: Vec<String> = statements
+            .iter()
+            .filter_map(|s| Some(format!("{:?}", s.insert.as_ref()?.rendered.as_ref()?.format)))
+            .collect();
+        let table = &sink.table().target().table;
+        assert_eq!(formats, [if *table == other { "Text" } else { "Binary" }], "{table}");
+        sink.write(&ops, &offsets).await.expect("write");
+    }
+    let read = |table: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(&format!(
+                "SELECT concat_ws('|', amount::text, flag::text, doc::text, id2::text, small::text) FROM \"{table}\""
+            ))
+            .fetch_one(&pool)
+            .await
+            .expect("read")
+        }
+    };
+    assert_eq!(read(other).await, r#"5|t|{"a":1}|123e4567-e89b-12d3-a456-426614174000|7"#);
+    assert_eq!(read(same).await, r#"5|true|{"a": 1}|123e4567-e89b-12d3-a456-426614174000|7"#);
 }

@@ -40,10 +40,10 @@ impl PostgresSink {
                 return Ok(());
             }
         }
-        // Rows planned into `COPY` text alone are read back into arrays: the
-        // text is this sink's own, so not reading is a bug, not bad data.
+        // Rows planned into `COPY` data alone are read back into arrays: the
+        // data is this sink's own, so not reading is a bug, not bad data.
         let arrays = statement.bound_arrays().map_err(|error| {
-            SinkError::Setup(format!("bug: the planned COPY text of {} does not read back: {error}", insert.copy))
+            SinkError::Setup(format!("bug: the planned COPY data of {} does not read back: {error}", insert.copy))
         })?;
         execute(tx, &statement.sql, &arrays).await?;
         self.new_keys.upserted(&insert.copy);

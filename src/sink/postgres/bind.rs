@@ -65,8 +65,9 @@ impl TableSql {
     }
 
     /// The `COPY` data of `rows` (keys, `columns`, then the version when
-    /// versioned), straight from the net ops: binary when every column
-    /// and every value has a binary form equal to its text's (see
+    /// versioned), straight from the net ops: binary when `binary` allows
+    /// it (the table's types are the declared ones) and every column and
+    /// every value has a binary form equal to its text's (see
     /// `binary.rs`), else text. The text is what binding the ops
     /// ([`ColumnArray::push`]) and rendering the arrays
     /// ([`copy_rows`](super::copy::copy_rows)) give, the binary what
@@ -79,12 +80,15 @@ impl TableSql {
         rows: &[usize],
         columns: &[(Name, bool)],
         types: &[Option<ColumnType>],
+        binary: bool,
     ) -> Result<CopyData, BindError> {
         let mut scratch = String::new();
-        if types.iter().flatten().all(|&ty| binary::has_binary_form(ty)) {
+        // (Postgres tables have at most 1,600 columns; a connector naming
+        // more than a row's field count holds is refused by the server.)
+        let fields = i16::try_from(types.len()).ok().filter(|_| binary);
+        if let Some(fields) = fields.filter(|_| types.iter().flatten().all(|&ty| binary::has_binary_form(ty))) {
             let mut out = copy_buffer(rows.len(), types.len());
             binary::begin(&mut out);
-            let fields = i16::try_from(types.len()).expect("a table has at most 1,600 columns");
             let encoded = self.each_value(net, rows, columns, types, |column, value| {
                 if column == 0 {
                     binary::begin_row(fields, &mut out);
@@ -266,7 +270,7 @@ mod tests {
         for versioned in [false, true] {
             let table = every_type(versioned);
             let bound = table.plan(&ops).expect("binds");
-            let rendered = table.plan_rendering(&ops, &|copy| copy.starts_with("COPY")).expect("binds");
+            let rendered = table.plan_rendering(&ops, &|copy| copy.starts_with("COPY"), true).expect("binds");
             assert_eq!(bound.len(), 1);
             let insert = bound[0].insert.as_ref().expect("an upsert");
             let mut expected = Vec::new();
@@ -341,21 +345,35 @@ mod tests {
             if rng.random_ratio(1, 8) {
                 return Value::Null;
             }
-            let n: i64 = rng.random_range(-2_000_000_000_000_000..2_000_000_000_000_000);
+            // Any i64 now and then: past a column's range, a timestamp's
+            // years, a date's; then the statement goes as text.
+            let n: i64 = if rng.random_ratio(1, 3_000) { rng.random() } else { rng.random_range(-1 << 60..1 << 60) };
+            let unit = [Unit::Millis, Unit::Micros, Unit::Nanos][rng.random_range(0..3)];
+            let kind = if rng.random() { TimeKind::Timestamp(unit) } else { TimeKind::LocalTimestamp(unit) };
+            // Whole microseconds but now and then (nanoseconds that are not
+            // go as text).
+            let whole = if unit == Unit::Nanos && rng.random_ratio(99, 100) { 1_000 } else { 1 };
             match ty {
                 BigInt => Value::Int(n),
-                Integer => Value::Int(n >> 33),
-                SmallInt => Value::Int(n >> 49),
+                Integer => Value::Int(n >> 30),
+                SmallInt => Value::Int(n >> 46),
                 // Now and then any bits: NaNs, subnormals, past a `real`.
                 Double | Real if rng.random_ratio(1, 100) => Value::Float(f64::from_bits(rng.random())),
                 Double | Real => Value::Float(n as f64 / 1e9),
                 Boolean => Value::Bool(rng.random()),
                 Bytea => Value::Bytes((0..rng.random_range(0..9)).map(|_| rng.random()).collect()),
                 Text => Value::from(format!("t\t{n}\\")),
-                TimestampTz | Timestamp => time(TimeKind::Timestamp(Unit::Micros), n / 8),
-                Date => time(TimeKind::Date, n >> 44),
-                Time => time(TimeKind::TimeOfDay(Unit::Millis), n.rem_euclid(86_400_000)),
+                // ±136 years around 1970 (any i64 now and then, above).
+                TimestampTz | Timestamp => {
+                    let fraction = rng.random_range(0..unit.per_second()) / whole * whole;
+                    time(kind, (n >> 28).saturating_mul(unit.per_second()).saturating_add(fraction))
+                }
+                Date => time(TimeKind::Date, n >> 42),
+                Time => time(TimeKind::TimeOfDay(unit), n.rem_euclid(unit.per_day()) / whole * whole),
                 Jsonb | Json => Value::Array(vec![Value::Int(n), Value::from("é\n")]),
+                Uuid if rng.random() => {
+                    Value::from(format!("{:08X}-0000-4000-8000-{:012X}", n as u32, n.unsigned_abs() >> 16))
+                }
                 _ => Value::from(format!("{:08x}-0000-4000-8000-{:012x}", n as u32, n.unsigned_abs() >> 16)),
             }
         };
@@ -377,7 +395,16 @@ mod tests {
                 .collect();
             // An out-of-range value now and then sends its statement to text.
             let bound = table.plan(&ops).expect("binds");
-            let rendered = table.plan_rendering(&ops, &|_| true).expect("binds");
+            let rendered = table.plan_rendering(&ops, &|_| true, true).expect("binds");
+            // A table whose types are not the declared ones: text only.
+            let texts = table.plan_rendering(&ops, &|_| true, false).expect("binds");
+            assert!(texts.iter().all(|s| s
+                .insert
+                .as_ref()
+                .and_then(|i| i.rendered.as_ref())
+                .expect("rendered")
+                .format
+                == CopyFormat::Text));
             for (bound, rendered) in bound.iter().zip(&rendered) {
                 let insert = bound.insert.as_ref().expect("an upsert");
                 let data = rendered.insert.as_ref().and_then(|i| i.rendered.as_ref()).expect("rendered");
@@ -407,11 +434,11 @@ mod tests {
         ];
         let table = every_type(false);
         let bound = table.plan(&ops).expect_err("a bool is no timestamp");
-        let rendered = table.plan_rendering(&ops, &|_| true).expect_err("a bool is no timestamp");
+        let rendered = table.plan_rendering(&ops, &|_| true, true).expect_err("a bool is no timestamp");
         assert_eq!(rendered, bound);
         assert_eq!(rendered.op, 1);
         let null_key = vec![NetOp { key: vec![Value::Null].into(), ..every_row("", None, vec![]) }];
-        assert_eq!(table.plan_rendering(&null_key, &|_| true), table.plan(&null_key));
+        assert_eq!(table.plan_rendering(&null_key, &|_| true, true), table.plan(&null_key));
         assert!(table.plan(&null_key).is_err());
     }
 

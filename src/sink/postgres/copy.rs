@@ -132,7 +132,7 @@ fn copy_converted(ty: ColumnType, value: &Value, scratch: &mut String, out: &mut
 }
 
 /// Reads `COPY` text written by
-/// [`TableSql::copy_text_of`](super::table::TableSql::copy_text_of) back
+/// [`TableSql::copy_data_of`](super::table::TableSql::copy_data_of) back
 /// into arrays of the kinds of `kinds` (`rows` lines). `Err` says where it
 /// does not read, which would be a bug in the writing.
 pub(super) fn arrays_from_copy(text: &[u8], kinds: &[ColumnArray], rows: usize) -> Result<Vec<ColumnArray>, String> {

@@ -27,7 +27,9 @@
 //! existing key (a concurrent writer, a wrong guess) is rolled back to its
 //! savepoint and the upsert runs instead, so the effect is always the
 //! upsert's. Either touches the rows in one pass in the order of their
-//! keys, so writers of the same rows queue instead of deadlocking.
+//! keys, so writers of the same rows queue instead of deadlocking. The
+//! `COPY` is binary when every value of the statement has a binary form
+//! equal to its text (`binary.rs`), text otherwise.
 //!
 //! * `mod.rs`: the sink: its pool, its tables' setup, and ops checked before batching.
 //! * `write.rs`: a batch planned and written, per partition or whole, with its positions.
@@ -99,6 +101,13 @@ pub struct PostgresSink {
     /// wait is a deadlock Postgres breaks. Postgres-compatible servers may
     /// lack them. Shared by the clones.
     waits_visibly: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether `COPY` may go in binary: every column of the table has, in
+    /// the database, the type the connector declares (probed by
+    /// `prepare`; text until then). Binary data is read with the table's
+    /// own types, where text goes through each type's input function: a
+    /// `bigint` value's bytes in a `numeric` column would read as another
+    /// number. Shared by the clones.
+    binary_copy: Arc<std::sync::atomic::AtomicBool>,
     /// The advisory locks a chained write's transactions take: the first
     /// key, random, so replicas' locks do not meet, and the second of the
     /// next one (from a random start too). Shared by the clones.
@@ -139,6 +148,7 @@ impl PostgresSink {
             parks: connector.parks,
             new_keys: Arc::default(),
             waits_visibly: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            binary_copy: Arc::default(),
             tx_locks: (random_key(), Arc::new(std::sync::atomic::AtomicI32::new(random_key()))),
             columns: target.columns.iter().map(|c| (intern(&c.name), c.ty)).collect(),
             key_columns: target
@@ -217,7 +227,21 @@ impl PostgresSink {
                 .await
                 .map_err(SinkError::Postgres)?;
         }
+        let types: Vec<(String, String)> = sqlx::query_as(
+            "SELECT attname::text, atttypid::regtype::text FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+        )
+        .bind(&self.table.qualified)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(SinkError::Postgres)?;
         tx.commit().await.map_err(SinkError::Postgres)?;
+        let as_declared = self.table.types_as_declared(&types);
+        if !as_declared {
+            tracing::info!(connector = %self.connector, table = %self.table.qualified,
+                "the table's column types differ from the connector's: new keys go in by text COPY");
+        }
+        self.binary_copy.store(as_declared, std::sync::atomic::Ordering::Relaxed);
         // On a connection of its own: a refusal aborts its transaction. (A
         // lock of its own statement only, never waited for.)
         let probe = sqlx::query("SELECT pg_try_advisory_xact_lock_shared(0, 0)").execute(&self.pool).await;
@@ -242,6 +266,10 @@ impl PostgresSink {
     }
 
     /// Whether a write waiting for the one before it can wait in Postgres.
+    pub(super) fn binary_copy(&self) -> bool {
+        self.binary_copy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(super) fn waits_visibly(&self) -> bool {
         self.waits_visibly.load(std::sync::atomic::Ordering::Relaxed)
     }

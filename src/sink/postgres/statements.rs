@@ -27,7 +27,7 @@ use crate::value::{intern, same_name, Name, Value};
 pub struct Statement {
     pub sql: String,
     /// The bound values; empty arrays of the right kinds when the rows were
-    /// planned straight into `COPY` text ([`Insert::rendered`]), read back
+    /// planned straight into `COPY` data ([`Insert::rendered`]), read back
     /// from it by [`Statement::bound_arrays`] if the upsert is needed after all.
     pub arrays: Vec<ColumnArray>,
     /// Index into the planned net ops of each row, to name the culprit.
@@ -111,12 +111,21 @@ impl TableSql {
     /// statement per shape of set and added columns). Each key is in
     /// exactly one statement, so their order does not matter.
     pub fn plan(&self, net: &[NetOp]) -> Result<Vec<Statement>, BindError> {
-        self.plan_rendering(net, &|_| false)
+        self.plan_rendering(net, &|_| false, false)
     }
 
     /// [`TableSql::plan`], with the upserts whose `COPY` statement `render`
-    /// picks planned straight into `COPY` text ([`Insert::rendered`]).
-    pub fn plan_rendering(&self, net: &[NetOp], render: &dyn Fn(&str) -> bool) -> Result<Vec<Statement>, BindError> {
+    /// picks planned straight into `COPY` data ([`Insert::rendered`]):
+    /// binary where `binary` allows it (the table's types are the declared
+    /// ones) and every value has a binary form equal to its text, else text.
+    pub fn plan_rendering(
+        &self,
+        net: &[NetOp],
+        render: &dyn Fn(&str) -> bool,
+        binary: bool,
+    ) -> Result<Vec<Statement>, BindError> {
+        let render = Render { copy: render, binary };
+        let render = &render;
         let mut deletes = Vec::new();
         let mut replaces = Vec::new();
         // Patches grouped by shape (sorted set and added names), each shape
@@ -306,7 +315,7 @@ impl TableSql {
     }
 
     /// Replace: every column, unlisted ones null.
-    fn replace(&self, net: &[NetOp], rows: Vec<usize>, render: &dyn Fn(&str) -> bool) -> Result<Statement, BindError> {
+    fn replace(&self, net: &[NetOp], rows: Vec<usize>, render: &Render) -> Result<Statement, BindError> {
         // Interned, as the ops' field names are: `field_value_from` then finds
         // each by address.
         let columns: Vec<(Name, bool)> = self
@@ -327,7 +336,7 @@ impl TableSql {
         rows: Vec<usize>,
         set: &[Name],
         add: &[Name],
-        render: &dyn Fn(&str) -> bool,
+        render: &Render,
     ) -> Result<Statement, BindError> {
         let columns: Vec<(Name, bool)> =
             set.iter().map(|name| (*name, false)).chain(add.iter().map(|name| (*name, true))).collect();
@@ -337,7 +346,7 @@ impl TableSql {
     /// Insert-or-update of the `bound` value columns (name, and whether it
     /// is added to): the first `set` of them are set, the others added to (a missing
     /// row starts from the delta; an existing null counts as 0). With
-    /// `render` picking its `COPY`, the rows become `COPY` text and the
+    /// `render` picking its `COPY`, the rows become `COPY` data and the
     /// arrays stay empty ([`Insert::rendered`]).
     fn upsert(
         &self,
@@ -345,7 +354,7 @@ impl TableSql {
         rows: Vec<usize>,
         bound: &[(Name, bool)],
         set: usize,
-        render: &dyn Fn(&str) -> bool,
+        render: &Render,
     ) -> Result<Statement, BindError> {
         let keys = &self.target.primary_key;
         let value_columns: Vec<&str> = bound.iter().map(|(name, _)| *name).collect();
@@ -411,8 +420,8 @@ impl TableSql {
             }
         }
         let copy = format!("COPY {} ({}) FROM STDIN", self.qualified, columns.join(", "));
-        let rendered = if render(&copy) {
-            Some(self.copy_data_of(net, &rows, bound, &types)?)
+        let rendered = if (render.copy)(&copy) {
+            Some(self.copy_data_of(net, &rows, bound, &types, render.binary)?)
         } else {
             arrays = self.key_arrays(net, &rows)?;
             arrays.extend(self.value_arrays(net, &rows, bound)?);
@@ -423,6 +432,14 @@ impl TableSql {
         };
         Ok(Statement { sql, arrays, rows, insert: Some(Insert { copy, types, rendered }) })
     }
+}
+
+/// Which upserts [`TableSql::plan_rendering`] plans into `COPY` data
+/// (`copy` picks them by their `COPY` statement), and whether that data
+/// may be binary.
+struct Render<'a> {
+    copy: &'a dyn Fn(&str) -> bool,
+    binary: bool,
 }
 
 /// The shape of a patch: its set and its added column names, each sorted.

@@ -45,6 +45,23 @@ impl TableSql {
         &self.target
     }
 
+    /// Whether the table's columns in the database (`actual`: each name
+    /// with its type as `regtype` spells it) have the declared types, and
+    /// the version column is `bigint`: then binary `COPY` data, which
+    /// Postgres reads with the table's own types, means what the text
+    /// means. A missing column, a domain or another type says no.
+    pub(super) fn types_as_declared(&self, actual: &[(String, String)]) -> bool {
+        let type_of = |name: &str| actual.iter().find(|(column, _)| column == name).map(|(_, ty)| ty.as_str());
+        let is = |name: &str, declared: ColumnType| {
+            type_of(name).is_some_and(|ty| {
+                ColumnType::parse(ty) == Some(declared)
+                    || (ty == "timestamp without time zone" && declared == ColumnType::Timestamp)
+            })
+        };
+        self.target.columns.iter().all(|column| is(&column.name, column.ty))
+            && (!self.versioned || is(VERSION_COLUMN, ColumnType::BigInt))
+    }
+
     pub fn create_table(&self) -> String {
         let mut sql = format!("CREATE TABLE IF NOT EXISTS {} (", self.qualified);
         for column in &self.target.columns {
@@ -151,6 +168,35 @@ impl TableSql {
 #[cfg(test)]
 mod tests {
     use super::super::fixtures::inventory;
+    use super::TableSql;
+
+    /// Binary `COPY` only where the table's types are the declared ones:
+    /// Postgres reads binary data with the table's own types.
+    #[test]
+    fn binary_copy_needs_the_declared_types() {
+        let actual = |types: &[&str], version: Option<&str>| -> Vec<(String, String)> {
+            let names = ["store_id", "item_id", "on_hand", "seen_at"];
+            let mut columns: Vec<(String, String)> =
+                names.iter().zip(types).map(|(name, ty)| (name.to_string(), ty.to_string())).collect();
+            columns.extend(version.map(|ty| ("kawka_version".to_string(), ty.to_string())));
+            columns
+        };
+        let declared = ["text", "character varying", "bigint", "timestamp with time zone"];
+        let table = inventory();
+        assert!(table.types_as_declared(&actual(&declared, None)));
+        for (at, other) in
+            [(2, "numeric"), (2, "integer"), (0, "bytea"), (3, "timestamp without time zone"), (1, "citext")]
+        {
+            let mut types = declared;
+            types[at] = other;
+            assert!(!table.types_as_declared(&actual(&types, None)), "{other} for {}", declared[at]);
+        }
+        assert!(!table.types_as_declared(&actual(&declared[..3], None)), "a column missing");
+        let versioned = TableSql::new(table.target(), true);
+        assert!(versioned.types_as_declared(&actual(&declared, Some("bigint"))));
+        assert!(!versioned.types_as_declared(&actual(&declared, Some("integer"))));
+        assert!(!versioned.types_as_declared(&actual(&declared, None)));
+    }
 
     #[test]
     fn a_created_table_takes_its_fillfactor() {

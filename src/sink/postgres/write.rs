@@ -66,8 +66,10 @@ impl PostgresSink {
         // The upserts expected to find new keys are planned straight into
         // their `COPY` text, built while the writes ahead run, not in this
         // batch's.
-        let statements =
-            |net: &[NetOp]| self.table.plan_rendering(net, &|copy| self.new_keys.try_copy(copy)).map_err(rejected);
+        let binary = self.binary_copy();
+        let statements = |net: &[NetOp]| {
+            self.table.plan_rendering(net, &|copy| self.new_keys.try_copy(copy), binary).map_err(rejected)
+        };
         match by_partition(net, offsets, self.max_connections()) {
             Ok(shares) => {
                 let shares = shares

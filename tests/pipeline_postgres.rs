@@ -1142,6 +1142,27 @@ fn id_n_spec(registry: &str, topic: &str, namespace: &str, name: &str) -> Json {
         "subject_strategy": "topic_record", "schemas": schemas})
 }
 
+/// The format of each `COPY` a sink plans for `ops` (a batch whose keys it
+/// expects to be new); none when a value does not fit (the write says why).
+fn copy_formats(
+    sink: &kawka::sink::postgres::PostgresSink,
+    ops: &[kawka::projection::WriteOp],
+    offsets: &[PartitionOffset],
+) -> Vec<String> {
+    use kawka::sink::postgres::PostgresPlan;
+    let Ok(plan) = sink.plan(ops, &kawka::projection::fold::key_hashes(ops), offsets) else { return Vec::new() };
+    let statements: Vec<_> = match &plan {
+        PostgresPlan::PerPartition(shares) => shares.iter().flat_map(|(_, s)| s).collect(),
+        PostgresPlan::Whole(statements, _) => statements.iter().collect(),
+        PostgresPlan::Versioned(_) => panic!("no version here"),
+    };
+    statements
+        .iter()
+        .filter_map(|s| s.insert.as_ref()?.rendered.as_ref())
+        .map(|data| format!("{:?}", data.format))
+        .collect()
+}
+
 /// The columns of [`binary_test_connector`]: every type with a binary form.
 const BINARY_COLUMNS: [(&str, &str); 15] = [
     ("big", "bigint"),
@@ -1277,7 +1298,6 @@ fn values_at_the_edges() -> Vec<kawka::value::Value> {
 async fn binary_copy_text_copy_and_the_upsert_write_the_same_values() {
     use kawka::event::Position;
     use kawka::projection::{OpKind, WriteOp};
-    use kawka::sink::postgres::PostgresPlan;
     use kawka::value::{intern, Value};
 
     let tables =
@@ -1307,20 +1327,7 @@ async fn binary_copy_text_copy_and_the_upsert_write_the_same_values() {
     };
     let offsets = |next: i64| [PartitionOffset { topic, partition: 0, next_offset: next, epoch: Some(1) }];
     let formats = |sink: &kawka::sink::postgres::PostgresSink, ops: &[WriteOp], next: i64| -> Vec<String> {
-        // A value the column refuses: no plan (the write below says why).
-        let Ok(plan) = sink.plan(ops, &kawka::projection::fold::key_hashes(ops), &offsets(next)) else {
-            return Vec::new();
-        };
-        let statements: Vec<_> = match &plan {
-            PostgresPlan::PerPartition(shares) => shares.iter().flat_map(|(_, s)| s).collect(),
-            PostgresPlan::Whole(statements, _) => statements.iter().collect(),
-            PostgresPlan::Versioned(_) => panic!("no version here"),
-        };
-        statements
-            .iter()
-            .filter_map(|s| s.insert.as_ref()?.rendered.as_ref())
-            .map(|data| format!("{:?}", data.format))
-            .collect()
+        copy_formats(sink, ops, &offsets(next))
     };
     let (mut written, mut refused, mut in_binary) = (Vec::new(), 0, 0);
     let mut offset = 0;
@@ -1407,7 +1414,6 @@ async fn binary_copy_text_copy_and_the_upsert_write_the_same_values() {
 async fn a_table_of_other_types_than_declared_gets_text_copy() {
     use kawka::event::Position;
     use kawka::projection::{OpKind, WriteOp};
-    use kawka::sink::postgres::PostgresPlan;
     use kawka::value::{intern, Record, Value};
 
     let (other, same) = (support::unique("other_types"), support::unique("same_types"));
@@ -1460,16 +1466,7 @@ events:
     for sink in &sinks {
         sink.prepare().await.expect("prepare");
         sink.claim(&[(topic, 0)]).await.expect("claim");
-        let plan = sink.plan(&ops, &kawka::projection::fold::key_hashes(&ops), &offsets).expect("plans");
-        let statements = match &plan {
-            PostgresPlan::PerPartition(shares) => shares.iter().flat_map(|(_, s)| s).collect::<Vec<_>>(),
-            PostgresPlan::Whole(statements, _) => statements.iter().collect(),
-            PostgresPlan::Versioned(_) => panic!("no version here"),
-        };
-        let formats: Vec<String> = statements
-            .iter()
-            .filter_map(|s| Some(format!("{:?}", s.insert.as_ref()?.rendered.as_ref()?.format)))
-            .collect();
+        let formats = copy_formats(sink, &ops, &offsets);
         let table = &sink.table().target().table;
         assert_eq!(formats, [if *table == other { "Text" } else { "Binary" }], "{table}");
         sink.write(&ops, &offsets).await.expect("write");

@@ -102,6 +102,17 @@ impl ColumnArray {
         self.len() == 0
     }
 
+    /// Appends a null.
+    pub(super) fn push_null(&mut self) {
+        match self {
+            ColumnArray::Int(v) => v.push(None),
+            ColumnArray::Float(v) => v.push(None),
+            ColumnArray::Bool(v) => v.push(None),
+            ColumnArray::Bytes(v) => v.push(None),
+            ColumnArray::Text(v) => v.push(None),
+        }
+    }
+
     /// An empty array of the same kind, with room for `capacity` values.
     pub(super) fn empty_like(&self, capacity: usize) -> ColumnArray {
         let kind = match self {

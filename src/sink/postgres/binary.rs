@@ -321,13 +321,7 @@ impl ColumnArray {
     /// (`None`: the version column; `bytes` `None`: null).
     fn push_binary(&mut self, ty: Option<ColumnType>, bytes: Option<&[u8]>) -> Result<(), String> {
         let Some(bytes) = bytes else {
-            match self {
-                ColumnArray::Int(v) => v.push(None),
-                ColumnArray::Float(v) => v.push(None),
-                ColumnArray::Bool(v) => v.push(None),
-                ColumnArray::Bytes(v) => v.push(None),
-                ColumnArray::Text(v) => v.push(None),
-            }
+            self.push_null();
             return Ok(());
         };
         let wrong = || format!("{} bytes are no {}", bytes.len(), ty.map_or("bigint", ColumnType::sql));

@@ -83,8 +83,8 @@ impl TableSql {
         binary: bool,
     ) -> Result<CopyData, BindError> {
         let mut scratch = String::new();
-        // (Postgres tables have at most 1,600 columns; a connector naming
-        // more than a row's field count holds is refused by the server.)
+        // A row's field count is an i16 in binary data: a statement of more
+        // columns (Postgres refuses tables of more than 1,600) goes as text.
         let fields = i16::try_from(types.len()).ok().filter(|_| binary);
         if let Some(fields) = fields.filter(|_| types.iter().flatten().all(|&ty| binary::has_binary_form(ty))) {
             let mut out = copy_buffer(rows.len(), types.len());
@@ -121,8 +121,9 @@ impl TableSql {
 
     /// Hands `write` each value of `rows` in `COPY` order with its column's
     /// index: each row's key parts, its `columns`, then its version when
-    /// versioned (`types`: the upsert's, one per column). Stops at the first error (that op's, naming the column)
-    /// or at a value `write` wants as text ([`Encoded::AsText`]).
+    /// versioned (`types`: the upsert's, one per column). Stops at the
+    /// first error (that op's, naming the column) or at a value `write`
+    /// wants as text ([`Encoded::AsText`]).
     fn each_value(
         &self,
         net: &[NetOp],

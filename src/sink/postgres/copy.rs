@@ -241,13 +241,7 @@ impl ColumnArray {
     /// [`copy_value`] wrote it).
     fn push_copy_field(&mut self, field: &[u8]) -> Result<(), String> {
         if field == COPY_NULL {
-            match self {
-                ColumnArray::Int(v) => v.push(None),
-                ColumnArray::Float(v) => v.push(None),
-                ColumnArray::Bool(v) => v.push(None),
-                ColumnArray::Bytes(v) => v.push(None),
-                ColumnArray::Text(v) => v.push(None),
-            }
+            self.push_null();
             return Ok(());
         }
         let text = unescape_copy(field);

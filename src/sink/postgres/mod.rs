@@ -227,20 +227,30 @@ impl PostgresSink {
                 .await
                 .map_err(SinkError::Postgres)?;
         }
-        let types: Vec<(String, String)> = sqlx::query_as(
+        tx.commit().await.map_err(SinkError::Postgres)?;
+        // Text `COPY` is right whatever the answer, binary only for the
+        // declared types: a server that cannot say (a Postgres-compatible
+        // one without `pg_attribute`) gets text.
+        let types = sqlx::query_as::<_, (String, String)>(
             "SELECT attname::text, atttypid::regtype::text FROM pg_attribute \
              WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
         )
         .bind(&self.table.qualified)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(SinkError::Postgres)?;
-        tx.commit().await.map_err(SinkError::Postgres)?;
-        let as_declared = self.table.types_as_declared(&types);
-        if !as_declared {
-            tracing::info!(connector = %self.connector, table = %self.table.qualified,
-                "the table's column types differ from the connector's: new keys go in by text COPY");
-        }
+        .fetch_all(&self.pool)
+        .await;
+        let as_declared = match types {
+            Ok(types) if self.table.types_as_declared(&types) => true,
+            Ok(_) => {
+                tracing::info!(connector = %self.connector, table = %self.table.qualified,
+                    "the table's column types are not the connector's: new keys go in by text COPY");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(connector = %self.connector, error = %database_message(&error),
+                    "the table's column types could not be read: new keys go in by text COPY");
+                false
+            }
+        };
         self.binary_copy.store(as_declared, std::sync::atomic::Ordering::Relaxed);
         // On a connection of its own: a refusal aborts its transaction. (A
         // lock of its own statement only, never waited for.)

@@ -1271,7 +1271,6 @@ fn values_at_the_edges() -> Vec<kawka::value::Value> {
     values.push(Value::Array(vec![Value::Int(1), Value::from("a\nb"), Value::Float(0.5)]));
     values.push(Value::Record(record));
     for unit in [Unit::Millis, Unit::Micros, Unit::Nanos] {
-        let per_micro = unit.per_second() / 1_000_000;
         for value in [0, -1, 1_700_000_000_123_456_789 / (1_000_000_000 / unit.per_second())] {
             values.push(time(TimeKind::Timestamp(unit), value));
             values.push(time(TimeKind::LocalTimestamp(unit), value));
@@ -1280,7 +1279,7 @@ fn values_at_the_edges() -> Vec<kawka::value::Value> {
             // The first and the last microsecond of the years 1 to 9999, and past them.
             let last = 253_402_300_799_999_999;
             let ends = [year_1, year_1 - 1, last, last + 1]
-                .map(|micros| micros * per_micro.max(1) / (1_000 / unit.per_second()).max(1));
+                .map(|micros: i64| micros.div_euclid(1_000_000 / unit.per_second()));
             values.extend(ends.map(|value| time(TimeKind::Timestamp(unit), value)));
         }
         values.push(time(TimeKind::TimeOfDay(unit), unit.per_day() - 1));

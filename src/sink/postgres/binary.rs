@@ -9,7 +9,9 @@
 //! a string, which Postgres parses itself; an integer out of an `integer`
 //! column's range, which its text input refuses) sends the whole statement
 //! back to text ([`Encoded::AsText`]), so the effect and the errors stay
-//! the text's.
+//! the text's. And only where the table's column types are the declared
+//! ones (the sink reads them when it starts): Postgres reads binary data
+//! with the table's own types.
 //!
 //! The layout (Postgres' `COPY` docs, "Binary Format"): a header, then per
 //! row the number of fields (int16) and per field its length (int32, -1

@@ -520,7 +520,7 @@ impl Compiler {
 
 /// A uuid's 16 bytes in the hyphenated form (`8-4-4-4-12` lowercase hex),
 /// the form of a string uuid and of a Postgres `uuid`.
-fn uuid_text(bytes: &[u8]) -> Result<SmolStr, DecodeError> {
+pub(crate) fn uuid_text(bytes: &[u8]) -> Result<SmolStr, DecodeError> {
     if bytes.len() != 16 {
         return Err(DecodeError::BadUuid(bytes.len()));
     }

@@ -19,8 +19,9 @@
 //! integers big-endian; a field count of -1 ends the data.
 
 use super::arrays::ColumnArray;
-use super::coerce::{text_of, to_bool, to_bytes, to_float, to_int, Text};
+use super::coerce::{real_of, text_of, to_bool, to_bytes, to_float, to_int, Text};
 use super::types::{BindKind, ColumnType};
+use crate::codec::avro::uuid_text;
 use crate::value::time::Style;
 use crate::value::{Temporal, TimeKind, Unit, Value};
 
@@ -236,17 +237,15 @@ fn double(x: f64) -> f64 {
     }
 }
 
-/// A float for a `real` column as its text gives it (see `write_float`):
-/// rounded to `f32`; `None` when that overflows or underflows a nonzero
-/// value, which the text input refuses.
+/// A float for a `real` column as its text gives it ([`real_of`]); `None`
+/// when the text writes the full value, which the text input refuses.
 fn real(x: f64) -> Option<f32> {
-    let narrow = x as f32;
     if x.is_nan() {
         Some(f32::NAN)
-    } else if x.is_infinite() || (narrow.is_finite() && (narrow != 0.0 || x == 0.0)) {
-        Some(narrow)
+    } else if x.is_infinite() {
+        Some(x as f32)
     } else {
-        None
+        real_of(x)
     }
 }
 
@@ -356,8 +355,7 @@ impl ColumnArray {
                         _ => return Err(wrong()),
                     },
                     Some(ColumnType::Uuid) => {
-                        let bytes: [u8; 16] = bytes.try_into().map_err(|_| wrong())?;
-                        v.push(Some(&uuid_text(bytes)));
+                        v.push(Some(&uuid_text(bytes).map_err(|_| wrong())?));
                     }
                     Some(ColumnType::TimestampTz) => {
                         v.push(Some(
@@ -381,20 +379,6 @@ impl ColumnArray {
         }
         Ok(())
     }
-}
-
-/// A UUID's canonical text, as Postgres writes it.
-fn uuid_text(bytes: [u8; 16]) -> String {
-    use std::fmt::Write as _;
-    let mut text = String::with_capacity(36);
-    for (at, byte) in bytes.iter().enumerate() {
-        if matches!(at, 4 | 6 | 8 | 10) {
-            text.push('-');
-        }
-        // Writing to a String cannot fail.
-        let _ = write!(text, "{byte:02x}");
-    }
-    text
 }
 
 #[cfg(test)]
@@ -567,8 +551,8 @@ mod tests {
     #[test]
     fn uuids_read_back_as_postgres_writes_them() {
         let bytes = uuid_bytes("123E4567-E89B-12D3-A456-42661417400F").expect("canonical");
-        assert_eq!(uuid_text(bytes), "123e4567-e89b-12d3-a456-42661417400f");
-        assert_eq!(uuid_bytes(&uuid_text([0xab; 16])), Some([0xab; 16]));
+        assert_eq!(uuid_text(&bytes).expect("16 bytes"), "123e4567-e89b-12d3-a456-42661417400f");
+        assert_eq!(uuid_bytes(&uuid_text(&[0xab; 16]).expect("16 bytes")), Some([0xab; 16]));
         assert_eq!(uuid_bytes("123e4567-e89b-12d3-a456-42661417400é"), None, "37 bytes");
     }
 

@@ -80,6 +80,15 @@ pub(super) fn to_bytes(value: &Value) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
+/// A finite float as a `real` column holds it (rounded to `f32`, as the
+/// upsert's `float8::real` cast rounds it); `None` when that overflows or
+/// turns a nonzero value into zero, which Postgres refuses. The one rule
+/// for `COPY` text and binary.
+pub(super) fn real_of(x: f64) -> Option<f32> {
+    let narrow = x as f32;
+    (narrow.is_finite() && (narrow != 0.0 || x == 0.0)).then_some(narrow)
+}
+
 /// How a value goes to Postgres as text, to be cast there to the column
 /// type: decided without building the text, so that checking an op (for
 /// every op, before batching) allocates nothing; [`Text::write`] builds it.

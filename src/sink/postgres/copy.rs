@@ -2,7 +2,7 @@
 //! values, and read back into arrays (pure).
 
 use super::arrays::ColumnArray;
-use super::coerce::{text_of, to_bool, to_bytes, to_float, to_int, Text};
+use super::coerce::{real_of, text_of, to_bool, to_bytes, to_float, to_int, Text};
 use super::types::{BindKind, ColumnType};
 use crate::value::time::Style;
 use crate::value::Value;
@@ -181,11 +181,9 @@ fn write_float(out: &mut Vec<u8>, x: f64, ty: Option<ColumnType>) -> std::io::Re
     if x.is_infinite() {
         return write!(out, "{}Infinity", if x < 0.0 { "-" } else { "" });
     }
-    let narrow = x as f32;
-    if ty == Some(ColumnType::Real) && narrow.is_finite() && (narrow != 0.0 || x == 0.0) {
-        write!(out, "{narrow:?}")
-    } else {
-        write!(out, "{x:?}")
+    match real_of(x).filter(|_| ty == Some(ColumnType::Real)) {
+        Some(narrow) => write!(out, "{narrow:?}"),
+        None => write!(out, "{x:?}"),
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use apache_avro::schema::{InnerDecimalSchema, Schema, UuidSchema};
 
-use crate::value::{intern, Name, Record, SmolStr, Temporal, TimeKind, Unit, Value};
+use crate::value::{intern, Kinds, Name, Record, SmolStr, Temporal, TimeKind, Unit, Value};
 
 /// Deepest nesting accepted (recursive schemas could otherwise nest as deep
 /// as the input is long).
@@ -167,6 +167,42 @@ impl Decoder {
                 _ => None,
             },
             _ => None,
+        }
+    }
+
+    /// What each of the top-level record's fields decodes to, in the order
+    /// of [`Decoder::record_fields`]; `None` when the top level is not a
+    /// record.
+    pub fn record_field_kinds(&self) -> Option<Vec<Kinds>> {
+        match &self.root {
+            Plan::Named(index) => match &self.named[*index] {
+                NamedPlan::Record { fields, .. } => Some(fields.iter().map(|(_, plan)| self.kinds(plan)).collect()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The kinds of value [`Decoder::read`] can give for `plan`: one per
+    /// plan but a union's, which is its branches' together.
+    fn kinds(&self, plan: &Plan) -> Kinds {
+        match plan {
+            Plan::Null => Kinds::NULL,
+            Plan::Boolean => Kinds::BOOL,
+            Plan::Long => Kinds::INT,
+            Plan::Time(_) => Kinds::TIME,
+            Plan::Uuid(_) | Plan::Duration | Plan::String | Plan::Decimal { .. } => Kinds::STR,
+            Plan::Float | Plan::Double => Kinds::FLOAT,
+            Plan::Bytes | Plan::Fixed(_) => Kinds::BYTES,
+            Plan::Array(_) => Kinds::ARRAY,
+            Plan::Map(_) => Kinds::MAP,
+            // A named type is not followed (it may be recursive): this ends.
+            Plan::Union(branches) => branches.iter().fold(Kinds::NONE, |kinds, branch| kinds.or(self.kinds(branch))),
+            Plan::Named(index) => match &self.named[*index] {
+                NamedPlan::Record { .. } => Kinds::RECORD,
+                NamedPlan::Enum { .. } => Kinds::STR,
+                NamedPlan::Pending => Kinds::ANY,
+            },
         }
     }
 
@@ -788,6 +824,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What each field decodes to is among the kinds the schema says, and
+    /// a union says each of its branches.
+    #[test]
+    fn a_fields_kinds_are_what_it_decodes_to() {
+        let schema = Schema::parse_str(USER).unwrap();
+        let decoder = Decoder::compile(&schema, &[]).unwrap();
+        let kinds = decoder.record_field_kinds().expect("a record at the top");
+        let (_, Value::Record(record)) = decoder.decode(&encode(&schema, user_value())).unwrap() else {
+            panic!("a record")
+        };
+        assert_eq!(kinds.len(), record.len());
+        for ((name, value), kinds) in record.iter().zip(&kinds) {
+            assert!(Kinds::of(value).within(*kinds), "{name}: {value:?} is not among {kinds:?}");
+        }
+        let expected = [
+            Kinds::STR,
+            Kinds::INT,
+            Kinds::FLOAT,
+            Kinds::FLOAT,
+            Kinds::BOOL,
+            Kinds::NULL.or(Kinds::STR),
+            Kinds::ARRAY,
+            Kinds::MAP,
+            Kinds::STR,
+            Kinds::RECORD,
+            Kinds::NULL.or(Kinds::RECORD),
+            Kinds::BYTES,
+            Kinds::STR,
+            Kinds::TIME,
+        ];
+        assert_eq!(kinds, expected);
+        assert_eq!(Decoder::compile(&Schema::Long, &[]).unwrap().record_field_kinds(), None);
     }
 
     /// A slot per field read, the last field's first.

@@ -32,6 +32,7 @@ use crate::codec::{Decoded, Reading};
 use crate::error::{ErrorClass, Failure};
 use crate::event::{Events, Position};
 use crate::projection::{Direct, Projected, Projection, WriteOp};
+use crate::sink::CheckPlan;
 use crate::source::{Chunk, Held, RawRecord, RecordsReceiver};
 use crate::upcast::Resolutions;
 use crate::value::{Name, Value};
@@ -167,12 +168,17 @@ struct Memo<'m> {
     straight: &'m mut Straight,
 }
 
+/// A writer schema's [`Direct`] plan and what the sink's check looks at
+/// in the ops it gives.
+type Planned = (Direct, CheckPlan);
+
 /// The writer schemas whose events the decode thread decodes straight
 /// into their op ([`Direct`]), and the slots it decodes them into.
 #[derive(Default)]
 struct Straight {
-    /// By schema id, learned with the schema (`None`: the full path).
-    plans: std::collections::HashMap<u32, Option<Direct>, foldhash::fast::RandomState>,
+    /// By schema id, learned with the schema (`None`: the full path), with
+    /// what the sink's check looks at in its ops.
+    plans: std::collections::HashMap<u32, Option<Planned>, foldhash::fast::RandomState>,
     /// As many as the largest plan fills: every plan fills each of its
     /// own on every record it decodes, so what another left is never read.
     slots: Vec<Value>,
@@ -182,8 +188,8 @@ struct Straight {
 }
 
 impl Straight {
-    fn learn(&mut self, id: u32, plan: Option<Direct>) {
-        if let Some(plan) = &plan {
+    fn learn(&mut self, id: u32, plan: Option<Planned>) {
+        if let Some((plan, _)) = &plan {
             self.any = true;
             if plan.slots() > self.slots.len() {
                 self.slots.resize(plan.slots(), Value::Null);
@@ -247,12 +253,12 @@ fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops
     let slot_of = |id| {
         let found = plans.get(&id)?.as_ref()?;
         plan = Some(found);
-        Some((found.slot_of(), found.reads_key()))
+        Some((found.0.slot_of(), found.0.reads_key()))
     };
     let key = runtime.codec.decode_slots(record, memo.reading, slot_of, slots)?;
-    let plan = plan?;
+    let (plan, check) = plan?;
     let op = plan.op(slots, &key, record.position, record.timestamp)?;
-    runtime.sink.check(&op).ok()?;
+    runtime.sink.check_as(&op, check).ok()?;
     // What the full path counts for a schema found without the registry.
     runtime.codec.registry().count_hits(1);
     ops.push(op);
@@ -264,8 +270,10 @@ fn straight(runtime: &ConnectorRuntime, memo: &mut Memo, record: &RawRecord, ops
 /// on them): which of the record's fields the connector reads, when not
 /// all (the same events then project to the same ops, with less decoded),
 /// and how they are decoded straight into their op, when the projection
-/// can say. Nothing for any other schema: its events decode whole.
-fn learn(runtime: &ConnectorRuntime, writer: &WriterSchema) -> (Option<Box<[bool]>>, Option<Direct>) {
+/// can say, with what of those ops the sink's check must look at (decided
+/// from what the writer's fields decode to). Nothing for any other schema:
+/// its events decode whole.
+fn learn(runtime: &ConnectorRuntime, writer: &WriterSchema) -> (Option<Box<[bool]>>, Option<Planned>) {
     let Some(fields) = writer.decoder.record_fields() else { return (None, None) };
     let event_type = writer.decoder.type_name();
     if !runtime.upcasting.passes_through(writer, event_type) {
@@ -275,7 +283,14 @@ fn learn(runtime: &ConnectorRuntime, writer: &WriterSchema) -> (Option<Box<[bool
         let mask: Box<[bool]> = fields.iter().map(|field| read.contains(field)).collect();
         mask.contains(&false).then_some(mask)
     });
-    (read, runtime.projection.direct(event_type, &fields))
+    let direct = runtime.projection.direct(event_type, &fields).map(|direct| {
+        let check = match writer.decoder.record_field_kinds() {
+            Some(kinds) => runtime.sink.check_plan(&direct.shape(&kinds)),
+            None => CheckPlan::Whole,
+        };
+        (direct, check)
+    });
+    (read, direct)
 }
 
 /// The failure of a record larger than `source.max_record_bytes`, if it is.

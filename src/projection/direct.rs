@@ -15,7 +15,15 @@
 use super::expr::{Expr, Meta};
 use super::{delta, KeyValues, OpFields, OpKind, RulesProjection, WriteOp};
 use crate::event::Position;
-use crate::value::{Name, Value};
+use crate::value::{Kinds, Name, Value};
+
+/// What the values of a plan's ops can be ([`Direct::shape`]): the key
+/// parts' and the fields', in the op's order, the fields with their names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpShape {
+    pub key: Vec<Kinds>,
+    pub fields: Vec<(Name, Kinds)>,
+}
 
 /// Where one value of the op comes from.
 #[derive(Debug, Clone)]
@@ -108,6 +116,34 @@ impl Direct {
     /// How many slots the decoder fills.
     pub fn slots(&self) -> usize {
         self.uses.len()
+    }
+
+    /// What the values of its ops can be, given what each field of the
+    /// writer's record decodes to (`field_kinds`, in the order of the
+    /// fields it was planned for): per key part and per field, in the op's
+    /// order, of the ops [`Direct::op`] gives. A literal is its own kind,
+    /// metadata anything.
+    pub fn shape(&self, field_kinds: &[Kinds]) -> OpShape {
+        let kinds = |source: &Source| match source {
+            Source::Slot(slot) => self
+                .slot_of
+                .iter()
+                .zip(field_kinds)
+                .find_map(|(of, kinds)| (*of == Some(*slot)).then_some(*kinds))
+                .unwrap_or(Kinds::ANY),
+            Source::Literal(value) => Kinds::of(value),
+            Source::Meta(_) => Kinds::ANY,
+        };
+        // A delta that is not an error is the number it was.
+        let numbers = match self.kind {
+            OpKind::Increment | OpKind::Decrement => Kinds::INT.or(Kinds::FLOAT),
+            _ => Kinds::ANY,
+        };
+        OpShape {
+            // A null key part makes no op.
+            key: self.key.iter().map(|source| kinds(source).without(Kinds::NULL)).collect(),
+            fields: self.fields.iter().map(|(name, source)| (*name, kinds(source).and(numbers))).collect(),
+        }
     }
 
     /// The op of the event whose fields are in `slots` (which it empties

@@ -19,7 +19,7 @@ use std::fmt;
 
 use crate::event::{Event, Position};
 use crate::value::{intern, name_position, Name, Value};
-pub use direct::Direct;
+pub use direct::{Direct, OpShape};
 use expr::{EvalError, Expr};
 pub use settings::{EventRule, OpKind, OpTemplate, ProjectionSettings, TombstonePolicy, UnknownEventPolicy};
 
@@ -364,7 +364,7 @@ fn delta(kind: OpKind, field: &str, value: Value) -> Result<Value, ProjectionErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::value::Record;
+    use crate::value::{Kinds, Record};
 
     /// (event type, op, [(field, expression)])
     type RuleSpec<'a> = (&'a str, OpKind, &'a [(&'a str, &'a str)]);
@@ -466,7 +466,7 @@ mod tests {
             7 => Value::Float(1.5),
             _ => Value::Bool(true),
         };
-        let (mut direct, mut both, mut keyless) = (0, 0, 0);
+        let (mut direct, mut both, mut keyless, mut exact) = (0, 0, 0, 0);
         for round in 0..400 {
             let mut settings = connector(keys[round % keys.len()], rules);
             if round % 2 == 1 {
@@ -495,6 +495,21 @@ mod tests {
             let key = if plan.reads_key() { event.key.clone() } else { Value::Null };
             keyless += usize::from(!plan.reads_key());
             let straight = plan.op(&mut slots, &key, event.position, event.timestamp);
+            // Its values are of the kinds its shape says, given this
+            // record's (a field's kind as the writer schema would say it).
+            let kinds: Vec<Kinds> = fields.iter().map(|(_, value)| Kinds::of(value)).collect();
+            if let Some(op) = &straight {
+                let shape = plan.shape(&kinds);
+                assert_eq!((shape.key.len(), shape.fields.len()), (op.key.len(), op.fields.len()));
+                for (part, kinds) in op.key.iter().zip(&shape.key) {
+                    assert!(Kinds::of(part).within(*kinds), "key {part:?} not among {kinds:?} (seed {seed})");
+                }
+                for ((name, value), (shaped, kinds)) in op.fields.iter().zip(&shape.fields) {
+                    assert_eq!(name, shaped);
+                    assert!(Kinds::of(value).within(*kinds), "{name}: {value:?} not among {kinds:?} (seed {seed})");
+                    exact += usize::from(*kinds != Kinds::ANY);
+                }
+            }
             let whole = projection.op_owned(event.clone());
             match (&straight, whole) {
                 (Some(op), Ok(Some(expected))) => {
@@ -510,6 +525,7 @@ mod tests {
         assert!(both > 40, "many rounds with a plan give an op both ways ({both} of {direct})");
         assert!(direct < 400, "some rules have no plan");
         assert!(keyless > 40 && keyless < direct - 40, "plans with and without `$key` ({keyless} of {direct} without)");
+        assert!(exact > 100, "fields of a known kind ({exact})");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::error::classify_http_status;
 use crate::error::{classify_sqlx, ErrorClass};
 use crate::event::{Claim, PartitionOffset};
 use crate::parked::{Change, ParkedKey};
-use crate::projection::WriteOp;
+use crate::projection::{OpShape, WriteOp};
 use crate::value::Name;
 use elasticsearch::ElasticsearchSink;
 use postgres::PostgresSink;
@@ -294,6 +294,17 @@ pub enum Sink {
     Elasticsearch(ElasticsearchSink),
 }
 
+/// What of an op of a known shape its check looks at ([`Sink::check_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckPlan {
+    /// All of it, as [`Sink::check`] does.
+    Whole,
+    /// Only the fields at these places in the op: the key and every other
+    /// field always pass in an op of `key` parts and `fields` fields (one
+    /// of another size is checked whole).
+    Fields { key: usize, fields: usize, checked: Box<[usize]> },
+}
+
 impl Sink {
     /// Builds the sink of a connector without reaching it.
     pub fn new(connection: &SinkConnection, connector: &SinkSettings) -> Result<Sink, SinkError> {
@@ -477,6 +488,30 @@ impl Sink {
         match self {
             Sink::Postgres(sink) => bounded(sink.change_parked(connector, key, ops, decide)).await,
             Sink::Elasticsearch(sink) => sink.change_parked(connector, key, ops, decide).await,
+        }
+    }
+
+    /// What [`Sink::check`] must look at in ops of `shape`, decided once
+    /// per writer schema: parts whose values can only be of kinds their
+    /// column always takes pass on every op, and are not looked at again.
+    pub fn check_plan(&self, shape: &OpShape) -> CheckPlan {
+        match self {
+            Sink::Postgres(sink) => sink.check_plan(shape),
+            Sink::Elasticsearch(_) => CheckPlan::Whole,
+        }
+    }
+
+    /// [`Sink::check`] of an op of the shape `plan` was made for: the
+    /// same answer (what it skips passes on every such op, and the rest is
+    /// looked at in `check`'s order, so the first error is the same).
+    pub fn check_as(&self, op: &WriteOp, plan: &CheckPlan) -> Result<(), String> {
+        match (self, plan) {
+            (Sink::Postgres(sink), CheckPlan::Fields { key, fields, checked })
+                if op.key.len() == *key && op.fields.len() == *fields =>
+            {
+                sink.check_fields(op, checked)
+            }
+            _ => self.check(op),
         }
     }
 

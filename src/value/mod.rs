@@ -99,6 +99,62 @@ pub enum Value {
     Time(Temporal),
 }
 
+/// A set of [`Value`]'s variants: what the values of a place can be, as
+/// a writer schema says before any is decoded (issue 27: an op whose
+/// values can only be kinds its columns always take needs no check per
+/// event, see `sink::CheckPlan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Kinds(u16);
+
+impl Kinds {
+    pub const NONE: Kinds = Kinds(0);
+    pub const NULL: Kinds = Kinds(1);
+    pub const BOOL: Kinds = Kinds(1 << 1);
+    pub const INT: Kinds = Kinds(1 << 2);
+    pub const FLOAT: Kinds = Kinds(1 << 3);
+    pub const STR: Kinds = Kinds(1 << 4);
+    pub const BYTES: Kinds = Kinds(1 << 5);
+    pub const ARRAY: Kinds = Kinds(1 << 6);
+    pub const MAP: Kinds = Kinds(1 << 7);
+    pub const RECORD: Kinds = Kinds(1 << 8);
+    pub const TIME: Kinds = Kinds(1 << 9);
+    /// Whatever a value can be (nothing known of it).
+    pub const ANY: Kinds = Kinds((1 << 10) - 1);
+
+    /// The one kind of `value`.
+    pub fn of(value: &Value) -> Kinds {
+        match value {
+            Value::Null => Kinds::NULL,
+            Value::Bool(_) => Kinds::BOOL,
+            Value::Int(_) => Kinds::INT,
+            Value::Float(_) => Kinds::FLOAT,
+            Value::Str(_) => Kinds::STR,
+            Value::Bytes(_) => Kinds::BYTES,
+            Value::Array(_) => Kinds::ARRAY,
+            Value::Map(_) => Kinds::MAP,
+            Value::Record(_) => Kinds::RECORD,
+            Value::Time(_) => Kinds::TIME,
+        }
+    }
+
+    pub fn or(self, other: Kinds) -> Kinds {
+        Kinds(self.0 | other.0)
+    }
+
+    pub fn and(self, other: Kinds) -> Kinds {
+        Kinds(self.0 & other.0)
+    }
+
+    pub fn without(self, other: Kinds) -> Kinds {
+        Kinds(self.0 & !other.0)
+    }
+
+    /// Whether every kind of `self` is one of `other`'s.
+    pub fn within(self, other: Kinds) -> bool {
+        self.0 & !other.0 == 0
+    }
+}
+
 /// The fields of a record, in order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Record {

@@ -3,7 +3,7 @@
 
 use super::types::{BindKind, ColumnType};
 use crate::value::time::Style;
-use crate::value::{Temporal, TimeKind, Unit, Value};
+use crate::value::{Kinds, Temporal, TimeKind, Unit, Value};
 
 /// Checks that `value` fits a column of type `ty` (what `push` would say),
 /// without building the bound value: it runs once per op before batching.
@@ -16,6 +16,31 @@ pub fn check_value(ty: ColumnType, value: &Value) -> Result<(), String> {
         return Ok(());
     }
     converts(ty, value)
+}
+
+/// The kinds of value that [`check_value`] accepts for a column of type
+/// `ty` whatever the value is: a place whose values can only be of these
+/// needs no check per op (`sink::CheckPlan`). Each is a pair that the fast
+/// path above or the conversion below accepts unconditionally.
+pub fn always_fits(ty: ColumnType) -> Kinds {
+    let kinds = match ty.bind_kind() {
+        // `to_int`, `to_float`: the integer a time was written as.
+        BindKind::Int => Kinds::INT.or(Kinds::TIME),
+        BindKind::Float => Kinds::INT.or(Kinds::FLOAT).or(Kinds::TIME),
+        BindKind::Bool => Kinds::BOOL,
+        BindKind::Bytes => Kinds::BYTES.or(Kinds::STR),
+        BindKind::Text => match ty {
+            // A time of day's integer must fall within the day; an
+            // interval takes only text.
+            ColumnType::Time | ColumnType::Interval => Kinds::STR,
+            // An integer is shown as written, or counts the days or
+            // milliseconds of a date or timestamp (`temporal_for`: any
+            // integer is one). Other kinds depend on the value or the
+            // type (a float's finiteness, a time of day in a timestamp).
+            _ => Kinds::STR.or(Kinds::INT),
+        },
+    };
+    kinds.or(Kinds::NULL)
 }
 
 /// Whether `value` converts for a column of type `ty`, by converting it.
@@ -225,6 +250,37 @@ mod tests {
             }
         }
         assert!(shortcut > 100, "the usual pairs are among those tried");
+    }
+
+    /// What `always_fits` promises for a column type, `check_value` keeps
+    /// for every value of those kinds (the edges of each conversion among
+    /// them), and it promises more than null for every type.
+    #[test]
+    fn a_kind_that_always_fits_passes_the_check_whatever_its_value() {
+        let (types, mut values) = (every_column_type(), sample_values());
+        values.extend([
+            Value::Int(i64::MAX),
+            Value::Int(86_400_000),
+            Value::Int(-1),
+            Value::Float(f64::INFINITY),
+            Value::Float(1e300),
+            Value::Bool(false),
+            Value::Str("not a number".into()),
+            Value::Map(vec![("a".into(), Value::Int(1))]),
+            Value::Record(crate::value::Record::new()),
+            Value::Time(Temporal::new(TimeKind::TimeOfDay(Unit::Micros), 5)),
+            Value::Time(Temporal::new(TimeKind::LocalTimestamp(Unit::Nanos), i64::MIN)),
+        ]);
+        let mut promised = 0;
+        for &ty in &types {
+            let fits = always_fits(ty);
+            assert_ne!(fits, Kinds::NULL, "{ty:?}: some kind always fits");
+            for value in values.iter().filter(|value| Kinds::of(value).within(fits)) {
+                assert_eq!(check_value(ty, value), Ok(()), "{ty:?} always takes {value:?}");
+                promised += 1;
+            }
+        }
+        assert!(promised > types.len() * 5, "{promised} promises tried");
     }
 
     fn written(ty: ColumnType, value: &Value) -> Result<String, String> {

@@ -253,7 +253,7 @@ impl Decoder {
         let mut reader = Reader { bytes, at: 0, budget: bytes.len().saturating_mul(2) + 1024 };
         for ((_, field), slot) in fields.iter().zip(slot_of) {
             let read = match slot.map(|slot| slots.get_mut(slot)) {
-                Some(Some(value)) => self.read(field, &mut reader, 1).map(|read| *value = read),
+                Some(Some(value)) => self.read_into(field, &mut reader, value),
                 // Fewer slots than the plan fills: not decoded so.
                 Some(None) => return false,
                 None => self.skip(field, &mut reader, 1),
@@ -263,6 +263,26 @@ impl Decoder {
             }
         }
         reader.at == bytes.len()
+    }
+
+    /// [`Decoder::read`] of a top-level field into `slot`: the usual
+    /// kinds (a string, a long, a boolean) without a call per value, and
+    /// an emptied slot (the op moved its value out) overwritten without
+    /// dropping what was there (issue 27: most of a record's fields).
+    #[inline]
+    fn read_into(&self, plan: &Plan, reader: &mut Reader, slot: &mut Value) -> Result<(), DecodeError> {
+        let value = match plan {
+            Plan::String => Value::Str(SmolStr::new(reader.str()?)),
+            Plan::Long => Value::Int(reader.long()?),
+            Plan::Boolean => reader.boolean()?,
+            _ => self.read(plan, reader, 1)?,
+        };
+        match slot {
+            // Null owns nothing: forgetting it drops nothing.
+            Value::Null => std::mem::forget(std::mem::replace(slot, value)),
+            _ => *slot = value,
+        }
+        Ok(())
     }
 
     /// Moves past one value without building it, with the checks
@@ -326,14 +346,7 @@ impl Decoder {
         }
         Ok(match plan {
             Plan::Null => Value::Null,
-            Plan::Boolean => {
-                let at = reader.at;
-                match reader.take(1)?[0] {
-                    0 => Value::Bool(false),
-                    1 => Value::Bool(true),
-                    value => return Err(DecodeError::BadBoolean { at, value }),
-                }
-            }
+            Plan::Boolean => reader.boolean()?,
             Plan::Long => Value::Int(reader.long()?),
             Plan::Time(kind) => {
                 let at = reader.at;
@@ -629,6 +642,16 @@ impl<'a> Reader<'a> {
         let slice = &self.bytes[self.at..self.at + count];
         self.at += count;
         Ok(slice)
+    }
+
+    /// A boolean: one byte, 0 or 1.
+    fn boolean(&mut self) -> Result<Value, DecodeError> {
+        let at = self.at;
+        match self.take(1)?[0] {
+            0 => Ok(Value::Bool(false)),
+            1 => Ok(Value::Bool(true)),
+            value => Err(DecodeError::BadBoolean { at, value }),
+        }
     }
 
     /// A zig-zag varint of at most 10 bytes.

@@ -126,6 +126,12 @@ pub(super) fn binary_field(
         (ColumnType::TimestampTz, Value::Time(temporal @ Temporal { kind: TimeKind::Timestamp(_), .. })) => {
             return Ok(timestamp_field(*temporal, out));
         }
+        // Milliseconds since the epoch in a `timestamptz` or `timestamp`
+        // column, as `text_of` reads an integer there.
+        (ColumnType::TimestampTz | ColumnType::Timestamp, Value::Int(millis)) => {
+            return Ok(timestamp_field(Temporal::new(TimeKind::Timestamp(Unit::Millis), *millis), out));
+        }
+        (ColumnType::Boolean, Value::Bool(b)) => return Ok(field(&[u8::from(*b)], out)),
         _ => {}
     }
     Ok(match ty.bind_kind() {

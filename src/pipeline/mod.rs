@@ -1,6 +1,7 @@
 //! One connector's loop: poll → decode → project → batch → write → commit.
 //!
 //! * [`build`]: wiring: each connector's runtime, its stages built from the settings.
+//! * `prepare.rs`: the decode thread: records decoded, upcast, projected and checked ahead of the worker.
 //! * `worker.rs`: the consume loop: records → decode → upcast → project → the pending batch.
 //! * `write.rs`: flushes: the batch written at once or in the background, the writes in flight settled in order.
 //! * `batch.rs`: the batch being built: its records, their ops and the positions it commits.

@@ -880,6 +880,20 @@ mod tests {
             Kinds::TIME,
         ];
         assert_eq!(kinds, expected);
+        // The unions' other branches (a null nickname, a previous address).
+        let AvroValue::Record(mut fields) = user_value() else { panic!("a record") };
+        fields[5].1 = AvroValue::Union(0, Box::new(AvroValue::Null));
+        let address = fields[9].1.clone();
+        fields[10].1 = AvroValue::Union(1, Box::new(address));
+        let (_, Value::Record(other)) = decoder.decode(&encode(&schema, AvroValue::Record(fields))).unwrap() else {
+            panic!("a record")
+        };
+        for (((name, value), kinds), (_, first)) in other.iter().zip(&kinds).zip(record.iter()) {
+            assert!(Kinds::of(value).within(*kinds), "{name}: {value:?} is not among {kinds:?}");
+            if name == "nickname" || name == "previous" {
+                assert_ne!(Kinds::of(value), Kinds::of(first), "{name}: the other branch");
+            }
+        }
         assert_eq!(Decoder::compile(&Schema::Long, &[]).unwrap().record_field_kinds(), None);
     }
 

@@ -9,10 +9,10 @@ use crate::value::{Kinds, Temporal, TimeKind, Unit, Value};
 /// without building the bound value: it runs once per op before batching.
 #[inline]
 pub fn check_value(ty: ColumnType, value: &Value) -> Result<(), String> {
-    let kind = ty.bind_kind();
-    // The usual pairs, each of which the conversion below accepts,
-    // answered without it: every op passes here (issue 27).
-    if matches!((kind, value), (_, Value::Null) | (BindKind::Int, Value::Int(_)) | (BindKind::Text, Value::Str(_))) {
+    // The pairs the conversion below accepts whatever the value, answered
+    // without it: every op passes here (issue 27). The same rule lets a
+    // planned check skip such a place altogether (`always_fits`).
+    if Kinds::of(value).within(always_fits(ty)) {
         return Ok(());
     }
     converts(ty, value)
@@ -20,8 +20,9 @@ pub fn check_value(ty: ColumnType, value: &Value) -> Result<(), String> {
 
 /// The kinds of value that [`check_value`] accepts for a column of type
 /// `ty` whatever the value is: a place whose values can only be of these
-/// needs no check per op (`sink::CheckPlan`). Each is a pair that the fast
-/// path above or the conversion below accepts unconditionally.
+/// needs no check per op (`sink::CheckPlan`), and [`check_value`] answers
+/// them without converting. Each is a pair that the conversion below
+/// accepts whatever the value.
 pub fn always_fits(ty: ColumnType) -> Kinds {
     let kinds = match ty.bind_kind() {
         // `to_int`, `to_float`: the integer a time was written as.

@@ -149,6 +149,11 @@ pub struct ConnectorStatus {
     pub batch_events: Histogram,
     pub write_seconds: Histogram,
     partitions: Mutex<BTreeMap<(Name, i32), PartitionStatus>>,
+    /// The last high watermark the broker reported per partition, kept
+    /// across revokes: it is the log's, not the assignment's, so a consumer
+    /// restarted on the same partitions (after fencing, say) shows its lag
+    /// as soon as it knows its positions, not one watermark fetch later.
+    log_ends: Mutex<HashMap<(Name, i32), i64>>,
     last_error: Mutex<Option<LastError>>,
     retrying_since: Mutex<Option<Instant>>,
     /// Kafka timestamp (ms) of the newest event whose effect is durable.
@@ -252,6 +257,12 @@ fn remember_failed(
     failed.push_back((position.topic.to_string(), position.partition, position.offset, outcome));
 }
 
+/// Events waiting past `position`: none when the log end is not known yet
+/// or a position ran past a stale one.
+fn lag_of(high_watermark: Option<i64>, position: Option<i64>) -> Option<i64> {
+    Some((high_watermark? - position?).max(0))
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means a panic elsewhere; the data is counters.
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -276,6 +287,7 @@ impl ConnectorStatus {
             batch_events: Histogram::new(BATCH_BOUNDS.iter().copied()),
             write_seconds: Histogram::new(SECONDS_BOUNDS.iter().copied()),
             partitions: Mutex::new(BTreeMap::new()),
+            log_ends: Mutex::new(HashMap::new()),
             last_error: Mutex::new(None),
             retrying_since: Mutex::new(None),
             last_written_timestamp: AtomicI64::new(0),
@@ -503,14 +515,19 @@ impl ConnectorStatus {
 
     pub fn assigned(&self, partitions: &[(Name, i32, Option<i64>)]) {
         *lock(&self.assigned) = true;
+        let log_ends = lock(&self.log_ends);
         let mut current = lock(&self.partitions);
         current.clear();
         for &(topic, partition, position) in partitions {
+            let high_watermark = log_ends.get(&(topic, partition)).copied();
+            let lag = lag_of(high_watermark, position);
             current.insert(
                 (topic, partition),
-                PartitionStatus { topic: topic.to_string(), partition, position, ..Default::default() },
+                PartitionStatus { topic: topic.to_string(), partition, position, high_watermark, lag },
             );
         }
+        drop(current);
+        drop(log_ends);
         let mut state = lock(&self.state);
         if *state == State::Starting {
             *state = if self.is_paused() { State::Paused } else { State::Running };
@@ -560,17 +577,19 @@ impl ConnectorStatus {
         for &(topic, partition, next) in offsets {
             if let Some(status) = current.get_mut(&(topic, partition)) {
                 status.position = Some(next);
-                status.lag = status.high_watermark.map(|high| (high - next).max(0));
+                status.lag = lag_of(status.high_watermark, status.position);
             }
         }
     }
 
     pub fn high_watermarks(&self, marks: &[(Name, i32, i64)]) {
+        let mut log_ends = lock(&self.log_ends);
         let mut current = lock(&self.partitions);
         for &(topic, partition, high) in marks {
+            log_ends.insert((topic, partition), high);
             if let Some(status) = current.get_mut(&(topic, partition)) {
                 status.high_watermark = Some(high);
-                status.lag = status.position.map(|position| (high - position).max(0));
+                status.lag = lag_of(status.high_watermark, status.position);
             }
         }
     }
@@ -690,6 +709,14 @@ mod tests {
         status.positions(&[("t", 0, 15)]);
         assert_eq!(status.partitions()[0].lag, Some(5));
         assert_eq!(status.to_json()["last_error"]["message"], "connection refused");
+        // A consumer restarted on the same partition (fenced, say) shows
+        // its lag from its claimed position and the log end last reported.
+        status.revoked();
+        assert!(status.partitions().is_empty(), "a revoked partition is not this consumer's");
+        status.assigned(&[("t", 0, Some(18))]);
+        assert_eq!(status.partitions()[0].lag, Some(2));
+        status.assigned(&[("t", 1, Some(0))]);
+        assert_eq!(status.partitions()[0].lag, None, "no log end reported for this one yet");
         status.pause(true);
         assert_eq!(status.state(), State::Paused);
         status.pause(false);

@@ -257,8 +257,9 @@ fn remember_failed(
     failed.push_back((position.topic.to_string(), position.partition, position.offset, outcome));
 }
 
-/// Events waiting past `position`: none when the log end is not known yet
-/// or a position ran past a stale one.
+/// Events waiting past `position`: unknown until both are known, zero when
+/// the position ran past a log end reported before it (the next report,
+/// within the source's watermark interval, catches up).
 fn lag_of(high_watermark: Option<i64>, position: Option<i64>) -> Option<i64> {
     Some((high_watermark? - position?).max(0))
 }

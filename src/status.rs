@@ -40,14 +40,15 @@ pub use prometheus_client::metrics::histogram::Histogram;
 const BATCH_BOUNDS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 50000.0];
 const SECONDS_BOUNDS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// Where one assigned partition is.
+/// Where one assigned partition is (built when asked for: the position is
+/// the assignment's, the high watermark the log's).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PartitionStatus {
     pub topic: String,
     pub partition: i32,
     /// Next offset whose effect is not durable yet.
     pub position: Option<i64>,
-    /// As the broker reports it (some brokers misreport it).
+    /// As the broker last reported it (some brokers misreport it).
     pub high_watermark: Option<i64>,
     pub lag: Option<i64>,
 }
@@ -148,7 +149,8 @@ pub struct ConnectorStatus {
     pub batches: AtomicU64,
     pub batch_events: Histogram,
     pub write_seconds: Histogram,
-    partitions: Mutex<BTreeMap<(Name, i32), PartitionStatus>>,
+    /// The assigned partitions and their positions (see [`PartitionStatus`]).
+    partitions: Mutex<BTreeMap<(Name, i32), Option<i64>>>,
     /// The last high watermark the broker reported per partition, kept
     /// across revokes: it is the log's, not the assignment's, so a consumer
     /// restarted on the same partitions (after fencing, say) shows its lag
@@ -516,19 +518,8 @@ impl ConnectorStatus {
 
     pub fn assigned(&self, partitions: &[(Name, i32, Option<i64>)]) {
         *lock(&self.assigned) = true;
-        let log_ends = lock(&self.log_ends);
-        let mut current = lock(&self.partitions);
-        current.clear();
-        for &(topic, partition, position) in partitions {
-            let high_watermark = log_ends.get(&(topic, partition)).copied();
-            let lag = lag_of(high_watermark, position);
-            current.insert(
-                (topic, partition),
-                PartitionStatus { topic: topic.to_string(), partition, position, high_watermark, lag },
-            );
-        }
-        drop(current);
-        drop(log_ends);
+        *lock(&self.partitions) =
+            partitions.iter().map(|&(topic, partition, position)| ((topic, partition), position)).collect();
         let mut state = lock(&self.state);
         if *state == State::Starting {
             *state = if self.is_paused() { State::Paused } else { State::Running };
@@ -576,27 +567,33 @@ impl ConnectorStatus {
         self.applied_changes.send_modify(|n| *n = n.wrapping_add(1));
         let mut current = lock(&self.partitions);
         for &(topic, partition, next) in offsets {
-            if let Some(status) = current.get_mut(&(topic, partition)) {
-                status.position = Some(next);
-                status.lag = lag_of(status.high_watermark, status.position);
+            if let Some(position) = current.get_mut(&(topic, partition)) {
+                *position = Some(next);
             }
         }
     }
 
     pub fn high_watermarks(&self, marks: &[(Name, i32, i64)]) {
-        let mut log_ends = lock(&self.log_ends);
-        let mut current = lock(&self.partitions);
-        for &(topic, partition, high) in marks {
-            log_ends.insert((topic, partition), high);
-            if let Some(status) = current.get_mut(&(topic, partition)) {
-                status.high_watermark = Some(high);
-                status.lag = lag_of(status.high_watermark, status.position);
-            }
-        }
+        lock(&self.log_ends).extend(marks.iter().map(|&(topic, partition, high)| ((topic, partition), high)));
     }
 
+    /// The assigned partitions, with their lag from the log ends last reported.
     pub fn partitions(&self) -> Vec<PartitionStatus> {
-        lock(&self.partitions).values().cloned().collect()
+        let log_ends = lock(&self.log_ends);
+        let partitions = lock(&self.partitions);
+        partitions
+            .iter()
+            .map(|(&(topic, partition), &position)| {
+                let high_watermark = log_ends.get(&(topic, partition)).copied();
+                PartitionStatus {
+                    topic: topic.to_string(),
+                    partition,
+                    position,
+                    high_watermark,
+                    lag: lag_of(high_watermark, position),
+                }
+            })
+            .collect()
     }
 
     /// Records a rebuild's progress (or its end).
@@ -693,6 +690,90 @@ mod tests {
         assert!(status.writes_pending(), "the furthest batch handed counts");
         status.revoked();
         assert!(!status.writes_pending(), "a revoke ends what this consumer was writing");
+    }
+
+    /// What happened to a connector's partitions, for the lag test below.
+    #[derive(Debug, Clone)]
+    enum Happening {
+        Assigned(Vec<(Name, i32, Option<i64>)>),
+        Revoked,
+        Positions(Vec<(Name, i32, i64)>),
+        LogEnds(Vec<(Name, i32, i64)>),
+    }
+
+    /// The lag of `(topic, partition)` after `history`, read off the
+    /// history itself: `None` when not assigned since the last assignment
+    /// or revoke; else the last log end ever reported minus the latest
+    /// position since it was assigned.
+    fn lag_after(history: &[Happening], at: (Name, i32)) -> Option<Option<i64>> {
+        let since = history.iter().rposition(|h| matches!(h, Happening::Assigned(_) | Happening::Revoked))?;
+        let Happening::Assigned(assigned) = &history[since] else { return None };
+        let &(_, _, claimed) = assigned.iter().find(|(t, p, _)| (*t, *p) == at)?;
+        let position = history[since..]
+            .iter()
+            .rev()
+            .find_map(|h| match h {
+                Happening::Positions(moved) => moved.iter().rev().find(|(t, p, _)| (*t, *p) == at).map(|m| m.2),
+                _ => None,
+            })
+            .or(claimed);
+        let end = history.iter().rev().find_map(|h| match h {
+            Happening::LogEnds(ends) => ends.iter().rev().find(|(t, p, _)| (*t, *p) == at).map(|e| e.2),
+            _ => None,
+        });
+        Some(match (end, position) {
+            (Some(end), Some(position)) => Some((end - position).max(0)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn lag_is_the_last_log_end_less_the_position_whatever_the_order_of_happenings() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        eprintln!("seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let every: Vec<(Name, i32)> = [("a", 0), ("a", 1), ("b", 0)].to_vec();
+        for _ in 0..200 {
+            let status = ConnectorStatus::new("c", "postgres");
+            let mut history = Vec::new();
+            for _ in 0..rng.random_range(1..40) {
+                let some = |rng: &mut rand::rngs::StdRng| -> Vec<(Name, i32)> {
+                    every.iter().copied().filter(|_| rng.random_bool(0.6)).collect()
+                };
+                let happening = match rng.random_range(0..4) {
+                    0 => Happening::Assigned(
+                        some(&mut rng)
+                            .into_iter()
+                            .map(|(t, p)| (t, p, rng.random_bool(0.7).then(|| rng.random_range(0..100))))
+                            .collect(),
+                    ),
+                    1 => Happening::Revoked,
+                    // Positions and log ends of any partition, assigned or
+                    // not, stale (below the last) or not.
+                    2 => Happening::Positions(
+                        some(&mut rng).into_iter().map(|(t, p)| (t, p, rng.random_range(0..100))).collect(),
+                    ),
+                    _ => Happening::LogEnds(
+                        some(&mut rng).into_iter().map(|(t, p)| (t, p, rng.random_range(0..100))).collect(),
+                    ),
+                };
+                match &happening {
+                    Happening::Assigned(partitions) => status.assigned(partitions),
+                    Happening::Revoked => status.revoked(),
+                    Happening::Positions(moved) => status.positions(moved),
+                    Happening::LogEnds(ends) => status.high_watermarks(ends),
+                }
+                history.push(happening);
+                let shown: Vec<(String, i32, Option<i64>)> =
+                    status.partitions().into_iter().map(|p| (p.topic, p.partition, p.lag)).collect();
+                let expected: Vec<(String, i32, Option<i64>)> = every
+                    .iter()
+                    .filter_map(|&(t, p)| lag_after(&history, (t, p)).map(|lag| (t.to_string(), p, lag)))
+                    .collect();
+                assert_eq!(shown, expected, "seed {seed}, after {history:?}");
+            }
+        }
     }
 
     #[test]

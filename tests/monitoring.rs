@@ -394,20 +394,16 @@ events:
     for (title, expr) in panel_queries(&dashboard()) {
         let expr = expr.replace("${connector}", &name).replace("$connector", &name).replace("$__rate_interval", "30s");
         assert!(!expr.contains('$'), "{title}: a variable left in {expr}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
+        eventually(Duration::from_secs(30), &format!("{title}: a number for {expr}"), || async {
             let answer = prometheus.query(&expr).await;
             assert_eq!(answer["status"], "success", "{title}: {expr}: {answer}");
             let result = answer["data"]["result"].as_array().cloned().unwrap_or_default();
-            let finite = result
+            result
                 .iter()
-                .any(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(f64::is_finite));
-            if finite {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{title}: no number in 30 s for {expr}: {result:?}");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+                .any(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(f64::is_finite))
+                .then_some(())
+        })
+        .await;
         answered += 1;
     }
     eprintln!("{answered} dashboard queries answered with data");

@@ -534,7 +534,9 @@ fn progress(
 
 /// Runs `kawka run` with one connector until `done()` reports every event.
 /// With `KAWKA_BENCH_PERF=<dir>` the run is profiled by `perf record --call-graph dwarf`
-/// into `<dir>/<label>.data`.
+/// into `<dir>/<label>.data` (1999 samples a second: at 299 a run gave a few
+/// hundred samples of kawka, too few to tell a 2 % cost; `benches/perf_breakdown.py`
+/// reads it per thread).
 async fn run_kawka<F, Fut>(
     project: &Path,
     label: &str,
@@ -561,7 +563,7 @@ where
         .map(|waiters| tokio::spawn(run_waiters(project.join("kawka.log"), waiters, stop_waiting.clone(), total)));
     let mut perf = std::env::var("KAWKA_BENCH_PERF").ok().map(|dir| {
         std::process::Command::new("perf")
-            .args(["record", "-q", "-F", "299", "--call-graph", "dwarf,16384", "-p", &pid, "-o"])
+            .args(["record", "-q", "-F", "1999", "--call-graph", "dwarf,16384", "-p", &pid, "-o"])
             .arg(Path::new(&dir).join(format!("{label}.data")))
             .stdout(std::process::Stdio::null())
             .spawn()

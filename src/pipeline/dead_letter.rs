@@ -6,13 +6,17 @@
 //! letter goes without it (its headers say so, with the value's size and
 //! SHA-256), so the event's fate is still recorded and its neighbours flow.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
 
 use crate::error::Failure;
 use crate::source::KafkaSettings;
@@ -35,10 +39,14 @@ pub const VALUE_DROPPED_HEADER: &str = "kawka.error.value_dropped";
 /// The header naming the key and headers left out of a bare dead letter.
 pub const REST_DROPPED_HEADER: &str = "kawka.error.rest_dropped";
 
+/// How long the delivery thread sleeps while nothing is in flight before
+/// it serves what librdkafka queued meanwhile (its errors and logs).
+const IDLE_WAKE: Duration = Duration::from_secs(1);
+
 /// A producer shared by every connector of the daemon.
 #[derive(Clone)]
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: Arc<DeliveryThread>,
 }
 
 impl std::fmt::Debug for DeadLetters {
@@ -118,7 +126,9 @@ impl DeadLetters {
             let most = (max_record_bytes + HEADER_ROOM).min(1_000_000_000);
             config.set("message.max.bytes", most.max(1_000_000).to_string());
         }
-        Ok(DeadLetters { producer: config.create().map_err(crate::source::kafka::redact_config_error)? })
+        let producer: BaseProducer<Deliveries> =
+            config.create_with_context(Deliveries).map_err(crate::source::kafka::redact_config_error)?;
+        Ok(DeadLetters { producer: Arc::new(DeliveryThread::start(producer)) })
     }
 
     /// Produces the letter's record to its topic and waits until the
@@ -197,7 +207,9 @@ impl DeadLetters {
         if let Some(rest) = &rest_dropped {
             headers = headers.insert(Header { key: REST_DROPPED_HEADER, value: Some(rest.as_bytes()) });
         }
-        let mut message: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        let (delivered, delivery) = oneshot::channel();
+        let mut message: BaseRecord<'_, [u8], [u8], Delivery> =
+            BaseRecord::with_opaque_to(topic, Box::new(delivered)).headers(headers);
         if let Some(key) = record.key.as_ref().filter(|_| cut != Cut::All) {
             message = message.key(key.as_slice());
         }
@@ -207,7 +219,125 @@ impl DeadLetters {
         if let Some(timestamp) = record.timestamp.filter(|_| cut != Cut::All) {
             message = message.timestamp(timestamp);
         }
-        self.producer.send(message, DELIVERY_TIMEOUT).await.map(|_| ()).map_err(|(error, _)| error)
+        self.producer.send(message).await?;
+        // The delivery thread serves the report; the sender is only dropped
+        // unanswered if librdkafka drops the message without one.
+        delivery.await.unwrap_or(Err(KafkaError::Canceled))
+    }
+}
+
+/// Where a dead letter's delivery report goes.
+type Delivery = Box<oneshot::Sender<Result<(), KafkaError>>>;
+
+/// The producer's context: each delivery report answers its letter.
+struct Deliveries;
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Delivery;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, delivered: Delivery) {
+        // The letter's sender may have given up waiting (its connector
+        // stopped): nothing else waits for the report.
+        let _ = delivered.send(result.as_ref().map(|_| ()).map_err(|(error, _)| error.clone()));
+    }
+}
+
+/// The dead-letter producer and the thread that serves its delivery
+/// reports.
+///
+/// Not rdkafka's `FutureProducer`: its thread polls in 100 ms windows
+/// whose last millisecond rounds to a zero timeout, so it spins for that
+/// millisecond of every window, about 1 % of a core for as long as the
+/// daemon runs, dead letters or not (3 % of kawka's CPU in the benchmark's
+/// runs, issue 27). This thread polls only while something is in flight
+/// (letters, or reports, errors and logs librdkafka queued) and otherwise
+/// sleeps until a letter is sent, or [`IDLE_WAKE`] passes.
+struct DeliveryThread {
+    producer: Arc<BaseProducer<Deliveries>>,
+    wake: Arc<Wake>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How a sender wakes the delivery thread, and how its owner stops it.
+#[derive(Default)]
+struct Wake {
+    /// A letter was sent since the thread last looked (set under the lock,
+    /// so a send just before the thread sleeps is not missed).
+    sent: Mutex<bool>,
+    signal: Condvar,
+    stop: AtomicBool,
+}
+
+impl DeliveryThread {
+    fn start(producer: BaseProducer<Deliveries>) -> DeliveryThread {
+        let producer = Arc::new(producer);
+        let wake = Arc::new(Wake::default());
+        let thread = {
+            let (producer, wake) = (Arc::clone(&producer), Arc::clone(&wake));
+            std::thread::Builder::new()
+                .name("kawka-dead-letters".to_string())
+                .spawn(move || serve_deliveries(&producer, &wake))
+                .expect("the OS starts a thread for the dead-letter producer")
+        };
+        DeliveryThread { producer, wake, thread: Some(thread) }
+    }
+
+    /// Hands `message` to librdkafka and wakes the delivery thread. A full
+    /// queue is waited out for [`DELIVERY_TIMEOUT`], as a refused delivery
+    /// would be.
+    async fn send(&self, mut message: BaseRecord<'_, [u8], [u8], Delivery>) -> Result<(), KafkaError> {
+        let started = Instant::now();
+        loop {
+            match self.producer.send(message) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), again))
+                    if started.elapsed() < DELIVERY_TIMEOUT =>
+                {
+                    message = again;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+        *self.wake.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.wake.signal.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for DeliveryThread {
+    fn drop(&mut self) {
+        self.wake.stop.store(true, Ordering::SeqCst);
+        // Taken under the lock: the thread is either asleep (and woken) or
+        // checks `stop` before it sleeps again.
+        drop(self.wake.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        self.wake.signal.notify_one();
+        if let Some(thread) = self.thread.take() {
+            // Within one poll window (100 ms). The producer, dropped after
+            // it, answers what is still queued with an error, as rdkafka's
+            // own producers do.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The delivery thread's loop (see [`DeliveryThread`]).
+fn serve_deliveries(producer: &BaseProducer<Deliveries>, wake: &Wake) {
+    while !wake.stop.load(Ordering::SeqCst) {
+        // Letters in flight, or reports, errors and logs to serve: each
+        // poll returns after one is served or 100 ms.
+        if producer.in_flight_count() > 0 {
+            producer.poll(Duration::from_millis(100));
+            continue;
+        }
+        let sent = wake.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut sent, _) = wake
+            .signal
+            .wait_timeout_while(sent, IDLE_WAKE, |sent| !*sent && !wake.stop.load(Ordering::SeqCst))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *sent = false;
     }
 }
 
@@ -283,6 +413,78 @@ mod tests {
         assert_eq!(truncate("héllo", 2), "h");
         assert_eq!(truncate("héllo", 3), "hé");
         assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    /// The CPU time, in nanoseconds, of this process' threads named
+    /// `name` (as `/proc` shows it: 15 bytes at most), by thread id.
+    fn cpu_of_threads(name: &str) -> std::collections::BTreeMap<u32, u64> {
+        let mut threads = std::collections::BTreeMap::new();
+        for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task").flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let Ok(id) = task.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if comm.trim_end() == name {
+                let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+                let ns = schedstat.split_whitespace().next().and_then(|ns| ns.parse().ok()).unwrap_or(0);
+                threads.insert(id, ns);
+            }
+        }
+        threads
+    }
+
+    /// Letters are delivered, each as soon as the broker has it, and in
+    /// between the producer's thread sleeps: rdkafka's `FutureProducer`
+    /// spun for the last millisecond of every 100 ms, ~1 % of a core for
+    /// the daemon's whole life (issue 27).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn letters_are_delivered_and_the_idle_producer_sleeps() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster");
+        cluster.create_topic("dead", 1, 1).expect("a topic");
+        let kafka = KafkaSettings { bootstrap_servers: cluster.bootstrap_servers(), properties: Default::default() };
+        let name = "kawka-dead-lett";
+        let before = cpu_of_threads(name);
+        let letters = DeadLetters::new(&kafka, 1 << 20).expect("a producer");
+        let record = RawRecord {
+            position: crate::event::Position { topic: crate::value::intern("orders"), partition: 0, offset: 7 },
+            timestamp: Some(1_700_000_000_000),
+            key: Some(b"k".as_slice().into()),
+            value: Some(bytes::Bytes::from_static(b"v")),
+            headers: Vec::new(),
+        };
+        let failure =
+            Failure { class: crate::error::ErrorClass::Permanent, stage: "decode", message: "bad".to_string() };
+        let letter = Letter {
+            topic: "dead",
+            connector: "c",
+            record: &record,
+            failure: &failure,
+            replay_run: None,
+            parked_behind: None,
+        };
+        // The first also waits for the connection to the broker.
+        assert_eq!(letters.send(&letter).await.expect("delivered"), Sent::Whole);
+        for _ in 0..3 {
+            // Longer than a poll window, shorter than the idle wake: a
+            // send the thread missed would wait for the idle wake.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let started = Instant::now();
+            assert_eq!(letters.send(&letter).await.expect("delivered"), Sent::Whole);
+            assert!(started.elapsed() < Duration::from_millis(500), "delivered in {:?}", started.elapsed());
+        }
+        let ours = || -> Vec<u64> {
+            cpu_of_threads(name).into_iter().filter(|(id, _)| !before.contains_key(id)).map(|(_, ns)| ns).collect()
+        };
+        assert_eq!(ours().len(), 1, "one delivery thread, named {name}");
+        let (idle_from, started) = (ours()[0], Instant::now());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (spent, idle) = (ours()[0] - idle_from, started.elapsed());
+        // Spinning 1 ms of every 100 would be ~30 ms here; a sleeping
+        // thread wakes three times.
+        assert!(spent < 3_000_000, "the idle delivery thread ran {spent} ns in {idle:?}");
+        drop(letters);
+        assert!(
+            cpu_of_threads(name).keys().all(|id| before.contains_key(id)),
+            "the delivery thread ends with its producer"
+        );
     }
 
     #[test]

@@ -327,7 +327,8 @@ impl Drop for DeliveryThread {
 fn serve_deliveries(producer: &BaseProducer<Deliveries>, wake: &Wake) {
     while !wake.stop.load(Ordering::SeqCst) {
         // Letters in flight, or reports, errors and logs to serve: each
-        // poll returns after one is served or 100 ms.
+        // poll serves them as they come for 100 ms (spinning its last
+        // millisecond, but only while something is in flight).
         if producer.in_flight_count() > 0 {
             producer.poll(Duration::from_millis(100));
             continue;

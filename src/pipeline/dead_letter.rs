@@ -6,8 +6,7 @@
 //! letter goes without it (its headers say so, with the value's size and
 //! SHA-256), so the event's fate is still recorded and its neighbours flow.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::client::ClientContext;
@@ -220,9 +219,18 @@ impl DeadLetters {
             message = message.timestamp(timestamp);
         }
         self.producer.send(message).await?;
-        // The delivery thread serves the report; the sender is only dropped
-        // unanswered if librdkafka drops the message without one.
-        delivery.await.unwrap_or(Err(KafkaError::Canceled))
+        // librdkafka reports every message within `message.timeout.ms`
+        // (DELIVERY_TIMEOUT); the delivery thread serves the report. The
+        // wait is bounded all the same, so that a report never served
+        // shows as a failed dead letter its connector retries, not as a
+        // connector waiting without a word.
+        match tokio::time::timeout(DELIVERY_TIMEOUT + IDLE_WAKE, delivery).await {
+            Ok(Ok(result)) => result,
+            // The report's sender dropped unanswered: librdkafka dropped
+            // the message without one.
+            Ok(Err(_)) => Err(KafkaError::Canceled),
+            Err(_) => Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)),
+        }
     }
 }
 
@@ -260,14 +268,31 @@ struct DeliveryThread {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// How a sender wakes the delivery thread, and how its owner stops it.
+/// How a sender wakes the delivery thread, and how its owner stops it:
+/// both are set under the lock the thread sleeps on, so neither is missed
+/// by a thread about to sleep.
 #[derive(Default)]
 struct Wake {
-    /// A letter was sent since the thread last looked (set under the lock,
-    /// so a send just before the thread sleeps is not missed).
-    sent: Mutex<bool>,
+    state: Mutex<WakeState>,
     signal: Condvar,
-    stop: AtomicBool,
+}
+
+#[derive(Default)]
+struct WakeState {
+    /// A letter was sent since the thread last looked.
+    sent: bool,
+    stop: bool,
+}
+
+impl Wake {
+    fn state(&self) -> MutexGuard<'_, WakeState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, change: impl FnOnce(&mut WakeState)) {
+        change(&mut self.state());
+        self.signal.notify_one();
+    }
 }
 
 impl DeliveryThread {
@@ -301,19 +326,14 @@ impl DeliveryThread {
                 Err((error, _)) => return Err(error),
             }
         }
-        *self.wake.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
-        self.wake.signal.notify_one();
+        self.wake.set(|state| state.sent = true);
         Ok(())
     }
 }
 
 impl Drop for DeliveryThread {
     fn drop(&mut self) {
-        self.wake.stop.store(true, Ordering::SeqCst);
-        // Taken under the lock: the thread is either asleep (and woken) or
-        // checks `stop` before it sleeps again.
-        drop(self.wake.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        self.wake.signal.notify_one();
+        self.wake.set(|state| state.stop = true);
         if let Some(thread) = self.thread.take() {
             // Within one poll window (100 ms). The producer, dropped after
             // it, answers what is still queued with an error, as rdkafka's
@@ -325,7 +345,10 @@ impl Drop for DeliveryThread {
 
 /// The delivery thread's loop (see [`DeliveryThread`]).
 fn serve_deliveries(producer: &BaseProducer<Deliveries>, wake: &Wake) {
-    while !wake.stop.load(Ordering::SeqCst) {
+    loop {
+        if wake.state().stop {
+            return;
+        }
         // Letters in flight, or reports, errors and logs to serve: each
         // poll serves them as they come for 100 ms (spinning its last
         // millisecond, but only while something is in flight).
@@ -333,12 +356,11 @@ fn serve_deliveries(producer: &BaseProducer<Deliveries>, wake: &Wake) {
             producer.poll(Duration::from_millis(100));
             continue;
         }
-        let sent = wake.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (mut sent, _) = wake
+        let (mut state, _) = wake
             .signal
-            .wait_timeout_while(sent, IDLE_WAKE, |sent| !*sent && !wake.stop.load(Ordering::SeqCst))
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *sent = false;
+            .wait_timeout_while(wake.state(), IDLE_WAKE, |state| !state.sent && !state.stop)
+            .unwrap_or_else(PoisonError::into_inner);
+        state.sent = false;
     }
 }
 
@@ -432,6 +454,42 @@ mod tests {
         threads
     }
 
+    fn failed_record() -> (RawRecord, Failure) {
+        let record = RawRecord {
+            position: crate::event::Position { topic: crate::value::intern("orders"), partition: 0, offset: 7 },
+            timestamp: Some(1_700_000_000_000),
+            key: Some(b"k".as_slice().into()),
+            value: Some(bytes::Bytes::from_static(b"v")),
+            headers: Vec::new(),
+        };
+        let failure =
+            Failure { class: crate::error::ErrorClass::Permanent, stage: "decode", message: "bad".to_string() };
+        (record, failure)
+    }
+
+    fn letter_of<'a>(record: &'a RawRecord, failure: &'a Failure) -> Letter<'a> {
+        Letter { topic: "dead", connector: "c", record, failure, replay_run: None, parked_behind: None }
+    }
+
+    /// Letters sent at once to a producer whose queue holds one wait for
+    /// room (librdkafka refuses the others with a full queue) and are all
+    /// delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn letters_wait_out_a_full_queue() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster");
+        cluster.create_topic("dead", 1, 1).expect("a topic");
+        let properties =
+            std::collections::BTreeMap::from([("queue.buffering.max.messages".to_string(), "1".to_string())]);
+        let kafka = KafkaSettings { bootstrap_servers: cluster.bootstrap_servers(), properties: properties.into() };
+        let letters = DeadLetters::new(&kafka, 1 << 20).expect("a producer");
+        let (record, failure) = failed_record();
+        let letter = letter_of(&record, &failure);
+        let (a, b, c) = tokio::join!(letters.send(&letter), letters.send(&letter), letters.send(&letter));
+        for sent in [a, b, c] {
+            assert_eq!(sent.expect("delivered"), Sent::Whole);
+        }
+    }
+
     /// Letters are delivered, each as soon as the broker has it, and in
     /// between the producer's thread sleeps: rdkafka's `FutureProducer`
     /// spun for the last millisecond of every 100 ms, ~1 % of a core for
@@ -444,23 +502,8 @@ mod tests {
         let name = "kawka-dead-lett";
         let before = cpu_of_threads(name);
         let letters = DeadLetters::new(&kafka, 1 << 20).expect("a producer");
-        let record = RawRecord {
-            position: crate::event::Position { topic: crate::value::intern("orders"), partition: 0, offset: 7 },
-            timestamp: Some(1_700_000_000_000),
-            key: Some(b"k".as_slice().into()),
-            value: Some(bytes::Bytes::from_static(b"v")),
-            headers: Vec::new(),
-        };
-        let failure =
-            Failure { class: crate::error::ErrorClass::Permanent, stage: "decode", message: "bad".to_string() };
-        let letter = Letter {
-            topic: "dead",
-            connector: "c",
-            record: &record,
-            failure: &failure,
-            replay_run: None,
-            parked_behind: None,
-        };
+        let (record, failure) = failed_record();
+        let letter = letter_of(&record, &failure);
         // The first also waits for the connection to the broker.
         assert_eq!(letters.send(&letter).await.expect("delivered"), Sent::Whole);
         for _ in 0..3 {
